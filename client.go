@@ -1,0 +1,321 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
+)
+
+// Defaults of the options.
+const (
+	// DefaultWatchdogTimeout is the lease of a watchdog-renewed hold. The
+	// watchdog renews it every DefaultWatchdogTimeout/3.
+	DefaultWatchdogTimeout = 30 * time.Second
+
+	// cleanupTimeout bounds the fresh context used to undo a half-finished
+	// acquisition after the caller's context ended.
+	cleanupTimeout = 2 * time.Second
+
+	// minFenceRetention is how long the fencing counter of a lock outlives
+	// its last use. See Mutex.Token for what it guarantees.
+	minFenceRetention = 10 * time.Minute
+)
+
+// Option configures a Client.
+type Option func(*options)
+
+type options struct {
+	prefix          string
+	watchdogTimeout time.Duration
+	logger          *slog.Logger
+	replicas        int
+	replicaTimeout  time.Duration
+	err             error
+}
+
+// WithKeyPrefix sets a prefix prepended to every key and channel the Client
+// uses. Default: "" (no prefix).
+//
+// The prefix is part of each primitive's hash tag: the keys of a lock named
+// "orders" under the prefix "app:" all start with "{app:orders}".
+func WithKeyPrefix(prefix string) Option {
+	return func(o *options) { o.prefix = prefix }
+}
+
+// WithWatchdogTimeout sets the lease of holds taken without WithLease.
+// The Client's watchdog renews such holds every d/3 while they are held, so a
+// crashed holder's lock frees at most d after its last renewal. Default: 30s
+// (DefaultWatchdogTimeout). A d ≤ 0 makes every method return an error
+// wrapping ErrInvalidArgument.
+func WithWatchdogTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d <= 0 {
+			o.err = invalidArg("watchdog timeout", "must be positive")
+			return
+		}
+		o.watchdogTimeout = d
+	}
+}
+
+// WithLogger sets the logger that reports lost holds and trouble with
+// renewal or the subscriber connection. Default: discard everything.
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) {
+		if l != nil {
+			o.logger = l
+		}
+	}
+}
+
+// WithReplicaSync makes every acquisition and renewal wait, with Redis's
+// WAIT command, until at least replicas replicas have acknowledged it, or
+// timeout passes. Default: off (replicas = 0).
+func WithReplicaSync(replicas int, timeout time.Duration) Option {
+	return func(o *options) {
+		if replicas < 0 {
+			o.err = invalidArg("replicas", "must not be negative")
+			return
+		}
+		if replicas > 0 && timeout <= 0 {
+			o.err = invalidArg("replica sync timeout", "must be positive")
+			return
+		}
+		o.replicas, o.replicaTimeout = replicas, timeout
+	}
+}
+
+// Client makes the synchronization primitives of one Redis deployment and
+// owns what they share: one watchdog goroutine that renews every held lease,
+// and one subscriber connection per Redis node that wakes every waiter.
+// A Client is safe for concurrent use. Close it when done.
+type Client struct {
+	rdb     redis.UniversalClient
+	opts    options
+	cluster *redis.ClusterClient // set when rdb is a cluster client
+	err     error                // a bad argument of New, returned by every method
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	closed atomic.Bool
+
+	wd *watchdog
+	ps *pubsub
+
+	pubOnce sync.Once
+	pubCmd  string // "PUBLISH", or "SPUBLISH" on a Redis ≥ 7 cluster
+}
+
+// New returns a Client on rdb, which may be a *redis.Client, a
+// *redis.ClusterClient or a sentinel failover client. New does not talk to
+// Redis. A nil rdb or a bad option does not panic: every method of the
+// returned Client and of the primitives it makes then returns an error
+// wrapping ErrInvalidArgument.
+func New(rdb redis.UniversalClient, opts ...Option) *Client {
+	c := &Client{rdb: rdb}
+	c.opts = options{
+		watchdogTimeout: DefaultWatchdogTimeout,
+		logger:          slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	for _, opt := range opts {
+		if opt != nil {
+			opt(&c.opts)
+		}
+	}
+	c.err = c.opts.err
+	if isNil(rdb) {
+		c.err = invalidArg("redis client", "is nil")
+	}
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		c.cluster = cc
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.wd = newWatchdog(c)
+	c.ps = newPubsub(c)
+	if c.err == nil {
+		c.wd.start()
+	}
+	return c
+}
+
+// isNil reports whether the interface holds nil or a typed nil pointer.
+func isNil(rdb redis.UniversalClient) bool {
+	switch v := rdb.(type) {
+	case nil:
+		return true
+	case *redis.Client:
+		return v == nil
+	case *redis.ClusterClient:
+		return v == nil
+	case *redis.Ring:
+		return v == nil
+	}
+	return false
+}
+
+// Close stops the watchdog and the subscriber connections, and waits for
+// their goroutines to exit. Waits in progress return ErrClosed. Locks and
+// permits still held are no longer renewed: they expire after their lease.
+// Close does not close the Redis client given to New. A second Close returns
+// ErrClosed.
+func (c *Client) Close() error {
+	if !c.closed.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
+	c.cancel()
+	c.wd.stop()
+	c.ps.close()
+	return nil
+}
+
+// check returns the error every method returns before touching Redis: a bad
+// argument of New, or ErrClosed.
+func (c *Client) check() error {
+	if c == nil {
+		return invalidArg("client", "is nil")
+	}
+	if c.err != nil {
+		return c.err
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	return nil
+}
+
+// tag returns the hash tag shared by every key and channel of the
+// primitive called name: "{" + prefix + name + "}". All keys of one
+// primitive start with it, so they hash to one cluster slot.
+func (c *Client) tag(name string) string {
+	return "{" + c.opts.prefix + name + "}"
+}
+
+// publishCommand returns the command scripts use to publish wake-ups:
+// SPUBLISH on a Redis Cluster of version 7 or later (sharded pub/sub, the
+// channel lives in the lock's slot), PUBLISH everywhere else.
+func (c *Client) publishCommand(ctx context.Context) string {
+	if c.cluster == nil {
+		return "PUBLISH"
+	}
+	c.pubOnce.Do(func() {
+		c.pubCmd = "PUBLISH"
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		defer cancel()
+		// Sharded pub/sub needs every master at version 7 or later.
+		var mu sync.Mutex
+		major := -1
+		err := c.cluster.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
+			info, err := n.Info(ctx, "server").Result()
+			mu.Lock()
+			defer mu.Unlock()
+			if v := redisMajor(info); err == nil && (major < 0 || v < major) {
+				major = v
+			}
+			return err
+		})
+		if err == nil && major >= 7 {
+			c.pubCmd = "SPUBLISH"
+		}
+	})
+	return c.pubCmd
+}
+
+// redisMajor parses the major version from an INFO server reply.
+func redisMajor(info string) int {
+	_, rest, ok := strings.Cut(info, "redis_version:")
+	if !ok {
+		return 0
+	}
+	n := 0
+	for _, r := range rest {
+		if r < '0' || r > '9' {
+			break
+		}
+		n = n*10 + int(r-'0')
+	}
+	return n
+}
+
+// newID returns a fresh random identifier for owners and requests.
+func newID() string { return uuid.NewString() }
+
+// LockOption configures a lock, semaphore or Redlock handle.
+type LockOption func(*lockOptions)
+
+type lockOptions struct {
+	lease time.Duration // 0: watchdog-renewed
+	owner string
+	err   error
+}
+
+// WithLease gives each hold a fixed lease d with no watchdog renewal: the
+// hold ends d after it was taken unless released first, and Lost closes then.
+// Default: a watchdog-renewed lease (see WithWatchdogTimeout). A d ≤ 0 makes
+// the handle's methods return an error wrapping ErrInvalidArgument.
+func WithLease(d time.Duration) LockOption {
+	return func(o *lockOptions) {
+		if d <= 0 {
+			o.err = invalidArg("lease", "must be positive")
+			return
+		}
+		o.lease = d
+	}
+}
+
+// WithOwner sets the owner identity of a handle. Handles with the same
+// owner id, in one process or several, share ownership: a reentrant lock
+// taken by one can be re-entered and released by the other. Default: a fresh
+// random id per handle. An empty id makes the handle's methods return an
+// error wrapping ErrInvalidArgument.
+func WithOwner(id string) LockOption {
+	return func(o *lockOptions) {
+		if id == "" {
+			o.err = invalidArg("owner", "is empty")
+			return
+		}
+		o.owner = id
+	}
+}
+
+// newLockOptions applies opts and checks name. The error, if any, is kept
+// by the handle and returned by each of its methods.
+func newLockOptions(name string, opts []LockOption) lockOptions {
+	o := lockOptions{}
+	for _, opt := range opts {
+		if opt != nil {
+			opt(&o)
+		}
+	}
+	if name == "" {
+		o.err = invalidArg("name", "is empty")
+	}
+	if o.owner == "" {
+		o.owner = newID()
+	}
+	return o
+}
+
+// leaseFor returns the lease of a new hold and whether the watchdog renews it.
+func (c *Client) leaseFor(o lockOptions) (time.Duration, bool) {
+	if o.lease > 0 {
+		return o.lease, false
+	}
+	return c.opts.watchdogTimeout, true
+}
+
+// fenceRetention returns how long a fencing counter is kept after its last
+// use: at least minFenceRetention, and never less than a lease.
+func fenceRetention(lease time.Duration) int64 {
+	r := minFenceRetention
+	if 2*lease > r {
+		r = 2 * lease
+	}
+	return r.Milliseconds()
+}

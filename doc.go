@@ -1,0 +1,54 @@
+// Package redlatch provides distributed synchronization on Redis:
+// Redisson-grade locks for Go services.
+//
+// A Client, made once per Redis deployment with New, hands out the
+// primitives:
+//
+//   - Mutex: a mutual exclusion lock, not reentrant. A handle shared by
+//     goroutines behaves like sync.Mutex.
+//   - ReentrantMutex: a lock its owner may take several times; each Lock
+//     needs one Unlock.
+//
+// Every hold has a lease, so a crashed holder cannot lock others out for
+// longer than its lease. Holds taken without WithLease are renewed by the
+// Client's watchdog: one goroutine per Client renews all of them in batched
+// script calls every WithWatchdogTimeout/3 (10s by default), for as long as
+// the holder lives and has not unlocked. When a hold ends before its Unlock
+// (the lock was force-unlocked, expired, or Redis could not be reached before
+// the lease ran out on the local clock) the channel returned by Lost closes;
+// Do runs a function under a lock with a context cancelled at that moment.
+//
+// Waiters do not poll. A blocked Lock subscribes to the lock's channel (one
+// subscriber connection per Client, shared by all waiters) and sleeps until
+// the holder's Unlock publishes a wake-up, or the holder's lease runs out,
+// whichever comes first: a lost message or a crashed holder delays a waiter
+// by at most the holder's remaining lease, and a dropped subscriber
+// connection wakes every waiter to retry as soon as it is re-established.
+//
+// # Guarantees
+//
+//   - Acquisition and release are single Lua scripts: there is no window
+//     between setting a lock and giving it a lease.
+//   - Only the owner can release its hold (compare-and-delete on the owner
+//     id); ForceUnlock is the explicit exception.
+//   - Deadlines come from Redis (lease expiry) and, for the holder's own view
+//     of its lease, from the local monotonic clock; no two clocks are
+//     compared.
+//   - Fencing tokens (Token) strictly increase per lock name at every change
+//     of owner, and survive the loss of their counter (FLUSHALL, a restart
+//     without persistence) because they are derived from the Redis server's
+//     clock. A resource that rejects tokens lower than the highest it has
+//     seen is safe against a holder paused past its lease.
+//   - Requests retried after a lost reply are recognised by a request id:
+//     an acquisition or release is applied once.
+//
+// # Limits
+//
+// A single Redis (or one Cluster shard) is a single point of truth: when a
+// master fails over before replicating a lock, a second client may take the
+// lock. Fencing tokens let the protected resource detect this; locks alone
+// cannot. A lease protects only as long as the holder notices its loss:
+// a process paused longer than its lease (GC, SIGSTOP) resumes believing it
+// holds the lock until its next look at Lost, which is what fencing tokens
+// are for.
+package redlatch

@@ -1,0 +1,115 @@
+package redlatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// The errors of redlatch. Every error a method returns either is one of
+// these, wraps one of them (test with errors.Is), or is an error of the
+// Redis client passed through unchanged (a network error, say). redis.Nil
+// never reaches a caller.
+var (
+	// ErrNotObtained is returned when a wait ended before the lock or permit
+	// was obtained (the context was cancelled or reached its deadline) or a
+	// Redlock quorum was not reached. A wait ended by its context returns an
+	// error that matches both ErrNotObtained and ctx.Err().
+	ErrNotObtained = errors.New("redlatch: not obtained")
+
+	// ErrNotHeld is returned by Unlock and Release when the caller does not
+	// hold what it releases: it never held it, already released it, its
+	// lease ran out, or the hold was lost (see Lost).
+	ErrNotHeld = errors.New("redlatch: not held")
+
+	// ErrClosed is returned by every method of a Client, and of the
+	// primitives it made, after Client.Close, and by a second Close.
+	ErrClosed = errors.New("redlatch: client closed")
+
+	// ErrInvalidArgument is wrapped by the error returned for bad input: an
+	// empty name or owner, a size, count or lease that is not positive, a nil
+	// Redis client. The message names the argument. Bad input never panics
+	// and never reaches Redis.
+	ErrInvalidArgument = errors.New("redlatch: invalid argument")
+
+	// ErrLost is the cause of the context that Do cancels when the hold is
+	// lost while the function runs, and is wrapped by Do's error then.
+	ErrLost = errors.New("redlatch: hold lost")
+
+	// ErrWrongType is wrapped by the error returned when a key that a
+	// primitive uses holds a value that redlatch did not write (another
+	// program's data, or another kind of primitive under the same name).
+	ErrWrongType = errors.New("redlatch: key holds a value of another type")
+)
+
+// invalidArg returns an error wrapping ErrInvalidArgument that names the
+// argument and says what is wrong with it.
+func invalidArg(arg, why string) error {
+	return fmt.Errorf("%w: %s %s", ErrInvalidArgument, arg, why)
+}
+
+// waitError is the error of a wait that its context ended. It matches
+// ErrNotObtained and the context's error, and also unwraps to the last Redis
+// error seen while waiting, if any.
+type waitError struct {
+	ctxErr error
+	last   error
+}
+
+func (e *waitError) Error() string {
+	msg := ErrNotObtained.Error() + ": " + e.ctxErr.Error()
+	if e.last != nil {
+		msg += " (last error: " + e.last.Error() + ")"
+	}
+	return msg
+}
+
+func (e *waitError) Is(target error) bool { return target == ErrNotObtained }
+
+func (e *waitError) Unwrap() []error {
+	if e.last != nil {
+		return []error{e.ctxErr, e.last}
+	}
+	return []error{e.ctxErr}
+}
+
+// newWaitError wraps the end of ctx (and the last error seen, if any) as a
+// failed wait.
+func newWaitError(ctx context.Context, last error) error {
+	if errors.Is(last, ErrNotObtained) {
+		return last
+	}
+	ctxErr := context.Cause(ctx)
+	if ctxErr == nil {
+		ctxErr = context.Canceled
+	}
+	if last != nil && (errors.Is(last, context.Canceled) || errors.Is(last, context.DeadlineExceeded)) {
+		last = nil
+	}
+	return &waitError{ctxErr: ctxErr, last: last}
+}
+
+// isReplyError reports whether err is an error reply from Redis (the server
+// answered, so the command's effect is known), as opposed to a network or
+// context error after which the effect of the command is unknown.
+func isReplyError(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && !errors.Is(err, redis.Nil)
+}
+
+// convertErr turns a Redis error into redlatch's errors at the edge: a
+// WRONGTYPE reply (also from inside a script) becomes ErrWrongType, a
+// context error during a wait becomes a wait error, and redis.Nil never
+// escapes.
+func convertErr(err error) error {
+	if err == nil || errors.Is(err, redis.Nil) {
+		return nil
+	}
+	if isReplyError(err) && strings.Contains(err.Error(), "WRONGTYPE") {
+		return fmt.Errorf("%w: %v", ErrWrongType, err)
+	}
+	return err
+}

@@ -1,0 +1,38 @@
+-- lock.lua: take an exclusive lock (Mutex, ReentrantMutex) in one step.
+--
+-- KEYS[1]  lock hash: o = owner id, c = hold count, t = fencing token,
+--          q = request id of the last acquisition, u = request id of the
+--          last partial release (see unlock.lua)
+-- KEYS[2]  fence hash of the lock name (see fence.lua)
+-- ARGV[1]  owner id
+-- ARGV[2]  lease, ms
+-- ARGV[3]  request id: unique per Lock or TryLock call, reused by its retries
+-- ARGV[4]  "1" when the owner may re-enter (ReentrantMutex), "0" otherwise
+-- ARGV[5]  fence retention, ms
+--
+-- Returns {1, token, count} when ARGV[1] holds the lock after the call (count
+-- is its hold count; 1 means this call took the lock), or {0, pttl} when
+-- another owner holds it, pttl being that hold's remaining lease in ms.
+--
+-- A request id seen again means the reply to an earlier run of this very
+-- call was lost (the client retried): the hold it took is reported again and
+-- not counted twice.
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'q')
+if not v[1] then
+  local token = next_token(KEYS[2], ARGV[5])
+  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', 1, 't', token, 'q', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(token), 1}
+end
+if v[1] == ARGV[1] then
+  if v[4] == ARGV[3] then
+    return {1, tonumber(v[3]), tonumber(v[2])}
+  end
+  if ARGV[4] == '1' then
+    local c = redis.call('HINCRBY', KEYS[1], 'c', 1)
+    redis.call('HSET', KEYS[1], 'q', ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, tonumber(v[3]), c}
+  end
+end
+return {0, redis.call('PTTL', KEYS[1])}

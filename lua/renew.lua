@@ -1,0 +1,41 @@
+-- renew.lua: renew a batch of held leases; the watchdog's one call per batch.
+--
+-- KEYS[i]      a held key (all KEYS of one call are in one cluster slot)
+-- ARGV[3i-2]   kind of hold on KEYS[i]:
+--                'h'  exclusive lock hash, held while its field o = owner
+--                'z'  sorted set of leased entries (permits, read holds,
+--                     queue places), held while the member exists; its score
+--                     is the entry's expiry in server ms
+-- ARGV[3i-1]   owner id ('h') or member ('z')
+-- ARGV[3i]     lease, ms
+--
+-- Returns an array with, for each key, 1 when the hold was renewed or 0 when
+-- it is gone (expired, released, or taken by another owner).
+local now
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind, owner, lease = ARGV[3*i-2], ARGV[3*i-1], tonumber(ARGV[3*i])
+  local ok = 0
+  if kind == 'h' then
+    local o = redis.pcall('HGET', key, 'o')
+    if o == owner then
+      redis.call('PEXPIRE', key, lease)
+      ok = 1
+    end
+  elseif kind == 'z' then
+    local s = redis.pcall('ZSCORE', key, owner)
+    if type(s) == 'string' then
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      redis.call('ZADD', key, string.format('%.0f', now + lease), owner)
+      if redis.call('PTTL', key) < lease then
+        redis.call('PEXPIRE', key, lease)
+      end
+      ok = 1
+    end
+  end
+  out[i] = ok
+end
+return out

@@ -1,0 +1,41 @@
+-- unlock.lua: release one hold of an exclusive lock (Mutex, ReentrantMutex),
+-- or undo an acquisition whose reply was lost.
+--
+-- KEYS[1]  lock hash (see lock.lua)
+-- KEYS[2]  fence hash of the lock name: r = request id of the last full release
+-- KEYS[3]  wake-up channel of the lock
+-- ARGV[1]  owner id
+-- ARGV[2]  request id: unique per Unlock call, reused by its retries
+-- ARGV[3]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+-- ARGV[4]  fence retention, ms
+-- ARGV[5]  "" for an Unlock; for an undo, the request id of the acquisition
+--          to undo: the hold is released only if that acquisition took it
+--
+-- Returns the owner's remaining hold count (0: the lock was released and one
+-- waiter is woken), or -1 when ARGV[1] does not hold the lock.
+--
+-- A request id seen again means the reply to an earlier run of this very
+-- call was lost: its result is returned again and nothing is released twice.
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u')
+if v[1] ~= ARGV[1] then
+  if redis.call('HGET', KEYS[2], 'r') == ARGV[2] then
+    return 0
+  end
+  return -1
+end
+if ARGV[5] ~= '' and v[3] ~= ARGV[5] then
+  return -1
+end
+if v[4] == ARGV[2] then
+  return tonumber(v[2])
+end
+local c = tonumber(v[2]) - 1
+if c > 0 then
+  redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[2])
+  return c
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'r', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call(ARGV[3], KEYS[3], '1')
+return 0

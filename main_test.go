@@ -1,0 +1,63 @@
+package redlatch_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// TestMain stops the shared Redis servers and fails the run when a
+// goroutine outlives the tests.
+func TestMain(m *testing.M) { redistest.Main(m) }
+
+// newClient returns a redlatch Client on a fresh Redis client of b, closed
+// at the end of the test.
+func newClient(t testing.TB, b redistest.Backend, opts ...redlatch.Option) *redlatch.Client {
+	t.Helper()
+	c := redlatch.New(b.Client(t), opts...)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// ctxT returns a context that ends with the test or after d.
+func ctxT(t testing.TB, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// lockKey is the documented layout of an exclusive lock's hash.
+func lockKey(name string) string { return "{" + name + "}:lock" }
+
+// countingHook counts the commands a Redis client sends, by name.
+type countingHook struct{ n map[string]int }
+
+func (h *countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.n[cmd.Name()]++
+		return next(ctx, cmd)
+	}
+}
+func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, c := range cmds {
+			h.n[c.Name()]++
+		}
+		return next(ctx, cmds)
+	}
+}
+
+func requireWaitErr(t *testing.T, err error, ctx context.Context) {
+	t.Helper()
+	require.Error(t, err)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	require.ErrorIs(t, err, ctx.Err())
+}

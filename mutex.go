@@ -1,0 +1,294 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var (
+	//go:embed lua/fence.lua
+	fenceLua string
+	//go:embed lua/lock.lua
+	lockLua string
+	//go:embed lua/unlock.lua
+	unlockLua string
+	//go:embed lua/force_unlock.lua
+	forceUnlockLua string
+
+	lockScript        = redis.NewScript(fenceLua + lockLua)
+	unlockScript      = redis.NewScript(unlockLua)
+	forceUnlockScript = redis.NewScript(forceUnlockLua)
+)
+
+// excl is the Redis side of an exclusive lock, shared by Mutex and
+// ReentrantMutex: one hash per lock holding the owner, its hold count and
+// the fencing token (see lua/lock.lua). A Mutex and a ReentrantMutex of the
+// same name are the same lock.
+type excl struct {
+	c         *Client
+	name      string
+	key       string // the lock hash
+	fence     string // the fence hash
+	channel   string // wake-ups
+	owner     string
+	lease     time.Duration
+	renew     bool
+	reentrant bool
+	err       error
+}
+
+func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
+	o := newLockOptions(name, opts)
+	e := excl{c: c, name: name, owner: o.owner, reentrant: reentrant, err: o.err}
+	if c != nil {
+		tag := c.tag(name)
+		e.key, e.fence, e.channel = tag+":lock", tag+":fence", tag+":wake"
+		e.lease, e.renew = c.leaseFor(o)
+	}
+	return e
+}
+
+// check returns the error of bad input or a closed Client.
+func (e *excl) check() error {
+	if err := e.c.check(); err != nil {
+		return err
+	}
+	return e.err
+}
+
+// lock takes the lock, waiting when block is set, and returns the new hold's
+// fencing token and hold count. It does not touch any handle state.
+func (e *excl) lock(ctx context.Context, block bool) (token, count int64, sent time.Time, ok bool, err error) {
+	req := newID()
+	reentrant := "0"
+	if e.reentrant {
+		reentrant = "1"
+	}
+	keys := []string{e.key, e.fence}
+	lease, retention := e.lease.Milliseconds(), fenceRetention(e.lease)
+	try := func(ctx context.Context) (bool, time.Duration, error) {
+		sent = time.Now()
+		res, err := lockScript.Run(ctx, e.c.rdb, keys, e.owner, lease, req, reentrant, retention).Int64Slice()
+		if err != nil {
+			return false, 0, err
+		}
+		if res[0] == 1 {
+			token, count = res[1], res[2]
+			return true, 0, nil
+		}
+		return false, e.c.retryBound(res[1]), nil
+	}
+	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
+	ok, err = e.c.acquire(ctx, e.channel, block, try, undo)
+	return token, count, sent, ok, err
+}
+
+// unlock releases one hold of the owner (or, with undo set, the hold taken
+// by that acquisition request only) and returns the owner's remaining hold
+// count, or -1 when the owner held nothing.
+func (e *excl) unlock(ctx context.Context, undo string) (int64, error) {
+	keys := []string{e.key, e.fence, e.channel}
+	n, err := unlockScript.Run(ctx, e.c.rdb, keys, e.owner, newID(), e.c.publishCommand(ctx),
+		fenceRetention(e.lease), undo).Int64()
+	return n, convertErr(err)
+}
+
+// track starts the watchdog's tracking of a new hold.
+func (e *excl) track(sent time.Time) *hold {
+	return e.c.wd.add(e.name, e.key, 'h', e.owner, e.lease, e.renew, sent)
+}
+
+func (e *excl) ttl(ctx context.Context) (time.Duration, error) {
+	if err := e.check(); err != nil {
+		return 0, err
+	}
+	d, err := e.c.rdb.PTTL(ctx, e.key).Result()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	switch {
+	case d == -2*time.Nanosecond || d == -2*time.Millisecond:
+		return 0, nil
+	case d < 0:
+		return -1, nil
+	}
+	return d, nil
+}
+
+func (e *excl) isLocked(ctx context.Context) (bool, error) {
+	if err := e.check(); err != nil {
+		return false, err
+	}
+	n, err := e.c.rdb.Exists(ctx, e.key).Result()
+	return n > 0, convertErr(err)
+}
+
+func (e *excl) forceUnlock(ctx context.Context) (bool, error) {
+	if err := e.check(); err != nil {
+		return false, err
+	}
+	n, err := forceUnlockScript.Run(ctx, e.c.rdb, []string{e.key, e.channel},
+		e.c.publishCommand(ctx), wakeOne).Int64()
+	return n == 1, convertErr(err)
+}
+
+// holdCount returns the owner's hold count.
+func (e *excl) holdCount(ctx context.Context) (int, error) {
+	if err := e.check(); err != nil {
+		return 0, err
+	}
+	v, err := e.c.rdb.HMGet(ctx, e.key, "o", "c").Result()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	if o, _ := v[0].(string); o != e.owner {
+		return 0, nil
+	}
+	s, _ := v[1].(string)
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, fmt.Errorf("%w: hold count %q", ErrWrongType, s)
+	}
+	return n, nil
+}
+
+// Mutex is a distributed mutual exclusion lock, not reentrant.
+//
+// Ownership belongs to the handle (or to its WithOwner id), not to a
+// goroutine. A Mutex shared by goroutines behaves like sync.Mutex: a second
+// Lock on the same handle waits until the first hold is unlocked, and any
+// goroutine may call Unlock. To hold the same lock several times, use a
+// ReentrantMutex; a Mutex and a ReentrantMutex of the same name are the same
+// lock.
+//
+// An uncontended Lock is one round trip to Redis (one script), and so is an
+// Unlock. A contended Lock sleeps until a pub/sub wake-up from the holder's
+// Unlock, or until the holder's lease runs out, whichever comes first.
+type Mutex struct {
+	e   excl
+	sem chan struct{} // the local hold: sync.Mutex semantics among goroutines
+
+	mu    sync.Mutex
+	h     *hold
+	token int64
+}
+
+// Mutex returns a handle on the non-reentrant lock called name. It does not
+// talk to Redis. Bad arguments (an empty name, WithLease(0), WithOwner(""))
+// are reported by the handle's methods as errors wrapping ErrInvalidArgument.
+func (c *Client) Mutex(name string, opts ...LockOption) *Mutex {
+	return &Mutex{e: newExcl(c, name, false, opts), sem: make(chan struct{}, 1)}
+}
+
+// Lock blocks until the lock is held by this handle, or ctx is done. A
+// failed wait returns an error matching both ErrNotObtained and ctx.Err().
+func (m *Mutex) Lock(ctx context.Context) error {
+	_, err := m.lock(ctx, true)
+	return err
+}
+
+// TryLock makes one attempt and reports whether it took the lock. It
+// returns (false, nil) when another owner holds the lock, or when another
+// goroutine holds it through this same handle.
+func (m *Mutex) TryLock(ctx context.Context) (bool, error) {
+	return m.lock(ctx, false)
+}
+
+func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
+	if err := m.e.check(); err != nil {
+		return false, err
+	}
+	if block {
+		select {
+		case m.sem <- struct{}{}:
+		case <-ctx.Done():
+			return false, newWaitError(ctx, nil)
+		case <-m.e.c.ctx.Done():
+			return false, ErrClosed
+		}
+	} else {
+		select {
+		case m.sem <- struct{}{}:
+		default:
+			return false, nil
+		}
+	}
+	token, _, sent, ok, err := m.e.lock(ctx, block)
+	if !ok {
+		<-m.sem
+		return false, err
+	}
+	h := m.e.track(sent)
+	m.mu.Lock()
+	m.h, m.token = h, token
+	m.mu.Unlock()
+	return true, nil
+}
+
+// Unlock releases the lock and wakes one waiter. It returns ErrNotHeld when
+// this handle does not hold the lock, when the lease ran out, or when the
+// hold was lost (Lost is closed). Whatever Unlock returns, the handle no
+// longer holds the lock afterwards: if Redis could not be reached, the lock
+// expires after its lease.
+func (m *Mutex) Unlock(ctx context.Context) error {
+	if err := m.e.check(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	h := m.h
+	m.h, m.token = nil, 0
+	m.mu.Unlock()
+	if h == nil {
+		return ErrNotHeld
+	}
+	defer func() { <-m.sem }()
+	m.e.c.wd.setReleasing(h, true)
+	n, err := m.e.unlock(ctx, "")
+	if m.e.c.wd.remove(h) || n < 0 {
+		return ErrNotHeld
+	}
+	return err
+}
+
+// Token returns the fencing token of the current hold, or 0 when the handle
+// holds nothing. Tokens strictly increase, per lock name, at every change of
+// owner; they are the Redis server's clock in microseconds, kept increasing
+// by a counter that lives for a while after each use. They do not go
+// backwards when the counter is lost (FLUSHALL, a restart without
+// persistence), unless the server's clock is stepped back meanwhile. Pass the
+// token to the resource the lock protects, and have it reject tokens lower
+// than the highest it has seen.
+func (m *Mutex) Token() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.token
+}
+
+// Lost returns a channel closed when the current hold ends before Unlock:
+// the watchdog found the lock gone or taken by another owner (ForceUnlock,
+// expiry, failover), or the lease ran out locally before it was renewed
+// (Redis unreachable), or a WithLease lease ran out. It returns nil (a
+// channel that never closes) when the handle holds nothing.
+func (m *Mutex) Lost() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.h.lostChan()
+}
+
+// TTL returns the remaining lease of the lock, whoever holds it; 0 when it
+// is free.
+func (m *Mutex) TTL(ctx context.Context) (time.Duration, error) { return m.e.ttl(ctx) }
+
+// IsLocked reports whether anyone holds the lock.
+func (m *Mutex) IsLocked(ctx context.Context) (bool, error) { return m.e.isLocked(ctx) }
+
+// ForceUnlock releases the lock whoever holds it and wakes a waiter. It
+// reports whether the lock was held. The former holder's Lost closes at its
+// next renewal. Meant for operators and tests, not for normal release.
+func (m *Mutex) ForceUnlock(ctx context.Context) (bool, error) { return m.e.forceUnlock(ctx) }

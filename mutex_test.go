@@ -1,0 +1,556 @@
+package redlatch_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// locker is what Mutex and ReentrantMutex share.
+type locker interface {
+	Lock(context.Context) error
+	TryLock(context.Context) (bool, error)
+	Unlock(context.Context) error
+	Token() int64
+	Lost() <-chan struct{}
+	TTL(context.Context) (time.Duration, error)
+	IsLocked(context.Context) (bool, error)
+	ForceUnlock(context.Context) (bool, error)
+}
+
+var kinds = []struct {
+	name string
+	make func(c *redlatch.Client, name string, opts ...redlatch.LockOption) locker
+}{
+	{"Mutex", func(c *redlatch.Client, n string, o ...redlatch.LockOption) locker { return c.Mutex(n, o...) }},
+	{"ReentrantMutex", func(c *redlatch.Client, n string, o ...redlatch.LockOption) locker { return c.ReentrantMutex(n, o...) }},
+}
+
+// TestMutualExclusion: 16 goroutines over 2 Clients each do a non-atomic
+// read-modify-write of a Redis key under the lock; no increment is lost.
+func TestMutualExclusion(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 60*time.Second)
+				name := redistest.UniqueName(t)
+				counter := "{" + name + "}:counter"
+				clients := []*redlatch.Client{newClient(t, b), newClient(t, b)}
+				rdb := b.Client(t)
+				const goroutines, rounds = 16, 20
+				var wg sync.WaitGroup
+				var inside atomic.Int32
+				errs := make(chan error, goroutines)
+				for g := 0; g < goroutines; g++ {
+					wg.Add(1)
+					go func(c *redlatch.Client) {
+						defer wg.Done()
+						l := k.make(c, name)
+						for i := 0; i < rounds; i++ {
+							if err := l.Lock(ctx); err != nil {
+								errs <- err
+								return
+							}
+							if inside.Add(1) != 1 {
+								errs <- errors.New("two holders at once")
+							}
+							v, err := rdb.Get(ctx, counter).Int()
+							if err != nil && !errors.Is(err, redis.Nil) {
+								errs <- err
+							}
+							if err := rdb.Set(ctx, counter, v+1, 0).Err(); err != nil {
+								errs <- err
+							}
+							inside.Add(-1)
+							if err := l.Unlock(ctx); err != nil {
+								errs <- err
+								return
+							}
+						}
+					}(clients[g%2])
+				}
+				wg.Wait()
+				close(errs)
+				for err := range errs {
+					require.NoError(t, err)
+				}
+				n, err := rdb.Get(ctx, counter).Int()
+				require.NoError(t, err)
+				require.Equal(t, goroutines*rounds, n)
+			})
+		}
+	})
+}
+
+func TestReentrantCounts(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		for i := 1; i <= 3; i++ {
+			require.NoError(t, m.Lock(ctx))
+			n, err := m.HoldCount(ctx)
+			require.NoError(t, err)
+			require.Equal(t, i, n)
+		}
+		tok := m.Token()
+		require.Positive(t, tok)
+		ok, err := m.TryLock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, tok, m.Token(), "re-entry keeps the token")
+
+		other := c.ReentrantMutex(name)
+		ok, err = other.TryLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok)
+		n, err := other.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		for i := 4; i >= 1; i-- {
+			require.NoError(t, m.Unlock(ctx))
+			n, err := m.HoldCount(ctx)
+			require.NoError(t, err)
+			require.Equal(t, i-1, n)
+			locked, err := m.IsLocked(ctx)
+			require.NoError(t, err)
+			require.Equal(t, i > 1, locked)
+		}
+		require.Zero(t, m.Token())
+		require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+
+		// Handles sharing an owner id share the holds.
+		a := c.ReentrantMutex(name, redlatch.WithOwner("worker-7"))
+		bb := c.ReentrantMutex(name, redlatch.WithOwner("worker-7"))
+		require.NoError(t, a.Lock(ctx))
+		require.NoError(t, bb.Lock(ctx))
+		require.Equal(t, a.Token(), bb.Token())
+		n, err = a.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		require.NoError(t, bb.Unlock(ctx))
+		require.NoError(t, bb.Unlock(ctx), "a shared owner releases what the other handle took")
+		locked, err := a.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+	})
+}
+
+// TestUnlockByOtherOwner: a non-holder's Unlock is refused and changes nothing.
+func TestUnlockByOtherOwner(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				c := newClient(t, b)
+				name := redistest.UniqueName(t)
+				holder, intruder := k.make(c, name), k.make(c, name)
+				require.NoError(t, holder.Lock(ctx))
+				before, err := b.Client(t).HGetAll(ctx, lockKey(name)).Result()
+				require.NoError(t, err)
+
+				require.ErrorIs(t, intruder.Unlock(ctx), redlatch.ErrNotHeld)
+				if rm, ok := intruder.(*redlatch.ReentrantMutex); ok {
+					// Even a reentrant handle that never held it goes to Redis and is refused.
+					n, err := rm.HoldCount(ctx)
+					require.NoError(t, err)
+					require.Zero(t, n)
+				}
+				after, err := b.Client(t).HGetAll(ctx, lockKey(name)).Result()
+				require.NoError(t, err)
+				require.Equal(t, before, after)
+				locked, err := holder.IsLocked(ctx)
+				require.NoError(t, err)
+				require.True(t, locked)
+				require.NoError(t, holder.Unlock(ctx))
+				require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
+			})
+		}
+	})
+}
+
+func TestTryLock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				c1, c2 := newClient(t, b), newClient(t, b)
+				name := redistest.UniqueName(t)
+				a, other := k.make(c1, name), k.make(c2, name)
+				ok, err := a.TryLock(ctx)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Positive(t, a.Token())
+				ttl, err := a.TTL(ctx)
+				require.NoError(t, err)
+				require.Greater(t, ttl, 20*time.Second) // watchdog default 30s
+				ok, err = other.TryLock(ctx)
+				require.NoError(t, err)
+				require.False(t, ok)
+				require.Zero(t, other.Token())
+				require.Nil(t, other.Lost())
+				require.NoError(t, a.Unlock(ctx))
+				ttl, err = a.TTL(ctx)
+				require.NoError(t, err)
+				require.Zero(t, ttl)
+				ok, err = other.TryLock(ctx)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.NoError(t, other.Unlock(ctx))
+			})
+		}
+	})
+}
+
+// TestMutexHandleIsLikeSyncMutex: a second Lock on one Mutex handle waits
+// for the first Unlock; TryLock on it fails meanwhile.
+func TestMutexHandleIsLikeSyncMutex(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		m := newClient(t, b).Mutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		ok, err := m.TryLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok)
+		got := make(chan error, 1)
+		go func() { got <- m.Lock(ctx) }()
+		select {
+		case err := <-got:
+			t.Fatalf("second Lock on the same handle returned %v while held", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, <-got)
+		require.NoError(t, m.Unlock(ctx))
+		require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+	})
+}
+
+func TestLockDeadline(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				c := newClient(t, b)
+				name := redistest.UniqueName(t)
+				require.NoError(t, k.make(c, name).Lock(ctxT(t, 5*time.Second)))
+				ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
+				defer cancel()
+				start := time.Now()
+				err := k.make(c, name).Lock(ctx)
+				requireWaitErr(t, err, ctx)
+				require.ErrorIs(t, err, context.DeadlineExceeded)
+				require.Less(t, time.Since(start), 2*time.Second)
+
+				cctx, ccancel := context.WithCancel(context.Background())
+				time.AfterFunc(50*time.Millisecond, ccancel)
+				err = k.make(c, name).Lock(cctx)
+				requireWaitErr(t, err, cctx)
+				require.ErrorIs(t, err, context.Canceled)
+			})
+		}
+	})
+}
+
+// TestFencingTokens: tokens strictly increase at every change of owner, and
+// keep increasing after FLUSHALL erased the counter.
+func TestFencingTokens(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		var last int64
+		for i := 0; i < 20; i++ {
+			m := c.Mutex(name)
+			if i%2 == 1 {
+				m = c.Mutex(name, redlatch.WithOwner("fixed-owner"))
+			}
+			require.NoError(t, m.Lock(ctx))
+			require.Greater(t, m.Token(), last, "round %d", i)
+			last = m.Token()
+			require.NoError(t, m.Unlock(ctx))
+			if i == 10 {
+				b.FlushAll(t)
+			}
+		}
+		// The counter is not immortal: it carries a TTL.
+		ttl, err := b.Client(t).PTTL(ctx, "{"+name+"}:fence").Result()
+		require.NoError(t, err)
+		require.Positive(t, ttl)
+	})
+}
+
+// TestScriptFlush: an emptied script cache (SCRIPT FLUSH, or a restart) is
+// reloaded transparently.
+func TestScriptFlush(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		m := c.ReentrantMutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		b.ScriptFlush(t)
+		require.NoError(t, m.Lock(ctx))
+		b.ScriptFlush(t)
+		time.Sleep(500 * time.Millisecond) // renewals run through a flushed cache too
+		b.ScriptFlush(t)
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+		select {
+		case <-m.Lost():
+			t.Fatal("lost")
+		default:
+		}
+	})
+}
+
+func TestCloseTwice(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		c := redlatch.New(b.Client(t))
+		m := c.Mutex(redistest.UniqueName(t))
+		require.NoError(t, c.Close())
+		require.ErrorIs(t, c.Close(), redlatch.ErrClosed)
+		require.ErrorIs(t, m.Lock(context.Background()), redlatch.ErrClosed)
+		_, err := m.TryLock(context.Background())
+		require.ErrorIs(t, err, redlatch.ErrClosed)
+	})
+}
+
+// TestCloseWakesWaiters: a Lock waiting when the Client closes returns ErrClosed.
+func TestCloseWakesWaiters(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Mutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		c := redlatch.New(b.Client(t))
+		got := make(chan error, 1)
+		go func() { got <- c.Mutex(name).Lock(ctx) }()
+		time.Sleep(100 * time.Millisecond)
+		require.NoError(t, c.Close())
+		select {
+		case err := <-got:
+			require.ErrorIs(t, err, redlatch.ErrClosed)
+		case <-time.After(3 * time.Second):
+			t.Fatal("waiter not released by Close")
+		}
+		require.NoError(t, holder.Unlock(ctx))
+	})
+}
+
+// TestBadInput: bad arguments are reported, name the argument, never panic
+// and never reach Redis.
+func TestBadInput(t *testing.T) {
+	hook := &countingHook{n: map[string]int{}}
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}) // nothing listens there
+	rdb.AddHook(hook)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	ctx := context.Background()
+
+	cases := []struct {
+		arg string
+		l   locker
+	}{
+		{"name", c.Mutex("")},
+		{"name", c.ReentrantMutex("")},
+		{"lease", c.Mutex("x", redlatch.WithLease(0))},
+		{"lease", c.ReentrantMutex("x", redlatch.WithLease(-time.Second))},
+		{"owner", c.Mutex("x", redlatch.WithOwner(""))},
+		{"owner", c.ReentrantMutex("x", redlatch.WithOwner(""))},
+	}
+	for _, tc := range cases {
+		for _, err := range []error{
+			tc.l.Lock(ctx),
+			second(tc.l.TryLock(ctx)),
+			tc.l.Unlock(ctx),
+			second(tc.l.TTL(ctx)),
+			second(tc.l.IsLocked(ctx)),
+			second(tc.l.ForceUnlock(ctx)),
+		} {
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+			require.Contains(t, err.Error(), tc.arg)
+		}
+	}
+	_, err := c.ReentrantMutex("").HoldCount(ctx)
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+
+	for _, bad := range []*redlatch.Client{
+		redlatch.New(nil),
+		redlatch.New((*redis.Client)(nil)),
+		redlatch.New(rdb, redlatch.WithWatchdogTimeout(0)),
+		nil,
+	} {
+		err := bad.Mutex("x").Lock(ctx)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+		if bad != nil {
+			require.NoError(t, bad.Close())
+		}
+	}
+	require.Empty(t, hook.n, "bad input reached Redis")
+}
+
+func second[T any](_ T, err error) error { return err }
+
+// TestUnreachableRedis: Lock on a Redis that does not answer returns an
+// error by the context's deadline and leaks no goroutine (TestMain checks).
+func TestUnreachableRedis(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := c.Mutex("x").Lock(ctx)
+	require.Error(t, err)
+	require.Less(t, time.Since(start), 3*time.Second)
+}
+
+// lossyHook simulates a lost reply: it runs a matching command, then runs it
+// again as go-redis does after a network error, and returns the second reply
+// (retry=true); or it returns a network error after the command ran
+// (retry=false), as when every retry failed.
+type lossyHook struct {
+	match func(cmd redis.Cmder) bool
+	retry bool
+	armed atomic.Bool
+}
+
+func (h *lossyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *lossyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !h.match(cmd) || !h.armed.CompareAndSwap(true, false) {
+			return next(ctx, cmd)
+		}
+		if err := next(ctx, cmd); err != nil {
+			return err
+		}
+		if !h.retry {
+			cmd.SetErr(io.ErrUnexpectedEOF)
+			return io.ErrUnexpectedEOF
+		}
+		return next(ctx, cmd)
+	}
+}
+func (h *lossyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// scriptWith matches a script call (EVAL or EVALSHA) whose arguments contain s.
+func scriptWith(s string) func(redis.Cmder) bool {
+	return func(cmd redis.Cmder) bool {
+		if cmd.Name() != "evalsha" && cmd.Name() != "eval" {
+			return false
+		}
+		for _, a := range cmd.Args() {
+			if v, ok := a.(string); ok && v == s {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+// TestLostReplies: a retried acquire or unlock whose first reply was lost
+// counts once (Redisson #4871), and an acquire whose reply never arrived
+// leaves no hold behind.
+func TestLostReplies(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &lossyHook{match: scriptWith(lockKey(name)), retry: true}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.ReentrantMutex(name)
+
+		hook.armed.Store(true) // the acquire runs twice on the server
+		require.NoError(t, m.Lock(ctx))
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "a retried acquire counted twice")
+
+		require.NoError(t, m.Lock(ctx))
+		hook.armed.Store(true) // the unlock runs twice on the server
+		require.NoError(t, m.Unlock(ctx))
+		n, err = m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "a retried unlock decremented twice")
+
+		hook.armed.Store(true) // the final unlock runs twice: still a success
+		require.NoError(t, m.Unlock(ctx))
+		locked, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+
+		// The reply never arrives: the caller gets an error, and the hold the
+		// server granted is undone, so nobody holds a lock it believes it lacks.
+		hook.retry = false
+		for _, k := range kinds {
+			l := k.make(c, name)
+			hook.armed.Store(true)
+			ok, err := l.TryLock(ctx)
+			require.Error(t, err)
+			require.False(t, ok)
+			locked, err = l.IsLocked(ctx)
+			require.NoError(t, err)
+			require.False(t, locked, "%s: an ambiguous acquire left a hold", k.name)
+			hook.armed.Store(true)
+			require.Error(t, l.Lock(ctx))
+			locked, err = l.IsLocked(ctx)
+			require.NoError(t, err)
+			require.False(t, locked, "%s: an ambiguous acquire left a hold", k.name)
+		}
+	})
+}
+
+// TestWrongType: a key of the lock's name holding foreign data gives a clear error.
+func TestWrongType(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 5*time.Second)
+		name := redistest.UniqueName(t)
+		require.NoError(t, b.Client(t).Set(ctx, lockKey(name), "foreign", 0).Err())
+		c := newClient(t, b)
+		for _, k := range kinds {
+			err := k.make(c, name).Lock(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, k.name)
+			_, err = k.make(c, name).TryLock(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, k.name)
+		}
+	})
+}
+
+// TestManyNames: locks of many names work side by side on every backend (on
+// the cluster they spread over all masters: no CROSSSLOT).
+func TestManyNames(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		base := redistest.UniqueName(t)
+		var ms []*redlatch.ReentrantMutex
+		for i := 0; i < 50; i++ {
+			m := c.ReentrantMutex(base + "-" + strconv.Itoa(i))
+			require.NoError(t, m.Lock(ctx))
+			require.NoError(t, m.Lock(ctx))
+			ms = append(ms, m)
+		}
+		for _, m := range ms {
+			require.NoError(t, m.Unlock(ctx))
+			require.NoError(t, m.Unlock(ctx))
+		}
+	})
+}

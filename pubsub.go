@@ -1,0 +1,408 @@
+package redlatch
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Wake-up messages published on a primitive's channel.
+const (
+	wakeOne = "1" // wake one local waiter per Client (a lock was released)
+	wakeAll = "a" // wake every local waiter (a latch opened, a writer left)
+)
+
+// healthInterval is how long the subscriber reads without a message before
+// it pings the server to check the connection.
+const healthInterval = 5 * time.Second
+
+// pubsub multiplexes the wake-ups of every waiter of a Client over one
+// subscriber connection per Redis node (one in all, except on a Redis ≥ 7
+// Cluster, where sharded pub/sub needs one per master).
+//
+// A channel is subscribed while at least one local waiter waits on it and
+// unsubscribed when the last one leaves. A waiter joins before its retry, so
+// a release landing between its failed attempt and its sleep still wakes it,
+// and each sleep is bounded by the lock's remaining lease, so a crashed holder
+// or a lost message delays a waiter by at most that lease. When the
+// connection drops, go-redis reconnects and subscribes again; the
+// confirmation of each re-subscription wakes every waiter of that channel to
+// retry, so a message lost in the gap delays no one past the reconnection.
+//
+// Worst case for a waiter, then: woken at once by a message; else at the
+// re-subscription after a dropped connection; else when the holder's lease
+// runs out (at most the watchdog timeout, or the WithLease lease).
+type pubsub struct {
+	c *Client
+
+	mu      sync.Mutex
+	nodes   map[string]*psNode // by master address; "" when not sharded
+	chans   map[string]*psChan // subscribed channels, by name
+	closed  bool
+	closing chan struct{} // closed by close: waits end with ErrClosed
+	wg      sync.WaitGroup
+}
+
+// psNode is one subscriber connection.
+type psNode struct {
+	ps      *redis.PubSub
+	sharded bool
+	// inflight counts the (un)subscribe commands per channel whose
+	// confirmation has not arrived: only the confirmation of the latest one
+	// says what the channel's state is.
+	inflight map[string]int
+}
+
+// psChan is a subscribed channel and its local waiters, oldest first.
+type psChan struct {
+	name    string
+	node    *psNode
+	waiters []*waiter
+	ready   chan struct{} // closed at the first confirmation
+	isReady bool
+}
+
+// waiter is one blocked call waiting for wake-ups on one channel.
+type waiter struct {
+	p   *pubsub
+	ch  *psChan
+	sig chan struct{} // capacity 1: a pending wake-up
+}
+
+func newPubsub(c *Client) *pubsub {
+	return &pubsub{
+		c:       c,
+		nodes:   make(map[string]*psNode),
+		chans:   make(map[string]*psChan),
+		closing: make(chan struct{}),
+	}
+}
+
+// join registers a waiter on channel, subscribing it if this is its first
+// local waiter, and waits until the subscription is confirmed, or for at most
+// bound (the lock's remaining lease: the waiter will retry then anyway).
+func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) (*waiter, error) {
+	pub := p.c.publishCommand(ctx)
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, ErrClosed
+	}
+	ch := p.chans[channel]
+	if ch == nil {
+		node, err := p.nodeLocked(ctx, channel, pub == "SPUBLISH")
+		if err != nil {
+			p.mu.Unlock()
+			return nil, err
+		}
+		ch = &psChan{name: channel, node: node, ready: make(chan struct{})}
+		p.chans[channel] = ch
+		node.send(p.c.ctx, channel, true)
+	}
+	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1)}
+	ch.waiters = append(ch.waiters, w)
+	ready := ch.ready
+	p.mu.Unlock()
+
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case <-ready:
+		return w, nil
+	case <-t.C:
+		return w, nil
+	case <-ctx.Done():
+		w.leave()
+		return nil, newWaitError(ctx, nil)
+	case <-p.closing:
+		w.leave()
+		return nil, ErrClosed
+	}
+}
+
+// nodeLocked returns the subscriber connection for channel, creating it
+// (and its receive goroutine) on first use.
+func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (*psNode, error) {
+	addr := ""
+	var mk func() *redis.PubSub
+	switch {
+	case sharded:
+		master, err := p.c.cluster.MasterForKey(ctx, channel)
+		if err != nil {
+			return nil, err
+		}
+		addr = master.Options().Addr
+		mk = func() *redis.PubSub { return master.SSubscribe(p.c.ctx) }
+	default:
+		mk = func() *redis.PubSub { return p.c.rdb.Subscribe(p.c.ctx) }
+	}
+	if n := p.nodes[addr]; n != nil {
+		return n, nil
+	}
+	n := &psNode{ps: mk(), sharded: sharded, inflight: make(map[string]int)}
+	p.nodes[addr] = n
+	p.wg.Add(1)
+	go p.receive(n)
+	return n, nil
+}
+
+// send writes a (un)subscribe command for channel. Errors are not returned:
+// go-redis keeps the channel set and subscribes it again when it reconnects,
+// and waiters are bounded by the lease meanwhile.
+func (n *psNode) send(ctx context.Context, channel string, subscribe bool) {
+	n.inflight[channel]++
+	var err error
+	switch {
+	case subscribe && n.sharded:
+		err = n.ps.SSubscribe(ctx, channel)
+	case subscribe:
+		err = n.ps.Subscribe(ctx, channel)
+	case n.sharded:
+		err = n.ps.SUnsubscribe(ctx, channel)
+	default:
+		err = n.ps.Unsubscribe(ctx, channel)
+	}
+	if err != nil {
+		// No confirmation will come for this command on this connection.
+		n.inflight[channel]--
+	}
+}
+
+// wait sleeps until a wake-up, or bound, or the end of ctx or the Client.
+func (w *waiter) wait(ctx context.Context, bound time.Duration) error {
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case <-w.sig:
+		return nil
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return newWaitError(ctx, nil)
+	case <-w.p.closing:
+		return ErrClosed
+	}
+}
+
+// leave unregisters the waiter. A wake-up it received but did not use is
+// passed to the next local waiter, so a waiter giving up cannot swallow the
+// wake-up another one needs. The last waiter unsubscribes the channel.
+func (w *waiter) leave() {
+	p := w.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ch := w.ch
+	for i, o := range ch.waiters {
+		if o == w {
+			ch.waiters = append(ch.waiters[:i], ch.waiters[i+1:]...)
+			break
+		}
+	}
+	select {
+	case <-w.sig:
+		signalOne(ch.waiters)
+	default:
+	}
+	if len(ch.waiters) == 0 && p.chans[ch.name] == ch {
+		delete(p.chans, ch.name)
+		if !p.closed {
+			ch.node.send(p.c.ctx, ch.name, false)
+		}
+	}
+}
+
+// signalOne wakes the oldest waiter without a pending wake-up.
+func signalOne(ws []*waiter) {
+	for _, w := range ws {
+		select {
+		case w.sig <- struct{}{}:
+			return
+		default:
+		}
+	}
+}
+
+func signalAll(ws []*waiter) {
+	for _, w := range ws {
+		select {
+		case w.sig <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// receive reads one subscriber connection until the Client closes.
+func (p *pubsub) receive(n *psNode) {
+	defer p.wg.Done()
+	ctx := p.c.ctx
+	backoff := 10 * time.Millisecond
+	for {
+		msg, err := n.ps.ReceiveTimeout(ctx, healthInterval)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				_ = n.ps.Ping(ctx) // the next read sees the reply, or a broken connection
+				continue
+			}
+			// The connection broke; go-redis reconnects and subscribes
+			// again on the next read. Pending confirmations are gone.
+			p.mu.Lock()
+			clear(n.inflight)
+			p.mu.Unlock()
+			p.c.opts.logger.Debug("redlatch: subscriber connection lost", "error", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 10 * time.Millisecond
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			p.confirm(n, m)
+		case *redis.Message:
+			p.dispatch(m.Channel, m.Payload)
+		}
+	}
+}
+
+// confirm handles a (un)subscribe confirmation. The first confirmation of a
+// channel makes it ready; a later one is a re-subscription after a
+// reconnection, and wakes every waiter of the channel to retry, since a
+// message may have been lost while the connection was down.
+func (p *pubsub) confirm(n *psNode, m *redis.Subscription) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n.inflight[m.Channel] > 0 {
+		n.inflight[m.Channel]--
+		if n.inflight[m.Channel] > 0 {
+			return // an older command's confirmation
+		}
+		delete(n.inflight, m.Channel)
+	}
+	if m.Kind != "subscribe" && m.Kind != "ssubscribe" {
+		return
+	}
+	ch := p.chans[m.Channel]
+	if ch == nil || ch.node != n {
+		return
+	}
+	if !ch.isReady {
+		ch.isReady = true
+		close(ch.ready)
+		return
+	}
+	signalAll(ch.waiters)
+}
+
+// dispatch delivers a wake-up message to the local waiters of its channel.
+func (p *pubsub) dispatch(channel, payload string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ch := p.chans[channel]
+	if ch == nil {
+		return
+	}
+	if payload == wakeAll {
+		signalAll(ch.waiters)
+	} else {
+		signalOne(ch.waiters)
+	}
+}
+
+// close ends every wait with ErrClosed, closes the subscriber connections
+// and waits for their goroutines.
+func (p *pubsub) close() {
+	p.mu.Lock()
+	p.closed = true
+	close(p.closing)
+	nodes := make([]*psNode, 0, len(p.nodes))
+	for _, n := range p.nodes {
+		nodes = append(nodes, n)
+	}
+	p.mu.Unlock()
+	for _, n := range nodes {
+		_ = n.ps.Close()
+	}
+	p.wg.Wait()
+}
+
+// attemptFunc makes one acquisition attempt. It returns whether it
+// succeeded and, when not, how long until the current holder's lease ends
+// (the bound of the next sleep).
+type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err error)
+
+// acquire runs try until it succeeds, sleeping between attempts until a
+// wake-up on channel or the retry bound; with block false it makes a single
+// attempt. The waiter joins the channel before its second attempt, so no
+// release after the first failed attempt goes unnoticed.
+//
+// When an attempt fails without a reply from Redis (a network or context
+// error), the attempt may have succeeded on the server: undo is then called
+// with a fresh bounded context to release whatever that attempt took.
+func (c *Client) acquire(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
+	var w *waiter
+	defer func() {
+		if w != nil {
+			w.leave()
+		}
+	}()
+	for {
+		ok, retry, err := try(ctx)
+		switch {
+		case err != nil:
+			return false, c.failedAttempt(ctx, err, undo)
+		case ok:
+			return true, nil
+		case !block:
+			return false, nil
+		case w == nil:
+			if w, err = c.ps.join(ctx, channel, retry); err != nil {
+				return false, err
+			}
+		default:
+			if err := w.wait(ctx, retry); err != nil {
+				return false, err
+			}
+		}
+	}
+}
+
+// failedAttempt undoes an attempt whose outcome is unknown and returns the
+// error the caller sees.
+func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
+	if !isReplyError(err) && undo != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		undo(cctx)
+		cancel()
+	}
+	if ctx.Err() != nil {
+		return newWaitError(ctx, err)
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	return convertErr(err)
+}
+
+// retryBound turns a holder's remaining lease (PTTL, ms) into the bound of
+// the next sleep: at least a millisecond; a lock without a lease (not written
+// by redlatch) is retried every watchdog period.
+func (c *Client) retryBound(pttl int64) time.Duration {
+	switch {
+	case pttl == -1:
+		return c.opts.watchdogTimeout / 3
+	case pttl < 1:
+		return time.Millisecond
+	}
+	return time.Duration(pttl) * time.Millisecond
+}

@@ -1,0 +1,145 @@
+package redlatch
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// ReentrantMutex is a distributed lock that its owner may hold several
+// times. One Redis hash per lock records the owner and its hold count: each
+// Lock by the owner increments the count, each Unlock decrements it, and the
+// lock is released when the count reaches zero. The fencing token stays the
+// same for all the holds of one owner.
+//
+// Ownership belongs to the handle, or to its WithOwner id: handles with the
+// same owner id, in this process or others, share the holds, so one can
+// re-enter or release what another took. Goroutines sharing one handle share
+// its ownership too (unlike sync.Mutex, a second Lock does not wait).
+//
+// The watchdog renews the lock until the last Unlock: a hold of 2 unlocked
+// once is still renewed.
+type ReentrantMutex struct {
+	e excl
+
+	mu    sync.Mutex
+	h     *hold // the hold this handle tracks
+	n     int   // holds taken through this handle and not yet released
+	token int64
+}
+
+// ReentrantMutex returns a handle on the reentrant lock called name. It
+// does not talk to Redis. Bad arguments are reported by the handle's methods
+// as errors wrapping ErrInvalidArgument.
+func (c *Client) ReentrantMutex(name string, opts ...LockOption) *ReentrantMutex {
+	return &ReentrantMutex{e: newExcl(c, name, true, opts)}
+}
+
+// Lock blocks until the owner holds the lock once more, or ctx is done. A
+// failed wait returns an error matching both ErrNotObtained and ctx.Err().
+func (m *ReentrantMutex) Lock(ctx context.Context) error {
+	_, err := m.lock(ctx, true)
+	return err
+}
+
+// TryLock makes one attempt and reports whether the owner now holds the lock
+// once more; (false, nil) means another owner holds it.
+func (m *ReentrantMutex) TryLock(ctx context.Context) (bool, error) {
+	return m.lock(ctx, false)
+}
+
+func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
+	if err := m.e.check(); err != nil {
+		return false, err
+	}
+	token, count, sent, ok, err := m.e.lock(ctx, block)
+	if !ok {
+		return false, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if count == 1 || m.h == nil || m.h.isLost() {
+		// A new hold: the first of the owner, or a fresh one after this
+		// handle's previous hold was lost.
+		m.e.c.wd.remove(m.h)
+		m.h, m.n = m.e.track(sent), 0
+	}
+	m.n++
+	m.token = token
+	return true, nil
+}
+
+// Unlock releases one hold of the owner; the last one releases the lock and
+// wakes one waiter. It returns ErrNotHeld when the owner holds nothing, when
+// the lease ran out, or when the hold was lost (Lost is closed).
+//
+// Unlock is idempotent per call: when the reply is lost and the Redis client
+// retries, the retry is recognised and the count is not decremented twice.
+func (m *ReentrantMutex) Unlock(ctx context.Context) error {
+	if err := m.e.check(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	h := m.h
+	m.mu.Unlock()
+	m.e.c.wd.setReleasing(h, true)
+	n, err := m.e.unlock(ctx, "")
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.h != h {
+		// A concurrent Lock replaced the hold; leave it alone.
+		h = nil
+	}
+	if m.n > 0 {
+		m.n--
+	}
+	if n > 0 && m.n > 0 && err == nil {
+		m.e.c.wd.setReleasing(h, false)
+	} else if h != nil {
+		// Released, not held, or unknown (an error): this handle's hold
+		// ends here. Other handles of the same owner track their own.
+		lost := m.e.c.wd.remove(h)
+		m.h, m.n, m.token = nil, 0, 0
+		if lost {
+			return ErrNotHeld
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if n < 0 {
+		return ErrNotHeld
+	}
+	return nil
+}
+
+// HoldCount returns how many times the owner holds the lock, as recorded in
+// Redis (so it counts the holds of every handle sharing the owner id).
+func (m *ReentrantMutex) HoldCount(ctx context.Context) (int, error) { return m.e.holdCount(ctx) }
+
+// Token returns the fencing token of the current hold, or 0 when the handle
+// holds nothing. See Mutex.Token.
+func (m *ReentrantMutex) Token() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.token
+}
+
+// Lost returns a channel closed when the current hold ends before its last
+// Unlock. See Mutex.Lost.
+func (m *ReentrantMutex) Lost() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.h.lostChan()
+}
+
+// TTL returns the remaining lease of the lock; 0 when it is free.
+func (m *ReentrantMutex) TTL(ctx context.Context) (time.Duration, error) { return m.e.ttl(ctx) }
+
+// IsLocked reports whether anyone holds the lock.
+func (m *ReentrantMutex) IsLocked(ctx context.Context) (bool, error) { return m.e.isLocked(ctx) }
+
+// ForceUnlock releases the lock whoever holds it, however many times, and
+// wakes a waiter. It reports whether the lock was held.
+func (m *ReentrantMutex) ForceUnlock(ctx context.Context) (bool, error) { return m.e.forceUnlock(ctx) }

@@ -1,0 +1,386 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+//go:embed lua/renew.lua
+var renewLua string
+
+var renewScript = redis.NewScript(renewLua)
+
+// renewBatch is the most keys one renewal script call carries. With it, 5,000
+// held locks on one Redis cost 50 script calls per renewal period, sent
+// pipelined in one round trip.
+const renewBatch = 100
+
+// hold is one lease the Client tracks: a lock hold, a read hold, a set of
+// permits or a queue place. The watchdog renews it (unless it has a fixed
+// lease) and closes lost when it ends before its holder released it.
+//
+// Every field but lost is guarded by watchdog.mu once the hold is added.
+type hold struct {
+	name   string // the primitive's name, for logs
+	key    string // the key whose lease this is
+	kind   byte   // 'h' or 'z', see lua/renew.lua
+	member string // owner id ('h') or sorted-set member ('z')
+	lease  time.Duration
+	renew  bool // renewed by the watchdog; false for WithLease holds
+
+	// deadline is when the lease ends unless renewed, on the local monotonic
+	// clock: the send time of the last successful acquisition or renewal plus
+	// the lease. Redis cannot have expired the key before it.
+	deadline  time.Time
+	releasing bool // an unlock is in flight: renew no more, ignore renew replies
+	done      bool // released or lost: no longer tracked
+	lost      chan struct{}
+}
+
+// Lost returns the channel closed when the hold is lost.
+func (h *hold) lostChan() <-chan struct{} {
+	if h == nil {
+		return nil
+	}
+	return h.lost
+}
+
+// isLost reports whether the hold was lost.
+func (h *hold) isLost() bool {
+	if h == nil {
+		return false
+	}
+	select {
+	case <-h.lost:
+		return true
+	default:
+		return false
+	}
+}
+
+// watchdog renews every renewable hold of a Client from one goroutine, in
+// batched script calls, and closes a hold's lost channel the moment the hold
+// is known to be gone: when a renewal finds it gone, or when its local
+// deadline passes without a successful renewal (Redis unreachable). The
+// deadlines are enforced by a single timer shared by all holds, so a renewal
+// stuck on an unresponsive server cannot delay a loss.
+type watchdog struct {
+	c      *Client
+	period time.Duration // renewal period: watchdog timeout / 3
+
+	mu       sync.Mutex
+	holds    map[*hold]struct{}
+	expiry   *time.Timer // fires at expiryAt, the earliest deadline
+	expiryAt time.Time
+
+	done    chan struct{} // closed when run returns
+	started bool
+}
+
+func newWatchdog(c *Client) *watchdog {
+	return &watchdog{
+		c:      c,
+		period: c.opts.watchdogTimeout / 3,
+		holds:  make(map[*hold]struct{}),
+		done:   make(chan struct{}),
+	}
+}
+
+func (w *watchdog) start() {
+	w.started = true
+	go w.run()
+}
+
+// stop ends the renewals and waits for the goroutine. Holds are not renewed
+// any more, but their deadlines still close their lost channels.
+func (w *watchdog) stop() {
+	if w.started {
+		<-w.done
+	}
+}
+
+func (w *watchdog) run() {
+	defer close(w.done)
+	t := time.NewTicker(w.period)
+	defer t.Stop()
+	for {
+		select {
+		case <-w.c.ctx.Done():
+			return
+		case <-t.C:
+			w.renewAll()
+		}
+	}
+}
+
+// add starts tracking a hold acquired by a request sent at sent.
+func (w *watchdog) add(name, key string, kind byte, member string, lease time.Duration, renew bool, sent time.Time) *hold {
+	h := &hold{
+		name: name, key: key, kind: kind, member: member,
+		lease: lease, renew: renew,
+		deadline: sent.Add(lease),
+		lost:     make(chan struct{}),
+	}
+	w.mu.Lock()
+	w.holds[h] = struct{}{}
+	w.scheduleLocked(h.deadline)
+	w.mu.Unlock()
+	return h
+}
+
+// setReleasing marks a hold whose release is in flight (v) or no longer in
+// flight because the release left it held (!v). A releasing hold is not
+// renewed, and a renewal reply that finds it gone does not count as a loss.
+func (w *watchdog) setReleasing(h *hold, v bool) {
+	if h == nil {
+		return
+	}
+	w.mu.Lock()
+	h.releasing = v
+	w.mu.Unlock()
+}
+
+// remove stops tracking a released hold. No renewal for it is sent after
+// remove returns. It reports whether the hold had been lost.
+func (w *watchdog) remove(h *hold) (lost bool) {
+	if h == nil {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.holds, h)
+	h.done = true
+	return h.isLost()
+}
+
+// loseLocked ends a hold that is gone before its release, once.
+func (w *watchdog) loseLocked(h *hold, why string) {
+	delete(w.holds, h)
+	if h.done {
+		return
+	}
+	h.done = true
+	close(h.lost)
+	w.c.opts.logger.Warn("redlatch: hold lost", "name", h.name, "key", h.key, "reason", why)
+}
+
+// scheduleLocked makes the expiry timer fire no later than t.
+func (w *watchdog) scheduleLocked(t time.Time) {
+	if !w.expiryAt.IsZero() && !t.Before(w.expiryAt) {
+		return
+	}
+	w.expiryAt = t
+	d := time.Until(t)
+	if w.expiry == nil {
+		w.expiry = time.AfterFunc(d, w.expire)
+	} else {
+		w.expiry.Reset(d)
+	}
+}
+
+// expire loses every hold whose deadline has passed and re-arms the timer
+// for the earliest deadline left.
+func (w *watchdog) expire() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	var next time.Time
+	for h := range w.holds {
+		if !now.Before(h.deadline) {
+			w.loseLocked(h, "lease ran out before it was renewed")
+		} else if next.IsZero() || h.deadline.Before(next) {
+			next = h.deadline
+		}
+	}
+	w.expiryAt = time.Time{}
+	if !next.IsZero() {
+		w.scheduleLocked(next)
+	}
+}
+
+// renewAll renews every renewable hold: grouped into batches of at most
+// renewBatch keys of one cluster slot, all batches sent in one pipeline.
+func (w *watchdog) renewAll() {
+	w.mu.Lock()
+	groups := make(map[int][]*hold)
+	for h := range w.holds {
+		if !h.renew || h.releasing {
+			continue
+		}
+		slot := 0
+		if w.c.cluster != nil {
+			slot = keySlot(h.key)
+		}
+		groups[slot] = append(groups[slot], h)
+	}
+	w.mu.Unlock()
+	if len(groups) == 0 {
+		return
+	}
+	var batches [][]*hold
+	for _, hs := range groups {
+		for len(hs) > 0 {
+			n := min(len(hs), renewBatch)
+			batches = append(batches, hs[:n])
+			hs = hs[n:]
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(w.c.ctx, w.period)
+	defer cancel()
+	sent := time.Now()
+	results := w.runBatches(ctx, batches)
+
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for i, batch := range batches {
+		res := results[i]
+		if res == nil {
+			continue // a transient error: retried next period, the deadline still guards
+		}
+		for j, h := range batch {
+			if h.done || h.releasing {
+				continue
+			}
+			if res[j] == 1 {
+				h.deadline = sent.Add(h.lease)
+			} else {
+				w.loseLocked(h, "renewal found the hold gone or taken by another owner")
+			}
+		}
+	}
+}
+
+// runBatches sends one renewal script call per batch, pipelined, and returns
+// the per-key results of each batch, or nil for a batch that failed.
+func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
+	args := func(b []*hold) ([]string, []any) {
+		keys := make([]string, len(b))
+		argv := make([]any, 0, 3*len(b))
+		for i, h := range b {
+			keys[i] = h.key
+			argv = append(argv, string(h.kind), h.member, h.lease.Milliseconds())
+		}
+		return keys, argv
+	}
+	out := make([][]int64, len(batches))
+	if len(batches) == 1 {
+		keys, argv := args(batches[0])
+		res, err := renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
+		if err != nil {
+			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
+			return out
+		}
+		out[0] = res
+		return out
+	}
+	cmds := make([]*redis.Cmd, len(batches))
+	pipe := w.c.rdb.Pipeline()
+	for i, b := range batches {
+		keys, argv := args(b)
+		cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
+	}
+	_, _ = pipe.Exec(ctx)
+	for i, cmd := range cmds {
+		res, err := cmd.Int64Slice()
+		if err != nil && isNoScript(err) {
+			keys, argv := args(batches[i])
+			res, err = renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
+		}
+		if err != nil {
+			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
+			continue
+		}
+		out[i] = res
+	}
+	return out
+}
+
+// isNoScript reports whether err says the script is not in the server's
+// script cache (after SCRIPT FLUSH or a restart).
+func isNoScript(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && strings.HasPrefix(err.Error(), "NOSCRIPT")
+}
+
+// keySlot returns the Redis Cluster slot of key: CRC16 (XMODEM) of its hash
+// tag, or of the whole key when it has none, modulo 16384.
+func keySlot(key string) int {
+	if s := strings.IndexByte(key, '{'); s >= 0 {
+		if e := strings.IndexByte(key[s+1:], '}'); e > 0 {
+			key = key[s+1 : s+1+e]
+		}
+	}
+	var crc uint16
+	for i := 0; i < len(key); i++ {
+		crc ^= uint16(key[i]) << 8
+		for b := 0; b < 8; b++ {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return int(crc) % 16384
+}
+
+// Locker is a lock whose hold can be lost: every lock type of redlatch
+// (Mutex, ReentrantMutex, and the writer side of RWMutex among them).
+type Locker interface {
+	Lock(ctx context.Context) error
+	Unlock(ctx context.Context) error
+	Lost() <-chan struct{}
+}
+
+// Do takes l, runs fn under it, and unlocks it. The context fn receives is
+// cancelled, with cause ErrLost, the moment the hold is lost (see
+// Mutex.Lost), so that long work stops instead of running on unprotected.
+// Do returns Lock's error, or fn's error, joined with ErrLost when the hold
+// was lost, or Unlock's error. Unlock uses a fresh context bounded to a few
+// seconds when ctx has ended, so a cancelled job still releases its lock.
+func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err error) {
+	if l == nil || fn == nil {
+		return invalidArg("locker and function", "must not be nil")
+	}
+	if err := l.Lock(ctx); err != nil {
+		return err
+	}
+	lost := l.Lost()
+	fctx, cancel := context.WithCancelCause(ctx)
+	watching := make(chan struct{})
+	go func() {
+		defer close(watching)
+		select {
+		case <-lost:
+			cancel(ErrLost)
+		case <-fctx.Done():
+		}
+	}()
+	defer func() {
+		cancel(nil)
+		<-watching
+		uctx := ctx
+		if ctx.Err() != nil {
+			var c context.CancelFunc
+			uctx, c = context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			defer c()
+		}
+		uerr := l.Unlock(uctx)
+		select {
+		case <-lost:
+			err = errors.Join(err, ErrLost)
+		default:
+			if err == nil {
+				err = uerr
+			}
+		}
+	}()
+	return fn(fctx)
+}

@@ -1,0 +1,383 @@
+package redlatch_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+func requireOpen(t *testing.T, ch <-chan struct{}, msg string) {
+	t.Helper()
+	select {
+	case <-ch:
+		t.Fatal(msg)
+	default:
+	}
+}
+
+func requireClosedWithin(t *testing.T, ch <-chan struct{}, d time.Duration, msg string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	select {
+	case <-ch:
+		return time.Since(start)
+	case <-time.After(d):
+		t.Fatalf("%s: not closed within %v", msg, d)
+		return 0
+	}
+}
+
+// TestWatchdogKeepsLockHeld: with a 600ms watchdog timeout, a hold outlives
+// many leases, and a reentrant hold of 2 unlocked once is still renewed.
+func TestWatchdogKeepsLockHeld(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+		time.Sleep(2 * time.Second) // > 3 leases
+		requireOpen(t, m.Lost(), "hold lost while its holder lives")
+		ttl, err := m.TTL(ctx)
+		require.NoError(t, err)
+		require.Positive(t, ttl)
+		ok, err := c.Mutex(name).TryLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok)
+		require.NoError(t, m.Unlock(ctx))
+	})
+}
+
+// TestClosedHolderFrees: a holder whose Client closed (its renewals stopped,
+// as if its process died) frees the lock within about one lease.
+func TestClosedHolderFrees(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		lease := 600 * time.Millisecond
+		name := redistest.UniqueName(t)
+		holder := redlatch.New(b.Client(t), redlatch.WithWatchdogTimeout(lease))
+		require.NoError(t, holder.Mutex(name).Lock(ctx))
+		require.NoError(t, holder.Close())
+		start := time.Now()
+		waiter := newClient(t, b).Mutex(name)
+		require.NoError(t, waiter.Lock(ctx))
+		require.Less(t, time.Since(start), lease+500*time.Millisecond)
+		require.NoError(t, waiter.Unlock(ctx))
+	})
+}
+
+// TestLostAfterForceUnlock: the holder learns within one renewal period that
+// an operator released its lock, and its Unlock then says ErrNotHeld.
+func TestLostAfterForceUnlock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				timeout := 900 * time.Millisecond
+				c := newClient(t, b, redlatch.WithWatchdogTimeout(timeout))
+				name := redistest.UniqueName(t)
+				l := k.make(c, name)
+				require.NoError(t, l.Lock(ctx))
+				lost := l.Lost()
+				requireOpen(t, lost, "lost before anything happened")
+				ok, err := k.make(newClient(t, b), name).ForceUnlock(ctx)
+				require.NoError(t, err)
+				require.True(t, ok)
+				requireClosedWithin(t, lost, timeout/3+200*time.Millisecond, "Lost after ForceUnlock")
+				require.ErrorIs(t, l.Unlock(ctx), redlatch.ErrNotHeld)
+			})
+		}
+	})
+}
+
+// TestLostWhileServerStopped: with Redis frozen (SIGSTOP), Lost closes at
+// the local lease deadline, measured on the local clock, without waiting
+// for Redis; Unlock afterwards reports ErrNotHeld.
+func TestLostWhileServerStopped(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 20*time.Second)
+	timeout := 900 * time.Millisecond
+	c := redlatch.New(srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.Mutex("frozen")
+	require.NoError(t, m.Lock(ctx))
+	acquired := time.Now()
+	srv.Stop(t)
+	t.Cleanup(func() { srv.Cont(t) })
+	requireClosedWithin(t, m.Lost(), timeout+300*time.Millisecond, "Lost while Redis is frozen")
+	// Renewed at least up to the last period before the stop, never later than a lease after the last renewal.
+	require.Less(t, time.Since(acquired), 2*timeout+300*time.Millisecond)
+	srv.Cont(t)
+	require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+}
+
+// TestFixedLease: WithLease holds are not renewed; Lost closes when the
+// lease runs out, and the lock is free then.
+func TestFixedLease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		m := c.Mutex(name, redlatch.WithLease(400*time.Millisecond))
+		require.NoError(t, m.Lock(ctx))
+		ttl, err := m.TTL(ctx)
+		require.NoError(t, err)
+		require.LessOrEqual(t, ttl, 400*time.Millisecond)
+		requireClosedWithin(t, m.Lost(), time.Second, "Lost at the end of a fixed lease")
+		require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+		// A fixed-lease hold released in time is not lost.
+		m2 := c.Mutex(name, redlatch.WithLease(5*time.Second))
+		require.NoError(t, m2.Lock(ctx))
+		lost := m2.Lost()
+		require.NoError(t, m2.Unlock(ctx))
+		requireOpen(t, lost, "released hold reported lost")
+	})
+}
+
+// renewSpy records the keys named in renewal script calls.
+type renewSpy struct {
+	mu   sync.Mutex
+	keys map[string]int
+	rt   int // round trips carrying renewals
+}
+
+func (s *renewSpy) record(cmds []redis.Cmder) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	found := false
+	for _, cmd := range cmds {
+		args := cmd.Args()
+		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 {
+			continue
+		}
+		n, _ := strconv.Atoi(fmt.Sprint(args[2]))
+		argv := args[3+n:]
+		if n == 0 || len(argv) != 3*n {
+			continue // not a renewal: renewals carry 3 arguments per key
+		}
+		if k, ok := argv[0].(string); !ok || (k != "h" && k != "z") {
+			continue
+		}
+		found = true
+		for _, k := range args[3 : 3+n] {
+			s.keys[fmt.Sprint(k)]++
+		}
+	}
+	if found {
+		s.rt++
+	}
+}
+
+func (s *renewSpy) count(key string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.keys[key]
+}
+
+func (s *renewSpy) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (s *renewSpy) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		s.record([]redis.Cmder{cmd})
+		return next(ctx, cmd)
+	}
+}
+func (s *renewSpy) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		s.record(cmds)
+		return next(ctx, cmds)
+	}
+}
+
+// TestNoRenewalAfterUnlock: renewal stops at the last Unlock, never earlier.
+func TestNoRenewalAfterUnlock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		spy := &renewSpy{keys: map[string]int{}}
+		rdb := b.Client(t)
+		rdb.AddHook(spy)
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, m.Lock(ctx))
+		time.Sleep(350 * time.Millisecond)
+		require.NoError(t, m.Unlock(ctx))
+		before := spy.count(lockKey(name))
+		require.Positive(t, before)
+		time.Sleep(350 * time.Millisecond)
+		during := spy.count(lockKey(name))
+		require.Greater(t, during, before, "renewal stopped before the last Unlock")
+		require.NoError(t, m.Unlock(ctx))
+		after := spy.count(lockKey(name))
+		time.Sleep(500 * time.Millisecond)
+		require.Equal(t, after, spy.count(lockKey(name)), "renewed after the last Unlock")
+	})
+}
+
+// TestRenewalBatched: hundreds of holds are renewed in a few script calls
+// per period, in one round trip, as INFO commandstats shows.
+func TestRenewalBatched(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("miniredis has no INFO commandstats")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		spy := &renewSpy{keys: map[string]int{}}
+		rdb := b.Client(t)
+		rdb.AddHook(spy)
+		period := 300 * time.Millisecond
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*period))
+		t.Cleanup(func() { _ = c.Close() })
+		base := redistest.UniqueName(t)
+		const holds = 500
+		var ms []*redlatch.Mutex
+		for i := 0; i < holds; i++ {
+			m := c.Mutex(base + "-" + strconv.Itoa(i))
+			require.NoError(t, m.Lock(ctx))
+			ms = append(ms, m)
+		}
+		spy.mu.Lock()
+		spy.rt = 0
+		spy.mu.Unlock()
+		before := scriptCalls(t, b)
+		time.Sleep(3*period + period/2)
+		calls := scriptCalls(t, b) - before
+		spy.mu.Lock()
+		rt := spy.rt
+		spy.mu.Unlock()
+		periods := int64(rt)
+		require.GreaterOrEqual(t, periods, int64(3))
+		if b.Cluster == nil {
+			// 500 holds in batches of 100: 5 script calls a period, in one round trip.
+			require.LessOrEqual(t, calls, periods*5, "script calls over %d periods", periods)
+		} else {
+			// On a cluster, a batch holds the keys of one slot; the batches of
+			// a period still go out in one pipeline.
+			require.LessOrEqual(t, calls, periods*holds)
+		}
+		t.Logf("%d holds: %d renewal script calls in %d periods (%d round trips)", holds, calls, periods, rt)
+		for _, m := range ms {
+			requireOpen(t, m.Lost(), "lost")
+			require.NoError(t, m.Unlock(ctx))
+		}
+	})
+}
+
+// scriptCalls sums EVAL and EVALSHA calls over every node's commandstats.
+func scriptCalls(t *testing.T, b redistest.Backend) int64 {
+	t.Helper()
+	var total int64
+	for _, info := range infoAll(t, b, "commandstats") {
+		for _, line := range strings.Split(info, "\n") {
+			if !strings.HasPrefix(line, "cmdstat_evalsha:") && !strings.HasPrefix(line, "cmdstat_eval:") {
+				continue
+			}
+			_, rest, _ := strings.Cut(line, "calls=")
+			n, _ := strconv.ParseInt(strings.SplitN(rest, ",", 2)[0], 10, 64)
+			total += n
+		}
+	}
+	return total
+}
+
+// infoAll returns INFO section of every node of b.
+func infoAll(t *testing.T, b redistest.Backend, section string) []string {
+	t.Helper()
+	ctx := context.Background()
+	var out []string
+	switch rdb := b.Client(t).(type) {
+	case *redis.ClusterClient:
+		var mu sync.Mutex
+		require.NoError(t, rdb.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
+			s, err := n.Info(ctx, section).Result()
+			mu.Lock()
+			out = append(out, s)
+			mu.Unlock()
+			return err
+		}))
+	default:
+		s, err := rdb.Info(ctx, section).Result()
+		require.NoError(t, err)
+		out = append(out, s)
+	}
+	return out
+}
+
+// TestGoroutinesFlat: holding and renewing many locks starts no goroutine
+// per lock.
+func TestGoroutinesFlat(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+		base := redistest.UniqueName(t)
+		m0 := c.Mutex(base)
+		require.NoError(t, m0.Lock(ctx))
+		time.Sleep(150 * time.Millisecond)
+		g0 := runtime.NumGoroutine()
+		var ms []*redlatch.Mutex
+		for i := 0; i < 300; i++ {
+			m := c.Mutex(base + "-" + strconv.Itoa(i))
+			require.NoError(t, m.Lock(ctx))
+			ms = append(ms, m)
+		}
+		time.Sleep(400 * time.Millisecond) // renewals ran
+		require.LessOrEqual(t, runtime.NumGoroutine(), g0+2, "goroutines grew with holds")
+		for _, m := range append(ms, m0) {
+			require.NoError(t, m.Unlock(ctx))
+		}
+	})
+}
+
+// TestDoCancelsOnLoss: Do runs a function under a lock with a context that
+// is cancelled, with cause ErrLost, when the hold is lost.
+func TestDoCancelsOnLoss(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		name := redistest.UniqueName(t)
+		m := c.Mutex(name)
+		started := make(chan struct{})
+		var cause error
+		done := make(chan error, 1)
+		go func() {
+			done <- redlatch.Do(ctx, m, func(ctx context.Context) error {
+				close(started)
+				<-ctx.Done()
+				cause = context.Cause(ctx)
+				return ctx.Err()
+			})
+		}()
+		<-started
+		_, err := c.Mutex(name).ForceUnlock(ctx)
+		require.NoError(t, err)
+		select {
+		case err := <-done:
+			require.ErrorIs(t, err, redlatch.ErrLost)
+			require.ErrorIs(t, cause, redlatch.ErrLost)
+		case <-time.After(2 * time.Second):
+			t.Fatal("Do did not end after the hold was lost")
+		}
+		// A normal run returns fn's result and releases the lock.
+		wantErr := errors.New("job failed")
+		require.ErrorIs(t, redlatch.Do(ctx, m, func(context.Context) error { return wantErr }), wantErr)
+		locked, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+		require.NoError(t, redlatch.Do(ctx, m, func(context.Context) error { return nil }))
+	})
+}
