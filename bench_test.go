@@ -76,3 +76,54 @@ func BenchmarkUncontended(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkUncontendedRatio interleaves the floor, Mutex and ReentrantMutex
+// pair by pair, so that machine drift hits all three alike, and reports each
+// one's mean time per pair and the ratios to the floor (mutex/floor,
+// reentrant/floor).
+//
+//	go test -run '^$' -bench UncontendedRatio -benchtime 5000x -count 5 .
+func BenchmarkUncontendedRatio(b *testing.B) {
+	be := benchBackend(b)
+	ctx := context.Background()
+	rdb := be.Client(b)
+	c := redlatch.New(be.Client(b))
+	defer c.Close()
+	floorKey := redistest.UniqueName(b)
+	m := c.Mutex(redistest.UniqueName(b))
+	rm := c.ReentrantMutex(redistest.UniqueName(b))
+	var floor, mutex, reentrant time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		if ok, err := rdb.SetNX(ctx, floorKey, "owner", 30*time.Second).Result(); err != nil || !ok {
+			b.Fatal(ok, err)
+		}
+		if err := casDelete.Run(ctx, rdb, []string{floorKey}, "owner").Err(); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if err := m.Lock(ctx); err != nil {
+			b.Fatal(err)
+		}
+		if err := m.Unlock(ctx); err != nil {
+			b.Fatal(err)
+		}
+		t2 := time.Now()
+		if err := rm.Lock(ctx); err != nil {
+			b.Fatal(err)
+		}
+		if err := rm.Unlock(ctx); err != nil {
+			b.Fatal(err)
+		}
+		t3 := time.Now()
+		floor += t1.Sub(t0)
+		mutex += t2.Sub(t1)
+		reentrant += t3.Sub(t2)
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(floor.Microseconds())/n, "floor-µs/pair")
+	b.ReportMetric(float64(mutex.Microseconds())/n, "mutex-µs/pair")
+	b.ReportMetric(float64(reentrant.Microseconds())/n, "reentrant-µs/pair")
+	b.ReportMetric(float64(mutex)/float64(floor), "mutex/floor")
+	b.ReportMetric(float64(reentrant)/float64(floor), "reentrant/floor")
+}

@@ -34,7 +34,7 @@ type excl struct {
 	c         *Client
 	name      string
 	key       string // the lock hash
-	fence     string // the fence hash
+	fence     string // the fence key
 	channel   string // wake-ups
 	owner     string
 	lease     time.Duration

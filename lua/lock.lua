@@ -3,7 +3,7 @@
 -- KEYS[1]  lock hash: o = owner id, c = hold count, t = fencing token,
 --          q = request id of the last acquisition, u = request id of the
 --          last partial release (see unlock.lua)
--- KEYS[2]  fence hash of the lock name (see fence.lua)
+-- KEYS[2]  fence key of the lock name (see fence.lua)
 -- ARGV[1]  owner id
 -- ARGV[2]  lease, ms
 -- ARGV[3]  request id: unique per Lock or TryLock call, reused by its retries

@@ -2,7 +2,8 @@
 -- or undo an acquisition whose reply was lost.
 --
 -- KEYS[1]  lock hash (see lock.lua)
--- KEYS[2]  fence hash of the lock name: r = request id of the last full release
+-- KEYS[2]  fence key of the lock name: "<token>:<request id of the last full
+--          release>" after a release (see fence.lua)
 -- KEYS[3]  wake-up channel of the lock
 -- ARGV[1]  owner id
 -- ARGV[2]  request id: unique per Unlock call, reused by its retries
@@ -16,9 +17,10 @@
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost: its result is returned again and nothing is released twice.
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u')
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't')
 if v[1] ~= ARGV[1] then
-  if redis.call('HGET', KEYS[2], 'r') == ARGV[2] then
+  local f = redis.call('GET', KEYS[2])
+  if f and string.match(f, ':(.*)$') == ARGV[2] then
     return 0
   end
   return -1
@@ -35,7 +37,6 @@ if c > 0 then
   return c
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], 'r', ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[2], v[5] .. ':' .. ARGV[2], 'PX', ARGV[4])
 redis.call(ARGV[3], KEYS[3], '1')
 return 0
