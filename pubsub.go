@@ -116,10 +116,10 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 	case <-t.C:
 		return w, nil
 	case <-ctx.Done():
-		w.leave()
+		w.leave(false)
 		return nil, newWaitError(ctx, nil)
 	case <-p.closing:
-		w.leave()
+		w.leave(false)
 		return nil, ErrClosed
 	}
 }
@@ -173,25 +173,27 @@ func (n *psNode) send(ctx context.Context, channel string, subscribe bool) {
 }
 
 // wait sleeps until a wake-up, or bound, or the end of ctx or the Client.
-func (w *waiter) wait(ctx context.Context, bound time.Duration) error {
+// It reports whether a wake-up message ended the sleep.
+func (w *waiter) wait(ctx context.Context, bound time.Duration) (bool, error) {
 	t := time.NewTimer(bound)
 	defer t.Stop()
 	select {
 	case <-w.sig:
-		return nil
+		return true, nil
 	case <-t.C:
-		return nil
+		return false, nil
 	case <-ctx.Done():
-		return newWaitError(ctx, nil)
+		return false, newWaitError(ctx, nil)
 	case <-w.p.closing:
-		return ErrClosed
+		return false, ErrClosed
 	}
 }
 
-// leave unregisters the waiter. A wake-up it received but did not use is
+// leave unregisters the waiter. A wake-up it received but did not use (still
+// pending, or consumed by a wait after which the waiter gave up: passOn) is
 // passed to the next local waiter, so a waiter giving up cannot swallow the
 // wake-up another one needs. The last waiter unsubscribes the channel.
-func (w *waiter) leave() {
+func (w *waiter) leave(passOn bool) {
 	p := w.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -204,8 +206,11 @@ func (w *waiter) leave() {
 	}
 	select {
 	case <-w.sig:
-		signalOne(ch.waiters)
+		passOn = true
 	default:
+	}
+	if passOn {
+		signalOne(ch.waiters)
 	}
 	if len(ch.waiters) == 0 && p.chans[ch.name] == ch {
 		delete(p.chans, ch.name)
@@ -351,9 +356,12 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 // with a fresh bounded context to release whatever that attempt took.
 func (c *Client) acquire(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
 	var w *waiter
+	woken, acquired := false, false
 	defer func() {
 		if w != nil {
-			w.leave()
+			// Woken but leaving without the lock: the wake-up was meant
+			// for someone; pass it on.
+			w.leave(woken && !acquired)
 		}
 	}()
 	for {
@@ -362,6 +370,7 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 		case err != nil:
 			return false, c.failedAttempt(ctx, err, undo)
 		case ok:
+			acquired = true
 			return true, nil
 		case !block:
 			return false, nil
@@ -370,7 +379,7 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 				return false, err
 			}
 		default:
-			if err := w.wait(ctx, retry); err != nil {
+			if woken, err = w.wait(ctx, retry); err != nil {
 				return false, err
 			}
 		}

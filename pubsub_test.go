@@ -1,0 +1,224 @@
+package redlatch_test
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// eachNode runs fn on every node of a real backend (every master of a cluster).
+func eachNode(t *testing.T, b redistest.Backend, fn func(ctx context.Context, n *redis.Client) error) {
+	t.Helper()
+	ctx := context.Background()
+	switch rdb := b.Client(t).(type) {
+	case *redis.ClusterClient:
+		require.NoError(t, rdb.ForEachMaster(ctx, fn))
+	case *redis.Client:
+		require.NoError(t, fn(ctx, rdb))
+	}
+}
+
+// subscriberConns returns, per node, the number of connections in
+// subscriber mode (CLIENT LIST flag P).
+func subscriberConns(t *testing.T, b redistest.Backend) []int {
+	t.Helper()
+	var mu sync.Mutex
+	var out []int
+	eachNode(t, b, func(ctx context.Context, n *redis.Client) error {
+		list, err := n.ClientList(ctx).Result()
+		count := 0
+		for _, line := range strings.Split(list, "\n") {
+			for _, f := range strings.Fields(line) {
+				if strings.HasPrefix(f, "flags=") && strings.Contains(f, "P") {
+					count++
+				}
+			}
+		}
+		mu.Lock()
+		out = append(out, count)
+		mu.Unlock()
+		return err
+	})
+	return out
+}
+
+// channels returns the subscribed channels (plain and sharded) matching
+// pattern on every node.
+func channels(t *testing.T, b redistest.Backend, pattern string) []string {
+	t.Helper()
+	var mu sync.Mutex
+	var out []string
+	eachNode(t, b, func(ctx context.Context, n *redis.Client) error {
+		plain, err := n.PubSubChannels(ctx, pattern).Result()
+		if err != nil {
+			return err
+		}
+		sharded, err := n.PubSubShardChannels(ctx, pattern).Result()
+		mu.Lock()
+		out = append(append(out, plain...), sharded...)
+		mu.Unlock()
+		return err
+	})
+	return out
+}
+
+// TestOneSubscriberConnection: 200 waiters on 50 locks share one subscriber
+// connection (one per master on a cluster), and no channel stays subscribed
+// once they all left.
+func TestOneSubscriberConnection(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("miniredis has no CLIENT LIST flags or PUBSUB CHANNELS")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		holders, waiters := newClient(t, b), newClient(t, b)
+		base := redistest.UniqueName(t)
+		before := subscriberConns(t, b)
+		var held []*redlatch.Mutex
+		for i := 0; i < 50; i++ {
+			m := holders.Mutex(base + "-" + strconv.Itoa(i))
+			require.NoError(t, m.Lock(ctx))
+			held = append(held, m)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, 200)
+		for i := 0; i < 200; i++ {
+			wg.Add(1)
+			go func(name string) {
+				defer wg.Done()
+				m := waiters.Mutex(name)
+				if err := m.Lock(ctx); err != nil {
+					errs <- err
+					return
+				}
+				errs <- m.Unlock(ctx)
+			}(base + "-" + strconv.Itoa(i%50))
+		}
+		require.Eventually(t, func() bool {
+			return len(channels(t, b, "{"+base+"*")) == 50
+		}, 5*time.Second, 20*time.Millisecond, "every waited-on lock has its channel")
+		after := subscriberConns(t, b)
+		for i := range after {
+			require.LessOrEqual(t, after[i]-before[i], 1, "subscriber connections on node %d", i)
+		}
+		for _, m := range held {
+			require.NoError(t, m.Unlock(ctx))
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		require.Eventually(t, func() bool {
+			return len(channels(t, b, "{"+base+"*")) == 0
+		}, 3*time.Second, 20*time.Millisecond, "channels left subscribed")
+	})
+}
+
+// TestWakeAfterSubscriberKilled: a waiter whose subscriber connection was
+// killed while it waited still wakes promptly on the unlock.
+func TestWakeAfterSubscriberKilled(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("miniredis has no CLIENT KILL TYPE")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Mutex(name, redlatch.WithLease(20*time.Second))
+		require.NoError(t, holder.Lock(ctx))
+		got := make(chan time.Time, 1)
+		waiter := newClient(t, b).Mutex(name)
+		go func() {
+			if err := waiter.Lock(ctx); err == nil {
+				got <- time.Now()
+			}
+		}()
+		require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
+			5*time.Second, 10*time.Millisecond)
+		eachNode(t, b, func(ctx context.Context, n *redis.Client) error {
+			return n.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err()
+		})
+		time.Sleep(300 * time.Millisecond)
+		released := time.Now()
+		require.NoError(t, holder.Unlock(ctx))
+		select {
+		case at := <-got:
+			require.Less(t, at.Sub(released), 1500*time.Millisecond)
+		case <-time.After(5 * time.Second):
+			t.Fatal("waiter did not wake after its subscriber connection was killed")
+		}
+		require.NoError(t, waiter.Unlock(ctx))
+	})
+}
+
+// TestWaiterTakesExpiredLease: a holder that never unlocks (it crashed)
+// publishes nothing; the waiter still takes the lock when the lease ends.
+func TestWaiterTakesExpiredLease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		lease := 500 * time.Millisecond
+		crashed := newClient(t, b).Mutex(name, redlatch.WithLease(lease))
+		require.NoError(t, crashed.Lock(ctx))
+		start := time.Now()
+		waiter := newClient(t, b).Mutex(name)
+		require.NoError(t, waiter.Lock(ctx))
+		require.Less(t, time.Since(start), lease+300*time.Millisecond)
+		require.NoError(t, waiter.Unlock(ctx))
+	})
+}
+
+// TestCancelledWaiterUnsubscribes: a waiter whose ctx ends leaves no
+// subscription behind, and does not swallow a wake-up meant for another.
+func TestCancelledWaiterUnsubscribes(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Mutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		c := newClient(t, b)
+		wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		defer cancel()
+		requireWaitErr(t, c.Mutex(name).Lock(wctx), wctx)
+		if b.Real() {
+			require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 0 },
+				3*time.Second, 10*time.Millisecond, "a cancelled waiter left its subscription")
+		}
+		// Two waiters; the first gives up right after the release: the
+		// second still gets the lock promptly.
+		first, second := c.Mutex(name), c.Mutex(name)
+		fctx, fcancel := context.WithCancel(ctx)
+		firstDone := make(chan error, 1)
+		go func() { firstDone <- first.Lock(fctx) }()
+		time.Sleep(50 * time.Millisecond)
+		secondDone := make(chan time.Time, 1)
+		go func() {
+			if second.Lock(ctx) == nil {
+				secondDone <- time.Now()
+			}
+		}()
+		time.Sleep(100 * time.Millisecond)
+		released := time.Now()
+		require.NoError(t, holder.Unlock(ctx))
+		fcancel()
+		if err := <-firstDone; err == nil {
+			require.NoError(t, first.Unlock(ctx))
+		}
+		select {
+		case at := <-secondDone:
+			require.Less(t, at.Sub(released), time.Second)
+		case <-time.After(5 * time.Second):
+			t.Fatal("second waiter stranded")
+		}
+		require.NoError(t, second.Unlock(ctx))
+	})
+}
