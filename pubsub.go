@@ -124,6 +124,22 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 	}
 }
 
+// joinQueued registers a waiter on channel, without a round trip, when the
+// channel is subscribed and already has local waiters; else it returns nil.
+// A release wakes one of those waiters, and each passes the turn on, so the
+// new waiter needs no attempt of its own before its first sleep.
+func (p *pubsub) joinQueued(channel string) *waiter {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ch := p.chans[channel]
+	if p.closed || ch == nil || !ch.isReady || len(ch.waiters) == 0 {
+		return nil
+	}
+	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1)}
+	ch.waiters = append(ch.waiters, w)
+	return w
+}
+
 // nodeLocked returns the subscriber connection for channel, creating it
 // (and its receive goroutine) on first use.
 func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (*psNode, error) {
@@ -364,6 +380,18 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 			w.leave(woken && !acquired)
 		}
 	}()
+	if block {
+		// Local waiters already queue for this lock: the lock is busy, and
+		// any release wakes one of them. Queue behind them instead of
+		// barging in with an attempt that would fail: it saves a round
+		// trip and keeps local arrivals in order.
+		if w = c.ps.joinQueued(channel); w != nil {
+			var err error
+			if woken, err = w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
+				return false, err
+			}
+		}
+	}
 	for {
 		ok, retry, err := try(ctx)
 		switch {
