@@ -287,12 +287,24 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 		cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
 	}
 	_, _ = pipe.Exec(ctx)
+	// An emptied script cache (restart, SCRIPT FLUSH): load the script once
+	// (on every master) and send the failed batches again, still pipelined.
+	var again []int
+	for i, cmd := range cmds {
+		if isNoScript(cmd.Err()) {
+			again = append(again, i)
+		}
+	}
+	if len(again) > 0 && renewScript.Load(ctx, w.c.rdb).Err() == nil {
+		pipe := w.c.rdb.Pipeline()
+		for _, i := range again {
+			keys, argv := args(batches[i])
+			cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
+		}
+		_, _ = pipe.Exec(ctx)
+	}
 	for i, cmd := range cmds {
 		res, err := cmd.Int64Slice()
-		if err != nil && isNoScript(err) {
-			keys, argv := args(batches[i])
-			res, err = renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
-		}
 		if err != nil {
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
 			continue
@@ -305,6 +317,9 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 // isNoScript reports whether err says the script is not in the server's
 // script cache (after SCRIPT FLUSH or a restart).
 func isNoScript(err error) bool {
+	if err == nil {
+		return false
+	}
 	var re redis.Error
 	return errors.As(err, &re) && strings.HasPrefix(err.Error(), "NOSCRIPT")
 }
