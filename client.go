@@ -53,12 +53,12 @@ func WithKeyPrefix(prefix string) Option {
 // WithWatchdogTimeout sets the lease of holds taken without WithLease.
 // The Client's watchdog renews such holds every d/3 while they are held, so a
 // crashed holder's lock frees at most d after its last renewal. Default: 30s
-// (DefaultWatchdogTimeout). A d ≤ 0 makes every method return an error
+// (DefaultWatchdogTimeout). A d under 3ms makes every method return an error
 // wrapping ErrInvalidArgument.
 func WithWatchdogTimeout(d time.Duration) Option {
 	return func(o *options) {
-		if d <= 0 {
-			o.err = invalidArg("watchdog timeout", "must be positive")
+		if d < 3*time.Millisecond {
+			o.err = invalidArg("watchdog timeout", "must be at least 3ms")
 			return
 		}
 		o.watchdogTimeout = d
@@ -109,8 +109,8 @@ type Client struct {
 	wd *watchdog
 	ps *pubsub
 
-	pubOnce sync.Once
-	pubCmd  string // "PUBLISH", or "SPUBLISH" on a Redis ≥ 7 cluster
+	pubMu  sync.Mutex
+	pubCmd string // "PUBLISH", or "SPUBLISH" on a Redis ≥ 7 cluster; "" until probed
 }
 
 // New returns a Client on rdb, which may be a *redis.Client, a
@@ -204,26 +204,36 @@ func (c *Client) publishCommand(ctx context.Context) string {
 	if c.cluster == nil {
 		return "PUBLISH"
 	}
-	c.pubOnce.Do(func() {
-		c.pubCmd = "PUBLISH"
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		defer cancel()
-		// Sharded pub/sub needs every master at version 7 or later.
-		var mu sync.Mutex
-		major := -1
-		err := c.cluster.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
-			info, err := n.Info(ctx, "server").Result()
-			mu.Lock()
-			defer mu.Unlock()
-			if v := redisMajor(info); err == nil && (major < 0 || v < major) {
-				major = v
-			}
-			return err
-		})
-		if err == nil && major >= 7 {
-			c.pubCmd = "SPUBLISH"
+	c.pubMu.Lock()
+	defer c.pubMu.Unlock()
+	if c.pubCmd != "" {
+		return c.pubCmd
+	}
+	// Sharded pub/sub needs every master at version 7 or later. A failed
+	// probe is not remembered: it is tried again on the next call, so that
+	// one transient error cannot leave this Client publishing where the
+	// others do not listen.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	var mu sync.Mutex
+	major := -1
+	err := c.cluster.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
+		info, err := n.Info(ctx, "server").Result()
+		mu.Lock()
+		defer mu.Unlock()
+		if v := redisMajor(info); err == nil && (major < 0 || v < major) {
+			major = v
 		}
+		return err
 	})
+	switch {
+	case err != nil:
+		return "PUBLISH"
+	case major >= 7:
+		c.pubCmd = "SPUBLISH"
+	default:
+		c.pubCmd = "PUBLISH"
+	}
 	return c.pubCmd
 }
 
@@ -258,14 +268,17 @@ type lockOptions struct {
 // WithLease gives each hold a fixed lease d with no watchdog renewal: the
 // hold ends d after it was taken unless released first, and Lost closes then.
 // Default: a watchdog-renewed lease (see WithWatchdogTimeout). A d ≤ 0 makes
-// the handle's methods return an error wrapping ErrInvalidArgument.
+// the handle's methods return an error wrapping ErrInvalidArgument; a
+// positive d under a millisecond counts as one millisecond.
 func WithLease(d time.Duration) LockOption {
 	return func(o *lockOptions) {
 		if d <= 0 {
 			o.err = invalidArg("lease", "must be positive")
 			return
 		}
-		o.lease = d
+		// Redis counts leases in whole milliseconds; a shorter one would
+		// round to PEXPIRE 0, which deletes the key.
+		o.lease = max(d, time.Millisecond)
 	}
 }
 

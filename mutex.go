@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -46,6 +47,11 @@ type excl struct {
 func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
 	o := newLockOptions(name, opts)
 	e := excl{c: c, name: name, owner: o.owner, reentrant: reentrant, err: o.err}
+	if c != nil && e.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
+		// "{}…" is an empty hash tag: Redis Cluster would hash each key
+		// whole and scatter the lock's keys over several slots.
+		e.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	}
 	if c != nil {
 		tag := c.tag(name)
 		e.key, e.fence, e.channel = tag+":lock", tag+":fence", tag+":wake"

@@ -370,6 +370,7 @@ func TestBadInput(t *testing.T) {
 		{"lease", c.ReentrantMutex("x", redlatch.WithLease(-time.Second))},
 		{"owner", c.Mutex("x", redlatch.WithOwner(""))},
 		{"owner", c.ReentrantMutex("x", redlatch.WithOwner(""))},
+		{"name", c.Mutex("}x")}, // an empty hash tag would scatter the keys over slots
 	}
 	for _, tc := range cases {
 		for _, err := range []error{
@@ -391,6 +392,7 @@ func TestBadInput(t *testing.T) {
 		redlatch.New(nil),
 		redlatch.New((*redis.Client)(nil)),
 		redlatch.New(rdb, redlatch.WithWatchdogTimeout(0)),
+		redlatch.New(rdb, redlatch.WithWatchdogTimeout(time.Nanosecond)),
 		nil,
 	} {
 		err := bad.Mutex("x").Lock(ctx)
@@ -550,6 +552,34 @@ func TestManyNames(t *testing.T) {
 		}
 		for _, m := range ms {
 			require.NoError(t, m.Unlock(ctx))
+			require.NoError(t, m.Unlock(ctx))
+		}
+	})
+}
+
+// TestReentrantSharedHandleConcurrentLock: goroutines sharing one handle
+// lock at the same time; the handle keeps tracking (and renewing) the hold
+// until the last of their Unlocks.
+func TestReentrantSharedHandleConcurrentLock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+		for round := 0; round < 10; round++ {
+			m := c.ReentrantMutex(redistest.UniqueName(t))
+			var wg sync.WaitGroup
+			for g := 0; g < 2; g++ {
+				wg.Add(1)
+				go func() { defer wg.Done(); require.NoError(t, m.Lock(ctx)) }()
+			}
+			wg.Wait()
+			require.NoError(t, m.Unlock(ctx))
+			lost := m.Lost()
+			require.NotNil(t, lost, "round %d: the remaining hold is not tracked", round)
+			time.Sleep(120 * time.Millisecond)
+			requireOpen(t, lost, "remaining hold lost")
+			n, err := m.HoldCount(ctx)
+			require.NoError(t, err)
+			require.Equal(t, 1, n)
 			require.NoError(t, m.Unlock(ctx))
 		}
 	})

@@ -116,7 +116,7 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 	case <-t.C:
 		return w, nil
 	case <-ctx.Done():
-		w.leave(false)
+		w.leave(true)
 		return nil, newWaitError(ctx, nil)
 	case <-p.closing:
 		w.leave(false)
@@ -205,10 +205,10 @@ func (w *waiter) wait(ctx context.Context, bound time.Duration) (bool, error) {
 	}
 }
 
-// leave unregisters the waiter. A wake-up it received but did not use (still
-// pending, or consumed by a wait after which the waiter gave up: passOn) is
-// passed to the next local waiter, so a waiter giving up cannot swallow the
-// wake-up another one needs. The last waiter unsubscribes the channel.
+// leave unregisters the waiter. A waiter leaving without the lock (passOn),
+// or with a wake-up it did not use, wakes the next local waiter, so a waiter
+// giving up can neither swallow a wake-up nor strand a waiter queued behind
+// it. The last waiter unsubscribes the channel.
 func (w *waiter) leave(passOn bool) {
 	p := w.p
 	p.mu.Lock()
@@ -372,12 +372,13 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 // with a fresh bounded context to release whatever that attempt took.
 func (c *Client) acquire(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
 	var w *waiter
-	woken, acquired := false, false
+	acquired := false
 	defer func() {
 		if w != nil {
-			// Woken but leaving without the lock: the wake-up was meant
-			// for someone; pass it on.
-			w.leave(woken && !acquired)
+			// Leaving without the lock: pass the turn on, so that a
+			// waiter queued behind this one (whose own bound may be
+			// longer than the holder's lease) retries now.
+			w.leave(!acquired)
 		}
 	}()
 	if block {
@@ -386,8 +387,7 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 		// barging in with an attempt that would fail: it saves a round
 		// trip and keeps local arrivals in order.
 		if w = c.ps.joinQueued(channel); w != nil {
-			var err error
-			if woken, err = w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
+			if _, err := w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
 				return false, err
 			}
 		}
@@ -407,7 +407,7 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 				return false, err
 			}
 		default:
-			if woken, err = w.wait(ctx, retry); err != nil {
+			if _, err = w.wait(ctx, retry); err != nil {
 				return false, err
 			}
 		}

@@ -222,3 +222,40 @@ func TestCancelledWaiterUnsubscribes(t *testing.T) {
 		require.NoError(t, second.Unlock(ctx))
 	})
 }
+
+// TestQueuedWaiterNotStranded: a crashed holder's lease ends; the waiter
+// that would have retried at that moment gave up; the waiter queued behind
+// it still takes the lock about when the lease ends, not a watchdog period
+// later.
+func TestQueuedWaiterNotStranded(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		lease := time.Second
+		crashed := newClient(t, b).Mutex(name, redlatch.WithLease(lease))
+		require.NoError(t, crashed.Lock(ctx))
+		start := time.Now()
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(15*time.Second))
+		w1ctx, cancel1 := context.WithCancel(ctx)
+		w1done := make(chan error, 1)
+		go func() { w1done <- c.Mutex(name).Lock(w1ctx) }()
+		time.Sleep(100 * time.Millisecond)
+		w2done := make(chan time.Time, 1)
+		w2 := c.Mutex(name)
+		go func() {
+			if w2.Lock(ctx) == nil {
+				w2done <- time.Now()
+			}
+		}()
+		time.Sleep(100 * time.Millisecond)
+		cancel1()
+		require.Error(t, <-w1done)
+		select {
+		case at := <-w2done:
+			require.Less(t, at.Sub(start), lease+500*time.Millisecond)
+		case <-time.After(10 * time.Second):
+			t.Fatal("queued waiter stranded")
+		}
+		require.NoError(t, w2.Unlock(ctx))
+	})
+}

@@ -58,14 +58,18 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if count == 1 || m.h == nil || m.h.isLost() {
-		// A new hold: the first of the owner, or a fresh one after this
-		// handle's previous hold was lost.
+	if m.h == nil || m.h.isLost() {
+		// A new hold for this handle: its first, or a fresh one after its
+		// previous hold was lost. (count may exceed 1 when another handle of
+		// the same owner, or a concurrent Lock on this one, holds it too;
+		// each tracks the hold it took.)
 		m.e.c.wd.remove(m.h)
 		m.h, m.n = m.e.track(sent), 0
 	}
 	m.n++
-	m.token = token
+	if count == 1 || m.token == 0 {
+		m.token = token
+	}
 	return true, nil
 }
 
@@ -87,14 +91,16 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.h != h {
-		// A concurrent Lock replaced the hold; leave it alone.
+	if m.h != h || h == nil {
+		// Nothing tracked here, or a concurrent Lock replaced the hold:
+		// leave the handle's state alone.
 		h = nil
-	}
-	if m.n > 0 {
+	} else if m.n > 0 {
 		m.n--
 	}
-	if n > 0 && m.n > 0 && err == nil {
+	if h != nil && m.n > 0 && (n > 0 || err != nil) {
+		// Still held (or unknown after an error, with holds left here):
+		// keep renewing.
 		m.e.c.wd.setReleasing(h, false)
 	} else if h != nil {
 		// Released, not held, or unknown (an error): this handle's hold

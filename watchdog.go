@@ -143,6 +143,9 @@ func (w *watchdog) setReleasing(h *hold, v bool) {
 	}
 	w.mu.Lock()
 	h.releasing = v
+	if !v && !h.done {
+		w.scheduleLocked(h.deadline) // expire skipped it while releasing
+	}
 	w.mu.Unlock()
 }
 
@@ -192,6 +195,9 @@ func (w *watchdog) expire() {
 	now := time.Now()
 	var next time.Time
 	for h := range w.holds {
+		if h.releasing {
+			continue // its Unlock's reply decides
+		}
 		if !now.Before(h.deadline) {
 			w.loseLocked(h, "lease ran out before it was renewed")
 		} else if next.IsZero() || h.deadline.Before(next) {
