@@ -39,6 +39,7 @@ type hold struct {
 	// the lease. Redis cannot have expired the key before it.
 	deadline  time.Time
 	releasing bool // an unlock is in flight: renew no more, ignore renew replies
+	renewing  bool // in a renewal batch being sent: remove waits for it
 	done      bool // released or lost: no longer tracked
 	lost      chan struct{}
 }
@@ -75,6 +76,7 @@ type watchdog struct {
 	period time.Duration // renewal period: watchdog timeout / 3
 
 	mu       sync.Mutex
+	renewed  *sync.Cond // on mu: signalled when a renewal batch is done
 	holds    map[*hold]struct{}
 	expiry   *time.Timer // fires at expiryAt, the earliest deadline
 	expiryAt time.Time
@@ -84,12 +86,14 @@ type watchdog struct {
 }
 
 func newWatchdog(c *Client) *watchdog {
-	return &watchdog{
+	w := &watchdog{
 		c:      c,
 		period: c.opts.watchdogTimeout / 3,
 		holds:  make(map[*hold]struct{}),
 		done:   make(chan struct{}),
 	}
+	w.renewed = sync.NewCond(&w.mu)
+	return w
 }
 
 func (w *watchdog) start() {
@@ -150,13 +154,17 @@ func (w *watchdog) setReleasing(h *hold, v bool) {
 }
 
 // remove stops tracking a released hold. No renewal for it is sent after
-// remove returns. It reports whether the hold had been lost.
+// remove returns: if a renewal batch holding it is being sent, remove waits
+// for that batch to finish. It reports whether the hold had been lost.
 func (w *watchdog) remove(h *hold) (lost bool) {
 	if h == nil {
 		return false
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	for h.renewing {
+		w.renewed.Wait()
+	}
 	delete(w.holds, h)
 	h.done = true
 	return h.isLost()
@@ -219,6 +227,7 @@ func (w *watchdog) renewAll() {
 		if !h.renew || h.releasing {
 			continue
 		}
+		h.renewing = true
 		slot := 0
 		if w.c.cluster != nil {
 			slot = keySlot(h.key)
@@ -245,6 +254,12 @@ func (w *watchdog) renewAll() {
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	defer w.renewed.Broadcast()
+	for _, batch := range batches {
+		for _, h := range batch {
+			h.renewing = false
+		}
+	}
 	for i, batch := range batches {
 		res := results[i]
 		if res == nil {
