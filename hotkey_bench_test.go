@@ -5,9 +5,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,17 +14,6 @@ import (
 	"github.com/redlatch/redlatch"
 	"github.com/redlatch/redlatch/internal/redistest"
 )
-
-// rtHook counts the requests a Redis client sends (a pipeline counts once).
-type rtHook struct{ n atomic.Int64 }
-
-func (h *rtHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *rtHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
-}
-func (h *rtHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
-}
 
 type lockUnlock struct {
 	lock   func(ctx context.Context) error
@@ -55,29 +42,6 @@ func pollingLock(rdb redis.UniversalClient, key string, minSleep, maxSleep time.
 			return casDelete.Run(ctx, rdb, []string{key}, owner).Err()
 		},
 	}
-}
-
-// infoFields sums numeric INFO fields by name, e.g. "used_cpu_user" or
-// "cmdstat_subscribe.calls".
-func infoFields(rdb redis.UniversalClient) map[string]float64 {
-	out := map[string]float64{}
-	s, _ := rdb.Info(context.Background(), "cpu", "commandstats").Result()
-	for _, line := range strings.Split(s, "\n") {
-		k, v, ok := strings.Cut(strings.TrimSpace(line), ":")
-		if !ok {
-			continue
-		}
-		if strings.HasPrefix(k, "cmdstat_") {
-			_, rest, _ := strings.Cut(v, "calls=")
-			n, _ := strconv.ParseFloat(strings.SplitN(rest, ",", 2)[0], 64)
-			out[k+".calls"] = n
-			continue
-		}
-		if f, err := strconv.ParseFloat(v, 64); err == nil {
-			out[k] = f
-		}
-	}
-	return out
 }
 
 // BenchmarkHotKey: one hot key, 16 goroutines over 2 Clients, empty
@@ -127,11 +91,11 @@ func hotKey(b *testing.B, be redistest.Backend, mk func(*redlatch.Client, redis.
 	duration := 2 * time.Second
 	ctx := context.Background()
 	key := redistest.UniqueName(b)
-	hooks := make([]*rtHook, clients)
+	hooks := make([]*redistest.RequestCounter, clients)
 	rdbs := make([]redis.UniversalClient, clients)
 	cs := make([]*redlatch.Client, clients)
 	for i := range cs {
-		hooks[i] = &rtHook{}
+		hooks[i] = &redistest.RequestCounter{}
 		rdbs[i] = be.Client(b)
 		rdbs[i].AddHook(hooks[i])
 		cs[i] = redlatch.New(rdbs[i])
@@ -153,9 +117,9 @@ func hotKey(b *testing.B, be redistest.Backend, mk func(*redlatch.Client, redis.
 		waits  []time.Duration
 		counts = make([]int, goroutines)
 	)
-	before := infoFields(stats)
+	before := redistest.InfoStats(stats)
 	for _, h := range hooks {
-		h.n.Store(0)
+		h.N.Store(0)
 	}
 	start := time.Now()
 	deadline := start.Add(duration)
@@ -187,7 +151,7 @@ func hotKey(b *testing.B, be redistest.Backend, mk func(*redlatch.Client, redis.
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
-	after := infoFields(stats)
+	after := redistest.InfoStats(stats)
 
 	n := float64(len(recs))
 	var handoffs []time.Duration
@@ -211,7 +175,7 @@ func hotKey(b *testing.B, be redistest.Backend, mk func(*redlatch.Client, redis.
 	}
 	var rt int64
 	for _, h := range hooks {
-		rt += h.n.Load()
+		rt += h.N.Load()
 	}
 	subs := 0.0
 	for _, k := range []string{"subscribe", "unsubscribe", "ssubscribe", "sunsubscribe"} {

@@ -3,8 +3,6 @@ package redlatch
 import (
 	"context"
 	"strconv"
-	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,32 +11,10 @@ import (
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
-type requestCounter struct{ n atomic.Int64 }
-
-func (h *requestCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *requestCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
-}
-func (h *requestCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
-}
-
-// serverStats returns EVALSHA+EVAL calls and used CPU seconds of a server.
-func serverStats(rdb redis.UniversalClient) (calls, cpu float64) {
-	s, _ := rdb.Info(context.Background(), "cpu", "commandstats").Result()
-	for _, line := range strings.Split(s, "\n") {
-		k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
-		switch {
-		case k == "cmdstat_evalsha" || k == "cmdstat_eval":
-			_, rest, _ := strings.Cut(v, "calls=")
-			n, _ := strconv.ParseFloat(strings.SplitN(rest, ",", 2)[0], 64)
-			calls += n
-		case k == "used_cpu_user" || k == "used_cpu_sys":
-			f, _ := strconv.ParseFloat(v, 64)
-			cpu += f
-		}
-	}
-	return calls, cpu
+// scriptStats returns EVALSHA+EVAL calls and used CPU seconds of a server.
+func scriptStats(rdb redis.UniversalClient) (calls, cpu float64) {
+	st := redistest.InfoStats(rdb)
+	return st["cmdstat_evalsha.calls"] + st["cmdstat_eval.calls"], st["used_cpu_user"] + st["used_cpu_sys"]
 }
 
 // BenchmarkRenewal10k measures one watchdog renewal period with 10,000 held
@@ -58,7 +34,7 @@ func BenchmarkRenewal10k(b *testing.B) {
 	}
 	ctx := context.Background()
 	rdb := be.Server.Client(b)
-	counter := &requestCounter{}
+	counter := &redistest.RequestCounter{}
 	rdb.AddHook(counter)
 	c := New(rdb, WithWatchdogTimeout(time.Hour)) // the ticker stays out of the way
 	defer c.Close()
@@ -75,16 +51,16 @@ func BenchmarkRenewal10k(b *testing.B) {
 		b.Fatal(err)
 	}
 	stats := be.Server.Client(b)
-	calls0, cpu0 := serverStats(stats)
-	counter.n.Store(0)
+	calls0, cpu0 := scriptStats(stats)
+	counter.N.Store(0)
 	b.ResetTimer()
 	for b.Loop() {
 		c.wd.renewAll()
 	}
 	b.StopTimer()
-	calls1, cpu1 := serverStats(stats)
+	calls1, cpu1 := scriptStats(stats)
 	n := float64(b.N)
-	b.ReportMetric(float64(counter.n.Load())/n, "round-trips/period")
+	b.ReportMetric(float64(counter.N.Load())/n, "round-trips/period")
 	b.ReportMetric((calls1-calls0)/n, "script-calls/period")
 	b.ReportMetric((cpu1-cpu0)*1e3/n, "redis-cpu-ms/period")
 	c.wd.mu.Lock()
