@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -35,25 +34,6 @@ func ctxT(t testing.TB, d time.Duration) context.Context {
 
 // lockKey is the documented layout of an exclusive lock's hash.
 func lockKey(name string) string { return "{" + name + "}:lock" }
-
-// countingHook counts the commands a Redis client sends, by name.
-type countingHook struct{ n map[string]int }
-
-func (h *countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		h.n[cmd.Name()]++
-		return next(ctx, cmd)
-	}
-}
-func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		for _, c := range cmds {
-			h.n[c.Name()]++
-		}
-		return next(ctx, cmds)
-	}
-}
 
 func requireWaitErr(t *testing.T, err error, ctx context.Context) {
 	t.Helper()

@@ -352,7 +352,7 @@ func TestCloseWakesWaiters(t *testing.T) {
 // TestBadInput: bad arguments are reported, name the argument, never panic
 // and never reach Redis.
 func TestBadInput(t *testing.T) {
-	hook := &countingHook{n: map[string]int{}}
+	hook := &redistest.RequestCounter{}
 	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}) // nothing listens there
 	rdb.AddHook(hook)
 	t.Cleanup(func() { _ = rdb.Close() })
@@ -401,7 +401,7 @@ func TestBadInput(t *testing.T) {
 			require.NoError(t, bad.Close())
 		}
 	}
-	require.Empty(t, hook.n, "bad input reached Redis")
+	require.Zero(t, hook.N.Load(), "bad input reached Redis")
 }
 
 func second[T any](_ T, err error) error { return err }

@@ -8,33 +8,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
-// eachNode runs fn on every node of a real backend (every master of a cluster).
-func eachNode(t *testing.T, b redistest.Backend, fn func(ctx context.Context, n *redis.Client) error) {
-	t.Helper()
-	ctx := context.Background()
-	switch rdb := b.Client(t).(type) {
-	case *redis.ClusterClient:
-		require.NoError(t, rdb.ForEachMaster(ctx, fn))
-	case *redis.Client:
-		require.NoError(t, fn(ctx, rdb))
-	}
-}
-
 // subscriberConns returns, per node, the number of connections in
 // subscriber mode (CLIENT LIST flag P).
 func subscriberConns(t *testing.T, b redistest.Backend) []int {
 	t.Helper()
-	var mu sync.Mutex
 	var out []int
-	eachNode(t, b, func(ctx context.Context, n *redis.Client) error {
-		list, err := n.ClientList(ctx).Result()
+	for _, n := range b.NodeClients(t) {
+		list, err := n.ClientList(context.Background()).Result()
+		require.NoError(t, err)
 		count := 0
 		for _, line := range strings.Split(list, "\n") {
 			for _, f := range strings.Fields(line) {
@@ -43,11 +30,8 @@ func subscriberConns(t *testing.T, b redistest.Backend) []int {
 				}
 			}
 		}
-		mu.Lock()
 		out = append(out, count)
-		mu.Unlock()
-		return err
-	})
+	}
 	return out
 }
 
@@ -55,19 +39,15 @@ func subscriberConns(t *testing.T, b redistest.Backend) []int {
 // pattern on every node.
 func channels(t *testing.T, b redistest.Backend, pattern string) []string {
 	t.Helper()
-	var mu sync.Mutex
+	ctx := context.Background()
 	var out []string
-	eachNode(t, b, func(ctx context.Context, n *redis.Client) error {
+	for _, n := range b.NodeClients(t) {
 		plain, err := n.PubSubChannels(ctx, pattern).Result()
-		if err != nil {
-			return err
-		}
+		require.NoError(t, err)
 		sharded, err := n.PubSubShardChannels(ctx, pattern).Result()
-		mu.Lock()
+		require.NoError(t, err)
 		out = append(append(out, plain...), sharded...)
-		mu.Unlock()
-		return err
-	})
+	}
 	return out
 }
 
@@ -144,9 +124,9 @@ func TestWakeAfterSubscriberKilled(t *testing.T) {
 		}()
 		require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
 			5*time.Second, 10*time.Millisecond)
-		eachNode(t, b, func(ctx context.Context, n *redis.Client) error {
-			return n.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err()
-		})
+		for _, n := range b.NodeClients(t) {
+			require.NoError(t, n.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err())
+		}
 		time.Sleep(300 * time.Millisecond)
 		released := time.Now()
 		require.NoError(t, holder.Unlock(ctx))

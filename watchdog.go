@@ -44,7 +44,7 @@ type hold struct {
 	lost      chan struct{}
 }
 
-// Lost returns the channel closed when the hold is lost.
+// lostChan returns the channel closed when the hold is lost; nil for no hold.
 func (h *hold) lostChan() <-chan struct{} {
 	if h == nil {
 		return nil

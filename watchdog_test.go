@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -281,41 +280,12 @@ func TestRenewalBatched(t *testing.T) {
 // scriptCalls sums EVAL and EVALSHA calls over every node's commandstats.
 func scriptCalls(t *testing.T, b redistest.Backend) int64 {
 	t.Helper()
-	var total int64
-	for _, info := range infoAll(t, b, "commandstats") {
-		for _, line := range strings.Split(info, "\n") {
-			if !strings.HasPrefix(line, "cmdstat_evalsha:") && !strings.HasPrefix(line, "cmdstat_eval:") {
-				continue
-			}
-			_, rest, _ := strings.Cut(line, "calls=")
-			n, _ := strconv.ParseInt(strings.SplitN(rest, ",", 2)[0], 10, 64)
-			total += n
-		}
+	var total float64
+	for _, n := range b.NodeClients(t) {
+		st := redistest.InfoStats(n)
+		total += st["cmdstat_evalsha.calls"] + st["cmdstat_eval.calls"]
 	}
-	return total
-}
-
-// infoAll returns INFO section of every node of b.
-func infoAll(t *testing.T, b redistest.Backend, section string) []string {
-	t.Helper()
-	ctx := context.Background()
-	var out []string
-	switch rdb := b.Client(t).(type) {
-	case *redis.ClusterClient:
-		var mu sync.Mutex
-		require.NoError(t, rdb.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
-			s, err := n.Info(ctx, section).Result()
-			mu.Lock()
-			out = append(out, s)
-			mu.Unlock()
-			return err
-		}))
-	default:
-		s, err := rdb.Info(ctx, section).Result()
-		require.NoError(t, err)
-		out = append(out, s)
-	}
-	return out
+	return int64(total)
 }
 
 // TestGoroutinesFlat: holding and renewing many locks starts no goroutine

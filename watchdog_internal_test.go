@@ -1,0 +1,47 @@
+package redlatch
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// TestRenewSortedSetHold: the watchdog renews sorted-set entries (the kind
+// that permits, read holds and queue places use) by moving their expiry score
+// and keeping the key's TTL, and reports the hold lost once the entry is gone.
+func TestRenewSortedSetHold(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := context.Background()
+		rdb := b.Client(t)
+		c := New(rdb, WithWatchdogTimeout(300*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		key := "{" + redistest.UniqueName(t) + "}:permits"
+		require.NoError(t, rdb.ZAdd(ctx, key, redisZ(1, "holder-1")).Err())
+		require.NoError(t, rdb.PExpire(ctx, key, 300*time.Millisecond).Err())
+		h := c.wd.add("permits", key, 'z', "holder-1", 300*time.Millisecond, true, time.Now())
+
+		time.Sleep(700 * time.Millisecond) // two leases: only renewal keeps it
+		score, err := rdb.ZScore(ctx, key, "holder-1").Result()
+		require.NoError(t, err)
+		require.Greater(t, score, float64(time.Now().UnixMilli()), "expiry score not moved ahead")
+		ttl, err := rdb.PTTL(ctx, key).Result()
+		require.NoError(t, err)
+		require.Positive(t, ttl)
+		require.False(t, h.isLost())
+
+		require.NoError(t, rdb.ZRem(ctx, key, "holder-1").Err())
+		select {
+		case <-h.lostChan():
+		case <-time.After(time.Second):
+			t.Fatal("a vanished entry was not reported lost")
+		}
+		c.wd.remove(h)
+	})
+}
+
+func redisZ(score float64, member string) redis.Z { return redis.Z{Score: score, Member: member} }
