@@ -16,9 +16,16 @@ const (
 	wakeAll = "a" // wake every local waiter (a latch opened, a writer left)
 )
 
-// healthInterval is how long the subscriber reads without a message before
-// it pings the server to check the connection.
-const healthInterval = 5 * time.Second
+// maxHealthInterval is the longest the subscriber reads without a message
+// before it pings the server to check the connection; a Client with a
+// watchdog timeout under 15s checks every third of it instead.
+const maxHealthInterval = 5 * time.Second
+
+// healthInterval returns how long the subscriber waits for a message before
+// it pings, and then for the reply before it gives the connection up.
+func (p *pubsub) healthInterval() time.Duration {
+	return min(maxHealthInterval, p.c.opts.watchdogTimeout/3)
+}
 
 // pubsub multiplexes the wake-ups of every waiter of a Client over one
 // subscriber connection per Redis node (one in all, except on a Redis ≥ 7
@@ -261,17 +268,30 @@ func (p *pubsub) receive(n *psNode) {
 	defer p.wg.Done()
 	ctx := p.c.ctx
 	backoff := 10 * time.Millisecond
+	pinged := false // a ping is unanswered
 	for {
-		msg, err := n.ps.ReceiveTimeout(ctx, healthInterval)
+		msg, err := n.ps.ReceiveTimeout(ctx, p.healthInterval())
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				_ = n.ps.Ping(ctx) // the next read sees the reply, or a broken connection
-				continue
+				if !pinged {
+					// The next read sees the reply, or a broken connection.
+					pinged = true
+					_ = n.ps.Ping(ctx)
+					continue
+				}
+				// No reply to the ping for a whole interval: the connection
+				// is half-open (the server's host died, or a partition
+				// swallowed its close), and TCP may take many minutes to
+				// notice. Drop it: go-redis reconnects, subscribes again,
+				// and the confirmations wake every waiter to retry.
+				p.c.opts.logger.Debug("redlatch: subscriber connection unresponsive; reconnecting")
+				dropConnection(ctx, n.ps)
 			}
+			pinged = false
 			// The connection broke; go-redis reconnects and subscribes
 			// again on the next read. Pending confirmations are gone.
 			p.mu.Lock()
@@ -286,7 +306,7 @@ func (p *pubsub) receive(n *psNode) {
 			backoff = min(2*backoff, time.Second)
 			continue
 		}
-		backoff = 10 * time.Millisecond
+		backoff, pinged = 10*time.Millisecond, false
 		switch m := msg.(type) {
 		case *redis.Subscription:
 			p.confirm(n, m)
@@ -294,6 +314,17 @@ func (p *pubsub) receive(n *psNode) {
 			p.dispatch(m.Channel, m.Payload)
 		}
 	}
+}
+
+// dropConnection makes go-redis close ps's connection and reconnect. Its
+// only public trigger is a failed write: a ping written under a deadline
+// already past fails at once, and go-redis then drops the connection (it
+// treats any non-read-timeout failure as a bad connection) and dials a new
+// one, re-subscribing every channel, at the next read at the latest.
+func dropConnection(ctx context.Context, ps *redis.PubSub) {
+	past, cancel := context.WithDeadline(ctx, time.Now().Add(-time.Second))
+	defer cancel()
+	_ = ps.Ping(past)
 }
 
 // confirm handles a (un)subscribe confirmation. The first confirmation of a

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -237,5 +238,51 @@ func TestQueuedWaiterNotStranded(t *testing.T) {
 			t.Fatal("queued waiter stranded")
 		}
 		require.NoError(t, w2.Unlock(ctx))
+	})
+}
+
+// TestWakeAfterSubscriberHalfOpen: the waiter's subscriber connection goes
+// silent in both directions without being closed (its peer host died, or a
+// partition swallowed the close), and the unlock's message is lost in it.
+// The subscriber's unanswered health ping drops the connection, subscribes
+// again, and the waiter retries: it takes the lock within about two health
+// intervals (a third of the watchdog timeout each), not after the holder's
+// 60s lease.
+func TestWakeAfterSubscriberHalfOpen(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Server == nil {
+			t.Skip("single real server only: the proxy fronts one address")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
+		require.NoError(t, holder.Lock(ctx))
+
+		proxy := redistest.NewProxy(t, b.Server.Addr)
+		opts := b.Server.Options()
+		opts.Addr = proxy.Addr
+		rdb := redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		wc := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
+		t.Cleanup(func() { _ = wc.Close() })
+		waiter := wc.Mutex(name)
+		got := make(chan time.Time, 1)
+		go func() {
+			if err := waiter.Lock(ctx); err == nil {
+				got <- time.Now()
+			}
+		}()
+		require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
+			5*time.Second, 10*time.Millisecond)
+		require.Positive(t, proxy.Freeze())
+		released := time.Now()
+		require.NoError(t, holder.Unlock(ctx))
+		select {
+		case at := <-got:
+			require.Less(t, at.Sub(released), 6*time.Second)
+		case <-time.After(20 * time.Second):
+			t.Fatal("waiter stranded on a half-open subscriber connection")
+		}
+		require.NoError(t, waiter.Unlock(ctx))
 	})
 }
