@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -154,4 +155,29 @@ func TestLatchLostWakeup(t *testing.T) {
 			t.Fatal("the waiter did not notice the open latch")
 		}
 	})
+}
+
+func ExampleCountDownLatch() {
+	rdb, done := exampleRedis()
+	defer done()
+	ctx := context.Background()
+	client := redlatch.New(rdb)
+	defer client.Close()
+
+	latch := client.CountDownLatch("warm-up")
+	ok, _ := latch.TrySetCount(ctx, 2)
+	fmt.Println("set:", ok)
+
+	waited := make(chan error)
+	go func() { waited <- client.CountDownLatch("warm-up").Wait(ctx) }()
+
+	_ = latch.CountDown(ctx)
+	n, _ := latch.Count(ctx)
+	fmt.Println("count:", n)
+	_ = latch.CountDown(ctx)
+	fmt.Println("waiter:", <-waited)
+	// Output:
+	// set: true
+	// count: 1
+	// waiter: <nil>
 }

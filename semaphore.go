@@ -163,7 +163,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	undo := func(ctx context.Context) {
 		_, _ = s.releaseRecords(ctx, []string{member}, "", "")
 	}
-	ok, err := s.c.await(ctx, s.channel, block, try, undo)
+	ok, err := s.c.acquireUnqueued(ctx, s.channel, block, try, undo)
 	if !ok {
 		return false, err
 	}
@@ -288,15 +288,15 @@ func (s *Semaphore) Available(ctx context.Context) (int64, error) {
 	return max(s.size-used, 0), nil
 }
 
-// await runs try until it succeeds, sleeping between attempts until a
-// wake-up on channel or the retry bound; with block false it makes a single
-// attempt. Unlike Client.acquire it never queues behind local waiters
+// acquireUnqueued runs try until it succeeds, sleeping between attempts
+// until a wake-up on channel or the retry bound; with block false it makes a
+// single attempt. Unlike Client.acquire it never queues behind local waiters
 // without an attempt of its own: a semaphore or latch may admit a newcomer
 // while older waiters still wait. The waiter joins the channel before its
 // second attempt, so no wake-up after the first failed attempt goes
 // unnoticed. When an attempt fails without a reply from Redis, undo (if not
 // nil) releases whatever it may have taken.
-func (c *Client) await(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
+func (c *Client) acquireUnqueued(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
 	var w *waiter
 	defer func() {
 		if w != nil {

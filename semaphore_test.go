@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -238,7 +239,7 @@ func TestSemaphoreRenewed(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
 		name := redistest.UniqueName(t)
-		const lease = 300 * time.Millisecond
+		const lease = 600 * time.Millisecond
 		holder := newClient(t, b, redlatch.WithWatchdogTimeout(lease)).Semaphore(name, 3)
 		other := newClient(t, b).Semaphore(name, 3)
 		require.NoError(t, holder.Acquire(ctx, 2))
@@ -329,4 +330,32 @@ func TestSemaphoreExpiredNotReleased(t *testing.T) {
 		require.NoError(t, other.Release(ctx, 1))
 		requireNoKey(t, ctx, b, semKey(name))
 	})
+}
+
+func ExampleSemaphore() {
+	rdb, done := exampleRedis()
+	defer done()
+	ctx := context.Background()
+	client := redlatch.New(rdb)
+	defer client.Close()
+
+	sem := client.Semaphore("partner-api", 3)
+	if err := sem.Acquire(ctx, 2); err != nil {
+		fmt.Println(err)
+		return
+	}
+	free, _ := sem.Available(ctx)
+	fmt.Println("free:", free)
+
+	// Another handle (another process) cannot take 2 more.
+	ok, _ := client.Semaphore("partner-api", 3).TryAcquire(ctx, 2)
+	fmt.Println("other got 2:", ok)
+
+	fmt.Println(sem.Release(ctx, 2))
+	fmt.Println(sem.Release(ctx, 1))
+	// Output:
+	// free: 1
+	// other got 2: false
+	// <nil>
+	// redlatch: not held
 }
