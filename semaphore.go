@@ -26,6 +26,11 @@ var (
 	semAvailableScript = redis.NewScript(semPreludeLua + semAvailableLua)
 )
 
+// semReleaseMemory is how long a permit set remembers a Release, so that a
+// retry of it (after a lost reply) is recognised. It is longer than go-redis
+// retries a command.
+const semReleaseMemory = 10 * time.Second
+
 // Semaphore is a distributed counting semaphore whose permits are leased.
 //
 // At most size permits are held at once, over every handle of every process
@@ -67,9 +72,10 @@ type Semaphore struct {
 	renew   bool
 	err     error
 
-	relMu sync.Mutex // serializes Release: one record set change at a time
-	mu    sync.Mutex
-	recs  []*permitRecord // live acquisitions of this handle, oldest first
+	relMu   sync.Mutex // serializes Release: one record set change at a time
+	lastRel string     // request id of the previous Release; on relMu
+	mu      sync.Mutex
+	recs    []*permitRecord // live acquisitions of this handle, oldest first
 }
 
 // permitRecord is one acquisition held by a handle: its member in the permit
@@ -161,7 +167,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 		return false, s.c.retryBound(res[1]), nil
 	}
 	undo := func(ctx context.Context) {
-		_, _ = s.releaseRecords(ctx, []string{member}, "", "")
+		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
 	}
 	ok, err := s.c.acquireUnqueued(ctx, s.channel, block, try, undo)
 	if !ok {
@@ -236,7 +242,9 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep}
 		oldShrink, newShrink = shrink.member, kept.member
 	}
-	freed, err := s.releaseRecords(ctx, members, oldShrink, newShrink)
+	req := newID()
+	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink)
+	s.lastRel = req
 	for _, r := range whole {
 		s.c.wd.remove(r.h)
 	}
@@ -262,12 +270,14 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	return nil
 }
 
-// releaseRecords runs the release script: removes the records whole, and
-// shrinks the record shrink (when not "") into the record kept, which names
-// the permits it keeps. It returns the number of permits returned.
-func (s *Semaphore) releaseRecords(ctx context.Context, whole []string, shrink, kept string) (int64, error) {
-	args := make([]any, 0, 3+len(whole))
-	args = append(args, s.c.publishCommand(ctx), shrink, kept)
+// releaseRecords runs the release script as request req (prev: the
+// handle's previous release request, whose memory it replaces): it removes
+// the records whole, and shrinks the record shrink (when not "") into the
+// record kept, which names the permits it keeps. It returns the number of
+// permits returned.
+func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole []string, shrink, kept string) (int64, error) {
+	args := make([]any, 0, 6+len(whole))
+	args = append(args, s.c.publishCommand(ctx), req, prev, semReleaseMemory.Milliseconds(), shrink, kept)
 	for _, m := range whole {
 		args = append(args, m)
 	}

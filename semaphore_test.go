@@ -359,3 +359,55 @@ func ExampleSemaphore() {
 	// <nil>
 	// redlatch: not held
 }
+
+// TestSemaphoreLostReplies: a retried acquire or release whose first reply
+// was lost counts once, and an acquire whose reply never arrived takes no
+// permit.
+func TestSemaphoreLostReplies(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &lossyHook{match: scriptWith(semKey(name)), retry: true}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		s, other := c.Semaphore(name, 6), c.Semaphore(name, 6)
+		require.NoError(t, other.Acquire(ctx, 1))
+
+		hook.armed.Store(true) // the acquire runs twice on the server
+		require.NoError(t, s.Acquire(ctx, 3))
+		requireAvailable(t, ctx, other, 2)
+		hook.armed.Store(true)
+		ok, err := s.TryAcquire(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok)
+		requireAvailable(t, ctx, other, 1)
+
+		hook.armed.Store(true) // a whole-record release runs twice
+		require.NoError(t, s.Release(ctx, 1))
+		requireAvailable(t, ctx, other, 2)
+		hook.armed.Store(true) // a shrinking release runs twice
+		require.NoError(t, s.Release(ctx, 2))
+		requireAvailable(t, ctx, other, 4)
+		require.NoError(t, other.Release(ctx, 1))
+		hook.armed.Store(true) // the final release runs twice
+		require.NoError(t, s.Release(ctx, 1))
+		requireAvailable(t, ctx, other, 6)
+		requireNoKey(t, ctx, b, semKey(name))
+
+		// The reply never arrives: the caller gets an error, and the permits
+		// the server granted are returned.
+		hook.retry = false
+		hook.armed.Store(true)
+		ok, err = s.TryAcquire(ctx, 2)
+		require.Error(t, err)
+		require.False(t, ok)
+		requireAvailable(t, ctx, other, 6)
+		hook.armed.Store(true)
+		require.Error(t, s.Acquire(ctx, 2))
+		requireAvailable(t, ctx, other, 6)
+		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}

@@ -8,9 +8,11 @@
 --                             of <owner>; score = its expiry, server ms.
 --                             The watchdog renews it like any 'z' hold (see
 --                             renew.lua): ZADD now+lease.
--- Records score above 0, '#' at 0 or below, so score ranges tell them apart.
--- The set's TTL is kept at least the longest live lease, and the set is
--- deleted when no record is left.
+--   '~<request>'              a release remembered until its score, server
+--                             ms, for retries (see sem_release.lua)
+-- Records and remembered releases score above 0, '#' at 0 or below, so
+-- score ranges tell them apart. The set's TTL is kept at least the longest
+-- live lease, and the set is deleted when no permit is in use.
 
 -- sem_now returns the server clock in ms.
 local function sem_now()
@@ -39,10 +41,10 @@ local function sem_reclaim(key, now)
 end
 
 -- sem_store writes the permits in use and keeps the set alive as long as its
--- longest live record, or deletes the set when no record is left.
+-- longest live member, or deletes the set when no permit is in use.
 local function sem_store(key, used, now)
   local last = redis.call('ZREVRANGEBYSCORE', key, '+inf', '(' .. now, 'WITHSCORES', 'LIMIT', 0, 1)
-  if not last[2] then
+  if not last[2] or used <= 0 then
     redis.call('DEL', key)
     return
   end
