@@ -1,0 +1,134 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var (
+	//go:embed lua/latch_countdown.lua
+	latchCountDownLua string
+
+	latchCountDownScript = redis.NewScript(latchCountDownLua)
+)
+
+// CountDownLatch is a distributed countdown latch: TrySetCount starts a
+// count, CountDown decrements it, and Wait blocks until it reaches zero.
+// When it does, every waiter of every process is woken by pub/sub and the
+// latch's key is deleted, so the latch can be counted again with a new
+// TrySetCount.
+//
+// A latch that was never set, or has finished, has count 0: Wait returns at
+// once. Set the count before the waiters start waiting.
+//
+// Waiters sleep until the wake-up of the final CountDown, and check the
+// count again at least every watchdog period (WithWatchdogTimeout / 3, 10s
+// by default) and whenever the subscriber reconnects: so a lost wake-up
+// delays a waiter by at most one watchdog period.
+//
+// A running count has no expiry: a latch whose counters crash stays set
+// until counted down or deleted. CountDown is not idempotent: a call that
+// Redis ran but whose reply was lost, and which go-redis retried, counts
+// down twice.
+//
+// Keys: the count "{prefix+name}:latch", a string; wake-ups on the channel
+// "{prefix+name}:latch:wake".
+type CountDownLatch struct {
+	c       *Client
+	key     string
+	channel string
+	err     error
+}
+
+// CountDownLatch returns a handle on the latch called name. It does not
+// talk to Redis. An empty name is reported by the handle's methods as an
+// error wrapping ErrInvalidArgument.
+func (c *Client) CountDownLatch(name string) *CountDownLatch {
+	l := &CountDownLatch{c: c}
+	switch {
+	case name == "":
+		l.err = invalidArg("name", "is empty")
+	case c != nil && strings.HasPrefix(c.opts.prefix+name, "}"):
+		l.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	}
+	if c != nil {
+		tag := c.tag(name)
+		l.key, l.channel = tag+":latch", tag+":latch:wake"
+	}
+	return l
+}
+
+// check returns the error of bad input or a closed Client.
+func (l *CountDownLatch) check() error {
+	if l == nil {
+		return invalidArg("latch", "is nil")
+	}
+	if err := l.c.check(); err != nil {
+		return err
+	}
+	return l.err
+}
+
+// TrySetCount sets the count to n, n ≥ 1, if no count is running, and
+// reports whether it did. It returns (false, nil) while the latch counts.
+func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error) {
+	if err := l.check(); err != nil {
+		return false, err
+	}
+	if n < 1 {
+		return false, invalidArg("n", "must be at least 1")
+	}
+	ok, err := l.c.rdb.SetNX(ctx, l.key, n, 0).Result()
+	return ok, convertErr(err)
+}
+
+// CountDown decrements the count. The CountDown that brings it to zero
+// deletes the latch and wakes every waiter. Counting down a finished or
+// unset latch does nothing.
+func (l *CountDownLatch) CountDown(ctx context.Context) error {
+	if err := l.check(); err != nil {
+		return err
+	}
+	err := latchCountDownScript.Run(ctx, l.c.rdb, []string{l.key, l.channel}, l.c.publishCommand(ctx)).Err()
+	return convertErr(err)
+}
+
+// Count returns the current count: 0 for a finished or unset latch.
+func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
+	if err := l.check(); err != nil {
+		return 0, err
+	}
+	s, err := l.c.rdb.Get(ctx, l.key).Result()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%w: latch count %q", ErrWrongType, s)
+	}
+	return max(n, 0), nil
+}
+
+// Wait blocks until the count is zero, or ctx is done. A failed wait
+// returns an error matching both ErrNotObtained and ctx.Err().
+func (l *CountDownLatch) Wait(ctx context.Context) error {
+	if err := l.check(); err != nil {
+		return err
+	}
+	period := l.c.opts.watchdogTimeout / 3
+	try := func(ctx context.Context) (bool, time.Duration, error) {
+		n, err := l.Count(ctx)
+		if err != nil {
+			return false, 0, err
+		}
+		return n == 0, period, nil
+	}
+	_, err := l.c.acquireUnqueued(ctx, l.channel, true, try, nil)
+	return err
+}

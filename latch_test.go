@@ -1,0 +1,183 @@
+package redlatch_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// latchKey is the documented count key of a latch.
+func latchKey(name string) string { return "{" + name + "}:latch" }
+
+func requireCount(t *testing.T, ctx context.Context, l *redlatch.CountDownLatch, want int64) {
+	t.Helper()
+	n, err := l.Count(ctx)
+	require.NoError(t, err)
+	require.Equal(t, want, n)
+}
+
+// TestLatchWaiters: 4 waiters over 2 Clients wake within 500ms of the count
+// reaching zero; a second TrySetCount fails while counting; no key is left.
+func TestLatchWaiters(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		clients := []*redlatch.Client{newClient(t, b), newClient(t, b)}
+		l := clients[0].CountDownLatch(name)
+		requireCount(t, ctx, l, 0)
+		ok, err := l.TrySetCount(ctx, 3)
+		require.NoError(t, err)
+		require.True(t, ok)
+		ok, err = clients[1].CountDownLatch(name).TrySetCount(ctx, 5)
+		require.NoError(t, err)
+		require.False(t, ok, "a second count while counting")
+		requireCount(t, ctx, l, 3)
+
+		const waiters = 4
+		woke := make(chan time.Time, waiters)
+		for i := 0; i < waiters; i++ {
+			go func(c *redlatch.Client) {
+				if err := c.CountDownLatch(name).Wait(ctx); err != nil {
+					t.Error(err)
+				}
+				woke <- time.Now()
+			}(clients[i%2])
+		}
+		time.Sleep(200 * time.Millisecond)
+		require.NoError(t, l.CountDown(ctx))
+		require.NoError(t, clients[1].CountDownLatch(name).CountDown(ctx))
+		requireCount(t, ctx, l, 1)
+		select {
+		case <-woke:
+			t.Fatal("a waiter returned before the count reached zero")
+		case <-time.After(100 * time.Millisecond):
+		}
+		zero := time.Now()
+		require.NoError(t, l.CountDown(ctx))
+		for i := 0; i < waiters; i++ {
+			select {
+			case at := <-woke:
+				require.Less(t, at.Sub(zero), 500*time.Millisecond)
+			case <-time.After(5 * time.Second):
+				t.Fatal("a waiter was not woken")
+			}
+		}
+		requireCount(t, ctx, l, 0)
+		requireNoKey(t, ctx, b, latchKey(name))
+
+		// Finished: counting down does nothing, Wait returns at once, and a
+		// new count can start.
+		require.NoError(t, l.CountDown(ctx))
+		requireCount(t, ctx, l, 0)
+		require.NoError(t, l.Wait(ctx))
+		ok, err = l.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.NoError(t, l.CountDown(ctx))
+		requireNoKey(t, ctx, b, latchKey(name))
+	})
+}
+
+// TestLatchErrors: bad input, a failed wait, a closed Client.
+func TestLatchErrors(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+
+		bad := c.CountDownLatch("")
+		_, err := bad.TrySetCount(ctx, 1)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+		require.ErrorIs(t, bad.CountDown(ctx), redlatch.ErrInvalidArgument)
+		require.ErrorIs(t, bad.Wait(ctx), redlatch.ErrInvalidArgument)
+		_, err = bad.Count(ctx)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+
+		l := c.CountDownLatch(name)
+		for _, n := range []int64{0, -3} {
+			_, err := l.TrySetCount(ctx, n)
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+		}
+		requireNoKey(t, ctx, b, latchKey(name))
+
+		ok, err := l.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok)
+		wctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		defer cancel()
+		requireWaitErr(t, l.Wait(wctx), wctx)
+
+		// Another type under the key.
+		require.NoError(t, b.Client(t).Set(ctx, latchKey(name), "x", time.Minute).Err())
+		_, err = l.Count(ctx)
+		require.ErrorIs(t, err, redlatch.ErrWrongType)
+		require.NoError(t, b.Client(t).Del(ctx, latchKey(name)).Err())
+
+		closed := newClient(t, b)
+		cl := closed.CountDownLatch(name)
+		require.NoError(t, closed.Close())
+		require.ErrorIs(t, cl.Wait(ctx), redlatch.ErrClosed)
+		require.ErrorIs(t, cl.CountDown(ctx), redlatch.ErrClosed)
+	})
+}
+
+// TestLatchLostWakeup: a latch opened without a wake-up (its key deleted)
+// releases its waiter within a watchdog period.
+func TestLatchLostWakeup(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		const timeout = 300 * time.Millisecond // period: 100ms
+		l := newClient(t, b, redlatch.WithWatchdogTimeout(timeout)).CountDownLatch(name)
+		ok, err := l.TrySetCount(ctx, 2)
+		require.NoError(t, err)
+		require.True(t, ok)
+		done := make(chan time.Time, 1)
+		go func() {
+			if err := l.Wait(ctx); err != nil {
+				t.Error(err)
+			}
+			done <- time.Now()
+		}()
+		time.Sleep(200 * time.Millisecond)
+		opened := time.Now()
+		require.NoError(t, b.Client(t).Del(ctx, latchKey(name)).Err())
+		select {
+		case at := <-done:
+			require.Less(t, at.Sub(opened), 5*time.Second)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the waiter did not notice the open latch")
+		}
+	})
+}
+
+func ExampleCountDownLatch() {
+	rdb, done := exampleRedis()
+	defer done()
+	ctx := context.Background()
+	client := redlatch.New(rdb)
+	defer client.Close()
+
+	latch := client.CountDownLatch("warm-up")
+	ok, _ := latch.TrySetCount(ctx, 2)
+	fmt.Println("set:", ok)
+
+	waited := make(chan error)
+	go func() { waited <- client.CountDownLatch("warm-up").Wait(ctx) }()
+
+	_ = latch.CountDown(ctx)
+	n, _ := latch.Count(ctx)
+	fmt.Println("count:", n)
+	_ = latch.CountDown(ctx)
+	fmt.Println("waiter:", <-waited)
+	// Output:
+	// set: true
+	// count: 1
+	// waiter: <nil>
+}

@@ -1,0 +1,36 @@
+-- sem_acquire.lua: take n permits of a semaphore in one step, after
+-- reclaiming expired ones. Runs after sem_prelude.lua.
+--
+-- KEYS[1]  permit set (see sem_prelude.lua)
+-- ARGV[1]  record: '<owner>|<request id>|<n>'; the request id is unique per
+--          Acquire or TryAcquire call and reused by its retries
+-- ARGV[2]  n, permits to take
+-- ARGV[3]  size of the semaphore, as the caller's handle knows it
+-- ARGV[4]  lease, ms
+--
+-- Returns {1, used} when the record holds the permits after the call (used:
+-- the permits in use, this record's included), or {0, wait} when fewer than
+-- n are free, wait being the ms until the earliest live record expires (-1
+-- when there is none).
+--
+-- A record seen again means the reply to an earlier run of this very call was
+-- lost (the client retried): its permits are reported again, not taken twice.
+local now = sem_now()
+local used = sem_reclaim(KEYS[1], now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  sem_store(KEYS[1], used, now)
+  return {1, used}
+end
+local n, size, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if used + n <= size then
+  used = used + n
+  redis.call('ZADD', KEYS[1], string.format('%.0f', now + lease), ARGV[1])
+  sem_store(KEYS[1], used, now)
+  return {1, used}
+end
+sem_store(KEYS[1], used, now)
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if first[2] then
+  return {0, tonumber(first[2]) - now}
+end
+return {0, -1}

@@ -1,0 +1,56 @@
+-- sem_prelude.lua: prelude of the semaphore scripts (sem_acquire.lua,
+-- sem_release.lua, sem_available.lua). KEYS and ARGV: none of its own.
+--
+-- A semaphore is one sorted set, the permit set, holding:
+--   '#'                       score = -(permits in use by live records)
+--   '<owner>|<request>|<n>'   one permit record per acquisition: n permits
+--                             taken by the Acquire/TryAcquire call <request>
+--                             of <owner>; score = its expiry, server ms.
+--                             The watchdog renews it like any 'z' hold (see
+--                             renew.lua): ZADD now+lease.
+--   '~<request>'              a release remembered until its score, server
+--                             ms, for retries (see sem_release.lua)
+-- Records and remembered releases score above 0, '#' at 0 or below, so
+-- score ranges tell them apart. The set's TTL is kept at least the longest
+-- live lease, and the set is deleted when no permit is in use.
+
+-- sem_now returns the server clock in ms.
+local function sem_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- sem_n returns the permit count of a record, 0 for any other member.
+local function sem_n(member)
+  return tonumber(string.match(member, '|(%d+)$')) or 0
+end
+
+-- sem_reclaim removes the records expired at now and returns the permits in
+-- use by the live ones.
+local function sem_reclaim(key, now)
+  local used = -(tonumber(redis.call('ZSCORE', key, '#') or '0') or 0)
+  local expired = redis.call('ZRANGEBYSCORE', key, '(0', now)
+  for _, m in ipairs(expired) do
+    used = used - sem_n(m)
+    redis.call('ZREM', key, m)
+  end
+  if used < 0 then
+    used = 0
+  end
+  return used
+end
+
+-- sem_store writes the permits in use and keeps the set alive as long as its
+-- longest live member, or deletes the set when no permit is in use.
+local function sem_store(key, used, now)
+  local last = redis.call('ZREVRANGEBYSCORE', key, '+inf', '(' .. now, 'WITHSCORES', 'LIMIT', 0, 1)
+  if not last[2] or used <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('ZADD', key, string.format('%d', -used), '#')
+  local ttl = tonumber(last[2]) - now
+  if redis.call('PTTL', key) < ttl then
+    redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+  end
+end

@@ -1,0 +1,335 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var (
+	//go:embed lua/sem_prelude.lua
+	semPreludeLua string
+	//go:embed lua/sem_acquire.lua
+	semAcquireLua string
+	//go:embed lua/sem_release.lua
+	semReleaseLua string
+	//go:embed lua/sem_available.lua
+	semAvailableLua string
+
+	semAcquireScript   = redis.NewScript(semPreludeLua + semAcquireLua)
+	semReleaseScript   = redis.NewScript(semPreludeLua + semReleaseLua)
+	semAvailableScript = redis.NewScript(semPreludeLua + semAvailableLua)
+)
+
+// semReleaseMemory is how long a permit set remembers a Release, so that a
+// retry of it (after a lost reply) is recognised. It is longer than go-redis
+// retries a command.
+const semReleaseMemory = 10 * time.Second
+
+// Semaphore is a distributed counting semaphore whose permits are leased.
+//
+// At most size permits are held at once, over every handle of every process
+// using the name. Each successful Acquire or TryAcquire is one permit record
+// in Redis with a lease: the Client's watchdog renews the records of live
+// handles (in the same batched calls that renew locks), and a crashed
+// holder's permits come back when its lease runs out (the watchdog timeout,
+// or the fixed lease of WithLease). Expired records are reclaimed by the
+// next script touching the semaphore, on the Redis server's clock.
+//
+// The size is given by each handle, like semaphore.NewWeighted: every
+// acquisition checks the permits in use against its own handle's size, so a
+// handle with a larger size may take permits a smaller one would not, and
+// Available reports the free permits relative to the calling handle's size
+// (never below 0). Give every handle of a name the same size.
+//
+// Permits belong to the handle that acquired them (WithOwner only names its
+// records in Redis): Release returns permits this handle took. A handle may
+// be shared by goroutines. There is no fairness: when permits are returned,
+// every waiter retries, and any that fits may win, so a waiter for many
+// permits can be overtaken by waiters for few.
+//
+// Waiters sleep until a pub/sub wake-up from a Release, or at most until the
+// earliest live permit record would expire, whichever comes first; so a lost
+// wake-up delays a waiter by at most the holders' lease (the watchdog
+// timeout, or WithLease), and a reconnection of the subscriber wakes every
+// waiter at once.
+//
+// Keys: the permit set "{prefix+name}:sem", a sorted set; wake-ups on the
+// channel "{prefix+name}:sem:wake".
+type Semaphore struct {
+	c       *Client
+	name    string
+	key     string
+	channel string
+	size    int64
+	owner   string
+	lease   time.Duration
+	renew   bool
+	err     error
+
+	relMu   sync.Mutex // serializes Release: one record set change at a time
+	lastRel string     // request id of the previous Release; on relMu
+	mu      sync.Mutex
+	recs    []*permitRecord // live acquisitions of this handle, oldest first
+}
+
+// permitRecord is one acquisition held by a handle: its member in the permit
+// set, its permit count and its watchdog hold.
+type permitRecord struct {
+	member string
+	n      int64
+	h      *hold
+}
+
+// Semaphore returns a handle on the semaphore called name with size permits.
+// It does not talk to Redis. Bad arguments (an empty name, a size ≤ 0,
+// WithLease(0), WithOwner("")) are reported by the handle's methods as
+// errors wrapping ErrInvalidArgument.
+func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semaphore {
+	o := newLockOptions(name, opts)
+	s := &Semaphore{c: c, name: name, size: size, owner: o.owner, err: o.err}
+	switch {
+	case s.err != nil:
+	case size <= 0:
+		s.err = invalidArg("size", "must be positive")
+	case c != nil && strings.HasPrefix(c.opts.prefix+name, "}"):
+		s.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	}
+	if c != nil {
+		tag := c.tag(name)
+		s.key, s.channel = tag+":sem", tag+":sem:wake"
+		s.lease, s.renew = c.leaseFor(o)
+	}
+	return s
+}
+
+// check returns the error of bad input or a closed Client.
+func (s *Semaphore) check() error {
+	if s == nil {
+		return invalidArg("semaphore", "is nil")
+	}
+	if err := s.c.check(); err != nil {
+		return err
+	}
+	return s.err
+}
+
+// checkN checks a permit count argument.
+func (s *Semaphore) checkN(n int64) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	if n <= 0 {
+		return invalidArg("n", "must be positive")
+	}
+	if n > s.size {
+		return invalidArg("n", "must not exceed the semaphore's size")
+	}
+	return nil
+}
+
+// Acquire blocks until n permits are held by this handle, or ctx is done. A
+// failed wait returns an error matching both ErrNotObtained and ctx.Err();
+// it holds no permit then. n must be between 1 and the size.
+func (s *Semaphore) Acquire(ctx context.Context, n int64) error {
+	_, err := s.acquire(ctx, n, true)
+	return err
+}
+
+// TryAcquire makes one attempt to take n permits and reports whether it
+// took them. It returns (false, nil) when fewer than n permits are free.
+func (s *Semaphore) TryAcquire(ctx context.Context, n int64) (bool, error) {
+	return s.acquire(ctx, n, false)
+}
+
+func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, error) {
+	if err := s.checkN(n); err != nil {
+		return false, err
+	}
+	member := s.owner + "|" + newID() + "|" + strconv.FormatInt(n, 10)
+	keys := []string{s.key}
+	lease := s.lease.Milliseconds()
+	var sent time.Time
+	try := func(ctx context.Context) (bool, time.Duration, error) {
+		sent = time.Now()
+		res, err := semAcquireScript.Run(ctx, s.c.rdb, keys, member, n, s.size, lease).Int64Slice()
+		if err != nil {
+			return false, 0, err
+		}
+		if res[0] == 1 {
+			return true, 0, nil
+		}
+		return false, s.c.retryBound(res[1]), nil
+	}
+	undo := func(ctx context.Context) {
+		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
+	}
+	ok, err := s.c.acquireUnqueued(ctx, s.channel, block, try, undo)
+	if !ok {
+		return false, err
+	}
+	rec := &permitRecord{member: member, n: n, h: s.c.wd.add(s.name, s.key, 'z', member, s.lease, s.renew, sent)}
+	s.mu.Lock()
+	s.recs = append(s.recs, rec)
+	s.mu.Unlock()
+	return true, nil
+}
+
+// Release returns n of the permits this handle holds and wakes the waiters.
+// It returns ErrNotHeld, and returns nothing, when the handle holds fewer
+// than n permits (never took them, released them already, or their lease ran
+// out); it also returns ErrNotHeld when Redis no longer had some of them
+// (those are gone, the others are returned). Released permits are no longer
+// the handle's whatever Release returns: if Redis could not be reached, they
+// come back when their lease runs out.
+func (s *Semaphore) Release(ctx context.Context, n int64) error {
+	if err := s.checkN(n); err != nil {
+		return err
+	}
+	s.relMu.Lock()
+	defer s.relMu.Unlock()
+
+	// Pick the records to return, newest first; the last one may be shrunk.
+	s.mu.Lock()
+	live := s.recs[:0:0]
+	var held int64
+	for _, r := range s.recs {
+		if r.h.isLost() {
+			s.c.wd.remove(r.h)
+			continue
+		}
+		live = append(live, r)
+		held += r.n
+	}
+	s.recs = live
+	if held < n {
+		s.mu.Unlock()
+		return ErrNotHeld
+	}
+	var whole []*permitRecord
+	var shrink *permitRecord
+	need := n
+	i := len(live)
+	for need > 0 {
+		i--
+		r := live[i]
+		if r.n <= need {
+			whole = append(whole, r)
+			need -= r.n
+		} else {
+			shrink = r
+			break
+		}
+	}
+	s.recs = append([]*permitRecord(nil), live[:i]...)
+	s.mu.Unlock()
+
+	members := make([]string, len(whole))
+	for j, r := range whole {
+		members[j] = r.member
+		s.c.wd.setReleasing(r.h, true)
+	}
+	var kept *permitRecord
+	oldShrink, newShrink := "", ""
+	if shrink != nil {
+		s.c.wd.setReleasing(shrink.h, true)
+		keep := shrink.n - need
+		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep}
+		oldShrink, newShrink = shrink.member, kept.member
+	}
+	req := newID()
+	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink)
+	s.lastRel = req
+	for _, r := range whole {
+		s.c.wd.remove(r.h)
+	}
+	if shrink != nil {
+		// The kept permits are tracked under their new record from the
+		// old one's deadline. Should the script not have run (err), the
+		// first renewal finds the new record missing and loses it.
+		s.c.wd.mu.Lock()
+		deadline := shrink.h.deadline
+		s.c.wd.mu.Unlock()
+		s.c.wd.remove(shrink.h)
+		kept.h = s.c.wd.add(s.name, s.key, 'z', kept.member, s.lease, s.renew, deadline.Add(-s.lease))
+		s.mu.Lock()
+		s.recs = append(s.recs, kept)
+		s.mu.Unlock()
+	}
+	if err != nil {
+		return err
+	}
+	if freed < n {
+		return ErrNotHeld
+	}
+	return nil
+}
+
+// releaseRecords runs the release script as request req (prev: the
+// handle's previous release request, whose memory it replaces): it removes
+// the records whole, and shrinks the record shrink (when not "") into the
+// record kept, which names the permits it keeps. It returns the number of
+// permits returned.
+func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole []string, shrink, kept string) (int64, error) {
+	args := make([]any, 0, 6+len(whole))
+	args = append(args, s.c.publishCommand(ctx), req, prev, semReleaseMemory.Milliseconds(), shrink, kept)
+	for _, m := range whole {
+		args = append(args, m)
+	}
+	n, err := semReleaseScript.Run(ctx, s.c.rdb, []string{s.key, s.channel}, args...).Int64()
+	return n, convertErr(err)
+}
+
+// Available returns the number of free permits, relative to this handle's
+// size, after reclaiming the expired ones.
+func (s *Semaphore) Available(ctx context.Context) (int64, error) {
+	if err := s.check(); err != nil {
+		return 0, err
+	}
+	used, err := semAvailableScript.Run(ctx, s.c.rdb, []string{s.key}).Int64()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	return max(s.size-used, 0), nil
+}
+
+// acquireUnqueued runs try until it succeeds, sleeping between attempts
+// until a wake-up on channel or the retry bound; with block false it makes a
+// single attempt. Unlike Client.acquire it never queues behind local waiters
+// without an attempt of its own: a semaphore or latch may admit a newcomer
+// while older waiters still wait. The waiter joins the channel before its
+// second attempt, so no wake-up after the first failed attempt goes
+// unnoticed. When an attempt fails without a reply from Redis, undo (if not
+// nil) releases whatever it may have taken.
+func (c *Client) acquireUnqueued(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
+	var w *waiter
+	defer func() {
+		if w != nil {
+			w.leave(false)
+		}
+	}()
+	for {
+		ok, retry, err := try(ctx)
+		switch {
+		case err != nil:
+			return false, c.failedAttempt(ctx, err, undo)
+		case ok:
+			return true, nil
+		case !block:
+			return false, nil
+		case w == nil:
+			if w, err = c.ps.join(ctx, channel, retry); err != nil {
+				return false, err
+			}
+		default:
+			if _, err = w.wait(ctx, retry); err != nil {
+				return false, err
+			}
+		}
+	}
+}

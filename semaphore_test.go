@@ -1,0 +1,413 @@
+package redlatch_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// semKey is the documented permit set of a semaphore.
+func semKey(name string) string { return "{" + name + "}:sem" }
+
+// requireAvailable checks the free permits seen by s.
+func requireAvailable(t *testing.T, ctx context.Context, s *redlatch.Semaphore, want int64) {
+	t.Helper()
+	n, err := s.Available(ctx)
+	require.NoError(t, err)
+	require.Equal(t, want, n)
+}
+
+// requireNoKey checks that key does not exist.
+func requireNoKey(t *testing.T, ctx context.Context, b redistest.Backend, key string) {
+	t.Helper()
+	n, err := b.Client(t).Exists(ctx, key).Result()
+	require.NoError(t, err)
+	require.Zero(t, n, "key %s left behind", key)
+}
+
+// TestSemaphoreBound: 12 goroutines over 2 Clients take 1 or 2 permits of a
+// semaphore of size 3, many times: never more than 3 are held at once, 3 are
+// held at some point, and nothing is left in Redis afterwards.
+func TestSemaphoreBound(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 90*time.Second)
+		name := redistest.UniqueName(t)
+		clients := []*redlatch.Client{newClient(t, b), newClient(t, b)}
+		const goroutines, rounds, size = 12, 8, 3
+		var inside, most atomic.Int64
+		var wg sync.WaitGroup
+		errs := make(chan error, goroutines*rounds)
+		for g := 0; g < goroutines; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				s := clients[g%2].Semaphore(name, size)
+				n := int64(1 + g%2)
+				for i := 0; i < rounds; i++ {
+					if err := s.Acquire(ctx, n); err != nil {
+						errs <- err
+						return
+					}
+					now := inside.Add(n)
+					if now > size {
+						errs <- errors.New("more permits held than the size")
+					}
+					for {
+						m := most.Load()
+						if now <= m || most.CompareAndSwap(m, now) {
+							break
+						}
+					}
+					time.Sleep(2 * time.Millisecond)
+					inside.Add(-n)
+					if err := s.Release(ctx, n); err != nil {
+						errs <- err
+						return
+					}
+				}
+			}(g)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		require.Equal(t, int64(size), most.Load(), "the semaphore never filled")
+		requireAvailable(t, ctx, clients[0].Semaphore(name, size), size)
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}
+
+// TestSemaphoreCounts: permits taken, shrunk and returned are counted
+// exactly, per handle.
+func TestSemaphoreCounts(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		a, o := c.Semaphore(name, 5), c.Semaphore(name, 5)
+		requireAvailable(t, ctx, a, 5)
+
+		ok, err := a.TryAcquire(ctx, 2)
+		require.NoError(t, err)
+		require.True(t, ok)
+		requireAvailable(t, ctx, o, 3)
+		ok, err = o.TryAcquire(ctx, 4)
+		require.NoError(t, err)
+		require.False(t, ok, "4 of 3 free permits")
+		require.NoError(t, o.Acquire(ctx, 3))
+		requireAvailable(t, ctx, a, 0)
+		ok, err = a.TryAcquire(ctx, 1)
+		require.NoError(t, err)
+		require.False(t, ok)
+
+		// o holds 3 in one record: return them one by one (shrinking it).
+		require.NoError(t, o.Release(ctx, 1))
+		requireAvailable(t, ctx, a, 1)
+		require.ErrorIs(t, o.Release(ctx, 3), redlatch.ErrNotHeld, "o holds 2")
+		requireAvailable(t, ctx, a, 1)
+		require.NoError(t, o.Release(ctx, 2))
+		requireAvailable(t, ctx, a, 3)
+		require.ErrorIs(t, o.Release(ctx, 1), redlatch.ErrNotHeld)
+
+		// a holds 2 + 1 + 1 in three records: return 3 across them.
+		require.NoError(t, a.Acquire(ctx, 1))
+		require.NoError(t, a.Acquire(ctx, 1))
+		requireAvailable(t, ctx, o, 1)
+		require.NoError(t, a.Release(ctx, 3))
+		requireAvailable(t, ctx, o, 4)
+		require.NoError(t, a.Release(ctx, 1))
+		requireAvailable(t, ctx, o, 5)
+		requireNoKey(t, ctx, b, semKey(name))
+
+		// A failed wait takes nothing.
+		require.NoError(t, a.Acquire(ctx, 5))
+		wctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		defer cancel()
+		requireWaitErr(t, o.Acquire(wctx, 1), wctx)
+		requireAvailable(t, ctx, o, 0)
+		require.NoError(t, a.Release(ctx, 5))
+		requireAvailable(t, ctx, o, 5)
+
+		// Handles with a larger size see more room.
+		big := c.Semaphore(name, 8)
+		require.NoError(t, a.Acquire(ctx, 5))
+		requireAvailable(t, ctx, a, 0)
+		requireAvailable(t, ctx, big, 3)
+		ok, err = big.TryAcquire(ctx, 3)
+		require.NoError(t, err)
+		require.True(t, ok)
+		requireAvailable(t, ctx, a, 0)
+		require.NoError(t, big.Release(ctx, 3))
+		require.NoError(t, a.Release(ctx, 5))
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}
+
+// TestSemaphoreErrors: bad input is ErrInvalidArgument and never reaches
+// Redis; a closed Client is ErrClosed.
+func TestSemaphoreErrors(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		for _, s := range []*redlatch.Semaphore{
+			c.Semaphore("", 3),
+			c.Semaphore(name, 0),
+			c.Semaphore(name, -1),
+			c.Semaphore(name, 3, redlatch.WithLease(0)),
+			c.Semaphore(name, 3, redlatch.WithOwner("")),
+		} {
+			require.ErrorIs(t, s.Acquire(ctx, 1), redlatch.ErrInvalidArgument)
+			_, err := s.TryAcquire(ctx, 1)
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrInvalidArgument)
+			_, err = s.Available(ctx)
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+		}
+		s := c.Semaphore(name, 3)
+		for _, n := range []int64{0, -1, 4} {
+			err := s.Acquire(ctx, n)
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+			require.ErrorContains(t, err, "n ")
+			_, err = s.TryAcquire(ctx, n)
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, s.Release(ctx, n), redlatch.ErrInvalidArgument)
+		}
+		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
+		requireNoKey(t, ctx, b, semKey(name))
+
+		// Another type under the key.
+		require.NoError(t, b.Client(t).Set(ctx, semKey(name), "x", time.Minute).Err())
+		_, err := s.TryAcquire(ctx, 1)
+		require.ErrorIs(t, err, redlatch.ErrWrongType)
+		require.NoError(t, b.Client(t).Del(ctx, semKey(name)).Err())
+
+		closed := newClient(t, b)
+		cs := closed.Semaphore(name, 3)
+		require.NoError(t, closed.Close())
+		require.ErrorIs(t, cs.Acquire(ctx, 1), redlatch.ErrClosed)
+		_, err = cs.Available(ctx)
+		require.ErrorIs(t, err, redlatch.ErrClosed)
+	})
+}
+
+// TestSemaphoreWakeup: a waiter is woken by the release, long before the
+// holder's lease would have ended.
+func TestSemaphoreWakeup(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Semaphore(name, 2)
+		waiter := newClient(t, b).Semaphore(name, 2)
+		require.NoError(t, holder.Acquire(ctx, 2))
+		got := make(chan time.Time, 1)
+		go func() {
+			if err := waiter.Acquire(ctx, 2); err != nil {
+				t.Error(err)
+			}
+			got <- time.Now()
+		}()
+		time.Sleep(200 * time.Millisecond)
+		released := time.Now()
+		require.NoError(t, holder.Release(ctx, 1))
+		require.NoError(t, holder.Release(ctx, 1))
+		select {
+		case at := <-got:
+			require.Less(t, at.Sub(released), 5*time.Second)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the waiter was not woken by the release")
+		}
+		require.NoError(t, waiter.Release(ctx, 2))
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}
+
+// TestSemaphoreRenewed: the watchdog keeps a live holder's permits past
+// several leases.
+func TestSemaphoreRenewed(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		const lease = 600 * time.Millisecond
+		holder := newClient(t, b, redlatch.WithWatchdogTimeout(lease)).Semaphore(name, 3)
+		other := newClient(t, b).Semaphore(name, 3)
+		require.NoError(t, holder.Acquire(ctx, 2))
+		require.NoError(t, holder.Acquire(ctx, 1))
+		time.Sleep(4 * lease)
+		requireAvailable(t, ctx, other, 0)
+		ok, err := other.TryAcquire(ctx, 1)
+		require.NoError(t, err)
+		require.False(t, ok)
+		ttl, err := b.Client(t).PTTL(ctx, semKey(name)).Result()
+		require.NoError(t, err)
+		require.Positive(t, ttl)
+		require.LessOrEqual(t, ttl, lease)
+		require.NoError(t, holder.Release(ctx, 3))
+		requireAvailable(t, ctx, other, 3)
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}
+
+// TestSemaphoreDeadHolder: the permits of a holder that stops renewing (its
+// Client closed without Release) or of a fixed lease come back within about
+// one lease, and wake a waiter.
+func TestSemaphoreDeadHolder(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		const lease = 300 * time.Millisecond
+		for _, tc := range []struct {
+			name string
+			take func(t *testing.T, ctx context.Context, name string) *redlatch.Semaphore
+		}{
+			{"closed", func(t *testing.T, ctx context.Context, name string) *redlatch.Semaphore {
+				c := redlatch.New(b.Client(t), redlatch.WithWatchdogTimeout(lease))
+				s := c.Semaphore(name, 2)
+				require.NoError(t, s.Acquire(ctx, 2))
+				require.NoError(t, c.Close())
+				return nil
+			}},
+			{"lease", func(t *testing.T, ctx context.Context, name string) *redlatch.Semaphore {
+				s := newClient(t, b).Semaphore(name, 2, redlatch.WithLease(lease))
+				require.NoError(t, s.Acquire(ctx, 1))
+				require.NoError(t, s.Acquire(ctx, 1))
+				return s
+			}},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				ctx := ctxT(t, 30*time.Second)
+				name := redistest.UniqueName(t)
+				start := time.Now()
+				dead := tc.take(t, ctx, name)
+				other := newClient(t, b).Semaphore(name, 2)
+				require.NoError(t, other.Acquire(ctx, 2))
+				took := time.Since(start)
+				require.GreaterOrEqual(t, took, lease-50*time.Millisecond, "taken before the lease ran out")
+				require.Less(t, took, lease+5*time.Second)
+				if dead != nil {
+					require.ErrorIs(t, dead.Release(ctx, 1), redlatch.ErrNotHeld)
+				}
+				require.NoError(t, other.Release(ctx, 2))
+				requireNoKey(t, ctx, b, semKey(name))
+			})
+		}
+	})
+}
+
+// TestSemaphoreExpiredNotReleased: a record that expired in Redis is not
+// returned by its handle's Release, and the key is cleaned up by the next
+// script.
+func TestSemaphoreExpiredNotReleased(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		s := c.Semaphore(name, 3, redlatch.WithLease(2*time.Second))
+		other := c.Semaphore(name, 3)
+		require.NoError(t, s.Acquire(ctx, 2))
+		require.NoError(t, other.Acquire(ctx, 1))
+		// Expire s's record in Redis (as after a crash and a clock jump).
+		rdb := b.Client(t)
+		ms, err := rdb.ZRangeByScore(ctx, semKey(name), &redis.ZRangeBy{Min: "(0", Max: "+inf"}).Result()
+		require.NoError(t, err)
+		require.Len(t, ms, 2)
+		for _, m := range ms {
+			if m[len(m)-1] == '2' {
+				require.NoError(t, rdb.ZAdd(ctx, semKey(name), redis.Z{Score: 1, Member: m}).Err())
+			}
+		}
+		requireAvailable(t, ctx, other, 2)
+		require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
+		require.NoError(t, other.Release(ctx, 1))
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}
+
+func ExampleSemaphore() {
+	rdb, done := exampleRedis()
+	defer done()
+	ctx := context.Background()
+	client := redlatch.New(rdb)
+	defer client.Close()
+
+	sem := client.Semaphore("partner-api", 3)
+	if err := sem.Acquire(ctx, 2); err != nil {
+		fmt.Println(err)
+		return
+	}
+	free, _ := sem.Available(ctx)
+	fmt.Println("free:", free)
+
+	// Another handle (another process) cannot take 2 more.
+	ok, _ := client.Semaphore("partner-api", 3).TryAcquire(ctx, 2)
+	fmt.Println("other got 2:", ok)
+
+	fmt.Println(sem.Release(ctx, 2))
+	fmt.Println(sem.Release(ctx, 1))
+	// Output:
+	// free: 1
+	// other got 2: false
+	// <nil>
+	// redlatch: not held
+}
+
+// TestSemaphoreLostReplies: a retried acquire or release whose first reply
+// was lost counts once, and an acquire whose reply never arrived takes no
+// permit.
+func TestSemaphoreLostReplies(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &lossyHook{match: scriptWith(semKey(name)), retry: true}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		s, other := c.Semaphore(name, 6), c.Semaphore(name, 6)
+		require.NoError(t, other.Acquire(ctx, 1))
+
+		hook.armed.Store(true) // the acquire runs twice on the server
+		require.NoError(t, s.Acquire(ctx, 3))
+		requireAvailable(t, ctx, other, 2)
+		hook.armed.Store(true)
+		ok, err := s.TryAcquire(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok)
+		requireAvailable(t, ctx, other, 1)
+
+		hook.armed.Store(true) // a whole-record release runs twice
+		require.NoError(t, s.Release(ctx, 1))
+		requireAvailable(t, ctx, other, 2)
+		hook.armed.Store(true) // a shrinking release runs twice
+		require.NoError(t, s.Release(ctx, 2))
+		requireAvailable(t, ctx, other, 4)
+		require.NoError(t, other.Release(ctx, 1))
+		hook.armed.Store(true) // the final release runs twice
+		require.NoError(t, s.Release(ctx, 1))
+		requireAvailable(t, ctx, other, 6)
+		requireNoKey(t, ctx, b, semKey(name))
+
+		// The reply never arrives: the caller gets an error, and the permits
+		// the server granted are returned.
+		hook.retry = false
+		hook.armed.Store(true)
+		ok, err = s.TryAcquire(ctx, 2)
+		require.Error(t, err)
+		require.False(t, ok)
+		requireAvailable(t, ctx, other, 6)
+		hook.armed.Store(true)
+		require.Error(t, s.Acquire(ctx, 2))
+		requireAvailable(t, ctx, other, 6)
+		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
+		requireNoKey(t, ctx, b, semKey(name))
+	})
+}
