@@ -508,3 +508,69 @@ func ExampleRWMutex() {
 	// reader after the downgrade: true
 	// true
 }
+
+// TestRWMixedProgress: readers and writers sharing one Client all make
+// progress, each wait ending by a wake-up (a missed one would cost the
+// waiter 10s, a third of the watchdog timeout).
+func TestRWMixedProgress(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		deadline := time.Now().Add(500 * time.Millisecond)
+		var wg sync.WaitGroup
+		var writers, readers atomic.Int32
+		errs := make(chan error, 8)
+		var ops atomic.Int64
+		for g := 0; g < 8; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				m := c.RWMutex(name)
+				for i := 0; time.Now().Before(deadline); i++ {
+					t0 := time.Now()
+					write := (i+g)%5 == 0
+					var err error
+					if write {
+						err = m.Lock(ctx)
+					} else {
+						err = m.RLock(ctx)
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+					if d := time.Since(t0); d > 3*time.Second {
+						errs <- fmt.Errorf("waited %v (write %v)", d, write)
+					}
+					if write {
+						if writers.Add(1) != 1 || readers.Load() != 0 {
+							errs <- errors.New("a writer not alone")
+						}
+						writers.Add(-1)
+						err = m.Unlock(ctx)
+					} else {
+						readers.Add(1)
+						if writers.Load() != 0 {
+							errs <- errors.New("a reader with a writer")
+						}
+						readers.Add(-1)
+						err = m.RUnlock(ctx)
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+					ops.Add(1)
+				}
+			}(g)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		t.Logf("%d operations", ops.Load())
+		requireIdle(t, b, name)
+	})
+}
