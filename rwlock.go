@@ -173,7 +173,9 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			return true, 0, nil // ends the wait; reported below
 		}
 		if block {
-			if queued == nil {
+			if queued == nil || queued.isLost() {
+				// (Re)track the place this attempt took or refreshed.
+				c.wd.remove(queued)
 				queued = c.wd.add(m.name, m.key, 'f', m.qfield, c.opts.watchdogTimeout, true, sent)
 			} else {
 				c.wd.setReleasing(queued, false)

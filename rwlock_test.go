@@ -574,3 +574,31 @@ func TestRWMixedProgress(t *testing.T) {
 		requireIdle(t, b, name)
 	})
 }
+
+// TestRWWaitingPlaceRenewed: a writer waiting longer than the watchdog
+// timeout keeps its place, so new readers still queue behind it.
+func TestRWWaitingPlaceRenewed(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		name := redistest.UniqueName(t)
+		r := c.RWMutex(name)
+		require.NoError(t, r.RLock(ctx))
+		w := c.RWMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- w.Lock(ctx) }()
+		time.Sleep(1500 * time.Millisecond)
+		require.False(t, tryR(t, ctx, c.RWMutex(name)), "a new reader passed the waiting writer")
+		require.True(t, tryR(t, ctx, r), "the reader already in re-enters")
+		require.NoError(t, r.RUnlock(ctx))
+		require.NoError(t, r.RUnlock(ctx))
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("the writer was not woken")
+		}
+		require.NoError(t, w.Unlock(ctx))
+		requireIdle(t, b, name)
+	})
+}
