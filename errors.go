@@ -43,6 +43,13 @@ var (
 	// primitive uses holds a value that redlatch did not write (another
 	// program's data, or another kind of primitive under the same name).
 	ErrWrongType = errors.New("redlatch: key holds a value of another type")
+
+	// ErrUpgrade is returned at once by RWMutex.Lock and TryLock when the
+	// owner holds the read lock but not the write lock: the write lock waits
+	// for every reader, this owner included, so the wait could never end.
+	// Release the read holds first (RUnlock), then Lock. The reverse, a
+	// writer taking the read lock (a downgrade), is allowed.
+	ErrUpgrade = errors.New("redlatch: write lock requested while holding the read lock (upgrade)")
 )
 
 // invalidArg returns an error wrapping ErrInvalidArgument that names the

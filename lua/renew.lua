@@ -6,7 +6,11 @@
 --                'z'  sorted set of leased entries (permits, read holds,
 --                     queue places), held while the member exists; its score
 --                     is the entry's expiry in server ms
--- ARGV[3i-1]   owner id ('h') or member ('z')
+--                'f'  hash field lease (RWMutex holds and waiting places),
+--                     held while the field exists and its value, the expiry
+--                     in server ms, has not passed; renewal sets it to
+--                     now + lease and extends the hash's TTL to the lease
+-- ARGV[3i-1]   owner id ('h'), member ('z') or field name ('f')
 -- ARGV[3i]     lease, ms
 --
 -- Returns an array with, for each key, 1 when the hold was renewed or 0 when
@@ -34,6 +38,21 @@ for i, key in ipairs(KEYS) do
         redis.call('PEXPIRE', key, lease)
       end
       ok = 1
+    end
+  elseif kind == 'f' then
+    local e = redis.pcall('HGET', key, owner)
+    if type(e) == 'string' and tonumber(e) then
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      if tonumber(e) > now then
+        redis.call('HSET', key, owner, string.format('%.0f', now + lease))
+        if redis.call('PTTL', key) < lease then
+          redis.call('PEXPIRE', key, lease)
+        end
+        ok = 1
+      end
     end
   end
   out[i] = ok

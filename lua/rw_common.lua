@@ -1,0 +1,172 @@
+-- rw_common.lua: prelude of every RWMutex script (rw_*.lua). KEYS and ARGV:
+-- none of its own; the scripts pass their KEYS[1], the lock hash.
+--
+-- An RWMutex is one hash (plus the fence key of fence.lua). Its fields:
+--   w        the writer's owner id            wc  the writer's hold count
+--   t        the writer's fencing token       wq  request id of its last acquisition
+--   wu       request id of the writer's last partial release
+--   we:<o>   writer o's lease expiry, server ms
+--   rc:<o>   reader o's hold count            re:<o>  reader o's lease expiry, server ms
+--   rq:<o>   request id of reader o's last acquisition
+--   ru:<o>   request id of reader o's last partial release
+--   ww:<o>   writer o is waiting, until this server ms: while a writer waits,
+--            new readers queue behind it
+--   rr       request ids of the last few full releases, space-separated
+--
+-- Every lease is a field of its own ("we:", "re:", "ww:"), renewed by the
+-- watchdog (kind 'f' of renew.lua), so each read hold expires on its own
+-- while the others are renewed. rw_load purges every expired entry; the
+-- hash's TTL is kept at its latest expiry, and the hash is deleted when no
+-- lease is left in it, so an idle lock leaves only its fence key.
+
+-- rw_load reads the lock hash at the server's time and purges expired
+-- entries (in memory; rw_commit writes the changes).
+local function rw_del(s, k)
+  if s.f[k] ~= nil then
+    s.f[k] = nil
+    s.sets[k] = nil
+    s.dels[k] = true
+  end
+end
+
+local function rw_set(s, k, v)
+  s.f[k] = v
+  s.sets[k] = v
+  s.dels[k] = nil
+end
+
+local function rw_ms(n)
+  return string.format('%.0f', n)
+end
+
+local function rw_drop_writer(s)
+  local w = s.f.w
+  if w then
+    rw_del(s, 'we:' .. w)
+  end
+  for _, k in ipairs({'w', 'wc', 't', 'wq', 'wu'}) do
+    rw_del(s, k)
+  end
+end
+
+local function rw_drop_reader(s, o)
+  for _, p in ipairs({'rc:', 're:', 'rq:', 'ru:'}) do
+    rw_del(s, p .. o)
+  end
+end
+
+local function rw_load(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local raw = redis.call('HGETALL', key)
+  local s = {key = key, now = now, f = {}, sets = {}, dels = {}}
+  for i = 1, #raw, 2 do
+    s.f[raw[i]] = raw[i + 1]
+  end
+  local gone = {}
+  for k, v in pairs(s.f) do
+    local p = string.sub(k, 1, 3)
+    if (p == 're:' or p == 'we:' or p == 'ww:') and (tonumber(v) or 0) <= now then
+      gone[#gone + 1] = k
+    end
+  end
+  for _, k in ipairs(gone) do
+    local p, o = string.sub(k, 1, 3), string.sub(k, 4)
+    rw_del(s, k)
+    if p == 're:' then
+      rw_drop_reader(s, o)
+    elseif p == 'we:' and s.f.w == o then
+      rw_drop_writer(s)
+    end
+  end
+  if s.f.w and not s.f['we:' .. s.f.w] then
+    rw_drop_writer(s)
+  end
+  return s
+end
+
+-- rw_scan returns the number of readers, of waiting writers, and the
+-- earliest expiry of each (nil when there is none).
+local function rw_scan(s)
+  local readers, waiting, rmin, wmin = 0, 0, nil, nil
+  for k, v in pairs(s.f) do
+    local p = string.sub(k, 1, 3)
+    if p == 're:' then
+      readers = readers + 1
+      local e = tonumber(v)
+      if not rmin or e < rmin then rmin = e end
+    elseif p == 'ww:' then
+      waiting = waiting + 1
+      local e = tonumber(v)
+      if not wmin or e < wmin then wmin = e end
+    end
+  end
+  return readers, waiting, rmin, wmin
+end
+
+-- rw_commit writes the changes, sets the hash's TTL to its latest expiry,
+-- and deletes it when no lease is left. It reports whether the hash remains.
+local function rw_commit(s)
+  local last
+  for k, v in pairs(s.f) do
+    local p = string.sub(k, 1, 3)
+    if p == 're:' or p == 'we:' or p == 'ww:' then
+      local e = tonumber(v)
+      if not last or e > last then last = e end
+    end
+  end
+  if not last then
+    redis.call('DEL', s.key)
+    return false
+  end
+  local d = {}
+  for k in pairs(s.dels) do d[#d + 1] = k end
+  if #d > 0 then
+    redis.call('HDEL', s.key, unpack(d))
+  end
+  local a = {}
+  for k, v in pairs(s.sets) do
+    a[#a + 1] = k
+    a[#a + 1] = v
+  end
+  if #a > 0 then
+    redis.call('HSET', s.key, unpack(a))
+  end
+  redis.call('PEXPIRE', s.key, math.max(1, last - s.now))
+  return true
+end
+
+-- rw_released remembers req as a full release, so that a retry of that
+-- release is recognised (see rw_was_released).
+local function rw_released(s, req)
+  local ids = {}
+  for id in string.gmatch(s.f.rr or '', '%S+') do
+    ids[#ids + 1] = id
+  end
+  while #ids >= 8 do
+    table.remove(ids, 1)
+  end
+  ids[#ids + 1] = req
+  rw_set(s, 'rr', table.concat(ids, ' '))
+end
+
+-- rw_fence_release records req in the fence key ("<token>:<req>") when the
+-- full release deleted the hash, and with it the rr field.
+local function rw_fence_release(fence, req, retention)
+  local v = redis.call('GET', fence)
+  local last = (v and string.match(v, '^%d+')) or '0'
+  local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
+  redis.call('SET', fence, last .. ':' .. req, 'PX', ttl)
+end
+
+-- rw_was_released reports whether req is a full release already done.
+local function rw_was_released(s, fence, req)
+  for id in string.gmatch(s.f.rr or '', '%S+') do
+    if id == req then
+      return true
+    end
+  end
+  local v = redis.call('GET', fence)
+  return v ~= false and string.match(v, ':(.*)$') == req
+end
+

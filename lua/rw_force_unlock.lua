@@ -1,0 +1,29 @@
+-- rw_force_unlock.lua: release every hold of an RWMutex, the writer's and
+-- the readers', and wake the waiters. Waiting writers keep their places.
+--
+-- KEYS[1]  lock hash (see rw_common.lua)
+-- KEYS[2]  readers' wake-up channel
+-- KEYS[3]  writers' wake-up channel
+-- ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+--
+-- Returns 1 when a hold was released, 0 when the lock was free.
+local s = rw_load(KEYS[1])
+local held = s.f.w ~= nil
+rw_drop_writer(s)
+local readers = {}
+for k in pairs(s.f) do
+  if string.sub(k, 1, 3) == 'rc:' then
+    readers[#readers + 1] = string.sub(k, 4)
+  end
+end
+for _, o in ipairs(readers) do
+  rw_drop_reader(s, o)
+  held = true
+end
+rw_commit(s)
+if not held then
+  return 0
+end
+redis.call(ARGV[1], KEYS[2], 'a')
+redis.call(ARGV[1], KEYS[3], '1')
+return 1

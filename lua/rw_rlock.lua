@@ -1,0 +1,37 @@
+-- rw_rlock.lua: take the read lock of an RWMutex.
+--
+-- KEYS[1]  lock hash (see rw_common.lua)
+-- ARGV[1]  owner id
+-- ARGV[2]  lease, ms
+-- ARGV[3]  request id: unique per RLock or TryRLock call, reused by its retries
+--
+-- Returns {1, count} when ARGV[1] holds the read lock after the call (its read
+-- hold count), or {0, retry} when a writer holds the lock or waits for it,
+-- retry being the ms until that writer's lease or waiting place runs out.
+--
+-- A reader already holding the read lock, or holding the write lock (a
+-- downgrade), is let in even when writers wait: it would otherwise wait for
+-- itself.
+local s = rw_load(KEYS[1])
+local f, o, req = s.f, ARGV[1], ARGV[3]
+local c = tonumber(f['rc:' .. o])
+if c and f['rq:' .. o] == req then
+  rw_commit(s)
+  return {1, c}
+end
+local _, waiting, _, wmin = rw_scan(s)
+if c or f.w == o or (not f.w and waiting == 0) then
+  c = (c or 0) + 1
+  local exp = s.now + tonumber(ARGV[2])
+  rw_set(s, 'rc:' .. o, tostring(c))
+  rw_set(s, 'rq:' .. o, req)
+  rw_set(s, 're:' .. o, rw_ms(math.max(exp, tonumber(f['re:' .. o]) or 0)))
+  rw_commit(s)
+  return {1, c}
+end
+local until_ = wmin
+if f.w then
+  until_ = tonumber(f['we:' .. f.w])
+end
+rw_commit(s)
+return {0, math.max(1, until_ - s.now)}

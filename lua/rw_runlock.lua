@@ -1,0 +1,52 @@
+-- rw_runlock.lua: release one read hold of an RWMutex, or undo a read
+-- acquisition whose reply was lost.
+--
+-- KEYS[1]  lock hash (see rw_common.lua)
+-- KEYS[2]  fence key of the lock name (see rw_unlock.lua)
+-- KEYS[3]  writers' wake-up channel
+-- ARGV[1]  owner id
+-- ARGV[2]  request id: unique per RUnlock call, reused by its retries
+-- ARGV[3]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+-- ARGV[4]  fence retention, ms
+-- ARGV[5]  "" for an RUnlock; for an undo, the request id of the acquisition
+--          to undo
+--
+-- Returns the owner's remaining read hold count, or -1 when ARGV[1] does not
+-- hold the read lock. A release that leaves the lock free while writers wait
+-- wakes one writer of each Client ("1" on KEYS[3]).
+local s = rw_load(KEYS[1])
+local f, o, req = s.f, ARGV[1], ARGV[2]
+local c = tonumber(f['rc:' .. o])
+if not c then
+  local done = rw_was_released(s, KEYS[2], req)
+  rw_commit(s)
+  if done then
+    return 0
+  end
+  return -1
+end
+if ARGV[5] ~= '' and f['rq:' .. o] ~= ARGV[5] then
+  rw_commit(s)
+  return -1
+end
+if f['ru:' .. o] == req then
+  rw_commit(s)
+  return c
+end
+c = c - 1
+if c > 0 then
+  rw_set(s, 'rc:' .. o, tostring(c))
+  rw_set(s, 'ru:' .. o, req)
+  rw_commit(s)
+  return c
+end
+rw_drop_reader(s, o)
+rw_released(s, req)
+local readers, waiting = rw_scan(s)
+if not rw_commit(s) then
+  rw_fence_release(KEYS[2], req, ARGV[4])
+end
+if readers == 0 and not f.w and waiting > 0 then
+  redis.call(ARGV[3], KEYS[3], '1')
+end
+return 0

@@ -1,0 +1,54 @@
+-- rw_unlock.lua: release one write hold of an RWMutex, or undo a write
+-- acquisition whose reply was lost.
+--
+-- KEYS[1]  lock hash (see rw_common.lua)
+-- KEYS[2]  fence key of the lock name: "<token>:<request id>" after a full
+--          release that left no hash (see rw_common.lua)
+-- KEYS[3]  readers' wake-up channel
+-- KEYS[4]  writers' wake-up channel
+-- ARGV[1]  owner id
+-- ARGV[2]  request id: unique per Unlock call, reused by its retries
+-- ARGV[3]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+-- ARGV[4]  fence retention, ms
+-- ARGV[5]  "" for an Unlock; for an undo, the request id of the acquisition
+--          to undo: a hold is released only if that acquisition took it
+--
+-- Returns the owner's remaining write hold count, or -1 when ARGV[1] does not
+-- hold the write lock. The last write hold's release wakes every local reader
+-- of each Client ("a" on KEYS[3]) and one writer ("1" on KEYS[4]); the owner
+-- keeps its read holds, if any (a downgrade).
+local s = rw_load(KEYS[1])
+local f, o, req = s.f, ARGV[1], ARGV[2]
+if f.w ~= o then
+  local done = rw_was_released(s, KEYS[2], req)
+  rw_commit(s)
+  if done then
+    return 0
+  end
+  return -1
+end
+if ARGV[5] ~= '' and f.wq ~= ARGV[5] then
+  rw_commit(s)
+  return -1
+end
+if f.wu == req then
+  rw_commit(s)
+  return tonumber(f.wc)
+end
+local c = tonumber(f.wc) - 1
+if c > 0 then
+  rw_set(s, 'wc', tostring(c))
+  rw_set(s, 'wu', req)
+  rw_commit(s)
+  return c
+end
+local token = f.t
+rw_drop_writer(s)
+rw_released(s, req)
+if not rw_commit(s) then
+  redis.call('SET', KEYS[2], token .. ':' .. req, 'PX',
+    math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
+end
+redis.call(ARGV[3], KEYS[3], 'a')
+redis.call(ARGV[3], KEYS[4], '1')
+return 0

@@ -1,0 +1,466 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var (
+	//go:embed lua/rw_common.lua
+	rwCommonLua string
+	//go:embed lua/rw_lock.lua
+	rwLockLua string
+	//go:embed lua/rw_rlock.lua
+	rwRLockLua string
+	//go:embed lua/rw_unlock.lua
+	rwUnlockLua string
+	//go:embed lua/rw_runlock.lua
+	rwRUnlockLua string
+	//go:embed lua/rw_unqueue.lua
+	rwUnqueueLua string
+	//go:embed lua/rw_force_unlock.lua
+	rwForceUnlockLua string
+	//go:embed lua/rw_info.lua
+	rwInfoLua string
+
+	rwLockScript        = redis.NewScript(fenceLua + rwCommonLua + rwLockLua)
+	rwRLockScript       = redis.NewScript(rwCommonLua + rwRLockLua)
+	rwUnlockScript      = redis.NewScript(rwCommonLua + rwUnlockLua)
+	rwRUnlockScript     = redis.NewScript(rwCommonLua + rwRUnlockLua)
+	rwUnqueueScript     = redis.NewScript(rwCommonLua + rwUnqueueLua)
+	rwForceUnlockScript = redis.NewScript(rwCommonLua + rwForceUnlockLua)
+	rwInfoScript        = redis.NewScript(rwCommonLua + rwInfoLua)
+)
+
+// RWMutex is a distributed readers-writer lock: any number of readers share
+// it, or one writer holds it alone. Both sides are reentrant per owner (the
+// handle, or its WithOwner id), like ReentrantMutex: each Lock needs one
+// Unlock, each RLock one RUnlock.
+//
+// Lock, TryLock, Unlock, Token and Lost are the writer's; RLock, TryRLock,
+// RUnlock and RLost the reader's. RLocker returns the read side as a Locker,
+// for Do.
+//
+// Downgrade: the writer may take the read lock too. After its last write
+// Unlock it still holds the read lock, and other readers may join. Upgrade,
+// the reverse, is refused: Lock and TryLock by an owner holding only the read
+// lock return ErrUpgrade at once, since the writer would wait for its own
+// read hold forever.
+//
+// Writers are not starved: once a writer waits (Lock, not TryLock), new
+// readers queue behind it, so a stream of overlapping readers holds it off
+// for about one read hold. Owners already reading may still re-enter. A
+// writer that gives up waiting lets the queued readers in.
+//
+// Every owner's read hold has a lease of its own, renewed by the watchdog
+// (or fixed, with WithLease): a crashed reader frees its share when its lease
+// runs out, while the other readers keep theirs. The writer's hold has its
+// own lease as well. A waiting writer's place in the queue is leased too
+// (the watchdog timeout, renewed while it waits), so a crashed waiting writer
+// blocks new readers for at most that long.
+//
+// Wake-ups: the last write Unlock wakes every local reader and one local
+// writer of each Client; a read unlock that leaves the lock free wakes one
+// waiting writer. A lost message delays a waiter by at most the remaining
+// lease of the hold in its way (see the package documentation).
+//
+// Keys of an RWMutex named n: the hash "{n}:rw" (writer, readers, leases,
+// waiting writers, request ids) and the fence key "{n}:fence"; channels
+// "{n}:rwake" (readers) and "{n}:wwake" (writers). An idle RWMutex leaves
+// only its fence key.
+type RWMutex struct {
+	c      *Client
+	name   string
+	key    string
+	fence  string
+	rwake  string
+	wwake  string
+	owner  string
+	lease  time.Duration
+	renew  bool
+	err    error
+	wfield string // the writer's lease field in the hash
+	rfield string // the reader's lease field
+	qfield string // the waiting writer's place
+
+	mu    sync.Mutex
+	wh    *hold // this handle's write hold
+	wn    int   // write holds taken through this handle
+	token int64
+	rh    *hold // this handle's read hold
+	rn    int   // read holds taken through this handle
+}
+
+// RWMutex returns a handle on the readers-writer lock called name. It does
+// not talk to Redis. Bad arguments are reported by the handle's methods as
+// errors wrapping ErrInvalidArgument.
+func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
+	o := newLockOptions(name, opts)
+	m := &RWMutex{c: c, name: name, owner: o.owner, err: o.err}
+	if c != nil && m.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
+		m.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	}
+	if c != nil {
+		tag := c.tag(name)
+		m.key, m.fence = tag+":rw", tag+":fence"
+		m.rwake, m.wwake = tag+":rwake", tag+":wwake"
+		m.lease, m.renew = c.leaseFor(o)
+	}
+	m.wfield, m.rfield, m.qfield = "we:"+m.owner, "re:"+m.owner, "ww:"+m.owner
+	return m
+}
+
+func (m *RWMutex) check() error {
+	if err := m.c.check(); err != nil {
+		return err
+	}
+	return m.err
+}
+
+// Lock blocks until the owner holds the write lock once more, or ctx is
+// done. A failed wait returns an error matching both ErrNotObtained and
+// ctx.Err(). It returns ErrUpgrade at once when the owner holds the read
+// lock but not the write lock.
+func (m *RWMutex) Lock(ctx context.Context) error {
+	_, err := m.lock(ctx, true)
+	return err
+}
+
+// TryLock makes one attempt at the write lock; (false, nil) means another
+// owner holds the lock (reading or writing). It does not queue: readers are
+// not held back by a TryLock. It returns ErrUpgrade when the owner holds the
+// read lock but not the write lock.
+func (m *RWMutex) TryLock(ctx context.Context) (bool, error) {
+	return m.lock(ctx, false)
+}
+
+func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
+	if err := m.check(); err != nil {
+		return false, err
+	}
+	c := m.c
+	req := newID()
+	keys := []string{m.key, m.fence}
+	wait := int64(0) // the lease of the waiting place; 0: do not queue
+	if block {
+		wait = c.opts.watchdogTimeout.Milliseconds()
+	}
+	var (
+		token, count int64
+		sent         time.Time
+		upgrade      bool
+		queued       *hold // the waiting place, tracked while waiting
+	)
+	try := func(ctx context.Context) (bool, time.Duration, error) {
+		c.wd.setReleasing(queued, true) // this attempt may remove it
+		sent = time.Now()
+		res, err := rwLockScript.Run(ctx, c.rdb, keys, m.owner, m.lease.Milliseconds(), req,
+			fenceRetention(m.lease), wait).Int64Slice()
+		if err != nil {
+			return false, 0, err
+		}
+		switch res[0] {
+		case 1:
+			token, count = res[1], res[2]
+			return true, 0, nil
+		case 2:
+			upgrade = true
+			return true, 0, nil // ends the wait; reported below
+		}
+		if block {
+			if queued == nil || queued.isLost() {
+				// (Re)track the place this attempt took or refreshed.
+				c.wd.remove(queued)
+				queued = c.wd.add(m.name, m.key, 'f', m.qfield, c.opts.watchdogTimeout, true, sent)
+			} else {
+				c.wd.setReleasing(queued, false)
+			}
+		}
+		return false, c.retryBound(res[1]), nil
+	}
+	undo := func(ctx context.Context) {
+		_, _ = m.unlockW(ctx, req)
+		if block {
+			m.unqueue(ctx)
+		}
+	}
+	ok, err := c.acquire(ctx, m.wwake, block, try, undo)
+	if queued != nil {
+		c.wd.remove(queued)
+		if !ok || upgrade {
+			// Gave up: leave the queue, letting the readers behind in.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			m.unqueue(cctx)
+			cancel()
+		}
+	}
+	if upgrade {
+		return false, ErrUpgrade
+	}
+	if !ok {
+		return false, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.wh == nil || m.wh.isLost() {
+		c.wd.remove(m.wh)
+		m.wh, m.wn = c.wd.add(m.name, m.key, 'f', m.wfield, m.lease, m.renew, sent), 0
+	}
+	m.wn++
+	if count == 1 || m.token == 0 {
+		m.token = token
+	}
+	return true, nil
+}
+
+// unlockW releases one write hold (or, with undo set, the hold taken by that
+// acquisition only) and returns the owner's remaining write hold count, or
+// -1 when it held none.
+func (m *RWMutex) unlockW(ctx context.Context, undo string) (int64, error) {
+	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake},
+		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo).Int64()
+	return n, convertErr(err)
+}
+
+// unlockR is unlockW for a read hold.
+func (m *RWMutex) unlockR(ctx context.Context, undo string) (int64, error) {
+	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake},
+		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo).Int64()
+	return n, convertErr(err)
+}
+
+// unqueue removes the owner's waiting place, waking the readers queued
+// behind it when it was the last.
+func (m *RWMutex) unqueue(ctx context.Context) {
+	err := rwUnqueueScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake}, m.owner, m.c.publishCommand(ctx)).Err()
+	if err = convertErr(err); err != nil {
+		// The place expires after its lease (the watchdog timeout).
+		m.c.opts.logger.Warn("redlatch: leaving the writers' queue failed", "name", m.name, "error", err)
+	}
+}
+
+// Unlock releases one write hold of the owner. The last one releases the
+// write lock, wakes every waiting reader and one waiting writer; the owner
+// keeps its read holds, if it took any (a downgrade). It returns ErrNotHeld
+// when the owner does not hold the write lock, when the lease ran out, or
+// when the hold was lost (Lost is closed). Like ReentrantMutex.Unlock, it is
+// idempotent per call.
+func (m *RWMutex) Unlock(ctx context.Context) error {
+	if err := m.check(); err != nil {
+		return err
+	}
+	return m.release(ctx, &m.wh, &m.wn, &m.token, m.unlockW)
+}
+
+// RUnlock releases one read hold of the owner. A release that leaves the
+// lock free wakes a waiting writer. It returns ErrNotHeld when the owner
+// does not hold the read lock, when its lease ran out, or when the hold was
+// lost (RLost is closed).
+func (m *RWMutex) RUnlock(ctx context.Context) error {
+	if err := m.check(); err != nil {
+		return err
+	}
+	return m.release(ctx, &m.rh, &m.rn, nil, m.unlockR)
+}
+
+// release is Unlock and RUnlock: like ReentrantMutex.Unlock, on the hold
+// *hp counted by *np.
+func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, token *int64,
+	script func(context.Context, string) (int64, error)) error {
+	m.mu.Lock()
+	h := *hp
+	m.mu.Unlock()
+	m.c.wd.setReleasing(h, true)
+	n, err := script(ctx, "")
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if *hp != h || h == nil {
+		h = nil // nothing tracked here, or a concurrent acquisition replaced it
+	} else if *np > 0 {
+		*np--
+	}
+	if h != nil && *np > 0 && (n > 0 || err != nil) {
+		m.c.wd.setReleasing(h, false)
+	} else if h != nil {
+		lost := m.c.wd.remove(h)
+		*hp, *np = nil, 0
+		if token != nil {
+			*token = 0
+		}
+		if lost {
+			return ErrNotHeld
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if n < 0 {
+		return ErrNotHeld
+	}
+	return nil
+}
+
+// RLock blocks until the owner holds the read lock once more, or ctx is
+// done. It waits while another owner holds the write lock, or waits for it
+// (unless this owner already reads, or holds the write lock). A failed wait
+// returns an error matching both ErrNotObtained and ctx.Err().
+func (m *RWMutex) RLock(ctx context.Context) error {
+	_, err := m.rlock(ctx, true)
+	return err
+}
+
+// TryRLock makes one attempt at the read lock; (false, nil) means a writer
+// holds the lock or waits for it.
+func (m *RWMutex) TryRLock(ctx context.Context) (bool, error) {
+	return m.rlock(ctx, false)
+}
+
+func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
+	if err := m.check(); err != nil {
+		return false, err
+	}
+	c := m.c
+	req := newID()
+	keys := []string{m.key}
+	var sent time.Time
+	try := func(ctx context.Context) (bool, time.Duration, error) {
+		sent = time.Now()
+		res, err := rwRLockScript.Run(ctx, c.rdb, keys, m.owner, m.lease.Milliseconds(), req).Int64Slice()
+		if err != nil {
+			return false, 0, err
+		}
+		if res[0] == 1 {
+			return true, 0, nil
+		}
+		return false, c.retryBound(res[1]), nil
+	}
+	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req) }
+	ok, err := c.acquireShared(ctx, m.rwake, block, try, undo)
+	if !ok {
+		return false, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.rh == nil || m.rh.isLost() {
+		c.wd.remove(m.rh)
+		m.rh, m.rn = c.wd.add(m.name, m.key, 'f', m.rfield, m.lease, m.renew, sent), 0
+	}
+	m.rn++
+	return true, nil
+}
+
+// Token returns the fencing token of the current write hold, or 0 when the
+// handle holds no write lock (read holds have no token). A new writer always
+// gets a higher token than the previous one; re-entry keeps it. See
+// Mutex.Token.
+func (m *RWMutex) Token() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.token
+}
+
+// Lost returns a channel closed when the current write hold ends before its
+// last Unlock. See Mutex.Lost.
+func (m *RWMutex) Lost() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.wh.lostChan()
+}
+
+// RLost returns a channel closed when the current read hold ends before its
+// last RUnlock (its lease ran out, or ForceUnlock); nil when the handle
+// holds no read lock.
+func (m *RWMutex) RLost() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.rh.lostChan()
+}
+
+// RLocker returns the read side as a Locker (RLock, RUnlock, RLost), for Do.
+func (m *RWMutex) RLocker() Locker { return rlocker{m} }
+
+type rlocker struct{ m *RWMutex }
+
+func (r rlocker) Lock(ctx context.Context) error   { return r.m.RLock(ctx) }
+func (r rlocker) Unlock(ctx context.Context) error { return r.m.RUnlock(ctx) }
+func (r rlocker) Lost() <-chan struct{}            { return r.m.RLost() }
+
+// info returns whether anyone holds the lock and the latest lease left.
+func (m *RWMutex) info(ctx context.Context) (bool, time.Duration, error) {
+	if err := m.check(); err != nil {
+		return false, 0, err
+	}
+	res, err := rwInfoScript.Run(ctx, m.c.rdb, []string{m.key}).Int64Slice()
+	if err != nil {
+		return false, 0, convertErr(err)
+	}
+	return res[0] == 1, time.Duration(res[1]) * time.Millisecond, nil
+}
+
+// TTL returns the longest remaining lease among the holds of the lock (the
+// writer's and the readers'); 0 when it is free.
+func (m *RWMutex) TTL(ctx context.Context) (time.Duration, error) {
+	_, d, err := m.info(ctx)
+	return d, err
+}
+
+// IsLocked reports whether anyone holds the lock, reading or writing.
+// Writers waiting for it do not count.
+func (m *RWMutex) IsLocked(ctx context.Context) (bool, error) {
+	held, _, err := m.info(ctx)
+	return held, err
+}
+
+// ForceUnlock releases every hold of the lock, the writer's and all the
+// readers', and wakes the waiters. It reports whether anything was held.
+// Former holders see Lost (or RLost) close at their next renewal. Meant for
+// operators and tests.
+func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
+	if err := m.check(); err != nil {
+		return false, err
+	}
+	n, err := rwForceUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.wwake},
+		m.c.publishCommand(ctx)).Int64()
+	return n == 1, convertErr(err)
+}
+
+// acquireShared is Client.acquire for shared holds (read locks). It never
+// queues a waiter behind the local waiters without an attempt of its own:
+// that suits exclusive locks, where each release lets one waiter in and
+// each waiter passes the turn on, but one wake-up lets every reader in at
+// once, and a reader arriving just after it would wait for the next one.
+func (c *Client) acquireShared(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
+	var w *waiter
+	acquired := false
+	defer func() {
+		if w != nil {
+			w.leave(!acquired)
+		}
+	}()
+	for {
+		ok, retry, err := try(ctx)
+		switch {
+		case err != nil:
+			return false, c.failedAttempt(ctx, err, undo)
+		case ok:
+			acquired = true
+			return true, nil
+		case !block:
+			return false, nil
+		case w == nil:
+			if w, err = c.ps.join(ctx, channel, retry); err != nil {
+				return false, err
+			}
+		default:
+			if _, err = w.wait(ctx, retry); err != nil {
+				return false, err
+			}
+		}
+	}
+}

@@ -1,0 +1,604 @@
+package redlatch_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// rwKeys returns the keys of the lock name present on any node, sorted.
+func rwKeys(t *testing.T, b redistest.Backend, name string) []string {
+	t.Helper()
+	var out []string
+	for _, r := range b.NodeClients(t) {
+		ks, err := r.Keys(context.Background(), "{"+name+"}*").Result()
+		require.NoError(t, err)
+		out = append(out, ks...)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// requireIdle checks that nothing but the fence key is left of the lock.
+func requireIdle(t *testing.T, b redistest.Backend, name string) {
+	t.Helper()
+	require.Equal(t, []string{"{" + name + "}:fence"}, rwKeys(t, b, name))
+}
+
+func tryR(t *testing.T, ctx context.Context, m *redlatch.RWMutex) bool {
+	t.Helper()
+	ok, err := m.TryRLock(ctx)
+	require.NoError(t, err)
+	return ok
+}
+
+func tryW(t *testing.T, ctx context.Context, m *redlatch.RWMutex) bool {
+	t.Helper()
+	ok, err := m.TryLock(ctx)
+	require.NoError(t, err)
+	return ok
+}
+
+// TestRWSharedReaders: 5 readers hold at once and keep a writer out; the
+// writer then keeps readers out; an idle lock leaves only its fence key.
+func TestRWSharedReaders(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c1, c2 := newClient(t, b), newClient(t, b)
+		name := redistest.UniqueName(t)
+		var readers []*redlatch.RWMutex
+		for i := 0; i < 5; i++ {
+			r := []*redlatch.Client{c1, c2}[i%2].RWMutex(name)
+			require.True(t, tryR(t, ctx, r), "reader %d", i)
+			readers = append(readers, r)
+		}
+		w := c2.RWMutex(name)
+		require.False(t, tryW(t, ctx, w), "a writer while readers hold")
+		require.Zero(t, w.Token())
+		locked, err := w.IsLocked(ctx)
+		require.NoError(t, err)
+		require.True(t, locked)
+		ttl, err := w.TTL(ctx)
+		require.NoError(t, err)
+		require.Greater(t, ttl, 20*time.Second)
+
+		// A writer that gave up waiting does not keep readers out.
+		wctx, cancel := context.WithTimeout(ctx, 150*time.Millisecond)
+		err = w.Lock(wctx)
+		cancel()
+		requireWaitErr(t, err, wctx)
+		extra := c1.RWMutex(name)
+		require.True(t, tryR(t, ctx, extra))
+		require.NoError(t, extra.RUnlock(ctx))
+
+		for i, r := range readers {
+			require.False(t, tryW(t, ctx, w), "writer with %d readers left", 5-i)
+			require.NoError(t, r.RUnlock(ctx))
+			require.ErrorIs(t, r.RUnlock(ctx), redlatch.ErrNotHeld)
+		}
+		require.True(t, tryW(t, ctx, w))
+		require.Positive(t, w.Token())
+		for _, r := range readers {
+			require.False(t, tryR(t, ctx, r), "a reader while the writer holds")
+		}
+		require.False(t, tryW(t, ctx, c1.RWMutex(name)), "a second writer")
+		require.ErrorIs(t, readers[0].Unlock(ctx), redlatch.ErrNotHeld)
+		require.NoError(t, w.Unlock(ctx))
+		require.Zero(t, w.Token())
+		require.ErrorIs(t, w.Unlock(ctx), redlatch.ErrNotHeld)
+		locked, err = w.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+		ttl, err = w.TTL(ctx)
+		require.NoError(t, err)
+		require.Zero(t, ttl)
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWReentrantDowngrade: both sides re-enter; a writer that also reads
+// keeps reading after its write Unlock, and other readers may join then.
+func TestRWReentrantDowngrade(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		m := c.RWMutex(name)
+		require.NoError(t, m.Lock(ctx))
+		tok := m.Token()
+		require.NoError(t, m.Lock(ctx))
+		require.Equal(t, tok, m.Token(), "re-entry keeps the token")
+		require.NoError(t, m.RLock(ctx), "downgrade: the writer reads")
+		require.NoError(t, m.RLock(ctx))
+
+		other := c.RWMutex(name)
+		require.False(t, tryR(t, ctx, other))
+		require.NoError(t, m.Unlock(ctx))
+		require.False(t, tryR(t, ctx, other), "still written once")
+		require.NoError(t, m.Unlock(ctx))
+		require.Zero(t, m.Token())
+		require.Nil(t, m.Lost())
+		require.NotNil(t, m.RLost())
+
+		// Downgraded: still read-held by m, other readers join, writers wait.
+		require.True(t, tryR(t, ctx, other))
+		require.False(t, tryW(t, ctx, c.RWMutex(name)))
+		require.NoError(t, other.RUnlock(ctx))
+		require.NoError(t, m.RUnlock(ctx))
+		require.False(t, tryW(t, ctx, c.RWMutex(name)), "m still reads once")
+		require.NoError(t, m.RUnlock(ctx))
+		require.ErrorIs(t, m.RUnlock(ctx), redlatch.ErrNotHeld)
+
+		// Handles sharing an owner share the holds.
+		a := c.RWMutex(name, redlatch.WithOwner("svc-1"))
+		a2 := c.RWMutex(name, redlatch.WithOwner("svc-1"))
+		require.NoError(t, a.RLock(ctx))
+		require.True(t, tryR(t, ctx, a2))
+		require.NoError(t, a2.RUnlock(ctx))
+		require.NoError(t, a2.RUnlock(ctx), "a shared owner releases what the other handle took")
+		locked, err := a.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWUpgrade: a reader asking for the write lock gets ErrUpgrade at
+// once, and its read hold is untouched.
+func TestRWUpgrade(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		m := c.RWMutex(name, redlatch.WithOwner("reader"))
+		require.NoError(t, m.RLock(ctx))
+		start := time.Now()
+		require.ErrorIs(t, m.Lock(ctx), redlatch.ErrUpgrade)
+		ok, err := m.TryLock(ctx)
+		require.ErrorIs(t, err, redlatch.ErrUpgrade)
+		require.False(t, ok)
+		same := c.RWMutex(name, redlatch.WithOwner("reader"))
+		require.ErrorIs(t, same.Lock(ctx), redlatch.ErrUpgrade, "another handle of the owner")
+		require.Less(t, time.Since(start), 5*time.Second, "no wait")
+		require.Zero(t, m.Token())
+
+		// The failed upgrade left no waiting place: readers still get in.
+		r := c.RWMutex(name)
+		require.True(t, tryR(t, ctx, r))
+		require.NoError(t, r.RUnlock(ctx))
+		require.NoError(t, m.RUnlock(ctx))
+		require.NoError(t, m.Lock(ctx), "without the read hold, the owner may write")
+		require.NoError(t, m.Unlock(ctx))
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWWriterNotStarved: 4 goroutines take overlapping 30ms read holds in
+// a loop; a writer still gets in within about one read hold.
+func TestRWWriterNotStarved(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		clients := []*redlatch.Client{newClient(t, b), newClient(t, b)}
+		name := redistest.UniqueName(t)
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var reads atomic.Int64
+		var writing atomic.Bool
+		errs := make(chan error, 8)
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				r := clients[g%2].RWMutex(name)
+				time.Sleep(time.Duration(g) * 8 * time.Millisecond) // overlap the holds
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if err := r.RLock(ctx); err != nil {
+						errs <- err
+						return
+					}
+					if writing.Load() {
+						errs <- errors.New("a reader inside with the writer")
+					}
+					reads.Add(1)
+					time.Sleep(30 * time.Millisecond)
+					if err := r.RUnlock(ctx); err != nil {
+						errs <- err
+						return
+					}
+				}
+			}(g)
+		}
+		time.Sleep(200 * time.Millisecond)
+		w := clients[0].RWMutex(name)
+		for i := 0; i < 3; i++ {
+			start := time.Now()
+			require.NoError(t, w.Lock(ctx))
+			waited := time.Since(start)
+			writing.Store(true)
+			t.Logf("writer waited %v", waited)
+			require.Less(t, waited, 700*time.Millisecond)
+			time.Sleep(10 * time.Millisecond)
+			writing.Store(false)
+			require.NoError(t, w.Unlock(ctx))
+			time.Sleep(100 * time.Millisecond)
+		}
+		close(stop)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		require.Greater(t, reads.Load(), int64(8), "readers made progress")
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWReaderLease: a reader with a 300ms lease that never unlocks stops
+// blocking a writer after its lease, while another reader keeps renewing
+// its own read hold meanwhile.
+func TestRWReaderLease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		crashed := c.RWMutex(name, redlatch.WithLease(300*time.Millisecond))
+		require.NoError(t, crashed.RLock(ctx))
+		// Renewed every 300ms, on a 900ms lease: it must be renewed by the
+		// end of the sleep.
+		live := newClient(t, b, redlatch.WithWatchdogTimeout(900*time.Millisecond)).RWMutex(name)
+		require.NoError(t, live.RLock(ctx))
+
+		time.Sleep(time.Second)
+		select {
+		case <-crashed.RLost():
+		default:
+			t.Fatal("RLost of the expired read hold is not closed")
+		}
+		select {
+		case <-live.RLost():
+			t.Fatal("the renewed read hold was lost")
+		default:
+		}
+		w := c.RWMutex(name)
+		require.False(t, tryW(t, ctx, w), "the live reader still holds")
+		require.NoError(t, live.RUnlock(ctx))
+		require.True(t, tryW(t, ctx, w), "the expired reader no longer counts")
+		require.NoError(t, w.Unlock(ctx))
+		require.ErrorIs(t, crashed.RUnlock(ctx), redlatch.ErrNotHeld)
+
+		// Alone: a writer waiting on a never-released 300ms read hold gets in
+		// after the lease.
+		require.NoError(t, crashed.RLock(ctx))
+		start := time.Now()
+		require.NoError(t, w.Lock(ctx))
+		waited := time.Since(start)
+		t.Logf("writer waited %v", waited)
+		require.Less(t, waited, 5*time.Second)
+		require.NoError(t, w.Unlock(ctx))
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWWakeups: a read unlock that frees the lock wakes a waiting writer,
+// and a write unlock wakes every waiting reader, by pub/sub (well before
+// the 30s leases would end the waits).
+func TestRWWakeups(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c1, c2 := newClient(t, b), newClient(t, b)
+		name := redistest.UniqueName(t)
+		r := c1.RWMutex(name)
+		require.NoError(t, r.RLock(ctx))
+		w := c2.RWMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- w.Lock(ctx) }()
+		time.Sleep(200 * time.Millisecond)
+		// The waiting writer keeps new readers out.
+		require.False(t, tryR(t, ctx, c1.RWMutex(name)))
+		released := time.Now()
+		require.NoError(t, r.RUnlock(ctx))
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("the writer was not woken")
+		}
+		t.Logf("writer woken after %v", time.Since(released))
+
+		var wg sync.WaitGroup
+		readers := make(chan error, 4)
+		for i := 0; i < 4; i++ {
+			wg.Add(1)
+			go func(c *redlatch.Client) {
+				defer wg.Done()
+				rr := c.RWMutex(name)
+				if err := rr.RLock(ctx); err != nil {
+					readers <- err
+					return
+				}
+				readers <- rr.RUnlock(ctx)
+			}([]*redlatch.Client{c1, c2}[i%2])
+		}
+		time.Sleep(200 * time.Millisecond)
+		require.Len(t, readers, 0, "readers got in while the writer holds")
+		released = time.Now()
+		require.NoError(t, w.Unlock(ctx))
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the readers were not woken")
+		}
+		t.Logf("readers woken after %v", time.Since(released))
+		close(readers)
+		for err := range readers {
+			require.NoError(t, err)
+		}
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWTokens: every new writer gets a higher token.
+func TestRWTokens(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		last := int64(0)
+		for i := 0; i < 5; i++ {
+			w := c.RWMutex(name)
+			require.NoError(t, w.Lock(ctx))
+			require.Greater(t, w.Token(), last)
+			last = w.Token()
+			// Readers in between do not matter.
+			require.NoError(t, w.Unlock(ctx))
+			r := c.RWMutex(name)
+			require.NoError(t, r.RLock(ctx))
+			require.Zero(t, r.Token())
+			require.NoError(t, r.RUnlock(ctx))
+		}
+		// The Mutex of the same name shares the fence: its tokens go on
+		// increasing.
+		m := c.Mutex(name)
+		require.NoError(t, m.Lock(ctx))
+		require.Greater(t, m.Token(), last)
+		require.NoError(t, m.Unlock(ctx))
+	})
+}
+
+// TestRWLostAndForceUnlock: ForceUnlock releases the writer and the
+// readers, whose Lost and RLost close at the next renewal.
+func TestRWLostAndForceUnlock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(900*time.Millisecond))
+		name := redistest.UniqueName(t)
+		w := c.RWMutex(name)
+		require.NoError(t, w.Lock(ctx))
+		require.NoError(t, w.RLock(ctx))
+		time.Sleep(time.Second) // renewed beyond the first lease
+		ttl, err := w.TTL(ctx)
+		require.NoError(t, err)
+		require.Positive(t, ttl)
+		require.LessOrEqual(t, ttl, 900*time.Millisecond)
+		select {
+		case <-w.Lost():
+			t.Fatal("lost while renewed")
+		default:
+		}
+		ok, err := w.ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		for _, ch := range []<-chan struct{}{w.Lost(), w.RLost()} {
+			select {
+			case <-ch:
+			case <-time.After(5 * time.Second):
+				t.Fatal("Lost not closed after ForceUnlock")
+			}
+		}
+		require.ErrorIs(t, w.Unlock(ctx), redlatch.ErrNotHeld)
+		require.ErrorIs(t, w.RUnlock(ctx), redlatch.ErrNotHeld)
+		ok, err = w.ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok)
+
+		// Readers, and a writer waiting on them, woken by ForceUnlock.
+		r := c.RWMutex(name)
+		require.NoError(t, r.RLock(ctx))
+		got := make(chan error, 1)
+		go func() { got <- w.Lock(ctx) }()
+		time.Sleep(100 * time.Millisecond)
+		ok, err = r.ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.NoError(t, <-got)
+		select {
+		case <-r.RLost():
+		case <-time.After(5 * time.Second):
+			t.Fatal("RLost not closed after ForceUnlock")
+		}
+		require.NoError(t, w.Unlock(ctx))
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWDo: Do on the write side and on RLocker.
+func TestRWDo(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		m := c.RWMutex(name)
+		require.NoError(t, redlatch.Do(ctx, m.RLocker(), func(ctx context.Context) error {
+			require.False(t, tryW(t, ctx, c.RWMutex(name)))
+			return nil
+		}))
+		require.NoError(t, redlatch.Do(ctx, m, func(ctx context.Context) error {
+			require.False(t, tryR(t, ctx, c.RWMutex(name)))
+			return nil
+		}))
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWInvalid: bad input never reaches Redis.
+func TestRWInvalid(t *testing.T) {
+	ctx := ctxT(t, 5*time.Second)
+	b := redistest.Backends(t)[0]
+	c := newClient(t, b)
+	for _, m := range []*redlatch.RWMutex{
+		c.RWMutex(""), c.RWMutex("x", redlatch.WithLease(0)), c.RWMutex("x", redlatch.WithOwner("")),
+	} {
+		require.ErrorIs(t, m.Lock(ctx), redlatch.ErrInvalidArgument)
+		require.ErrorIs(t, m.RLock(ctx), redlatch.ErrInvalidArgument)
+		_, err := m.TryRLock(ctx)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+		require.ErrorIs(t, m.RUnlock(ctx), redlatch.ErrInvalidArgument)
+		_, err = m.IsLocked(ctx)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+	}
+	var nilClient *redlatch.Client
+	require.ErrorIs(t, nilClient.RWMutex("x").RLock(ctx), redlatch.ErrInvalidArgument)
+}
+
+func ExampleRWMutex() {
+	rdb, done := exampleRedis()
+	defer done()
+	ctx := context.Background()
+	client := redlatch.New(rdb)
+	defer client.Close()
+
+	// Readers share the lock.
+	a, b := client.RWMutex("catalog"), client.RWMutex("catalog")
+	_ = a.RLock(ctx)
+	_ = b.RLock(ctx)
+	w := client.RWMutex("catalog")
+	ok, _ := w.TryLock(ctx)
+	fmt.Println("writer while two read:", ok)
+	_ = a.RUnlock(ctx)
+	_ = b.RUnlock(ctx)
+
+	// The writer excludes everyone; it may downgrade to a read.
+	_ = w.Lock(ctx)
+	_ = w.RLock(ctx)
+	_ = w.Unlock(ctx)
+	ok, _ = a.TryRLock(ctx)
+	fmt.Println("reader after the downgrade:", ok)
+
+	// A reader cannot upgrade.
+	fmt.Println(errors.Is(a.Lock(ctx), redlatch.ErrUpgrade))
+	// Output:
+	// writer while two read: false
+	// reader after the downgrade: true
+	// true
+}
+
+// TestRWMixedProgress: readers and writers sharing one Client all make
+// progress, each wait ending by a wake-up (a missed one would cost the
+// waiter 10s, a third of the watchdog timeout).
+func TestRWMixedProgress(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		deadline := time.Now().Add(500 * time.Millisecond)
+		var wg sync.WaitGroup
+		var writers, readers atomic.Int32
+		errs := make(chan error, 8)
+		var ops atomic.Int64
+		for g := 0; g < 8; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				m := c.RWMutex(name)
+				for i := 0; time.Now().Before(deadline); i++ {
+					t0 := time.Now()
+					write := (i+g)%5 == 0
+					var err error
+					if write {
+						err = m.Lock(ctx)
+					} else {
+						err = m.RLock(ctx)
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+					if d := time.Since(t0); d > 3*time.Second {
+						errs <- fmt.Errorf("waited %v (write %v)", d, write)
+					}
+					if write {
+						if writers.Add(1) != 1 || readers.Load() != 0 {
+							errs <- errors.New("a writer not alone")
+						}
+						writers.Add(-1)
+						err = m.Unlock(ctx)
+					} else {
+						readers.Add(1)
+						if writers.Load() != 0 {
+							errs <- errors.New("a reader with a writer")
+						}
+						readers.Add(-1)
+						err = m.RUnlock(ctx)
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+					ops.Add(1)
+				}
+			}(g)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		t.Logf("%d operations", ops.Load())
+		requireIdle(t, b, name)
+	})
+}
+
+// TestRWWaitingPlaceRenewed: a writer waiting longer than the watchdog
+// timeout keeps its place, so new readers still queue behind it.
+func TestRWWaitingPlaceRenewed(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		name := redistest.UniqueName(t)
+		r := c.RWMutex(name)
+		require.NoError(t, r.RLock(ctx))
+		w := c.RWMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- w.Lock(ctx) }()
+		time.Sleep(1500 * time.Millisecond)
+		require.False(t, tryR(t, ctx, c.RWMutex(name)), "a new reader passed the waiting writer")
+		require.True(t, tryR(t, ctx, r), "the reader already in re-enters")
+		require.NoError(t, r.RUnlock(ctx))
+		require.NoError(t, r.RUnlock(ctx))
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("the writer was not woken")
+		}
+		require.NoError(t, w.Unlock(ctx))
+		requireIdle(t, b, name)
+	})
+}
