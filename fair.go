@@ -80,10 +80,11 @@ type FairMutex struct {
 	keys    []string
 	placeMs int64 // lease of a queue place: the watchdog timeout
 
-	mu    sync.Mutex
-	h     *hold // the hold this handle tracks
-	n     int   // holds taken through this handle and not yet released
-	token int64
+	mu      sync.Mutex
+	h       *hold // the hold this handle tracks
+	n       int   // holds taken through this handle and not yet released
+	token   int64
+	waiting map[string]struct{} // ids of this handle's blocked Lock calls
 }
 
 // FairMutex returns a handle on the fair lock called name. It does not talk
@@ -166,6 +167,19 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 	pub := f.c.publishCommand(ctx)
 	retention := fenceRetention(f.lease)
 	var place *hold // the queue place, renewed by the watchdog
+	if block {
+		f.mu.Lock()
+		if f.waiting == nil {
+			f.waiting = make(map[string]struct{})
+		}
+		f.waiting[id] = struct{}{}
+		f.mu.Unlock()
+		defer func() {
+			f.mu.Lock()
+			delete(f.waiting, id)
+			f.mu.Unlock()
+		}()
+	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		s := time.Now()
 		res, err := fairLockScript.Run(ctx, f.c.rdb, f.keys, pub, retention, id, member, f.owner,
@@ -189,6 +203,18 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		return false, f.c.retryBound(res[1]), nil
 	}
 	ok, err = f.c.acquire(ctx, f.wchan+id, block, try, nil)
+	if ok {
+		// The owner holds the lock: this handle's other queued Lock calls
+		// re-enter it at their next attempt, so wake them now (locally;
+		// other handles sharing the owner id find out at their next check).
+		f.mu.Lock()
+		for other := range f.waiting {
+			if other != id {
+				f.c.ps.dispatch(f.wchan+other, wakeOne)
+			}
+		}
+		f.mu.Unlock()
+	}
 	if place != nil {
 		f.c.wd.setReleasing(place, true)
 		f.c.wd.remove(place)

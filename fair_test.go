@@ -339,3 +339,194 @@ func TestFairDeadWaiter(t *testing.T) {
 		}
 	})
 }
+
+// TestFairForceUnlock: ForceUnlock hands the lock to the queue head; the
+// former holder's Unlock then fails with ErrNotHeld.
+func TestFairForceUnlock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		require.NoError(t, holder.Lock(ctx))
+		waiter := c.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- waiter.Lock(ctx) }()
+		waitQueued(t, b.Client(t), name, 1)
+
+		ok, err := c.FairMutex(name).ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("ForceUnlock did not hand the lock to the waiter")
+		}
+		require.Greater(t, waiter.Token(), holder.Token())
+		require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
+		require.NoError(t, waiter.Unlock(ctx))
+
+		ok, err = waiter.ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok, "nothing to release")
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairTryLockAndBadInput: TryLock takes a free lock, fails while
+// another owner holds it, and bad input never reaches Redis.
+func TestFairTryLockAndBadInput(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		a, other := c.FairMutex(name), c.FairMutex(name)
+		ok, err := a.TryLock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		ok, err = other.TryLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok)
+		require.ErrorIs(t, other.Unlock(ctx), redlatch.ErrNotHeld)
+		require.Nil(t, other.Lost())
+		require.NotNil(t, a.Lost())
+		require.NoError(t, a.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+
+		for _, m := range []*redlatch.FairMutex{
+			c.FairMutex(""),
+			c.FairMutex(name, redlatch.WithLease(0)),
+			c.FairMutex(name, redlatch.WithOwner("")),
+			c.FairMutex("}x"),
+		} {
+			require.ErrorIs(t, m.Lock(ctx), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.TryLock(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.HoldCount(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.TTL(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.IsLocked(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.ForceUnlock(ctx)), redlatch.ErrInvalidArgument)
+		}
+	})
+}
+
+// TestFairCloseWhileQueued: closing a Client ends its waits with ErrClosed
+// and takes its waiters out of the queue at once.
+func TestFairCloseWhileQueued(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		rdb := b.Client(t)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		closing := redlatch.New(b.Client(t))
+		t.Cleanup(func() { _ = closing.Close() })
+		gone := make(chan error, 1)
+		go func() { gone <- closing.FairMutex(name).Lock(ctx) }()
+		waitQueued(t, rdb, name, 1)
+		require.NoError(t, closing.Close())
+		require.ErrorIs(t, <-gone, redlatch.ErrClosed)
+		n, err := rdb.ZCard(ctx, fairQueue(name)).Result()
+		require.NoError(t, err)
+		require.Zero(t, n)
+		require.NoError(t, holder.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairSameOwnerQueued: a second Lock by an owner that is itself queued
+// (not holding) queues behind; once the owner gets the lock, it re-enters.
+func TestFairSameOwnerQueued(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		m := c.FairMutex(name)
+		got := make(chan error, 2)
+		for range 2 {
+			go func() { got <- m.Lock(ctx) }()
+		}
+		waitQueued(t, b.Client(t), name, 2)
+		require.NoError(t, holder.Unlock(ctx))
+		for range 2 {
+			select {
+			case err := <-got:
+				require.NoError(t, err)
+			case <-time.After(5 * time.Second): // well under the 10s check period
+				t.Fatal("the second Lock of the owner did not re-enter promptly")
+			}
+		}
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairLostReplies: a retried attempt or Unlock whose first reply was
+// lost counts once, and an attempt whose reply never arrived is undone.
+func TestFairLostReplies(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		const owner = "lossy-owner"
+		rdb := b.Client(t)
+		hook := &lossyHook{match: scriptWith(owner)}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.FairMutex(name, redlatch.WithOwner(owner))
+		// Load the scripts first: a NOSCRIPT reply would spend the hook.
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+
+		// Acquisition retried: counted once.
+		hook.retry = true
+		hook.armed.Store(true)
+		require.NoError(t, m.Lock(ctx))
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		// Re-entry retried: counted once.
+		hook.armed.Store(true)
+		require.NoError(t, m.Lock(ctx))
+		n, err = m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		// Partial Unlock retried: released once.
+		hook.armed.Store(true)
+		require.NoError(t, m.Unlock(ctx))
+		n, err = m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+
+		// Last Unlock retried after a handoff: still a success.
+		c2 := newClient(t, b)
+		waiter := c2.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- waiter.Lock(ctx) }()
+		waitQueued(t, b.Client(t), name, 1)
+		hook.armed.Store(true)
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, <-got)
+		require.NoError(t, waiter.Unlock(ctx))
+
+		// A reply that never arrives: the acquisition is undone.
+		hook.retry = false
+		hook.armed.Store(true)
+		ok, err := m.TryLock(ctx)
+		require.Error(t, err)
+		require.False(t, ok)
+		locked, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked, "the unanswered acquisition was undone")
+		requireNoFairKeys(t, b, name)
+	})
+}
