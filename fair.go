@@ -34,8 +34,10 @@ var (
 // Redis; the arrival order is a sequence number given by the server, so
 // client clocks play no part and two arrivals in the same millisecond still
 // queue in order. Unlock hands the lock directly to the queue head, inside
-// the same script, and wakes that waiter only (each waiter listens on its own
-// channel): no other waiter wakes, and no newcomer can barge in between. A
+// the same script, and wakes that waiter only (the waiters of a Client share
+// one channel per lock, and the message names the waiter): no other waiter
+// wakes, and no newcomer can barge in between. The woken waiter claims the
+// lock in one round trip, which also restarts its lease. A
 // TryLock never jumps the queue either: it fails while anyone waits.
 //
 // Holds are counted like those of ReentrantMutex: ownership belongs to the
@@ -55,8 +57,8 @@ var (
 // leaves the queue at once (with a fresh context bounded to a few seconds),
 // and releases the lock if it was handed to it meanwhile.
 //
-// Wake-ups. The head of the queue is woken by a message on its channel. If
-// the message is lost, it finds the lock anyway at its next check: every
+// Wake-ups. The head of the queue is woken by a message naming it. If the
+// message is lost, it finds the lock anyway at its next check: every
 // waiter checks at least every third of its Client's watchdog timeout, when
 // the holder's lease runs out, and when the earliest queue place expires.
 //
@@ -159,7 +161,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64, sent time.Time, ok bool, err error) {
 	id := newID()
 	member := id + "|" + strconv.FormatInt(f.lease.Milliseconds(), 10) + "|" +
-		strconv.FormatInt(f.placeMs, 10) + "|" + f.owner
+		strconv.FormatInt(f.placeMs, 10) + "|" + f.c.ps.id + "|" + f.owner
 	mode := "t"
 	if block {
 		mode = "w"
@@ -202,7 +204,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		}
 		return false, f.c.retryBound(res[1]), nil
 	}
-	ok, err = f.c.acquire(ctx, f.wchan+id, block, try, nil)
+	ok, err = f.wait(ctx, id, block, try)
 	if ok {
 		// The owner holds the lock: this handle's other queued Lock calls
 		// re-enter it at their next attempt, so wake them now (locally;
@@ -210,7 +212,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		f.mu.Lock()
 		for other := range f.waiting {
 			if other != id {
-				f.c.ps.dispatch(f.wchan+other, wakeOne)
+				f.c.ps.dispatch(f.wchan+f.c.ps.id, wakeWaiterPrefix+other)
 			}
 		}
 		f.mu.Unlock()
@@ -227,6 +229,46 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		cancel()
 	}
 	return token, count, sent, ok, err
+}
+
+// wait runs try until it succeeds, sleeping between attempts until the
+// handoff's wake-up or the bound try returned; with block false it makes a
+// single attempt. The waiters of one Client share one channel per lock,
+// subscribed while any of them waits, and each wake-up names its waiter.
+// A waiter joins the channel before its first attempt when the channel is
+// already subscribed (no round trip; a handoff right after the attempt is
+// not missed); otherwise it subscribes after its first failed attempt and
+// checks once more before it sleeps.
+func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attemptFunc) (bool, error) {
+	channel := f.wchan + f.c.ps.id
+	var w *waiter
+	defer func() {
+		if w != nil {
+			w.leave(false) // wake-ups name their waiter: none to pass on
+		}
+	}()
+	if block {
+		w = f.c.ps.joinQueuedID(channel, id)
+	}
+	for {
+		ok, retry, err := try(ctx)
+		switch {
+		case err != nil:
+			return false, f.c.failedAttempt(ctx, err, nil)
+		case ok:
+			return true, nil
+		case !block:
+			return false, nil
+		case w == nil:
+			if w, err = f.c.ps.joinID(ctx, channel, id, retry); err != nil {
+				return false, err
+			}
+		default:
+			if _, err = w.wait(ctx, retry); err != nil {
+				return false, err
+			}
+		}
+	}
 }
 
 // unlock releases one hold of the owner or, with a waiter id, withdraws that

@@ -530,3 +530,53 @@ func TestFairLostReplies(t *testing.T) {
 		requireNoFairKeys(t, b, name)
 	})
 }
+
+// TestFairWakesHeadOnly: an Unlock wakes the queue head alone; the other
+// waiters of the same Client send nothing. The waiters of one Client share
+// one channel, unsubscribed when the last of them is done.
+func TestFairWakesHeadOnly(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		rdb := b.Client(t)
+		counter := &redistest.RequestCounter{}
+		rdb.AddHook(counter)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+
+		const waiters = 5
+		ms := make([]*redlatch.FairMutex, waiters)
+		got := make(chan int, waiters)
+		for i := range ms {
+			ms[i] = c.FairMutex(name)
+			go func() {
+				if ms[i].Lock(ctx) == nil {
+					got <- i
+				}
+			}()
+			waitQueued(t, b.Client(t), name, int64(i+1))
+		}
+		for i := range ms {
+			counter.N.Store(0)
+			if i == 0 {
+				require.NoError(t, holder.Unlock(ctx))
+			} else {
+				require.NoError(t, ms[i-1].Unlock(ctx))
+				counter.N.Add(-1) // the Unlock itself
+			}
+			require.Equal(t, i, <-got)
+			time.Sleep(100 * time.Millisecond)
+			// The head's claim, and at most one watchdog renewal.
+			require.LessOrEqual(t, counter.N.Load(), int64(2), "requests after handoff %d", i)
+		}
+		require.NoError(t, ms[waiters-1].Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+		if b.Real() {
+			require.Eventually(t, func() bool {
+				return len(channels(t, b, "{"+name+"}*")) == 0
+			}, 3*time.Second, 20*time.Millisecond, "channels left subscribed")
+		}
+	})
+}

@@ -11,13 +11,14 @@
 --            server ms; the watchdog of a live waiter renews it ('z' kind of
 --            renew.lua), so a dead waiter's place expires
 --   KEYS[4]  fence key of the lock name (see fence.lua)
---   KEYS[5]  prefix of the per-waiter wake-up channels: a waiter with id X
---            listens on KEYS[5] .. X (same hash tag, same cluster slot)
+--   KEYS[5]  prefix of the per-Client wake-up channels: the waiters of a
+--            Client with id C listen on KEYS[5] .. C (same hash tag, same
+--            cluster slot); the message "w:" .. X wakes the waiter X alone
 --   ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 --   ARGV[2]  fence retention, ms
 --
--- A member is "<waiter id>|<lease ms>|<place lease ms>|<owner id>": what a
--- handoff needs to grant the lock to that waiter.
+-- A member is "<waiter id>|<lease ms>|<place lease ms>|<Client id>|<owner
+-- id>": what a handoff needs to grant the lock to that waiter and wake it.
 --
 -- Invariant kept by every script: when the lock is free, the queue is empty
 -- (a release hands the lock to the queue head). A holder whose lease ran out
@@ -29,8 +30,8 @@ local function now_ms()
 end
 
 local function parse_member(m)
-  local id, lease, wl, owner = string.match(m, '^([^|]*)|(%d+)|(%d+)|(.*)$')
-  return id, tonumber(lease), tonumber(wl), owner
+  local id, lease, wl, client, owner = string.match(m, '^([^|]*)|(%d+)|(%d+)|([^|]*)|(.*)$')
+  return id, tonumber(lease), tonumber(wl), client, owner
 end
 
 -- evict removes the waiters whose place expired (their process died).
@@ -56,13 +57,13 @@ local function grant(now)
     local exp = redis.call('ZSCORE', KEYS[3], head)
     redis.call('ZREM', KEYS[2], head)
     redis.call('ZREM', KEYS[3], head)
-    local id, lease, wl, owner = parse_member(head)
+    local id, lease, wl, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
       local token = next_token(KEYS[4], ARGV[2])
       redis.call('DEL', KEYS[1])
       redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
       redis.call('PEXPIRE', KEYS[1], math.min(lease, wl))
-      redis.call(ARGV[1], KEYS[5] .. id, '1')
+      redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id)
       return token
     end
   end
