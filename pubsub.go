@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -14,6 +15,10 @@ import (
 const (
 	wakeOne = "1" // wake one local waiter per Client (a lock was released)
 	wakeAll = "a" // wake every local waiter (a latch opened, a writer left)
+
+	// wakeWaiterPrefix + a waiter id wakes that one waiter only (joined
+	// with joinID): FairMutex's handoff to the queue head.
+	wakeWaiterPrefix = "w:"
 )
 
 // maxHealthInterval is the longest the subscriber reads without a message
@@ -44,7 +49,8 @@ func (p *pubsub) healthInterval() time.Duration {
 // re-subscription after a dropped connection; else when the holder's lease
 // runs out (at most the watchdog timeout, or the WithLease lease).
 type pubsub struct {
-	c *Client
+	c  *Client
+	id string // random: names per-Client channels (FairMutex)
 
 	mu      sync.Mutex
 	nodes   map[string]*psNode // by master address; "" when not sharded
@@ -78,11 +84,13 @@ type waiter struct {
 	p   *pubsub
 	ch  *psChan
 	sig chan struct{} // capacity 1: a pending wake-up
+	id  string        // "" or the id that wakeWaiterPrefix messages name
 }
 
 func newPubsub(c *Client) *pubsub {
 	return &pubsub{
 		c:       c,
+		id:      newID(),
 		nodes:   make(map[string]*psNode),
 		chans:   make(map[string]*psChan),
 		closing: make(chan struct{}),
@@ -93,6 +101,11 @@ func newPubsub(c *Client) *pubsub {
 // local waiter, and waits until the subscription is confirmed, or for at most
 // bound (the lock's remaining lease: the waiter will retry then anyway).
 func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) (*waiter, error) {
+	return p.joinID(ctx, channel, "", bound)
+}
+
+// joinID is join for a waiter that wakeWaiterPrefix+id messages name.
+func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Duration) (*waiter, error) {
 	pub := p.c.publishCommand(ctx)
 	p.mu.Lock()
 	if p.closed {
@@ -110,7 +123,7 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 		p.chans[channel] = ch
 		node.send(p.c.ctx, channel, true)
 	}
-	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1)}
+	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1), id: id}
 	ch.waiters = append(ch.waiters, w)
 	ready := ch.ready
 	p.mu.Unlock()
@@ -136,13 +149,19 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 // A release wakes one of those waiters, and each passes the turn on, so the
 // new waiter needs no attempt of its own before its first sleep.
 func (p *pubsub) joinQueued(channel string) *waiter {
+	return p.joinQueuedID(channel, "")
+}
+
+// joinQueuedID is joinQueued for a waiter that wakeWaiterPrefix+id messages
+// name.
+func (p *pubsub) joinQueuedID(channel, id string) *waiter {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
 	if p.closed || ch == nil || !ch.isReady || len(ch.waiters) == 0 {
 		return nil
 	}
-	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1)}
+	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1), id: id}
 	ch.waiters = append(ch.waiters, w)
 	return w
 }
@@ -364,7 +383,13 @@ func (p *pubsub) dispatch(channel, payload string) {
 	if ch == nil {
 		return
 	}
-	if payload == wakeAll {
+	if id, ok := strings.CutPrefix(payload, wakeWaiterPrefix); ok {
+		for _, w := range ch.waiters {
+			if w.id == id {
+				signalAll([]*waiter{w})
+			}
+		}
+	} else if payload == wakeAll {
 		signalAll(ch.waiters)
 	} else {
 		signalOne(ch.waiters)

@@ -1,0 +1,398 @@
+package redlatch
+
+import (
+	"context"
+	_ "embed"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var (
+	//go:embed lua/fair_common.lua
+	fairCommonLua string
+	//go:embed lua/fair_lock.lua
+	fairLockLua string
+	//go:embed lua/fair_unlock.lua
+	fairUnlockLua string
+	//go:embed lua/fair_force_unlock.lua
+	fairForceUnlockLua string
+
+	fairLockScript        = redis.NewScript(fenceLua + fairCommonLua + fairLockLua)
+	fairUnlockScript      = redis.NewScript(fenceLua + fairCommonLua + fairUnlockLua)
+	fairForceUnlockScript = redis.NewScript(fenceLua + fairCommonLua + fairForceUnlockLua)
+)
+
+// FairMutex is a distributed reentrant lock granted strictly in the order
+// in which its waiters arrived at Redis.
+//
+// A Lock that finds the lock taken queues at the tail of a queue kept in
+// Redis; the arrival order is a sequence number given by the server, so
+// client clocks play no part and two arrivals in the same millisecond still
+// queue in order. Unlock hands the lock directly to the queue head, inside
+// the same script, and wakes that waiter only (the waiters of a Client share
+// one channel per lock, and the message names the waiter): no other waiter
+// wakes, and no newcomer can barge in between. The woken waiter claims the
+// lock in one round trip, which also restarts its lease. A
+// TryLock never jumps the queue either: it fails while anyone waits.
+//
+// Holds are counted like those of ReentrantMutex: ownership belongs to the
+// handle or its WithOwner id, each Lock needs one Unlock, the token stays the
+// same while the owner holds the lock, and a Lock by an owner that already
+// holds the lock re-enters it at once.
+//
+// Waiter liveness. While a waiter waits, its Client's watchdog renews its
+// place in the queue as it renews held leases. A waiter whose process died
+// (or that lost Redis) keeps its place until its Client's watchdog timeout
+// has passed since the place's last renewal, then the place is dropped; the
+// waiters behind sleep no longer than that place's expiry, so a dead waiter
+// delays them by at most its Client's watchdog timeout. The lock handed to a
+// waiter that died meanwhile is released after the shorter of its lease and
+// that watchdog timeout: the claim that turns a handoff into a hold restarts
+// the full lease. A waiter whose context ends, or whose Client is closed,
+// leaves the queue at once (with a fresh context bounded to a few seconds),
+// and releases the lock if it was handed to it meanwhile.
+//
+// Wake-ups. The head of the queue is woken by a message naming it. If the
+// message is lost, it finds the lock anyway at its next check: every
+// waiter checks at least every third of its Client's watchdog timeout, when
+// the holder's lease runs out, and when the earliest queue place expires.
+//
+// Keys, all under the hash tag of the name (one cluster slot): "{name}:fair"
+// (the hold), "{name}:fairq" and "{name}:fairx" (the queue: arrival numbers
+// and place expiries), and the fencing counter "{name}:fence". When the lock
+// is free and no one waits, only the fencing counter remains (it expires on
+// its own). A FairMutex is a different lock from a Mutex of the same name.
+type FairMutex struct {
+	c       *Client
+	name    string
+	key     string // the hold hash
+	queue   string // arrival numbers
+	places  string // place expiries
+	fence   string
+	wchan   string // prefix of the per-waiter channels
+	owner   string
+	lease   time.Duration
+	renew   bool
+	err     error
+	keys    []string
+	placeMs int64 // lease of a queue place: the watchdog timeout
+
+	mu      sync.Mutex
+	h       *hold // the hold this handle tracks
+	n       int   // holds taken through this handle and not yet released
+	token   int64
+	waiting map[string]struct{} // ids of this handle's blocked Lock calls
+}
+
+// FairMutex returns a handle on the fair lock called name. It does not talk
+// to Redis. Bad arguments are reported by the handle's methods as errors
+// wrapping ErrInvalidArgument.
+func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
+	o := newLockOptions(name, opts)
+	f := &FairMutex{c: c, name: name, owner: o.owner, err: o.err}
+	if c != nil && f.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
+		// An empty hash tag would scatter the keys over several slots.
+		f.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	}
+	if c != nil {
+		tag := c.tag(name)
+		f.key, f.queue, f.places = tag+":fair", tag+":fairq", tag+":fairx"
+		f.fence, f.wchan = tag+":fence", tag+":fairw:"
+		f.keys = []string{f.key, f.queue, f.places, f.fence, f.wchan}
+		f.lease, f.renew = c.leaseFor(o)
+		f.placeMs = c.opts.watchdogTimeout.Milliseconds()
+	}
+	return f
+}
+
+func (f *FairMutex) check() error {
+	if err := f.c.check(); err != nil {
+		return err
+	}
+	return f.err
+}
+
+// Lock blocks until the owner holds the lock once more, or ctx is done: at
+// once when the lock is free and no one waits, or when the owner already
+// holds it; else after every waiter that arrived before it. A failed wait
+// returns an error matching both ErrNotObtained and ctx.Err().
+func (f *FairMutex) Lock(ctx context.Context) error {
+	_, err := f.lock(ctx, true)
+	return err
+}
+
+// TryLock makes one attempt and reports whether the owner now holds the
+// lock once more. It returns (false, nil) when another owner holds the lock
+// or when waiters are queued for it: it does not jump the queue.
+func (f *FairMutex) TryLock(ctx context.Context) (bool, error) {
+	return f.lock(ctx, false)
+}
+
+func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
+	if err := f.check(); err != nil {
+		return false, err
+	}
+	token, count, sent, ok, err := f.acquire(ctx, block)
+	if !ok {
+		return false, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.h == nil || f.h.isLost() {
+		f.c.wd.remove(f.h)
+		f.h, f.n = f.c.wd.add(f.name, f.key, 'h', f.owner, f.lease, f.renew, sent), 0
+	}
+	f.n++
+	if count == 1 || f.token == 0 {
+		f.token = token
+	}
+	return true, nil
+}
+
+// acquire runs the attempts of one Lock or TryLock call. The waiter queues
+// at its first failed attempt, subscribes to its own channel, checks again
+// (a handoff between its first attempt and the subscription is not missed),
+// then sleeps until a wake-up or the bound the script returned.
+func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64, sent time.Time, ok bool, err error) {
+	id := newID()
+	member := id + "|" + strconv.FormatInt(f.lease.Milliseconds(), 10) + "|" +
+		strconv.FormatInt(f.placeMs, 10) + "|" + f.c.ps.id + "|" + f.owner
+	mode := "t"
+	if block {
+		mode = "w"
+	}
+	pub := f.c.publishCommand(ctx)
+	retention := fenceRetention(f.lease)
+	var place *hold // the queue place, renewed by the watchdog
+	if block {
+		f.mu.Lock()
+		if f.waiting == nil {
+			f.waiting = make(map[string]struct{})
+		}
+		f.waiting[id] = struct{}{}
+		f.mu.Unlock()
+		defer func() {
+			f.mu.Lock()
+			delete(f.waiting, id)
+			f.mu.Unlock()
+		}()
+	}
+	try := func(ctx context.Context) (bool, time.Duration, error) {
+		s := time.Now()
+		res, err := fairLockScript.Run(ctx, f.c.rdb, f.keys, pub, retention, id, member, f.owner,
+			f.lease.Milliseconds(), f.placeMs, mode).Int64Slice()
+		if err != nil {
+			return false, 0, err
+		}
+		if len(res) < 3 {
+			return false, 0, fmt.Errorf("%w: fair lock reply %v", ErrWrongType, res)
+		}
+		if res[0] == 1 {
+			token, count, sent = res[1], res[2], s
+			return true, 0, nil
+		}
+		if res[2] == 1 {
+			// A new place at the tail (the first, or one after the old
+			// place expired): the watchdog keeps it alive from now on.
+			f.c.wd.remove(place)
+			place = f.c.wd.add(f.name, f.places, 'z', member, f.c.opts.watchdogTimeout, true, s)
+		}
+		return false, f.c.retryBound(res[1]), nil
+	}
+	ok, err = f.wait(ctx, id, block, try)
+	if ok {
+		// The owner holds the lock: this handle's other queued Lock calls
+		// re-enter it at their next attempt, so wake them now (locally;
+		// other handles sharing the owner id find out at their next check).
+		f.mu.Lock()
+		for other := range f.waiting {
+			if other != id {
+				f.c.ps.dispatch(f.wchan+f.c.ps.id, wakeWaiterPrefix+other)
+			}
+		}
+		f.mu.Unlock()
+	}
+	if place != nil {
+		f.c.wd.setReleasing(place, true)
+		f.c.wd.remove(place)
+	}
+	if !ok && err != nil {
+		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
+		// leave the queue at once, and release a handoff granted meanwhile.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		_, _ = f.unlock(cctx, id, member)
+		cancel()
+	}
+	return token, count, sent, ok, err
+}
+
+// wait runs try until it succeeds, sleeping between attempts until the
+// handoff's wake-up or the bound try returned; with block false it makes a
+// single attempt. The waiters of one Client share one channel per lock,
+// subscribed while any of them waits, and each wake-up names its waiter.
+// A waiter joins the channel before its first attempt when the channel is
+// already subscribed (no round trip; a handoff right after the attempt is
+// not missed); otherwise it subscribes after its first failed attempt and
+// checks once more before it sleeps.
+func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attemptFunc) (bool, error) {
+	channel := f.wchan + f.c.ps.id
+	var w *waiter
+	defer func() {
+		if w != nil {
+			w.leave(false) // wake-ups name their waiter: none to pass on
+		}
+	}()
+	if block {
+		w = f.c.ps.joinQueuedID(channel, id)
+	}
+	for {
+		ok, retry, err := try(ctx)
+		switch {
+		case err != nil:
+			return false, f.c.failedAttempt(ctx, err, nil)
+		case ok:
+			return true, nil
+		case !block:
+			return false, nil
+		case w == nil:
+			if w, err = f.c.ps.joinID(ctx, channel, id, retry); err != nil {
+				return false, err
+			}
+		default:
+			if _, err = w.wait(ctx, retry); err != nil {
+				return false, err
+			}
+		}
+	}
+}
+
+// unlock releases one hold of the owner or, with a waiter id, withdraws that
+// waiter. It returns the owner's remaining hold count, or -1 when the owner
+// held nothing.
+func (f *FairMutex) unlock(ctx context.Context, waiter, member string) (int64, error) {
+	n, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
+		fenceRetention(f.lease), f.owner, newID(), waiter, member).Int64()
+	return n, convertErr(err)
+}
+
+// Unlock releases one hold of the owner; the last one hands the lock to the
+// waiter at the head of the queue, if any, and wakes that waiter only. It
+// returns ErrNotHeld when the owner holds nothing, when the lease ran out,
+// or when the hold was lost (Lost is closed).
+func (f *FairMutex) Unlock(ctx context.Context) error {
+	if err := f.check(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	h := f.h
+	f.mu.Unlock()
+	f.c.wd.setReleasing(h, true)
+	n, err := f.unlock(ctx, "", "")
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.h != h || h == nil {
+		h = nil
+	} else if f.n > 0 {
+		f.n--
+	}
+	if h != nil && f.n > 0 && (n > 0 || err != nil) {
+		f.c.wd.setReleasing(h, false)
+	} else if h != nil {
+		lost := f.c.wd.remove(h)
+		f.h, f.n, f.token = nil, 0, 0
+		if lost {
+			return ErrNotHeld
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if n < 0 {
+		return ErrNotHeld
+	}
+	return nil
+}
+
+// HoldCount returns how many times the owner holds the lock, as recorded in
+// Redis (so it counts the holds of every handle sharing the owner id).
+func (f *FairMutex) HoldCount(ctx context.Context) (int, error) {
+	if err := f.check(); err != nil {
+		return 0, err
+	}
+	v, err := f.c.rdb.HMGet(ctx, f.key, "o", "c").Result()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	if o, _ := v[0].(string); o != f.owner {
+		return 0, nil
+	}
+	s, _ := v[1].(string)
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, fmt.Errorf("%w: hold count %q", ErrWrongType, s)
+	}
+	return n, nil
+}
+
+// Token returns the fencing token of the current hold, or 0 when the handle
+// holds nothing. Every handoff issues a new, higher token. See Mutex.Token.
+func (f *FairMutex) Token() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.token
+}
+
+// Lost returns a channel closed when the current hold ends before its last
+// Unlock. See Mutex.Lost.
+func (f *FairMutex) Lost() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.h.lostChan()
+}
+
+// TTL returns the remaining lease of the lock, whoever holds it; 0 when it
+// is free.
+func (f *FairMutex) TTL(ctx context.Context) (time.Duration, error) {
+	if err := f.check(); err != nil {
+		return 0, err
+	}
+	d, err := f.c.rdb.PTTL(ctx, f.key).Result()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	switch {
+	case d == -2*time.Nanosecond || d == -2*time.Millisecond:
+		return 0, nil
+	case d < 0:
+		return -1, nil
+	}
+	return d, nil
+}
+
+// IsLocked reports whether anyone holds the lock (a handoff not yet claimed
+// by its waiter counts as held).
+func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
+	if err := f.check(); err != nil {
+		return false, err
+	}
+	n, err := f.c.rdb.Exists(ctx, f.key).Result()
+	return n > 0, convertErr(err)
+}
+
+// ForceUnlock releases the lock whoever holds it, however many times, and
+// hands it to the waiter at the head of the queue. It reports whether the
+// lock was held. The former holder's Lost closes at its next renewal.
+func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
+	if err := f.check(); err != nil {
+		return false, err
+	}
+	n, err := fairForceUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
+		fenceRetention(f.lease)).Int64()
+	return n == 1, convertErr(err)
+}

@@ -1,0 +1,600 @@
+package redlatch_test
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// fairQueue is the documented key of a FairMutex's queue (arrival numbers).
+func fairQueue(name string) string { return "{" + name + "}:fairq" }
+
+// fairKeysLeft returns the keys of the lock called name, on every node,
+// other than its fencing counter.
+func fairKeysLeft(t *testing.T, b redistest.Backend, name string) []string {
+	t.Helper()
+	ctx := ctxT(t, 5*time.Second)
+	var out []string
+	for _, r := range b.NodeClients(t) {
+		keys, err := r.Keys(ctx, "{"+name+"}*").Result()
+		require.NoError(t, err)
+		for _, k := range keys {
+			if k != "{"+name+"}:fence" {
+				out = append(out, k)
+			}
+		}
+	}
+	return out
+}
+
+// requireNoFairKeys waits a little for the keys of an idle lock to go (a
+// last Unlock may still be in flight) and fails when any but the fencing
+// counter remains.
+func requireNoFairKeys(t *testing.T, b redistest.Backend, name string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		left := fairKeysLeft(t, b, name)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("keys left when idle: %v", left)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitQueued waits until n waiters are queued for name.
+func waitQueued(t *testing.T, rdb redis.UniversalClient, name string, n int64) {
+	t.Helper()
+	ctx := ctxT(t, 10*time.Second)
+	for {
+		got, err := rdb.ZCard(ctx, fairQueue(name)).Result()
+		require.NoError(t, err)
+		if got == n {
+			return
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("queue length %d, want %d", got, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestFairOrder: 12 waiters over 3 Clients, arriving 40ms apart, get the
+// lock in exact arrival order, each with a higher fencing token, and no key
+// but the fencing counter remains afterwards.
+func TestFairOrder(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 60*time.Second)
+		name := redistest.UniqueName(t)
+		cs := []*redlatch.Client{newClient(t, b), newClient(t, b), newClient(t, b)}
+		rdb := b.Client(t)
+
+		holder := cs[0].FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		first := holder.Token()
+
+		const waiters = 12
+		var (
+			mu     sync.Mutex
+			order  []int
+			tokens []int64
+		)
+		var wg sync.WaitGroup
+		errs := make(chan error, waiters)
+		for i := range waiters {
+			m := cs[i%3].FairMutex(name)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := m.Lock(ctx); err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				order = append(order, i)
+				tokens = append(tokens, m.Token())
+				mu.Unlock()
+				time.Sleep(2 * time.Millisecond)
+				if err := m.Unlock(ctx); err != nil {
+					errs <- err
+				}
+			}()
+			// Arrivals 40ms apart (at least: each is queued before the next
+			// starts, however loaded the machine).
+			waitQueued(t, rdb, name, int64(i+1))
+			time.Sleep(40 * time.Millisecond)
+		}
+		ok, err := cs[1].FairMutex(name).TryLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok, "TryLock must not jump the queue")
+
+		require.NoError(t, holder.Unlock(ctx))
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		want := make([]int, waiters)
+		for i := range want {
+			want[i] = i
+		}
+		require.Equal(t, want, order, "acquisition order")
+		require.Greater(t, tokens[0], first)
+		require.True(t, slices.IsSorted(tokens), "tokens %v", tokens)
+		require.Len(t, slices.Compact(slices.Clone(tokens)), waiters, "a new token per owner")
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairReentrant: holds are counted per owner, the token is kept across
+// re-entries, handles with one WithOwner id share the holds, and the owner
+// re-enters at once even while others wait.
+func TestFairReentrant(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		m := c.FairMutex(name)
+		for i := 1; i <= 3; i++ {
+			require.NoError(t, m.Lock(ctx))
+			n, err := m.HoldCount(ctx)
+			require.NoError(t, err)
+			require.Equal(t, i, n)
+		}
+		tok := m.Token()
+		require.Positive(t, tok)
+
+		// A waiter queues; the owner still re-enters at once.
+		other := c.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- other.Lock(ctx) }()
+		waitQueued(t, b.Client(t), name, 1)
+		ok, err := m.TryLock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, tok, m.Token(), "re-entry keeps the token")
+		n, err := other.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		for i := 4; i >= 1; i-- {
+			require.NoError(t, m.Unlock(ctx))
+			n, err := m.HoldCount(ctx)
+			require.NoError(t, err)
+			require.Equal(t, i-1, n)
+		}
+		require.Zero(t, m.Token())
+		require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+		require.NoError(t, <-got)
+		require.Greater(t, other.Token(), tok)
+		locked, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.True(t, locked)
+		ttl, err := m.TTL(ctx)
+		require.NoError(t, err)
+		require.Positive(t, ttl)
+		require.NoError(t, other.Unlock(ctx))
+
+		// Handles sharing an owner id share the holds.
+		a := c.FairMutex(name, redlatch.WithOwner("worker-7"))
+		bb := c.FairMutex(name, redlatch.WithOwner("worker-7"))
+		require.NoError(t, a.Lock(ctx))
+		require.NoError(t, bb.Lock(ctx))
+		require.Equal(t, a.Token(), bb.Token())
+		n, err = a.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		require.NoError(t, bb.Unlock(ctx))
+		require.NoError(t, bb.Unlock(ctx), "a shared owner releases what the other handle took")
+		locked, err = a.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+		ttl, err = a.TTL(ctx)
+		require.NoError(t, err)
+		require.Zero(t, ttl)
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairCancelledWaiter: a waiter whose ctx ends leaves the queue at once,
+// and the waiter behind it gets the lock at the holder's Unlock.
+func TestFairCancelledWaiter(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		c1, c2 := newClient(t, b), newClient(t, b)
+		rdb := b.Client(t)
+		holder := c1.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+
+		cctx, cancel := context.WithCancel(ctx)
+		gone := make(chan error, 1)
+		go func() { gone <- c2.FairMutex(name).Lock(cctx) }()
+		waitQueued(t, rdb, name, 1)
+		behind := c1.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- behind.Lock(ctx) }()
+		waitQueued(t, rdb, name, 2)
+
+		cancel()
+		requireWaitErr(t, <-gone, cctx)
+		n, err := rdb.ZCard(ctx, fairQueue(name)).Result()
+		require.NoError(t, err)
+		require.EqualValues(t, 1, n, "the cancelled waiter left the queue at once")
+
+		released := time.Now()
+		require.NoError(t, holder.Unlock(ctx))
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("the waiter behind a cancelled one was stalled")
+		}
+		t.Logf("handoff past a cancelled waiter: %v", time.Since(released))
+		require.NoError(t, behind.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairCancelledAfterHandoff: a waiter whose ctx ends just as the lock is
+// handed to it releases the lock, so the next waiter gets it.
+func TestFairCancelledAfterHandoff(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		rdb := b.Client(t)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+
+		cctx, cancel := context.WithCancel(ctx)
+		first := c.FairMutex(name)
+		firstErr := make(chan error, 1)
+		go func() { firstErr <- first.Lock(cctx) }()
+		waitQueued(t, rdb, name, 1)
+		behind := c.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- behind.Lock(ctx) }()
+		waitQueued(t, rdb, name, 2)
+
+		// Release and cancel at once: whichever wins, the first waiter ends
+		// up without the lock or with it, and the one behind is not stalled.
+		require.NoError(t, holder.Unlock(ctx))
+		cancel()
+		err := <-firstErr
+		if err == nil {
+			require.NoError(t, first.Unlock(ctx))
+		} else {
+			requireWaitErr(t, err, cctx)
+		}
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("the waiter behind was stalled")
+		}
+		require.NoError(t, behind.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairDeadWaiter: a waiter whose connection died while queued (its
+// Client has a 600ms watchdog timeout) delays the waiter behind it by at
+// most that timeout, whether the lock is handed to it (released after that
+// timeout, unclaimed) or its place expires first (evicted); the waiter behind
+// has the default 30s timeout, so its own 10s check period does not save it.
+func TestFairDeadWaiter(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		const deadTimeout = 600 * time.Millisecond
+		for _, tc := range []struct {
+			name  string
+			delay time.Duration
+		}{{"HandedOff", 0}, {"Evicted", 3 * deadTimeout}} {
+			t.Run(tc.name, func(t *testing.T) {
+				ctx := ctxT(t, 30*time.Second)
+				name := redistest.UniqueName(t)
+				c := newClient(t, b)
+				rdb := b.Client(t)
+				deadRdb := b.Client(t)
+				dead := redlatch.New(deadRdb, redlatch.WithWatchdogTimeout(deadTimeout))
+				t.Cleanup(func() { _ = dead.Close() })
+
+				holder := c.FairMutex(name)
+				require.NoError(t, holder.Lock(ctx))
+				deadErr := make(chan error, 1)
+				go func() { deadErr <- dead.FairMutex(name).Lock(ctx) }()
+				waitQueued(t, rdb, name, 1)
+				behind := c.FairMutex(name)
+				got := make(chan error, 1)
+				go func() { got <- behind.Lock(ctx) }()
+				waitQueued(t, rdb, name, 2)
+
+				// The connection dies: no renewal, no withdrawal, no claim.
+				require.NoError(t, deadRdb.Close())
+				time.Sleep(tc.delay)
+				released := time.Now()
+				require.NoError(t, holder.Unlock(ctx))
+				select {
+				case err := <-got:
+					require.NoError(t, err)
+				case <-time.After(deadTimeout + 5*time.Second):
+					t.Fatal("the waiter behind a dead one was stalled")
+				}
+				t.Logf("handoff past a dead waiter: %v (bound %v)", time.Since(released), deadTimeout)
+				require.Error(t, <-deadErr)
+				require.NoError(t, behind.Unlock(ctx))
+				requireNoFairKeys(t, b, name)
+			})
+		}
+	})
+}
+
+// TestFairForceUnlock: ForceUnlock hands the lock to the queue head; the
+// former holder's Unlock then fails with ErrNotHeld.
+func TestFairForceUnlock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		require.NoError(t, holder.Lock(ctx))
+		waiter := c.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- waiter.Lock(ctx) }()
+		waitQueued(t, b.Client(t), name, 1)
+
+		ok, err := c.FairMutex(name).ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("ForceUnlock did not hand the lock to the waiter")
+		}
+		require.Greater(t, waiter.Token(), holder.Token())
+		require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
+		require.NoError(t, waiter.Unlock(ctx))
+
+		ok, err = waiter.ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok, "nothing to release")
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairTryLockAndBadInput: TryLock takes a free lock, fails while
+// another owner holds it, and bad input never reaches Redis.
+func TestFairTryLockAndBadInput(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		a, other := c.FairMutex(name), c.FairMutex(name)
+		ok, err := a.TryLock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		ok, err = other.TryLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok)
+		require.ErrorIs(t, other.Unlock(ctx), redlatch.ErrNotHeld)
+		require.Nil(t, other.Lost())
+		require.NotNil(t, a.Lost())
+		require.NoError(t, a.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+
+		for _, m := range []*redlatch.FairMutex{
+			c.FairMutex(""),
+			c.FairMutex(name, redlatch.WithLease(0)),
+			c.FairMutex(name, redlatch.WithOwner("")),
+			c.FairMutex("}x"),
+		} {
+			require.ErrorIs(t, m.Lock(ctx), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.TryLock(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.HoldCount(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.TTL(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.IsLocked(ctx)), redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, second(m.ForceUnlock(ctx)), redlatch.ErrInvalidArgument)
+		}
+	})
+}
+
+// TestFairCloseWhileQueued: closing a Client ends its waits with ErrClosed
+// and takes its waiters out of the queue at once.
+func TestFairCloseWhileQueued(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		rdb := b.Client(t)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		closing := redlatch.New(b.Client(t))
+		t.Cleanup(func() { _ = closing.Close() })
+		gone := make(chan error, 1)
+		go func() { gone <- closing.FairMutex(name).Lock(ctx) }()
+		waitQueued(t, rdb, name, 1)
+		require.NoError(t, closing.Close())
+		require.ErrorIs(t, <-gone, redlatch.ErrClosed)
+		n, err := rdb.ZCard(ctx, fairQueue(name)).Result()
+		require.NoError(t, err)
+		require.Zero(t, n)
+		require.NoError(t, holder.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairSameOwnerQueued: a second Lock by an owner that is itself queued
+// (not holding) queues behind; once the owner gets the lock, it re-enters.
+func TestFairSameOwnerQueued(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		m := c.FairMutex(name)
+		got := make(chan error, 2)
+		for range 2 {
+			go func() { got <- m.Lock(ctx) }()
+		}
+		waitQueued(t, b.Client(t), name, 2)
+		require.NoError(t, holder.Unlock(ctx))
+		for range 2 {
+			select {
+			case err := <-got:
+				require.NoError(t, err)
+			case <-time.After(5 * time.Second): // well under the 10s check period
+				t.Fatal("the second Lock of the owner did not re-enter promptly")
+			}
+		}
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// TestFairLostReplies: a retried attempt or Unlock whose first reply was
+// lost counts once, and an attempt whose reply never arrived is undone.
+func TestFairLostReplies(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		const owner = "lossy-owner"
+		rdb := b.Client(t)
+		hook := &lossyHook{match: scriptWith(owner)}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.FairMutex(name, redlatch.WithOwner(owner))
+		// Load the scripts first: a NOSCRIPT reply would spend the hook.
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+
+		// Acquisition retried: counted once.
+		hook.retry = true
+		hook.armed.Store(true)
+		require.NoError(t, m.Lock(ctx))
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		// Re-entry retried: counted once.
+		hook.armed.Store(true)
+		require.NoError(t, m.Lock(ctx))
+		n, err = m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		// Partial Unlock retried: released once.
+		hook.armed.Store(true)
+		require.NoError(t, m.Unlock(ctx))
+		n, err = m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+
+		// Last Unlock retried after a handoff: still a success.
+		c2 := newClient(t, b)
+		waiter := c2.FairMutex(name)
+		got := make(chan error, 1)
+		go func() { got <- waiter.Lock(ctx) }()
+		waitQueued(t, b.Client(t), name, 1)
+		hook.armed.Store(true)
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, <-got)
+		require.NoError(t, waiter.Unlock(ctx))
+
+		// A reply that never arrives: the acquisition is undone.
+		hook.retry = false
+		hook.armed.Store(true)
+		ok, err := m.TryLock(ctx)
+		require.Error(t, err)
+		require.False(t, ok)
+		locked, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked, "the unanswered acquisition was undone")
+		requireNoFairKeys(t, b, name)
+	})
+}
+
+// attemptCounter is a go-redis hook counting the blocking attempts of
+// FairMutex.Lock: script calls whose last argument is the mode "w".
+type attemptCounter struct{ n atomic.Int64 }
+
+func (h *attemptCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *attemptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		a := cmd.Args()
+		if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && a[len(a)-1] == "w" {
+			h.n.Add(1)
+		}
+		return next(ctx, cmd)
+	}
+}
+func (h *attemptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestFairWakesHeadOnly: an Unlock wakes the queue head alone; the other
+// waiters of the same Client send nothing. The waiters of one Client share
+// one channel, unsubscribed when the last of them is done.
+func TestFairWakesHeadOnly(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		rdb := b.Client(t)
+		attempts := &attemptCounter{}
+		rdb.AddHook(attempts)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+
+		const waiters = 5
+		ms := make([]*redlatch.FairMutex, waiters)
+		got := make(chan int, waiters)
+		for i := range ms {
+			ms[i] = c.FairMutex(name)
+			go func() {
+				if ms[i].Lock(ctx) == nil {
+					got <- i
+				}
+			}()
+			waitQueued(t, b.Client(t), name, int64(i+1))
+		}
+		for i := range ms {
+			attempts.n.Store(0)
+			if i == 0 {
+				require.NoError(t, holder.Unlock(ctx))
+			} else {
+				require.NoError(t, ms[i-1].Unlock(ctx))
+			}
+			require.Equal(t, i, <-got)
+			time.Sleep(100 * time.Millisecond)
+			// The head's claim, and at most one watchdog renewal.
+			require.EqualValues(t, 1, attempts.n.Load(), "lock attempts after handoff %d: the head's claim only", i)
+		}
+		require.NoError(t, ms[waiters-1].Unlock(ctx))
+		requireNoFairKeys(t, b, name)
+		if b.Real() {
+			require.Eventually(t, func() bool {
+				return len(channels(t, b, "{"+name+"}*")) == 0
+			}, 3*time.Second, 20*time.Millisecond, "channels left subscribed")
+		}
+	})
+}

@@ -1,0 +1,80 @@
+-- fair_common.lua: prelude of the FairMutex scripts (after fence.lua).
+--
+-- Every FairMutex script takes the same KEYS and the same first two ARGV:
+--   KEYS[1]  lock hash: o = owner id, c = hold count, t = fencing token,
+--            g = waiter id the lock was granted to (by a handoff or a direct
+--            take), q = request (waiter) id of the last acquisition,
+--            u = request id of the last partial release
+--   KEYS[2]  queue: sorted set, member -> arrival number (1, 2, 3 ... from
+--            the last score + 1: a server-side sequence, never a clock)
+--   KEYS[3]  places: sorted set, member -> expiry of the queue place in
+--            server ms; the watchdog of a live waiter renews it ('z' kind of
+--            renew.lua), so a dead waiter's place expires
+--   KEYS[4]  fence key of the lock name (see fence.lua)
+--   KEYS[5]  prefix of the per-Client wake-up channels: the waiters of a
+--            Client with id C listen on KEYS[5] .. C (same hash tag, same
+--            cluster slot); the message "w:" .. X wakes the waiter X alone
+--   ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+--   ARGV[2]  fence retention, ms
+--
+-- A member is "<waiter id>|<lease ms>|<place lease ms>|<Client id>|<owner
+-- id>": what a handoff needs to grant the lock to that waiter and wake it.
+--
+-- Invariant kept by every script: when the lock is free, the queue is empty
+-- (a release hands the lock to the queue head). A holder whose lease ran out
+-- breaks it until the next script, which settles it first.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function parse_member(m)
+  local id, lease, wl, client, owner = string.match(m, '^([^|]*)|(%d+)|(%d+)|([^|]*)|(.*)$')
+  return id, tonumber(lease), tonumber(wl), client, owner
+end
+
+-- evict removes the waiters whose place expired (their process died).
+local function evict(now)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  for _, m in ipairs(dead) do
+    redis.call('ZREM', KEYS[2], m)
+    redis.call('ZREM', KEYS[3], m)
+  end
+end
+
+-- grant hands the free lock to the first live waiter in arrival order, and
+-- wakes that waiter only. Its lease until it claims the grant is the
+-- shorter of its lease and its place lease, so a waiter that died after
+-- its last renewal stalls the queue no longer than a dead queued one.
+-- Returns the new fencing token, or nil when no one waits.
+local function grant(now)
+  while true do
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    if not head then
+      return nil
+    end
+    local exp = redis.call('ZSCORE', KEYS[3], head)
+    redis.call('ZREM', KEYS[2], head)
+    redis.call('ZREM', KEYS[3], head)
+    local id, lease, wl, client, owner = parse_member(head)
+    if id and exp and tonumber(exp) > now then
+      local token = next_token(KEYS[4], ARGV[2])
+      redis.call('DEL', KEYS[1])
+      redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
+      redis.call('PEXPIRE', KEYS[1], math.min(lease, wl))
+      redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id)
+      return token
+    end
+  end
+end
+
+-- settle evicts dead waiters and, when the lock is free (its holder's lease
+-- ran out), hands it to the queue head.
+local function settle(now)
+  evict(now)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    grant(now)
+  end
+end
+

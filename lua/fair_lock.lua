@@ -1,0 +1,82 @@
+-- fair_lock.lua: one acquisition attempt of a FairMutex: take the free lock,
+-- re-enter it, claim a handoff, or queue (once) in arrival order.
+--
+-- KEYS[1..5], ARGV[1..2]: see fair_common.lua
+-- ARGV[3]  waiter id: unique per Lock or TryLock call, reused by its retries
+-- ARGV[4]  member of the waiter (see fair_common.lua)
+-- ARGV[5]  owner id
+-- ARGV[6]  lease, ms
+-- ARGV[7]  place lease, ms: how long the queue place lives unless renewed
+--          (the Client's watchdog timeout)
+-- ARGV[8]  'w' to queue when the lock is taken (Lock), 't' not to (TryLock)
+--
+-- Returns {1, token, count} when the owner holds the lock after the call
+-- (count is its hold count), else {0, bound, queued}: bound is how long the
+-- waiter may sleep before its next attempt, ms (the holder's remaining
+-- lease, the earliest expiry of a queue place, a third of the place lease,
+-- whichever is shortest), and queued is 1 when this call added the waiter
+-- to the queue (at its tail: a new arrival, or one whose place had expired).
+local now = now_ms()
+settle(now)
+local id, member, owner = ARGV[3], ARGV[4], ARGV[5]
+local wl = tonumber(ARGV[7])
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
+if v[1] == owner then
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  if v[4] == id or v[5] == id then
+    -- Granted to this waiter by a handoff (or taken by an earlier run of
+    -- this very call): claim it, with the full lease from now.
+    redis.call('PEXPIRE', KEYS[1], ARGV[6])
+    return {1, tonumber(v[3]), tonumber(v[2])}
+  end
+  -- Re-entry by the owner (even while queued: it holds the lock already).
+  local c = redis.call('HINCRBY', KEYS[1], 'c', 1)
+  redis.call('HSET', KEYS[1], 'q', id)
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  return {1, tonumber(v[3]), c}
+end
+if not v[1] then
+  -- Free: settle left the queue empty, so no one is passed over.
+  local token = next_token(KEYS[4], ARGV[2])
+  redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  return {1, tonumber(token), 1}
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if ARGV[8] ~= 'w' then
+  return {0, pttl, 0}
+end
+local queued = 0
+if not redis.call('ZSCORE', KEYS[2], member) or not redis.call('ZSCORE', KEYS[3], member) then
+  redis.call('ZREM', KEYS[2], member)
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  local seq = 1
+  if last[2] then
+    seq = tonumber(last[2]) + 1
+  end
+  redis.call('ZADD', KEYS[2], string.format('%.0f', seq), member)
+  redis.call('ZADD', KEYS[3], string.format('%.0f', now + wl), member)
+  queued = 1
+end
+-- The queue lives as long as its longest-lived place (live waiters run this
+-- script at least every wl/3, and renew their places as often).
+for i = 2, 3 do
+  if redis.call('PTTL', KEYS[i]) < wl then
+    redis.call('PEXPIRE', KEYS[i], wl)
+  end
+end
+local bound = math.floor(wl / 3)
+if pttl >= 0 and pttl < bound then
+  bound = pttl
+end
+local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+if first[2] and tonumber(first[2]) - now < bound then
+  bound = tonumber(first[2]) - now
+end
+if bound < 1 then
+  bound = 1
+end
+return {0, bound, queued}
