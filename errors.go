@@ -43,6 +43,13 @@ var (
 	// primitive uses holds a value that redlatch did not write (another
 	// program's data, or another kind of primitive under the same name).
 	ErrWrongType = errors.New("redlatch: key holds a value of another type")
+
+	// ErrNotReplicated is wrapped by the error of an acquisition that the
+	// master granted but fewer replicas than WithReplicaSync asks for
+	// acknowledged within its timeout. What the acquisition took has been
+	// released again before the error is returned, so no hold is ever
+	// reported that no replica has. It matches ErrNotObtained too.
+	ErrNotReplicated = fmt.Errorf("%w: too few replicas acknowledged", ErrNotObtained)
 )
 
 // invalidArg returns an error wrapping ErrInvalidArgument that names the
