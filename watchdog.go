@@ -247,7 +247,8 @@ func (w *watchdog) renewAll() {
 		}
 	}
 
-	ctx, cancel := context.WithTimeout(w.c.ctx, w.period)
+	// A renewal under WithReplicaSync may wait for its replicas too.
+	ctx, cancel := context.WithTimeout(w.c.ctx, w.period+w.c.opts.replicaTimeout)
 	defer cancel()
 	sent := time.Now()
 	results := w.runBatches(ctx, batches)
