@@ -124,17 +124,19 @@ func (c *Client) replicated(ctx context.Context, acked int64, waitErr error, und
 	if c.opts.replicas <= 0 || (waitErr == nil && acked >= int64(c.opts.replicas)) {
 		return nil
 	}
+	done := ""
 	if undo != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		undo(cctx)
 		cancel()
+		done = ", released"
 	}
 	if waitErr != nil {
-		return fmt.Errorf("%w: WAIT %d %v failed, released: %w", ErrNotReplicated,
-			c.opts.replicas, c.opts.replicaTimeout, waitErr)
+		return fmt.Errorf("%w: WAIT %d %v failed%s: %w", ErrNotReplicated,
+			c.opts.replicas, c.opts.replicaTimeout, done, waitErr)
 	}
-	return fmt.Errorf("%w: %d of %d replicas acknowledged within %v, released", ErrNotReplicated,
-		acked, c.opts.replicas, c.opts.replicaTimeout)
+	return fmt.Errorf("%w: %d of %d replicas acknowledged within %v%s", ErrNotReplicated,
+		acked, c.opts.replicas, c.opts.replicaTimeout, done)
 }
 
 // isRedirect reports whether err is a cluster MOVED or ASK reply.

@@ -100,11 +100,11 @@ func (p *linkProxy) Close() {
 // goes through a linkProxy, and waits until the replica is in sync.
 func replicaPair(t *testing.T) (master, replica *redistest.Server, link *linkProxy) {
 	t.Helper()
-	// No 5s wait before the first (diskless) full sync.
+	// No 5s wait before a (diskless) full sync, on either side of a failover.
 	master = redistest.NewServer(t, "--repl-diskless-sync-delay", "0")
 	link = newLinkProxy(t, master.Addr)
 	host, port, _ := net.SplitHostPort(link.Addr)
-	replica = redistest.NewServer(t, "--replicaof", host, port)
+	replica = redistest.NewServer(t, "--replicaof", host, port, "--repl-diskless-sync-delay", "0")
 	waitInSync(t, master, replica)
 	return master, replica, link
 }
