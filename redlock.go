@@ -54,8 +54,9 @@ import (
 //     early and let a second client gain a quorum. Run masters with slewed,
 //     not stepped, clocks.
 //   - A process paused (GC, swap, a stopped VM) past its validity may act
-//     after its lock expired. Use the fencing token of Mutex-protected
-//     resources, check Validity before acting, and watch Lost.
+//     after its lock expired. Check Validity before acting and watch Lost.
+//     A Redlock has no fencing token: its masters' counters are
+//     independent.
 //   - A master that restarts without persistence forgets the locks it
 //     granted, and may grant them again: with 5 masters, a holder of 3 can
 //     lose mutual exclusion when one of its 3 restarts empty. Either run the
