@@ -50,6 +50,13 @@ var (
 	// Release the read holds first (RUnlock), then Lock. The reverse, a
 	// writer taking the read lock (a downgrade), is allowed.
 	ErrUpgrade = errors.New("redlatch: write lock requested while holding the read lock (upgrade)")
+
+	// ErrNotReplicated is wrapped by the error of an acquisition that the
+	// master granted but fewer replicas than WithReplicaSync asks for
+	// acknowledged within its timeout. What the acquisition took has been
+	// released again before the error is returned, so no hold is ever
+	// reported that no replica has. It matches ErrNotObtained too.
+	ErrNotReplicated = fmt.Errorf("%w: too few replicas acknowledged", ErrNotObtained)
 )
 
 // invalidArg returns an error wrapping ErrInvalidArgument that names the

@@ -72,27 +72,46 @@ func (e *excl) check() error {
 // fencing token and hold count. It does not touch any handle state.
 func (e *excl) lock(ctx context.Context, block bool) (token, count int64, sent time.Time, ok bool, err error) {
 	req := newID()
-	reentrant := "0"
-	if e.reentrant {
-		reentrant = "1"
-	}
-	keys := []string{e.key, e.fence}
-	lease, retention := e.lease.Milliseconds(), fenceRetention(e.lease)
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
-		res, err := lockScript.Run(ctx, e.c.rdb, keys, e.owner, lease, req, reentrant, retention).Int64Slice()
-		if err != nil {
-			return false, 0, err
+		var pttl int64
+		ok, token, count, pttl, err = e.attempt(ctx, req)
+		if err != nil || ok {
+			return ok, 0, err
 		}
-		if res[0] == 1 {
-			token, count = res[1], res[2]
-			return true, 0, nil
-		}
-		return false, e.c.retryBound(res[1]), nil
+		return false, e.c.retryBound(pttl), nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
 	ok, err = e.c.acquire(ctx, e.channel, block, try, undo)
 	return token, count, sent, ok, err
+}
+
+// attempt runs the lock script once with request id req. It reports
+// whether the owner holds the lock afterwards (with the token and hold
+// count), or else the holder's remaining lease (pttl, ms). With
+// WithReplicaSync, WAIT follows the script in the same round trip, and an
+// acquisition too few replicas acknowledged is released again and reported
+// as an error wrapping ErrNotReplicated. An error that is not a reply from
+// Redis leaves the outcome unknown: undo with unlock(ctx, req).
+func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, pttl int64, err error) {
+	reentrant := "0"
+	if e.reentrant {
+		reentrant = "1"
+	}
+	cmd, acked, waitErr := e.c.runSynced(ctx, lockScript, []string{e.key, e.fence},
+		e.owner, e.lease.Milliseconds(), req, reentrant, fenceRetention(e.lease))
+	res, err := cmd.Int64Slice()
+	if err != nil {
+		return false, 0, 0, 0, err
+	}
+	if res[0] != 1 {
+		return false, 0, 0, res[1], nil
+	}
+	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
+	if err := e.c.replicated(ctx, acked, waitErr, undo); err != nil {
+		return false, 0, 0, 0, err
+	}
+	return true, res[1], res[2], 0, nil
 }
 
 // unlock releases one hold of the owner (or, with undo set, the hold taken

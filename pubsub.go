@@ -473,7 +473,8 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 // failedAttempt undoes an attempt whose outcome is unknown and returns the
 // error the caller sees.
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
-	if !isReplyError(err) && undo != nil {
+	// An ErrNotReplicated attempt was released already (see replicated).
+	if !isReplyError(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		undo(cctx)
 		cancel()

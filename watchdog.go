@@ -247,7 +247,8 @@ func (w *watchdog) renewAll() {
 		}
 	}
 
-	ctx, cancel := context.WithTimeout(w.c.ctx, w.period)
+	// A renewal under WithReplicaSync may wait for its replicas too.
+	ctx, cancel := context.WithTimeout(w.c.ctx, w.period+w.c.opts.replicaTimeout)
 	defer cancel()
 	sent := time.Now()
 	results := w.runBatches(ctx, batches)
@@ -271,7 +272,7 @@ func (w *watchdog) renewAll() {
 			}
 			if res[j] == 1 {
 				h.deadline = sent.Add(h.lease)
-			} else {
+			} else if res[j] == 0 {
 				w.loseLocked(h, "renewal found the hold gone or taken by another owner")
 			}
 		}
@@ -279,7 +280,8 @@ func (w *watchdog) renewAll() {
 }
 
 // runBatches sends one renewal script call per batch, pipelined, and returns
-// the per-key results of each batch, or nil for a batch that failed.
+// the per-key results of each batch (1 renewed, 0 gone, -1 renewed but not
+// replicated: see runBatchesSynced), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
 	args := func(b []*hold) ([]string, []any) {
 		keys := make([]string, len(b))
@@ -289,6 +291,9 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 			argv = append(argv, string(h.kind), h.member, h.lease.Milliseconds())
 		}
 		return keys, argv
+	}
+	if w.c.opts.replicas > 0 {
+		return w.runBatchesSynced(ctx, batches)
 	}
 	out := make([][]int64, len(batches))
 	if len(batches) == 1 {

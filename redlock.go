@@ -1,0 +1,686 @@
+package redlatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"reflect"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Redlock is a lock over N independent Redis masters, taken by the Redlock
+// algorithm: it is held when a majority (N/2+1) of the masters granted it
+// and time remains of its lease. It tolerates the loss of a minority of the
+// masters, at any time, without losing mutual exclusion — within the limits
+// below.
+//
+// Each master holds the lock exactly like a Mutex of the same name (the same
+// key, the same Lua script), so a Redlock and a Mutex of one name on one
+// master exclude each other there.
+//
+// Acquisition fans out to every master in parallel; each attempt has a
+// timeout small against the lease (lease/20, between 10ms and 1s, plus the
+// WithReplicaSync timeout of that master's Client), so a dead master costs
+// at most that. The lock is held when at least N/2+1 masters granted it and
+// the validity is still positive:
+//
+//	validity = lease − elapsed − drift, drift = lease·1% + 2ms
+//
+// elapsed being the time since the fan-out started, on the local monotonic
+// clock. When the quorum is not reached, the masters that granted it — and
+// every other master, since a reply may have been lost — release it again.
+// Unlock releases it on every master.
+//
+// Without WithLease the lock is renewed by the watchdog of each master's
+// Client (the lease on a master is that Client's watchdog timeout; use the
+// same on all) and stays held as long as a quorum of masters keeps
+// renewing it. Lost closes when fewer than a quorum still hold it, or when
+// the validity runs out (a fixed WithLease lease ends, or renewals stopped
+// reaching a quorum).
+//
+// A blocked Lock waits for pub/sub wake-ups from every master (a release on
+// any of them) or for the earliest lease end among the holders, and retries
+// after a short random delay when two contenders split the masters, so they
+// do not collide again in lockstep.
+//
+// Limits, as in the published analyses of Redlock:
+//
+//   - Safety rests on time: every master must expire keys at about the rate
+//     of the local clock, within the drift allowance. A master whose clock
+//     jumps forward (an NTP step, a changed system time) may expire the lock
+//     early and let a second client gain a quorum. Run masters with slewed,
+//     not stepped, clocks.
+//   - A process paused (GC, swap, a stopped VM) past its validity may act
+//     after its lock expired. Check Validity before acting and watch Lost.
+//     A Redlock has no fencing token: its masters' counters are
+//     independent.
+//   - A master that restarts without persistence forgets the locks it
+//     granted, and may grant them again: with 5 masters, a holder of 3 can
+//     lose mutual exclusion when one of its 3 restarts empty. Either run the
+//     masters with AOF and appendfsync always, or keep a restarted master
+//     out of service for at least the longest lease (delayed restart).
+//   - A master failing over to a replica has the same effect as a restart
+//     without persistence when the replica had not received the lock: prefer
+//     masters without replicas, or WithReplicaSync on their Clients.
+//
+// A Redlock shared by goroutines behaves like sync.Mutex: a second Lock on
+// the handle waits for the first Unlock. It is not reentrant.
+type Redlock struct {
+	name   string
+	nodes  []*excl
+	quorum int
+	lease  time.Duration // the shortest lease of the masters: validity is computed from it
+	renew  bool
+	err    error
+	sem    chan struct{}
+
+	mu sync.Mutex
+	h  *redlockHold
+}
+
+// redlockHold is one hold of a Redlock: the per-master holds tracked by each
+// master's watchdog, and the goroutine that watches them for a lost quorum.
+type redlockHold struct {
+	r     *Redlock
+	holds []*hold // per master; nil where not granted
+	start time.Time
+	end   time.Time     // fixed lease: start + lease − drift
+	lost  chan struct{} // closed when the quorum or the validity is lost
+	stop  chan struct{} // closed by Unlock
+	done  chan struct{} // closed when the monitor has returned
+}
+
+// NewRedlock returns a Redlock called name over the masters of clients, one
+// Client per independent Redis master (not replicas of one another, not
+// nodes of one cluster). It does not talk to Redis. Bad arguments — no
+// clients, a nil client, the same Client or Redis client twice, an empty
+// name, WithLease(0) — are reported by the methods as errors wrapping
+// ErrInvalidArgument. Options are those of Mutex: WithLease and WithOwner.
+func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
+	o := newLockOptions(name, opts)
+	r := &Redlock{name: name, err: o.err, sem: make(chan struct{}, 1)}
+	if len(clients) == 0 {
+		r.err = invalidArg("clients", "is empty")
+		return r
+	}
+	seen := make(map[*Client]bool)
+	seenRdb := make(map[any]bool)
+	for _, c := range clients {
+		switch {
+		case c == nil:
+			r.err = invalidArg("clients", "contains a nil Client")
+			return r
+		case seen[c] || (!isNil(c.rdb) && seenRdb[c.rdb]):
+			r.err = invalidArg("clients", "contains the same Client or Redis client twice")
+			return r
+		}
+		seen[c] = true
+		if !isNil(c.rdb) {
+			seenRdb[c.rdb] = true
+		}
+	}
+	all := append(opts[:len(opts):len(opts)], WithOwner(o.owner))
+	for _, c := range clients {
+		e := newExcl(c, name, false, all)
+		if r.err == nil {
+			r.err = e.err
+		}
+		r.nodes = append(r.nodes, &e)
+		if r.lease == 0 || e.lease < r.lease {
+			r.lease = e.lease
+		}
+		r.renew = e.renew
+	}
+	r.quorum = len(clients)/2 + 1
+	return r
+}
+
+// check returns the error of bad input or of a closed Client.
+func (r *Redlock) check() error {
+	if r.err != nil {
+		return r.err
+	}
+	for _, e := range r.nodes {
+		if err := e.c.check(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// drift is the clock drift allowance: lease·1% + 2ms.
+func (r *Redlock) drift() time.Duration {
+	return r.lease/100 + 2*time.Millisecond
+}
+
+// nodeTimeout bounds one attempt on master i: small against the lease.
+func (r *Redlock) nodeTimeout(i int) time.Duration {
+	d := min(max(r.lease/20, 10*time.Millisecond), time.Second)
+	return d + r.nodes[i].c.opts.replicaTimeout
+}
+
+// Lock blocks until the Redlock is held, or ctx is done. A failed wait
+// returns an error matching both ErrNotObtained and ctx.Err(). Masters that
+// cannot be reached do not end the wait: Lock retries until a quorum
+// grants the lock.
+func (r *Redlock) Lock(ctx context.Context) error {
+	_, err := r.lock(ctx, true)
+	return err
+}
+
+// TryLock makes one attempt on every master and reports whether it took
+// the lock. It returns (false, nil) when other owners hold the lock on so
+// many masters that no quorum was possible, and (false, err) with err
+// wrapping ErrNotObtained when the quorum failed for other reasons
+// (unreachable masters, the validity spent by a slow acquisition); err then
+// also wraps the masters' errors. It returns (false, nil) as well when
+// another goroutine holds the lock through this same handle.
+func (r *Redlock) TryLock(ctx context.Context) (bool, error) {
+	return r.lock(ctx, false)
+}
+
+// round is the outcome of one fan-out.
+type round struct {
+	start    time.Time
+	granted  []bool
+	unknown  []bool // no reply: the master may have granted it
+	busy     int    // masters where another owner holds the lock
+	minPTTL  int64  // the earliest end of another owner's hold, ms; -1 none
+	errs     []error
+	validity time.Duration
+	fatal    error // an error that retrying cannot cure
+}
+
+func (rd *round) count() int {
+	n := 0
+	for _, g := range rd.granted {
+		if g {
+			n++
+		}
+	}
+	return n
+}
+
+// fanOut tries every master in parallel with request id req and waits for
+// every reply or its node timeout.
+func (r *Redlock) fanOut(ctx context.Context, req string) *round {
+	n := len(r.nodes)
+	rd := &round{start: time.Now(), granted: make([]bool, n), unknown: make([]bool, n), minPTTL: -1}
+	type reply struct {
+		i    int
+		ok   bool
+		pttl int64
+		err  error
+	}
+	replies := make(chan reply, n) // buffered: a straggler never blocks
+	longest := time.Duration(0)
+	for i, e := range r.nodes {
+		d := r.nodeTimeout(i)
+		longest = max(longest, d)
+		go func() {
+			nctx, cancel := context.WithTimeout(ctx, d)
+			defer cancel()
+			ok, _, _, pttl, err := e.attempt(nctx, req)
+			replies <- reply{i, ok, pttl, err}
+		}()
+	}
+	// A Redis client that ignores context deadlines may answer late: count
+	// such a master as failed (with an unknown outcome) rather than wait.
+	t := time.NewTimer(longest + 50*time.Millisecond)
+	defer t.Stop()
+	got := make([]bool, n)
+	for k := 0; k < n; k++ {
+		select {
+		case rp := <-replies:
+			got[rp.i] = true
+			switch {
+			case rp.err != nil:
+				rd.errs = append(rd.errs, fmt.Errorf("redlock master %d: %w", rp.i, convertErr(rp.err)))
+				if !isReplyError(rp.err) && !errors.Is(rp.err, ErrNotReplicated) {
+					rd.unknown[rp.i] = true
+				}
+				if errors.Is(convertErr(rp.err), ErrWrongType) {
+					rd.fatal = convertErr(rp.err)
+				}
+			case rp.ok:
+				rd.granted[rp.i] = true
+			default:
+				rd.busy++
+				if rd.minPTTL < 0 || rp.pttl < rd.minPTTL {
+					rd.minPTTL = rp.pttl
+				}
+			}
+		case <-t.C:
+			for i := range got {
+				if !got[i] {
+					rd.unknown[i] = true
+					rd.errs = append(rd.errs, fmt.Errorf("redlock master %d: no reply within %v", i, longest))
+				}
+			}
+			k = n
+		}
+	}
+	rd.validity = r.lease - time.Since(rd.start) - r.drift()
+	return rd
+}
+
+// release undoes the acquisition req on every master (it releases only
+// what that request took) and waits for the replies for at most the node
+// timeout; slower releases go on in the background, bounded.
+func (r *Redlock) release(ctx context.Context, req string) {
+	var wg sync.WaitGroup
+	for _, e := range r.nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			defer cancel()
+			_, _ = e.unlock(cctx, req)
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	t := time.NewTimer(r.nodeTimeout(0))
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
+}
+
+func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
+	if err := r.check(); err != nil {
+		return false, err
+	}
+	if block {
+		select {
+		case r.sem <- struct{}{}:
+		case <-ctx.Done():
+			return false, newWaitError(ctx, nil)
+		}
+	} else {
+		select {
+		case r.sem <- struct{}{}:
+		default:
+			return false, nil
+		}
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			<-r.sem
+		}
+	}()
+
+	var ws []*waiter
+	defer func() {
+		for _, w := range ws {
+			if w != nil {
+				w.leave(!ok)
+			}
+		}
+	}()
+	var last error
+	for {
+		if err := r.check(); err != nil {
+			return false, err
+		}
+		for _, w := range ws {
+			if w != nil {
+				// Wake-ups already pending (each master publishes its own
+				// release) are answered by this very attempt.
+				select {
+				case <-w.sig:
+				default:
+				}
+			}
+		}
+		req := newID()
+		rd := r.fanOut(ctx, req)
+		if rd.count() >= r.quorum && rd.validity > 0 {
+			r.track(rd)
+			ok = true
+			return true, nil
+		}
+		r.release(ctx, req)
+		if rd.fatal != nil {
+			return false, rd.fatal
+		}
+		if len(rd.errs) > 0 {
+			last = errors.Join(rd.errs...)
+		}
+		if ctx.Err() != nil {
+			return false, newWaitError(ctx, last)
+		}
+		if err := r.check(); err != nil {
+			return false, err
+		}
+		contended := rd.busy > len(r.nodes)-r.quorum
+		if !block {
+			if contended {
+				return false, nil
+			}
+			why := fmt.Sprintf("%d of %d masters granted the lock, %d needed", rd.count(), len(r.nodes), r.quorum)
+			if rd.count() >= r.quorum {
+				why = fmt.Sprintf("the acquisition took %v, longer than the validity allows", time.Since(rd.start))
+			}
+			return false, errors.Join(fmt.Errorf("%w: redlock %q: %s", ErrNotObtained, r.name, why), last)
+		}
+
+		// Sleep until a release on any master, the earliest end of another
+		// owner's hold, or a short backoff when masters were unreachable.
+		bound := r.lease
+		if rd.minPTTL >= 0 {
+			bound = min(bound, r.nodes[0].c.retryBound(rd.minPTTL))
+		}
+		if !contended || rd.busy == 0 {
+			bound = min(bound, r.backoff())
+		}
+		if ws == nil {
+			ws = r.join(ctx, bound)
+			continue // retry at once: a release may have come before the subscription
+		}
+		woken, err := waitAny(ctx, ws, bound)
+		if err != nil {
+			return false, err
+		}
+		if woken && rd.count() > 0 {
+			// A split vote: both contenders were woken by the same
+			// releases; a random delay keeps them from colliding again.
+			if err := sleepCtx(ctx, r.backoff()/2); err != nil {
+				return false, err
+			}
+		}
+	}
+}
+
+// backoff is a random retry delay: up to lease/3, at most 200ms, at least 5ms.
+func (r *Redlock) backoff() time.Duration {
+	hi := min(max(r.lease/3, 10*time.Millisecond), 200*time.Millisecond)
+	return 5*time.Millisecond + rand.N(hi)
+}
+
+// join subscribes to the lock's wake-up channel on every master, in
+// parallel, and waits for the confirmations for at most the node timeout:
+// an unreachable master must not hold up the others. The waiters are
+// registered either way.
+func (r *Redlock) join(ctx context.Context, bound time.Duration) []*waiter {
+	ws := make([]*waiter, len(r.nodes))
+	var wg sync.WaitGroup
+	for i, e := range r.nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w, err := e.c.ps.join(ctx, e.channel, min(bound, r.nodeTimeout(i)))
+			if err == nil {
+				ws[i] = w
+			}
+		}()
+	}
+	wg.Wait()
+	return ws
+}
+
+// waitAny sleeps until a wake-up on any of ws, or bound, or the end of ctx
+// or of one of the Clients. It reports whether a wake-up ended the sleep.
+func waitAny(ctx context.Context, ws []*waiter, bound time.Duration) (bool, error) {
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	cases := []reflect.SelectCase{
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(t.C)},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())},
+	}
+	const first = 2
+	var sigs []int
+	for _, w := range ws {
+		if w == nil {
+			continue
+		}
+		sigs = append(sigs, len(cases))
+		cases = append(cases,
+			reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(w.sig)},
+			reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(w.p.closing)})
+	}
+	chosen, _, _ := reflect.Select(cases)
+	switch {
+	case chosen == 0:
+		return false, nil
+	case chosen == 1:
+		return false, newWaitError(ctx, nil)
+	case (chosen-first)%2 == 1:
+		return false, ErrClosed
+	}
+	return true, nil
+}
+
+// sleepCtx sleeps for d or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return newWaitError(ctx, nil)
+	}
+}
+
+// track records a granted acquisition: a hold per granting master in that
+// master's watchdog, and a monitor for the quorum.
+func (r *Redlock) track(rd *round) {
+	h := &redlockHold{
+		r: r, holds: make([]*hold, len(r.nodes)), start: rd.start,
+		end:  rd.start.Add(r.lease - r.drift()),
+		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
+	}
+	for i, e := range r.nodes {
+		if rd.granted[i] {
+			h.holds[i] = e.track(rd.start)
+		}
+	}
+	r.mu.Lock()
+	r.h = h
+	r.mu.Unlock()
+	go h.monitor()
+}
+
+// nodeDeadline returns when master i's hold ends unless renewed, and false
+// when it is gone.
+func (h *redlockHold) nodeDeadline(i int) (time.Time, bool) {
+	hd := h.holds[i]
+	if hd == nil || hd.isLost() {
+		return time.Time{}, false
+	}
+	w := h.r.nodes[i].c.wd
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if hd.done {
+		return time.Time{}, false
+	}
+	return hd.deadline, true
+}
+
+// validUntil returns when the hold's validity ends: for a fixed lease,
+// start + lease − drift; for a renewed one, the quorum-th latest deadline of
+// the masters still holding it, less the drift. Zero when fewer than a
+// quorum of masters hold it.
+func (h *redlockHold) validUntil() time.Time {
+	if !h.r.renew {
+		if h.live() < h.r.quorum {
+			return time.Time{}
+		}
+		return h.end
+	}
+	var ds []time.Time
+	for i := range h.holds {
+		if d, ok := h.nodeDeadline(i); ok {
+			ds = append(ds, d)
+		}
+	}
+	if len(ds) < h.r.quorum {
+		return time.Time{}
+	}
+	sort.Slice(ds, func(a, b int) bool { return ds[a].After(ds[b]) })
+	return ds[h.r.quorum-1].Add(-h.r.drift())
+}
+
+// live counts the masters still holding the lock, as far as known.
+func (h *redlockHold) live() int {
+	n := 0
+	for i := range h.holds {
+		if _, ok := h.nodeDeadline(i); ok {
+			n++
+		}
+	}
+	return n
+}
+
+func (h *redlockHold) isLost() bool {
+	select {
+	case <-h.lost:
+		return true
+	default:
+		return false
+	}
+}
+
+// monitor closes lost when fewer than a quorum of masters hold the lock or
+// the validity runs out, and returns then or when Unlock stops it. On a
+// loss it stops the renewals on the masters still holding it: a minority
+// hold protects nothing, and Unlock (or the lease) releases it.
+func (h *redlockHold) monitor() {
+	defer close(h.done)
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	cases := []reflect.SelectCase{
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(h.stop)},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(t.C)},
+	}
+	closing := map[int]int{} // case index of a Client's end -> master
+	for i, hd := range h.holds {
+		if hd != nil {
+			cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(hd.lost)})
+			closing[len(cases)] = i
+			cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(h.r.nodes[i].c.ctx.Done())})
+		}
+	}
+	for {
+		until := h.validUntil()
+		if !time.Now().Before(until) {
+			close(h.lost)
+			h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
+				"name", h.r.name, "masters holding", h.live(), "quorum", h.r.quorum)
+			for i, hd := range h.holds {
+				h.r.nodes[i].c.wd.remove(hd)
+			}
+			return
+		}
+		t.Reset(time.Until(until))
+		chosen, _, _ := reflect.Select(cases)
+		if chosen == 0 {
+			return
+		}
+		if chosen >= 2 {
+			cases[chosen].Chan = reflect.Value{} // fired for good: ignore from now on
+			if i, ok := closing[chosen]; ok {
+				// That master's Client was closed: its hold is no longer
+				// renewed and cannot count towards the quorum any more.
+				h.r.nodes[i].c.wd.remove(h.holds[i])
+			}
+		}
+	}
+}
+
+// Unlock releases the lock on every master and wakes waiters. It returns
+// ErrNotHeld when this handle does not hold the lock, or when it was lost
+// (Lost closed, or the validity ran out) before Unlock. It returns an error
+// joining the masters' errors when fewer than a quorum confirmed the
+// release for want of an answer; the lock then expires on the others after
+// its lease. Whatever Unlock returns, the handle no longer holds the lock.
+func (r *Redlock) Unlock(ctx context.Context) error {
+	if r.err != nil {
+		return r.err
+	}
+	r.mu.Lock()
+	h := r.h
+	r.h = nil
+	r.mu.Unlock()
+	if h == nil {
+		return ErrNotHeld
+	}
+	defer func() { <-r.sem }()
+	close(h.stop)
+	<-h.done
+	valid := !h.isLost() && time.Now().Before(h.validUntil())
+
+	type reply struct {
+		n   int64
+		err error
+	}
+	replies := make([]reply, len(r.nodes))
+	var wg sync.WaitGroup
+	for i, e := range r.nodes {
+		e.c.wd.setReleasing(h.holds[i], true)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
+			defer cancel()
+			n, err := e.unlock(uctx, "")
+			replies[i] = reply{n, err}
+		}()
+	}
+	wg.Wait()
+	released := 0
+	var errs []error
+	for i, e := range r.nodes {
+		e.c.wd.remove(h.holds[i])
+		switch rp := replies[i]; {
+		case rp.err != nil:
+			errs = append(errs, fmt.Errorf("redlock master %d: %w", i, rp.err))
+		case rp.n >= 0:
+			released++
+		}
+	}
+	switch {
+	case !valid:
+		return ErrNotHeld
+	case released >= r.quorum:
+		return nil
+	case len(errs) > 0:
+		return errors.Join(errs...)
+	}
+	return ErrNotHeld
+}
+
+// Lost returns a channel closed when the current hold ends before Unlock:
+// fewer than a quorum of masters still hold the lock (a renewal found it
+// gone, or their leases ran out unrenewed, or their Clients were closed),
+// or the validity ran out. It returns nil (a channel that never closes)
+// when the handle holds nothing.
+func (r *Redlock) Lost() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.h == nil {
+		return nil
+	}
+	return r.h.lost
+}
+
+// Validity returns the remaining validity of the current hold: the time
+// during which mutual exclusion is guaranteed (within the limits in the
+// type's documentation), lease − elapsed − drift for a fixed lease, or from
+// the latest renewals that a quorum of masters acknowledged for a renewed
+// one. It returns 0 when the handle holds nothing or the hold was lost.
+func (r *Redlock) Validity() time.Duration {
+	r.mu.Lock()
+	h := r.h
+	r.mu.Unlock()
+	if h == nil || h.isLost() {
+		return 0
+	}
+	return max(time.Until(h.validUntil()), 0)
+}

@@ -1,0 +1,376 @@
+package redlatch_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// redlockServers starts n private redis-servers.
+func redlockServers(t *testing.T, n int) []*redistest.Server {
+	t.Helper()
+	out := make([]*redistest.Server, n)
+	for i := range out {
+		out[i] = redistest.NewServer(t)
+	}
+	return out
+}
+
+// redlockClients returns one redlatch Client per server, closed at the end
+// of the test.
+func redlockClients(t *testing.T, servers []*redistest.Server, opts ...redlatch.Option) []*redlatch.Client {
+	t.Helper()
+	out := make([]*redlatch.Client, len(servers))
+	for i, s := range servers {
+		c := redlatch.New(s.Client(t), opts...)
+		t.Cleanup(func() { _ = c.Close() })
+		out[i] = c
+	}
+	return out
+}
+
+// deadClient returns a Client on a loopback port nobody listens on: every
+// command fails at once with "connection refused".
+func deadClient(t *testing.T) *redlatch.Client {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	rdb := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, ContextTimeoutEnabled: true,
+		DialTimeout: 200 * time.Millisecond, DialerRetries: 1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// heldOn reports, per server, whether the lock called name exists there.
+func heldOn(t *testing.T, ctx context.Context, servers []*redistest.Server, name string) []bool {
+	t.Helper()
+	out := make([]bool, len(servers))
+	for i, s := range servers {
+		n, err := s.Client(t).Exists(ctx, lockKey(name)).Result()
+		require.NoError(t, err)
+		out[i] = n == 1
+	}
+	return out
+}
+
+func TestRedlockBadInput(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	t.Cleanup(func() { _ = rdb.Close() })
+	rdb2 := redis.NewClient(&redis.Options{Addr: "127.0.0.1:2"})
+	t.Cleanup(func() { _ = rdb2.Close() })
+	c1, c2 := redlatch.New(rdb), redlatch.New(rdb2)
+	c1b := redlatch.New(rdb) // another Client on the same Redis client
+	t.Cleanup(func() { _, _, _ = c1.Close(), c2.Close(), c1b.Close() })
+	ctx := ctxT(t, 5*time.Second)
+	for name, r := range map[string]*redlatch.Redlock{
+		"nil clients":      redlatch.NewRedlock("x", nil),
+		"no clients":       redlatch.NewRedlock("x", []*redlatch.Client{}),
+		"nil client":       redlatch.NewRedlock("x", []*redlatch.Client{c1, nil}),
+		"duplicate client": redlatch.NewRedlock("x", []*redlatch.Client{c1, c2, c1}),
+		"duplicate redis":  redlatch.NewRedlock("x", []*redlatch.Client{c1, c2, c1b}),
+		"empty name":       redlatch.NewRedlock("", []*redlatch.Client{c1, c2}),
+		"zero lease":       redlatch.NewRedlock("x", []*redlatch.Client{c1, c2}, redlatch.WithLease(0)),
+		"empty owner":      redlatch.NewRedlock("x", []*redlatch.Client{c1, c2}, redlatch.WithOwner("")),
+	} {
+		t.Run(name, func(t *testing.T) {
+			require.ErrorIs(t, r.Lock(ctx), redlatch.ErrInvalidArgument)
+			ok, err := r.TryLock(ctx)
+			require.False(t, ok)
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+			require.ErrorIs(t, r.Unlock(ctx), redlatch.ErrInvalidArgument)
+			require.Nil(t, r.Lost())
+			require.Zero(t, r.Validity())
+		})
+	}
+}
+
+// TestRedlockMasks: over 5 masters, every mask of masters that are not free
+// — unreachable (a closed port) or held by another owner, alternating by
+// position — grants the lock exactly when at least 3 are free; a refused
+// attempt leaves nothing behind on the free masters, a granted one holds
+// on every free master and leaves the other owner's holds alone, and
+// Unlock clears it everywhere.
+func TestRedlockMasks(t *testing.T) {
+	servers := redlockServers(t, 5)
+	live := redlockClients(t, servers)
+	others := redlockClients(t, servers)
+	dead := make([]*redlatch.Client, 5)
+	for i := range dead {
+		dead[i] = deadClient(t)
+	}
+	ctx := ctxT(t, 60*time.Second)
+	lease := 3 * time.Second
+	for mask := 0; mask < 32; mask++ {
+		name := fmt.Sprintf("redlock-mask-%02d", mask)
+		clients := make([]*redlatch.Client, 5)
+		free, busy := 0, 0
+		var occupied []*redlatch.Mutex
+		for i := 0; i < 5; i++ {
+			switch {
+			case mask&(1<<i) == 0:
+				clients[i] = live[i]
+				free++
+			case (i+mask)%2 == 0:
+				clients[i] = dead[i]
+			default:
+				clients[i] = live[i]
+				m := others[i].Mutex(name, redlatch.WithLease(time.Minute))
+				ok, err := m.TryLock(ctx)
+				require.NoError(t, err)
+				require.True(t, ok)
+				occupied = append(occupied, m)
+				busy++
+			}
+		}
+		r := redlatch.NewRedlock(name, clients, redlatch.WithLease(lease))
+		ok, err := r.TryLock(ctx)
+		held := heldOn(t, ctx, servers, name)
+		if free >= 3 {
+			require.NoError(t, err, "mask %05b", mask)
+			require.True(t, ok, "mask %05b: %d free masters", mask, free)
+			require.Greater(t, r.Validity(), lease/2)
+			require.NotNil(t, r.Lost())
+			for i := 0; i < 5; i++ {
+				require.Equal(t, mask&(1<<i) == 0 || clients[i] == live[i], held[i], "mask %05b master %d", mask, i)
+			}
+			require.NoError(t, r.Unlock(ctx), "mask %05b", mask)
+			require.Zero(t, r.Validity())
+		} else {
+			require.False(t, ok, "mask %05b: %d free masters", mask, free)
+			if busy > 2 {
+				require.NoError(t, err, "mask %05b: contention is not an error", mask)
+			} else {
+				require.ErrorIs(t, err, redlatch.ErrNotObtained, "mask %05b", mask)
+			}
+			require.Zero(t, r.Validity())
+			require.Nil(t, r.Lost())
+			require.ErrorIs(t, r.Unlock(ctx), redlatch.ErrNotHeld)
+		}
+		// Nothing is left on the free masters; the other owner's holds stay.
+		held = heldOn(t, ctx, servers, name)
+		for i := 0; i < 5; i++ {
+			require.Equal(t, clients[i] == live[i] && mask&(1<<i) != 0, held[i], "mask %05b master %d after", mask, i)
+		}
+		for _, m := range occupied {
+			require.NoError(t, m.Unlock(ctx))
+		}
+	}
+}
+
+// TestRedlockStoppedMasters: frozen masters (SIGSTOP) cost the node
+// timeout, not more: with 2 of 5 frozen the lock is granted, with a
+// validity shorter by at least the time the frozen masters were waited for;
+// with 3 frozen it is refused. Validity shrinks with the acquisition time.
+func TestRedlockStoppedMasters(t *testing.T) {
+	servers := redlockServers(t, 5)
+	clients := redlockClients(t, servers)
+	ctx := ctxT(t, 30*time.Second)
+	lease := 4 * time.Second
+	drift := lease/100 + 2*time.Millisecond
+	nodeTimeout := lease / 20
+
+	r := redlatch.NewRedlock("redlock-stopped", clients, redlatch.WithLease(lease))
+	before := time.Now()
+	ok, err := r.TryLock(ctx)
+	took := time.Since(before)
+	require.NoError(t, err)
+	require.True(t, ok)
+	fast := r.Validity()
+	require.LessOrEqual(t, fast, lease-drift)
+	require.Greater(t, fast, lease-drift-took-time.Second) // generous under load
+	require.NoError(t, r.Unlock(ctx))
+
+	servers[1].Stop(t)
+	servers[3].Stop(t)
+	stopped := []*redistest.Server{servers[1], servers[3]}
+	t.Cleanup(func() {
+		for _, s := range stopped {
+			s.Cont(t)
+		}
+	})
+	ok, err = r.TryLock(ctx)
+	require.NoError(t, err)
+	require.True(t, ok)
+	slow := r.Validity()
+	require.LessOrEqual(t, slow, lease-drift-nodeTimeout, "the frozen masters were waited for")
+	require.Less(t, slow, fast)
+	require.NoError(t, r.Unlock(ctx)) // 3 of 5 confirm the release
+
+	servers[4].Stop(t)
+	stopped = append(stopped, servers[4])
+	start := time.Now()
+	ok, err = r.TryLock(ctx)
+	require.False(t, ok)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	require.Less(t, time.Since(start), 2*time.Second)
+	for _, s := range stopped {
+		s.Cont(t)
+	}
+	stopped = nil
+	// The frozen masters run the attempts they received late; nothing of the
+	// refused attempt is left on the masters that answered.
+	require.Equal(t, []bool{false, false}, heldOn(t, ctx, []*redistest.Server{servers[0], servers[2]}, "redlock-stopped"))
+	// Once the late grants expire or are released, the lock is free again.
+	require.NoError(t, r.Lock(ctxT(t, 10*time.Second)))
+	require.NoError(t, r.Unlock(ctx))
+}
+
+// TestRedlockMutualExclusion: Redlocks of several owners, on Clients of
+// their own (as in separate processes), never hold at once, and every one
+// gets its turn; a Mutex of the same name on a majority of the masters
+// keeps a Redlock out.
+func TestRedlockMutualExclusion(t *testing.T) {
+	servers := redlockServers(t, 5)
+	ctx := ctxT(t, 60*time.Second)
+	const workers, rounds = 3, 8
+	var inside, entries atomic.Int32
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		r := redlatch.NewRedlock("redlock-mutex", redlockClients(t, servers), redlatch.WithLease(5*time.Second))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < rounds; i++ {
+				if err := r.Lock(ctx); err != nil {
+					t.Error(err)
+					return
+				}
+				if inside.Add(1) != 1 {
+					t.Error("two Redlocks held at once")
+				}
+				entries.Add(1)
+				time.Sleep(2 * time.Millisecond)
+				inside.Add(-1)
+				if err := r.Unlock(ctx); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	require.EqualValues(t, workers*rounds, entries.Load())
+
+	// Mutexes on 3 of the 5 masters exclude the Redlock, and vice versa.
+	clients := redlockClients(t, servers)
+	var ms []*redlatch.Mutex
+	for i := 0; i < 3; i++ {
+		m := clients[i].Mutex("redlock-mutex")
+		require.NoError(t, m.Lock(ctx))
+		ms = append(ms, m)
+	}
+	r := redlatch.NewRedlock("redlock-mutex", redlockClients(t, servers))
+	ok, err := r.TryLock(ctx)
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.Equal(t, []bool{true, true, true, false, false}, heldOn(t, ctx, servers, "redlock-mutex"))
+	for _, m := range ms {
+		require.NoError(t, m.Unlock(ctx))
+	}
+	require.NoError(t, r.Lock(ctx))
+	ok, err = clients[4].Mutex("redlock-mutex").TryLock(ctx)
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.NoError(t, r.Unlock(ctx))
+}
+
+// TestRedlockWait: a blocked Lock is woken by pub/sub at the holder's
+// Unlock (well before the lease), and a wait ended by its context matches
+// ErrNotObtained and ctx.Err().
+func TestRedlockWait(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	holder := redlatch.NewRedlock("redlock-wait", redlockClients(t, servers), redlatch.WithLease(20*time.Second))
+	waiter := redlatch.NewRedlock("redlock-wait", redlockClients(t, servers), redlatch.WithLease(20*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	requireWaitErr(t, waiter.Lock(short), short)
+
+	got := make(chan time.Time, 1)
+	go func() {
+		if err := waiter.Lock(ctx); err != nil {
+			t.Error(err)
+			close(got)
+			return
+		}
+		got <- time.Now()
+	}()
+	time.Sleep(300 * time.Millisecond)
+	require.NoError(t, holder.Unlock(ctx))
+	released := time.Now()
+	select {
+	case at, ok := <-got:
+		require.True(t, ok)
+		require.Less(t, at.Sub(released), 2*time.Second, "woken by pub/sub, not by the 20s lease")
+	case <-time.After(10 * time.Second):
+		t.Fatal("waiter not woken")
+	}
+	require.NoError(t, waiter.Unlock(ctx))
+}
+
+// TestRedlockWatchdog: without WithLease the masters' watchdogs renew the
+// lock; it stays held while a quorum renews (2 of 5 masters killed), and
+// Lost closes once a third is gone; Unlock then reports ErrNotHeld.
+func TestRedlockWatchdog(t *testing.T) {
+	servers := redlockServers(t, 5)
+	timeout := 900 * time.Millisecond
+	clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(timeout))
+	ctx := ctxT(t, 30*time.Second)
+	r := redlatch.NewRedlock("redlock-watchdog", clients)
+	require.NoError(t, r.Lock(ctx))
+	time.Sleep(2 * timeout)
+	requireOpen(t, r.Lost(), "renewed lock lost")
+	require.Greater(t, r.Validity(), time.Duration(0))
+
+	servers[0].Kill(t)
+	servers[2].Kill(t)
+	time.Sleep(2 * timeout)
+	requireOpen(t, r.Lost(), "lock lost with a quorum still renewing")
+	require.Greater(t, r.Validity(), time.Duration(0))
+
+	servers[4].Kill(t)
+	requireClosedWithin(t, r.Lost(), 2*timeout+500*time.Millisecond, "Lost after the quorum was gone")
+	require.Zero(t, r.Validity())
+	require.ErrorIs(t, r.Unlock(ctx), redlatch.ErrNotHeld)
+}
+
+// TestRedlockFixedLease: a WithLease hold is not renewed: Lost closes when
+// the validity runs out (before the masters expire the lock), and Unlock
+// reports ErrNotHeld.
+func TestRedlockFixedLease(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	lease := 500 * time.Millisecond
+	r := redlatch.NewRedlock("redlock-lease", redlockClients(t, servers), redlatch.WithLease(lease))
+	start := time.Now()
+	require.NoError(t, r.Lock(ctx))
+	requireClosedWithin(t, r.Lost(), 2*lease, "Lost at the end of the validity")
+	require.Less(t, time.Since(start), lease+300*time.Millisecond)
+	require.Zero(t, r.Validity())
+	require.ErrorIs(t, r.Unlock(ctx), redlatch.ErrNotHeld)
+	// The masters expire it by themselves.
+	require.Eventually(t, func() bool {
+		for _, h := range heldOn(t, ctx, servers, "redlock-lease") {
+			if h {
+				return false
+			}
+		}
+		return true
+	}, 3*time.Second, 20*time.Millisecond)
+}

@@ -1,0 +1,287 @@
+package redlatch_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// linkProxy forwards TCP connections to a target address (the replication
+// link of a replica to its master, here). Partition makes it drop every
+// byte in both directions from then on, the connections staying open: the
+// master still sees its replica connected, but nothing reaches it and no
+// acknowledgement comes back, as in a network partition.
+type linkProxy struct {
+	Addr     string
+	target   string
+	l        net.Listener
+	dropping atomic.Bool
+
+	mu    sync.Mutex
+	conns []net.Conn
+	wg    sync.WaitGroup
+}
+
+func newLinkProxy(t *testing.T, target string) *linkProxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p := &linkProxy{Addr: l.Addr().String(), target: target, l: l}
+	p.wg.Add(1)
+	go p.accept()
+	t.Cleanup(p.Close)
+	return p
+}
+
+func (p *linkProxy) accept() {
+	defer p.wg.Done()
+	for {
+		in, err := p.l.Accept()
+		if err != nil {
+			return
+		}
+		out, err := net.Dial("tcp", p.target)
+		if err != nil {
+			_ = in.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns = append(p.conns, in, out)
+		p.mu.Unlock()
+		p.wg.Add(2)
+		go p.pipe(in, out)
+		go p.pipe(out, in)
+	}
+}
+
+func (p *linkProxy) pipe(from, to net.Conn) {
+	defer p.wg.Done()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := from.Read(buf)
+		if n > 0 && !p.dropping.Load() {
+			if _, werr := to.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			_ = to.Close()
+			return
+		}
+	}
+}
+
+// Partition drops every byte from now on.
+func (p *linkProxy) Partition() { p.dropping.Store(true) }
+
+// Close closes the listener and every connection, and waits for the
+// forwarding goroutines.
+func (p *linkProxy) Close() {
+	_ = p.l.Close()
+	p.mu.Lock()
+	for _, c := range p.conns {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+// replicaPair starts a master and a replica of it whose replication link
+// goes through a linkProxy, and waits until the replica is in sync.
+func replicaPair(t *testing.T) (master, replica *redistest.Server, link *linkProxy) {
+	t.Helper()
+	// No 5s wait before a (diskless) full sync, on either side of a failover.
+	master = redistest.NewServer(t, "--repl-diskless-sync-delay", "0")
+	link = newLinkProxy(t, master.Addr)
+	host, port, _ := net.SplitHostPort(link.Addr)
+	replica = redistest.NewServer(t, "--replicaof", host, port, "--repl-diskless-sync-delay", "0")
+	waitInSync(t, master, replica)
+	return master, replica, link
+}
+
+// waitInSync waits until the replica's link is up and a write on the master
+// has reached it.
+func waitInSync(t *testing.T, master, replica *redistest.Server) {
+	t.Helper()
+	ctx := ctxT(t, 20*time.Second)
+	m, r := master.Client(t), replica.Client(t)
+	require.Eventually(t, func() bool {
+		info, err := r.Info(ctx, "replication").Result()
+		if err != nil || !strings.Contains(info, "master_link_status:up") {
+			return false
+		}
+		if m.Set(ctx, "sync-marker", "1", 0).Err() != nil {
+			return false
+		}
+		n, err := r.Exists(ctx, "sync-marker").Result()
+		return err == nil && n == 1
+	}, 15*time.Second, 20*time.Millisecond, "replica not in sync")
+}
+
+// TestReplicaSyncLive: with the replica live, locks and re-entries work
+// under WithReplicaSync, every hold is on the replica when Lock returns, and
+// the watchdog's replicated renewals keep a lock held.
+func TestReplicaSyncLive(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, time.Second),
+		redlatch.WithWatchdogTimeout(900*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	r := replica.Client(t)
+
+	m := c.Mutex("sync-live")
+	require.NoError(t, m.Lock(ctx))
+	require.EqualValues(t, 1, r.Exists(ctx, lockKey("sync-live")).Val(), "on the replica when Lock returns")
+	require.Positive(t, m.Token())
+	time.Sleep(2 * time.Second) // several replicated renewals
+	requireOpen(t, m.Lost(), "lock lost while replicated renewals succeed")
+	require.NoError(t, m.Unlock(ctx))
+
+	rm := c.ReentrantMutex("sync-live-re")
+	require.NoError(t, rm.Lock(ctx))
+	ok, err := rm.TryLock(ctx)
+	require.NoError(t, err)
+	require.True(t, ok)
+	n, err := r.HGet(ctx, lockKey("sync-live-re"), "c").Int()
+	require.NoError(t, err)
+	require.Equal(t, 2, n, "the re-entry is on the replica")
+	require.NoError(t, rm.Unlock(ctx))
+	require.NoError(t, rm.Unlock(ctx))
+}
+
+// TestReplicaSyncStoppedReplica: with the replica frozen (SIGSTOP), an
+// acquisition fails within about the sync timeout with ErrNotReplicated
+// (which matches ErrNotObtained), and nothing stays held on the master; a
+// lock held when the replica froze is lost (Lost closes) once its
+// unreplicated renewals have let the lease run out.
+func TestReplicaSyncStoppedReplica(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	timeout := 900 * time.Millisecond
+	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 300*time.Millisecond),
+		redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
+	mc := master.Client(t)
+
+	held := c.Mutex("sync-stopped-held")
+	require.NoError(t, held.Lock(ctx))
+
+	replica.Stop(t)
+	defer replica.Cont(t)
+	for _, tc := range []struct {
+		name string
+		lock func(context.Context) error
+	}{
+		{"Lock", c.Mutex("sync-stopped").Lock},
+		{"TryLock", func(ctx context.Context) error {
+			ok, err := c.Mutex("sync-stopped").TryLock(ctx)
+			require.False(t, ok)
+			return err
+		}},
+		{"Reentrant", c.ReentrantMutex("sync-stopped").Lock},
+	} {
+		start := time.Now()
+		err := tc.lock(ctx)
+		took := time.Since(start)
+		require.ErrorIs(t, err, redlatch.ErrNotReplicated, tc.name)
+		require.ErrorIs(t, err, redlatch.ErrNotObtained, tc.name)
+		require.Contains(t, err.Error(), "0 of 1 replicas", tc.name)
+		require.GreaterOrEqual(t, took, 300*time.Millisecond, tc.name)
+		require.Less(t, took, 2*time.Second, tc.name)
+		require.EqualValues(t, 0, mc.Exists(ctx, lockKey("sync-stopped")).Val(), "%s: nothing left on the master", tc.name)
+	}
+	// The earlier hold: its renewals are no longer replicated.
+	requireClosedWithin(t, held.Lost(), 2*timeout+time.Second, "Lost with unreplicated renewals")
+	require.ErrorIs(t, held.Unlock(ctx), redlatch.ErrNotHeld)
+}
+
+// TestReplicaSyncFailover is the classic failure: the master grants a lock
+// while replication is cut off (a partition between master and replica),
+// dies, and its replica is promoted. Without WithReplicaSync a second client
+// then takes the lock the first believes it holds; with it, the first
+// acquisition was refused, so no two clients ever believe they hold it.
+func TestReplicaSyncFailover(t *testing.T) {
+	for _, synced := range []bool{false, true} {
+		name := map[bool]string{false: "without", true: "with"}[synced]
+		t.Run(name, func(t *testing.T) {
+			master, replica, link := replicaPair(t)
+			ctx := ctxT(t, 20*time.Second)
+			var opts []redlatch.Option
+			if synced {
+				opts = append(opts, redlatch.WithReplicaSync(1, 300*time.Millisecond))
+			}
+			c1 := redlatch.New(master.Client(t), opts...)
+			t.Cleanup(func() { _ = c1.Close() })
+			first := c1.Mutex("failover")
+
+			link.Partition()
+			err := first.Lock(ctx)
+			if synced {
+				require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+			} else {
+				require.NoError(t, err)
+			}
+
+			master.Kill(t)
+			link.Close()
+			promoted := replica.Client(t)
+			require.NoError(t, promoted.SlaveOf(ctx, "NO", "ONE").Err())
+			c2 := redlatch.New(promoted)
+			t.Cleanup(func() { _ = c2.Close() })
+			second := c2.Mutex("failover")
+			ok, err := second.TryLock(ctx)
+			require.NoError(t, err)
+			require.True(t, ok, "the promoted replica never saw the first hold")
+			if synced {
+				require.Zero(t, first.Token(), "the first client does not believe it holds the lock")
+				requireErrNotHeld(t, first.Unlock(ctx))
+			} else {
+				require.Positive(t, first.Token(), "split brain: both believe they hold the lock")
+			}
+			require.NoError(t, second.Unlock(ctx))
+		})
+	}
+}
+
+func requireErrNotHeld(t *testing.T, err error) {
+	t.Helper()
+	require.True(t, errors.Is(err, redlatch.ErrNotHeld), "got %v", err)
+}
+
+// TestReplicaSyncNoReplicas: WithReplicaSync on a Redis without replicas
+// (or without WAIT: miniredis) refuses every acquisition — it never reports
+// a hold that no replica has — and leaves nothing held; on a cluster the
+// script and WAIT go to the master of the lock's slot. A Client without
+// replica sync on the same Redis is unaffected.
+func TestReplicaSyncNoReplicas(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b, redlatch.WithReplicaSync(1, 50*time.Millisecond))
+		for _, m := range []interface {
+			TryLock(context.Context) (bool, error)
+		}{c.Mutex(name), c.ReentrantMutex(name)} {
+			ok, err := m.TryLock(ctx)
+			require.False(t, ok)
+			require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+			locked, err := c.Mutex(name).IsLocked(ctx)
+			require.NoError(t, err)
+			require.False(t, locked, "nothing left held")
+		}
+		plain := newClient(t, b).Mutex(name)
+		ok, err := plain.TryLock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.NoError(t, plain.Unlock(ctx))
+	})
+}

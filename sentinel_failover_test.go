@@ -1,0 +1,139 @@
+package redlatch_test
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// TestSentinelFailoverLock: a lock held through a sentinel failover client
+// across a SENTINEL FAILOVER (one master, one replica, one sentinel on
+// loopback).
+//
+//   - replicated: the lock was taken WithReplicaSync, so the promoted
+//     replica has it (with two replicas, the sentinel promotes the most
+//     up to date). It survives the failover: the watchdog renews it on the
+//     new master, Lost stays open, another client cannot take it, and Unlock
+//     succeeds.
+//   - partitioned: the lock was taken, without replica sync, while the
+//     replication link was cut, so the promoted replica never had it. It
+//     fails loudly: the first renewal on the new master finds it gone, Lost
+//     closes, Unlock returns ErrNotHeld, and another client can take it.
+func TestSentinelFailoverLock(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		replicated bool
+	}{{"replicated", true}, {"partitioned", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			master, replica, link := replicaPair(t)
+			replicas := []*redistest.Server{replica}
+			if tc.replicated {
+				// A second replica, which the sentinel points at the new
+				// master at once, so that the new master has a replica to
+				// acknowledge renewals (the demoted master is converted to a
+				// replica only seconds later).
+				host, port, _ := net.SplitHostPort(master.Addr)
+				second := redistest.NewServer(t, "--replicaof", host, port, "--repl-diskless-sync-delay", "0")
+				waitInSync(t, master, second)
+				replicas = append(replicas, second)
+			}
+			sentinel := redistest.NewSentinel(t, master)
+			ctx := ctxT(t, 60*time.Second)
+			for _, r := range replicas {
+				waitSentinelReplica(t, ctx, sentinel, r)
+			}
+
+			timeout := 6 * time.Second // renewals every 2s
+			opts := []redlatch.Option{redlatch.WithWatchdogTimeout(timeout)}
+			if tc.replicated {
+				opts = append(opts, redlatch.WithReplicaSync(1, time.Second))
+			}
+			c1 := redlatch.New(sentinel.FailoverClient(t), opts...)
+			t.Cleanup(func() { _ = c1.Close() })
+			c2 := redlatch.New(sentinel.FailoverClient(t))
+			t.Cleanup(func() { _ = c2.Close() })
+
+			if !tc.replicated {
+				link.Partition()
+			}
+			m := c1.Mutex("sentinel-failover")
+			require.NoError(t, m.Lock(ctx))
+
+			sc := redis.NewSentinelClient(&redis.Options{Addr: sentinel.Addr})
+			t.Cleanup(func() { _ = sc.Close() })
+			require.NoError(t, sc.Failover(ctx, sentinel.MasterName).Err())
+			require.Eventually(t, func() bool {
+				addr, err := sc.GetMasterAddrByName(ctx, sentinel.MasterName).Result()
+				if err != nil {
+					return false
+				}
+				for _, r := range replicas {
+					if net.JoinHostPort(addr[0], addr[1]) == r.Addr {
+						return true
+					}
+				}
+				return false
+			}, 30*time.Second, 50*time.Millisecond, "sentinel did not promote the replica")
+			link.Close() // the old master now replicates from the new one directly
+
+			other := c2.Mutex("sentinel-failover")
+			if tc.replicated {
+				// Two renewal periods on the new master.
+				time.Sleep(2*timeout/3 + timeout/3)
+				requireOpen(t, m.Lost(), "replicated lock lost in the failover")
+				ok, err := tryLockRetrying(ctx, other)
+				require.NoError(t, err)
+				require.False(t, ok, "another client took a lock that survived the failover")
+				require.NoError(t, m.Unlock(ctx))
+				require.NoError(t, other.Lock(ctx))
+			} else {
+				requireClosedWithin(t, m.Lost(), 2*timeout, "Lost of a lock the promoted replica never had")
+				require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+				ok, err := tryLockRetrying(ctx, other)
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+			require.NoError(t, other.Unlock(ctx))
+		})
+	}
+}
+
+// tryLockRetrying is TryLock, retried while the failover client still
+// reaches the demoted master (READONLY) or reconnects.
+func tryLockRetrying(ctx context.Context, m *redlatch.Mutex) (ok bool, err error) {
+	for i := 0; i < 50; i++ {
+		if ok, err = m.TryLock(ctx); err == nil {
+			return ok, nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return ok, err
+}
+
+// waitSentinelReplica waits until the sentinel knows the replica and sees
+// its link to the master up, so that SENTINEL FAILOVER can promote it.
+func waitSentinelReplica(t *testing.T, ctx context.Context, s *redistest.Sentinel, replica *redistest.Server) {
+	t.Helper()
+	sc := redis.NewSentinelClient(&redis.Options{Addr: s.Addr})
+	defer sc.Close()
+	require.Eventually(t, func() bool {
+		reps, err := sc.Replicas(ctx, s.MasterName).Result()
+		if err != nil {
+			return false
+		}
+		for _, r := range reps {
+			if net.JoinHostPort(r["ip"], r["port"]) == replica.Addr &&
+				r["flags"] == "slave" && r["master-link-status"] == "ok" {
+				return true
+			}
+		}
+		return false
+	}, 30*time.Second, 100*time.Millisecond, "sentinel does not see the replica")
+}
