@@ -203,7 +203,7 @@ func (r *runner) w1() ([]record, error) {
 			if floorUS > 0 {
 				rec.RatioToFloor = num(us / floorUS)
 			}
-			rec.RTPerAcq = num(float64(a.rt) / n)
+			rec.RTPerAcq = num((float64(a.rt) + a.d.subs) / n)
 			rec.CmdsPerAcq = num(a.d.cmds / n)
 			rec.RedisCPUPerAcq = num(a.d.cpu * 1e6 / n)
 		}
@@ -291,7 +291,7 @@ func (r *runner) w2() ([]record, error) {
 			if a.pairs > 0 {
 				n := float64(a.pairs)
 				rec.AcqPerS = num(n / a.el.Seconds())
-				rec.RTPerAcq = num(float64(a.rt) / n)
+				rec.RTPerAcq = num((float64(a.rt) + a.d.subs) / n)
 				rec.CmdsPerAcq = num(a.d.cmds / n)
 				rec.RedisCPUPerAcq = num(a.d.cpu * 1e6 / n)
 			}
@@ -440,8 +440,10 @@ func (r *runner) hotSlot(in *instance, cs time.Duration, res *hotResult) {
 	res.el += el
 	res.acq += len(recs)
 	for i := 1; i < len(recs); i++ {
-		if recs[i].g != recs[i-1].g {
-			res.handoffs = append(res.handoffs, recs[i].acq.Sub(recs[i-1].rel))
+		// Overlapping holds (shared read holds of a reader/writer lock) are
+		// not handoffs.
+		if gap := recs[i].acq.Sub(recs[i-1].rel); recs[i].g != recs[i-1].g && gap >= 0 {
+			res.handoffs = append(res.handoffs, gap)
 		}
 	}
 	res.waits = append(res.waits, waits...)
