@@ -105,6 +105,13 @@ func closeAll(ins []*instance) {
 	}
 }
 
+// resetErrs starts a new error count for each instance (one per record).
+func resetErrs(ins []*instance) {
+	for _, in := range ins {
+		in.errs = 0
+	}
+}
+
 // rt is the number of requests the instance's processes sent so far.
 func (in *instance) rt() int64 {
 	var n int64
@@ -232,6 +239,7 @@ func (r *runner) w2() ([]record, error) {
 			d     delta
 		}
 		accs := make([]acc, len(ins))
+		resetErrs(ins)
 		for round := range r.p.w2Rounds {
 			for _, i := range rotation(len(ins), round) {
 				in := ins[i]
@@ -329,6 +337,7 @@ func (r *runner) w3() ([]record, error) {
 	var out []record
 	for _, cs := range r.p.w3CS {
 		res := make([]hotResult, len(ins))
+		resetErrs(ins)
 		for round := range r.p.w3Rounds {
 			for _, i := range rotation(len(ins), round) {
 				r.hotSlot(ins[i], cs, &res[i])
