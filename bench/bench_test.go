@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// testLog sends progress lines to t.Log.
+type testLog struct{ t *testing.T }
+
+func (w testLog) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// TestQuickRun runs `go run . -quick` end to end against a redis-server it
+// starts (or REDIS_ADDR), and checks that every library and workload
+// produced its record, the tables and the chart. It checks no performance
+// figure: the numbers of a run on a shared machine are not pass/fail.
+func TestQuickRun(t *testing.T) {
+	if os.Getenv("REDIS_ADDR") == "" {
+		if _, err := exec.LookPath(serverBinary()); err != nil {
+			if os.Getenv("REDLATCH_REQUIRE_REDIS") == "1" {
+				t.Fatal("redis-server not found and REDLATCH_REQUIRE_REDIS=1")
+			}
+			t.Skip("redis-server not found; set REDIS_ADDR or install redis-server")
+		}
+	}
+	out := t.TempDir()
+	var stdout bytes.Buffer
+	start := time.Now()
+	err := run(config{quick: true, out: out, addr: os.Getenv("REDIS_ADDR"), stdout: &stdout, log: testLog{t}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("quick run took %v", time.Since(start))
+	t.Log("\n" + stdout.String())
+
+	jsonPath, chartPath := outPaths(out)
+	b, err := os.ReadFile(jsonPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []map[string]any
+	if err := json.Unmarshal(b, &recs); err != nil {
+		t.Fatal(err)
+	}
+	fields := []string{"library", "workload", "goroutines", "cs_us", "us_per_pair", "acq_per_s",
+		"handoff_p50_us", "handoff_p99_us", "wait_p99_ms", "wait_max_ms", "jain", "rt_per_acq", "redis_cpu_us_per_acq"}
+	have := map[string]int{}
+	for _, r := range recs {
+		for _, f := range fields {
+			if _, ok := r[f]; !ok {
+				t.Errorf("record %v lacks field %q", r, f)
+			}
+		}
+		have[r["library"].(string)+"/"+r["workload"].(string)]++
+		if n, _ := r["errors"].(float64); n > 0 {
+			// Not a failure: a library may time out under load (see
+			// readme/bench.md); the run must complete all the same.
+			t.Logf("%s %s: %v errors", r["library"], r["workload"], n)
+		}
+	}
+	p := paramsFor(true)
+	for _, lib := range libraries() {
+		for wl, n := range map[string]int{"W1": 1, "W2": len(p.w2Goroutines), "W3": len(p.w3CS)} {
+			if have[lib.name+"/"+wl] != n {
+				t.Errorf("%s %s: %d records, want %d", lib.name, wl, have[lib.name+"/"+wl], n)
+			}
+		}
+	}
+	if have["redlatch Mutex/W4"] != 1 {
+		t.Errorf("no W4 record")
+	}
+	for _, r := range recs {
+		if r["workload"] == "W3" && r["acq_per_s"] == nil {
+			t.Errorf("%s W3 cs=%v: no acquisition", r["library"], r["cs_us"])
+		}
+	}
+
+	svg, err := os.ReadFile(chartPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(svg, []byte("<svg")) || !bytes.Contains(svg, []byte("redlatch Mutex")) {
+		t.Errorf("chart.svg does not look like the chart: %.200s", svg)
+	}
+	for _, h := range []string{"### W1", "### W2", "### W3", "### W4", "| redlatch Mutex |"} {
+		if !strings.Contains(stdout.String(), h) {
+			t.Errorf("stdout lacks %q", h)
+		}
+	}
+}
+
+// TestReadHeavy checks the RWMutex workload adapter: nine reads, then one
+// write, each Unlock matching its Lock.
+func TestReadHeavy(t *testing.T) {
+	var ops []string
+	op := func(name string) func(context.Context) error {
+		return func(context.Context) error { ops = append(ops, name); return nil }
+	}
+	l := readHeavy(op("rl"), op("ru"), op("wl"), op("wu"))
+	for range 20 {
+		_ = l.Lock(context.Background())
+		_ = l.Unlock(context.Background())
+	}
+	want := strings.Repeat("rl ru ", 9) + "wl wu "
+	if got := strings.Join(ops, " ") + " "; got != want+want {
+		t.Fatalf("ops = %s", got)
+	}
+}
+
+func TestStats(t *testing.T) {
+	if j := jain([]int{5, 5, 5, 5}); j != 1 {
+		t.Errorf("jain equal = %v", j)
+	}
+	if j := jain([]int{8, 0, 0, 0}); j != 0.25 {
+		t.Errorf("jain one = %v", j)
+	}
+	d := []time.Duration{1 * time.Microsecond, 2 * time.Microsecond, 3 * time.Microsecond, 4 * time.Microsecond}
+	if p := percentile(d, 0.5); p != 2 {
+		t.Errorf("p50 = %v", p)
+	}
+	if p := percentile(d, 1); p != 4 {
+		t.Errorf("max = %v", p)
+	}
+	if p := percentile(nil, 0.99); p != 0 {
+		t.Errorf("empty = %v", p)
+	}
+}

@@ -1,0 +1,140 @@
+// Command bench measures redlatch beside the Go lock libraries users pick
+// instead (go-redsync/redsync, bsm/redislock, rueidislock) and a raw floor
+// (SET NX PX + compare-and-delete), on one redis-server in one run.
+//
+//	cd bench && go run .            # full run, a few minutes
+//	cd bench && go run . -quick     # under a minute (CI)
+//
+// It starts its own redis-server on a free 127.0.0.1 port, or uses
+// REDIS_ADDR when set. It prints markdown tables on stdout, progress on
+// stderr, and writes results.json and chart.svg into -out (default: the
+// current directory). See readme/bench.md for the workloads.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// config is what the command line sets.
+type config struct {
+	quick  bool
+	out    string    // directory of results.json and chart.svg
+	addr   string    // a Redis to use instead of starting one
+	stdout io.Writer // the tables
+	log    io.Writer // progress
+}
+
+func main() {
+	cfg := config{stdout: os.Stdout, log: os.Stderr, addr: os.Getenv("REDIS_ADDR")}
+	flag.BoolVar(&cfg.quick, "quick", false, "short runs, under a minute in all (CI)")
+	flag.StringVar(&cfg.out, "out", ".", "directory for results.json and chart.svg")
+	flag.Parse()
+	if err := run(cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// run runs every workload and writes the outputs.
+func run(cfg config) error {
+	if err := os.MkdirAll(cfg.out, 0o755); err != nil {
+		return err
+	}
+	addr := cfg.addr
+	if addr == "" {
+		srv, err := startServer()
+		if err != nil {
+			return err
+		}
+		defer srv.close()
+		// An interrupt kills the server and removes its directory.
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+		defer signal.Stop(sig)
+		go func() {
+			if _, ok := <-sig; ok {
+				srv.close()
+				os.Exit(130)
+			}
+		}()
+		addr = srv.addr
+	}
+	stats := redis.NewClient(&redis.Options{Addr: addr})
+	defer stats.Close()
+	version, err := redisVersion(stats)
+	if err != nil {
+		return fmt.Errorf("redis at %s: %w", addr, err)
+	}
+	id := make([]byte, 4)
+	_, _ = rand.Read(id)
+	r := &runner{
+		p:      paramsFor(cfg.quick),
+		addr:   addr,
+		stats:  stats,
+		libs:   libraries(),
+		prefix: "redlatch-bench:" + hex.EncodeToString(id),
+		log:    cfg.log,
+	}
+	mode := "full"
+	if cfg.quick {
+		mode = "quick"
+	}
+	env := fmt.Sprintf("%s run, %s, redis %s, GOMAXPROCS %d, %s",
+		mode, time.Now().UTC().Format("2006-01-02"), version, runtime.GOMAXPROCS(0), runtime.Version())
+	r.logf("bench: %s", env)
+
+	start := time.Now()
+	var recs []record
+	for _, w := range []struct {
+		name string
+		run  func() ([]record, error)
+	}{{"W1", r.w1}, {"W2", r.w2}, {"W3", r.w3}, {"W4", r.w4}} {
+		t0 := time.Now()
+		out, err := w.run()
+		if err != nil {
+			return fmt.Errorf("%s: %w", w.name, err)
+		}
+		recs = append(recs, out...)
+		r.logf("%s done in %v", w.name, time.Since(t0).Round(time.Millisecond))
+	}
+	r.logf("bench: all done in %v", time.Since(start).Round(time.Millisecond))
+
+	jsonPath, chartPath := outPaths(cfg.out)
+	if err := writeJSON(jsonPath, recs); err != nil {
+		return err
+	}
+	if err := writeChart(chartPath, recs, env); err != nil {
+		return err
+	}
+	writeTables(cfg.stdout, recs, "## redlatch benchmarks ("+env+")")
+	r.logf("wrote %s and %s", jsonPath, chartPath)
+	return nil
+}
+
+func redisVersion(rdb *redis.Client) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	info, err := rdb.Info(ctx, "server").Result()
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "redis_version:"); ok {
+			return v, nil
+		}
+	}
+	return "?", nil
+}
