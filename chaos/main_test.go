@@ -5,6 +5,7 @@ import (
 	"flag"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -15,7 +16,10 @@ import (
 	"github.com/redlatch/redlatch/chaos"
 )
 
-var long = flag.Bool("long", false, "run each scenario longer")
+var (
+	long      = flag.Bool("long", false, "run each scenario longer")
+	knownBugs = flag.Bool("known-bugs", false, "run the tests that reproduce known redlatch bugs")
+)
 
 func TestMain(m *testing.M) {
 	chaos.WorkerMain() // a worker process never returns from it
@@ -212,3 +216,5 @@ func scanAll(ctx context.Context, rdb *redis.Client) ([]string, error) {
 	}
 	return keys, it.Err()
 }
+
+func fmtInt(n int64) string { return strconv.FormatInt(n, 10) }
