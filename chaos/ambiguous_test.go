@@ -21,7 +21,7 @@ func ambiguousSetup(t *testing.T, maxRetries int, ctxTimeouts bool) (*redlatch.C
 	s := newServer(t)
 	p := newProxy(t, s.Addr)
 	admin := rdbOf(t, s.Addr)
-	rdb := rdbOf(t, p.Addr, func(o *redis.Options) { 
+	rdb := rdbOf(t, p.Addr, func(o *redis.Options) {
 		o.MaxRetries, o.PoolSize, o.ContextTimeoutEnabled = maxRetries, 1, ctxTimeouts
 	})
 	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(time.Second))

@@ -10,6 +10,7 @@ require (
 	github.com/redis/go-redis/v9 v9.22.0
 	github.com/redlatch/redlatch v0.0.0-00010101000000-000000000000
 	github.com/rs/zerolog v1.33.0
+	go.uber.org/goleak v1.3.0
 	golang.org/x/sys v0.31.0
 )
 
