@@ -1,0 +1,213 @@
+package chaos_test
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+
+	"github.com/redlatch/redlatch"
+)
+
+// counter counts the commands a Redis client sends.
+type counter struct{ n atomic.Int64 }
+
+func (c *counter) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *counter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
+}
+func (c *counter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		c.n.Add(int64(len(cmds)))
+		return next(ctx, cmds)
+	}
+}
+
+// lockCalls is every method of a lock handle, called once.
+func lockCalls(l interface {
+	Lock(context.Context) error
+	TryLock(context.Context) (bool, error)
+	Unlock(context.Context) error
+	TTL(context.Context) (time.Duration, error)
+	IsLocked(context.Context) (bool, error)
+	ForceUnlock(context.Context) (bool, error)
+}, ctx context.Context) map[string]error {
+	out := map[string]error{}
+	out["Lock"] = l.Lock(ctx)
+	_, out["TryLock"] = l.TryLock(ctx)
+	out["Unlock"] = l.Unlock(ctx)
+	_, out["TTL"] = l.TTL(ctx)
+	_, out["IsLocked"] = l.IsLocked(ctx)
+	_, out["ForceUnlock"] = l.ForceUnlock(ctx)
+	return out
+}
+
+// Bad input over every constructor and method of the locks on this branch:
+// an error wrapping ErrInvalidArgument, no panic, no command sent to Redis.
+// (FairMutex, RWMutex, Semaphore and CountDownLatch are built on other
+// branches; their rows join this table when they land.)
+func TestBadInput(t *testing.T) {
+	s := newServer(t)
+	cnt := &counter{}
+	rdb := rdbOf(t, s.Addr)
+	rdb.AddHook(cnt)
+	c := redlatch.New(rdb)
+	defer c.Close()
+	var nilRdb *redis.Client
+	bad := redlatch.New(nilRdb)
+	defer bad.Close()
+	badWD := redlatch.New(rdb, redlatch.WithWatchdogTimeout(time.Millisecond))
+	defer badWD.Close()
+	badRS := redlatch.New(rdb, redlatch.WithReplicaSync(-1, time.Second))
+	defer badRS.Close()
+	ctx := ctxT(t, 10*time.Second)
+	type locker interface {
+		Lock(context.Context) error
+		TryLock(context.Context) (bool, error)
+		Unlock(context.Context) error
+		TTL(context.Context) (time.Duration, error)
+		IsLocked(context.Context) (bool, error)
+		ForceUnlock(context.Context) (bool, error)
+	}
+	cases := map[string]locker{
+		"Mutex empty name":               c.Mutex(""),
+		"Mutex lease 0":                  c.Mutex("x", redlatch.WithLease(0)),
+		"Mutex lease negative":           c.Mutex("x", redlatch.WithLease(-time.Second)),
+		"Mutex empty owner":              c.Mutex("x", redlatch.WithOwner("")),
+		"Mutex name with empty hash tag": c.Mutex("}x"),
+		"ReentrantMutex empty name":      c.ReentrantMutex(""),
+		"ReentrantMutex lease 0":         c.ReentrantMutex("x", redlatch.WithLease(0)),
+		"ReentrantMutex empty owner":     c.ReentrantMutex("x", redlatch.WithOwner("")),
+		"nil redis client":               bad.Mutex("x"),
+		"watchdog timeout 1ms":           badWD.ReentrantMutex("x"),
+		"negative replicas":              badRS.Mutex("x"),
+	}
+	for name, l := range cases {
+		for method, err := range lockCalls(l, ctx) {
+			if !errors.Is(err, redlatch.ErrInvalidArgument) {
+				t.Errorf("%s: %s = %v; want ErrInvalidArgument", name, method, err)
+			}
+		}
+	}
+	if _, err := c.ReentrantMutex("").HoldCount(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+		t.Errorf("HoldCount with an empty name = %v", err)
+	}
+	if err := redlatch.Do(ctx, nil, nil); !errors.Is(err, redlatch.ErrInvalidArgument) {
+		t.Errorf("Do(nil, nil) = %v", err)
+	}
+	if n := cnt.n.Load(); n != 0 {
+		t.Errorf("bad input sent %d commands to Redis", n)
+	}
+}
+
+// A key of the lock's name already holding a foreign value of the wrong
+// type: a clear error (ErrWrongType), no panic, no hang.
+func TestForeignValueWrongType(t *testing.T) {
+	s := newServer(t)
+	rdb := rdbOf(t, s.Addr)
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(time.Second))
+	defer c.Close()
+	ctx := ctxT(t, 10*time.Second)
+	for _, foreign := range []func(key string) error{
+		func(k string) error { return rdb.Set(ctx, k, "foreign", 0).Err() },
+		func(k string) error { return rdb.RPush(ctx, k, "a").Err() },
+	} {
+		if err := foreign("{foreign}:lock"); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range []interface {
+			TryLock(context.Context) (bool, error)
+		}{c.Mutex("foreign"), c.ReentrantMutex("foreign")} {
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				ok, err := l.TryLock(ctx)
+				if ok || err == nil {
+					t.Errorf("TryLock on a foreign value = %v, %v; want an error", ok, err)
+				}
+			}()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				t.Fatal("TryLock on a foreign value hangs")
+			}
+		}
+		tctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		err := c.Mutex("foreign").Lock(tctx)
+		cancel()
+		if err == nil {
+			t.Error("Lock on a foreign value succeeded")
+		}
+		_, err = c.Mutex("foreign").TTL(ctx)
+		_ = err // TTL of any key is well defined
+		if _, err := c.ReentrantMutex("foreign").HoldCount(ctx); err != nil && !errors.Is(err, redlatch.ErrWrongType) {
+			t.Errorf("HoldCount on a foreign value = %v; want nil or ErrWrongType", err)
+		}
+		_ = rdb.Del(ctx, "{foreign}:lock")
+	}
+	// A hash that looks like a lock held by "x" with a garbage count: the
+	// lock is busy for others; its owner's HoldCount says ErrWrongType.
+	_ = rdb.HSet(ctx, "{foreign}:lock", "o", "x", "c", "notanumber")
+	if ok, err := c.Mutex("foreign").TryLock(ctx); ok || err != nil {
+		t.Errorf("TryLock on a foreign hash = %v, %v; want false, nil (it looks held)", ok, err)
+	}
+	if _, err := c.ReentrantMutex("foreign", redlatch.WithOwner("x")).HoldCount(ctx); !errors.Is(err, redlatch.ErrWrongType) {
+		t.Errorf("HoldCount on a garbage count = %v; want ErrWrongType", err)
+	}
+	_ = rdb.Del(ctx, "{foreign}:lock")
+	// The plain string: the lock script's HMGET gets WRONGTYPE.
+	_ = rdb.Set(ctx, "{foreign}:lock", "foreign", 0)
+	if _, err := c.Mutex("foreign").TryLock(ctx); !errors.Is(err, redlatch.ErrWrongType) {
+		t.Errorf("TryLock on a string = %v; want ErrWrongType", err)
+	}
+}
+
+// A closed Client returns ErrClosed from every method, and goleak finds no
+// goroutine left after Close, also after holds, waits and a subscription.
+func TestClosedClientNoLeaks(t *testing.T) {
+	s := newServer(t)
+	ignore := goleak.IgnoreCurrent()
+	rdb := redis.NewClient(&redis.Options{Addr: s.Addr})
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(time.Second))
+	ctx := ctxT(t, 10*time.Second)
+	m, r := c.Mutex("closed"), c.ReentrantMutex("closed2")
+	if err := m.Lock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Lock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitErr := make(chan error, 1)
+	go func() { waitErr <- c.Mutex("closed").Lock(ctx) }() // waits: subscribes
+	time.Sleep(200 * time.Millisecond)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-waitErr; !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("a wait in progress at Close = %v; want ErrClosed", err)
+	}
+	if err := c.Close(); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("second Close = %v", err)
+	}
+	for name, err := range lockCalls(m, ctx) {
+		if !errors.Is(err, redlatch.ErrClosed) {
+			t.Errorf("Mutex.%s after Close = %v", name, err)
+		}
+	}
+	for name, err := range lockCalls(r, ctx) {
+		if !errors.Is(err, redlatch.ErrClosed) {
+			t.Errorf("ReentrantMutex.%s after Close = %v", name, err)
+		}
+	}
+	if _, err := r.HoldCount(ctx); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("HoldCount after Close = %v", err)
+	}
+	_ = rdb.Close()
+	goleak.VerifyNone(t, ignore)
+	// The holds of the closed Client expire after their lease: nothing left.
+	nothingLeft(t, s.Addr, time.Second+slack)
+}

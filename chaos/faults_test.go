@@ -1,0 +1,227 @@
+package chaos_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/redlatch/redlatch/chaos"
+)
+
+// workers returns n in-process worker configs on addr, named w1…wn.
+func workers(n int, addr, kind string, watchdog, d time.Duration) []chaos.WorkerConfig {
+	var cfgs []chaos.WorkerConfig
+	for i := 1; i <= n; i++ {
+		cfgs = append(cfgs, chaos.WorkerConfig{
+			Name: "w" + string(rune('0'+i)), Addr: addr, Lock: "faults", Kind: kind,
+			Watchdog: watchdog, Duration: d,
+			HoldMax: 20 * time.Millisecond, GapMax: 20 * time.Millisecond,
+		})
+	}
+	return cfgs
+}
+
+// Latency under the lease between one client and Redis: nothing is lost,
+// the history is linearizable.
+func TestLatencyUnderLease(t *testing.T) {
+	s := newServer(t)
+	p := newProxy(t, s.Addr)
+	if err := p.AddToxic("slow", "latency", "downstream", map[string]any{"latency": 60, "jitter": 30}); err != nil {
+		t.Fatal(err)
+	}
+	c := chaos.NewCoord()
+	cfgs := workers(3, s.Addr, "mutex", time.Second, scale(4*time.Second))
+	cfgs[0].Addr = p.Addr
+	runLocal(t, c, cfgs...)()
+	for _, h := range checkAll(t, c) {
+		if h.Lost {
+			t.Errorf("hold lost with latency under the lease: %+v", h)
+		}
+	}
+	nothingLeft(t, s.Addr, time.Second+slack)
+}
+
+// Latency over the lease between one client and Redis: every hold of that
+// client is reported lost (its lease has ended when the reply arrives),
+// fencing rejects its stale operations, the others go on.
+func TestLatencyOverLease(t *testing.T) {
+	s := newServer(t)
+	p := newProxy(t, s.Addr)
+	const lease = 500 * time.Millisecond
+	if err := p.AddToxic("slow", "latency", "downstream", map[string]any{"latency": 800}); err != nil {
+		t.Fatal(err)
+	}
+	c := chaos.NewCoord()
+	cfgs := workers(3, s.Addr, "mutex", lease, scale(4*time.Second))
+	cfgs[0].Addr = p.Addr
+	for i := range cfgs[1:] {
+		cfgs[1+i].GapMax = 300 * time.Millisecond // leave the slow client a chance
+	}
+	runLocal(t, c, cfgs...)()
+	slow := 0
+	for _, h := range checkAll(t, c) {
+		if h.Worker == "w1" {
+			slow++
+			if !h.LostSeen {
+				t.Errorf("a hold acquired with a reply later than its lease did not report Lost: %+v", h)
+			}
+		}
+	}
+	if slow == 0 {
+		t.Error("the slow client never acquired")
+	}
+	t.Logf("the slow client acquired %d times, each reported lost", slow)
+	nothingLeft(t, s.Addr, lease+slack)
+}
+
+// A blackhole between a holder and Redis: its renewals vanish, its Lost
+// closes within the lease, another client takes over within the lease plus
+// slack, and the holder recovers when the network does.
+func TestBlackholeBetweenClientAndRedis(t *testing.T) {
+	s := newServer(t)
+	p := newProxy(t, s.Addr)
+	const lease = time.Second
+	c := chaos.NewCoord()
+	victim := workers(1, p.Addr, "mutex", lease, time.Minute)[0]
+	victim.Name, victim.Ops = "victim", 1
+	victim.HoldMin, victim.HoldMax, victim.LostGrace = 2*lease, 2*lease, lease
+	victim.Timeout = 300 * time.Millisecond
+	waitVictim := runLocal(t, c, victim)
+	if _, ok := c.WaitEvent(10*time.Second, func(e chaos.Event) bool { return e.Worker == "victim" && e.Kind == "acquired" }); !ok {
+		t.Fatal("victim did not acquire")
+	}
+	if err := p.AddToxic("hole", "timeout", "upstream", map[string]any{"timeout": 0}); err != nil {
+		t.Fatal(err)
+	}
+	holeAt := chaos.Mono()
+	waitOthers := runLocal(t, c, workers(2, s.Addr, "mutex", lease, scale(3*time.Second))...)
+	next, ok := c.WaitEvent(lease+slack+5*time.Second, func(e chaos.Event) bool { return e.Kind == "acquired" })
+	if !ok {
+		t.Fatal("nobody took over")
+	}
+	if d := time.Duration(next.At - holeAt); d > lease+slack {
+		t.Errorf("liveness: taken over %v after the blackhole; bound %v + %v", d, lease, slack)
+	}
+	time.Sleep(2 * lease)
+	if err := p.RemoveToxic("hole"); err != nil {
+		t.Fatal(err)
+	}
+	waitVictim()
+	// The victim's client works again.
+	after := workers(1, p.Addr, "mutex", lease, scale(time.Second))[0]
+	after.Name = "after"
+	runLocal(t, c, after)()
+	waitOthers()
+	recovered := false
+	for _, h := range checkAll(t, c) {
+		switch h.Worker {
+		case "victim":
+			if !h.LostSeen || h.WroteOK {
+				t.Errorf("blackholed holder: Lost closed %v, write accepted %v", h.LostSeen, h.WroteOK)
+			}
+		case "after":
+			recovered = recovered || h.Acked()
+		}
+	}
+	if !recovered {
+		t.Error("the client did not recover after the blackhole")
+	}
+	nothingLeft(t, s.Addr, lease+slack)
+}
+
+// The server paused (SIGSTOP) past the lease, then resumed, while three
+// clients contend.
+func TestServerPausedPastLease(t *testing.T) {
+	s := newServer(t)
+	const lease = time.Second
+	c := chaos.NewCoord()
+	wait := runLocal(t, c, workers(3, s.Addr, "mutex", lease, scale(5*time.Second))...)
+	for i := 0; i < int(scale(time.Second)/time.Second); i++ {
+		time.Sleep(time.Second)
+		if err := s.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * lease)
+		if err := s.Cont(); err != nil {
+			t.Fatal(err)
+		}
+		resumed := chaos.Mono()
+		if _, ok := c.WaitEvent(lease+slack, func(e chaos.Event) bool { return e.Kind == "acquired" && e.At > resumed }); !ok {
+			t.Errorf("liveness: no acquisition within %v after the server resumed", lease+slack)
+		}
+	}
+	wait()
+	checkAll(t, c)
+	nothingLeft(t, s.Addr, lease+slack)
+}
+
+// CLIENT KILL TYPE pubsub, again and again, while four clients contend:
+// lost wake-ups delay waiters by at most the lease.
+func TestPubsubKilledDuringContention(t *testing.T) {
+	s := newServer(t)
+	const lease = time.Second
+	c := chaos.NewCoord()
+	cfgs := workers(4, s.Addr, "mutex", lease, scale(4*time.Second))
+	wait := runLocal(t, c, cfgs...)
+	admin := rdbOf(t, s.Addr)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for end := time.Now().Add(cfgs[0].Duration); time.Now().Before(end); {
+			time.Sleep(200 * time.Millisecond)
+			_ = admin.Do(context.Background(), "CLIENT", "KILL", "TYPE", "pubsub").Err()
+		}
+	}()
+	wait()
+	<-done
+	holds := checkAll(t, c)
+	checkGaps(t, holds, lease+slack)
+	nothingLeft(t, s.Addr, lease+slack)
+}
+
+// checkGaps checks that the lock never sat free longer than bound while
+// workers (which always contend) waited: no lost wake-up delays a waiter
+// past the lease.
+func checkGaps(t *testing.T, holds []chaos.Hold, bound time.Duration) {
+	t.Helper()
+	var worst time.Duration
+	for _, h := range holds {
+		// The latest release before h's acquisition.
+		var prev int64
+		for _, g := range holds {
+			if g.Rel < h.Acq && g.Rel > prev {
+				prev = g.Rel
+			}
+		}
+		if prev != 0 {
+			worst = max(worst, time.Duration(h.Acq-prev))
+		}
+	}
+	t.Logf("longest time the lock was free while contended: %v", worst)
+	if worst > bound {
+		t.Errorf("liveness: the lock was free %v while contended; bound %v", worst, bound)
+	}
+}
+
+// A restart of Redis without persistence while locks are held and waiters
+// wait: tokens still increase, holders learn their loss, waiters go on.
+func TestServerRestartWithoutPersistence(t *testing.T) {
+	s := newServer(t)
+	const lease = time.Second
+	c := chaos.NewCoord()
+	cfgs := workers(3, s.Addr, "reentrant", lease, scale(5*time.Second))
+	wait := runLocal(t, c, cfgs...)
+	for i := 0; i < int(scale(2*time.Second)/time.Second); i++ {
+		time.Sleep(1200 * time.Millisecond)
+		if err := s.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		restarted := chaos.Mono()
+		if _, ok := c.WaitEvent(lease+slack+time.Second, func(e chaos.Event) bool { return e.Kind == "acquired" && e.At > restarted }); !ok {
+			t.Errorf("liveness: no acquisition within %v after the restart", lease+slack+time.Second)
+		}
+	}
+	wait()
+	checkAll(t, c) // CheckTokens: no token went backwards across the restarts
+	nothingLeft(t, s.Addr, lease+slack)
+}

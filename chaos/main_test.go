@@ -1,0 +1,220 @@
+package chaos_test
+
+import (
+	"context"
+	"flag"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/redlatch/redlatch/chaos"
+)
+
+var (
+	long      = flag.Bool("long", false, "run each scenario longer")
+	knownBugs = flag.Bool("known-bugs", false, "run the tests that reproduce known redlatch bugs")
+)
+
+func TestMain(m *testing.M) {
+	chaos.WorkerMain() // a worker process never returns from it
+	flag.Parse()
+	os.Exit(m.Run())
+}
+
+// scale returns d in the quick suite and 6d with -long.
+func scale(d time.Duration) time.Duration {
+	if *long {
+		return 6 * d
+	}
+	return d
+}
+
+// slack is the documented margin of the liveness checks beyond a lease: a
+// waiter retries when the holder's lease (PTTL) ends, plus round trips and
+// scheduling on a loaded 2-core machine.
+const slack = 1500 * time.Millisecond
+
+// newServer starts a private redis-server for the test.
+func newServer(t *testing.T) *chaos.Server {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("REDLATCH_REQUIRE_REDIS") == "1" {
+			t.Fatal("redis-server not found")
+		}
+		t.Skip("redis-server not found")
+	}
+	s, err := chaos.StartServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func newProxy(t *testing.T, upstream string) *chaos.Proxy {
+	t.Helper()
+	p, err := chaos.NewProxy(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+func rdbOf(t *testing.T, addr string, opts ...func(*redis.Options)) *redis.Client {
+	t.Helper()
+	o := &redis.Options{Addr: addr}
+	for _, f := range opts {
+		f(o)
+	}
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { _ = rdb.Close() })
+	return rdb
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// runLocal runs in-process workers (Local env) in the background; wait
+// returns when all are done.
+func runLocal(t *testing.T, c *chaos.Coord, cfgs ...chaos.WorkerConfig) (wait func()) {
+	t.Helper()
+	var wg sync.WaitGroup
+	for _, cfg := range cfgs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := chaos.RunWorker(context.Background(), cfg, chaos.Local{C: c}); err != nil {
+				t.Errorf("worker %s: %v", cfg.Name, err)
+			}
+		}()
+	}
+	return wg.Wait
+}
+
+// startProc starts a worker process serving c's RPC; it is killed at the
+// end of the test.
+func startProc(t *testing.T, c *chaos.Coord, cfg chaos.WorkerConfig) *chaos.Proc {
+	t.Helper()
+	if cfg.Coord == "" {
+		l, err := chaos.Serve(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = l.Close() })
+		cfg.Coord = l.Addr().String()
+	}
+	p, err := chaos.StartWorker(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.Kill()
+		if t.Failed() {
+			t.Logf("worker %s output:\n%s", cfg.Name, p.Output())
+		}
+	})
+	return p
+}
+
+// waitProc waits for a worker process to exit successfully.
+func waitProc(t *testing.T, p *chaos.Proc, d time.Duration) {
+	t.Helper()
+	select {
+	case <-p.Done():
+		if p.Err() != nil {
+			t.Errorf("worker exited: %v\n%s", p.Err(), p.Output())
+		}
+	case <-time.After(d):
+		t.Errorf("worker did not finish within %v\n%s", d, p.Output())
+	}
+}
+
+// checkAll runs every checker over the holds of c and the final store, and
+// reports the violations. It returns the holds.
+func checkAll(t *testing.T, c *chaos.Coord) []chaos.Hold {
+	t.Helper()
+	holds := c.Holds()
+	final, rejected := c.Store.Final()
+	var v []string
+	v = append(v, chaos.CheckOverlap(holds, 1)...)
+	v = append(v, chaos.CheckTokens(holds)...)
+	v = append(v, chaos.CheckLostUpdates(holds, final)...)
+	v = append(v, chaos.CheckLinearizable(holds)...)
+	lost, acked := 0, 0
+	for _, h := range holds {
+		if h.Lost {
+			lost++
+		}
+		if h.Acked() {
+			acked++
+		}
+	}
+	t.Logf("holds %d, acknowledged %d, lost %d, stale store operations rejected %d, violations %d",
+		len(holds), acked, lost, rejected, len(v))
+	for i, s := range v {
+		if i == 20 {
+			t.Errorf("... and %d more", len(v)-20)
+			break
+		}
+		t.Error(s)
+	}
+	if acked == 0 {
+		t.Error("no acknowledged hold: the scenario made no progress")
+	}
+	return holds
+}
+
+// nothingLeft checks, within d, that the server keeps no key but fencing
+// counters and no pub/sub channel.
+func nothingLeft(t *testing.T, addr string, d time.Duration) {
+	t.Helper()
+	rdb := rdbOf(t, addr)
+	ctx := ctxT(t, d+5*time.Second)
+	deadline := time.Now().Add(d)
+	for {
+		var left []string
+		keys, err := scanAll(ctx, rdb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			if !strings.HasSuffix(k, ":fence") {
+				left = append(left, k)
+			}
+		}
+		chans, err := rdb.PubSubChannels(ctx, "*").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		left = append(left, chans...)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("left behind after %v: %v", d, left)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func scanAll(ctx context.Context, rdb *redis.Client) ([]string, error) {
+	var keys []string
+	it := rdb.Scan(ctx, 0, "*", 100).Iterator()
+	for it.Next(ctx) {
+		keys = append(keys, it.Val())
+	}
+	return keys, it.Err()
+}
+
+func fmtInt(n int64) string { return strconv.FormatInt(n, 10) }

@@ -1,0 +1,148 @@
+package chaos
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Server is a private redis-server process on 127.0.0.1 and a free port,
+// without persistence (--save "" --appendonly no): a restart loses every
+// key. It can be paused (SIGSTOP), resumed (SIGCONT), killed (SIGKILL) and
+// started again on the same port. It dies with the test binary (Pdeathsig).
+type Server struct {
+	Addr string
+
+	dir  string
+	args []string
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// StartServer starts a redis-server. Close stops it for good.
+func StartServer() (*Server, error) {
+	dir, err := os.MkdirTemp("", "redlatch-chaos-")
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for attempt := 0; attempt < 5; attempt++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+		_ = l.Close()
+		s := &Server{Addr: "127.0.0.1:" + port, dir: dir, args: []string{
+			"--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+			"--dir", dir, "--protected-mode", "no", "--loglevel", "warning",
+		}}
+		if err = s.Start(); err == nil {
+			return s, nil
+		}
+		errs = append(errs, err)
+	}
+	_ = os.RemoveAll(dir)
+	return nil, errors.Join(errs...)
+}
+
+// Start starts the (stopped or killed) server again on its port, empty.
+func (s *Server) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd != nil {
+		return fmt.Errorf("chaos: server %s already running", s.Addr)
+	}
+	log, err := os.OpenFile(filepath.Join(s.dir, "server.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("redis-server", s.args...)
+	cmd.Dir = s.dir
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err = cmd.Start()
+	_ = log.Close()
+	if err != nil {
+		return fmt.Errorf("chaos: start redis-server: %w", err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	s.cmd, s.done = cmd, done
+	rdb := redis.NewClient(&redis.Options{Addr: s.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond})
+	defer rdb.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		err := rdb.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-done:
+			s.cmd, s.done = nil, nil
+			b, _ := os.ReadFile(filepath.Join(s.dir, "server.log"))
+			return fmt.Errorf("chaos: redis-server on %s exited: %s", s.Addr, b)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			s.killLocked()
+			return fmt.Errorf("chaos: redis-server on %s did not answer: %w", s.Addr, err)
+		}
+	}
+}
+
+func (s *Server) signal(sig syscall.Signal) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return fmt.Errorf("chaos: server %s not running", s.Addr)
+	}
+	return s.cmd.Process.Signal(sig)
+}
+
+// Stop pauses the server (SIGSTOP): connections stay open, nothing answers.
+func (s *Server) Stop() error { return s.signal(syscall.SIGSTOP) }
+
+// Cont resumes a paused server (SIGCONT).
+func (s *Server) Cont() error { return s.signal(syscall.SIGCONT) }
+
+// Kill kills the server (SIGKILL) and waits for it to exit. Its data is gone.
+func (s *Server) Kill() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.killLocked()
+}
+
+func (s *Server) killLocked() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.done
+	s.cmd, s.done = nil, nil
+}
+
+// Restart kills the server and starts it again, empty, on the same port.
+func (s *Server) Restart() error {
+	s.Kill()
+	return s.Start()
+}
+
+// Close kills the server and removes its directory.
+func (s *Server) Close() {
+	s.Kill()
+	_ = os.RemoveAll(s.dir)
+}

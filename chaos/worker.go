@@ -1,0 +1,265 @@
+package chaos
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/rpc"
+	"os"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/redlatch/redlatch"
+)
+
+// Locker is what the checkers need of a lock: every redlatch lock type has
+// these methods (the writer side of an RWMutex too; a reader is adapted).
+type Locker interface {
+	Lock(ctx context.Context) error
+	Unlock(ctx context.Context) error
+	Token() int64
+	Lost() <-chan struct{}
+}
+
+// NewLocker returns the lock of kind on c: "mutex", or "reentrant" (a
+// ReentrantMutex entered twice per hold, checking that the token stays).
+// Kinds for the primitives built elsewhere (fair, rwmutex, semaphore) plug
+// in here.
+func NewLocker(c *redlatch.Client, kind, name string, opts ...redlatch.LockOption) (Locker, error) {
+	switch kind {
+	case "mutex":
+		return c.Mutex(name, opts...), nil
+	case "reentrant":
+		return &twice{m: c.ReentrantMutex(name, opts...)}, nil
+	}
+	return nil, fmt.Errorf("chaos: unknown lock kind %q", kind)
+}
+
+// twice holds a ReentrantMutex twice per hold.
+type twice struct {
+	m *redlatch.ReentrantMutex
+	n int
+}
+
+func (t *twice) Lock(ctx context.Context) error {
+	if err := t.m.Lock(ctx); err != nil {
+		return err
+	}
+	t.n = 1
+	tok := t.m.Token()
+	ok, err := t.m.TryLock(ctx)
+	if ok {
+		t.n = 2
+		if t.m.Token() != tok {
+			return fmt.Errorf("re-entry changed the token from %d to %d", tok, t.m.Token())
+		}
+	}
+	_ = err // a failed re-entry (a fault) leaves one hold
+	return nil
+}
+
+func (t *twice) Unlock(ctx context.Context) error {
+	var first error
+	for ; t.n > 0; t.n-- {
+		if err := t.m.Unlock(ctx); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func (t *twice) Token() int64          { return t.m.Token() }
+func (t *twice) Lost() <-chan struct{} { return t.m.Lost() }
+
+// Env is a worker's link to the test: the fenced store and the reports.
+type Env interface {
+	Read(token int64) ([]string, bool, error)
+	Write(token int64, set []string) (bool, error)
+	Report(h Hold) error
+	Notify(e Event) error
+}
+
+// Local is the Env of a worker in the test process.
+type Local struct{ C *Coord }
+
+func (l Local) Read(token int64) ([]string, bool, error) {
+	set, ok := l.C.Store.Read(token)
+	return set, ok, nil
+}
+func (l Local) Write(token int64, set []string) (bool, error) {
+	return l.C.Store.Write(token, set), nil
+}
+func (l Local) Report(h Hold) error  { return l.C.Report(h, nil) }
+func (l Local) Notify(e Event) error { return l.C.Notify(e, nil) }
+
+// remote is the Env of a worker process: net/rpc calls to the test's Coord.
+type remote struct{ c *rpc.Client }
+
+func (r remote) Read(token int64) ([]string, bool, error) {
+	var rep ReadReply
+	err := r.c.Call("Coord.Read", ReadArgs{Token: token}, &rep)
+	return rep.Set, rep.OK, err
+}
+func (r remote) Write(token int64, set []string) (bool, error) {
+	var ok bool
+	err := r.c.Call("Coord.Write", WriteArgs{Token: token, Set: set}, &ok)
+	return ok, err
+}
+func (r remote) Report(h Hold) error  { return r.c.Call("Coord.Report", h, &struct{}{}) }
+func (r remote) Notify(e Event) error { return r.c.Call("Coord.Notify", e, &struct{}{}) }
+
+// WorkerConfig says what a worker does: for Duration (or Ops holds), lock,
+// read the set, sleep up to HoldMax (at least HoldMin), write the set plus a
+// unique id, unlock, sleep up to GapMax.
+type WorkerConfig struct {
+	Name     string
+	Addr     string // Redis (or a proxy)
+	Lock     string
+	Kind     string
+	Lease    time.Duration // WithLease; 0: watchdog-renewed
+	Watchdog time.Duration // WithWatchdogTimeout
+	Duration time.Duration
+	Ops      int // stop after this many holds; 0: no limit
+	HoldMin  time.Duration
+	HoldMax  time.Duration
+	GapMax   time.Duration
+	// LostGrace, when set, makes the worker wait up to this long at the end
+	// of each critical section for Lost to close (a paused holder's
+	// watchdog needs a moment after SIGCONT).
+	LostGrace  time.Duration
+	MaxRetries int           // go-redis MaxRetries; 0: its default
+	Timeout    time.Duration // go-redis read/write timeout; 0: its default
+	Coord      string        // the test's RPC address (worker processes)
+}
+
+// RunWorker runs a worker until its duration or ops are done, or ctx ends.
+func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
+	rdb := redis.NewClient(&redis.Options{
+		Addr: cfg.Addr, MaxRetries: cfg.MaxRetries,
+		ReadTimeout: cfg.Timeout, WriteTimeout: cfg.Timeout,
+		DialTimeout: time.Second,
+	})
+	defer rdb.Close()
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(cfg.Watchdog))
+	defer c.Close()
+	var opts []redlatch.LockOption
+	if cfg.Lease > 0 {
+		opts = append(opts, redlatch.WithLease(cfg.Lease))
+	}
+	l, err := NewLocker(c, cfg.Kind, cfg.Lock, opts...)
+	if err != nil {
+		return err
+	}
+	lease := cfg.Lease
+	if lease == 0 {
+		lease = cfg.Watchdog
+	}
+	end := time.Now().Add(cfg.Duration)
+	rnd := func(min, max time.Duration) time.Duration {
+		if max <= min {
+			return min
+		}
+		return min + rand.N(max-min)
+	}
+	for i := 0; time.Now().Before(end) && (cfg.Ops == 0 || i < cfg.Ops) && ctx.Err() == nil; i++ {
+		h := Hold{Worker: cfg.Name, ID: fmt.Sprintf("%s-%d", cfg.Name, i)}
+		lctx, cancel := context.WithDeadline(ctx, end.Add(2*lease))
+		h.Call = Mono()
+		err := l.Lock(lctx)
+		cancel()
+		if err != nil {
+			_ = env.Notify(Event{Worker: cfg.Name, Kind: "error", At: Mono(), Msg: "lock: " + err.Error()})
+			sleepCtx(ctx, rnd(10*time.Millisecond, 50*time.Millisecond))
+			continue
+		}
+		h.Acq, h.Token = Mono(), l.Token()
+		lost := l.Lost()
+		if err := env.Notify(Event{Worker: cfg.Name, Kind: "acquired", Token: h.Token, At: h.Acq}); err != nil {
+			return err
+		}
+		h.ReadAt = Mono()
+		set, ok, err := env.Read(h.Token)
+		if err != nil {
+			return err
+		}
+		h.ReadOK, h.ReadSet = ok, set
+		sleepCtx(ctx, rnd(cfg.HoldMin, cfg.HoldMax))
+		if ok {
+			if h.WroteOK, err = env.Write(h.Token, append(set, h.ID)); err != nil {
+				return err
+			}
+			h.WroteAt = Mono()
+		}
+		if cfg.LostGrace > 0 {
+			select {
+			case <-lost:
+			case <-time.After(cfg.LostGrace):
+			}
+		}
+		select {
+		case <-lost:
+			h.LostSeen = true
+		default:
+		}
+		h.Rel = Mono()
+		uctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := l.Unlock(uctx); err != nil {
+			h.UnlockErr = err.Error()
+			h.Lost = errors.Is(err, redlatch.ErrNotHeld)
+		}
+		cancel()
+		h.Lost = h.Lost || h.LostSeen
+		if err := env.Report(h); err != nil {
+			return err
+		}
+		sleepCtx(ctx, rnd(0, cfg.GapMax))
+	}
+	return nil
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
+// WorkerEnv is the environment variable that turns the test binary into a
+// worker process; its value is the JSON WorkerConfig.
+const WorkerEnv = "REDLATCH_CHAOS_WORKER"
+
+// WorkerMain runs a worker process when WorkerEnv is set, and exits; it
+// returns at once otherwise. Call it first in TestMain.
+func WorkerMain() {
+	js := os.Getenv(WorkerEnv)
+	if js == "" {
+		return
+	}
+	var cfg WorkerConfig
+	if err := json.Unmarshal([]byte(js), &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "worker config:", err)
+		os.Exit(2)
+	}
+	conn, err := net.Dial("tcp", cfg.Coord)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "worker:", err)
+		os.Exit(2)
+	}
+	c := rpc.NewClient(conn)
+	err = RunWorker(context.Background(), cfg, remote{c})
+	_ = c.Close()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "worker:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
