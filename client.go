@@ -118,6 +118,12 @@ type Client struct {
 // Redis. A nil rdb or a bad option does not panic: every method of the
 // returned Client and of the primitives it makes then returns an error
 // wrapping ErrInvalidArgument.
+//
+// Set ContextTimeoutEnabled in rdb's options: without it go-redis ignores
+// ctx deadlines while it waits for a reply, so a Lock whose ctx ends while
+// Redis does not answer returns only after the client's ReadTimeout (and
+// the undo of its unanswered attempt after another one). New logs a
+// warning when it is off.
 func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c := &Client{rdb: rdb}
 	c.opts = options{
@@ -136,6 +142,10 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		c.cluster = cc
 	}
+	if c.err == nil && !contextTimeoutEnabled(rdb) {
+		c.opts.logger.Warn("redlatch: go-redis ContextTimeoutEnabled is off: a call to an " +
+			"unresponsive Redis may outlast its ctx by up to the client's ReadTimeout; set it in the redis options")
+	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wd = newWatchdog(c)
 	c.ps = newPubsub(c)
@@ -146,6 +156,20 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 }
 
 // isNil reports whether the interface holds nil or a typed nil pointer.
+// contextTimeoutEnabled reports whether rdb's reads and writes end with the
+// ctx of their call (go-redis's ContextTimeoutEnabled, off by default). When
+// they do not, a call to an unresponsive server returns after the client's
+// ReadTimeout (3s by default) whatever its ctx says.
+func contextTimeoutEnabled(rdb redis.UniversalClient) bool {
+	switch r := rdb.(type) {
+	case *redis.Client:
+		return r.Options().ContextTimeoutEnabled
+	case *redis.ClusterClient:
+		return r.Options().ContextTimeoutEnabled
+	}
+	return true // unknown kind: do not warn
+}
+
 func isNil(rdb redis.UniversalClient) bool {
 	switch v := rdb.(type) {
 	case nil:

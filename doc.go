@@ -8,6 +8,17 @@
 //     goroutines behaves like sync.Mutex.
 //   - ReentrantMutex: a lock its owner may take several times; each Lock
 //     needs one Unlock.
+//   - FairMutex: a reentrant lock granted strictly in arrival order at
+//     Redis, handed directly to the queue head by Unlock.
+//   - RWMutex: many readers or one writer, both reentrant; a writer may
+//     downgrade, a waiting writer holds new readers off, and every read
+//     hold has its own lease.
+//   - Semaphore: at most size permits held at once; every acquisition is a
+//     leased permit record, so a crashed holder's permits come back.
+//   - CountDownLatch: waiters are released together when the count set by
+//     TrySetCount is counted down to zero.
+//   - Redlock: a lock over N independent masters, held while a quorum
+//     (N/2+1) grants it.
 //
 // Every hold has a lease, so a crashed holder cannot lock others out for
 // longer than its lease. Holds taken without WithLease are renewed by the
@@ -46,7 +57,9 @@
 //
 // A single Redis (or one Cluster shard) is a single point of truth: when a
 // master fails over before replicating a lock, a second client may take the
-// lock. Fencing tokens let the protected resource detect this; locks alone
+// lock. WithReplicaSync narrows this window (an acquisition too few replicas
+// acknowledged is refused), Redlock removes the single master, and fencing
+// tokens let the protected resource detect what remains; locks alone
 // cannot. A lease protects only as long as the holder notices its loss:
 // a process paused longer than its lease (GC, SIGSTOP) resumes believing it
 // holds the lock until its next look at Lost, which is what fencing tokens

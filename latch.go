@@ -129,6 +129,6 @@ func (l *CountDownLatch) Wait(ctx context.Context) error {
 		}
 		return n == 0, period, nil
 	}
-	_, err := l.c.acquireUnqueued(ctx, l.channel, true, try, nil)
+	_, err := l.c.acquire(ctx, l.channel, true, false, try, nil)
 	return err
 }

@@ -82,7 +82,7 @@ func (e *excl) lock(ctx context.Context, block bool) (token, count int64, sent t
 		return false, e.c.retryBound(pttl), nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
-	ok, err = e.c.acquire(ctx, e.channel, block, try, undo)
+	ok, err = e.c.acquire(ctx, e.channel, block, true, try, undo)
 	return token, count, sent, ok, err
 }
 

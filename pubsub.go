@@ -423,10 +423,17 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 // attempt. The waiter joins the channel before its second attempt, so no
 // release after the first failed attempt goes unnoticed.
 //
+// With queue set (exclusive locks), a blocking call that finds local
+// waiters already queued on channel queues behind them without an attempt
+// of its own: each release lets one waiter in, and each passes the turn on.
+// Shared holds (read locks, permits, latches) leave queue unset: one
+// wake-up may let every waiter in at once, and a newcomer queued without an
+// attempt would wait for the next one.
+//
 // When an attempt fails without a reply from Redis (a network or context
 // error), the attempt may have succeeded on the server: undo is then called
 // with a fresh bounded context to release whatever that attempt took.
-func (c *Client) acquire(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
+func (c *Client) acquire(ctx context.Context, channel string, block, queue bool, try attemptFunc, undo func(context.Context)) (bool, error) {
 	var w *waiter
 	acquired := false
 	defer func() {
@@ -437,7 +444,7 @@ func (c *Client) acquire(ctx context.Context, channel string, block bool, try at
 			w.leave(!acquired)
 		}
 	}()
-	if block {
+	if block && queue {
 		// Local waiters already queue for this lock: the lock is busy, and
 		// any release wakes one of them. Queue behind them instead of
 		// barging in with an attempt that would fail: it saves a round

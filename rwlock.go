@@ -189,7 +189,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			m.unqueue(ctx)
 		}
 	}
-	ok, err := c.acquire(ctx, m.wwake, block, try, undo)
+	ok, err := c.acquire(ctx, m.wwake, block, true, try, undo)
 	if queued != nil {
 		c.wd.remove(queued)
 		if !ok || upgrade {
@@ -341,7 +341,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		return false, c.retryBound(res[1]), nil
 	}
 	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req) }
-	ok, err := c.acquireShared(ctx, m.rwake, block, try, undo)
+	ok, err := c.acquire(ctx, m.rwake, block, false, try, undo)
 	if !ok {
 		return false, err
 	}
@@ -428,39 +428,4 @@ func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	n, err := rwForceUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.wwake},
 		m.c.publishCommand(ctx)).Int64()
 	return n == 1, convertErr(err)
-}
-
-// acquireShared is Client.acquire for shared holds (read locks). It never
-// queues a waiter behind the local waiters without an attempt of its own:
-// that suits exclusive locks, where each release lets one waiter in and
-// each waiter passes the turn on, but one wake-up lets every reader in at
-// once, and a reader arriving just after it would wait for the next one.
-func (c *Client) acquireShared(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
-	var w *waiter
-	acquired := false
-	defer func() {
-		if w != nil {
-			w.leave(!acquired)
-		}
-	}()
-	for {
-		ok, retry, err := try(ctx)
-		switch {
-		case err != nil:
-			return false, c.failedAttempt(ctx, err, undo)
-		case ok:
-			acquired = true
-			return true, nil
-		case !block:
-			return false, nil
-		case w == nil:
-			if w, err = c.ps.join(ctx, channel, retry); err != nil {
-				return false, err
-			}
-		default:
-			if _, err = w.wait(ctx, retry); err != nil {
-				return false, err
-			}
-		}
-	}
 }

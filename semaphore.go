@@ -169,7 +169,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	undo := func(ctx context.Context) {
 		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
 	}
-	ok, err := s.c.acquireUnqueued(ctx, s.channel, block, try, undo)
+	ok, err := s.c.acquire(ctx, s.channel, block, false, try, undo)
 	if !ok {
 		return false, err
 	}
@@ -296,40 +296,4 @@ func (s *Semaphore) Available(ctx context.Context) (int64, error) {
 		return 0, convertErr(err)
 	}
 	return max(s.size-used, 0), nil
-}
-
-// acquireUnqueued runs try until it succeeds, sleeping between attempts
-// until a wake-up on channel or the retry bound; with block false it makes a
-// single attempt. Unlike Client.acquire it never queues behind local waiters
-// without an attempt of its own: a semaphore or latch may admit a newcomer
-// while older waiters still wait. The waiter joins the channel before its
-// second attempt, so no wake-up after the first failed attempt goes
-// unnoticed. When an attempt fails without a reply from Redis, undo (if not
-// nil) releases whatever it may have taken.
-func (c *Client) acquireUnqueued(ctx context.Context, channel string, block bool, try attemptFunc, undo func(context.Context)) (bool, error) {
-	var w *waiter
-	defer func() {
-		if w != nil {
-			w.leave(false)
-		}
-	}()
-	for {
-		ok, retry, err := try(ctx)
-		switch {
-		case err != nil:
-			return false, c.failedAttempt(ctx, err, undo)
-		case ok:
-			return true, nil
-		case !block:
-			return false, nil
-		case w == nil:
-			if w, err = c.ps.join(ctx, channel, retry); err != nil {
-				return false, err
-			}
-		default:
-			if _, err = w.wait(ctx, retry); err != nil {
-				return false, err
-			}
-		}
-	}
 }

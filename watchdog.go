@@ -29,7 +29,7 @@ const renewBatch = 100
 type hold struct {
 	name   string // the primitive's name, for logs
 	key    string // the key whose lease this is
-	kind   byte   // 'h' or 'z', see lua/renew.lua
+	kind   byte   // 'h', 'z' or 'f', see lua/renew.lua
 	member string // owner id ('h') or sorted-set member ('z')
 	lease  time.Duration
 	renew  bool // renewed by the watchdog; false for WithLease holds

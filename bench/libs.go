@@ -52,17 +52,13 @@ func libraries() []library {
 	return []library{
 		{name: "redlatch Mutex", open: openRedlatch(func(c *redlatch.Client, key string) locker { return c.Mutex(key) })},
 		{name: "redlatch ReentrantMutex", open: openRedlatch(func(c *redlatch.Client, key string) locker { return c.ReentrantMutex(key) })},
-		// TODO(integrator): add the adapters of the primitives built on other
-		// branches here, one entry each (every workload then runs them; the
-		// chart, tables and JSON pick them up by name). readHeavy makes the
-		// RWMutex do nine read holds for each write hold; in W3 overlapping
-		// read holds are not counted as handoffs.
-		//
-		//	{name: "redlatch FairMutex", open: openRedlatch(func(c *redlatch.Client, key string) locker { return c.FairMutex(key) })},
-		//	{name: "redlatch RWMutex (read-heavy)", open: openRedlatch(func(c *redlatch.Client, key string) locker {
-		//		m := c.RWMutex(key)
-		//		return readHeavy(m.RLock, m.RUnlock, m.Lock, m.Unlock)
-		//	})},
+		{name: "redlatch FairMutex", open: openRedlatch(func(c *redlatch.Client, key string) locker { return c.FairMutex(key) })},
+		// readHeavy makes the RWMutex do nine read holds for each write
+		// hold; in W3 overlapping read holds are not counted as handoffs.
+		{name: "redlatch RWMutex (read-heavy)", open: openRedlatch(func(c *redlatch.Client, key string) locker {
+			m := c.RWMutex(key)
+			return readHeavy(m.RLock, m.RUnlock, m.Lock, m.Unlock)
+		})},
 		{name: "redsync (defaults)", open: openRedsync()},
 		{name: "redsync (1ms retry)", open: openRedsync(redsync.WithRetryDelay(time.Millisecond))},
 		{name: "redislock (backoff 1-64ms)", open: openRedislock},

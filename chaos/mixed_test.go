@@ -69,3 +69,5 @@ func mixedFaults(t *testing.T, kind string) {
 
 func TestMutexUnderMixedFaults(t *testing.T)          { mixedFaults(t, "mutex") }
 func TestReentrantMutexUnderMixedFaults(t *testing.T) { mixedFaults(t, "reentrant") }
+func TestFairMutexUnderMixedFaults(t *testing.T)      { mixedFaults(t, "fair") }
+func TestRWMutexUnderMixedFaults(t *testing.T)        { mixedFaults(t, "rwmutex") }

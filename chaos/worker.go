@@ -25,16 +25,19 @@ type Locker interface {
 	Lost() <-chan struct{}
 }
 
-// NewLocker returns the lock of kind on c: "mutex", or "reentrant" (a
-// ReentrantMutex entered twice per hold, checking that the token stays).
-// Kinds for the primitives built elsewhere (fair, rwmutex, semaphore) plug
-// in here.
+// NewLocker returns the lock of kind on c: "mutex", "reentrant" (a
+// ReentrantMutex entered twice per hold, checking that the token stays),
+// "fair" (a FairMutex) or "rwmutex" (an RWMutex's write side).
 func NewLocker(c *redlatch.Client, kind, name string, opts ...redlatch.LockOption) (Locker, error) {
 	switch kind {
 	case "mutex":
 		return c.Mutex(name, opts...), nil
 	case "reentrant":
 		return &twice{m: c.ReentrantMutex(name, opts...)}, nil
+	case "fair":
+		return c.FairMutex(name, opts...), nil
+	case "rwmutex":
+		return c.RWMutex(name, opts...), nil
 	}
 	return nil, fmt.Errorf("chaos: unknown lock kind %q", kind)
 }

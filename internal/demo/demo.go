@@ -17,7 +17,7 @@ import (
 func Redis() (*redis.Client, func()) {
 	if addr := os.Getenv("REDIS_ADDR"); addr != "" {
 		fmt.Printf("using Redis at %s\n", addr)
-		rdb := redis.NewClient(&redis.Options{Addr: addr})
+		rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
 		return rdb, func() { _ = rdb.Close() }
 	}
 	m := miniredis.NewMiniRedis()
@@ -27,7 +27,7 @@ func Redis() (*redis.Client, func()) {
 	}
 	fmt.Printf("using an embedded miniredis at %s (set REDIS_ADDR to use a real Redis)\n", m.Addr())
 	stop := Tick(m)
-	rdb := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	rdb := redis.NewClient(&redis.Options{Addr: m.Addr(), ContextTimeoutEnabled: true})
 	return rdb, func() {
 		_ = rdb.Close()
 		stop()
