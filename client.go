@@ -356,3 +356,25 @@ func fenceRetention(lease time.Duration) int64 {
 	}
 	return r.Milliseconds()
 }
+
+// keyTTL returns the remaining lease of a primitive's key: 0 when the key
+// does not exist, -1 when it has no expiry (not written by redlatch).
+func (c *Client) keyTTL(ctx context.Context, key string) (time.Duration, error) {
+	d, err := c.rdb.PTTL(ctx, key).Result()
+	if err != nil {
+		return 0, convertErr(err)
+	}
+	switch {
+	case d == -2*time.Nanosecond || d == -2*time.Millisecond:
+		return 0, nil
+	case d < 0:
+		return -1, nil
+	}
+	return d, nil
+}
+
+// keyExists reports whether key exists.
+func (c *Client) keyExists(ctx context.Context, key string) (bool, error) {
+	n, err := c.rdb.Exists(ctx, key).Result()
+	return n > 0, convertErr(err)
+}

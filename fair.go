@@ -362,17 +362,7 @@ func (f *FairMutex) TTL(ctx context.Context) (time.Duration, error) {
 	if err := f.check(); err != nil {
 		return 0, err
 	}
-	d, err := f.c.rdb.PTTL(ctx, f.key).Result()
-	if err != nil {
-		return 0, convertErr(err)
-	}
-	switch {
-	case d == -2*time.Nanosecond || d == -2*time.Millisecond:
-		return 0, nil
-	case d < 0:
-		return -1, nil
-	}
-	return d, nil
+	return f.c.keyTTL(ctx, f.key)
 }
 
 // IsLocked reports whether anyone holds the lock (a handoff not yet claimed
@@ -381,8 +371,7 @@ func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err
 	}
-	n, err := f.c.rdb.Exists(ctx, f.key).Result()
-	return n > 0, convertErr(err)
+	return f.c.keyExists(ctx, f.key)
 }
 
 // ForceUnlock releases the lock whoever holds it, however many times, and

@@ -133,25 +133,14 @@ func (e *excl) ttl(ctx context.Context) (time.Duration, error) {
 	if err := e.check(); err != nil {
 		return 0, err
 	}
-	d, err := e.c.rdb.PTTL(ctx, e.key).Result()
-	if err != nil {
-		return 0, convertErr(err)
-	}
-	switch {
-	case d == -2*time.Nanosecond || d == -2*time.Millisecond:
-		return 0, nil
-	case d < 0:
-		return -1, nil
-	}
-	return d, nil
+	return e.c.keyTTL(ctx, e.key)
 }
 
 func (e *excl) isLocked(ctx context.Context) (bool, error) {
 	if err := e.check(); err != nil {
 		return false, err
 	}
-	n, err := e.c.rdb.Exists(ctx, e.key).Result()
-	return n > 0, convertErr(err)
+	return e.c.keyExists(ctx, e.key)
 }
 
 func (e *excl) forceUnlock(ctx context.Context) (bool, error) {
