@@ -46,10 +46,8 @@ func lockCalls(l interface {
 	return out
 }
 
-// Bad input over every constructor and method of the locks on this branch:
-// an error wrapping ErrInvalidArgument, no panic, no command sent to Redis.
-// (FairMutex, RWMutex, Semaphore and CountDownLatch are built on other
-// branches; their rows join this table when they land.)
+// Bad input over every constructor and method of every primitive: an error
+// wrapping ErrInvalidArgument, no panic, no command sent to Redis.
 func TestBadInput(t *testing.T) {
 	s := newServer(t)
 	cnt := &counter{}
@@ -82,6 +80,12 @@ func TestBadInput(t *testing.T) {
 		"ReentrantMutex empty name":      c.ReentrantMutex(""),
 		"ReentrantMutex lease 0":         c.ReentrantMutex("x", redlatch.WithLease(0)),
 		"ReentrantMutex empty owner":     c.ReentrantMutex("x", redlatch.WithOwner("")),
+		"FairMutex empty name":           c.FairMutex(""),
+		"FairMutex lease 0":              c.FairMutex("x", redlatch.WithLease(0)),
+		"FairMutex empty owner":          c.FairMutex("x", redlatch.WithOwner("")),
+		"RWMutex empty name":             c.RWMutex(""),
+		"RWMutex lease negative":         c.RWMutex("x", redlatch.WithLease(-time.Second)),
+		"RWMutex empty owner":            c.RWMutex("x", redlatch.WithOwner("")),
 		"nil redis client":               bad.Mutex("x"),
 		"watchdog timeout 1ms":           badWD.ReentrantMutex("x"),
 		"negative replicas":              badRS.Mutex("x"),
@@ -91,6 +95,67 @@ func TestBadInput(t *testing.T) {
 			if !errors.Is(err, redlatch.ErrInvalidArgument) {
 				t.Errorf("%s: %s = %v; want ErrInvalidArgument", name, method, err)
 			}
+		}
+	}
+	// The read side of an RWMutex.
+	for _, rw := range []*redlatch.RWMutex{c.RWMutex(""), c.RWMutex("x", redlatch.WithLease(0))} {
+		if err := rw.RLock(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("RLock = %v; want ErrInvalidArgument", err)
+		}
+		if _, err := rw.TryRLock(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("TryRLock = %v; want ErrInvalidArgument", err)
+		}
+		if err := rw.RUnlock(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("RUnlock = %v; want ErrInvalidArgument", err)
+		}
+	}
+	// Semaphores: empty name, size ≤ 0, n ≤ 0, n > size, lease ≤ 0.
+	sems := map[string]struct {
+		s *redlatch.Semaphore
+		n int64
+	}{
+		"Semaphore empty name":    {c.Semaphore("", 3), 1},
+		"Semaphore size 0":        {c.Semaphore("x", 0), 1},
+		"Semaphore size negative": {c.Semaphore("x", -2), 1},
+		"Semaphore n 0":           {c.Semaphore("x", 3), 0},
+		"Semaphore n negative":    {c.Semaphore("x", 3), -1},
+		"Semaphore n > size":      {c.Semaphore("x", 3), 4},
+		"Semaphore lease 0":       {c.Semaphore("x", 3, redlatch.WithLease(0)), 1},
+	}
+	for name, sc := range sems {
+		if err := sc.s.Acquire(ctx, sc.n); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("%s: Acquire = %v; want ErrInvalidArgument", name, err)
+		}
+		if _, err := sc.s.TryAcquire(ctx, sc.n); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("%s: TryAcquire = %v; want ErrInvalidArgument", name, err)
+		}
+		if err := sc.s.Release(ctx, sc.n); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("%s: Release = %v; want ErrInvalidArgument", name, err)
+		}
+	}
+	// Latches: empty name, n < 1.
+	if _, err := c.CountDownLatch("x").TrySetCount(ctx, 0); !errors.Is(err, redlatch.ErrInvalidArgument) {
+		t.Errorf("TrySetCount(0) = %v; want ErrInvalidArgument", err)
+	}
+	if err := c.CountDownLatch("").Wait(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+		t.Errorf("latch with an empty name: Wait = %v; want ErrInvalidArgument", err)
+	}
+	if err := c.CountDownLatch("").CountDown(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+		t.Errorf("latch with an empty name: CountDown = %v; want ErrInvalidArgument", err)
+	}
+	// Redlock: no clients, a nil client, an empty name, a bad lease.
+	for name, rl := range map[string]*redlatch.Redlock{
+		"Redlock no clients":  redlatch.NewRedlock("x", nil),
+		"Redlock nil client":  redlatch.NewRedlock("x", []*redlatch.Client{c, nil, c}),
+		"Redlock empty name":  redlatch.NewRedlock("", []*redlatch.Client{c}),
+		"Redlock lease 0":     redlatch.NewRedlock("x", []*redlatch.Client{c}, redlatch.WithLease(0)),
+		"Redlock same client": redlatch.NewRedlock("x", []*redlatch.Client{c, c, c}),
+	} {
+		if err := rl.Lock(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("%s: Lock = %v; want ErrInvalidArgument", name, err)
+		}
+		if _, err := rl.TryLock(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
+			t.Errorf("%s: TryLock = %v; want ErrInvalidArgument", name, err)
 		}
 	}
 	if _, err := c.ReentrantMutex("").HoldCount(ctx); !errors.Is(err, redlatch.ErrInvalidArgument) {
