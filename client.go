@@ -78,6 +78,15 @@ func WithLogger(l *slog.Logger) Option {
 // WithReplicaSync makes every acquisition and renewal wait, with Redis's
 // WAIT command, until at least replicas replicas have acknowledged it, or
 // timeout passes. Default: off (replicas = 0).
+//
+// It covers every lock (Mutex, ReentrantMutex, FairMutex, RWMutex, Redlock's
+// nodes) and every Semaphore permit. The script and its WAIT are pipelined
+// in one round trip. An acquisition too few replicas acknowledged is
+// released again and fails with an error wrapping ErrNotReplicated (a
+// blocking Lock returns it at once); a renewal too few replicas
+// acknowledged does not move the hold's local deadline, so Lost closes if
+// replication does not recover within the lease. With no replica at all,
+// every acquisition fails.
 func WithReplicaSync(replicas int, timeout time.Duration) Option {
 	return func(o *options) {
 		if replicas < 0 {

@@ -184,8 +184,9 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		s := time.Now()
-		res, err := fairLockScript.Run(ctx, f.c.rdb, f.keys, pub, retention, id, member, f.owner,
-			f.lease.Milliseconds(), f.placeMs, mode).Int64Slice()
+		cmd, acked, waitErr := f.c.runSynced(ctx, fairLockScript, f.keys, pub, retention, id, member, f.owner,
+			f.lease.Milliseconds(), f.placeMs, mode)
+		res, err := cmd.Int64Slice()
 		if err != nil {
 			return false, 0, err
 		}
@@ -193,6 +194,11 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 			return false, 0, fmt.Errorf("%w: fair lock reply %v", ErrWrongType, res)
 		}
 		if res[0] == 1 {
+			// Under WithReplicaSync a hold too few replicas have is
+			// released by the cleanup below, which the error triggers.
+			if err := f.c.replicated(ctx, acked, waitErr, nil); err != nil {
+				return false, 0, err
+			}
 			token, count, sent = res[1], res[2], s
 			return true, 0, nil
 		}

@@ -33,15 +33,18 @@ var (
 // delays a waiter by at most one watchdog period.
 //
 // A running count has no expiry: a latch whose counters crash stays set
-// until counted down or deleted. CountDown is not idempotent: a call that
-// Redis ran but whose reply was lost, and which go-redis retried, counts
-// down twice.
+// until counted down or deleted. Each CountDown carries a request id, so a
+// call that Redis ran but whose reply was lost, and which go-redis retried,
+// counts down once.
 //
-// Keys: the count "{prefix+name}:latch", a string; wake-ups on the channel
+// Keys: the count "{prefix+name}:latch", a string, and the request ids of
+// the CountDowns of the last minute "{prefix+name}:latch:done", a sorted
+// set, both deleted when the count reaches zero; wake-ups on the channel
 // "{prefix+name}:latch:wake".
 type CountDownLatch struct {
 	c       *Client
 	key     string
+	done    string // recent CountDown request ids
 	channel string
 	err     error
 }
@@ -59,7 +62,7 @@ func (c *Client) CountDownLatch(name string) *CountDownLatch {
 	}
 	if c != nil {
 		tag := c.tag(name)
-		l.key, l.channel = tag+":latch", tag+":latch:wake"
+		l.key, l.done, l.channel = tag+":latch", tag+":latch:done", tag+":latch:wake"
 	}
 	return l
 }
@@ -95,7 +98,8 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	if err := l.check(); err != nil {
 		return err
 	}
-	err := latchCountDownScript.Run(ctx, l.c.rdb, []string{l.key, l.channel}, l.c.publishCommand(ctx)).Err()
+	err := latchCountDownScript.Run(ctx, l.c.rdb, []string{l.key, l.channel, l.done},
+		l.c.publishCommand(ctx), newID()).Err()
 	return convertErr(err)
 }
 

@@ -181,3 +181,33 @@ func ExampleCountDownLatch() {
 	// count: 1
 	// waiter: <nil>
 }
+
+// TestLatchCountDownRetried: a CountDown whose reply was lost and that the
+// client retried counts down once; the final one opens the latch and leaves
+// no key behind.
+func TestLatchCountDownRetried(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &lossyHook{match: scriptWith("{" + name + "}:latch"), retry: true}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		l := c.CountDownLatch(name)
+		ok, err := l.TrySetCount(ctx, 3)
+		require.NoError(t, err)
+		require.True(t, ok)
+		for want := int64(2); want >= 0; want-- {
+			hook.armed.Store(true) // the script runs twice on the server
+			require.NoError(t, l.CountDown(ctx))
+			n, err := l.Count(ctx)
+			require.NoError(t, err)
+			require.Equal(t, want, n, "a retried CountDown counted twice")
+		}
+		require.NoError(t, l.Wait(ctx))
+		for _, key := range []string{"{" + name + "}:latch", "{" + name + "}:latch:done"} {
+			require.Zero(t, b.Client(t).Exists(ctx, key).Val(), key)
+		}
+	})
+}

@@ -21,15 +21,19 @@ const (
 	wakeWaiterPrefix = "w:"
 )
 
-// maxHealthInterval is the longest the subscriber reads without a message
-// before it pings the server to check the connection; a Client with a
-// watchdog timeout under 15s checks every third of it instead.
-const maxHealthInterval = 5 * time.Second
+// The subscriber pings the server when it has read nothing for a health
+// interval: a third of the watchdog timeout, but at least min and at most
+// max. The floor keeps a slow but live link (hundreds of ms of latency) from
+// being taken for a dead one.
+const (
+	minHealthInterval = time.Second
+	maxHealthInterval = 5 * time.Second
+)
 
 // healthInterval returns how long the subscriber waits for a message before
 // it pings, and then for the reply before it gives the connection up.
 func (p *pubsub) healthInterval() time.Duration {
-	return min(maxHealthInterval, p.c.opts.watchdogTimeout/3)
+	return min(maxHealthInterval, max(minHealthInterval, p.c.opts.watchdogTimeout/3))
 }
 
 // pubsub multiplexes the wake-ups of every waiter of a Client over one

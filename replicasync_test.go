@@ -157,6 +157,23 @@ func TestReplicaSyncLive(t *testing.T) {
 	require.Equal(t, 2, n, "the re-entry is on the replica")
 	require.NoError(t, rm.Unlock(ctx))
 	require.NoError(t, rm.Unlock(ctx))
+
+	// The other primitives' acquisitions are replicated too.
+	fm := c.FairMutex("sync-live-fair")
+	require.NoError(t, fm.Lock(ctx))
+	require.EqualValues(t, 1, r.Exists(ctx, "{sync-live-fair}:fair").Val(), "FairMutex hold on the replica")
+	require.NoError(t, fm.Unlock(ctx))
+	rw := c.RWMutex("sync-live-rw")
+	require.NoError(t, rw.RLock(ctx))
+	require.EqualValues(t, 1, r.Exists(ctx, "{sync-live-rw}:rw").Val(), "read hold on the replica")
+	require.NoError(t, rw.RUnlock(ctx))
+	require.NoError(t, rw.Lock(ctx))
+	require.EqualValues(t, 1, r.Exists(ctx, "{sync-live-rw}:rw").Val(), "write hold on the replica")
+	require.NoError(t, rw.Unlock(ctx))
+	sem := c.Semaphore("sync-live-sem", 2)
+	require.NoError(t, sem.Acquire(ctx, 2))
+	require.EqualValues(t, 1, r.Exists(ctx, "{sync-live-sem}:sem").Val(), "permits on the replica")
+	require.NoError(t, sem.Release(ctx, 2))
 }
 
 // TestReplicaSyncStoppedReplica: with the replica frozen (SIGSTOP), an
@@ -278,8 +295,36 @@ func TestReplicaSyncNoReplicas(t *testing.T) {
 			require.NoError(t, err)
 			require.False(t, locked, "nothing left held")
 		}
+		fair := c.FairMutex(name)
+		ok, err := fair.TryLock(ctx)
+		require.False(t, ok)
+		require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+		rw := c.RWMutex(name)
+		ok, err = rw.TryLock(ctx)
+		require.False(t, ok)
+		require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+		ok, err = rw.TryRLock(ctx)
+		require.False(t, ok)
+		require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+		sem := c.Semaphore(name, 2)
+		ok, err = sem.TryAcquire(ctx, 1)
+		require.False(t, ok)
+		require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+		// Nothing left held: the same primitives without replica sync take
+		// everything at once.
+		plainC := newClient(t, b)
+		for _, l := range []interface {
+			TryLock(context.Context) (bool, error)
+		}{plainC.FairMutex(name), plainC.RWMutex(name)} {
+			ok, err := l.TryLock(ctx)
+			require.NoError(t, err)
+			require.True(t, ok, "nothing left held")
+		}
+		ok, err = plainC.Semaphore(name, 2).TryAcquire(ctx, 2)
+		require.NoError(t, err)
+		require.True(t, ok, "no permit left taken")
 		plain := newClient(t, b).Mutex(name)
-		ok, err := plain.TryLock(ctx)
+		ok, err = plain.TryLock(ctx)
 		require.NoError(t, err)
 		require.True(t, ok)
 		require.NoError(t, plain.Unlock(ctx))

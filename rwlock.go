@@ -156,16 +156,26 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		upgrade      bool
 		queued       *hold // the waiting place, tracked while waiting
 	)
+	undo := func(ctx context.Context) {
+		_, _ = m.unlockW(ctx, req)
+		if block {
+			m.unqueue(ctx)
+		}
+	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		c.wd.setReleasing(queued, true) // this attempt may remove it
 		sent = time.Now()
-		res, err := rwLockScript.Run(ctx, c.rdb, keys, m.owner, m.lease.Milliseconds(), req,
-			fenceRetention(m.lease), wait).Int64Slice()
+		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, m.owner, m.lease.Milliseconds(), req,
+			fenceRetention(m.lease), wait)
+		res, err := cmd.Int64Slice()
 		if err != nil {
 			return false, 0, err
 		}
 		switch res[0] {
 		case 1:
+			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
+				return false, 0, err
+			}
 			token, count = res[1], res[2]
 			return true, 0, nil
 		case 2:
@@ -182,12 +192,6 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			}
 		}
 		return false, c.retryBound(res[1]), nil
-	}
-	undo := func(ctx context.Context) {
-		_, _ = m.unlockW(ctx, req)
-		if block {
-			m.unqueue(ctx)
-		}
 	}
 	ok, err := c.acquire(ctx, m.wwake, block, true, try, undo)
 	if queued != nil {
@@ -329,18 +333,22 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	req := newID()
 	keys := []string{m.key}
 	var sent time.Time
+	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req) }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
-		res, err := rwRLockScript.Run(ctx, c.rdb, keys, m.owner, m.lease.Milliseconds(), req).Int64Slice()
+		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, m.owner, m.lease.Milliseconds(), req)
+		res, err := cmd.Int64Slice()
 		if err != nil {
 			return false, 0, err
 		}
 		if res[0] == 1 {
+			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
+				return false, 0, err
+			}
 			return true, 0, nil
 		}
 		return false, c.retryBound(res[1]), nil
 	}
-	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req) }
 	ok, err := c.acquire(ctx, m.rwake, block, false, try, undo)
 	if !ok {
 		return false, err

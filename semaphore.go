@@ -155,19 +155,23 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	keys := []string{s.key}
 	lease := s.lease.Milliseconds()
 	var sent time.Time
+	undo := func(ctx context.Context) {
+		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
+	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
-		res, err := semAcquireScript.Run(ctx, s.c.rdb, keys, member, n, s.size, lease).Int64Slice()
+		cmd, acked, waitErr := s.c.runSynced(ctx, semAcquireScript, keys, member, n, s.size, lease)
+		res, err := cmd.Int64Slice()
 		if err != nil {
 			return false, 0, err
 		}
 		if res[0] == 1 {
+			if err := s.c.replicated(ctx, acked, waitErr, undo); err != nil {
+				return false, 0, err
+			}
 			return true, 0, nil
 		}
 		return false, s.c.retryBound(res[1]), nil
-	}
-	undo := func(ctx context.Context) {
-		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
 	}
 	ok, err := s.c.acquire(ctx, s.channel, block, false, try, undo)
 	if !ok {

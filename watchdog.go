@@ -133,7 +133,13 @@ func (w *watchdog) add(name, key string, kind byte, member string, lease time.Du
 	}
 	w.mu.Lock()
 	w.holds[h] = struct{}{}
-	w.scheduleLocked(h.deadline)
+	if !time.Now().Before(h.deadline) {
+		// The reply came after the lease ran out (a slow link, a pause):
+		// the hold is lost before its holder sees it.
+		w.loseLocked(h, "the acquisition's reply came after its lease ran out")
+	} else {
+		w.scheduleLocked(h.deadline)
+	}
 	w.mu.Unlock()
 	return h
 }

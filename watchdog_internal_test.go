@@ -45,3 +45,15 @@ func TestRenewSortedSetHold(t *testing.T) {
 }
 
 func redisZ(score float64, member string) redis.Z { return redis.Z{Score: score, Member: member} }
+
+// TestHoldLostOnArrival: a hold whose acquisition reply came after its lease
+// ran out (a slow link, a paused client) is lost the moment it is tracked,
+// before the caller can look at Lost, not at the next tick of a timer.
+func TestHoldLostOnArrival(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	c := New(rdb, WithWatchdogTimeout(time.Second))
+	t.Cleanup(func() { _ = c.Close(); _ = rdb.Close() })
+	h := c.wd.add("late", "{late}:lock", 'h', "owner", 500*time.Millisecond, true, time.Now().Add(-800*time.Millisecond))
+	require.True(t, h.isLost(), "a hold past its lease on arrival is not lost at once")
+	require.True(t, c.wd.remove(h))
+}

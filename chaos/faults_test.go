@@ -52,7 +52,9 @@ func TestLatencyOverLease(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := chaos.NewCoord()
-	cfgs := workers(3, s.Addr, "mutex", lease, scale(4*time.Second))
+	// Each attempt of the slow client takes 800 ms to answer: give it time
+	// for several, so that one of them finds the lock free.
+	cfgs := workers(3, s.Addr, "mutex", lease, scale(8*time.Second))
 	cfgs[0].Addr = p.Addr
 	for i := range cfgs[1:] {
 		cfgs[1+i].GapMax = 300 * time.Millisecond // leave the slow client a chance
