@@ -208,9 +208,10 @@ func CheckOverlap(holds []Hold, size int) []string {
 
 // CheckTokens checks that fencing tokens never go backwards: when a hold's
 // Lock returned before another worker's Lock was called, the later hold has
-// the greater token. Every hold has a positive token.
+// the greater token. Every exclusive hold has a positive token; shared holds
+// (readers, permits) carry none and are skipped.
 func CheckTokens(holds []Hold) []string {
-	hs := valid(holds)
+	hs := slices.DeleteFunc(valid(holds), func(h Hold) bool { return h.Shared })
 	sort.Slice(hs, func(i, j int) bool { return hs[i].Call < hs[j].Call })
 	var v []string
 	for j, b := range hs {

@@ -63,7 +63,11 @@ func mixedFaults(t *testing.T, kind string) {
 		}
 	}
 	wait()
-	checkAll(t, c)
+	size := 1
+	if kind == "semaphore" {
+		size = chaos.SemaphoreSize
+	}
+	checkAllSize(t, c, size)
 	nothingLeft(t, s.Addr, lease+slack)
 }
 
@@ -71,3 +75,5 @@ func TestMutexUnderMixedFaults(t *testing.T)          { mixedFaults(t, "mutex") 
 func TestReentrantMutexUnderMixedFaults(t *testing.T) { mixedFaults(t, "reentrant") }
 func TestFairMutexUnderMixedFaults(t *testing.T)      { mixedFaults(t, "fair") }
 func TestRWMutexUnderMixedFaults(t *testing.T)        { mixedFaults(t, "rwmutex") }
+func TestRWMutexReadersUnderMixedFaults(t *testing.T) { mixedFaults(t, "rwmixed") }
+func TestSemaphoreUnderMixedFaults(t *testing.T)      { mixedFaults(t, "semaphore") }

@@ -27,7 +27,12 @@ type Locker interface {
 
 // NewLocker returns the lock of kind on c: "mutex", "reentrant" (a
 // ReentrantMutex entered twice per hold, checking that the token stays),
-// "fair" (a FairMutex) or "rwmutex" (an RWMutex's write side).
+// "fair" (a FairMutex), "rwmutex" (an RWMutex's write side), "rwmixed" (an
+// RWMutex: three read holds, then a write hold) or "semaphore" (one permit
+// of a Semaphore of SemaphoreSize). The last two make shared holds (see
+// Sharer).
+//
+// SemaphoreSize is the size of the "semaphore" kind's Semaphore.
 func NewLocker(c *redlatch.Client, kind, name string, opts ...redlatch.LockOption) (Locker, error) {
 	switch kind {
 	case "mutex":
@@ -38,9 +43,74 @@ func NewLocker(c *redlatch.Client, kind, name string, opts ...redlatch.LockOptio
 		return c.FairMutex(name, opts...), nil
 	case "rwmutex":
 		return c.RWMutex(name, opts...), nil
+	case "rwmixed":
+		return &rwMixed{m: c.RWMutex(name, opts...)}, nil
+	case "semaphore":
+		return &permit{s: c.Semaphore(name, SemaphoreSize, opts...)}, nil
 	}
 	return nil, fmt.Errorf("chaos: unknown lock kind %q", kind)
 }
+
+// SemaphoreSize is the size of the "semaphore" kind.
+const SemaphoreSize = 2
+
+// Sharer is a Locker whose current hold may be shared with other holders
+// (a read hold, a permit): such a hold has no fencing token and does not
+// touch the store; the overlap checker allows shared holds to overlap (up
+// to a semaphore's size).
+type Sharer interface {
+	Shared() bool
+}
+
+// rwMixed takes an RWMutex's read lock three times out of four, and its
+// write lock the fourth.
+type rwMixed struct {
+	m      *redlatch.RWMutex
+	n      int
+	shared bool
+}
+
+func (r *rwMixed) Lock(ctx context.Context) error {
+	r.n++
+	r.shared = r.n%4 != 0
+	if r.shared {
+		return r.m.RLock(ctx)
+	}
+	return r.m.Lock(ctx)
+}
+
+func (r *rwMixed) Unlock(ctx context.Context) error {
+	if r.shared {
+		return r.m.RUnlock(ctx)
+	}
+	return r.m.Unlock(ctx)
+}
+
+func (r *rwMixed) Token() int64 {
+	if r.shared {
+		return 0
+	}
+	return r.m.Token()
+}
+
+func (r *rwMixed) Lost() <-chan struct{} {
+	if r.shared {
+		return r.m.RLost()
+	}
+	return r.m.Lost()
+}
+
+func (r *rwMixed) Shared() bool { return r.shared }
+
+// permit holds one permit of a Semaphore. A Semaphore has no Lost: a permit
+// that expired shows as ErrNotHeld from Release.
+type permit struct{ s *redlatch.Semaphore }
+
+func (p *permit) Lock(ctx context.Context) error   { return p.s.Acquire(ctx, 1) }
+func (p *permit) Unlock(ctx context.Context) error { return p.s.Release(ctx, 1) }
+func (p *permit) Token() int64                     { return 0 }
+func (p *permit) Lost() <-chan struct{}            { return nil }
+func (p *permit) Shared() bool                     { return true }
 
 // twice holds a ReentrantMutex twice per hold.
 type twice struct {
@@ -180,19 +250,25 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 			continue
 		}
 		h.Acq, h.Token = Mono(), l.Token()
+		if sh, ok := l.(Sharer); ok {
+			h.Shared = sh.Shared()
+		}
 		lost := l.Lost()
 		if err := env.Notify(Event{Worker: cfg.Name, Kind: "acquired", Token: h.Token, At: h.Acq}); err != nil {
 			return err
 		}
-		h.ReadAt = Mono()
-		set, ok, err := env.Read(h.Token)
-		if err != nil {
-			return err
+		ok := false
+		if !h.Shared { // shared holds may not write; they have no token to read with
+			h.ReadAt = Mono()
+			var set []string
+			if set, ok, err = env.Read(h.Token); err != nil {
+				return err
+			}
+			h.ReadOK, h.ReadSet = ok, set
 		}
-		h.ReadOK, h.ReadSet = ok, set
 		sleepCtx(ctx, rnd(cfg.HoldMin, cfg.HoldMax))
 		if ok {
-			if h.WroteOK, err = env.Write(h.Token, append(set, h.ID)); err != nil {
+			if h.WroteOK, err = env.Write(h.Token, append(h.ReadSet, h.ID)); err != nil {
 				return err
 			}
 			h.WroteAt = Mono()
