@@ -224,6 +224,31 @@ func TestForeignValueWrongType(t *testing.T) {
 		t.Errorf("HoldCount on a garbage count = %v; want ErrWrongType", err)
 	}
 	_ = rdb.Del(ctx, "{foreign}:lock")
+	// The other primitives on a foreign value of the wrong type: a clear
+	// error, no panic, no hang.
+	others := map[string]func() error{
+		"{foreign}:fair": func() error { _, err := c.FairMutex("foreign").TryLock(ctx); return err },
+		"{foreign}:rw":   func() error { _, err := c.RWMutex("foreign").TryLock(ctx); return err },
+		"{foreign}:sem":  func() error { _, err := c.Semaphore("foreign", 2).TryAcquire(ctx, 1); return err },
+		"{foreign}:latch": func() error {
+			_, err := c.CountDownLatch("foreign").Count(ctx)
+			return err
+		},
+	}
+	for key, call := range others {
+		_ = rdb.RPush(ctx, key, "a")
+		done := make(chan error, 1)
+		go func() { done <- call() }()
+		select {
+		case err := <-done:
+			if !errors.Is(err, redlatch.ErrWrongType) {
+				t.Errorf("%s holding a list: %v; want ErrWrongType", key, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s holding a list: hangs", key)
+		}
+		_ = rdb.Del(ctx, key)
+	}
 	// The plain string: the lock script's HMGET gets WRONGTYPE.
 	_ = rdb.Set(ctx, "{foreign}:lock", "foreign", 0)
 	if _, err := c.Mutex("foreign").TryLock(ctx); !errors.Is(err, redlatch.ErrWrongType) {
@@ -270,6 +295,41 @@ func TestClosedClientNoLeaks(t *testing.T) {
 	}
 	if _, err := r.HoldCount(ctx); !errors.Is(err, redlatch.ErrClosed) {
 		t.Errorf("HoldCount after Close = %v", err)
+	}
+	for name, l := range map[string]interface {
+		Lock(context.Context) error
+		TryLock(context.Context) (bool, error)
+		Unlock(context.Context) error
+		TTL(context.Context) (time.Duration, error)
+		IsLocked(context.Context) (bool, error)
+		ForceUnlock(context.Context) (bool, error)
+	}{"FairMutex": c.FairMutex("closed3"), "RWMutex": c.RWMutex("closed4")} {
+		for method, err := range lockCalls(l, ctx) {
+			if !errors.Is(err, redlatch.ErrClosed) {
+				t.Errorf("%s.%s after Close = %v", name, method, err)
+			}
+		}
+	}
+	rw := c.RWMutex("closed4")
+	if err := rw.RLock(ctx); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("RLock after Close = %v", err)
+	}
+	sem := c.Semaphore("closed5", 2)
+	if err := sem.Acquire(ctx, 1); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("Semaphore.Acquire after Close = %v", err)
+	}
+	if _, err := sem.Available(ctx); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("Semaphore.Available after Close = %v", err)
+	}
+	latch := c.CountDownLatch("closed6")
+	if _, err := latch.TrySetCount(ctx, 1); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("CountDownLatch.TrySetCount after Close = %v", err)
+	}
+	if err := latch.Wait(ctx); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("CountDownLatch.Wait after Close = %v", err)
+	}
+	if err := redlatch.NewRedlock("closed7", []*redlatch.Client{c}).Lock(ctx); !errors.Is(err, redlatch.ErrClosed) {
+		t.Errorf("Redlock.Lock after Close = %v", err)
 	}
 	_ = rdb.Close()
 	goleak.VerifyNone(t, ignore)
