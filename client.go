@@ -293,9 +293,10 @@ func newID() string { return uuid.NewString() }
 type LockOption func(*lockOptions)
 
 type lockOptions struct {
-	lease time.Duration // 0: watchdog-renewed
-	owner string
-	err   error
+	lease  time.Duration // 0: watchdog-renewed
+	owner  string
+	shared bool // the owner id came from WithOwner: other handles may share it
+	err    error
 }
 
 // WithLease gives each hold a fixed lease d with no watchdog renewal: the
@@ -326,7 +327,7 @@ func WithOwner(id string) LockOption {
 			o.err = invalidArg("owner", "is empty")
 			return
 		}
-		o.owner = id
+		o.owner, o.shared = id, true
 	}
 }
 

@@ -54,8 +54,10 @@ var (
 	// ErrNotReplicated is wrapped by the error of an acquisition that the
 	// master granted but fewer replicas than WithReplicaSync asks for
 	// acknowledged within its timeout. What the acquisition took has been
-	// released again before the error is returned, so no hold is ever
-	// reported that no replica has. It matches ErrNotObtained too.
+	// released again before the error is returned (or, when that release
+	// could not reach Redis, it is not renewed and expires within its
+	// lease), so no hold is ever reported that no replica has. It matches
+	// ErrNotObtained too.
 	ErrNotReplicated = fmt.Errorf("%w: too few replicas acknowledged", ErrNotObtained)
 )
 

@@ -202,9 +202,11 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 			token, count, sent = res[1], res[2], s
 			return true, 0, nil
 		}
-		if res[2] == 1 {
+		if block && (res[2] == 1 || place == nil || place.isLost()) {
 			// A new place at the tail (the first, or one after the old
-			// place expired): the watchdog keeps it alive from now on.
+			// place expired), or one a retried attempt found already made
+			// (its first reply was lost): the watchdog keeps it alive from
+			// now on.
 			f.c.wd.remove(place)
 			place = f.c.wd.add(f.name, f.places, 'z', member, f.c.opts.watchdogTimeout, true, s)
 		}

@@ -598,3 +598,50 @@ func TestFairWakesHeadOnly(t *testing.T) {
 		}
 	})
 }
+
+// TestFairDeadGranteeBound: a waiter that died just after its place was
+// last renewed, and to which the lock is handed just before that place
+// would have expired, stalls the waiter behind it no longer than its
+// watchdog timeout from that last renewal: the handoff lasts what remained
+// of the place, not a fresh timeout.
+func TestFairDeadGranteeBound(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("needs server TIME in step with the wall clock")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		const wl = 2 * time.Second
+		rdb := b.Client(t)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(wl))
+		name := redistest.UniqueName(t)
+		holder := c.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		// A dead waiter's place, as its last renewal left it: expiring one
+		// watchdog timeout from now. (Member: id|lease|place lease|client|owner.)
+		tm, err := rdb.Time(ctx).Result()
+		require.NoError(t, err)
+		dead := "dead|2000|2000|nobody|dead-owner"
+		died := time.Now()
+		tag := "{" + name + "}"
+		require.NoError(t, rdb.ZAdd(ctx, tag+":fairq", redis.Z{Score: 1, Member: dead}).Err())
+		require.NoError(t, rdb.ZAdd(ctx, tag+":fairx", redis.Z{Score: float64(tm.UnixMilli() + wl.Milliseconds()), Member: dead}).Err())
+		require.NoError(t, rdb.PExpire(ctx, tag+":fairq", wl).Err())
+		require.NoError(t, rdb.PExpire(ctx, tag+":fairx", wl).Err())
+		behind := c.FairMutex(name)
+		got := make(chan time.Duration, 1)
+		go func() {
+			if behind.Lock(ctx) == nil {
+				got <- time.Since(died)
+			}
+		}()
+		time.Sleep(wl - 300*time.Millisecond)
+		require.NoError(t, holder.Unlock(ctx)) // hands the lock to the dead waiter
+		select {
+		case d := <-got:
+			require.Less(t, d, wl+time.Second, "the dead grantee stalled the queue past its place's expiry")
+		case <-time.After(10 * time.Second):
+			t.Fatal("the waiter behind a dead grantee never got the lock")
+		}
+		require.NoError(t, behind.Unlock(ctx))
+	})
+}

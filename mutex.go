@@ -41,12 +41,13 @@ type excl struct {
 	lease     time.Duration
 	renew     bool
 	reentrant bool
+	shared    bool // WithOwner: other handles may hold the lock as this owner
 	err       error
 }
 
 func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
 	o := newLockOptions(name, opts)
-	e := excl{c: c, name: name, owner: o.owner, reentrant: reentrant, err: o.err}
+	e := excl{c: c, name: name, owner: o.owner, reentrant: reentrant, shared: o.shared, err: o.err}
 	if c != nil && e.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
 		// "{}…" is an empty hash tag: Redis Cluster would hash each key
 		// whole and scatter the lock's keys over several slots.
@@ -69,8 +70,11 @@ func (e *excl) check() error {
 }
 
 // lock takes the lock, waiting when block is set, and returns the new hold's
-// fencing token and hold count. It does not touch any handle state.
-func (e *excl) lock(ctx context.Context, block bool) (token, count int64, sent time.Time, ok bool, err error) {
+// fencing token and hold count. It does not touch any handle state. With
+// queue set, a blocking call may queue behind the Client's other waiters
+// without an attempt of its own (see Client.acquire): a re-entry must not,
+// since no one would wake it.
+func (e *excl) lock(ctx context.Context, block, queue bool) (token, count int64, sent time.Time, ok bool, err error) {
 	req := newID()
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
@@ -82,7 +86,7 @@ func (e *excl) lock(ctx context.Context, block bool) (token, count int64, sent t
 		return false, e.c.retryBound(pttl), nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
-	ok, err = e.c.acquire(ctx, e.channel, block, true, try, undo)
+	ok, err = e.c.acquire(ctx, e.channel, block, queue, try, undo)
 	return token, count, sent, ok, err
 }
 
@@ -233,7 +237,7 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 			return false, nil
 		}
 	}
-	token, _, sent, ok, err := m.e.lock(ctx, block)
+	token, _, sent, ok, err := m.e.lock(ctx, block, true)
 	if !ok {
 		<-m.sem
 		return false, err

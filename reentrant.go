@@ -52,7 +52,13 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := m.e.check(); err != nil {
 		return false, err
 	}
-	token, count, sent, ok, err := m.e.lock(ctx, block)
+	// A re-entry (this handle, or with WithOwner perhaps another handle,
+	// holds the lock) attempts at once instead of queueing behind the
+	// Client's waiters: they wait for this very owner.
+	m.mu.Lock()
+	queue := m.n == 0 && !m.e.shared
+	m.mu.Unlock()
+	token, count, sent, ok, err := m.e.lock(ctx, block, queue)
 	if !ok {
 		return false, err
 	}

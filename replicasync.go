@@ -32,7 +32,7 @@ const waitMargin = 100 * time.Millisecond
 // pipeline is sent again with EVAL, which also caches the script. On a
 // cluster, the pipeline goes straight to the master of keys[0]'s slot (WAIT
 // must run on the connection that wrote); a MOVED or ASK reply reloads the
-// slot map and the pipeline is sent once more.
+// slot map and the pipeline is sent again, up to redirectAttempts times.
 func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, args ...any) (cmd *redis.Cmd, acked int64, waitErr error) {
 	if c.opts.replicas <= 0 {
 		return s.Run(ctx, c.rdb, keys, args...), -1, nil
@@ -45,11 +45,19 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 			return cmd, 0, nil
 		}
 		cmd, acked, waitErr = c.runOnWithWait(ctx, node, s, keys, args)
-		if c.cluster != nil && attempt == 0 && isRedirect(cmd.Err()) {
-			c.cluster.ReloadState(ctx)
-			continue
+		if c.cluster == nil || attempt == redirectAttempts || !isRedirect(cmd.Err()) {
+			return cmd, acked, waitErr
 		}
-		return cmd, acked, waitErr
+		// The slot moved (failover, resharding). ReloadState only starts a
+		// reload in the background: give it a moment, then ask again.
+		c.cluster.ReloadState(ctx)
+		t := time.NewTimer(time.Duration(attempt+1) * 50 * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return cmd, acked, waitErr
+		}
 	}
 }
 
@@ -64,6 +72,10 @@ func (c *Client) masterFor(ctx context.Context, key string) (*redis.Client, erro
 	}
 	return nil, fmt.Errorf("redlatch: replica sync needs a *redis.Client or *redis.ClusterClient, not %T", c.rdb)
 }
+
+// redirectAttempts is how many times runSynced sends a pipeline again after
+// a MOVED or ASK reply, waiting 50ms, 100ms, … for the slot map to reload.
+const redirectAttempts = 5
 
 // runOnWithWait sends the script and WAIT on one connection of node.
 func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, s *redis.Script, keys []string, args []any) (*redis.Cmd, int64, error) {
@@ -129,7 +141,7 @@ func (c *Client) replicated(ctx context.Context, acked int64, waitErr error, und
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		undo(cctx)
 		cancel()
-		done = ", released"
+		done = ", released (or, if that release could not reach Redis, expiring within its lease)"
 	}
 	if waitErr != nil {
 		return fmt.Errorf("%w: WAIT %d %v failed%s: %w", ErrNotReplicated,
@@ -149,45 +161,92 @@ func isRedirect(err error) bool {
 	return strings.HasPrefix(msg, "MOVED ") || strings.HasPrefix(msg, "ASK ")
 }
 
-// runBatchesSynced is the watchdog's renewal under WithReplicaSync: each
-// batch runs with runSynced (script and WAIT in one round trip, on the
-// master of the batch's slot), the batches concurrently. A batch whose
-// renewal too few replicas acknowledged counts as a failed renewal for the
-// holds it renewed: their results become -1 (not renewed, not lost), so
-// their local deadlines are not extended. If replication does not recover
-// before a deadline, the hold is lost (Lost closes) at the moment a replica
-// promoted then could have let its copy of the lock expire. Holds the
-// renewal found gone (0) are lost at once as usual.
+// runBatchesSynced is the watchdog's renewal under WithReplicaSync. The
+// batches are grouped by the master of their slot; on each master one
+// pinned connection sends that master's batches pipelined, then one WAIT,
+// which covers every write of the connection: two round trips per master
+// and period, however many holds and slots. A batch whose renewal too few
+// replicas acknowledged counts as a failed renewal for the holds it renewed:
+// their results become -1 (not renewed, not lost), so their local deadlines
+// are not extended. If replication does not recover before a deadline, the
+// hold is lost (Lost closes) at the moment a replica promoted then could
+// have let its copy of the lock expire. Holds the renewal found gone (0) are
+// lost at once as usual.
 func (w *watchdog) runBatchesSynced(ctx context.Context, batches [][]*hold) [][]int64 {
 	out := make([][]int64, len(batches))
-	var wg sync.WaitGroup
+	type group struct {
+		node  *redis.Client
+		batch []int
+	}
+	groups := make(map[string]*group)
 	for i, b := range batches {
+		node, err := w.c.masterFor(ctx, b[0].key)
+		if err != nil {
+			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
+			continue
+		}
+		g := groups[node.Options().Addr]
+		if g == nil {
+			g = &group{node: node}
+			groups[node.Options().Addr] = g
+		}
+		g.batch = append(g.batch, i)
+	}
+	var wg sync.WaitGroup
+	for _, g := range groups {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			keys := make([]string, len(b))
-			argv := make([]any, 0, 3*len(b))
-			for j, h := range b {
-				keys[j] = h.key
-				argv = append(argv, string(h.kind), h.member, h.lease.Milliseconds())
-			}
-			cmd, acked, waitErr := w.c.runSynced(ctx, renewScript, keys, argv...)
-			res, err := cmd.Int64Slice()
-			if err != nil {
-				w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
-				return
-			}
-			if err := w.c.replicated(ctx, acked, waitErr, nil); err != nil {
-				w.c.opts.logger.Warn("redlatch: renewal not replicated", "error", err)
-				for j := range res {
-					if res[j] == 1 {
-						res[j] = -1
-					}
-				}
-			}
-			out[i] = res
+			w.renewSyncedOn(ctx, g.node, batches, g.batch, out)
 		}()
 	}
 	wg.Wait()
 	return out
+}
+
+// renewSyncedOn renews batches[i] for each i in which, on node, followed by
+// one WAIT, and writes their results to out[i].
+func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) {
+	conn := node.Conn()
+	defer conn.Close()
+	send := func() []*redis.Cmd {
+		cmds := make([]*redis.Cmd, len(which))
+		pipe := conn.Pipeline()
+		for k, i := range which {
+			keys, argv := renewArgs(batches[i])
+			cmds[k] = renewScript.EvalSha(ctx, pipe, keys, argv...)
+		}
+		_, _ = pipe.Exec(ctx)
+		return cmds
+	}
+	cmds := send()
+	for _, cmd := range cmds {
+		if isNoScript(cmd.Err()) {
+			if renewScript.Load(ctx, conn).Err() == nil {
+				cmds = send()
+			}
+			break
+		}
+	}
+	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
+	acked, waitErr := conn.Wait(ctx, w.c.opts.replicas, time.Duration(ms)*time.Millisecond).Result()
+	notSynced := w.c.replicated(ctx, acked, waitErr, nil)
+	if notSynced != nil {
+		w.c.opts.logger.Warn("redlatch: renewal not replicated", "node", node.Options().Addr, "error", notSynced)
+	}
+	for k, i := range which {
+		res, err := cmds[k].Int64Slice()
+		if err != nil {
+			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
+			continue
+		}
+		if notSynced != nil {
+			for j := range res {
+				if res[j] == 1 {
+					res[j] = -1
+				}
+			}
+		}
+		out[i] = res
+	}
 }

@@ -57,6 +57,14 @@ var (
 // for about one read hold. Owners already reading may still re-enter. A
 // writer that gives up waiting lets the queued readers in.
 //
+// Read holds count per owner (the handle, or its WithOwner id), so
+// goroutines sharing one handle whose read holds overlap keep the owner's
+// count above zero, and a waiting writer never gets in. Give each
+// concurrent reader its own handle (or owner id), as the guarantee above
+// assumes. Likewise, concurrent Lock calls of one owner share one waiting
+// place: when one of them gives up, new readers may pass the other until
+// its next attempt.
+//
 // Every owner's read hold has a lease of its own, renewed by the watchdog
 // (or fixed, with WithLease): a crashed reader frees its share when its lease
 // runs out, while the other readers keep theirs. The writer's hold has its
@@ -193,7 +201,10 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		return false, c.retryBound(res[1]), nil
 	}
-	ok, err := c.acquire(ctx, m.wwake, block, true, try, undo)
+	// No queueing without an attempt: the first attempt is what reports an
+	// upgrade (ErrUpgrade) or lets the owner re-enter, which no local
+	// waiter's wake-up would ever do.
+	ok, err := c.acquire(ctx, m.wwake, block, false, try, undo)
 	if queued != nil {
 		c.wd.remove(queued)
 		if !ok || upgrade {

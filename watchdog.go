@@ -289,15 +289,7 @@ func (w *watchdog) renewAll() {
 // the per-key results of each batch (1 renewed, 0 gone, -1 renewed but not
 // replicated: see runBatchesSynced), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
-	args := func(b []*hold) ([]string, []any) {
-		keys := make([]string, len(b))
-		argv := make([]any, 0, 3*len(b))
-		for i, h := range b {
-			keys[i] = h.key
-			argv = append(argv, string(h.kind), h.member, h.lease.Milliseconds())
-		}
-		return keys, argv
-	}
+	args := renewArgs
 	if w.c.opts.replicas > 0 {
 		return w.runBatchesSynced(ctx, batches)
 	}
@@ -344,6 +336,17 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 		out[i] = res
 	}
 	return out
+}
+
+// renewArgs returns the KEYS and ARGV of lua/renew.lua for a batch.
+func renewArgs(b []*hold) ([]string, []any) {
+	keys := make([]string, len(b))
+	argv := make([]any, 0, 3*len(b))
+	for i, h := range b {
+		keys[i] = h.key
+		argv = append(argv, string(h.kind), h.member, h.lease.Milliseconds())
+	}
+	return keys, argv
 }
 
 // isNoScript reports whether err says the script is not in the server's

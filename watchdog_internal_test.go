@@ -57,3 +57,49 @@ func TestHoldLostOnArrival(t *testing.T) {
 	require.True(t, h.isLost(), "a hold past its lease on arrival is not lost at once")
 	require.True(t, c.wd.remove(h))
 }
+
+// TestSyncedRenewalPerMaster: under WithReplicaSync on a cluster, renewals
+// are grouped per master (one pipeline and one WAIT each). With no replica
+// to acknowledge, every master still runs its renewals (the keys' TTLs move)
+// but no hold's local deadline moves, so each hold is lost at its deadline.
+func TestSyncedRenewalPerMaster(t *testing.T) {
+	var cluster *redistest.Backend
+	for _, b := range redistest.Backends(t) {
+		if b.Cluster != nil {
+			cluster = &b
+		}
+	}
+	if cluster == nil {
+		t.Skip("no redis-server: no local cluster")
+	}
+	ctx := context.Background()
+	rdb := cluster.Client(t)
+	c := New(rdb, WithReplicaSync(1, 20*time.Millisecond), WithWatchdogTimeout(900*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	base := redistest.UniqueName(t)
+	masters := map[int]bool{}
+	var holds []*hold
+	var keys []string
+	for i := 0; len(masters) < 3 || len(keys) < 12; i++ {
+		key := "{" + base + "-" + string(rune('a'+i%26)) + string(rune('a'+i/26)) + "}:lock"
+		masters[redistest.KeySlot(key)*3/16384] = true
+		require.NoError(t, rdb.HSet(ctx, key, "o", "owner").Err())
+		require.NoError(t, rdb.PExpire(ctx, key, 900*time.Millisecond).Err())
+		keys = append(keys, key)
+		holds = append(holds, c.wd.add("synced", key, 'h', "owner", 900*time.Millisecond, true, time.Now()))
+	}
+	time.Sleep(500 * time.Millisecond) // past the first renewal (every 300ms)
+	for _, key := range keys {
+		ttl, err := rdb.PTTL(ctx, key).Result()
+		require.NoError(t, err)
+		require.Greater(t, ttl, 500*time.Millisecond, "renewal did not run on the master of %s", key)
+	}
+	for _, h := range holds {
+		select {
+		case <-h.lostChan():
+		case <-time.After(3 * time.Second):
+			t.Fatal("a hold whose renewals no replica acknowledged was not lost at its deadline")
+		}
+		c.wd.remove(h)
+	}
+}

@@ -44,9 +44,12 @@ local function evict(now)
 end
 
 -- grant hands the free lock to the first live waiter in arrival order, and
--- wakes that waiter only. Its lease until it claims the grant is the
--- shorter of its lease and its place lease, so a waiter that died after
--- its last renewal stalls the queue no longer than a dead queued one.
+-- wakes that waiter only. Until it claims the grant (which restarts its
+-- full lease), the grant lasts what remained of its place: a waiter that
+-- died after its last renewal stalls the queue no longer than it would have
+-- as a dead queued one (its watchdog timeout from that renewal), and a live
+-- one, renewing every third of that timeout, has at least two thirds of it
+-- to claim.
 -- Returns the new fencing token, or nil when no one waits.
 local function grant(now)
   while true do
@@ -62,7 +65,7 @@ local function grant(now)
       local token = next_token(KEYS[4], ARGV[2])
       redis.call('DEL', KEYS[1])
       redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
-      redis.call('PEXPIRE', KEYS[1], math.min(lease, wl))
+      redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(exp) - now)))
       redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id)
       return token
     end
