@@ -14,8 +14,11 @@ import (
 var (
 	//go:embed lua/latch_countdown.lua
 	latchCountDownLua string
+	//go:embed lua/latch_set.lua
+	latchSetLua string
 
 	latchCountDownScript = redis.NewScript(latchCountDownLua)
+	latchSetScript       = redis.NewScript(latchSetLua)
 )
 
 // CountDownLatch is a distributed countdown latch: TrySetCount starts a
@@ -33,12 +36,12 @@ var (
 // delays a waiter by at most one watchdog period.
 //
 // A running count has no expiry: a latch whose counters crash stays set
-// until counted down or deleted. Each CountDown carries a request id, so a
-// call that Redis ran but whose reply was lost, and which go-redis retried,
-// counts down once.
+// until counted down or deleted. Each TrySetCount and CountDown carries a
+// request id, so a call that Redis ran but whose reply was lost, and which
+// go-redis retried, takes effect once and reports what it did.
 //
 // Keys: the count "{prefix+name}:latch", a string, and the request ids of
-// the CountDowns of the last minute "{prefix+name}:latch:done", a sorted
+// the calls of the last minute "{prefix+name}:latch:done", a sorted
 // set, both deleted when the count reaches zero; wake-ups on the channel
 // "{prefix+name}:latch:wake".
 type CountDownLatch struct {
@@ -80,6 +83,8 @@ func (l *CountDownLatch) check() error {
 
 // TrySetCount sets the count to n, n ≥ 1, if no count is running, and
 // reports whether it did. It returns (false, nil) while the latch counts.
+// A call whose reply was lost and that the Redis client retried still
+// reports true.
 func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error) {
 	if err := l.check(); err != nil {
 		return false, err
@@ -87,8 +92,8 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 	if n < 1 {
 		return false, invalidArg("n", "must be at least 1")
 	}
-	ok, err := l.c.rdb.SetNX(ctx, l.key, n, 0).Result()
-	return ok, convertErr(err)
+	set, err := latchSetScript.Run(ctx, l.c.rdb, []string{l.key, l.done}, n, newID()).Int64()
+	return set == 1, convertErr(err)
 }
 
 // CountDown decrements the count. The CountDown that brings it to zero
