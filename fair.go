@@ -36,9 +36,12 @@ var (
 // queue in order. Unlock hands the lock directly to the queue head, inside
 // the same script, and wakes that waiter only (the waiters of a Client share
 // one channel per lock, and the message names the waiter): no other waiter
-// wakes, and no newcomer can barge in between. The woken waiter claims the
-// lock in one round trip, which also restarts its lease. A
-// TryLock never jumps the queue either: it fails while anyone waits.
+// wakes, and no newcomer can barge in between. The message carries the new
+// hold's fencing token, so the woken waiter holds the lock without another
+// round trip (the watchdog gives the hold its full lease at its next
+// renewal); a WithLease waiter, whose lease the watchdog does not renew,
+// claims the lock in one round trip that starts its full lease. A TryLock
+// never jumps the queue either: it fails while anyone waits.
 //
 // Holds are counted like those of ReentrantMutex: ownership belongs to the
 // handle or its WithOwner id, each Lock needs one Unlock, the token stays the
@@ -51,9 +54,10 @@ var (
 // has passed since the place's last renewal, then the place is dropped; the
 // waiters behind sleep no longer than that place's expiry, so a dead waiter
 // delays them by at most its Client's watchdog timeout. The lock handed to a
-// waiter that died meanwhile is released after the shorter of its lease and
-// that watchdog timeout: the claim that turns a handoff into a hold restarts
-// the full lease. A waiter whose context ends, or whose Client is closed,
+// waiter that died meanwhile is released when its place would have expired:
+// a handoff lasts what remained of the place until the waiter's watchdog
+// renews it (or a WithLease waiter claims it). A waiter whose context ends,
+// or whose Client is closed,
 // leaves the queue at once (with a fresh context bounded to a few seconds),
 // and releases the lock if it was handed to it meanwhile.
 //
@@ -212,7 +216,21 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		}
 		return false, f.c.retryBound(res[1]), nil
 	}
-	ok, err = f.wait(ctx, id, block, try)
+	// A handoff whose message carries its token is taken without a round
+	// trip, by a watchdog-renewed waiter whose place is tracked: the grant
+	// lasts in Redis at least until the place would have expired, which is
+	// no earlier than the place's local deadline; the watchdog renews the
+	// new hold before then. (A WithLease waiter claims the grant with an
+	// attempt, which gives it its full fixed lease.)
+	take := func(grant string) bool {
+		t, perr := strconv.ParseInt(grant, 10, 64)
+		if perr != nil || !f.renew || place == nil || place.isLost() {
+			return false
+		}
+		token, count, sent = t, 1, f.c.wd.deadlineOf(place).Add(-f.lease)
+		return true
+	}
+	ok, err = f.wait(ctx, id, block, try, take)
 	if ok {
 		// The owner holds the lock: this handle's other queued Lock calls
 		// re-enter it at their next attempt, so wake them now (locally;
@@ -247,7 +265,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 // already subscribed (no round trip; a handoff right after the attempt is
 // not missed); otherwise it subscribes after its first failed attempt and
 // checks once more before it sleeps.
-func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attemptFunc) (bool, error) {
+func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attemptFunc, take func(grant string) bool) (bool, error) {
 	channel := f.wchan + f.c.ps.id
 	var w *waiter
 	defer func() {
@@ -274,6 +292,9 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 		default:
 			if _, err = w.wait(ctx, retry); err != nil {
 				return false, err
+			}
+			if g := w.takeGrant(); g != "" && take(g) {
+				return true, nil
 			}
 		}
 	}

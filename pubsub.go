@@ -17,7 +17,9 @@ const (
 	wakeAll = "a" // wake every local waiter (a latch opened, a writer left)
 
 	// wakeWaiterPrefix + a waiter id wakes that one waiter only (joined
-	// with joinID): FairMutex's handoff to the queue head.
+	// with joinID): FairMutex's handoff to the queue head. The id may be
+	// followed by ":" and a grant (the handed-off hold's fencing token),
+	// which the waiter takes with takeGrant.
 	wakeWaiterPrefix = "w:"
 )
 
@@ -89,6 +91,19 @@ type waiter struct {
 	ch  *psChan
 	sig chan struct{} // capacity 1: a pending wake-up
 	id  string        // "" or the id that wakeWaiterPrefix messages name
+	// grant is the grant of the latest wakeWaiterPrefix message naming the
+	// waiter, "" when none; guarded by pubsub.mu.
+	grant string
+}
+
+// takeGrant returns and clears the grant a wake-up message brought the
+// waiter, or "" when none did.
+func (w *waiter) takeGrant() string {
+	w.p.mu.Lock()
+	defer w.p.mu.Unlock()
+	g := w.grant
+	w.grant = ""
+	return g
 }
 
 func newPubsub(c *Client) *pubsub {
@@ -387,9 +402,11 @@ func (p *pubsub) dispatch(channel, payload string) {
 	if ch == nil {
 		return
 	}
-	if id, ok := strings.CutPrefix(payload, wakeWaiterPrefix); ok {
+	if named, ok := strings.CutPrefix(payload, wakeWaiterPrefix); ok {
+		id, grant, _ := strings.Cut(named, ":")
 		for _, w := range ch.waiters {
 			if w.id == id {
+				w.grant = grant
 				signalAll([]*waiter{w})
 			}
 		}

@@ -147,6 +147,13 @@ func (w *watchdog) add(name, key string, kind byte, member string, lease time.Du
 // setReleasing marks a hold whose release is in flight (v) or no longer in
 // flight because the release left it held (!v). A releasing hold is not
 // renewed, and a renewal reply that finds it gone does not count as a loss.
+// deadlineOf returns h's current local deadline.
+func (w *watchdog) deadlineOf(h *hold) time.Time {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return h.deadline
+}
+
 func (w *watchdog) setReleasing(h *hold, v bool) {
 	if h == nil {
 		return

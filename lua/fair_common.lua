@@ -13,7 +13,7 @@
 --   KEYS[4]  fence key of the lock name (see fence.lua)
 --   KEYS[5]  prefix of the per-Client wake-up channels: the waiters of a
 --            Client with id C listen on KEYS[5] .. C (same hash tag, same
---            cluster slot); the message "w:" .. X wakes the waiter X alone
+--            cluster slot); the message "w:" .. X wakes the waiter X alone; "w:" .. X .. ":" .. T hands it the lock with token T
 --   ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 --   ARGV[2]  fence retention, ms
 --
@@ -66,7 +66,7 @@ local function grant(now)
       redis.call('DEL', KEYS[1])
       redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
       redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(exp) - now)))
-      redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id)
+      redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id .. ':' .. token)
       return token
     end
   end
