@@ -74,6 +74,17 @@ type psNode struct {
 	// confirmation has not arrived: only the confirmation of the latest one
 	// says what the channel's state is.
 	inflight map[string]int
+	// pending holds the (un)subscribe commands not yet written, oldest
+	// first; the node's writer goroutine writes them, outside pubsub.mu,
+	// so that a slow or unreachable server (a dial) holds up no one else.
+	pending []psCommand
+	kick    chan struct{} // capacity 1: pending is not empty
+}
+
+// psCommand is a (un)subscribe command of a channel.
+type psCommand struct {
+	channel   string
+	subscribe bool
 }
 
 // psChan is a subscribed channel and its local waiters, oldest first.
@@ -140,7 +151,7 @@ func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Dura
 		}
 		ch = &psChan{name: channel, node: node, ready: make(chan struct{})}
 		p.chans[channel] = ch
-		node.send(p.c.ctx, channel, true)
+		node.send(channel, true)
 	}
 	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1), id: id}
 	ch.waiters = append(ch.waiters, w)
@@ -204,32 +215,66 @@ func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (
 	if n := p.nodes[addr]; n != nil {
 		return n, nil
 	}
-	n := &psNode{ps: mk(), sharded: sharded, inflight: make(map[string]int)}
+	n := &psNode{ps: mk(), sharded: sharded, inflight: make(map[string]int), kick: make(chan struct{}, 1)}
 	p.nodes[addr] = n
-	p.wg.Add(1)
+	p.wg.Add(2)
 	go p.receive(n)
+	go p.write(n)
 	return n, nil
 }
 
-// send writes a (un)subscribe command for channel. Errors are not returned:
-// go-redis keeps the channel set and subscribes it again when it reconnects,
-// and waiters are bounded by the lease meanwhile.
-func (n *psNode) send(ctx context.Context, channel string, subscribe bool) {
+// send queues a (un)subscribe command for channel; called with pubsub.mu
+// held. The node's writer goroutine writes the commands in order.
+func (n *psNode) send(channel string, subscribe bool) {
 	n.inflight[channel]++
-	var err error
-	switch {
-	case subscribe && n.sharded:
-		err = n.ps.SSubscribe(ctx, channel)
-	case subscribe:
-		err = n.ps.Subscribe(ctx, channel)
-	case n.sharded:
-		err = n.ps.SUnsubscribe(ctx, channel)
+	n.pending = append(n.pending, psCommand{channel, subscribe})
+	select {
+	case n.kick <- struct{}{}:
 	default:
-		err = n.ps.Unsubscribe(ctx, channel)
 	}
-	if err != nil {
-		// No confirmation will come for this command on this connection.
-		n.inflight[channel]--
+}
+
+// write writes node n's queued (un)subscribe commands, in order, until the
+// Client closes. Errors are not returned: go-redis keeps the channel set and
+// subscribes it again when it reconnects, and waiters are bounded by the
+// lease meanwhile.
+func (p *pubsub) write(n *psNode) {
+	defer p.wg.Done()
+	ctx := p.c.ctx
+	for {
+		select {
+		case <-n.kick:
+		case <-ctx.Done():
+			return
+		case <-p.closing:
+			return
+		}
+		p.mu.Lock()
+		cmds := n.pending
+		n.pending = nil
+		p.mu.Unlock()
+		for _, cmd := range cmds {
+			var err error
+			switch {
+			case cmd.subscribe && n.sharded:
+				err = n.ps.SSubscribe(ctx, cmd.channel)
+			case cmd.subscribe:
+				err = n.ps.Subscribe(ctx, cmd.channel)
+			case n.sharded:
+				err = n.ps.SUnsubscribe(ctx, cmd.channel)
+			default:
+				err = n.ps.Unsubscribe(ctx, cmd.channel)
+			}
+			if err != nil {
+				// No confirmation will come for this command on this
+				// connection.
+				p.mu.Lock()
+				if n.inflight[cmd.channel] > 0 { // not cleared by a reconnection meanwhile
+					n.inflight[cmd.channel]--
+				}
+				p.mu.Unlock()
+			}
+		}
 	}
 }
 
@@ -276,7 +321,7 @@ func (w *waiter) leave(passOn bool) {
 	if len(ch.waiters) == 0 && p.chans[ch.name] == ch {
 		delete(p.chans, ch.name)
 		if !p.closed {
-			ch.node.send(p.c.ctx, ch.name, false)
+			ch.node.send(ch.name, false)
 		}
 	}
 }
