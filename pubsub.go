@@ -51,9 +51,16 @@ func (p *pubsub) healthInterval() time.Duration {
 // confirmation of each re-subscription wakes every waiter of that channel to
 // retry, so a message lost in the gap delays no one past the reconnection.
 //
+// On a cluster, a master that gives a slot away (resharding) drops the
+// sharded subscriptions of its channels itself; the channel is then
+// subscribed on the slot's new master and its waiters retry. A subscriber
+// connection that stays silent for two health intervals (a half-open
+// connection) is dropped and dialled again.
+//
 // Worst case for a waiter, then: woken at once by a message; else at the
-// re-subscription after a dropped connection; else when the holder's lease
-// runs out (at most the watchdog timeout, or the WithLease lease).
+// re-subscription after a dropped connection or a moved slot; else when the
+// holder's lease runs out (at most the watchdog timeout, or the WithLease
+// lease).
 type pubsub struct {
 	c  *Client
 	id string // random: names per-Client channels (FairMutex)
@@ -85,6 +92,7 @@ type psNode struct {
 type psCommand struct {
 	channel   string
 	subscribe bool
+	forget    bool // no confirmation expected (the node gave the slot away)
 }
 
 // psChan is a subscribed channel and its local waiters, oldest first.
@@ -199,35 +207,96 @@ func (p *pubsub) joinQueuedID(channel, id string) *waiter {
 // nodeLocked returns the subscriber connection for channel, creating it
 // (and its receive goroutine) on first use.
 func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (*psNode, error) {
-	addr := ""
-	var mk func() *redis.PubSub
-	switch {
-	case sharded:
+	if sharded {
 		master, err := p.c.cluster.MasterForKey(ctx, channel)
 		if err != nil {
 			return nil, err
 		}
-		addr = master.Options().Addr
-		mk = func() *redis.PubSub { return master.SSubscribe(p.c.ctx) }
-	default:
-		mk = func() *redis.PubSub { return p.c.rdb.Subscribe(p.c.ctx) }
+		return p.shardNodeLocked(master), nil
 	}
-	if n := p.nodes[addr]; n != nil {
+	if n := p.nodes[""]; n != nil {
 		return n, nil
 	}
-	n := &psNode{ps: mk(), sharded: sharded, inflight: make(map[string]int), kick: make(chan struct{}, 1)}
+	return p.newNodeLocked("", p.c.rdb.Subscribe(p.c.ctx), false), nil
+}
+
+// shardNodeLocked returns the sharded subscriber connection of a master,
+// creating it on first use.
+func (p *pubsub) shardNodeLocked(master *redis.Client) *psNode {
+	addr := master.Options().Addr
+	if n := p.nodes[addr]; n != nil {
+		return n
+	}
+	return p.newNodeLocked(addr, master.SSubscribe(p.c.ctx), true)
+}
+
+// newNodeLocked registers a subscriber connection and starts its goroutines.
+func (p *pubsub) newNodeLocked(addr string, ps *redis.PubSub, sharded bool) *psNode {
+	n := &psNode{ps: ps, sharded: sharded, inflight: make(map[string]int), kick: make(chan struct{}, 1)}
 	p.nodes[addr] = n
 	p.wg.Add(2)
 	go p.receive(n)
 	go p.write(n)
-	return n, nil
+	return n
+}
+
+// rehome moves a sharded channel whose slot left node from to the master
+// that owns the slot now, once the cluster's slot map says which that is,
+// and wakes its waiters: a release published in between went to the new
+// master. It gives up after a few seconds (the waiters then fall back to
+// their lease bound, as on any lost message).
+func (p *pubsub) rehome(ch *psChan, from *psNode) {
+	defer p.wg.Done()
+	ctx := p.c.ctx
+	for attempt := 1; attempt <= 20; attempt++ {
+		p.c.cluster.ReloadState(ctx) // starts a reload in the background
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Duration(attempt) * 25 * time.Millisecond):
+		}
+		master, err := p.c.cluster.MasterForKey(ctx, ch.name)
+		if err != nil {
+			continue
+		}
+		p.mu.Lock()
+		if p.closed || p.chans[ch.name] != ch || ch.node != from {
+			p.mu.Unlock()
+			return // the channel was left or moved meanwhile
+		}
+		if p.nodes[master.Options().Addr] == from {
+			p.mu.Unlock()
+			continue // the slot map is not reloaded yet
+		}
+		from.forget(ch.name)
+		ch.node = p.shardNodeLocked(master)
+		ch.node.send(ch.name, true)
+		signalAll(ch.waiters)
+		p.mu.Unlock()
+		p.c.opts.logger.Debug("redlatch: subscription followed its slot", "channel", ch.name,
+			"master", master.Options().Addr)
+		return
+	}
+	p.c.opts.logger.Warn("redlatch: subscription's slot moved, new master unknown", "channel", ch.name)
 }
 
 // send queues a (un)subscribe command for channel; called with pubsub.mu
 // held. The node's writer goroutine writes the commands in order.
 func (n *psNode) send(channel string, subscribe bool) {
 	n.inflight[channel]++
-	n.pending = append(n.pending, psCommand{channel, subscribe})
+	n.queue(psCommand{channel: channel, subscribe: subscribe})
+}
+
+// forget queues the unsubscribe of a channel the node's server dropped
+// itself (its slot moved): it only removes the channel from go-redis's set,
+// which would otherwise subscribe it there again at the next reconnection.
+// The server answers it with an error (MOVED), not a confirmation.
+func (n *psNode) forget(channel string) {
+	n.queue(psCommand{channel: channel, forget: true})
+}
+
+func (n *psNode) queue(cmd psCommand) {
+	n.pending = append(n.pending, cmd)
 	select {
 	case n.kick <- struct{}{}:
 	default:
@@ -265,7 +334,7 @@ func (p *pubsub) write(n *psNode) {
 			default:
 				err = n.ps.Unsubscribe(ctx, cmd.channel)
 			}
-			if err != nil {
+			if err != nil && !cmd.forget {
 				// No confirmation will come for this command on this
 				// connection.
 				p.mu.Lock()
@@ -373,6 +442,11 @@ func (p *pubsub) receive(n *psNode) {
 				// and the confirmations wake every waiter to retry.
 				p.c.opts.logger.Debug("redlatch: subscriber connection unresponsive; reconnecting")
 				dropConnection(ctx, n.ps)
+			} else if isReplyError(err) {
+				// A reply to a command, not a broken connection: the MOVED
+				// answering the unsubscribe of a channel whose slot moved.
+				p.c.opts.logger.Debug("redlatch: subscriber command refused", "error", err)
+				continue
 			}
 			pinged = false
 			// The connection broke; go-redis reconnects and subscribes
@@ -417,6 +491,15 @@ func dropConnection(ctx context.Context, ps *redis.PubSub) {
 func (p *pubsub) confirm(n *psNode, m *redis.Subscription) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if n.inflight[m.Channel] == 0 && m.Kind == "sunsubscribe" {
+		// Not ours: the server dropped the subscription because the
+		// channel's slot moved to another master. Follow it there.
+		if ch := p.chans[m.Channel]; ch != nil && ch.node == n && !p.closed {
+			p.wg.Add(1)
+			go p.rehome(ch, n)
+		}
+		return
+	}
 	if n.inflight[m.Channel] > 0 {
 		n.inflight[m.Channel]--
 		if n.inflight[m.Channel] > 0 {

@@ -286,3 +286,54 @@ func TestWakeAfterSubscriberHalfOpen(t *testing.T) {
 		require.NoError(t, waiter.Unlock(ctx))
 	})
 }
+
+// TestWakeAfterSlotMoved: a waiter's sharded subscription on a Redis ≥ 7
+// cluster follows its channel when the slot moves to another master (the
+// old master drops the subscription with an SUNSUBSCRIBE of its own), so the
+// release published on the new master still wakes it: within a second,
+// not after the holder's 60s lease.
+func TestWakeAfterSlotMoved(t *testing.T) {
+	cl := redistest.NewCluster(t, 3) // private: the test moves a slot
+	ctx := ctxT(t, 60*time.Second)
+	newC := func() *redlatch.Client {
+		rdb := cl.Client(t)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	name := redistest.UniqueName(t)
+	holder := newC().Mutex(name, redlatch.WithLease(60*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+	waiter := newC().Mutex(name)
+	got := make(chan time.Time, 1)
+	go func() {
+		if err := waiter.Lock(ctx); err == nil {
+			got <- time.Now()
+		}
+	}()
+	owner := cl.ServerFor("{" + name + "}")
+	admin := redis.NewClient(owner.Options())
+	t.Cleanup(func() { _ = admin.Close() })
+	require.Eventually(t, func() bool {
+		n, err := admin.Do(ctx, "PUBSUB", "SHARDNUMSUB", "{"+name+"}:wake").Slice()
+		return err == nil && len(n) == 2 && n[1] == int64(1)
+	}, 5*time.Second, 10*time.Millisecond, "the waiter did not subscribe")
+
+	to := 0
+	for i, s := range cl.Servers {
+		if s != owner {
+			to = i
+		}
+	}
+	cl.MoveSlot(t, redistest.KeySlot("{"+name+"}"), to)
+	time.Sleep(time.Second) // the subscription follows the slot
+	released := time.Now()
+	require.NoError(t, holder.Unlock(ctx)) // its script and SPUBLISH run on the new master
+	select {
+	case at := <-got:
+		require.Less(t, at.Sub(released), time.Second)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiter was not woken after its channel's slot moved")
+	}
+	require.NoError(t, waiter.Unlock(ctx))
+}

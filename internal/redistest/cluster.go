@@ -336,3 +336,87 @@ func KeySlot(key string) int {
 	}
 	return int(crc) % Slots
 }
+
+// MoveSlot migrates slot, with its keys, from the master that owns it to
+// Servers[to], as a resharding does (IMPORTING/MIGRATING, MIGRATE, SETSLOT
+// NODE on every master), and returns once every node maps the slot to its
+// new owner. ServerFor keeps answering from the initial map.
+func (c *Cluster) MoveSlot(t testing.TB, slot, to int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	nodes := make([]*redis.Client, len(c.Servers))
+	for i, s := range c.Servers {
+		nodes[i] = redis.NewClient(s.Options())
+		defer nodes[i].Close()
+	}
+	owner := func(n *redis.Client) (string, error) {
+		slots, err := n.ClusterSlots(ctx).Result()
+		if err != nil {
+			return "", err
+		}
+		for _, sl := range slots {
+			if slot >= sl.Start && slot <= sl.End && len(sl.Nodes) > 0 {
+				return sl.Nodes[0].ID, nil
+			}
+		}
+		return "", fmt.Errorf("slot %d not served", slot)
+	}
+	fromID, err := owner(nodes[to])
+	if err != nil {
+		t.Fatalf("redistest: MoveSlot: %v", err)
+	}
+	from := -1
+	for i, id := range c.ids {
+		if id == fromID {
+			from = i
+		}
+	}
+	if from < 0 || from == to {
+		t.Fatalf("redistest: MoveSlot: slot %d is on node %q, cannot move it to %d", slot, fromID, to)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("redistest: MoveSlot %d from %d to %d: %v", slot, from, to, err)
+		}
+	}
+	must(nodes[to].Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", c.ids[from]).Err())
+	must(nodes[from].Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", c.ids[to]).Err())
+	host, port, _ := strings.Cut(c.Addrs[to], ":")
+	for {
+		keys, err := nodes[from].ClusterGetKeysInSlot(ctx, slot, 100).Result()
+		must(err)
+		if len(keys) == 0 {
+			break
+		}
+		args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
+		for _, k := range keys {
+			args = append(args, k)
+		}
+		must(nodes[from].Do(ctx, args...).Err())
+	}
+	must(nodes[to].Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", c.ids[to]).Err())
+	must(nodes[from].Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", c.ids[to]).Err())
+	for i, n := range nodes {
+		if i != from && i != to {
+			must(n.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", c.ids[to]).Err())
+		}
+	}
+	for {
+		agreed := true
+		for _, n := range nodes {
+			if id, err := owner(n); err != nil || id != c.ids[to] {
+				agreed = false
+			}
+		}
+		if agreed {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("redistest: MoveSlot %d: nodes do not agree on the new owner", slot)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
