@@ -23,7 +23,7 @@ var (
 	forceUnlockLua string
 
 	lockScript        = redis.NewScript(fenceLua + lockLua)
-	unlockScript      = redis.NewScript(unlockLua)
+	unlockScript      = redis.NewScript(fenceLua + unlockLua)
 	forceUnlockScript = redis.NewScript(forceUnlockLua)
 )
 
@@ -85,8 +85,14 @@ func (e *excl) lock(ctx context.Context, block, queue bool) (token, count int64,
 		}
 		return false, e.c.retryBound(pttl), nil
 	}
-	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
-	ok, err = e.c.acquire(ctx, e.channel, block, queue, try, undo)
+	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, false) }
+	var xfer *transfer
+	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
+		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
+			token, count, sent = t, 1, s
+		}}
+	}
+	ok, err = e.c.acquire(ctx, e.channel, block, queue, try, undo, xfer)
 	return token, count, sent, ok, err
 }
 
@@ -111,7 +117,7 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, 
 	if res[0] != 1 {
 		return false, 0, 0, res[1], nil
 	}
-	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req) }
+	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, false) }
 	if err := e.c.replicated(ctx, acked, waitErr, undo); err != nil {
 		return false, 0, 0, 0, err
 	}
@@ -121,11 +127,59 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, 
 // unlock releases one hold of the owner (or, with undo set, the hold taken
 // by that acquisition request only) and returns the owner's remaining hold
 // count, or -1 when the owner held nothing.
-func (e *excl) unlock(ctx context.Context, undo string) (int64, error) {
-	keys := []string{e.key, e.fence, e.channel}
-	n, err := unlockScript.Run(ctx, e.c.rdb, keys, e.owner, newID(), e.c.publishCommand(ctx),
-		fenceRetention(e.lease), undo).Int64()
-	return n, convertErr(err)
+//
+// With local set (an Unlock, not an undo), a full release hands the lock to
+// the oldest waiter of the same Client instead, when one waits (see
+// pubsub.reserveLocal): in the same script, with a new fencing token and
+// the waiter's lease, and without a publish; the waiter learns its token
+// in-process. Every few local transfers the lock is released publicly, so
+// that other Clients' waiters get their turn.
+func (e *excl) unlock(ctx context.Context, undo string, local bool) (int64, error) {
+	return e.unlockAs(ctx, e.owner, undo, local)
+}
+
+func (e *excl) unlockAs(ctx context.Context, owner, undo string, local bool) (int64, error) {
+	var w *waiter
+	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, ""}
+	if local && undo == "" && e.c.opts.replicas == 0 {
+		if w = e.c.ps.reserveLocal(e.channel); w != nil {
+			args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
+		}
+	}
+	sent := time.Now()
+	res, err := unlockScript.Run(ctx, e.c.rdb, []string{e.key, e.fence, e.channel}, args...).Int64Slice()
+	if err == nil && len(res) < 2 {
+		err = fmt.Errorf("%w: unlock reply %v", ErrWrongType, res)
+	}
+	if err != nil {
+		// The transfer may or may not have happened: the waiter retries
+		// now, and its attempt recognises a transferred hold as its own.
+		e.c.ps.unreserve(w, true)
+		return 0, convertErr(err)
+	}
+	n, token := res[0], res[1]
+	if w != nil {
+		switch {
+		case token > 0:
+			if !e.c.ps.deliver(w, token, sent) {
+				// The waiter gave up meanwhile: release what it was given.
+				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+				_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, false)
+				cancel()
+			}
+		case n == 0:
+			// A retried unlock that had released (or transferred) the lock:
+			// the waiter retries and finds out.
+			e.c.ps.unreserve(w, true)
+		default:
+			e.c.ps.unreserve(w, false) // not a full release
+		}
+	} else if n == 0 && len(res) > 2 && res[2] >= 2 && local {
+		// A public release that other Clients hear too, after this
+		// Client's turn of local transfers: let them take it first.
+		e.c.ps.yieldNext(e.channel)
+	}
+	return n, nil
 }
 
 // track starts the watchdog's tracking of a new hold.
@@ -188,6 +242,15 @@ func (e *excl) holdCount(ctx context.Context) (int, error) {
 // An uncontended Lock is one round trip to Redis (one script), and so is an
 // Unlock. A contended Lock sleeps until a pub/sub wake-up from the holder's
 // Unlock, or until the holder's lease runs out, whichever comes first.
+//
+// Local transfers. When the last Unlock finds Lock calls of the same Client
+// waiting for the lock (any handle, Mutex or ReentrantMutex), it hands the
+// lock to the oldest of them inside its own script, with a new fencing token
+// and that waiter's lease, and no publish; the waiter holds the lock without
+// a round trip of its own. After 8 such transfers in a row the Unlock
+// releases the lock publicly, and this Client's waiters sit out that wake-up
+// for up to 2ms, so the waiters of other Clients take their turn. Under
+// contention an acquisition thus costs about one round trip.
 type Mutex struct {
 	e   excl
 	sem chan struct{} // the local hold: sync.Mutex semantics among goroutines
@@ -267,7 +330,7 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 	}
 	defer func() { <-m.sem }()
 	m.e.c.wd.setReleasing(h, true)
-	n, err := m.e.unlock(ctx, "")
+	n, err := m.e.unlock(ctx, "", true)
 	if m.e.c.wd.remove(h) || n < 0 {
 		return ErrNotHeld
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -97,11 +98,13 @@ type psCommand struct {
 
 // psChan is a subscribed channel and its local waiters, oldest first.
 type psChan struct {
-	name    string
-	node    *psNode
-	waiters []*waiter
-	ready   chan struct{} // closed at the first confirmation
-	isReady bool
+	transfers int  // local transfers in a row (see reserveLocal)
+	yield     bool // skip the next wake-up (see yieldNext)
+	name      string
+	node      *psNode
+	waiters   []*waiter
+	ready     chan struct{} // closed at the first confirmation
+	isReady   bool
 }
 
 // waiter is one blocked call waiting for wake-ups on one channel.
@@ -113,6 +116,138 @@ type waiter struct {
 	// grant is the grant of the latest wakeWaiterPrefix message naming the
 	// waiter, "" when none; guarded by pubsub.mu.
 	grant string
+
+	// A local transfer (see excl.unlock), all guarded by pubsub.mu: xfer
+	// says whom to transfer to (nil: this waiter takes none); reserved, that
+	// an Unlock is handing the lock to it; grantSent, when that Unlock sent
+	// its script (the transferred lease runs from no earlier); left and
+	// acquired, that the waiter is gone, and whether with the lock.
+	xfer      *transfer
+	reserved  bool
+	grantSent time.Time
+	left      bool
+	acquired  bool
+}
+
+// transfer describes a waiting acquisition an Unlock of the same Client may
+// hand the lock to.
+type transfer struct {
+	owner string
+	req   string // the acquisition's request id
+	lease time.Duration
+	// take records a transferred hold as the acquisition's result.
+	take func(token int64, sent time.Time)
+}
+
+// maxLocalTransfers is how many times in a row the lock of a channel passes
+// from a waiter of this Client to the next without a public release; then
+// a release lets the waiters of every Client compete.
+const maxLocalTransfers = 8
+
+// reserveLocal picks the oldest waiter on channel that takes transfers and
+// is not already reserved, and reserves it; nil when there is none, or when
+// the channel's turn of local transfers is over (the lock is then released
+// publicly).
+func (p *pubsub) reserveLocal(channel string) *waiter {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ch := p.chans[channel]
+	if ch == nil {
+		return nil
+	}
+	if ch.transfers >= maxLocalTransfers {
+		ch.transfers = 0
+		return nil
+	}
+	for _, w := range ch.waiters {
+		if w.xfer != nil && !w.reserved && !w.left && w.grant == "" {
+			w.reserved = true
+			ch.transfers++
+			return w
+		}
+	}
+	ch.transfers = 0
+	return nil
+}
+
+// deliver hands a transferred hold to its reserved waiter and wakes it. It
+// returns false when the waiter left without the lock meanwhile: the caller
+// must then release the transferred hold.
+func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	w.reserved = false
+	if w.left {
+		return w.acquired // it took the hold with an attempt of its own
+	}
+	w.grant, w.grantSent = strconv.FormatInt(token, 10), sent
+	select {
+	case w.sig <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// yieldDelay is how long a Client's waiters hold back after a public
+// release of their own Client that other Clients heard (see yieldNext).
+const yieldDelay = 2 * time.Millisecond
+
+// yieldNext makes this Client's waiters on channel sit out the wake-up of a
+// public release this Client just made, so that the other Clients' waiters,
+// which heard it too, take the lock after this Client's run of local
+// transfers. If none of them has taken it after yieldDelay, one local
+// waiter is woken anyway: a yield costs at most that delay.
+func (p *pubsub) yieldNext(channel string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ch := p.chans[channel]
+	if ch == nil || len(ch.waiters) == 0 {
+		return
+	}
+	ch.yield = true
+	time.AfterFunc(yieldDelay, func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		ch.yield = false
+		signalOne(ch.waiters)
+	})
+}
+
+// unreserve ends a reservation that brought no transfer; with retry, the
+// waiter is woken to make an attempt at once.
+func (p *pubsub) unreserve(w *waiter, retry bool) {
+	if w == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	w.reserved = false
+	if retry && !w.left {
+		select {
+		case w.sig <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// setTransfer makes w a waiter that takes transfers described by x.
+func (p *pubsub) setTransfer(w *waiter, x *transfer) {
+	p.mu.Lock()
+	w.xfer = x
+	p.mu.Unlock()
+}
+
+// takeTransfer returns and clears the transferred hold delivered to w: its
+// token, or 0 when none.
+func (w *waiter) takeTransfer() (int64, time.Time) {
+	w.p.mu.Lock()
+	defer w.p.mu.Unlock()
+	if w.xfer == nil || w.grant == "" {
+		return 0, time.Time{}
+	}
+	t, _ := strconv.ParseInt(w.grant, 10, 64)
+	w.grant = ""
+	return t, w.grantSent
 }
 
 // takeGrant returns and clears the grant a wake-up message brought the
@@ -372,6 +507,7 @@ func (w *waiter) leave(passOn bool) {
 	p := w.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	w.left = true
 	ch := w.ch
 	for i, o := range ch.waiters {
 		if o == w {
@@ -540,6 +676,8 @@ func (p *pubsub) dispatch(channel, payload string) {
 		}
 	} else if payload == wakeAll {
 		signalAll(ch.waiters)
+	} else if ch.yield {
+		ch.yield = false // this Client's own release: others go first
 	} else {
 		signalOne(ch.waiters)
 	}
@@ -582,25 +720,60 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 // When an attempt fails without a reply from Redis (a network or context
 // error), the attempt may have succeeded on the server: undo is then called
 // with a fresh bounded context to release whatever that attempt took.
-func (c *Client) acquire(ctx context.Context, channel string, block, queue bool, try attemptFunc, undo func(context.Context)) (bool, error) {
+func (c *Client) acquire(ctx context.Context, channel string, block, queue bool, try attemptFunc, undo func(context.Context), xfer *transfer) (bool, error) {
 	var w *waiter
 	acquired := false
 	defer func() {
-		if w != nil {
-			// Leaving without the lock: pass the turn on, so that a
-			// waiter queued behind this one (whose own bound may be
-			// longer than the holder's lease) retries now.
-			w.leave(!acquired)
+		if w == nil {
+			return
+		}
+		if acquired {
+			c.ps.mu.Lock()
+			w.acquired = true
+			c.ps.mu.Unlock()
+		}
+		// Leaving without the lock: pass the turn on, so that a waiter
+		// queued behind this one (whose own bound may be longer than the
+		// holder's lease) retries now.
+		w.leave(!acquired)
+		if t, _ := w.takeTransfer(); !acquired && t != 0 && undo != nil {
+			// A transfer arrived as the wait ended: give it back.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			undo(cctx)
+			cancel()
 		}
 	}()
+	// transferred reports whether an Unlock of this Client handed the lock
+	// to the waiter while it slept.
+	transferred := func() bool {
+		if w == nil || xfer == nil {
+			return false
+		}
+		t, sent := w.takeTransfer()
+		if t == 0 {
+			return false
+		}
+		xfer.take(t, sent)
+		acquired = true
+		return true
+	}
+	joined := func(nw *waiter) *waiter {
+		if nw != nil && xfer != nil {
+			c.ps.setTransfer(nw, xfer)
+		}
+		return nw
+	}
 	if block && queue {
 		// Local waiters already queue for this lock: the lock is busy, and
 		// any release wakes one of them. Queue behind them instead of
 		// barging in with an attempt that would fail: it saves a round
 		// trip and keeps local arrivals in order.
-		if w = c.ps.joinQueued(channel); w != nil {
+		if w = joined(c.ps.joinQueued(channel)); w != nil {
 			if _, err := w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
 				return false, err
+			}
+			if transferred() {
+				return true, nil
 			}
 		}
 	}
@@ -618,9 +791,13 @@ func (c *Client) acquire(ctx context.Context, channel string, block, queue bool,
 			if w, err = c.ps.join(ctx, channel, retry); err != nil {
 				return false, err
 			}
+			joined(w)
 		default:
 			if _, err = w.wait(ctx, retry); err != nil {
 				return false, err
+			}
+			if transferred() {
+				return true, nil
 			}
 		}
 	}

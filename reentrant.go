@@ -93,7 +93,7 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	h := m.h
 	m.mu.Unlock()
 	m.e.c.wd.setReleasing(h, true)
-	n, err := m.e.unlock(ctx, "")
+	n, err := m.e.unlock(ctx, "", true)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()

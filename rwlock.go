@@ -204,7 +204,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	// No queueing without an attempt: the first attempt is what reports an
 	// upgrade (ErrUpgrade) or lets the owner re-enter, which no local
 	// waiter's wake-up would ever do.
-	ok, err := c.acquire(ctx, m.wwake, block, false, try, undo)
+	ok, err := c.acquire(ctx, m.wwake, block, false, try, undo, nil)
 	if queued != nil {
 		c.wd.remove(queued)
 		if !ok || upgrade {
@@ -360,7 +360,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		}
 		return false, c.retryBound(res[1]), nil
 	}
-	ok, err := c.acquire(ctx, m.rwake, block, false, try, undo)
+	ok, err := c.acquire(ctx, m.rwake, block, false, try, undo, nil)
 	if !ok {
 		return false, err
 	}

@@ -11,9 +11,16 @@
 -- ARGV[4]  fence retention, ms
 -- ARGV[5]  "" for an Unlock; for an undo, the request id of the acquisition
 --          to undo: the hold is released only if that acquisition took it
+-- ARGV[6]  "" to release the lock; or the owner id of a waiter of the same
+--          Client to hand it to (a local transfer, see Client.acquire)
+-- ARGV[7]  that waiter's lease, ms
+-- ARGV[8]  that waiter's acquisition request id: its own attempt recognises
+--          the transferred hold as one it took
 --
--- Returns the owner's remaining hold count (0: the lock was released and one
--- waiter is woken), or -1 when ARGV[1] does not hold the lock.
+-- Returns {count, token}: count is the owner's remaining hold count (0: the
+-- lock was released and one waiter per Client is woken, or it was handed to
+-- ARGV[6]), or -1 when ARGV[1] does not hold the lock; token is the new
+-- hold's fencing token when the lock was handed to ARGV[6], else 0.
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost: its result is returned again and nothing is released twice.
@@ -21,22 +28,29 @@ local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't')
 if v[1] ~= ARGV[1] then
   local f = redis.call('GET', KEYS[2])
   if f and string.match(f, ':(.*)$') == ARGV[2] then
-    return 0
+    return {0, 0}
   end
-  return -1
+  return {-1, 0}
 end
 if ARGV[5] ~= '' and v[3] ~= ARGV[5] then
-  return -1
+  return {-1, 0}
 end
 if v[4] == ARGV[2] then
-  return tonumber(v[2])
+  return {tonumber(v[2]), 0}
 end
 local c = tonumber(v[2]) - 1
 if c > 0 then
   redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[2])
-  return c
+  return {c, 0}
 end
 redis.call('DEL', KEYS[1])
+if ARGV[6] ~= '' then
+  local token = next_token(KEYS[2], ARGV[4])
+  redis.call('HSET', KEYS[1], 'o', ARGV[6], 'c', 1, 't', token, 'q', ARGV[8])
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('SET', KEYS[2], token .. ':' .. ARGV[2], 'PX', ARGV[4])
+  return {0, tonumber(token)}
+end
 redis.call('SET', KEYS[2], v[5] .. ':' .. ARGV[2], 'PX', ARGV[4])
-redis.call(ARGV[3], KEYS[3], '1')
-return 0
+local receivers = redis.call(ARGV[3], KEYS[3], '1')
+return {0, 0, receivers}
