@@ -4,7 +4,6 @@ import (
 	"context"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -532,24 +531,6 @@ func TestFairLostReplies(t *testing.T) {
 	})
 }
 
-// attemptCounter is a go-redis hook counting the blocking attempts of
-// FairMutex.Lock: script calls whose last argument is the mode "w".
-type attemptCounter struct{ n atomic.Int64 }
-
-func (h *attemptCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *attemptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		a := cmd.Args()
-		if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && a[len(a)-1] == "w" {
-			h.n.Add(1)
-		}
-		return next(ctx, cmd)
-	}
-}
-func (h *attemptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
-
 // TestFairWakesHeadOnly: an Unlock hands the lock to the queue head alone,
 // which takes it from the message without a round trip; the other
 // waiters of the same Client send nothing. The waiters of one Client share
@@ -561,7 +542,9 @@ func TestFairWakesHeadOnly(t *testing.T) {
 		holder := newClient(t, b).FairMutex(name)
 		require.NoError(t, holder.Lock(ctx))
 		rdb := b.Client(t)
-		attempts := &attemptCounter{}
+		// The blocking attempts of FairMutex.Lock: script calls whose last
+		// argument is the mode "w".
+		attempts := &scriptCounter{match: func(a []any) bool { return a[len(a)-1] == "w" }}
 		rdb.AddHook(attempts)
 		c := redlatch.New(rdb)
 		t.Cleanup(func() { _ = c.Close() })

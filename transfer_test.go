@@ -13,13 +13,18 @@ import (
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
-// scriptCounter counts the script calls (EVAL or EVALSHA) a client sends.
-type scriptCounter struct{ n atomic.Int64 }
+// scriptCounter is a go-redis hook counting the script calls (EVAL or
+// EVALSHA) a client sends; with match set, only those whose arguments it
+// accepts.
+type scriptCounter struct {
+	n     atomic.Int64
+	match func(args []any) bool
+}
 
 func (h *scriptCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h *scriptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if cmd.Name() == "evalsha" || cmd.Name() == "eval" {
+		if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && (h.match == nil || h.match(cmd.Args())) {
 			h.n.Add(1)
 		}
 		return next(ctx, cmd)
