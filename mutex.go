@@ -140,11 +140,14 @@ func (e *excl) unlock(ctx context.Context, undo string, local bool) (int64, erro
 
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, local bool) (int64, error) {
 	var w *waiter
-	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, ""}
+	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0"}
 	if local && undo == "" && e.c.opts.replicas == 0 {
 		if w = e.c.ps.reserveLocal(e.channel); w != nil {
 			args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
 		}
+	}
+	if w == nil && e.c.ps.hasWaiters(e.channel) {
+		args[8] = "1"
 	}
 	sent := time.Now()
 	res, err := unlockScript.Run(ctx, e.c.rdb, []string{e.key, e.fence, e.channel}, args...).Int64Slice()
@@ -339,10 +342,12 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 
 // Token returns the fencing token of the current hold, or 0 when the handle
 // holds nothing. Tokens strictly increase, per lock name, at every change of
-// owner; they are the Redis server's clock in microseconds, kept increasing
-// by a counter that lives for a while after each use. They do not go
-// backwards when the counter is lost (FLUSHALL, a restart without
-// persistence), unless the server's clock is stepped back meanwhile. Pass the
+// owner. A counter that lives for a while after each use counts them up;
+// when it is gone, the next token is the Redis server's clock in
+// microseconds, which tokens never outrun (each takes a script run of more
+// than a microsecond). So they do not go backwards when the counter is lost
+// (FLUSHALL, a restart without persistence), unless the server's clock is
+// stepped back while it is gone. Pass the
 // token to the resource the lock protects, and have it reject tokens lower
 // than the highest it has seen.
 func (m *Mutex) Token() int64 {

@@ -170,6 +170,16 @@ func (p *pubsub) reserveLocal(channel string) *waiter {
 	return nil
 }
 
+// hasWaiters reports whether a call of this Client waits on channel, so that
+// a release must publish a wake-up even when Redis saw no failed attempt
+// during the hold (a waiter may queue without an attempt of its own).
+func (p *pubsub) hasWaiters(channel string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ch := p.chans[channel]
+	return ch != nil && len(ch.waiters) > 0
+}
+
 // deliver hands a transferred hold to its reserved waiter and wakes it. It
 // returns false when the waiter left without the lock meanwhile: the caller
 // must then release the transferred hold.

@@ -114,3 +114,78 @@ func TestLocalTransferToCancelledWaiter(t *testing.T) {
 		}
 	})
 }
+
+// publishes sums PUBLISH and SPUBLISH calls over every node's commandstats.
+func publishes(t *testing.T, b redistest.Backend) int64 {
+	t.Helper()
+	var total float64
+	for _, n := range b.NodeClients(t) {
+		st := redistest.InfoStats(n)
+		total += st["cmdstat_publish.calls"] + st["cmdstat_spublish.calls"]
+	}
+	return int64(total)
+}
+
+// TestReleasePublishesOnlyWhenWaited: an Unlock publishes a wake-up only
+// when an attempt failed during the hold, or when its own Client has
+// waiters; uncontended pairs publish nothing. A waiter of another Client
+// still wakes at once, also when the hold it failed on was handed on by a
+// local transfer first, though the leases here are a minute long.
+func TestReleasePublishesOnlyWhenWaited(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("miniredis has no INFO commandstats")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		lease := redlatch.WithLease(time.Minute)
+		a, other := newClient(t, b), newClient(t, b)
+
+		m := a.Mutex(name, lease)
+		before := publishes(t, b)
+		for range 20 {
+			require.NoError(t, m.Lock(ctx))
+			require.NoError(t, m.Unlock(ctx))
+		}
+		require.Equal(t, before, publishes(t, b), "uncontended pairs published")
+
+		// A waiter of another Client, behind a hold that a waiter of the
+		// holder's Client takes over by a local transfer.
+		require.NoError(t, m.Lock(ctx))
+		local := a.Mutex(name, lease)
+		localGot := make(chan error, 1)
+		go func() { localGot <- local.Lock(ctx) }()
+		remote := other.Mutex(name, lease)
+		remoteGot := make(chan error, 1)
+		go func() { remoteGot <- remote.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			f, err := b.Client(t).HExists(ctx, lockKey(name), "w").Result()
+			return err == nil && f
+		}, 5*time.Second, 5*time.Millisecond, "the remote waiter's failed attempt marks the hold")
+		time.Sleep(50 * time.Millisecond) // the local waiter joins too
+		require.NoError(t, m.Unlock(ctx))
+		select {
+		case err := <-localGot:
+			require.NoError(t, err)
+		case err := <-remoteGot:
+			require.NoError(t, err)
+			require.NoError(t, remote.Unlock(ctx))
+			require.NoError(t, <-localGot)
+		case <-time.After(5 * time.Second):
+			t.Fatal("no waiter took the lock")
+		}
+		if local.Token() != 0 {
+			start := time.Now()
+			require.NoError(t, local.Unlock(ctx))
+			select {
+			case err := <-remoteGot:
+				require.NoError(t, err)
+			case <-time.After(5 * time.Second):
+				t.Fatal("the remote waiter was not woken")
+			}
+			require.Less(t, time.Since(start), 5*time.Second)
+			require.NoError(t, remote.Unlock(ctx))
+		}
+		require.Greater(t, publishes(t, b), before, "a waited-for release published")
+	})
+}

@@ -62,7 +62,7 @@ local function grant(now)
     redis.call('ZREM', KEYS[3], head)
     local id, lease, wl, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
-      local token = next_token(KEYS[4], ARGV[2])
+      local token = token_str(next_token(KEYS[4], ARGV[2]))
       redis.call('DEL', KEYS[1])
       redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
       redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(exp) - now)))

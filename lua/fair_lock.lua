@@ -38,7 +38,7 @@ if v[1] == owner then
 end
 if not v[1] then
   -- Free: settle left the queue empty, so no one is passed over.
-  local token = next_token(KEYS[4], ARGV[2])
+  local token = token_str(next_token(KEYS[4], ARGV[2]))
   redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   redis.call('ZREM', KEYS[2], member)

@@ -2,7 +2,9 @@
 --
 -- KEYS[1]  lock hash: o = owner id, c = hold count, t = fencing token,
 --          q = request id of the last acquisition, u = request id of the
---          last partial release (see unlock.lua)
+--          last partial release (see unlock.lua), w = set when an attempt
+--          failed during this hold: someone may wait, so the release
+--          publishes a wake-up
 -- KEYS[2]  fence key of the lock name (see fence.lua)
 -- ARGV[1]  owner id
 -- ARGV[2]  lease, ms
@@ -17,12 +19,12 @@
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost (the client retried): the hold it took is reported again and
 -- not counted twice.
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'q')
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'q', 'w')
 if not v[1] then
   local token = next_token(KEYS[2], ARGV[5])
   redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', 1, 't', token, 'q', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, tonumber(token), 1}
+  return {1, token, 1}
 end
 if v[1] == ARGV[1] then
   if v[4] == ARGV[3] then
@@ -34,5 +36,8 @@ if v[1] == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, tonumber(v[3]), c}
   end
+end
+if not v[5] then
+  redis.call('HSET', KEYS[1], 'w', 1)
 end
 return {0, redis.call('PTTL', KEYS[1])}

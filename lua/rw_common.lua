@@ -154,7 +154,7 @@ end
 -- full release deleted the hash, and with it the rr field.
 local function rw_fence_release(fence, req, retention)
   local v = redis.call('GET', fence)
-  local last = (v and string.match(v, '^%d+')) or '0'
+  local last = (v and string.match(v, '^[^:]+')) or '0'
   local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
   redis.call('SET', fence, last .. ':' .. req, 'PX', ttl)
 end

@@ -35,7 +35,7 @@ if f['rc:' .. o] then
 end
 local readers, _, rmin = rw_scan(s)
 if not f.w and readers == 0 then
-  local token = next_token(KEYS[2], ARGV[4])
+  local token = token_str(next_token(KEYS[2], ARGV[4]))
   rw_set(s, 'w', o)
   rw_set(s, 'wc', '1')
   rw_set(s, 't', token)

@@ -16,15 +16,20 @@
 -- ARGV[7]  that waiter's lease, ms
 -- ARGV[8]  that waiter's acquisition request id: its own attempt recognises
 --          the transferred hold as one it took
+-- ARGV[9]  "1" when the Client releasing the lock has waiters of its own for
+--          it: a release then publishes a wake-up even when no attempt failed
+--          during the hold (the hash's w field, see lock.lua)
 --
--- Returns {count, token}: count is the owner's remaining hold count (0: the
--- lock was released and one waiter per Client is woken, or it was handed to
--- ARGV[6]), or -1 when ARGV[1] does not hold the lock; token is the new
--- hold's fencing token when the lock was handed to ARGV[6], else 0.
+-- Returns {count, token[, receivers]}: count is the owner's remaining hold
+-- count (0: the lock was released and one waiter per Client is woken, or it
+-- was handed to ARGV[6]), or -1 when ARGV[1] does not hold the lock; token is
+-- the new hold's fencing token when the lock was handed to ARGV[6], else 0;
+-- receivers, after a release, is how many Clients heard the wake-up (0 when
+-- none was published: no one waited).
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost: its result is returned again and nothing is released twice.
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't')
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't', 'w')
 if v[1] ~= ARGV[1] then
   local f = redis.call('GET', KEYS[2])
   if f and string.match(f, ':(.*)$') == ARGV[2] then
@@ -47,10 +52,15 @@ redis.call('DEL', KEYS[1])
 if ARGV[6] ~= '' then
   local token = next_token(KEYS[2], ARGV[4])
   redis.call('HSET', KEYS[1], 'o', ARGV[6], 'c', 1, 't', token, 'q', ARGV[8])
+  if v[6] then
+    redis.call('HSET', KEYS[1], 'w', 1) -- other Clients may still wait
+  end
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  redis.call('SET', KEYS[2], token .. ':' .. ARGV[2], 'PX', ARGV[4])
-  return {0, tonumber(token)}
+  redis.call('SET', KEYS[2], token_str(token) .. ':' .. ARGV[2], 'PX', ARGV[4])
+  return {0, token}
 end
 redis.call('SET', KEYS[2], v[5] .. ':' .. ARGV[2], 'PX', ARGV[4])
-local receivers = redis.call(ARGV[3], KEYS[3], '1')
-return {0, 0, receivers}
+if not v[6] and ARGV[9] ~= '1' then
+  return {0, 0, 0}
+end
+return {0, 0, redis.call(ARGV[3], KEYS[3], '1')}
