@@ -304,9 +304,32 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 // waiter. It returns the owner's remaining hold count, or -1 when the owner
 // held nothing.
 func (f *FairMutex) unlock(ctx context.Context, waiter, member string) (int64, error) {
-	n, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
-		fenceRetention(f.lease), f.owner, newID(), waiter, member).Int64()
-	return n, convertErr(err)
+	channel := f.wchan + f.c.ps.id
+	res, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
+		fenceRetention(f.lease), f.owner, newID(), waiter, member, f.c.ps.id).Slice()
+	if err != nil {
+		// The lock may have gone to a waiter of this Client without a
+		// message: wake them all, and the one granted claims it.
+		f.c.ps.dispatch(channel, wakeAll)
+		return 0, convertErr(err)
+	}
+	var n int64
+	var grant string
+	ok := len(res) == 2
+	if ok {
+		n, ok = res[0].(int64)
+	}
+	if ok {
+		grant, ok = res[1].(string)
+	}
+	if !ok {
+		return 0, fmt.Errorf("%w: fair unlock reply %v", ErrWrongType, res)
+	}
+	if grant != "" {
+		// Handed to a waiter of this Client: delivered here, unpublished.
+		f.c.ps.dispatch(channel, wakeWaiterPrefix+grant)
+	}
+	return n, nil
 }
 
 // Unlock releases one hold of the owner; the last one hands the lock to the

@@ -518,6 +518,21 @@ func TestFairLostReplies(t *testing.T) {
 		require.NoError(t, <-got)
 		require.NoError(t, waiter.Unlock(ctx))
 
+		// The same, with the waiter on the holder's own Client: the grant is
+		// delivered in-process, unpublished, so the retried Unlock must
+		// report it again. Without that, the waiter would sleep for a third
+		// of its watchdog timeout (10s) before it claims the grant.
+		require.NoError(t, m.Lock(ctx))
+		local := c.FairMutex(name)
+		go func() { got <- local.Lock(ctx) }()
+		waitQueued(t, b.Client(t), name, 1)
+		hook.armed.Store(true)
+		start := time.Now()
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, <-got)
+		require.Less(t, time.Since(start), 3*time.Second, "the local grant was delivered")
+		require.NoError(t, local.Unlock(ctx))
+
 		// A reply that never arrives: the acquisition is undone.
 		hook.retry = false
 		hook.armed.Store(true)

@@ -50,7 +50,15 @@ end
 -- as a dead queued one (its watchdog timeout from that renewal), and a live
 -- one, renewing every third of that timeout, has at least two thirds of it
 -- to claim.
+--
+-- A grant to a waiter of the Client named by local_client (set by the
+-- script that includes this prelude; nil: none) is not published: it is
+-- recorded in local_grant ("<waiter id>:<token>"), which the script returns
+-- so that the Client delivers it in-process. The fence key gets the new
+-- token followed by fence_suffix (see next_token; set by a full release).
+-- The lock hash must be gone when grant is called.
 -- Returns the new fencing token, or nil when no one waits.
+local local_client, local_grant, fence_suffix
 local function grant(now)
   while true do
     local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
@@ -62,11 +70,14 @@ local function grant(now)
     redis.call('ZREM', KEYS[3], head)
     local id, lease, wl, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
-      local token = token_str(next_token(KEYS[4], ARGV[2]))
-      redis.call('DEL', KEYS[1])
+      local token = token_str(next_token(KEYS[4], ARGV[2], fence_suffix))
       redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
       redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(exp) - now)))
-      redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id .. ':' .. token)
+      if client == local_client then
+        local_grant = id .. ':' .. token
+      else
+        redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id .. ':' .. token)
+      end
       return token
     end
   end

@@ -50,15 +50,19 @@ if ARGV[8] ~= 'w' then
   return {0, pttl, 0}
 end
 local queued = 0
-if not redis.call('ZSCORE', KEYS[2], member) or not redis.call('ZSCORE', KEYS[3], member) then
-  redis.call('ZREM', KEYS[2], member)
+local inq = redis.call('ZSCORE', KEYS[2], member)
+if not inq or not redis.call('ZSCORE', KEYS[3], member) then
+  if inq then
+    redis.call('ZREM', KEYS[2], member)
+  end
   local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
   local seq = 1
   if last[2] then
     seq = tonumber(last[2]) + 1
   end
-  redis.call('ZADD', KEYS[2], string.format('%.0f', seq), member)
-  redis.call('ZADD', KEYS[3], string.format('%.0f', now + wl), member)
+  -- Scores are doubles: numbers go in as they are.
+  redis.call('ZADD', KEYS[2], seq, member)
+  redis.call('ZADD', KEYS[3], now + wl, member)
   queued = 1
 end
 -- The queue lives as long as its longest-lived place (live waiters run this

@@ -9,29 +9,49 @@
 --          place is removed, and the hold is released only if that waiter
 --          was granted it (or took it)
 -- ARGV[6]  member of the waiter, for a withdrawal; else ""
+-- ARGV[7]  id of the calling Client: a grant to one of its own waiters is
+--          returned instead of published (see grant)
 --
--- Returns the owner's remaining hold count (0: the lock was released and
--- handed to the queue head, if any), or -1 when the owner holds nothing (for
--- a withdrawal: nothing granted to that waiter).
+-- Returns {count, grant}: count is the owner's remaining hold count (0: the
+-- lock was released and handed to the queue head, if any), or -1 when the
+-- owner holds nothing (for a withdrawal: nothing granted to that waiter);
+-- grant is "<waiter id>:<token>" when the lock went to a waiter of the
+-- calling Client, which must deliver it, else "".
+local_client = ARGV[7]
+local function reply(n)
+  return {n, local_grant or ''}
+end
 local now = now_ms()
 if ARGV[5] ~= '' then
   redis.call('ZREM', KEYS[2], ARGV[6])
   redis.call('ZREM', KEYS[3], ARGV[6])
 end
-settle(now)
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
+if v[1] ~= ARGV[3] or ARGV[5] ~= '' then
+  -- The holder's release needs no settling: its lock is not free, and
+  -- grant passes over expired places itself.
+  settle(now)
+  v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
+end
 if v[1] ~= ARGV[3] then
   local f = redis.call('GET', KEYS[4])
   if f and string.match(f, ':(.*)$') == ARGV[4] then
-    return 0
+    -- A retry: its first run may have granted the lock to a waiter of
+    -- this Client without publishing. Report the pending grant again; the
+    -- Client ignores it unless one of its waiters has that id.
+    local g = redis.call('HMGET', KEYS[1], 'g', 't')
+    if g[1] and g[1] ~= '' and g[2] then
+      local_grant = g[1] .. ':' .. g[2]
+    end
+    return reply(0)
   end
-  return -1
+  return reply(-1)
 end
 if ARGV[5] ~= '' and v[3] ~= ARGV[5] and v[4] ~= ARGV[5] then
-  return -1
+  return reply(-1)
 end
 if v[5] == ARGV[4] then
-  return tonumber(v[2])
+  return reply(tonumber(v[2]))
 end
 local c = tonumber(v[2]) - 1
 if c > 0 then
@@ -40,9 +60,11 @@ if c > 0 then
     -- The withdrawn acquisition is undone: it can no longer be claimed.
     redis.call('HSET', KEYS[1], 'g', '', 'q', '')
   end
-  return c
+  return reply(c)
 end
 redis.call('DEL', KEYS[1])
-local token = grant(now) or v[6]
-redis.call('SET', KEYS[4], token .. ':' .. ARGV[4], 'PX', ARGV[2])
-return 0
+fence_suffix = ':' .. ARGV[4]
+if not grant(now) then
+  redis.call('SET', KEYS[4], v[6] .. ':' .. ARGV[4], 'PX', ARGV[2])
+end
+return reply(0)

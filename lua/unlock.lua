@@ -50,13 +50,12 @@ if c > 0 then
 end
 redis.call('DEL', KEYS[1])
 if ARGV[6] ~= '' then
-  local token = next_token(KEYS[2], ARGV[4])
+  local token = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
   redis.call('HSET', KEYS[1], 'o', ARGV[6], 'c', 1, 't', token, 'q', ARGV[8])
   if v[6] then
     redis.call('HSET', KEYS[1], 'w', 1) -- other Clients may still wait
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  redis.call('SET', KEYS[2], token_str(token) .. ':' .. ARGV[2], 'PX', ARGV[4])
   return {0, token}
 end
 redis.call('SET', KEYS[2], v[5] .. ':' .. ARGV[2], 'PX', ARGV[4])
