@@ -76,6 +76,12 @@ type Semaphore struct {
 	lastRel string     // request id of the previous Release; on relMu
 	mu      sync.Mutex
 	recs    []*permitRecord // live acquisitions of this handle, oldest first
+
+	// lost is closed when a permit record of the handle is lost (see Lost);
+	// guarded by lostMu, which is taken under the watchdog's mutex (by
+	// permitLost) and under mu, and never held while taking either.
+	lostMu sync.Mutex
+	lost   chan struct{}
 }
 
 // permitRecord is one acquisition held by a handle: its member in the permit
@@ -177,7 +183,13 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	if !ok {
 		return false, err
 	}
-	rec := &permitRecord{member: member, n: n, h: s.c.wd.add(s.name, s.key, 'z', member, s.lease, s.renew, sent)}
+	s.lostMu.Lock()
+	if s.lost == nil || isClosed(s.lost) {
+		// The first permits, or the first since a loss: a new channel.
+		s.lost = make(chan struct{})
+	}
+	s.lostMu.Unlock()
+	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'z', member, s.lease, s.renew, sent, s.permitLost)}
 	s.mu.Lock()
 	s.recs = append(s.recs, rec)
 	s.mu.Unlock()
@@ -260,7 +272,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		deadline := shrink.h.deadline
 		s.c.wd.mu.Unlock()
 		s.c.wd.remove(shrink.h)
-		kept.h = s.c.wd.add(s.name, s.key, 'z', kept.member, s.lease, s.renew, deadline.Add(-s.lease))
+		kept.h = s.c.wd.addNotify(s.name, s.key, 'z', kept.member, s.lease, s.renew, deadline.Add(-s.lease), s.permitLost)
 		s.mu.Lock()
 		s.recs = append(s.recs, kept)
 		s.mu.Unlock()
@@ -287,6 +299,44 @@ func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole 
 	}
 	n, err := semReleaseScript.Run(ctx, s.c.rdb, []string{s.key, s.channel}, args...).Int64()
 	return n, convertErr(err)
+}
+
+// Lost returns a channel closed when permits this handle holds are lost
+// before their Release: the watchdog found them gone from Redis (expired
+// while Redis was unreachable, the permit set deleted, a failover), or
+// their lease ran out locally before it was renewed, or a WithLease lease
+// ran out. Release then reports ErrNotHeld for them. After a loss, the next
+// acquisition starts a new channel. Lost returns nil (a channel that never
+// closes) when the handle holds no permits.
+func (s *Semaphore) Lost() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.recs) == 0 {
+		return nil
+	}
+	s.lostMu.Lock()
+	defer s.lostMu.Unlock()
+	return s.lost
+}
+
+// permitLost runs when a permit record's hold is lost, with the watchdog's
+// mutex held.
+func (s *Semaphore) permitLost() {
+	s.lostMu.Lock()
+	defer s.lostMu.Unlock()
+	if s.lost != nil && !isClosed(s.lost) {
+		close(s.lost)
+	}
+}
+
+// isClosed reports whether ch is closed.
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // Available returns the number of free permits, relative to this handle's

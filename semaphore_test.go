@@ -411,3 +411,47 @@ func TestSemaphoreLostReplies(t *testing.T) {
 		requireNoKey(t, ctx, b, semKey(name))
 	})
 }
+
+// TestSemaphoreLost: Lost is nil while the handle holds no permits, open
+// while they are held, and closed when the watchdog finds them gone or a
+// fixed lease runs out; Release then reports ErrNotHeld, and the next
+// acquisition starts a new channel.
+func TestSemaphoreLost(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		const wd = 300 * time.Millisecond
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(wd))
+		s := c.Semaphore(name, 3)
+		require.Nil(t, s.Lost())
+		require.NoError(t, s.Acquire(ctx, 1))
+		lost := s.Lost()
+		require.NotNil(t, lost)
+		require.NoError(t, s.Acquire(ctx, 1))
+		require.Equal(t, lost, s.Lost(), "one channel while permits are held")
+		time.Sleep(2 * wd)
+		requireOpen(t, lost, "renewed permits reported lost")
+
+		// The permit set vanishes: the next renewal finds the permits gone.
+		require.NoError(t, b.Client(t).Del(ctx, semKey(name)).Err())
+		requireClosedWithin(t, lost, 3*wd, "Lost after the permit set was deleted")
+		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
+		require.Nil(t, s.Lost(), "no permits held")
+
+		// The next acquisition starts a new channel; a release leaves it open.
+		require.NoError(t, s.Acquire(ctx, 2))
+		again := s.Lost()
+		require.NotNil(t, again)
+		requireOpen(t, again, "a new channel")
+		require.NoError(t, s.Release(ctx, 1))
+		requireOpen(t, again, "a release is no loss")
+		require.NoError(t, s.Release(ctx, 1))
+		require.Nil(t, s.Lost())
+
+		// A fixed lease runs out.
+		fixed := c.Semaphore(name, 3, redlatch.WithLease(200*time.Millisecond))
+		require.NoError(t, fixed.Acquire(ctx, 1))
+		requireClosedWithin(t, fixed.Lost(), 2*time.Second, "Lost after a fixed lease ran out")
+		require.ErrorIs(t, fixed.Release(ctx, 1), redlatch.ErrNotHeld)
+	})
+}

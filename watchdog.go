@@ -42,6 +42,10 @@ type hold struct {
 	renewing  bool // in a renewal batch being sent: remove waits for it
 	done      bool // released or lost: no longer tracked
 	lost      chan struct{}
+	// onLost, when set, runs once when the hold is lost, with the
+	// watchdog's mutex held: it must not call into the watchdog, nor take a
+	// lock held by anyone who does.
+	onLost func()
 }
 
 // lostChan returns the channel closed when the hold is lost; nil for no hold.
@@ -125,11 +129,18 @@ func (w *watchdog) run() {
 
 // add starts tracking a hold acquired by a request sent at sent.
 func (w *watchdog) add(name, key string, kind byte, member string, lease time.Duration, renew bool, sent time.Time) *hold {
+	return w.addNotify(name, key, kind, member, lease, renew, sent, nil)
+}
+
+// addNotify is add with a function run when the hold is lost (see
+// hold.onLost).
+func (w *watchdog) addNotify(name, key string, kind byte, member string, lease time.Duration, renew bool, sent time.Time, onLost func()) *hold {
 	h := &hold{
 		name: name, key: key, kind: kind, member: member,
 		lease: lease, renew: renew,
 		deadline: sent.Add(lease),
 		lost:     make(chan struct{}),
+		onLost:   onLost,
 	}
 	w.mu.Lock()
 	w.holds[h] = struct{}{}
@@ -191,6 +202,9 @@ func (w *watchdog) loseLocked(h *hold, why string) {
 	}
 	h.done = true
 	close(h.lost)
+	if h.onLost != nil {
+		h.onLost()
+	}
 	w.c.opts.logger.Warn("redlatch: hold lost", "name", h.name, "key", h.key, "reason", why)
 }
 

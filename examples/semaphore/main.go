@@ -49,7 +49,11 @@ func main() {
 			now := inside.Add(1)
 			for m := most.Load(); now > m && !most.CompareAndSwap(m, now); m = most.Load() {
 			}
-			time.Sleep(50 * time.Millisecond) // the API call
+			select {
+			case <-time.After(50 * time.Millisecond): // the API call
+			case <-sem.Lost(): // the permit expired or vanished: stop using it
+				log.Print("permit lost")
+			}
 			inside.Add(-1)
 			if err := sem.Release(ctx, 1); err != nil {
 				log.Fatal(err)
