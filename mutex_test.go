@@ -289,6 +289,43 @@ func TestFencingTokens(t *testing.T) {
 		ttl, err := b.Client(t).PTTL(ctx, "{"+name+"}:fence").Result()
 		require.NoError(t, err)
 		require.Positive(t, ttl)
+
+		// A counter that expires during a hold: the release records the
+		// hold's token, or none, never a smaller one, for every lock that
+		// issues tokens.
+		type tokenLock interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+			Token() int64
+		}
+		for kind, mk := range map[string]func(string) tokenLock{
+			"Mutex":     func(n string) tokenLock { return c.Mutex(n) },
+			"FairMutex": func(n string) tokenLock { return c.FairMutex(n) },
+			"RWMutex":   func(n string) tokenLock { return c.RWMutex(n) },
+		} {
+			n := name + "-" + kind
+			l := mk(n)
+			require.NoError(t, l.Lock(ctx))
+			first := l.Token()
+			require.NoError(t, b.Client(t).Del(ctx, "{"+n+"}:fence").Err())
+			require.NoError(t, l.Unlock(ctx))
+			require.NoError(t, l.Lock(ctx))
+			require.Greater(t, l.Token(), first, kind)
+			require.NoError(t, l.Unlock(ctx))
+		}
+		// An expired counter, then a reader's release (which records its
+		// request id in the fence key): the writer's next token is still
+		// higher.
+		rw := c.RWMutex(name + "-rw")
+		require.NoError(t, rw.Lock(ctx))
+		first := rw.Token()
+		require.NoError(t, rw.Unlock(ctx))
+		require.NoError(t, b.Client(t).Del(ctx, "{"+name+"-rw}:fence").Err())
+		require.NoError(t, rw.RLock(ctx))
+		require.NoError(t, rw.RUnlock(ctx))
+		require.NoError(t, rw.Lock(ctx))
+		require.Greater(t, rw.Token(), first, "after a reader's release")
+		require.NoError(t, rw.Unlock(ctx))
 	})
 }
 
@@ -581,6 +618,50 @@ func TestReentrantSharedHandleConcurrentLock(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, 1, n)
 			require.NoError(t, m.Unlock(ctx))
+		}
+	})
+}
+
+// TestLateAcquisitionAfterUndo: an acquisition stuck in a slow link, whose
+// caller timed out and undid it before it reached Redis, takes nothing when
+// it arrives late: the undo left a tombstone. Without it the lock would be
+// held by nobody, unrenewed, for a whole lease (a minute here).
+func TestLateAcquisitionAfterUndo(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Server == nil {
+			t.Skip("needs a single real redis-server behind a proxy")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		admin := b.Client(t)
+		proxy := redistest.NewProxy(t, b.Server.Addr)
+		opts := b.Server.Options()
+		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
+		rdb := redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				name := redistest.UniqueName(t)
+				l := k.make(c, name, redlatch.WithLease(time.Minute))
+				require.NoError(t, l.Lock(ctx)) // scripts loaded, connection open
+				require.NoError(t, l.Unlock(ctx))
+
+				require.Positive(t, proxy.Hold())
+				short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				ok, err := l.TryLock(short)
+				cancel()
+				require.Error(t, err)
+				require.False(t, ok)
+				proxy.Release() // the attempt reaches Redis now, after its undo
+				require.Never(t, func() bool {
+					n, err := admin.Exists(ctx, lockKey(name)).Result()
+					return err != nil || n != 0
+				}, 300*time.Millisecond, 10*time.Millisecond, "the late acquisition took the lock")
+				require.NoError(t, l.Lock(ctx))
+				require.NoError(t, l.Unlock(ctx))
+			})
 		}
 	})
 }

@@ -35,7 +35,7 @@ if v[1] ~= ARGV[3] or ARGV[5] ~= '' then
 end
 if v[1] ~= ARGV[3] then
   local f = redis.call('GET', KEYS[4])
-  if f and string.match(f, ':(.*)$') == ARGV[4] then
+  if fence_release(f) == ARGV[4] then
     -- A retry: its first run may have granted the lock to a waiter of
     -- this Client without publishing. Report the pending grant again; the
     -- Client ignores it unless one of its waiters has that id.

@@ -1,13 +1,22 @@
 -- fence.lua: prelude of every script that issues fencing tokens.
 --
--- next_token(fence, retention[, suffix]) returns the next fencing token of a
--- lock name, as a Lua number. KEYS and ARGV: none of its own; the caller
--- passes
---   fence      the name's fence key, from its KEYS: a string "<last token>",
---              or "<last token>:<request id of the last full release>"
+-- The fence key of a lock name holds "<last token>[:<release>][|<undone>]":
+-- the last fencing token issued (empty when unknown), the request id of
+-- the last full release (so a retried release is recognised), and the
+-- request id of the last acquisition whose undo found nothing to undo (a
+-- tombstone: that acquisition may still reach Redis late, stuck in a slow
+-- link, and must not take the lock then; see lock.lua and unlock.lua).
+--
+-- next_token(fence, retention[, suffix[, last]]) returns the next fencing
+-- token of a lock name, as a Lua number. KEYS and ARGV: none of its own;
+-- the caller passes
+--   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
 --   suffix     nil, or ":<request id>" when the new token is issued by a full
 --              release (a handoff): written after the token
+--   last       the fence key's value when the caller read it already (false:
+--              no key), or nil to have next_token read it
+-- The tombstone is kept.
 -- token_str(token) returns a token as a decimal string, for concatenation:
 -- Lua's own number-to-string conversion loses digits past 14.
 --
@@ -23,11 +32,20 @@
 -- to redis.call is written out by Redis as an integer (Redis 7.2.0 to 7.2.4
 -- use exponent notation for numbers with 8 or more trailing zeros), so a
 -- stored token is read back with tonumber of the whole part before ':'.
-local function next_token(fence, retention, suffix)
+local function next_token(fence, retention, suffix, last)
   local token
-  local last = redis.call('GET', fence)
+  if last == nil then
+    last = redis.call('GET', fence)
+  end
+  local tomb
   if last then
-    token = tonumber(string.match(last, '^[^:]+'))
+    local digits = string.match(last, '^[^:|]+')
+    if digits then
+      token = tonumber(digits)
+    end
+    if string.find(last, '|', 1, true) then
+      tomb = string.match(last, '|.*$')
+    end
   end
   if token then
     token = token + 1
@@ -35,12 +53,41 @@ local function next_token(fence, retention, suffix)
     local now = redis.call('TIME')
     token = tonumber(now[1]) * 1000000 + tonumber(now[2])
   end
-  if suffix then
-    redis.call('SET', fence, string.format('%.0f', token) .. suffix, 'PX', retention)
+  if suffix or tomb then
+    redis.call('SET', fence, string.format('%.0f', token) .. (suffix or '') .. (tomb or ''), 'PX', retention)
   else
     redis.call('SET', fence, token, 'PX', retention)
   end
   return token
+end
+
+-- fence_release returns the request id of the last full release recorded in
+-- the fence value v (false or nil: no key), or nil.
+local function fence_release(v)
+  return v and string.match(v, '^[^:|]*:([^|]*)')
+end
+
+-- fence_undone reports whether the fence value v holds req's tombstone.
+local function fence_undone(v, req)
+  return v and string.find(v, '|', 1, true) and string.match(v, '|(.*)$') == req
+end
+
+-- fence_set_release records a full release: the hold's token, the
+-- release's request id, and the tombstone already there.
+local function fence_set_release(fence, token, req, retention)
+  local v = token .. ':' .. req
+  local old = redis.call('SET', fence, v, 'PX', retention, 'GET')
+  if old and string.find(old, '|', 1, true) then
+    redis.call('SET', fence, v .. string.match(old, '|.*$'), 'PX', retention)
+  end
+end
+
+-- fence_tombstone records req as an acquisition undone before it ran: the
+-- lock scripts refuse it from now on. One tombstone is kept per name.
+local function fence_tombstone(fence, req, retention)
+  local v = redis.call('GET', fence) or ''
+  local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
+  redis.call('SET', fence, string.match(v, '^[^|]*') .. '|' .. req, 'PX', ttl)
 end
 
 local function token_str(token)

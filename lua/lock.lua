@@ -18,10 +18,16 @@
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost (the client retried): the hold it took is reported again and
--- not counted twice.
+-- not counted twice. A request id whose undo ran first (its tombstone is in
+-- the fence key, see fence.lua) takes nothing: it reached Redis after its
+-- caller gave up, and no one would renew or release what it took.
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'q', 'w')
 if not v[1] then
-  local token = next_token(KEYS[2], ARGV[5])
+  local f = redis.call('GET', KEYS[2])
+  if fence_undone(f, ARGV[3]) then
+    return {0, 1} -- undone already (see unlock.lua): its caller is gone
+  end
+  local token = next_token(KEYS[2], ARGV[5], nil, f)
   redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', 1, 't', token, 'q', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, token, 1}
@@ -31,6 +37,9 @@ if v[1] == ARGV[1] then
     return {1, tonumber(v[3]), tonumber(v[2])}
   end
   if ARGV[4] == '1' then
+    if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
+      return {0, 1}
+    end
     local c = redis.call('HINCRBY', KEYS[1], 'c', 1)
     redis.call('HSET', KEYS[1], 'q', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])

@@ -154,7 +154,8 @@ end
 -- full release deleted the hash, and with it the rr field.
 local function rw_fence_release(fence, req, retention)
   local v = redis.call('GET', fence)
-  local last = (v and string.match(v, '^[^:]+')) or '0'
+  -- An unknown token stays empty: the next one comes from the clock.
+  local last = (v and string.match(v, '^[^:|]*')) or ''
   local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
   redis.call('SET', fence, last .. ':' .. req, 'PX', ttl)
 end
@@ -167,6 +168,6 @@ local function rw_was_released(s, fence, req)
     end
   end
   local v = redis.call('GET', fence)
-  return v ~= false and string.match(v, ':(.*)$') == req
+  return v ~= false and string.match(v, '^[^:|]*:([^|]*)') == req
 end
 

@@ -29,15 +29,20 @@
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost: its result is returned again and nothing is released twice.
+-- An undo that finds nothing to undo leaves a tombstone in the fence key
+-- (see fence.lua), so that the acquisition takes nothing if it comes late.
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't', 'w')
-if v[1] ~= ARGV[1] then
-  local f = redis.call('GET', KEYS[2])
-  if f and string.match(f, ':(.*)$') == ARGV[2] then
-    return {0, 0}
-  end
+if ARGV[5] ~= '' and (v[1] ~= ARGV[1] or v[3] ~= ARGV[5]) then
+  -- The acquisition to undo holds nothing: it failed, or it has not
+  -- reached Redis yet. Leave a tombstone so that it takes nothing if it
+  -- comes late.
+  fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
   return {-1, 0}
 end
-if ARGV[5] ~= '' and v[3] ~= ARGV[5] then
+if v[1] ~= ARGV[1] then
+  if fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
+    return {0, 0}
+  end
   return {-1, 0}
 end
 if v[4] == ARGV[2] then
@@ -58,7 +63,7 @@ if ARGV[6] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
   return {0, token}
 end
-redis.call('SET', KEYS[2], v[5] .. ':' .. ARGV[2], 'PX', ARGV[4])
+fence_set_release(KEYS[2], v[5], ARGV[2], ARGV[4])
 if not v[6] and ARGV[9] ~= '1' then
   return {0, 0, 0}
 end

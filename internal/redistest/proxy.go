@@ -13,7 +13,9 @@ import (
 // way a connection to a host that died (or a half-open connection) looks
 // from the client: writes succeed, nothing ever comes back, and no error
 // is seen until TCP gives up, minutes later. Connections made after Freeze
-// work normally.
+// work normally. Hold keeps what clients send on the connections open at
+// that moment from reaching Redis until Release: a request stuck in a slow
+// link, which arrives after its client gave up.
 //
 // A Proxy is closed, with all its connections, in t.Cleanup.
 type Proxy struct {
@@ -31,8 +33,11 @@ type Proxy struct {
 type proxyConn struct {
 	client, server net.Conn
 
-	mu     sync.Mutex
-	frozen bool
+	mu      sync.Mutex
+	frozen  bool
+	held    bool
+	pending []byte        // bytes from the client kept by Hold
+	release chan struct{} // closed by Release
 }
 
 // NewProxy starts a proxy to target (host:port).
@@ -80,8 +85,12 @@ func (p *Proxy) pipe(pc *proxyConn, dst, src net.Conn) {
 		if n > 0 {
 			pc.mu.Lock()
 			frozen := pc.frozen
+			held := pc.held && dst == pc.server
+			if held {
+				pc.pending = append(pc.pending, buf[:n]...)
+			}
 			pc.mu.Unlock()
-			if !frozen {
+			if !frozen && !held {
 				if _, werr := dst.Write(buf[:n]); werr != nil {
 					err = werr
 				}
@@ -90,9 +99,19 @@ func (p *Proxy) pipe(pc *proxyConn, dst, src net.Conn) {
 		if err != nil {
 			pc.mu.Lock()
 			frozen := pc.frozen
+			var release chan struct{}
+			if pc.held && dst == pc.server {
+				release = pc.release
+			}
 			pc.mu.Unlock()
 			if frozen {
 				return // silent to the end: no FIN, no RST; Close closes it
+			}
+			if release != nil {
+				// The client is gone, but what it sent still goes to Redis
+				// at Release; the server side stays open until Close.
+				<-release
+				return
 			}
 			if err != io.EOF {
 				_ = src.Close()
@@ -119,6 +138,35 @@ func (p *Proxy) Freeze() int {
 	return len(p.conns)
 }
 
+// Hold keeps what the clients of every connection open now send from
+// reaching Redis, until Release; replies still flow. It returns how many
+// connections it holds.
+func (p *Proxy) Hold() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for pc := range p.conns {
+		pc.mu.Lock()
+		pc.held, pc.release = true, make(chan struct{})
+		pc.mu.Unlock()
+	}
+	return len(p.conns)
+}
+
+// Release sends what Hold kept on to Redis, and forwards again.
+func (p *Proxy) Release() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for pc := range p.conns {
+		pc.mu.Lock()
+		if pc.held {
+			_, _ = pc.server.Write(pc.pending)
+			pc.held, pc.pending = false, nil
+			close(pc.release)
+		}
+		pc.mu.Unlock()
+	}
+}
+
 // Close stops the proxy and closes every connection.
 func (p *Proxy) Close() {
 	_ = p.ln.Close()
@@ -126,6 +174,12 @@ func (p *Proxy) Close() {
 	for pc := range p.conns {
 		_ = pc.client.Close()
 		_ = pc.server.Close()
+		pc.mu.Lock()
+		if pc.held {
+			pc.held = false
+			close(pc.release)
+		}
+		pc.mu.Unlock()
 	}
 	p.mu.Unlock()
 	p.wg.Wait()
