@@ -645,3 +645,55 @@ func TestFairDeadGranteeBound(t *testing.T) {
 		require.NoError(t, behind.Unlock(ctx))
 	})
 }
+
+// TestFairLateAttemptAfterWithdrawal: a FairMutex attempt stuck in a slow
+// link, whose caller timed out and withdrew before it reached Redis, takes
+// nothing and does not queue when it arrives late: the withdrawal left a
+// tombstone. Both when the lock is free (it would take it for a minute) and
+// when it is held (it would queue a place nobody renews).
+func TestFairLateAttemptAfterWithdrawal(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Server == nil {
+			t.Skip("needs a single real redis-server behind a proxy")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		admin := b.Client(t)
+		proxy := redistest.NewProxy(t, b.Server.Addr)
+		opts := b.Server.Options()
+		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
+		rdb := redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		other := newClient(t, b)
+
+		for _, held := range []bool{false, true} {
+			name := redistest.UniqueName(t)
+			m := c.FairMutex(name, redlatch.WithLease(time.Minute))
+			require.NoError(t, m.Lock(ctx)) // scripts loaded, connection open
+			require.NoError(t, m.Unlock(ctx))
+			holder := other.FairMutex(name)
+			if held {
+				require.NoError(t, holder.Lock(ctx))
+			}
+
+			require.Positive(t, proxy.Hold())
+			short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+			err := m.Lock(short)
+			cancel()
+			require.Error(t, err)
+			proxy.Release() // the attempt reaches Redis now, after the withdrawal
+			require.Never(t, func() bool {
+				locked, err := admin.HGet(ctx, "{"+name+"}:fair", "o").Result()
+				queued, _ := admin.ZCard(ctx, fairQueue(name)).Result()
+				return (err == nil && !held && locked != "") || queued != 0
+			}, 300*time.Millisecond, 10*time.Millisecond, "held=%v: the late attempt took the lock or queued", held)
+			if held {
+				require.NoError(t, holder.Unlock(ctx))
+			}
+			requireNoFairKeys(t, b, name)
+			require.NoError(t, m.Lock(ctx))
+			require.NoError(t, m.Unlock(ctx))
+		}
+	})
+}

@@ -16,6 +16,13 @@
 -- lease, the earliest expiry of a queue place, a third of the place lease,
 -- whichever is shortest), and queued is 1 when this call added the waiter
 -- to the queue (at its tail: a new arrival, or one whose place had expired).
+--
+-- A waiter withdrawn before this attempt reached Redis (its tombstone is in
+-- the fence key, see fence.lua) takes nothing and does not queue: its
+-- caller is gone.
+if fence_undone(redis.call('GET', KEYS[4]), ARGV[3]) then
+  return {0, 1, 0}
+end
 local now = now_ms()
 settle(now)
 local id, member, owner = ARGV[3], ARGV[4], ARGV[5]

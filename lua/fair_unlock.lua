@@ -33,6 +33,13 @@ if v[1] ~= ARGV[3] or ARGV[5] ~= '' then
   settle(now)
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
 end
+if ARGV[5] ~= '' and (v[1] ~= ARGV[3] or (v[3] ~= ARGV[5] and v[4] ~= ARGV[5])) then
+  -- The withdrawn waiter holds nothing: it queued, failed, or has not
+  -- reached Redis yet. Leave a tombstone so that it takes nothing, and
+  -- does not queue, if its attempt comes late.
+  fence_tombstone(KEYS[4], ARGV[5], ARGV[2])
+  return reply(-1)
+end
 if v[1] ~= ARGV[3] then
   local f = redis.call('GET', KEYS[4])
   if fence_release(f) == ARGV[4] then
@@ -45,9 +52,6 @@ if v[1] ~= ARGV[3] then
     end
     return reply(0)
   end
-  return reply(-1)
-end
-if ARGV[5] ~= '' and v[3] ~= ARGV[5] and v[4] ~= ARGV[5] then
   return reply(-1)
 end
 if v[5] == ARGV[4] then
