@@ -29,9 +29,9 @@ var (
 	rwInfoLua string
 
 	rwLockScript        = redis.NewScript(fenceLua + rwCommonLua + rwLockLua)
-	rwRLockScript       = redis.NewScript(rwCommonLua + rwRLockLua)
-	rwUnlockScript      = redis.NewScript(rwCommonLua + rwUnlockLua)
-	rwRUnlockScript     = redis.NewScript(rwCommonLua + rwRUnlockLua)
+	rwRLockScript       = redis.NewScript(fenceLua + rwCommonLua + rwRLockLua)
+	rwUnlockScript      = redis.NewScript(fenceLua + rwCommonLua + rwUnlockLua)
+	rwRUnlockScript     = redis.NewScript(fenceLua + rwCommonLua + rwRUnlockLua)
 	rwUnqueueScript     = redis.NewScript(rwCommonLua + rwUnqueueLua)
 	rwForceUnlockScript = redis.NewScript(rwCommonLua + rwForceUnlockLua)
 	rwInfoScript        = redis.NewScript(rwCommonLua + rwInfoLua)
@@ -342,7 +342,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	}
 	c := m.c
 	req := newID()
-	keys := []string{m.key}
+	keys := []string{m.key, m.fence}
 	var sent time.Time
 	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req) }
 	try := func(ctx context.Context) (bool, time.Duration, error) {

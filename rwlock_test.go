@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -600,5 +601,47 @@ func TestRWWaitingPlaceRenewed(t *testing.T) {
 		}
 		require.NoError(t, w.Unlock(ctx))
 		requireIdle(t, b, name)
+	})
+}
+
+// TestRWLateAttemptAfterUndo: a write or read attempt stuck in a slow link,
+// whose caller timed out and undid it before it reached Redis, takes
+// nothing when it arrives late: the undo left a tombstone.
+func TestRWLateAttemptAfterUndo(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Server == nil {
+			t.Skip("needs a single real redis-server behind a proxy")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		proxy := redistest.NewProxy(t, b.Server.Addr)
+		opts := b.Server.Options()
+		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
+		rdb := redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+
+		for _, write := range []bool{true, false} {
+			name := redistest.UniqueName(t)
+			m := c.RWMutex(name, redlatch.WithLease(time.Minute))
+			lock, unlock := m.Lock, m.Unlock
+			if !write {
+				lock, unlock = m.RLock, m.RUnlock
+			}
+			require.NoError(t, lock(ctx)) // scripts loaded, connection open
+			require.NoError(t, unlock(ctx))
+
+			require.Positive(t, proxy.Hold())
+			short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+			err := lock(short)
+			cancel()
+			require.Error(t, err)
+			proxy.Release() // the attempt reaches Redis now, after its undo
+			require.Never(t, func() bool {
+				return len(rwKeys(t, b, name)) != 1
+			}, 300*time.Millisecond, 10*time.Millisecond, "write=%v: the late attempt took the lock", write)
+			require.NoError(t, lock(ctx))
+			require.NoError(t, unlock(ctx))
+		}
 	})
 }

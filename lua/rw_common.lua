@@ -156,8 +156,9 @@ local function rw_fence_release(fence, req, retention)
   local v = redis.call('GET', fence)
   -- An unknown token stays empty: the next one comes from the clock.
   local last = (v and string.match(v, '^[^:|]*')) or ''
+  local tomb = (v and string.match(v, '|.*$')) or ''
   local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
-  redis.call('SET', fence, last .. ':' .. req, 'PX', ttl)
+  redis.call('SET', fence, last .. ':' .. req .. tomb, 'PX', ttl)
 end
 
 -- rw_was_released reports whether req is a full release already done.

@@ -13,6 +13,9 @@
 -- (count 1: this call took it), {0, retry} when it is busy, retry being the
 -- ms until the earliest lease in the way runs out, or {2} when ARGV[1] holds
 -- the read lock but not the write lock (an upgrade, refused).
+if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
+  return {0, 1} -- undone already (see rw_unlock.lua): its caller is gone
+end
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local exp = s.now + tonumber(ARGV[2])

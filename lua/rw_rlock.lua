@@ -1,6 +1,8 @@
 -- rw_rlock.lua: take the read lock of an RWMutex.
 --
 -- KEYS[1]  lock hash (see rw_common.lua)
+-- KEYS[2]  fence key of the lock name: an attempt whose undo ran first
+--          (its tombstone is there, see fence.lua) takes nothing
 -- ARGV[1]  owner id
 -- ARGV[2]  lease, ms
 -- ARGV[3]  request id: unique per RLock or TryRLock call, reused by its retries
@@ -12,6 +14,9 @@
 -- A reader already holding the read lock, or holding the write lock (a
 -- downgrade), is let in even when writers wait: it would otherwise wait for
 -- itself.
+if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
+  return {0, 1}
+end
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local c = tonumber(f['rc:' .. o])

@@ -19,16 +19,19 @@
 -- keeps its read holds, if any (a downgrade).
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[2]
+if ARGV[5] ~= '' and (f.w ~= o or f.wq ~= ARGV[5]) then
+  -- The acquisition to undo holds nothing: leave a tombstone so that it
+  -- takes nothing if it reaches Redis late (see fence.lua).
+  fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
+  rw_commit(s)
+  return -1
+end
 if f.w ~= o then
   local done = rw_was_released(s, KEYS[2], req)
   rw_commit(s)
   if done then
     return 0
   end
-  return -1
-end
-if ARGV[5] ~= '' and f.wq ~= ARGV[5] then
-  rw_commit(s)
   return -1
 end
 if f.wu == req then
