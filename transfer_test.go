@@ -100,12 +100,16 @@ func TestLocalTransferToCancelledWaiter(t *testing.T) {
 			require.NoError(t, holder.Lock(ctx))
 			wctx, cancel := context.WithCancel(ctx)
 			done := make(chan error, 1)
-			go func() { done <- c.Mutex(name).Lock(wctx) }()
+			waiter := c.Mutex(name)
+			go func() { done <- waiter.Lock(wctx) }()
 			time.Sleep(50 * time.Millisecond)
 			go cancel() // races the Unlock's transfer
 			require.NoError(t, holder.Unlock(ctx))
 			if err := <-done; err == nil {
-				continue // it got the lock first; the handle is dropped (lease expires): use a new name
+				// It took the lock before the cancel: a plain hold, which
+				// the watchdog renews until it is released.
+				require.NoError(t, waiter.Unlock(ctx))
+				continue
 			}
 			require.Eventually(t, func() bool {
 				locked, err := holder.IsLocked(ctx)
