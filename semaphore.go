@@ -21,8 +21,8 @@ var (
 	//go:embed lua/sem_available.lua
 	semAvailableLua string
 
-	semAcquireScript   = redis.NewScript(semPreludeLua + semAcquireLua)
-	semReleaseScript   = redis.NewScript(semPreludeLua + semReleaseLua)
+	semAcquireScript   = redis.NewScript(fenceLua + semPreludeLua + semAcquireLua)
+	semReleaseScript   = redis.NewScript(fenceLua + semPreludeLua + semReleaseLua)
 	semAvailableScript = redis.NewScript(semPreludeLua + semAvailableLua)
 )
 
@@ -60,12 +60,15 @@ const semReleaseMemory = 10 * time.Second
 // waiter at once.
 //
 // Keys: the permit set "{prefix+name}:sem", a sorted set; wake-ups on the
-// channel "{prefix+name}:sem:wake".
+// channel "{prefix+name}:sem:wake"; the fence key "{prefix+name}:fence",
+// shared with the locks of that name, holds the tombstone of an acquisition
+// undone before it reached Redis (it expires).
 type Semaphore struct {
 	c       *Client
 	name    string
 	key     string
 	channel string
+	fence   string // tombstones of undone acquisitions (see lua/fence.lua)
 	size    int64
 	owner   string
 	lease   time.Duration
@@ -108,7 +111,7 @@ func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semapho
 	}
 	if c != nil {
 		tag := c.tag(name)
-		s.key, s.channel = tag+":sem", tag+":sem:wake"
+		s.key, s.channel, s.fence = tag+":sem", tag+":sem:wake", tag+":fence"
 		s.lease, s.renew = c.leaseFor(o)
 	}
 	return s
@@ -158,7 +161,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 		return false, err
 	}
 	member := s.owner + "|" + newID() + "|" + strconv.FormatInt(n, 10)
-	keys := []string{s.key}
+	keys := []string{s.key, s.fence}
 	lease := s.lease.Milliseconds()
 	var sent time.Time
 	undo := func(ctx context.Context) {
@@ -292,12 +295,13 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 // record kept, which names the permits it keeps. It returns the number of
 // permits returned.
 func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole []string, shrink, kept string) (int64, error) {
-	args := make([]any, 0, 6+len(whole))
-	args = append(args, s.c.publishCommand(ctx), req, prev, semReleaseMemory.Milliseconds(), shrink, kept)
+	args := make([]any, 0, 7+len(whole))
+	args = append(args, s.c.publishCommand(ctx), req, prev, semReleaseMemory.Milliseconds(), shrink, kept,
+		fenceRetention(s.lease))
 	for _, m := range whole {
 		args = append(args, m)
 	}
-	n, err := semReleaseScript.Run(ctx, s.c.rdb, []string{s.key, s.channel}, args...).Int64()
+	n, err := semReleaseScript.Run(ctx, s.c.rdb, []string{s.key, s.channel, s.fence}, args...).Int64()
 	return n, convertErr(err)
 }
 

@@ -461,3 +461,54 @@ func TestSemaphoreLost(t *testing.T) {
 		require.ErrorIs(t, fixed.Release(ctx, 1), redlatch.ErrNotHeld)
 	})
 }
+
+// TestSemaphoreLateAcquireAfterUndo: an acquisition stuck in a slow link,
+// whose caller timed out and undid it before it reached Redis, takes no
+// permits when it arrives late: the undo left a tombstone. Both with the
+// semaphore idle (no permit set) and with other permits held.
+func TestSemaphoreLateAcquireAfterUndo(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Server == nil {
+			t.Skip("needs a single real redis-server behind a proxy")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		proxy := redistest.NewProxy(t, b.Server.Addr)
+		opts := b.Server.Options()
+		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
+		rdb := redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		other := newClient(t, b)
+
+		for _, busy := range []bool{false, true} {
+			name := redistest.UniqueName(t)
+			s := c.Semaphore(name, 3, redlatch.WithLease(time.Minute))
+			require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded, connection open
+			require.NoError(t, s.Release(ctx, 1))
+			held := other.Semaphore(name, 3)
+			free := int64(3)
+			if busy {
+				require.NoError(t, held.Acquire(ctx, 1))
+				free = 2
+			}
+
+			require.Positive(t, proxy.Hold())
+			short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+			err := s.Acquire(short, 2)
+			cancel()
+			require.Error(t, err)
+			proxy.Release() // the acquisition reaches Redis now, after its undo
+			require.Never(t, func() bool {
+				n, err := held.Available(ctx)
+				return err != nil || n != free
+			}, 300*time.Millisecond, 10*time.Millisecond, "busy=%v: the late acquisition took permits", busy)
+			if busy {
+				require.NoError(t, held.Release(ctx, 1))
+			}
+			requireNoKey(t, ctx, b, semKey(name))
+			require.NoError(t, s.Acquire(ctx, 3))
+			require.NoError(t, s.Release(ctx, 3))
+		}
+	})
+}

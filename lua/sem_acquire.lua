@@ -2,6 +2,9 @@
 -- reclaiming expired ones. Runs after sem_prelude.lua.
 --
 -- KEYS[1]  permit set (see sem_prelude.lua)
+-- KEYS[2]  fence key of the name: a record whose undo ran first (its
+--          tombstone is there, see fence.lua and sem_release.lua) takes
+--          nothing: it reached Redis after its caller gave up
 -- ARGV[1]  record: '<owner>|<request id>|<n>'; the request id is unique per
 --          Acquire or TryAcquire call and reused by its retries
 -- ARGV[2]  n, permits to take
@@ -15,6 +18,9 @@
 --
 -- A record seen again means the reply to an earlier run of this very call was
 -- lost (the client retried): its permits are reported again, not taken twice.
+if fence_undone(redis.call('GET', KEYS[2]), ARGV[1]) then
+  return {0, 1}
+end
 local now = sem_now()
 local used = sem_reclaim(KEYS[1], now)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then

@@ -3,6 +3,9 @@
 --
 -- KEYS[1]  permit set (see sem_prelude.lua)
 -- KEYS[2]  wake-up channel of the semaphore
+-- KEYS[3]  fence key of the name: a record to remove that is not in the set
+--          (expired, or an acquisition undone before it reached Redis) gets
+--          a tombstone there, so that it takes nothing if it comes late
 -- ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 -- ARGV[2]  request id: unique per Release call, reused by its retries
 -- ARGV[3]  request id of the handle's previous Release, or ''
@@ -10,7 +13,8 @@
 -- ARGV[5]  a record to shrink, or '' for none
 -- ARGV[6]  the shrunk record's new name: same owner, a fresh request id and
 --          the permits it keeps (it keeps the old record's expiry)
--- ARGV[7]  records to remove whole, from ARGV[7] on
+-- ARGV[7]  how long a tombstone lives, ms (the fence retention)
+-- ARGV[8]  records to remove whole, from ARGV[8] on
 --
 -- Returns the number of permits returned. A record that is gone (expired,
 -- reclaimed, released already) returns nothing, so the caller compares the
@@ -26,16 +30,27 @@ local meant = 0
 if ARGV[5] ~= '' then
   meant = sem_n(ARGV[5]) - sem_n(ARGV[6])
 end
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   meant = meant + sem_n(ARGV[i])
 end
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('ZSCORE', KEYS[1], '~' .. ARGV[2]) then
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if exists and redis.call('ZSCORE', KEYS[1], '~' .. ARGV[2]) then
+  return meant -- a retry of a release already done
+end
+for i = 8, #ARGV do
+  if not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    -- Gone, or not there yet: an acquisition undone before it reached
+    -- Redis must take nothing when it comes late.
+    fence_tombstone(KEYS[3], ARGV[i], ARGV[7])
+  end
+end
+if not exists then
   return meant
 end
 local now = sem_now()
 local used = sem_reclaim(KEYS[1], now)
 local freed = 0
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
     freed = freed + sem_n(ARGV[i])
   end
