@@ -20,6 +20,8 @@
 //   - Redlock: a lock over N independent masters, held while a quorum
 //     (N/2+1) grants it.
 //
+// It needs Redis 6.2 or later, single node, Sentinel or Cluster.
+//
 // Every hold has a lease, so a crashed holder cannot lock others out for
 // longer than its lease. Holds taken without WithLease are renewed by the
 // Client's watchdog: one goroutine per Client renews all of them in batched
