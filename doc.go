@@ -49,8 +49,8 @@
 //     compared.
 //   - Fencing tokens (Token) strictly increase per lock name at every change
 //     of owner, and survive the loss of their counter (FLUSHALL, a restart
-//     without persistence) because they trail the Redis server's clock and
-//     restart from it. A resource that rejects tokens lower than the highest it has
+//     without persistence) because they are derived from the Redis server's
+//     clock. A resource that rejects tokens lower than the highest it has
 //     seen is safe against a holder paused past its lease.
 //   - Requests retried after a lost reply are recognised by a request id:
 //     an acquisition or release is applied once.

@@ -342,12 +342,11 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 
 // Token returns the fencing token of the current hold, or 0 when the handle
 // holds nothing. Tokens strictly increase, per lock name, at every change of
-// owner. A counter that lives for a while after each use counts them up;
-// when it is gone, the next token is the Redis server's clock in
-// microseconds, which tokens never outrun (each takes a script run of more
-// than a microsecond). So they do not go backwards when the counter is lost
-// (FLUSHALL, a restart without persistence), unless the server's clock is
-// stepped back while it is gone. Pass the
+// owner; they are the Redis server's clock in microseconds, kept increasing
+// by a counter that lives for a while after each use. They do not go
+// backwards when the counter is lost (FLUSHALL, a restart without
+// persistence) or stale (a restart from an older snapshot, a failover),
+// unless the server's clock is stepped back. Pass the
 // token to the resource the lock protects, and have it reject tokens lower
 // than the highest it has seen.
 func (m *Mutex) Token() int64 {

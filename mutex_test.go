@@ -313,6 +313,24 @@ func TestFencingTokens(t *testing.T) {
 			require.Greater(t, l.Token(), first, kind)
 			require.NoError(t, l.Unlock(ctx))
 		}
+		// A stale counter (a restart from an older snapshot, a failover to a
+		// replica that missed the last writes): still higher tokens.
+		stale := c.Mutex(name + "-stale")
+		require.NoError(t, stale.Lock(ctx))
+		require.NoError(t, stale.Unlock(ctx))
+		old, err := b.Client(t).Get(ctx, "{"+name+"-stale}:fence").Result()
+		require.NoError(t, err)
+		var high int64
+		for range 3 {
+			require.NoError(t, stale.Lock(ctx))
+			high = stale.Token()
+			require.NoError(t, stale.Unlock(ctx))
+		}
+		require.NoError(t, b.Client(t).Set(ctx, "{"+name+"-stale}:fence", old, time.Minute).Err())
+		require.NoError(t, stale.Lock(ctx))
+		require.Greater(t, stale.Token(), high, "after the counter went back")
+		require.NoError(t, stale.Unlock(ctx))
+
 		// An expired counter, then a reader's release (which records its
 		// request id in the fence key): the writer's next token is still
 		// higher.

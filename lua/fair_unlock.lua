@@ -33,12 +33,14 @@ if v[1] ~= ARGV[3] or ARGV[5] ~= '' then
   settle(now)
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
 end
-if ARGV[5] ~= '' and (v[1] ~= ARGV[3] or (v[3] ~= ARGV[5] and v[4] ~= ARGV[5])) then
-  -- The withdrawn waiter holds nothing: it queued, failed, or has not
-  -- reached Redis yet. Leave a tombstone so that it takes nothing, and
-  -- does not queue, if its attempt comes late.
+if ARGV[5] ~= '' then
+  -- A withdrawal ends the waiter's call: leave a tombstone so that an
+  -- attempt of it still on the way takes nothing, and does not queue, when
+  -- it comes late.
   fence_tombstone(KEYS[4], ARGV[5], ARGV[2])
-  return reply(-1)
+  if v[1] ~= ARGV[3] or (v[3] ~= ARGV[5] and v[4] ~= ARGV[5]) then
+    return reply(-1) -- it holds nothing: queued, failed, or not arrived
+  end
 end
 if v[1] ~= ARGV[3] then
   local f = redis.call('GET', KEYS[4])
@@ -69,6 +71,6 @@ end
 redis.call('DEL', KEYS[1])
 fence_suffix = ':' .. ARGV[4]
 if not grant(now) then
-  redis.call('SET', KEYS[4], v[6] .. ':' .. ARGV[4], 'PX', ARGV[2])
+  fence_set_release(KEYS[4], v[6], ARGV[4], ARGV[2])
 end
 return reply(0)

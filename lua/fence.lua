@@ -20,13 +20,15 @@
 -- token_str(token) returns a token as a decimal string, for concatenation:
 -- Lua's own number-to-string conversion loses digits past 14.
 --
--- A token is the last token + 1 while the fence key lives, and the Redis
--- server's clock in microseconds when it is gone (the first use, expiry,
--- FLUSHALL, a restart without persistence). Issuing a token takes a script
--- run, which takes longer than a microsecond, so tokens trail the server
--- clock: they strictly increase while the fence key lives, and keep
--- increasing after it is gone because the clock has moved past them. Only a
--- server clock stepped back while the key is gone could repeat a token.
+-- A token is the Redis server's clock in microseconds, raised to the last
+-- token + 1 when the clock has not moved past it. So tokens strictly
+-- increase while the fence key lives, and keep increasing when it is gone
+-- (expiry, FLUSHALL, a restart without persistence) or stale (a restart
+-- from an older snapshot, a failover to a replica that missed the last
+-- writes, a release of another primitive of the same name writing its
+-- older token back), because the clock has moved past every token issued:
+-- issuing one takes a script run of more than a microsecond. Only a server
+-- clock stepped back could repeat a token.
 --
 -- Tokens stay below 2^53, so Lua numbers hold them exactly. A number passed
 -- to redis.call is written out by Redis as an integer (Redis 7.2.0 to 7.2.4
@@ -47,11 +49,12 @@ local function next_token(fence, retention, suffix, last)
       tomb = string.match(last, '|.*$')
     end
   end
-  if token then
+  local now = redis.call('TIME')
+  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  if token and token >= clock then
     token = token + 1
   else
-    local now = redis.call('TIME')
-    token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    token = clock
   end
   if suffix or tomb then
     redis.call('SET', fence, string.format('%.0f', token) .. (suffix or '') .. (tomb or ''), 'PX', retention)

@@ -17,12 +17,15 @@
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[2]
 local c = tonumber(f['rc:' .. o])
-if ARGV[5] ~= '' and (not c or f['rq:' .. o] ~= ARGV[5]) then
-  -- The acquisition to undo holds nothing: leave a tombstone so that it
-  -- takes nothing if it reaches Redis late (see fence.lua).
+if ARGV[5] ~= '' then
+  -- An undo ends its acquisition call: leave a tombstone so that a copy
+  -- of its attempt still on the way takes nothing when it comes late
+  -- (see fence.lua).
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  rw_commit(s)
-  return -1
+  if not c or f['rq:' .. o] ~= ARGV[5] then
+    rw_commit(s)
+    return -1
+  end
 end
 if not c then
   local done = rw_was_released(s, KEYS[2], req)

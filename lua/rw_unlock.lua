@@ -19,12 +19,15 @@
 -- keeps its read holds, if any (a downgrade).
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[2]
-if ARGV[5] ~= '' and (f.w ~= o or f.wq ~= ARGV[5]) then
-  -- The acquisition to undo holds nothing: leave a tombstone so that it
-  -- takes nothing if it reaches Redis late (see fence.lua).
+if ARGV[5] ~= '' then
+  -- An undo ends its acquisition call: leave a tombstone so that a copy
+  -- of its attempt still on the way takes nothing when it comes late
+  -- (see fence.lua).
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  rw_commit(s)
-  return -1
+  if f.w ~= o or f.wq ~= ARGV[5] then
+    rw_commit(s)
+    return -1
+  end
 end
 if f.w ~= o then
   local done = rw_was_released(s, KEYS[2], req)
@@ -49,7 +52,7 @@ local token = f.t
 rw_drop_writer(s)
 rw_released(s, req)
 if not rw_commit(s) then
-  redis.call('SET', KEYS[2], token .. ':' .. req, 'PX',
+  fence_set_release(KEYS[2], token, req,
     math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
 end
 redis.call(ARGV[3], KEYS[3], 'a')

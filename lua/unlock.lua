@@ -32,12 +32,14 @@
 -- An undo that finds nothing to undo leaves a tombstone in the fence key
 -- (see fence.lua), so that the acquisition takes nothing if it comes late.
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't', 'w')
-if ARGV[5] ~= '' and (v[1] ~= ARGV[1] or v[3] ~= ARGV[5]) then
-  -- The acquisition to undo holds nothing: it failed, or it has not
-  -- reached Redis yet. Leave a tombstone so that it takes nothing if it
-  -- comes late.
+if ARGV[5] ~= '' then
+  -- An undo ends its acquisition call: leave a tombstone so that a copy
+  -- of its attempt still on the way (a slow link, a client resend) takes
+  -- nothing when it comes late.
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  return {-1, 0}
+  if v[1] ~= ARGV[1] or v[3] ~= ARGV[5] then
+    return {-1, 0} -- it holds nothing: it failed, or it has not arrived
+  end
 end
 if v[1] ~= ARGV[1] then
   if fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
