@@ -658,13 +658,7 @@ func TestFairLateAttemptAfterWithdrawal(t *testing.T) {
 		}
 		ctx := ctxT(t, 30*time.Second)
 		admin := b.Client(t)
-		proxy := redistest.NewProxy(t, b.Server.Addr)
-		opts := b.Server.Options()
-		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
-		rdb := redis.NewClient(opts)
-		t.Cleanup(func() { _ = rdb.Close() })
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, proxy := proxiedClient(t, b)
 		other := newClient(t, b)
 
 		for _, held := range []bool{false, true} {
@@ -677,12 +671,7 @@ func TestFairLateAttemptAfterWithdrawal(t *testing.T) {
 				require.NoError(t, holder.Lock(ctx))
 			}
 
-			require.Positive(t, proxy.Hold())
-			short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-			err := m.Lock(short)
-			cancel()
-			require.Error(t, err)
-			proxy.Release() // the attempt reaches Redis now, after the withdrawal
+			lateAttempt(t, ctx, proxy, m.Lock)
 			require.Never(t, func() bool {
 				locked, err := admin.HGet(ctx, "{"+name+"}:fair", "o").Result()
 				queued, _ := admin.ZCard(ctx, fairQueue(name)).Result()

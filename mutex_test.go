@@ -651,13 +651,7 @@ func TestLateAcquisitionAfterUndo(t *testing.T) {
 		}
 		ctx := ctxT(t, 30*time.Second)
 		admin := b.Client(t)
-		proxy := redistest.NewProxy(t, b.Server.Addr)
-		opts := b.Server.Options()
-		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
-		rdb := redis.NewClient(opts)
-		t.Cleanup(func() { _ = rdb.Close() })
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, proxy := proxiedClient(t, b)
 
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {
@@ -666,13 +660,11 @@ func TestLateAcquisitionAfterUndo(t *testing.T) {
 				require.NoError(t, l.Lock(ctx)) // scripts loaded, connection open
 				require.NoError(t, l.Unlock(ctx))
 
-				require.Positive(t, proxy.Hold())
-				short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-				ok, err := l.TryLock(short)
-				cancel()
-				require.Error(t, err)
-				require.False(t, ok)
-				proxy.Release() // the attempt reaches Redis now, after its undo
+				lateAttempt(t, ctx, proxy, func(ctx context.Context) error {
+					ok, err := l.TryLock(ctx)
+					require.False(t, ok)
+					return err
+				})
 				require.Never(t, func() bool {
 					n, err := admin.Exists(ctx, lockKey(name)).Result()
 					return err != nil || n != 0
@@ -682,4 +674,31 @@ func TestLateAcquisitionAfterUndo(t *testing.T) {
 			})
 		}
 	})
+}
+
+// proxiedClient returns a Client whose one connection to b's server (no
+// retries by go-redis) runs through a proxy, for the late-attempt tests.
+func proxiedClient(t *testing.T, b redistest.Backend) (*redlatch.Client, *redistest.Proxy) {
+	t.Helper()
+	proxy := redistest.NewProxy(t, b.Server.Addr)
+	opts := b.Server.Options()
+	opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	return c, proxy
+}
+
+// lateAttempt runs attempt with a 200ms context while the proxy holds what
+// the client sends, so it times out and undoes its acquisition; then the
+// held request reaches Redis, after the undo.
+func lateAttempt(t *testing.T, ctx context.Context, proxy *redistest.Proxy, attempt func(context.Context) error) {
+	t.Helper()
+	require.Positive(t, proxy.Hold())
+	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err := attempt(short)
+	cancel()
+	require.Error(t, err)
+	proxy.Release()
 }

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -613,13 +612,7 @@ func TestRWLateAttemptAfterUndo(t *testing.T) {
 			t.Skip("needs a single real redis-server behind a proxy")
 		}
 		ctx := ctxT(t, 30*time.Second)
-		proxy := redistest.NewProxy(t, b.Server.Addr)
-		opts := b.Server.Options()
-		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
-		rdb := redis.NewClient(opts)
-		t.Cleanup(func() { _ = rdb.Close() })
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, proxy := proxiedClient(t, b)
 
 		for _, write := range []bool{true, false} {
 			name := redistest.UniqueName(t)
@@ -631,12 +624,7 @@ func TestRWLateAttemptAfterUndo(t *testing.T) {
 			require.NoError(t, lock(ctx)) // scripts loaded, connection open
 			require.NoError(t, unlock(ctx))
 
-			require.Positive(t, proxy.Hold())
-			short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-			err := lock(short)
-			cancel()
-			require.Error(t, err)
-			proxy.Release() // the attempt reaches Redis now, after its undo
+			lateAttempt(t, ctx, proxy, lock)
 			require.Never(t, func() bool {
 				return len(rwKeys(t, b, name)) != 1
 			}, 300*time.Millisecond, 10*time.Millisecond, "write=%v: the late attempt took the lock", write)

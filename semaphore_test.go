@@ -472,13 +472,7 @@ func TestSemaphoreLateAcquireAfterUndo(t *testing.T) {
 			t.Skip("needs a single real redis-server behind a proxy")
 		}
 		ctx := ctxT(t, 30*time.Second)
-		proxy := redistest.NewProxy(t, b.Server.Addr)
-		opts := b.Server.Options()
-		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
-		rdb := redis.NewClient(opts)
-		t.Cleanup(func() { _ = rdb.Close() })
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, proxy := proxiedClient(t, b)
 		other := newClient(t, b)
 
 		for _, busy := range []bool{false, true} {
@@ -493,12 +487,7 @@ func TestSemaphoreLateAcquireAfterUndo(t *testing.T) {
 				free = 2
 			}
 
-			require.Positive(t, proxy.Hold())
-			short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-			err := s.Acquire(short, 2)
-			cancel()
-			require.Error(t, err)
-			proxy.Release() // the acquisition reaches Redis now, after its undo
+			lateAttempt(t, ctx, proxy, func(ctx context.Context) error { return s.Acquire(ctx, 2) })
 			require.Never(t, func() bool {
 				n, err := held.Available(ctx)
 				return err != nil || n != free
