@@ -122,12 +122,7 @@ func TestLocalTransferToCancelledWaiter(t *testing.T) {
 // publishes sums PUBLISH and SPUBLISH calls over every node's commandstats.
 func publishes(t *testing.T, b redistest.Backend) int64 {
 	t.Helper()
-	var total float64
-	for _, n := range b.NodeClients(t) {
-		st := redistest.InfoStats(n)
-		total += st["cmdstat_publish.calls"] + st["cmdstat_spublish.calls"]
-	}
-	return int64(total)
+	return commandCalls(t, b, "publish", "spublish")
 }
 
 // TestReleasePublishesOnlyWhenWaited: an Unlock publishes a wake-up only

@@ -280,10 +280,19 @@ func TestRenewalBatched(t *testing.T) {
 // scriptCalls sums EVAL and EVALSHA calls over every node's commandstats.
 func scriptCalls(t *testing.T, b redistest.Backend) int64 {
 	t.Helper()
+	return commandCalls(t, b, "evalsha", "eval")
+}
+
+// commandCalls sums the calls of the commands named over every node's
+// commandstats.
+func commandCalls(t *testing.T, b redistest.Backend, names ...string) int64 {
+	t.Helper()
 	var total float64
 	for _, n := range b.NodeClients(t) {
 		st := redistest.InfoStats(n)
-		total += st["cmdstat_evalsha.calls"] + st["cmdstat_eval.calls"]
+		for _, name := range names {
+			total += st["cmdstat_"+name+".calls"]
+		}
 	}
 	return int64(total)
 }
