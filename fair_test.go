@@ -653,9 +653,6 @@ func TestFairDeadGranteeBound(t *testing.T) {
 // when it is held (it would queue a place nobody renews).
 func TestFairLateAttemptAfterWithdrawal(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		if b.Server == nil {
-			t.Skip("needs a single real redis-server behind a proxy")
-		}
 		ctx := ctxT(t, 30*time.Second)
 		admin := b.Client(t)
 		c, proxy := proxiedClient(t, b)

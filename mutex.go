@@ -139,14 +139,11 @@ func (e *excl) unlock(ctx context.Context, undo string, local bool) (int64, erro
 }
 
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, local bool) (int64, error) {
-	var w *waiter
 	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0"}
-	if local && undo == "" && e.c.opts.replicas == 0 {
-		if w = e.c.ps.reserveLocal(e.channel); w != nil {
-			args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
-		}
-	}
-	if w == nil && e.c.ps.hasWaiters(e.channel) {
+	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
+	if w != nil {
+		args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
+	} else if waiting {
 		args[8] = "1"
 	}
 	sent := time.Now()

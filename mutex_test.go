@@ -646,9 +646,6 @@ func TestReentrantSharedHandleConcurrentLock(t *testing.T) {
 // held by nobody, unrenewed, for a whole lease (a minute here).
 func TestLateAcquisitionAfterUndo(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		if b.Server == nil {
-			t.Skip("needs a single real redis-server behind a proxy")
-		}
 		ctx := ctxT(t, 30*time.Second)
 		admin := b.Client(t)
 		c, proxy := proxiedClient(t, b)
@@ -677,9 +674,13 @@ func TestLateAcquisitionAfterUndo(t *testing.T) {
 }
 
 // proxiedClient returns a Client whose one connection to b's server (no
-// retries by go-redis) runs through a proxy, for the late-attempt tests.
+// retries by go-redis) runs through a proxy, for the late-attempt tests; it
+// skips the test on a backend other than a single real server.
 func proxiedClient(t *testing.T, b redistest.Backend) (*redlatch.Client, *redistest.Proxy) {
 	t.Helper()
+	if b.Server == nil {
+		t.Skip("needs a single real redis-server behind a proxy")
+	}
 	proxy := redistest.NewProxy(t, b.Server.Addr)
 	opts := b.Server.Options()
 	opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1

@@ -144,40 +144,36 @@ type transfer struct {
 // a release lets the waiters of every Client compete.
 const maxLocalTransfers = 8
 
-// reserveLocal picks the oldest waiter on channel that takes transfers and
-// is not already reserved, and reserves it; nil when there is none, or when
+// reserveLocal reports whether a call of this Client waits on channel (a
+// release must then publish a wake-up even when Redis saw no failed attempt
+// during the hold: a waiter may queue without an attempt of its own). With
+// transfer set, it also picks the oldest waiter that takes transfers and is
+// not already reserved, and reserves it; nil when there is none, or when
 // the channel's turn of local transfers is over (the lock is then released
 // publicly).
-func (p *pubsub) reserveLocal(channel string) *waiter {
+func (p *pubsub) reserveLocal(channel string, transfer bool) (w *waiter, waiting bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
-	if ch == nil {
-		return nil
+	if ch == nil || len(ch.waiters) == 0 {
+		return nil, false
+	}
+	if !transfer {
+		return nil, true
 	}
 	if ch.transfers >= maxLocalTransfers {
 		ch.transfers = 0
-		return nil
+		return nil, true
 	}
 	for _, w := range ch.waiters {
 		if w.xfer != nil && !w.reserved && !w.left && w.grant == "" {
 			w.reserved = true
 			ch.transfers++
-			return w
+			return w, true
 		}
 	}
 	ch.transfers = 0
-	return nil
-}
-
-// hasWaiters reports whether a call of this Client waits on channel, so that
-// a release must publish a wake-up even when Redis saw no failed attempt
-// during the hold (a waiter may queue without an attempt of its own).
-func (p *pubsub) hasWaiters(channel string) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	ch := p.chans[channel]
-	return ch != nil && len(ch.waiters) > 0
+	return nil, true
 }
 
 // deliver hands a transferred hold to its reserved waiter and wakes it. It

@@ -32,9 +32,9 @@ var (
 	rwRLockScript       = redis.NewScript(fenceLua + rwCommonLua + rwRLockLua)
 	rwUnlockScript      = redis.NewScript(fenceLua + rwCommonLua + rwUnlockLua)
 	rwRUnlockScript     = redis.NewScript(fenceLua + rwCommonLua + rwRUnlockLua)
-	rwUnqueueScript     = redis.NewScript(rwCommonLua + rwUnqueueLua)
-	rwForceUnlockScript = redis.NewScript(rwCommonLua + rwForceUnlockLua)
-	rwInfoScript        = redis.NewScript(rwCommonLua + rwInfoLua)
+	rwUnqueueScript     = redis.NewScript(fenceLua + rwCommonLua + rwUnqueueLua)
+	rwForceUnlockScript = redis.NewScript(fenceLua + rwCommonLua + rwForceUnlockLua)
+	rwInfoScript        = redis.NewScript(fenceLua + rwCommonLua + rwInfoLua)
 )
 
 // RWMutex is a distributed readers-writer lock: any number of readers share

@@ -468,9 +468,6 @@ func TestSemaphoreLost(t *testing.T) {
 // semaphore idle (no permit set) and with other permits held.
 func TestSemaphoreLateAcquireAfterUndo(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		if b.Server == nil {
-			t.Skip("needs a single real redis-server behind a proxy")
-		}
 		ctx := ctxT(t, 30*time.Second)
 		c, proxy := proxiedClient(t, b)
 		other := newClient(t, b)

@@ -157,8 +157,9 @@ func TestReleasePublishesOnlyWhenWaited(t *testing.T) {
 		remote := other.Mutex(name, lease)
 		remoteGot := make(chan error, 1)
 		go func() { remoteGot <- remote.Lock(ctx) }()
+		admin := b.Client(t)
 		require.Eventually(t, func() bool {
-			f, err := b.Client(t).HExists(ctx, lockKey(name), "w").Result()
+			f, err := admin.HExists(ctx, lockKey(name), "w").Result()
 			return err == nil && f
 		}, 5*time.Second, 5*time.Millisecond, "the remote waiter's failed attempt marks the hold")
 		time.Sleep(50 * time.Millisecond) // the local waiter joins too

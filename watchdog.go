@@ -58,15 +58,7 @@ func (h *hold) lostChan() <-chan struct{} {
 
 // isLost reports whether the hold was lost.
 func (h *hold) isLost() bool {
-	if h == nil {
-		return false
-	}
-	select {
-	case <-h.lost:
-		return true
-	default:
-		return false
-	}
+	return h != nil && isClosed(h.lost)
 }
 
 // watchdog renews every renewable hold of a Client from one goroutine, in

@@ -102,14 +102,13 @@ func (r *rwMixed) Lost() <-chan struct{} {
 
 func (r *rwMixed) Shared() bool { return r.shared }
 
-// permit holds one permit of a Semaphore. A Semaphore has no Lost: a permit
-// that expired shows as ErrNotHeld from Release.
+// permit holds one permit of a Semaphore.
 type permit struct{ s *redlatch.Semaphore }
 
 func (p *permit) Lock(ctx context.Context) error   { return p.s.Acquire(ctx, 1) }
 func (p *permit) Unlock(ctx context.Context) error { return p.s.Release(ctx, 1) }
 func (p *permit) Token() int64                     { return 0 }
-func (p *permit) Lost() <-chan struct{}            { return nil }
+func (p *permit) Lost() <-chan struct{}            { return p.s.Lost() }
 func (p *permit) Shared() bool                     { return true }
 
 // twice holds a ReentrantMutex twice per hold.

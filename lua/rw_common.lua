@@ -156,9 +156,7 @@ local function rw_fence_release(fence, req, retention)
   local v = redis.call('GET', fence)
   -- An unknown token stays empty: the next one comes from the clock.
   local last = (v and string.match(v, '^[^:|]*')) or ''
-  local tomb = (v and string.match(v, '|.*$')) or ''
-  local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
-  redis.call('SET', fence, last .. ':' .. req .. tomb, 'PX', ttl)
+  fence_set_release(fence, last, req, math.max(tonumber(retention), redis.call('PTTL', fence)))
 end
 
 -- rw_was_released reports whether req is a full release already done.
@@ -169,6 +167,6 @@ local function rw_was_released(s, fence, req)
     end
   end
   local v = redis.call('GET', fence)
-  return v ~= false and string.match(v, '^[^:|]*:([^|]*)') == req
+  return fence_release(v) == req
 end
 
