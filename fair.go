@@ -251,7 +251,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		_, _ = f.unlock(cctx, id, member)
+		_, _ = f.unlock(cctx, id, member, 0)
 		cancel()
 	}
 	return token, count, sent, ok, err
@@ -302,11 +302,16 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 
 // unlock releases one hold of the owner or, with a waiter id, withdraws that
 // waiter. It returns the owner's remaining hold count, or -1 when the owner
-// held nothing.
-func (f *FairMutex) unlock(ctx context.Context, waiter, member string) (int64, error) {
+// held nothing. token is the fencing token of the hold released, or 0 when
+// unknown (see excl.unlock).
+func (f *FairMutex) unlock(ctx context.Context, waiter, member string, token int64) (int64, error) {
 	channel := f.wchan + f.c.ps.id
+	held := ""
+	if token > 0 {
+		held = strconv.FormatInt(token, 10)
+	}
 	res, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
-		fenceRetention(f.lease), f.owner, newID(), waiter, member, f.c.ps.id).Slice()
+		fenceRetention(f.lease), f.owner, newID(), waiter, member, f.c.ps.id, held).Slice()
 	if err != nil {
 		// The lock may have gone to a waiter of this Client without a
 		// message: wake them all, and the one granted claims it.
@@ -341,10 +346,13 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 		return err
 	}
 	f.mu.Lock()
-	h := f.h
+	h, token := f.h, f.token
+	if h == nil {
+		token = 0 // the owner's hold, taken by another handle: any token
+	}
 	f.mu.Unlock()
 	f.c.wd.setReleasing(h, true)
-	n, err := f.unlock(ctx, "", "")
+	n, err := f.unlock(ctx, "", "", token)
 
 	f.mu.Lock()
 	defer f.mu.Unlock()

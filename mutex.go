@@ -85,7 +85,7 @@ func (e *excl) lock(ctx context.Context, block, queue bool) (token, count int64,
 		}
 		return false, e.c.retryBound(pttl), nil
 	}
-	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, false) }
+	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, 0, false) }
 	var xfer *transfer
 	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
 		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
@@ -117,7 +117,7 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, 
 	if res[0] != 1 {
 		return false, 0, 0, res[1], nil
 	}
-	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, false) }
+	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, 0, false) }
 	if err := e.c.replicated(ctx, acked, waitErr, undo); err != nil {
 		return false, 0, 0, 0, err
 	}
@@ -128,18 +128,28 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, 
 // by that acquisition request only) and returns the owner's remaining hold
 // count, or -1 when the owner held nothing.
 //
+// token is the fencing token of the hold the caller releases, or 0 when it
+// does not know it. A hold of the owner with another token is not the
+// caller's: it was taken after the caller's hold ended (its lease ran out,
+// or this very call released it and the Redis client resent the call after
+// a lost reply), by another handle sharing the owner id, and stays held.
+//
 // With local set (an Unlock, not an undo), a full release hands the lock to
 // the oldest waiter of the same Client instead, when one waits (see
 // pubsub.reserveLocal): in the same script, with a new fencing token and
 // the waiter's lease, and without a publish; the waiter learns its token
 // in-process. Every few local transfers the lock is released publicly, so
 // that other Clients' waiters get their turn.
-func (e *excl) unlock(ctx context.Context, undo string, local bool) (int64, error) {
-	return e.unlockAs(ctx, e.owner, undo, local)
+func (e *excl) unlock(ctx context.Context, undo string, token int64, local bool) (int64, error) {
+	return e.unlockAs(ctx, e.owner, undo, token, local)
 }
 
-func (e *excl) unlockAs(ctx context.Context, owner, undo string, local bool) (int64, error) {
-	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0"}
+func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, local bool) (int64, error) {
+	held := ""
+	if token > 0 {
+		held = strconv.FormatInt(token, 10)
+	}
+	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0", held}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
 	if w != nil {
 		args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
@@ -164,7 +174,7 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, local bool) (in
 			if !e.c.ps.deliver(w, token, sent) {
 				// The waiter gave up meanwhile: release what it was given.
 				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-				_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, false)
+				_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
 				cancel()
 			}
 		case n == 0:
@@ -322,7 +332,7 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 		return err
 	}
 	m.mu.Lock()
-	h := m.h
+	h, token := m.h, m.token
 	m.h, m.token = nil, 0
 	m.mu.Unlock()
 	if h == nil {
@@ -330,7 +340,7 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 	}
 	defer func() { <-m.sem }()
 	m.e.c.wd.setReleasing(h, true)
-	n, err := m.e.unlock(ctx, "", true)
+	n, err := m.e.unlock(ctx, "", token, true)
 	if m.e.c.wd.remove(h) || n < 0 {
 		return ErrNotHeld
 	}

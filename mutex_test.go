@@ -481,9 +481,10 @@ func TestUnreachableRedis(t *testing.T) {
 // (retry=true); or it returns a network error after the command ran
 // (retry=false), as when every retry failed.
 type lossyHook struct {
-	match func(cmd redis.Cmder) bool
-	retry bool
-	armed atomic.Bool
+	match   func(cmd redis.Cmder) bool
+	retry   bool
+	between func() // with retry: runs after the first run, before the resend
+	armed   atomic.Bool
 }
 
 func (h *lossyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -498,6 +499,9 @@ func (h *lossyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		if !h.retry {
 			cmd.SetErr(io.ErrUnexpectedEOF)
 			return io.ErrUnexpectedEOF
+		}
+		if h.between != nil {
+			h.between()
 		}
 		return next(ctx, cmd)
 	}
@@ -574,6 +578,69 @@ func TestLostReplies(t *testing.T) {
 		}
 	})
 }
+
+// TestResentReleaseSparesSameOwner: a release resent after a lost reply
+// must not release a later hold of the same owner id. Here the owner id is
+// shared (WithOwner) by handles on two Clients: the first run of an Unlock
+// releases the lock, the other handle takes it, and then the resend arrives.
+// The resend is recognised by the hold's fencing token: the later hold has
+// a new one. Without that, the resend took the lock from its new holder.
+func TestResentReleaseSparesSameOwner(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+		}
+		kinds := []struct {
+			name string
+			key  func(name string) string // a key of the release script's KEYS
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"Mutex", lockKey, func(c *redlatch.Client, n string) handle { return c.Mutex(n, redlatch.WithOwner("shared")) }},
+			{"ReentrantMutex", lockKey, func(c *redlatch.Client, n string) handle {
+				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"FairMutex", func(n string) string { return "{" + n + "}:fair" }, func(c *redlatch.Client, n string) handle {
+				return c.FairMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"RWMutex", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle {
+				return c.RWMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"RWMutex readers", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle {
+				return readers{c.RWMutex(n, redlatch.WithOwner("shared"))}
+			}},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				hook := &lossyHook{match: scriptWith(k.key(name)), retry: true}
+				rdb.AddHook(hook)
+				c := redlatch.New(rdb)
+				t.Cleanup(func() { _ = c.Close() })
+				first, second := k.make(c, name), k.make(newClient(t, b), name)
+				// Load the scripts first: a NOSCRIPT reply would spend the hook.
+				require.NoError(t, first.Lock(ctx))
+				require.NoError(t, first.Unlock(ctx))
+
+				require.NoError(t, first.Lock(ctx))
+				var took error
+				hook.between = func() { took = second.Lock(ctx) }
+				hook.armed.Store(true)
+				require.NoError(t, first.Unlock(ctx), "a resent release still succeeds")
+				require.NoError(t, took)
+				require.NoError(t, second.Unlock(ctx), "the resent release freed the later hold")
+			})
+		}
+	})
+}
+
+// readers makes an RWMutex's read side a Lock and Unlock.
+type readers struct{ *redlatch.RWMutex }
+
+func (r readers) Lock(ctx context.Context) error   { return r.RLock(ctx) }
+func (r readers) Unlock(ctx context.Context) error { return r.RUnlock(ctx) }
 
 // TestWrongType: a key of the lock's name holding foreign data gives a clear error.
 func TestWrongType(t *testing.T) {

@@ -278,7 +278,7 @@ func (r *Redlock) release(ctx context.Context, req string) {
 			defer wg.Done()
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 			defer cancel()
-			_, _ = e.unlock(cctx, req, false)
+			_, _ = e.unlock(cctx, req, 0, false)
 		}()
 	}
 	done := make(chan struct{})
@@ -629,7 +629,7 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 			defer wg.Done()
 			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
 			defer cancel()
-			n, err := e.unlock(uctx, "", false)
+			n, err := e.unlock(uctx, "", 0, false)
 			replies[i] = reply{n, err}
 		}()
 	}

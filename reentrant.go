@@ -90,10 +90,13 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 		return err
 	}
 	m.mu.Lock()
-	h := m.h
+	h, token := m.h, m.token
+	if h == nil {
+		token = 0 // the owner's hold, taken by another handle: any token
+	}
 	m.mu.Unlock()
 	m.e.c.wd.setReleasing(h, true)
-	n, err := m.e.unlock(ctx, "", true)
+	n, err := m.e.unlock(ctx, "", token, true)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	_ "embed"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -165,7 +166,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		queued       *hold // the waiting place, tracked while waiting
 	)
 	undo := func(ctx context.Context) {
-		_, _ = m.unlockW(ctx, req)
+		_, _ = m.unlockW(ctx, req, 0)
 		if block {
 			m.unqueue(ctx)
 		}
@@ -236,14 +237,20 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 // unlockW releases one write hold (or, with undo set, the hold taken by that
 // acquisition only) and returns the owner's remaining write hold count, or
 // -1 when it held none.
-func (m *RWMutex) unlockW(ctx context.Context, undo string) (int64, error) {
+func (m *RWMutex) unlockW(ctx context.Context, undo string, token int64) (int64, error) {
+	held := ""
+	if token > 0 {
+		held = strconv.FormatInt(token, 10)
+	}
 	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake},
-		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo).Int64()
+		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, held).Int64()
 	return n, convertErr(err)
 }
 
-// unlockR is unlockW for a read hold.
-func (m *RWMutex) unlockR(ctx context.Context, undo string) (int64, error) {
+// unlockR is unlockW for a read hold. Read holds have no token: a read
+// release resent after a lost reply is recognised by its request id
+// (see rw_runlock.lua).
+func (m *RWMutex) unlockR(ctx context.Context, undo string, _ int64) (int64, error) {
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake},
 		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo).Int64()
 	return n, convertErr(err)
@@ -286,12 +293,15 @@ func (m *RWMutex) RUnlock(ctx context.Context) error {
 // release is Unlock and RUnlock: like ReentrantMutex.Unlock, on the hold
 // *hp counted by *np.
 func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, token *int64,
-	script func(context.Context, string) (int64, error)) error {
+	script func(context.Context, string, int64) (int64, error)) error {
 	m.mu.Lock()
-	h := *hp
+	h, held := *hp, int64(0)
+	if h != nil && token != nil {
+		held = *token
+	}
 	m.mu.Unlock()
 	m.c.wd.setReleasing(h, true)
-	n, err := script(ctx, "")
+	n, err := script(ctx, "", held)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -344,7 +354,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	req := newID()
 	keys := []string{m.key, m.fence}
 	var sent time.Time
-	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req) }
+	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, 0) }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
 		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, m.owner, m.lease.Milliseconds(), req)

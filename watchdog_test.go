@@ -315,7 +315,10 @@ func TestGoroutinesFlat(t *testing.T) {
 			ms = append(ms, m)
 		}
 		time.Sleep(400 * time.Millisecond) // renewals ran
-		require.LessOrEqual(t, runtime.NumGoroutine(), g0+2, "goroutines grew with holds")
+		// A few goroutines come and go on their own (go-redis dials pool
+		// connections and reloads the cluster state in the background);
+		// one per lock would be 300.
+		require.LessOrEqual(t, runtime.NumGoroutine(), g0+10, "goroutines grew with holds")
 		for _, m := range append(ms, m0) {
 			require.NoError(t, m.Unlock(ctx))
 		}

@@ -11,6 +11,9 @@
 -- ARGV[6]  member of the waiter, for a withdrawal; else ""
 -- ARGV[7]  id of the calling Client: a grant to one of its own waiters is
 --          returned instead of published (see grant)
+-- ARGV[8]  fencing token of the hold the caller releases, or "" when it does
+--          not know it (see unlock.lua): a hold with another token is not
+--          the caller's, even when its owner id is
 --
 -- Returns {count, grant}: count is the owner's remaining hold count (0: the
 -- lock was released and handed to the queue head, if any), or -1 when the
@@ -42,7 +45,7 @@ if ARGV[5] ~= '' then
     return reply(-1) -- it holds nothing: queued, failed, or not arrived
   end
 end
-if v[1] ~= ARGV[3] then
+if v[1] ~= ARGV[3] or (ARGV[8] ~= '' and tonumber(v[6]) ~= tonumber(ARGV[8])) then
   local f = redis.call('GET', KEYS[4])
   if fence_release(f) == ARGV[4] then
     -- A retry: its first run may have granted the lock to a waiter of

@@ -16,7 +16,9 @@
 --              release (a handoff): written after the token
 --   last       the fence key's value when the caller read it already (false:
 --              no key), or nil to have next_token read it
--- The tombstone is kept.
+-- The tombstone is kept, and so is the last release unless suffix replaces
+-- it: a release resent after a lost reply is still recognised (see
+-- fence_release) once the lock is taken again.
 -- token_str(token) returns a token as a decimal string, for concatenation:
 -- Lua's own number-to-string conversion loses digits past 14.
 --
@@ -39,14 +41,14 @@ local function next_token(fence, retention, suffix, last)
   if last == nil then
     last = redis.call('GET', fence)
   end
-  local tomb
+  local keep = ''
   if last then
-    local digits = string.match(last, '^[^:|]+')
-    if digits then
-      token = tonumber(digits)
-    end
-    if string.find(last, '|', 1, true) then
-      tomb = string.match(last, '|.*$')
+    local digits, rest = string.match(last, '^([^:|]*)(.*)$')
+    token = tonumber(digits)
+    if suffix then
+      keep = string.match(rest, '|.*$') or ''
+    else
+      keep = rest
     end
   end
   local now = redis.call('TIME')
@@ -56,8 +58,8 @@ local function next_token(fence, retention, suffix, last)
   else
     token = clock
   end
-  if suffix or tomb then
-    redis.call('SET', fence, string.format('%.0f', token) .. (suffix or '') .. (tomb or ''), 'PX', retention)
+  if suffix or keep ~= '' then
+    redis.call('SET', fence, string.format('%.0f', token) .. (suffix or '') .. keep, 'PX', retention)
   else
     redis.call('SET', fence, token, 'PX', retention)
   end

@@ -35,6 +35,12 @@ if not c then
   end
   return -1
 end
+-- A full release seen already: resent after a lost reply, once the owner
+-- (another handle sharing its id, or another goroutine) read again.
+if rw_was_released(s, KEYS[2], req) then
+  rw_commit(s)
+  return 0
+end
 if f['ru:' .. o] == req then
   rw_commit(s)
   return c

@@ -12,6 +12,9 @@
 -- ARGV[4]  fence retention, ms
 -- ARGV[5]  "" for an Unlock; for an undo, the request id of the acquisition
 --          to undo: a hold is released only if that acquisition took it
+-- ARGV[6]  fencing token of the write hold the caller releases, or "" when
+--          it does not know it (see unlock.lua): a write hold with another
+--          token is not the caller's, even when its owner id is
 --
 -- Returns the owner's remaining write hold count, or -1 when ARGV[1] does not
 -- hold the write lock. The last write hold's release wakes every local reader
@@ -29,7 +32,7 @@ if ARGV[5] ~= '' then
     return -1
   end
 end
-if f.w ~= o then
+if f.w ~= o or (ARGV[6] ~= '' and tonumber(f.t) ~= tonumber(ARGV[6])) then
   local done = rw_was_released(s, KEYS[2], req)
   rw_commit(s)
   if done then

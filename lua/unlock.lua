@@ -19,6 +19,10 @@
 -- ARGV[9]  "1" when the Client releasing the lock has waiters of its own for
 --          it: a release then publishes a wake-up even when no attempt failed
 --          during the hold (the hash's w field, see lock.lua)
+-- ARGV[10] fencing token of the hold the caller releases, or "" when it does
+--          not know it: a hold with another token is not the caller's, even
+--          when its owner id is (a later hold of the same owner, taken after
+--          this very call released the caller's, whose reply was lost)
 --
 -- Returns {count, token[, receivers]}: count is the owner's remaining hold
 -- count (0: the lock was released and one waiter per Client is woken, or it
@@ -41,7 +45,7 @@ if ARGV[5] ~= '' then
     return {-1, 0} -- it holds nothing: it failed, or it has not arrived
   end
 end
-if v[1] ~= ARGV[1] then
+if v[1] ~= ARGV[1] or (ARGV[10] ~= '' and tonumber(v[5]) ~= tonumber(ARGV[10])) then
   if fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
     return {0, 0}
   end
