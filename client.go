@@ -2,9 +2,12 @@ package redlatch
 
 import (
 	"context"
+	"crypto/rand"
 	_ "embed"
+	"encoding/base64"
 	"io"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -286,8 +289,33 @@ func redisMajor(info string) int {
 	return n
 }
 
-// newID returns a fresh random identifier for owners and requests.
-func newID() string { return uuid.NewString() }
+// newID returns a fresh identifier for a request (or a waiter, a permit
+// record, a Client's channel): unique across processes and calls, in the
+// characters [A-Za-z0-9_.-], which the scripts' separators (':' and '|')
+// avoid. It is this process's random prefix (96 bits from crypto/rand,
+// drawn once) followed by a counter, so a call costs no random read; two
+// processes share a prefix with a chance of about n²/2⁹⁷ among n of them.
+func newID() string {
+	var b strings.Builder
+	b.Grow(len(idPrefix) + 13) // 13: the longest uint64 in base 36
+	b.WriteString(idPrefix)
+	var digits [13]byte
+	b.Write(strconv.AppendUint(digits[:0], idSeq.Add(1), 36))
+	return b.String()
+}
+
+var (
+	idPrefix = func() string {
+		var b [12]byte
+		_, _ = rand.Read(b[:]) // never fails (crypto/rand, Go ≥ 1.24)
+		return base64.RawURLEncoding.EncodeToString(b[:]) + "."
+	}()
+	idSeq atomic.Uint64
+)
+
+// newOwnerID returns a fresh random owner id, the default identity of a
+// handle.
+func newOwnerID() string { return uuid.NewString() }
 
 // LockOption configures a lock, semaphore or Redlock handle.
 type LockOption func(*lockOptions)
@@ -344,7 +372,7 @@ func newLockOptions(name string, opts []LockOption) lockOptions {
 		o.err = invalidArg("name", "is empty")
 	}
 	if o.owner == "" {
-		o.owner = newID()
+		o.owner = newOwnerID()
 	}
 	return o
 }

@@ -61,12 +61,11 @@ end
 local local_client, local_grant, fence_suffix
 local function grant(now)
   while true do
-    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    local head = redis.call('ZPOPMIN', KEYS[2])[1]
     if not head then
       return nil
     end
     local exp = redis.call('ZSCORE', KEYS[3], head)
-    redis.call('ZREM', KEYS[2], head)
     redis.call('ZREM', KEYS[3], head)
     local id, lease, wl, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then

@@ -20,14 +20,20 @@
 -- A waiter withdrawn before this attempt reached Redis (its tombstone is in
 -- the fence key, see fence.lua) takes nothing and does not queue: its
 -- caller is gone.
-if fence_undone(redis.call('GET', KEYS[4]), ARGV[3]) then
+local fence = redis.call('GET', KEYS[4])
+if fence_undone(fence, ARGV[3]) then
   return {0, 1, 0}
 end
 local now = now_ms()
-settle(now)
+-- settle, reading the hold once when it stands
+evict(now)
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
+if not v[1] and grant(now) then
+  fence = nil -- grant wrote it
+  v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
+end
 local id, member, owner = ARGV[3], ARGV[4], ARGV[5]
 local wl = tonumber(ARGV[7])
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
 if v[1] == owner then
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
@@ -45,7 +51,7 @@ if v[1] == owner then
 end
 if not v[1] then
   -- Free: settle left the queue empty, so no one is passed over.
-  local token = token_str(next_token(KEYS[4], ARGV[2]))
+  local token = token_str(next_token(KEYS[4], ARGV[2], nil, fence))
   redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   redis.call('ZREM', KEYS[2], member)
