@@ -1,11 +1,12 @@
 -- fence.lua: prelude of every script that issues fencing tokens.
 --
--- The fence key of a lock name holds "<last token>[:<release>][|<undone>]":
--- the last fencing token issued (empty when unknown), the request id of
--- the last full release (so a retried release is recognised), and the
--- request id of the last acquisition whose undo found nothing to undo (a
--- tombstone: that acquisition may still reach Redis late, stuck in a slow
--- link, and must not take the lock then; see lock.lua and unlock.lua).
+-- The fence key of a lock name holds
+-- "<last token>[:<release>][|<undone>...]": the last fencing token issued
+-- (empty when unknown), the request id of the last full release (so a
+-- retried release is recognised), and the request ids of the last
+-- tombstones_kept acquisitions undone, oldest first (tombstones: such an
+-- acquisition may still reach Redis late, stuck in a slow link, and must
+-- not take the lock then; see lock.lua and unlock.lua).
 --
 -- next_token(fence, retention[, suffix[, last]]) returns the next fencing
 -- token of a lock name, as a Lua number. KEYS and ARGV: none of its own;
@@ -73,8 +74,10 @@ local function fence_release(v)
 end
 
 -- fence_undone reports whether the fence value v holds req's tombstone.
+-- (One request id may be a prefix of another: the match is whole.)
 local function fence_undone(v, req)
-  return v and string.find(v, '|', 1, true) and string.match(v, '|(.*)$') == req
+  local p = v and string.find(v, '|', 1, true)
+  return p and string.find(string.sub(v, p) .. '|', '|' .. req .. '|', 1, true) ~= nil
 end
 
 -- fence_set_release records a full release: the hold's token, the
@@ -87,12 +90,27 @@ local function fence_set_release(fence, token, req, retention)
   end
 end
 
--- fence_tombstone records req as an acquisition undone before it ran: the
--- lock scripts refuse it from now on. One tombstone is kept per name.
+-- fence_tombstone records req as an acquisition undone: the lock scripts
+-- refuse it from now on. The last tombstones_kept of them are kept per
+-- name; an older one is dropped (its request, if it is still on the way
+-- after that many later undos, takes a hold no one renews or releases,
+-- which ends with its lease).
+local tombstones_kept = 8
 local function fence_tombstone(fence, req, retention)
   local v = redis.call('GET', fence) or ''
   local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
-  redis.call('SET', fence, string.match(v, '^[^|]*') .. '|' .. req, 'PX', ttl)
+  local head, tombs = string.match(v, '^([^|]*)(.*)$')
+  local ids = {}
+  for id in string.gmatch(tombs, '[^|]+') do
+    if id ~= req then
+      ids[#ids + 1] = id
+    end
+  end
+  while #ids >= tombstones_kept do
+    table.remove(ids, 1)
+  end
+  ids[#ids + 1] = req
+  redis.call('SET', fence, head .. '|' .. table.concat(ids, '|'), 'PX', ttl)
 end
 
 local function token_str(token)
