@@ -141,7 +141,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err
 	}
-	token, count, sent, ok, err := f.acquire(ctx, block)
+	token, _, sent, ok, err := f.acquire(ctx, block)
 	if !ok {
 		return false, err
 	}
@@ -152,9 +152,9 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 		f.h, f.n = f.c.wd.add(f.name, f.key, 'h', f.owner, f.lease, f.renew, sent), 0
 	}
 	f.n++
-	if count == 1 || f.token == 0 {
-		f.token = token
-	}
+	// The token of the hold in Redis now: a re-entry reports the token the
+	// hold had; a hold taken again after a loss, a new one (Unlock names it).
+	f.token = token
 	return true, nil
 }
 

@@ -770,3 +770,50 @@ func lateAttempt(t *testing.T, ctx context.Context, proxy *redistest.Proxy, atte
 	require.Error(t, err)
 	proxy.Release()
 }
+
+// TestReentryAfterLossTakesNewToken: a reentrant handle whose hold was lost
+// and which then re-enters a hold that another handle of the same owner id
+// took meanwhile adopts that hold's fencing token, so its Unlock (which
+// names the token) releases its share of it.
+func TestReentryAfterLossTakesNewToken(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+			Token() int64
+			IsLocked(context.Context) (bool, error)
+			ForceUnlock(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name string
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
+				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				c := newClient(t, b)
+				first, second := k.make(c, name), k.make(c, name)
+				require.NoError(t, first.Lock(ctx))
+				old := first.Token()
+				_, err := first.ForceUnlock(ctx) // first's hold is lost
+				require.NoError(t, err)
+				require.NoError(t, second.Lock(ctx))
+				require.NoError(t, first.Lock(ctx)) // re-enters second's hold
+				require.Greater(t, first.Token(), old)
+				require.Equal(t, second.Token(), first.Token())
+				require.NoError(t, first.Unlock(ctx))
+				require.NoError(t, second.Unlock(ctx))
+				locked, err := first.IsLocked(ctx)
+				require.NoError(t, err)
+				require.False(t, locked, "a hold count was left behind")
+			})
+		}
+	})
+}

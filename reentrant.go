@@ -58,7 +58,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	queue := m.n == 0 && !m.e.shared
 	m.mu.Unlock()
-	token, count, sent, ok, err := m.e.lock(ctx, block, queue)
+	token, _, sent, ok, err := m.e.lock(ctx, block, queue)
 	if !ok {
 		return false, err
 	}
@@ -73,9 +73,9 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		m.h, m.n = m.e.track(sent), 0
 	}
 	m.n++
-	if count == 1 || m.token == 0 {
-		m.token = token
-	}
+	// The token of the hold in Redis now: a re-entry reports the token the
+	// hold had; a hold taken again after a loss, a new one (Unlock names it).
+	m.token = token
 	return true, nil
 }
 

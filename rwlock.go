@@ -160,10 +160,10 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		wait = c.opts.watchdogTimeout.Milliseconds()
 	}
 	var (
-		token, count int64
-		sent         time.Time
-		upgrade      bool
-		queued       *hold // the waiting place, tracked while waiting
+		token   int64
+		sent    time.Time
+		upgrade bool
+		queued  *hold // the waiting place, tracked while waiting
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, 0)
@@ -185,7 +185,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
-			token, count = res[1], res[2]
+			token = res[1]
 			return true, 0, nil
 		case 2:
 			upgrade = true
@@ -228,9 +228,9 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		m.wh, m.wn = c.wd.add(m.name, m.key, 'f', m.wfield, m.lease, m.renew, sent), 0
 	}
 	m.wn++
-	if count == 1 || m.token == 0 {
-		m.token = token
-	}
+	// The token of the hold in Redis now: a re-entry reports the token the
+	// hold had; a hold taken again after a loss, a new one (Unlock names it).
+	m.token = token
 	return true, nil
 }
 
