@@ -64,7 +64,7 @@ func (p *pubsub) healthInterval() time.Duration {
 // lease).
 type pubsub struct {
 	c  *Client
-	id string // random: names per-Client channels (FairMutex)
+	id string // unique (newID): names per-Client channels (FairMutex)
 
 	mu      sync.Mutex
 	nodes   map[string]*psNode // by master address; "" when not sharded

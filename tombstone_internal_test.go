@@ -51,3 +51,38 @@ func TestTombstonesKept(t *testing.T) {
 		require.False(t, ok, "the release dropped the tombstones")
 	})
 }
+
+// TestTombstonesKeptShared: the primitives of one name share its fence key,
+// and a semaphore record ("<owner>|<request id>|<n>", the owner id may hold
+// '|') takes one tombstone slot like any request: a Mutex undo followed by
+// semaphore undos stays refused, and so do the semaphore records.
+func TestTombstonesKeptShared(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c := New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		e := newExcl(c, name, false, []LockOption{WithLease(time.Minute)})
+		s := c.Semaphore(name, 3, WithOwner("a|b"), WithLease(time.Minute))
+
+		n, err := e.unlock(ctx, "late-mutex", 0, false)
+		require.NoError(t, err)
+		require.EqualValues(t, -1, n)
+		var records []string
+		for i := range 4 {
+			member := s.owner + "|late-sem-" + strconv.Itoa(i) + "|1"
+			records = append(records, member)
+			_, err := s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
+			require.NoError(t, err)
+		}
+		ok, _, _, _, err := e.attempt(ctx, "late-mutex")
+		require.NoError(t, err)
+		require.False(t, ok, "the Mutex tombstone was pushed out by semaphore records")
+		for _, member := range records {
+			res, err := semAcquireScript.Run(ctx, c.rdb, []string{s.key, s.fence}, member, 1, 3, 60000).Int64Slice()
+			require.NoError(t, err)
+			require.Zero(t, res[0], "%s took permits after its undo", member)
+		}
+	})
+}

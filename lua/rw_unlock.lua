@@ -2,8 +2,9 @@
 -- acquisition whose reply was lost.
 --
 -- KEYS[1]  lock hash (see rw_common.lua)
--- KEYS[2]  fence key of the lock name: "<token>:<request id>" after a full
---          release that left no hash (see rw_common.lua)
+-- KEYS[2]  fence key of the lock name: the last token, the request id of
+--          the last full release that left no hash (see rw_common.lua) and
+--          the tombstones (see fence.lua)
 -- KEYS[3]  readers' wake-up channel
 -- KEYS[4]  writers' wake-up channel
 -- ARGV[1]  owner id

@@ -18,7 +18,7 @@
 --
 -- A record seen again means the reply to an earlier run of this very call was
 -- lost (the client retried): its permits are reported again, not taken twice.
-if fence_undone(redis.call('GET', KEYS[2]), ARGV[1]) then
+if fence_undone(redis.call('GET', KEYS[2]), sem_req(ARGV[1])) then
   return {0, 1}
 end
 local now = sem_now()

@@ -25,6 +25,12 @@ local function sem_n(member)
   return tonumber(string.match(member, '|(%d+)$')) or 0
 end
 
+-- sem_req returns the request id of a record, its tombstone in the fence
+-- key (see fence.lua), taken from the end: an owner id may contain '|'.
+local function sem_req(member)
+  return string.match(member, '|([^|]*)|%d+$') or member
+end
+
 -- sem_reclaim removes the records expired at now and returns the permits in
 -- use by the live ones.
 local function sem_reclaim(key, now)

@@ -5,7 +5,8 @@
 -- KEYS[2]  wake-up channel of the semaphore
 -- KEYS[3]  fence key of the name: a record to remove that is not in the set
 --          (expired, or an acquisition undone before it reached Redis) gets
---          a tombstone there, so that it takes nothing if it comes late
+--          a tombstone there, its request id (see sem_req), so that it takes
+--          nothing if it comes late
 -- ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 -- ARGV[2]  request id: unique per Release call, reused by its retries
 -- ARGV[3]  request id of the handle's previous Release, or ''
@@ -41,7 +42,7 @@ for i = 8, #ARGV do
   if not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     -- Gone, or not there yet: an acquisition undone before it reached
     -- Redis must take nothing when it comes late.
-    fence_tombstone(KEYS[3], ARGV[i], ARGV[7])
+    fence_tombstone(KEYS[3], sem_req(ARGV[i]), ARGV[7])
   end
 end
 if not exists then

@@ -2,8 +2,8 @@
 -- or undo an acquisition whose reply was lost.
 --
 -- KEYS[1]  lock hash (see lock.lua)
--- KEYS[2]  fence key of the lock name: "<token>:<request id of the last full
---          release>" after a release (see fence.lua)
+-- KEYS[2]  fence key of the lock name: the last token, the request id of
+--          the last full release and the tombstones (see fence.lua)
 -- KEYS[3]  wake-up channel of the lock
 -- ARGV[1]  owner id
 -- ARGV[2]  request id: unique per Unlock call, reused by its retries
