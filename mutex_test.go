@@ -641,6 +641,7 @@ type readers struct{ *redlatch.RWMutex }
 
 func (r readers) Lock(ctx context.Context) error   { return r.RLock(ctx) }
 func (r readers) Unlock(ctx context.Context) error { return r.RUnlock(ctx) }
+func (r readers) Lost() <-chan struct{}            { return r.RLost() }
 
 // TestWrongType: a key of the lock's name holding foreign data gives a clear error.
 func TestWrongType(t *testing.T) {
@@ -813,6 +814,62 @@ func TestReentryAfterLossTakesNewToken(t *testing.T) {
 				locked, err := first.IsLocked(ctx)
 				require.NoError(t, err)
 				require.False(t, locked, "a hold count was left behind")
+			})
+		}
+	})
+}
+
+// TestLockDuringUnlockStaysTracked: on a reentrant handle shared by
+// goroutines, an Unlock that releases the lock and a Lock that takes it anew
+// before that Unlock's reply is back must leave the new hold tracked: its
+// watchdog renews it and Lost reports it. Here the Unlock's reply is lost
+// and resent (the resend changes nothing: the new hold has another token),
+// and the Lock runs in between.
+func TestLockDuringUnlockStaysTracked(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+			Lost() <-chan struct{}
+			IsLocked(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name string
+			key  func(name string) string // a key of the release script's KEYS
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"ReentrantMutex", lockKey, func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
+			{"FairMutex", func(n string) string { return "{" + n + "}:fair" }, func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
+			{"RWMutex", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
+			{"RWMutex readers", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle {
+				return readers{c.RWMutex(n)}
+			}},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				hook := &lossyHook{match: scriptWith(k.key(name)), retry: true}
+				rdb.AddHook(hook)
+				c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+				t.Cleanup(func() { _ = c.Close() })
+				m := k.make(c, name)
+				require.NoError(t, m.Lock(ctx)) // scripts loaded
+				require.NoError(t, m.Unlock(ctx))
+
+				require.NoError(t, m.Lock(ctx))
+				var took error
+				hook.between = func() { took = m.Lock(ctx) }
+				hook.armed.Store(true)
+				require.NoError(t, m.Unlock(ctx))
+				require.NoError(t, took)
+				require.NotNil(t, m.Lost(), "the new hold is not tracked")
+				time.Sleep(time.Second) // three watchdog timeouts: only renewal keeps it
+				locked, err := m.IsLocked(ctx)
+				require.NoError(t, err)
+				require.True(t, locked, "the new hold was not renewed")
+				require.NoError(t, m.Unlock(ctx))
 			})
 		}
 	})

@@ -160,10 +160,10 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		wait = c.opts.watchdogTimeout.Milliseconds()
 	}
 	var (
-		token   int64
-		sent    time.Time
-		upgrade bool
-		queued  *hold // the waiting place, tracked while waiting
+		token, count int64
+		sent         time.Time
+		upgrade      bool
+		queued       *hold // the waiting place, tracked while waiting
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, 0)
@@ -185,7 +185,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
-			token = res[1]
+			token, count = res[1], res[2]
 			return true, 0, nil
 		case 2:
 			upgrade = true
@@ -223,7 +223,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.wh == nil || m.wh.isLost() {
+	if m.wh == nil || m.wh.isLost() || count == 1 { // see ReentrantMutex.lock
 		c.wd.remove(m.wh)
 		m.wh, m.wn = c.wd.add(m.name, m.key, 'f', m.wfield, m.lease, m.renew, sent), 0
 	}
@@ -353,7 +353,10 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	c := m.c
 	req := newID()
 	keys := []string{m.key, m.fence}
-	var sent time.Time
+	var (
+		sent  time.Time
+		count int64
+	)
 	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, 0) }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
@@ -366,6 +369,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
+			count = res[1]
 			return true, 0, nil
 		}
 		return false, c.retryBound(res[1]), nil
@@ -376,7 +380,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.rh == nil || m.rh.isLost() {
+	if m.rh == nil || m.rh.isLost() || count == 1 { // see ReentrantMutex.lock
 		c.wd.remove(m.rh)
 		m.rh, m.rn = c.wd.add(m.name, m.key, 'f', m.rfield, m.lease, m.renew, sent), 0
 	}
