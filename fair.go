@@ -141,13 +141,13 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err
 	}
-	token, count, sent, ok, err := f.acquire(ctx, block)
+	token, _, sent, ok, err := f.acquire(ctx, block)
 	if !ok {
 		return false, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.h == nil || f.h.isLost() || count == 1 { // see ReentrantMutex.lock
+	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.remove(f.h)
 		f.h, f.n = f.c.wd.add(f.name, f.key, 'h', f.owner, f.lease, f.renew, sent), 0
 	}

@@ -58,19 +58,20 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	queue := m.n == 0 && !m.e.shared
 	m.mu.Unlock()
-	token, count, sent, ok, err := m.e.lock(ctx, block, queue)
+	token, _, sent, ok, err := m.e.lock(ctx, block, queue)
 	if !ok {
 		return false, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.h == nil || m.h.isLost() || count == 1 {
+	if m.h == nil || m.h.isLost() || token != m.token {
 		// A new hold for this handle: its first, or a fresh one after its
 		// previous hold was lost, or after a concurrent Unlock released it
-		// (count 1: Redis took the lock anew; that Unlock, finding another
-		// hold tracked, leaves it alone). (count may exceed 1 when another
-		// handle of the same owner, or a concurrent Lock on this one, holds
-		// it too; each tracks the hold it took.)
+		// (a new token: Redis took the lock anew; that Unlock, finding
+		// another hold tracked, leaves it alone). The token, not the count,
+		// tells: two concurrent Locks of one hold may be processed here in
+		// either order. (The count may exceed 1 when another handle of the
+		// same owner holds it too; each tracks the hold it took.)
 		m.e.c.wd.remove(m.h)
 		m.h, m.n = m.e.track(sent), 0
 	}

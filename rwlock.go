@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	_ "embed"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -103,6 +104,9 @@ type RWMutex struct {
 	token int64
 	rh    *hold // this handle's read hold
 	rn    int   // read holds taken through this handle
+	// rbegun is the request id that began the owner's read hold tracked by
+	// rh (see rw_rlock.lua): another one means a new read hold.
+	rbegun string
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -160,10 +164,10 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		wait = c.opts.watchdogTimeout.Milliseconds()
 	}
 	var (
-		token, count int64
-		sent         time.Time
-		upgrade      bool
-		queued       *hold // the waiting place, tracked while waiting
+		token   int64
+		sent    time.Time
+		upgrade bool
+		queued  *hold // the waiting place, tracked while waiting
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, 0)
@@ -185,7 +189,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
-			token, count = res[1], res[2]
+			token = res[1]
 			return true, 0, nil
 		case 2:
 			upgrade = true
@@ -223,7 +227,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.wh == nil || m.wh.isLost() || count == 1 { // see ReentrantMutex.lock
+	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
 		c.wd.remove(m.wh)
 		m.wh, m.wn = c.wd.add(m.name, m.key, 'f', m.wfield, m.lease, m.renew, sent), 0
 	}
@@ -355,24 +359,34 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	keys := []string{m.key, m.fence}
 	var (
 		sent  time.Time
-		count int64
+		begun string // the request id that began the read hold
 	)
 	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, 0) }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
 		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, m.owner, m.lease.Milliseconds(), req)
-		res, err := cmd.Int64Slice()
+		res, err := cmd.Slice()
 		if err != nil {
 			return false, 0, err
 		}
-		if res[0] == 1 {
+		if len(res) < 2 {
+			return false, 0, fmt.Errorf("%w: read lock reply %v", ErrWrongType, res)
+		}
+		status, _ := res[0].(int64)
+		n, ok := res[1].(int64)
+		if !ok {
+			return false, 0, fmt.Errorf("%w: read lock reply %v", ErrWrongType, res)
+		}
+		if status == 1 {
+			if len(res) > 2 {
+				begun, _ = res[2].(string)
+			}
 			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
-			count = res[1]
 			return true, 0, nil
 		}
-		return false, c.retryBound(res[1]), nil
+		return false, c.retryBound(n), nil
 	}
 	ok, err := c.acquire(ctx, m.rwake, block, false, try, undo, nil)
 	if !ok {
@@ -380,10 +394,11 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.rh == nil || m.rh.isLost() || count == 1 { // see ReentrantMutex.lock
+	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
 		c.wd.remove(m.rh)
 		m.rh, m.rn = c.wd.add(m.name, m.key, 'f', m.rfield, m.lease, m.renew, sent), 0
 	}
+	m.rbegun = begun
 	m.rn++
 	return true, nil
 }

@@ -9,6 +9,8 @@
 --   rc:<o>   reader o's hold count            re:<o>  reader o's lease expiry, server ms
 --   rq:<o>   request id of reader o's last acquisition
 --   ru:<o>   request id of reader o's last partial release
+--   rg:<o>   request id of the acquisition that began reader o's read hold
+--            (its count went from 0 to 1): tells one read hold from the next
 --   ww:<o>   writer o is waiting, until this server ms: while a writer waits,
 --            new readers queue behind it
 --   rr       request ids of the last few full releases, space-separated
@@ -50,7 +52,7 @@ local function rw_drop_writer(s)
 end
 
 local function rw_drop_reader(s, o)
-  for _, p in ipairs({'rc:', 're:', 'rq:', 'ru:'}) do
+  for _, p in ipairs({'rc:', 're:', 'rq:', 'ru:', 'rg:'}) do
     rw_del(s, p .. o)
   end
 end

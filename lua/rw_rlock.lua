@@ -7,9 +7,11 @@
 -- ARGV[2]  lease, ms
 -- ARGV[3]  request id: unique per RLock or TryRLock call, reused by its retries
 --
--- Returns {1, count} when ARGV[1] holds the read lock after the call (its read
--- hold count), or {0, retry} when a writer holds the lock or waits for it,
--- retry being the ms until that writer's lease or waiting place runs out.
+-- Returns {1, count, begun} when ARGV[1] holds the read lock after the call
+-- (its read hold count, and the request id that began this read hold: a
+-- new one after a release), or {0, retry} when a writer holds the lock or
+-- waits for it, retry being the ms until that writer's lease or waiting
+-- place runs out.
 --
 -- A reader already holding the read lock, or holding the write lock (a
 -- downgrade), is let in even when writers wait: it would otherwise wait for
@@ -22,17 +24,21 @@ local f, o, req = s.f, ARGV[1], ARGV[3]
 local c = tonumber(f['rc:' .. o])
 if c and f['rq:' .. o] == req then
   rw_commit(s)
-  return {1, c}
+  return {1, c, f['rg:' .. o] or ''}
 end
 local _, waiting, _, wmin = rw_scan(s)
 if c or f.w == o or (not f.w and waiting == 0) then
+  if not c then
+    rw_set(s, 'rg:' .. o, req)
+  end
   c = (c or 0) + 1
   local exp = s.now + tonumber(ARGV[2])
   rw_set(s, 'rc:' .. o, tostring(c))
   rw_set(s, 'rq:' .. o, req)
   rw_set(s, 're:' .. o, rw_ms(math.max(exp, tonumber(f['re:' .. o]) or 0)))
+  local begun = f['rg:' .. o] or ''
   rw_commit(s)
-  return {1, c}
+  return {1, c, begun}
 end
 local until_ = wmin
 if f.w then
