@@ -149,7 +149,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.remove(f.h)
-		f.h, f.n = f.c.wd.add(f.name, f.key, 'h', f.owner, f.lease, f.renew, sent), 0
+		f.h, f.n = f.c.wd.add(f.name, f.key, exclKind(token), exclMember(f.owner, token), f.lease, f.renew, sent), 0
 	}
 	f.n++
 	// The token of the hold in Redis now: a re-entry reports the token the

@@ -192,9 +192,28 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	return n, nil
 }
 
-// track starts the watchdog's tracking of a new hold.
-func (e *excl) track(sent time.Time) *hold {
-	return e.c.wd.add(e.name, e.key, 'h', e.owner, e.lease, e.renew, sent)
+// track starts the watchdog's tracking of a new hold, taken at sent with
+// fencing token token. With a token (0: unknown), renewal checks it too:
+// a later hold of the same owner id, taken after this one was lost, does
+// not keep this one alive.
+func (e *excl) track(sent time.Time, token int64) *hold {
+	return e.c.wd.add(e.name, e.key, exclKind(token), exclMember(e.owner, token), e.lease, e.renew, sent)
+}
+
+// exclKind and exclMember describe a hold of a lock hash to the watchdog
+// (see lua/renew.lua).
+func exclKind(token int64) byte {
+	if token > 0 {
+		return 't'
+	}
+	return 'h'
+}
+
+func exclMember(owner string, token int64) string {
+	if token > 0 {
+		return strconv.FormatInt(token, 10) + ":" + owner
+	}
+	return owner
 }
 
 func (e *excl) ttl(ctx context.Context) (time.Duration, error) {
@@ -315,7 +334,7 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 		<-m.sem
 		return false, err
 	}
-	h := m.e.track(sent)
+	h := m.e.track(sent, token)
 	m.mu.Lock()
 	m.h, m.token = h, token
 	m.mu.Unlock()

@@ -478,7 +478,7 @@ func (r *Redlock) track(rd *round) {
 	}
 	for i, e := range r.nodes {
 		if rd.granted[i] {
-			h.holds[i] = e.track(rd.start)
+			h.holds[i] = e.track(rd.start, 0) // per-master tokens: not kept
 		}
 	}
 	r.mu.Lock()

@@ -73,7 +73,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// either order. (The count may exceed 1 when another handle of the
 		// same owner holds it too; each tracks the hold it took.)
 		m.e.c.wd.remove(m.h)
-		m.h, m.n = m.e.track(sent), 0
+		m.h, m.n = m.e.track(sent, token), 0
 	}
 	m.n++
 	// The token of the hold in Redis now: a re-entry reports the token the

@@ -29,8 +29,8 @@ const renewBatch = 100
 type hold struct {
 	name   string // the primitive's name, for logs
 	key    string // the key whose lease this is
-	kind   byte   // 'h', 'z' or 'f', see lua/renew.lua
-	member string // owner id ('h') or sorted-set member ('z')
+	kind   byte   // 'h', 't', 'z' or 'f', see lua/renew.lua
+	member string // owner id ('h'), "<token>:<owner id>" ('t'), sorted-set member ('z') or field ('f')
 	lease  time.Duration
 	renew  bool // renewed by the watchdog; false for WithLease holds
 
@@ -292,7 +292,7 @@ func (w *watchdog) renewAll() {
 			if res[j] == 1 {
 				h.deadline = sent.Add(h.lease)
 			} else if res[j] == 0 {
-				w.loseLocked(h, "renewal found the hold gone or taken by another owner")
+				w.loseLocked(h, "renewal found the hold gone or replaced by another")
 			}
 		}
 	}

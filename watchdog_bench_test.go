@@ -45,7 +45,7 @@ func BenchmarkRenewal10k(b *testing.B) {
 		e := m.e
 		// Take the locks in one pipeline; then track them as Lock would.
 		lockScript.Eval(ctx, pipe, []string{e.key, e.fence}, e.owner, e.lease.Milliseconds(), newID(), "0", fenceRetention(e.lease))
-		e.track(time.Now())
+		e.track(time.Now(), 0)
 	}
 	if _, err := pipe.Exec(ctx); err != nil {
 		b.Fatal(err)

@@ -363,3 +363,48 @@ func TestDoCancelsOnLoss(t *testing.T) {
 		require.NoError(t, redlatch.Do(ctx, m, func(context.Context) error { return nil }))
 	})
 }
+
+// TestLostWhenSameOwnerRetakes: a hold lost while another handle of the
+// same owner id takes the lock at once is still reported lost: renewal
+// checks the hold's fencing token, not the owner id alone, so the later
+// hold does not keep the lost one alive.
+func TestLostWhenSameOwnerRetakes(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+			Lost() <-chan struct{}
+			ForceUnlock(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name string
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"Mutex", func(c *redlatch.Client, n string) handle { return c.Mutex(n, redlatch.WithOwner("shared")) }},
+			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
+				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				c := newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+				first, second := k.make(c, name), k.make(newClient(t, b), name)
+				require.NoError(t, first.Lock(ctx))
+				lost := first.Lost()
+				_, err := first.ForceUnlock(ctx)
+				require.NoError(t, err)
+				require.NoError(t, second.Lock(ctx))
+				select {
+				case <-lost:
+				case <-time.After(3 * time.Second): // ten renewal periods
+					t.Fatal("the lost hold was renewed through the later hold of its owner id")
+				}
+				require.ErrorIs(t, first.Unlock(ctx), redlatch.ErrNotHeld)
+				require.NoError(t, second.Unlock(ctx))
+			})
+		}
+	})
+}

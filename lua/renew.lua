@@ -3,6 +3,9 @@
 -- KEYS[i]      a held key (all KEYS of one call are in one cluster slot)
 -- ARGV[3i-2]   kind of hold on KEYS[i]:
 --                'h'  exclusive lock hash, held while its field o = owner
+--                't'  the same, held while o = owner and its fencing token
+--                     t = token too (a later hold of the same owner id,
+--                     taken after this one was lost, is not this one)
 --                'z'  sorted set of leased entries (permits, read holds,
 --                     queue places), held while the member exists; its score
 --                     is the entry's expiry in server ms
@@ -10,7 +13,8 @@
 --                     held while the field exists and its value, the expiry
 --                     in server ms, has not passed; renewal sets it to
 --                     now + lease and extends the hash's TTL to the lease
--- ARGV[3i-1]   owner id ('h'), member ('z') or field name ('f')
+-- ARGV[3i-1]   owner id ('h'), "<token>:<owner id>" ('t'), member ('z')
+--              or field name ('f')
 -- ARGV[3i]     lease, ms
 --
 -- Returns an array with, for each key, 1 when the hold was renewed or 0 when
@@ -23,6 +27,13 @@ for i, key in ipairs(KEYS) do
   if kind == 'h' then
     local o = redis.pcall('HGET', key, 'o')
     if o == owner then
+      redis.call('PEXPIRE', key, lease)
+      ok = 1
+    end
+  elseif kind == 't' then
+    local token, o = string.match(owner, '^(%d+):(.*)$')
+    local v = redis.pcall('HMGET', key, 'o', 't')
+    if v[1] == o and tonumber(v[2]) == tonumber(token) then
       redis.call('PEXPIRE', key, lease)
       ok = 1
     end
