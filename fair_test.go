@@ -477,11 +477,7 @@ func TestFairLostReplies(t *testing.T) {
 		ctx := ctxT(t, 20*time.Second)
 		name := redistest.UniqueName(t)
 		const owner = "lossy-owner"
-		rdb := b.Client(t)
-		hook := &lossyHook{match: scriptWith(owner)}
-		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, hook := lossyClient(t, b, scriptWith(owner), false)
 		m := c.FairMutex(name, redlatch.WithOwner(owner))
 		// Load the scripts first: a NOSCRIPT reply would spend the hook.
 		require.NoError(t, m.Lock(ctx))

@@ -189,11 +189,7 @@ func TestLatchCountDownRetried(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		hook := &lossyHook{match: scriptWith("{" + name + "}:latch"), retry: true}
-		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, hook := lossyClient(t, b, scriptWith("{" + name + "}:latch"), true)
 		l := c.CountDownLatch(name)
 		hook.armed.Store(true) // the set runs twice on the server
 		ok, err := l.TrySetCount(ctx, 3)

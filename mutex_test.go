@@ -525,6 +525,23 @@ func scriptWith(s string) func(redis.Cmder) bool {
 	}
 }
 
+// lossyClient returns a Client (with opts) whose script calls that match
+// go through a lossyHook, armed by the caller.
+func lossyClient(t *testing.T, b redistest.Backend, match func(redis.Cmder) bool, retry bool, opts ...redlatch.Option) (*redlatch.Client, *lossyHook) {
+	t.Helper()
+	rdb := b.Client(t)
+	hook := &lossyHook{match: match, retry: retry}
+	rdb.AddHook(hook)
+	c := redlatch.New(rdb, opts...)
+	t.Cleanup(func() { _ = c.Close() })
+	return c, hook
+}
+
+// fairKey and writersWakeKey name a key that only the release script of a
+// FairMutex, or of an RWMutex (writer or reader), has in its KEYS.
+func fairKey(name string) string        { return "{" + name + "}:fair" }
+func writersWakeKey(name string) string { return "{" + name + "}:wwake" }
+
 // TestLostReplies: a retried acquire or unlock whose first reply was lost
 // counts once (Redisson #4871), and an acquire whose reply never arrived
 // leaves no hold behind.
@@ -532,11 +549,7 @@ func TestLostReplies(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		hook := &lossyHook{match: scriptWith(lockKey(name)), retry: true}
-		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, hook := lossyClient(t, b, scriptWith(lockKey(name)), true)
 		m := c.ReentrantMutex(name)
 
 		hook.armed.Store(true) // the acquire runs twice on the server
@@ -600,13 +613,13 @@ func TestResentReleaseSparesSameOwner(t *testing.T) {
 			{"ReentrantMutex", lockKey, func(c *redlatch.Client, n string) handle {
 				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
 			}},
-			{"FairMutex", func(n string) string { return "{" + n + "}:fair" }, func(c *redlatch.Client, n string) handle {
+			{"FairMutex", fairKey, func(c *redlatch.Client, n string) handle {
 				return c.FairMutex(n, redlatch.WithOwner("shared"))
 			}},
-			{"RWMutex", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle {
+			{"RWMutex", writersWakeKey, func(c *redlatch.Client, n string) handle {
 				return c.RWMutex(n, redlatch.WithOwner("shared"))
 			}},
-			{"RWMutex readers", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle {
+			{"RWMutex readers", writersWakeKey, func(c *redlatch.Client, n string) handle {
 				return readers{c.RWMutex(n, redlatch.WithOwner("shared"))}
 			}},
 		}
@@ -614,11 +627,7 @@ func TestResentReleaseSparesSameOwner(t *testing.T) {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
-				rdb := b.Client(t)
-				hook := &lossyHook{match: scriptWith(k.key(name)), retry: true}
-				rdb.AddHook(hook)
-				c := redlatch.New(rdb)
-				t.Cleanup(func() { _ = c.Close() })
+				c, hook := lossyClient(t, b, scriptWith(k.key(name)), true)
 				first, second := k.make(c, name), k.make(newClient(t, b), name)
 				// Load the scripts first: a NOSCRIPT reply would spend the hook.
 				require.NoError(t, first.Lock(ctx))
@@ -839,9 +848,9 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 			make func(c *redlatch.Client, name string) handle
 		}{
 			{"ReentrantMutex", lockKey, func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
-			{"FairMutex", func(n string) string { return "{" + n + "}:fair" }, func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
-			{"RWMutex", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
-			{"RWMutex readers", func(n string) string { return "{" + n + "}:wwake" }, func(c *redlatch.Client, n string) handle {
+			{"FairMutex", fairKey, func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
+			{"RWMutex", writersWakeKey, func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
+			{"RWMutex readers", writersWakeKey, func(c *redlatch.Client, n string) handle {
 				return readers{c.RWMutex(n)}
 			}},
 		}
@@ -849,11 +858,7 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
-				rdb := b.Client(t)
-				hook := &lossyHook{match: scriptWith(k.key(name)), retry: true}
-				rdb.AddHook(hook)
-				c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
-				t.Cleanup(func() { _ = c.Close() })
+				c, hook := lossyClient(t, b, scriptWith(k.key(name)), true, redlatch.WithWatchdogTimeout(300*time.Millisecond))
 				m := k.make(c, name)
 				require.NoError(t, m.Lock(ctx)) // scripts loaded
 				require.NoError(t, m.Unlock(ctx))

@@ -367,11 +367,7 @@ func TestSemaphoreLostReplies(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 20*time.Second)
 		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		hook := &lossyHook{match: scriptWith(semKey(name)), retry: true}
-		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, hook := lossyClient(t, b, scriptWith(semKey(name)), true)
 		s, other := c.Semaphore(name, 6), c.Semaphore(name, 6)
 		require.NoError(t, other.Acquire(ctx, 1))
 

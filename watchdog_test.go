@@ -168,7 +168,7 @@ func (s *renewSpy) record(cmds []redis.Cmder) {
 		if n == 0 || len(argv) != 3*n {
 			continue // not a renewal: renewals carry 3 arguments per key
 		}
-		if k, ok := argv[0].(string); !ok || (k != "h" && k != "z") {
+		if k, ok := argv[0].(string); !ok || (k != "h" && k != "t" && k != "z") {
 			continue
 		}
 		found = true
