@@ -148,7 +148,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
-		f.c.wd.remove(f.h)
+		f.c.wd.supersede(f.h)
 		f.h, f.n = f.c.wd.add(f.name, f.key, exclKind(token), exclMember(f.owner, token), f.lease, f.renew, sent), 0
 	}
 	f.n++

@@ -189,7 +189,7 @@ func TestLatchCountDownRetried(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		name := redistest.UniqueName(t)
-		c, hook := lossyClient(t, b, scriptWith("{" + name + "}:latch"), true)
+		c, hook := lossyClient(t, b, scriptWith("{"+name+"}:latch"), true)
 		l := c.CountDownLatch(name)
 		hook.armed.Store(true) // the set runs twice on the server
 		ok, err := l.TrySetCount(ctx, 3)

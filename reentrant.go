@@ -72,7 +72,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// tells: two concurrent Locks of one hold may be processed here in
 		// either order. (The count may exceed 1 when another handle of the
 		// same owner holds it too; each tracks the hold it took.)
-		m.e.c.wd.remove(m.h)
+		m.e.c.wd.supersede(m.h)
 		m.h, m.n = m.e.track(sent, token), 0
 	}
 	m.n++

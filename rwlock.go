@@ -228,7 +228,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
-		c.wd.remove(m.wh)
+		c.wd.supersede(m.wh)
 		m.wh, m.wn = c.wd.add(m.name, m.key, 'f', m.wfield, m.lease, m.renew, sent), 0
 	}
 	m.wn++
@@ -395,7 +395,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
-		c.wd.remove(m.rh)
+		c.wd.supersede(m.rh)
 		m.rh, m.rn = c.wd.add(m.name, m.key, 'f', m.rfield, m.lease, m.renew, sent), 0
 	}
 	m.rbegun = begun

@@ -186,6 +186,28 @@ func (w *watchdog) remove(h *hold) (lost bool) {
 	return h.isLost()
 }
 
+// supersede ends the tracking of h because the same handle took a new hold
+// (another token, or another read hold). With an Unlock of h in flight (h is
+// releasing), that Unlock released h itself: h just ends. Otherwise h ended
+// in Redis without its Unlock (ForceUnlock, expiry, failover) before the
+// watchdog noticed: it is lost, and its Lost channel closes.
+func (w *watchdog) supersede(h *hold) {
+	if h == nil {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for h.renewing {
+		w.renewed.Wait()
+	}
+	if h.releasing {
+		delete(w.holds, h)
+		h.done = true
+		return
+	}
+	w.loseLocked(h, "the handle took a new hold: this one ended in Redis")
+}
+
 // loseLocked ends a hold that is gone before its release, once.
 func (w *watchdog) loseLocked(h *hold, why string) {
 	delete(w.holds, h)

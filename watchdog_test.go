@@ -408,3 +408,41 @@ func TestLostWhenSameOwnerRetakes(t *testing.T) {
 		}
 	})
 }
+
+// TestLostWhenHandleRetakes: a hold that ended in Redis without its Unlock
+// (here ForceUnlock) is reported lost when another goroutine's Lock on the
+// same handle takes a new hold before the watchdog noticed: replacing the
+// handle's tracking must not swallow the loss.
+func TestLostWhenHandleRetakes(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+			Lost() <-chan struct{}
+			ForceUnlock(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name string
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"ReentrantMutex", func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
+			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
+			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
+			{"RWMutex readers", func(c *redlatch.Client, n string) handle { return readers{c.RWMutex(n)} }},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				c := newClient(t, b) // renewals every 10s: the watchdog does not notice first
+				m := k.make(c, redistest.UniqueName(t))
+				require.NoError(t, m.Lock(ctx))
+				lost := m.Lost()
+				_, err := m.ForceUnlock(ctx)
+				require.NoError(t, err)
+				require.NoError(t, m.Lock(ctx)) // another goroutine, same handle
+				requireClosedWithin(t, lost, time.Second, "the replaced hold's Lost")
+				require.NoError(t, m.Unlock(ctx))
+			})
+		}
+	})
+}
