@@ -221,10 +221,12 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 	// lasts in Redis at least until the place would have expired, which is
 	// no earlier than the place's local deadline; the watchdog renews the
 	// new hold before then. (A WithLease waiter claims the grant with an
-	// attempt, which gives it its full fixed lease.)
+	// attempt, which gives it its full fixed lease; so does a Client with
+	// WithReplicaSync, whose attempt is followed by WAIT: the grant was
+	// written by the releaser's script, which no WAIT follows.)
 	take := func(grant string) bool {
 		t, perr := strconv.ParseInt(grant, 10, 64)
-		if perr != nil || !f.renew || place == nil || place.isLost() {
+		if perr != nil || !f.renew || f.c.opts.replicas > 0 || place == nil || place.isLost() {
 			return false
 		}
 		token, count, sent = t, 1, f.c.wd.deadlineOf(place).Add(-f.lease)
