@@ -364,27 +364,32 @@ func TestDoCancelsOnLoss(t *testing.T) {
 	})
 }
 
+// lossHandle is what the loss tests need of a lock handle, and lossKind
+// makes one.
+type lossHandle interface {
+	Lock(context.Context) error
+	Unlock(context.Context) error
+	Lost() <-chan struct{}
+	ForceUnlock(context.Context) (bool, error)
+}
+
+type lossKind struct {
+	name string
+	make func(c *redlatch.Client, name string) lossHandle
+}
+
 // TestLostWhenSameOwnerRetakes: a hold lost while another handle of the
 // same owner id takes the lock at once is still reported lost: renewal
 // checks the hold's fencing token, not the owner id alone, so the later
 // hold does not keep the lost one alive.
 func TestLostWhenSameOwnerRetakes(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			Lock(context.Context) error
-			Unlock(context.Context) error
-			Lost() <-chan struct{}
-			ForceUnlock(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name string
-			make func(c *redlatch.Client, name string) handle
-		}{
-			{"Mutex", func(c *redlatch.Client, n string) handle { return c.Mutex(n, redlatch.WithOwner("shared")) }},
-			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
+		kinds := []lossKind{
+			{"Mutex", func(c *redlatch.Client, n string) lossHandle { return c.Mutex(n, redlatch.WithOwner("shared")) }},
+			{"ReentrantMutex", func(c *redlatch.Client, n string) lossHandle {
 				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
 			}},
-			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+			{"FairMutex", func(c *redlatch.Client, n string) lossHandle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
 		}
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {
@@ -415,20 +420,11 @@ func TestLostWhenSameOwnerRetakes(t *testing.T) {
 // handle's tracking must not swallow the loss.
 func TestLostWhenHandleRetakes(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			Lock(context.Context) error
-			Unlock(context.Context) error
-			Lost() <-chan struct{}
-			ForceUnlock(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name string
-			make func(c *redlatch.Client, name string) handle
-		}{
-			{"ReentrantMutex", func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
-			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
-			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
-			{"RWMutex readers", func(c *redlatch.Client, n string) handle { return readers{c.RWMutex(n)} }},
+		kinds := []lossKind{
+			{"ReentrantMutex", func(c *redlatch.Client, n string) lossHandle { return c.ReentrantMutex(n) }},
+			{"FairMutex", func(c *redlatch.Client, n string) lossHandle { return c.FairMutex(n) }},
+			{"RWMutex", func(c *redlatch.Client, n string) lossHandle { return c.RWMutex(n) }},
+			{"RWMutex readers", func(c *redlatch.Client, n string) lossHandle { return readers{c.RWMutex(n)} }},
 		}
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {
