@@ -387,6 +387,15 @@ func (c *Client) leaseFor(o lockOptions) (time.Duration, bool) {
 
 // fenceRetention returns how long a fencing counter is kept after its last
 // use: at least minFenceRetention, and never less than a lease.
+// tokenArg is a fencing token as a script argument: "" when it is unknown
+// (0), so that a release script accepts any hold of the owner.
+func tokenArg(token int64) string {
+	if token > 0 {
+		return strconv.FormatInt(token, 10)
+	}
+	return ""
+}
+
 func fenceRetention(lease time.Duration) int64 {
 	r := minFenceRetention
 	if 2*lease > r {

@@ -141,7 +141,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err
 	}
-	token, _, sent, ok, err := f.acquire(ctx, block)
+	token, sent, ok, err := f.acquire(ctx, block)
 	if !ok {
 		return false, err
 	}
@@ -149,7 +149,8 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.supersede(f.h)
-		f.h, f.n = f.c.wd.add(f.name, f.key, exclKind(token), exclMember(f.owner, token), f.lease, f.renew, sent), 0
+		kind, member := exclHold(f.owner, token)
+		f.h, f.n = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), 0
 	}
 	f.n++
 	// The token of the hold in Redis now: a re-entry reports the token the
@@ -162,7 +163,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 // at its first failed attempt, subscribes to its own channel, checks again
 // (a handoff between its first attempt and the subscription is not missed),
 // then sleeps until a wake-up or the bound the script returned.
-func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64, sent time.Time, ok bool, err error) {
+func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent time.Time, ok bool, err error) {
 	id := newID()
 	member := id + "|" + strconv.FormatInt(f.lease.Milliseconds(), 10) + "|" +
 		strconv.FormatInt(f.placeMs, 10) + "|" + f.c.ps.id + "|" + f.owner
@@ -203,7 +204,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 			if err := f.c.replicated(ctx, acked, waitErr, nil); err != nil {
 				return false, 0, err
 			}
-			token, count, sent = res[1], res[2], s
+			token, sent = res[1], s
 			return true, 0, nil
 		}
 		if block && (res[2] == 1 || place == nil || place.isLost()) {
@@ -229,7 +230,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		if perr != nil || !f.renew || f.c.opts.replicas > 0 || place == nil || place.isLost() {
 			return false
 		}
-		token, count, sent = t, 1, f.c.wd.deadlineOf(place).Add(-f.lease)
+		token, sent = t, f.c.wd.deadlineOf(place).Add(-f.lease)
 		return true
 	}
 	ok, err = f.wait(ctx, id, block, try, take)
@@ -256,7 +257,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token, count int64
 		_, _ = f.unlock(cctx, id, member, 0)
 		cancel()
 	}
-	return token, count, sent, ok, err
+	return token, sent, ok, err
 }
 
 // wait runs try until it succeeds, sleeping between attempts until the
@@ -308,12 +309,8 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 // unknown (see excl.unlock).
 func (f *FairMutex) unlock(ctx context.Context, waiter, member string, token int64) (int64, error) {
 	channel := f.wchan + f.c.ps.id
-	held := ""
-	if token > 0 {
-		held = strconv.FormatInt(token, 10)
-	}
 	res, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
-		fenceRetention(f.lease), f.owner, newID(), waiter, member, f.c.ps.id, held).Slice()
+		fenceRetention(f.lease), f.owner, newID(), waiter, member, f.c.ps.id, tokenArg(token)).Slice()
 	if err != nil {
 		// The lock may have gone to a waiter of this Client without a
 		// message: wake them all, and the one granted claims it.
@@ -348,10 +345,7 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 		return err
 	}
 	f.mu.Lock()
-	h, token := f.h, f.token
-	if h == nil {
-		token = 0 // the owner's hold, taken by another handle: any token
-	}
+	h, token := f.h, f.token // no hold tracked: token 0, any hold of the owner
 	f.mu.Unlock()
 	f.c.wd.setReleasing(h, true)
 	n, err := f.unlock(ctx, "", "", token)

@@ -235,12 +235,7 @@ func TestFairCancelledWaiter(t *testing.T) {
 
 		released := time.Now()
 		require.NoError(t, holder.Unlock(ctx))
-		select {
-		case err := <-got:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("the waiter behind a cancelled one was stalled")
-		}
+		requireNoErrWithin(t, got, 5*time.Second, "the waiter behind a cancelled one was stalled")
 		t.Logf("handoff past a cancelled waiter: %v", time.Since(released))
 		require.NoError(t, behind.Unlock(ctx))
 		requireNoFairKeys(t, b, name)
@@ -278,12 +273,7 @@ func TestFairCancelledAfterHandoff(t *testing.T) {
 		} else {
 			requireWaitErr(t, err, cctx)
 		}
-		select {
-		case err := <-got:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("the waiter behind was stalled")
-		}
+		requireNoErrWithin(t, got, 5*time.Second, "the waiter behind was stalled")
 		require.NoError(t, behind.Unlock(ctx))
 		requireNoFairKeys(t, b, name)
 	})
@@ -325,12 +315,7 @@ func TestFairDeadWaiter(t *testing.T) {
 				time.Sleep(tc.delay)
 				released := time.Now()
 				require.NoError(t, holder.Unlock(ctx))
-				select {
-				case err := <-got:
-					require.NoError(t, err)
-				case <-time.After(deadTimeout + 5*time.Second):
-					t.Fatal("the waiter behind a dead one was stalled")
-				}
+				requireNoErrWithin(t, got, deadTimeout+5*time.Second, "the waiter behind a dead one was stalled")
 				t.Logf("handoff past a dead waiter: %v (bound %v)", time.Since(released), deadTimeout)
 				require.Error(t, <-deadErr)
 				require.NoError(t, behind.Unlock(ctx))
@@ -358,12 +343,7 @@ func TestFairForceUnlock(t *testing.T) {
 		ok, err := c.FairMutex(name).ForceUnlock(ctx)
 		require.NoError(t, err)
 		require.True(t, ok)
-		select {
-		case err := <-got:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("ForceUnlock did not hand the lock to the waiter")
-		}
+		requireNoErrWithin(t, got, 5*time.Second, "ForceUnlock did not hand the lock to the waiter")
 		require.Greater(t, waiter.Token(), holder.Token())
 		require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
 		require.NoError(t, waiter.Unlock(ctx))

@@ -35,6 +35,18 @@ func ctxT(t testing.TB, d time.Duration) context.Context {
 // lockKey is the documented layout of an exclusive lock's hash.
 func lockKey(name string) string { return "{" + name + "}:lock" }
 
+// requireNoErrWithin waits up to d for got to deliver, and requires that
+// what it delivers is nil; msg says what did not happen in time.
+func requireNoErrWithin(t *testing.T, got <-chan error, d time.Duration, msg string) {
+	t.Helper()
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+	case <-time.After(d):
+		t.Fatal(msg)
+	}
+}
+
 func requireWaitErr(t *testing.T, err error, ctx context.Context) {
 	t.Helper()
 	require.Error(t, err)

@@ -70,16 +70,16 @@ func (e *excl) check() error {
 }
 
 // lock takes the lock, waiting when block is set, and returns the new hold's
-// fencing token and hold count. It does not touch any handle state. With
+// fencing token. It does not touch any handle state. With
 // queue set, a blocking call may queue behind the Client's other waiters
 // without an attempt of its own (see Client.acquire): a re-entry must not,
 // since no one would wake it.
-func (e *excl) lock(ctx context.Context, block, queue bool) (token, count int64, sent time.Time, ok bool, err error) {
+func (e *excl) lock(ctx context.Context, block, queue bool) (token int64, sent time.Time, ok bool, err error) {
 	req := newID()
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
 		var pttl int64
-		ok, token, count, pttl, err = e.attempt(ctx, req)
+		ok, token, pttl, err = e.attempt(ctx, req)
 		if err != nil || ok {
 			return ok, 0, err
 		}
@@ -89,21 +89,20 @@ func (e *excl) lock(ctx context.Context, block, queue bool) (token, count int64,
 	var xfer *transfer
 	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
 		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
-			token, count, sent = t, 1, s
+			token, sent = t, s
 		}}
 	}
 	ok, err = e.c.acquire(ctx, e.channel, block, queue, try, undo, xfer)
-	return token, count, sent, ok, err
+	return token, sent, ok, err
 }
 
 // attempt runs the lock script once with request id req. It reports
-// whether the owner holds the lock afterwards (with the token and hold
-// count), or else the holder's remaining lease (pttl, ms). With
+// whether the owner holds the lock afterwards (with the token), or else the holder's remaining lease (pttl, ms). With
 // WithReplicaSync, WAIT follows the script in the same round trip, and an
 // acquisition too few replicas acknowledged is released again and reported
 // as an error wrapping ErrNotReplicated. An error that is not a reply from
 // Redis leaves the outcome unknown: undo with unlock(ctx, req).
-func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, pttl int64, err error) {
+func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, pttl int64, err error) {
 	reentrant := "0"
 	if e.reentrant {
 		reentrant = "1"
@@ -112,16 +111,16 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, 
 		e.owner, e.lease.Milliseconds(), req, reentrant, fenceRetention(e.lease))
 	res, err := cmd.Int64Slice()
 	if err != nil {
-		return false, 0, 0, 0, err
+		return false, 0, 0, err
 	}
 	if res[0] != 1 {
-		return false, 0, 0, res[1], nil
+		return false, 0, res[1], nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, 0, false) }
 	if err := e.c.replicated(ctx, acked, waitErr, undo); err != nil {
-		return false, 0, 0, 0, err
+		return false, 0, 0, err
 	}
-	return true, res[1], res[2], 0, nil
+	return true, res[1], 0, nil
 }
 
 // unlock releases one hold of the owner (or, with undo set, the hold taken
@@ -145,11 +144,7 @@ func (e *excl) unlock(ctx context.Context, undo string, token int64, local bool)
 }
 
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, local bool) (int64, error) {
-	held := ""
-	if token > 0 {
-		held = strconv.FormatInt(token, 10)
-	}
-	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0", held}
+	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0", tokenArg(token)}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
 	if w != nil {
 		args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
@@ -197,23 +192,17 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 // a later hold of the same owner id, taken after this one was lost, does
 // not keep this one alive.
 func (e *excl) track(sent time.Time, token int64) *hold {
-	return e.c.wd.add(e.name, e.key, exclKind(token), exclMember(e.owner, token), e.lease, e.renew, sent)
+	kind, member := exclHold(e.owner, token)
+	return e.c.wd.add(e.name, e.key, kind, member, e.lease, e.renew, sent)
 }
 
-// exclKind and exclMember describe a hold of a lock hash to the watchdog
-// (see lua/renew.lua).
-func exclKind(token int64) byte {
+// exclHold describes a hold of a lock hash to the watchdog (see
+// lua/renew.lua): kind 't' with its token, or 'h' by the owner id alone.
+func exclHold(owner string, token int64) (kind byte, member string) {
 	if token > 0 {
-		return 't'
+		return 't', tokenArg(token) + ":" + owner
 	}
-	return 'h'
-}
-
-func exclMember(owner string, token int64) string {
-	if token > 0 {
-		return strconv.FormatInt(token, 10) + ":" + owner
-	}
-	return owner
+	return 'h', owner
 }
 
 func (e *excl) ttl(ctx context.Context) (time.Duration, error) {
@@ -329,7 +318,7 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 			return false, nil
 		}
 	}
-	token, _, sent, ok, err := m.e.lock(ctx, block, true)
+	token, sent, ok, err := m.e.lock(ctx, block, true)
 	if !ok {
 		<-m.sem
 		return false, err

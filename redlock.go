@@ -223,7 +223,7 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 		go func() {
 			nctx, cancel := context.WithTimeout(ctx, d)
 			defer cancel()
-			ok, _, _, pttl, err := e.attempt(nctx, req)
+			ok, _, pttl, err := e.attempt(nctx, req)
 			replies <- reply{i, ok, pttl, err}
 		}()
 	}

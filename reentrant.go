@@ -58,7 +58,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	queue := m.n == 0 && !m.e.shared
 	m.mu.Unlock()
-	token, _, sent, ok, err := m.e.lock(ctx, block, queue)
+	token, sent, ok, err := m.e.lock(ctx, block, queue)
 	if !ok {
 		return false, err
 	}
@@ -93,10 +93,7 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 		return err
 	}
 	m.mu.Lock()
-	h, token := m.h, m.token
-	if h == nil {
-		token = 0 // the owner's hold, taken by another handle: any token
-	}
+	h, token := m.h, m.token // no hold tracked: token 0, any hold of the owner
 	m.mu.Unlock()
 	m.e.c.wd.setReleasing(h, true)
 	n, err := m.e.unlock(ctx, "", token, true)

@@ -4,7 +4,6 @@ import (
 	"context"
 	_ "embed"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -242,12 +241,8 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 // acquisition only) and returns the owner's remaining write hold count, or
 // -1 when it held none.
 func (m *RWMutex) unlockW(ctx context.Context, undo string, token int64) (int64, error) {
-	held := ""
-	if token > 0 {
-		held = strconv.FormatInt(token, 10)
-	}
 	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake},
-		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, held).Int64()
+		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, tokenArg(token)).Int64()
 	return n, convertErr(err)
 }
 

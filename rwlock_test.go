@@ -312,12 +312,7 @@ func TestRWWakeups(t *testing.T) {
 		require.False(t, tryR(t, ctx, c1.RWMutex(name)))
 		released := time.Now()
 		require.NoError(t, r.RUnlock(ctx))
-		select {
-		case err := <-got:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("the writer was not woken")
-		}
+		requireNoErrWithin(t, got, 5*time.Second, "the writer was not woken")
 		t.Logf("writer woken after %v", time.Since(released))
 
 		var wg sync.WaitGroup
@@ -592,12 +587,7 @@ func TestRWWaitingPlaceRenewed(t *testing.T) {
 		require.True(t, tryR(t, ctx, r), "the reader already in re-enters")
 		require.NoError(t, r.RUnlock(ctx))
 		require.NoError(t, r.RUnlock(ctx))
-		select {
-		case err := <-got:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("the writer was not woken")
-		}
+		requireNoErrWithin(t, got, 5*time.Second, "the writer was not woken")
 		require.NoError(t, w.Unlock(ctx))
 		requireIdle(t, b, name)
 	})

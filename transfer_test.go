@@ -177,12 +177,7 @@ func TestReleasePublishesOnlyWhenWaited(t *testing.T) {
 		if local.Token() != 0 {
 			start := time.Now()
 			require.NoError(t, local.Unlock(ctx))
-			select {
-			case err := <-remoteGot:
-				require.NoError(t, err)
-			case <-time.After(5 * time.Second):
-				t.Fatal("the remote waiter was not woken")
-			}
+			requireNoErrWithin(t, remoteGot, 5*time.Second, "the remote waiter was not woken")
 			require.Less(t, time.Since(start), 5*time.Second)
 			require.NoError(t, remote.Unlock(ctx))
 		}
