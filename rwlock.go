@@ -169,7 +169,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		queued  *hold // the waiting place, tracked while waiting
 	)
 	undo := func(ctx context.Context) {
-		_, _ = m.unlockW(ctx, req, 0)
+		_, _ = m.unlockW(ctx, req, "")
 		if block {
 			m.unqueue(ctx)
 		}
@@ -228,7 +228,8 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	defer m.mu.Unlock()
 	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
 		c.wd.supersede(m.wh)
-		m.wh, m.wn = c.wd.add(m.name, m.key, 'f', m.wfield, m.lease, m.renew, sent), 0
+		kind, member := rwHold(m.wfield, tokenArg(token))
+		m.wh, m.wn = c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
 	}
 	m.wn++
 	// The token of the hold in Redis now: a re-entry reports the token the
@@ -239,19 +240,21 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 
 // unlockW releases one write hold (or, with undo set, the hold taken by that
 // acquisition only) and returns the owner's remaining write hold count, or
-// -1 when it held none.
-func (m *RWMutex) unlockW(ctx context.Context, undo string, token int64) (int64, error) {
+// -1 when it held none. token is the fencing token of the hold released, as
+// tokenArg writes it ("": unknown, any write hold of the owner).
+func (m *RWMutex) unlockW(ctx context.Context, undo, token string) (int64, error) {
 	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake},
-		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, tokenArg(token)).Int64()
+		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, token).Int64()
 	return n, convertErr(err)
 }
 
-// unlockR is unlockW for a read hold. Read holds have no token: a read
-// release resent after a lost reply is recognised by its request id
-// (see rw_runlock.lua).
-func (m *RWMutex) unlockR(ctx context.Context, undo string, _ int64) (int64, error) {
+// unlockR is unlockW for a read hold. Read holds have no token: begun, the
+// request that began the read hold released ("": unknown), tells it from a
+// later read hold of the owner, and a read release resent after a lost reply
+// is recognised by its request id (see rw_runlock.lua).
+func (m *RWMutex) unlockR(ctx context.Context, undo, begun string) (int64, error) {
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake},
-		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo).Int64()
+		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, begun).Int64()
 	return n, convertErr(err)
 }
 
@@ -275,7 +278,13 @@ func (m *RWMutex) Unlock(ctx context.Context) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	return m.release(ctx, &m.wh, &m.wn, &m.token, m.unlockW)
+	return m.release(ctx, &m.wh, &m.wn, func(forget bool) string {
+		t := tokenArg(m.token)
+		if forget {
+			m.token = 0
+		}
+		return t
+	}, m.unlockW)
 }
 
 // RUnlock releases one read hold of the owner. A release that leaves the
@@ -286,17 +295,25 @@ func (m *RWMutex) RUnlock(ctx context.Context) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	return m.release(ctx, &m.rh, &m.rn, nil, m.unlockR)
+	return m.release(ctx, &m.rh, &m.rn, func(forget bool) string {
+		b := m.rbegun
+		if forget {
+			m.rbegun = ""
+		}
+		return b
+	}, m.unlockR)
 }
 
 // release is Unlock and RUnlock: like ReentrantMutex.Unlock, on the hold
-// *hp counted by *np.
-func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, token *int64,
-	script func(context.Context, string, int64) (int64, error)) error {
+// *hp counted by *np. guard, called with m.mu held, returns what names the
+// tracked hold to the script (the writer's token, the request that began the
+// read hold; see rwHold), and forgets it when told to (the hold ended).
+func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, guard func(forget bool) string,
+	script func(ctx context.Context, undo, guard string) (int64, error)) error {
 	m.mu.Lock()
-	h, held := *hp, int64(0)
-	if h != nil && token != nil {
-		held = *token
+	h, held := *hp, ""
+	if h != nil {
+		held = guard(false)
 	}
 	m.mu.Unlock()
 	m.c.wd.setReleasing(h, true)
@@ -314,9 +331,7 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, token *int64,
 	} else if h != nil {
 		lost := m.c.wd.remove(h)
 		*hp, *np = nil, 0
-		if token != nil {
-			*token = 0
-		}
+		guard(true)
 		if lost {
 			return ErrNotHeld
 		}
@@ -356,7 +371,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		sent  time.Time
 		begun string // the request id that began the read hold
 	)
-	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, 0) }
+	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, "") }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
 		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, m.owner, m.lease.Milliseconds(), req)
@@ -391,11 +406,23 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	defer m.mu.Unlock()
 	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
 		c.wd.supersede(m.rh)
-		m.rh, m.rn = c.wd.add(m.name, m.key, 'f', m.rfield, m.lease, m.renew, sent), 0
+		kind, member := rwHold(m.rfield, begun)
+		m.rh, m.rn = c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
 	}
 	m.rbegun = begun
 	m.rn++
 	return true, nil
+}
+
+// rwHold describes a write or read hold to the watchdog (see
+// lua/renew.lua): kind 'g', held while its guard (the writer's token, or the
+// request that began the read hold) is the hold's in Redis; or kind 'f', by
+// the lease field alone, when the guard is unknown ("").
+func rwHold(field, guard string) (kind byte, member string) {
+	if guard != "" {
+		return 'g', guard + ":" + field
+	}
+	return 'f', field
 }
 
 // Token returns the fencing token of the current write hold, or 0 when the

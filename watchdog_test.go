@@ -380,8 +380,9 @@ type lossKind struct {
 
 // TestLostWhenSameOwnerRetakes: a hold lost while another handle of the
 // same owner id takes the lock at once is still reported lost: renewal
-// checks the hold's fencing token, not the owner id alone, so the later
-// hold does not keep the lost one alive.
+// checks the hold's fencing token (for a read hold, the request that began
+// it), not the owner id alone, so the later hold does not keep the lost one
+// alive; and the lost one's release leaves the later hold alone.
 func TestLostWhenSameOwnerRetakes(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		kinds := []lossKind{
@@ -390,6 +391,10 @@ func TestLostWhenSameOwnerRetakes(t *testing.T) {
 				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
 			}},
 			{"FairMutex", func(c *redlatch.Client, n string) lossHandle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+			{"RWMutex", func(c *redlatch.Client, n string) lossHandle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
+			{"RWMutex readers", func(c *redlatch.Client, n string) lossHandle {
+				return readers{c.RWMutex(n, redlatch.WithOwner("shared"))}
+			}},
 		}
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {

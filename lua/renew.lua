@@ -13,8 +13,15 @@
 --                     held while the field exists and its value, the expiry
 --                     in server ms, has not passed; renewal sets it to
 --                     now + lease and extends the hash's TTL to the lease
--- ARGV[3i-1]   owner id ('h'), "<token>:<owner id>" ('t'), member ('z')
---              or field name ('f')
+--                'g'  the same for an RWMutex hold, held only while it is
+--                     the same hold (a later hold of the same owner id,
+--                     taken after this one was lost, is not this one): for
+--                     a write lease "we:<o>", while the writer's fencing
+--                     token t = guard; for a read lease "re:<o>", while
+--                     rg:<o> = guard, the request that began the read hold
+-- ARGV[3i-1]   owner id ('h'), "<token>:<owner id>" ('t'), member ('z'),
+--              field name ('f') or "<guard>:<field name>" ('g'; a guard
+--              holds no ':')
 -- ARGV[3i]     lease, ms
 --
 -- Returns an array with, for each key, 1 when the hold was renewed or 0 when
@@ -50,15 +57,36 @@ for i, key in ipairs(KEYS) do
       end
       ok = 1
     end
-  elseif kind == 'f' then
-    local e = redis.pcall('HGET', key, owner)
-    if type(e) == 'string' and tonumber(e) then
+  elseif kind == 'f' or kind == 'g' then
+    local field, held = owner, true
+    local e
+    if kind == 'g' then
+      local guard
+      guard, field = string.match(owner, '^([^:]*):(.*)$')
+      local reader = string.sub(field, 1, 3) == 're:'
+      local by = 't'
+      if reader then
+        by = 'rg:' .. string.sub(field, 4)
+      end
+      local v = redis.pcall('HMGET', key, field, by)
+      if type(v) == 'table' and not v.err then
+        e = v[1]
+        if reader then
+          held = v[2] == guard
+        else
+          held = v[2] and tonumber(guard) ~= nil and tonumber(v[2]) == tonumber(guard)
+        end
+      end
+    else
+      e = redis.pcall('HGET', key, field)
+    end
+    if held and type(e) == 'string' and tonumber(e) then
       if not now then
         local t = redis.call('TIME')
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
       if tonumber(e) > now then
-        redis.call('HSET', key, owner, string.format('%.0f', now + lease))
+        redis.call('HSET', key, field, string.format('%.0f', now + lease))
         if redis.call('PTTL', key) < lease then
           redis.call('PEXPIRE', key, lease)
         end

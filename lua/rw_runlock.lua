@@ -10,6 +10,11 @@
 -- ARGV[4]  fence retention, ms
 -- ARGV[5]  "" for an RUnlock; for an undo, the request id of the acquisition
 --          to undo
+-- ARGV[6]  the request id that began the read hold the caller releases (see
+--          rw_rlock.lua), or "" when it does not know it: a read hold begun
+--          by another request is not the caller's, even when its owner id
+--          is (a later read hold of the same owner, taken after the
+--          caller's ended without this release)
 --
 -- Returns the owner's remaining read hold count, or -1 when ARGV[1] does not
 -- hold the read lock. A release that leaves the lock free while writers wait
@@ -26,6 +31,9 @@ if ARGV[5] ~= '' then
     rw_commit(s)
     return -1
   end
+end
+if c and ARGV[6] ~= '' and f['rg:' .. o] ~= ARGV[6] then
+  c = nil -- not the caller's read hold
 end
 if not c then
   local done = rw_was_released(s, KEYS[2], req)
