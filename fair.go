@@ -146,6 +146,18 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 		return false, err
 	}
 	f.mu.Lock()
+	if late(f.h, f.token, token) { // see ReentrantMutex.lock
+		f.mu.Unlock()
+		again, sent2, ok, err := f.acquire(ctx, block)
+		if !ok {
+			return false, err
+		}
+		if again == token {
+			_, _ = f.unlock(ctx, "", "", token)
+		}
+		token, sent = again, sent2
+		f.mu.Lock()
+	}
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.supersede(f.h)

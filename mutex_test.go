@@ -479,11 +479,14 @@ func TestUnreachableRedis(t *testing.T) {
 // lossyHook simulates a lost reply: it runs a matching command, then runs it
 // again as go-redis does after a network error, and returns the second reply
 // (retry=true); or it returns a network error after the command ran
-// (retry=false), as when every retry failed.
+// (retry=false), as when every retry failed. With late set, it simulates a
+// slow reply instead: late runs after the command ran, then its reply is
+// returned.
 type lossyHook struct {
 	match   func(cmd redis.Cmder) bool
 	retry   bool
 	between func() // with retry: runs after the first run, before the resend
+	late    func()
 	armed   atomic.Bool
 }
 
@@ -495,6 +498,10 @@ func (h *lossyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		if err := next(ctx, cmd); err != nil {
 			return err
+		}
+		if h.late != nil {
+			h.late()
+			return nil
 		}
 		if !h.retry {
 			cmd.SetErr(io.ErrUnexpectedEOF)
@@ -875,6 +882,116 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 				require.NoError(t, err)
 				require.True(t, locked, "the new hold was not renewed")
 				require.NoError(t, m.Unlock(ctx))
+			})
+		}
+	})
+}
+
+// TestLateReplyKeepsNewerHold: on a reentrant handle shared by goroutines,
+// a Lock whose reply comes back after the hold it took was lost and another
+// goroutine's Lock took a new one must not replace the new hold's tracking
+// with the dead one: the newer token wins, and the late Lock re-enters the
+// live hold, so both Unlocks balance.
+func TestLateReplyKeepsNewerHold(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			lossHandle
+			Token() int64
+			IsLocked(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name string
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
+				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				c, hook := lossyClient(t, b, scriptWith("shared"), true)
+				m, other := k.make(c, name), k.make(newClient(t, b), name)
+				require.NoError(t, m.Lock(ctx)) // scripts loaded
+				require.NoError(t, m.Unlock(ctx))
+
+				var newer int64
+				var newerLost <-chan struct{}
+				hook.late = func() {
+					_, err := other.ForceUnlock(ctx) // the late Lock's hold is lost
+					require.NoError(t, err)
+					require.NoError(t, m.Lock(ctx)) // another goroutine: a new hold
+					newer, newerLost = m.Token(), m.Lost()
+				}
+				hook.armed.Store(true)
+				require.NoError(t, m.Lock(ctx))
+				require.Equal(t, newer, m.Token(), "the late reply's older token replaced the newer")
+				select {
+				case <-newerLost:
+					t.Fatal("the live hold was reported lost")
+				default:
+				}
+				require.NoError(t, m.Unlock(ctx))
+				require.NoError(t, m.Unlock(ctx))
+				locked, err := m.IsLocked(ctx)
+				require.NoError(t, err)
+				require.False(t, locked, "a hold count was left behind")
+			})
+		}
+	})
+}
+
+// TestOlderTokenFromLiveHold: the other side of TestLateReplyKeepsNewerHold.
+// When the fence key is lost and the server clock is behind the tracked
+// hold's token (as after a failover), a Lock can take a live new hold whose
+// token is older than the tracked one. The handle takes the lock again once
+// (it cannot tell this from a late reply), sees the same hold twice, and
+// gives back the count the second attempt added: one Unlock frees the lock.
+func TestOlderTokenFromLiveHold(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			lossHandle
+			Token() int64
+			IsLocked(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name string
+			make func(c *redlatch.Client, name string) handle
+		}{
+			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
+				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
+			}},
+			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
+		}
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				fence := "{" + name + "}:fence"
+				m, other := k.make(newClient(t, b), name), k.make(newClient(t, b), name)
+				// A token far ahead of the server clock, as a faster clock
+				// before a failover would have issued.
+				ahead := time.Now().Add(time.Hour).UnixMicro()
+				require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
+				require.NoError(t, m.Lock(ctx))
+				require.Greater(t, m.Token(), ahead)
+				tracked := m.Lost()
+				_, err := other.ForceUnlock(ctx) // the tracked hold ends unnoticed
+				require.NoError(t, err)
+				require.NoError(t, rdb.Del(ctx, fence).Err()) // and the fence is lost
+
+				require.NoError(t, m.Lock(ctx)) // a new hold, with an older token
+				require.Less(t, m.Token(), ahead)
+				requireClosedWithin(t, tracked, time.Second, "the ended hold's Lost")
+				require.NoError(t, m.Unlock(ctx))
+				locked, err := m.IsLocked(ctx)
+				require.NoError(t, err)
+				require.False(t, locked, "a hold count was left behind")
 			})
 		}
 	})

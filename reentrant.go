@@ -63,6 +63,25 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		return false, err
 	}
 	m.mu.Lock()
+	if late(m.h, m.token, token) {
+		// A late reply: the hold this call took ended before the live hold
+		// tracked here was taken (another goroutine's Lock on this handle,
+		// whose reply came first). Take the lock again: the attempt re-enters
+		// the live hold, which counts this call in it.
+		m.mu.Unlock()
+		again, sent2, ok, err := m.e.lock(ctx, block, false)
+		if !ok {
+			return false, err
+		}
+		if again == token {
+			// The same hold twice: it was live after all (its token is older
+			// only because a server clock was behind, as after a failover),
+			// and the second attempt counted this call twice.
+			_, _ = m.e.unlock(ctx, "", token, false)
+		}
+		token, sent = again, sent2
+		m.mu.Lock()
+	}
 	defer m.mu.Unlock()
 	if m.h == nil || m.h.isLost() || token != m.token {
 		// A new hold for this handle: its first, or a fresh one after its

@@ -155,6 +155,39 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := m.check(); err != nil {
 		return false, err
 	}
+	token, sent, ok, err := m.acquireW(ctx, block)
+	if !ok {
+		return false, err
+	}
+	m.mu.Lock()
+	if late(m.wh, m.token, token) { // see ReentrantMutex.lock
+		m.mu.Unlock()
+		again, sent2, ok, err := m.acquireW(ctx, block)
+		if !ok {
+			return false, err
+		}
+		if again == token {
+			_, _ = m.unlockW(ctx, "", tokenArg(token))
+		}
+		token, sent = again, sent2
+		m.mu.Lock()
+	}
+	defer m.mu.Unlock()
+	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
+		m.c.wd.supersede(m.wh)
+		kind, member := rwHold(m.wfield, tokenArg(token))
+		m.wh, m.wn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
+	}
+	m.wn++
+	// The token of the hold in Redis now: a re-entry reports the token the
+	// hold had; a hold taken again after a loss, a new one (Unlock names it).
+	m.token = token
+	return true, nil
+}
+
+// acquireW runs the attempts of one Lock or TryLock call and returns the
+// write hold's token and when the attempt that took it was sent.
+func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent time.Time, ok bool, err error) {
 	c := m.c
 	req := newID()
 	keys := []string{m.key, m.fence}
@@ -163,8 +196,6 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		wait = c.opts.watchdogTimeout.Milliseconds()
 	}
 	var (
-		token   int64
-		sent    time.Time
 		upgrade bool
 		queued  *hold // the waiting place, tracked while waiting
 	)
@@ -208,7 +239,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	// No queueing without an attempt: the first attempt is what reports an
 	// upgrade (ErrUpgrade) or lets the owner re-enter, which no local
 	// waiter's wake-up would ever do.
-	ok, err := c.acquire(ctx, m.wwake, block, false, try, undo, nil)
+	ok, err = c.acquire(ctx, m.wwake, block, false, try, undo, nil)
 	if queued != nil {
 		c.wd.remove(queued)
 		if !ok || upgrade {
@@ -219,23 +250,9 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 	}
 	if upgrade {
-		return false, ErrUpgrade
+		return 0, sent, false, ErrUpgrade
 	}
-	if !ok {
-		return false, err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
-		c.wd.supersede(m.wh)
-		kind, member := rwHold(m.wfield, tokenArg(token))
-		m.wh, m.wn = c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
-	}
-	m.wn++
-	// The token of the hold in Redis now: a re-entry reports the token the
-	// hold had; a hold taken again after a loss, a new one (Unlock names it).
-	m.token = token
-	return true, nil
+	return token, sent, ok, err
 }
 
 // unlockW releases one write hold (or, with undo set, the hold taken by that
