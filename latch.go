@@ -16,9 +16,12 @@ var (
 	latchCountDownLua string
 	//go:embed lua/latch_set.lua
 	latchSetLua string
+	//go:embed lua/latch_delete.lua
+	latchDeleteLua string
 
 	latchCountDownScript = redis.NewScript(latchCountDownLua)
 	latchSetScript       = redis.NewScript(latchSetLua)
+	latchDeleteScript    = redis.NewScript(latchDeleteLua)
 )
 
 // CountDownLatch is a distributed countdown latch: TrySetCount starts a
@@ -36,7 +39,7 @@ var (
 // delays a waiter by at most one watchdog period.
 //
 // A running count has no expiry: a latch whose counters crash stays set
-// until counted down or deleted. Each TrySetCount and CountDown carries a
+// until counted down or deleted (Delete). Each TrySetCount and CountDown carries a
 // request id, so a call that Redis ran but whose reply was lost, and which
 // go-redis retried, takes effect once and reports what it did.
 //
@@ -106,6 +109,21 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	err := latchCountDownScript.Run(ctx, l.c.rdb, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Err()
 	return convertErr(err)
+}
+
+// Delete ends a running count at once, as if it had been counted down to
+// zero: it deletes the latch's keys and wakes every waiter, which returns
+// nil. It reports whether a count was running; a call whose reply was lost
+// and that the Redis client retried reports false. Use it to release the
+// waiters of a latch whose counters crashed, or to reset a latch before a new
+// TrySetCount.
+func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
+	if err := l.check(); err != nil {
+		return false, err
+	}
+	n, err := latchDeleteScript.Run(ctx, l.c.rdb, []string{l.key, l.channel, l.done},
+		l.c.publishCommand(ctx)).Int64()
+	return n == 1, convertErr(err)
 }
 
 // Count returns the current count: 0 for a finished or unset latch.

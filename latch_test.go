@@ -98,6 +98,8 @@ func TestLatchErrors(t *testing.T) {
 		require.ErrorIs(t, bad.Wait(ctx), redlatch.ErrInvalidArgument)
 		_, err = bad.Count(ctx)
 		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+		_, err = bad.Delete(ctx)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
 
 		l := c.CountDownLatch(name)
 		for _, n := range []int64{0, -3} {
@@ -124,6 +126,46 @@ func TestLatchErrors(t *testing.T) {
 		require.NoError(t, closed.Close())
 		require.ErrorIs(t, cl.Wait(ctx), redlatch.ErrClosed)
 		require.ErrorIs(t, cl.CountDown(ctx), redlatch.ErrClosed)
+		_, err = cl.Delete(ctx)
+		require.ErrorIs(t, err, redlatch.ErrClosed)
+	})
+}
+
+// TestLatchDelete: Delete opens a running latch at once: waiters of two
+// Clients return nil (woken, long before their watchdog period), the keys
+// are gone, and the latch can be set again.
+func TestLatchDelete(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		clients := []*redlatch.Client{newClient(t, b), newClient(t, b)} // re-checks every 10s
+		l := clients[0].CountDownLatch(name)
+		deleted, err := l.Delete(ctx)
+		require.NoError(t, err)
+		require.False(t, deleted, "nothing was running")
+		ok, err := l.TrySetCount(ctx, 3)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.NoError(t, l.CountDown(ctx)) // the recent request ids' key exists too
+
+		woke := make(chan error, 2)
+		for _, c := range clients {
+			go func(c *redlatch.Client) { woke <- c.CountDownLatch(name).Wait(ctx) }(c)
+		}
+		time.Sleep(200 * time.Millisecond) // both subscribed
+		deleted, err = clients[1].CountDownLatch(name).Delete(ctx)
+		require.NoError(t, err)
+		require.True(t, deleted)
+		for range clients {
+			requireNoErrWithin(t, woke, time.Second, "a waiter of the deleted latch did not return")
+		}
+		requireCount(t, ctx, l, 0)
+		requireNoKey(t, ctx, b, latchKey(name))
+		requireNoKey(t, ctx, b, latchKey(name)+":done")
+		ok, err = l.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok, "set again after Delete")
+		require.NoError(t, l.CountDown(ctx))
 	})
 }
 
