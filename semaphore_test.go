@@ -408,6 +408,33 @@ func TestSemaphoreLostReplies(t *testing.T) {
 	})
 }
 
+// TestSemaphoreFinalReleaseRetried: a Release that returned the last
+// permits (deleting the permit set) and whose reply was lost is still
+// recognised when its resend comes after another handle's acquisition made
+// the set anew; and a Release of permits whose set was lost (a failover to
+// a replica that missed it) reports ErrNotHeld.
+func TestSemaphoreFinalReleaseRetried(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c, hook := lossyClient(t, b, scriptWith(semKey(name)), true)
+		s, other := c.Semaphore(name, 2), newClient(t, b).Semaphore(name, 2)
+		require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded
+		require.NoError(t, s.Release(ctx, 1))
+		require.NoError(t, s.Acquire(ctx, 1))
+		hook.between = func() { require.NoError(t, other.Acquire(ctx, 1)) }
+		hook.armed.Store(true)
+		require.NoError(t, s.Release(ctx, 1))
+		requireAvailable(t, ctx, other, 1)
+		require.NoError(t, other.Release(ctx, 1))
+		requireNoKey(t, ctx, b, semKey(name))
+
+		require.NoError(t, s.Acquire(ctx, 2))
+		require.NoError(t, b.Client(t).Del(ctx, semKey(name)).Err())
+		require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
+	})
+}
+
 // TestSemaphoreLost: Lost is nil while the handle holds no permits, open
 // while they are held, and closed when the watchdog finds them gone or a
 // fixed lease runs out; Release then reports ErrNotHeld, and the next

@@ -23,10 +23,12 @@
 --
 -- A release is remembered by the member '~<request id>' (no '|': never a
 -- record; it holds no permit), scored with the time it is forgotten; each
--- handle keeps one, replacing its previous one. A request id seen again, or
--- a permit set gone altogether, means the reply to an earlier run of this
--- very call was lost (the client retried): everything it meant to return
--- counts as returned, and nothing is returned twice.
+-- handle keeps one, replacing its previous one. A release that returns the
+-- last permits in use deletes the set, so it is remembered in the fence key
+-- instead, as the name's last full release (see fence.lua). A request id
+-- seen again means the reply to an earlier run of this very call was lost
+-- (the client retried): everything it meant to return counts as returned,
+-- and nothing is returned twice.
 local meant = 0
 if ARGV[5] ~= '' then
   meant = sem_n(ARGV[5]) - sem_n(ARGV[6])
@@ -38,15 +40,23 @@ local exists = redis.call('EXISTS', KEYS[1]) == 1
 if exists and redis.call('ZSCORE', KEYS[1], '~' .. ARGV[2]) then
   return meant -- a retry of a release already done
 end
+local gone = {}
 for i = 8, #ARGV do
   if not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    -- Gone, or not there yet: an acquisition undone before it reached
-    -- Redis must take nothing when it comes late.
-    fence_tombstone(KEYS[3], sem_req(ARGV[i]), ARGV[7])
+    gone[#gone + 1] = ARGV[i]
   end
 end
+local shrunk = ARGV[5] ~= '' and (not exists or not redis.call('ZSCORE', KEYS[1], ARGV[5]))
+if (#gone > 0 or shrunk) and fence_release(redis.call('GET', KEYS[3])) == ARGV[2] then
+  return meant -- a retry of a release that returned the last permits
+end
+for _, m in ipairs(gone) do
+  -- Gone (expired, lost) or not there yet: an acquisition undone before
+  -- it reached Redis must take nothing when it comes late.
+  fence_tombstone(KEYS[3], sem_req(m), ARGV[7])
+end
 if not exists then
-  return meant
+  return 0
 end
 local now = sem_now()
 local used = sem_reclaim(KEYS[1], now)
@@ -70,6 +80,8 @@ if ARGV[3] ~= '' then
 end
 if used > 0 then
   redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[4])), '~' .. ARGV[2])
+elseif freed > 0 then
+  fence_note_release(KEYS[3], ARGV[2], ARGV[7])
 end
 sem_store(KEYS[1], used, now)
 if freed > 0 then
