@@ -62,14 +62,13 @@ const semReleaseMemory = 10 * time.Second
 // Keys: the permit set "{prefix+name}:sem", a sorted set; wake-ups on the
 // channel "{prefix+name}:sem:wake"; the fence key "{prefix+name}:fence",
 // shared with the locks of that name, holds the tombstone of an acquisition
-// undone before it reached Redis, and the request id of the Release that
-// returned the last permits (for its retry); it expires.
+// undone before it reached Redis (it expires).
 type Semaphore struct {
 	c       *Client
 	name    string
 	key     string
 	channel string
-	fence   string // tombstones, the last full release (see lua/fence.lua)
+	fence   string // tombstones of undone acquisitions (see lua/fence.lua)
 	size    int64
 	owner   string
 	lease   time.Duration

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -35,9 +36,33 @@ func requireNoKey(t *testing.T, ctx context.Context, b redistest.Backend, key st
 	require.Zero(t, n, "key %s left behind", key)
 }
 
+// requireSemIdle checks that the permit set of the semaphore name holds no
+// permit: it is gone, or it holds only remembered releases (forgotten after
+// 10s) and expires.
+func requireSemIdle(t *testing.T, ctx context.Context, b redistest.Backend, name string) {
+	t.Helper()
+	rdb := b.Client(t)
+	ms, err := rdb.ZRangeWithScores(ctx, semKey(name), 0, -1).Result()
+	require.NoError(t, err)
+	for _, m := range ms {
+		member := m.Member.(string)
+		switch {
+		case member == "#":
+			require.Zero(t, m.Score, "permits in use")
+		case !strings.HasPrefix(member, "~"):
+			require.Failf(t, "permit record left behind", "%s", member)
+		}
+	}
+	if len(ms) > 0 {
+		ttl, err := rdb.PTTL(ctx, semKey(name)).Result()
+		require.NoError(t, err)
+		require.Greater(t, ttl, time.Duration(0))
+	}
+}
+
 // TestSemaphoreBound: 12 goroutines over 2 Clients take 1 or 2 permits of a
 // semaphore of size 3, many times: never more than 3 are held at once, 3 are
-// held at some point, and nothing is left in Redis afterwards.
+// held at some point, and no permit is left in Redis afterwards.
 func TestSemaphoreBound(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 90*time.Second)
@@ -84,7 +109,7 @@ func TestSemaphoreBound(t *testing.T) {
 		}
 		require.Equal(t, int64(size), most.Load(), "the semaphore never filled")
 		requireAvailable(t, ctx, clients[0].Semaphore(name, size), size)
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 	})
 }
 
@@ -128,7 +153,7 @@ func TestSemaphoreCounts(t *testing.T) {
 		requireAvailable(t, ctx, o, 4)
 		require.NoError(t, a.Release(ctx, 1))
 		requireAvailable(t, ctx, o, 5)
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 
 		// A failed wait takes nothing.
 		require.NoError(t, a.Acquire(ctx, 5))
@@ -150,7 +175,7 @@ func TestSemaphoreCounts(t *testing.T) {
 		requireAvailable(t, ctx, a, 0)
 		require.NoError(t, big.Release(ctx, 3))
 		require.NoError(t, a.Release(ctx, 5))
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 	})
 }
 
@@ -185,7 +210,7 @@ func TestSemaphoreErrors(t *testing.T) {
 			require.ErrorIs(t, s.Release(ctx, n), redlatch.ErrInvalidArgument)
 		}
 		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 
 		// Another type under the key.
 		require.NoError(t, b.Client(t).Set(ctx, semKey(name), "x", time.Minute).Err())
@@ -229,7 +254,7 @@ func TestSemaphoreWakeup(t *testing.T) {
 			t.Fatal("the waiter was not woken by the release")
 		}
 		require.NoError(t, waiter.Release(ctx, 2))
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 	})
 }
 
@@ -255,7 +280,7 @@ func TestSemaphoreRenewed(t *testing.T) {
 		require.LessOrEqual(t, ttl, lease)
 		require.NoError(t, holder.Release(ctx, 3))
 		requireAvailable(t, ctx, other, 3)
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 	})
 }
 
@@ -297,7 +322,7 @@ func TestSemaphoreDeadHolder(t *testing.T) {
 					require.ErrorIs(t, dead.Release(ctx, 1), redlatch.ErrNotHeld)
 				}
 				require.NoError(t, other.Release(ctx, 2))
-				requireNoKey(t, ctx, b, semKey(name))
+				requireSemIdle(t, ctx, b, name)
 			})
 		}
 	})
@@ -328,7 +353,7 @@ func TestSemaphoreExpiredNotReleased(t *testing.T) {
 		requireAvailable(t, ctx, other, 2)
 		require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
 		require.NoError(t, other.Release(ctx, 1))
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 	})
 }
 
@@ -390,7 +415,7 @@ func TestSemaphoreLostReplies(t *testing.T) {
 		hook.armed.Store(true) // the final release runs twice
 		require.NoError(t, s.Release(ctx, 1))
 		requireAvailable(t, ctx, other, 6)
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 
 		// The reply never arrives: the caller gets an error, and the permits
 		// the server granted are returned.
@@ -404,14 +429,14 @@ func TestSemaphoreLostReplies(t *testing.T) {
 		require.Error(t, s.Acquire(ctx, 2))
 		requireAvailable(t, ctx, other, 6)
 		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
 	})
 }
 
-// TestSemaphoreFinalReleaseRetried: a Release that returned the last
-// permits (deleting the permit set) and whose reply was lost is still
-// recognised when its resend comes after another handle's acquisition made
-// the set anew; and a Release of permits whose set was lost (a failover to
+// TestSemaphoreFinalReleaseRetried: a Release whose reply was lost is still
+// recognised when its resend comes after another handle's acquisition (it
+// had returned the last permits) or after another handle's Release of the
+// last permits; and a Release of permits whose set was lost (a failover to
 // a replica that missed it) reports ErrNotHeld.
 func TestSemaphoreFinalReleaseRetried(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
@@ -427,7 +452,15 @@ func TestSemaphoreFinalReleaseRetried(t *testing.T) {
 		require.NoError(t, s.Release(ctx, 1))
 		requireAvailable(t, ctx, other, 1)
 		require.NoError(t, other.Release(ctx, 1))
-		requireNoKey(t, ctx, b, semKey(name))
+		requireSemIdle(t, ctx, b, name)
+
+		// The resend comes after another handle returned the last permits.
+		require.NoError(t, s.Acquire(ctx, 1))
+		require.NoError(t, other.Acquire(ctx, 1))
+		hook.between = func() { require.NoError(t, other.Release(ctx, 1)) }
+		hook.armed.Store(true)
+		require.NoError(t, s.Release(ctx, 1))
+		requireSemIdle(t, ctx, b, name)
 
 		require.NoError(t, s.Acquire(ctx, 2))
 		require.NoError(t, b.Client(t).Del(ctx, semKey(name)).Err())
@@ -515,7 +548,7 @@ func TestSemaphoreLateAcquireAfterUndo(t *testing.T) {
 			if busy {
 				require.NoError(t, held.Release(ctx, 1))
 			}
-			requireNoKey(t, ctx, b, semKey(name))
+			requireSemIdle(t, ctx, b, name)
 			require.NoError(t, s.Acquire(ctx, 3))
 			require.NoError(t, s.Release(ctx, 3))
 		}

@@ -90,16 +90,6 @@ local function fence_set_release(fence, token, req, retention)
   end
 end
 
--- fence_note_release records a full release that has no fencing token (a
--- Release that returned a semaphore's last permits, deleting its permit
--- set): the last token and the tombstones stay.
-local function fence_note_release(fence, req, retention)
-  local v = redis.call('GET', fence) or ''
-  local token, tombs = string.match(v, '^([^:|]*)[^|]*(.*)$')
-  local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
-  redis.call('SET', fence, token .. ':' .. req .. tombs, 'PX', ttl)
-end
-
 -- fence_tombstone records req as an acquisition undone: the lock scripts
 -- refuse it from now on. The last tombstones_kept of them are kept per
 -- name; an older one is dropped (its request, if it is still on the way

@@ -12,7 +12,8 @@
 --                             ms, for retries (see sem_release.lua)
 -- Records and remembered releases score above 0, '#' at 0 or below, so
 -- score ranges tell them apart. The set's TTL is kept at least the longest
--- live lease, and the set is deleted when no permit is in use.
+-- live lease or release memory, and the set is deleted when it holds
+-- neither: no permit in use and no release remembered.
 
 -- sem_now returns the server clock in ms.
 local function sem_now()
@@ -47,14 +48,15 @@ local function sem_reclaim(key, now)
 end
 
 -- sem_store writes the permits in use and keeps the set alive as long as its
--- longest live member, or deletes the set when no permit is in use.
+-- longest live member (record or remembered release), or deletes the set
+-- when it has none.
 local function sem_store(key, used, now)
   local last = redis.call('ZREVRANGEBYSCORE', key, '+inf', '(' .. now, 'WITHSCORES', 'LIMIT', 0, 1)
-  if not last[2] or used <= 0 then
+  if not last[2] then
     redis.call('DEL', key)
     return
   end
-  redis.call('ZADD', key, string.format('%d', -used), '#')
+  redis.call('ZADD', key, string.format('%d', -math.max(used, 0)), '#')
   local ttl = tonumber(last[2]) - now
   if redis.call('PTTL', key) < ttl then
     redis.call('PEXPIRE', key, string.format('%.0f', ttl))

@@ -21,14 +21,15 @@
 -- reclaimed, released already) returns nothing, so the caller compares the
 -- result with what it meant to return.
 --
--- A release is remembered by the member '~<request id>' (no '|': never a
--- record; it holds no permit), scored with the time it is forgotten; each
--- handle keeps one, replacing its previous one. A release that returns the
--- last permits in use deletes the set, so it is remembered in the fence key
--- instead, as the name's last full release (see fence.lua). A request id
--- seen again means the reply to an earlier run of this very call was lost
--- (the client retried): everything it meant to return counts as returned,
--- and nothing is returned twice.
+-- A release that returned permits is remembered by the member
+-- '~<request id>' (no '|': never a record; it holds no permit), scored with
+-- the time it is forgotten; each handle keeps one, replacing its previous
+-- one, and the set lives as long as a remembered release does, even with no
+-- permit in use (see sem_store). A request id seen again means the reply to
+-- an earlier run of this very call was lost (the client retried):
+-- everything it meant to return counts as returned, and nothing is returned
+-- twice. A set gone altogether was lost (a failover, a flush) or forgot this
+-- release long ago: what it meant to return is not there, so nothing is.
 local meant = 0
 if ARGV[5] ~= '' then
   meant = sem_n(ARGV[5]) - sem_n(ARGV[6])
@@ -40,20 +41,12 @@ local exists = redis.call('EXISTS', KEYS[1]) == 1
 if exists and redis.call('ZSCORE', KEYS[1], '~' .. ARGV[2]) then
   return meant -- a retry of a release already done
 end
-local gone = {}
 for i = 8, #ARGV do
   if not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    gone[#gone + 1] = ARGV[i]
+    -- Gone (expired, lost) or not there yet: an acquisition undone before
+    -- it reached Redis must take nothing when it comes late.
+    fence_tombstone(KEYS[3], sem_req(ARGV[i]), ARGV[7])
   end
-end
-local shrunk = ARGV[5] ~= '' and (not exists or not redis.call('ZSCORE', KEYS[1], ARGV[5]))
-if (#gone > 0 or shrunk) and fence_release(redis.call('GET', KEYS[3])) == ARGV[2] then
-  return meant -- a retry of a release that returned the last permits
-end
-for _, m in ipairs(gone) do
-  -- Gone (expired, lost) or not there yet: an acquisition undone before
-  -- it reached Redis must take nothing when it comes late.
-  fence_tombstone(KEYS[3], sem_req(m), ARGV[7])
 end
 if not exists then
   return 0
@@ -78,10 +71,8 @@ used = used - freed
 if ARGV[3] ~= '' then
   redis.call('ZREM', KEYS[1], '~' .. ARGV[3])
 end
-if used > 0 then
+if freed > 0 then
   redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[4])), '~' .. ARGV[2])
-elseif freed > 0 then
-  fence_note_release(KEYS[3], ARGV[2], ARGV[7])
 end
 sem_store(KEYS[1], used, now)
 if freed > 0 then
