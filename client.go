@@ -425,3 +425,33 @@ func (c *Client) keyExists(ctx context.Context, key string) (bool, error) {
 	n, err := c.rdb.Exists(ctx, key).Result()
 	return n > 0, convertErr(err)
 }
+
+// late reports whether an acquisition that returned token took a hold older
+// than tracked's, the live hold a handle tracks with token current: tokens
+// only grow, so that hold ended before tracked was taken, and the reply came
+// after the one that began tracked.
+func late(tracked *hold, current, token int64) bool {
+	return tracked != nil && !tracked.isLost() && token < current
+}
+
+// retake runs acquire once more after an acquisition whose reply named first,
+// another hold than the live one its handle tracks (see late): it came back
+// late, after a newer hold of the handle's owner was taken and tracked, or
+// it is a new hold while the tracked one ended unnoticed (a token can be
+// older after a failover to a server whose clock is behind; read holds have
+// no order at all). The second attempt re-enters whichever hold is live now
+// and names it. When that is first, the hold was live and has been counted
+// twice, so one count is given back; when the attempt fails, first's count
+// is given back (a dead hold takes nothing from that: its release names
+// it). giveBack runs with a fresh bounded context.
+func retake[T comparable](ctx context.Context, first T,
+	acquire func(context.Context) (T, time.Time, bool, error),
+	giveBack func(context.Context, T)) (T, time.Time, bool, error) {
+	again, sent, ok, err := acquire(ctx)
+	if !ok || again == first {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		giveBack(cctx, first)
+		cancel()
+	}
+	return again, sent, ok, err
+}

@@ -148,14 +148,12 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	f.mu.Lock()
 	if late(f.h, f.token, token) { // see ReentrantMutex.lock
 		f.mu.Unlock()
-		again, sent2, ok, err := f.acquire(ctx, block)
+		token, sent, ok, err = retake(ctx, token,
+			func(ctx context.Context) (int64, time.Time, bool, error) { return f.acquire(ctx, block) },
+			func(ctx context.Context, t int64) { _, _ = f.unlock(ctx, "", "", t) })
 		if !ok {
 			return false, err
 		}
-		if again == token {
-			_, _ = f.unlock(ctx, "", "", token)
-		}
-		token, sent = again, sent2
 		f.mu.Lock()
 	}
 	defer f.mu.Unlock()

@@ -890,8 +890,9 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 // TestLateReplyKeepsNewerHold: on a reentrant handle shared by goroutines,
 // a Lock whose reply comes back after the hold it took was lost and another
 // goroutine's Lock took a new one must not replace the new hold's tracking
-// with the dead one: the newer token wins, and the late Lock re-enters the
-// live hold, so both Unlocks balance.
+// with the dead one: the newer token wins (for read holds, which have no
+// token, the live one), and the late Lock re-enters the live hold, so both
+// Unlocks balance.
 func TestLateReplyKeepsNewerHold(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		type handle interface {
@@ -908,6 +909,9 @@ func TestLateReplyKeepsNewerHold(t *testing.T) {
 			}},
 			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
 			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
+			{"RWMutex readers", func(c *redlatch.Client, n string) handle {
+				return readers{c.RWMutex(n, redlatch.WithOwner("shared"))} // Token: 0
+			}},
 		}
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {

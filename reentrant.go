@@ -64,22 +64,17 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.mu.Lock()
 	if late(m.h, m.token, token) {
-		// A late reply: the hold this call took ended before the live hold
-		// tracked here was taken (another goroutine's Lock on this handle,
-		// whose reply came first). Take the lock again: the attempt re-enters
-		// the live hold, which counts this call in it.
+		// Most likely a late reply: the hold this call took ended before the
+		// live hold tracked here was taken (by another goroutine's Lock on
+		// this handle, whose reply came first). The attempt retake makes
+		// re-enters the live hold, which counts this call in it.
 		m.mu.Unlock()
-		again, sent2, ok, err := m.e.lock(ctx, block, false)
+		token, sent, ok, err = retake(ctx, token,
+			func(ctx context.Context) (int64, time.Time, bool, error) { return m.e.lock(ctx, block, false) },
+			func(ctx context.Context, t int64) { _, _ = m.e.unlock(ctx, "", t, false) })
 		if !ok {
 			return false, err
 		}
-		if again == token {
-			// The same hold twice: it was live after all (its token is older
-			// only because a server clock was behind, as after a failover),
-			// and the second attempt counted this call twice.
-			_, _ = m.e.unlock(ctx, "", token, false)
-		}
-		token, sent = again, sent2
 		m.mu.Lock()
 	}
 	defer m.mu.Unlock()

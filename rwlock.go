@@ -162,14 +162,12 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	if late(m.wh, m.token, token) { // see ReentrantMutex.lock
 		m.mu.Unlock()
-		again, sent2, ok, err := m.acquireW(ctx, block)
+		token, sent, ok, err = retake(ctx, token,
+			func(ctx context.Context) (int64, time.Time, bool, error) { return m.acquireW(ctx, block) },
+			func(ctx context.Context, t int64) { _, _ = m.unlockW(ctx, "", tokenArg(t)) })
 		if !ok {
 			return false, err
 		}
-		if again == token {
-			_, _ = m.unlockW(ctx, "", tokenArg(token))
-		}
-		token, sent = again, sent2
 		m.mu.Lock()
 	}
 	defer m.mu.Unlock()
@@ -381,13 +379,41 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	if err := m.check(); err != nil {
 		return false, err
 	}
+	begun, sent, ok, err := m.acquireR(ctx, block)
+	if !ok {
+		return false, err
+	}
+	m.mu.Lock()
+	if m.rh != nil && !m.rh.isLost() && begun != m.rbegun && begun != "" && m.rbegun != "" {
+		// Another read hold than the live one tracked here: a late reply,
+		// or a new read hold (see ReentrantMutex.lock and retake).
+		m.mu.Unlock()
+		begun, sent, ok, err = retake(ctx, begun,
+			func(ctx context.Context) (string, time.Time, bool, error) { return m.acquireR(ctx, block) },
+			func(ctx context.Context, b string) { _, _ = m.unlockR(ctx, "", b) })
+		if !ok {
+			return false, err
+		}
+		m.mu.Lock()
+	}
+	defer m.mu.Unlock()
+	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
+		m.c.wd.supersede(m.rh)
+		kind, member := rwHold(m.rfield, begun)
+		m.rh, m.rn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
+	}
+	m.rbegun = begun
+	m.rn++
+	return true, nil
+}
+
+// acquireR runs the attempts of one RLock or TryRLock call and returns the
+// request id that began the read hold ("" when Redis did not say) and when
+// the attempt that took it was sent.
+func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent time.Time, ok bool, err error) {
 	c := m.c
 	req := newID()
 	keys := []string{m.key, m.fence}
-	var (
-		sent  time.Time
-		begun string // the request id that began the read hold
-	)
 	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, "") }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
@@ -415,20 +441,8 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		}
 		return false, c.retryBound(n), nil
 	}
-	ok, err := c.acquire(ctx, m.rwake, block, false, try, undo, nil)
-	if !ok {
-		return false, err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
-		c.wd.supersede(m.rh)
-		kind, member := rwHold(m.rfield, begun)
-		m.rh, m.rn = c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
-	}
-	m.rbegun = begun
-	m.rn++
-	return true, nil
+	ok, err = c.acquire(ctx, m.rwake, block, false, try, undo, nil)
+	return begun, sent, ok, err
 }
 
 // rwHold describes a write or read hold to the watchdog (see

@@ -469,11 +469,3 @@ func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err 
 	}()
 	return fn(fctx)
 }
-
-// late reports whether an acquisition that returned token took a hold older
-// than tracked's, the live hold a handle tracks with token current: tokens
-// only grow, so that hold ended before tracked was taken, and the reply came
-// after the one that began tracked.
-func late(tracked *hold, current, token int64) bool {
-	return tracked != nil && !tracked.isLost() && token < current
-}

@@ -16,8 +16,9 @@
 --   rr       request ids of the last few full releases, space-separated
 --
 -- Every lease is a field of its own ("we:", "re:", "ww:"), renewed by the
--- watchdog (kind 'f' of renew.lua), so each read hold expires on its own
--- while the others are renewed. rw_load purges every expired entry; the
+-- watchdog (kind 'g' of renew.lua for holds, which also checks t or rg:<o>;
+-- kind 'f' for waiting places), so each read hold expires on its own while
+-- the others are renewed. rw_load purges every expired entry; the
 -- hash's TTL is kept at its latest expiry, and the hash is deleted when no
 -- lease is left in it, so an idle lock leaves only its fence key.
 
