@@ -45,7 +45,8 @@ var (
 //
 // Keys: the count "{prefix+name}:latch", a string, and the request ids of
 // the calls of the last minute "{prefix+name}:latch:done", a sorted
-// set, both deleted when the count reaches zero; wake-ups on the channel
+// set, both deleted when the count reaches zero (Delete keeps its own
+// request id there for a minute); wake-ups on the channel
 // "{prefix+name}:latch:wake".
 type CountDownLatch struct {
 	c       *Client
@@ -112,17 +113,19 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 }
 
 // Delete ends a running count at once, as if it had been counted down to
-// zero: it deletes the latch's keys and wakes every waiter, which returns
-// nil. It reports whether a count was running; a call whose reply was lost
-// and that the Redis client retried reports false. Use it to release the
+// zero: it deletes the count and wakes every waiter, which returns nil
+// (unless a new TrySetCount came first: a waiter checks the count when
+// woken). It reports whether a count was running. Use it to release the
 // waiters of a latch whose counters crashed, or to reset a latch before a new
-// TrySetCount.
+// TrySetCount. Like CountDown it carries a request id: a call whose reply
+// was lost and that the Redis client retried reports true again, and leaves
+// a count set since then alone.
 func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 	if err := l.check(); err != nil {
 		return false, err
 	}
 	n, err := latchDeleteScript.Run(ctx, l.c.rdb, []string{l.key, l.channel, l.done},
-		l.c.publishCommand(ctx)).Int64()
+		l.c.publishCommand(ctx), newID()).Int64()
 	return n == 1, convertErr(err)
 }
 

@@ -132,8 +132,9 @@ func TestLatchErrors(t *testing.T) {
 }
 
 // TestLatchDelete: Delete opens a running latch at once: waiters of two
-// Clients return nil (woken, long before their watchdog period), the keys
-// are gone, and the latch can be set again.
+// Clients return nil (woken, long before their watchdog period), the count
+// is gone, the latch can be set again, and a Delete resent after a lost
+// reply leaves a count set meanwhile alone.
 func TestLatchDelete(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
@@ -161,11 +162,30 @@ func TestLatchDelete(t *testing.T) {
 		}
 		requireCount(t, ctx, l, 0)
 		requireNoKey(t, ctx, b, latchKey(name))
-		requireNoKey(t, ctx, b, latchKey(name)+":done")
+		ttl, err := b.Client(t).PTTL(ctx, latchKey(name)+":done").Result()
+		require.NoError(t, err) // the Delete's request id, for its retries
+		require.True(t, ttl > 0 && ttl <= time.Minute, "request ids kept %v", ttl)
 		ok, err = l.TrySetCount(ctx, 1)
 		require.NoError(t, err)
 		require.True(t, ok, "set again after Delete")
 		require.NoError(t, l.CountDown(ctx))
+
+		// A Delete resent after its reply was lost, once another process
+		// has set a new count, leaves that count alone.
+		lc, hook := lossyClient(t, b, scriptWith(latchKey(name)), true)
+		ok, err = l.TrySetCount(ctx, 2)
+		require.NoError(t, err)
+		require.True(t, ok)
+		hook.between = func() {
+			ok, err := l.TrySetCount(ctx, 4)
+			require.NoError(t, err)
+			require.True(t, ok)
+		}
+		hook.armed.Store(true)
+		deleted, err = lc.CountDownLatch(name).Delete(ctx)
+		require.NoError(t, err)
+		require.True(t, deleted, "the resend reports what the first run did")
+		requireCount(t, ctx, l, 4)
 	})
 }
 

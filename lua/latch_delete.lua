@@ -3,15 +3,27 @@
 --
 -- KEYS[1]  latch count (see latch_countdown.lua)
 -- KEYS[2]  wake-up channel of the latch
--- KEYS[3]  recent request ids of the latch (see latch_countdown.lua)
+-- KEYS[3]  recent request ids of the latch (see latch_countdown.lua); after
+--          a deletion, that deletion's alone
 -- ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+-- ARGV[2]  request id: unique per Delete call, reused by its retries
 --
 -- Returns 1 when a count was running, 0 when the latch was open already
--- (finished, never set, or deleted by an earlier run of this very call
--- whose reply was lost).
+-- (finished, never set, or deleted by someone else).
+--
+-- A request id seen again means the reply to an earlier run of this very
+-- call was lost (the client retried): it deleted the count, so 1 again, and
+-- a count set since then is left alone.
+if redis.call('ZSCORE', KEYS[3], ARGV[2]) then
+  return 1
+end
 if redis.call('DEL', KEYS[1]) == 0 then
   return 0
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[3])
+redis.call('ZADD', KEYS[3], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[3], 60000)
 redis.call(ARGV[1], KEYS[2], 'a')
 return 1
