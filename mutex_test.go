@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -788,30 +789,35 @@ func lateAttempt(t *testing.T, ctx context.Context, proxy *redistest.Proxy, atte
 	proxy.Release()
 }
 
+// tokenHandle is a reentrant lock handle as the token tests use it.
+type tokenHandle interface {
+	lossHandle
+	Token() int64
+	IsLocked(context.Context) (bool, error)
+}
+
+type tokenKind struct {
+	name string
+	make func(c *redlatch.Client, name string) tokenHandle
+}
+
+// sharedOwnerKinds are the reentrant lock kinds, each handle with the owner
+// id "shared": handles of one kind share the ownership.
+var sharedOwnerKinds = []tokenKind{
+	{"ReentrantMutex", func(c *redlatch.Client, n string) tokenHandle {
+		return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
+	}},
+	{"FairMutex", func(c *redlatch.Client, n string) tokenHandle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
+	{"RWMutex", func(c *redlatch.Client, n string) tokenHandle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
+}
+
 // TestReentryAfterLossTakesNewToken: a reentrant handle whose hold was lost
 // and which then re-enters a hold that another handle of the same owner id
 // took meanwhile adopts that hold's fencing token, so its Unlock (which
 // names the token) releases its share of it.
 func TestReentryAfterLossTakesNewToken(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			Lock(context.Context) error
-			Unlock(context.Context) error
-			Token() int64
-			IsLocked(context.Context) (bool, error)
-			ForceUnlock(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name string
-			make func(c *redlatch.Client, name string) handle
-		}{
-			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
-				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
-			}},
-			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
-			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
-		}
-		for _, k := range kinds {
+		for _, k := range sharedOwnerKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
@@ -895,24 +901,9 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 // Unlocks balance.
 func TestLateReplyKeepsNewerHold(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			lossHandle
-			Token() int64
-			IsLocked(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name string
-			make func(c *redlatch.Client, name string) handle
-		}{
-			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
-				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
-			}},
-			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
-			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
-			{"RWMutex readers", func(c *redlatch.Client, n string) handle {
-				return readers{c.RWMutex(n, redlatch.WithOwner("shared"))} // Token: 0
-			}},
-		}
+		kinds := append(slices.Clone(sharedOwnerKinds), tokenKind{"RWMutex readers", func(c *redlatch.Client, n string) tokenHandle {
+			return readers{c.RWMutex(n, redlatch.WithOwner("shared"))} // Token: 0
+		}})
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
@@ -956,22 +947,7 @@ func TestLateReplyKeepsNewerHold(t *testing.T) {
 // gives back the count the second attempt added: one Unlock frees the lock.
 func TestOlderTokenFromLiveHold(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			lossHandle
-			Token() int64
-			IsLocked(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name string
-			make func(c *redlatch.Client, name string) handle
-		}{
-			{"ReentrantMutex", func(c *redlatch.Client, n string) handle {
-				return c.ReentrantMutex(n, redlatch.WithOwner("shared"))
-			}},
-			{"FairMutex", func(c *redlatch.Client, n string) handle { return c.FairMutex(n, redlatch.WithOwner("shared")) }},
-			{"RWMutex", func(c *redlatch.Client, n string) handle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
-		}
-		for _, k := range kinds {
+		for _, k := range sharedOwnerKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
