@@ -801,6 +801,15 @@ type tokenKind struct {
 	make func(c *redlatch.Client, name string) tokenHandle
 }
 
+// requireNoHoldLeft checks that the lock of m is free: every hold count
+// taken was released.
+func requireNoHoldLeft(t *testing.T, ctx context.Context, m tokenHandle) {
+	t.Helper()
+	locked, err := m.IsLocked(ctx)
+	require.NoError(t, err)
+	require.False(t, locked, "a hold count was left behind")
+}
+
 // sharedOwnerKinds are the reentrant lock kinds, each handle with the owner
 // id "shared": handles of one kind share the ownership.
 var sharedOwnerKinds = []tokenKind{
@@ -833,9 +842,7 @@ func TestReentryAfterLossTakesNewToken(t *testing.T) {
 				require.Equal(t, second.Token(), first.Token())
 				require.NoError(t, first.Unlock(ctx))
 				require.NoError(t, second.Unlock(ctx))
-				locked, err := first.IsLocked(ctx)
-				require.NoError(t, err)
-				require.False(t, locked, "a hold count was left behind")
+				requireNoHoldLeft(t, ctx, first)
 			})
 		}
 	})
@@ -931,9 +938,7 @@ func TestLateReplyKeepsNewerHold(t *testing.T) {
 				}
 				require.NoError(t, m.Unlock(ctx))
 				require.NoError(t, m.Unlock(ctx))
-				locked, err := m.IsLocked(ctx)
-				require.NoError(t, err)
-				require.False(t, locked, "a hold count was left behind")
+				requireNoHoldLeft(t, ctx, m)
 			})
 		}
 	})
@@ -969,9 +974,7 @@ func TestOlderTokenFromLiveHold(t *testing.T) {
 				require.Less(t, m.Token(), ahead)
 				requireClosedWithin(t, tracked, time.Second, "the ended hold's Lost")
 				require.NoError(t, m.Unlock(ctx))
-				locked, err := m.IsLocked(ctx)
-				require.NoError(t, err)
-				require.False(t, locked, "a hold count was left behind")
+				requireNoHoldLeft(t, ctx, m)
 			})
 		}
 	})

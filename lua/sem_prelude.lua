@@ -58,7 +58,9 @@ local function sem_store(key, used, now)
   end
   redis.call('ZADD', key, string.format('%d', -math.max(used, 0)), '#')
   local ttl = tonumber(last[2]) - now
-  if redis.call('PTTL', key) < ttl then
+  -- With no permit in use only remembered releases are left: the set lives
+  -- as long as they do, not as long as the leases it held.
+  if used <= 0 or redis.call('PTTL', key) < ttl then
     redis.call('PEXPIRE', key, string.format('%.0f', ttl))
   end
 end
