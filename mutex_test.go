@@ -979,3 +979,61 @@ func TestOlderTokenFromLiveHold(t *testing.T) {
 		}
 	})
 }
+
+// refuseHook fails the nth script call that matches after it is armed,
+// without sending it, as a connection lost before the write would.
+type refuseHook struct {
+	match func(cmd redis.Cmder) bool
+	nth   int32
+	seen  atomic.Int32
+	armed atomic.Bool
+}
+
+func (h *refuseHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *refuseHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.armed.Load() && h.match(cmd) && h.seen.Add(1) == h.nth {
+			cmd.SetErr(io.ErrUnexpectedEOF)
+			return io.ErrUnexpectedEOF
+		}
+		return next(ctx, cmd)
+	}
+}
+func (h *refuseHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestFailedRetakeGivesBack: the retake of TestOlderTokenFromLiveHold
+// whose second attempt fails. Lock returns that error, and gives back the
+// count its first attempt took: no hold is left that nobody renews or
+// releases.
+func TestFailedRetakeGivesBack(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range sharedOwnerKinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				fence := "{" + name + "}:fence"
+				hooked := b.Client(t)
+				hook := &refuseHook{match: scriptWith("shared"), nth: 2}
+				hooked.AddHook(hook)
+				c := redlatch.New(hooked)
+				t.Cleanup(func() { _ = c.Close() })
+				m, other := k.make(c, name), k.make(newClient(t, b), name)
+				ahead := time.Now().Add(time.Hour).UnixMicro()
+				require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
+				require.NoError(t, m.Lock(ctx)) // scripts loaded
+				_, err := other.ForceUnlock(ctx)
+				require.NoError(t, err)
+				require.NoError(t, rdb.Del(ctx, fence).Err())
+
+				hook.armed.Store(true)
+				err = m.Lock(ctx) // a new hold with an older token, then a failed retry
+				require.ErrorIs(t, err, io.ErrUnexpectedEOF)
+				require.Greater(t, hook.seen.Load(), int32(2), "no give-back after the refused retry")
+				requireNoHoldLeft(t, ctx, m)
+			})
+		}
+	})
+}
