@@ -84,13 +84,15 @@ type Redlock struct {
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each
 // master's watchdog, and the goroutine that watches them for a lost quorum.
 type redlockHold struct {
-	r     *Redlock
-	holds []*hold // per master; nil where not granted
-	start time.Time
-	end   time.Time     // fixed lease: start + lease − drift
-	lost  chan struct{} // closed when the quorum or the validity is lost
-	stop  chan struct{} // closed by Unlock
-	done  chan struct{} // closed when the monitor has returned
+	r      *Redlock
+	req    string  // the acquisition's request id
+	holds  []*hold // per master; nil where not granted
+	tokens []int64 // per master: the fencing token of its hold; 0 where not granted
+	start  time.Time
+	end    time.Time     // fixed lease: start + lease − drift
+	lost   chan struct{} // closed when the quorum or the validity is lost
+	stop   chan struct{} // closed by Unlock
+	done   chan struct{} // closed when the monitor has returned
 }
 
 // NewRedlock returns a Redlock called name over the masters of clients, one
@@ -184,11 +186,13 @@ func (r *Redlock) TryLock(ctx context.Context) (bool, error) {
 
 // round is the outcome of one fan-out.
 type round struct {
+	req      string // the request id of every master's attempt
 	start    time.Time
 	granted  []bool
-	unknown  []bool // no reply: the master may have granted it
-	busy     int    // masters where another owner holds the lock
-	minPTTL  int64  // the earliest end of another owner's hold, ms; -1 none
+	tokens   []int64 // per granting master: its hold's fencing token
+	unknown  []bool  // no reply: the master may have granted it
+	busy     int     // masters where another owner holds the lock
+	minPTTL  int64   // the earliest end of another owner's hold, ms; -1 none
 	errs     []error
 	validity time.Duration
 	fatal    error // an error that retrying cannot cure
@@ -208,12 +212,14 @@ func (rd *round) count() int {
 // every reply or its node timeout.
 func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 	n := len(r.nodes)
-	rd := &round{start: time.Now(), granted: make([]bool, n), unknown: make([]bool, n), minPTTL: -1}
+	rd := &round{req: req, start: time.Now(), granted: make([]bool, n), tokens: make([]int64, n),
+		unknown: make([]bool, n), minPTTL: -1}
 	type reply struct {
-		i    int
-		ok   bool
-		pttl int64
-		err  error
+		i     int
+		ok    bool
+		token int64
+		pttl  int64
+		err   error
 	}
 	replies := make(chan reply, n) // buffered: a straggler never blocks
 	longest := time.Duration(0)
@@ -223,8 +229,8 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 		go func() {
 			nctx, cancel := context.WithTimeout(ctx, d)
 			defer cancel()
-			ok, _, pttl, err := e.attempt(nctx, req)
-			replies <- reply{i, ok, pttl, err}
+			ok, token, pttl, err := e.attempt(nctx, req)
+			replies <- reply{i, ok, token, pttl, err}
 		}()
 	}
 	// A Redis client that ignores context deadlines may answer late: count
@@ -247,6 +253,7 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 				}
 			case rp.ok:
 				rd.granted[rp.i] = true
+				rd.tokens[rp.i] = rp.token
 			default:
 				rd.busy++
 				if rd.minPTTL < 0 || rp.pttl < rd.minPTTL {
@@ -469,16 +476,19 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 }
 
 // track records a granted acquisition: a hold per granting master in that
-// master's watchdog, and a monitor for the quorum.
+// master's watchdog, and a monitor for the quorum. Each master's hold is
+// renewed and released by its own fencing token, so a hold lost on a master
+// stays lost there even when a handle sharing the owner id takes that
+// master's lock at once, and the later hold is left alone.
 func (r *Redlock) track(rd *round) {
 	h := &redlockHold{
-		r: r, holds: make([]*hold, len(r.nodes)), start: rd.start,
+		r: r, req: rd.req, holds: make([]*hold, len(r.nodes)), tokens: rd.tokens, start: rd.start,
 		end:  rd.start.Add(r.lease - r.drift()),
 		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	for i, e := range r.nodes {
 		if rd.granted[i] {
-			h.holds[i] = e.track(rd.start, 0) // per-master tokens: not kept
+			h.holds[i] = e.track(rd.start, rd.tokens[i])
 		}
 	}
 	r.mu.Lock()
@@ -629,7 +639,15 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 			defer wg.Done()
 			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
 			defer cancel()
-			n, err := e.unlock(uctx, "", 0, false)
+			// A granting master's hold is released by its token. A master
+			// whose reply was lost may have granted it too: there the
+			// acquisition itself is undone, which releases only what that
+			// request took.
+			undo := ""
+			if h.holds[i] == nil {
+				undo = h.req
+			}
+			n, err := e.unlock(uctx, undo, h.tokens[i], false)
 			replies[i] = reply{n, err}
 		}()
 	}

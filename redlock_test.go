@@ -374,3 +374,32 @@ func TestRedlockFixedLease(t *testing.T) {
 		return true
 	}, 3*time.Second, 20*time.Millisecond)
 }
+
+// TestRedlockLostWhenSameOwnerRetakes: the Redlock case of
+// TestLostWhenSameOwnerRetakes. Each master's hold is renewed and released
+// by its own fencing token: a hold lost on every master while another
+// handle with the same owner id takes the lock at once is reported lost,
+// and its Unlock leaves the later hold alone.
+func TestRedlockLostWhenSameOwnerRetakes(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	first := redlatch.NewRedlock(name, redlockClients(t, servers, redlatch.WithWatchdogTimeout(300*time.Millisecond)),
+		redlatch.WithOwner("shared"))
+	second := redlatch.NewRedlock(name, redlockClients(t, servers), redlatch.WithOwner("shared"))
+	require.NoError(t, first.Lock(ctx))
+	lost := first.Lost()
+	for _, s := range servers {
+		require.NoError(t, s.Client(t).Del(ctx, lockKey(name)).Err()) // first's holds end unnoticed
+	}
+	require.NoError(t, second.Lock(ctx))
+	select {
+	case <-lost:
+	case <-time.After(3 * time.Second): // ten renewal periods
+		t.Fatal("the lost hold was renewed through the later hold of its owner id")
+	}
+	require.ErrorIs(t, first.Unlock(ctx), redlatch.ErrNotHeld)
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, servers, name), "the lost hold's Unlock released the later hold")
+	require.NoError(t, second.Unlock(ctx))
+	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
+}
