@@ -12,6 +12,8 @@ import (
 )
 
 var (
+	//go:embed lua/latch_common.lua
+	latchCommonLua string
 	//go:embed lua/latch_countdown.lua
 	latchCountDownLua string
 	//go:embed lua/latch_set.lua
@@ -19,9 +21,9 @@ var (
 	//go:embed lua/latch_delete.lua
 	latchDeleteLua string
 
-	latchCountDownScript = redis.NewScript(latchCountDownLua)
-	latchSetScript       = redis.NewScript(latchSetLua)
-	latchDeleteScript    = redis.NewScript(latchDeleteLua)
+	latchCountDownScript = redis.NewScript(latchCommonLua + latchCountDownLua)
+	latchSetScript       = redis.NewScript(latchCommonLua + latchSetLua)
+	latchDeleteScript    = redis.NewScript(latchCommonLua + latchDeleteLua)
 )
 
 // CountDownLatch is a distributed countdown latch: TrySetCount starts a
@@ -39,19 +41,21 @@ var (
 // delays a waiter by at most one watchdog period.
 //
 // A running count has no expiry: a latch whose counters crash stays set
-// until counted down or deleted (Delete). Each TrySetCount and CountDown carries a
-// request id, so a call that Redis ran but whose reply was lost, and which
-// go-redis retried, takes effect once and reports what it did.
+// until counted down or deleted (Delete). Each TrySetCount, CountDown and
+// Delete carries a request id, so a call that Redis ran but whose reply was
+// lost, and which go-redis retried, takes effect once and reports what it
+// did, even when the latch has opened and been set again in between: the
+// resend of a final CountDown does not count the next round down.
 //
-// Keys: the count "{prefix+name}:latch", a string, and the request ids of
-// the calls of the last minute "{prefix+name}:latch:done", a sorted
-// set, both deleted when the count reaches zero (Delete keeps its own
-// request id there for a minute); wake-ups on the channel
+// Keys: the count "{prefix+name}:latch", a string deleted when the count
+// reaches zero, and the request ids of the calls that took effect in the
+// last minute "{prefix+name}:latch:done", a sorted set that expires a
+// minute after its last call; wake-ups on the channel
 // "{prefix+name}:latch:wake".
 type CountDownLatch struct {
 	c       *Client
 	key     string
-	done    string // recent CountDown request ids
+	done    string // request ids of the last minute's calls
 	channel string
 	err     error
 }

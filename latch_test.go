@@ -265,8 +265,55 @@ func TestLatchCountDownRetried(t *testing.T) {
 			require.Equal(t, want, n, "a retried CountDown counted twice")
 		}
 		require.NoError(t, l.Wait(ctx))
-		for _, key := range []string{"{" + name + "}:latch", "{" + name + "}:latch:done"} {
-			require.Zero(t, b.Client(t).Exists(ctx, key).Val(), key)
+		rdb := b.Client(t)
+		require.Zero(t, rdb.Exists(ctx, "{"+name+"}:latch").Val(), "the count outlived its end")
+		ttl := rdb.PTTL(ctx, "{"+name+"}:latch:done").Val()
+		require.True(t, ttl > 0 && ttl <= time.Minute, "the request ids live %v", ttl)
+	})
+}
+
+// TestLatchResendAcrossRounds: a call whose reply was lost and that go-redis
+// resends after its latch opened and was set again takes effect once. The
+// final CountDown of one round, resent, does not count the next round
+// down; a TrySetCount resent after its count finished does not set the
+// latch again.
+func TestLatchResendAcrossRounds(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c, hook := lossyClient(t, b, scriptWith("{"+name+"}:latch"), true)
+		l, other := c.CountDownLatch(name), newClient(t, b).CountDownLatch(name)
+		_, err := l.Delete(ctx) // scripts loaded
+		require.NoError(t, err)
+
+		ok, err := other.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok)
+		hook.between = func() { // the final CountDown ran; its reply is lost
+			require.NoError(t, other.Wait(ctx))
+			ok, err := other.TrySetCount(ctx, 2) // the next round
+			require.NoError(t, err)
+			require.True(t, ok)
 		}
+		hook.armed.Store(true)
+		require.NoError(t, l.CountDown(ctx))
+		n, err := l.Count(ctx)
+		require.NoError(t, err)
+		require.EqualValues(t, 2, n, "the resent CountDown counted the next round down")
+
+		hook.between = func() { // the count was set; the reply is lost
+			require.NoError(t, other.CountDown(ctx))
+			require.NoError(t, other.CountDown(ctx))
+			require.NoError(t, other.CountDown(ctx))
+		}
+		_, err = l.Delete(ctx)
+		require.NoError(t, err)
+		hook.armed.Store(true)
+		ok, err = l.TrySetCount(ctx, 3)
+		require.NoError(t, err)
+		require.True(t, ok, "a resent TrySetCount reported another count")
+		n, err = l.Count(ctx)
+		require.NoError(t, err)
+		require.Zero(t, n, "the resent TrySetCount set the finished latch again")
 	})
 }

@@ -1,10 +1,9 @@
 -- latch_delete.lua: delete a CountDownLatch, opening it: every waiter is
--- woken as if the count had reached zero.
+-- woken as if the count had reached zero. Runs after latch_common.lua.
 --
 -- KEYS[1]  latch count (see latch_countdown.lua)
 -- KEYS[2]  wake-up channel of the latch
--- KEYS[3]  recent request ids of the latch (see latch_countdown.lua); after
---          a deletion, that deletion's alone
+-- KEYS[3]  recent request ids of the latch (see latch_countdown.lua)
 -- ARGV[1]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 -- ARGV[2]  request id: unique per Delete call, reused by its retries
 --
@@ -20,10 +19,6 @@ end
 if redis.call('DEL', KEYS[1]) == 0 then
   return 0
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('DEL', KEYS[3])
-redis.call('ZADD', KEYS[3], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[3], 60000)
+remember(KEYS[3], ARGV[2])
 redis.call(ARGV[1], KEYS[2], 'a')
 return 1

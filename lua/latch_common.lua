@@ -1,0 +1,15 @@
+-- latch_common.lua: prelude of the CountDownLatch scripts.
+--
+-- remember(ids, req) records request id req in the latch's set of recent
+-- request ids (see latch_countdown.lua) with the server time, drops the
+-- entries older than a minute, and has the set expire a minute from now.
+-- KEYS and ARGV: none of its own; the caller passes the set's key from its
+-- KEYS and the request id from its ARGV.
+local memory_ms = 60000
+local function remember(ids, req)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', ids, '-inf', now - memory_ms)
+  redis.call('ZADD', ids, now, req)
+  redis.call('PEXPIRE', ids, memory_ms)
+end
