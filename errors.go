@@ -93,14 +93,16 @@ func (e *waitError) Unwrap() []error {
 }
 
 // newWaitError wraps the end of ctx (and the last error seen, if any) as a
-// failed wait.
+// failed wait: the result matches ErrNotObtained and ctx's error, also when
+// last matches ErrNotObtained alone (ErrNotReplicated, or a Redlock round's
+// joined errors).
 func newWaitError(ctx context.Context, last error) error {
-	if errors.Is(last, ErrNotObtained) {
-		return last
-	}
 	ctxErr := context.Cause(ctx)
 	if ctxErr == nil {
 		ctxErr = context.Canceled
+	}
+	if errors.Is(last, ErrNotObtained) && errors.Is(last, ctxErr) {
+		return last // a wait error already
 	}
 	if last != nil && (errors.Is(last, context.Canceled) || errors.Is(last, context.DeadlineExceeded)) {
 		last = nil

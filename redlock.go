@@ -303,10 +303,21 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		return false, err
 	}
 	if block {
-		select {
-		case r.sem <- struct{}{}:
-		case <-ctx.Done():
+		// Wait for the handle's own hold to end, for ctx, or for any of
+		// the Clients to close.
+		cases := []reflect.SelectCase{
+			{Dir: reflect.SelectSend, Chan: reflect.ValueOf(r.sem), Send: reflect.ValueOf(struct{}{})},
+			{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())},
+		}
+		for _, e := range r.nodes {
+			cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(e.c.ctx.Done())})
+		}
+		switch chosen, _, _ := reflect.Select(cases); chosen {
+		case 0:
+		case 1:
 			return false, newWaitError(ctx, nil)
+		default:
+			return false, ErrClosed
 		}
 	} else {
 		select {

@@ -403,3 +403,26 @@ func TestRedlockLostWhenSameOwnerRetakes(t *testing.T) {
 	require.NoError(t, second.Unlock(ctx))
 	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
 }
+
+// TestRedlockQueuedLockEndsOnClose: a second Lock on a Redlock handle
+// shared by goroutines waits for the first hold's Unlock, and returns
+// ErrClosed when a Client of the masters is closed meanwhile, as waits in
+// progress do.
+func TestRedlockQueuedLockEndsOnClose(t *testing.T) {
+	clients := redlockClients(t, redlockServers(t, 3))
+	ctx := ctxT(t, 10*time.Second)
+	r := redlatch.NewRedlock(redistest.UniqueName(t), clients)
+	require.NoError(t, r.Lock(ctx))
+	got := make(chan error, 1)
+	go func() { got <- r.Lock(ctx) }()
+	time.Sleep(100 * time.Millisecond) // the second Lock waits for the first hold
+	require.NoError(t, clients[1].Close())
+	select {
+	case err := <-got:
+		require.ErrorIs(t, err, redlatch.ErrClosed)
+	case <-time.After(3 * time.Second):
+		_ = r.Unlock(ctx)
+		<-got
+		t.Fatal("the queued Lock ignored Close")
+	}
+}

@@ -1,0 +1,36 @@
+package redlatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestWaitErrorMatchesContext: a wait that its context ended returns an
+// error matching ErrNotObtained and the context's error, whatever the last
+// error seen was: also ErrNotReplicated (which matches ErrNotObtained
+// alone), and a Redlock round's joined per-master errors holding it.
+func TestWaitErrorMatchesContext(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	lasts := []error{
+		nil,
+		io.ErrUnexpectedEOF,
+		context.Canceled,
+		ErrNotReplicated,
+		errors.Join(fmt.Errorf("redlock master 0: %w", ErrNotReplicated), io.ErrUnexpectedEOF),
+		newWaitError(ctx, io.ErrUnexpectedEOF),
+	}
+	for _, last := range lasts {
+		err := newWaitError(ctx, last)
+		require.ErrorIs(t, err, ErrNotObtained, "last: %v", last)
+		require.ErrorIs(t, err, context.Canceled, "last: %v", last)
+		if last != nil {
+			require.ErrorIs(t, err, last, "the last error is lost")
+		}
+	}
+}
