@@ -68,15 +68,20 @@ func invalidArg(arg, why string) error {
 }
 
 // waitError is the error of a wait that its context ended. It matches
-// ErrNotObtained and the context's error, and also unwraps to the last Redis
-// error seen while waiting, if any.
+// ErrNotObtained, the context's error (ctx.Err()) and its cause when the
+// context has one (context.WithCancelCause and the like), and also unwraps
+// to the last Redis error seen while waiting, if any.
 type waitError struct {
 	ctxErr error
+	cause  error // nil when it is ctxErr
 	last   error
 }
 
 func (e *waitError) Error() string {
 	msg := ErrNotObtained.Error() + ": " + e.ctxErr.Error()
+	if e.cause != nil {
+		msg += " (" + e.cause.Error() + ")"
+	}
 	if e.last != nil {
 		msg += " (last error: " + e.last.Error() + ")"
 	}
@@ -86,28 +91,36 @@ func (e *waitError) Error() string {
 func (e *waitError) Is(target error) bool { return target == ErrNotObtained }
 
 func (e *waitError) Unwrap() []error {
-	if e.last != nil {
-		return []error{e.ctxErr, e.last}
+	errs := []error{e.ctxErr}
+	if e.cause != nil {
+		errs = append(errs, e.cause)
 	}
-	return []error{e.ctxErr}
+	if e.last != nil {
+		errs = append(errs, e.last)
+	}
+	return errs
 }
 
 // newWaitError wraps the end of ctx (and the last error seen, if any) as a
-// failed wait: the result matches ErrNotObtained and ctx's error, also when
+// failed wait: the result matches ErrNotObtained and ctx.Err(), also when
 // last matches ErrNotObtained alone (ErrNotReplicated, or a Redlock round's
 // joined errors).
 func newWaitError(ctx context.Context, last error) error {
-	ctxErr := context.Cause(ctx)
+	ctxErr := ctx.Err()
 	if ctxErr == nil {
 		ctxErr = context.Canceled
 	}
 	if errors.Is(last, ErrNotObtained) && errors.Is(last, ctxErr) {
 		return last // a wait error already
 	}
+	cause := context.Cause(ctx)
+	if cause == ctxErr {
+		cause = nil
+	}
 	if last != nil && (errors.Is(last, context.Canceled) || errors.Is(last, context.DeadlineExceeded)) {
 		last = nil
 	}
-	return &waitError{ctxErr: ctxErr, last: last}
+	return &waitError{ctxErr: ctxErr, cause: cause, last: last}
 }
 
 // isReplyError reports whether err is an error reply from Redis (the server

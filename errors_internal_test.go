@@ -13,7 +13,8 @@ import (
 // TestWaitErrorMatchesContext: a wait that its context ended returns an
 // error matching ErrNotObtained and the context's error, whatever the last
 // error seen was: also ErrNotReplicated (which matches ErrNotObtained
-// alone), and a Redlock round's joined per-master errors holding it.
+// alone), and a Redlock round's joined per-master errors holding it; and
+// for a context with a cause, ctx.Err() and the cause alike.
 func TestWaitErrorMatchesContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -32,5 +33,17 @@ func TestWaitErrorMatchesContext(t *testing.T) {
 		if last != nil {
 			require.ErrorIs(t, err, last, "the last error is lost")
 		}
+	}
+
+	// A context with a cause: the error matches ctx.Err() and the cause.
+	shutdown := errors.New("shutting down")
+	cctx, cancelCause := context.WithCancelCause(context.Background())
+	cancelCause(shutdown)
+	lasts[len(lasts)-1] = newWaitError(cctx, io.ErrUnexpectedEOF)
+	for _, last := range lasts {
+		err := newWaitError(cctx, last)
+		require.ErrorIs(t, err, ErrNotObtained, "last: %v", last)
+		require.ErrorIs(t, err, context.Canceled, "last: %v", last)
+		require.ErrorIs(t, err, shutdown, "last: %v", last)
 	}
 }
