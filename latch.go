@@ -163,6 +163,6 @@ func (l *CountDownLatch) Wait(ctx context.Context) error {
 		}
 		return n == 0, period, nil
 	}
-	_, err := l.c.acquire(ctx, l.channel, true, false, try, nil, nil)
+	_, err := l.c.acquire(ctx, l.channel, nil, true, false, try, nil, nil)
 	return err
 }

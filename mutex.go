@@ -74,7 +74,7 @@ func (e *excl) check() error {
 // queue set, a blocking call may queue behind the Client's other waiters
 // without an attempt of its own (see Client.acquire): a re-entry must not,
 // since no one would wake it.
-func (e *excl) lock(ctx context.Context, block, queue bool) (token int64, sent time.Time, ok bool, err error) {
+func (e *excl) lock(ctx context.Context, kin *kinship, block, queue bool) (token int64, sent time.Time, ok bool, err error) {
 	req := newID()
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
@@ -92,7 +92,7 @@ func (e *excl) lock(ctx context.Context, block, queue bool) (token int64, sent t
 			token, sent = t, s
 		}}
 	}
-	ok, err = e.c.acquire(ctx, e.channel, block, queue, try, undo, xfer)
+	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
 	return token, sent, ok, err
 }
 
@@ -318,7 +318,7 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 			return false, nil
 		}
 	}
-	token, sent, ok, err := m.e.lock(ctx, block, true)
+	token, sent, ok, err := m.e.lock(ctx, nil, block, true)
 	if !ok {
 		<-m.sem
 		return false, err

@@ -127,6 +127,23 @@ type waiter struct {
 	grantSent time.Time
 	left      bool
 	acquired  bool
+	// kin is the owner id whose holds the waiter re-enters (see kinship),
+	// or ""; guarded by pubsub.mu.
+	kin string
+}
+
+// kinship names the waiters of one owner on a Client, which re-enter each
+// other's holds: the goroutines of a reentrant handle, and the handles of
+// this Client sharing its owner id. When one of them takes the lock, the
+// handle wakes the others (wakeKin): they would otherwise sleep until the
+// previous holder's lease bound while their own owner holds the lock. held
+// reports whether the handle holds the lock now: a waiter that queued
+// without an attempt (see Client.acquire) checks it after queueing, so a
+// wake-up sent just before cannot be missed (the handle records its hold
+// before it wakes the kin).
+type kinship struct {
+	owner string
+	held  func() bool
 }
 
 // transfer describes a waiting acquisition an Unlock of the same Client may
@@ -237,10 +254,27 @@ func (p *pubsub) unreserve(w *waiter, retry bool) {
 }
 
 // setTransfer makes w a waiter that takes transfers described by x.
-func (p *pubsub) setTransfer(w *waiter, x *transfer) {
+func (p *pubsub) setTransfer(w *waiter, x *transfer, kin *kinship) {
 	p.mu.Lock()
 	w.xfer = x
+	if kin != nil {
+		w.kin = kin.owner
+	}
 	p.mu.Unlock()
+}
+
+// wakeKin wakes the waiters on channel that re-enter owner's holds (see
+// kinship): owner has just taken or re-entered the lock.
+func (p *pubsub) wakeKin(channel, owner string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ch := p.chans[channel]; ch != nil {
+		for _, w := range ch.waiters {
+			if w.kin == owner {
+				signalAll([]*waiter{w})
+			}
+		}
+	}
 }
 
 // takeTransfer returns and clears the transferred hold delivered to w: its
@@ -723,10 +757,13 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 // wake-up may let every waiter in at once, and a newcomer queued without an
 // attempt would wait for the next one.
 //
+// kin, when not nil, marks the waiter as one of its owner's (see kinship),
+// which the owner's next acquisition on this Client wakes to re-enter.
+//
 // When an attempt fails without a reply from Redis (a network or context
 // error), the attempt may have succeeded on the server: undo is then called
 // with a fresh bounded context to release whatever that attempt took.
-func (c *Client) acquire(ctx context.Context, channel string, block, queue bool, try attemptFunc, undo func(context.Context), xfer *transfer) (bool, error) {
+func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, block, queue bool, try attemptFunc, undo func(context.Context), xfer *transfer) (bool, error) {
 	var w *waiter
 	acquired := false
 	defer func() {
@@ -764,8 +801,8 @@ func (c *Client) acquire(ctx context.Context, channel string, block, queue bool,
 		return true
 	}
 	joined := func(nw *waiter) *waiter {
-		if nw != nil && xfer != nil {
-			c.ps.setTransfer(nw, xfer)
+		if nw != nil && (xfer != nil || kin != nil) {
+			c.ps.setTransfer(nw, xfer, kin)
 		}
 		return nw
 	}
@@ -774,7 +811,7 @@ func (c *Client) acquire(ctx context.Context, channel string, block, queue bool,
 		// any release wakes one of them. Queue behind them instead of
 		// barging in with an attempt that would fail: it saves a round
 		// trip and keeps local arrivals in order.
-		if w = joined(c.ps.joinQueued(channel)); w != nil {
+		if w = joined(c.ps.joinQueued(channel)); w != nil && (kin == nil || kin.held == nil || !kin.held()) {
 			if _, err := w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
 				return false, err
 			}

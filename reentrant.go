@@ -58,7 +58,12 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	queue := m.n == 0 && !m.e.shared
 	m.mu.Unlock()
-	token, sent, ok, err := m.e.lock(ctx, block, queue)
+	kin := &kinship{owner: m.e.owner, held: func() bool {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.n > 0
+	}}
+	token, sent, ok, err := m.e.lock(ctx, kin, block, queue)
 	if !ok {
 		return false, err
 	}
@@ -70,7 +75,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// re-enters the live hold, which counts this call in it.
 		m.mu.Unlock()
 		token, sent, ok, err = retake(ctx, token,
-			func(ctx context.Context) (int64, time.Time, bool, error) { return m.e.lock(ctx, block, false) },
+			func(ctx context.Context) (int64, time.Time, bool, error) { return m.e.lock(ctx, kin, block, false) },
 			func(ctx context.Context, t int64) { _, _ = m.e.unlock(ctx, "", t, false) })
 		if !ok {
 			return false, err
@@ -93,6 +98,9 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	// The token of the hold in Redis now: a re-entry reports the token the
 	// hold had; a hold taken again after a loss, a new one (Unlock names it).
 	m.token = token
+	// This handle's other Lock calls, and other handles of the owner on
+	// this Client, may wait: they re-enter now.
+	m.e.c.ps.wakeKin(m.e.channel, m.e.owner)
 	return true, nil
 }
 

@@ -76,3 +76,67 @@ func TestReentryNotQueuedBehindLocalWaiters(t *testing.T) {
 		require.NoError(t, rw.Unlock(ctx))
 	})
 }
+
+// TestReentrantWaitersReenterTogether: goroutines sharing a reentrant
+// handle (and handles sharing an owner id on one Client) that all wait for
+// another owner's hold re-enter as soon as one of them takes the lock,
+// instead of sleeping until the previous holder's lease bound: a second
+// Lock does not wait while its own owner holds the lock.
+func TestReentrantWaitersReenterTogether(t *testing.T) {
+	lease := redlatch.WithLease(20 * time.Second) // the holder's: it bounds a waiter's sleep
+	kinds := []struct {
+		name   string
+		shared bool
+		make   func(c *redlatch.Client, n string, opts ...redlatch.LockOption) lossHandle
+	}{
+		{"ReentrantMutex", false, func(c *redlatch.Client, n string, opts ...redlatch.LockOption) lossHandle {
+			return c.ReentrantMutex(n, opts...)
+		}},
+		{"ReentrantMutex shared owner", true, func(c *redlatch.Client, n string, opts ...redlatch.LockOption) lossHandle {
+			return c.ReentrantMutex(n, opts...)
+		}},
+		{"RWMutex", false, func(c *redlatch.Client, n string, opts ...redlatch.LockOption) lossHandle {
+			return c.RWMutex(n, opts...)
+		}},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				holder := k.make(newClient(t, b), name, lease)
+				require.NoError(t, holder.Lock(ctx))
+				c := newClient(t, b)
+				var opts []redlatch.LockOption
+				if k.shared {
+					opts = append(opts, redlatch.WithOwner("shared"))
+				}
+				m := k.make(c, name, opts...)
+				const n = 3
+				got := make(chan error, n)
+				for i := range n {
+					h := m
+					if k.shared && i > 0 {
+						h = k.make(c, name, opts...) // another handle of the same owner id
+					}
+					go func() { got <- h.Lock(ctx) }()
+					time.Sleep(50 * time.Millisecond) // each waits on the holder
+				}
+				require.NoError(t, holder.Unlock(ctx)) // one wake-up for the Client
+				for range n {
+					select {
+					case err := <-got:
+						require.NoError(t, err)
+					case <-time.After(5 * time.Second):
+						t.Fatal("a Lock of the owner slept while its owner held the lock")
+					}
+				}
+				for range n {
+					require.NoError(t, m.Unlock(ctx))
+				}
+				require.NoError(t, holder.Lock(ctx), "a hold count was left behind")
+				require.NoError(t, holder.Unlock(ctx))
+			})
+		}
+	})
+}

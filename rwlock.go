@@ -180,6 +180,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	// The token of the hold in Redis now: a re-entry reports the token the
 	// hold had; a hold taken again after a loss, a new one (Unlock names it).
 	m.token = token
+	m.c.ps.wakeKin(m.wwake, m.owner) // see ReentrantMutex.lock
 	return true, nil
 }
 
@@ -237,7 +238,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 	// No queueing without an attempt: the first attempt is what reports an
 	// upgrade (ErrUpgrade) or lets the owner re-enter, which no local
 	// waiter's wake-up would ever do.
-	ok, err = c.acquire(ctx, m.wwake, block, false, try, undo, nil)
+	ok, err = c.acquire(ctx, m.wwake, &kinship{owner: m.owner}, block, false, try, undo, nil)
 	if queued != nil {
 		c.wd.remove(queued)
 		if !ok || upgrade {
@@ -441,7 +442,7 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent 
 		}
 		return false, c.retryBound(n), nil
 	}
-	ok, err = c.acquire(ctx, m.rwake, block, false, try, undo, nil)
+	ok, err = c.acquire(ctx, m.rwake, nil, block, false, try, undo, nil)
 	return begun, sent, ok, err
 }
 

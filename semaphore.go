@@ -182,7 +182,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 		}
 		return false, s.c.retryBound(res[1]), nil
 	}
-	ok, err := s.c.acquire(ctx, s.channel, block, false, try, undo, nil)
+	ok, err := s.c.acquire(ctx, s.channel, nil, block, false, try, undo, nil)
 	if !ok {
 		return false, err
 	}
