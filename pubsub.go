@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -54,9 +55,12 @@ func (p *pubsub) healthInterval() time.Duration {
 //
 // On a cluster, a master that gives a slot away (resharding) drops the
 // sharded subscriptions of its channels itself; the channel is then
-// subscribed on the slot's new master and its waiters retry. A subscriber
-// connection that stays silent for two health intervals (a half-open
-// connection) is dropped and dialled again.
+// subscribed on the slot's new master and its waiters retry. A master that
+// dies says nothing: while its subscriber connection is down, the slot map
+// is reloaded, and a channel whose slot a replica took over (a failover)
+// moves there the same way. A subscriber connection that stays silent for
+// two health intervals (a half-open connection) is dropped and dialled
+// again.
 //
 // Worst case for a waiter, then: woken at once by a message; else at the
 // re-subscription after a dropped connection or a moved slot; else when the
@@ -78,6 +82,13 @@ type pubsub struct {
 type psNode struct {
 	ps      *redis.PubSub
 	sharded bool
+	addr    string // the master's address; "" when not sharded
+	// broken is set while the connection is down (from its first failure
+	// until it delivers again); following, guarded by pubsub.mu, while a
+	// follow goroutine checks where its channels' slots went.
+	broken    atomic.Bool
+	following bool
+	stop      chan struct{} // closed when the node is retired (see follow)
 	// inflight counts the (un)subscribe commands per channel whose
 	// confirmation has not arrived: only the confirmation of the latest one
 	// says what the channel's state is.
@@ -407,7 +418,8 @@ func (p *pubsub) shardNodeLocked(master *redis.Client) *psNode {
 
 // newNodeLocked registers a subscriber connection and starts its goroutines.
 func (p *pubsub) newNodeLocked(addr string, ps *redis.PubSub, sharded bool) *psNode {
-	n := &psNode{ps: ps, sharded: sharded, inflight: make(map[string]int), kick: make(chan struct{}, 1)}
+	n := &psNode{ps: ps, sharded: sharded, addr: addr, inflight: make(map[string]int),
+		kick: make(chan struct{}, 1), stop: make(chan struct{})}
 	p.nodes[addr] = n
 	p.wg.Add(2)
 	go p.receive(n)
@@ -455,6 +467,87 @@ func (p *pubsub) rehome(ch *psChan, from *psNode) {
 	p.c.opts.logger.Warn("redlatch: subscription's slot moved, new master unknown", "channel", ch.name)
 }
 
+// follow runs while sharded node n's connection is down. Its master may be
+// dead, and a replica may have taken its slots over (a failover): no message
+// of the old master says so, unlike a slot migration (see rehome). follow
+// reloads the cluster's slot map until the connection is back, moving every
+// channel of n whose slot another master serves now there, and waking its
+// waiters (a release may have been published there meanwhile). A node left
+// without channels while its connection is down is retired: its goroutines
+// end and it is closed.
+func (p *pubsub) follow(n *psNode) {
+	defer p.wg.Done()
+	ctx := p.c.ctx
+	delay := 100 * time.Millisecond
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, time.Second)
+		p.c.cluster.ReloadState(ctx) // in the background: seen by a later round
+		p.mu.Lock()
+		var names []string
+		for name, ch := range p.chans {
+			if ch.node == n {
+				names = append(names, name)
+			}
+		}
+		p.mu.Unlock()
+		for _, name := range names {
+			master, err := p.c.cluster.MasterForKey(ctx, name)
+			if err != nil || master.Options().Addr == n.addr {
+				continue
+			}
+			p.mu.Lock()
+			if ch := p.chans[name]; ch != nil && ch.node == n && !p.closed {
+				n.forget(name)
+				ch.node = p.shardNodeLocked(master)
+				ch.node.send(name, true)
+				signalAll(ch.waiters)
+				p.c.opts.logger.Debug("redlatch: subscription followed its slot after its master failed",
+					"channel", name, "master", master.Options().Addr)
+			}
+			p.mu.Unlock()
+		}
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return
+		}
+		left := false
+		for _, ch := range p.chans {
+			if ch.node == n {
+				left = true
+				break
+			}
+		}
+		broken := n.broken.Load()
+		if broken && left {
+			p.mu.Unlock()
+			continue
+		}
+		n.following = false
+		retire := broken && !left && p.nodes[n.addr] == n
+		if retire {
+			delete(p.nodes, n.addr)
+			close(n.stop)
+		}
+		p.mu.Unlock()
+		if retire {
+			_ = n.ps.Close()
+			p.c.opts.logger.Debug("redlatch: subscriber connection of a failed master retired", "master", n.addr)
+		}
+		return
+	}
+}
+
+// resubscribePause is how long a node's writer waits before it subscribes
+// a channel again after a failed subscribe; it doubles, up to a second,
+// while the subscribes keep failing.
+const resubscribePause = 100 * time.Millisecond
+
 // send queues a (un)subscribe command for channel; called with pubsub.mu
 // held. The node's writer goroutine writes the commands in order.
 func (n *psNode) send(channel string, subscribe bool) {
@@ -485,12 +578,16 @@ func (n *psNode) queue(cmd psCommand) {
 func (p *pubsub) write(n *psNode) {
 	defer p.wg.Done()
 	ctx := p.c.ctx
+	var resend []string // channels whose subscribe failed
+	pause := resubscribePause
 	for {
 		select {
 		case <-n.kick:
 		case <-ctx.Done():
 			return
 		case <-p.closing:
+			return
+		case <-n.stop:
 			return
 		}
 		p.mu.Lock()
@@ -516,8 +613,35 @@ func (p *pubsub) write(n *psNode) {
 				if n.inflight[cmd.channel] > 0 { // not cleared by a reconnection meanwhile
 					n.inflight[cmd.channel]--
 				}
+				if ch := p.chans[cmd.channel]; cmd.subscribe && ch != nil && ch.node == n {
+					// go-redis may have reconnected inside the failed call,
+					// before it added the channel to the set it subscribes
+					// on a new connection: subscribe it again, after a
+					// pause (the server may be down).
+					resend = append(resend, cmd.channel)
+				}
 				p.mu.Unlock()
 			}
+		}
+		if len(resend) == 0 {
+			pause = resubscribePause
+		} else {
+			select {
+			case <-ctx.Done():
+				return
+			case <-n.stop:
+				return
+			case <-time.After(pause):
+			}
+			pause = min(2*pause, time.Second)
+			p.mu.Lock()
+			for _, name := range resend {
+				if ch := p.chans[name]; ch != nil && ch.node == n && !p.closed {
+					n.send(name, true)
+				}
+			}
+			p.mu.Unlock()
+			resend = resend[:0]
 		}
 	}
 }
@@ -603,6 +727,11 @@ func (p *pubsub) receive(n *psNode) {
 			return
 		}
 		if err != nil {
+			select {
+			case <-n.stop:
+				return // retired (see follow)
+			default:
+			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
 				if !pinged {
@@ -626,13 +755,23 @@ func (p *pubsub) receive(n *psNode) {
 			}
 			pinged = false
 			// The connection broke; go-redis reconnects and subscribes
-			// again on the next read. Pending confirmations are gone.
+			// again on the next read. Pending confirmations are gone. A
+			// sharded node's master may be dead for good, its slots taken
+			// over by a replica: follow them.
+			n.broken.Store(true)
 			p.mu.Lock()
 			clear(n.inflight)
+			if n.sharded && !n.following && !p.closed {
+				n.following = true
+				p.wg.Add(1)
+				go p.follow(n)
+			}
 			p.mu.Unlock()
 			p.c.opts.logger.Debug("redlatch: subscriber connection lost", "error", err)
 			select {
 			case <-ctx.Done():
+				return
+			case <-n.stop:
 				return
 			case <-time.After(backoff):
 			}
@@ -640,6 +779,7 @@ func (p *pubsub) receive(n *psNode) {
 			continue
 		}
 		backoff, pinged = 10*time.Millisecond, false
+		n.broken.Store(false)
 		switch m := msg.(type) {
 		case *redis.Subscription:
 			p.confirm(n, m)
