@@ -110,12 +110,13 @@ func newWaitError(ctx context.Context, last error) error {
 	if ctxErr == nil {
 		ctxErr = context.Canceled
 	}
-	if errors.Is(last, ErrNotObtained) && errors.Is(last, ctxErr) {
-		return last // a wait error already
-	}
 	cause := context.Cause(ctx)
 	if cause == ctxErr {
 		cause = nil
+	}
+	if we, ok := last.(*waitError); ok && we.ctxErr == ctxErr &&
+		(we.cause == nil) == (cause == nil) && (cause == nil || errors.Is(we.cause, cause)) {
+		return last // this very wait's error already (errors.Is: a cause may not be comparable)
 	}
 	if last != nil && (errors.Is(last, context.Canceled) || errors.Is(last, context.DeadlineExceeded)) {
 		last = nil

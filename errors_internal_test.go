@@ -40,6 +40,9 @@ func TestWaitErrorMatchesContext(t *testing.T) {
 	cctx, cancelCause := context.WithCancelCause(context.Background())
 	cancelCause(shutdown)
 	lasts[len(lasts)-1] = newWaitError(cctx, io.ErrUnexpectedEOF)
+	lasts = append(lasts, errors.Join( // a Redlock round: one master's context ended
+		fmt.Errorf("redlock master 0: %w", ErrNotReplicated),
+		fmt.Errorf("redlock master 1: %w", context.Canceled)))
 	for _, last := range lasts {
 		err := newWaitError(cctx, last)
 		require.ErrorIs(t, err, ErrNotObtained, "last: %v", last)

@@ -273,33 +273,45 @@ func TestLatchCountDownRetried(t *testing.T) {
 }
 
 // TestLatchResendAcrossRounds: a call whose reply was lost and that go-redis
-// resends after its latch opened and was set again takes effect once. The
-// final CountDown of one round, resent, does not count the next round
-// down; a TrySetCount resent after its count finished does not set the
-// latch again.
+// resends after its latch opened and was set again acts once, at its first
+// run. The final CountDown of one round, resent, does not count the next
+// round down; a TrySetCount resent after its count finished does not set
+// the latch again; a CountDown or Delete that found the latch open does
+// nothing to a count set before its resend.
 func TestLatchResendAcrossRounds(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		name := redistest.UniqueName(t)
 		c, hook := lossyClient(t, b, scriptWith("{"+name+"}:latch"), true)
 		l, other := c.CountDownLatch(name), newClient(t, b).CountDownLatch(name)
-		_, err := l.Delete(ctx) // scripts loaded
+		// Load every script: a NOSCRIPT reply would disarm the hook.
+		require.NoError(t, l.CountDown(ctx))
+		_, err := l.TrySetCount(ctx, 1)
 		require.NoError(t, err)
+		_, err = l.Delete(ctx)
+		require.NoError(t, err)
+		requireCount := func(want int64, msg string) {
+			t.Helper()
+			n, err := l.Count(ctx)
+			require.NoError(t, err)
+			require.Equal(t, want, n, msg)
+		}
+		nextRound := func() { // between the first run and the resend
+			ok, err := other.TrySetCount(ctx, 2)
+			require.NoError(t, err)
+			require.True(t, ok)
+		}
 
 		ok, err := other.TrySetCount(ctx, 1)
 		require.NoError(t, err)
 		require.True(t, ok)
 		hook.between = func() { // the final CountDown ran; its reply is lost
 			require.NoError(t, other.Wait(ctx))
-			ok, err := other.TrySetCount(ctx, 2) // the next round
-			require.NoError(t, err)
-			require.True(t, ok)
+			nextRound()
 		}
 		hook.armed.Store(true)
 		require.NoError(t, l.CountDown(ctx))
-		n, err := l.Count(ctx)
-		require.NoError(t, err)
-		require.EqualValues(t, 2, n, "the resent CountDown counted the next round down")
+		requireCount(2, "the resent CountDown counted the next round down")
 
 		hook.between = func() { // the count was set; the reply is lost
 			require.NoError(t, other.CountDown(ctx))
@@ -312,8 +324,20 @@ func TestLatchResendAcrossRounds(t *testing.T) {
 		ok, err = l.TrySetCount(ctx, 3)
 		require.NoError(t, err)
 		require.True(t, ok, "a resent TrySetCount reported another count")
-		n, err = l.Count(ctx)
+		requireCount(0, "the resent TrySetCount set the finished latch again")
+
+		hook.between = nextRound // a CountDown of the open latch; its reply is lost
+		hook.armed.Store(true)
+		require.NoError(t, l.CountDown(ctx))
+		requireCount(2, "a CountDown of the open latch, resent, counted the next round down")
+
+		_, err = l.Delete(ctx)
 		require.NoError(t, err)
-		require.Zero(t, n, "the resent TrySetCount set the finished latch again")
+		hook.between = nextRound // a Delete of the open latch; its reply is lost
+		hook.armed.Store(true)
+		deleted, err := l.Delete(ctx)
+		require.NoError(t, err)
+		require.False(t, deleted, "a Delete that found no count reported one")
+		requireCount(2, "a Delete of the open latch, resent, deleted the next round")
 	})
 }

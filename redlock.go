@@ -84,15 +84,16 @@ type Redlock struct {
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each
 // master's watchdog, and the goroutine that watches them for a lost quorum.
 type redlockHold struct {
-	r      *Redlock
-	req    string  // the acquisition's request id
-	holds  []*hold // per master; nil where not granted
-	tokens []int64 // per master: the fencing token of its hold; 0 where not granted
-	start  time.Time
-	end    time.Time     // fixed lease: start + lease − drift
-	lost   chan struct{} // closed when the quorum or the validity is lost
-	stop   chan struct{} // closed by Unlock
-	done   chan struct{} // closed when the monitor has returned
+	r       *Redlock
+	req     string  // the acquisition's request id
+	holds   []*hold // per master; nil where not granted
+	tokens  []int64 // per master: the fencing token of its hold; 0 where not granted
+	unknown []bool  // per master: no reply, so it may have granted the lock
+	start   time.Time
+	end     time.Time     // fixed lease: start + lease − drift
+	lost    chan struct{} // closed when the quorum or the validity is lost
+	stop    chan struct{} // closed by Unlock
+	done    chan struct{} // closed when the monitor has returned
 }
 
 // NewRedlock returns a Redlock called name over the masters of clients, one
@@ -493,9 +494,10 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // master's lock at once, and the later hold is left alone.
 func (r *Redlock) track(rd *round) {
 	h := &redlockHold{
-		r: r, req: rd.req, holds: make([]*hold, len(r.nodes)), tokens: rd.tokens, start: rd.start,
-		end:  rd.start.Add(r.lease - r.drift()),
-		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
+		r: r, req: rd.req, holds: make([]*hold, len(r.nodes)), tokens: rd.tokens, unknown: rd.unknown,
+		start: rd.start,
+		end:   rd.start.Add(r.lease - r.drift()),
+		lost:  make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	for i, e := range r.nodes {
 		if rd.granted[i] {
@@ -644,6 +646,10 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	replies := make([]reply, len(r.nodes))
 	var wg sync.WaitGroup
 	for i, e := range r.nodes {
+		if h.holds[i] == nil && !h.unknown[i] {
+			replies[i] = reply{-1, nil} // it answered: it did not grant the lock
+			continue
+		}
 		e.c.wd.setReleasing(h.holds[i], true)
 		wg.Add(1)
 		go func() {
@@ -653,7 +659,8 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 			// A granting master's hold is released by its token. A master
 			// whose reply was lost may have granted it too: there the
 			// acquisition itself is undone, which releases only what that
-			// request took.
+			// request took. (A master that answered without granting
+			// holds nothing of it.)
 			undo := ""
 			if h.holds[i] == nil {
 				undo = h.req

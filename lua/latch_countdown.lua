@@ -5,8 +5,9 @@
 --          no key when finished or never set
 -- KEYS[2]  wake-up channel of the latch
 -- KEYS[3]  recent request ids of the latch: a sorted set, id -> server ms
---          when the call took effect (a CountDown that counted, a
---          TrySetCount that set the count, a Delete that deleted it).
+--          when the call ran (a CountDown, a TrySetCount that set the
+--          count, a Delete; a Delete that found no count as
+--          "<id>|0").
 --          Entries older than a minute are dropped, and the key expires a
 --          minute after its last entry. It outlives the count, so a call
 --          resent after its latch opened and was set again is still
@@ -18,12 +19,15 @@
 -- or already open or unset: counting down an open latch does nothing).
 --
 -- A request id seen again means the reply to an earlier run of this very
--- call was lost (the client retried): the count is not decremented twice,
--- whether it still runs or opened and was set again since.
+-- call was lost (the client retried): the call acts once, at its first run.
+-- The count is not decremented twice, whether it still runs or opened and
+-- was set again since; and a call that found the latch open does nothing
+-- when resent after a new count was set (so it is remembered too).
 if redis.call('ZSCORE', KEYS[3], ARGV[2]) then
   return tonumber(redis.call('GET', KEYS[1]) or '0')
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  remember(KEYS[3], ARGV[2])
   return 0
 end
 local c = redis.call('DECR', KEYS[1])

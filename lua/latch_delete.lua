@@ -11,12 +11,17 @@
 -- (finished, never set, or deleted by someone else).
 --
 -- A request id seen again means the reply to an earlier run of this very
--- call was lost (the client retried): it deleted the count, so 1 again, and
--- a count set since then is left alone.
+-- call was lost (the client retried): the call acts once, at its first run,
+-- and its resend reports what that run did. A count set since then is left
+-- alone, also when the first run found none.
 if redis.call('ZSCORE', KEYS[3], ARGV[2]) then
   return 1
 end
+if redis.call('ZSCORE', KEYS[3], ARGV[2] .. '|0') then
+  return 0
+end
 if redis.call('DEL', KEYS[1]) == 0 then
+  remember(KEYS[3], ARGV[2] .. '|0')
   return 0
 end
 remember(KEYS[3], ARGV[2])
