@@ -47,10 +47,19 @@ type options struct {
 // WithKeyPrefix sets a prefix prepended to every key and channel the Client
 // uses. Default: "" (no prefix).
 //
-// The prefix is part of each primitive's hash tag: the keys of a lock named
-// "orders" under the prefix "app:" all start with "{app:orders}".
+// The hash tag of each primitive follows it: the keys of a lock named
+// "orders" under the prefix "app:" all start with "app:{orders}", so they
+// match "app:*" (for ACLs, SCAN) and share one cluster slot. A prefix with
+// '{' or '}' would change the hash tag: it makes every method return an
+// error wrapping ErrInvalidArgument.
 func WithKeyPrefix(prefix string) Option {
-	return func(o *options) { o.prefix = prefix }
+	return func(o *options) {
+		if strings.ContainsAny(prefix, "{}") {
+			o.err = invalidArg("key prefix", "must not contain '{' or '}'")
+			return
+		}
+		o.prefix = prefix
+	}
 }
 
 // WithWatchdogTimeout sets the lease of holds taken without WithLease.
@@ -226,11 +235,12 @@ func (c *Client) check() error {
 	return nil
 }
 
-// tag returns the hash tag shared by every key and channel of the
-// primitive called name: "{" + prefix + name + "}". All keys of one
-// primitive start with it, so they hash to one cluster slot.
+// tag returns the start shared by every key and channel of the primitive
+// called name: prefix + "{" + name + "}". Its hash tag is the name (the
+// prefix has no braces), so all keys of one primitive hash to one cluster
+// slot.
 func (c *Client) tag(name string) string {
-	return "{" + c.opts.prefix + name + "}"
+	return c.opts.prefix + "{" + name + "}"
 }
 
 // publishCommand returns the command scripts use to publish wake-ups:

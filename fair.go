@@ -99,9 +99,9 @@ type FairMutex struct {
 func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
 	o := newLockOptions(name, opts)
 	f := &FairMutex{c: c, name: name, owner: o.owner, err: o.err}
-	if c != nil && f.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
+	if c != nil && f.err == nil && strings.HasPrefix(name, "}") {
 		// An empty hash tag would scatter the keys over several slots.
-		f.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+		f.err = invalidArg("name", "must not start with '}'")
 	}
 	if c != nil {
 		tag := c.tag(name)

@@ -47,11 +47,11 @@ var (
 // did, even when the latch has opened and been set again in between: the
 // resend of a final CountDown does not count the next round down.
 //
-// Keys: the count "{prefix+name}:latch", a string deleted when the count
+// Keys: the count "prefix{name}:latch", a string deleted when the count
 // reaches zero, and the request ids of the calls that took effect in the
-// last minute "{prefix+name}:latch:done", a sorted set that expires a
+// last minute "prefix{name}:latch:done", a sorted set that expires a
 // minute after its last call; wake-ups on the channel
-// "{prefix+name}:latch:wake".
+// "prefix{name}:latch:wake".
 type CountDownLatch struct {
 	c       *Client
 	key     string
@@ -68,8 +68,8 @@ func (c *Client) CountDownLatch(name string) *CountDownLatch {
 	switch {
 	case name == "":
 		l.err = invalidArg("name", "is empty")
-	case c != nil && strings.HasPrefix(c.opts.prefix+name, "}"):
-		l.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	case c != nil && strings.HasPrefix(name, "}"):
+		l.err = invalidArg("name", "must not start with '}'")
 	}
 	if c != nil {
 		tag := c.tag(name)

@@ -48,10 +48,10 @@ type excl struct {
 func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
 	o := newLockOptions(name, opts)
 	e := excl{c: c, name: name, owner: o.owner, reentrant: reentrant, shared: o.shared, err: o.err}
-	if c != nil && e.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
+	if c != nil && e.err == nil && strings.HasPrefix(name, "}") {
 		// "{}…" is an empty hash tag: Redis Cluster would hash each key
 		// whole and scatter the lock's keys over several slots.
-		e.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+		e.err = invalidArg("name", "must not start with '}'")
 	}
 	if c != nil {
 		tag := c.tag(name)

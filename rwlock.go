@@ -114,8 +114,8 @@ type RWMutex struct {
 func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
 	o := newLockOptions(name, opts)
 	m := &RWMutex{c: c, name: name, owner: o.owner, err: o.err}
-	if c != nil && m.err == nil && strings.HasPrefix(c.opts.prefix+name, "}") {
-		m.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	if c != nil && m.err == nil && strings.HasPrefix(name, "}") {
+		m.err = invalidArg("name", "must not start with '}'")
 	}
 	if c != nil {
 		tag := c.tag(name)

@@ -59,8 +59,8 @@ const semReleaseMemory = 10 * time.Second
 // timeout, or WithLease), and a reconnection of the subscriber wakes every
 // waiter at once.
 //
-// Keys: the permit set "{prefix+name}:sem", a sorted set; wake-ups on the
-// channel "{prefix+name}:sem:wake"; the fence key "{prefix+name}:fence",
+// Keys: the permit set "prefix{name}:sem", a sorted set; wake-ups on the
+// channel "prefix{name}:sem:wake"; the fence key "prefix{name}:fence",
 // shared with the locks of that name, holds the tombstone of an acquisition
 // undone before it reached Redis (it expires).
 type Semaphore struct {
@@ -106,8 +106,8 @@ func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semapho
 	case s.err != nil:
 	case size <= 0:
 		s.err = invalidArg("size", "must be positive")
-	case c != nil && strings.HasPrefix(c.opts.prefix+name, "}"):
-		s.err = invalidArg("name", "must not start with '}' (with the key prefix)")
+	case c != nil && strings.HasPrefix(name, "}"):
+		s.err = invalidArg("name", "must not start with '}'")
 	}
 	if c != nil {
 		tag := c.tag(name)
