@@ -138,7 +138,8 @@ type Client struct {
 // *redis.ClusterClient or a sentinel failover client. New does not talk to
 // Redis. A nil rdb or a bad option does not panic: every method of the
 // returned Client and of the primitives it makes then returns an error
-// wrapping ErrInvalidArgument.
+// wrapping ErrInvalidArgument (except the first Close, which has nothing to
+// stop and returns nil).
 //
 // Set ContextTimeoutEnabled in rdb's options: without it go-redis ignores
 // ctx deadlines while it waits for a reply, so a Lock whose ctx ends while
@@ -211,6 +212,9 @@ func isNil(rdb redis.UniversalClient) bool {
 // Close does not close the Redis client given to New. A second Close returns
 // ErrClosed.
 func (c *Client) Close() error {
+	if c == nil {
+		return invalidArg("client", "is nil")
+	}
 	if !c.closed.CompareAndSwap(false, true) {
 		return ErrClosed
 	}

@@ -32,7 +32,8 @@
 // Do runs a function under a lock with a context cancelled at that moment.
 //
 // Waiters do not poll. A blocked Lock subscribes to the lock's channel (one
-// subscriber connection per Client, shared by all waiters) and sleeps until
+// subscriber connection per Client, shared by all waiters; one per master on
+// a Redis ≥ 7 Cluster, which shards pub/sub) and sleeps until
 // the holder's Unlock publishes a wake-up, or the holder's lease runs out,
 // whichever comes first: a lost message or a crashed holder delays a waiter
 // by at most the holder's remaining lease, and a dropped subscriber

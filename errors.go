@@ -11,8 +11,9 @@ import (
 
 // The errors of redlatch. Every error a method returns either is one of
 // these, wraps one of them (test with errors.Is), or is an error of the
-// Redis client passed through unchanged (a network error, say). redis.Nil
-// never reaches a caller.
+// Redis client passed through unchanged (a network error, say). Redlock
+// joins the errors of its masters (errors.Join), each prefixed with
+// "redlock master <i>: ". redis.Nil never reaches a caller.
 var (
 	// ErrNotObtained is returned when a wait ended before the lock or permit
 	// was obtained (the context was cancelled or reached its deadline) or a

@@ -115,6 +115,9 @@ func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
 }
 
 func (f *FairMutex) check() error {
+	if f == nil {
+		return invalidArg("lock", "is nil")
+	}
 	if err := f.c.check(); err != nil {
 		return err
 	}
@@ -409,14 +412,23 @@ func (f *FairMutex) HoldCount(ctx context.Context) (int, error) {
 // Token returns the fencing token of the current hold, or 0 when the handle
 // holds nothing. Every handoff issues a new, higher token. See Mutex.Token.
 func (f *FairMutex) Token() int64 {
+	if f == nil {
+		return 0
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.h.isLost() {
+		return 0
+	}
 	return f.token
 }
 
 // Lost returns a channel closed when the current hold ends before its last
 // Unlock. See Mutex.Lost.
 func (f *FairMutex) Lost() <-chan struct{} {
+	if f == nil {
+		return nil
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.h.lostChan()
@@ -442,7 +454,8 @@ func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
 
 // ForceUnlock releases the lock whoever holds it, however many times, and
 // hands it to the waiter at the head of the queue. It reports whether the
-// lock was held. The former holder's Lost closes at its next renewal.
+// lock was held. The former holder's Lost closes at its next renewal (a
+// WithLease hold's when its lease runs out on the holder's clock).
 func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err

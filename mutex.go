@@ -63,6 +63,9 @@ func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
 
 // check returns the error of bad input or a closed Client.
 func (e *excl) check() error {
+	if e == nil {
+		return invalidArg("lock", "is nil")
+	}
 	if err := e.c.check(); err != nil {
 		return err
 	}
@@ -299,8 +302,16 @@ func (m *Mutex) TryLock(ctx context.Context) (bool, error) {
 	return m.lock(ctx, false)
 }
 
+// ex returns the handle's lock, nil for a nil handle (its check reports it).
+func (m *Mutex) ex() *excl {
+	if m == nil {
+		return nil
+	}
+	return &m.e
+}
+
 func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
-	if err := m.e.check(); err != nil {
+	if err := m.ex().check(); err != nil {
 		return false, err
 	}
 	if block {
@@ -335,8 +346,13 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 // hold was lost (Lost is closed). Whatever Unlock returns, the handle no
 // longer holds the lock afterwards: if Redis could not be reached, the lock
 // expires after its lease.
+//
+// Ownership is the handle, or its WithOwner id: a handle with a WithOwner
+// id that holds nothing itself releases the lock when another handle of the
+// same id holds it (whose Lost then closes), and returns ErrNotHeld when
+// none does.
 func (m *Mutex) Unlock(ctx context.Context) error {
-	if err := m.e.check(); err != nil {
+	if err := m.ex().check(); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -344,7 +360,16 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 	m.h, m.token = nil, 0
 	m.mu.Unlock()
 	if h == nil {
-		return ErrNotHeld
+		if !m.e.shared {
+			return ErrNotHeld
+		}
+		// Ownership is the WithOwner id: release what another handle of
+		// it holds (that handle's Lost closes at its next renewal).
+		n, err := m.e.unlock(ctx, "", 0, false)
+		if err == nil && n < 0 {
+			err = ErrNotHeld
+		}
+		return convertErr(err)
 	}
 	defer func() { <-m.sem }()
 	m.e.c.wd.setReleasing(h, true)
@@ -356,7 +381,7 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 }
 
 // Token returns the fencing token of the current hold, or 0 when the handle
-// holds nothing. Tokens strictly increase, per lock name, at every change of
+// holds nothing (also once the hold is lost: Lost is closed). Tokens strictly increase, per lock name, at every change of
 // owner; they are the Redis server's clock in microseconds, kept increasing
 // by a counter that lives for a while after each use. They do not go
 // backwards when the counter is lost (FLUSHALL, a restart without
@@ -365,8 +390,14 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 // token to the resource the lock protects, and have it reject tokens lower
 // than the highest it has seen.
 func (m *Mutex) Token() int64 {
+	if m == nil {
+		return 0
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.h.isLost() {
+		return 0
+	}
 	return m.token
 }
 
@@ -376,6 +407,9 @@ func (m *Mutex) Token() int64 {
 // (Redis unreachable), or a WithLease lease ran out. It returns nil (a
 // channel that never closes) when the handle holds nothing.
 func (m *Mutex) Lost() <-chan struct{} {
+	if m == nil {
+		return nil
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.h.lostChan()
@@ -383,12 +417,14 @@ func (m *Mutex) Lost() <-chan struct{} {
 
 // TTL returns the remaining lease of the lock, whoever holds it; 0 when it
 // is free.
-func (m *Mutex) TTL(ctx context.Context) (time.Duration, error) { return m.e.ttl(ctx) }
+func (m *Mutex) TTL(ctx context.Context) (time.Duration, error) { return m.ex().ttl(ctx) }
 
 // IsLocked reports whether anyone holds the lock.
-func (m *Mutex) IsLocked(ctx context.Context) (bool, error) { return m.e.isLocked(ctx) }
+func (m *Mutex) IsLocked(ctx context.Context) (bool, error) { return m.ex().isLocked(ctx) }
 
 // ForceUnlock releases the lock whoever holds it and wakes a waiter. It
 // reports whether the lock was held. The former holder's Lost closes at its
-// next renewal. Meant for operators and tests, not for normal release.
-func (m *Mutex) ForceUnlock(ctx context.Context) (bool, error) { return m.e.forceUnlock(ctx) }
+// next renewal (a WithLease hold, which is not renewed, when its lease runs
+// out on the holder's clock). Meant for operators and tests, not for normal
+// release.
+func (m *Mutex) ForceUnlock(ctx context.Context) (bool, error) { return m.ex().forceUnlock(ctx) }

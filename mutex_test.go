@@ -1037,3 +1037,105 @@ func TestFailedRetakeGivesBack(t *testing.T) {
 		}
 	})
 }
+
+// TestNilHandles: every method of a nil handle, and Close of a nil Client,
+// returns an error wrapping ErrInvalidArgument (Token 0, Lost nil,
+// Validity 0) instead of panicking, as Do on one does.
+func TestNilHandles(t *testing.T) {
+	ctx := t.Context()
+	requireBad := func(err error) {
+		t.Helper()
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+	}
+	type lockLike interface {
+		Lock(context.Context) error
+		TryLock(context.Context) (bool, error)
+		Unlock(context.Context) error
+		Token() int64
+		Lost() <-chan struct{}
+		TTL(context.Context) (time.Duration, error)
+		IsLocked(context.Context) (bool, error)
+		ForceUnlock(context.Context) (bool, error)
+	}
+	for _, l := range []lockLike{(*redlatch.Mutex)(nil), (*redlatch.ReentrantMutex)(nil),
+		(*redlatch.FairMutex)(nil), (*redlatch.RWMutex)(nil)} {
+		requireBad(l.Lock(ctx))
+		_, err := l.TryLock(ctx)
+		requireBad(err)
+		requireBad(l.Unlock(ctx))
+		require.Zero(t, l.Token())
+		require.Nil(t, l.Lost())
+		_, err = l.TTL(ctx)
+		requireBad(err)
+		_, err = l.IsLocked(ctx)
+		requireBad(err)
+		_, err = l.ForceUnlock(ctx)
+		requireBad(err)
+		requireBad(redlatch.Do(ctx, l, func(context.Context) error { return nil }))
+		if hc, ok := l.(interface {
+			HoldCount(context.Context) (int, error)
+		}); ok {
+			_, err = hc.HoldCount(ctx)
+			requireBad(err)
+		}
+	}
+	var rw *redlatch.RWMutex
+	requireBad(rw.RLock(ctx))
+	_, err := rw.TryRLock(ctx)
+	requireBad(err)
+	requireBad(rw.RUnlock(ctx))
+	require.Nil(t, rw.RLost())
+
+	var r *redlatch.Redlock
+	requireBad(r.Lock(ctx))
+	_, err = r.TryLock(ctx)
+	requireBad(err)
+	requireBad(r.Unlock(ctx))
+	require.Nil(t, r.Lost())
+	require.Zero(t, r.Validity())
+
+	var c *redlatch.Client
+	requireBad(c.Close())
+	requireBad(c.Mutex("x").Lock(ctx))
+}
+
+// TestUnlockBySameOwnerHandle: ownership is the handle or its WithOwner id
+// (API.md). A Mutex or Redlock handle with a WithOwner id that holds
+// nothing itself releases the lock another handle of that id holds, whose
+// Lost then closes; without a WithOwner id, or when no handle of the id
+// holds it, Unlock returns ErrNotHeld and leaves the lock alone.
+func TestUnlockBySameOwnerHandle(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+		holder := c.Mutex(name, redlatch.WithOwner("ops"))
+		require.NoError(t, holder.Lock(ctx))
+		require.ErrorIs(t, c.Mutex(name).Unlock(ctx), redlatch.ErrNotHeld, "another owner released it")
+		require.ErrorIs(t, c.Mutex(name, redlatch.WithOwner("other")).Unlock(ctx), redlatch.ErrNotHeld)
+		locked, err := holder.IsLocked(ctx)
+		require.NoError(t, err)
+		require.True(t, locked)
+
+		require.NoError(t, c.Mutex(name, redlatch.WithOwner("ops")).Unlock(ctx))
+		locked, err = holder.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, locked)
+		requireClosedWithin(t, holder.Lost(), 2*time.Second, "the released handle's Lost")
+		require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
+		require.ErrorIs(t, c.Mutex(name, redlatch.WithOwner("ops")).Unlock(ctx), redlatch.ErrNotHeld)
+	})
+
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	holder := redlatch.NewRedlock(name, redlockClients(t, servers, redlatch.WithWatchdogTimeout(300*time.Millisecond)),
+		redlatch.WithOwner("ops"))
+	require.NoError(t, holder.Lock(ctx))
+	require.ErrorIs(t, redlatch.NewRedlock(name, redlockClients(t, servers)).Unlock(ctx), redlatch.ErrNotHeld)
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, servers, name))
+	require.NoError(t, redlatch.NewRedlock(name, redlockClients(t, servers), redlatch.WithOwner("ops")).Unlock(ctx))
+	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
+	requireClosedWithin(t, holder.Lost(), 2*time.Second, "the released Redlock's Lost")
+	require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
+}

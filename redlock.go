@@ -74,6 +74,7 @@ type Redlock struct {
 	quorum int
 	lease  time.Duration // the shortest lease of the masters: validity is computed from it
 	renew  bool
+	shared bool // WithOwner: other handles may hold the lock as this owner
 	err    error
 	sem    chan struct{}
 
@@ -84,16 +85,15 @@ type Redlock struct {
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each
 // master's watchdog, and the goroutine that watches them for a lost quorum.
 type redlockHold struct {
-	r       *Redlock
-	req     string  // the acquisition's request id
-	holds   []*hold // per master; nil where not granted
-	tokens  []int64 // per master: the fencing token of its hold; 0 where not granted
-	unknown []bool  // per master: no reply, so it may have granted the lock
-	start   time.Time
-	end     time.Time     // fixed lease: start + lease − drift
-	lost    chan struct{} // closed when the quorum or the validity is lost
-	stop    chan struct{} // closed by Unlock
-	done    chan struct{} // closed when the monitor has returned
+	r      *Redlock
+	req    string  // the acquisition's request id
+	holds  []*hold // per master; nil where not granted
+	tokens []int64 // per master: the fencing token of its hold; 0 where not granted
+	start  time.Time
+	end    time.Time     // fixed lease: start + lease − drift
+	lost   chan struct{} // closed when the quorum or the validity is lost
+	stop   chan struct{} // closed by Unlock
+	done   chan struct{} // closed when the monitor has returned
 }
 
 // NewRedlock returns a Redlock called name over the masters of clients, one
@@ -104,7 +104,7 @@ type redlockHold struct {
 // ErrInvalidArgument. Options are those of Mutex: WithLease and WithOwner.
 func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 	o := newLockOptions(name, opts)
-	r := &Redlock{name: name, err: o.err, sem: make(chan struct{}, 1)}
+	r := &Redlock{name: name, shared: o.shared, err: o.err, sem: make(chan struct{}, 1)}
 	if len(clients) == 0 {
 		r.err = invalidArg("clients", "is empty")
 		return r
@@ -143,6 +143,9 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 
 // check returns the error of bad input or of a closed Client.
 func (r *Redlock) check() error {
+	if r == nil {
+		return invalidArg("redlock", "is nil")
+	}
 	if r.err != nil {
 		return r.err
 	}
@@ -494,10 +497,9 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // master's lock at once, and the later hold is left alone.
 func (r *Redlock) track(rd *round) {
 	h := &redlockHold{
-		r: r, req: rd.req, holds: make([]*hold, len(r.nodes)), tokens: rd.tokens, unknown: rd.unknown,
-		start: rd.start,
-		end:   rd.start.Add(r.lease - r.drift()),
-		lost:  make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
+		r: r, req: rd.req, holds: make([]*hold, len(r.nodes)), tokens: rd.tokens, start: rd.start,
+		end:  rd.start.Add(r.lease - r.drift()),
+		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	for i, e := range r.nodes {
 		if rd.granted[i] {
@@ -623,64 +625,29 @@ func (h *redlockHold) monitor() {
 // joining the masters' errors when fewer than a quorum confirmed the
 // release for want of an answer; the lock then expires on the others after
 // its lease. Whatever Unlock returns, the handle no longer holds the lock.
+//
+// Ownership is the handle, or its WithOwner id: a handle with a WithOwner
+// id that holds nothing itself releases the lock a quorum of masters holds
+// for that id (another handle's, whose Lost then closes).
 func (r *Redlock) Unlock(ctx context.Context) error {
-	if r.err != nil {
-		return r.err
+	if err := r.check(); err != nil {
+		return err
 	}
 	r.mu.Lock()
 	h := r.h
 	r.h = nil
 	r.mu.Unlock()
-	if h == nil {
+	valid := r.shared
+	if h != nil {
+		defer func() { <-r.sem }()
+		close(h.stop)
+		<-h.done
+		valid = !h.isLost() && time.Now().Before(h.validUntil())
+	}
+	if h == nil && !r.shared {
 		return ErrNotHeld
 	}
-	defer func() { <-r.sem }()
-	close(h.stop)
-	<-h.done
-	valid := !h.isLost() && time.Now().Before(h.validUntil())
-
-	type reply struct {
-		n   int64
-		err error
-	}
-	replies := make([]reply, len(r.nodes))
-	var wg sync.WaitGroup
-	for i, e := range r.nodes {
-		if h.holds[i] == nil && !h.unknown[i] {
-			replies[i] = reply{-1, nil} // it answered: it did not grant the lock
-			continue
-		}
-		e.c.wd.setReleasing(h.holds[i], true)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
-			defer cancel()
-			// A granting master's hold is released by its token. A master
-			// whose reply was lost may have granted it too: there the
-			// acquisition itself is undone, which releases only what that
-			// request took. (A master that answered without granting
-			// holds nothing of it.)
-			undo := ""
-			if h.holds[i] == nil {
-				undo = h.req
-			}
-			n, err := e.unlock(uctx, undo, h.tokens[i], false)
-			replies[i] = reply{n, err}
-		}()
-	}
-	wg.Wait()
-	released := 0
-	var errs []error
-	for i, e := range r.nodes {
-		e.c.wd.remove(h.holds[i])
-		switch rp := replies[i]; {
-		case rp.err != nil:
-			errs = append(errs, fmt.Errorf("redlock master %d: %w", i, rp.err))
-		case rp.n >= 0:
-			released++
-		}
-	}
+	released, errs := r.unlockAll(ctx, h)
 	switch {
 	case !valid:
 		return ErrNotHeld
@@ -692,12 +659,64 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	return ErrNotHeld
 }
 
+// unlockAll sends the release of hold h to every master, or with h nil the
+// release of whatever the owner id holds there, and returns how many
+// masters released something and the errors of those that did not answer.
+func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error) {
+	type reply struct {
+		n   int64
+		err error
+	}
+	replies := make([]reply, len(r.nodes))
+	var wg sync.WaitGroup
+	for i, e := range r.nodes {
+		if h != nil {
+			e.c.wd.setReleasing(h.holds[i], true)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
+			defer cancel()
+			// Unlock goes to every master. A granting master's hold is
+			// released by its token. Any other may have granted it too (a
+			// lost reply): there the acquisition itself is undone, which
+			// releases only what that request took.
+			undo, token := "", int64(0)
+			if h != nil {
+				token = h.tokens[i]
+				if h.holds[i] == nil {
+					undo = h.req
+				}
+			}
+			n, err := e.unlock(uctx, undo, token, false)
+			replies[i] = reply{n, err}
+		}()
+	}
+	wg.Wait()
+	for i, e := range r.nodes {
+		if h != nil {
+			e.c.wd.remove(h.holds[i])
+		}
+		switch rp := replies[i]; {
+		case rp.err != nil:
+			errs = append(errs, fmt.Errorf("redlock master %d: %w", i, rp.err))
+		case rp.n >= 0:
+			released++
+		}
+	}
+	return released, errs
+}
+
 // Lost returns a channel closed when the current hold ends before Unlock:
 // fewer than a quorum of masters still hold the lock (a renewal found it
 // gone, or their leases ran out unrenewed, or their Clients were closed),
 // or the validity ran out. It returns nil (a channel that never closes)
 // when the handle holds nothing.
 func (r *Redlock) Lost() <-chan struct{} {
+	if r == nil {
+		return nil
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.h == nil {
@@ -712,6 +731,9 @@ func (r *Redlock) Lost() <-chan struct{} {
 // the latest renewals that a quorum of masters acknowledged for a renewed
 // one. It returns 0 when the handle holds nothing or the hold was lost.
 func (r *Redlock) Validity() time.Duration {
+	if r == nil {
+		return 0
+	}
 	r.mu.Lock()
 	h := r.h
 	r.mu.Unlock()

@@ -48,8 +48,16 @@ func (m *ReentrantMutex) TryLock(ctx context.Context) (bool, error) {
 	return m.lock(ctx, false)
 }
 
+// ex returns the handle's lock, nil for a nil handle (its check reports it).
+func (m *ReentrantMutex) ex() *excl {
+	if m == nil {
+		return nil
+	}
+	return &m.e
+}
+
 func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
-	if err := m.e.check(); err != nil {
+	if err := m.ex().check(); err != nil {
 		return false, err
 	}
 	// A re-entry (this handle, or with WithOwner perhaps another handle,
@@ -111,7 +119,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 // Unlock is idempotent per call: when the reply is lost and the Redis client
 // retries, the retry is recognised and the count is not decremented twice.
 func (m *ReentrantMutex) Unlock(ctx context.Context) error {
-	if err := m.e.check(); err != nil {
+	if err := m.ex().check(); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -153,30 +161,41 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 
 // HoldCount returns how many times the owner holds the lock, as recorded in
 // Redis (so it counts the holds of every handle sharing the owner id).
-func (m *ReentrantMutex) HoldCount(ctx context.Context) (int, error) { return m.e.holdCount(ctx) }
+func (m *ReentrantMutex) HoldCount(ctx context.Context) (int, error) { return m.ex().holdCount(ctx) }
 
 // Token returns the fencing token of the current hold, or 0 when the handle
 // holds nothing. See Mutex.Token.
 func (m *ReentrantMutex) Token() int64 {
+	if m == nil {
+		return 0
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.h.isLost() {
+		return 0
+	}
 	return m.token
 }
 
 // Lost returns a channel closed when the current hold ends before its last
 // Unlock. See Mutex.Lost.
 func (m *ReentrantMutex) Lost() <-chan struct{} {
+	if m == nil {
+		return nil
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.h.lostChan()
 }
 
 // TTL returns the remaining lease of the lock; 0 when it is free.
-func (m *ReentrantMutex) TTL(ctx context.Context) (time.Duration, error) { return m.e.ttl(ctx) }
+func (m *ReentrantMutex) TTL(ctx context.Context) (time.Duration, error) { return m.ex().ttl(ctx) }
 
 // IsLocked reports whether anyone holds the lock.
-func (m *ReentrantMutex) IsLocked(ctx context.Context) (bool, error) { return m.e.isLocked(ctx) }
+func (m *ReentrantMutex) IsLocked(ctx context.Context) (bool, error) { return m.ex().isLocked(ctx) }
 
 // ForceUnlock releases the lock whoever holds it, however many times, and
 // wakes a waiter. It reports whether the lock was held.
-func (m *ReentrantMutex) ForceUnlock(ctx context.Context) (bool, error) { return m.e.forceUnlock(ctx) }
+func (m *ReentrantMutex) ForceUnlock(ctx context.Context) (bool, error) {
+	return m.ex().forceUnlock(ctx)
+}

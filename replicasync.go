@@ -70,7 +70,7 @@ func (c *Client) masterFor(ctx context.Context, key string) (*redis.Client, erro
 	if rc, ok := c.rdb.(*redis.Client); ok {
 		return rc, nil
 	}
-	return nil, fmt.Errorf("redlatch: replica sync needs a *redis.Client or *redis.ClusterClient, not %T", c.rdb)
+	return nil, invalidArg("redis client", fmt.Sprintf("must be a *redis.Client or *redis.ClusterClient for WithReplicaSync, not %T", c.rdb))
 }
 
 // redirectAttempts is how many times runSynced sends a pipeline again after

@@ -128,6 +128,9 @@ func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
 }
 
 func (m *RWMutex) check() error {
+	if m == nil {
+		return invalidArg("lock", "is nil")
+	}
 	if err := m.c.check(); err != nil {
 		return err
 	}
@@ -462,14 +465,23 @@ func rwHold(field, guard string) (kind byte, member string) {
 // gets a higher token than the previous one; re-entry keeps it. See
 // Mutex.Token.
 func (m *RWMutex) Token() int64 {
+	if m == nil {
+		return 0
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.wh.isLost() {
+		return 0
+	}
 	return m.token
 }
 
 // Lost returns a channel closed when the current write hold ends before its
 // last Unlock. See Mutex.Lost.
 func (m *RWMutex) Lost() <-chan struct{} {
+	if m == nil {
+		return nil
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.wh.lostChan()
@@ -479,6 +491,9 @@ func (m *RWMutex) Lost() <-chan struct{} {
 // last RUnlock (its lease ran out, or ForceUnlock); nil when the handle
 // holds no read lock.
 func (m *RWMutex) RLost() <-chan struct{} {
+	if m == nil {
+		return nil
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.rh.lostChan()
@@ -521,7 +536,8 @@ func (m *RWMutex) IsLocked(ctx context.Context) (bool, error) {
 
 // ForceUnlock releases every hold of the lock, the writer's and all the
 // readers', and wakes the waiters. It reports whether anything was held.
-// Former holders see Lost (or RLost) close at their next renewal. Meant for
+// Former holders see Lost (or RLost) close at their next renewal (WithLease
+// holds when their lease runs out on the holder's clock). Meant for
 // operators and tests.
 func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := m.check(); err != nil {

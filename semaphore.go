@@ -207,9 +207,14 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 // the handle's whatever Release returns: if Redis could not be reached, they
 // come back when their lease runs out.
 func (s *Semaphore) Release(ctx context.Context, n int64) error {
-	if err := s.checkN(n); err != nil {
+	if err := s.check(); err != nil {
 		return err
 	}
+	if n <= 0 {
+		return invalidArg("n", "must be positive")
+	}
+	// n above the size is not invalid here: the handle holds fewer
+	// (ErrNotHeld, below, without a call to Redis).
 	s.relMu.Lock()
 	defer s.relMu.Unlock()
 

@@ -208,8 +208,12 @@ func TestSemaphoreErrors(t *testing.T) {
 			require.ErrorContains(t, err, "n ")
 			_, err = s.TryAcquire(ctx, n)
 			require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
-			require.ErrorIs(t, s.Release(ctx, n), redlatch.ErrInvalidArgument)
+			if n <= 0 {
+				require.ErrorIs(t, s.Release(ctx, n), redlatch.ErrInvalidArgument)
+			}
 		}
+		// More than the size: the handle holds fewer (API.md: ErrNotHeld).
+		require.ErrorIs(t, s.Release(ctx, 4), redlatch.ErrNotHeld)
 		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
 		requireSemIdle(t, ctx, b, name)
 

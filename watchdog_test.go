@@ -447,3 +447,30 @@ func TestLostWhenHandleRetakes(t *testing.T) {
 		}
 	})
 }
+
+// TestTokenZeroAfterLoss: Token returns 0 once the hold is lost (Lost
+// closed): the handle no longer holds the lock, and a fencing token of a
+// lost hold must not be passed on.
+func TestTokenZeroAfterLoss(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range []tokenKind{
+			{"Mutex", func(c *redlatch.Client, n string) tokenHandle { return c.Mutex(n) }},
+			{"ReentrantMutex", func(c *redlatch.Client, n string) tokenHandle { return c.ReentrantMutex(n) }},
+			{"FairMutex", func(c *redlatch.Client, n string) tokenHandle { return c.FairMutex(n) }},
+			{"RWMutex", func(c *redlatch.Client, n string) tokenHandle { return c.RWMutex(n) }},
+		} {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				m := k.make(newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond)), name)
+				require.NoError(t, m.Lock(ctx))
+				require.NotZero(t, m.Token())
+				_, err := k.make(newClient(t, b), name).ForceUnlock(ctx)
+				require.NoError(t, err)
+				requireClosedWithin(t, m.Lost(), 2*time.Second, "the ended hold's Lost")
+				require.Zero(t, m.Token(), "a lost hold's token")
+				require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+			})
+		}
+	})
+}
