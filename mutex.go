@@ -195,8 +195,14 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 // a later hold of the same owner id, taken after this one was lost, does
 // not keep this one alive.
 func (e *excl) track(sent time.Time, token int64) *hold {
+	return e.trackNotify(sent, token, nil)
+}
+
+// trackNotify is track with a function run when the hold is lost (see
+// hold.onLost).
+func (e *excl) trackNotify(sent time.Time, token int64, onLost func()) *hold {
 	kind, member := exclHold(e.owner, token)
-	return e.c.wd.add(e.name, e.key, kind, member, e.lease, e.renew, sent)
+	return e.c.wd.addNotify(e.name, e.key, kind, member, e.lease, e.renew, sent, onLost)
 }
 
 // exclHold describes a hold of a lock hash to the watchdog (see

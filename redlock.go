@@ -83,7 +83,10 @@ type Redlock struct {
 }
 
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each
-// master's watchdog, and the goroutine that watches them for a lost quorum.
+// master's watchdog, and what watches them for a lost quorum. No goroutine
+// runs per hold: a timer runs check at the end of the validity, and at once
+// when a master's hold ends (its watchdog's notification) or its Client
+// closes (a context.AfterFunc).
 type redlockHold struct {
 	r      *Redlock
 	req    string  // the acquisition's request id
@@ -92,8 +95,11 @@ type redlockHold struct {
 	start  time.Time
 	end    time.Time     // fixed lease: start + lease − drift
 	lost   chan struct{} // closed when the quorum or the validity is lost
-	stop   chan struct{} // closed by Unlock
-	done   chan struct{} // closed when the monitor has returned
+	timer  *time.Timer   // runs check
+
+	mu      sync.Mutex    // serialises check and stop
+	stopped bool          // Unlock came: check does nothing more
+	unwatch []func() bool // stop the watches of the masters' Clients
 }
 
 // NewRedlock returns a Redlock called name over the masters of clients, one
@@ -491,25 +497,35 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 }
 
 // track records a granted acquisition: a hold per granting master in that
-// master's watchdog, and a monitor for the quorum. Each master's hold is
-// renewed and released by its own fencing token, so a hold lost on a master
-// stays lost there even when a handle sharing the owner id takes that
-// master's lock at once, and the later hold is left alone.
+// master's watchdog, and the watch for the quorum (see redlockHold). Each
+// master's hold is renewed and released by its own fencing token, so a hold
+// lost on a master stays lost there even when a handle sharing the owner id
+// takes that master's lock at once, and the later hold is left alone.
 func (r *Redlock) track(rd *round) {
 	h := &redlockHold{
 		r: r, req: rd.req, holds: make([]*hold, len(r.nodes)), tokens: rd.tokens, start: rd.start,
 		end:  rd.start.Add(r.lease - r.drift()),
-		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
+		lost: make(chan struct{}),
 	}
+	h.timer = time.AfterFunc(time.Hour, h.check) // armed by the check below
 	for i, e := range r.nodes {
-		if rd.granted[i] {
-			h.holds[i] = e.track(rd.start, rd.tokens[i])
+		if !rd.granted[i] {
+			continue
 		}
+		hd := e.trackNotify(rd.start, rd.tokens[i], h.wake)
+		h.holds[i] = hd
+		wd := e.c.wd
+		h.unwatch = append(h.unwatch, context.AfterFunc(e.c.ctx, func() {
+			// That master's Client was closed: its hold is no longer
+			// renewed and cannot count towards the quorum any more.
+			wd.remove(hd)
+			h.wake()
+		}))
 	}
 	r.mu.Lock()
 	r.h = h
 	r.mu.Unlock()
-	go h.monitor()
+	h.check()
 }
 
 // nodeDeadline returns when master i's hold ends unless renewed, and false
@@ -572,50 +588,47 @@ func (h *redlockHold) isLost() bool {
 	}
 }
 
-// monitor closes lost when fewer than a quorum of masters hold the lock or
-// the validity runs out, and returns then or when Unlock stops it. On a
-// loss it stops the renewals on the masters still holding it: a minority
-// hold protects nothing, and Unlock (or the lease) releases it.
-func (h *redlockHold) monitor() {
-	defer close(h.done)
-	t := time.NewTimer(time.Hour)
-	defer t.Stop()
-	cases := []reflect.SelectCase{
-		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(h.stop)},
-		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(t.C)},
+// wake has check run at once. It is a master hold's onLost, run with that
+// watchdog's mutex held: it only resets the timer.
+func (h *redlockHold) wake() { h.timer.Reset(0) }
+
+// check closes lost when fewer than a quorum of masters hold the lock or
+// the validity has run out, and otherwise arms the timer for the end of the
+// validity (renewals move it on: check then arms it again). On a loss it
+// stops the renewals on the masters still holding it: a minority hold
+// protects nothing, and Unlock (or the lease) releases it.
+func (h *redlockHold) check() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.stopped || h.isLost() {
+		return
 	}
-	closing := map[int]int{} // case index of a Client's end -> master
+	until := h.validUntil()
+	if time.Now().Before(until) {
+		h.timer.Reset(time.Until(until))
+		return
+	}
+	close(h.lost)
+	h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
+		"name", h.r.name, "masters holding", h.live(), "quorum", h.r.quorum)
 	for i, hd := range h.holds {
-		if hd != nil {
-			cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(hd.lost)})
-			closing[len(cases)] = i
-			cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(h.r.nodes[i].c.ctx.Done())})
-		}
+		h.r.nodes[i].c.wd.remove(hd)
 	}
-	for {
-		until := h.validUntil()
-		if !time.Now().Before(until) {
-			close(h.lost)
-			h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
-				"name", h.r.name, "masters holding", h.live(), "quorum", h.r.quorum)
-			for i, hd := range h.holds {
-				h.r.nodes[i].c.wd.remove(hd)
-			}
-			return
-		}
-		t.Reset(time.Until(until))
-		chosen, _, _ := reflect.Select(cases)
-		if chosen == 0 {
-			return
-		}
-		if chosen >= 2 {
-			cases[chosen].Chan = reflect.Value{} // fired for good: ignore from now on
-			if i, ok := closing[chosen]; ok {
-				// That master's Client was closed: its hold is no longer
-				// renewed and cannot count towards the quorum any more.
-				h.r.nodes[i].c.wd.remove(h.holds[i])
-			}
-		}
+	h.unwatchAll()
+}
+
+// stop ends the watch for Unlock: no check acts after it returns.
+func (h *redlockHold) stop() {
+	h.mu.Lock()
+	h.stopped = true
+	h.mu.Unlock()
+	h.timer.Stop()
+	h.unwatchAll()
+}
+
+func (h *redlockHold) unwatchAll() {
+	for _, f := range h.unwatch {
+		f()
 	}
 }
 
@@ -640,8 +653,7 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	valid := r.shared
 	if h != nil {
 		defer func() { <-r.sem }()
-		close(h.stop)
-		<-h.done
+		h.stop()
 		valid = !h.isLost() && time.Now().Before(h.validUntil())
 	}
 	if h == nil && !r.shared {

@@ -407,7 +407,7 @@ func TestRedlockLostWhenSameOwnerRetakes(t *testing.T) {
 // TestRedlockQueuedLockEndsOnClose: a second Lock on a Redlock handle
 // shared by goroutines waits for the first hold's Unlock, and returns
 // ErrClosed when a Client of the masters is closed meanwhile, as waits in
-// progress do.
+// progress do. Once a quorum of the Clients is closed, Lost closes.
 func TestRedlockQueuedLockEndsOnClose(t *testing.T) {
 	clients := redlockClients(t, redlockServers(t, 3))
 	ctx := ctxT(t, 10*time.Second)
@@ -425,4 +425,9 @@ func TestRedlockQueuedLockEndsOnClose(t *testing.T) {
 		<-got
 		t.Fatal("the queued Lock ignored Close")
 	}
+	// A closed Client's master no longer counts: with a second one closed,
+	// a quorum is gone at once, not when the unrenewed leases run out.
+	requireOpen(t, r.Lost(), "lost with a quorum of Clients open")
+	require.NoError(t, clients[2].Close())
+	requireClosedWithin(t, r.Lost(), time.Second, "Lost after a quorum of Clients closed")
 }
