@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -96,8 +97,11 @@ type redlockHold struct {
 	end    time.Time     // fixed lease: start + lease − drift
 	lost   chan struct{} // closed when the quorum or the validity is lost
 	timer  *time.Timer   // runs check
+	// woken is set by wake: a master's hold ended since check last looked,
+	// and check must run again even if it re-armed the timer for later.
+	woken atomic.Bool
 
-	mu      sync.Mutex    // serialises check and stop
+	mu      sync.Mutex    // serialises track, check and stop
 	stopped bool          // Unlock came: check does nothing more
 	unwatch []func() bool // stop the watches of the masters' Clients
 }
@@ -508,6 +512,9 @@ func (r *Redlock) track(rd *round) {
 		lost: make(chan struct{}),
 	}
 	h.timer = time.AfterFunc(time.Hour, h.check) // armed by the check below
+	// A notification during the loop (a reply after its lease, a Client
+	// already closed) runs check, which waits for the holds to be complete.
+	h.mu.Lock()
 	for i, e := range r.nodes {
 		if !rd.granted[i] {
 			continue
@@ -522,6 +529,7 @@ func (r *Redlock) track(rd *round) {
 			h.wake()
 		}))
 	}
+	h.mu.Unlock()
 	r.mu.Lock()
 	r.h = h
 	r.mu.Unlock()
@@ -589,8 +597,11 @@ func (h *redlockHold) isLost() bool {
 }
 
 // wake has check run at once. It is a master hold's onLost, run with that
-// watchdog's mutex held: it only resets the timer.
-func (h *redlockHold) wake() { h.timer.Reset(0) }
+// watchdog's mutex held: it only sets woken and resets the timer.
+func (h *redlockHold) wake() {
+	h.woken.Store(true)
+	h.timer.Reset(0)
+}
 
 // check closes lost when fewer than a quorum of masters hold the lock or
 // the validity has run out, and otherwise arms the timer for the end of the
@@ -603,9 +614,15 @@ func (h *redlockHold) check() {
 	if h.stopped || h.isLost() {
 		return
 	}
+	h.woken.Store(false)
 	until := h.validUntil()
 	if time.Now().Before(until) {
 		h.timer.Reset(time.Until(until))
+		if h.woken.Load() {
+			// A hold ended while until was computed, and this Reset may
+			// have replaced wake's: look again at once.
+			h.timer.Reset(0)
+		}
 		return
 	}
 	close(h.lost)
@@ -643,13 +660,24 @@ func (h *redlockHold) unwatchAll() {
 // id that holds nothing itself releases the lock a quorum of masters holds
 // for that id (another handle's, whose Lost then closes).
 func (r *Redlock) Unlock(ctx context.Context) error {
-	if err := r.check(); err != nil {
-		return err
+	if r == nil {
+		return invalidArg("redlock", "is nil")
+	}
+	if r.err != nil {
+		return r.err
 	}
 	r.mu.Lock()
 	h := r.h
 	r.h = nil
 	r.mu.Unlock()
+	if h == nil {
+		if err := r.check(); err != nil {
+			return err // a closed Client: ErrClosed
+		}
+	}
+	// A hold is released even when some of the Clients are closed (Close
+	// leaves their Redis clients open): the other masters' watchdogs would
+	// renew it for ever.
 	valid := r.shared
 	if h != nil {
 		defer func() { <-r.sem }()

@@ -431,3 +431,53 @@ func TestRedlockQueuedLockEndsOnClose(t *testing.T) {
 	require.NoError(t, clients[2].Close())
 	requireClosedWithin(t, r.Lost(), time.Second, "Lost after a quorum of Clients closed")
 }
+
+// TestRedlockUnlockWithAClientClosed: a held Redlock whose masters' Clients
+// are partly closed is still released on every master by Unlock (Close
+// leaves the Redis clients open): the other masters' watchdogs would renew
+// it for ever.
+func TestRedlockUnlockWithAClientClosed(t *testing.T) {
+	servers := redlockServers(t, 3)
+	clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	require.NoError(t, clients[0].Close())
+	require.NoError(t, r.Unlock(ctx))
+	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
+	require.ErrorIs(t, r.Unlock(ctx), redlatch.ErrClosed, "nothing held, a Client closed")
+}
+
+// TestRedlockClientClosedDuringLock: a master's Client closed while a Lock
+// fans out (its hold may be recorded or not) never makes Lost close while
+// a quorum of the other masters holds the lock. The close notification
+// runs the quorum check, which must wait until every master's hold is
+// recorded.
+func TestRedlockClientClosedDuringLock(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	for i := range 60 {
+		clients := make([]*redlatch.Client, len(servers))
+		for j, s := range servers {
+			clients[j] = redlatch.New(s.Client(t))
+		}
+		r := redlatch.NewRedlock(redistest.UniqueName(t), clients)
+		closed := make(chan struct{})
+		go func() {
+			defer close(closed)
+			time.Sleep(time.Duration(i%20) * 20 * time.Microsecond)
+			_ = clients[0].Close()
+		}()
+		ok, err := r.TryLock(ctx)
+		<-closed
+		if err == nil && ok {
+			time.Sleep(20 * time.Millisecond) // the close notification's check
+			requireOpen(t, r.Lost(), "lost with two of three masters holding")
+			require.NoError(t, r.Unlock(ctx))
+		}
+		for _, c := range clients[1:] {
+			require.NoError(t, c.Close())
+		}
+	}
+}

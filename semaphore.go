@@ -318,6 +318,9 @@ func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole 
 // acquisition starts a new channel. Lost returns nil (a channel that never
 // closes) when the handle holds no permits.
 func (s *Semaphore) Lost() <-chan struct{} {
+	if s == nil {
+		return nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.recs) == 0 {

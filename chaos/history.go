@@ -211,7 +211,9 @@ func CheckOverlap(holds []Hold, size int) []string {
 // the greater token. Every exclusive hold has a positive token; shared holds
 // (readers, permits) carry none and are skipped.
 func CheckTokens(holds []Hold) []string {
-	hs := slices.DeleteFunc(valid(holds), func(h Hold) bool { return h.Shared })
+	// Shared holds have no token. A hold lost before its worker read the
+	// token reads 0 (Token reports no hold), and the resource refuses it.
+	hs := slices.DeleteFunc(valid(holds), func(h Hold) bool { return h.Shared || (h.Token == 0 && h.Lost) })
 	sort.Slice(hs, func(i, j int) bool { return hs[i].Call < hs[j].Call })
 	var v []string
 	for j, b := range hs {
