@@ -18,7 +18,7 @@ import (
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
-// locker is what Mutex and ReentrantMutex share.
+// locker is what the lock types share.
 type locker interface {
 	Lock(context.Context) error
 	TryLock(context.Context) (bool, error)
@@ -1047,17 +1047,7 @@ func TestNilHandles(t *testing.T) {
 		t.Helper()
 		require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
 	}
-	type lockLike interface {
-		Lock(context.Context) error
-		TryLock(context.Context) (bool, error)
-		Unlock(context.Context) error
-		Token() int64
-		Lost() <-chan struct{}
-		TTL(context.Context) (time.Duration, error)
-		IsLocked(context.Context) (bool, error)
-		ForceUnlock(context.Context) (bool, error)
-	}
-	for _, l := range []lockLike{(*redlatch.Mutex)(nil), (*redlatch.ReentrantMutex)(nil),
+	for _, l := range []locker{(*redlatch.Mutex)(nil), (*redlatch.ReentrantMutex)(nil),
 		(*redlatch.FairMutex)(nil), (*redlatch.RWMutex)(nil)} {
 		requireBad(l.Lock(ctx))
 		_, err := l.TryLock(ctx)
