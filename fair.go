@@ -434,6 +434,13 @@ func (f *FairMutex) Lost() <-chan struct{} {
 	return f.h.lostChan()
 }
 
+func (f *FairMutex) afterLost(lost <-chan struct{}, fn func()) func() {
+	f.mu.Lock()
+	h := f.h
+	f.mu.Unlock()
+	return holdAfterLost(f.c.wd, h, lost, fn)
+}
+
 // TTL returns the remaining lease of the lock, whoever holds it; 0 when it
 // is free.
 func (f *FairMutex) TTL(ctx context.Context) (time.Duration, error) {

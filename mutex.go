@@ -421,6 +421,13 @@ func (m *Mutex) Lost() <-chan struct{} {
 	return m.h.lostChan()
 }
 
+func (m *Mutex) afterLost(lost <-chan struct{}, f func()) func() {
+	m.mu.Lock()
+	h := m.h
+	m.mu.Unlock()
+	return holdAfterLost(m.e.c.wd, h, lost, f)
+}
+
 // TTL returns the remaining lease of the lock, whoever holds it; 0 when it
 // is free.
 func (m *Mutex) TTL(ctx context.Context) (time.Duration, error) { return m.ex().ttl(ctx) }

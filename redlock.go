@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -104,6 +105,7 @@ type redlockHold struct {
 	mu      sync.Mutex    // serialises track, check and stop
 	stopped bool          // Unlock came: check does nothing more
 	unwatch []func() bool // stop the watches of the masters' Clients
+	notify  []*func()     // run when lost closes (see afterLost); guarded by mu
 }
 
 // NewRedlock returns a Redlock called name over the masters of clients, one
@@ -626,6 +628,10 @@ func (h *redlockHold) check() {
 		return
 	}
 	close(h.lost)
+	for _, f := range h.notify {
+		(*f)()
+	}
+	h.notify = nil
 	h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
 		"name", h.r.name, "masters holding", h.live(), "quorum", h.r.quorum)
 	for i, hd := range h.holds {
@@ -763,6 +769,31 @@ func (r *Redlock) Lost() <-chan struct{} {
 		return nil
 	}
 	return r.h.lost
+}
+
+func (r *Redlock) afterLost(lost <-chan struct{}, f func()) func() {
+	r.mu.Lock()
+	h := r.h
+	r.mu.Unlock()
+	if h == nil || (<-chan struct{})(h.lost) != lost {
+		if lost != nil && isClosed(lost) {
+			f()
+		}
+		return func() {}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.isLost() {
+		f()
+		return func() {}
+	}
+	p := &f
+	h.notify = append(h.notify, p)
+	return func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.notify = slices.DeleteFunc(h.notify, func(q *func()) bool { return q == p })
+	}
 }
 
 // Validity returns the remaining validity of the current hold: the time

@@ -481,3 +481,17 @@ func TestRedlockClientClosedDuringLock(t *testing.T) {
 		}
 	}
 }
+
+// TestRedlockDoCancelsOnLoss: Do's context ends with ErrLost when a held
+// Redlock loses its quorum (TestDoCancelsOnLoss for the other lock types).
+func TestRedlockDoCancelsOnLoss(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	r := redlatch.NewRedlock(name, redlockClients(t, servers, redlatch.WithWatchdogTimeout(300*time.Millisecond)))
+	requireDoCancelsOnLoss(t, ctx, r, func() {
+		for _, s := range servers {
+			require.NoError(t, s.Client(t).Del(ctx, lockKey(name)).Err())
+		}
+	})
+}

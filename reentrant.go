@@ -188,6 +188,13 @@ func (m *ReentrantMutex) Lost() <-chan struct{} {
 	return m.h.lostChan()
 }
 
+func (m *ReentrantMutex) afterLost(lost <-chan struct{}, f func()) func() {
+	m.mu.Lock()
+	h := m.h
+	m.mu.Unlock()
+	return holdAfterLost(m.e.c.wd, h, lost, f)
+}
+
 // TTL returns the remaining lease of the lock; 0 when it is free.
 func (m *ReentrantMutex) TTL(ctx context.Context) (time.Duration, error) { return m.ex().ttl(ctx) }
 

@@ -507,6 +507,19 @@ type rlocker struct{ m *RWMutex }
 func (r rlocker) Lock(ctx context.Context) error   { return r.m.RLock(ctx) }
 func (r rlocker) Unlock(ctx context.Context) error { return r.m.RUnlock(ctx) }
 func (r rlocker) Lost() <-chan struct{}            { return r.m.RLost() }
+func (r rlocker) afterLost(lost <-chan struct{}, f func()) func() {
+	r.m.mu.Lock()
+	h := r.m.rh
+	r.m.mu.Unlock()
+	return holdAfterLost(r.m.c.wd, h, lost, f)
+}
+
+func (m *RWMutex) afterLost(lost <-chan struct{}, f func()) func() {
+	m.mu.Lock()
+	h := m.wh
+	m.mu.Unlock()
+	return holdAfterLost(m.c.wd, h, lost, f)
+}
 
 // info returns whether anyone holds the lock and the latest lease left.
 func (m *RWMutex) info(ctx context.Context) (bool, time.Duration, error) {

@@ -342,7 +342,7 @@ func (s *Semaphore) permitLost() {
 }
 
 // isClosed reports whether ch is closed.
-func isClosed(ch chan struct{}) bool {
+func isClosed(ch <-chan struct{}) bool {
 	select {
 	case <-ch:
 		return true

@@ -4,6 +4,7 @@ import (
 	"context"
 	_ "embed"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -46,6 +47,8 @@ type hold struct {
 	// watchdog's mutex held: it must not call into the watchdog, nor take a
 	// lock held by anyone who does.
 	onLost func()
+	// notify holds the functions afterLost registered, run like onLost.
+	notify []*func()
 }
 
 // lostChan returns the channel closed when the hold is lost; nil for no hold.
@@ -219,6 +222,10 @@ func (w *watchdog) loseLocked(h *hold, why string) {
 	if h.onLost != nil {
 		h.onLost()
 	}
+	for _, f := range h.notify {
+		(*f)()
+	}
+	h.notify = nil
 	w.c.opts.logger.Warn("redlatch: hold lost", "name", h.name, "key", h.key, "reason", why)
 }
 
@@ -416,6 +423,49 @@ func keySlot(key string) int {
 	return int(crc) % 16384
 }
 
+// afterLost runs f once the hold h is lost, at once when it is lost already,
+// with the watchdog's mutex held (see hold.onLost), and returns a function
+// that unregisters f. Nothing runs for a nil hold or one released.
+func (w *watchdog) afterLost(h *hold, f func()) (stop func()) {
+	if h == nil {
+		return func() {}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if h.isLost() {
+		f()
+		return func() {}
+	}
+	p := &f
+	h.notify = append(h.notify, p)
+	return func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		h.notify = slices.DeleteFunc(h.notify, func(q *func()) bool { return q == p })
+	}
+}
+
+// lossNotifier is implemented by redlatch's lock types, so that Do needs
+// no goroutine to watch a hold: afterLost runs f once the hold whose Lost
+// channel is lost ends (at once when it has ended already) and returns a
+// function that unregisters f.
+type lossNotifier interface {
+	afterLost(lost <-chan struct{}, f func()) (stop func())
+}
+
+// holdAfterLost is afterLost for a handle whose current hold is h: when
+// lost is not h's channel any more, the hold it belonged to was replaced,
+// and f runs at once if that hold was lost.
+func holdAfterLost(w *watchdog, h *hold, lost <-chan struct{}, f func()) (stop func()) {
+	if h.lostChan() != lost {
+		if lost != nil && isClosed(lost) {
+			f()
+		}
+		return func() {}
+	}
+	return w.afterLost(h, f)
+}
+
 // Locker is a lock whose hold can be lost: every lock type of redlatch
 // (Mutex, ReentrantMutex, and the writer side of RWMutex among them).
 type Locker interface {
@@ -430,6 +480,9 @@ type Locker interface {
 // Do returns Lock's error, or fn's error, joined with ErrLost when the hold
 // was lost, or Unlock's error. Unlock uses a fresh context bounded to a few
 // seconds when ctx has ended, so a cancelled job still releases its lock.
+// For redlatch's lock types the loss cancels the context from the watchdog
+// (or Redlock's quorum check) itself; another Locker costs a goroutine that
+// watches its Lost channel while fn runs.
 func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err error) {
 	if l == nil || fn == nil {
 		return invalidArg("locker and function", "must not be nil")
@@ -439,18 +492,25 @@ func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err 
 	}
 	lost := l.Lost()
 	fctx, cancel := context.WithCancelCause(ctx)
-	watching := make(chan struct{})
-	go func() {
-		defer close(watching)
-		select {
-		case <-lost:
-			cancel(ErrLost)
-		case <-fctx.Done():
-		}
-	}()
+	var unwatch func()
+	if n, ok := l.(lossNotifier); ok {
+		unwatch = n.afterLost(lost, func() { cancel(ErrLost) })
+	} else {
+		// Another Locker: a goroutine watches its Lost channel.
+		watching := make(chan struct{})
+		go func() {
+			defer close(watching)
+			select {
+			case <-lost:
+				cancel(ErrLost)
+			case <-fctx.Done():
+			}
+		}()
+		unwatch = func() { cancel(nil); <-watching }
+	}
 	defer func() {
+		unwatch()
 		cancel(nil)
-		<-watching
 		uctx := ctx
 		if ctx.Err() != nil {
 			var c context.CancelFunc

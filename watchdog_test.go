@@ -326,42 +326,84 @@ func TestGoroutinesFlat(t *testing.T) {
 }
 
 // TestDoCancelsOnLoss: Do runs a function under a lock with a context that
-// is cancelled, with cause ErrLost, when the hold is lost.
+// is cancelled, with cause ErrLost, when the hold is lost: for every lock
+// type (each notifies Do itself; no goroutine watches the hold).
 func TestDoCancelsOnLoss(t *testing.T) {
+	type kind struct {
+		name string
+		make func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error))
+	}
+	kinds := []kind{
+		{"Mutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.Mutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"ReentrantMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.ReentrantMutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"FairMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.FairMutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"RWMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.RWMutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"RWMutex readers", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.RWMutex(n)
+			return m.RLocker(), m.ForceUnlock
+		}},
+	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 10*time.Second)
-		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
-		name := redistest.UniqueName(t)
-		m := c.Mutex(name)
-		started := make(chan struct{})
-		var cause error
-		done := make(chan error, 1)
-		go func() {
-			done <- redlatch.Do(ctx, m, func(ctx context.Context) error {
-				close(started)
-				<-ctx.Done()
-				cause = context.Cause(ctx)
-				return ctx.Err()
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+				name := redistest.UniqueName(t)
+				m, _ := k.make(c, name)
+				_, force := k.make(newClient(t, b), name)
+				requireDoCancelsOnLoss(t, ctx, m, func() {
+					_, err := force(ctx)
+					require.NoError(t, err)
+				})
+				// A normal run returns fn's result and releases the lock.
+				wantErr := errors.New("job failed")
+				require.ErrorIs(t, redlatch.Do(ctx, m, func(context.Context) error { return wantErr }), wantErr)
+				require.NoError(t, redlatch.Do(ctx, m, func(context.Context) error { return nil }))
+				locked, err := force(ctx)
+				require.NoError(t, err)
+				require.False(t, locked, "Do left the lock held")
 			})
-		}()
-		<-started
-		_, err := c.Mutex(name).ForceUnlock(ctx)
-		require.NoError(t, err)
-		select {
-		case err := <-done:
-			require.ErrorIs(t, err, redlatch.ErrLost)
-			require.ErrorIs(t, cause, redlatch.ErrLost)
-		case <-time.After(2 * time.Second):
-			t.Fatal("Do did not end after the hold was lost")
 		}
-		// A normal run returns fn's result and releases the lock.
-		wantErr := errors.New("job failed")
-		require.ErrorIs(t, redlatch.Do(ctx, m, func(context.Context) error { return wantErr }), wantErr)
-		locked, err := m.IsLocked(ctx)
-		require.NoError(t, err)
-		require.False(t, locked)
-		require.NoError(t, redlatch.Do(ctx, m, func(context.Context) error { return nil }))
 	})
+}
+
+// requireDoCancelsOnLoss runs Do on l with a function that waits for its
+// context, makes the hold be lost with lose, and checks that Do ends with
+// ErrLost, the context's cause.
+func requireDoCancelsOnLoss(t *testing.T, ctx context.Context, l redlatch.Locker, lose func()) {
+	t.Helper()
+	started := make(chan struct{})
+	var cause error
+	done := make(chan error, 1)
+	go func() {
+		done <- redlatch.Do(ctx, l, func(ctx context.Context) error {
+			close(started)
+			<-ctx.Done()
+			cause = context.Cause(ctx)
+			return ctx.Err()
+		})
+	}()
+	<-started
+	lose()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, redlatch.ErrLost)
+		require.ErrorIs(t, cause, redlatch.ErrLost)
+	case <-time.After(3 * time.Second):
+		t.Fatal("Do did not end after the hold was lost")
+	}
 }
 
 // lossHandle is what the loss tests need of a lock handle, and lossKind
