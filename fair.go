@@ -434,7 +434,7 @@ func (f *FairMutex) Lost() <-chan struct{} {
 	return f.h.lostChan()
 }
 
-func (f *FairMutex) afterLost(lost <-chan struct{}, fn func()) func() {
+func (f *FairMutex) afterLost(lost <-chan struct{}, fn func()) (func(), bool) {
 	f.mu.Lock()
 	h := f.h
 	f.mu.Unlock()

@@ -421,7 +421,7 @@ func (m *Mutex) Lost() <-chan struct{} {
 	return m.h.lostChan()
 }
 
-func (m *Mutex) afterLost(lost <-chan struct{}, f func()) func() {
+func (m *Mutex) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 	m.mu.Lock()
 	h := m.h
 	m.mu.Unlock()

@@ -629,7 +629,7 @@ func (h *redlockHold) check() {
 	}
 	close(h.lost)
 	for _, f := range h.notify {
-		(*f)()
+		go (*f)() // see hold.notify
 	}
 	h.notify = nil
 	h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
@@ -771,29 +771,34 @@ func (r *Redlock) Lost() <-chan struct{} {
 	return r.h.lost
 }
 
-func (r *Redlock) afterLost(lost <-chan struct{}, f func()) func() {
+func (r *Redlock) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 	r.mu.Lock()
 	h := r.h
 	r.mu.Unlock()
-	if h == nil || (<-chan struct{})(h.lost) != lost {
-		if lost != nil && isClosed(lost) {
+	switch {
+	case lost == nil:
+		return func() {}, true
+	case h == nil || (<-chan struct{})(h.lost) != lost:
+		if isClosed(lost) {
 			f()
+			return func() {}, true
 		}
-		return func() {}
+		return nil, false // not a channel of this handle's (see lossNotifier)
 	}
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if h.isLost() {
+		h.mu.Unlock()
 		f()
-		return func() {}
+		return func() {}, true
 	}
 	p := &f
 	h.notify = append(h.notify, p)
+	h.mu.Unlock()
 	return func() {
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		h.notify = slices.DeleteFunc(h.notify, func(q *func()) bool { return q == p })
-	}
+	}, true
 }
 
 // Validity returns the remaining validity of the current hold: the time

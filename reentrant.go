@@ -188,7 +188,7 @@ func (m *ReentrantMutex) Lost() <-chan struct{} {
 	return m.h.lostChan()
 }
 
-func (m *ReentrantMutex) afterLost(lost <-chan struct{}, f func()) func() {
+func (m *ReentrantMutex) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 	m.mu.Lock()
 	h := m.h
 	m.mu.Unlock()

@@ -507,14 +507,14 @@ type rlocker struct{ m *RWMutex }
 func (r rlocker) Lock(ctx context.Context) error   { return r.m.RLock(ctx) }
 func (r rlocker) Unlock(ctx context.Context) error { return r.m.RUnlock(ctx) }
 func (r rlocker) Lost() <-chan struct{}            { return r.m.RLost() }
-func (r rlocker) afterLost(lost <-chan struct{}, f func()) func() {
+func (r rlocker) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 	r.m.mu.Lock()
 	h := r.m.rh
 	r.m.mu.Unlock()
 	return holdAfterLost(r.m.c.wd, h, lost, f)
 }
 
-func (m *RWMutex) afterLost(lost <-chan struct{}, f func()) func() {
+func (m *RWMutex) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 	m.mu.Lock()
 	h := m.wh
 	m.mu.Unlock()

@@ -47,7 +47,9 @@ type hold struct {
 	// watchdog's mutex held: it must not call into the watchdog, nor take a
 	// lock held by anyone who does.
 	onLost func()
-	// notify holds the functions afterLost registered, run like onLost.
+	// notify holds the functions afterLost registered, each run in a
+	// goroutine of its own when the hold is lost (they cancel contexts,
+	// which may run code that must not find the watchdog's mutex held).
 	notify []*func()
 }
 
@@ -223,7 +225,7 @@ func (w *watchdog) loseLocked(h *hold, why string) {
 		h.onLost()
 	}
 	for _, f := range h.notify {
-		(*f)()
+		go (*f)()
 	}
 	h.notify = nil
 	w.c.opts.logger.Warn("redlatch: hold lost", "name", h.name, "key", h.key, "reason", why)
@@ -423,21 +425,22 @@ func keySlot(key string) int {
 	return int(crc) % 16384
 }
 
-// afterLost runs f once the hold h is lost, at once when it is lost already,
-// with the watchdog's mutex held (see hold.onLost), and returns a function
-// that unregisters f. Nothing runs for a nil hold or one released.
+// afterLost runs f once the hold h is lost (at once when it is lost
+// already) and returns a function that unregisters f. Nothing runs for a
+// nil hold or one released.
 func (w *watchdog) afterLost(h *hold, f func()) (stop func()) {
 	if h == nil {
 		return func() {}
 	}
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	if h.isLost() {
+		w.mu.Unlock()
 		f()
 		return func() {}
 	}
 	p := &f
 	h.notify = append(h.notify, p)
+	w.mu.Unlock()
 	return func() {
 		w.mu.Lock()
 		defer w.mu.Unlock()
@@ -448,22 +451,28 @@ func (w *watchdog) afterLost(h *hold, f func()) (stop func()) {
 // lossNotifier is implemented by redlatch's lock types, so that Do needs
 // no goroutine to watch a hold: afterLost runs f once the hold whose Lost
 // channel is lost ends (at once when it has ended already) and returns a
-// function that unregisters f.
+// function that unregisters f. It reports false, and registers nothing,
+// when lost belongs to no hold it knows: a user type embedding a lock
+// (and overriding Lost) promotes afterLost too, and Do must then watch the
+// channel itself.
 type lossNotifier interface {
-	afterLost(lost <-chan struct{}, f func()) (stop func())
+	afterLost(lost <-chan struct{}, f func()) (stop func(), ok bool)
 }
 
 // holdAfterLost is afterLost for a handle whose current hold is h: when
-// lost is not h's channel any more, the hold it belonged to was replaced,
-// and f runs at once if that hold was lost.
-func holdAfterLost(w *watchdog, h *hold, lost <-chan struct{}, f func()) (stop func()) {
-	if h.lostChan() != lost {
-		if lost != nil && isClosed(lost) {
-			f()
-		}
-		return func() {}
+// lost is not h's channel, it may be the channel of a hold since replaced
+// (f runs at once if that one was lost), or of something else entirely.
+func holdAfterLost(w *watchdog, h *hold, lost <-chan struct{}, f func()) (stop func(), ok bool) {
+	switch {
+	case lost == nil:
+		return func() {}, true // no hold: never lost
+	case h.lostChan() == lost:
+		return w.afterLost(h, f), true
+	case isClosed(lost):
+		f()
+		return func() {}, true
 	}
-	return w.afterLost(h, f)
+	return nil, false
 }
 
 // Locker is a lock whose hold can be lost: every lock type of redlatch
@@ -493,9 +502,11 @@ func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err 
 	lost := l.Lost()
 	fctx, cancel := context.WithCancelCause(ctx)
 	var unwatch func()
+	watched := false
 	if n, ok := l.(lossNotifier); ok {
-		unwatch = n.afterLost(lost, func() { cancel(ErrLost) })
-	} else {
+		unwatch, watched = n.afterLost(lost, func() { cancel(ErrLost) })
+	}
+	if !watched {
 		// Another Locker: a goroutine watches its Lost channel.
 		watching := make(chan struct{})
 		go func() {

@@ -516,3 +516,26 @@ func TestTokenZeroAfterLoss(t *testing.T) {
 		}
 	})
 }
+
+// readSide is a user's Locker embedding an RWMutex and overriding its
+// methods with the read side: it promotes the RWMutex's internal loss
+// notification, which knows only the writer's hold.
+type readSide struct{ *redlatch.RWMutex }
+
+func (r readSide) Lock(ctx context.Context) error   { return r.RLock(ctx) }
+func (r readSide) Unlock(ctx context.Context) error { return r.RUnlock(ctx) }
+func (r readSide) Lost() <-chan struct{}            { return r.RLost() }
+
+// TestDoEmbeddedLocker: Do on a user type that embeds a redlatch lock and
+// overrides Lost still cancels fn's context when that Lost closes.
+func TestDoEmbeddedLocker(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		name := redistest.UniqueName(t)
+		requireDoCancelsOnLoss(t, ctx, readSide{c.RWMutex(name)}, func() {
+			_, err := newClient(t, b).RWMutex(name).ForceUnlock(ctx)
+			require.NoError(t, err)
+		})
+	})
+}
