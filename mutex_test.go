@@ -944,6 +944,30 @@ func TestLateReplyKeepsNewerHold(t *testing.T) {
 	})
 }
 
+// holdAheadThenEnded prepares TestOlderTokenFromLiveHold's case: a handle
+// of kind k on Client c takes a hold whose token is far ahead of the server
+// clock (as a faster clock before a failover would have issued), that hold
+// ends unnoticed (ForceUnlock by another handle), and the fence key is lost,
+// so the handle's next Lock takes a live hold with an older token. It
+// returns the handle, the token bound and the ended hold's Lost.
+func holdAheadThenEnded(t *testing.T, ctx context.Context, b redistest.Backend, k tokenKind,
+	c *redlatch.Client) (m tokenHandle, ahead int64, ended <-chan struct{}) {
+	t.Helper()
+	name := redistest.UniqueName(t)
+	rdb := b.Client(t)
+	fence := "{" + name + "}:fence"
+	m, other := k.make(c, name), k.make(newClient(t, b), name)
+	ahead = time.Now().Add(time.Hour).UnixMicro()
+	require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
+	require.NoError(t, m.Lock(ctx))
+	require.Greater(t, m.Token(), ahead)
+	ended = m.Lost()
+	_, err := other.ForceUnlock(ctx) // the hold ends unnoticed
+	require.NoError(t, err)
+	require.NoError(t, rdb.Del(ctx, fence).Err()) // and the fence is lost
+	return m, ahead, ended
+}
+
 // TestOlderTokenFromLiveHold: the other side of TestLateReplyKeepsNewerHold.
 // When the fence key is lost and the server clock is behind the tracked
 // hold's token (as after a failover), a Lock can take a live new hold whose
@@ -955,20 +979,7 @@ func TestOlderTokenFromLiveHold(t *testing.T) {
 		for _, k := range sharedOwnerKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
-				name := redistest.UniqueName(t)
-				rdb := b.Client(t)
-				fence := "{" + name + "}:fence"
-				m, other := k.make(newClient(t, b), name), k.make(newClient(t, b), name)
-				// A token far ahead of the server clock, as a faster clock
-				// before a failover would have issued.
-				ahead := time.Now().Add(time.Hour).UnixMicro()
-				require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
-				require.NoError(t, m.Lock(ctx))
-				require.Greater(t, m.Token(), ahead)
-				tracked := m.Lost()
-				_, err := other.ForceUnlock(ctx) // the tracked hold ends unnoticed
-				require.NoError(t, err)
-				require.NoError(t, rdb.Del(ctx, fence).Err()) // and the fence is lost
+				m, ahead, tracked := holdAheadThenEnded(t, ctx, b, k, newClient(t, b))
 
 				require.NoError(t, m.Lock(ctx)) // a new hold, with an older token
 				require.Less(t, m.Token(), ahead)
@@ -1012,24 +1023,15 @@ func TestFailedRetakeGivesBack(t *testing.T) {
 		for _, k := range sharedOwnerKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
-				name := redistest.UniqueName(t)
-				rdb := b.Client(t)
-				fence := "{" + name + "}:fence"
 				hooked := b.Client(t)
 				hook := &refuseHook{match: scriptWith("shared"), nth: 2}
 				hooked.AddHook(hook)
 				c := redlatch.New(hooked)
 				t.Cleanup(func() { _ = c.Close() })
-				m, other := k.make(c, name), k.make(newClient(t, b), name)
-				ahead := time.Now().Add(time.Hour).UnixMicro()
-				require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
-				require.NoError(t, m.Lock(ctx)) // scripts loaded
-				_, err := other.ForceUnlock(ctx)
-				require.NoError(t, err)
-				require.NoError(t, rdb.Del(ctx, fence).Err())
+				m, _, _ := holdAheadThenEnded(t, ctx, b, k, c) // scripts loaded
 
 				hook.armed.Store(true)
-				err = m.Lock(ctx) // a new hold with an older token, then a failed retry
+				err := m.Lock(ctx) // a new hold with an older token, then a failed retry
 				require.ErrorIs(t, err, io.ErrUnexpectedEOF)
 				require.Greater(t, hook.seen.Load(), int32(2), "no give-back after the refused retry")
 				requireNoHoldLeft(t, ctx, m)
