@@ -489,9 +489,11 @@ type Locker interface {
 // Do returns Lock's error, or fn's error, joined with ErrLost when the hold
 // was lost, or Unlock's error. Unlock uses a fresh context bounded to a few
 // seconds when ctx has ended, so a cancelled job still releases its lock.
-// For redlatch's lock types the loss cancels the context from the watchdog
-// (or Redlock's quorum check) itself; another Locker costs a goroutine that
-// watches its Lost channel while fn runs.
+// For redlatch's lock types no goroutine watches the hold while fn runs:
+// the watchdog (or Redlock's quorum check) starts one at the loss to cancel
+// the context, so it ends just after Lost closes. Another Locker, including
+// a type that embeds a redlatch lock and overrides Lost, costs a goroutine
+// that watches its Lost channel while fn runs.
 func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err error) {
 	if l == nil || fn == nil {
 		return invalidArg("locker and function", "must not be nil")
