@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
-	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -105,7 +104,7 @@ type redlockHold struct {
 	mu      sync.Mutex    // serialises track, check and stop
 	stopped bool          // Unlock came: check does nothing more
 	unwatch []func() bool // stop the watches of the masters' Clients
-	notify  []*func()     // run when lost closes (see afterLost); guarded by mu
+	notify  lossCallbacks // run when lost closes (see afterLost); guarded by mu
 }
 
 // NewRedlock returns a Redlock called name over the masters of clients, one
@@ -628,10 +627,7 @@ func (h *redlockHold) check() {
 		return
 	}
 	close(h.lost)
-	for _, f := range h.notify {
-		go (*f)() // see hold.notify
-	}
-	h.notify = nil
+	h.notify.fire()
 	h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
 		"name", h.r.name, "masters holding", h.live(), "quorum", h.r.quorum)
 	for i, hd := range h.holds {
@@ -775,30 +771,11 @@ func (r *Redlock) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 	r.mu.Lock()
 	h := r.h
 	r.mu.Unlock()
-	switch {
-	case lost == nil:
-		return func() {}, true
-	case h == nil || (<-chan struct{})(h.lost) != lost:
-		if isClosed(lost) {
-			f()
-			return func() {}, true
-		}
-		return nil, false // not a channel of this handle's (see lossNotifier)
+	var current <-chan struct{}
+	if h != nil {
+		current = h.lost
 	}
-	h.mu.Lock()
-	if h.isLost() {
-		h.mu.Unlock()
-		f()
-		return func() {}, true
-	}
-	p := &f
-	h.notify = append(h.notify, p)
-	h.mu.Unlock()
-	return func() {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		h.notify = slices.DeleteFunc(h.notify, func(q *func()) bool { return q == p })
-	}, true
+	return notifyLoss(lost, current, f, func() func() { return h.notify.add(&h.mu, h.lost, f) })
 }
 
 // Validity returns the remaining validity of the current hold: the time

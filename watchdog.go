@@ -47,10 +47,8 @@ type hold struct {
 	// watchdog's mutex held: it must not call into the watchdog, nor take a
 	// lock held by anyone who does.
 	onLost func()
-	// notify holds the functions afterLost registered, each run in a
-	// goroutine of its own when the hold is lost (they cancel contexts,
-	// which may run code that must not find the watchdog's mutex held).
-	notify []*func()
+	// notify holds the functions afterLost registered (see lossCallbacks).
+	notify lossCallbacks
 }
 
 // lostChan returns the channel closed when the hold is lost; nil for no hold.
@@ -224,10 +222,7 @@ func (w *watchdog) loseLocked(h *hold, why string) {
 	if h.onLost != nil {
 		h.onLost()
 	}
-	for _, f := range h.notify {
-		go (*f)()
-	}
-	h.notify = nil
+	h.notify.fire()
 	w.c.opts.logger.Warn("redlatch: hold lost", "name", h.name, "key", h.key, "reason", why)
 }
 
@@ -425,27 +420,40 @@ func keySlot(key string) int {
 	return int(crc) % 16384
 }
 
-// afterLost runs f once the hold h is lost (at once when it is lost
-// already) and returns a function that unregisters f. Nothing runs for a
-// nil hold or one released.
-func (w *watchdog) afterLost(h *hold, f func()) (stop func()) {
-	if h == nil {
-		return func() {}
-	}
-	w.mu.Lock()
-	if h.isLost() {
-		w.mu.Unlock()
+// lossCallbacks are the functions to run when a hold is lost (see
+// lossNotifier), guarded by the mutex under which the hold's lost channel
+// is closed: the watchdog's for a hold, the redlockHold's for a Redlock.
+// Each runs in a goroutine of its own: they cancel contexts, which may run
+// code that must not find that mutex held.
+type lossCallbacks []*func()
+
+// add runs f once lost closes, at once when it is closed already, and
+// returns a function that unregisters f. mu is the mutex guarding c, under
+// which lost is closed (and c fired).
+func (c *lossCallbacks) add(mu sync.Locker, lost <-chan struct{}, f func()) (stop func()) {
+	mu.Lock()
+	if isClosed(lost) {
+		mu.Unlock()
 		f()
 		return func() {}
 	}
 	p := &f
-	h.notify = append(h.notify, p)
-	w.mu.Unlock()
+	*c = append(*c, p)
+	mu.Unlock()
 	return func() {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		h.notify = slices.DeleteFunc(h.notify, func(q *func()) bool { return q == p })
+		mu.Lock()
+		defer mu.Unlock()
+		*c = slices.DeleteFunc(*c, func(q *func()) bool { return q == p })
 	}
+}
+
+// fire starts every function registered; called with the mutex held, once
+// lost is closed.
+func (c *lossCallbacks) fire() {
+	for _, f := range *c {
+		go (*f)()
+	}
+	*c = nil
 }
 
 // lossNotifier is implemented by redlatch's lock types, so that Do needs
@@ -459,20 +467,27 @@ type lossNotifier interface {
 	afterLost(lost <-chan struct{}, f func()) (stop func(), ok bool)
 }
 
-// holdAfterLost is afterLost for a handle whose current hold is h: when
-// lost is not h's channel, it may be the channel of a hold since replaced
-// (f runs at once if that one was lost), or of something else entirely.
-func holdAfterLost(w *watchdog, h *hold, lost <-chan struct{}, f func()) (stop func(), ok bool) {
+// notifyLoss is the part of afterLost every lock type shares: current is
+// the Lost channel of the handle's current hold (nil when none), and
+// register adds f to that hold's callbacks. When lost is not current, it
+// may be the channel of a hold since replaced (f runs at once if that one
+// was lost), or of something else entirely (ok is false).
+func notifyLoss(lost, current <-chan struct{}, f func(), register func() func()) (stop func(), ok bool) {
 	switch {
 	case lost == nil:
 		return func() {}, true // no hold: never lost
-	case h.lostChan() == lost:
-		return w.afterLost(h, f), true
+	case lost == current:
+		return register(), true
 	case isClosed(lost):
 		f()
 		return func() {}, true
 	}
 	return nil, false
+}
+
+// holdAfterLost is afterLost for a handle whose current hold is h.
+func holdAfterLost(w *watchdog, h *hold, lost <-chan struct{}, f func()) (stop func(), ok bool) {
+	return notifyLoss(lost, h.lostChan(), f, func() func() { return h.notify.add(&w.mu, h.lost, f) })
 }
 
 // Locker is a lock whose hold can be lost: every lock type of redlatch
