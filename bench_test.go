@@ -77,10 +77,34 @@ func BenchmarkUncontended(b *testing.B) {
 	})
 }
 
+// bareLock and bareUnlock are the least a lock run as two scripts does: a
+// hash of owner, count and token with a lease, the token read from the
+// server clock, and a compare-and-delete. No fence key, no request ids, no
+// wake-ups: none of what redlatch guarantees beyond the floor. They are a
+// reference only, measured beside the floor to show how much of Mutex's
+// distance to the floor is the cost of running the acquisition as a script
+// at all (EVALSHA, the KEYS and ARGV tables, the replies converted to Lua
+// and back), which SET NX PX does not pay.
+var (
+	bareLock = redis.NewScript(`
+local v = redis.call('HMGET', KEYS[1], 'o', 'c')
+if v[1] then return {0, redis.call('PTTL', KEYS[1])} end
+local now = redis.call('TIME')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', 1, 't', token)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, token}`)
+	bareUnlock = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])`)
+)
+
 // BenchmarkUncontendedRatio interleaves the floor, Mutex and ReentrantMutex
 // pair by pair, so that machine drift hits all three alike, and reports each
 // one's mean time per pair and the ratios to the floor (mutex/floor,
-// reentrant/floor).
+// reentrant/floor). Beside them runs the bare two-script lock (see
+// bareLock): bare/floor is the part of the distance no script-based lock
+// avoids, mutex/bare the part redlatch's guarantees cost.
 //
 //	go test -run '^$' -bench UncontendedRatio -benchtime 5000x -count 5 .
 func BenchmarkUncontendedRatio(b *testing.B) {
@@ -89,10 +113,10 @@ func BenchmarkUncontendedRatio(b *testing.B) {
 	rdb := be.Client(b)
 	c := redlatch.New(be.Client(b))
 	defer c.Close()
-	floorKey := redistest.UniqueName(b)
+	floorKey, bareKey := redistest.UniqueName(b), redistest.UniqueName(b)
 	m := c.Mutex(redistest.UniqueName(b))
 	rm := c.ReentrantMutex(redistest.UniqueName(b))
-	var floor, mutex, reentrant time.Duration
+	var floor, mutex, reentrant, bare time.Duration
 	for b.Loop() {
 		t0 := time.Now()
 		if ok, err := rdb.SetNX(ctx, floorKey, "owner", 30*time.Second).Result(); err != nil || !ok {
@@ -116,9 +140,17 @@ func BenchmarkUncontendedRatio(b *testing.B) {
 			b.Fatal(err)
 		}
 		t3 := time.Now()
+		if res, err := bareLock.Run(ctx, rdb, []string{bareKey}, "owner", 30000).Int64Slice(); err != nil || res[0] != 1 {
+			b.Fatal(res, err)
+		}
+		if err := bareUnlock.Run(ctx, rdb, []string{bareKey}, "owner").Err(); err != nil {
+			b.Fatal(err)
+		}
+		t4 := time.Now()
 		floor += t1.Sub(t0)
 		mutex += t2.Sub(t1)
 		reentrant += t3.Sub(t2)
+		bare += t4.Sub(t3)
 	}
 	n := float64(b.N)
 	b.ReportMetric(float64(floor.Microseconds())/n, "floor-µs/pair")
@@ -126,4 +158,6 @@ func BenchmarkUncontendedRatio(b *testing.B) {
 	b.ReportMetric(float64(reentrant.Microseconds())/n, "reentrant-µs/pair")
 	b.ReportMetric(float64(mutex)/float64(floor), "mutex/floor")
 	b.ReportMetric(float64(reentrant)/float64(floor), "reentrant/floor")
+	b.ReportMetric(float64(bare)/float64(floor), "bare/floor")
+	b.ReportMetric(float64(mutex)/float64(bare), "mutex/bare")
 }

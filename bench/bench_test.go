@@ -134,3 +134,42 @@ func TestStats(t *testing.T) {
 		t.Errorf("empty = %v", p)
 	}
 }
+
+// TestNarrowedRun runs one workload of two libraries, as -workloads and
+// -libs do, and checks that only they ran and that no file was written.
+func TestNarrowedRun(t *testing.T) {
+	if os.Getenv("REDIS_ADDR") == "" {
+		if _, err := exec.LookPath(serverBinary()); err != nil {
+			if os.Getenv("REDLATCH_REQUIRE_REDIS") == "1" {
+				t.Fatal("redis-server not found and REDLATCH_REQUIRE_REDIS=1")
+			}
+			t.Skip("redis-server not found; set REDIS_ADDR or install redis-server")
+		}
+	}
+	out := t.TempDir()
+	var stdout bytes.Buffer
+	err := run(config{quick: true, out: out, addr: os.Getenv("REDIS_ADDR"), stdout: &stdout, log: testLog{t},
+		workloads: []string{"W1"}, libs: []string{"floor", "redislock"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tables := stdout.String()
+	for _, want := range []string{"### W1", "| floor (SET NX PX + CAS) |", "| redislock (backoff 1-64ms) |"} {
+		if !strings.Contains(tables, want) {
+			t.Errorf("tables lack %q:\n%s", want, tables)
+		}
+	}
+	for _, unwanted := range []string{"### W2", "### W3", "redlatch Mutex"} {
+		if strings.Contains(tables, unwanted) {
+			t.Errorf("tables hold %q:\n%s", unwanted, tables)
+		}
+	}
+	if entries, _ := os.ReadDir(out); len(entries) > 0 {
+		t.Errorf("a narrowed run wrote %v", entries)
+	}
+	err = run(config{quick: true, out: out, addr: os.Getenv("REDIS_ADDR"), stdout: &stdout, log: testLog{t},
+		libs: []string{"no such library"}})
+	if err == nil || !strings.Contains(err.Error(), "selects no library") {
+		t.Errorf("-libs selecting nothing: %v", err)
+	}
+}

@@ -4,11 +4,14 @@
 //
 //	cd bench && go run .            # full run, a few minutes
 //	cd bench && go run . -quick     # under a minute (CI)
+//	cd bench && go run . -workloads W3 -libs 'redlatch Mutex,redislock' -cpuprofile cpu.out
 //
 // It starts its own redis-server on a free 127.0.0.1 port, or uses
 // REDIS_ADDR when set. It prints markdown tables on stdout, progress on
 // stderr, and writes results.json and chart.svg into -out (default: the
-// current directory). See readme/bench.md for the workloads.
+// current directory). See readme/bench.md for the workloads. A run
+// narrowed with -workloads or -libs prints its tables but writes no files,
+// so that the committed results stay whole.
 package main
 
 import (
@@ -21,6 +24,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -30,28 +34,81 @@ import (
 
 // config is what the command line sets.
 type config struct {
-	quick  bool
-	out    string    // directory of results.json and chart.svg
-	addr   string    // a Redis to use instead of starting one
-	stdout io.Writer // the tables
-	log    io.Writer // progress
+	quick      bool
+	out        string    // directory of results.json and chart.svg
+	workloads  []string  // to run (W1…W4); empty: all
+	libs       []string  // substrings of the library names to run; empty: all
+	cpuprofile string    // file for a CPU profile of the whole run, or ""
+	addr       string    // a Redis to use instead of starting one
+	stdout     io.Writer // the tables
+	log        io.Writer // progress
 }
 
 func main() {
 	cfg := config{stdout: os.Stdout, log: os.Stderr, addr: os.Getenv("REDIS_ADDR")}
 	flag.BoolVar(&cfg.quick, "quick", false, "short runs, under a minute in all (CI)")
 	flag.StringVar(&cfg.out, "out", ".", "directory for results.json and chart.svg")
+	workloads := flag.String("workloads", "", "comma-separated workloads to run, e.g. W1,W3 (default: all); a narrowed run writes no files")
+	libs := flag.String("libs", "", "comma-separated substrings of the library names to run (default: all); a narrowed run writes no files")
+	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the run to this file")
 	flag.Parse()
+	cfg.workloads, cfg.libs = splitList(*workloads), splitList(*libs)
 	if err := run(cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-// run runs every workload and writes the outputs.
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, x := range strings.Split(s, ",") {
+		if x = strings.TrimSpace(x); x != "" {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// selected reports whether name is in the list, or the list is empty. With
+// sub set, an item matching any part of name selects it.
+func selected(list []string, name string, sub bool) bool {
+	for _, x := range list {
+		if x == name || sub && strings.Contains(name, x) {
+			return true
+		}
+	}
+	return len(list) == 0
+}
+
+// run runs the selected workloads and, unless the run is narrowed, writes
+// the outputs.
 func run(cfg config) error {
-	if err := os.MkdirAll(cfg.out, 0o755); err != nil {
-		return err
+	narrowed := len(cfg.workloads) > 0 || len(cfg.libs) > 0
+	if !narrowed {
+		if err := os.MkdirAll(cfg.out, 0o755); err != nil {
+			return err
+		}
+	}
+	var libs []library
+	for _, l := range libraries() {
+		if selected(cfg.libs, l.name, true) {
+			libs = append(libs, l)
+		}
+	}
+	if len(libs) == 0 {
+		return fmt.Errorf("-libs %q selects no library", strings.Join(cfg.libs, ","))
+	}
+	if cfg.cpuprofile != "" {
+		f, err := os.Create(cfg.cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	addr := cfg.addr
 	if addr == "" {
@@ -84,7 +141,7 @@ func run(cfg config) error {
 		p:      paramsFor(cfg.quick),
 		addr:   addr,
 		stats:  stats,
-		libs:   libraries(),
+		libs:   libs,
 		prefix: "redlatch-bench:" + hex.EncodeToString(id),
 		log:    cfg.log,
 	}
@@ -102,6 +159,9 @@ func run(cfg config) error {
 		name string
 		run  func() ([]record, error)
 	}{{"W1", r.w1}, {"W2", r.w2}, {"W3", r.w3}, {"W4", r.w4}} {
+		if !selected(cfg.workloads, w.name, false) {
+			continue
+		}
 		t0 := time.Now()
 		out, err := w.run()
 		if err != nil {
@@ -111,6 +171,10 @@ func run(cfg config) error {
 		r.logf("%s done in %v", w.name, time.Since(t0).Round(time.Millisecond))
 	}
 	r.logf("bench: all done in %v", time.Since(start).Round(time.Millisecond))
+	if narrowed {
+		writeTables(cfg.stdout, recs, "## redlatch benchmarks, narrowed ("+env+")")
+		return nil
+	}
 
 	jsonPath, chartPath := outPaths(cfg.out)
 	if err := writeJSON(jsonPath, recs); err != nil {
