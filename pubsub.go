@@ -147,7 +147,9 @@ type waiter struct {
 // other's holds: the goroutines of a reentrant handle, and the handles of
 // this Client sharing its owner id. When one of them takes the lock, the
 // handle wakes the others (wakeKin): they would otherwise sleep until the
-// previous holder's lease bound while their own owner holds the lock. held
+// previous holder's lease bound while their own owner holds the lock. On an
+// RWMutex, the owner's readers enter with its write hold as well as with
+// its read hold (a writer's owner may read), so both wake them. held
 // reports whether the handle holds the lock now: a waiter that queued
 // without an attempt (see Client.acquire) checks it after queueing, so a
 // wake-up sent just before cannot be missed (the handle records its hold

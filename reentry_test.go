@@ -140,3 +140,37 @@ func TestReentrantWaitersReenterTogether(t *testing.T) {
 		}
 	})
 }
+
+// TestRWReaderEntersWithItsOwnersWriter: a reader waiting on an RWMutex
+// whose owner then takes the write lock enters at once (a writer's owner
+// may read: a downgrade), without waiting for that writer's release or for
+// the end of its own sleep. Here the other owner's write hold lapses
+// without a release (its holder crashed: no wake-up is published), and the
+// owner's writer, arriving then, takes the lock: its hold must wake the
+// reader, which would otherwise sleep out the lapsed holder's lease.
+func TestRWReaderEntersWithItsOwnersWriter(t *testing.T) {
+	lease := redlatch.WithLease(20 * time.Second) // the holder's: it bounds the reader's sleep
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).RWMutex(name, lease)
+		require.NoError(t, holder.Lock(ctx))
+		m := newClient(t, b).RWMutex(name)
+		read := make(chan error, 1)
+		go func() { read <- m.RLock(ctx) }()
+		time.Sleep(200 * time.Millisecond) // the reader sleeps on the holder
+		// The holder's lease lapses: its hash goes, and no one is woken.
+		require.NoError(t, b.Client(t).Del(ctx, "{"+name+"}:rw").Err())
+		require.NoError(t, m.Lock(ctx)) // the owner's writer: the lock is free
+		select {
+		case err := <-read:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("a reader slept while its owner held the write lock")
+		}
+		require.NoError(t, m.RUnlock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, holder.Lock(ctx), "a hold was left behind")
+		require.NoError(t, holder.Unlock(ctx))
+	})
+}

@@ -183,7 +183,10 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	// The token of the hold in Redis now: a re-entry reports the token the
 	// hold had; a hold taken again after a loss, a new one (Unlock names it).
 	m.token = token
-	m.c.ps.wakeKin(m.wwake, m.owner) // see ReentrantMutex.lock
+	// See ReentrantMutex.lock. The owner's readers may enter too (a
+	// writer's owner may read), and sleep on the readers' channel.
+	m.c.ps.wakeKin(m.wwake, m.owner)
+	m.c.ps.wakeKin(m.rwake, m.owner)
 	return true, nil
 }
 
@@ -408,6 +411,8 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	}
 	m.rbegun = begun
 	m.rn++
+	// The owner's other readers may enter too, even past waiting writers.
+	m.c.ps.wakeKin(m.rwake, m.owner)
 	return true, nil
 }
 
@@ -445,7 +450,7 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent 
 		}
 		return false, c.retryBound(n), nil
 	}
-	ok, err = c.acquire(ctx, m.rwake, nil, block, false, try, undo, nil)
+	ok, err = c.acquire(ctx, m.rwake, &kinship{owner: m.owner}, block, false, try, undo, nil)
 	return begun, sent, ok, err
 }
 
