@@ -1,10 +1,14 @@
 package redlatch_test
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -344,4 +348,80 @@ func TestWakeAfterSlotMoved(t *testing.T) {
 		t.Fatal("the waiter was not woken after its channel's slot moved")
 	}
 	require.NoError(t, waiter.Unlock(ctx))
+}
+
+// failSubscribe is a go-redis hook whose connections fail, once armed, the
+// first write of a (S)SUBSCRIBE naming match: the connection is closed and
+// the write returns an error, as when the server resets the connection.
+type failSubscribe struct {
+	match         string
+	armed, failed atomic.Bool
+}
+
+func (h *failSubscribe) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		cn, err := next(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &failSubscribeConn{Conn: cn, h: h}, nil
+	}
+}
+
+func (h *failSubscribe) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *failSubscribe) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+type failSubscribeConn struct {
+	net.Conn
+	h *failSubscribe
+}
+
+func (c *failSubscribeConn) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("subscribe")) && bytes.Contains(p, []byte(c.h.match)) && c.h.armed.CompareAndSwap(true, false) {
+		c.h.failed.Store(true)
+		_ = c.Conn.Close()
+		return 0, errors.New("injected: connection reset")
+	}
+	return c.Conn.Write(p)
+}
+
+// TestWakeAfterFailedSubscribe: a waiter's SUBSCRIBE whose write fails is
+// sent again. go-redis reconnects inside the failed call, before it adds the
+// channel to the set it subscribes on a new connection, so the new
+// connection lacks the channel: without the resend the waiter would sleep
+// until the holder's 60s lease.
+func TestWakeAfterFailedSubscribe(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
+		require.NoError(t, holder.Lock(ctx))
+
+		hook := &failSubscribe{match: "{" + name + "}:wake"}
+		rdb := b.Client(t)
+		if cc, ok := rdb.(*redis.ClusterClient); ok {
+			cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+		} else {
+			rdb.AddHook(hook)
+		}
+		hook.armed.Store(true)
+		wc := redlatch.New(rdb)
+		t.Cleanup(func() { _ = wc.Close() })
+		waiter := wc.Mutex(name)
+		got := make(chan error, 1)
+		go func() { got <- waiter.Lock(ctx) }()
+		require.Eventually(t, hook.failed.Load, 5*time.Second, 10*time.Millisecond, "no subscribe failed")
+		require.Eventually(t, func() bool { return len(channels(t, b, hook.match)) == 1 },
+			5*time.Second, 10*time.Millisecond, "the channel was not subscribed again")
+		require.NoError(t, holder.Unlock(ctx))
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("waiter stranded after a failed subscribe")
+		}
+		require.NoError(t, waiter.Unlock(ctx))
+	})
 }
