@@ -77,14 +77,16 @@ func BenchmarkUncontended(b *testing.B) {
 	})
 }
 
-// bareLock and bareUnlock are the least a lock run as two scripts does: a
-// hash of owner, count and token with a lease, the token read from the
-// server clock, and a compare-and-delete. No fence key, no request ids, no
-// wake-ups: none of what redlatch guarantees beyond the floor. They are a
-// reference only, measured beside the floor to show how much of Mutex's
-// distance to the floor is the cost of running the acquisition as a script
-// at all (EVALSHA, the KEYS and ARGV tables, the replies converted to Lua
-// and back), which SET NX PX does not pay.
+// Two references measured beside the floor, to split Mutex's distance to
+// it. scriptLock is the floor's SET NX PX run inside a script: the least a
+// lock pays for making its acquisition a script at all (EVALSHA, the KEYS
+// and ARGV tables, the reply converted to Lua and back). bareLock and
+// bareUnlock are redlatch's data model without its guarantees: a hash of
+// owner, count and token with a lease, the token read from the server
+// clock, and a compare-and-delete; no fence key, no request ids, no
+// wake-ups.
+var scriptLock = redis.NewScript(`return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])`)
+
 var (
 	bareLock = redis.NewScript(`
 local v = redis.call('HMGET', KEYS[1], 'o', 'c')
@@ -102,9 +104,10 @@ return redis.call('DEL', KEYS[1])`)
 // BenchmarkUncontendedRatio interleaves the floor, Mutex and ReentrantMutex
 // pair by pair, so that machine drift hits all three alike, and reports each
 // one's mean time per pair and the ratios to the floor (mutex/floor,
-// reentrant/floor). Beside them runs the bare two-script lock (see
-// bareLock): bare/floor is the part of the distance no script-based lock
-// avoids, mutex/bare the part redlatch's guarantees cost.
+// reentrant/floor). Beside them run the script lock and the bare
+// two-script lock (see scriptLock): script/floor is the cost of a scripted
+// acquisition, bare/floor that of redlatch's data model, mutex/bare that
+// of its guarantees.
 //
 //	go test -run '^$' -bench UncontendedRatio -benchtime 5000x -count 5 .
 func BenchmarkUncontendedRatio(b *testing.B) {
@@ -113,10 +116,10 @@ func BenchmarkUncontendedRatio(b *testing.B) {
 	rdb := be.Client(b)
 	c := redlatch.New(be.Client(b))
 	defer c.Close()
-	floorKey, bareKey := redistest.UniqueName(b), redistest.UniqueName(b)
+	floorKey, scriptKey, bareKey := redistest.UniqueName(b), redistest.UniqueName(b), redistest.UniqueName(b)
 	m := c.Mutex(redistest.UniqueName(b))
 	rm := c.ReentrantMutex(redistest.UniqueName(b))
-	var floor, mutex, reentrant, bare time.Duration
+	var floor, mutex, reentrant, script, bare time.Duration
 	for b.Loop() {
 		t0 := time.Now()
 		if ok, err := rdb.SetNX(ctx, floorKey, "owner", 30*time.Second).Result(); err != nil || !ok {
@@ -147,7 +150,15 @@ func BenchmarkUncontendedRatio(b *testing.B) {
 			b.Fatal(err)
 		}
 		t4 := time.Now()
+		if err := scriptLock.Run(ctx, rdb, []string{scriptKey}, "owner", 30000).Err(); err != nil {
+			b.Fatal(err)
+		}
+		if err := casDelete.Run(ctx, rdb, []string{scriptKey}, "owner").Err(); err != nil {
+			b.Fatal(err)
+		}
+		t5 := time.Now()
 		floor += t1.Sub(t0)
+		script += t5.Sub(t4)
 		mutex += t2.Sub(t1)
 		reentrant += t3.Sub(t2)
 		bare += t4.Sub(t3)
@@ -158,6 +169,7 @@ func BenchmarkUncontendedRatio(b *testing.B) {
 	b.ReportMetric(float64(reentrant.Microseconds())/n, "reentrant-µs/pair")
 	b.ReportMetric(float64(mutex)/float64(floor), "mutex/floor")
 	b.ReportMetric(float64(reentrant)/float64(floor), "reentrant/floor")
+	b.ReportMetric(float64(script)/float64(floor), "script/floor")
 	b.ReportMetric(float64(bare)/float64(floor), "bare/floor")
 	b.ReportMetric(float64(mutex)/float64(bare), "mutex/bare")
 }

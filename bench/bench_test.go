@@ -172,4 +172,9 @@ func TestNarrowedRun(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "selects no library") {
 		t.Errorf("-libs selecting nothing: %v", err)
 	}
+	err = run(config{quick: true, out: out, addr: os.Getenv("REDIS_ADDR"), stdout: &stdout, log: testLog{t},
+		workloads: []string{"w1"}})
+	if err == nil || !strings.Contains(err.Error(), "unknown workload") {
+		t.Errorf("-workloads naming no workload: %v", err)
+	}
 }

@@ -25,6 +25,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -59,6 +60,9 @@ func main() {
 	}
 }
 
+// workloadNames are the workloads -workloads may name.
+var workloadNames = []string{"W1", "W2", "W3", "W4"}
+
 // splitList splits a comma-separated flag value, dropping empty items.
 func splitList(s string) []string {
 	var out []string
@@ -85,6 +89,11 @@ func selected(list []string, name string, sub bool) bool {
 // the outputs.
 func run(cfg config) error {
 	narrowed := len(cfg.workloads) > 0 || len(cfg.libs) > 0
+	for _, w := range cfg.workloads {
+		if !slices.Contains(workloadNames, w) {
+			return fmt.Errorf("-workloads: unknown workload %q (want some of %s)", w, strings.Join(workloadNames, ","))
+		}
+	}
 	if !narrowed {
 		if err := os.MkdirAll(cfg.out, 0o755); err != nil {
 			return err
@@ -98,6 +107,9 @@ func run(cfg config) error {
 	}
 	if len(libs) == 0 {
 		return fmt.Errorf("-libs %q selects no library", strings.Join(cfg.libs, ","))
+	}
+	if !slices.ContainsFunc(libs, func(l library) bool { return l.floor }) && selected(cfg.workloads, "W1", false) {
+		fmt.Fprintln(cfg.log, "bench: the floor is not among -libs: W1's × floor column stays empty")
 	}
 	if cfg.cpuprofile != "" {
 		f, err := os.Create(cfg.cpuprofile)
@@ -123,6 +135,7 @@ func run(cfg config) error {
 		defer signal.Stop(sig)
 		go func() {
 			if _, ok := <-sig; ok {
+				pprof.StopCPUProfile() // no-op without -cpuprofile
 				srv.close()
 				os.Exit(130)
 			}
