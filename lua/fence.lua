@@ -9,7 +9,8 @@
 -- not take the lock then; see lock.lua and unlock.lua).
 --
 -- next_token(fence, retention[, suffix[, last]]) returns the next fencing
--- token of a lock name, as a Lua number. KEYS and ARGV: none of its own;
+-- token of a lock name, as a Lua number, and the same token as a decimal
+-- string (what to store: see token_str). KEYS and ARGV: none of its own;
 -- the caller passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
@@ -54,17 +55,18 @@ local function next_token(fence, retention, suffix, last)
   end
   local now = redis.call('TIME')
   local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local s
   if token and token >= clock then
     token = token + 1
+    s = string.format('%.0f', token)
   else
+    -- The clock's digits as Redis gave them: formatting the number costs
+    -- the script more than everything else it does with the token.
     token = clock
+    s = now[1] .. string.sub('00000' .. now[2], -6)
   end
-  if suffix or keep ~= '' then
-    redis.call('SET', fence, string.format('%.0f', token) .. (suffix or '') .. keep, 'PX', retention)
-  else
-    redis.call('SET', fence, token, 'PX', retention)
-  end
-  return token
+  redis.call('SET', fence, s .. (suffix or '') .. keep, 'PX', retention)
+  return token, s
 end
 
 -- fence_release returns the request id of the last full release recorded in

@@ -27,8 +27,8 @@ if not v[1] then
   if fence_undone(f, ARGV[3]) then
     return {0, 1} -- undone already (see unlock.lua): its caller is gone
   end
-  local token = next_token(KEYS[2], ARGV[5], nil, f)
-  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', 1, 't', token, 'q', ARGV[3])
+  local token, digits = next_token(KEYS[2], ARGV[5], nil, f)
+  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', '1', 't', digits, 'q', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, token, 1}
 end

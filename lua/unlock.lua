@@ -59,16 +59,18 @@ if c > 0 then
   redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[2])
   return {c, 0}
 end
-redis.call('DEL', KEYS[1])
 if ARGV[6] ~= '' then
-  local token = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
-  redis.call('HSET', KEYS[1], 'o', ARGV[6], 'c', 1, 't', token, 'q', ARGV[8])
-  if v[6] then
-    redis.call('HSET', KEYS[1], 'w', 1) -- other Clients may still wait
+  -- The hash becomes the new hold's in place: w stays (other Clients may
+  -- still wait), u (a partial release of the old hold) goes.
+  local token, digits = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
+  if v[4] then
+    redis.call('HDEL', KEYS[1], 'u')
   end
+  redis.call('HSET', KEYS[1], 'o', ARGV[6], 'c', '1', 't', digits, 'q', ARGV[8])
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
   return {0, token}
 end
+redis.call('DEL', KEYS[1])
 fence_set_release(KEYS[2], v[5], ARGV[2], ARGV[4])
 if not v[6] and ARGV[9] ~= '1' then
   return {0, 0, 0}
