@@ -60,8 +60,9 @@ local function next_token(fence, retention, suffix, last)
     token = token + 1
     s = string.format('%.0f', token)
   else
-    -- The clock's digits as Redis gave them: formatting the number costs
-    -- the script more than everything else it does with the token.
+    -- The clock's digits as Redis gave them (seconds since 1970, then the
+    -- microseconds padded to 6 digits): formatting the number costs the
+    -- script more than everything else it does with the token.
     token = clock
     s = now[1] .. string.sub('00000' .. now[2], -6)
   end
