@@ -416,12 +416,7 @@ func TestWakeAfterFailedSubscribe(t *testing.T) {
 		require.Eventually(t, func() bool { return len(channels(t, b, hook.match)) == 1 },
 			5*time.Second, 10*time.Millisecond, "the channel was not subscribed again")
 		require.NoError(t, holder.Unlock(ctx))
-		select {
-		case err := <-got:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("waiter stranded after a failed subscribe")
-		}
+		requireNoErrWithin(t, got, 5*time.Second, "waiter stranded after a failed subscribe")
 		require.NoError(t, waiter.Unlock(ctx))
 	})
 }

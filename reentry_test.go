@@ -162,12 +162,7 @@ func TestRWReaderEntersWithItsOwnersWriter(t *testing.T) {
 		// The holder's lease lapses: its hash goes, and no one is woken.
 		require.NoError(t, b.Client(t).Del(ctx, "{"+name+"}:rw").Err())
 		require.NoError(t, m.Lock(ctx)) // the owner's writer: the lock is free
-		select {
-		case err := <-read:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("a reader slept while its owner held the write lock")
-		}
+		requireNoErrWithin(t, read, 5*time.Second, "a reader slept while its owner held the write lock")
 		require.NoError(t, m.RUnlock(ctx))
 		require.NoError(t, m.Unlock(ctx))
 		require.NoError(t, holder.Lock(ctx), "a hold was left behind")

@@ -19,11 +19,10 @@ func (w testLog) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// TestQuickRun runs `go run . -quick` end to end against a redis-server it
-// starts (or REDIS_ADDR), and checks that every library and workload
-// produced its record, the tables and the chart. It checks no performance
-// figure: the numbers of a run on a shared machine are not pass/fail.
-func TestQuickRun(t *testing.T) {
+// needServer skips the test when there is neither REDIS_ADDR nor a
+// redis-server to start, or fails it with REDLATCH_REQUIRE_REDIS=1.
+func needServer(t *testing.T) {
+	t.Helper()
 	if os.Getenv("REDIS_ADDR") == "" {
 		if _, err := exec.LookPath(serverBinary()); err != nil {
 			if os.Getenv("REDLATCH_REQUIRE_REDIS") == "1" {
@@ -32,6 +31,14 @@ func TestQuickRun(t *testing.T) {
 			t.Skip("redis-server not found; set REDIS_ADDR or install redis-server")
 		}
 	}
+}
+
+// TestQuickRun runs `go run . -quick` end to end against a redis-server it
+// starts (or REDIS_ADDR), and checks that every library and workload
+// produced its record, the tables and the chart. It checks no performance
+// figure: the numbers of a run on a shared machine are not pass/fail.
+func TestQuickRun(t *testing.T) {
+	needServer(t)
 	out := t.TempDir()
 	var stdout bytes.Buffer
 	start := time.Now()
@@ -138,14 +145,7 @@ func TestStats(t *testing.T) {
 // TestNarrowedRun runs one workload of two libraries, as -workloads and
 // -libs do, and checks that only they ran and that no file was written.
 func TestNarrowedRun(t *testing.T) {
-	if os.Getenv("REDIS_ADDR") == "" {
-		if _, err := exec.LookPath(serverBinary()); err != nil {
-			if os.Getenv("REDLATCH_REQUIRE_REDIS") == "1" {
-				t.Fatal("redis-server not found and REDLATCH_REQUIRE_REDIS=1")
-			}
-			t.Skip("redis-server not found; set REDIS_ADDR or install redis-server")
-		}
-	}
+	needServer(t)
 	out := t.TempDir()
 	var stdout bytes.Buffer
 	err := run(config{quick: true, out: out, addr: os.Getenv("REDIS_ADDR"), stdout: &stdout, log: testLog{t},
