@@ -10,7 +10,7 @@
 --
 -- next_token(fence, retention[, suffix[, last]]) returns the next fencing
 -- token of a lock name, as a Lua number, and the same token as a decimal
--- string (what to store: see token_str). KEYS and ARGV: none of its own;
+-- string, to store (see token_str). KEYS and ARGV: none of its own;
 -- the caller passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
