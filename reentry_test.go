@@ -158,7 +158,11 @@ func TestRWReaderEntersWithItsOwnersWriter(t *testing.T) {
 		m := newClient(t, b).RWMutex(name)
 		read := make(chan error, 1)
 		go func() { read <- m.RLock(ctx) }()
-		time.Sleep(200 * time.Millisecond) // the reader sleeps on the holder
+		// The reader sleeps on the holder: it subscribed after its first
+		// attempt, and its second, right after, failed too.
+		require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}:rwake")) == 1 },
+			5*time.Second, 10*time.Millisecond, "the reader never waited")
+		time.Sleep(100 * time.Millisecond)
 		// The holder's lease lapses: its hash goes, and no one is woken.
 		require.NoError(t, b.Client(t).Del(ctx, "{"+name+"}:rw").Err())
 		require.NoError(t, m.Lock(ctx)) // the owner's writer: the lock is free
