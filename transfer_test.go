@@ -2,6 +2,8 @@ package redlatch_test
 
 import (
 	"context"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -182,5 +184,72 @@ func TestReleasePublishesOnlyWhenWaited(t *testing.T) {
 			require.NoError(t, remote.Unlock(ctx))
 		}
 		require.Greater(t, publishes(t, b), before, "a waited-for release published")
+	})
+}
+
+// TestHandoffFenceWrite: a handoff (a Mutex's local transfer, a FairMutex's
+// grant) writes the new token into the fence key before reading the old
+// value, in one call, and writes again when the old value asks for it: a
+// token at or ahead of the server clock (as a faster clock before a
+// failover issued) is passed, and the tombstones of undone acquisitions are
+// kept.
+func TestHandoffFenceWrite(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ahead := time.Now().Add(time.Hour).UnixMicro()
+		for _, tc := range []struct {
+			name, fence string
+			above       int64 // the new token is higher
+		}{
+			{"ahead", strconv.FormatInt(ahead, 10), ahead},
+			{"tombstone", "1:rel|tomb-a|tomb-b", 1},
+			{"ahead and tombstone", strconv.FormatInt(ahead, 10) + ":rel|tomb-a|tomb-b", ahead},
+		} {
+			for _, kind := range []string{"Mutex", "FairMutex"} {
+				t.Run(kind+"/"+tc.name, func(t *testing.T) {
+					ctx := ctxT(t, 20*time.Second)
+					name := redistest.UniqueName(t)
+					rdb := b.Client(t)
+					scripts := &scriptCounter{}
+					rdb.AddHook(scripts)
+					c := redlatch.New(rdb)
+					t.Cleanup(func() { _ = c.Close() })
+					type lock interface {
+						Lock(context.Context) error
+						Unlock(context.Context) error
+						Token() int64
+					}
+					mk := func() lock { return c.Mutex(name) }
+					if kind == "FairMutex" {
+						mk = func() lock { return c.FairMutex(name) }
+					}
+					holder, waiter := mk(), mk()
+					require.NoError(t, holder.Lock(ctx)) // loads the lock script
+					require.NoError(t, holder.Unlock(ctx))
+					require.NoError(t, holder.Lock(ctx))
+					got := make(chan error, 1)
+					go func() { got <- waiter.Lock(ctx) }()
+					time.Sleep(200 * time.Millisecond) // the waiter waits
+					fence := "{" + name + "}:fence"
+					require.NoError(t, rdb.Set(ctx, fence, tc.fence, time.Minute).Err())
+
+					held := holder.Token()
+					scripts.n.Store(0)
+					require.NoError(t, holder.Unlock(ctx))
+					requireNoErrWithin(t, got, 5*time.Second, "the waiter takes the lock")
+					require.EqualValues(t, 1, scripts.n.Load(), "a handoff: the Unlock only")
+					require.Greater(t, waiter.Token(), tc.above)
+					require.Greater(t, waiter.Token(), held)
+					v, err := rdb.Get(ctx, fence).Result()
+					require.NoError(t, err)
+					require.True(t, strings.HasPrefix(v, strconv.FormatInt(waiter.Token(), 10)+":"), v)
+					if strings.Contains(tc.fence, "|") {
+						require.True(t, strings.HasSuffix(v, "|tomb-a|tomb-b"), v)
+					} else {
+						require.NotContains(t, v, "|")
+					}
+					require.NoError(t, waiter.Unlock(ctx))
+				})
+			}
+		}
 	})
 }

@@ -8,9 +8,9 @@
 -- acquisition may still reach Redis late, stuck in a slow link, and must
 -- not take the lock then; see lock.lua and unlock.lua).
 --
--- next_token(fence, retention[, suffix[, last]]) returns the next fencing
--- token of a lock name, as a Lua number, and the same token as a decimal
--- string, to store (see token_str). KEYS and ARGV: none of its own;
+-- next_token(fence, retention[, suffix[, last[, now]]]) returns the next
+-- fencing token of a lock name, as a Lua number, and the same token as a
+-- decimal string, to store (see token_str). KEYS and ARGV: none of its own;
 -- the caller passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
@@ -18,6 +18,7 @@
 --              release (a handoff): written after the token
 --   last       the fence key's value when the caller read it already (false:
 --              no key), or nil to have next_token read it
+--   now        the reply of a TIME the script called already, or nil
 -- The tombstone is kept, and so is the last release unless suffix replaces
 -- it: a release resent after a lost reply is still recognised (see
 -- fence_release) once the lock is taken again.
@@ -38,33 +39,48 @@
 -- to redis.call is written out by Redis as an integer (Redis 7.2.0 to 7.2.4
 -- use exponent notation for numbers with 8 or more trailing zeros), so a
 -- stored token is read back with tonumber of the whole part before ':'.
-local function next_token(fence, retention, suffix, last)
-  local token
+local function next_token(fence, retention, suffix, last, now)
+  now = now or redis.call('TIME')
+  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  -- The clock's digits as Redis gave them (seconds since 1970, then the
+  -- microseconds padded to 6 digits): formatting the number costs the
+  -- script more than everything else it does with the token.
+  local token, s = clock, now[1] .. string.sub('00000' .. now[2], -6)
+  if last == nil and suffix then
+    -- A handoff keeps only the tombstones of the old value, which are
+    -- rare, and its token is almost always behind the clock: write first
+    -- and read the old value in the same call, and write again only when
+    -- it asks for it.
+    local old = redis.call('SET', fence, s .. suffix, 'PX', retention, 'GET')
+    if old then
+      local prev = tonumber(string.match(old, '^[^:|]*'))
+      local keep = string.match(old, '|.*$')
+      if (prev and prev >= clock) or keep then
+        if prev and prev >= clock then
+          token = prev + 1
+          s = string.format('%.0f', token)
+        end
+        redis.call('SET', fence, s .. suffix .. (keep or ''), 'PX', retention)
+      end
+    end
+    return token, s
+  end
   if last == nil then
     last = redis.call('GET', fence)
   end
   local keep = ''
   if last then
     local digits, rest = string.match(last, '^([^:|]*)(.*)$')
-    token = tonumber(digits)
+    local prev = tonumber(digits)
+    if prev and prev >= clock then
+      token = prev + 1
+      s = string.format('%.0f', token)
+    end
     if suffix then
       keep = string.match(rest, '|.*$') or ''
     else
       keep = rest
     end
-  end
-  local now = redis.call('TIME')
-  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local s
-  if token and token >= clock then
-    token = token + 1
-    s = string.format('%.0f', token)
-  else
-    -- The clock's digits as Redis gave them (seconds since 1970, then the
-    -- microseconds padded to 6 digits): formatting the number costs the
-    -- script more than everything else it does with the token.
-    token = clock
-    s = now[1] .. string.sub('00000' .. now[2], -6)
   end
   redis.call('SET', fence, s .. (suffix or '') .. keep, 'PX', retention)
   return token, s
