@@ -24,9 +24,12 @@
 -- (a release hands the lock to the queue head). A holder whose lease ran out
 -- breaks it until the next script, which settles it first.
 
+-- now_ms returns the server's clock in ms, and keeps the TIME reply in
+-- time_reply for the fencing tokens the script issues (see next_token).
+local time_reply
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  time_reply = redis.call('TIME')
+  return tonumber(time_reply[1]) * 1000 + math.floor(tonumber(time_reply[2]) / 1000)
 end
 
 local function parse_member(m)
@@ -34,13 +37,20 @@ local function parse_member(m)
   return id, tonumber(lease), tonumber(wl), client, owner
 end
 
--- evict removes the waiters whose place expired (their process died).
+-- evict removes the waiters whose place expired (their process died), and
+-- returns the first live place as ZRANGE WITHSCORES gives it ({member,
+-- expiry}, or {} when no one waits).
 local function evict(now)
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-  for _, m in ipairs(dead) do
-    redis.call('ZREM', KEYS[2], m)
-    redis.call('ZREM', KEYS[3], m)
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) <= now then
+    local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+    for _, m in ipairs(dead) do
+      redis.call('ZREM', KEYS[2], m)
+      redis.call('ZREM', KEYS[3], m)
+    end
+    first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   end
+  return first
 end
 
 -- grant hands the free lock to the first live waiter in arrival order, and
@@ -56,10 +66,13 @@ end
 -- recorded in local_grant ("<waiter id>:<token>"), which the script returns
 -- so that the Client delivers it in-process. The fence key gets the new
 -- token followed by fence_suffix (see next_token; set by a full release).
--- The lock hash must be gone when grant is called.
+-- The lock hash must be gone when grant is called, or be the hold that the
+-- caller releases, which the new hold then replaces (the caller deletes it
+-- when grant returns nil); stale_u says that hold has a u field, which the
+-- new hold must not keep.
 -- Returns the new fencing token, or nil when no one waits.
 local local_client, local_grant, fence_suffix
-local function grant(now)
+local function grant(now, stale_u)
   while true do
     local head = redis.call('ZPOPMIN', KEYS[2])[1]
     if not head then
@@ -69,8 +82,11 @@ local function grant(now)
     redis.call('ZREM', KEYS[3], head)
     local id, lease, wl, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
-      local token = token_str(next_token(KEYS[4], ARGV[2], fence_suffix))
-      redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
+      local _, token = next_token(KEYS[4], ARGV[2], fence_suffix, nil, time_reply)
+      if stale_u then
+        redis.call('HDEL', KEYS[1], 'u')
+      end
+      redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', token, 'g', id, 'q', id)
       redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(exp) - now)))
       if client == local_client then
         local_grant = id .. ':' .. token

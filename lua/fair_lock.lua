@@ -26,7 +26,7 @@ if fence_undone(fence, ARGV[3]) then
 end
 local now = now_ms()
 -- settle, reading the hold once when it stands
-evict(now)
+local first = evict(now)
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
 if not v[1] and grant(now) then
   fence = nil -- grant wrote it
@@ -44,52 +44,60 @@ if v[1] == owner then
     return {1, tonumber(v[3]), tonumber(v[2])}
   end
   -- Re-entry by the owner (even while queued: it holds the lock already).
-  local c = redis.call('HINCRBY', KEYS[1], 'c', 1)
+  local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
   redis.call('HSET', KEYS[1], 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   return {1, tonumber(v[3]), c}
 end
 if not v[1] then
   -- Free: settle left the queue empty, so no one is passed over.
-  local token = token_str(next_token(KEYS[4], ARGV[2], nil, fence))
-  redis.call('HSET', KEYS[1], 'o', owner, 'c', 1, 't', token, 'g', id, 'q', id)
+  local token, digits = next_token(KEYS[4], ARGV[2], nil, fence, time_reply)
+  redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', digits, 'g', id, 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
-  return {1, tonumber(token), 1}
+  return {1, token, 1}
 end
 local pttl = redis.call('PTTL', KEYS[1])
 if ARGV[8] ~= 'w' then
   return {0, pttl, 0}
 end
 local queued = 0
-local inq = redis.call('ZSCORE', KEYS[2], member)
-if not inq or not redis.call('ZSCORE', KEYS[3], member) then
-  if inq then
-    redis.call('ZREM', KEYS[2], member)
-  end
-  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-  local seq = 1
-  if last[2] then
-    seq = tonumber(last[2]) + 1
-  end
-  -- Scores are doubles: numbers go in as they are.
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+local seq = 1
+if last[2] then
+  seq = tonumber(last[2]) + 1
+end
+-- Scores are doubles: numbers go in as they are. NX: a waiter queued
+-- already (a later attempt, or a retry after a lost reply) keeps its place,
+-- unless the place expired: then it queues again, at the tail.
+local added = redis.call('ZADD', KEYS[2], 'NX', seq, member)
+if added == 0 and not redis.call('ZSCORE', KEYS[3], member) then
   redis.call('ZADD', KEYS[2], seq, member)
+  added = 1
+end
+if added == 1 then
   redis.call('ZADD', KEYS[3], now + wl, member)
   queued = 1
 end
--- The queue lives as long as its longest-lived place (live waiters run this
--- script at least every wl/3, and renew their places as often).
-for i = 2, 3 do
-  if redis.call('PTTL', KEYS[i]) < wl then
-    redis.call('PEXPIRE', KEYS[i], wl)
+-- The queue lives as long as its longest-lived place. Live waiters run this
+-- script at least every wl/3 (and renew their places as often): a queue
+-- whose TTL is at least 2wl/3 after each attempt outlives the wait for the
+-- next one, so it is raised to wl only when it is below that. A TTL is
+-- never lowered: another Client's waiters may have a longer place lease.
+if redis.call('PTTL', KEYS[2]) < wl * 2 / 3 then
+  for i = 2, 3 do
+    if redis.call('PTTL', KEYS[i]) < wl then
+      redis.call('PEXPIRE', KEYS[i], wl)
+    end
   end
 end
 local bound = math.floor(wl / 3)
 if pttl >= 0 and pttl < bound then
   bound = pttl
 end
-local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+-- The earliest place, read before this attempt queued: a place of its own
+-- expires after bound, its waiter renewing it every wl/3.
 if first[2] and tonumber(first[2]) - now < bound then
   bound = tonumber(first[2]) - now
 end

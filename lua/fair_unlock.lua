@@ -71,9 +71,10 @@ if c > 0 then
   end
   return reply(c)
 end
-redis.call('DEL', KEYS[1])
+-- The hash becomes the new hold's in place when someone waits.
 fence_suffix = ':' .. ARGV[4]
-if not grant(now) then
+if not grant(now, v[5]) then
+  redis.call('DEL', KEYS[1])
   fence_set_release(KEYS[4], v[6], ARGV[4], ARGV[2])
 end
 return reply(0)
