@@ -40,7 +40,7 @@ if v[1] == ARGV[1] then
     if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
       return {0, 1}
     end
-    local c = redis.call('HINCRBY', KEYS[1], 'c', 1)
+    local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
     redis.call('HSET', KEYS[1], 'q', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, tonumber(v[3]), c}

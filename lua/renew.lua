@@ -29,19 +29,22 @@
 local now
 local out = {}
 for i, key in ipairs(KEYS) do
-  local kind, owner, lease = ARGV[3*i-2], ARGV[3*i-1], tonumber(ARGV[3*i])
+  -- The lease goes to PEXPIRE as the string it came as: a Lua number would
+  -- be formatted back into one, which costs the script more than the call.
+  local kind, owner, ms = ARGV[3*i-2], ARGV[3*i-1], ARGV[3*i]
+  local lease = tonumber(ms)
   local ok = 0
   if kind == 'h' then
     local o = redis.pcall('HGET', key, 'o')
     if o == owner then
-      redis.call('PEXPIRE', key, lease)
+      redis.call('PEXPIRE', key, ms)
       ok = 1
     end
   elseif kind == 't' then
     local token, o = string.match(owner, '^(%d+):(.*)$')
     local v = redis.pcall('HMGET', key, 'o', 't')
     if v[1] == o and tonumber(v[2]) == tonumber(token) then
-      redis.call('PEXPIRE', key, lease)
+      redis.call('PEXPIRE', key, ms)
       ok = 1
     end
   elseif kind == 'z' then
@@ -53,7 +56,7 @@ for i, key in ipairs(KEYS) do
       end
       redis.call('ZADD', key, string.format('%.0f', now + lease), owner)
       if redis.call('PTTL', key) < lease then
-        redis.call('PEXPIRE', key, lease)
+        redis.call('PEXPIRE', key, ms)
       end
       ok = 1
     end
@@ -88,7 +91,7 @@ for i, key in ipairs(KEYS) do
       if tonumber(e) > now then
         redis.call('HSET', key, field, string.format('%.0f', now + lease))
         if redis.call('PTTL', key) < lease then
-          redis.call('PEXPIRE', key, lease)
+          redis.call('PEXPIRE', key, ms)
         end
         ok = 1
       end
