@@ -147,12 +147,22 @@ func (e *excl) unlock(ctx context.Context, undo string, token int64, local bool)
 }
 
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, local bool) (int64, error) {
-	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), undo, "", 0, "", "0", tokenArg(token)}
+	// The optional arguments of unlock.lua go only when used (see its
+	// header): each costs the script about as much as a short command.
+	args := make([]any, 5, 10)
+	args[0], args[1], args[2], args[3], args[4] = owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
-	if w != nil {
-		args[5], args[6], args[7] = w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req
-	} else if waiting {
-		args[8] = "1"
+	waited := "0"
+	if waiting {
+		waited = "1"
+	}
+	switch {
+	case w != nil:
+		args = append(args, "0", "", w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req)
+	case undo != "":
+		args = append(args, waited, undo)
+	case waiting:
+		args = append(args, waited)
 	}
 	sent := time.Now()
 	res, err := unlockScript.Run(ctx, e.c.rdb, []string{e.key, e.fence, e.channel}, args...).Int64Slice()

@@ -43,7 +43,7 @@ for i, key in ipairs(KEYS) do
   elseif kind == 't' then
     local token, o = string.match(owner, '^(%d+):(.*)$')
     local v = redis.pcall('HMGET', key, 'o', 't')
-    if v[1] == o and tonumber(v[2]) == tonumber(token) then
+    if v[1] == o and (v[2] == token or tonumber(v[2]) == tonumber(token)) then
       redis.call('PEXPIRE', key, ms)
       ok = 1
     end

@@ -9,24 +9,27 @@
 -- ARGV[2]  request id: unique per Unlock call, reused by its retries
 -- ARGV[3]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 -- ARGV[4]  fence retention, ms
--- ARGV[5]  "" for an Unlock; for an undo, the request id of the acquisition
---          to undo: the hold is released only if that acquisition took it
--- ARGV[6]  "" to release the lock; or the owner id of a waiter of the same
---          Client to hand it to (a local transfer, see Client.acquire)
--- ARGV[7]  that waiter's lease, ms
--- ARGV[8]  that waiter's acquisition request id: its own attempt recognises
---          the transferred hold as one it took
--- ARGV[9]  "1" when the Client releasing the lock has waiters of its own for
---          it: a release then publishes a wake-up even when no attempt failed
---          during the hold (the hash's w field, see lock.lua)
--- ARGV[10] fencing token of the hold the caller releases, or "" when it does
+-- ARGV[5]  fencing token of the hold the caller releases, or "" when it does
 --          not know it: a hold with another token is not the caller's, even
 --          when its owner id is (a later hold of the same owner, taken after
 --          this very call released the caller's, whose reply was lost)
+-- ARGV[6]  "1" when the Client releasing the lock has waiters of its own for
+--          it: a release then publishes a wake-up even when no attempt failed
+--          during the hold (the hash's w field, see lock.lua); absent: "0"
+-- ARGV[7]  for an undo, the request id of the acquisition to undo: the hold
+--          is released only if that acquisition took it; "" or absent for an
+--          Unlock
+-- ARGV[8]  absent to release the lock; or the owner id of a waiter of the
+--          same Client to hand it to (a local transfer, see Client.acquire)
+-- ARGV[9]  that waiter's lease, ms
+-- ARGV[10] that waiter's acquisition request id: its own attempt recognises
+--          the transferred hold as one it took
+-- The optional arguments are left out when unused: each argument costs the
+-- call about as much as a short command.
 --
 -- Returns {count, token[, receivers]}: count is the owner's remaining hold
 -- count (0: the lock was released and one waiter per Client is woken, or it
--- was handed to ARGV[6]), or -1 when ARGV[1] does not hold the lock; token is
+-- was handed to ARGV[8]), or -1 when ARGV[1] does not hold the lock; token is
 -- the new hold's fencing token when the lock was handed to ARGV[6], else 0;
 -- receivers, after a release, is how many Clients heard the wake-up (0 when
 -- none was published: no one waited).
@@ -35,17 +38,20 @@
 -- call was lost: its result is returned again and nothing is released twice.
 -- An undo that finds nothing to undo leaves a tombstone in the fence key
 -- (see fence.lua), so that the acquisition takes nothing if it comes late.
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'q', 'u', 't', 'w')
-if ARGV[5] ~= '' then
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u', 'w')
+local undo, to = ARGV[7] or '', ARGV[8]
+if undo ~= '' then
   -- An undo ends its acquisition call: leave a tombstone so that a copy
   -- of its attempt still on the way (a slow link, a client resend) takes
   -- nothing when it comes late.
-  fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  if v[1] ~= ARGV[1] or v[3] ~= ARGV[5] then
+  fence_tombstone(KEYS[2], undo, ARGV[4])
+  if v[1] ~= ARGV[1] or redis.call('HGET', KEYS[1], 'q') ~= undo then
     return {-1, 0} -- it holds nothing: it failed, or it has not arrived
   end
 end
-if v[1] ~= ARGV[1] or (ARGV[10] ~= '' and tonumber(v[5]) ~= tonumber(ARGV[10])) then
+-- Tokens compare as strings first: both are the same digits but for a
+-- token written by an older version of this script.
+if v[1] ~= ARGV[1] or (ARGV[5] ~= '' and v[3] ~= ARGV[5] and tonumber(v[3]) ~= tonumber(ARGV[5])) then
   if fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
     return {0, 0}
   end
@@ -59,20 +65,20 @@ if c > 0 then
   redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[2])
   return {c, 0}
 end
-if ARGV[6] ~= '' then
+if to then
   -- The hash becomes the new hold's in place: w stays (other Clients may
   -- still wait), u (a partial release of the old hold) goes.
   local token, digits = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
   if v[4] then
     redis.call('HDEL', KEYS[1], 'u')
   end
-  redis.call('HSET', KEYS[1], 'o', ARGV[6], 'c', '1', 't', digits, 'q', ARGV[8])
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', digits, 'q', ARGV[10])
+  redis.call('PEXPIRE', KEYS[1], ARGV[9])
   return {0, token}
 end
 redis.call('DEL', KEYS[1])
-fence_set_release(KEYS[2], v[5], ARGV[2], ARGV[4])
-if not v[6] and ARGV[9] ~= '1' then
+fence_set_release(KEYS[2], v[3], ARGV[2], ARGV[4])
+if not v[5] and ARGV[6] ~= '1' then
   return {0, 0, 0}
 end
 return {0, 0, redis.call(ARGV[3], KEYS[3], '1')}
