@@ -322,8 +322,11 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 // unknown (see excl.unlock).
 func (f *FairMutex) unlock(ctx context.Context, waiter, member string, token int64) (int64, error) {
 	channel := f.wchan + f.c.ps.id
-	res, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
-		fenceRetention(f.lease), f.owner, newID(), waiter, member, f.c.ps.id, tokenArg(token)).Slice()
+	args := []any{f.c.publishCommand(ctx), fenceRetention(f.lease), f.owner, newID(), f.c.ps.id, tokenArg(token)}
+	if waiter != "" {
+		args = append(args, waiter, member) // a withdrawal (see fair_unlock.lua)
+	}
+	res, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Slice()
 	if err != nil {
 		// The lock may have gone to a waiter of this Client without a
 		// message: wake them all, and the one granted claims it.

@@ -5,47 +5,50 @@
 -- KEYS[1..5], ARGV[1..2]: see fair_common.lua
 -- ARGV[3]  owner id
 -- ARGV[4]  request id: unique per call, reused by its retries
--- ARGV[5]  "" for an Unlock; for a withdrawal, the waiter id: its queue
---          place is removed, and the hold is released only if that waiter
---          was granted it (or took it)
--- ARGV[6]  member of the waiter, for a withdrawal; else ""
--- ARGV[7]  id of the calling Client: a grant to one of its own waiters is
+-- ARGV[5]  id of the calling Client: a grant to one of its own waiters is
 --          returned instead of published (see grant)
--- ARGV[8]  fencing token of the hold the caller releases, or "" when it does
+-- ARGV[6]  fencing token of the hold the caller releases, or "" when it does
 --          not know it (see unlock.lua): a hold with another token is not
 --          the caller's, even when its owner id is
+-- ARGV[7]  absent (or "") for an Unlock; for a withdrawal, the waiter id:
+--          its queue place is removed, and the hold is released only if that
+--          waiter was granted it (or took it)
+-- ARGV[8]  member of the waiter, for a withdrawal
+-- (An Unlock leaves the last two out: each argument costs the call about as
+-- much as a short command.)
 --
 -- Returns {count, grant}: count is the owner's remaining hold count (0: the
 -- lock was released and handed to the queue head, if any), or -1 when the
 -- owner holds nothing (for a withdrawal: nothing granted to that waiter);
 -- grant is "<waiter id>:<token>" when the lock went to a waiter of the
 -- calling Client, which must deliver it, else "".
-local_client = ARGV[7]
+local_client = ARGV[5]
+local withdraw = ARGV[7] or ''
 local function reply(n)
   return {n, local_grant or ''}
 end
 local now = now_ms()
-if ARGV[5] ~= '' then
-  redis.call('ZREM', KEYS[2], ARGV[6])
-  redis.call('ZREM', KEYS[3], ARGV[6])
+if withdraw ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[8])
+  redis.call('ZREM', KEYS[3], ARGV[8])
 end
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
-if v[1] ~= ARGV[3] or ARGV[5] ~= '' then
+if v[1] ~= ARGV[3] or withdraw ~= '' then
   -- The holder's release needs no settling: its lock is not free, and
   -- grant passes over expired places itself.
   settle(now)
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
 end
-if ARGV[5] ~= '' then
+if withdraw ~= '' then
   -- A withdrawal ends the waiter's call: leave a tombstone so that an
   -- attempt of it still on the way takes nothing, and does not queue, when
   -- it comes late.
-  fence_tombstone(KEYS[4], ARGV[5], ARGV[2])
-  if v[1] ~= ARGV[3] or (v[3] ~= ARGV[5] and v[4] ~= ARGV[5]) then
+  fence_tombstone(KEYS[4], withdraw, ARGV[2])
+  if v[1] ~= ARGV[3] or (v[3] ~= withdraw and v[4] ~= withdraw) then
     return reply(-1) -- it holds nothing: queued, failed, or not arrived
   end
 end
-if v[1] ~= ARGV[3] or (ARGV[8] ~= '' and tonumber(v[6]) ~= tonumber(ARGV[8])) then
+if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[6] ~= ARGV[6] and tonumber(v[6]) ~= tonumber(ARGV[6])) then
   local f = redis.call('GET', KEYS[4])
   if fence_release(f) == ARGV[4] then
     -- A retry: its first run may have granted the lock to a waiter of
@@ -65,7 +68,7 @@ end
 local c = tonumber(v[2]) - 1
 if c > 0 then
   redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[4])
-  if ARGV[5] ~= '' then
+  if withdraw ~= '' then
     -- The withdrawn acquisition is undone: it can no longer be claimed.
     redis.call('HSET', KEYS[1], 'g', '', 'q', '')
   end
