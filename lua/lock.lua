@@ -21,8 +21,10 @@
 -- not counted twice. A request id whose undo ran first (its tombstone is in
 -- the fence key, see fence.lua) takes nothing: it reached Redis after its
 -- caller gave up, and no one would renew or release what it took.
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'q', 'w')
-if not v[1] then
+-- The owner alone first: reading the other fields of a free lock would
+-- cost the uncontended call about as much as another command.
+local o = redis.call('HGET', KEYS[1], 'o')
+if not o then
   local f = redis.call('GET', KEYS[2])
   if fence_undone(f, ARGV[3]) then
     return {0, 1} -- undone already (see unlock.lua): its caller is gone
@@ -32,9 +34,10 @@ if not v[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, token, 1}
 end
-if v[1] == ARGV[1] then
-  if v[4] == ARGV[3] then
-    return {1, tonumber(v[3]), tonumber(v[2])}
+if o == ARGV[1] then
+  local v = redis.call('HMGET', KEYS[1], 'c', 't', 'q')
+  if v[3] == ARGV[3] then
+    return {1, tonumber(v[2]), tonumber(v[1])}
   end
   if ARGV[4] == '1' then
     if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
@@ -43,10 +46,8 @@ if v[1] == ARGV[1] then
     local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
     redis.call('HSET', KEYS[1], 'q', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, tonumber(v[3]), c}
+    return {1, tonumber(v[2]), c}
   end
 end
-if not v[5] then
-  redis.call('HSET', KEYS[1], 'w', 1)
-end
+redis.call('HSETNX', KEYS[1], 'w', '1')
 return {0, redis.call('PTTL', KEYS[1])}
