@@ -27,29 +27,31 @@ end
 local now = now_ms()
 -- settle, reading the hold once when it stands
 local first = evict(now)
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
-if not v[1] and grant(now) then
+-- The owner alone first: a waiter that queues needs nothing else.
+local o = redis.call('HGET', KEYS[1], 'o')
+if not o and grant(now) then
   fence = nil -- grant wrote it
-  v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'g', 'q')
+  o = redis.call('HGET', KEYS[1], 'o')
 end
 local id, member, owner = ARGV[3], ARGV[4], ARGV[5]
 local wl = tonumber(ARGV[7])
-if v[1] == owner then
+if o == owner then
+  local v = redis.call('HMGET', KEYS[1], 'c', 't', 'g', 'q')
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
-  if v[4] == id or v[5] == id then
+  if v[3] == id or v[4] == id then
     -- Granted to this waiter by a handoff (or taken by an earlier run of
     -- this very call): claim it, with the full lease from now.
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
-    return {1, tonumber(v[3]), tonumber(v[2])}
+    return {1, tonumber(v[2]), tonumber(v[1])}
   end
   -- Re-entry by the owner (even while queued: it holds the lock already).
   local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
   redis.call('HSET', KEYS[1], 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  return {1, tonumber(v[3]), c}
+  return {1, tonumber(v[2]), c}
 end
-if not v[1] then
+if not o then
   -- Free: settle left the queue empty, so no one is passed over.
   local token, digits = next_token(KEYS[4], ARGV[2], nil, fence, time_reply)
   redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', digits, 'g', id, 'q', id)
