@@ -82,7 +82,7 @@ local function grant(now, stale_u)
     redis.call('ZREM', KEYS[3], head)
     local id, lease, wl, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
-      local _, token = next_token(KEYS[4], ARGV[2], fence_suffix, nil, time_reply)
+      local token = next_token(KEYS[4], ARGV[2], fence_suffix, nil, time_reply)
       if stale_u then
         redis.call('HDEL', KEYS[1], 'u')
       end

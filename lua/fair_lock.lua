@@ -43,18 +43,18 @@ if o == owner then
     -- Granted to this waiter by a handoff (or taken by an earlier run of
     -- this very call): claim it, with the full lease from now.
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
-    return {1, tonumber(v[2]), tonumber(v[1])}
+    return {1, v[2], v[1]}
   end
   -- Re-entry by the owner (even while queued: it holds the lock already).
   local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
   redis.call('HSET', KEYS[1], 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  return {1, tonumber(v[2]), c}
+  return {1, v[2], c}
 end
 if not o then
   -- Free: settle left the queue empty, so no one is passed over.
-  local token, digits = next_token(KEYS[4], ARGV[2], nil, fence, time_reply)
-  redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', digits, 'g', id, 'q', id)
+  local token = next_token(KEYS[4], ARGV[2], nil, fence, time_reply)
+  redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', token, 'g', id, 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)

@@ -9,9 +9,9 @@
 -- not take the lock then; see lock.lua and unlock.lua).
 --
 -- next_token(fence, retention[, suffix[, last[, now]]]) returns the next
--- fencing token of a lock name, as a Lua number, and the same token as a
--- decimal string, to store (see token_str). KEYS and ARGV: none of its own;
--- the caller passes
+-- fencing token of a lock name as a decimal string, to store and to reply
+-- with (the client parses it). KEYS and ARGV: none of its own; the caller
+-- passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
 --   suffix     nil, or ":<request id>" when the new token is issued by a full
@@ -22,8 +22,6 @@
 -- The tombstone is kept, and so is the last release unless suffix replaces
 -- it: a release resent after a lost reply is still recognised (see
 -- fence_release) once the lock is taken again.
--- token_str(token) returns a token as a decimal string, for concatenation:
--- Lua's own number-to-string conversion loses digits past 14.
 --
 -- A token is the Redis server's clock in microseconds, raised to the last
 -- token + 1 when the clock has not moved past it. So tokens strictly
@@ -35,17 +33,33 @@
 -- issuing one takes a script run of more than a microsecond. Only a server
 -- clock stepped back could repeat a token.
 --
--- Tokens stay below 2^53, so Lua numbers hold them exactly. A number passed
--- to redis.call is written out by Redis as an integer (Redis 7.2.0 to 7.2.4
--- use exponent notation for numbers with 8 or more trailing zeros), so a
--- stored token is read back with tonumber of the whole part before ':'.
+-- Tokens stay below 2^53, so Lua numbers hold them exactly. They are
+-- handled as strings all the same: converting a 16-digit string to a number
+-- or back costs a script more than a Redis command. Every token is written
+-- as plain digits (the clock's, or string.format's), so two tokens of the
+-- same length compare as strings.
+
+-- token_after returns the token that follows the last token p (a string,
+-- "" when unknown) as a string, when p is not behind the clock's digits s;
+-- else nil.
+local function token_after(p, s)
+  local ahead
+  if #p == #s then
+    ahead = p >= s
+  else
+    local n = tonumber(p)
+    ahead = n ~= nil and n >= tonumber(s)
+  end
+  if ahead then
+    return string.format('%.0f', tonumber(p) + 1)
+  end
+end
+
 local function next_token(fence, retention, suffix, last, now)
   now = now or redis.call('TIME')
-  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  -- The clock's digits as Redis gave them (seconds since 1970, then the
-  -- microseconds padded to 6 digits): formatting the number costs the
-  -- script more than everything else it does with the token.
-  local token, s = clock, now[1] .. string.sub('00000' .. now[2], -6)
+  -- The clock's digits as Redis gave them: seconds since 1970, then the
+  -- microseconds padded to 6 digits.
+  local s = now[1] .. string.sub('00000' .. now[2], -6)
   if last == nil and suffix then
     -- A handoff keeps only the tombstones of the old value, which are
     -- rare, and its token is almost always behind the clock: write first
@@ -53,29 +67,22 @@ local function next_token(fence, retention, suffix, last, now)
     -- it asks for it.
     local old = redis.call('SET', fence, s .. suffix, 'PX', retention, 'GET')
     if old then
-      local prev = tonumber(string.match(old, '^[^:|]*'))
+      local up = token_after(string.match(old, '^[^:|]*'), s)
       local keep = string.match(old, '|.*$')
-      if (prev and prev >= clock) or keep then
-        if prev and prev >= clock then
-          token = prev + 1
-          s = string.format('%.0f', token)
-        end
+      if up or keep then
+        s = up or s
         redis.call('SET', fence, s .. suffix .. (keep or ''), 'PX', retention)
       end
     end
-    return token, s
+    return s
   end
   if last == nil then
     last = redis.call('GET', fence)
   end
   local keep = ''
   if last then
-    local digits, rest = string.match(last, '^([^:|]*)(.*)$')
-    local prev = tonumber(digits)
-    if prev and prev >= clock then
-      token = prev + 1
-      s = string.format('%.0f', token)
-    end
+    local p, rest = string.match(last, '^([^:|]*)(.*)$')
+    s = token_after(p, s) or s
     if suffix then
       keep = string.match(rest, '|.*$') or ''
     else
@@ -83,7 +90,7 @@ local function next_token(fence, retention, suffix, last, now)
     end
   end
   redis.call('SET', fence, s .. (suffix or '') .. keep, 'PX', retention)
-  return token, s
+  return s
 end
 
 -- fence_release returns the request id of the last full release recorded in
@@ -131,8 +138,3 @@ local function fence_tombstone(fence, req, retention)
   ids[#ids + 1] = req
   redis.call('SET', fence, head .. '|' .. table.concat(ids, '|'), 'PX', ttl)
 end
-
-local function token_str(token)
-  return string.format('%.0f', token)
-end
-

@@ -15,6 +15,8 @@
 -- Returns {1, token, count} when ARGV[1] holds the lock after the call (count
 -- is its hold count; 1 means this call took the lock), or {0, pttl} when
 -- another owner holds it, pttl being that hold's remaining lease in ms.
+-- The token and the count may come as decimal strings (see next_token):
+-- the client reads both forms.
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost (the client retried): the hold it took is reported again and
@@ -29,15 +31,15 @@ if not o then
   if fence_undone(f, ARGV[3]) then
     return {0, 1} -- undone already (see unlock.lua): its caller is gone
   end
-  local token, digits = next_token(KEYS[2], ARGV[5], nil, f)
-  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', '1', 't', digits, 'q', ARGV[3])
+  local token = next_token(KEYS[2], ARGV[5], nil, f)
+  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'c', '1', 't', token, 'q', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, token, 1}
 end
 if o == ARGV[1] then
   local v = redis.call('HMGET', KEYS[1], 'c', 't', 'q')
   if v[3] == ARGV[3] then
-    return {1, tonumber(v[2]), tonumber(v[1])}
+    return {1, v[2], v[1]}
   end
   if ARGV[4] == '1' then
     if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
@@ -46,7 +48,7 @@ if o == ARGV[1] then
     local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
     redis.call('HSET', KEYS[1], 'q', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, tonumber(v[2]), c}
+    return {1, v[2], c}
   end
 end
 redis.call('HSETNX', KEYS[1], 'w', '1')

@@ -38,7 +38,7 @@ if f['rc:' .. o] then
 end
 local readers, _, rmin = rw_scan(s)
 if not f.w and readers == 0 then
-  local token = token_str(next_token(KEYS[2], ARGV[4]))
+  local token = next_token(KEYS[2], ARGV[4])
   rw_set(s, 'w', o)
   rw_set(s, 'wc', '1')
   rw_set(s, 't', token)
@@ -46,7 +46,7 @@ if not f.w and readers == 0 then
   rw_set(s, 'we:' .. o, rw_ms(exp))
   rw_del(s, 'ww:' .. o)
   rw_commit(s)
-  return {1, tonumber(token), 1}
+  return {1, token, 1}
 end
 if ARGV[5] ~= '0' then
   local w = s.now + tonumber(ARGV[5])

@@ -30,7 +30,8 @@
 -- Returns {count, token[, receivers]}: count is the owner's remaining hold
 -- count (0: the lock was released and one waiter per Client is woken, or it
 -- was handed to ARGV[8]), or -1 when ARGV[1] does not hold the lock; token is
--- the new hold's fencing token when the lock was handed to ARGV[6], else 0;
+-- the new hold's fencing token (a decimal string, see next_token) when the
+-- lock was handed to ARGV[8], else 0;
 -- receivers, after a release, is how many Clients heard the wake-up (0 when
 -- none was published: no one waited).
 --
@@ -68,11 +69,11 @@ end
 if to then
   -- The hash becomes the new hold's in place: w stays (other Clients may
   -- still wait), u (a partial release of the old hold) goes.
-  local token, digits = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
+  local token = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
   if v[4] then
     redis.call('HDEL', KEYS[1], 'u')
   end
-  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', digits, 'q', ARGV[10])
+  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', token, 'q', ARGV[10])
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   return {0, token}
 end
