@@ -164,8 +164,12 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	case waiting:
 		args = append(args, waited)
 	}
+	keys := []string{e.key, e.fence, e.channel}
+	if w != nil {
+		keys = keys[:2] // a transfer publishes nothing (see unlock.lua)
+	}
 	sent := time.Now()
-	res, err := unlockScript.Run(ctx, e.c.rdb, []string{e.key, e.fence, e.channel}, args...).Int64Slice()
+	res, err := unlockScript.Run(ctx, e.c.rdb, keys, args...).Int64Slice()
 	if err == nil && len(res) < 2 {
 		err = fmt.Errorf("%w: unlock reply %v", ErrWrongType, res)
 	}

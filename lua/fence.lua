@@ -59,7 +59,7 @@ local function next_token(fence, retention, suffix, last, now)
   now = now or redis.call('TIME')
   -- The clock's digits as Redis gave them: seconds since 1970, then the
   -- microseconds padded to 6 digits.
-  local s = now[1] .. string.sub('00000' .. now[2], -6)
+  local s = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
   if last == nil and suffix then
     -- A handoff keeps only the tombstones of the old value, which are
     -- rare, and its token is almost always behind the clock: write first

@@ -4,7 +4,7 @@
 -- KEYS[1]  lock hash (see lock.lua)
 -- KEYS[2]  fence key of the lock name: the last token, the request id of
 --          the last full release and the tombstones (see fence.lua)
--- KEYS[3]  wake-up channel of the lock
+-- KEYS[3]  wake-up channel of the lock; left out by a local transfer
 -- ARGV[1]  owner id
 -- ARGV[2]  request id: unique per Unlock call, reused by its retries
 -- ARGV[3]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
