@@ -36,6 +36,18 @@ func (h *scriptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redi
 	return next
 }
 
+// countingClient returns a Client of b whose script calls are counted, with
+// its Redis client and the counter.
+func countingClient(t *testing.T, b redistest.Backend) (*redlatch.Client, redis.UniversalClient, *scriptCounter) {
+	t.Helper()
+	rdb := b.Client(t)
+	scripts := &scriptCounter{}
+	rdb.AddHook(scripts)
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	return c, rdb, scripts
+}
+
 // TestLocalTransfer: when the last Unlock of a Mutex finds waiters of the
 // same Client, it hands the lock to the oldest of them inside its script,
 // with a new, higher fencing token; the waiter holds it without a round
@@ -44,11 +56,7 @@ func TestLocalTransfer(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
 		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		scripts := &scriptCounter{}
-		rdb.AddHook(scripts)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c, _, scripts := countingClient(t, b)
 
 		holder := c.Mutex(name)
 		require.NoError(t, holder.Lock(ctx)) // loads the scripts (EVALSHA, then EVAL)
@@ -204,25 +212,15 @@ func TestHandoffFenceWrite(t *testing.T) {
 			{"tombstone", "1:rel|tomb-a|tomb-b", 1},
 			{"ahead and tombstone", strconv.FormatInt(ahead, 10) + ":rel|tomb-a|tomb-b", ahead},
 		} {
-			for _, kind := range []string{"Mutex", "FairMutex"} {
-				t.Run(kind+"/"+tc.name, func(t *testing.T) {
+			for _, kind := range []tokenKind{
+				{"Mutex", func(c *redlatch.Client, n string) tokenHandle { return c.Mutex(n) }},
+				{"FairMutex", func(c *redlatch.Client, n string) tokenHandle { return c.FairMutex(n) }},
+			} {
+				t.Run(kind.name+"/"+tc.name, func(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
 					name := redistest.UniqueName(t)
-					rdb := b.Client(t)
-					scripts := &scriptCounter{}
-					rdb.AddHook(scripts)
-					c := redlatch.New(rdb)
-					t.Cleanup(func() { _ = c.Close() })
-					type lock interface {
-						Lock(context.Context) error
-						Unlock(context.Context) error
-						Token() int64
-					}
-					mk := func() lock { return c.Mutex(name) }
-					if kind == "FairMutex" {
-						mk = func() lock { return c.FairMutex(name) }
-					}
-					holder, waiter := mk(), mk()
+					c, rdb, scripts := countingClient(t, b)
+					holder, waiter := kind.make(c, name), kind.make(c, name)
 					require.NoError(t, holder.Lock(ctx)) // loads the lock script
 					require.NoError(t, holder.Unlock(ctx))
 					require.NoError(t, holder.Lock(ctx))
