@@ -173,3 +173,32 @@ func TestRWReaderEntersWithItsOwnersWriter(t *testing.T) {
 		require.NoError(t, holder.Unlock(ctx))
 	})
 }
+
+// TestLegacyTokenFormat: a hold whose token an older version stored as a
+// Lua number, which Redis 7.2.0 to 7.2.4 wrote in exponent notation, is
+// still re-entered: the scripts reply with its digits, not its stored form.
+func TestLegacyTokenFormat(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range []struct {
+			kind, key string
+			make      func(c *redlatch.Client, n string) tokenHandle
+		}{
+			{"ReentrantMutex", "lock", func(c *redlatch.Client, n string) tokenHandle { return c.ReentrantMutex(n) }},
+			{"FairMutex", "fair", func(c *redlatch.Client, n string) tokenHandle { return c.FairMutex(n) }},
+		} {
+			t.Run(k.kind, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				m := k.make(newClient(t, b), name)
+				require.NoError(t, m.Lock(ctx))
+				require.NoError(t, rdb.HSet(ctx, "{"+name+"}:"+k.key, "t", "1.7e+15").Err())
+				require.NoError(t, m.Lock(ctx), "re-entry of a hold with a legacy token")
+				require.EqualValues(t, 1_700_000_000_000_000, m.Token())
+				require.NoError(t, m.Unlock(ctx))
+				require.NoError(t, m.Unlock(ctx))
+				requireNoHoldLeft(t, ctx, m)
+			})
+		}
+	})
+}

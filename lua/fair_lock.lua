@@ -11,7 +11,8 @@
 -- ARGV[8]  'w' to queue when the lock is taken (Lock), 't' not to (TryLock)
 --
 -- Returns {1, token, count} when the owner holds the lock after the call
--- (count is its hold count), else {0, bound, queued}: bound is how long the
+-- (count is its hold count; the token and the count may come as decimal
+-- strings, see next_token), else {0, bound, queued}: bound is how long the
 -- waiter may sleep before its next attempt, ms (the holder's remaining
 -- lease, the earliest expiry of a queue place, a third of the place lease,
 -- whichever is shortest), and queued is 1 when this call added the waiter
@@ -43,13 +44,13 @@ if o == owner then
     -- Granted to this waiter by a handoff (or taken by an earlier run of
     -- this very call): claim it, with the full lease from now.
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
-    return {1, v[2], v[1]}
+    return {1, token_reply(v[2]), v[1]}
   end
   -- Re-entry by the owner (even while queued: it holds the lock already).
   local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
   redis.call('HSET', KEYS[1], 'q', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  return {1, v[2], c}
+  return {1, token_reply(v[2]), c}
 end
 if not o then
   -- Free: settle left the queue empty, so no one is passed over.
@@ -84,10 +85,10 @@ if added == 1 then
 end
 -- The queue lives as long as its longest-lived place. Live waiters run this
 -- script at least every wl/3 (and renew their places as often): a queue
--- whose TTL is at least 2wl/3 after each attempt outlives the wait for the
+-- whose TTL is at least 9wl/10 after each attempt outlives the wait for the
 -- next one, so it is raised to wl only when it is below that. A TTL is
 -- never lowered: another Client's waiters may have a longer place lease.
-if redis.call('PTTL', KEYS[2]) < wl * 2 / 3 then
+if redis.call('PTTL', KEYS[2]) < wl * 0.9 then
   for i = 2, 3 do
     if redis.call('PTTL', KEYS[i]) < wl then
       redis.call('PEXPIRE', KEYS[i], wl)

@@ -93,6 +93,17 @@ local function next_token(fence, retention, suffix, last, now)
   return s
 end
 
+-- token_reply returns the token t of a live hold as plain digits, to reply
+-- with: a hold written by an older version of these scripts, which stored
+-- tokens as Lua numbers, holds it in exponent notation when Redis 7.2.0 to
+-- 7.2.4 wrote it (8 or more trailing zeros), which the client cannot parse.
+local function token_reply(t)
+  if string.find(t, '^%d+$') then
+    return t
+  end
+  return string.format('%.0f', tonumber(t))
+end
+
 -- fence_release returns the request id of the last full release recorded in
 -- the fence value v (false or nil: no key), or nil.
 local function fence_release(v)

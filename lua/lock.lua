@@ -39,7 +39,7 @@ end
 if o == ARGV[1] then
   local v = redis.call('HMGET', KEYS[1], 'c', 't', 'q')
   if v[3] == ARGV[3] then
-    return {1, v[2], v[1]}
+    return {1, token_reply(v[2]), v[1]}
   end
   if ARGV[4] == '1' then
     if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
@@ -48,7 +48,7 @@ if o == ARGV[1] then
     local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
     redis.call('HSET', KEYS[1], 'q', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, v[2], c}
+    return {1, token_reply(v[2]), c}
   end
 end
 redis.call('HSETNX', KEYS[1], 'w', '1')
