@@ -111,8 +111,6 @@ type psCommand struct {
 type psChan struct {
 	transfers int  // local transfers in a row (see reserveLocal)
 	yield     bool // skip the next wake-up (see yieldNext)
-	taken     bool // a waiter took the lock since the last yieldNext
-	missed    bool // a wake-up came during a local transfer (see dispatch)
 	name      string
 	node      *psNode
 	waiters   []*waiter
@@ -215,7 +213,6 @@ func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	w.reserved = false
-	w.ch.missed = false // this Client holds the lock again: the wake-up is moot
 	if w.left {
 		return w.acquired // it took the hold with an attempt of its own
 	}
@@ -235,9 +232,7 @@ const yieldDelay = 2 * time.Millisecond
 // public release this Client just made, so that the other Clients' waiters,
 // which heard it too, take the lock after this Client's run of local
 // transfers. If none of them has taken it after yieldDelay, one local
-// waiter is woken anyway, unless one of this Client's own waiters has taken
-// the lock since (its release will wake or transfer in turn): a yield costs
-// at most that delay.
+// waiter is woken anyway: a yield costs at most that delay.
 func (p *pubsub) yieldNext(channel string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -245,14 +240,12 @@ func (p *pubsub) yieldNext(channel string) {
 	if ch == nil || len(ch.waiters) == 0 {
 		return
 	}
-	ch.yield, ch.taken = true, false
+	ch.yield = true
 	time.AfterFunc(yieldDelay, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		ch.yield = false
-		if !ch.taken {
-			ch.plainWake()
-		}
+		signalOne(ch.waiters)
 	})
 }
 
@@ -265,19 +258,11 @@ func (p *pubsub) unreserve(w *waiter, retry bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	w.reserved = false
-	switch {
-	case retry && !w.left:
-		w.ch.missed = false
+	if retry && !w.left {
 		select {
 		case w.sig <- struct{}{}:
 		default:
 		}
-	case w.ch.missed:
-		// The lock stayed with its holder or is not this Client's at all
-		// (the Unlock found another hold): the wake-up that dispatch held
-		// back may be news after all.
-		w.ch.missed = false
-		w.ch.plainWake()
 	}
 }
 
@@ -876,24 +861,8 @@ func (p *pubsub) dispatch(channel, payload string) {
 	} else if ch.yield {
 		ch.yield = false // this Client's own release: others go first
 	} else {
-		ch.plainWake()
+		signalOne(ch.waiters)
 	}
-}
-
-// plainWake passes a plain wake-up (the lock was released) to one waiter.
-// While an Unlock of this Client is handing the lock to one of them (a
-// waiter is reserved), this Client holds the lock and the wake-up is stale:
-// it is held back, and passed on only if the Unlock ends without a transfer
-// (see unreserve). Waking a waiter then would only buy a failed attempt, or
-// one that finds the lock already handed to it. Called with p.mu held.
-func (ch *psChan) plainWake() {
-	for _, w := range ch.waiters {
-		if w.reserved {
-			ch.missed = true
-			return
-		}
-	}
-	signalOne(ch.waiters)
 }
 
 // close ends every wait with ErrClosed, closes the subscriber connections
@@ -946,7 +915,6 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if acquired {
 			c.ps.mu.Lock()
 			w.acquired = true
-			w.ch.taken = true
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter
