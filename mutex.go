@@ -149,8 +149,7 @@ func (e *excl) unlock(ctx context.Context, undo string, token int64, local bool)
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, local bool) (int64, error) {
 	// The optional arguments of unlock.lua go only when used (see its
 	// header): each costs the script about as much as a short command.
-	args := make([]any, 5, 10)
-	args[0], args[1], args[2], args[3], args[4] = owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)
+	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
 	waited := "0"
 	if waiting {
@@ -162,7 +161,7 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	case undo != "":
 		args = append(args, waited, undo)
 	case waiting:
-		args = append(args, waited)
+		args = append(args, "1")
 	}
 	keys := []string{e.key, e.fence, e.channel}
 	if w != nil {
