@@ -35,7 +35,7 @@
 --
 -- Tokens stay below 2^53, so Lua numbers hold them exactly. They are
 -- handled as strings all the same: converting a 16-digit string to a number
--- or back costs a script more than a Redis command. Every token is written
+-- or back costs a script about as much as a short Redis command. Every token is written
 -- as plain digits (the clock's, or string.format's), so two tokens of the
 -- same length compare as strings.
 
