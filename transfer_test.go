@@ -226,7 +226,11 @@ func TestHandoffFenceWrite(t *testing.T) {
 					require.NoError(t, holder.Lock(ctx))
 					got := make(chan error, 1)
 					go func() { got <- waiter.Lock(ctx) }()
-					time.Sleep(200 * time.Millisecond) // the waiter waits
+					// The waiter subscribed after its failed attempt; it
+					// registers for handoffs right after.
+					require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}:*")) == 1 },
+						5*time.Second, 10*time.Millisecond, "the waiter never waited")
+					time.Sleep(20 * time.Millisecond)
 					fence := "{" + name + "}:fence"
 					require.NoError(t, rdb.Set(ctx, fence, tc.fence, time.Minute).Err())
 
