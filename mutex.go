@@ -149,7 +149,8 @@ func (e *excl) unlock(ctx context.Context, undo string, token int64, local bool)
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, local bool) (int64, error) {
 	// The optional arguments of unlock.lua go only when used (see its
 	// header): each costs the script about as much as a short command.
-	args := []any{owner, newID(), e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)}
+	req := newID()
+	args := []any{owner, req, e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
 	waited := "0"
 	if waiting {
@@ -167,10 +168,19 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	if w != nil {
 		keys = keys[:2] // a transfer publishes nothing (see unlock.lua)
 	}
+	// A public release of an Unlock while this Client has waiters of its
+	// own: they let the other Clients' waiters go first (see armYield).
+	yield := local && undo == "" && w == nil && waiting
+	if yield {
+		e.c.ps.armYield(e.channel, req)
+	}
 	sent := time.Now()
 	res, err := unlockScript.Run(ctx, e.c.rdb, keys, args...).Int64Slice()
 	if err == nil && len(res) < 2 {
 		err = fmt.Errorf("%w: unlock reply %v", ErrWrongType, res)
+	}
+	if yield {
+		e.c.ps.endYield(e.channel, req, err == nil && res[0] == 0 && len(res) > 2 && res[2] >= 2)
 	}
 	if err != nil {
 		// The transfer may or may not have happened: the waiter retries
@@ -195,10 +205,6 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 		default:
 			e.c.ps.unreserve(w, false) // not a full release
 		}
-	} else if n == 0 && len(res) > 2 && res[2] >= 2 && local {
-		// A public release that other Clients hear too, after this
-		// Client's turn of local transfers: let them take it first.
-		e.c.ps.yieldNext(e.channel)
 	}
 	return n, nil
 }

@@ -70,6 +70,8 @@ type pubsub struct {
 	c  *Client
 	id string // unique (newID): names per-Client channels (FairMutex)
 
+	yieldDelay time.Duration // see armYield
+
 	mu      sync.Mutex
 	nodes   map[string]*psNode // by master address; "" when not sharded
 	chans   map[string]*psChan // subscribed channels, by name
@@ -109,13 +111,20 @@ type psCommand struct {
 
 // psChan is a subscribed channel and its local waiters, oldest first.
 type psChan struct {
-	transfers int  // local transfers in a row (see reserveLocal)
-	yield     bool // skip the next wake-up (see yieldNext)
-	name      string
-	node      *psNode
-	waiters   []*waiter
-	ready     chan struct{} // closed at the first confirmation
-	isReady   bool
+	transfers int // local transfers in a row (see reserveLocal)
+	// yieldReq is the request id of this Client's release whose wake-up its
+	// waiters sit out (see armYield), "" when none; yieldSeen, that the
+	// wake-up came.
+	yieldReq  string
+	yieldSeen bool
+	// taken reports that a waiter of this Client took the lock since the
+	// last armYield.
+	taken   bool
+	name    string
+	node    *psNode
+	waiters []*waiter
+	ready   chan struct{} // closed at the first confirmation
+	isReady bool
 }
 
 // waiter is one blocked call waiting for wake-ups on one channel.
@@ -225,27 +234,53 @@ func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
 }
 
 // yieldDelay is how long a Client's waiters hold back after a public
-// release of their own Client that other Clients heard (see yieldNext).
+// release of their own Client that other Clients heard (see armYield); the
+// default of pubsub.yieldDelay, which tests raise.
 const yieldDelay = 2 * time.Millisecond
 
-// yieldNext makes this Client's waiters on channel sit out the wake-up of a
-// public release this Client just made, so that the other Clients' waiters,
-// which heard it too, take the lock after this Client's run of local
-// transfers. If none of them has taken it after yieldDelay, one local
-// waiter is woken anyway: a yield costs at most that delay.
-func (p *pubsub) yieldNext(channel string) {
+// armYield is called before a public release of the lock of channel, with
+// the release's request id req, which unlock.lua publishes as its wake-up:
+// this Client's waiters sit out the wake-up of their own Client's release,
+// so that the other Clients' waiters, which hear it too, take the lock
+// after this Client's run of local transfers. The wake-up is recognised by
+// its payload, not by its order: it may reach the subscriber connection
+// before or after the release's reply. endYield must follow.
+func (p *pubsub) armYield(channel, req string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ch := p.chans[channel]; ch != nil {
+		ch.yieldReq, ch.yieldSeen, ch.taken = req, false, false
+	}
+}
+
+// endYield ends the release armYield announced. With heard set, the release
+// happened and other Clients heard its wake-up: if none of them has taken
+// the lock after yieldDelay, one local waiter is woken anyway, so a yield
+// costs at most that delay. Otherwise no other Client waits (or nothing was
+// released): the local waiters get the wake-up at once.
+func (p *pubsub) endYield(channel, req string, heard bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
-	if ch == nil || len(ch.waiters) == 0 {
+	if ch == nil || ch.yieldReq != req {
 		return
 	}
-	ch.yield = true
-	time.AfterFunc(yieldDelay, func() {
+	if !heard {
+		if ch.yieldSeen {
+			signalOne(ch.waiters)
+		}
+		ch.yieldReq, ch.yieldSeen = "", false
+		return
+	}
+	time.AfterFunc(p.yieldDelay, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		ch.yield = false
-		signalOne(ch.waiters)
+		if ch.yieldReq == req {
+			ch.yieldReq, ch.yieldSeen = "", false
+		}
+		if !ch.taken {
+			signalOne(ch.waiters)
+		}
 	})
 }
 
@@ -315,11 +350,12 @@ func (w *waiter) takeGrant() string {
 
 func newPubsub(c *Client) *pubsub {
 	return &pubsub{
-		c:       c,
-		id:      newID(),
-		nodes:   make(map[string]*psNode),
-		chans:   make(map[string]*psChan),
-		closing: make(chan struct{}),
+		c:          c,
+		id:         newID(),
+		yieldDelay: yieldDelay,
+		nodes:      make(map[string]*psNode),
+		chans:      make(map[string]*psChan),
+		closing:    make(chan struct{}),
 	}
 }
 
@@ -669,7 +705,14 @@ func (w *waiter) wait(ctx context.Context, bound time.Duration) (bool, error) {
 // or with a wake-up it did not use, wakes the next local waiter, so a waiter
 // giving up can neither swallow a wake-up nor strand a waiter queued behind
 // it. The last waiter unsubscribes the channel.
-func (w *waiter) leave(passOn bool) {
+func (w *waiter) leave(passOn bool) { w.leaveWith(passOn, false) }
+
+// leaveWith is leave; with stale set, a wake-up the waiter did not use is
+// dropped instead of passed on: the waiter leaves holding an exclusive
+// lock, so whatever release the wake-up announced came before this hold,
+// and this hold's own release will wake or hand the lock to the next
+// waiter. Passing it on would only buy that waiter a failed attempt.
+func (w *waiter) leaveWith(passOn, stale bool) {
 	p := w.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -683,7 +726,7 @@ func (w *waiter) leave(passOn bool) {
 	}
 	select {
 	case <-w.sig:
-		passOn = true
+		passOn = !stale
 	default:
 	}
 	if passOn {
@@ -858,8 +901,8 @@ func (p *pubsub) dispatch(channel, payload string) {
 		}
 	} else if payload == wakeAll {
 		signalAll(ch.waiters)
-	} else if ch.yield {
-		ch.yield = false // this Client's own release: others go first
+	} else if ch.yieldReq != "" && payload == ch.yieldReq {
+		ch.yieldSeen = true // this Client's own release: others go first
 	} else {
 		signalOne(ch.waiters)
 	}
@@ -915,12 +958,13 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if acquired {
 			c.ps.mu.Lock()
 			w.acquired = true
+			w.ch.taken = true
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter
 		// queued behind this one (whose own bound may be longer than the
 		// holder's lease) retries now.
-		w.leave(!acquired)
+		w.leaveWith(!acquired, acquired && queue)
 		if t, _ := w.takeTransfer(); !acquired && t != 0 && undo != nil {
 			// A transfer arrived as the wait ended: give it back.
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)

@@ -33,7 +33,10 @@
 -- the new hold's fencing token (a decimal string, see next_token) when the
 -- lock was handed to ARGV[8], else 0;
 -- receivers, after a release, is how many Clients heard the wake-up (0 when
--- none was published: no one waited).
+-- none was published: no one waited). The wake-up's payload is the request
+-- id ARGV[2]: the releasing Client knows its own release by it, whichever
+-- of the reply and the message reaches it first; for every other Client it
+-- is a plain wake-up (a request id is never "a" and never starts with "w:").
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost: its result is returned again and nothing is released twice.
@@ -82,4 +85,4 @@ fence_set_release(KEYS[2], v[3], ARGV[2], ARGV[4])
 if not v[5] and ARGV[6] ~= '1' then
   return {0, 0, 0}
 end
-return {0, 0, redis.call(ARGV[3], KEYS[3], '1')}
+return {0, 0, redis.call(ARGV[3], KEYS[3], ARGV[2])}

@@ -1,0 +1,175 @@
+package redlatch
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// signalled reports, without waiting, whether w has a pending wake-up, and
+// consumes it.
+func signalled(w *waiter) bool {
+	select {
+	case <-w.sig:
+		return true
+	default:
+		return false
+	}
+}
+
+// joinTest joins a waiter to channel on c and leaves it at the end of the
+// test.
+func joinTest(t *testing.T, c *Client, channel string) *waiter {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	w, err := c.ps.join(ctx, channel, time.Minute)
+	require.NoError(t, err)
+	t.Cleanup(func() { w.leave(false) })
+	return w
+}
+
+// TestYieldKnowsOwnRelease: a Client's waiters sit out the wake-up of their
+// own Client's public release, recognised by its payload (the release's
+// request id) whether it arrives before or after the release's reply; a
+// wake-up from another Client is never swallowed in its place. After
+// yieldDelay one local waiter is woken anyway, unless a waiter of this
+// Client took the lock meanwhile; when no other Client heard the release,
+// the local waiters get it at once.
+func TestYieldKnowsOwnRelease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		c := New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close() })
+		channel := "{" + redistest.UniqueName(t) + "}:wake"
+		w := joinTest(t, c, channel)
+		c.ps.yieldDelay = 50 * time.Millisecond
+
+		// The wake-up comes before the reply, then another Client's.
+		c.ps.armYield(channel, "req1")
+		c.ps.dispatch(channel, "req1")
+		require.False(t, signalled(w), "woken by its own Client's release")
+		c.ps.endYield(channel, "req1", true)
+		require.False(t, signalled(w), "woken before the yield delay")
+		c.ps.dispatch(channel, "req-of-another-client")
+		require.True(t, signalled(w), "another Client's release was swallowed")
+
+		// The fallback after the delay, with the wake-up after the reply.
+		c.ps.armYield(channel, "req2")
+		c.ps.endYield(channel, "req2", true)
+		c.ps.dispatch(channel, "req2")
+		require.False(t, signalled(w), "woken by its own Client's release")
+		select {
+		case <-w.sig:
+		case <-time.After(5 * time.Second):
+			t.Fatal("no fallback wake-up after the yield")
+		}
+
+		// No fallback when a waiter of this Client took the lock.
+		c.ps.armYield(channel, "req3")
+		c.ps.endYield(channel, "req3", true)
+		c.ps.mu.Lock()
+		w.ch.taken = true
+		c.ps.mu.Unlock()
+		c.ps.dispatch(channel, "req3")
+		time.Sleep(3 * c.ps.yieldDelay)
+		require.False(t, signalled(w), "a fallback wake-up though this Client holds the lock")
+
+		// No other Client heard it: the wake-up is the local waiters'.
+		c.ps.armYield(channel, "req4")
+		c.ps.dispatch(channel, "req4")
+		c.ps.endYield(channel, "req4", false)
+		require.True(t, signalled(w), "a release no one else heard woke no one")
+		c.ps.armYield(channel, "req5")
+		c.ps.endYield(channel, "req5", false)
+		c.ps.dispatch(channel, "req5")
+		require.True(t, signalled(w), "a release no one else heard woke no one")
+	})
+}
+
+// TestOwnReleaseWakeUpSkipped: end to end, a Mutex's public release while
+// waiters of two Clients wait wakes the other Client's waiter, and its own
+// Client's waiter sits it out: unlock.lua publishes the request id that
+// Unlock armed the yield with.
+func TestOwnReleaseWakeUpSkipped(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, other := New(b.Client(t)), New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
+		c.ps.yieldDelay = time.Minute // no fallback during the test
+		m := c.Mutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		// Plain waiters: they take no local transfer, so the Unlock
+		// releases publicly.
+		local, remote := joinTest(t, c, m.e.channel), joinTest(t, other, m.e.channel)
+		require.NoError(t, m.Unlock(ctx))
+
+		select {
+		case <-remote.sig:
+		case <-ctx.Done():
+			t.Fatal("the other Client's waiter was not woken")
+		}
+		require.Eventually(t, func() bool {
+			c.ps.mu.Lock()
+			defer c.ps.mu.Unlock()
+			return local.ch.yieldSeen
+		}, 5*time.Second, time.Millisecond, "the release's own wake-up never recognised")
+		require.False(t, signalled(local), "the releasing Client's waiter did not sit out its release")
+	})
+}
+
+// TestStaleWakeDroppedByExclusiveHolder: a waiter that takes an exclusive
+// lock with a wake-up still pending drops it instead of passing it on: the
+// release it announced came before the new hold, whose own release wakes
+// the next waiter. Passing it on would buy that waiter a failed attempt.
+func TestStaleWakeDroppedByExclusiveHolder(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c := New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close() })
+		channel := "{" + redistest.UniqueName(t) + "}:wake"
+
+		// A scripted acquisition: each attempt reports its start on calls
+		// and its outcome comes from results.
+		calls, results := make(chan struct{}), make(chan bool)
+		try := func(context.Context) (bool, time.Duration, error) {
+			calls <- struct{}{}
+			return <-results, time.Minute, nil
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := c.acquire(ctx, channel, nil, true, true, try, nil, nil)
+			done <- err
+		}()
+		<-calls
+		results <- false // the first attempt fails: it joins the channel
+		<-calls
+		results <- false // and sleeps after the second
+		next := joinTest(t, c, channel)
+
+		c.ps.dispatch(channel, wakeOne) // wakes the older waiter
+		<-calls
+		c.ps.dispatch(channel, wakeOne) // arrives while it attempts
+		results <- true                 // and it takes the lock
+		require.NoError(t, <-done)
+		require.False(t, signalled(next), "a stale wake-up was passed on")
+
+		// A waiter leaving without the lock still passes its wake-up on.
+		go func() {
+			_, err := c.acquire(ctx, channel, nil, true, false, try, nil, nil)
+			done <- err
+		}()
+		<-calls
+		results <- false
+		<-calls
+		results <- false
+		cancel()
+		require.Error(t, <-done)
+		require.True(t, signalled(next), "a waiter giving up swallowed the turn")
+	})
+}
