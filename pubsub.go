@@ -1006,6 +1006,13 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			}
 		}
 	}
+	if block && !queue && w == nil {
+		// The channel is subscribed already (other local waiters wait on
+		// it): join before the first attempt. A release after that attempt
+		// then wakes this waiter too, and no second attempt is needed to
+		// cover the time between the first and the join.
+		w = joined(c.ps.joinQueued(channel))
+	}
 	for {
 		ok, retry, err := try(ctx)
 		switch {

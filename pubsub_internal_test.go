@@ -165,11 +165,50 @@ func TestStaleWakeDroppedByExclusiveHolder(t *testing.T) {
 			done <- err
 		}()
 		<-calls
-		results <- false
-		<-calls
-		results <- false
+		results <- false // it joined first (see TestJoinBeforeFirstAttempt): it sleeps
 		cancel()
 		require.Error(t, <-done)
 		require.True(t, signalled(next), "a waiter giving up swallowed the turn")
+	})
+}
+
+// TestJoinBeforeFirstAttempt: a blocking shared acquisition (queue unset)
+// on a channel this Client is subscribed to already joins before its first
+// attempt, so a failed attempt is followed by a sleep, not by a second
+// attempt; a wake-up then brings the next one.
+func TestJoinBeforeFirstAttempt(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c := New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close() })
+		channel := "{" + redistest.UniqueName(t) + "}:wake"
+		joinTest(t, c, channel) // another local waiter: the channel is ready
+
+		calls, results := make(chan struct{}), make(chan bool)
+		try := func(context.Context) (bool, time.Duration, error) {
+			calls <- struct{}{}
+			return <-results, time.Minute, nil
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := c.acquire(ctx, channel, nil, true, false, try, nil, nil)
+			done <- err
+		}()
+		<-calls
+		results <- false
+		select {
+		case <-calls:
+			t.Fatal("a second attempt without a wake-up")
+		case <-time.After(200 * time.Millisecond):
+		}
+		c.ps.dispatch(channel, wakeAll)
+		select {
+		case <-calls:
+		case <-ctx.Done():
+			t.Fatal("no attempt after the wake-up")
+		}
+		results <- true
+		require.NoError(t, <-done)
 	})
 }
