@@ -158,7 +158,7 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	}
 	switch {
 	case w != nil:
-		args = append(args, "0", "", w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req)
+		args = append(args, w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req)
 	case undo != "":
 		args = append(args, waited, undo)
 	case waiting:

@@ -13,25 +13,29 @@
 --          not know it: a hold with another token is not the caller's, even
 --          when its owner id is (a later hold of the same owner, taken after
 --          this very call released the caller's, whose reply was lost)
--- ARGV[6]  "1" when the Client releasing the lock has waiters of its own for
---          it: a release then publishes a wake-up even when no attempt failed
---          during the hold (the hash's w field, see lock.lua); absent: "0"
--- ARGV[7]  for an undo, the request id of the acquisition to undo: the hold
---          is released only if that acquisition took it; "" or absent for an
---          Unlock
--- ARGV[8]  absent to release the lock; or the owner id of a waiter of the
---          same Client to hand it to (a local transfer, see Client.acquire)
--- ARGV[9]  that waiter's lease, ms
--- ARGV[10] that waiter's acquisition request id: its own attempt recognises
---          the transferred hold as one it took
+-- ARGV[6..8] optional, in one of two forms, told apart by their number:
+--   a release or an undo, at most 7 arguments in all:
+--     ARGV[6]  "1" when the Client releasing the lock has waiters of its
+--              own for it: a release then publishes a wake-up even when no
+--              attempt failed during the hold (the hash's w field, see
+--              lock.lua); absent: "0"
+--     ARGV[7]  for an undo, the request id of the acquisition to undo: the
+--              hold is released only if that acquisition took it; "" or
+--              absent for an Unlock
+--   a local transfer (see Client.acquire), exactly 8 arguments: the lock
+--   is handed to a waiter of the same Client instead of released
+--     ARGV[6]  that waiter's owner id
+--     ARGV[7]  its lease, ms
+--     ARGV[8]  its acquisition request id: its own attempt recognises the
+--              transferred hold as one it took
 -- The optional arguments are left out when unused: each argument costs the
 -- call about as much as a short command.
 --
 -- Returns {count, token[, receivers]}: count is the owner's remaining hold
 -- count (0: the lock was released and one waiter per Client is woken, or it
--- was handed to ARGV[8]), or -1 when ARGV[1] does not hold the lock; token is
+-- was handed to the waiter), or -1 when ARGV[1] does not hold the lock; token is
 -- the new hold's fencing token (a decimal string, see next_token) when the
--- lock was handed to ARGV[8], else 0;
+-- lock was handed to the waiter, else 0;
 -- receivers, after a release, is how many Clients heard the wake-up (0 when
 -- none was published: no one waited). The wake-up's payload is the request
 -- id ARGV[2]: the releasing Client knows its own release by it, whichever
@@ -43,7 +47,13 @@
 -- An undo that finds nothing to undo leaves a tombstone in the fence key
 -- (see fence.lua), so that the acquisition takes nothing if it comes late.
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u', 'w')
-local undo, to = ARGV[7] or '', ARGV[8]
+local to, waited, undo
+if #ARGV == 8 then
+  to = ARGV[6]
+else
+  waited, undo = ARGV[6], ARGV[7]
+end
+undo = undo or ''
 if undo ~= '' then
   -- An undo ends its acquisition call: leave a tombstone so that a copy
   -- of its attempt still on the way (a slow link, a client resend) takes
@@ -76,13 +86,13 @@ if to then
   if v[4] then
     redis.call('HDEL', KEYS[1], 'u')
   end
-  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', token, 'q', ARGV[10])
-  redis.call('PEXPIRE', KEYS[1], ARGV[9])
+  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', token, 'q', ARGV[8])
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
   return {0, token}
 end
 redis.call('DEL', KEYS[1])
 fence_set_release(KEYS[2], v[3], ARGV[2], ARGV[4])
-if not v[5] and ARGV[6] ~= '1' then
+if not v[5] and waited ~= '1' then
   return {0, 0, 0}
 end
 return {0, 0, redis.call(ARGV[3], KEYS[3], ARGV[2])}
