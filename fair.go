@@ -22,8 +22,8 @@ var (
 	//go:embed lua/fair_force_unlock.lua
 	fairForceUnlockLua string
 
-	fairLockScript        = redis.NewScript(fenceLua + fairCommonLua + fairLockLua)
-	fairUnlockScript      = redis.NewScript(fenceLua + fairCommonLua + fairUnlockLua)
+	fairLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + fairCommonLua + fairLockLua)
+	fairUnlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + fairCommonLua + fairUnlockLua)
 	fairForceUnlockScript = redis.NewScript(fenceLua + fairCommonLua + fairForceUnlockLua)
 )
 

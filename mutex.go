@@ -12,9 +12,19 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
+// The fence preludes (see lua/fence.lua): a script includes only those it
+// uses, since every function a prelude defines costs each call of the
+// script about as much as a short command (a closure built per call).
 var (
 	//go:embed lua/fence.lua
 	fenceLua string
+	//go:embed lua/fence_acquire.lua
+	fenceAcquireLua string
+	//go:embed lua/fence_release.lua
+	fenceReleaseLua string
+)
+
+var (
 	//go:embed lua/lock.lua
 	lockLua string
 	//go:embed lua/unlock.lua
@@ -22,8 +32,8 @@ var (
 	//go:embed lua/force_unlock.lua
 	forceUnlockLua string
 
-	lockScript        = redis.NewScript(fenceLua + lockLua)
-	unlockScript      = redis.NewScript(fenceLua + unlockLua)
+	lockScript        = redis.NewScript(fenceLua + fenceAcquireLua + lockLua)
+	unlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + unlockLua)
 	forceUnlockScript = redis.NewScript(forceUnlockLua)
 )
 

@@ -29,13 +29,15 @@ var (
 	//go:embed lua/rw_info.lua
 	rwInfoLua string
 
-	rwLockScript        = redis.NewScript(fenceLua + rwCommonLua + rwLockLua)
-	rwRLockScript       = redis.NewScript(fenceLua + rwCommonLua + rwRLockLua)
-	rwUnlockScript      = redis.NewScript(fenceLua + rwCommonLua + rwUnlockLua)
-	rwRUnlockScript     = redis.NewScript(fenceLua + rwCommonLua + rwRUnlockLua)
-	rwUnqueueScript     = redis.NewScript(fenceLua + rwCommonLua + rwUnqueueLua)
-	rwForceUnlockScript = redis.NewScript(fenceLua + rwCommonLua + rwForceUnlockLua)
-	rwInfoScript        = redis.NewScript(fenceLua + rwCommonLua + rwInfoLua)
+	// rw_common.lua uses the release helpers.
+	rwPrelude           = fenceReleaseLua + rwCommonLua
+	rwLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + rwPrelude + rwLockLua)
+	rwRLockScript       = redis.NewScript(fenceAcquireLua + rwPrelude + rwRLockLua)
+	rwUnlockScript      = redis.NewScript(rwPrelude + rwUnlockLua)
+	rwRUnlockScript     = redis.NewScript(rwPrelude + rwRUnlockLua)
+	rwUnqueueScript     = redis.NewScript(rwPrelude + rwUnqueueLua)
+	rwForceUnlockScript = redis.NewScript(rwPrelude + rwForceUnlockLua)
+	rwInfoScript        = redis.NewScript(rwPrelude + rwInfoLua)
 )
 
 // RWMutex is a distributed readers-writer lock: any number of readers share

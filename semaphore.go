@@ -21,8 +21,8 @@ var (
 	//go:embed lua/sem_available.lua
 	semAvailableLua string
 
-	semAcquireScript   = redis.NewScript(fenceLua + semPreludeLua + semAcquireLua)
-	semReleaseScript   = redis.NewScript(fenceLua + semPreludeLua + semReleaseLua)
+	semAcquireScript   = redis.NewScript(fenceAcquireLua + semPreludeLua + semAcquireLua)
+	semReleaseScript   = redis.NewScript(fenceReleaseLua + semPreludeLua + semReleaseLua)
 	semAvailableScript = redis.NewScript(semPreludeLua + semAvailableLua)
 )
 

@@ -1,4 +1,9 @@
--- fence.lua: prelude of every script that issues fencing tokens.
+-- fence.lua: prelude of every script that issues fencing tokens. Two more
+-- preludes handle the rest of the fence key's value: fence_acquire.lua
+-- (read by the scripts that take a hold) and fence_release.lua (the last
+-- release and the tombstones, written by the scripts that release or
+-- undo). A script includes only the preludes it uses: each function one
+-- defines costs every call of the script about 1,000 instructions.
 --
 -- The fence key of a lock name holds
 -- "<last token>[:<release>][|<undone>...]": the last fencing token issued
@@ -91,61 +96,4 @@ local function next_token(fence, retention, suffix, last, now)
   end
   redis.call('SET', fence, s .. (suffix or '') .. keep, 'PX', retention)
   return s
-end
-
--- token_reply returns the token t of a live hold as plain digits, to reply
--- with: a hold written by an older version of these scripts, which stored
--- tokens as Lua numbers, holds it in exponent notation when Redis 7.2.0 to
--- 7.2.4 wrote it (8 or more trailing zeros), which the client cannot parse.
-local function token_reply(t)
-  if string.find(t, '^%d+$') then
-    return t
-  end
-  return string.format('%.0f', tonumber(t))
-end
-
--- fence_release returns the request id of the last full release recorded in
--- the fence value v (false or nil: no key), or nil.
-local function fence_release(v)
-  return v and string.match(v, '^[^:|]*:([^|]*)')
-end
-
--- fence_undone reports whether the fence value v holds req's tombstone.
--- (One request id may be a prefix of another: the match is whole.)
-local function fence_undone(v, req)
-  local p = v and string.find(v, '|', 1, true)
-  return p and string.find(string.sub(v, p) .. '|', '|' .. req .. '|', 1, true) ~= nil
-end
-
--- fence_set_release records a full release: the hold's token, the
--- release's request id, and the tombstone already there.
-local function fence_set_release(fence, token, req, retention)
-  local v = token .. ':' .. req
-  local old = redis.call('SET', fence, v, 'PX', retention, 'GET')
-  if old and string.find(old, '|', 1, true) then
-    redis.call('SET', fence, v .. string.match(old, '|.*$'), 'PX', retention)
-  end
-end
-
--- fence_tombstone records req as an acquisition undone: the lock scripts
--- refuse it from now on. The last tombstones_kept of them are kept per
--- name; an older one is dropped (its request, if it is still on the way
--- after that many later undos, takes a hold no one renews or releases,
--- which ends with its lease).
-local tombstones_kept = 8
-local function fence_tombstone(fence, req, retention)
-  local v = redis.call('GET', fence) or ''
-  local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
-  local head, tombs = string.match(v, '^([^|]*)(.*)$')
-  local ids = {}
-  for id in string.gmatch(tombs, '[^|]+') do
-    if id ~= req then
-      ids[#ids + 1] = id
-    end
-  end
-  while #ids >= tombstones_kept do
-    table.remove(ids, 1)
-  end
-  ids[#ids + 1] = req
-  redis.call('SET', fence, head .. '|' .. table.concat(ids, '|'), 'PX', ttl)
 end
