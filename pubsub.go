@@ -112,11 +112,10 @@ type psCommand struct {
 // psChan is a subscribed channel and its local waiters, oldest first.
 type psChan struct {
 	transfers int // local transfers in a row (see reserveLocal)
-	// yieldReq is the request id of this Client's release whose wake-up its
-	// waiters sit out (see armYield), "" when none; yieldSeen, that the
-	// wake-up came.
-	yieldReq  string
-	yieldSeen bool
+	// yields holds the request ids of this Client's releases whose
+	// wake-ups its waiters sit out (see armYield), each mapped to whether
+	// its wake-up came; nil when none was armed yet.
+	yields map[string]bool
 	// taken reports that a waiter of this Client took the lock since the
 	// last armYield.
 	taken   bool
@@ -249,7 +248,10 @@ func (p *pubsub) armYield(channel, req string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if ch := p.chans[channel]; ch != nil {
-		ch.yieldReq, ch.yieldSeen, ch.taken = req, false, false
+		if ch.yields == nil {
+			ch.yields = make(map[string]bool)
+		}
+		ch.yields[req], ch.taken = false, false
 	}
 }
 
@@ -262,22 +264,24 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
-	if ch == nil || ch.yieldReq != req {
+	if ch == nil {
 		return
 	}
+	seen, armed := ch.yields[req]
+	if !armed {
+		return // the channel was dropped and subscribed again meanwhile
+	}
 	if !heard {
-		if ch.yieldSeen {
+		delete(ch.yields, req)
+		if seen {
 			signalOne(ch.waiters)
 		}
-		ch.yieldReq, ch.yieldSeen = "", false
 		return
 	}
 	time.AfterFunc(p.yieldDelay, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		if ch.yieldReq == req {
-			ch.yieldReq, ch.yieldSeen = "", false
-		}
+		delete(ch.yields, req)
 		if !ch.taken {
 			signalOne(ch.waiters)
 		}
@@ -705,14 +709,7 @@ func (w *waiter) wait(ctx context.Context, bound time.Duration) (bool, error) {
 // or with a wake-up it did not use, wakes the next local waiter, so a waiter
 // giving up can neither swallow a wake-up nor strand a waiter queued behind
 // it. The last waiter unsubscribes the channel.
-func (w *waiter) leave(passOn bool) { w.leaveWith(passOn, false) }
-
-// leaveWith is leave; with stale set, a wake-up the waiter did not use is
-// dropped instead of passed on: the waiter leaves holding an exclusive
-// lock, so whatever release the wake-up announced came before this hold,
-// and this hold's own release will wake or hand the lock to the next
-// waiter. Passing it on would only buy that waiter a failed attempt.
-func (w *waiter) leaveWith(passOn, stale bool) {
+func (w *waiter) leave(passOn bool) {
 	p := w.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -726,7 +723,7 @@ func (w *waiter) leaveWith(passOn, stale bool) {
 	}
 	select {
 	case <-w.sig:
-		passOn = !stale
+		passOn = true
 	default:
 	}
 	if passOn {
@@ -901,8 +898,8 @@ func (p *pubsub) dispatch(channel, payload string) {
 		}
 	} else if payload == wakeAll {
 		signalAll(ch.waiters)
-	} else if ch.yieldReq != "" && payload == ch.yieldReq {
-		ch.yieldSeen = true // this Client's own release: others go first
+	} else if _, own := ch.yields[payload]; own {
+		ch.yields[payload] = true // this Client's own release: others go first
 	} else {
 		signalOne(ch.waiters)
 	}
@@ -964,7 +961,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		// Leaving without the lock: pass the turn on, so that a waiter
 		// queued behind this one (whose own bound may be longer than the
 		// holder's lease) retries now.
-		w.leaveWith(!acquired, acquired && queue)
+		w.leave(!acquired)
 		if t, _ := w.takeTransfer(); !acquired && t != 0 && undo != nil {
 			// A transfer arrived as the wait ended: give it back.
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
