@@ -21,6 +21,28 @@ func signalled(w *waiter) bool {
 	}
 }
 
+// yieldTest returns a Client with the given yield delay, a channel name
+// and a waiter joined to it.
+func yieldTest(t *testing.T, b redistest.Backend, delay time.Duration) (*Client, string, *waiter) {
+	t.Helper()
+	c := New(b.Client(t))
+	t.Cleanup(func() { _ = c.Close() })
+	c.ps.yieldDelay = delay
+	channel := "{" + redistest.UniqueName(t) + "}:wake"
+	return c, channel, joinTest(t, c, channel)
+}
+
+// awaitSignal waits up to 5 s for a wake-up of w, and fails the test with
+// msg when none comes.
+func awaitSignal(t *testing.T, w *waiter, msg string) {
+	t.Helper()
+	select {
+	case <-w.sig:
+	case <-time.After(5 * time.Second):
+		t.Fatal(msg)
+	}
+}
+
 // joinTest joins a waiter to channel on c and leaves it at the end of the
 // test.
 func joinTest(t *testing.T, c *Client, channel string) *waiter {
@@ -42,11 +64,9 @@ func joinTest(t *testing.T, c *Client, channel string) *waiter {
 // the local waiters get it at once.
 func TestYieldKnowsOwnRelease(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		c := New(b.Client(t))
-		t.Cleanup(func() { _ = c.Close() })
-		channel := "{" + redistest.UniqueName(t) + "}:wake"
-		w := joinTest(t, c, channel)
-		c.ps.yieldDelay = 50 * time.Millisecond
+		// A delay long enough that a slow test goroutine does not see a
+		// fallback where the test says none has come yet.
+		c, channel, w := yieldTest(t, b, 200*time.Millisecond)
 
 		// The wake-up comes before the reply, then another Client's.
 		c.ps.armYield(channel, "req1")
@@ -57,22 +77,14 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 		c.ps.dispatch(channel, "req-of-another-client")
 		require.True(t, signalled(w), "another Client's release was swallowed")
 		// req1's fallback still comes: let it, or it would pass for req2's.
-		select {
-		case <-w.sig:
-		case <-time.After(5 * time.Second):
-			t.Fatal("no fallback wake-up after the yield")
-		}
+		awaitSignal(t, w, "no fallback wake-up after the yield")
 
 		// The fallback after the delay, with the wake-up after the reply.
 		c.ps.armYield(channel, "req2")
 		c.ps.endYield(channel, "req2", true)
 		c.ps.dispatch(channel, "req2")
 		require.False(t, signalled(w), "woken by its own Client's release")
-		select {
-		case <-w.sig:
-		case <-time.After(5 * time.Second):
-			t.Fatal("no fallback wake-up after the yield")
-		}
+		awaitSignal(t, w, "no fallback wake-up after the yield")
 
 		// No fallback when a waiter of this Client took the lock.
 		c.ps.armYield(channel, "req3")
@@ -102,22 +114,14 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 // cancel the first yield: its fallback still wakes a local waiter.
 func TestYieldsTrackedPerRelease(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		c := New(b.Client(t))
-		t.Cleanup(func() { _ = c.Close() })
-		channel := "{" + redistest.UniqueName(t) + "}:wake"
-		w := joinTest(t, c, channel)
-		c.ps.yieldDelay = 10 * time.Millisecond
+		c, channel, w := yieldTest(t, b, 10*time.Millisecond)
 
 		c.ps.armYield(channel, "A")        // a public release
 		c.ps.dispatch(channel, "A")        // its wake-up, sat out
 		c.ps.armYield(channel, "B")        // another Unlock, releasing nothing
 		c.ps.endYield(channel, "A", true)  // A's reply: others heard it
 		c.ps.endYield(channel, "B", false) // B's reply: nothing published
-		select {
-		case <-w.sig:
-		case <-time.After(5 * time.Second):
-			t.Fatal("release A's wake-up was sat out and no fallback came")
-		}
+		awaitSignal(t, w, "release A's wake-up was sat out and no fallback came")
 	})
 }
 
