@@ -113,12 +113,9 @@ type psCommand struct {
 type psChan struct {
 	transfers int // local transfers in a row (see reserveLocal)
 	// yields holds the request ids of this Client's releases whose
-	// wake-ups its waiters sit out (see armYield), each mapped to whether
-	// its wake-up came; nil when none was armed yet.
-	yields map[string]bool
-	// taken reports that a waiter of this Client took the lock since the
-	// last armYield.
-	taken   bool
+	// wake-ups its waiters sit out (see armYield); nil when none was armed
+	// yet.
+	yields  map[string]*yield
 	name    string
 	node    *psNode
 	waiters []*waiter
@@ -146,6 +143,10 @@ type waiter struct {
 	grantSent time.Time
 	left      bool
 	acquired  bool
+	// delivery reports that the waiter's latest wake-up, pending if one is,
+	// came from deliver: it concerns this waiter alone, announcing no
+	// release to the others (see leave).
+	delivery bool
 	// kin is the owner id whose holds the waiter re-enters (see kinship),
 	// or ""; guarded by pubsub.mu.
 	kin string
@@ -227,6 +228,7 @@ func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
 	w.grant, w.grantSent = strconv.FormatInt(token, 10), sent
 	select {
 	case w.sig <- struct{}{}:
+		w.delivery = true
 	default:
 	}
 	return true
@@ -236,6 +238,22 @@ func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
 // release of their own Client that other Clients heard (see armYield); the
 // default of pubsub.yieldDelay, which tests raise.
 const yieldDelay = 2 * time.Millisecond
+
+// yield is the state of one release armYield announced, guarded by
+// pubsub.mu.
+type yield struct {
+	seen  bool // its wake-up came
+	taken bool // a waiter of this Client took the lock since it was armed
+}
+
+// took records that a waiter of this Client took the lock: the fallbacks
+// of the releases armed so far wake no one (see endYield). Called with
+// pubsub.mu held.
+func (ch *psChan) took() {
+	for _, y := range ch.yields {
+		y.taken = true
+	}
+}
 
 // armYield is called before a public release of the lock of channel, with
 // the release's request id req, which unlock.lua publishes as its wake-up:
@@ -249,17 +267,20 @@ func (p *pubsub) armYield(channel, req string) {
 	defer p.mu.Unlock()
 	if ch := p.chans[channel]; ch != nil {
 		if ch.yields == nil {
-			ch.yields = make(map[string]bool)
+			ch.yields = make(map[string]*yield)
 		}
-		ch.yields[req], ch.taken = false, false
+		ch.yields[req] = &yield{}
 	}
 }
 
 // endYield ends the release armYield announced. With heard set, the release
 // happened and other Clients heard its wake-up: if none of them has taken
 // the lock after yieldDelay, one local waiter is woken anyway, so a yield
-// costs at most that delay. Otherwise no other Client waits (or nothing was
-// released): the local waiters get the wake-up at once.
+// costs at most that delay; not when a waiter of this Client has taken the
+// lock since the release was armed (its own release wakes or hands on in
+// turn), even if this Client has released and armed again meanwhile.
+// Otherwise no other Client waits (or nothing was released): the local
+// waiters get the wake-up at once.
 func (p *pubsub) endYield(channel, req string, heard bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -267,13 +288,13 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 	if ch == nil {
 		return
 	}
-	seen, armed := ch.yields[req]
-	if !armed {
+	y := ch.yields[req]
+	if y == nil {
 		return // the channel was dropped and subscribed again meanwhile
 	}
 	if !heard {
 		delete(ch.yields, req)
-		if seen {
+		if y.seen {
 			signalOne(ch.waiters)
 		}
 		return
@@ -282,7 +303,7 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		delete(ch.yields, req)
-		if !ch.taken {
+		if !y.taken {
 			signalOne(ch.waiters)
 		}
 	})
@@ -300,6 +321,7 @@ func (p *pubsub) unreserve(w *waiter, retry bool) {
 	if retry && !w.left {
 		select {
 		case w.sig <- struct{}{}:
+			w.delivery = false
 		default:
 		}
 	}
@@ -708,7 +730,9 @@ func (w *waiter) wait(ctx context.Context, bound time.Duration) (bool, error) {
 // leave unregisters the waiter. A waiter leaving without the lock (passOn),
 // or with a wake-up it did not use, wakes the next local waiter, so a waiter
 // giving up can neither swallow a wake-up nor strand a waiter queued behind
-// it. The last waiter unsubscribes the channel.
+// it; not for an unused delivery (a transfer to this waiter, which it took
+// with an attempt of its own), which announces nothing to the others. The
+// last waiter unsubscribes the channel.
 func (w *waiter) leave(passOn bool) {
 	p := w.p
 	p.mu.Lock()
@@ -723,7 +747,7 @@ func (w *waiter) leave(passOn bool) {
 	}
 	select {
 	case <-w.sig:
-		passOn = true
+		passOn = passOn || !w.delivery
 	default:
 	}
 	if passOn {
@@ -742,6 +766,7 @@ func signalOne(ws []*waiter) {
 	for _, w := range ws {
 		select {
 		case w.sig <- struct{}{}:
+			w.delivery = false
 			return
 		default:
 		}
@@ -752,6 +777,7 @@ func signalAll(ws []*waiter) {
 	for _, w := range ws {
 		select {
 		case w.sig <- struct{}{}:
+			w.delivery = false
 		default:
 		}
 	}
@@ -898,8 +924,8 @@ func (p *pubsub) dispatch(channel, payload string) {
 		}
 	} else if payload == wakeAll {
 		signalAll(ch.waiters)
-	} else if _, own := ch.yields[payload]; own {
-		ch.yields[payload] = true // this Client's own release: others go first
+	} else if y := ch.yields[payload]; y != nil {
+		y.seen = true // this Client's own release: others go first
 	} else {
 		signalOne(ch.waiters)
 	}
@@ -955,7 +981,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if acquired {
 			c.ps.mu.Lock()
 			w.acquired = true
-			w.ch.taken = true
+			w.ch.took()
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter

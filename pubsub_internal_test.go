@@ -51,7 +51,14 @@ func joinTest(t *testing.T, c *Client, channel string) *waiter {
 	defer cancel()
 	w, err := c.ps.join(ctx, channel, time.Minute)
 	require.NoError(t, err)
-	t.Cleanup(func() { w.leave(false) })
+	t.Cleanup(func() {
+		c.ps.mu.Lock()
+		left := w.left
+		c.ps.mu.Unlock()
+		if !left {
+			w.leave(false)
+		}
+	})
 	return w
 }
 
@@ -90,7 +97,7 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 		c.ps.armYield(channel, "req3")
 		c.ps.endYield(channel, "req3", true)
 		c.ps.mu.Lock()
-		w.ch.taken = true
+		w.ch.took()
 		c.ps.mu.Unlock()
 		c.ps.dispatch(channel, "req3")
 		time.Sleep(3 * c.ps.yieldDelay)
@@ -125,6 +132,26 @@ func TestYieldsTrackedPerRelease(t *testing.T) {
 	})
 }
 
+// TestYieldFallbackAfterNextTurn: the fallback of a release stays off
+// once a waiter of this Client has taken the lock, even when this Client's
+// next release is armed before the first release's fallback is due (a
+// whole turn of the other Client and of this one shorter than yieldDelay).
+func TestYieldFallbackAfterNextTurn(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		c, channel, w := yieldTest(t, b, 50*time.Millisecond)
+		c.ps.armYield(channel, "A")
+		c.ps.endYield(channel, "A", true)
+		c.ps.mu.Lock()
+		w.ch.took() // this Client's turn again
+		c.ps.mu.Unlock()
+		c.ps.armYield(channel, "B") // its next public release, still in flight
+		time.Sleep(3 * c.ps.yieldDelay)
+		require.False(t, signalled(w), "A's fallback woke a waiter though this Client took the lock")
+		c.ps.endYield(channel, "B", true)
+		awaitSignal(t, w, "no fallback wake-up after B")
+	})
+}
+
 // TestOwnReleaseWakeUpSkipped: end to end, a Mutex's public release while
 // waiters of two Clients wait wakes the other Client's waiter, and its own
 // Client's waiter sits it out: unlock.lua publishes the request id that
@@ -151,14 +178,39 @@ func TestOwnReleaseWakeUpSkipped(t *testing.T) {
 		require.Eventually(t, func() bool {
 			c.ps.mu.Lock()
 			defer c.ps.mu.Unlock()
-			for _, seen := range local.ch.yields {
-				if seen {
+			for _, y := range local.ch.yields {
+				if y.seen {
 					return true
 				}
 			}
 			return false
 		}, 5*time.Second, time.Millisecond, "the release's own wake-up never recognised")
 		require.False(t, signalled(local), "the releasing Client's waiter did not sit out its release")
+	})
+}
+
+// TestDeliveryNotPassedOn: a waiter leaving with the lock passes on a
+// wake-up it did not use, except a delivery (a transfer to it, which it
+// took with an attempt of its own): that one announced no release, and
+// passing it on bought the next waiter an attempt that finds the lock
+// already held, often handed to it by this very waiter's Unlock.
+func TestDeliveryNotPassedOn(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		c, channel, first := yieldTest(t, b, yieldDelay)
+		next := joinTest(t, c, channel)
+		c.ps.setTransfer(first, &transfer{owner: "o"}, nil)
+
+		r, _ := c.ps.reserveLocal(channel, true)
+		require.Same(t, first, r)
+		require.True(t, c.ps.deliver(first, 42, time.Now()))
+		first.leave(false) // it took the hold with its own attempt
+		require.False(t, signalled(next), "a delivery was passed on")
+
+		// A plain wake-up left unused is passed on.
+		other := joinTest(t, c, channel)
+		c.ps.dispatch(channel, wakeOne) // wakes the oldest: next
+		next.leave(false)
+		require.True(t, signalled(other), "a wake-up was swallowed")
 	})
 }
 
