@@ -71,6 +71,7 @@ type pubsub struct {
 	id string // unique (newID): names per-Client channels (FairMutex)
 
 	yieldDelay time.Duration // see armYield
+	arms       uint64        // armYield calls so far, guarded by mu
 
 	mu      sync.Mutex
 	nodes   map[string]*psNode // by master address; "" when not sharded
@@ -242,16 +243,22 @@ const yieldDelay = 2 * time.Millisecond
 // yield is the state of one release armYield announced, guarded by
 // pubsub.mu.
 type yield struct {
-	seen  bool // its wake-up came
-	taken bool // a waiter of this Client took the lock since it was armed
+	arm   uint64 // pubsub.arms when it was armed
+	seen  bool   // its wake-up came
+	taken bool   // a waiter of this Client took the lock since it was armed
 }
 
-// took records that a waiter of this Client took the lock: the fallbacks
-// of the releases armed so far wake no one (see endYield). Called with
-// pubsub.mu held.
-func (ch *psChan) took() {
+// took records that a waiter of this Client took the lock with an attempt
+// or a sleep that began when pubsub.arms was since: the fallbacks of the
+// releases armed before that wake no one (see endYield). A release armed
+// later may have ended this very hold (another handle of the same owner
+// id can release it), so its fallback stays on. Called with pubsub.mu
+// held.
+func (ch *psChan) took(since uint64) {
 	for _, y := range ch.yields {
-		y.taken = true
+		if y.arm <= since {
+			y.taken = true
+		}
 	}
 }
 
@@ -269,7 +276,8 @@ func (p *pubsub) armYield(channel, req string) {
 		if ch.yields == nil {
 			ch.yields = make(map[string]*yield)
 		}
-		ch.yields[req] = &yield{}
+		p.arms++
+		ch.yields[req] = &yield{arm: p.arms}
 	}
 }
 
@@ -974,6 +982,14 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, block, queue bool, try attemptFunc, undo func(context.Context), xfer *transfer) (bool, error) {
 	var w *waiter
 	acquired := false
+	// since is pubsub.arms when the latest attempt or sleep began (see
+	// psChan.took).
+	var since uint64
+	mark := func() {
+		c.ps.mu.Lock()
+		since = c.ps.arms
+		c.ps.mu.Unlock()
+	}
 	defer func() {
 		if w == nil {
 			return
@@ -981,7 +997,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if acquired {
 			c.ps.mu.Lock()
 			w.acquired = true
-			w.ch.took()
+			w.ch.took(since)
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter
@@ -1021,6 +1037,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		// barging in with an attempt that would fail: it saves a round
 		// trip and keeps local arrivals in order.
 		if w = joined(c.ps.joinQueued(channel)); w != nil && (kin == nil || kin.held == nil || !kin.held()) {
+			mark()
 			if _, err := w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
 				return false, err
 			}
@@ -1037,6 +1054,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		w = joined(c.ps.joinQueued(channel))
 	}
 	for {
+		mark()
 		ok, retry, err := try(ctx)
 		switch {
 		case err != nil:
@@ -1052,6 +1070,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			}
 			joined(w)
 		default:
+			mark()
 			if _, err = w.wait(ctx, retry); err != nil {
 				return false, err
 			}

@@ -97,7 +97,7 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 		c.ps.armYield(channel, "req3")
 		c.ps.endYield(channel, "req3", true)
 		c.ps.mu.Lock()
-		w.ch.took()
+		w.ch.took(c.ps.arms)
 		c.ps.mu.Unlock()
 		c.ps.dispatch(channel, "req3")
 		time.Sleep(3 * c.ps.yieldDelay)
@@ -142,13 +142,62 @@ func TestYieldFallbackAfterNextTurn(t *testing.T) {
 		c.ps.armYield(channel, "A")
 		c.ps.endYield(channel, "A", true)
 		c.ps.mu.Lock()
-		w.ch.took() // this Client's turn again
+		w.ch.took(c.ps.arms) // this Client's turn again
 		c.ps.mu.Unlock()
 		c.ps.armYield(channel, "B") // its next public release, still in flight
 		time.Sleep(3 * c.ps.yieldDelay)
 		require.False(t, signalled(w), "A's fallback woke a waiter though this Client took the lock")
 		c.ps.endYield(channel, "B", true)
 		awaitSignal(t, w, "no fallback wake-up after B")
+	})
+}
+
+// TestYieldFallbackAfterSiblingRelease: an acquisition marks only the
+// yields armed before its attempt began. Here another handle of the same
+// owner id releases the hold just taken, publicly, before the acquisition
+// returns: that release's fallback must still wake the Client's waiter,
+// which sat out the release, once the other Client has taken and freed the
+// lock without a publish (a reviewer's reproduction).
+func TestYieldFallbackAfterSiblingRelease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, other := New(b.Client(t)), New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
+		c.ps.yieldDelay = 300 * time.Millisecond
+		name := redistest.UniqueName(t)
+		r1 := c.ReentrantMutex(name, WithOwner("o"))
+		r2 := c.ReentrantMutex(name, WithOwner("o"))
+		channel := r1.e.channel
+
+		require.NoError(t, r2.Lock(ctx)) // owner o holds, count 1
+		om := other.Mutex(name)
+		locked := make(chan error, 1)
+		go func() { locked <- om.Lock(ctx) }()
+		require.Eventually(t, func() bool { // the other Client's waiter sleeps
+			other.ps.mu.Lock()
+			defer other.ps.mu.Unlock()
+			ch := other.ps.chans[channel]
+			return ch != nil && ch.isReady && len(ch.waiters) == 1
+		}, 5*time.Second, time.Millisecond)
+		local := joinTest(t, c, channel) // a plain waiter: takes no transfer
+
+		// r1 re-enters o's hold; r2's two Unlocks land before its acquire
+		// returns, the second a public release that arms a yield.
+		try := func(ctx context.Context) (bool, time.Duration, error) {
+			ok, _, _, err := r1.e.attempt(ctx, newID())
+			require.True(t, ok)
+			require.NoError(t, r2.Unlock(ctx))
+			require.NoError(t, r2.Unlock(ctx))
+			return ok, 0, err
+		}
+		ok, err := c.acquire(ctx, channel, nil, true, false, try, nil, nil)
+		require.True(t, ok)
+		require.NoError(t, err)
+
+		require.NoError(t, <-locked)       // the other Client heard the release
+		require.NoError(t, om.Unlock(ctx)) // and freed the lock, publishing nothing
+		awaitSignal(t, local, "the lock is free and the yield's fallback woke no local waiter")
 	})
 }
 
