@@ -71,7 +71,7 @@ type pubsub struct {
 	id string // unique (newID): names per-Client channels (FairMutex)
 
 	yieldDelay time.Duration // see armYield
-	arms       uint64        // armYield calls so far, guarded by mu
+	arms       uint64        // endYield calls after a release so far, guarded by mu
 
 	mu      sync.Mutex
 	nodes   map[string]*psNode // by master address; "" when not sharded
@@ -177,6 +177,10 @@ type transfer struct {
 	lease time.Duration
 	// take records a transferred hold as the acquisition's result.
 	take func(token int64, sent time.Time)
+	// fresh reports that the acquisition's latest attempt took a new hold
+	// (not a re-entry of its owner's); set by the attempt, read by
+	// Client.acquire in the same goroutine.
+	fresh bool
 }
 
 // maxLocalTransfers is how many times in a row the lock of a channel passes
@@ -243,20 +247,22 @@ const yieldDelay = 2 * time.Millisecond
 // yield is the state of one release armYield announced, guarded by
 // pubsub.mu.
 type yield struct {
-	arm   uint64 // pubsub.arms when it was armed
+	end   uint64 // pubsub.arms when its reply came (0: not yet)
 	seen  bool   // its wake-up came
-	taken bool   // a waiter of this Client took the lock since it was armed
+	taken bool   // a waiter of this Client took the lock after the release
 }
 
-// took records that a waiter of this Client took the lock with an attempt
-// or a sleep that began when pubsub.arms was since: the fallbacks of the
-// releases armed before that wake no one (see endYield). A release armed
-// later may have ended this very hold (another handle of the same owner
-// id can release it), so its fallback stays on. Called with pubsub.mu
-// held.
+// took records that a waiter of this Client took a new hold of the lock
+// (not a re-entry) with an attempt or a sleep that began when pubsub.arms
+// was since: the fallbacks of the releases whose replies had come by then
+// wake no one (see endYield), since they ran before this hold began, and
+// this hold's own release will wake or hand on in turn. A release still in
+// flight then may run after the hold began, and end it (a goroutine or a
+// handle sharing the owner id), so its fallback stays on: at worst one
+// wake-up too many. Called with pubsub.mu held.
 func (ch *psChan) took(since uint64) {
 	for _, y := range ch.yields {
-		if y.arm <= since {
+		if y.end != 0 && y.end <= since {
 			y.taken = true
 		}
 	}
@@ -276,8 +282,7 @@ func (p *pubsub) armYield(channel, req string) {
 		if ch.yields == nil {
 			ch.yields = make(map[string]*yield)
 		}
-		p.arms++
-		ch.yields[req] = &yield{arm: p.arms}
+		ch.yields[req] = &yield{}
 	}
 }
 
@@ -307,6 +312,8 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 		}
 		return
 	}
+	p.arms++
+	y.end = p.arms
 	time.AfterFunc(p.yieldDelay, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
@@ -997,7 +1004,9 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if acquired {
 			c.ps.mu.Lock()
 			w.acquired = true
-			w.ch.took(since)
+			if xfer != nil && xfer.fresh {
+				w.ch.took(since)
+			}
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter
@@ -1022,6 +1031,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			return false
 		}
 		xfer.take(t, sent)
+		xfer.fresh = true // a transfer is a new hold
 		acquired = true
 		return true
 	}

@@ -2,9 +2,12 @@ package redlatch
 
 import (
 	"context"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch/internal/redistest"
@@ -185,7 +188,7 @@ func TestYieldFallbackAfterSiblingRelease(t *testing.T) {
 		// r1 re-enters o's hold; r2's two Unlocks land before its acquire
 		// returns, the second a public release that arms a yield.
 		try := func(ctx context.Context) (bool, time.Duration, error) {
-			ok, _, _, err := r1.e.attempt(ctx, newID())
+			ok, _, _, _, err := r1.e.attempt(ctx, newID())
 			require.True(t, ok)
 			require.NoError(t, r2.Unlock(ctx))
 			require.NoError(t, r2.Unlock(ctx))
@@ -197,6 +200,130 @@ func TestYieldFallbackAfterSiblingRelease(t *testing.T) {
 
 		require.NoError(t, <-locked)       // the other Client heard the release
 		require.NoError(t, om.Unlock(ctx)) // and freed the lock, publishing nothing
+		awaitSignal(t, local, "the lock is free and the yield's fallback woke no local waiter")
+	})
+}
+
+// TestYieldFallbackAfterReleaseInFlight: a release whose script was still
+// in flight when an acquisition's attempt began may run after it (here the
+// Unlock of one goroutine of a ReentrantMutex handle, while another
+// goroutine of the same handle re-enters and unlocks): it must keep its
+// fallback, since it is the release that freed the lock (a reviewer's
+// reproduction).
+func TestYieldFallbackAfterReleaseInFlight(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		hook := &gateHook{entered: make(chan struct{}), release: make(chan struct{})}
+		rdb.AddHook(hook)
+		c, other := New(rdb), New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
+		c.ps.yieldDelay = 300 * time.Millisecond
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		channel := m.e.channel
+
+		require.NoError(t, m.Lock(ctx)) // goroutine 1 holds, count 1
+		om := other.Mutex(name)
+		locked := make(chan error, 1)
+		go func() { locked <- om.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			other.ps.mu.Lock()
+			defer other.ps.mu.Unlock()
+			ch := other.ps.chans[channel]
+			return ch != nil && ch.isReady && len(ch.waiters) == 1
+		}, 5*time.Second, time.Millisecond)
+		local := joinTest(t, c, channel) // a plain waiter: takes no transfer
+
+		// Goroutine 1 unlocks: armYield runs, its script is held back.
+		hook.mu.Lock()
+		hook.armed = true
+		hook.mu.Unlock()
+		unlocked := make(chan error, 1)
+		go func() { unlocked <- m.Unlock(ctx) }()
+		<-hook.entered
+
+		// Goroutine 2 re-enters (its attempt begins after the arm) and
+		// unlocks again before goroutine 1's script runs.
+		require.NoError(t, m.Lock(ctx))   // count 2
+		require.NoError(t, m.Unlock(ctx)) // count 1: partial
+		close(hook.release)               // count 0: public release
+		require.NoError(t, <-unlocked)
+
+		require.NoError(t, <-locked)       // the other Client heard the release
+		require.NoError(t, om.Unlock(ctx)) // and freed the lock, publishing nothing
+		awaitSignal(t, local, "the lock is free and the yield's fallback woke no local waiter")
+	})
+}
+
+// gateHook holds back the next unlock.lua call, once armed, until release
+// is closed; entered is closed when it does.
+type gateHook struct {
+	mu      sync.Mutex
+	armed   bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (h *gateHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *gateHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h *gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if name := strings.ToLower(cmd.Name()); name == "evalsha" || name == "eval" {
+			if s, _ := cmd.Args()[1].(string); s == unlockScript.Hash() || strings.HasSuffix(s, unlockLua) {
+				h.mu.Lock()
+				gate := h.armed
+				h.armed = false
+				h.mu.Unlock()
+				if gate {
+					close(h.entered)
+					<-h.release
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestYieldFallbackAfterReentry: a waiter that re-enters a hold its owner
+// id took on another Client takes no new hold and must not switch this
+// Client's yield off: its Unlock is partial, the other Client's final
+// release publishes nothing (no attempt failed during its hold, no waiter
+// of its own), and this Client's waiter, which sat out the yield, would
+// sleep to its bound with the lock free (a reviewer's reproduction).
+func TestYieldFallbackAfterReentry(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, other := New(b.Client(t)), New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
+		c.ps.yieldDelay = 300 * time.Millisecond
+		name := redistest.UniqueName(t)
+		h := c.Mutex(name)
+		channel := h.e.channel
+		require.NoError(t, h.Lock(ctx))
+
+		x2 := other.ReentrantMutex(name, WithOwner("o"))
+		locked := make(chan error, 1)
+		go func() { locked <- x2.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			other.ps.mu.Lock()
+			defer other.ps.mu.Unlock()
+			ch := other.ps.chans[channel]
+			return ch != nil && ch.isReady && len(ch.waiters) == 1
+		}, 5*time.Second, time.Millisecond)
+		local := joinTest(t, c, channel) // a plain waiter: takes no transfer
+
+		require.NoError(t, h.Unlock(ctx)) // public release: local sits it out
+		require.NoError(t, <-locked)      // the other Client's "o" took it
+
+		r1 := c.ReentrantMutex(name, WithOwner("o"))
+		require.NoError(t, r1.Lock(ctx))   // a waiter re-enters: count 2
+		require.NoError(t, r1.Unlock(ctx)) // count 1: partial
+		require.NoError(t, x2.Unlock(ctx)) // count 0: nothing published
 		awaitSignal(t, local, "the lock is free and the yield's fallback woke no local waiter")
 	})
 }
