@@ -89,38 +89,33 @@ func (e *excl) check() error {
 // since no one would wake it.
 func (e *excl) lock(ctx context.Context, kin *kinship, block, queue bool) (token int64, sent time.Time, ok bool, err error) {
 	req := newID()
-	var xfer *transfer
-	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
-		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
-			token, sent = t, s
-		}}
-	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
-		var count, pttl int64
-		ok, token, count, pttl, err = e.attempt(ctx, req)
-		if xfer != nil {
-			xfer.fresh = ok && count == 1
-		}
+		var pttl int64
+		ok, token, pttl, err = e.attempt(ctx, req)
 		if err != nil || ok {
 			return ok, 0, err
 		}
 		return false, e.c.retryBound(pttl), nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, 0, false) }
+	var xfer *transfer
+	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
+		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
+			token, sent = t, s
+		}}
+	}
 	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
 	return token, sent, ok, err
 }
 
 // attempt runs the lock script once with request id req. It reports
-// whether the owner holds the lock afterwards (with the token and the
-// owner's hold count: 1 for a new hold, more for a re-entry), or else the
-// holder's remaining lease (pttl, ms). With
+// whether the owner holds the lock afterwards (with the token), or else the holder's remaining lease (pttl, ms). With
 // WithReplicaSync, WAIT follows the script in the same round trip, and an
 // acquisition too few replicas acknowledged is released again and reported
 // as an error wrapping ErrNotReplicated. An error that is not a reply from
 // Redis leaves the outcome unknown: undo with unlock(ctx, req).
-func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, pttl int64, err error) {
+func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, pttl int64, err error) {
 	reentrant := "0"
 	if e.reentrant {
 		reentrant = "1"
@@ -129,16 +124,16 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, count, 
 		e.owner, e.lease.Milliseconds(), req, reentrant, fenceRetention(e.lease))
 	res, err := cmd.Int64Slice()
 	if err != nil {
-		return false, 0, 0, 0, err
+		return false, 0, 0, err
 	}
 	if res[0] != 1 {
-		return false, 0, 0, res[1], nil
+		return false, 0, res[1], nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, 0, false) }
 	if err := e.c.replicated(ctx, acked, waitErr, undo); err != nil {
-		return false, 0, 0, 0, err
+		return false, 0, 0, err
 	}
-	return true, res[1], res[2], 0, nil
+	return true, res[1], 0, nil
 }
 
 // unlock releases one hold of the owner (or, with undo set, the hold taken

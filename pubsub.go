@@ -71,7 +71,6 @@ type pubsub struct {
 	id string // unique (newID): names per-Client channels (FairMutex)
 
 	yieldDelay time.Duration // see armYield
-	arms       uint64        // endYield calls after a release so far, guarded by mu
 
 	mu      sync.Mutex
 	nodes   map[string]*psNode // by master address; "" when not sharded
@@ -177,10 +176,6 @@ type transfer struct {
 	lease time.Duration
 	// take records a transferred hold as the acquisition's result.
 	take func(token int64, sent time.Time)
-	// fresh reports that the acquisition's latest attempt took a new hold
-	// (not a re-entry of its owner's); set by the attempt, read by
-	// Client.acquire in the same goroutine.
-	fresh bool
 }
 
 // maxLocalTransfers is how many times in a row the lock of a channel passes
@@ -247,25 +242,7 @@ const yieldDelay = 2 * time.Millisecond
 // yield is the state of one release armYield announced, guarded by
 // pubsub.mu.
 type yield struct {
-	end   uint64 // pubsub.arms when its reply came (0: not yet)
-	seen  bool   // its wake-up came
-	taken bool   // a waiter of this Client took the lock after the release
-}
-
-// took records that a waiter of this Client took a new hold of the lock
-// (not a re-entry) with an attempt or a sleep that began when pubsub.arms
-// was since: the fallbacks of the releases whose replies had come by then
-// wake no one (see endYield), since they ran before this hold began, and
-// this hold's own release will wake or hand on in turn. A release still in
-// flight then may run after the hold began, and end it (a goroutine or a
-// handle sharing the owner id), so its fallback stays on: at worst one
-// wake-up too many. Called with pubsub.mu held.
-func (ch *psChan) took(since uint64) {
-	for _, y := range ch.yields {
-		if y.end != 0 && y.end <= since {
-			y.taken = true
-		}
-	}
+	seen bool // its wake-up came
 }
 
 // armYield is called before a public release of the lock of channel, with
@@ -289,11 +266,11 @@ func (p *pubsub) armYield(channel, req string) {
 // endYield ends the release armYield announced. With heard set, the release
 // happened and other Clients heard its wake-up: if none of them has taken
 // the lock after yieldDelay, one local waiter is woken anyway, so a yield
-// costs at most that delay; not when a waiter of this Client has taken the
-// lock since the release was armed (its own release wakes or hands on in
-// turn), even if this Client has released and armed again meanwhile.
-// Otherwise no other Client waits (or nothing was released): the local
-// waiters get the wake-up at once.
+// costs at most that delay. The fallback fires even when a waiter of this
+// Client has taken the lock since: its attempt, failing, sets the hold's w
+// field, so that a release of that hold by another Client (a handle
+// sharing the owner id) publishes too. Otherwise no other Client waits
+// (or nothing was released): the local waiters get the wake-up at once.
 func (p *pubsub) endYield(channel, req string, heard bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -312,15 +289,11 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 		}
 		return
 	}
-	p.arms++
-	y.end = p.arms
 	time.AfterFunc(p.yieldDelay, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		delete(ch.yields, req)
-		if !y.taken {
-			signalOne(ch.waiters)
-		}
+		signalOne(ch.waiters)
 	})
 }
 
@@ -989,14 +962,6 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, block, queue bool, try attemptFunc, undo func(context.Context), xfer *transfer) (bool, error) {
 	var w *waiter
 	acquired := false
-	// since is pubsub.arms when the latest attempt or sleep began (see
-	// psChan.took).
-	var since uint64
-	mark := func() {
-		c.ps.mu.Lock()
-		since = c.ps.arms
-		c.ps.mu.Unlock()
-	}
 	defer func() {
 		if w == nil {
 			return
@@ -1004,9 +969,6 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if acquired {
 			c.ps.mu.Lock()
 			w.acquired = true
-			if xfer != nil && xfer.fresh {
-				w.ch.took(since)
-			}
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter
@@ -1031,7 +993,6 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			return false
 		}
 		xfer.take(t, sent)
-		xfer.fresh = true // a transfer is a new hold
 		acquired = true
 		return true
 	}
@@ -1047,7 +1008,6 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		// barging in with an attempt that would fail: it saves a round
 		// trip and keeps local arrivals in order.
 		if w = joined(c.ps.joinQueued(channel)); w != nil && (kin == nil || kin.held == nil || !kin.held()) {
-			mark()
 			if _, err := w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
 				return false, err
 			}
@@ -1064,7 +1024,6 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		w = joined(c.ps.joinQueued(channel))
 	}
 	for {
-		mark()
 		ok, retry, err := try(ctx)
 		switch {
 		case err != nil:
@@ -1080,7 +1039,6 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			}
 			joined(w)
 		default:
-			mark()
 			if _, err = w.wait(ctx, retry); err != nil {
 				return false, err
 			}

@@ -244,7 +244,7 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 		go func() {
 			nctx, cancel := context.WithTimeout(ctx, d)
 			defer cancel()
-			ok, token, _, pttl, err := e.attempt(nctx, req)
+			ok, token, pttl, err := e.attempt(nctx, req)
 			replies <- reply{i, ok, token, pttl, err}
 		}()
 	}

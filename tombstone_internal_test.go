@@ -35,18 +35,18 @@ func TestTombstonesKept(t *testing.T) {
 		}
 		// The oldest tombstone was dropped; every later one refuses its request.
 		for _, req := range reqs[1:] {
-			ok, _, _, _, err := e.attempt(ctx, req)
+			ok, _, _, err := e.attempt(ctx, req)
 			require.NoError(t, err)
 			require.False(t, ok, "%s took the lock after its undo", req)
 		}
-		ok, _, _, _, err := e.attempt(ctx, "late-1")
+		ok, _, _, err := e.attempt(ctx, "late-1")
 		require.NoError(t, err)
 		require.True(t, ok, "late-1's tombstone was the oldest: dropped")
 		n, err := e.unlock(ctx, "", 0, false)
 		require.NoError(t, err)
 		require.Zero(t, n)
 		// A release keeps the tombstones.
-		ok, _, _, _, err = e.attempt(ctx, reqs[tombstonesKept])
+		ok, _, _, err = e.attempt(ctx, reqs[tombstonesKept])
 		require.NoError(t, err)
 		require.False(t, ok, "the release dropped the tombstones")
 	})
@@ -76,7 +76,7 @@ func TestTombstonesKeptShared(t *testing.T) {
 			_, err := s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
 			require.NoError(t, err)
 		}
-		ok, _, _, _, err := e.attempt(ctx, "late-mutex")
+		ok, _, _, err := e.attempt(ctx, "late-mutex")
 		require.NoError(t, err)
 		require.False(t, ok, "the Mutex tombstone was pushed out by semaphore records")
 		for _, member := range records {
