@@ -35,6 +35,23 @@ func yieldTest(t *testing.T, b redistest.Backend, delay time.Duration) (*Client,
 	return c, channel, joinTest(t, c, channel)
 }
 
+// lockWaiting starts l.Lock(ctx) in a goroutine and returns its result's
+// channel once its waiter sleeps on channel of c, the Client of l.
+func lockWaiting(t *testing.T, ctx context.Context, c *Client, channel string, l interface {
+	Lock(context.Context) error
+}) chan error {
+	t.Helper()
+	locked := make(chan error, 1)
+	go func() { locked <- l.Lock(ctx) }()
+	require.Eventually(t, func() bool {
+		c.ps.mu.Lock()
+		defer c.ps.mu.Unlock()
+		ch := c.ps.chans[channel]
+		return ch != nil && ch.isReady && len(ch.waiters) == 1
+	}, 5*time.Second, time.Millisecond)
+	return locked
+}
+
 // awaitSignal waits up to 5 s for a wake-up of w, and fails the test with
 // msg when none comes.
 func awaitSignal(t *testing.T, w *waiter, msg string) {
@@ -148,15 +165,8 @@ func TestYieldFallbackAfterSiblingRelease(t *testing.T) {
 
 		require.NoError(t, r2.Lock(ctx)) // owner o holds, count 1
 		om := other.Mutex(name)
-		locked := make(chan error, 1)
-		go func() { locked <- om.Lock(ctx) }()
-		require.Eventually(t, func() bool { // the other Client's waiter sleeps
-			other.ps.mu.Lock()
-			defer other.ps.mu.Unlock()
-			ch := other.ps.chans[channel]
-			return ch != nil && ch.isReady && len(ch.waiters) == 1
-		}, 5*time.Second, time.Millisecond)
-		local := joinTest(t, c, channel) // a plain waiter: takes no transfer
+		locked := lockWaiting(t, ctx, other, channel, om) // the other Client's waiter sleeps
+		local := joinTest(t, c, channel)                  // a plain waiter: takes no transfer
 
 		// r1 re-enters o's hold; r2's two Unlocks land before its acquire
 		// returns, the second a public release that arms a yield.
@@ -198,15 +208,8 @@ func TestYieldFallbackAfterReleaseInFlight(t *testing.T) {
 
 		require.NoError(t, m.Lock(ctx)) // goroutine 1 holds, count 1
 		om := other.Mutex(name)
-		locked := make(chan error, 1)
-		go func() { locked <- om.Lock(ctx) }()
-		require.Eventually(t, func() bool {
-			other.ps.mu.Lock()
-			defer other.ps.mu.Unlock()
-			ch := other.ps.chans[channel]
-			return ch != nil && ch.isReady && len(ch.waiters) == 1
-		}, 5*time.Second, time.Millisecond)
-		local := joinTest(t, c, channel) // a plain waiter: takes no transfer
+		locked := lockWaiting(t, ctx, other, channel, om) // the other Client's waiter sleeps
+		local := joinTest(t, c, channel)                  // a plain waiter: takes no transfer
 
 		// Goroutine 1 unlocks: armYield runs, its script is held back.
 		hook.mu.Lock()
@@ -277,15 +280,8 @@ func TestYieldFallbackAfterReentry(t *testing.T) {
 		require.NoError(t, h.Lock(ctx))
 
 		x2 := other.ReentrantMutex(name, WithOwner("o"))
-		locked := make(chan error, 1)
-		go func() { locked <- x2.Lock(ctx) }()
-		require.Eventually(t, func() bool {
-			other.ps.mu.Lock()
-			defer other.ps.mu.Unlock()
-			ch := other.ps.chans[channel]
-			return ch != nil && ch.isReady && len(ch.waiters) == 1
-		}, 5*time.Second, time.Millisecond)
-		local := joinTest(t, c, channel) // a plain waiter: takes no transfer
+		locked := lockWaiting(t, ctx, other, channel, x2) // the other Client's waiter sleeps
+		local := joinTest(t, c, channel)                  // a plain waiter: takes no transfer
 
 		require.NoError(t, h.Unlock(ctx)) // public release: local sits it out
 		require.NoError(t, <-locked)      // the other Client's "o" took it
