@@ -113,9 +113,9 @@ type psCommand struct {
 type psChan struct {
 	transfers int // local transfers in a row (see reserveLocal)
 	// yields holds the request ids of this Client's releases whose
-	// wake-ups its waiters sit out (see armYield); nil when none was armed
-	// yet.
-	yields  map[string]*yield
+	// wake-ups its waiters sit out (see armYield), each mapped to whether
+	// its wake-up came; nil when none was armed yet.
+	yields  map[string]bool
 	name    string
 	node    *psNode
 	waiters []*waiter
@@ -239,12 +239,6 @@ func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
 // default of pubsub.yieldDelay, which tests raise.
 const yieldDelay = 2 * time.Millisecond
 
-// yield is the state of one release armYield announced, guarded by
-// pubsub.mu.
-type yield struct {
-	seen bool // its wake-up came
-}
-
 // armYield is called before a public release of the lock of channel, with
 // the release's request id req, which unlock.lua publishes as its wake-up:
 // this Client's waiters sit out the wake-up of their own Client's release,
@@ -257,9 +251,9 @@ func (p *pubsub) armYield(channel, req string) {
 	defer p.mu.Unlock()
 	if ch := p.chans[channel]; ch != nil {
 		if ch.yields == nil {
-			ch.yields = make(map[string]*yield)
+			ch.yields = make(map[string]bool)
 		}
-		ch.yields[req] = &yield{}
+		ch.yields[req] = false
 	}
 }
 
@@ -278,13 +272,13 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 	if ch == nil {
 		return
 	}
-	y := ch.yields[req]
-	if y == nil {
+	seen, armed := ch.yields[req]
+	if !armed {
 		return // the channel was dropped and subscribed again meanwhile
 	}
 	if !heard {
 		delete(ch.yields, req)
-		if y.seen {
+		if seen {
 			signalOne(ch.waiters)
 		}
 		return
@@ -912,8 +906,8 @@ func (p *pubsub) dispatch(channel, payload string) {
 		}
 	} else if payload == wakeAll {
 		signalAll(ch.waiters)
-	} else if y := ch.yields[payload]; y != nil {
-		y.seen = true // this Client's own release: others go first
+	} else if _, own := ch.yields[payload]; own {
+		ch.yields[payload] = true // this Client's own release: others go first
 	} else {
 		signalOne(ch.waiters)
 	}

@@ -350,8 +350,8 @@ func TestOwnReleaseWakeUpSkipped(t *testing.T) {
 		require.Eventually(t, func() bool {
 			c.ps.mu.Lock()
 			defer c.ps.mu.Unlock()
-			for _, y := range local.ch.yields {
-				if y.seen {
+			for _, seen := range local.ch.yields {
+				if seen {
 					return true
 				}
 			}
