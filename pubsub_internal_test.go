@@ -35,6 +35,21 @@ func yieldTest(t *testing.T, b redistest.Backend, delay time.Duration) (*Client,
 	return c, channel, joinTest(t, c, channel)
 }
 
+// yieldClients returns a context ending with the test (or after 20 s) and n
+// Clients closed by the test, the first with the given yield delay.
+func yieldClients(t *testing.T, b redistest.Backend, n int, delay time.Duration) (context.Context, []*Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	cs := make([]*Client, n)
+	for i := range cs {
+		cs[i] = New(b.Client(t))
+		t.Cleanup(func() { _ = cs[i].Close() })
+	}
+	cs[0].ps.yieldDelay = delay
+	return ctx, cs
+}
+
 // lockWaiting starts l.Lock(ctx) in a goroutine and returns its result's
 // channel once its waiter sleeps on channel of c, the Client of l.
 func lockWaiting(t *testing.T, ctx context.Context, c *Client, channel string, l interface {
@@ -153,11 +168,8 @@ func TestYieldsTrackedPerRelease(t *testing.T) {
 // returns; the other Client takes and frees the lock without a publish.
 func TestYieldFallbackAfterSiblingRelease(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		c, other := New(b.Client(t)), New(b.Client(t))
-		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
-		c.ps.yieldDelay = 300 * time.Millisecond
+		ctx, cs := yieldClients(t, b, 2, 300*time.Millisecond)
+		c, other := cs[0], cs[1]
 		name := redistest.UniqueName(t)
 		r1 := c.ReentrantMutex(name, WithOwner("o"))
 		r2 := c.ReentrantMutex(name, WithOwner("o"))
@@ -269,11 +281,8 @@ func (h *gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // of its own).
 func TestYieldFallbackAfterReentry(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		c, other := New(b.Client(t)), New(b.Client(t))
-		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
-		c.ps.yieldDelay = 300 * time.Millisecond
+		ctx, cs := yieldClients(t, b, 2, 300*time.Millisecond)
+		c, other := cs[0], cs[1]
 		name := redistest.UniqueName(t)
 		h := c.Mutex(name)
 		channel := h.e.channel
@@ -299,11 +308,8 @@ func TestYieldFallbackAfterReentry(t *testing.T) {
 // a third Client, which has no waiters of its own.
 func TestYieldFallbackAfterCrossClientRelease(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		c, d, e := New(b.Client(t)), New(b.Client(t)), New(b.Client(t))
-		t.Cleanup(func() { _ = c.Close(); _ = d.Close(); _ = e.Close() })
-		c.ps.yieldDelay = 300 * time.Millisecond
+		ctx, cs := yieldClients(t, b, 3, 300*time.Millisecond)
+		c, d, e := cs[0], cs[1], cs[2]
 		name := redistest.UniqueName(t)
 		h := c.Mutex(name)
 		channel := h.e.channel
@@ -330,11 +336,8 @@ func TestYieldFallbackAfterCrossClientRelease(t *testing.T) {
 // Unlock armed the yield with.
 func TestOwnReleaseWakeUpSkipped(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		c, other := New(b.Client(t)), New(b.Client(t))
-		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
-		c.ps.yieldDelay = time.Minute // no fallback during the test
+		ctx, cs := yieldClients(t, b, 2, time.Minute) // no fallback during the test
+		c, other := cs[0], cs[1]
 		m := c.Mutex(redistest.UniqueName(t))
 		require.NoError(t, m.Lock(ctx))
 		// Plain waiters: they take no local transfer, so the Unlock
