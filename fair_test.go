@@ -551,6 +551,13 @@ func TestFairWakesHeadOnly(t *testing.T) {
 				}
 			}()
 			waitQueued(t, b.Client(t), name, int64(i+1))
+			// Asleep: the first waiter after its attempt, its subscription
+			// and its check; the others, which join the subscribed channel
+			// first, after their one attempt. (Counting only the queue let
+			// a late subscription's check land after the reset below.)
+			want := int64(i + 2)
+			require.Eventually(t, func() bool { return attempts.n.Load() == want },
+				10*time.Second, time.Millisecond, "attempts of waiter %d", i)
 		}
 		for i := range ms {
 			attempts.n.Store(0)
