@@ -32,9 +32,10 @@ local function now_ms()
   return tonumber(time_reply[1]) * 1000 + math.floor(tonumber(time_reply[2]) / 1000)
 end
 
+-- parse_member returns the fields of a member a grant needs: the waiter
+-- id, its Client's id and its owner id.
 local function parse_member(m)
-  local id, lease, wl, client, owner = string.match(m, '^([^|]*)|(%d+)|(%d+)|([^|]*)|(.*)$')
-  return id, tonumber(lease), tonumber(wl), client, owner
+  return string.match(m, '^([^|]*)|%d+|%d+|([^|]*)|(.*)$')
 end
 
 -- evict removes the waiters whose place expired (their process died), and
@@ -70,7 +71,8 @@ end
 -- caller releases, which the new hold then replaces (the caller deletes it
 -- when grant returns nil); stale_u says that hold has a u field, which the
 -- new hold must not keep.
--- Returns the new fencing token, or nil when no one waits.
+-- now is the server's clock in ms, or nil: grant reads it when someone
+-- waits. Returns the new fencing token, or nil when no one waits.
 local local_client, local_grant, fence_suffix
 local function grant(now, stale_u)
   while true do
@@ -80,14 +82,17 @@ local function grant(now, stale_u)
     end
     local exp = redis.call('ZSCORE', KEYS[3], head)
     redis.call('ZREM', KEYS[3], head)
-    local id, lease, wl, client, owner = parse_member(head)
+    now = now or now_ms()
+    local id, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
       local token = next_token(KEYS[4], ARGV[2], fence_suffix, nil, time_reply)
       if stale_u then
         redis.call('HDEL', KEYS[1], 'u')
       end
       redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', token, 'g', id, 'q', id)
-      redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(exp) - now)))
+      -- The place's expiry as ZSCORE gave it (whole ms of the server clock,
+      -- later than now): no number to format.
+      redis.call('PEXPIREAT', KEYS[1], exp)
       if client == local_client then
         local_grant = id .. ':' .. token
       else

@@ -27,28 +27,30 @@ local withdraw = ARGV[7] or ''
 local function reply(n)
   return {n, local_grant or ''}
 end
-local now = now_ms()
+local now -- read when needed: an uncontended release needs no clock
 if withdraw ~= '' then
   redis.call('ZREM', KEYS[2], ARGV[8])
   redis.call('ZREM', KEYS[3], ARGV[8])
 end
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
+-- o, c, u, t; a withdrawal also reads g and q (fields 5 and 6)
+local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'u', 't')
 if v[1] ~= ARGV[3] or withdraw ~= '' then
   -- The holder's release needs no settling: its lock is not free, and
   -- grant passes over expired places itself.
+  now = now_ms()
   settle(now)
-  v = redis.call('HMGET', KEYS[1], 'o', 'c', 'g', 'q', 'u', 't')
+  v = redis.call('HMGET', KEYS[1], 'o', 'c', 'u', 't', 'g', 'q')
 end
 if withdraw ~= '' then
   -- A withdrawal ends the waiter's call: leave a tombstone so that an
   -- attempt of it still on the way takes nothing, and does not queue, when
   -- it comes late.
   fence_tombstone(KEYS[4], withdraw, ARGV[2])
-  if v[1] ~= ARGV[3] or (v[3] ~= withdraw and v[4] ~= withdraw) then
+  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and v[6] ~= withdraw) then
     return reply(-1) -- it holds nothing: queued, failed, or not arrived
   end
 end
-if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[6] ~= ARGV[6] and tonumber(v[6]) ~= tonumber(ARGV[6])) then
+if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[4] ~= ARGV[6] and tonumber(v[4]) ~= tonumber(ARGV[6])) then
   local f = redis.call('GET', KEYS[4])
   if fence_release(f) == ARGV[4] then
     -- A retry: its first run may have granted the lock to a waiter of
@@ -62,7 +64,7 @@ if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[6] ~= ARGV[6] and tonumber(v[6]) ~= t
   end
   return reply(-1)
 end
-if v[5] == ARGV[4] then
+if v[3] == ARGV[4] then
   return reply(tonumber(v[2]))
 end
 local c = tonumber(v[2]) - 1
@@ -76,8 +78,8 @@ if c > 0 then
 end
 -- The hash becomes the new hold's in place when someone waits.
 fence_suffix = ':' .. ARGV[4]
-if not grant(now, v[5]) then
+if not grant(now, v[3]) then
   redis.call('DEL', KEYS[1])
-  fence_set_release(KEYS[4], v[6], ARGV[4], ARGV[2])
+  fence_set_release(KEYS[4], v[4], ARGV[4], ARGV[2])
 end
 return reply(0)
