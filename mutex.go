@@ -229,9 +229,19 @@ func (e *excl) track(sent time.Time, token int64) *hold {
 
 // trackNotify is track with a function run when the hold is lost (see
 // hold.onLost).
+//
+// A lost hold also wakes one local waiter of the lock: waiters that queued
+// behind it without an attempt (see Client.acquire) sleep on no remaining
+// lease, and no release announces a lease that ran out. (The watchdog runs
+// this under its mutex; pubsub's is taken inside it and never around it.)
 func (e *excl) trackNotify(sent time.Time, token int64, onLost func()) *hold {
 	kind, member := exclHold(e.owner, token)
-	return e.c.wd.addNotify(e.name, e.key, kind, member, e.lease, e.renew, sent, onLost)
+	return e.c.wd.addNotify(e.name, e.key, kind, member, e.lease, e.renew, sent, func() {
+		e.c.ps.wakeOne(e.channel)
+		if onLost != nil {
+			onLost()
+		}
+	})
 }
 
 // exclHold describes a hold of a lock hash to the watchdog (see

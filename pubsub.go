@@ -333,6 +333,19 @@ func (p *pubsub) wakeKin(channel, owner string) {
 	}
 }
 
+// wakeOne wakes one local waiter on channel, as a wake-up message would: a
+// hold of this Client on that lock was lost (its lease ran out, or a
+// renewal found it gone). No release announced it, and a waiter queued
+// behind that hold without an attempt of its own (see Client.acquire) has
+// no remaining lease to bound its sleep: the one woken tries at once.
+func (p *pubsub) wakeOne(channel string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ch := p.chans[channel]; ch != nil {
+		signalOne(ch.waiters)
+	}
+}
+
 // takeTransfer returns and clears the transferred hold delivered to w: its
 // token, or 0 when none.
 func (w *waiter) takeTransfer() (int64, time.Time) {
