@@ -46,12 +46,14 @@
 -- call was lost: its result is returned again and nothing is released twice.
 -- An undo that finds nothing to undo leaves a tombstone in the fence key
 -- (see fence.lua), so that the acquisition takes nothing if it comes late.
-local v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u', 'w')
-local to, waited, undo
+local to, waited, undo, v
 if #ARGV == 8 then
+  -- A transfer keeps w as it is: no need to read it.
   to = ARGV[6]
+  v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u')
 else
   waited, undo = ARGV[6], ARGV[7]
+  v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u', 'w')
 end
 undo = undo or ''
 if undo ~= '' then
