@@ -92,6 +92,9 @@ local function grant(now, stale_u)
       redis.call('HSET', KEYS[1], 'o', owner, 'c', '1', 't', token, 'g', id, 'q', id)
       -- The place's expiry as ZSCORE gave it (whole ms of the server clock,
       -- later than now): no number to format.
+      if not string.find(exp, '^%d+$') then
+        exp = string.format('%.0f', tonumber(exp)) -- miniredis: "1.8e+12"
+      end
       redis.call('PEXPIREAT', KEYS[1], exp)
       if client == local_client then
         local_grant = id .. ':' .. token
