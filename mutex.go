@@ -195,10 +195,21 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	if err != nil {
 		// The transfer may or may not have happened: the waiter retries
 		// now, and its attempt recognises a transferred hold as its own.
-		e.c.ps.unreserve(w, true)
+		// Without a transfer the release may not have happened either: the
+		// hold then runs out unannounced, so a waiter retries now too.
+		if w != nil {
+			e.c.ps.unreserve(w, true)
+		} else if waiting && undo == "" {
+			e.c.ps.wakeOne(e.channel)
+		}
 		return 0, convertErr(err)
 	}
 	n, token := res[0], res[1]
+	if w == nil && waiting && n < 0 && undo == "" {
+		// The hold was gone already (its lease ran out, or it was lost
+		// unannounced): the lock may be free.
+		e.c.ps.wakeOne(e.channel)
+	}
 	if w != nil {
 		switch {
 		case token > 0:
@@ -213,7 +224,9 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 			// the waiter retries and finds out.
 			e.c.ps.unreserve(w, true)
 		default:
-			e.c.ps.unreserve(w, false) // not a full release
+			// Not a full release; or (n < 0) the hold was gone already,
+			// unannounced, and the lock may be free: the waiter retries.
+			e.c.ps.unreserve(w, n < 0)
 		}
 	}
 	return n, nil

@@ -1,6 +1,8 @@
 package redlatch_test
 
 import (
+	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -49,6 +51,93 @@ func TestQueuedWaiterWokenAtExpiry(t *testing.T) {
 			t.Logf("third took the lock %v after second", t3.Sub(t2))
 		case <-time.After(3 * time.Second):
 			t.Fatal("third waiter not woken at the second hold's expiry")
+		}
+	})
+}
+
+// TestUnlockOfGoneHoldWakesQueued: when the holder's Unlock finds its hold
+// already gone in Redis (its lease ran out before the Unlock arrived, an
+// eviction, a failover, a DEL) before the watchdog noticed, the waiter
+// queued locally without an attempt (third) tries at once: the lock may be
+// free. (It slept its whole bound, a third of the watchdog timeout: the
+// transfer reserved for it was undone without a wake-up, and no loss was
+// reported.)
+func TestUnlockOfGoneHoldWakesQueued(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+		first := c.Mutex(name, redlatch.WithLease(5*time.Second))
+		require.NoError(t, first.Lock(ctx))
+		second := c.Mutex(name, redlatch.WithLease(5*time.Second))
+		third := c.Mutex(name)
+		got2, got3 := make(chan error, 1), make(chan error, 1)
+		go func() { got2 <- second.Lock(ctx) }()
+		time.Sleep(100 * time.Millisecond) // second attempts, joins, sleeps
+		go func() { got3 <- third.Lock(ctx) }()
+		time.Sleep(100 * time.Millisecond)    // third queues behind second, no attempt
+		require.NoError(t, first.Unlock(ctx)) // local transfer to second
+		require.NoError(t, <-got2)
+		// second's hold ends in Redis before its Unlock arrives.
+		require.NoError(t, b.Client(t).Del(ctx, lockKey(name)).Err())
+		start := time.Now()
+		err := second.Unlock(ctx)
+		require.True(t, errors.Is(err, redlatch.ErrNotHeld), "Unlock: %v", err)
+		select {
+		case err := <-got3:
+			require.NoError(t, err)
+			t.Logf("third took the free lock %v after the Unlock", time.Since(start))
+		case <-time.After(500 * time.Millisecond):
+			err := <-got3
+			t.Fatalf("third slept on a free lock: took it %v after the Unlock (err %v)", time.Since(start), err)
+		}
+	})
+}
+
+// TestFailedPublicUnlockWakesQueued: after 8 local transfers in a row the
+// next Unlock releases publicly (no transfer reserved, a yield armed). When
+// that Unlock fails before reaching Redis (here its ctx is cancelled
+// already; a network error likewise), the watchdog forgets the hold, which
+// runs out unannounced: a local waiter is woken to try, and the last
+// waiter, queued without an attempt, takes the lock once the hold's 300ms
+// lease ran out (it slept a third of the watchdog timeout).
+func TestFailedPublicUnlockWakesQueued(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Name == "cluster" {
+			t.Skip("one backend is enough")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+		const lease = 300 * time.Millisecond
+		ms := make([]*redlatch.Mutex, 10)
+		got := make([]chan error, 10)
+		for i := range ms {
+			ms[i] = c.Mutex(name, redlatch.WithLease(lease))
+			got[i] = make(chan error, 1)
+		}
+		require.NoError(t, ms[0].Lock(ctx))
+		for i := 1; i < 10; i++ {
+			go func() { got[i] <- ms[i].Lock(ctx) }()
+			time.Sleep(30 * time.Millisecond) // in order: 1 attempts, 2..9 queue without one
+		}
+		for i := 0; i < 8; i++ { // 8 local transfers: 0->1 ... 7->8
+			require.NoError(t, ms[i].Unlock(ctx))
+			require.NoError(t, <-got[i+1])
+		}
+		cancelled, cancel := context.WithCancel(ctx)
+		cancel()
+		start := time.Now()
+		err := ms[8].Unlock(cancelled) // public release, fails before Redis
+		t.Logf("Unlock: %v", err)
+		select {
+		case err := <-got[9]:
+			require.NoError(t, err)
+			t.Logf("last waiter took the lock %v after the failed Unlock", time.Since(start))
+		case <-time.After(lease + 400*time.Millisecond):
+			err := <-got[9]
+			t.Fatalf("last waiter slept on a free lock: took it %v after the failed Unlock (lease %v; err %v)",
+				time.Since(start), lease, err)
 		}
 	})
 }
