@@ -147,6 +147,9 @@ type waiter struct {
 	// came from deliver: it concerns this waiter alone, announcing no
 	// release to the others (see leave).
 	delivery bool
+	// unconfirmed: the waiter stopped waiting for its channel's first
+	// confirmation (join's bound); guarded by pubsub.mu.
+	unconfirmed bool
 	// kin is the owner id whose holds the waiter re-enters (see kinship),
 	// or ""; guarded by pubsub.mu.
 	kin string
@@ -417,6 +420,11 @@ func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Dura
 	case <-ready:
 		return w, nil
 	case <-t.C:
+		// The waiter retries before its channel is subscribed: a release
+		// published until then is missed, so the confirmation wakes it.
+		p.mu.Lock()
+		w.unconfirmed = !ch.isReady
+		p.mu.Unlock()
 		return w, nil
 	case <-ctx.Done():
 		w.leave(true)
@@ -896,6 +904,12 @@ func (p *pubsub) confirm(n *psNode, m *redis.Subscription) {
 	if !ch.isReady {
 		ch.isReady = true
 		close(ch.ready)
+		for _, w := range ch.waiters {
+			if w.unconfirmed {
+				w.unconfirmed = false
+				signalAll([]*waiter{w})
+			}
+		}
 		return
 	}
 	signalAll(ch.waiters)

@@ -204,8 +204,13 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 // than n permits (never took them, released them already, or their lease ran
 // out); it also returns ErrNotHeld when Redis no longer had some of them
 // (those are gone, the others are returned). Released permits are no longer
-// the handle's whatever Release returns: if Redis could not be reached, they
-// come back when their lease runs out.
+// the handle's whatever Release returns. A call whose outcome is unknown
+// (not sent, or its reply lost) is sent once more with a fresh context
+// bounded by a cleanup timeout, even after ctx ended: Redis applies it once.
+// If Redis still cannot be reached, the permits come back when their lease
+// runs out. Permits the handle lost (see Lost) are removed from Redis on the
+// next Release too, in case Redis kept them (renewals whose replies were
+// lost): they are not counted as returned.
 func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	if err := s.check(); err != nil {
 		return err
@@ -222,15 +227,23 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	s.mu.Lock()
 	live := s.recs[:0:0]
 	var held int64
+	var gone []string // lost records: Redis may still have them (renewed, replies lost)
 	for _, r := range s.recs {
 		if r.h.isLost() {
 			s.c.wd.remove(r.h)
+			gone = append(gone, r.member)
 			continue
 		}
 		live = append(live, r)
 		held += r.n
 	}
 	s.recs = live
+	if len(gone) > 0 {
+		// Best effort: a record lost locally may still take permits in
+		// Redis until its lease there runs out; return them (and wake the
+		// waiters) now. Its permits are not counted as released.
+		defer func() { _, _ = s.releaseRecords(ctx, newID(), "", gone, "", "") }()
+	}
 	if held < n {
 		s.mu.Unlock()
 		return ErrNotHeld
@@ -268,6 +281,17 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	}
 	req := newID()
 	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink)
+	if err != nil && !isReplyError(err) {
+		// Unknown outcome (not sent, or the reply lost): send the same
+		// request again, which Redis applies once (it is remembered), so
+		// the released permits come back now and the kept ones exist
+		// under their new record.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		if f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink); rerr == nil {
+			freed, err = f, nil
+		}
+		cancel()
+	}
 	s.lastRel = req
 	for _, r := range whole {
 		s.c.wd.remove(r.h)
