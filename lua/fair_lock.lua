@@ -40,16 +40,19 @@ if o == owner then
   local v = redis.call('HMGET', KEYS[1], 'c', 't', 'g', 'q')
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
+  -- The full lease from now, never shorter than what is left: another
+  -- handle of the owner may hold it on a longer lease (see renew.lua).
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  end
   if v[3] == id or v[4] == id then
     -- Granted to this waiter by a handoff (or taken by an earlier run of
-    -- this very call): claim it, with the full lease from now.
-    redis.call('PEXPIRE', KEYS[1], ARGV[6])
+    -- this very call): claimed.
     return {1, token_reply(v[2]), v[1]}
   end
   -- Re-entry by the owner (even while queued: it holds the lock already).
   local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
   redis.call('HSET', KEYS[1], 'q', id)
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
   return {1, token_reply(v[2]), c}
 end
 if not o then

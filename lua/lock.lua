@@ -47,7 +47,11 @@ if o == ARGV[1] then
     end
     local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
     redis.call('HSET', KEYS[1], 'q', ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    -- Never shorten: another handle of the owner may hold it on a longer
+    -- lease (see renew.lua).
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
     return {1, token_reply(v[2]), c}
   end
 end

@@ -26,6 +26,16 @@
 --
 -- Returns an array with, for each key, 1 when the hold was renewed or 0 when
 -- it is gone (expired, released, or taken by another owner).
+-- never_shorten sets key's TTL to ms (lease, as a number) unless it has
+-- more left: the hold a hash stands for is shared by every handle of its
+-- owner id, and another of them may hold it on a longer lease (WithLease,
+-- or another Client's watchdog timeout), which a renewal must not cut.
+local function never_shorten(key, lease, ms)
+  if redis.call('PTTL', key) < lease then
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+
 local now
 local out = {}
 for i, key in ipairs(KEYS) do
@@ -37,14 +47,14 @@ for i, key in ipairs(KEYS) do
   if kind == 'h' then
     local o = redis.pcall('HGET', key, 'o')
     if o == owner then
-      redis.call('PEXPIRE', key, ms)
+      never_shorten(key, lease, ms)
       ok = 1
     end
   elseif kind == 't' then
     local token, o = string.match(owner, '^(%d+):(.*)$')
     local v = redis.pcall('HMGET', key, 'o', 't')
     if v[1] == o and (v[2] == token or tonumber(v[2]) == tonumber(token)) then
-      redis.call('PEXPIRE', key, ms)
+      never_shorten(key, lease, ms)
       ok = 1
     end
   elseif kind == 'z' then
@@ -89,7 +99,9 @@ for i, key in ipairs(KEYS) do
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
       if tonumber(e) > now then
-        redis.call('HSET', key, field, string.format('%.0f', now + lease))
+        -- Never shorten: another handle of the owner may hold it on a
+        -- longer lease (WithLease, or another Client's watchdog timeout).
+        redis.call('HSET', key, field, string.format('%.0f', math.max(tonumber(e), now + lease)))
         if redis.call('PTTL', key) < lease then
           redis.call('PEXPIRE', key, ms)
         end
