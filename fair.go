@@ -187,6 +187,10 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	pub := f.c.publishCommand(ctx)
 	retention := fenceRetention(f.lease)
 	var place *hold // the queue place, renewed by the watchdog
+	// requeued: the waiter got a new place after its first one ended (it
+	// expired, or was granted and the grant expired). A grant message for the
+	// old place may still come: grants are then claimed with an attempt.
+	requeued := false
 	if block {
 		f.mu.Lock()
 		if f.waiting == nil {
@@ -225,6 +229,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 			// place expired), or one a retried attempt found already made
 			// (its first reply was lost): the watchdog keeps it alive from
 			// now on.
+			requeued = requeued || place != nil
 			f.c.wd.remove(place)
 			place = f.c.wd.add(f.name, f.places, 'z', member, f.c.opts.watchdogTimeout, true, s)
 		}
@@ -240,10 +245,14 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	// written by the releaser's script, which no WAIT follows.)
 	take := func(grant string) bool {
 		t, perr := strconv.ParseInt(grant, 10, 64)
-		if perr != nil || !f.renew || f.c.opts.replicas > 0 || place == nil || place.isLost() {
+		if perr != nil || !f.renew || f.c.opts.replicas > 0 || place == nil || place.isLost() || requeued {
 			return false
 		}
-		token, sent = t, f.c.wd.deadlineOf(place).Add(-f.lease)
+		deadline := f.c.wd.deadlineOf(place)
+		if !time.Now().Before(deadline) {
+			return false // after a pause: claim it with an attempt, or learn it is gone
+		}
+		token, sent = t, deadline.Add(-f.lease)
 		return true
 	}
 	ok, err = f.wait(ctx, id, block, try, take)

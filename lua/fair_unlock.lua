@@ -50,19 +50,31 @@ if withdraw ~= '' then
     return reply(-1) -- it holds nothing: queued, failed, or not arrived
   end
 end
+-- released reports whether this request is a full release done already:
+-- a retry after a lost reply. Its first run may have granted the lock to a
+-- waiter of this Client without publishing: the pending grant is reported
+-- again, and the Client ignores it unless one of its waiters has that id.
+local function released()
+  if fence_release(redis.call('GET', KEYS[4])) ~= ARGV[4] then
+    return false
+  end
+  local g = redis.call('HMGET', KEYS[1], 'g', 't')
+  if g[1] and g[1] ~= '' and g[2] then
+    local_grant = g[1] .. ':' .. g[2]
+  end
+  return true
+end
 if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[4] ~= ARGV[6] and tonumber(v[4]) ~= tonumber(ARGV[6])) then
-  local f = redis.call('GET', KEYS[4])
-  if fence_release(f) == ARGV[4] then
-    -- A retry: its first run may have granted the lock to a waiter of
-    -- this Client without publishing. Report the pending grant again; the
-    -- Client ignores it unless one of its waiters has that id.
-    local g = redis.call('HMGET', KEYS[1], 'g', 't')
-    if g[1] and g[1] ~= '' and g[2] then
-      local_grant = g[1] .. ':' .. g[2]
-    end
+  if released() then
     return reply(0)
   end
   return reply(-1)
+end
+-- A caller that names no token may be a retry of a full release whose
+-- owner (another handle of its id) took the lock again since: that new
+-- hold is not what it released.
+if ARGV[6] == '' and released() then
+  return reply(0)
 end
 if v[3] == ARGV[4] then
   return reply(tonumber(v[2]))

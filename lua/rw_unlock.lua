@@ -41,6 +41,12 @@ if f.w ~= o or (ARGV[6] ~= '' and tonumber(f.t) ~= tonumber(ARGV[6])) then
   end
   return -1
 end
+-- A full release seen already: resent after a lost reply, once the owner
+-- (another handle sharing its id) wrote again (see rw_runlock.lua).
+if rw_was_released(s, KEYS[2], req) then
+  rw_commit(s)
+  return 0
+end
 if f.wu == req then
   rw_commit(s)
   return tonumber(f.wc)

@@ -73,6 +73,12 @@ if v[1] ~= ARGV[1] or (ARGV[5] ~= '' and v[3] ~= ARGV[5] and tonumber(v[3]) ~= t
   end
   return {-1, 0}
 end
+-- A caller that names no token may be a retry of a full release whose
+-- owner (another handle of its id) took the lock again since: that new
+-- hold is not what it released.
+if ARGV[5] == '' and fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
+  return {0, 0}
+end
 if v[4] == ARGV[2] then
   return {tonumber(v[2]), 0}
 end
