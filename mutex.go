@@ -52,6 +52,12 @@ type excl struct {
 	renew     bool
 	reentrant bool
 	shared    bool // WithOwner: other handles may hold the lock as this owner
+	// quietUndo: an undo publishes a wake-up only when an attempt failed
+	// during the hold it undoes (the hash's w field), not because this
+	// Client has waiters: a Redlock's undo of what a round took on a
+	// minority of masters would wake the Redlock's own waiter, which then
+	// polls for as long as another owner holds a majority.
+	quietUndo bool
 	err       error
 }
 
@@ -162,6 +168,9 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	req := newID()
 	args := []any{owner, req, e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
+	if undo != "" && e.quietUndo {
+		waiting = false
+	}
 	waited := "0"
 	if waiting {
 		waited = "1"

@@ -139,6 +139,7 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 	all := append(opts[:len(opts):len(opts)], WithOwner(o.owner))
 	for _, c := range clients {
 		e := newExcl(c, name, false, all)
+		e.quietUndo = true
 		if r.err == nil {
 			r.err = e.err
 		}
@@ -147,6 +148,10 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 			r.lease = e.lease
 		}
 		r.renew = e.renew
+	}
+	if r.err == nil && r.lease <= r.drift() {
+		// No acquisition could ever be valid: Lock would retry until ctx.
+		r.err = invalidArg("lease", "must exceed the clock drift allowance (lease·1% + 2ms)")
 	}
 	r.quorum = len(clients)/2 + 1
 	return r

@@ -174,14 +174,20 @@ func (w *watchdog) setReleasing(h *hold, v bool) {
 
 // remove stops tracking a released hold. No renewal for it is sent after
 // remove returns: if a renewal batch holding it is being sent, remove waits
-// for that batch to finish. It reports whether the hold had been lost.
+// for that batch to finish, unless the hold is releasing (its release was
+// sent after that batch was collected: see below). It reports whether the
+// hold had been lost.
 func (w *watchdog) remove(h *hold) (lost bool) {
 	if h == nil {
 		return false
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for h.renewing {
+	// A releasing hold's release was sent after the renewal in flight was
+	// collected; that renewal names the hold (token, member) and cannot
+	// extend what the release ended, and its reply is ignored (done): do
+	// not make the release wait for it, however long Redis takes.
+	for h.renewing && !h.releasing {
 		w.renewed.Wait()
 	}
 	delete(w.holds, h)
@@ -200,7 +206,7 @@ func (w *watchdog) supersede(h *hold) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for h.renewing {
+	for h.renewing && !h.releasing { // see remove
 		w.renewed.Wait()
 	}
 	if h.releasing {

@@ -1,0 +1,136 @@
+package redlatch_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+func scriptCallsOn(s *redistest.Server, t *testing.T) int64 {
+	st := redistest.InfoStats(s.Client(t))
+	return int64(st["cmdstat_evalsha.calls"] + st["cmdstat_eval.calls"])
+}
+
+// TestRedlockWaiterSleepsOnPartialGrant: another owner holds a
+// majority (3 of 5) for a long time; a blocked Redlock waiter gets grants
+// from the 2 free masters each round. It sleeps until a release is
+// published (or the holder's lease), and does not retry every few ms: its
+// own undo of the minority publishes no wake-up to wake itself.
+func TestRedlockWaiterSleepsOnPartialGrant(t *testing.T) {
+	servers := redlockServers(t, 5)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	holders := redlockClients(t, servers)
+	for i := 0; i < 3; i++ {
+		m := holders[i].Mutex(name, redlatch.WithLease(20*time.Second))
+		require.NoError(t, m.Lock(ctx))
+	}
+	r := redlatch.NewRedlock(name, redlockClients(t, servers), redlatch.WithLease(20*time.Second))
+	before := scriptCallsOn(servers[4], t)
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	err := r.Lock(wctx)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	calls := scriptCallsOn(servers[4], t) - before
+	t.Logf("script calls on a free master during a 2s wait: %d (attempt+undo per round)", calls)
+	// Two rounds (the first attempt, the retry after subscribing) cost 4
+	// calls; the holder's lease is 20s, so no further round is due.
+	require.LessOrEqual(t, calls, int64(8), "the waiter polls instead of waiting for a wake-up")
+}
+
+// TestRedlockUnlockWithFrozenMinority: a minority master is frozen
+// (SIGSTOP). Its watchdog's renewal is in flight for up to a renewal period
+// (watchdog timeout / 3); Redlock.Unlock, with a 300ms ctx, does not wait
+// for that renewal to end (it did, in watchdog.remove, far past its ctx).
+func TestRedlockUnlockWithFrozenMinority(t *testing.T) {
+	servers := redlockServers(t, 3)
+	clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second)) // period 3s
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	servers[2].Stop(t)
+	t.Cleanup(func() { servers[2].Cont(t) })
+	time.Sleep(3200 * time.Millisecond) // a renewal to the frozen master is in flight
+	requireOpen(t, r.Lost(), "a quorum still renews")
+	uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := r.Unlock(uctx)
+	took := time.Since(start)
+	t.Logf("Unlock returned %v after %v", err, took)
+	require.NoError(t, err, "2 of 3 masters released it")
+	require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
+}
+
+// TestRedlockCancelMidRoundReleases: ctx ends while 3 of 5 masters
+// are frozen; what the 2 live masters granted is released at once.
+func TestRedlockCancelMidRoundReleases(t *testing.T) {
+	servers := redlockServers(t, 5)
+	clients := redlockClients(t, servers)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	for _, s := range servers[2:] {
+		s.Stop(t)
+	}
+	t.Cleanup(func() {
+		for _, s := range servers[2:] {
+			s.Cont(t)
+		}
+	})
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
+	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	err := r.Lock(short)
+	requireWaitErr(t, err, short)
+	require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
+	for _, s := range servers[2:] {
+		s.Cont(t)
+	}
+	time.Sleep(100 * time.Millisecond)
+	require.Equal(t, []bool{false, false, false, false, false}, heldOn(t, ctx, servers, name), "late attempts took nothing")
+}
+
+// TestMutexUnlockWithFrozenRedis: the same for a Mutex: Unlock with a
+// 300ms ctx on a frozen Redis does not wait for the watchdog's in-flight
+// renewal (up to watchdog timeout / 3).
+func TestMutexUnlockWithFrozenRedis(t *testing.T) {
+	servers := redlockServers(t, 1)
+	c := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second))[0]
+	ctx := ctxT(t, 30*time.Second)
+	m := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx))
+	servers[0].Stop(t)
+	t.Cleanup(func() { servers[0].Cont(t) })
+	time.Sleep(3200 * time.Millisecond)
+	uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := m.Unlock(uctx)
+	took := time.Since(start)
+	t.Logf("Unlock returned %v after %v", err, took)
+	require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
+}
+
+// TestRedlockLeaseBelowDrift: WithLease(2ms) is accepted, but the
+// drift allowance (lease/100 + 2ms) exceeds it: no acquisition can ever be
+// valid: the methods report ErrInvalidArgument (TryLock failed with
+// ErrNotObtained on free masters, and Lock spun until its ctx ended).
+func TestRedlockLeaseBelowDrift(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	r := redlatch.NewRedlock(redistest.UniqueName(t), redlockClients(t, servers), redlatch.WithLease(2*time.Millisecond))
+	ok, err := r.TryLock(ctx)
+	t.Logf("TryLock on free masters: %v, %v", ok, err)
+	before := scriptCallsOn(servers[0], t)
+	short, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	err = r.Lock(short)
+	t.Logf("Lock: %v; script calls on master 0 in 500ms: %d", err, scriptCallsOn(servers[0], t)-before)
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument, "a lease under the drift allowance can never be valid")
+}
