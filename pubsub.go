@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -153,6 +154,11 @@ type waiter struct {
 	// kin is the owner id whose holds the waiter re-enters (see kinship),
 	// or ""; guarded by pubsub.mu.
 	kin string
+	// turns: the waiter waits in Client.acquire, which passes a wake-up it
+	// does not use on when it leaves (see leave), so that a waiter may queue
+	// behind it without an attempt; guarded by pubsub.mu. A Redlock's
+	// waiter keeps its wake-ups while it waits on.
+	turns bool
 }
 
 // kinship names the waiters of one owner on a Client, which re-enter each
@@ -312,9 +318,11 @@ func (p *pubsub) unreserve(w *waiter, retry bool) {
 	}
 }
 
-// setTransfer makes w a waiter that takes transfers described by x.
+// setTransfer makes w a waiter of Client.acquire (see waiter.turns) that
+// takes transfers described by x (nil: none).
 func (p *pubsub) setTransfer(w *waiter, x *transfer, kin *kinship) {
 	p.mu.Lock()
+	w.turns = true
 	w.xfer = x
 	if kin != nil {
 		w.kin = kin.owner
@@ -437,19 +445,39 @@ func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Dura
 
 // joinQueued registers a waiter on channel, without a round trip, when the
 // channel is subscribed and already has local waiters; else it returns nil.
-// A release wakes one of those waiters, and each passes the turn on, so the
-// new waiter needs no attempt of its own before its first sleep.
+// The caller still makes its attempt (a release after that attempt then
+// wakes it too).
 func (p *pubsub) joinQueued(channel string) *waiter {
 	return p.joinQueuedID(channel, "")
+}
+
+// joinQueuedBehind is joinQueued for a waiter that sleeps before any attempt
+// of its own: it needs a waiter of Client.acquire on the channel (see
+// waiter.turns). A release wakes one of those waiters, and each passes the
+// turn on, so the new waiter needs no attempt before its first sleep.
+// Behind a Redlock's waiter alone, which keeps its wake-ups while it waits
+// on, it would sleep its whole bound on a free lock.
+func (p *pubsub) joinQueuedBehind(channel string) *waiter {
+	return p.joinWaiting(channel, "", true)
 }
 
 // joinQueuedID is joinQueued for a waiter that wakeWaiterPrefix+id messages
 // name.
 func (p *pubsub) joinQueuedID(channel, id string) *waiter {
+	return p.joinWaiting(channel, id, false)
+}
+
+// joinWaiting is joinQueuedID; with behind set it also needs a
+// waiter of Client.acquire on the channel (see joinQueuedBehind). It takes
+// pubsub.mu.
+func (p *pubsub) joinWaiting(channel, id string, behind bool) *waiter {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
 	if p.closed || ch == nil || !ch.isReady || len(ch.waiters) == 0 {
+		return nil
+	}
+	if behind && !slices.ContainsFunc(ch.waiters, func(w *waiter) bool { return w.turns }) {
 		return nil
 	}
 	w := &waiter{p: p, ch: ch, sig: make(chan struct{}, 1), id: id}
@@ -1018,7 +1046,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		return true
 	}
 	joined := func(nw *waiter) *waiter {
-		if nw != nil && (xfer != nil || kin != nil) {
+		if nw != nil {
 			c.ps.setTransfer(nw, xfer, kin)
 		}
 		return nw
@@ -1028,7 +1056,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		// any release wakes one of them. Queue behind them instead of
 		// barging in with an attempt that would fail: it saves a round
 		// trip and keeps local arrivals in order.
-		if w = joined(c.ps.joinQueued(channel)); w != nil && (kin == nil || kin.held == nil || !kin.held()) {
+		if w = joined(c.ps.joinQueuedBehind(channel)); w != nil && (kin == nil || kin.held == nil || !kin.held()) {
 			if _, err := w.wait(ctx, c.opts.watchdogTimeout/3); err != nil {
 				return false, err
 			}

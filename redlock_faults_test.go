@@ -134,3 +134,36 @@ func TestRedlockLeaseBelowDrift(t *testing.T) {
 	t.Logf("Lock: %v; script calls on master 0 in 500ms: %d", err, scriptCallsOn(servers[0], t)-before)
 	require.ErrorIs(t, err, redlatch.ErrInvalidArgument, "a lease under the drift allowance can never be valid")
 }
+
+// TestMutexNotQueuedBehindRedlockWaiter: a Redlock waits (another owner
+// holds 2 of its 3 masters). A Mutex of the same name on the free master's
+// Client finds the Redlock's waiter on that Client's channel. It must not
+// queue behind it without an attempt (it was never woken: a Redlock waiter
+// keeps its wake-ups while it waits on), since the lock on that master is
+// free.
+func TestMutexNotQueuedBehindRedlockWaiter(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	others := redlockClients(t, servers)
+	for i := 1; i < 3; i++ {
+		require.NoError(t, others[i].Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+	}
+	clients := redlockClients(t, servers)
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	done := make(chan error, 1)
+	go func() { done <- r.Lock(rctx) }()
+	time.Sleep(300 * time.Millisecond) // the Redlock waits, subscribed on every master
+	m := clients[0].Mutex(name)
+	mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	start := time.Now()
+	err := m.Lock(mctx)
+	t.Logf("Mutex.Lock on the free master: %v after %v", err, time.Since(start))
+	rcancel()
+	<-done
+	require.NoError(t, err, "the lock on master 0 is free apart from the Redlock's brief attempts")
+	require.NoError(t, m.Unlock(ctx))
+}
