@@ -136,7 +136,10 @@ type Client struct {
 
 // New returns a Client on rdb, which may be a *redis.Client, a
 // *redis.ClusterClient or a sentinel failover client. New does not talk to
-// Redis. A nil rdb or a bad option does not panic: every method of the
+// Redis. A *redis.Ring is refused (ErrInvalidArgument): it shards keys
+// over independent servers, which the watchdog's batches and the pub/sub
+// connection do not follow; use a Client per server with NewRedlock
+// instead. A nil rdb or a bad option does not panic: every method of the
 // returned Client and of the primitives it makes then returns an error
 // wrapping ErrInvalidArgument (except the first Close, which has nothing to
 // stop and returns nil).
@@ -160,6 +163,12 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c.err = c.opts.err
 	if isNil(rdb) {
 		c.err = invalidArg("redis client", "is nil")
+	} else if _, ring := rdb.(*redis.Ring); ring {
+		// A Ring shards keys by hash over independent servers: the
+		// watchdog's batches and the pub/sub connection assume one server
+		// or a Cluster, and would report holds on other shards as lost.
+		// Use one Client per server with NewRedlock instead.
+		c.err = invalidArg("redis client", "is a *redis.Ring: use a *redis.Client, a *redis.ClusterClient or a failover client")
 	}
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		c.cluster = cc

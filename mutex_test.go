@@ -444,9 +444,12 @@ func TestBadInput(t *testing.T) {
 	_, err := c.ReentrantMutex("").HoldCount(ctx)
 	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
 
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "127.0.0.1:1"}})
+	t.Cleanup(func() { _ = ring.Close() })
 	for _, bad := range []*redlatch.Client{
 		redlatch.New(nil),
 		redlatch.New((*redis.Client)(nil)),
+		redlatch.New(ring), // shards keys over servers: see New
 		redlatch.New(rdb, redlatch.WithWatchdogTimeout(0)),
 		redlatch.New(rdb, redlatch.WithWatchdogTimeout(time.Nanosecond)),
 		nil,
