@@ -22,8 +22,8 @@ var (
 	//go:embed lua/fair_force_unlock.lua
 	fairForceUnlockLua string
 
-	fairLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + fairCommonLua + fairLockLua)
-	fairUnlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + fairCommonLua + fairUnlockLua)
+	fairLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + fairCommonLua + fairLockLua)
+	fairUnlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + fairCommonLua + fairUnlockLua)
 	fairForceUnlockScript = redis.NewScript(fenceLua + fairCommonLua + fairForceUnlockLua)
 )
 

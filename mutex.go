@@ -22,6 +22,8 @@ var (
 	fenceAcquireLua string
 	//go:embed lua/fence_release.lua
 	fenceReleaseLua string
+	//go:embed lua/ids.lua
+	idsLua string
 )
 
 var (
@@ -32,8 +34,8 @@ var (
 	//go:embed lua/force_unlock.lua
 	forceUnlockLua string
 
-	lockScript        = redis.NewScript(fenceLua + fenceAcquireLua + lockLua)
-	unlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + unlockLua)
+	lockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + lockLua)
+	unlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + unlockLua)
 	forceUnlockScript = redis.NewScript(forceUnlockLua)
 )
 

@@ -125,3 +125,167 @@ func TestFullUnlockResentAfterRelock(t *testing.T) {
 		})
 	}
 }
+
+// cancelHook, once armed, lets the next call of script run in Redis, then
+// waits until proceed is closed and fails it with the error of its
+// context, which the test has cancelled meanwhile: the caller gave up while
+// its attempt was on the way, and undoes it.
+type cancelHook struct {
+	script  *redis.Script
+	mu      sync.Mutex
+	armed   bool
+	ran     chan struct{}
+	proceed chan struct{}
+}
+
+func (h *cancelHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *cancelHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h *cancelHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if name := strings.ToLower(cmd.Name()); name == "evalsha" {
+			if s, _ := cmd.Args()[1].(string); s == h.script.Hash() {
+				h.mu.Lock()
+				gate := h.armed
+				h.armed = false
+				h.mu.Unlock()
+				if gate {
+					_ = next(context.WithoutCancel(ctx), cmd) // it reaches Redis
+					close(h.ran)
+					<-h.proceed
+					cmd.SetErr(ctx.Err())
+					return ctx.Err()
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// reentrantKinds are the reentrant holds of one owner, with the scripts
+// that take and release them.
+var reentrantKinds = []struct {
+	kind         string
+	lock, unlock **redis.Script
+	make         func(c *Client, name string) (lock, unlock func(context.Context) error, key string)
+}{
+	{"ReentrantMutex", &lockScript, &unlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, string) {
+		m := c.ReentrantMutex(name)
+		return m.Lock, m.Unlock, m.e.key
+	}},
+	{"FairMutex", &fairLockScript, &fairUnlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, string) {
+		m := c.FairMutex(name)
+		return m.Lock, m.Unlock, m.key
+	}},
+	{"RWMutex", &rwLockScript, &rwUnlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, string) {
+		m := c.RWMutex(name)
+		return m.Lock, m.Unlock, m.key
+	}},
+	{"RWMutexRead", &rwRLockScript, &rwRUnlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, string) {
+		m := c.RWMutex(name)
+		return m.RLock, m.RUnlock, m.key
+	}},
+}
+
+// TestPartialUnlockResentAfterInterleave: three goroutines share a handle,
+// each holding the lock once (count 3). One Unlock's reply is lost and
+// go-redis resends it; meanwhile another goroutine's Unlock ran. The resend
+// is recognised (the hold remembers its last few partial releases, not only
+// the latest): the count is 1, not 0, and no writer gets in while the third
+// goroutine holds. (Found by a reviewer on RWMutex.)
+func TestPartialUnlockResentAfterInterleave(t *testing.T) {
+	for _, k := range reentrantKinds {
+		t.Run(k.kind, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				rdb := b.Client(t)
+				hook := &resendHook{script: *k.unlock, ran: make(chan struct{}), proceed: make(chan struct{})}
+				rdb.AddHook(hook)
+				c := New(rdb)
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				lock, unlock, _ := k.make(c, name)
+				require.NoError(t, lock(ctx)) // loads the scripts
+				require.NoError(t, unlock(ctx))
+				for i := 0; i < 3; i++ {
+					require.NoError(t, lock(ctx))
+				}
+				hook.mu.Lock()
+				hook.armed = true
+				hook.mu.Unlock()
+				done := make(chan error, 1)
+				go func() { done <- unlock(ctx) }() // goroutine 1
+				<-hook.ran
+				require.NoError(t, unlock(ctx)) // goroutine 2
+				close(hook.proceed)
+				require.NoError(t, <-done)
+
+				w := New(b.Client(t))
+				t.Cleanup(func() { _ = w.Close() })
+				otherLock, otherUnlock, _ := reentrantKinds[0].make(w, name)
+				if k.kind != "ReentrantMutex" {
+					m := w.RWMutex(name)
+					otherLock, otherUnlock = m.Lock, m.Unlock
+					if k.kind == "FairMutex" {
+						f := w.FairMutex(name)
+						otherLock, otherUnlock = f.Lock, f.Unlock
+					}
+				}
+				tctx, tcancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				err := otherLock(tctx)
+				tcancel()
+				if err == nil {
+					_ = otherUnlock(ctx)
+				}
+				require.Error(t, err, "another owner got in while the third goroutine holds")
+				require.NoError(t, unlock(ctx)) // goroutine 3
+			})
+		})
+	}
+}
+
+// TestUndoAfterConcurrentReentry: two goroutines share a handle. One Lock
+// gives up (ctx) while its attempt is on the way; the attempt took (or
+// re-entered) the hold, and before its undo runs the other goroutine's Lock
+// re-entered it. The undo recognises its acquisition among the hold's last
+// few (not only the latest) and takes it back: after the one Lock that
+// succeeded is released, nothing is held. (Found by a reviewer on RWMutex;
+// it leaked a hold until its lease ran out.)
+func TestUndoAfterConcurrentReentry(t *testing.T) {
+	for _, k := range reentrantKinds {
+		t.Run(k.kind, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				rdb := b.Client(t)
+				hook := &cancelHook{script: *k.lock, ran: make(chan struct{}), proceed: make(chan struct{})}
+				rdb.AddHook(hook)
+				c := New(rdb)
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				lock, unlock, key := k.make(c, name)
+				require.NoError(t, lock(ctx)) // loads the scripts
+				require.NoError(t, unlock(ctx))
+
+				hook.mu.Lock()
+				hook.armed = true
+				hook.mu.Unlock()
+				gctx, gcancel := context.WithCancel(ctx)
+				done := make(chan error, 1)
+				go func() { done <- lock(gctx) }() // goroutine 1
+				<-hook.ran
+				require.NoError(t, lock(ctx)) // goroutine 2
+				gcancel()
+				close(hook.proceed)
+				require.ErrorIs(t, <-done, ErrNotObtained)
+				require.NoError(t, unlock(ctx)) // goroutine 2 is done too
+				n, err := rdb.Exists(ctx, key).Result()
+				require.NoError(t, err)
+				require.Zero(t, n, "every Lock that succeeded was released, yet the owner still holds: %v",
+					rdb.HGetAll(ctx, key).Val())
+			})
+		})
+	}
+}

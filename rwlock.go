@@ -30,7 +30,7 @@ var (
 	rwInfoLua string
 
 	// rw_common.lua uses the release helpers.
-	rwPrelude           = fenceReleaseLua + rwCommonLua
+	rwPrelude           = fenceReleaseLua + idsLua + rwCommonLua
 	rwLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + rwPrelude + rwLockLua)
 	rwRLockScript       = redis.NewScript(fenceAcquireLua + rwPrelude + rwRLockLua)
 	rwUnlockScript      = redis.NewScript(rwPrelude + rwUnlockLua)

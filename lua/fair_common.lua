@@ -3,8 +3,9 @@
 -- Every FairMutex script takes the same KEYS and the same first two ARGV:
 --   KEYS[1]  lock hash: o = owner id, c = hold count, t = fencing token,
 --            g = waiter id the lock was granted to (by a handoff or a direct
---            take), q = request (waiter) id of the last acquisition,
---            u = request id of the last partial release
+--            take), q = request (waiter) ids of the last acquisitions
+--            (the hold's and its re-entries', see ids.lua), u = request ids
+--            of the last partial releases
 --   KEYS[2]  queue: sorted set, member -> arrival number (1, 2, 3 ... from
 --            the last score + 1: a server-side sequence, never a clock)
 --   KEYS[3]  places: sorted set, member -> expiry of the queue place in

@@ -45,14 +45,14 @@ if o == owner then
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
   end
-  if v[3] == id or v[4] == id then
+  if v[3] == id or (v[4] and string.find(' ' .. v[4] .. ' ', ' ' .. id .. ' ', 1, true)) then
     -- Granted to this waiter by a handoff (or taken by an earlier run of
     -- this very call): claimed.
     return {1, token_reply(v[2]), v[1]}
   end
   -- Re-entry by the owner (even while queued: it holds the lock already).
   local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
-  redis.call('HSET', KEYS[1], 'q', id)
+  redis.call('HSET', KEYS[1], 'q', ids_add(v[4], id))
   return {1, token_reply(v[2]), c}
 end
 if not o then

@@ -46,7 +46,7 @@ if withdraw ~= '' then
   -- attempt of it still on the way takes nothing, and does not queue, when
   -- it comes late.
   fence_tombstone(KEYS[4], withdraw, ARGV[2])
-  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and v[6] ~= withdraw) then
+  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and not (v[6] and string.find(' ' .. v[6] .. ' ', ' ' .. withdraw .. ' ', 1, true))) then
     return reply(-1) -- it holds nothing: queued, failed, or not arrived
   end
 end
@@ -76,15 +76,20 @@ end
 if ARGV[6] == '' and released() then
   return reply(0)
 end
-if v[3] == ARGV[4] then
-  return reply(tonumber(v[2]))
+if v[3] and string.find(' ' .. v[3] .. ' ', ' ' .. ARGV[4] .. ' ', 1, true) then
+  return reply(tonumber(v[2])) -- a partial release done already (see ids.lua)
 end
 local c = tonumber(v[2]) - 1
 if c > 0 then
-  redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[4])
+  redis.call('HSET', KEYS[1], 'c', c, 'u', ids_add(v[3], ARGV[4]))
   if withdraw ~= '' then
-    -- The withdrawn acquisition is undone: it can no longer be claimed.
-    redis.call('HSET', KEYS[1], 'g', '', 'q', '')
+    -- The withdrawn acquisition is undone: it can no longer be claimed,
+    -- and the others the hold counts stay.
+    local g = v[5]
+    if g == withdraw then
+      g = ''
+    end
+    redis.call('HSET', KEYS[1], 'g', g, 'q', ids_drop(v[6], withdraw))
   end
   return reply(c)
 end

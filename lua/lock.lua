@@ -1,8 +1,9 @@
 -- lock.lua: take an exclusive lock (Mutex, ReentrantMutex) in one step.
 --
 -- KEYS[1]  lock hash: o = owner id, c = hold count, t = fencing token,
---          q = request id of the last acquisition, u = request id of the
---          last partial release (see unlock.lua), w = set when an attempt
+--          q = request ids of the last acquisitions (the hold's and its
+--          re-entries', see ids.lua), u = request ids of the last partial
+--          releases (see unlock.lua), w = set when an attempt
 --          failed during this hold: someone may wait, so the release
 --          publishes a wake-up
 -- KEYS[2]  fence key of the lock name (see fence.lua)
@@ -38,7 +39,7 @@ if not o then
 end
 if o == ARGV[1] then
   local v = redis.call('HMGET', KEYS[1], 'c', 't', 'q')
-  if v[3] == ARGV[3] then
+  if v[3] and string.find(' ' .. v[3] .. ' ', ' ' .. ARGV[3] .. ' ', 1, true) then
     return {1, token_reply(v[2]), v[1]}
   end
   if ARGV[4] == '1' then
@@ -46,7 +47,7 @@ if o == ARGV[1] then
       return {0, 1}
     end
     local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
-    redis.call('HSET', KEYS[1], 'q', ARGV[3])
+    redis.call('HSET', KEYS[1], 'q', ids_add(v[3], ARGV[3]))
     -- Never shorten: another handle of the owner may hold it on a longer
     -- lease (see renew.lua).
     if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then

@@ -3,12 +3,12 @@
 --
 -- An RWMutex is one hash (plus the fence key of fence.lua). Its fields:
 --   w        the writer's owner id            wc  the writer's hold count
---   t        the writer's fencing token       wq  request id of its last acquisition
---   wu       request id of the writer's last partial release
+--   t        the writer's fencing token       wq  request ids of its last acquisitions
+--   wu       request ids of the writer's last partial releases (lists: see rw_seen)
 --   we:<o>   writer o's lease expiry, server ms
 --   rc:<o>   reader o's hold count            re:<o>  reader o's lease expiry, server ms
---   rq:<o>   request id of reader o's last acquisition
---   ru:<o>   request id of reader o's last partial release
+--   rq:<o>   request ids of reader o's last acquisitions
+--   ru:<o>   request ids of reader o's last partial releases
 --   rg:<o>   request id of the acquisition that began reader o's read hold
 --            (its count went from 0 to 1): tells one read hold from the next
 --   ww:<o>   writer o is waiting, until this server ms: while a writer waits,
@@ -173,3 +173,10 @@ local function rw_was_released(s, fence, req)
   return fence_release(v) == req
 end
 
+-- rw_seen reports whether req is in the list of request ids v (see
+-- ids.lua, which this prelude follows): wq, wu, rq:<o> and ru:<o> list the
+-- last few, since the calls of one owner's goroutines and handles
+-- interleave and a retry after a lost reply may come after others.
+local function rw_seen(v, req)
+  return v ~= nil and string.find(' ' .. v .. ' ', ' ' .. req .. ' ', 1, true) ~= nil
+end

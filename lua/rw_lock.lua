@@ -20,13 +20,13 @@ local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local exp = s.now + tonumber(ARGV[2])
 if f.w == o then
-  if f.wq == req then
+  if rw_seen(f.wq, req) then
     rw_commit(s)
     return {1, tonumber(f.t), tonumber(f.wc)}
   end
   local c = tonumber(f.wc) + 1
   rw_set(s, 'wc', tostring(c))
-  rw_set(s, 'wq', req)
+  rw_set(s, 'wq', ids_add(f.wq, req))
   rw_set(s, 'we:' .. o, rw_ms(math.max(exp, tonumber(f['we:' .. o]))))
   rw_del(s, 'ww:' .. o)
   rw_commit(s)

@@ -22,19 +22,22 @@ end
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local c = tonumber(f['rc:' .. o])
-if c and f['rq:' .. o] == req then
+if c and rw_seen(f['rq:' .. o], req) then
   rw_commit(s)
   return {1, c, f['rg:' .. o] or ''}
 end
 local _, waiting, _, wmin = rw_scan(s)
 if c or f.w == o or (not f.w and waiting == 0) then
+  local rq = req
   if not c then
     rw_set(s, 'rg:' .. o, req)
+  else
+    rq = ids_add(f['rq:' .. o], req)
   end
   c = (c or 0) + 1
   local exp = s.now + tonumber(ARGV[2])
   rw_set(s, 'rc:' .. o, tostring(c))
-  rw_set(s, 'rq:' .. o, req)
+  rw_set(s, 'rq:' .. o, rq)
   rw_set(s, 're:' .. o, rw_ms(math.max(exp, tonumber(f['re:' .. o]) or 0)))
   local begun = f['rg:' .. o] or ''
   rw_commit(s)

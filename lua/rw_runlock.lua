@@ -27,10 +27,11 @@ if ARGV[5] ~= '' then
   -- of its attempt still on the way takes nothing when it comes late
   -- (see fence.lua).
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  if not c or f['rq:' .. o] ~= ARGV[5] then
+  if not c or not rw_seen(f['rq:' .. o], ARGV[5]) then
     rw_commit(s)
     return -1
   end
+  rw_set(s, 'rq:' .. o, ids_drop(f['rq:' .. o], ARGV[5]))
 end
 if c and ARGV[6] ~= '' and f['rg:' .. o] ~= ARGV[6] then
   c = nil -- not the caller's read hold
@@ -49,14 +50,14 @@ if rw_was_released(s, KEYS[2], req) then
   rw_commit(s)
   return 0
 end
-if f['ru:' .. o] == req then
+if rw_seen(f['ru:' .. o], req) then
   rw_commit(s)
   return c
 end
 c = c - 1
 if c > 0 then
   rw_set(s, 'rc:' .. o, tostring(c))
-  rw_set(s, 'ru:' .. o, req)
+  rw_set(s, 'ru:' .. o, ids_add(f['ru:' .. o], req))
   rw_commit(s)
   return c
 end

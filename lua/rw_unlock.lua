@@ -28,10 +28,11 @@ if ARGV[5] ~= '' then
   -- of its attempt still on the way takes nothing when it comes late
   -- (see fence.lua).
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  if f.w ~= o or f.wq ~= ARGV[5] then
+  if f.w ~= o or not rw_seen(f.wq, ARGV[5]) then
     rw_commit(s)
     return -1
   end
+  rw_set(s, 'wq', ids_drop(f.wq, ARGV[5]))
 end
 if f.w ~= o or (ARGV[6] ~= '' and tonumber(f.t) ~= tonumber(ARGV[6])) then
   local done = rw_was_released(s, KEYS[2], req)
@@ -47,14 +48,14 @@ if rw_was_released(s, KEYS[2], req) then
   rw_commit(s)
   return 0
 end
-if f.wu == req then
+if rw_seen(f.wu, req) then
   rw_commit(s)
   return tonumber(f.wc)
 end
 local c = tonumber(f.wc) - 1
 if c > 0 then
   rw_set(s, 'wc', tostring(c))
-  rw_set(s, 'wu', req)
+  rw_set(s, 'wu', ids_add(f.wu, req))
   rw_commit(s)
   return c
 end

@@ -61,9 +61,13 @@ if undo ~= '' then
   -- of its attempt still on the way (a slow link, a client resend) takes
   -- nothing when it comes late.
   fence_tombstone(KEYS[2], undo, ARGV[4])
-  if v[1] ~= ARGV[1] or redis.call('HGET', KEYS[1], 'q') ~= undo then
+  local q = v[1] == ARGV[1] and redis.call('HGET', KEYS[1], 'q')
+  if not q or not string.find(' ' .. q .. ' ', ' ' .. undo .. ' ', 1, true) then
     return {-1, 0} -- it holds nothing: it failed, or it has not arrived
   end
+  -- Undone: the hold no longer counts it (a re-entry undone leaves the
+  -- hold to the others).
+  redis.call('HSET', KEYS[1], 'q', ids_drop(q, undo))
 end
 -- Tokens compare as strings first: both are the same digits but for a
 -- token written by an older version of this script.
@@ -79,12 +83,12 @@ end
 if ARGV[5] == '' and fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
   return {0, 0}
 end
-if v[4] == ARGV[2] then
-  return {tonumber(v[2]), 0}
+if v[4] and string.find(' ' .. v[4] .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) then
+  return {tonumber(v[2]), 0} -- a partial release done already (see ids.lua)
 end
 local c = tonumber(v[2]) - 1
 if c > 0 then
-  redis.call('HSET', KEYS[1], 'c', c, 'u', ARGV[2])
+  redis.call('HSET', KEYS[1], 'c', c, 'u', ids_add(v[4], ARGV[2]))
   return {c, 0}
 end
 if to then
