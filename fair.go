@@ -164,6 +164,8 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 		f.c.wd.supersede(f.h)
 		kind, member := exclHold(f.owner, token)
 		f.h, f.n = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), 0
+	} else {
+		f.c.wd.extend(f.h, sent) // a re-entry restarts the lease (see ReentrantMutex.lock)
 	}
 	f.n++
 	// The token of the hold in Redis now: a re-entry reports the token the

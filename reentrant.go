@@ -101,6 +101,8 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// same owner holds it too; each tracks the hold it took.)
 		m.e.c.wd.supersede(m.h)
 		m.h, m.n = m.e.track(sent, token), 0
+	} else {
+		m.e.c.wd.extend(m.h, sent) // a re-entry restarts the lease
 	}
 	m.n++
 	// The token of the hold in Redis now: a re-entry reports the token the

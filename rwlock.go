@@ -180,6 +180,8 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		m.c.wd.supersede(m.wh)
 		kind, member := rwHold(m.wfield, tokenArg(token))
 		m.wh, m.wn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
+	} else {
+		m.c.wd.extend(m.wh, sent) // see ReentrantMutex.lock
 	}
 	m.wn++
 	// The token of the hold in Redis now: a re-entry reports the token the
@@ -410,6 +412,8 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		m.c.wd.supersede(m.rh)
 		kind, member := rwHold(m.rfield, begun)
 		m.rh, m.rn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
+	} else {
+		m.c.wd.extend(m.rh, sent) // see ReentrantMutex.lock
 	}
 	m.rbegun = begun
 	m.rn++

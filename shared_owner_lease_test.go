@@ -69,3 +69,48 @@ func TestSharedOwnerLeaseNotShortened(t *testing.T) {
 		}
 	})
 }
+
+// TestReentryRestartsLease: a WithLease handle re-enters near the end of its
+// lease; the script gives the hold its full lease again, and so does the
+// handle: Lost stays open and both Unlocks succeed while Redis holds it.
+// (Found by a reviewer on RWMutex: Lost closed at the first lease's end,
+// and the last Unlock returned ErrNotHeld although it released a live hold.)
+func TestReentryRestartsLease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		c := newClient(t, b)
+		const lease = 600 * time.Millisecond
+		for _, tc := range []struct {
+			kind string
+			make func(name string) (lock, unlock func(context.Context) error, lost func() <-chan struct{})
+		}{
+			{"ReentrantMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+				m := c.ReentrantMutex(name, redlatch.WithLease(lease))
+				return m.Lock, m.Unlock, m.Lost
+			}},
+			{"FairMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+				m := c.FairMutex(name, redlatch.WithLease(lease))
+				return m.Lock, m.Unlock, m.Lost
+			}},
+			{"RWMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+				m := c.RWMutex(name, redlatch.WithLease(lease))
+				return m.Lock, m.Unlock, m.Lost
+			}},
+			{"RWMutexRead", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+				m := c.RWMutex(name, redlatch.WithLease(lease))
+				return m.RLock, m.RUnlock, m.RLost
+			}},
+		} {
+			t.Run(tc.kind, func(t *testing.T) {
+				lock, unlock, lost := tc.make(redistest.UniqueName(t))
+				require.NoError(t, lock(ctx))
+				time.Sleep(400 * time.Millisecond)
+				require.NoError(t, lock(ctx)) // held in Redis until about 1000 ms
+				time.Sleep(300 * time.Millisecond)
+				requireOpen(t, lost(), "Lost, while Redis holds the lock for the owner")
+				require.NoError(t, unlock(ctx))
+				require.NoError(t, unlock(ctx), "the last Unlock released a live hold")
+			})
+		}
+	})
+}

@@ -150,6 +150,22 @@ func (w *watchdog) addNotify(name, key string, kind byte, member string, lease t
 	return h
 }
 
+// extend records a re-entry of h whose request was sent at sent: the
+// script gave the hold at least its full lease from then (it never shortens
+// one), so h's deadline moves to sent + lease when that is later. Without
+// it a WithLease hold re-entered near its end would be reported lost (and
+// its Unlock refused) while Redis still held it.
+func (w *watchdog) extend(h *hold, sent time.Time) {
+	if h == nil {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if d := sent.Add(h.lease); !h.done && d.After(h.deadline) {
+		h.deadline = d
+	}
+}
+
 // setReleasing marks a hold whose release is in flight (v) or no longer in
 // flight because the release left it held (!v). A releasing hold is not
 // renewed, and a renewal reply that finds it gone does not count as a loss.
