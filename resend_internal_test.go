@@ -13,23 +13,51 @@ import (
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
-// resendHook, once armed, runs the next call of script twice, as go-redis
-// does when the reply of a command is lost (MaxRetries): the first run
-// reaches Redis, then the hook waits until proceed is closed (others run
-// meanwhile) and sends the same command again, whose reply the caller gets.
-type resendHook struct {
+// replyHook, once armed, lets the next call of script run in Redis, then
+// waits until proceed is closed (others run meanwhile) and answers the
+// caller as a lost reply does: with resend set, go-redis sends the same
+// command again (MaxRetries), whose reply the caller gets; else the call
+// fails with its context's error, which the test has cancelled meanwhile
+// (the caller gave up while its attempt was on the way, and undoes it).
+type replyHook struct {
 	script  *redis.Script
+	resend  bool
 	mu      sync.Mutex
 	armed   bool
 	ran     chan struct{}
 	proceed chan struct{}
 }
 
-func (h *resendHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *resendHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+func newReplyHook(script *redis.Script, resend bool) *replyHook {
+	return &replyHook{script: script, resend: resend, ran: make(chan struct{}), proceed: make(chan struct{})}
+}
+
+// hookedClient returns a context bounded for the test, a Client on b
+// whose calls of script go through a replyHook, that hook, and the go-redis
+// client.
+func hookedClient(t *testing.T, b redistest.Backend, script *redis.Script, resend bool) (context.Context, *Client, *replyHook, redis.UniversalClient) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	rdb := b.Client(t)
+	hook := newReplyHook(script, resend)
+	rdb.AddHook(hook)
+	c := New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	return ctx, c, hook, rdb
+}
+
+func (h *replyHook) arm() {
+	h.mu.Lock()
+	h.armed = true
+	h.mu.Unlock()
+}
+
+func (h *replyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *replyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return next
 }
-func (h *resendHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+func (h *replyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if name := strings.ToLower(cmd.Name()); name == "evalsha" {
 			if s, _ := cmd.Args()[1].(string); s == h.script.Hash() {
@@ -38,10 +66,14 @@ func (h *resendHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 				h.armed = false
 				h.mu.Unlock()
 				if gate {
-					_ = next(ctx, cmd) // executed; "the reply is lost"
+					_ = next(context.WithoutCancel(ctx), cmd) // it runs; its reply is lost
 					close(h.ran)
 					<-h.proceed
-					return next(ctx, cmd) // the resend
+					if h.resend {
+						return next(ctx, cmd)
+					}
+					cmd.SetErr(ctx.Err())
+					return ctx.Err()
 				}
 			}
 		}
@@ -82,13 +114,7 @@ func TestFullUnlockResentAfterRelock(t *testing.T) {
 	} {
 		t.Run(tc.kind, func(t *testing.T) {
 			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				rdb := b.Client(t)
-				hook := &resendHook{script: tc.script, ran: make(chan struct{}), proceed: make(chan struct{})}
-				rdb.AddHook(hook)
-				c := New(rdb)
-				t.Cleanup(func() { _ = c.Close() })
+				ctx, c, hook, _ := hookedClient(t, b, tc.script, true)
 				name := redistest.UniqueName(t)
 				a := tc.make(c, name, WithOwner("svc"))
 				bh := tc.make(c, name, WithOwner("svc"))
@@ -96,9 +122,7 @@ func TestFullUnlockResentAfterRelock(t *testing.T) {
 				require.NoError(t, a.unlock(ctx))
 
 				require.NoError(t, a.lock(ctx))
-				hook.mu.Lock()
-				hook.armed = true
-				hook.mu.Unlock()
+				hook.arm()
 				done := make(chan error, 1)
 				go func() { done <- bh.unlock(ctx) }() // releases a's hold
 				<-hook.ran
@@ -123,43 +147,6 @@ func TestFullUnlockResentAfterRelock(t *testing.T) {
 				require.NoError(t, a.unlock(ctx))
 			})
 		})
-	}
-}
-
-// cancelHook, once armed, lets the next call of script run in Redis, then
-// waits until proceed is closed and fails it with the error of its
-// context, which the test has cancelled meanwhile: the caller gave up while
-// its attempt was on the way, and undoes it.
-type cancelHook struct {
-	script  *redis.Script
-	mu      sync.Mutex
-	armed   bool
-	ran     chan struct{}
-	proceed chan struct{}
-}
-
-func (h *cancelHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *cancelHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
-func (h *cancelHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if name := strings.ToLower(cmd.Name()); name == "evalsha" {
-			if s, _ := cmd.Args()[1].(string); s == h.script.Hash() {
-				h.mu.Lock()
-				gate := h.armed
-				h.armed = false
-				h.mu.Unlock()
-				if gate {
-					_ = next(context.WithoutCancel(ctx), cmd) // it reaches Redis
-					close(h.ran)
-					<-h.proceed
-					cmd.SetErr(ctx.Err())
-					return ctx.Err()
-				}
-			}
-		}
-		return next(ctx, cmd)
 	}
 }
 
@@ -198,13 +185,7 @@ func TestPartialUnlockResentAfterInterleave(t *testing.T) {
 	for _, k := range reentrantKinds {
 		t.Run(k.kind, func(t *testing.T) {
 			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				rdb := b.Client(t)
-				hook := &resendHook{script: *k.unlock, ran: make(chan struct{}), proceed: make(chan struct{})}
-				rdb.AddHook(hook)
-				c := New(rdb)
-				t.Cleanup(func() { _ = c.Close() })
+				ctx, c, hook, _ := hookedClient(t, b, *k.unlock, true)
 				name := redistest.UniqueName(t)
 				lock, unlock, _ := k.make(c, name)
 				require.NoError(t, lock(ctx)) // loads the scripts
@@ -212,9 +193,7 @@ func TestPartialUnlockResentAfterInterleave(t *testing.T) {
 				for i := 0; i < 3; i++ {
 					require.NoError(t, lock(ctx))
 				}
-				hook.mu.Lock()
-				hook.armed = true
-				hook.mu.Unlock()
+				hook.arm()
 				done := make(chan error, 1)
 				go func() { done <- unlock(ctx) }() // goroutine 1
 				<-hook.ran
@@ -257,21 +236,13 @@ func TestUndoAfterConcurrentReentry(t *testing.T) {
 	for _, k := range reentrantKinds {
 		t.Run(k.kind, func(t *testing.T) {
 			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				rdb := b.Client(t)
-				hook := &cancelHook{script: *k.lock, ran: make(chan struct{}), proceed: make(chan struct{})}
-				rdb.AddHook(hook)
-				c := New(rdb)
-				t.Cleanup(func() { _ = c.Close() })
+				ctx, c, hook, rdb := hookedClient(t, b, *k.lock, false)
 				name := redistest.UniqueName(t)
 				lock, unlock, key := k.make(c, name)
 				require.NoError(t, lock(ctx)) // loads the scripts
 				require.NoError(t, unlock(ctx))
 
-				hook.mu.Lock()
-				hook.armed = true
-				hook.mu.Unlock()
+				hook.arm()
 				gctx, gcancel := context.WithCancel(ctx)
 				done := make(chan error, 1)
 				go func() { done <- lock(gctx) }() // goroutine 1
