@@ -562,6 +562,38 @@ func (p *pubsub) rehome(ch *psChan, from *psNode) {
 	p.c.opts.logger.Warn("redlatch: subscription's slot moved, new master unknown", "channel", ch.name)
 }
 
+// refused handles a MOVED reply on sharded node n: an SSUBSCRIBE sent
+// there with a stale slot map (the slot had moved already, so no
+// SUNSUBSCRIBE of the server's will follow). No confirmation comes for it:
+// the channels of n in that slot with a command in flight follow the slot
+// to its new master, as after a migration (see rehome).
+func (p *pubsub) refused(n *psNode, err error) {
+	rest, ok := strings.CutPrefix(err.Error(), "MOVED ")
+	if !ok {
+		return
+	}
+	s, _, _ := strings.Cut(rest, " ")
+	slot, perr := strconv.Atoi(s)
+	if perr != nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	for name, ch := range p.chans {
+		if ch.node != n || n.inflight[name] == 0 || keySlot(name) != slot {
+			continue
+		}
+		if n.inflight[name]--; n.inflight[name] == 0 {
+			delete(n.inflight, name)
+		}
+		p.wg.Add(1)
+		go p.rehome(ch, n)
+	}
+}
+
 // follow runs while sharded node n's connection is down. Its master may be
 // dead, and a replica may have taken its slots over (a failover): no message
 // of the old master says so, unlike a slot migration (see rehome). follow
@@ -850,6 +882,9 @@ func (p *pubsub) receive(n *psNode) {
 				// A reply to a command, not a broken connection: the MOVED
 				// answering the unsubscribe of a channel whose slot moved.
 				p.c.opts.logger.Debug("redlatch: subscriber command refused", "error", err)
+				if n.sharded {
+					p.refused(n, err)
+				}
 				continue
 			}
 			pinged = false
@@ -857,9 +892,19 @@ func (p *pubsub) receive(n *psNode) {
 			// again on the next read. Pending confirmations are gone. A
 			// sharded node's master may be dead for good, its slots taken
 			// over by a replica: follow them.
-			n.broken.Store(true)
+			wasBroken := n.broken.Swap(true)
 			p.mu.Lock()
 			clear(n.inflight)
+			if n.sharded && !wasBroken && !p.closed {
+				// go-redis re-subscribes every sharded channel of the
+				// connection in one SSUBSCRIBE, which a cluster refuses
+				// (CROSSSLOT) when they span slots: subscribe each again.
+				for name, ch := range p.chans {
+					if ch.node == n {
+						n.send(name, true)
+					}
+				}
+			}
 			if n.sharded && !n.following && !p.closed {
 				n.following = true
 				p.wg.Add(1)

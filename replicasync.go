@@ -237,6 +237,10 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	for k, i := range which {
 		res, err := cmds[k].Int64Slice()
 		if err != nil {
+			if isRedirect(err) && w.c.cluster != nil {
+				// The slot moved: the next period asks the new map.
+				w.c.cluster.ReloadState(ctx)
+			}
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
 			continue
 		}
