@@ -333,6 +333,9 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 // unknown (see excl.unlock).
 func (f *FairMutex) unlock(ctx context.Context, waiter, member string, token int64) (int64, error) {
 	channel := f.wchan + f.c.ps.id
+	if token == 0 && waiter == "" {
+		token = currentToken(ctx, f.c, f.key, "o", f.owner) // see excl.unlockAs
+	}
 	args := []any{f.c.publishCommand(ctx), fenceRetention(f.lease), f.owner, newID(), f.c.ps.id, tokenArg(token)}
 	if waiter != "" {
 		args = append(args, waiter, member) // a withdrawal (see fair_unlock.lua)

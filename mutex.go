@@ -168,6 +168,12 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	// The optional arguments of unlock.lua go only when used (see its
 	// header): each costs the script about as much as a short command.
 	req := newID()
+	if token == 0 && undo == "" {
+		// A release that names no hold (a WithOwner handle tracking none):
+		// name the owner's current hold, so that a resend after a lost reply
+		// cannot release a later hold of the owner.
+		token = currentToken(ctx, e.c, e.key, "o", owner)
+	}
 	args := []any{owner, req, e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
 	if undo != "" && e.quietUndo {
@@ -241,6 +247,21 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 		}
 	}
 	return n, nil
+}
+
+// currentToken returns the fencing token of the hold of key that owner holds
+// (its owner id in field of), or 0 when none or unknown.
+func currentToken(ctx context.Context, c *Client, key, of, owner string) int64 {
+	v, err := c.rdb.HMGet(ctx, key, of, "t").Result()
+	if err != nil || len(v) != 2 {
+		return 0
+	}
+	if o, _ := v[0].(string); o != owner {
+		return 0
+	}
+	s, _ := v[1].(string)
+	t, _ := strconv.ParseInt(s, 10, 64)
+	return t
 }
 
 // track starts the watchdog's tracking of a new hold, taken at sent with

@@ -824,13 +824,20 @@ func (w *waiter) leave(passOn bool) {
 	}
 }
 
-// signalOne wakes the oldest waiter without a pending wake-up.
+// signalOne wakes the oldest waiter of Client.acquire (see waiter.turns)
+// without a pending wake-up, and every other waiter (a Redlock's, which
+// keeps a wake-up it does not use instead of passing it on, so it must not
+// take the one turn of the others).
 func signalOne(ws []*waiter) {
+	one := false
 	for _, w := range ws {
+		if w.turns && one {
+			continue
+		}
 		select {
 		case w.sig <- struct{}{}:
 			w.delivery = false
-			return
+			one = one || w.turns
 		default:
 		}
 	}

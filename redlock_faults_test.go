@@ -167,3 +167,49 @@ func TestMutexNotQueuedBehindRedlockWaiter(t *testing.T) {
 	require.NoError(t, err, "the lock on master 0 is free apart from the Redlock's brief attempts")
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestMutexWaiterNotStarvedByRedlockWaiter: the variant of
+// TestMutexNotQueuedBehindRedlockWaiter that waiter.turns does not cover. On
+// master 0 a Mutex of another Client holds the lock; a Redlock of the same
+// name waits (oldest local waiter on clients[0]'s channel), then a Mutex of
+// clients[0] attempts, fails, and sleeps on the holder's 20 s lease. The
+// holder unlocks: its one wake-up reaches clients[0], signalOne gives it to
+// the oldest waiter, the Redlock, which kept it (its round fails for want
+// of a quorum, and its undo on master 0 is quiet), and the Mutex slept on a
+// free lock until its 20 s bound. A Redlock's waiter now takes no one's
+// turn: signalOne wakes it besides the oldest waiter of Client.acquire.
+// (Found by a reviewer.)
+func TestMutexWaiterNotStarvedByRedlockWaiter(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	others := redlockClients(t, servers)
+	for i := 1; i < 3; i++ {
+		require.NoError(t, others[i].Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+	}
+	holder := others[0].Mutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+
+	clients := redlockClients(t, servers)
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	done := make(chan error, 1)
+	go func() { done <- r.Lock(rctx) }()
+	time.Sleep(300 * time.Millisecond) // the Redlock waits, subscribed on every master
+
+	m := clients[0].Mutex(name)
+	got := make(chan error, 1)
+	mctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	go func() { got <- m.Lock(mctx) }()
+	time.Sleep(300 * time.Millisecond) // the Mutex attempted and sleeps
+	start := time.Now()
+	require.NoError(t, holder.Unlock(ctx))
+	err := <-got
+	t.Logf("Mutex.Lock after the holder's Unlock: %v after %v", err, time.Since(start))
+	rcancel()
+	<-done
+	require.NoError(t, err, "the lock on master 0 was released, but its wake-up went to the Redlock's waiter")
+	require.NoError(t, m.Unlock(ctx))
+}

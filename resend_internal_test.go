@@ -260,3 +260,193 @@ func TestUndoAfterConcurrentReentry(t *testing.T) {
 		})
 	}
 }
+
+// TestPartialUnlockResentAfterRelock: like TestFullUnlockResentAfterRelock,
+// but the sibling's tokenless release is a partial one (count 2 -> 1). Its
+// reply is lost; before go-redis resends it, a releases the last hold and
+// takes the lock again (a new hold, count 1). The resend is neither the
+// fence key's last full release nor in the new hold's u list: it must not
+// release a's new hold, and does not, since a release that names no hold
+// first reads the owner's current one and names it. (Found by a reviewer.)
+func TestPartialUnlockResentAfterRelock(t *testing.T) {
+	type handle struct {
+		lock, unlock func(context.Context) error
+		tryLock      func(context.Context) (bool, error)
+		lost         func() <-chan struct{}
+	}
+	for _, tc := range []struct {
+		kind   string
+		script *redis.Script
+		make   func(c *Client, name string, opts ...LockOption) handle
+	}{
+		{"ReentrantMutex", unlockScript, func(c *Client, name string, opts ...LockOption) handle {
+			m := c.ReentrantMutex(name, opts...)
+			return handle{m.Lock, m.Unlock, m.TryLock, m.Lost}
+		}},
+		{"FairMutex", fairUnlockScript, func(c *Client, name string, opts ...LockOption) handle {
+			m := c.FairMutex(name, opts...)
+			return handle{m.Lock, m.Unlock, m.TryLock, m.Lost}
+		}},
+		{"RWMutex", rwUnlockScript, func(c *Client, name string, opts ...LockOption) handle {
+			m := c.RWMutex(name, opts...)
+			return handle{m.Lock, m.Unlock, m.TryLock, m.Lost}
+		}},
+		{"RWMutexRead", rwRUnlockScript, func(c *Client, name string, opts ...LockOption) handle {
+			m := c.RWMutex(name, opts...)
+			return handle{m.RLock, m.RUnlock, m.TryLock, m.Lost} // other: a writer
+		}},
+	} {
+		t.Run(tc.kind, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				rdb := b.Client(t)
+				hook := newReplyHook(tc.script, true)
+				rdb.AddHook(hook)
+				c := New(rdb)
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				a := tc.make(c, name, WithOwner("svc"))
+				bh := tc.make(c, name, WithOwner("svc"))
+				require.NoError(t, a.lock(ctx)) // loads the scripts
+				require.NoError(t, a.unlock(ctx))
+
+				require.NoError(t, a.lock(ctx))
+				require.NoError(t, a.lock(ctx)) // count 2
+				hook.arm()
+				done := make(chan error, 1)
+				go func() { done <- bh.unlock(ctx) }() // partial: count 1
+				<-hook.ran
+				require.NoError(t, a.unlock(ctx)) // count 0: released
+				require.NoError(t, a.lock(ctx))   // a new hold of "svc", count 1
+				close(hook.proceed)
+				if err := <-done; err != nil {
+					// The resend cannot tell its hold from a's new one: a
+					// wrong ErrNotHeld is the safe answer, not a release.
+					require.ErrorIs(t, err, ErrNotHeld)
+					t.Logf("b's Unlock, whose release happened: %v", err)
+				}
+
+				w := New(b.Client(t))
+				t.Cleanup(func() { _ = w.Close() })
+				other := tc.make(w, name)
+				ok, err := other.tryLock(ctx)
+				require.NoError(t, err)
+				if ok {
+					_ = other.unlock(ctx)
+				}
+				require.False(t, ok, "another owner got in while a holds the lock")
+				require.NoError(t, a.unlock(ctx))
+			})
+		})
+	}
+}
+
+// TestTransferClaimedLateKeepsRedisExpiry: a Mutex Unlock hands the lock to
+// a waiter of its Client (a transfer: the waiter's lease from the script's
+// run). The reply is lost and go-redis resends the call 500 ms later; the
+// resend finds the release done ({0, 0}) and the waiter retries its attempt,
+// which lock.lua recognises (q holds its request id). The waiter tracks the
+// hold from its retry's send time, so lock.lua restarts the lease then too
+// (never shortening it); it did not, and the local deadline was ~500 ms
+// later than Redis's expiry: another owner took the lock while the
+// waiter's Lost was open. (Found by a reviewer.)
+func TestTransferClaimedLateKeepsRedisExpiry(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		hook := newReplyHook(unlockScript, true)
+		rdb.AddHook(hook)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		a := c.Mutex(name)
+		bm := c.Mutex(name, WithLease(time.Second))
+		require.NoError(t, a.Lock(ctx)) // loads the scripts
+		require.NoError(t, a.Unlock(ctx))
+
+		require.NoError(t, a.Lock(ctx))
+		got := make(chan error, 1)
+		go func() { got <- bm.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			_, waiting := c.ps.reserveLocal(a.e.channel, false)
+			return waiting
+		}, 5*time.Second, time.Millisecond)
+		time.Sleep(50 * time.Millisecond) // b sleeps
+		hook.arm()
+		go func() {
+			<-hook.ran
+			time.Sleep(500 * time.Millisecond)
+			close(hook.proceed)
+		}()
+		require.NoError(t, a.Unlock(ctx))
+		require.NoError(t, <-got)
+
+		pttl, err := rdb.PTTL(ctx, bm.e.key).Result()
+		require.NoError(t, err)
+		local := time.Until(c.wd.deadlineOf(bm.h))
+		t.Logf("Redis PTTL %v, local deadline in %v", pttl, local)
+
+		time.Sleep(pttl + 20*time.Millisecond) // Redis expired the hold
+		w := New(b.Client(t))
+		t.Cleanup(func() { _ = w.Close() })
+		other := w.Mutex(name)
+		ok, err := other.TryLock(ctx)
+		require.NoError(t, err)
+		if ok {
+			defer func() { _ = other.Unlock(ctx) }()
+		}
+		select {
+		case <-bm.Lost():
+		default:
+			require.False(t, ok, "another owner holds the lock while b's Lost is open (local deadline %v after Redis's)", local-pttl)
+		}
+	})
+}
+
+// TestFullUnlockResentAfterOtherOwnerCycle: TestFullUnlockResentAfterRelock
+// with another owner's hold between: b's tokenless full release is resent
+// after another owner took and released the lock (the fence key's last
+// release is now that owner's) and a took it again. The resend, naming
+// the hold it meant (see TestPartialUnlockResentAfterRelock), leaves a's new
+// hold alone. (Found by a reviewer.)
+func TestFullUnlockResentAfterOtherOwnerCycle(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		hook := newReplyHook(unlockScript, true)
+		rdb.AddHook(hook)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		w := New(b.Client(t))
+		t.Cleanup(func() { _ = w.Close() })
+		name := redistest.UniqueName(t)
+		a := c.ReentrantMutex(name, WithOwner("svc"))
+		bh := c.ReentrantMutex(name, WithOwner("svc"))
+		other := w.ReentrantMutex(name)
+		require.NoError(t, a.Lock(ctx)) // loads the scripts
+		require.NoError(t, a.Unlock(ctx))
+
+		require.NoError(t, a.Lock(ctx))
+		hook.arm()
+		done := make(chan error, 1)
+		go func() { done <- bh.Unlock(ctx) }() // releases a's hold
+		<-hook.ran
+		_ = a.Unlock(ctx) // ErrNotHeld: b released a's hold
+		require.NoError(t, other.Lock(ctx))
+		require.NoError(t, other.Unlock(ctx))
+		require.NoError(t, a.Lock(ctx)) // a new hold of "svc"
+		close(hook.proceed)
+		_ = <-done
+
+		ok, err := other.TryLock(ctx)
+		require.NoError(t, err)
+		if ok {
+			_ = other.Unlock(ctx)
+		}
+		require.False(t, ok, "another owner got in while a holds the lock")
+		require.NoError(t, a.Unlock(ctx))
+	})
+}

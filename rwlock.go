@@ -269,6 +269,11 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 // -1 when it held none. token is the fencing token of the hold released, as
 // tokenArg writes it ("": unknown, any write hold of the owner).
 func (m *RWMutex) unlockW(ctx context.Context, undo, token string) (int64, error) {
+	if (token == "" || token == "0") && undo == "" {
+		if t := currentToken(ctx, m.c, m.key, "w", m.owner); t > 0 {
+			token = tokenArg(t) // see excl.unlockAs
+		}
+	}
 	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake},
 		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, token).Int64()
 	return n, convertErr(err)
@@ -279,6 +284,9 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token string) (int64, error
 // later read hold of the owner, and a read release resent after a lost reply
 // is recognised by its request id (see rw_runlock.lua).
 func (m *RWMutex) unlockR(ctx context.Context, undo, begun string) (int64, error) {
+	if begun == "" && undo == "" {
+		begun, _ = m.c.rdb.HGet(ctx, m.key, "rg:"+m.owner).Result() // see excl.unlockAs
+	}
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake},
 		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, begun).Int64()
 	return n, convertErr(err)

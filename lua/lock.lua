@@ -40,6 +40,12 @@ end
 if o == ARGV[1] then
   local v = redis.call('HMGET', KEYS[1], 'c', 't', 'q')
   if v[3] and string.find(' ' .. v[3] .. ' ', ' ' .. ARGV[3] .. ' ', 1, true) then
+    -- A retry, or the claim of a local transfer (see unlock.lua): the
+    -- caller's lease runs from its latest send, so restart it (never
+    -- shorten) as a claim of a FairMutex grant does.
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
     return {1, token_reply(v[2]), v[1]}
   end
   if ARGV[4] == '1' then
