@@ -31,7 +31,8 @@
 -- owner id, and another of them may hold it on a longer lease (WithLease,
 -- or another Client's watchdog timeout), which a renewal must not cut.
 local function never_shorten(key, lease, ms)
-  if redis.call('PTTL', key) < lease then
+  -- PEXPIRE … GT (Redis 7) in one command; Redis 6.2 refuses the option.
+  if type(redis.pcall('PEXPIRE', key, ms, 'GT')) == 'table' and redis.call('PTTL', key) < lease then
     redis.call('PEXPIRE', key, ms)
   end
 end
