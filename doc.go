@@ -20,7 +20,8 @@
 //   - Redlock: a lock over N independent masters, held while a quorum
 //     (N/2+1) grants it.
 //
-// It needs Redis 6.2 or later, single node, Sentinel or Cluster.
+// It needs Redis 6.2 or later, single node, Sentinel or Cluster (not a
+// go-redis Ring: use a Client per server with Redlock).
 //
 // Every hold has a lease, so a crashed holder cannot lock others out for
 // longer than its lease. Holds taken without WithLease are renewed by the
@@ -54,7 +55,14 @@
 //     clock. A resource that rejects tokens lower than the highest it has
 //     seen is safe against a holder paused past its lease.
 //   - Requests retried after a lost reply are recognised by a request id:
-//     an acquisition or release is applied once.
+//     an acquisition or release is applied once. A reentrant hold tells
+//     apart the last 8 acquisitions and 8 partial releases of its owner, so
+//     that up to 8 calls of one owner in flight at once are recognised.
+//
+// Handles sharing an owner id (WithOwner) share one hold, whose lease no
+// renewal or re-entry shortens: it lasts the longest lease any of them gave
+// it, even after that handle released (a crashed short-lease holder then
+// blocks others until that longer lease runs out).
 //
 // # Limits
 //
