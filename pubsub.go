@@ -562,12 +562,28 @@ func (p *pubsub) rehome(ch *psChan, from *psNode) {
 	p.c.opts.logger.Warn("redlatch: subscription's slot moved, new master unknown", "channel", ch.name)
 }
 
-// refused handles a MOVED reply on sharded node n: an SSUBSCRIBE sent
+// refused handles a CROSSSLOT reply on sharded node n (see below), and a
+// MOVED reply there: an SSUBSCRIBE sent
 // there with a stale slot map (the slot had moved already, so no
 // SUNSUBSCRIBE of the server's will follow). No confirmation comes for it:
 // the channels of n in that slot with a command in flight follow the slot
 // to its new master, as after a migration (see rehome).
 func (p *pubsub) refused(n *psNode, err error) {
+	if strings.HasPrefix(err.Error(), "CROSSSLOT") {
+		// go-redis re-subscribes every sharded channel of a connection in
+		// one SSUBSCRIBE after a reconnection, which a cluster refuses when
+		// they span slots (nothing else sends more than one channel):
+		// subscribe each channel again, and the confirmations wake the
+		// waiters.
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for name, ch := range p.chans {
+			if ch.node == n && !p.closed {
+				n.send(name, true)
+			}
+		}
+		return
+	}
 	rest, ok := strings.CutPrefix(err.Error(), "MOVED ")
 	if !ok {
 		return
@@ -810,7 +826,8 @@ func (w *waiter) leave(passOn bool) {
 	}
 	select {
 	case <-w.sig:
-		passOn = passOn || !w.delivery
+		// A named waiter's (FairMutex) wake-ups concern it alone.
+		passOn = passOn || (!w.delivery && w.id == "")
 	default:
 	}
 	if passOn {
@@ -899,19 +916,9 @@ func (p *pubsub) receive(n *psNode) {
 			// again on the next read. Pending confirmations are gone. A
 			// sharded node's master may be dead for good, its slots taken
 			// over by a replica: follow them.
-			wasBroken := n.broken.Swap(true)
+			n.broken.Store(true)
 			p.mu.Lock()
 			clear(n.inflight)
-			if n.sharded && !wasBroken && !p.closed {
-				// go-redis re-subscribes every sharded channel of the
-				// connection in one SSUBSCRIBE, which a cluster refuses
-				// (CROSSSLOT) when they span slots: subscribe each again.
-				for name, ch := range p.chans {
-					if ch.node == n {
-						n.send(name, true)
-					}
-				}
-			}
 			if n.sharded && !n.following && !p.closed {
 				n.following = true
 				p.wg.Add(1)

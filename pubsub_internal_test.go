@@ -429,3 +429,37 @@ func TestJoinBeforeFirstAttempt(t *testing.T) {
 		require.NoError(t, <-done)
 	})
 }
+
+// TestFairLeaveWakesNoOtherWaiter: a FairMutex waiter that leaves with an
+// unused wake-up (its named handoff came while its attempt was in flight
+// and took the grant) passes nothing on: its wake-ups concern it alone.
+// (With 52cad78, signalOne woke every other fair waiter of the Client, which
+// has no turns set; before, one. Found by a reviewer.)
+func TestFairLeaveWakesNoOtherWaiter(t *testing.T) {
+	b := redistest.Backends(t)[0]
+	c := New(b.Client(t))
+	t.Cleanup(func() { _ = c.Close() })
+	channel := "{" + redistest.UniqueName(t) + "}:fairw:" + c.ps.id
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var ws []*waiter
+	for _, id := range []string{"a", "b", "c", "d", "e"} {
+		w, err := c.ps.joinID(ctx, channel, id, time.Minute)
+		require.NoError(t, err)
+		ws = append(ws, w)
+	}
+	// The handoff names "a"; "a" took it with its attempt and leaves with
+	// the wake-up unused (fair.go: w.leave(false)).
+	c.ps.dispatch(channel, wakeWaiterPrefix+"a")
+	ws[0].leave(false)
+	woken := 0
+	for _, w := range ws[1:] {
+		if signalled(w) {
+			woken++
+		}
+	}
+	for _, w := range ws[1:] {
+		w.leave(false)
+	}
+	require.LessOrEqual(t, woken, 1, "fair waiters woken by one unused named wake-up")
+}
