@@ -252,8 +252,8 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 // currentToken returns the fencing token of the hold of key that owner holds
 // (its owner id in field of), or 0 when none or unknown.
 func currentToken(ctx context.Context, c *Client, key, of, owner string) int64 {
-	v, err := c.rdb.HMGet(ctx, key, of, "t").Result()
-	if err != nil || len(v) != 2 {
+	v := readMaster(ctx, c, key, of, "t")
+	if len(v) != 2 {
 		return 0
 	}
 	if o, _ := v[0].(string); o != owner {
@@ -262,6 +262,21 @@ func currentToken(ctx context.Context, c *Client, key, of, owner string) int64 {
 	s, _ := v[1].(string)
 	t, _ := strconv.ParseInt(s, 10, 64)
 	return t
+}
+
+// readMaster reads fields of the hash key from the master that holds it,
+// in a MULTI (which a ClusterClient with ReadOnly, or a failover client
+// routing reads to replicas, still sends to the master: a lagging replica
+// could name an older hold). It returns nil on an error.
+func readMaster(ctx context.Context, c *Client, key string, fields ...string) []any {
+	var cmd *redis.SliceCmd
+	if _, err := c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		cmd = p.HMGet(ctx, key, fields...)
+		return nil
+	}); err != nil {
+		return nil
+	}
+	return cmd.Val()
 }
 
 // track starts the watchdog's tracking of a new hold, taken at sent with

@@ -285,7 +285,9 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token string) (int64, error
 // is recognised by its request id (see rw_runlock.lua).
 func (m *RWMutex) unlockR(ctx context.Context, undo, begun string) (int64, error) {
 	if begun == "" && undo == "" {
-		begun, _ = m.c.rdb.HGet(ctx, m.key, "rg:"+m.owner).Result() // see excl.unlockAs
+		if v := readMaster(ctx, m.c, m.key, "rg:"+m.owner); len(v) == 1 { // see excl.unlockAs
+			begun, _ = v[0].(string)
+		}
 	}
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake},
 		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, begun).Int64()
