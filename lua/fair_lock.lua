@@ -45,7 +45,7 @@ if o == owner then
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
   end
-  if v[3] == id or (v[4] and string.find(' ' .. v[4] .. ' ', ' ' .. id .. ' ', 1, true)) then
+  if v[3] == id or ids_has(v[4], id) then
     -- Granted to this waiter by a handoff (or taken by an earlier run of
     -- this very call): claimed.
     return {1, token_reply(v[2]), v[1]}

@@ -46,7 +46,7 @@ if withdraw ~= '' then
   -- attempt of it still on the way takes nothing, and does not queue, when
   -- it comes late.
   fence_tombstone(KEYS[4], withdraw, ARGV[2])
-  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and not (v[6] and string.find(' ' .. v[6] .. ' ', ' ' .. withdraw .. ' ', 1, true))) then
+  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and not ids_has(v[6], withdraw)) then
     return reply(-1) -- it holds nothing: queued, failed, or not arrived
   end
 end
@@ -70,13 +70,7 @@ if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[4] ~= ARGV[6] and tonumber(v[4]) ~= t
   end
   return reply(-1)
 end
--- A caller that names no token may be a retry of a full release whose
--- owner (another handle of its id) took the lock again since: that new
--- hold is not what it released.
-if ARGV[6] == '' and released() then
-  return reply(0)
-end
-if v[3] and string.find(' ' .. v[3] .. ' ', ' ' .. ARGV[4] .. ' ', 1, true) then
+if ids_has(v[3], ARGV[4]) then
   return reply(tonumber(v[2])) -- a partial release done already (see ids.lua)
 end
 local c = tonumber(v[2]) - 1

@@ -5,12 +5,14 @@
 -- owner's goroutines and handles interleave, and the retry of one of them
 -- after a lost reply may come after others. KEYS and ARGV: none of their
 -- own.
---
--- A test that id is in a list v (nil or "": none) is written in place:
---   v and string.find(' ' .. v .. ' ', ' ' .. id .. ' ', 1, true)
 local ids_kept = 8
 
--- ids_add returns the list v with id appended, keeping the last ids_kept.
+-- ids_has reports whether id is in the list v (nil, false or "": none).
+local function ids_has(v, id)
+  return v and string.find(' ' .. v .. ' ', ' ' .. id .. ' ', 1, true) ~= nil or false
+end
+
+-- ids_add returns the list v (nil, false or "": none) with id appended, keeping the last ids_kept.
 local function ids_add(v, id)
   if not v or v == '' then
     return id

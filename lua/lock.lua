@@ -39,23 +39,21 @@ if not o then
 end
 if o == ARGV[1] then
   local v = redis.call('HMGET', KEYS[1], 'c', 't', 'q')
-  if v[3] and string.find(' ' .. v[3] .. ' ', ' ' .. ARGV[3] .. ' ', 1, true) then
-    -- A retry, or the claim of a local transfer (see unlock.lua): the
-    -- caller's lease runs from its latest send, so restart it (never
-    -- shorten) as a claim of a FairMutex grant does.
-    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  -- A retry of this call, or the claim of a local transfer to it (see
+  -- unlock.lua): its request id is among the hold's last acquisitions.
+  local again = ids_has(v[3], ARGV[3])
+  if again or ARGV[4] == '1' then
+    local c = v[1]
+    if not again then
+      if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
+        return {0, 1}
+      end
+      c = redis.call('HINCRBY', KEYS[1], 'c', '1')
+      redis.call('HSET', KEYS[1], 'q', ids_add(v[3], ARGV[3]))
     end
-    return {1, token_reply(v[2]), v[1]}
-  end
-  if ARGV[4] == '1' then
-    if fence_undone(redis.call('GET', KEYS[2]), ARGV[3]) then
-      return {0, 1}
-    end
-    local c = redis.call('HINCRBY', KEYS[1], 'c', '1')
-    redis.call('HSET', KEYS[1], 'q', ids_add(v[3], ARGV[3]))
-    -- Never shorten: another handle of the owner may hold it on a longer
-    -- lease (see renew.lua).
+    -- The caller's lease runs from this call: restart it, but never
+    -- shorten it (another handle of the owner may hold it on a longer
+    -- lease, see renew.lua).
     if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
       redis.call('PEXPIRE', KEYS[1], ARGV[2])
     end

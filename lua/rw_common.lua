@@ -4,7 +4,7 @@
 -- An RWMutex is one hash (plus the fence key of fence.lua). Its fields:
 --   w        the writer's owner id            wc  the writer's hold count
 --   t        the writer's fencing token       wq  request ids of its last acquisitions
---   wu       request ids of the writer's last partial releases (lists: see rw_seen)
+--   wu       request ids of the writer's last partial releases (lists: see ids.lua)
 --   we:<o>   writer o's lease expiry, server ms
 --   rc:<o>   reader o's hold count            re:<o>  reader o's lease expiry, server ms
 --   rq:<o>   request ids of reader o's last acquisitions
@@ -142,15 +142,7 @@ end
 -- rw_released remembers req as a full release, so that a retry of that
 -- release is recognised (see rw_was_released).
 local function rw_released(s, req)
-  local ids = {}
-  for id in string.gmatch(s.f.rr or '', '%S+') do
-    ids[#ids + 1] = id
-  end
-  while #ids >= 8 do
-    table.remove(ids, 1)
-  end
-  ids[#ids + 1] = req
-  rw_set(s, 'rr', table.concat(ids, ' '))
+  rw_set(s, 'rr', ids_add(s.f.rr, req))
 end
 
 -- rw_fence_release records req in the fence key ("<token>:<req>") when the
@@ -164,19 +156,5 @@ end
 
 -- rw_was_released reports whether req is a full release already done.
 local function rw_was_released(s, fence, req)
-  for id in string.gmatch(s.f.rr or '', '%S+') do
-    if id == req then
-      return true
-    end
-  end
-  local v = redis.call('GET', fence)
-  return fence_release(v) == req
-end
-
--- rw_seen reports whether req is in the list of request ids v (see
--- ids.lua, which this prelude follows): wq, wu, rq:<o> and ru:<o> list the
--- last few, since the calls of one owner's goroutines and handles
--- interleave and a retry after a lost reply may come after others.
-local function rw_seen(v, req)
-  return v ~= nil and string.find(' ' .. v .. ' ', ' ' .. req .. ' ', 1, true) ~= nil
+  return ids_has(s.f.rr, req) or fence_release(redis.call('GET', fence)) == req
 end

@@ -20,7 +20,7 @@ local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local exp = s.now + tonumber(ARGV[2])
 if f.w == o then
-  if rw_seen(f.wq, req) then
+  if ids_has(f.wq, req) then
     rw_commit(s)
     return {1, tonumber(f.t), tonumber(f.wc)}
   end

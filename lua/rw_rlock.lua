@@ -22,7 +22,7 @@ end
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local c = tonumber(f['rc:' .. o])
-if c and rw_seen(f['rq:' .. o], req) then
+if c and ids_has(f['rq:' .. o], req) then
   rw_commit(s)
   return {1, c, f['rg:' .. o] or ''}
 end

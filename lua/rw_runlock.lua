@@ -27,7 +27,7 @@ if ARGV[5] ~= '' then
   -- of its attempt still on the way takes nothing when it comes late
   -- (see fence.lua).
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  if not c or not rw_seen(f['rq:' .. o], ARGV[5]) then
+  if not c or not ids_has(f['rq:' .. o], ARGV[5]) then
     rw_commit(s)
     return -1
   end
@@ -50,7 +50,7 @@ if rw_was_released(s, KEYS[2], req) then
   rw_commit(s)
   return 0
 end
-if rw_seen(f['ru:' .. o], req) then
+if ids_has(f['ru:' .. o], req) then
   rw_commit(s)
   return c
 end

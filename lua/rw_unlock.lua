@@ -28,7 +28,7 @@ if ARGV[5] ~= '' then
   -- of its attempt still on the way takes nothing when it comes late
   -- (see fence.lua).
   fence_tombstone(KEYS[2], ARGV[5], ARGV[4])
-  if f.w ~= o or not rw_seen(f.wq, ARGV[5]) then
+  if f.w ~= o or not ids_has(f.wq, ARGV[5]) then
     rw_commit(s)
     return -1
   end
@@ -42,13 +42,7 @@ if f.w ~= o or (ARGV[6] ~= '' and tonumber(f.t) ~= tonumber(ARGV[6])) then
   end
   return -1
 end
--- A full release seen already: resent after a lost reply, once the owner
--- (another handle sharing its id) wrote again (see rw_runlock.lua).
-if rw_was_released(s, KEYS[2], req) then
-  rw_commit(s)
-  return 0
-end
-if rw_seen(f.wu, req) then
+if ids_has(f.wu, req) then
   rw_commit(s)
   return tonumber(f.wc)
 end

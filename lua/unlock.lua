@@ -62,7 +62,7 @@ if undo ~= '' then
   -- nothing when it comes late.
   fence_tombstone(KEYS[2], undo, ARGV[4])
   local q = v[1] == ARGV[1] and redis.call('HGET', KEYS[1], 'q')
-  if not q or not string.find(' ' .. q .. ' ', ' ' .. undo .. ' ', 1, true) then
+  if not q or not ids_has(q, undo) then
     return {-1, 0} -- it holds nothing: it failed, or it has not arrived
   end
   -- Undone: the hold no longer counts it (a re-entry undone leaves the
@@ -77,13 +77,7 @@ if v[1] ~= ARGV[1] or (ARGV[5] ~= '' and v[3] ~= ARGV[5] and tonumber(v[3]) ~= t
   end
   return {-1, 0}
 end
--- A caller that names no token may be a retry of a full release whose
--- owner (another handle of its id) took the lock again since: that new
--- hold is not what it released.
-if ARGV[5] == '' and fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
-  return {0, 0}
-end
-if v[4] and string.find(' ' .. v[4] .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) then
+if ids_has(v[4], ARGV[2]) then
   return {tonumber(v[2]), 0} -- a partial release done already (see ids.lua)
 end
 local c = tonumber(v[2]) - 1
