@@ -3,7 +3,6 @@ package redlatch_test
 import (
 	"context"
 	"log/slog"
-	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -99,75 +98,3 @@ func TestWakeAfterSlotMovedStaleMap(t *testing.T) {
 type tWriter struct{ t *testing.T }
 
 func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
-
-// TestWakeAfterShardedReconnectTwoSlots: one Client waits on two
-// locks whose channels are in two slots of the same master. Its sharded
-// subscriber connection to that master is killed. go-redis reconnects and
-// re-subscribes every sharded channel of the connection in ONE SSUBSCRIBE,
-// which a Redis Cluster refuses with -CROSSSLOT when the channels are in
-// different slots; the subscriber therefore subscribes each channel again
-// itself, and the confirmations wake the waiters. (Before, nothing was
-// subscribed again, and both waiters slept through the releases until the
-// holders' lease bound. Found by a reviewer.)
-func TestWakeAfterShardedReconnectTwoSlots(t *testing.T) {
-	cl := redistest.NewCluster(t, 3)
-	ctx := ctxT(t, 60*time.Second)
-	base := redistest.UniqueName(t)
-	var names []string
-	first := ""
-	for i := 0; len(names) < 2 && i < 1000; i++ {
-		n := base + "-" + strconv.Itoa(i)
-		tag := "{" + n + "}"
-		if len(names) == 0 {
-			names, first = append(names, n), tag
-			continue
-		}
-		if cl.ServerFor(tag) == cl.ServerFor(first) && redistest.KeySlot(tag) != redistest.KeySlot(first) {
-			names = append(names, n)
-		}
-	}
-	require.Len(t, names, 2)
-	owner := cl.ServerFor(first)
-	admin := redis.NewClient(owner.Options())
-	t.Cleanup(func() { _ = admin.Close() })
-
-	hc := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = hc.Close() })
-	wc := redlatch.New(cl.Client(t), redlatch.WithLogger(slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))))
-	t.Cleanup(func() { _ = wc.Close() })
-	var holders []*redlatch.Mutex
-	got := make(chan string, 2)
-	for _, n := range names {
-		h := hc.Mutex(n, redlatch.WithLease(30*time.Second))
-		require.NoError(t, h.Lock(ctx))
-		holders = append(holders, h)
-		go func() {
-			w := wc.Mutex(n)
-			if err := w.Lock(ctx); err == nil {
-				got <- n
-				_ = w.Unlock(ctx)
-			}
-		}()
-	}
-	require.Eventually(t, func() bool {
-		ch, err := admin.PubSubShardChannels(ctx, "{"+base+"*").Result()
-		return err == nil && len(ch) == 2
-	}, 5*time.Second, 10*time.Millisecond, "both channels subscribed")
-	require.NoError(t, admin.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err())
-	time.Sleep(time.Second) // go-redis reconnects and re-subscribes
-	ch, _ := admin.PubSubShardChannels(ctx, "{"+base+"*").Result()
-	t.Logf("sharded channels subscribed after the reconnection: %v", ch)
-
-	released := time.Now()
-	for _, h := range holders {
-		require.NoError(t, h.Unlock(ctx))
-	}
-	for range names {
-		select {
-		case n := <-got:
-			t.Logf("%s woken %v after the releases", n, time.Since(released))
-		case <-time.After(5 * time.Second):
-			t.Fatal("a waiter slept through its release after the sharded subscriber reconnected")
-		}
-	}
-}

@@ -2,6 +2,7 @@ package redlatch
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"testing"
 	"time"
@@ -12,15 +13,25 @@ import (
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
-// TestShardedResubscribeAfterSecondBreak: the channels of a sharded
-// connection are subscribed again each on its own whenever go-redis's
-// batched re-subscription is refused (CROSSSLOT), also when the connection
-// breaks again before the new one delivered anything (a flapping link).
-// 93bf605 sent the per-channel SSUBSCRIBEs only on the first failure, and
-// after a second one the channels stayed unsubscribed. The test puts the
-// node in that state (broken set, as after a failure with nothing read
-// since) and kills the connection. (Found by a reviewer.)
-func TestShardedResubscribeAfterSecondBreak(t *testing.T) {
+// TestWakeAfterShardedReconnect: one Client waits on two locks whose
+// channels are in two slots of the same master, and its sharded subscriber
+// connection to that master is killed. go-redis reconnects and
+// re-subscribes every channel of the connection in one SSUBSCRIBE, which
+// the cluster refuses (CROSSSLOT) when they span slots; the refusal makes
+// the subscriber send an SSUBSCRIBE per channel, and the confirmations wake
+// the waiters. Also when the connection breaks again before the new one
+// delivered anything (a flapping link: broken is set beforehand). Before,
+// nothing was subscribed again (then only on a first failure), and the
+// waiters slept until their holders' lease bound. (Found by reviewers.)
+func TestWakeAfterShardedReconnect(t *testing.T) {
+	for _, again := range []bool{false, true} {
+		t.Run(fmt.Sprintf("second break=%v", again), func(t *testing.T) {
+			shardedReconnect(t, again)
+		})
+	}
+}
+
+func shardedReconnect(t *testing.T, again bool) {
 	cl := redistest.NewCluster(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -64,11 +75,13 @@ func TestShardedResubscribeAfterSecondBreak(t *testing.T) {
 		ch, err := admin.PubSubShardChannels(ctx, "{"+base+"*").Result()
 		return err == nil && len(ch) == 2
 	}, 5*time.Second, 10*time.Millisecond, "both channels subscribed")
-	wc.ps.mu.Lock()
-	for _, n := range wc.ps.nodes {
-		n.broken.Store(true) // a failure earlier, nothing read since
+	if again {
+		wc.ps.mu.Lock()
+		for _, n := range wc.ps.nodes {
+			n.broken.Store(true) // a failure earlier, nothing read since
+		}
+		wc.ps.mu.Unlock()
 	}
-	wc.ps.mu.Unlock()
 	require.NoError(t, admin.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err())
 	time.Sleep(time.Second)
 	ch, _ := admin.PubSubShardChannels(ctx, "{"+base+"*").Result()

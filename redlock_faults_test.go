@@ -142,28 +142,16 @@ func TestRedlockLeaseBelowDrift(t *testing.T) {
 // keeps its wake-ups while it waits on), since the lock on that master is
 // free.
 func TestMutexNotQueuedBehindRedlockWaiter(t *testing.T) {
-	servers := redlockServers(t, 3)
 	ctx := ctxT(t, 30*time.Second)
 	name := redistest.UniqueName(t)
-	others := redlockClients(t, servers)
-	for i := 1; i < 3; i++ {
-		require.NoError(t, others[i].Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
-	}
-	clients := redlockClients(t, servers)
-	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
-	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	done := make(chan error, 1)
-	go func() { done <- r.Lock(rctx) }()
-	time.Sleep(300 * time.Millisecond) // the Redlock waits, subscribed on every master
+	clients, _, stop := waitingRedlock(t, ctx, name, false)
 	m := clients[0].Mutex(name)
 	mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	start := time.Now()
 	err := m.Lock(mctx)
 	t.Logf("Mutex.Lock on the free master: %v after %v", err, time.Since(start))
-	rcancel()
-	<-done
+	stop()
 	require.NoError(t, err, "the lock on master 0 is free apart from the Redlock's brief attempts")
 	require.NoError(t, m.Unlock(ctx))
 }
@@ -180,24 +168,9 @@ func TestMutexNotQueuedBehindRedlockWaiter(t *testing.T) {
 // turn: signalOne wakes it besides the oldest waiter of Client.acquire.
 // (Found by a reviewer.)
 func TestMutexWaiterNotStarvedByRedlockWaiter(t *testing.T) {
-	servers := redlockServers(t, 3)
 	ctx := ctxT(t, 30*time.Second)
 	name := redistest.UniqueName(t)
-	others := redlockClients(t, servers)
-	for i := 1; i < 3; i++ {
-		require.NoError(t, others[i].Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
-	}
-	holder := others[0].Mutex(name, redlatch.WithLease(20*time.Second))
-	require.NoError(t, holder.Lock(ctx))
-
-	clients := redlockClients(t, servers)
-	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
-	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	done := make(chan error, 1)
-	go func() { done <- r.Lock(rctx) }()
-	time.Sleep(300 * time.Millisecond) // the Redlock waits, subscribed on every master
-
+	clients, holder, stop := waitingRedlock(t, ctx, name, true)
 	m := clients[0].Mutex(name)
 	got := make(chan error, 1)
 	mctx, cancel := context.WithTimeout(ctx, 3*time.Second)
@@ -208,8 +181,43 @@ func TestMutexWaiterNotStarvedByRedlockWaiter(t *testing.T) {
 	require.NoError(t, holder.Unlock(ctx))
 	err := <-got
 	t.Logf("Mutex.Lock after the holder's Unlock: %v after %v", err, time.Since(start))
-	rcancel()
-	<-done
+	stop()
 	require.NoError(t, err, "the lock on master 0 was released, but its wake-up went to the Redlock's waiter")
 	require.NoError(t, m.Unlock(ctx))
+}
+
+// waitingRedlock makes a Redlock over 3 masters wait for name: another
+// Client's Mutex holds it on masters 1 and 2 (and on master 0 with
+// onFirst, that hold returned), with 20 s leases. It returns the Redlock's
+// Clients and stop, which ends the Redlock's wait.
+func waitingRedlock(t *testing.T, ctx context.Context, name string, onFirst bool) (clients []*redlatch.Client, first *redlatch.Mutex, stop func()) {
+	t.Helper()
+	servers := redlockServers(t, 3)
+	others := redlockClients(t, servers)
+	for i := range others {
+		m := others[i].Mutex(name, redlatch.WithLease(20*time.Second))
+		if i == 0 && !onFirst {
+			continue
+		}
+		require.NoError(t, m.Lock(ctx))
+		if i == 0 {
+			first = m
+		}
+	}
+	clients = redlockClients(t, servers)
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Lock(rctx) }()
+	time.Sleep(300 * time.Millisecond) // the Redlock waits, subscribed on every master
+	stopped := false
+	stop = func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			<-done
+		}
+	}
+	t.Cleanup(stop)
+	return clients, first, stop
 }
