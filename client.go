@@ -408,8 +408,6 @@ func (c *Client) leaseFor(o lockOptions) (time.Duration, bool) {
 	return c.opts.watchdogTimeout, true
 }
 
-// fenceRetention returns how long a fencing counter is kept after its last
-// use: at least minFenceRetention, and never less than a lease.
 // tokenArg is a fencing token as a script argument: "" when it is unknown
 // (0), so that a release script accepts any hold of the owner.
 func tokenArg(token int64) string {
@@ -419,6 +417,8 @@ func tokenArg(token int64) string {
 	return ""
 }
 
+// fenceRetention returns how long a fencing counter is kept after its last
+// use: at least minFenceRetention, and never less than a lease.
 func fenceRetention(lease time.Duration) int64 {
 	r := minFenceRetention
 	if 2*lease > r {

@@ -174,8 +174,12 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 		// cannot release a later hold of the owner.
 		token = currentToken(ctx, e.c, e.key, "o", owner)
 	}
-	args := []any{owner, req, e.c.publishCommand(ctx), fenceRetention(e.lease), tokenArg(token)}
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
+	third := e.c.publishCommand(ctx)
+	if w != nil {
+		third = w.xfer.owner // a transfer names the waiter there (see unlock.lua)
+	}
+	args := []any{owner, req, third, fenceRetention(e.lease), tokenArg(token)}
 	if undo != "" && e.quietUndo {
 		waiting = false
 	}
@@ -185,7 +189,7 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	}
 	switch {
 	case w != nil:
-		args = append(args, w.xfer.owner, w.xfer.lease.Milliseconds(), w.xfer.req)
+		args = append(args, w.xfer.lease.Milliseconds(), w.xfer.req)
 	case undo != "":
 		args = append(args, waited, undo)
 	case waiting:
@@ -193,7 +197,7 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 	}
 	keys := []string{e.key, e.fence, e.channel}
 	if w != nil {
-		keys = keys[:2] // a transfer publishes nothing (see unlock.lua)
+		keys = keys[:2] // a transfer publishes nothing; two keys mark it (see unlock.lua)
 	}
 	// A public release of an Unlock while this Client has waiters of its
 	// own: they let the other Clients' waiters go first (see armYield).

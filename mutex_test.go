@@ -314,6 +314,35 @@ func TestFencingTokens(t *testing.T) {
 			require.Greater(t, l.Token(), first, kind)
 			require.NoError(t, l.Unlock(ctx))
 		}
+		// Holds that end unreleased (their lease runs out, or ForceUnlock),
+		// a local transfer's among them: still higher tokens.
+		lazy, next := c.Mutex(name+"-lazy", redlatch.WithLease(50*time.Millisecond)), c.Mutex(name+"-lazy")
+		var prev int64
+		for i := range 4 {
+			require.NoError(t, lazy.Lock(ctx))
+			require.Greater(t, lazy.Token(), prev, "round %d", i)
+			prev = lazy.Token()
+			switch i {
+			case 0:
+				_, err := next.ForceUnlock(ctx)
+				require.NoError(t, err)
+			case 2:
+				got := make(chan error, 1)
+				go func() { got <- next.Lock(ctx) }()
+				require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"-lazy}:*")) == 1 },
+					5*time.Second, 10*time.Millisecond, "the waiter never waited")
+				time.Sleep(20 * time.Millisecond)
+				require.NoError(t, lazy.Unlock(ctx)) // hands the lock to next
+				requireNoErrWithin(t, got, 5*time.Second, "the handoff")
+				require.Greater(t, next.Token(), prev)
+				prev = next.Token()
+				_, err := next.ForceUnlock(ctx)
+				require.NoError(t, err)
+				continue
+			}
+			<-lazy.Lost()
+			require.ErrorIs(t, lazy.Unlock(ctx), redlatch.ErrNotHeld) // the handle's own lock
+		}
 		// A stale counter (a restart from an older snapshot, a failover to a
 		// replica that missed the last writes): still higher tokens.
 		stale := c.Mutex(name + "-stale")

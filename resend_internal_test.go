@@ -262,22 +262,28 @@ func TestUnlockResentAfterRelock(t *testing.T) {
 
 // TestTransferClaimedLateKeepsRedisExpiry: a Mutex Unlock hands the lock to
 // a waiter of its Client (a transfer: the waiter's lease from the script's
-// run). The reply is lost and go-redis resends the call 500 ms later; the
-// resend finds the release done ({0, 0}) and the waiter retries its attempt,
-// which lock.lua recognises (q holds its request id). The waiter tracks the
-// hold from its retry's send time, so lock.lua restarts the lease then too
-// (never shortening it); it did not, and the local deadline was ~500 ms
-// later than Redis's expiry: another owner took the lock while the
-// waiter's Lost was open. (Found by a reviewer.)
+// run), and the reply is lost for 500 ms. Either way the waiter's local
+// deadline must not pass Redis's expiry:
+//   - resent: go-redis sends the call again, which finds the hold its
+//     waiter's (q holds the waiter's request id) and reports its token
+//     again; the waiter tracks it from the first send;
+//   - failed: the Unlock gives up (its context ends), and the waiter
+//     retries its attempt, which lock.lua recognises. The waiter tracks the
+//     hold from its retry's send time, so lock.lua restarts the lease then
+//     too (never shortening it); it did not, and the local deadline was
+//     ~500 ms later than Redis's expiry: another owner took the lock while
+//     the waiter's Lost was open. (Found by a reviewer.)
 func TestTransferClaimedLateKeepsRedisExpiry(t *testing.T) {
+	for _, resend := range []bool{true, false} {
+		t.Run(map[bool]string{true: "resent", false: "failed"}[resend], func(t *testing.T) {
+			testTransferReplyLost(t, resend)
+		})
+	}
+}
+
+func testTransferReplyLost(t *testing.T, resend bool) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		rdb := b.Client(t)
-		hook := newReplyHook(unlockScript, true)
-		rdb.AddHook(hook)
-		c := New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		ctx, c, hook, rdb := hookedClient(t, b, unlockScript, resend)
 		name := redistest.UniqueName(t)
 		a := c.Mutex(name)
 		bm := c.Mutex(name, WithLease(time.Second))
@@ -293,13 +299,26 @@ func TestTransferClaimedLateKeepsRedisExpiry(t *testing.T) {
 		}, 5*time.Second, time.Millisecond)
 		time.Sleep(50 * time.Millisecond) // b sleeps
 		hook.arm()
+		uctx, ucancel := context.WithCancel(ctx)
+		defer ucancel()
 		go func() {
 			<-hook.ran
 			time.Sleep(500 * time.Millisecond)
+			if !resend {
+				ucancel()
+			}
 			close(hook.proceed)
 		}()
-		require.NoError(t, a.Unlock(ctx))
+		err := a.Unlock(uctx)
+		if resend {
+			require.NoError(t, err)
+		} else {
+			require.ErrorIs(t, err, context.Canceled)
+		}
 		require.NoError(t, <-got)
+		held, err := rdb.HGet(ctx, bm.e.key, "t").Int64()
+		require.NoError(t, err)
+		require.Equal(t, held, bm.Token())
 
 		pttl, err := rdb.PTTL(ctx, bm.e.key).Result()
 		require.NoError(t, err)

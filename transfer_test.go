@@ -200,17 +200,20 @@ func TestReleasePublishesOnlyWhenWaited(t *testing.T) {
 // value, in one call, and writes again when the old value asks for it: a
 // token at or ahead of the server clock (as a faster clock before a
 // failover issued) is passed, and the tombstones of undone acquisitions are
-// kept.
+// kept. The new token passes the held one too, when that was issued ahead
+// of the clock and the fence key was lost during the hold.
 func TestHandoffFenceWrite(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ahead := time.Now().Add(time.Hour).UnixMicro()
 		for _, tc := range []struct {
 			name, fence string
 			above       int64 // the new token is higher
+			heldAhead   bool  // the held token is ahead, and the fence key lost
 		}{
-			{"ahead", strconv.FormatInt(ahead, 10), ahead},
-			{"tombstone", "1:rel|tomb-a|tomb-b", 1},
-			{"ahead and tombstone", strconv.FormatInt(ahead, 10) + ":rel|tomb-a|tomb-b", ahead},
+			{"ahead", strconv.FormatInt(ahead, 10), ahead, false},
+			{"tombstone", "1:rel|tomb-a|tomb-b", 1, false},
+			{"ahead and tombstone", strconv.FormatInt(ahead, 10) + ":rel|tomb-a|tomb-b", ahead, false},
+			{"held ahead", "", ahead, true},
 		} {
 			for _, kind := range []tokenKind{
 				{"Mutex", func(c *redlatch.Client, n string) tokenHandle { return c.Mutex(n) }},
@@ -221,8 +224,12 @@ func TestHandoffFenceWrite(t *testing.T) {
 					name := redistest.UniqueName(t)
 					c, rdb, scripts := countingClient(t, b)
 					holder, waiter := kind.make(c, name), kind.make(c, name)
+					fence := "{" + name + "}:fence"
 					require.NoError(t, holder.Lock(ctx)) // loads the lock script
 					require.NoError(t, holder.Unlock(ctx))
+					if tc.heldAhead {
+						require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
+					}
 					require.NoError(t, holder.Lock(ctx))
 					got := make(chan error, 1)
 					go func() { got <- waiter.Lock(ctx) }()
@@ -231,8 +238,11 @@ func TestHandoffFenceWrite(t *testing.T) {
 					require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}:*")) == 1 },
 						5*time.Second, 10*time.Millisecond, "the waiter never waited")
 					time.Sleep(20 * time.Millisecond)
-					fence := "{" + name + "}:fence"
-					require.NoError(t, rdb.Set(ctx, fence, tc.fence, time.Minute).Err())
+					if tc.heldAhead {
+						require.NoError(t, rdb.Del(ctx, fence).Err())
+					} else {
+						require.NoError(t, rdb.Set(ctx, fence, tc.fence, time.Minute).Err())
+					}
 
 					held := holder.Token()
 					scripts.n.Store(0)

@@ -71,11 +71,12 @@ end
 -- The lock hash must be gone when grant is called, or be the hold that the
 -- caller releases, which the new hold then replaces (the caller deletes it
 -- when grant returns nil); stale_u says that hold has a u field, which the
--- new hold must not keep.
+-- new hold must not keep, and held is its token, which the new one passes
+-- (see next_token).
 -- now is the server's clock in ms, or nil: grant reads it when someone
 -- waits. Returns the new fencing token, or nil when no one waits.
 local local_client, local_grant, fence_suffix
-local function grant(now, stale_u)
+local function grant(now, stale_u, held)
   while true do
     local head = redis.call('ZPOPMIN', KEYS[2])[1]
     if not head then
@@ -86,7 +87,7 @@ local function grant(now, stale_u)
     now = now or now_ms()
     local id, client, owner = parse_member(head)
     if id and exp and tonumber(exp) > now then
-      local token = next_token(KEYS[4], ARGV[2], fence_suffix, nil, time_reply)
+      local token = next_token(KEYS[4], ARGV[2], fence_suffix, nil, time_reply, held)
       if stale_u then
         redis.call('HDEL', KEYS[1], 'u')
       end

@@ -89,7 +89,7 @@ if c > 0 then
 end
 -- The hash becomes the new hold's in place when someone waits.
 fence_suffix = ':' .. ARGV[4]
-if not grant(now, v[3]) then
+if not grant(now, v[3], v[4]) then
   redis.call('DEL', KEYS[1])
   fence_set_release(KEYS[4], v[4], ARGV[4], ARGV[2])
 end

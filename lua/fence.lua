@@ -13,9 +13,9 @@
 -- acquisition may still reach Redis late, stuck in a slow link, and must
 -- not take the lock then; see lock.lua and unlock.lua).
 --
--- next_token(fence, retention[, suffix[, last[, now]]]) returns the next
--- fencing token of a lock name as a decimal string, to store and to reply
--- with (the client parses it). KEYS and ARGV: none of its own; the caller
+-- next_token(fence, retention[, suffix[, last[, now[, held]]]]) returns the
+-- next fencing token of a lock name as a decimal string, to store and to
+-- reply with (the client parses it). KEYS and ARGV: none of its own; the caller
 -- passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
@@ -24,6 +24,9 @@
 --   last       the fence key's value when the caller read it already (false:
 --              no key), or nil to have next_token read it
 --   now        the reply of a TIME the script called already, or nil
+--   held       the token of the hold a handoff replaces, or nil: the new
+--              token passes it too (the fence key may have been lost
+--              during the hold)
 -- The tombstone is kept, and so is the last release unless suffix replaces
 -- it: a release resent after a lost reply is still recognised (see
 -- fence_release) once the lock is taken again.
@@ -60,11 +63,14 @@ local function token_after(p, s)
   end
 end
 
-local function next_token(fence, retention, suffix, last, now)
+local function next_token(fence, retention, suffix, last, now, held)
   now = now or redis.call('TIME')
   -- The clock's digits as Redis gave them: seconds since 1970, then the
   -- microseconds padded to 6 digits.
   local s = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
+  if held then
+    s = token_after(held, s) or s
+  end
   if last == nil and suffix then
     -- A handoff keeps only the tombstones of the old value, which are
     -- rare, and its token is almost always behind the clock: write first

@@ -4,17 +4,21 @@
 -- KEYS[1]  lock hash (see lock.lua)
 -- KEYS[2]  fence key of the lock name: the last token, the request id of
 --          the last full release and the tombstones (see fence.lua)
--- KEYS[3]  wake-up channel of the lock; left out by a local transfer
+-- KEYS[3]  wake-up channel of the lock; left out by a local transfer, which
+--          the call is when it passes two keys
 -- ARGV[1]  owner id
 -- ARGV[2]  request id: unique per Unlock call, reused by its retries
--- ARGV[3]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+-- ARGV[3]  a release or an undo: the publish command, PUBLISH, or SPUBLISH
+--          on a Redis Cluster; a local transfer (see Client.acquire), which
+--          hands the lock to a waiter of the same Client instead of
+--          releasing it: that waiter's owner id
 -- ARGV[4]  fence retention, ms
 -- ARGV[5]  fencing token of the hold the caller releases, or "" when it does
 --          not know it: a hold with another token is not the caller's, even
 --          when its owner id is (a later hold of the same owner, taken after
 --          this very call released the caller's, whose reply was lost)
--- ARGV[6..8] optional, in one of two forms, told apart by their number:
---   a release or an undo, at most 7 arguments in all:
+-- ARGV[6..7] optional:
+--   a release or an undo:
 --     ARGV[6]  "1" when the Client releasing the lock has waiters of its
 --              own for it: a release then publishes a wake-up even when no
 --              attempt failed during the hold (the hash's w field, see
@@ -22,11 +26,9 @@
 --     ARGV[7]  for an undo, the request id of the acquisition to undo: the
 --              hold is released only if that acquisition took it; "" or
 --              absent for an Unlock
---   a local transfer (see Client.acquire), exactly 8 arguments: the lock
---   is handed to a waiter of the same Client instead of released
---     ARGV[6]  that waiter's owner id
---     ARGV[7]  its lease, ms
---     ARGV[8]  its acquisition request id: its own attempt recognises the
+--   a local transfer, both:
+--     ARGV[6]  the waiter's lease, ms
+--     ARGV[7]  its acquisition request id: its own attempt recognises the
 --              transferred hold as one it took
 -- The optional arguments are left out when unused: each argument costs the
 -- call about as much as a short command.
@@ -43,13 +45,14 @@
 -- is a plain wake-up (a request id is never "a" and never starts with "w:").
 --
 -- A request id seen again means the reply to an earlier run of this very
--- call was lost: its result is returned again and nothing is released twice.
+-- call was lost: its result is returned again and nothing is released twice
+-- (a transfer is known again by its waiter's request id in the hold).
 -- An undo that finds nothing to undo leaves a tombstone in the fence key
 -- (see fence.lua), so that the acquisition takes nothing if it comes late.
 local to, waited, undo, v
-if #ARGV == 8 then
+if #KEYS == 2 then
   -- A transfer keeps w as it is: no need to read it.
-  to = ARGV[6]
+  to = ARGV[3]
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u')
 else
   waited, undo = ARGV[6], ARGV[7]
@@ -72,6 +75,9 @@ end
 -- Tokens compare as strings first: both are the same digits but for a
 -- token written by an older version of this script.
 if v[1] ~= ARGV[1] or (ARGV[5] ~= '' and v[3] ~= ARGV[5] and tonumber(v[3]) ~= tonumber(ARGV[5])) then
+  if to and v[1] == to and ids_has(redis.call('HGET', KEYS[1], 'q'), ARGV[7]) then
+    return {0, v[3]} -- transferred already: the waiter's hold, as it was given
+  end
   if fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
     return {0, 0}
   end
@@ -87,13 +93,14 @@ if c > 0 then
 end
 if to then
   -- The hash becomes the new hold's in place: w stays (other Clients may
-  -- still wait), u (a partial release of the old hold) goes.
-  local token = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2])
+  -- still wait), u (a partial release of the old hold) goes. The token
+  -- passes the old hold's, also when the fence key was lost meanwhile.
+  local token = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2], nil, nil, v[3])
   if v[4] then
     redis.call('HDEL', KEYS[1], 'u')
   end
-  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', token, 'q', ARGV[8])
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', token, 'q', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
   return {0, token}
 end
 redis.call('DEL', KEYS[1])
