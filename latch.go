@@ -133,15 +133,22 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 	return n == 1, convertErr(err)
 }
 
-// Count returns the current count: 0 for a finished or unset latch.
+// Count returns the current count: 0 for a finished or unset latch. It
+// reads the count on the master, which the scripts write (see readMaster):
+// a lagging replica would report a count just set as 0, and the old count
+// to a waiter woken by the final CountDown.
 func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
 	if err := l.check(); err != nil {
 		return 0, err
 	}
-	s, err := l.c.rdb.Get(ctx, l.key).Result()
-	if err != nil {
+	var get *redis.StringCmd
+	if _, err := l.c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		get = p.Get(ctx, l.key)
+		return nil
+	}); err != nil {
 		return 0, convertErr(err)
 	}
+	s := get.Val()
 	n, err := strconv.ParseInt(s, 10, 64)
 	if err != nil {
 		return 0, fmt.Errorf("%w: latch count %q", ErrWrongType, s)

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -340,4 +341,83 @@ func TestLatchResendAcrossRounds(t *testing.T) {
 		require.False(t, deleted, "a Delete that found no count reported one")
 		requireCount(2, "a Delete of the open latch, resent, deleted the next round")
 	})
+}
+
+// TestLatchForeignKey: a count key holding data redlatch did not write (a
+// string that is not a count, or another type) gives ErrWrongType from every
+// method, as errors.go documents, and is left alone: TrySetCount does not
+// report a running count, and Delete does not delete the foreign data.
+func TestLatchForeignKey(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 5*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		l := newClient(t, b).CountDownLatch(name)
+		for _, put := range []struct {
+			kind string
+			set  func() error
+		}{
+			{"string", func() error { return rdb.Set(ctx, latchKey(name), "foreign", 0).Err() }},
+			{"hash", func() error { return rdb.HSet(ctx, latchKey(name), "f", "v").Err() }},
+		} {
+			require.NoError(t, put.set())
+			_, err := l.Count(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, put.kind)
+			ok, err := l.TrySetCount(ctx, 2)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, "TrySetCount on a foreign %s (ok=%v)", put.kind, ok)
+			require.ErrorIs(t, l.CountDown(ctx), redlatch.ErrWrongType, "CountDown on a foreign %s", put.kind)
+			deleted, err := l.Delete(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, "Delete on a foreign %s (deleted=%v)", put.kind, deleted)
+			require.EqualValues(t, 1, rdb.Exists(ctx, latchKey(name)).Val(), "the foreign %s was deleted", put.kind)
+			require.NoError(t, rdb.Del(ctx, latchKey(name)).Err())
+		}
+	})
+}
+
+// TestLatchReadsMaster: on a Redis client that routes read-only commands to
+// a replica (a ClusterClient with ReadOnly: the go-redis setup of a master
+// with replicas, and what NewFailoverClusterClient with ReplicaOnly builds),
+// Count and Wait read the count on the master, which the scripts write. Read
+// from a lagging replica, a count just set reads 0 (a Wait returns before
+// anyone counted down), and a waiter woken by the final CountDown reads the
+// old count and sleeps on (here, while the replica lags, for good).
+func TestLatchReadsMaster(t *testing.T) {
+	master, replica, link := replicaPair(t)
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+		ReadOnly: true,
+		ClusterSlots: func(context.Context) ([]redis.ClusterSlot, error) {
+			return []redis.ClusterSlot{{Start: 0, End: 16383, Nodes: []redis.ClusterNode{
+				{Addr: master.Addr}, {Addr: replica.Addr}}}}, nil
+		},
+	})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // re-checks every 1s
+	t.Cleanup(func() { _ = c.Close() })
+
+	l := c.CountDownLatch(name)
+	ok, err := l.TrySetCount(ctx, 1)
+	require.NoError(t, err)
+	require.True(t, ok)
+	waitInSync(t, master, replica) // the count is on the replica too
+	link.Partition()               // from now on the replica lags
+
+	// A count set now is not on the replica.
+	fresh := c.CountDownLatch(name + "-fresh")
+	ok, err = fresh.TrySetCount(ctx, 2)
+	require.NoError(t, err)
+	require.True(t, ok)
+	requireCount(t, ctx, fresh, 2)
+	wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	requireWaitErr(t, fresh.Wait(wctx), wctx)
+
+	// The final CountDown's wake-up lets the waiter through.
+	woke := make(chan error, 1)
+	go func() { woke <- l.Wait(ctx) }()
+	time.Sleep(200 * time.Millisecond)
+	require.NoError(t, l.CountDown(ctx))
+	requireNoErrWithin(t, woke, 2*time.Second, "the waiter slept on after the count reached zero")
+	requireCount(t, ctx, l, 0)
 }

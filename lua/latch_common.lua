@@ -13,3 +13,18 @@ local function remember(ids, req)
   redis.call('ZADD', ids, now, req)
   redis.call('PEXPIRE', ids, memory_ms)
 end
+
+-- read_count(key) returns the count at key (a string of digits), false when
+-- the latch is open, or nil when the key holds data redlatch did not write:
+-- the caller then returns redis.error_reply(wrong_type), which the client
+-- reports as ErrWrongType. GET itself fails with WRONGTYPE on a key of
+-- another type. So no script counts down, reports as running, or deletes
+-- another program's data.
+local wrong_type = 'WRONGTYPE latch count key holds a value redlatch did not write'
+local function read_count(key)
+  local v = redis.call('GET', key)
+  if v and not string.match(v, '^%-?%d+$') then
+    return nil
+  end
+  return v
+end

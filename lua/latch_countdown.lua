@@ -26,7 +26,11 @@
 if redis.call('ZSCORE', KEYS[3], ARGV[2]) then
   return tonumber(redis.call('GET', KEYS[1]) or '0')
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local v = read_count(KEYS[1])
+if v == nil then
+  return redis.error_reply(wrong_type)
+end
+if not v then
   remember(KEYS[3], ARGV[2])
   return 0
 end

@@ -20,10 +20,15 @@ end
 if redis.call('ZSCORE', KEYS[3], ARGV[2] .. '|0') then
   return 0
 end
-if redis.call('DEL', KEYS[1]) == 0 then
+local v = read_count(KEYS[1])
+if v == nil then
+  return redis.error_reply(wrong_type)
+end
+if not v then
   remember(KEYS[3], ARGV[2] .. '|0')
   return 0
 end
+redis.call('DEL', KEYS[1])
 remember(KEYS[3], ARGV[2])
 redis.call(ARGV[1], KEYS[2], 'a')
 return 1

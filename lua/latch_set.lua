@@ -13,7 +13,11 @@
 if redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   return 1
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local v = read_count(KEYS[1])
+if v == nil then
+  return redis.error_reply(wrong_type)
+end
+if v then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1])
