@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	_ "embed"
 	"encoding/base64"
+	"fmt"
 	"io"
 	"log/slog"
 	"strconv"
@@ -427,13 +428,30 @@ func fenceRetention(lease time.Duration) int64 {
 	return r.Milliseconds()
 }
 
-// keyTTL returns the remaining lease of a primitive's key: 0 when the key
-// does not exist, -1 when it has no expiry (not written by redlatch).
+// onMaster sends the reads that read queues to the master of their keys,
+// in a MULTI, which a Redis client routing read-only commands to replicas
+// (a ClusterClient with ReadOnly, RouteByLatency or RouteRandomly; a
+// failover client with ReplicaOnly) still sends there: a lagging replica
+// would answer with a state older than the Client's own last change, such
+// as a lock just taken reported free. Its error is the first failed read's
+// (redis.Nil included).
+func (c *Client) onMaster(ctx context.Context, read func(p redis.Pipeliner)) error {
+	_, err := c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		read(p)
+		return nil
+	})
+	return err
+}
+
+// keyTTL returns the remaining lease of a primitive's key, read on its
+// master: 0 when the key does not exist, -1 when it has no expiry (not
+// written by redlatch).
 func (c *Client) keyTTL(ctx context.Context, key string) (time.Duration, error) {
-	d, err := c.rdb.PTTL(ctx, key).Result()
-	if err != nil {
+	var cmd *redis.DurationCmd
+	if err := c.onMaster(ctx, func(p redis.Pipeliner) { cmd = p.PTTL(ctx, key) }); err != nil {
 		return 0, convertErr(err)
 	}
+	d := cmd.Val()
 	switch {
 	case d == -2*time.Nanosecond || d == -2*time.Millisecond:
 		return 0, nil
@@ -443,10 +461,30 @@ func (c *Client) keyTTL(ctx context.Context, key string) (time.Duration, error) 
 	return d, nil
 }
 
-// keyExists reports whether key exists.
+// keyExists reports whether key exists, read on its master.
 func (c *Client) keyExists(ctx context.Context, key string) (bool, error) {
-	n, err := c.rdb.Exists(ctx, key).Result()
-	return n > 0, convertErr(err)
+	var cmd *redis.IntCmd
+	err := c.onMaster(ctx, func(p redis.Pipeliner) { cmd = p.Exists(ctx, key) })
+	return err == nil && cmd.Val() > 0, convertErr(err)
+}
+
+// holdCount returns the hold count that the hash key records for owner
+// (fields o and c, see lua/lock.lua), read on its master.
+func (c *Client) holdCount(ctx context.Context, key, owner string) (int, error) {
+	var cmd *redis.SliceCmd
+	if err := c.onMaster(ctx, func(p redis.Pipeliner) { cmd = p.HMGet(ctx, key, "o", "c") }); err != nil {
+		return 0, convertErr(err)
+	}
+	v := cmd.Val()
+	if o, _ := v[0].(string); o != owner {
+		return 0, nil
+	}
+	s, _ := v[1].(string)
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, fmt.Errorf("%w: hold count %q", ErrWrongType, s)
+	}
+	return n, nil
 }
 
 // late reports whether an acquisition that returned token took a hold older

@@ -411,19 +411,7 @@ func (f *FairMutex) HoldCount(ctx context.Context) (int, error) {
 	if err := f.check(); err != nil {
 		return 0, err
 	}
-	v, err := f.c.rdb.HMGet(ctx, f.key, "o", "c").Result()
-	if err != nil {
-		return 0, convertErr(err)
-	}
-	if o, _ := v[0].(string); o != f.owner {
-		return 0, nil
-	}
-	s, _ := v[1].(string)
-	n, err := strconv.Atoi(s)
-	if err != nil {
-		return 0, fmt.Errorf("%w: hold count %q", ErrWrongType, s)
-	}
-	return n, nil
+	return f.c.holdCount(ctx, f.key, f.owner)
 }
 
 // Token returns the fencing token of the current hold, or 0 when the handle

@@ -134,18 +134,15 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 }
 
 // Count returns the current count: 0 for a finished or unset latch. It
-// reads the count on the master, which the scripts write (see readMaster):
-// a lagging replica would report a count just set as 0, and the old count
-// to a waiter woken by the final CountDown.
+// reads the count on the master, which the scripts write (see
+// Client.onMaster): a lagging replica would report a count just set as 0,
+// and the old count to a waiter woken by the final CountDown.
 func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
 	if err := l.check(); err != nil {
 		return 0, err
 	}
 	var get *redis.StringCmd
-	if _, err := l.c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		get = p.Get(ctx, l.key)
-		return nil
-	}); err != nil {
+	if err := l.c.onMaster(ctx, func(p redis.Pipeliner) { get = p.Get(ctx, l.key) }); err != nil {
 		return 0, convertErr(err)
 	}
 	s := get.Val()

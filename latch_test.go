@@ -374,14 +374,18 @@ func TestLatchForeignKey(t *testing.T) {
 	})
 }
 
-// TestLatchReadsMaster: on a Redis client that routes read-only commands to
+// TestReadsOnMaster: on a Redis client that routes read-only commands to
 // a replica (a ClusterClient with ReadOnly: the go-redis setup of a master
 // with replicas, and what NewFailoverClusterClient with ReplicaOnly builds),
-// Count and Wait read the count on the master, which the scripts write. Read
-// from a lagging replica, a count just set reads 0 (a Wait returns before
-// anyone counted down), and a waiter woken by the final CountDown reads the
-// old count and sleeps on (here, while the replica lags, for good).
-func TestLatchReadsMaster(t *testing.T) {
+// the methods that read state read it on the master, which the scripts
+// write. Read from a lagging replica:
+//   - a latch's count just set reads 0 (a Wait returns before anyone
+//     counted down), and a waiter woken by the final CountDown reads the
+//     old count and sleeps on (here, while the replica lags, for good);
+//   - a lock just taken reads free, with no lease, and held 0 times.
+//
+// (The latch's part found by a reviewer.)
+func TestReadsOnMaster(t *testing.T) {
 	master, replica, link := replicaPair(t)
 	ctx := ctxT(t, 10*time.Second)
 	name := redistest.UniqueName(t)
@@ -420,4 +424,25 @@ func TestLatchReadsMaster(t *testing.T) {
 	require.NoError(t, l.CountDown(ctx))
 	requireNoErrWithin(t, woke, 2*time.Second, "the waiter slept on after the count reached zero")
 	requireCount(t, ctx, l, 0)
+
+	// A lock taken now is not on the replica.
+	for _, m := range []interface {
+		Lock(context.Context) error
+		Unlock(context.Context) error
+		IsLocked(context.Context) (bool, error)
+		TTL(context.Context) (time.Duration, error)
+		HoldCount(context.Context) (int, error)
+	}{c.ReentrantMutex(name + "-lock"), c.FairMutex(name + "-fair")} {
+		require.NoError(t, m.Lock(ctx))
+		locked, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.True(t, locked, "IsLocked")
+		ttl, err := m.TTL(ctx)
+		require.NoError(t, err)
+		require.Positive(t, ttl, "TTL")
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "HoldCount")
+		require.NoError(t, m.Unlock(ctx))
+	}
 }

@@ -268,16 +268,12 @@ func currentToken(ctx context.Context, c *Client, key, of, owner string) int64 {
 	return t
 }
 
-// readMaster reads fields of the hash key from the master that holds it,
-// in a MULTI (which a ClusterClient with ReadOnly, or a failover client
-// routing reads to replicas, still sends to the master: a lagging replica
-// could name an older hold). It returns nil on an error.
+// readMaster reads fields of the hash key from the master that holds it
+// (see Client.onMaster: a lagging replica could name an older hold). It
+// returns nil on an error.
 func readMaster(ctx context.Context, c *Client, key string, fields ...string) []any {
 	var cmd *redis.SliceCmd
-	if _, err := c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		cmd = p.HMGet(ctx, key, fields...)
-		return nil
-	}); err != nil {
+	if err := c.onMaster(ctx, func(p redis.Pipeliner) { cmd = p.HMGet(ctx, key, fields...) }); err != nil {
 		return nil
 	}
 	return cmd.Val()
@@ -345,19 +341,7 @@ func (e *excl) holdCount(ctx context.Context) (int, error) {
 	if err := e.check(); err != nil {
 		return 0, err
 	}
-	v, err := e.c.rdb.HMGet(ctx, e.key, "o", "c").Result()
-	if err != nil {
-		return 0, convertErr(err)
-	}
-	if o, _ := v[0].(string); o != e.owner {
-		return 0, nil
-	}
-	s, _ := v[1].(string)
-	n, err := strconv.Atoi(s)
-	if err != nil {
-		return 0, fmt.Errorf("%w: hold count %q", ErrWrongType, s)
-	}
-	return n, nil
+	return e.c.holdCount(ctx, e.key, e.owner)
 }
 
 // Mutex is a distributed mutual exclusion lock, not reentrant.
