@@ -165,7 +165,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	lease := s.lease.Milliseconds()
 	var sent time.Time
 	undo := func(ctx context.Context) {
-		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
+		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "", true)
 	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
@@ -242,7 +242,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// Best effort: a record lost locally may still take permits in
 		// Redis until its lease there runs out; return them (and wake the
 		// waiters) now. Its permits are not counted as released.
-		defer func() { _, _ = s.releaseRecords(ctx, newID(), "", gone, "", "") }()
+		defer func() { _, _ = s.releaseRecords(ctx, newID(), "", gone, "", "", false) }()
 	}
 	if held < n {
 		s.mu.Unlock()
@@ -280,14 +280,14 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		oldShrink, newShrink = shrink.member, kept.member
 	}
 	req := newID()
-	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink)
+	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink, false)
 	if err != nil && !isReplyError(err) {
 		// Unknown outcome (not sent, or the reply lost): send the same
 		// request again, which Redis applies once (it is remembered), so
 		// the released permits come back now and the kept ones exist
 		// under their new record.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		if f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink); rerr == nil {
+		if f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink, false); rerr == nil {
 			freed, err = f, nil
 		}
 		cancel()
@@ -322,11 +322,17 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 // handle's previous release request, whose memory it replaces): it removes
 // the records whole, and shrinks the record shrink (when not "") into the
 // record kept, which names the permits it keeps. It returns the number of
-// permits returned.
-func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole []string, shrink, kept string) (int64, error) {
-	args := make([]any, 0, 7+len(whole))
+// permits returned. With undo set it undoes an acquisition whose reply was
+// lost: its record gets a tombstone even when found, so that a copy of that
+// attempt still on the way takes nothing when it comes late.
+func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole []string, shrink, kept string, undo bool) (int64, error) {
+	u := ""
+	if undo {
+		u = "1"
+	}
+	args := make([]any, 0, 8+len(whole))
 	args = append(args, s.c.publishCommand(ctx), req, prev, semReleaseMemory.Milliseconds(), shrink, kept,
-		fenceRetention(s.lease))
+		fenceRetention(s.lease), u)
 	for _, m := range whole {
 		args = append(args, m)
 	}

@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"io"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -108,5 +109,86 @@ func TestSemReleaseRemovesLostPermits(t *testing.T) {
 		require.NoError(t, err)
 		require.True(t, ok, "the lost permit is still taken in Redis after its handle's Release")
 		require.NoError(t, other.Release(ctx, 1))
+	})
+}
+
+// copyHook runs one matching script call on the server, keeps a copy of
+// its arguments (a resend of it still on the way) and loses its reply.
+type copyHook struct {
+	match func(redis.Cmder) bool
+	armed atomic.Bool
+	mu    sync.Mutex
+	args  []any
+}
+
+func (h *copyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *copyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h *copyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !h.match(cmd) || !h.armed.Load() {
+			return next(ctx, cmd)
+		}
+		if err := next(ctx, cmd); err != nil {
+			return err // NOSCRIPT: go-redis sends EVAL next, still armed
+		}
+		h.armed.Store(false)
+		h.mu.Lock()
+		h.args = append([]any(nil), cmd.Args()...)
+		h.mu.Unlock()
+		cmd.SetErr(io.ErrUnexpectedEOF) // ran on the server, reply lost
+		return io.ErrUnexpectedEOF
+	}
+}
+
+// TestSemaphoreLateCopyAfterUndoFound: an acquisition ran on the server but
+// its reply was lost, so the caller undid it; the undo found the record and
+// removed it. A second copy of that same attempt (a client resend stuck in
+// a slow link) that reaches Redis after the undo must take nothing, as the
+// README promises for every primitive ("the undo leave[s] a tombstone …
+// the late acquisition takes nothing"), and as the lock scripts do (an undo
+// always leaves a tombstone). Before the fix the semaphore's undo left a
+// tombstone only when it did not find the record, so the late copy took
+// permits that no handle tracks, renews or releases: they stayed taken for
+// a whole lease (here a minute).
+func TestSemaphoreLateCopyAfterUndoFound(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		wake := "{" + name + "}:sem:wake"
+		hook := &copyHook{match: func(cmd redis.Cmder) bool {
+			// The acquire script: it names the permit set, not the channel.
+			return scriptWith(semKey(name))(cmd) && !scriptWith(wake)(cmd)
+		}}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		s := c.Semaphore(name, 3, redlatch.WithLease(time.Minute))
+		other := newClient(t, b).Semaphore(name, 3)
+
+		for _, try := range []bool{true, false} {
+			hook.armed.Store(true)
+			var err error
+			if try {
+				_, err = s.TryAcquire(ctx, 2)
+			} else {
+				err = s.Acquire(ctx, 2)
+			}
+			require.Error(t, err)
+			requireAvailable(t, ctx, other, 3) // the undo returned them
+
+			// The late copy of the very same attempt arrives.
+			hook.mu.Lock()
+			args := hook.args
+			hook.mu.Unlock()
+			require.NotEmpty(t, args)
+			_ = b.Client(t).Do(ctx, args...).Err()
+			requireAvailable(t, ctx, other, 3)
+		}
+		require.NoError(t, other.Acquire(ctx, 3))
+		require.NoError(t, other.Release(ctx, 3))
+		requireSemIdle(t, ctx, b, name)
 	})
 }

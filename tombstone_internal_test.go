@@ -73,7 +73,7 @@ func TestTombstonesKeptShared(t *testing.T) {
 		for i := range 4 {
 			member := s.owner + "|late-sem-" + strconv.Itoa(i) + "|1"
 			records = append(records, member)
-			_, err := s.releaseRecords(ctx, newID(), "", []string{member}, "", "")
+			_, err := s.releaseRecords(ctx, newID(), "", []string{member}, "", "", true)
 			require.NoError(t, err)
 		}
 		ok, _, _, err := e.attempt(ctx, "late-mutex")

@@ -15,7 +15,11 @@
 -- ARGV[6]  the shrunk record's new name: same owner, a fresh request id and
 --          the permits it keeps (it keeps the old record's expiry)
 -- ARGV[7]  how long a tombstone lives, ms (the fence retention)
--- ARGV[8]  records to remove whole, from ARGV[8] on
+-- ARGV[8]  '1' when this call undoes an acquisition whose reply was lost,
+--          else '': an undo leaves the tombstone of its record even when it
+--          finds it, so that another copy of that attempt still on the way
+--          (a client resend stuck in a slow link) takes nothing either
+-- ARGV[9]  records to remove whole, from ARGV[9] on
 --
 -- Returns the number of permits returned. A record that is gone (expired,
 -- reclaimed, released already) returns nothing, so the caller compares the
@@ -34,15 +38,15 @@ local meant = 0
 if ARGV[5] ~= '' then
   meant = sem_n(ARGV[5]) - sem_n(ARGV[6])
 end
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   meant = meant + sem_n(ARGV[i])
 end
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if exists and redis.call('ZSCORE', KEYS[1], '~' .. ARGV[2]) then
   return meant -- a retry of a release already done
 end
-for i = 8, #ARGV do
-  if not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+for i = 9, #ARGV do
+  if ARGV[8] == '1' or not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     -- Gone (expired, lost) or not there yet: an acquisition undone before
     -- it reached Redis must take nothing when it comes late.
     fence_tombstone(KEYS[3], sem_req(ARGV[i]), ARGV[7])
@@ -54,7 +58,7 @@ end
 local now = sem_now()
 local used = sem_reclaim(KEYS[1], now)
 local freed = 0
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
     freed = freed + sem_n(ARGV[i])
   end
