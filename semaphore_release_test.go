@@ -44,10 +44,12 @@ func TestSemPartialReleaseUnknownOutcome(t *testing.T) {
 
 // renewHook makes every renewal of the permit set key (a renew.lua call:
 // its args hold the key and the kind "z") run on the server but lose its
-// reply, while armed.
+// reply, while armed; or, with stall set, reach the server only after
+// stall (a slow link).
 type renewHook struct {
 	key   string
 	armed atomic.Bool
+	stall time.Duration // when set, a renewal waits this long first, and then runs as usual
 }
 
 func (h *renewHook) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -67,6 +69,10 @@ func (h *renewHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 			}
 		}
 		if !key || !z {
+			return next(ctx, cmd)
+		}
+		if h.stall > 0 {
+			time.Sleep(h.stall)
 			return next(ctx, cmd)
 		}
 		if err := next(ctx, cmd); err != nil {
@@ -109,6 +115,38 @@ func TestSemReleaseRemovesLostPermits(t *testing.T) {
 		require.NoError(t, err)
 		require.True(t, ok, "the lost permit is still taken in Redis after its handle's Release")
 		require.NoError(t, other.Release(ctx, 1))
+	})
+}
+
+// TestSemReleaseNotHeldUpByRenewal: a renewal of the permit set is stuck
+// (a slow link) until the permits' local deadline passes: Lost closes. A
+// Release then reports ErrNotHeld at once; it waited for the stuck renewal
+// first, holding the handle's lock, which also held up Lost and every other
+// call on the handle.
+func TestSemReleaseNotHeldUpByRenewal(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		const wd = 600 * time.Millisecond
+		rdb := b.Client(t)
+		hook := &renewHook{key: semKey(name), stall: 3 * time.Second}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(wd))
+		t.Cleanup(func() { _ = c.Close() })
+		s := c.Semaphore(name, 1)
+
+		require.NoError(t, s.Acquire(ctx, 1))
+		hook.armed.Store(true)
+		requireClosedWithin(t, s.Lost(), 2*wd, "Lost")
+		released := make(chan error, 1)
+		go func() { released <- s.Release(ctx, 1) }()
+		select {
+		case err := <-released:
+			require.ErrorIs(t, err, redlatch.ErrNotHeld)
+		case <-time.After(time.Second):
+			t.Fatal("Release waited for the stuck renewal")
+		}
+		hook.armed.Store(false)
 	})
 }
 
