@@ -149,7 +149,7 @@ type Client struct {
 // ctx deadlines while it waits for a reply, so a Lock whose ctx ends while
 // Redis does not answer returns only after the client's ReadTimeout (and
 // the undo of its unanswered attempt after another one). New logs a
-// warning when it is off.
+// warning when it is off (to the WithLogger logger: by default, nowhere).
 func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c := &Client{rdb: rdb}
 	c.opts = options{

@@ -31,9 +31,11 @@ var (
 	ErrClosed = errors.New("redlatch: client closed")
 
 	// ErrInvalidArgument is wrapped by the error returned for bad input: an
-	// empty name or owner, a size, count or lease that is not positive, a nil
-	// Redis client. The message names the argument. Bad input never panics
-	// and never reaches Redis.
+	// empty name or owner, a name starting with '}', a size, count or lease
+	// that is not positive (a Redlock's lease must also exceed its drift
+	// allowance, lease·1% + 2ms), a nil Redis client, a bad Client option
+	// (see WithKeyPrefix, WithWatchdogTimeout, WithReplicaSync). The message
+	// names the argument. Bad input never panics and never reaches Redis.
 	ErrInvalidArgument = errors.New("redlatch: invalid argument")
 
 	// ErrLost is the cause of the context that Do cancels when the hold is

@@ -375,8 +375,9 @@ type Mutex struct {
 }
 
 // Mutex returns a handle on the non-reentrant lock called name. It does not
-// talk to Redis. Bad arguments (an empty name, WithLease(0), WithOwner(""))
-// are reported by the handle's methods as errors wrapping ErrInvalidArgument.
+// talk to Redis. Bad arguments (an empty name, a name starting with '}',
+// WithLease(0), WithOwner("")) are reported by the handle's methods as
+// errors wrapping ErrInvalidArgument.
 func (c *Client) Mutex(name string, opts ...LockOption) *Mutex {
 	return &Mutex{e: newExcl(c, name, false, opts), sem: make(chan struct{}, 1)}
 }

@@ -111,8 +111,10 @@ type redlockHold struct {
 // Client per independent Redis master (not replicas of one another, not
 // nodes of one cluster). It does not talk to Redis. Bad arguments — no
 // clients, a nil client, the same Client or Redis client twice, an empty
-// name, WithLease(0) — are reported by the methods as errors wrapping
-// ErrInvalidArgument. Options are those of Mutex: WithLease and WithOwner.
+// name or one starting with '}', WithLease(0) or any lease no longer than
+// the drift allowance (lease·1% + 2ms) — are reported by the methods as
+// errors wrapping ErrInvalidArgument. Options are those of Mutex: WithLease
+// and WithOwner.
 func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 	o := newLockOptions(name, opts)
 	r := &Redlock{name: name, shared: o.shared, err: o.err, sem: make(chan struct{}, 1)}

@@ -96,9 +96,9 @@ type permitRecord struct {
 }
 
 // Semaphore returns a handle on the semaphore called name with size permits.
-// It does not talk to Redis. Bad arguments (an empty name, a size ≤ 0,
-// WithLease(0), WithOwner("")) are reported by the handle's methods as
-// errors wrapping ErrInvalidArgument.
+// It does not talk to Redis. Bad arguments (an empty name, a name starting
+// with '}', a size ≤ 0, WithLease(0), WithOwner("")) are reported by the
+// handle's methods as errors wrapping ErrInvalidArgument.
 func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semaphore {
 	o := newLockOptions(name, opts)
 	s := &Semaphore{c: c, name: name, size: size, owner: o.owner, err: o.err}

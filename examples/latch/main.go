@@ -68,5 +68,6 @@ func main() {
 		fmt.Printf("waiter %d woke %v after the count reached zero\n", i, at.Sub(zero).Round(time.Millisecond))
 	}
 	n, _ := rdb.Exists(ctx, "{"+name+"}:latch").Result()
-	fmt.Printf("latch keys left: %d\n", n)
+	ttl, _ := rdb.PTTL(ctx, "{"+name+"}:latch:done").Result()
+	fmt.Printf("count key left: %d; request ids kept for retries, expiring in %v\n", n, ttl.Round(time.Second))
 }

@@ -37,8 +37,12 @@ func main() {
 	n, _ := lock.HoldCount(ctx)
 	fmt.Printf("re-entered; hold count %d, token still %d\n", n, lock.Token())
 
-	// Another owner (another handle: another service instance) is kept out.
-	other := client.ReentrantMutex("quickstart:invoice-42")
+	// Another owner (another service instance, so another Client) is kept
+	// out. (A waiter of the same Client would get the lock by a local
+	// transfer inside the Unlock's script, with no pub/sub message.)
+	client2 := redlatch.New(rdb)
+	defer client2.Close()
+	other := client2.ReentrantMutex("quickstart:invoice-42")
 	ok, err := other.TryLock(ctx)
 	if err != nil {
 		log.Fatal(err)

@@ -28,9 +28,11 @@ func main() {
 	defer client.Close()
 	lock := client.Mutex("watchdog-demo:reindex")
 
-	// The operator, elsewhere, force-unlocks the lock after 4 seconds.
+	// The operator, elsewhere, force-unlocks the lock after 4.25 seconds
+	// (between two steps, so that no step reports the lease of a lock
+	// already gone).
 	operator := client.Mutex("watchdog-demo:reindex")
-	time.AfterFunc(4*time.Second, func() {
+	time.AfterFunc(4250*time.Millisecond, func() {
 		ok, err := operator.ForceUnlock(ctx)
 		fmt.Printf("operator: ForceUnlock -> %v, %v\n", ok, err)
 	})
