@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -620,5 +621,77 @@ func TestRWLateAttemptAfterUndo(t *testing.T) {
 			require.NoError(t, lock(ctx))
 			require.NoError(t, unlock(ctx))
 		}
+	})
+}
+
+// manyReaders writes n read holds of distinct owners into the lock hash of
+// name, with the fields rw_rlock.lua writes for a read hold begun by one
+// RLock (rc:, re:, rq:, rg:), each with a lease of its own ending in lease
+// (server time). It stands for n reader handles holding at once (the
+// README's advice: one handle per concurrent reader), without n round trips.
+func manyReaders(t *testing.T, ctx context.Context, b redistest.Backend, name string, n int, lease time.Duration) {
+	t.Helper()
+	admin := b.Client(t)
+	now, err := admin.Time(ctx).Result()
+	require.NoError(t, err)
+	exp := strconv.FormatInt(now.Add(lease).UnixMilli(), 10)
+	key := "{" + name + "}:rw"
+	args := make([]any, 0, 8*n)
+	for i := 0; i < n; i++ {
+		o := fmt.Sprintf("reader-%d", i)
+		q := fmt.Sprintf("req-%d", i)
+		args = append(args, "rc:"+o, "1", "re:"+o, exp, "rq:"+o, q, "rg:"+o, q)
+	}
+	require.NoError(t, admin.HSet(ctx, key, args...).Err())
+	// The hash's TTL stays the latest lease's (as rw_commit keeps it).
+	ttl, err := admin.PTTL(ctx, key).Result()
+	require.NoError(t, err)
+	if ttl < lease {
+		require.NoError(t, admin.PExpire(ctx, key, lease).Err())
+	}
+}
+
+// TestRWManyReaders: an RWMutex read by a few thousand owners at once
+// (each concurrent reader with its own handle, as the README advises) still
+// works when their holds end together while the hash remains (a live
+// reader, a waiting writer): when the read holds of a crashed process
+// (renewed in one batch, so with the same expiry) run out together, the
+// next script purges them; ForceUnlock releases them all.
+func TestRWManyReaders(t *testing.T) {
+	const n = 2500 // 4 fields each: 10,000 fields deleted at once
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+
+		name := redistest.UniqueName(t) + "-expiry"
+		live := c.RWMutex(name)
+		require.NoError(t, live.RLock(ctx))
+		manyReaders(t, ctx, b, name, n, 300*time.Millisecond)
+		time.Sleep(400 * time.Millisecond) // the crashed readers' leases run out
+		w := c.RWMutex(name)
+		ok, err := w.TryLock(ctx)
+		require.NoError(t, err, "TryLock once %d read holds ran out", n)
+		require.False(t, ok, "the live reader still holds")
+		require.NoError(t, live.RUnlock(ctx))
+		require.True(t, tryW(t, ctx, w))
+		require.NoError(t, w.Unlock(ctx))
+		requireIdle(t, b, name)
+
+		name = redistest.UniqueName(t) + "-force"
+		manyReaders(t, ctx, b, name, n, time.Minute)
+		m := c.RWMutex(name, redlatch.WithOwner("waiting-writer"))
+		got := make(chan error, 1)
+		go func() { got <- m.Lock(ctx) }() // waits: its place keeps the hash
+		admin := b.Client(t)
+		require.Eventually(t, func() bool {
+			queued, err := admin.HExists(ctx, "{"+name+"}:rw", "ww:waiting-writer").Result()
+			return err == nil && queued
+		}, 5*time.Second, 10*time.Millisecond)
+		ok, err = c.RWMutex(name).ForceUnlock(ctx)
+		require.NoError(t, err, "ForceUnlock with %d readers", n)
+		require.True(t, ok)
+		requireNoErrWithin(t, got, 5*time.Second, "the waiting writer did not get in")
+		require.NoError(t, m.Unlock(ctx))
+		requireIdle(t, b, name)
 	})
 }

@@ -107,6 +107,17 @@ local function rw_scan(s)
   return readers, waiting, rmin, wmin
 end
 
+-- rw_call_chunked runs cmd on key with the arguments args, in calls of at
+-- most 1,000 arguments (an even number: HSET's field-value pairs stay
+-- whole): unpack refuses about 8,000 results in Redis (a few thousand in
+-- miniredis), and a purge of the read holds of a few thousand owners that
+-- ran out together deletes four or five fields each.
+local function rw_call_chunked(cmd, key, args)
+  for i = 1, #args, 1000 do
+    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))
+  end
+end
+
 -- rw_commit writes the changes, sets the hash's TTL to its latest expiry,
 -- and deletes it when no lease is left. It reports whether the hash remains.
 local function rw_commit(s)
@@ -124,17 +135,13 @@ local function rw_commit(s)
   end
   local d = {}
   for k in pairs(s.dels) do d[#d + 1] = k end
-  if #d > 0 then
-    redis.call('HDEL', s.key, unpack(d))
-  end
+  rw_call_chunked('HDEL', s.key, d)
   local a = {}
   for k, v in pairs(s.sets) do
     a[#a + 1] = k
     a[#a + 1] = v
   end
-  if #a > 0 then
-    redis.call('HSET', s.key, unpack(a))
-  end
+  rw_call_chunked('HSET', s.key, a)
   redis.call('PEXPIRE', s.key, math.max(1, last - s.now))
   return true
 end
