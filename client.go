@@ -67,14 +67,17 @@ func WithKeyPrefix(prefix string) Option {
 // The Client's watchdog renews such holds every d/3 while they are held, so a
 // crashed holder's lock frees at most d after its last renewal. Default: 30s
 // (DefaultWatchdogTimeout). A d under 3ms makes every method return an error
-// wrapping ErrInvalidArgument.
+// wrapping ErrInvalidArgument; a fraction of a millisecond is dropped.
 func WithWatchdogTimeout(d time.Duration) Option {
 	return func(o *options) {
 		if d < 3*time.Millisecond {
 			o.err = invalidArg("watchdog timeout", "must be at least 3ms")
 			return
 		}
-		o.watchdogTimeout = d
+		// Redis counts leases in whole milliseconds (the scripts send
+		// lease.Milliseconds()): a fraction kept here would put each
+		// holder's local deadline that much past the lease Redis has.
+		o.watchdogTimeout = d.Truncate(time.Millisecond)
 	}
 }
 
@@ -355,7 +358,8 @@ type lockOptions struct {
 // hold ends d after it was taken unless released first, and Lost closes then.
 // Default: a watchdog-renewed lease (see WithWatchdogTimeout). A d ≤ 0 makes
 // the handle's methods return an error wrapping ErrInvalidArgument; a
-// positive d under a millisecond counts as one millisecond.
+// positive d under a millisecond counts as one millisecond, and a fraction
+// of a millisecond is dropped.
 func WithLease(d time.Duration) LockOption {
 	return func(o *lockOptions) {
 		if d <= 0 {
@@ -363,8 +367,10 @@ func WithLease(d time.Duration) LockOption {
 			return
 		}
 		// Redis counts leases in whole milliseconds; a shorter one would
-		// round to PEXPIRE 0, which deletes the key.
-		o.lease = max(d, time.Millisecond)
+		// round to PEXPIRE 0, which deletes the key. A fraction of a
+		// millisecond is dropped: the scripts send lease.Milliseconds(),
+		// and the local deadline must not run past the lease Redis has.
+		o.lease = max(d.Truncate(time.Millisecond), time.Millisecond)
 	}
 }
 

@@ -376,8 +376,9 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	}
 	f.mu.Lock()
 	h, token := f.h, f.token // no hold tracked: token 0, any hold of the owner
+	// Counted under f.mu: see ReentrantMutex.Unlock.
+	f.c.wd.setReleasingOf(h, true, f.n)
 	f.mu.Unlock()
-	f.c.wd.setReleasing(h, true)
 	n, err := f.unlock(ctx, "", "", token)
 
 	f.mu.Lock()
@@ -388,7 +389,7 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 		f.n--
 	}
 	if h != nil && f.n > 0 && (n > 0 || err != nil) {
-		f.c.wd.setReleasing(h, false)
+		f.c.wd.setReleasingOf(h, false, f.n)
 	} else if h != nil {
 		lost := f.c.wd.remove(h)
 		f.h, f.n, f.token = nil, 0, 0

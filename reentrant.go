@@ -126,8 +126,12 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	h, token := m.h, m.token // no hold tracked: token 0, any hold of the owner
+	// Under m.mu, so that concurrent Unlocks count each other: with more
+	// holds through this handle than releases in flight, this one leaves
+	// the hold held, and its deadline still closes Lost if Redis does not
+	// answer; one that may end the hold is decided by its reply.
+	m.e.c.wd.setReleasingOf(h, true, m.n)
 	m.mu.Unlock()
-	m.e.c.wd.setReleasing(h, true)
 	n, err := m.e.unlock(ctx, "", token, true)
 
 	m.mu.Lock()
@@ -142,7 +146,7 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	if h != nil && m.n > 0 && (n > 0 || err != nil) {
 		// Still held (or unknown after an error, with holds left here):
 		// keep renewing.
-		m.e.c.wd.setReleasing(h, false)
+		m.e.c.wd.setReleasingOf(h, false, m.n)
 	} else if h != nil {
 		// Released, not held, or unknown (an error): this handle's hold
 		// ends here. Other handles of the same owner track their own.

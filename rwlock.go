@@ -351,8 +351,9 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, guard func(fo
 	if h != nil {
 		held = guard(false)
 	}
+	// Counted under m.mu: see ReentrantMutex.Unlock.
+	m.c.wd.setReleasingOf(h, true, *np)
 	m.mu.Unlock()
-	m.c.wd.setReleasing(h, true)
 	n, err := script(ctx, "", held)
 
 	m.mu.Lock()
@@ -363,7 +364,7 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, guard func(fo
 		*np--
 	}
 	if h != nil && *np > 0 && (n > 0 || err != nil) {
-		m.c.wd.setReleasing(h, false)
+		m.c.wd.setReleasingOf(h, false, *np)
 	} else if h != nil {
 		lost := m.c.wd.remove(h)
 		*hp, *np = nil, 0

@@ -38,11 +38,19 @@ type hold struct {
 	// deadline is when the lease ends unless renewed, on the local monotonic
 	// clock: the send time of the last successful acquisition or renewal plus
 	// the lease. Redis cannot have expired the key before it.
-	deadline  time.Time
-	releasing bool // an unlock is in flight: renew no more, ignore renew replies
-	renewing  bool // in a renewal batch being sent: remove waits for it
-	done      bool // released or lost: no longer tracked
-	lost      chan struct{}
+	deadline time.Time
+	// releasing counts the releases of the hold in flight (goroutines
+	// sharing a reentrant handle may unlock at once). While one of them may
+	// end the hold (see finalPending), renew no more, ignore renew replies,
+	// and leave the deadline to its reply.
+	releasing int
+	// count is the number of holds its handle took on it, when the handle
+	// counts them (a reentrant handle; 0 otherwise): releases in flight fewer
+	// than count leave it held whatever their outcome.
+	count    int
+	renewing bool // in a renewal batch being sent: remove waits for it
+	done     bool // released or lost: no longer tracked
+	lost     chan struct{}
 	// onLost, when set, runs once when the hold is lost, with the
 	// watchdog's mutex held: it must not call into the watchdog, nor take a
 	// lock held by anyone who does.
@@ -57,6 +65,11 @@ func (h *hold) lostChan() <-chan struct{} {
 		return nil
 	}
 	return h.lost
+}
+
+// finalPending reports whether a release in flight may end the hold.
+func (h *hold) finalPending() bool {
+	return h.releasing > 0 && (h.count == 0 || h.releasing >= h.count)
 }
 
 // isLost reports whether the hold was lost.
@@ -177,15 +190,29 @@ func (w *watchdog) deadlineOf(h *hold) time.Time {
 }
 
 func (w *watchdog) setReleasing(h *hold, v bool) {
+	w.setReleasingOf(h, v, 0)
+}
+
+// setReleasingOf is setReleasing for a handle that counts its holds on h
+// (a reentrant handle): count is that number, after the release when v is
+// false. While the releases in flight are fewer than count, none of them
+// can end the hold: it is still renewed, and its deadline still closes
+// Lost when Redis does not answer.
+func (w *watchdog) setReleasingOf(h *hold, v bool, count int) {
 	if h == nil {
 		return
 	}
 	w.mu.Lock()
-	h.releasing = v
-	if !v && !h.done {
+	defer w.mu.Unlock()
+	if v {
+		h.releasing++
+	} else if h.releasing > 0 {
+		h.releasing--
+	}
+	h.count = count
+	if !h.finalPending() && !h.done {
 		w.scheduleLocked(h.deadline) // expire skipped it while releasing
 	}
-	w.mu.Unlock()
 }
 
 // remove stops tracking a released hold. No renewal for it is sent after
@@ -203,7 +230,7 @@ func (w *watchdog) remove(h *hold) (lost bool) {
 	// collected; that renewal names the hold (token, member) and cannot
 	// extend what the release ended, and its reply is ignored (done): do
 	// not make the release wait for it, however long Redis takes.
-	for h.renewing && !h.releasing {
+	for h.renewing && h.releasing == 0 {
 		w.renewed.Wait()
 	}
 	delete(w.holds, h)
@@ -222,10 +249,10 @@ func (w *watchdog) supersede(h *hold) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for h.renewing && !h.releasing { // see remove
+	for h.renewing && h.releasing == 0 { // see remove
 		w.renewed.Wait()
 	}
-	if h.releasing {
+	if h.releasing > 0 {
 		delete(w.holds, h)
 		h.done = true
 		return
@@ -270,7 +297,7 @@ func (w *watchdog) expire() {
 	now := time.Now()
 	var next time.Time
 	for h := range w.holds {
-		if h.releasing {
+		if h.finalPending() {
 			continue // its Unlock's reply decides
 		}
 		if !now.Before(h.deadline) {
@@ -291,7 +318,7 @@ func (w *watchdog) renewAll() {
 	w.mu.Lock()
 	groups := make(map[int][]*hold)
 	for h := range w.holds {
-		if !h.renew || h.releasing {
+		if !h.renew || h.finalPending() {
 			continue
 		}
 		h.renewing = true
@@ -334,7 +361,7 @@ func (w *watchdog) renewAll() {
 			continue // a transient error: retried next period, the deadline still guards
 		}
 		for j, h := range batch {
-			if h.done || h.releasing {
+			if h.done || h.finalPending() {
 				continue
 			}
 			if res[j] == 1 {
