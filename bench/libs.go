@@ -23,7 +23,9 @@ import (
 // Lock blocks until the lock is held or ctx is done; it returns ctx.Err()
 // (possibly wrapped) in the latter case. Adapters of libraries that give up
 // on their own (a retry count, a cap derived from the TTL) retry until ctx is
-// done, so that every library waits the same way: until acquisition.
+// done, so that every library waits the same way: until acquisition. The
+// ctx given to Lock must stay live until Unlock returns: rueidislock's hold
+// ends with it (WithContext derives the lock's context from it).
 type locker interface {
 	Lock(ctx context.Context) error
 	Unlock(ctx context.Context) error

@@ -262,9 +262,11 @@ func (r *runner) w2() ([]record, error) {
 						for time.Now().Before(deadline) {
 							// An uncontended Lock does not wait: one that is
 							// still waiting w2Stall after the slot is an error.
+							// lctx stays live until Unlock returns: rueidislock
+							// ties the hold to the ctx given to WithContext and
+							// releases the lock as soon as that ctx ends.
 							lctx, lcancel := context.WithDeadline(context.Background(), deadline.Add(w2Stall))
 							err := l.Lock(lctx)
-							lcancel()
 							if err != nil {
 								err = fmt.Errorf("lock: %w", err)
 							} else {
@@ -272,6 +274,7 @@ func (r *runner) w2() ([]record, error) {
 								err = l.Unlock(uctx)
 								ucancel()
 							}
+							lcancel()
 							if err != nil {
 								mu.Lock()
 								in.fail(r, "lock/unlock", err)
