@@ -24,7 +24,7 @@ var (
 
 	fairLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + fairCommonLua + fairLockLua)
 	fairUnlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + fairCommonLua + fairUnlockLua)
-	fairForceUnlockScript = redis.NewScript(fenceLua + fairCommonLua + fairForceUnlockLua)
+	fairForceUnlockScript = redis.NewScript(fenceLua + fenceReleaseLua + fairCommonLua + fairForceUnlockLua)
 )
 
 // FairMutex is a distributed reentrant lock granted strictly in the order
@@ -474,6 +474,6 @@ func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	n, err := fairForceUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
-		fenceRetention(f.lease)).Int64()
+		fenceRetention(f.lease), newID()).Int64()
 	return n == 1, convertErr(err)
 }

@@ -2,10 +2,23 @@
 -- to the queue head.
 --
 -- KEYS[1..5], ARGV[1..2]: see fair_common.lua
+-- ARGV[3]  request id: unique per call, reused by its retries
 --
 -- Returns 1 when a hold was released, 0 when the lock was free.
+--
+-- The release is recorded in the fence key (see fence.lua) with the request
+-- id, so that a retry after a lost reply (go-redis resends the script) is
+-- recognised: it must not release the hold the first run handed to the
+-- queue head, and hand the lock to the next waiter as well.
+if fence_release(redis.call('GET', KEYS[4])) == ARGV[3] then
+  return 1
+end
+local t = redis.call('HGET', KEYS[1], 't')
 local held = redis.call('DEL', KEYS[1])
 local now = now_ms()
 evict(now)
-grant(now)
+fence_suffix = ':' .. ARGV[3]
+if not grant(now, nil, t or nil) and held == 1 then
+  fence_set_release(KEYS[4], t or '', ARGV[3], ARGV[2])
+end
 return held

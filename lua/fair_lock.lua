@@ -42,7 +42,11 @@ if o == owner then
   redis.call('ZREM', KEYS[3], member)
   -- The full lease from now, never shorter than what is left: another
   -- handle of the owner may hold it on a longer lease (see renew.lua).
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then
+  -- A handoff claimed by its waiter, held by no one else of the owner yet:
+  -- what is left is the rest of the waiter's queue place (up to its place
+  -- lease), not a lease of this owner's, so the waiter's own lease replaces
+  -- it (a WithLease waiter's fixed lease may be the shorter).
+  if (v[3] == id and v[1] == '1') or redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
   end
   if v[3] == id or ids_has(v[4], id) then

@@ -41,15 +41,6 @@ if v[1] ~= ARGV[3] or withdraw ~= '' then
   settle(now)
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 'u', 't', 'g', 'q')
 end
-if withdraw ~= '' then
-  -- A withdrawal ends the waiter's call: leave a tombstone so that an
-  -- attempt of it still on the way takes nothing, and does not queue, when
-  -- it comes late.
-  fence_tombstone(KEYS[4], withdraw, ARGV[2])
-  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and not ids_has(v[6], withdraw)) then
-    return reply(-1) -- it holds nothing: queued, failed, or not arrived
-  end
-end
 -- released reports whether this request is a full release done already:
 -- a retry after a lost reply. Its first run may have granted the lock to a
 -- waiter of this Client without publishing: the pending grant is reported
@@ -63,6 +54,19 @@ local function released()
     local_grant = g[1] .. ':' .. g[2]
   end
   return true
+end
+if withdraw ~= '' then
+  -- A withdrawal ends the waiter's call: leave a tombstone so that an
+  -- attempt of it still on the way takes nothing, and does not queue, when
+  -- it comes late.
+  fence_tombstone(KEYS[4], withdraw, ARGV[2])
+  if v[1] ~= ARGV[3] or (v[5] ~= withdraw and not ids_has(v[6], withdraw)) then
+    -- It holds nothing: queued, failed, or not arrived; or a resend of a
+    -- withdrawal whose first run released what it held, which may have
+    -- handed the lock to a waiter of this Client: reported again.
+    released()
+    return reply(-1)
+  end
 end
 if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[4] ~= ARGV[6] and tonumber(v[4]) ~= tonumber(ARGV[6])) then
   if released() then
