@@ -1166,13 +1166,28 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 		undo(cctx)
 		cancel()
 	}
-	if ctx.Err() != nil {
+	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
 	}
 	if c.closed.Load() {
 		return ErrClosed
 	}
 	return convertErr(err)
+}
+
+// ctxEnded reports whether ctx has ended. A read that failed at ctx's
+// deadline (go-redis puts it on the socket: a WAIT on a pinned connection,
+// say) may return before ctx's own timer has fired: once the deadline has
+// passed, ctx is waited for, so that the error made from it is the wait's.
+func ctxEnded(ctx context.Context) bool {
+	if ctx.Err() != nil {
+		return true
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		<-ctx.Done()
+		return true
+	}
+	return false
 }
 
 // retryBound turns a holder's remaining lease (PTTL, ms) into the bound of

@@ -83,7 +83,7 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, s *redis
 	ms := max(timeout.Milliseconds(), 1) // WAIT n 0 would block for good
 	if rt := node.Options().ReadTimeout; rt < 0 || timeout+waitMargin < rt {
 		// One round trip: EVALSHA and WAIT pipelined.
-		send := func(sha bool) (*redis.Cmd, *redis.Cmd) {
+		send := func(sha bool, ms int64) (*redis.Cmd, *redis.Cmd) {
 			pipe := node.Pipeline()
 			var cmd *redis.Cmd
 			if sha {
@@ -95,9 +95,16 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, s *redis
 			_, _ = pipe.Exec(ctx)
 			return cmd, wait
 		}
-		cmd, wait := send(true)
+		start := time.Now()
+		cmd, wait := send(true, ms)
 		if isNoScript(cmd.Err()) {
-			cmd, wait = send(false)
+			// The WAIT after the refused EVALSHA blocked too (for the
+			// connection's earlier writes), up to the whole timeout when a
+			// replica is slow: the WAIT after EVAL gets what is left of it,
+			// so that the acquisition waits for its replicas no longer than
+			// the timeout in all.
+			left := max((timeout - time.Since(start)).Milliseconds(), 1)
+			cmd, wait = send(false, left)
 		}
 		if cmd.Err() != nil {
 			return cmd, 0, nil

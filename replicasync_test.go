@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -329,4 +330,69 @@ func TestReplicaSyncNoReplicas(t *testing.T) {
 		require.True(t, ok)
 		require.NoError(t, plain.Unlock(ctx))
 	})
+}
+
+// TestReplicaSyncWaitEndsWithCtx: a Lock whose ctx ends while its WAIT
+// blocks (the replica is frozen) fails as a wait that ctx ended: its error
+// matches ctx.Err() as well as ErrNotObtained. With a WAIT timeout above the
+// client's ReadTimeout the WAIT goes on its own on a pinned connection, and
+// its read fails with an i/o timeout at ctx's deadline — possibly before
+// ctx's own timer has fired. A FairMutex, whose failed attempt has nothing to
+// undo before its error is made, then reported a plain ErrNotReplicated
+// ("WAIT failed: i/o timeout") in about half the calls.
+func TestReplicaSyncWaitEndsWithCtx(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	opt := master.Options()
+	opt.ReadTimeout = 500 * time.Millisecond // below the WAIT timeout: pinned path
+	rdb := redis.NewClient(opt)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, time.Second))
+	t.Cleanup(func() { _ = c.Close() })
+	name := redistest.UniqueName(t)
+	m := c.FairMutex(name)
+	require.NoError(t, m.Lock(ctx)) // the script cached, a connection open
+	require.NoError(t, m.Unlock(ctx))
+
+	replica.Stop(t)
+	defer replica.Cont(t)
+	for i := 0; i < 20; i++ {
+		cctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		err := m.Lock(cctx)
+		cancel()
+		require.ErrorIs(t, err, redlatch.ErrNotObtained, "call %d", i)
+		require.ErrorIs(t, err, context.DeadlineExceeded, "call %d", i)
+	}
+	locked, err := m.IsLocked(ctx)
+	require.NoError(t, err)
+	require.False(t, locked, "nothing left held")
+}
+
+// TestReplicaSyncNoScriptWaitBound: with the replica frozen, an acquisition
+// fails within about the sync timeout (README: "up to timeout when a
+// replica is slow or gone") also when the script cache is empty (a restart,
+// a failover to a replica, SCRIPT FLUSH). The script and WAIT are pipelined:
+// the WAIT after the refused EVALSHA blocks too, for the whole timeout, and
+// the one after EVAL, with the whole timeout again, doubled it.
+func TestReplicaSyncNoScriptWaitBound(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	rdb := master.Client(t)
+	timeout := time.Second // below the ReadTimeout (2s) with its margin: pipelined
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, timeout))
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx)) // a connection open
+	require.NoError(t, m.Unlock(ctx))
+	require.NoError(t, rdb.ScriptFlush(ctx).Err())
+
+	replica.Stop(t)
+	defer replica.Cont(t)
+	start := time.Now()
+	ok, err := m.TryLock(ctx)
+	took := time.Since(start)
+	t.Logf("TryLock took %v", took)
+	require.False(t, ok)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+	require.Less(t, took, timeout*8/5, "an acquisition waited %v for a %v sync timeout", took, timeout)
 }
