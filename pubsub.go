@@ -750,12 +750,15 @@ func (p *pubsub) write(n *psNode) {
 				err = n.ps.Unsubscribe(ctx, cmd.channel)
 			}
 			if err != nil && !cmd.forget {
-				// No confirmation will come for this command on this
-				// connection.
+				// The write failed: go-redis closed the connection inside
+				// the call (and may have dialled a new one, re-subscribing
+				// its set), or had none. No confirmation comes for this
+				// command, nor for any other the old connection owed,
+				// and the reader may never see that connection fail (it
+				// may be between reads, and read the new one next): forget
+				// them all, as the reader does when its read fails.
 				p.mu.Lock()
-				if n.inflight[cmd.channel] > 0 { // not cleared by a reconnection meanwhile
-					n.inflight[cmd.channel]--
-				}
+				clear(n.inflight)
 				if ch := p.chans[cmd.channel]; cmd.subscribe && ch != nil && ch.node == n {
 					// go-redis may have reconnected inside the failed call,
 					// before it added the channel to the set it subscribes
@@ -892,16 +895,30 @@ func (p *pubsub) receive(n *psNode) {
 				if !pinged {
 					// The next read sees the reply, or a broken connection.
 					pinged = true
-					_ = n.ps.Ping(ctx)
-					continue
+					perr := n.ps.Ping(ctx)
+					if perr == nil || ctx.Err() != nil {
+						continue
+					}
+					// The ping's write failed: go-redis dropped the
+					// connection inside Ping (and may have dialled a new
+					// one), so no read of ours sees it fail. The
+					// confirmations it owed are gone all the same.
+					p.c.opts.logger.Debug("redlatch: subscriber health ping failed; reconnecting", "error", perr)
+					select {
+					case <-n.stop:
+						return // retired (see follow)
+					default:
+					}
+				} else {
+					// No reply to the ping for a whole interval: the
+					// connection is half-open (the server's host died, or a
+					// partition swallowed its close), and TCP may take many
+					// minutes to notice. Drop it: go-redis reconnects,
+					// subscribes again, and the confirmations wake every
+					// waiter to retry.
+					p.c.opts.logger.Debug("redlatch: subscriber connection unresponsive; reconnecting")
+					dropConnection(ctx, n.ps)
 				}
-				// No reply to the ping for a whole interval: the connection
-				// is half-open (the server's host died, or a partition
-				// swallowed its close), and TCP may take many minutes to
-				// notice. Drop it: go-redis reconnects, subscribes again,
-				// and the confirmations wake every waiter to retry.
-				p.c.opts.logger.Debug("redlatch: subscriber connection unresponsive; reconnecting")
-				dropConnection(ctx, n.ps)
 			} else if isReplyError(err) {
 				// A reply to a command, not a broken connection: the MOVED
 				// answering the unsubscribe of a channel whose slot moved.
