@@ -81,11 +81,7 @@ func TestWakeAfterResetFoundByHealthPing(t *testing.T) {
 
 		hook := &resetAtPing{match: "{" + name + "}:wake"}
 		rdb := b.Client(t)
-		if cc, ok := rdb.(*redis.ClusterClient); ok {
-			cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
-		} else {
-			rdb.AddHook(hook)
-		}
+		addConnHook(rdb, hook)
 		wc := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health ping after 1s of silence
 		t.Cleanup(func() { _ = wc.Close() })
 
@@ -203,11 +199,7 @@ func TestWakeAfterResetFoundByWriter(t *testing.T) {
 
 		hook := &flapHook{match: "{" + name + "}:wake", failDials: 8, upAgain: make(chan struct{})}
 		rdb := b.Client(t)
-		if cc, ok := rdb.(*redis.ClusterClient); ok {
-			cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
-		} else {
-			rdb.AddHook(hook)
-		}
+		addConnHook(rdb, hook)
 		wc := redlatch.New(rdb)
 		t.Cleanup(func() { _ = wc.Close() })
 

@@ -373,6 +373,16 @@ func (h *failSubscribe) ProcessPipelineHook(next redis.ProcessPipelineHook) redi
 	return next
 }
 
+// addConnHook adds hook, whose DialHook wraps connections, to rdb, and on
+// a cluster to each node's client as it is made: those clients dial.
+func addConnHook(rdb redis.UniversalClient, hook redis.Hook) {
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	} else {
+		rdb.AddHook(hook)
+	}
+}
+
 type failSubscribeConn struct {
 	net.Conn
 	h *failSubscribe
@@ -401,11 +411,7 @@ func TestWakeAfterFailedSubscribe(t *testing.T) {
 
 		hook := &failSubscribe{match: "{" + name + "}:wake"}
 		rdb := b.Client(t)
-		if cc, ok := rdb.(*redis.ClusterClient); ok {
-			cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
-		} else {
-			rdb.AddHook(hook)
-		}
+		addConnHook(rdb, hook)
 		hook.armed.Store(true)
 		wc := redlatch.New(rdb)
 		t.Cleanup(func() { _ = wc.Close() })
