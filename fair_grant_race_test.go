@@ -84,15 +84,12 @@ func TestFairResentTokenlessUnlockKeepsGrant(t *testing.T) {
 // armed: it reports the attempt started, then waits for open before sending
 // it, as a request that waits for a pool connection or sits in a slow link.
 type gateAttemptHook struct {
+	passHook
 	armed   atomic.Bool
 	started chan struct{}
 	open    chan struct{}
 }
 
-func (h *gateAttemptHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *gateAttemptHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 func (h *gateAttemptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		a := cmd.Args()

@@ -110,15 +110,12 @@ func TestFairHandoffKeepsFixedLease(t *testing.T) {
 // during; the second (the withdrawal that undoes the attempt) runs twice,
 // as go-redis resends a script whose reply was lost.
 type withdrawResendHook struct {
+	passHook
 	owner  string
 	during func()
 	calls  atomic.Int32
 }
 
-func (h *withdrawResendHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *withdrawResendHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 func (h *withdrawResendHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if !scriptWith(h.owner)(cmd) {

@@ -516,6 +516,7 @@ func TestUnreachableRedis(t *testing.T) {
 // slow reply instead: late runs after the command ran, then its reply is
 // returned.
 type lossyHook struct {
+	passHook
 	match   func(cmd redis.Cmder) bool
 	retry   bool
 	between func() // with retry: runs after the first run, before the resend
@@ -523,7 +524,6 @@ type lossyHook struct {
 	armed   atomic.Bool
 }
 
-func (h *lossyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h *lossyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if !h.match(cmd) || !h.armed.CompareAndSwap(true, false) {
@@ -546,7 +546,14 @@ func (h *lossyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		return next(ctx, cmd)
 	}
 }
-func (h *lossyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+
+// passHook passes every call on: the go-redis hooks of the tests embed it
+// and define only the methods they act on.
+type passHook struct{}
+
+func (passHook) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (passHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (passHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return next
 }
 
@@ -1026,13 +1033,13 @@ func TestOlderTokenFromLiveHold(t *testing.T) {
 // refuseHook fails the nth script call that matches after it is armed,
 // without sending it, as a connection lost before the write would.
 type refuseHook struct {
+	passHook
 	match func(cmd redis.Cmder) bool
 	nth   int32
 	seen  atomic.Int32
 	armed atomic.Bool
 }
 
-func (h *refuseHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h *refuseHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if h.armed.Load() && h.match(cmd) && h.seen.Add(1) == h.nth {
@@ -1041,9 +1048,6 @@ func (h *refuseHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		return next(ctx, cmd)
 	}
-}
-func (h *refuseHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // TestFailedRetakeGivesBack: the retake of TestOlderTokenFromLiveHold

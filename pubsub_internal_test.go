@@ -247,16 +247,13 @@ func TestYieldFallbackAfterReleaseInFlight(t *testing.T) {
 // gateHook holds back the next unlock.lua call, once armed, until release
 // is closed; entered is closed when it does.
 type gateHook struct {
+	passHook
 	mu      sync.Mutex
 	armed   bool
 	entered chan struct{}
 	release chan struct{}
 }
 
-func (h *gateHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *gateHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 func (h *gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if name := strings.ToLower(cmd.Name()); name == "evalsha" || name == "eval" {

@@ -23,6 +23,7 @@ import (
 // the connection, as when the server resets it and the subscriber's health
 // ping is the first to find out.
 type resetAtPing struct {
+	passHook
 	match           string
 	armed, reset    atomic.Bool
 	lostUnsubscribe atomic.Bool
@@ -36,11 +37,6 @@ func (h *resetAtPing) DialHook(next redis.DialHook) redis.DialHook {
 		}
 		return &resetAtPingConn{Conn: cn, h: h}, nil
 	}
-}
-
-func (h *resetAtPing) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-func (h *resetAtPing) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 type resetAtPingConn struct {
@@ -111,6 +107,7 @@ func TestWakeAfterResetFoundByHealthPing(t *testing.T) {
 // with failSub armed, the first (S)SUBSCRIBE write naming match closes the
 // connection and fails, as when the server resets it.
 type flapHook struct {
+	passHook
 	match     string
 	failDials int32
 
@@ -137,11 +134,6 @@ func (h *flapHook) DialHook(next redis.DialHook) redis.DialHook {
 		}
 		return &flapConn{Conn: cn, h: h}, nil
 	}
-}
-
-func (h *flapHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-func (h *flapHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // kill closes every subscriber connection and makes dials fail.

@@ -354,6 +354,7 @@ func TestWakeAfterSlotMoved(t *testing.T) {
 // first write of a (S)SUBSCRIBE naming match: the connection is closed and
 // the write returns an error, as when the server resets the connection.
 type failSubscribe struct {
+	passHook
 	match         string
 	armed, failed atomic.Bool
 }
@@ -366,11 +367,6 @@ func (h *failSubscribe) DialHook(next redis.DialHook) redis.DialHook {
 		}
 		return &failSubscribeConn{Conn: cn, h: h}, nil
 	}
-}
-
-func (h *failSubscribe) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-func (h *failSubscribe) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // addConnHook adds hook, whose DialHook wraps connections, to rdb, and on

@@ -14,6 +14,16 @@ import (
 	"github.com/redlatch/redlatch/internal/redistest"
 )
 
+// passHook passes every call on: the go-redis hooks of the tests embed it
+// and define only the methods they act on.
+type passHook struct{}
+
+func (passHook) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (passHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (passHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
 // replyHook, once armed, lets the next call of script run in Redis, then
 // waits until proceed is closed (others run meanwhile) and answers the
 // caller as a lost reply does: with resend set, go-redis sends the same
@@ -21,6 +31,7 @@ import (
 // fails with its context's error, which the test has cancelled meanwhile
 // (the caller gave up while its attempt was on the way, and undoes it).
 type replyHook struct {
+	passHook
 	script  *redis.Script
 	resend  bool
 	mu      sync.Mutex
@@ -54,10 +65,6 @@ func (h *replyHook) arm() {
 	h.mu.Unlock()
 }
 
-func (h *replyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *replyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 func (h *replyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if name := strings.ToLower(cmd.Name()); name == "evalsha" {

@@ -47,15 +47,12 @@ func TestSemPartialReleaseUnknownOutcome(t *testing.T) {
 // reply, while armed; or, with stall set, reach the server only after
 // stall (a slow link).
 type renewHook struct {
+	passHook
 	key   string
 	armed atomic.Bool
 	stall time.Duration // when set, a renewal waits this long first, and then runs as usual
 }
 
-func (h *renewHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *renewHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 func (h *renewHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if !h.armed.Load() || (cmd.Name() != "evalsha" && cmd.Name() != "eval") {
@@ -153,16 +150,13 @@ func TestSemReleaseNotHeldUpByRenewal(t *testing.T) {
 // copyHook runs one matching script call on the server, keeps a copy of
 // its arguments (a resend of it still on the way) and loses its reply.
 type copyHook struct {
+	passHook
 	match func(redis.Cmder) bool
 	armed atomic.Bool
 	mu    sync.Mutex
 	args  []any
 }
 
-func (h *copyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *copyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 func (h *copyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if !h.match(cmd) || !h.armed.Load() {

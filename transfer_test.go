@@ -19,11 +19,11 @@ import (
 // EVALSHA) a client sends; with match set, only those whose arguments it
 // accepts.
 type scriptCounter struct {
+	passHook
 	n     atomic.Int64
 	match func(args []any) bool
 }
 
-func (h *scriptCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h *scriptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && (h.match == nil || h.match(cmd.Args())) {
@@ -31,9 +31,6 @@ func (h *scriptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		return next(ctx, cmd)
 	}
-}
-func (h *scriptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // countingClient returns a Client of b whose script calls are counted, with

@@ -16,13 +16,13 @@ import (
 // replyDelayHook, once armed, delays the reply of the i-th call matching
 // match (from 0) by delays[i], after the call ran on the server.
 type replyDelayHook struct {
+	passHook
 	match  func(redis.Cmder) bool
 	delays []time.Duration
 	armed  atomic.Bool
 	n      atomic.Int32
 }
 
-func (h *replyDelayHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h *replyDelayHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if !h.armed.Load() || !h.match(cmd) {
@@ -35,9 +35,6 @@ func (h *replyDelayHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		return err
 	}
-}
-func (h *replyDelayHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // TestConcurrentReentrantUnlocksNotLost: two goroutines sharing a

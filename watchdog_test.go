@@ -149,6 +149,7 @@ func TestFixedLease(t *testing.T) {
 
 // renewSpy records the keys named in renewal script calls.
 type renewSpy struct {
+	passHook
 	mu   sync.Mutex
 	keys map[string]int
 	rt   int // round trips carrying renewals
@@ -187,7 +188,6 @@ func (s *renewSpy) count(key string) int {
 	return s.keys[key]
 }
 
-func (s *renewSpy) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (s *renewSpy) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		s.record([]redis.Cmder{cmd})
