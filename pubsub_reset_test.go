@@ -70,10 +70,7 @@ func (c *resetAtPingConn) Write(p []byte) (int, error) {
 // its holder's lease bound (here 60s) while the channel was subscribed.
 func TestWakeAfterResetFoundByHealthPing(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 30*time.Second)
-		name := redistest.UniqueName(t)
-		holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
-		require.NoError(t, holder.Lock(ctx))
+		ctx, name, holder := heldLongLease(t, b)
 
 		hook := &resetAtPing{match: "{" + name + "}:wake"}
 		rdb := b.Client(t)
@@ -184,10 +181,7 @@ func (c *flapConn) Write(p []byte) (int, error) {
 // release until its holder's lease bound (here 60s).
 func TestWakeAfterResetFoundByWriter(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 30*time.Second)
-		name := redistest.UniqueName(t)
-		holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
-		require.NoError(t, holder.Lock(ctx))
+		ctx, name, holder := heldLongLease(t, b)
 
 		hook := &flapHook{match: "{" + name + "}:wake", failDials: 8, upAgain: make(chan struct{})}
 		rdb := b.Client(t)

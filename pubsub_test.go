@@ -265,10 +265,7 @@ func TestWakeAfterSubscriberHalfOpen(t *testing.T) {
 		if b.Server == nil {
 			t.Skip("single real server only: the proxy fronts one address")
 		}
-		ctx := ctxT(t, 30*time.Second)
-		name := redistest.UniqueName(t)
-		holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
-		require.NoError(t, holder.Lock(ctx))
+		ctx, name, holder := heldLongLease(t, b)
 
 		proxy := redistest.NewProxy(t, b.Server.Addr)
 		opts := b.Server.Options()
@@ -369,6 +366,19 @@ func (h *failSubscribe) DialHook(next redis.DialHook) redis.DialHook {
 	}
 }
 
+// heldLongLease begins a test of a waiter that pub/sub must wake: a
+// holder on a Client of its own holds a fresh lock on a 60s lease, far
+// beyond the test's bounds, so that a waiter not woken shows. It returns
+// the test's context, the lock's name and the holder.
+func heldLongLease(t *testing.T, b redistest.Backend) (context.Context, string, *redlatch.Mutex) {
+	t.Helper()
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+	return ctx, name, holder
+}
+
 // addConnHook adds hook, whose DialHook wraps connections, to rdb, and on
 // a cluster to each node's client as it is made: those clients dial.
 func addConnHook(rdb redis.UniversalClient, hook redis.Hook) {
@@ -400,10 +410,7 @@ func (c *failSubscribeConn) Write(p []byte) (int, error) {
 // until the holder's 60s lease.
 func TestWakeAfterFailedSubscribe(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 30*time.Second)
-		name := redistest.UniqueName(t)
-		holder := newClient(t, b).Mutex(name, redlatch.WithLease(60*time.Second))
-		require.NoError(t, holder.Lock(ctx))
+		ctx, name, holder := heldLongLease(t, b)
 
 		hook := &failSubscribe{match: "{" + name + "}:wake"}
 		rdb := b.Client(t)
