@@ -290,33 +290,60 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 				}
 			}
 			k = n
+		case <-ctx.Done():
+			// The Redis client may not see a cancellation before its read
+			// deadline: count the masters that have not answered yet as
+			// failed, with an unknown outcome (the round is undone).
+			for i := range got {
+				if !got[i] {
+					rd.unknown[i] = true
+					rd.errs = append(rd.errs, fmt.Errorf("redlock master %d: %w", i, ctx.Err()))
+				}
+			}
+			k = n
 		}
 	}
 	rd.validity = r.lease - time.Since(rd.start) - r.drift()
 	return rd
 }
 
-// release undoes the acquisition req on every master (it releases only
-// what that request took) and waits for the replies for at most the node
-// timeout; slower releases go on in the background, bounded.
-func (r *Redlock) release(ctx context.Context, req string) {
-	var wg sync.WaitGroup
-	for _, e := range r.nodes {
-		wg.Add(1)
+// release undoes the acquisition of round rd on every master (it releases
+// only what that request took) and waits for the replies for at most the
+// node timeout; slower releases go on in the background, bounded. Once ctx
+// has ended it waits only for the masters that answered the round: the
+// others (frozen, unreachable) would hold up a call that is over.
+func (r *Redlock) release(ctx context.Context, rd *round) {
+	var all, answered sync.WaitGroup
+	for i, e := range r.nodes {
+		all.Add(1)
+		known := !rd.unknown[i]
+		if known {
+			answered.Add(1)
+		}
 		go func() {
-			defer wg.Done()
+			defer all.Done()
+			if known {
+				defer answered.Done()
+			}
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 			defer cancel()
-			_, _ = e.unlock(cctx, req, 0, false)
+			_, _ = e.unlock(cctx, rd.req, 0, false)
 		}()
 	}
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
+	done, knownDone := make(chan struct{}), make(chan struct{})
+	go func() { all.Wait(); close(done) }()
+	go func() { answered.Wait(); close(knownDone) }()
 	t := time.NewTimer(r.nodeTimeout(0))
 	defer t.Stop()
 	select {
+	case <-knownDone:
+	case <-t.C:
+		return
+	}
+	select {
 	case <-done:
 	case <-t.C:
+	case <-ctx.Done():
 	}
 }
 
@@ -385,7 +412,7 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			ok = true
 			return true, nil
 		}
-		r.release(ctx, req)
+		r.release(ctx, rd)
 		if rd.fatal != nil {
 			return false, rd.fatal
 		}
@@ -638,6 +665,11 @@ func (h *redlockHold) check() {
 	h.r.nodes[0].c.opts.logger.Warn("redlatch: redlock lost",
 		"name", h.r.name, "masters holding", h.live(), "quorum", h.r.quorum)
 	for i, hd := range h.holds {
+		// Marked releasing, so that remove does not wait for a renewal in
+		// flight (up to a renewal period on a frozen master) under h.mu,
+		// which Unlock needs: that renewal keeps nothing anyone tracks,
+		// and Unlock (or the lease) releases what it kept.
+		h.r.nodes[i].c.wd.setReleasing(hd, true)
 		h.r.nodes[i].c.wd.remove(hd)
 	}
 	h.unwatchAll()

@@ -221,3 +221,77 @@ func waitingRedlock(t *testing.T, ctx context.Context, name string, onFirst bool
 	t.Cleanup(stop)
 	return clients, first, stop
 }
+
+// TestRedlockUnlockAfterLossWithFrozenMaster: master 0 is frozen (SIGSTOP)
+// and the holds on masters 1 and 2 vanish (a restart, a ForceUnlock): the
+// renewals find them gone and Lost closes while the renewal to the frozen
+// master is still in flight. The quorum check stops the renewals of the
+// remaining hold; it must not keep the hold's mutex while it waits for
+// that renewal (up to a renewal period), which held up an Unlock with a
+// 300ms ctx for seconds.
+func TestRedlockUnlockAfterLossWithFrozenMaster(t *testing.T) {
+	servers := redlockServers(t, 3)
+	clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second)) // period 3s
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	// The frozen master's Client renews first (its ticker started first):
+	// its renewal is in flight when the others find their holds gone.
+	servers[0].Stop(t)
+	t.Cleanup(func() { servers[0].Cont(t) })
+	for _, s := range servers[1:] {
+		require.NoError(t, s.Client(t).Del(ctx, lockKey(name)).Err())
+	}
+	requireClosedWithin(t, r.Lost(), 4*time.Second, "Lost after the holds on 2 of 3 masters vanished")
+	uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := r.Unlock(uctx)
+	took := time.Since(start)
+	t.Logf("Unlock returned %v after %v", err, took)
+	require.ErrorIs(t, err, redlatch.ErrNotHeld)
+	require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
+}
+
+// TestRedlockLockReturnsAtCtxEnd: 3 of 5 masters are frozen, so no round
+// can reach a quorum; Lock's ctx ends (a deadline, then a cancellation)
+// while a round waits for the frozen masters. Lock returns about when its
+// ctx ends, not a node timeout (1s with the default lease) or two later:
+// the round's undos on the frozen masters go on in the background, while
+// what the live masters granted is still released before Lock returns.
+func TestRedlockLockReturnsAtCtxEnd(t *testing.T) {
+	servers := redlockServers(t, 5)
+	clients := redlockClients(t, servers) // watchdog lease 30s: node timeout 1s
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	for _, s := range servers[2:] {
+		s.Stop(t)
+	}
+	t.Cleanup(func() {
+		for _, s := range servers[2:] {
+			s.Cont(t)
+		}
+	})
+	r := redlatch.NewRedlock(name, clients)
+	for _, how := range []string{"deadline", "cancel"} {
+		t.Run(how, func(t *testing.T) {
+			var short context.Context
+			var cancel context.CancelFunc
+			if how == "deadline" {
+				short, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
+			} else {
+				short, cancel = context.WithCancel(ctx)
+				time.AfterFunc(200*time.Millisecond, cancel)
+			}
+			defer cancel()
+			start := time.Now()
+			err := r.Lock(short)
+			took := time.Since(start)
+			t.Logf("Lock returned after %v", took)
+			requireWaitErr(t, err, short)
+			require.Less(t, took, 600*time.Millisecond, "Lock outlived its 200ms ctx by far")
+			require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name), "the live masters' grants were released")
+		})
+	}
+}
