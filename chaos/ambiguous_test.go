@@ -99,6 +99,9 @@ func TestAmbiguousAcquireNotRetried(t *testing.T) {
 		if m.Token() != 0 {
 			t.Errorf("drops %d: Token() = %d after a failed Lock", drops, m.Token())
 		}
+		if left := chaos.DropBudget.Load(); left != 0 {
+			t.Errorf("drops %d: %d replies left undropped: the scenario did not happen as described", drops, left)
+		}
 		n, _ := admin.Exists(ctx, "{amb}:lock").Result()
 		if drops == 1 && n != 0 {
 			t.Errorf("drops %d: the hold taken by the failed Lock was not undone", drops)

@@ -11,8 +11,10 @@ import (
 // lost holds do not count.
 func TestCheckOverlap(t *testing.T) {
 	h := func(w string, acq, rel int64, shared, lost bool) chaos.Hold {
-		return chaos.Hold{Worker: w, ID: w, Acq: acq, Rel: rel, Shared: shared, Lost: lost}
+		return chaos.Hold{Worker: w, ID: w, Call: acq, Acq: acq, Rel: rel, Shared: shared, Lost: lost}
 	}
+	// called: a hold whose Lock was called at call.
+	called := func(call int64, h chaos.Hold) chaos.Hold { h.Call = call; return h }
 	cases := []struct {
 		name  string
 		holds []chaos.Hold
@@ -22,6 +24,11 @@ func TestCheckOverlap(t *testing.T) {
 		{"exclusive in turn", []chaos.Hold{h("a", 1, 2, false, false), h("b", 2, 3, false, false)}, 1, false},
 		{"exclusive overlap", []chaos.Hold{h("a", 1, 3, false, false), h("b", 2, 4, false, false)}, 1, true},
 		{"overlap with a lost hold", []chaos.Hold{h("a", 1, 3, false, true), h("b", 2, 4, false, false)}, 1, false},
+		{"lost hold granted inside another's hold", []chaos.Hold{h("a", 1, 5, false, false), h("b", 2, 3, false, true)}, 1, true},
+		{"lost hold taken before another's, its reply late", []chaos.Hold{h("a", 2, 5, false, false), called(1, h("b", 3, 4, false, true))}, 1, false},
+		{"lost reader granted inside a writer's hold", []chaos.Hold{h("a", 1, 5, false, false), h("b", 2, 3, true, true)}, 1, true},
+		{"lost permit granted inside two others", []chaos.Hold{h("a", 1, 5, true, false), h("b", 1, 5, true, false), h("c", 2, 3, true, true)}, 2, true},
+		{"lost permit granted beside one other", []chaos.Hold{h("a", 1, 5, true, false), h("c", 2, 3, true, true)}, 2, false},
 		{"readers together", []chaos.Hold{h("a", 1, 3, true, false), h("b", 2, 4, true, false)}, 1, false},
 		{"reader and writer", []chaos.Hold{h("a", 1, 3, true, false), h("b", 2, 4, false, false)}, 1, true},
 		{"two permits of two", []chaos.Hold{h("a", 1, 3, true, false), h("b", 2, 4, true, false)}, 2, false},

@@ -67,6 +67,12 @@ func pausedHolder(t *testing.T, kind string, lease, watchdog, pause time.Duratio
 	if d := time.Duration(next.At - acq.At); d > leaseOf+slack {
 		t.Errorf("liveness: taken over %v after the victim acquired; bound lease %v + slack %v", d, leaseOf, slack)
 	}
+	// And not before the victim's lease could have ended: its acquisition
+	// (or last renewal) ran after its Lock was called. 10 ms for Redis's
+	// millisecond expiry.
+	if d := time.Duration(next.At - acq.Call); d < leaseOf-10*time.Millisecond {
+		t.Errorf("mutual exclusion: %s acquired %v after the victim called Lock, within its lease %v", next.Worker, d, leaseOf)
+	}
 	t.Logf("taken over %v after the victim acquired (%v after the %v)", time.Duration(next.At-acq.At), time.Duration(next.At-faultAt), sig)
 	if !kill {
 		time.Sleep(max(0, pause-time.Duration(chaos.Mono()-faultAt)))

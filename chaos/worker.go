@@ -192,7 +192,8 @@ func (r remote) Write(token int64, set []string) (bool, error) {
 func (r remote) Report(h Hold) error  { return r.c.Call("Coord.Report", h, &struct{}{}) }
 func (r remote) Notify(e Event) error { return r.c.Call("Coord.Notify", e, &struct{}{}) }
 
-// WorkerConfig says what a worker does: for Duration (or Ops holds), lock,
+// WorkerConfig says what a worker does: for Duration (or until Ops holds
+// were taken; failed Lock calls do not count), lock,
 // read the set, sleep up to HoldMax (at least HoldMin), write the set plus a
 // unique id, unlock, sleep up to GapMax.
 type WorkerConfig struct {
@@ -245,7 +246,7 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 		}
 		return min + rand.N(max-min)
 	}
-	for i := 0; time.Now().Before(end) && (cfg.Ops == 0 || i < cfg.Ops) && ctx.Err() == nil; i++ {
+	for i := 0; time.Now().Before(end) && (cfg.Ops == 0 || i < cfg.Ops) && ctx.Err() == nil; {
 		h := Hold{Worker: cfg.Name, ID: fmt.Sprintf("%s-%d", cfg.Name, i)}
 		lctx, cancel := context.WithDeadline(ctx, end.Add(2*lease))
 		h.Call = Mono()
@@ -257,11 +258,12 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 			continue
 		}
 		h.Acq, h.Token = Mono(), l.Token()
+		i++
 		if sh, ok := l.(Sharer); ok {
 			h.Shared = sh.Shared()
 		}
 		lost := l.Lost()
-		if err := env.Notify(Event{Worker: cfg.Name, Kind: "acquired", Token: h.Token, At: h.Acq}); err != nil {
+		if err := env.Notify(Event{Worker: cfg.Name, Kind: "acquired", Token: h.Token, Call: h.Call, At: h.Acq}); err != nil {
 			return err
 		}
 		ok := false
