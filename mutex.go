@@ -111,7 +111,7 @@ func (e *excl) lock(ctx context.Context, kin *kinship, block, queue bool) (token
 	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
 		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
 			token, sent = t, s
-		}}
+		}, token: func() int64 { return token }}
 	}
 	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
 	return token, sent, ok, err

@@ -144,6 +144,11 @@ type waiter struct {
 	grantSent time.Time
 	left      bool
 	acquired  bool
+	// took is the token of the hold the waiter acquired (acquired set), 0
+	// when unknown: a transfer naming another token came after the waiter
+	// had taken the lock with an attempt of its own (a re-entry of the hold
+	// the transfer ends), and no one holds it.
+	took int64
 	// delivery reports that the waiter's latest wake-up, pending if one is,
 	// came from deliver: it concerns this waiter alone, announcing no
 	// release to the others (see leave).
@@ -185,6 +190,9 @@ type transfer struct {
 	lease time.Duration
 	// take records a transferred hold as the acquisition's result.
 	take func(token int64, sent time.Time)
+	// token returns the token of the hold the acquisition took, once it
+	// succeeded (read by the acquiring goroutine only).
+	token func() int64
 }
 
 // maxLocalTransfers is how many times in a row the lock of a channel passes
@@ -232,7 +240,9 @@ func (p *pubsub) deliver(w *waiter, token int64, sent time.Time) bool {
 	defer p.mu.Unlock()
 	w.reserved = false
 	if w.left {
-		return w.acquired // it took the hold with an attempt of its own
+		// It took the hold with an attempt of its own: this one, or (a
+		// re-entry of the hold the transfer ended) another.
+		return w.acquired && (w.took == 0 || w.took == token)
 	}
 	w.grant, w.grantSent = strconv.FormatInt(token, 10), sent
 	select {
@@ -1091,17 +1101,23 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		if w == nil {
 			return
 		}
+		var took int64
+		if acquired && xfer != nil && xfer.token != nil {
+			took = xfer.token()
+		}
 		if acquired {
 			c.ps.mu.Lock()
-			w.acquired = true
+			w.acquired, w.took = true, took
 			c.ps.mu.Unlock()
 		}
 		// Leaving without the lock: pass the turn on, so that a waiter
 		// queued behind this one (whose own bound may be longer than the
 		// holder's lease) retries now.
 		w.leave(!acquired)
-		if t, _ := w.takeTransfer(); !acquired && t != 0 && undo != nil {
-			// A transfer arrived as the wait ended: give it back.
+		if t, _ := w.takeTransfer(); t != 0 && undo != nil && (!acquired || (took != 0 && t != took)) {
+			// A transfer arrived as the wait ended, or after the waiter
+			// took the lock with an attempt of its own (a re-entry of the
+			// hold the transfer ended): give it back.
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 			undo(cctx)
 			cancel()

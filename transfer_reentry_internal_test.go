@@ -1,0 +1,138 @@
+package redlatch
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// ownerGate, once armed, holds the next call of script by owner: before
+// it is sent (closing held), or with late set after it ran, its reply
+// delayed (closing held), until proceed is closed.
+type ownerGate struct {
+	passHook
+	script  *redis.Script
+	owner   string
+	late    bool
+	mu      sync.Mutex
+	armed   bool
+	held    chan struct{}
+	proceed chan struct{}
+}
+
+func newOwnerGate(script *redis.Script, owner string, late bool) *ownerGate {
+	return &ownerGate{script: script, owner: owner, late: late, held: make(chan struct{}), proceed: make(chan struct{})}
+}
+
+func (g *ownerGate) arm() {
+	g.mu.Lock()
+	g.armed = true
+	g.mu.Unlock()
+}
+
+func (g *ownerGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if strings.ToLower(cmd.Name()) != "evalsha" || len(args) < 4 || args[1] != g.script.Hash() {
+			return next(ctx, cmd)
+		}
+		nkeys, _ := args[2].(int)
+		if len(args) <= 3+nkeys || args[3+nkeys] != g.owner {
+			return next(ctx, cmd)
+		}
+		g.mu.Lock()
+		gate := g.armed
+		g.armed = false
+		g.mu.Unlock()
+		if !gate {
+			return next(ctx, cmd)
+		}
+		if g.late {
+			err := next(ctx, cmd)
+			close(g.held)
+			<-g.proceed
+			return err
+		}
+		close(g.held)
+		<-g.proceed
+		return next(ctx, cmd)
+	}
+}
+
+// TestTransferToWaiterThatReentered: two goroutines share a ReentrantMutex.
+// The second one's Lock registers as a waiter (the Client has another
+// waiter on the lock: a Redlock here) and re-enters the hold with its own
+// attempt; before that Lock has left the waiters, the first goroutine's
+// Unlock reserves it for a local transfer. The second goroutine unlocks,
+// then the first Unlock's script runs: the count reaches 0 and the script
+// hands the lock to the second goroutine's acquisition, which is over (it
+// re-entered the previous hold). Nobody tracks, renews or releases that
+// transferred hold: the owner still holds the lock after each Lock had its
+// Unlock, and every other owner waits for a whole lease.
+func TestTransferToWaiterThatReentered(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		lockHook := newOwnerGate(lockScript, m.e.owner, true)
+		gate := newOwnerGate(unlockScript, m.e.owner, false)
+		rdb.AddHook(lockHook)
+		rdb.AddHook(gate)
+		require.NoError(t, m.Lock(ctx)) // loads the scripts
+		require.NoError(t, m.Unlock(ctx))
+
+		require.NoError(t, m.Lock(ctx)) // goroutine 1
+		// A waiter of this Client that takes no transfers.
+		rl := NewRedlock(name, []*Client{c})
+		rlDone := make(chan error, 1)
+		go func() { rlDone <- rl.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			c.ps.mu.Lock()
+			defer c.ps.mu.Unlock()
+			ch := c.ps.chans[m.e.channel]
+			return ch != nil && ch.isReady && len(ch.waiters) == 1
+		}, 5*time.Second, time.Millisecond, "the Redlock never waited")
+
+		lockHook.arm()
+		g2 := make(chan error, 1)
+		go func() { g2 <- m.Lock(ctx) }() // goroutine 2: joins, then re-enters
+		<-lockHook.held                   // count 2; the reply is on its way
+		gate.arm()
+		g1 := make(chan error, 1)
+		go func() { g1 <- m.Unlock(ctx) }() // reserves goroutine 2's waiter
+		<-gate.held
+		c.ps.mu.Lock()
+		reserved := slices.ContainsFunc(c.ps.chans[m.e.channel].waiters, func(w *waiter) bool { return w.reserved })
+		c.ps.mu.Unlock()
+		require.True(t, reserved, "the Unlock reserved goroutine 2's waiter")
+		close(lockHook.proceed)
+		require.NoError(t, <-g2)
+		require.NoError(t, m.Unlock(ctx)) // goroutine 2: count 1
+		close(gate.proceed)
+		require.NoError(t, <-g1) // goroutine 1: count 0
+
+		n, err := m.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Zero(t, n, "each Lock was unlocked, yet the owner holds the lock: %v",
+			rdb.HGetAll(ctx, m.e.key).Val())
+		select {
+		case err := <-rlDone:
+			require.NoError(t, err)
+		case <-time.After(3 * time.Second):
+			t.Fatal("the other owner still waits for the free lock")
+		}
+		require.NoError(t, rl.Unlock(ctx))
+	})
+}
