@@ -56,8 +56,8 @@
 //     seen is safe against a holder paused past its lease.
 //   - Requests retried after a lost reply are recognised by a request id:
 //     an acquisition or release is applied once. A reentrant hold tells
-//     apart the last 8 acquisitions and 8 partial releases of its owner, so
-//     that up to 8 calls of one owner in flight at once are recognised.
+//     apart the last 8 acquisitions and 8 partial releases of its owner
+//     whose outcome a caller may not know (README, "Design notes").
 //
 // Handles sharing an owner id (WithOwner) share one hold, whose lease no
 // renewal or re-entry shortens: it lasts the longest lease any of them gave

@@ -96,7 +96,16 @@ func (e *excl) check() error {
 // without an attempt of its own (see Client.acquire): a re-entry must not,
 // since no one would wake it.
 func (e *excl) lock(ctx context.Context, kin *kinship, block, queue bool) (token int64, sent time.Time, ok bool, err error) {
-	req := newID()
+	token, sent, _, ok, err = e.lockReq(ctx, kin, block, queue)
+	return token, sent, ok, err
+}
+
+// lockReq is lock, which also returns the call's request id: a
+// ReentrantMutex names it in the Unlock that ends this acquisition (see
+// unlockDone), so that the hold stops remembering an acquisition whose
+// reply arrived and that no undo or resend can name any more.
+func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (token int64, sent time.Time, req string, ok bool, err error) {
+	req = newID()
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
 		var pttl int64
@@ -114,7 +123,7 @@ func (e *excl) lock(ctx context.Context, kin *kinship, block, queue bool) (token
 		}, token: func() int64 { return token }}
 	}
 	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
-	return token, sent, ok, err
+	return token, sent, req, ok, err
 }
 
 // attempt runs the lock script once with request id req. It reports
@@ -165,6 +174,17 @@ func (e *excl) unlock(ctx context.Context, undo string, token int64, local bool)
 }
 
 func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, local bool) (int64, error) {
+	return e.unlockDone(ctx, owner, undo, "", token, local)
+}
+
+// unlockDone is unlockAs for a release (undo "") that names done, the
+// request id of an acquisition of the hold whose reply reached its caller
+// ("": none): a partial release drops it from the hold's list of its last
+// acquisitions (see lua/ids.lua). That list then names only acquisitions
+// still counted whose outcome a caller may not know, so acquisitions that
+// came and went while an undo was on the way do not push the one it undoes
+// out of the list (which left the undo's count held: a count leak).
+func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token int64, local bool) (int64, error) {
 	// The optional arguments of unlock.lua go only when used (see its
 	// header): each costs the script about as much as a short command.
 	req := newID()
@@ -192,8 +212,14 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 		args = append(args, w.xfer.lease.Milliseconds(), w.xfer.req)
 	case undo != "":
 		args = append(args, waited, undo)
-	case waiting:
-		args = append(args, "1")
+	case waiting || done != "":
+		args = append(args, waited)
+	}
+	if done != "" && undo == "" {
+		if w == nil {
+			args = append(args, "") // ARGV[7]: no undo
+		}
+		args = append(args, done)
 	}
 	keys := []string{e.key, e.fence, e.channel}
 	if w != nil {

@@ -26,6 +26,10 @@ type ReentrantMutex struct {
 	h     *hold // the hold this handle tracks
 	n     int   // holds taken through this handle and not yet released
 	token int64
+	// reqs: the request ids of this handle's acquisitions of the hold it
+	// tracks whose replies came and that no Unlock has named yet (see
+	// excl.unlockDone).
+	reqs []string
 }
 
 // ReentrantMutex returns a handle on the reentrant lock called name. It
@@ -71,7 +75,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		defer m.mu.Unlock()
 		return m.n > 0
 	}}
-	token, sent, ok, err := m.e.lock(ctx, kin, block, queue)
+	token, sent, req, ok, err := m.e.lockReq(ctx, kin, block, queue)
 	if !ok {
 		return false, err
 	}
@@ -82,9 +86,13 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// this handle, whose reply came first). The attempt retake makes
 		// re-enters the live hold, which counts this call in it.
 		m.mu.Unlock()
+		first := req
 		token, sent, ok, err = retake(ctx, token,
-			func(ctx context.Context) (int64, time.Time, bool, error) { return m.e.lock(ctx, kin, block, false) },
-			func(ctx context.Context, t int64) { _, _ = m.e.unlock(ctx, "", t, false) })
+			func(ctx context.Context) (t int64, s time.Time, ok bool, err error) {
+				t, s, req, ok, err = m.e.lockReq(ctx, kin, block, false)
+				return t, s, ok, err
+			},
+			func(ctx context.Context, t int64) { _, _ = m.e.unlockDone(ctx, m.e.owner, "", first, t, false) })
 		if !ok {
 			return false, err
 		}
@@ -100,11 +108,12 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// either order. (The count may exceed 1 when another handle of the
 		// same owner holds it too; each tracks the hold it took.)
 		m.e.c.wd.supersede(m.h)
-		m.h, m.n = m.e.track(sent, token), 0
+		m.h, m.n, m.reqs = m.e.track(sent, token), 0, m.reqs[:0]
 	} else {
 		m.e.c.wd.extend(m.h, sent) // a re-entry restarts the lease
 	}
 	m.n++
+	m.reqs = append(m.reqs, req)
 	// The token of the hold in Redis now: a re-entry reports the token the
 	// hold had; a hold taken again after a loss, a new one (Unlock names it).
 	m.token = token
@@ -126,13 +135,20 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	h, token := m.h, m.token // no hold tracked: token 0, any hold of the owner
+	// Any acquisition of the tracked hold whose reply came will do: this
+	// release ends one of them, and none of them is undone or resent.
+	var done string
+	if h != nil && len(m.reqs) > 0 {
+		done = m.reqs[len(m.reqs)-1]
+		m.reqs = m.reqs[:len(m.reqs)-1]
+	}
 	// Under m.mu, so that concurrent Unlocks count each other: with more
 	// holds through this handle than releases in flight, this one leaves
 	// the hold held, and its deadline still closes Lost if Redis does not
 	// answer; one that may end the hold is decided by its reply.
 	m.e.c.wd.setReleasingOf(h, true, m.n)
 	m.mu.Unlock()
-	n, err := m.e.unlock(ctx, "", token, true)
+	n, err := m.e.unlockDone(ctx, m.e.owner, "", done, token, true)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -151,7 +167,7 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 		// Released, not held, or unknown (an error): this handle's hold
 		// ends here. Other handles of the same owner track their own.
 		lost := m.e.c.wd.remove(h)
-		m.h, m.n, m.token = nil, 0, 0
+		m.h, m.n, m.token, m.reqs = nil, 0, 0, m.reqs[:0]
 		if lost {
 			return ErrNotHeld
 		}

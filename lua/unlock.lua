@@ -30,6 +30,12 @@
 --     ARGV[6]  the waiter's lease, ms
 --     ARGV[7]  its acquisition request id: its own attempt recognises the
 --              transferred hold as one it took
+-- ARGV[8]  optional, a release or a local transfer (never an undo): the
+--          request id of an acquisition of the hold whose reply reached its
+--          caller, which this release ends: a partial release drops it from
+--          the hold's acquisitions (field q, see ids.lua), which then name
+--          only acquisitions a caller may still undo or resend; ARGV[6..7]
+--          are sent with it ("0" and "" when unused)
 -- The optional arguments are left out when unused: each argument costs the
 -- call about as much as a short command.
 --
@@ -89,6 +95,13 @@ end
 local c = tonumber(v[2]) - 1
 if c > 0 then
   redis.call('HSET', KEYS[1], 'c', c, 'u', ids_add(v[4], ARGV[2]))
+  if ARGV[8] and ARGV[8] ~= '' then
+    local q = redis.call('HGET', KEYS[1], 'q')
+    local left = ids_drop(q, ARGV[8])
+    if left ~= q then
+      redis.call('HSET', KEYS[1], 'q', left)
+    end
+  end
   return {c, 0}
 end
 if to then
