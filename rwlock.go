@@ -108,6 +108,10 @@ type RWMutex struct {
 	// rbegun is the request id that began the owner's read hold tracked by
 	// rh (see rw_rlock.lua): another one means a new read hold.
 	rbegun string
+	// wreqs, rreqs: the request ids of this handle's acquisitions of the
+	// write hold wh and of the read hold rh whose replies came and that no
+	// release has named yet (see ReentrantMutex.reqs, release).
+	wreqs, rreqs []string
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -160,16 +164,20 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := m.check(); err != nil {
 		return false, err
 	}
-	token, sent, ok, err := m.acquireW(ctx, block)
+	token, sent, req, ok, err := m.acquireW(ctx, block)
 	if !ok {
 		return false, err
 	}
 	m.mu.Lock()
 	if late(m.wh, m.token, token) { // see ReentrantMutex.lock
 		m.mu.Unlock()
+		first := req
 		token, sent, ok, err = retake(ctx, token,
-			func(ctx context.Context) (int64, time.Time, bool, error) { return m.acquireW(ctx, block) },
-			func(ctx context.Context, t int64) { _, _ = m.unlockW(ctx, "", tokenArg(t)) })
+			func(ctx context.Context) (t int64, s time.Time, ok bool, err error) {
+				t, s, req, ok, err = m.acquireW(ctx, block)
+				return t, s, ok, err
+			},
+			func(ctx context.Context, t int64) { _, _ = m.unlockW(ctx, "", tokenArg(t), first) })
 		if !ok {
 			return false, err
 		}
@@ -179,11 +187,12 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
 		m.c.wd.supersede(m.wh)
 		kind, member := rwHold(m.wfield, tokenArg(token))
-		m.wh, m.wn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
+		m.wh, m.wn, m.wreqs = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0, m.wreqs[:0]
 	} else {
 		m.c.wd.extend(m.wh, sent) // see ReentrantMutex.lock
 	}
 	m.wn++
+	m.wreqs = append(m.wreqs, req)
 	// The token of the hold in Redis now: a re-entry reports the token the
 	// hold had; a hold taken again after a loss, a new one (Unlock names it).
 	m.token = token
@@ -195,10 +204,11 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 }
 
 // acquireW runs the attempts of one Lock or TryLock call and returns the
-// write hold's token and when the attempt that took it was sent.
-func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent time.Time, ok bool, err error) {
+// write hold's token, when the attempt that took it was sent, and the call's
+// request id (an Unlock names it, see release).
+func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent time.Time, req string, ok bool, err error) {
 	c := m.c
-	req := newID()
+	req = newID()
 	keys := []string{m.key, m.fence}
 	wait := int64(0) // the lease of the waiting place; 0: do not queue
 	if block {
@@ -209,7 +219,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		queued  *hold // the waiting place, tracked while waiting
 	)
 	undo := func(ctx context.Context) {
-		_, _ = m.unlockW(ctx, req, "")
+		_, _ = m.unlockW(ctx, req, "", "")
 		if block {
 			m.unqueue(ctx)
 		}
@@ -259,23 +269,29 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 	}
 	if upgrade {
-		return 0, sent, false, ErrUpgrade
+		return 0, sent, req, false, ErrUpgrade
 	}
-	return token, sent, ok, err
+	return token, sent, req, ok, err
 }
 
 // unlockW releases one write hold (or, with undo set, the hold taken by that
 // acquisition only) and returns the owner's remaining write hold count, or
 // -1 when it held none. token is the fencing token of the hold released, as
-// tokenArg writes it ("": unknown, any write hold of the owner).
-func (m *RWMutex) unlockW(ctx context.Context, undo, token string) (int64, error) {
+// tokenArg writes it ("": unknown, any write hold of the owner). done, for a
+// release only, is the request id of an acquisition of that hold whose reply
+// came ("": none), which a partial release drops from the hold's list of its
+// last acquisitions (see excl.unlockDone).
+func (m *RWMutex) unlockW(ctx context.Context, undo, token, done string) (int64, error) {
 	if (token == "" || token == "0") && undo == "" {
 		if t := currentToken(ctx, m.c, m.key, "w", m.owner); t > 0 {
 			token = tokenArg(t) // see excl.unlockAs
 		}
 	}
-	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake},
-		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, token).Int64()
+	args := []any{m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, token}
+	if done != "" && undo == "" {
+		args = append(args, done) // optional: see rw_unlock.lua
+	}
+	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake}, args...).Int64()
 	return n, convertErr(err)
 }
 
@@ -283,14 +299,17 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token string) (int64, error
 // request that began the read hold released ("": unknown), tells it from a
 // later read hold of the owner, and a read release resent after a lost reply
 // is recognised by its request id (see rw_runlock.lua).
-func (m *RWMutex) unlockR(ctx context.Context, undo, begun string) (int64, error) {
+func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64, error) {
 	if begun == "" && undo == "" {
 		if v := readMaster(ctx, m.c, m.key, "rg:"+m.owner); len(v) == 1 { // see excl.unlockAs
 			begun, _ = v[0].(string)
 		}
 	}
-	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake},
-		m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, begun).Int64()
+	args := []any{m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, begun}
+	if done != "" && undo == "" {
+		args = append(args, done) // optional: see rw_runlock.lua
+	}
+	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake}, args...).Int64()
 	return n, convertErr(err)
 }
 
@@ -314,7 +333,7 @@ func (m *RWMutex) Unlock(ctx context.Context) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	return m.release(ctx, &m.wh, &m.wn, func(forget bool) string {
+	return m.release(ctx, &m.wh, &m.wn, &m.wreqs, func(forget bool) string {
 		t := tokenArg(m.token)
 		if forget {
 			m.token = 0
@@ -331,7 +350,7 @@ func (m *RWMutex) RUnlock(ctx context.Context) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	return m.release(ctx, &m.rh, &m.rn, func(forget bool) string {
+	return m.release(ctx, &m.rh, &m.rn, &m.rreqs, func(forget bool) string {
 		b := m.rbegun
 		if forget {
 			m.rbegun = ""
@@ -341,20 +360,26 @@ func (m *RWMutex) RUnlock(ctx context.Context) error {
 }
 
 // release is Unlock and RUnlock: like ReentrantMutex.Unlock, on the hold
-// *hp counted by *np. guard, called with m.mu held, returns what names the
+// *hp counted by *np, whose acquisitions with a reply not yet named by a
+// release are *rp. guard, called with m.mu held, returns what names the
 // tracked hold to the script (the writer's token, the request that began the
 // read hold; see rwHold), and forgets it when told to (the hold ended).
-func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, guard func(forget bool) string,
-	script func(ctx context.Context, undo, guard string) (int64, error)) error {
+func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string, guard func(forget bool) string,
+	script func(ctx context.Context, undo, guard, done string) (int64, error)) error {
 	m.mu.Lock()
-	h, held := *hp, ""
+	h, held, done := *hp, "", ""
 	if h != nil {
 		held = guard(false)
+		// Any acquisition of the tracked hold whose reply came will do:
+		// see ReentrantMutex.Unlock.
+		if r := *rp; len(r) > 0 {
+			done, *rp = r[len(r)-1], r[:len(r)-1]
+		}
 	}
 	// Counted under m.mu: see ReentrantMutex.Unlock.
 	m.c.wd.setReleasingOf(h, true, *np)
 	m.mu.Unlock()
-	n, err := script(ctx, "", held)
+	n, err := script(ctx, "", held, done)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -367,7 +392,7 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, guard func(fo
 		m.c.wd.setReleasingOf(h, false, *np)
 	} else if h != nil {
 		lost := m.c.wd.remove(h)
-		*hp, *np = nil, 0
+		*hp, *np, *rp = nil, 0, (*rp)[:0]
 		guard(true)
 		if lost {
 			return ErrNotHeld
@@ -401,7 +426,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	if err := m.check(); err != nil {
 		return false, err
 	}
-	begun, sent, ok, err := m.acquireR(ctx, block)
+	begun, sent, req, ok, err := m.acquireR(ctx, block)
 	if !ok {
 		return false, err
 	}
@@ -410,9 +435,13 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		// Another read hold than the live one tracked here: a late reply,
 		// or a new read hold (see ReentrantMutex.lock and retake).
 		m.mu.Unlock()
+		first := req
 		begun, sent, ok, err = retake(ctx, begun,
-			func(ctx context.Context) (string, time.Time, bool, error) { return m.acquireR(ctx, block) },
-			func(ctx context.Context, b string) { _, _ = m.unlockR(ctx, "", b) })
+			func(ctx context.Context) (b string, s time.Time, ok bool, err error) {
+				b, s, req, ok, err = m.acquireR(ctx, block)
+				return b, s, ok, err
+			},
+			func(ctx context.Context, b string) { _, _ = m.unlockR(ctx, "", b, first) })
 		if !ok {
 			return false, err
 		}
@@ -422,25 +451,27 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
 		m.c.wd.supersede(m.rh)
 		kind, member := rwHold(m.rfield, begun)
-		m.rh, m.rn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0
+		m.rh, m.rn, m.rreqs = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0, m.rreqs[:0]
 	} else {
 		m.c.wd.extend(m.rh, sent) // see ReentrantMutex.lock
 	}
 	m.rbegun = begun
 	m.rn++
+	m.rreqs = append(m.rreqs, req)
 	// The owner's other readers may enter too, even past waiting writers.
 	m.c.ps.wakeKin(m.rwake, m.owner)
 	return true, nil
 }
 
 // acquireR runs the attempts of one RLock or TryRLock call and returns the
-// request id that began the read hold ("" when Redis did not say) and when
-// the attempt that took it was sent.
-func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent time.Time, ok bool, err error) {
+// request id that began the read hold ("" when Redis did not say), when
+// the attempt that took it was sent, and the call's request id (an RUnlock
+// names it, see release).
+func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent time.Time, req string, ok bool, err error) {
 	c := m.c
-	req := newID()
+	req = newID()
 	keys := []string{m.key, m.fence}
-	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, "") }
+	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, "", "") }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
 		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, m.owner, m.lease.Milliseconds(), req)
@@ -468,7 +499,7 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent 
 		return false, c.retryBound(n), nil
 	}
 	ok, err = c.acquire(ctx, m.rwake, &kinship{owner: m.owner}, block, false, try, undo, nil)
-	return begun, sent, ok, err
+	return begun, sent, req, ok, err
 }
 
 // rwHold describes a write or read hold to the watchdog (see

@@ -8,6 +8,8 @@
 --   we:<o>   writer o's lease expiry, server ms
 --   rc:<o>   reader o's hold count            re:<o>  reader o's lease expiry, server ms
 --   rq:<o>   request ids of reader o's last acquisitions
+--            (wq and rq:<o> leave out those a partial release named as
+--            ended: their replies came, so no undo or resend names them)
 --   ru:<o>   request ids of reader o's last partial releases
 --   rg:<o>   request id of the acquisition that began reader o's read hold
 --            (its count went from 0 to 1): tells one read hold from the next

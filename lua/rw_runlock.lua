@@ -15,6 +15,10 @@
 --          by another request is not the caller's, even when its owner id
 --          is (a later read hold of the same owner, taken after the
 --          caller's ended without this release)
+-- ARGV[7]  optional, an RUnlock only (never an undo): the request id of a
+--          read acquisition whose reply reached its caller, which this
+--          release ends: a partial release drops it from rq:<owner> (see
+--          rw_unlock.lua). Left out when unused.
 --
 -- Returns the owner's remaining read hold count, or -1 when ARGV[1] does not
 -- hold the read lock. A release that leaves the lock free while writers wait
@@ -58,6 +62,13 @@ c = c - 1
 if c > 0 then
   rw_set(s, 'rc:' .. o, tostring(c))
   rw_set(s, 'ru:' .. o, ids_add(f['ru:' .. o], req))
+  if ARGV[7] and ARGV[7] ~= '' then
+    local q = f['rq:' .. o]
+    local left = ids_drop(q, ARGV[7])
+    if left ~= q then
+      rw_set(s, 'rq:' .. o, left)
+    end
+  end
   rw_commit(s)
   return c
 end

@@ -16,6 +16,12 @@
 -- ARGV[6]  fencing token of the write hold the caller releases, or "" when
 --          it does not know it (see unlock.lua): a write hold with another
 --          token is not the caller's, even when its owner id is
+-- ARGV[7]  optional, an Unlock only (never an undo): the request id of a
+--          write acquisition whose reply reached its caller, which this
+--          release ends: a partial release drops it from wq (see ids.lua),
+--          which then names only acquisitions a caller may still undo or
+--          resend (see unlock.lua). Left out when unused: each argument
+--          costs the call about as much as a short command.
 --
 -- Returns the owner's remaining write hold count, or -1 when ARGV[1] does not
 -- hold the write lock. The last write hold's release wakes every local reader
@@ -50,6 +56,12 @@ local c = tonumber(f.wc) - 1
 if c > 0 then
   rw_set(s, 'wc', tostring(c))
   rw_set(s, 'wu', ids_add(f.wu, req))
+  if ARGV[7] and ARGV[7] ~= '' then
+    local left = ids_drop(f.wq, ARGV[7])
+    if left ~= f.wq then
+      rw_set(s, 'wq', left)
+    end
+  end
   rw_commit(s)
   return c
 end
