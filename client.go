@@ -434,13 +434,13 @@ func fenceRetention(lease time.Duration) int64 {
 	return r.Milliseconds()
 }
 
-// onMaster sends the reads that read queues to the master of their keys,
-// in a MULTI, which a Redis client routing read-only commands to replicas
-// (a ClusterClient with ReadOnly, RouteByLatency or RouteRandomly; a
-// failover client with ReplicaOnly) still sends there: a lagging replica
-// would answer with a state older than the Client's own last change, such
-// as a lock just taken reported free. Its error is the first failed read's
-// (redis.Nil included).
+// onMaster sends the commands that the function read queues to the master
+// of their keys, in a MULTI, which a Redis client routing read-only commands
+// to replicas (a ClusterClient with ReadOnly, RouteByLatency or
+// RouteRandomly; a failover client with ReplicaOnly) still sends there: a
+// lagging replica would answer with a state older than the Client's own
+// last change, such as a lock just taken reported free. Its error is the
+// first failed command's (redis.Nil included).
 func (c *Client) onMaster(ctx context.Context, read func(p redis.Pipeliner)) error {
 	_, err := c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
 		read(p)

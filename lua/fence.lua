@@ -15,8 +15,8 @@
 --
 -- next_token(fence, retention[, suffix[, last[, now[, held]]]]) returns the
 -- next fencing token of a lock name as a decimal string, to store and to
--- reply with (the client parses it). KEYS and ARGV: none of its own; the caller
--- passes
+-- reply with (the client parses it). KEYS and ARGV: none of its own; the
+-- caller passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
 --   suffix     nil, or ":<request id>" when the new token is issued by a full
