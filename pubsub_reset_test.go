@@ -73,10 +73,7 @@ func TestWakeAfterResetFoundByHealthPing(t *testing.T) {
 		ctx, name, holder := heldLongLease(t, b)
 
 		hook := &resetAtPing{match: "{" + name + "}:wake"}
-		rdb := b.Client(t)
-		addConnHook(rdb, hook)
-		wc := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health ping after 1s of silence
-		t.Cleanup(func() { _ = wc.Close() })
+		wc := connHookedClient(t, b, hook, redlatch.WithWatchdogTimeout(3*time.Second)) // health ping after 1s of silence
 
 		// A waiter subscribes the lock's channel and gives up: its
 		// UNSUBSCRIBE is lost with the connection.
@@ -184,10 +181,7 @@ func TestWakeAfterResetFoundByWriter(t *testing.T) {
 		ctx, name, holder := heldLongLease(t, b)
 
 		hook := &flapHook{match: "{" + name + "}:wake", failDials: 8, upAgain: make(chan struct{})}
-		rdb := b.Client(t)
-		addConnHook(rdb, hook)
-		wc := redlatch.New(rdb)
-		t.Cleanup(func() { _ = wc.Close() })
+		wc := connHookedClient(t, b, hook)
 
 		gctx, giveUp := context.WithCancel(ctx)
 		defer giveUp()

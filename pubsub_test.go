@@ -379,14 +379,20 @@ func heldLongLease(t *testing.T, b redistest.Backend) (context.Context, string, 
 	return ctx, name, holder
 }
 
-// addConnHook adds hook, whose DialHook wraps connections, to rdb, and on
-// a cluster to each node's client as it is made: those clients dial.
-func addConnHook(rdb redis.UniversalClient, hook redis.Hook) {
+// connHookedClient returns a Client on a new go-redis client of b whose
+// connections go through hook (its DialHook wraps them): on a cluster the
+// hook is added to each node's client as it is made, since those dial.
+func connHookedClient(t *testing.T, b redistest.Backend, hook redis.Hook, opts ...redlatch.Option) *redlatch.Client {
+	t.Helper()
+	rdb := b.Client(t)
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
 	} else {
 		rdb.AddHook(hook)
 	}
+	c := redlatch.New(rdb, opts...)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
 }
 
 type failSubscribeConn struct {
@@ -413,11 +419,8 @@ func TestWakeAfterFailedSubscribe(t *testing.T) {
 		ctx, name, holder := heldLongLease(t, b)
 
 		hook := &failSubscribe{match: "{" + name + "}:wake"}
-		rdb := b.Client(t)
-		addConnHook(rdb, hook)
 		hook.armed.Store(true)
-		wc := redlatch.New(rdb)
-		t.Cleanup(func() { _ = wc.Close() })
+		wc := connHookedClient(t, b, hook)
 		waiter := wc.Mutex(name)
 		got := make(chan error, 1)
 		go func() { got <- waiter.Lock(ctx) }()

@@ -230,11 +230,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	var gone []string // lost records: Redis may still have them (renewed, replies lost)
 	for _, r := range s.recs {
 		if r.h.isLost() {
-			// Released below: a renewal in flight (stuck in a slow link,
-			// say) cannot keep what that release removes, so the removal
-			// does not wait for it (see watchdog.remove).
-			s.c.wd.setReleasing(r.h, true)
-			s.c.wd.remove(r.h)
+			s.c.wd.remove(r.h) // without waiting for a renewal in flight (see watchdog.remove)
 			gone = append(gone, r.member)
 			continue
 		}

@@ -229,8 +229,10 @@ func (w *watchdog) remove(h *hold) (lost bool) {
 	// A releasing hold's release was sent after the renewal in flight was
 	// collected; that renewal names the hold (token, member) and cannot
 	// extend what the release ended, and its reply is ignored (done): do
-	// not make the release wait for it, however long Redis takes.
-	for h.renewing && h.releasing == 0 {
+	// not make the release wait for it, however long Redis takes. Nor for
+	// a lost hold's: the loss is decided, and the reply changes nothing (a
+	// Semaphore's lost permits, a waiter's expired queue place).
+	for h.renewing && h.releasing == 0 && !h.isLost() {
 		w.renewed.Wait()
 	}
 	delete(w.holds, h)
