@@ -136,6 +136,10 @@ type Client struct {
 
 	pubMu  sync.Mutex
 	pubCmd string // "PUBLISH", or "SPUBLISH" on a Redis ≥ 7 cluster; "" until probed
+	// sharded is set once pubCmd is "SPUBLISH": channels subscribed with
+	// plain pub/sub before then (a failed probe) are moved to sharded
+	// pub/sub, where every Client publishes now.
+	sharded atomic.Bool
 }
 
 // New returns a Client on rdb, which may be a *redis.Client, a
@@ -267,6 +271,20 @@ func (c *Client) publishCommand(ctx context.Context) string {
 	if c.cluster == nil {
 		return "PUBLISH"
 	}
+	cmd := c.probePublish(ctx)
+	if cmd == "SPUBLISH" && !c.sharded.Load() && c.sharded.CompareAndSwap(false, true) {
+		// Channels a waiter subscribed while no probe had succeeded are on
+		// plain pub/sub, which hears no SPUBLISH: move them.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		c.ps.reshard(rctx)
+		cancel()
+	}
+	return cmd
+}
+
+// probePublish is publishCommand's check of the masters' versions, on a
+// cluster.
+func (c *Client) probePublish(ctx context.Context) string {
 	c.pubMu.Lock()
 	defer c.pubMu.Unlock()
 	if c.pubCmd != "" {

@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sync/atomic"
 	"testing"
@@ -98,3 +99,72 @@ func TestWakeAfterSlotMovedStaleMap(t *testing.T) {
 type tWriter struct{ t *testing.T }
 
 func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+// failFirstInfo fails the first INFO command sent through it, as a master
+// that does not answer the Client's first version check would.
+type failFirstInfo struct {
+	passHook
+	failed *atomic.Bool
+}
+
+func (h failFirstInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "info" && h.failed.CompareAndSwap(false, true) {
+			err := errors.New("injected: INFO failed")
+			cmd.SetErr(err)
+			return err
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestClusterWakeAfterVersionCheckRecovers: the README says a Client whose
+// first check of the masters' versions fails "subscribes and publishes with
+// plain pub/sub until a check succeeds". A reader that started waiting
+// while the check failed is subscribed with plain SUBSCRIBE; once a later
+// check succeeds, the Client (and every other Client) publishes with
+// SPUBLISH, which a plain subscription never hears. The waiter must then
+// be woken by the writer's release, not sleep until the writer's lease
+// (20s) runs out.
+func TestClusterWakeAfterVersionCheckRecovers(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 40*time.Second)
+	name := redistest.UniqueName(t)
+
+	hc := newClient(t, b)
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	var failed atomic.Bool
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(failFirstInfo{failed: &failed}) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	writer := hc.RWMutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, writer.Lock(ctx))
+
+	reader := c.RWMutex(name)
+	got := make(chan error, 1)
+	go func() {
+		err := reader.RLock(ctx)
+		if err == nil {
+			err = reader.RUnlock(ctx)
+		}
+		got <- err
+	}()
+	require.Eventually(t, failed.Load, 5*time.Second, 10*time.Millisecond, "the version check did not run")
+	time.Sleep(500 * time.Millisecond) // the reader waits, subscribed
+
+	// A later check succeeds: any call that publishes makes one.
+	_, err := c.RWMutex(name + "-other").ForceUnlock(ctx)
+	require.NoError(t, err)
+
+	released := time.Now()
+	require.NoError(t, writer.Unlock(ctx))
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+		t.Logf("reader woken %v after the release", time.Since(released))
+	case <-time.After(3 * time.Second):
+		t.Fatal("the reader slept through the writer's release: its channel is still on plain pub/sub")
+	}
+}

@@ -114,16 +114,7 @@ var blockers = []blocker{
 // CROSSSLOT, and a waiter on another Client is woken by (sharded) pub/sub
 // within 1s of the release, against a 30s lease.
 func TestClusterEveryPrimitive(t *testing.T) {
-	var cluster *redistest.Backend
-	for _, b := range redistest.Backends(t) {
-		if b.Cluster != nil {
-			cluster = &b
-		}
-	}
-	if cluster == nil {
-		t.Skip("no redis-server: no local cluster")
-	}
-	b := *cluster
+	b := clusterBackend(t)
 	// Names on every master: the masters own consecutive thirds of the slots.
 	names := map[int]string{}
 	base := redistest.UniqueName(t)
@@ -157,4 +148,16 @@ func TestClusterEveryPrimitive(t *testing.T) {
 			})
 		}
 	}
+}
+
+// clusterBackend returns the shared 3-master cluster, or skips the test.
+func clusterBackend(t *testing.T) redistest.Backend {
+	t.Helper()
+	for _, b := range redistest.Backends(t) {
+		if b.Cluster != nil {
+			return b
+		}
+	}
+	t.Skip("no redis-server: no local cluster")
+	return redistest.Backend{}
 }

@@ -418,7 +418,9 @@ func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Dura
 	}
 	ch := p.chans[channel]
 	if ch == nil {
-		node, err := p.nodeLocked(ctx, channel, pub == "SPUBLISH")
+		// sharded: a probe that succeeded meanwhile moves the plain
+		// channels under p.mu after setting it (see reshard).
+		node, err := p.nodeLocked(ctx, channel, pub == "SPUBLISH" || p.c.sharded.Load())
 		if err != nil {
 			p.mu.Unlock()
 			return nil, err
@@ -530,6 +532,32 @@ func (p *pubsub) newNodeLocked(addr string, ps *redis.PubSub, sharded bool) *psN
 	go p.receive(n)
 	go p.write(n)
 	return n
+}
+
+// reshard moves every channel subscribed with plain pub/sub to the sharded
+// subscriber connection of its slot's master, and wakes its waiters (a
+// release was published with SPUBLISH meanwhile): called once, when the
+// Client's check of the masters' versions first succeeds after a failed one
+// made its waiters subscribe with plain pub/sub.
+func (p *pubsub) reshard(ctx context.Context) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	for name, ch := range p.chans {
+		if ch.node.sharded {
+			continue
+		}
+		master, err := p.c.cluster.MasterForKey(ctx, name)
+		if err != nil {
+			continue
+		}
+		ch.node.send(name, false)
+		ch.node = p.shardNodeLocked(master)
+		ch.node.send(name, true)
+		signalAll(ch.waiters)
+	}
 }
 
 // rehome moves a sharded channel whose slot left node from to the master

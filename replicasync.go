@@ -31,12 +31,16 @@ const waitMargin = 100 * time.Millisecond
 // An empty script cache (NOSCRIPT) is handled as by Script.Run: the
 // pipeline is sent again with EVAL, which also caches the script. On a
 // cluster, the pipeline goes straight to the master of keys[0]'s slot (WAIT
-// must run on the connection that wrote); a MOVED or ASK reply reloads the
-// slot map and the pipeline is sent again, up to redirectAttempts times.
+// must run on the connection that wrote); a MOVED reply reloads the slot
+// map and the pipeline is sent again, up to redirectAttempts times. An ASK
+// reply (the slot is migrating, and the keys have moved already) sends it
+// once to the node the reply names, after ASKING, on a connection of its
+// own: the slot map names that node only once the migration ends.
 func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, args ...any) (cmd *redis.Cmd, acked int64, waitErr error) {
 	if c.opts.replicas <= 0 {
 		return s.Run(ctx, c.rdb, keys, args...), -1, nil
 	}
+	asked := "" // the node an -ASK reply named (a slot migrating there)
 	for attempt := 0; ; attempt++ {
 		node, err := c.masterFor(ctx, keys[0])
 		if err != nil {
@@ -44,10 +48,26 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 			cmd.SetErr(err)
 			return cmd, 0, nil
 		}
-		cmd, acked, waitErr = c.runOnWithWait(ctx, node, s, keys, args)
+		if asked != "" {
+			// The slot's keys are (to be) on the importing node, which runs
+			// the script after ASKING; WAIT must follow on its connection.
+			// The slot map does not name it until the migration ends.
+			opt := *node.Options()
+			opt.Addr = asked
+			node = redis.NewClient(&opt)
+		}
+		cmd, acked, waitErr = c.runOnWithWait(ctx, node, asked != "", s, keys, args)
+		if asked != "" {
+			_ = node.Close()
+		}
 		if c.cluster == nil || attempt == redirectAttempts || !isRedirect(cmd.Err()) {
 			return cmd, acked, waitErr
 		}
+		if addr, ok := askTarget(cmd.Err()); ok && asked == "" {
+			asked = addr
+			continue
+		}
+		asked = ""
 		// The slot moved (failover, resharding). ReloadState only starts a
 		// reload in the background: give it a moment, then ask again.
 		c.cluster.ReloadState(ctx)
@@ -77,14 +97,28 @@ func (c *Client) masterFor(ctx context.Context, key string) (*redis.Client, erro
 // a MOVED or ASK reply, waiting 50ms, 100ms, … for the slot map to reload.
 const redirectAttempts = 5
 
-// runOnWithWait sends the script and WAIT on one connection of node.
-func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, s *redis.Script, keys []string, args []any) (*redis.Cmd, int64, error) {
+// askTarget returns the address an -ASK reply names.
+func askTarget(err error) (string, bool) {
+	rest, ok := strings.CutPrefix(err.Error(), "ASK ")
+	if !ok {
+		return "", false
+	}
+	_, addr, ok := strings.Cut(rest, " ")
+	return addr, ok && addr != ""
+}
+
+// runOnWithWait sends the script and WAIT on one connection of node; with
+// asking set, the script follows an ASKING (see runSynced).
+func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking bool, s *redis.Script, keys []string, args []any) (*redis.Cmd, int64, error) {
 	n, timeout := c.opts.replicas, c.opts.replicaTimeout
 	ms := max(timeout.Milliseconds(), 1) // WAIT n 0 would block for good
 	if rt := node.Options().ReadTimeout; rt < 0 || timeout+waitMargin < rt {
 		// One round trip: EVALSHA and WAIT pipelined.
 		send := func(sha bool, ms int64) (*redis.Cmd, *redis.Cmd) {
 			pipe := node.Pipeline()
+			if asking {
+				pipe.Do(ctx, "ASKING")
+			}
 			var cmd *redis.Cmd
 			if sha {
 				cmd = s.EvalSha(ctx, pipe, keys, args...)
@@ -116,7 +150,23 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, s *redis
 	// pinned connection, WAIT with its own read timeout.
 	conn := node.Conn()
 	defer conn.Close()
-	cmd := s.Run(ctx, conn, keys, args...)
+	run := func(sha bool) *redis.Cmd {
+		if asking {
+			if err := conn.Do(ctx, "ASKING").Err(); err != nil {
+				cmd := redis.NewCmd(ctx)
+				cmd.SetErr(err)
+				return cmd
+			}
+		}
+		if sha {
+			return s.EvalSha(ctx, conn, keys, args...)
+		}
+		return s.Eval(ctx, conn, keys, args...)
+	}
+	cmd := run(true) // as s.Run does
+	if isNoScript(cmd.Err()) {
+		cmd = run(false)
+	}
 	if cmd.Err() != nil {
 		return cmd, 0, nil
 	}

@@ -396,3 +396,58 @@ func TestReplicaSyncNoScriptWaitBound(t *testing.T) {
 	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
 	require.Less(t, took, timeout*8/5, "an acquisition waited %v for a %v sync timeout", took, timeout)
 }
+
+// TestReplicaSyncDuringSlotMigration: while an RWMutex's slot migrates (its
+// master MIGRATING, the new one IMPORTING) and its keys have moved already,
+// the old master answers a script on them with -ASK: the keys are on the
+// new master, which serves them after ASKING. go-redis follows that for any
+// command, so a read lock joins the readers; runSynced, which sends the
+// script and WAIT itself under WithReplicaSync, must too. Here the cluster
+// has no replicas, so the acquisition must run on the new master and fail
+// for want of replicas (ErrNotReplicated), not with the -ASK redirection as
+// its error (as it did, after 5 retries over 750ms, however long the
+// migration lasts).
+func TestReplicaSyncDuringSlotMigration(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	slot := redistest.KeySlot("{" + name + "}")
+	from := cl.ServerFor("{" + name + "}")
+	var to *redistest.Server
+	for _, s := range cl.Servers {
+		if s != from {
+			to = s
+		}
+	}
+	fadm, tadm := from.Client(t), to.Client(t)
+	fromID, err := fadm.Do(ctx, "CLUSTER", "MYID").Text()
+	require.NoError(t, err)
+	toID, err := tadm.Do(ctx, "CLUSTER", "MYID").Text()
+	require.NoError(t, err)
+
+	// A busy RWMutex: its fence key (a writer came and went) and its hash
+	// (a reader holds it).
+	plain := redlatch.New(cl.Client(t))
+	t.Cleanup(func() { _ = plain.Close() })
+	w := plain.RWMutex(name)
+	require.NoError(t, w.Lock(ctx))
+	require.NoError(t, w.Unlock(ctx))
+	require.NoError(t, plain.RWMutex(name).RLock(ctx))
+
+	// The migration has moved the keys, not yet the slot.
+	require.NoError(t, tadm.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", fromID).Err())
+	require.NoError(t, fadm.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", toID).Err())
+	host, port, _ := strings.Cut(to.Addr, ":")
+	require.NoError(t, fadm.Do(ctx, "MIGRATE", host, port, "", 0, 5000, "KEYS",
+		"{"+name+"}:rw", "{"+name+"}:fence").Err())
+
+	ok, err := plain.RWMutex(name).TryRLock(ctx)
+	require.NoError(t, err, "without replica sync, go-redis follows -ASK")
+	require.True(t, ok)
+
+	c := redlatch.New(cl.Client(t), redlatch.WithReplicaSync(1, 50*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	start := time.Now()
+	_, err = c.RWMutex(name).TryRLock(ctx)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "after %v", time.Since(start))
+}

@@ -263,7 +263,14 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 			break
 		}
 	}
-	s.recs = append([]*permitRecord(nil), live[:i]...)
+	// The record shrunk stays among the handle's until its kept part
+	// replaces it (below): the handle holds those permits throughout, and
+	// Lost must not report nil meanwhile.
+	upto := i
+	if shrink != nil {
+		upto++
+	}
+	s.recs = append([]*permitRecord(nil), live[:upto]...)
 	s.mu.Unlock()
 
 	members := make([]string, len(whole))
@@ -306,7 +313,12 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		s.c.wd.remove(shrink.h)
 		kept.h = s.c.wd.addNotify(s.name, s.key, 'z', kept.member, s.lease, s.renew, deadline.Add(-s.lease), s.permitLost)
 		s.mu.Lock()
-		s.recs = append(s.recs, kept)
+		for j, r := range s.recs {
+			if r == shrink {
+				s.recs[j] = kept
+				break
+			}
+		}
 		s.mu.Unlock()
 	}
 	if err != nil {
