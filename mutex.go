@@ -240,18 +240,28 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 		e.c.ps.endYield(e.channel, req, err == nil && res[0] == 0 && len(res) > 2 && res[2] >= 2)
 	}
 	if err != nil {
+		e.c.ps.endStreak(e.channel)
 		// The transfer may or may not have happened: the waiter retries
 		// now, and its attempt recognises a transferred hold as its own.
 		// Without a transfer the release may not have happened either: the
 		// hold then runs out unannounced, so a waiter retries now too.
-		if w != nil {
-			e.c.ps.unreserve(w, true)
-		} else if waiting && undo == "" {
+		if w != nil && e.c.ps.unsure(w) {
+			// The waiter left without the lock: a transfer to it would be
+			// nobody's for its whole lease. Give it back, if it happened.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
+			cancel()
+		} else if w == nil && waiting && undo == "" {
 			e.c.ps.wakeOne(e.channel)
 		}
 		return 0, convertErr(err)
 	}
 	n, token := res[0], res[1]
+	if n <= 0 && (w == nil || token <= 0) {
+		// Released, not by a transfer, or not held: the run of local
+		// transfers is over.
+		e.c.ps.endStreak(e.channel)
+	}
 	if w == nil && waiting && n < 0 && undo == "" {
 		// The hold was gone already (its lease ran out, or it was lost
 		// unannounced): the lock may be free.

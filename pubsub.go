@@ -79,6 +79,12 @@ type pubsub struct {
 	closed  bool
 	closing chan struct{} // closed by close: waits end with ErrClosed
 	wg      sync.WaitGroup
+	// streaks counts the local transfers in a row of the lock of a
+	// channel (see reserveLocal), from the first until the lock leaves this
+	// Client's chain of holds: a public release, or a hold found gone or
+	// lost (endStreak). Not on psChan: the channel is dropped whenever its
+	// only waiter takes the lock, and subscribed again by the next one.
+	streaks map[string]int
 }
 
 // psNode is one subscriber connection.
@@ -112,7 +118,6 @@ type psCommand struct {
 
 // psChan is a subscribed channel and its local waiters, oldest first.
 type psChan struct {
-	transfers int // local transfers in a row (see reserveLocal)
 	// yields holds the request ids of this Client's releases whose
 	// wake-ups its waiters sit out (see armYield), each mapped to whether
 	// its wake-up came; nil when none was armed yet.
@@ -144,6 +149,10 @@ type waiter struct {
 	grantSent time.Time
 	left      bool
 	acquired  bool
+	// unsure: an Unlock that had reserved the waiter lost its reply, so
+	// a transfer may have happened unannounced; the waiter gives back what
+	// it may have been handed if it leaves without the lock (see unsure).
+	unsure bool
 	// took is the token of the hold the waiter acquired (acquired set), 0
 	// when unknown: a transfer naming another token came after the waiter
 	// had taken the lock with an attempt of its own (a re-entry of the hold
@@ -217,19 +226,28 @@ func (p *pubsub) reserveLocal(channel string, transfer bool) (w *waiter, waiting
 	if !transfer {
 		return nil, true
 	}
-	if ch.transfers >= maxLocalTransfers {
-		ch.transfers = 0
+	if p.streaks[channel] >= maxLocalTransfers {
+		delete(p.streaks, channel)
 		return nil, true
 	}
 	for _, w := range ch.waiters {
 		if w.xfer != nil && !w.reserved && !w.left && w.grant == "" {
 			w.reserved = true
-			ch.transfers++
+			p.streaks[channel]++
 			return w, true
 		}
 	}
-	ch.transfers = 0
+	delete(p.streaks, channel)
 	return nil, true
+}
+
+// endStreak ends the run of local transfers of the lock of channel: the
+// lock was released publicly, or its hold was found gone (or the outcome of
+// its release is unknown).
+func (p *pubsub) endStreak(channel string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.streaks, channel)
 }
 
 // deliver hands a transferred hold to its reserved waiter and wakes it. It
@@ -328,6 +346,28 @@ func (p *pubsub) unreserve(w *waiter, retry bool) {
 	}
 }
 
+// unsure ends a reservation whose Unlock failed without a reply: the
+// transfer may have happened. A waiter still waiting is woken to retry (its
+// attempt recognises a transferred hold as its own) and, should it leave
+// without the lock, undoes its acquisition (see Client.acquire). It
+// returns true when the waiter has left without the lock already: the
+// caller must then give back what may have been transferred to it.
+func (p *pubsub) unsure(w *waiter) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	w.reserved = false
+	if w.left {
+		return !w.acquired
+	}
+	w.unsure = true
+	select {
+	case w.sig <- struct{}{}:
+		w.delivery = false
+	default:
+	}
+	return false
+}
+
 // setTransfer makes w a waiter of Client.acquire (see waiter.turns) that
 // takes transfers described by x (nil: none).
 func (p *pubsub) setTransfer(w *waiter, x *transfer, kin *kinship) {
@@ -362,6 +402,7 @@ func (p *pubsub) wakeKin(channel, owner string) {
 func (p *pubsub) wakeOne(channel string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	delete(p.streaks, channel) // the hold is gone: so is its run of transfers
 	if ch := p.chans[channel]; ch != nil {
 		signalOne(ch.waiters)
 	}
@@ -397,6 +438,7 @@ func newPubsub(c *Client) *pubsub {
 		yieldDelay: yieldDelay,
 		nodes:      make(map[string]*psNode),
 		chans:      make(map[string]*psChan),
+		streaks:    make(map[string]int),
 		closing:    make(chan struct{}),
 	}
 }
@@ -1142,7 +1184,10 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		// queued behind this one (whose own bound may be longer than the
 		// holder's lease) retries now.
 		w.leave(!acquired)
-		if t, _ := w.takeTransfer(); t != 0 && undo != nil && (!acquired || (took != 0 && t != took)) {
+		c.ps.mu.Lock()
+		unsure := w.unsure && !acquired // a transfer with a lost reply may have reached it
+		c.ps.mu.Unlock()
+		if t, _ := w.takeTransfer(); undo != nil && (unsure || t != 0 && (!acquired || (took != 0 && t != took))) {
 			// A transfer arrived as the wait ended, or after the waiter
 			// took the lock with an attempt of its own (a re-entry of the
 			// hold the transfer ended): give it back.
