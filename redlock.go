@@ -560,6 +560,10 @@ func (r *Redlock) track(rd *round) {
 		h.unwatch = append(h.unwatch, context.AfterFunc(e.c.ctx, func() {
 			// That master's Client was closed: its hold is no longer
 			// renewed and cannot count towards the quorum any more.
+			// Marked releasing, so that remove does not wait for a
+			// renewal in flight (up to a renewal period on a frozen
+			// master) before the quorum check learns of it (see check).
+			wd.setReleasing(hd, true)
 			wd.remove(hd)
 			h.wake()
 		}))
@@ -745,18 +749,17 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 // masters released something and the errors of those that did not answer.
 func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error) {
 	type reply struct {
+		i   int
 		n   int64
 		err error
 	}
-	replies := make([]reply, len(r.nodes))
-	var wg sync.WaitGroup
+	n := len(r.nodes)
+	ch := make(chan reply, n) // buffered: a straggler never blocks
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.setReleasing(h.holds[i], true)
 		}
-		wg.Add(1)
 		go func() {
-			defer wg.Done()
 			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
 			defer cancel()
 			// Unlock goes to every master. A granting master's hold is
@@ -771,10 +774,29 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 				}
 			}
 			n, err := e.unlock(uctx, undo, token, false)
-			replies[i] = reply{n, err}
+			ch <- reply{i, n, err}
 		}()
 	}
-	wg.Wait()
+	replies := make([]reply, n)
+	got := make([]bool, n)
+wait:
+	for range n {
+		select {
+		case rp := <-ch:
+			got[rp.i], replies[rp.i] = true, rp
+		case <-ctx.Done():
+			// The Redis client may not see a cancellation before its read
+			// deadline (a frozen master): count the masters that have not
+			// answered as failed; their releases go on in the background,
+			// bounded by their own timeout.
+			for i := range got {
+				if !got[i] {
+					replies[i] = reply{i, 0, ctx.Err()}
+				}
+			}
+			break wait
+		}
+	}
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.remove(h.holds[i])

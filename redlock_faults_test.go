@@ -56,8 +56,19 @@ func TestRedlockWaiterSleepsOnPartialGrant(t *testing.T) {
 //     mutex, waiting for that renewal, and held up Unlock for seconds.
 //     (Found by a reviewer.)
 func TestRedlockUnlockWithFrozenMaster(t *testing.T) {
-	for _, lost := range []bool{false, true} {
-		t.Run(map[bool]string{false: "minority", true: "quorum lost"}[lost], func(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		lost, cancel bool
+	}{
+		{"minority", false, false},
+		// A cancellation, not a deadline: go-redis sees only deadlines on
+		// the socket, so Unlock waited for the frozen master's read timeout
+		// (found by a reviewer).
+		{"minority cancelled", false, true},
+		{"quorum lost", true, false},
+	} {
+		lost := tc.lost
+		t.Run(tc.name, func(t *testing.T) {
 			servers := redlockServers(t, 3)
 			clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second)) // period 3s
 			ctx := ctxT(t, 30*time.Second)
@@ -81,6 +92,10 @@ func TestRedlockUnlockWithFrozenMaster(t *testing.T) {
 				requireOpen(t, r.Lost(), "a quorum still renews")
 			}
 			uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			if tc.cancel {
+				uctx, cancel = context.WithCancel(ctx)
+				time.AfterFunc(300*time.Millisecond, cancel)
+			}
 			defer cancel()
 			start := time.Now()
 			err := r.Unlock(uctx)
@@ -90,6 +105,7 @@ func TestRedlockUnlockWithFrozenMaster(t *testing.T) {
 				require.ErrorIs(t, err, redlatch.ErrNotHeld)
 			} else {
 				require.NoError(t, err, "2 of 3 masters released it")
+				require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
 			}
 			require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
 		})
@@ -269,4 +285,33 @@ func waitingRedlock(t *testing.T, ctx context.Context, name string, onFirst bool
 	}
 	t.Cleanup(stop)
 	return clients, first, stop
+}
+
+// TestRedlockLostAtOnceWhenClientsCloseWithFrozenMaster: Lost closes at
+// once when the Clients of a quorum of masters are closed
+// (TestRedlockQueuedLockEndsOnClose), also when one of those masters is
+// frozen with its watchdog's renewal in flight: the close notification must
+// not wait for that renewal (up to the read timeout or a renewal period).
+// (Found by a reviewer.)
+func TestRedlockLostAtOnceWhenClientsCloseWithFrozenMaster(t *testing.T) {
+	servers := redlockServers(t, 3)
+	clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second)) // period 3s
+	ctx := ctxT(t, 30*time.Second)
+	r := redlatch.NewRedlock(redistest.UniqueName(t), clients)
+	require.NoError(t, r.Lock(ctx))
+	servers[0].Stop(t)
+	t.Cleanup(func() { servers[0].Cont(t) })
+	time.Sleep(3200 * time.Millisecond) // master 0's renewal is in flight
+	require.NoError(t, clients[1].Close())
+	requireOpen(t, r.Lost(), "lost with 2 of 3 masters holding")
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		_ = clients[0].Close() // waits for the renewal in flight
+	}()
+	took := requireClosedWithin(t, r.Lost(), 5*time.Second, "Lost after a quorum of Clients closed")
+	t.Logf("Lost closed %v after the second Close", took)
+	<-closed
+	require.Less(t, took, 500*time.Millisecond, "Lost waited for a renewal to a frozen master")
+	_ = r.Unlock(ctx)
 }
