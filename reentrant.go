@@ -166,7 +166,15 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	} else if h != nil {
 		// Released, not held, or unknown (an error): this handle's hold
 		// ends here. Other handles of the same owner track their own.
-		lost := m.e.c.wd.remove(h)
+		var lost bool
+		if err == nil && n < 0 && m.n > 0 {
+			// The hold is gone while holds taken through this handle are
+			// not unlocked yet: unless the other releases in flight may
+			// have ended it, those holds are lost (Lost closes).
+			lost = m.e.c.wd.goneWhileHeld(h, m.n)
+		} else {
+			lost = m.e.c.wd.remove(h)
+		}
 		m.h, m.n, m.token, m.reqs = nil, 0, 0, m.reqs[:0]
 		if lost {
 			return ErrNotHeld

@@ -417,3 +417,83 @@ func TestFullUnlockResentAfterOtherOwnerCycle(t *testing.T) {
 		require.NoError(t, a.Unlock(ctx))
 	})
 }
+
+// TestPartialUnlockResentAfterFinalUnlock: two goroutines share a
+// ReentrantMutex handle, each holding it once. Goroutine 1's Unlock (a
+// partial release: count 1) runs, its reply is lost and go-redis resends it;
+// meanwhile goroutine 2's Unlock released the lock. The resend finds no
+// hold: it must be recognised as the partial release that ran (both
+// Unlocks succeeded), not reported as ErrNotHeld, which says the hold was
+// not held or lost. Before the fix the hold's partial releases (field u)
+// went with the hash, and the fence key remembered only the final
+// release's request id. (Found by a reviewer.)
+func TestPartialUnlockResentAfterFinalUnlock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, c, hook, rdb := hookedClient(t, b, unlockScript, true)
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		require.NoError(t, m.Lock(ctx)) // loads the scripts
+		require.NoError(t, m.Unlock(ctx))
+
+		require.NoError(t, m.Lock(ctx)) // goroutine 1
+		require.NoError(t, m.Lock(ctx)) // goroutine 2
+		hook.arm()
+		done := make(chan error, 1)
+		go func() { done <- m.Unlock(ctx) }() // goroutine 1: count 1
+		<-hook.ran
+		require.NoError(t, m.Unlock(ctx)) // goroutine 2: count 0, released
+		close(hook.proceed)
+		require.NoError(t, <-done, "goroutine 1's Unlock ran as a partial release")
+		n, err := rdb.Exists(ctx, m.e.key).Result()
+		require.NoError(t, err)
+		require.Zero(t, n)
+	})
+}
+
+// TestUnlockOfForceUnlockedHoldReservingItsTaker: a Mutex's hold is
+// force-unlocked (the watchdog has not noticed yet). The operator's
+// wake-up wakes a waiter of the holder's Client, whose attempt takes the
+// lock; before that attempt's reply is back, the holder's Unlock reserves
+// that very waiter for a local transfer. The script finds the lock held by
+// the waiter's owner with the waiter's request: it took that for a resend
+// of a transfer that had run, and the Unlock returned nil, as if it had
+// released a hold it had lost. It must return ErrNotHeld (Mutex.Unlock:
+// "ErrNotHeld when ... the hold was lost"). (Found by a reviewer.)
+func TestUnlockOfForceUnlockedHoldReservingItsTaker(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		holder, waiter := c.Mutex(name), c.Mutex(name)
+		gate := newOwnerGate(lockScript, waiter.e.owner, true)
+		rdb.AddHook(gate)
+		require.NoError(t, holder.Lock(ctx)) // loads the scripts
+		require.NoError(t, holder.Unlock(ctx))
+
+		require.NoError(t, holder.Lock(ctx))
+		got := make(chan error, 1)
+		go func() { got <- waiter.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			_, waiting := c.ps.reserveLocal(holder.e.channel, false)
+			return waiting
+		}, 5*time.Second, time.Millisecond)
+		time.Sleep(50 * time.Millisecond) // the waiter sleeps
+		gate.arm()
+		ok, err := c.Mutex(name).ForceUnlock(ctx) // wakes the waiter
+		require.NoError(t, err)
+		require.True(t, ok)
+		<-gate.held // the waiter's attempt took the lock; its reply is held
+
+		err = holder.Unlock(ctx)
+		close(gate.proceed)
+		require.NoError(t, <-got)
+		require.ErrorIs(t, err, ErrNotHeld, "the holder's hold was force-unlocked; the waiter took the lock itself")
+		tok, err2 := rdb.HGet(ctx, waiter.e.key, "t").Int64()
+		require.NoError(t, err2)
+		require.Equal(t, tok, waiter.Token())
+		require.NoError(t, waiter.Unlock(ctx))
+	})
+}

@@ -241,10 +241,11 @@ func (w *watchdog) remove(h *hold) (lost bool) {
 }
 
 // supersede ends the tracking of h because the same handle took a new hold
-// (another token, or another read hold). With an Unlock of h in flight (h is
-// releasing), that Unlock released h itself: h just ends. Otherwise h ended
-// in Redis without its Unlock (ForceUnlock, expiry, failover) before the
-// watchdog noticed: it is lost, and its Lost channel closes.
+// (another token, or another read hold). With an Unlock of h in flight that
+// may end it (see finalPending), that Unlock released h itself: h just
+// ends. Otherwise h ended in Redis without its Unlock (ForceUnlock, expiry,
+// failover) before the watchdog noticed: it is lost, and its Lost channel
+// closes.
 func (w *watchdog) supersede(h *hold) {
 	if h == nil {
 		return
@@ -254,12 +255,37 @@ func (w *watchdog) supersede(h *hold) {
 	for h.renewing && h.releasing == 0 { // see remove
 		w.renewed.Wait()
 	}
-	if h.releasing > 0 {
+	if h.finalPending() {
 		delete(w.holds, h)
 		h.done = true
 		return
 	}
+	// No release in flight, or only releases that leave holds of the
+	// handle on h: those holds are lost.
 	w.loseLocked(h, "the handle took a new hold: this one ended in Redis")
+}
+
+// goneWhileHeld ends the tracking of h, which a release of a reentrant
+// handle found gone while count holds of the handle remain. Unless the
+// other releases in flight may have ended it (see finalPending), those
+// holds are lost and Lost closes. It reports whether h was lost.
+func (w *watchdog) goneWhileHeld(h *hold, count int) bool {
+	if h == nil {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if h.releasing > 0 {
+		h.releasing--
+	}
+	h.count = count
+	if h.finalPending() {
+		delete(w.holds, h)
+		h.done = true
+		return h.isLost()
+	}
+	w.loseLocked(h, "an Unlock found the hold gone while the handle still held it")
+	return true
 }
 
 // loseLocked ends a hold that is gone before its release, once.

@@ -103,3 +103,81 @@ func TestSyncedRenewalPerMaster(t *testing.T) {
 		c.wd.remove(h)
 	}
 }
+
+// TestReentrantUnlockFindingHoldGoneClosesLost: two goroutines share a
+// ReentrantMutex handle, each holding it once. An operator force-unlocks
+// the lock. Before the watchdog's next renewal, one goroutine unlocks: the
+// script finds the hold gone (ErrNotHeld). The other goroutine still counts
+// a hold on the handle and watches Lost (as Do does): the hold ended before
+// its last Unlock, so Lost must close. Before the fix the Unlock stopped
+// tracking the hold without a loss, so Lost never closed and Do's function
+// ran on unprotected. (Found by a reviewer.)
+func TestReentrantUnlockFindingHoldGoneClosesLost(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		c := New(b.Client(t)) // default watchdog: no renewal within the test
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		require.NoError(t, m.Lock(ctx)) // goroutine 1
+		lost := m.Lost()
+		require.NoError(t, m.Lock(ctx)) // goroutine 2
+
+		ok, err := c.Mutex(name).ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+
+		require.ErrorIs(t, m.Unlock(ctx), ErrNotHeld) // goroutine 2
+		select {
+		case <-lost:
+		case <-time.After(time.Second):
+			t.Fatal("goroutine 1 still holds the handle's hold, which is gone, and its Lost is open")
+		}
+		require.ErrorIs(t, m.Unlock(ctx), ErrNotHeld) // goroutine 1
+	})
+}
+
+// TestSupersedeDuringPartialUnlockClosesLost: goroutines 1 and 2 share a
+// ReentrantMutex handle, each holding it once; an operator force-unlocks
+// it. Goroutine 2's Unlock is on its way (it can end only one of the two
+// holds) when goroutine 3's Lock takes the now free lock anew: the handle
+// tracks the new hold and stops tracking the old one. The old one ended
+// before goroutine 1's Unlock, so goroutine 1's Lost must close. Before the
+// fix, supersede took any release in flight for the one that ended the
+// hold, and dropped it silently: Lost never closed. (Found by a reviewer.)
+func TestSupersedeDuringPartialUnlockClosesLost(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		m := c.ReentrantMutex(name)
+		gate := newOwnerGate(unlockScript, m.e.owner, false)
+		rdb.AddHook(gate)
+		require.NoError(t, m.Lock(ctx)) // loads the scripts
+		require.NoError(t, m.Unlock(ctx))
+
+		require.NoError(t, m.Lock(ctx)) // goroutine 1
+		lost := m.Lost()
+		require.NoError(t, m.Lock(ctx)) // goroutine 2
+		ok, err := c.Mutex(name).ForceUnlock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+
+		gate.arm()
+		g2 := make(chan error, 1)
+		go func() { g2 <- m.Unlock(ctx) }() // goroutine 2, held before it is sent
+		<-gate.held
+		require.NoError(t, m.Lock(ctx)) // goroutine 3: a new hold
+		select {
+		case <-lost:
+		case <-time.After(time.Second):
+			t.Error("the hold goroutine 1 holds ended, and its Lost is open")
+		}
+		close(gate.proceed)
+		require.ErrorIs(t, <-g2, ErrNotHeld)
+	})
+}

@@ -8,10 +8,12 @@
 -- The fence key of a lock name holds
 -- "<last token>[:<release>][|<undone>...]": the last fencing token issued
 -- (empty when unknown), the request id of the last full release (so a
--- retried release is recognised), and the request ids of the last
--- tombstones_kept acquisitions undone, oldest first (tombstones: such an
--- acquisition may still reach Redis late, stuck in a slow link, and must
--- not take the lock then; see lock.lua and unlock.lua).
+-- retried release is recognised; an exclusive lock's adds, space-separated,
+-- the partial releases of the hold it ended, see unlock.lua), and the
+-- request ids of the last tombstones_kept acquisitions undone, oldest
+-- first (tombstones: such an acquisition may still reach Redis late,
+-- stuck in a slow link, and must not take the lock then; see lock.lua and
+-- unlock.lua).
 --
 -- next_token(fence, retention[, suffix[, last[, now[, held]]]]) returns the
 -- next fencing token of a lock name as a decimal string, to store and to

@@ -4,7 +4,8 @@
 -- describes. KEYS and ARGV: none of their own.
 
 -- fence_release returns the request id of the last full release recorded in
--- the fence value v (false or nil: no key), or nil.
+-- the fence value v (false or nil: no key), or nil (for an exclusive lock,
+-- followed by the partial releases of the hold it ended, space-separated).
 local function fence_release(v)
   return v and string.match(v, '^[^:|]*:([^|]*)')
 end

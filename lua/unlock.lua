@@ -52,7 +52,10 @@
 --
 -- A request id seen again means the reply to an earlier run of this very
 -- call was lost: its result is returned again and nothing is released twice
--- (a transfer is known again by its waiter's request id in the hold).
+-- (a transfer is known again by its own request id, the last full release
+-- in the fence key, and its waiter's request id in the hold; a partial
+-- release, by its request id in the hold, or in the fence key once the
+-- hold was released).
 -- An undo that finds nothing to undo leaves a tombstone in the fence key
 -- (see fence.lua), so that the acquisition takes nothing if it comes late.
 local to, waited, undo, v
@@ -81,10 +84,17 @@ end
 -- Tokens compare as strings first: both are the same digits but for a
 -- token written by an older version of this script.
 if v[1] ~= ARGV[1] or (ARGV[5] ~= '' and v[3] ~= ARGV[5] and tonumber(v[3]) ~= tonumber(ARGV[5])) then
-  if to and v[1] == to and ids_has(redis.call('HGET', KEYS[1], 'q'), ARGV[7]) then
-    return {0, v[3]} -- transferred already: the waiter's hold, as it was given
+  -- A resent release whose hold was released since (by this call, or,
+  -- when this call was a partial release of it, by another one): the
+  -- fence key names the final release and the hold's partial releases.
+  local again = ids_has(fence_release(redis.call('GET', KEYS[2])), ARGV[2])
+  -- A resent transfer: the waiter's hold, as it was given. (Not a first
+  -- run that finds the waiter holding: its attempt took the lock after the
+  -- caller's hold ended unannounced.)
+  if again and to and v[1] == to and ids_has(redis.call('HGET', KEYS[1], 'q'), ARGV[7]) then
+    return {0, v[3]}
   end
-  if fence_release(redis.call('GET', KEYS[2])) == ARGV[2] then
+  if again then
     return {0, 0}
   end
   return {-1, 0}
@@ -104,11 +114,17 @@ if c > 0 then
   end
   return {c, 0}
 end
+-- The final release, with the hold's partial releases: one of them resent
+-- after this release is recognised by the fence key.
+local released = ARGV[2]
+if v[4] and v[4] ~= '' then
+  released = ARGV[2] .. ' ' .. v[4]
+end
 if to then
   -- The hash becomes the new hold's in place: w stays (other Clients may
   -- still wait), u (a partial release of the old hold) goes. The token
   -- passes the old hold's, also when the fence key was lost meanwhile.
-  local token = next_token(KEYS[2], ARGV[4], ':' .. ARGV[2], nil, nil, v[3])
+  local token = next_token(KEYS[2], ARGV[4], ':' .. released, nil, nil, v[3])
   if v[4] then
     redis.call('HDEL', KEYS[1], 'u')
   end
@@ -117,7 +133,7 @@ if to then
   return {0, token}
 end
 redis.call('DEL', KEYS[1])
-fence_set_release(KEYS[2], v[3], ARGV[2], ARGV[4])
+fence_set_release(KEYS[2], v[3], released, ARGV[4])
 if not v[5] and waited ~= '1' then
   return {0, 0, 0}
 end
