@@ -86,10 +86,14 @@ type FairMutex struct {
 	keys    []string
 	placeMs int64 // lease of a queue place: the watchdog timeout
 
-	mu      sync.Mutex
-	h       *hold // the hold this handle tracks
-	n       int   // holds taken through this handle and not yet released
-	token   int64
+	mu    sync.Mutex
+	h     *hold // the hold this handle tracks
+	n     int   // holds taken through this handle and not yet released
+	token int64
+	// reqs: the waiter ids of this handle's acquisitions of the hold it
+	// tracks whose replies came and that no Unlock has named yet (see
+	// ReentrantMutex.reqs).
+	reqs    []string
 	waiting map[string]struct{} // ids of this handle's blocked Lock calls
 }
 
@@ -144,16 +148,20 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err
 	}
-	token, sent, ok, err := f.acquire(ctx, block)
+	token, sent, req, ok, err := f.acquire(ctx, block)
 	if !ok {
 		return false, err
 	}
 	f.mu.Lock()
 	if late(f.h, f.token, token) { // see ReentrantMutex.lock
 		f.mu.Unlock()
+		first := req
 		token, sent, ok, err = retake(ctx, token,
-			func(ctx context.Context) (int64, time.Time, bool, error) { return f.acquire(ctx, block) },
-			func(ctx context.Context, t int64) { _, _ = f.unlock(ctx, "", "", t) })
+			func(ctx context.Context) (t int64, s time.Time, ok bool, err error) {
+				t, s, req, ok, err = f.acquire(ctx, block)
+				return t, s, ok, err
+			},
+			func(ctx context.Context, t int64) { _, _ = f.unlock(ctx, "", "", first, t) })
 		if !ok {
 			return false, err
 		}
@@ -163,11 +171,12 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.supersede(f.h)
 		kind, member := exclHold(f.owner, token)
-		f.h, f.n = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), 0
+		f.h, f.n, f.reqs = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), 0, f.reqs[:0]
 	} else {
 		f.c.wd.extend(f.h, sent) // a re-entry restarts the lease (see ReentrantMutex.lock)
 	}
 	f.n++
+	f.reqs = append(f.reqs, req)
 	// The token of the hold in Redis now: a re-entry reports the token the
 	// hold had; a hold taken again after a loss, a new one (Unlock names it).
 	f.token = token
@@ -178,7 +187,10 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 // at its first failed attempt, subscribes to its own channel, checks again
 // (a handoff between its first attempt and the subscription is not missed),
 // then sleeps until a wake-up or the bound the script returned.
-func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent time.Time, ok bool, err error) {
+//
+// req is the call's waiter id, which names its acquisition in the hold (see
+// FairMutex.Unlock).
+func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent time.Time, req string, ok bool, err error) {
 	id := newID()
 	member := id + "|" + strconv.FormatInt(f.lease.Milliseconds(), 10) + "|" +
 		strconv.FormatInt(f.placeMs, 10) + "|" + f.c.ps.id + "|" + f.owner
@@ -278,10 +290,10 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		_, _ = f.unlock(cctx, id, member, 0)
+		_, _ = f.unlock(cctx, id, member, "", 0)
 		cancel()
 	}
-	return token, sent, ok, err
+	return token, sent, id, ok, err
 }
 
 // wait runs try until it succeeds, sleeping between attempts until the
@@ -330,8 +342,11 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 // unlock releases one hold of the owner or, with a waiter id, withdraws that
 // waiter. It returns the owner's remaining hold count, or -1 when the owner
 // held nothing. token is the fencing token of the hold released, or 0 when
-// unknown (see excl.unlock).
-func (f *FairMutex) unlock(ctx context.Context, waiter, member string, token int64) (int64, error) {
+// unknown (see excl.unlock). done, for a release, names an acquisition of
+// the hold whose reply reached its caller ("": none): a partial release
+// drops it from the hold's list of its last acquisitions (see
+// excl.unlockDone).
+func (f *FairMutex) unlock(ctx context.Context, waiter, member, done string, token int64) (int64, error) {
 	channel := f.wchan + f.c.ps.id
 	if token == 0 && waiter == "" {
 		token = currentToken(ctx, f.c, f.key, "o", f.owner) // see excl.unlockAs
@@ -339,6 +354,8 @@ func (f *FairMutex) unlock(ctx context.Context, waiter, member string, token int
 	args := []any{f.c.publishCommand(ctx), fenceRetention(f.lease), f.owner, newID(), f.c.ps.id, tokenArg(token)}
 	if waiter != "" {
 		args = append(args, waiter, member) // a withdrawal (see fair_unlock.lua)
+	} else if done != "" {
+		args = append(args, "", "", done)
 	}
 	res, err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Slice()
 	if err != nil {
@@ -376,10 +393,17 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	}
 	f.mu.Lock()
 	h, token := f.h, f.token // no hold tracked: token 0, any hold of the owner
+	// Any acquisition of the tracked hold whose reply came will do (see
+	// ReentrantMutex.Unlock).
+	var done string
+	if h != nil && len(f.reqs) > 0 {
+		done = f.reqs[len(f.reqs)-1]
+		f.reqs = f.reqs[:len(f.reqs)-1]
+	}
 	// Counted under f.mu: see ReentrantMutex.Unlock.
 	f.c.wd.setReleasingOf(h, true, f.n)
 	f.mu.Unlock()
-	n, err := f.unlock(ctx, "", "", token)
+	n, err := f.unlock(ctx, "", "", done, token)
 
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -392,7 +416,7 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 		f.c.wd.setReleasingOf(h, false, f.n)
 	} else if h != nil {
 		lost := f.c.wd.remove(h)
-		f.h, f.n, f.token = nil, 0, 0
+		f.h, f.n, f.token, f.reqs = nil, 0, 0, f.reqs[:0]
 		if lost {
 			return ErrNotHeld
 		}

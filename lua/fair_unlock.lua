@@ -14,8 +14,13 @@
 --          its queue place is removed, and the hold is released only if that
 --          waiter was granted it (or took it)
 -- ARGV[8]  member of the waiter, for a withdrawal
--- (An Unlock leaves the last two out: each argument costs the call about as
--- much as a short command.)
+-- ARGV[9]  optional, an Unlock only (ARGV[7] and ARGV[8] are then ""): the
+--          request (waiter) id of an acquisition of the hold whose reply
+--          reached its caller, which this release ends: a partial release
+--          drops it from the hold's acquisitions (field q, see ids.lua),
+--          which then name only acquisitions a caller may still withdraw
+-- (An Unlock leaves ARGV[7..9] out when it names no acquisition: each
+-- argument costs the call about as much as a short command.)
 --
 -- Returns {count, grant}: count is the owner's remaining hold count (0: the
 -- lock was released and handed to the queue head, if any), or -1 when the
@@ -88,6 +93,12 @@ if c > 0 then
       g = ''
     end
     redis.call('HSET', KEYS[1], 'g', g, 'q', ids_drop(v[6], withdraw))
+  elseif ARGV[9] and ARGV[9] ~= '' then
+    local q = redis.call('HGET', KEYS[1], 'q')
+    local left = ids_drop(q, ARGV[9])
+    if left ~= q then
+      redis.call('HSET', KEYS[1], 'q', left)
+    end
   end
   return reply(c)
 end
