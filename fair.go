@@ -415,7 +415,14 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	if h != nil && f.n > 0 && (n > 0 || err != nil) {
 		f.c.wd.setReleasingOf(h, false, f.n)
 	} else if h != nil {
-		lost := f.c.wd.remove(h)
+		var lost bool
+		if err == nil && n < 0 && f.n > 0 {
+			// Gone while holds taken through this handle remain: see
+			// ReentrantMutex.Unlock.
+			lost = f.c.wd.goneWhileHeld(h, f.n)
+		} else {
+			lost = f.c.wd.remove(h)
+		}
 		f.h, f.n, f.token, f.reqs = nil, 0, 0, f.reqs[:0]
 		if lost {
 			return ErrNotHeld

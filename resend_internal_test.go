@@ -97,6 +97,8 @@ type kindHandle struct {
 	// excluded reports, with a write attempt of another owner's (a
 	// TryLock), whether the lock keeps it out; it releases what it took.
 	excluded func(context.Context) (bool, error)
+	// force is the handle's ForceUnlock, an operator's: it ends every hold.
+	force func(context.Context) (bool, error)
 }
 
 // reentrantKinds are the reentrant holds of one owner, with the scripts
@@ -108,19 +110,19 @@ var reentrantKinds = []struct {
 }{
 	{"ReentrantMutex", &lockScript, &unlockScript, func(c *Client, name string, opts ...LockOption) kindHandle {
 		m := c.ReentrantMutex(name, opts...)
-		return kindHandle{m.Lock, m.Unlock, m.Lost, m.e.key, excludedBy(m.TryLock, m.Unlock)}
+		return kindHandle{m.Lock, m.Unlock, m.Lost, m.e.key, excludedBy(m.TryLock, m.Unlock), m.ForceUnlock}
 	}},
 	{"FairMutex", &fairLockScript, &fairUnlockScript, func(c *Client, name string, opts ...LockOption) kindHandle {
 		m := c.FairMutex(name, opts...)
-		return kindHandle{m.Lock, m.Unlock, m.Lost, m.key, excludedBy(m.TryLock, m.Unlock)}
+		return kindHandle{m.Lock, m.Unlock, m.Lost, m.key, excludedBy(m.TryLock, m.Unlock), m.ForceUnlock}
 	}},
 	{"RWMutex", &rwLockScript, &rwUnlockScript, func(c *Client, name string, opts ...LockOption) kindHandle {
 		m := c.RWMutex(name, opts...)
-		return kindHandle{m.Lock, m.Unlock, m.Lost, m.key, excludedBy(m.TryLock, m.Unlock)}
+		return kindHandle{m.Lock, m.Unlock, m.Lost, m.key, excludedBy(m.TryLock, m.Unlock), m.ForceUnlock}
 	}},
 	{"RWMutexRead", &rwRLockScript, &rwRUnlockScript, func(c *Client, name string, opts ...LockOption) kindHandle {
 		m := c.RWMutex(name, opts...)
-		return kindHandle{m.RLock, m.RUnlock, m.RLost, m.key, excludedBy(m.TryLock, m.Unlock)}
+		return kindHandle{m.RLock, m.RUnlock, m.RLost, m.key, excludedBy(m.TryLock, m.Unlock), m.ForceUnlock}
 	}},
 }
 
@@ -428,36 +430,64 @@ func TestFullUnlockResentAfterOtherOwnerCycle(t *testing.T) {
 	})
 }
 
-// TestPartialUnlockResentAfterFinalUnlock: two goroutines share a
-// ReentrantMutex handle, each holding it once. Goroutine 1's Unlock (a
+// TestPartialUnlockResentAfterFinalUnlock: two goroutines share a handle
+// of a reentrant kind, each holding it once. Goroutine 1's Unlock (a
 // partial release: count 1) runs, its reply is lost and go-redis resends it;
 // meanwhile goroutine 2's Unlock released the lock. The resend finds no
 // hold: it must be recognised as the partial release that ran (both
 // Unlocks succeeded), not reported as ErrNotHeld, which says the hold was
-// not held or lost. Before the fix the hold's partial releases (field u)
-// went with the hash, and the fence key remembered only the final
-// release's request id. (Found by a reviewer.)
+// not held or lost. Before the fix the hold's partial releases (field u,
+// wu or ru:<owner>) went with the hold, and the fence key (or the rr field
+// of an RWMutex) remembered only the final release's request id. (Found by
+// a reviewer on ReentrantMutex; FairMutex and both sides of RWMutex had
+// the same gap.)
 func TestPartialUnlockResentAfterFinalUnlock(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, c, hook, rdb := hookedClient(t, b, unlockScript, true)
-		name := redistest.UniqueName(t)
-		m := c.ReentrantMutex(name)
-		require.NoError(t, m.Lock(ctx)) // loads the scripts
-		require.NoError(t, m.Unlock(ctx))
+	for _, k := range reentrantKinds {
+		kepts := []bool{false}
+		if strings.HasPrefix(k.kind, "RWMutex") {
+			// Only an RWMutex's hash outlives a full release (other holds
+			// in it): the release is then remembered in the hash.
+			kepts = append(kepts, true)
+		}
+		for _, kept := range kepts {
+			t.Run(fmt.Sprintf("%s/hashKept=%v", k.kind, kept), func(t *testing.T) {
+				redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+					ctx, c, hook, rdb := hookedClient(t, b, *k.unlock, true)
+					name := redistest.UniqueName(t)
+					h := k.make(c, name, WithOwner("svc"))
+					require.NoError(t, h.lock(ctx)) // loads the scripts
+					require.NoError(t, h.unlock(ctx))
 
-		require.NoError(t, m.Lock(ctx)) // goroutine 1
-		require.NoError(t, m.Lock(ctx)) // goroutine 2
-		hook.arm()
-		done := make(chan error, 1)
-		go func() { done <- m.Unlock(ctx) }() // goroutine 1: count 1
-		<-hook.ran
-		require.NoError(t, m.Unlock(ctx)) // goroutine 2: count 0, released
-		close(hook.proceed)
-		require.NoError(t, <-done, "goroutine 1's Unlock ran as a partial release")
-		n, err := rdb.Exists(ctx, m.e.key).Result()
-		require.NoError(t, err)
-		require.Zero(t, n)
-	})
+					require.NoError(t, h.lock(ctx)) // goroutine 1
+					require.NoError(t, h.lock(ctx)) // goroutine 2
+					var other *RWMutex
+					if kept {
+						// A read hold keeps the hash, and with it the rr
+						// field, past the final release: another owner's,
+						// or for a write hold its owner's (a downgrade).
+						other = c.RWMutex(name)
+						if k.kind == "RWMutex" {
+							other = c.RWMutex(name, WithOwner("svc"))
+						}
+						require.NoError(t, other.RLock(ctx))
+					}
+					hook.arm()
+					done := make(chan error, 1)
+					go func() { done <- h.unlock(ctx) }() // goroutine 1: count 1
+					<-hook.ran
+					require.NoError(t, h.unlock(ctx)) // goroutine 2: count 0, released
+					close(hook.proceed)
+					require.NoError(t, <-done, "goroutine 1's Unlock ran as a partial release")
+					if kept {
+						require.NoError(t, other.RUnlock(ctx))
+					}
+					n, err := rdb.Exists(ctx, h.key).Result()
+					require.NoError(t, err)
+					require.Zero(t, n)
+				})
+			})
+		}
+	}
 }
 
 // TestUnlockOfForceUnlockedHoldReservingItsTaker: a Mutex's hold is

@@ -391,7 +391,14 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string,
 	if h != nil && *np > 0 && (n > 0 || err != nil) {
 		m.c.wd.setReleasingOf(h, false, *np)
 	} else if h != nil {
-		lost := m.c.wd.remove(h)
+		var lost bool
+		if err == nil && n < 0 && *np > 0 {
+			// Gone while holds taken through this handle remain: see
+			// ReentrantMutex.Unlock.
+			lost = m.c.wd.goneWhileHeld(h, *np)
+		} else {
+			lost = m.c.wd.remove(h)
+		}
 		*hp, *np, *rp = nil, 0, (*rp)[:0]
 		guard(true)
 		if lost {

@@ -105,37 +105,43 @@ func TestSyncedRenewalPerMaster(t *testing.T) {
 }
 
 // TestReentrantUnlockFindingHoldGoneClosesLost: two goroutines share a
-// ReentrantMutex handle, each holding it once. An operator force-unlocks
-// the lock. Before the watchdog's next renewal, one goroutine unlocks: the
-// script finds the hold gone (ErrNotHeld). The other goroutine still counts
-// a hold on the handle and watches Lost (as Do does): the hold ended before
-// its last Unlock, so Lost must close. Before the fix the Unlock stopped
-// tracking the hold without a loss, so Lost never closed and Do's function
-// ran on unprotected. (Found by a reviewer.)
+// handle of a reentrant kind, each holding it once. An operator
+// force-unlocks the lock. Before the watchdog's next renewal, one goroutine
+// unlocks: the script finds the hold gone (ErrNotHeld). The other goroutine
+// still counts a hold on the handle and watches Lost (as Do does): the hold
+// ended before its last Unlock, so Lost must close. Before the fix the
+// Unlock stopped tracking the hold without a loss, so Lost never closed and
+// Do's function ran on unprotected. (Found by a reviewer on
+// ReentrantMutex; FairMutex.Unlock, RWMutex.Unlock and RWMutex.RUnlock had
+// the same gap.)
 func TestReentrantUnlockFindingHoldGoneClosesLost(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		c := New(b.Client(t)) // default watchdog: no renewal within the test
-		t.Cleanup(func() { _ = c.Close() })
-		name := redistest.UniqueName(t)
-		m := c.ReentrantMutex(name)
-		require.NoError(t, m.Lock(ctx)) // goroutine 1
-		lost := m.Lost()
-		require.NoError(t, m.Lock(ctx)) // goroutine 2
+	for _, k := range reentrantKinds {
+		t.Run(k.kind, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				c := New(b.Client(t)) // default watchdog: no renewal within the test
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				m := k.make(c, name)
+				require.NoError(t, m.lock(ctx)) // goroutine 1
+				lost := m.lost()
+				require.NoError(t, m.lock(ctx)) // goroutine 2
 
-		ok, err := c.Mutex(name).ForceUnlock(ctx)
-		require.NoError(t, err)
-		require.True(t, ok)
+				ok, err := k.make(c, name).force(ctx)
+				require.NoError(t, err)
+				require.True(t, ok)
 
-		require.ErrorIs(t, m.Unlock(ctx), ErrNotHeld) // goroutine 2
-		select {
-		case <-lost:
-		case <-time.After(time.Second):
-			t.Fatal("goroutine 1 still holds the handle's hold, which is gone, and its Lost is open")
-		}
-		require.ErrorIs(t, m.Unlock(ctx), ErrNotHeld) // goroutine 1
-	})
+				require.ErrorIs(t, m.unlock(ctx), ErrNotHeld) // goroutine 2
+				select {
+				case <-lost:
+				case <-time.After(time.Second):
+					t.Fatal("goroutine 1 still holds the handle's hold, which is gone, and its Lost is open")
+				}
+				require.ErrorIs(t, m.unlock(ctx), ErrNotHeld) // goroutine 1
+			})
+		})
+	}
 }
 
 // TestSupersedeDuringPartialUnlockClosesLost: goroutines 1 and 2 share a

@@ -46,12 +46,14 @@ if v[1] ~= ARGV[3] or withdraw ~= '' then
   settle(now)
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 'u', 't', 'g', 'q')
 end
--- released reports whether this request is a full release done already:
--- a retry after a lost reply. Its first run may have granted the lock to a
--- waiter of this Client without publishing: the pending grant is reported
--- again, and the Client ignores it unless one of its waiters has that id.
+-- released reports whether this request is a full release done already,
+-- or a partial release of the hold that the last full release ended (see
+-- below): a retry after a lost reply. The full release may have granted
+-- the lock to a waiter of this Client without publishing: the pending grant
+-- is reported again, and the Client ignores it unless one of its waiters
+-- has that id.
 local function released()
-  if fence_release(redis.call('GET', KEYS[4])) ~= ARGV[4] then
+  if not ids_has(fence_release(redis.call('GET', KEYS[4])), ARGV[4]) then
     return false
   end
   local g = redis.call('HMGET', KEYS[1], 'g', 't')
@@ -102,10 +104,17 @@ if c > 0 then
   end
   return reply(c)
 end
+-- The final release, with the hold's partial releases (space-separated,
+-- see fence.lua): one of them resent after this release (its reply was
+-- lost while another goroutine's Unlock ended the hold) is recognised.
+local ended = ARGV[4]
+if v[3] and v[3] ~= '' then
+  ended = ARGV[4] .. ' ' .. v[3]
+end
 -- The hash becomes the new hold's in place when someone waits.
-fence_suffix = ':' .. ARGV[4]
+fence_suffix = ':' .. ended
 if not grant(now, v[3], v[4]) then
   redis.call('DEL', KEYS[1])
-  fence_set_release(KEYS[4], v[4], ARGV[4], ARGV[2])
+  fence_set_release(KEYS[4], v[4], ended, ARGV[2])
 end
 return reply(0)

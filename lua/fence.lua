@@ -8,8 +8,9 @@
 -- The fence key of a lock name holds
 -- "<last token>[:<release>][|<undone>...]": the last fencing token issued
 -- (empty when unknown), the request id of the last full release (so a
--- retried release is recognised; an exclusive lock's adds, space-separated,
--- the partial releases of the hold it ended, see unlock.lua), and the
+-- retried release is recognised; a reentrant lock's adds, space-separated,
+-- the partial releases of the hold it ended, see unlock.lua,
+-- fair_unlock.lua and rw_common.lua), and the
 -- request ids of the last tombstones_kept acquisitions undone, oldest
 -- first (tombstones: such an acquisition may still reach Redis late,
 -- stuck in a slow link, and must not take the lock then; see lock.lua and

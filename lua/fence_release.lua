@@ -4,8 +4,9 @@
 -- describes. KEYS and ARGV: none of their own.
 
 -- fence_release returns the request id of the last full release recorded in
--- the fence value v (false or nil: no key), or nil (for an exclusive lock,
--- followed by the partial releases of the hold it ended, space-separated).
+-- the fence value v (false or nil: no key), or nil (for a reentrant lock,
+-- followed by the partial releases of the hold it ended, space-separated:
+-- look a request id up with ids_has).
 local function fence_release(v)
   return v and string.match(v, '^[^:|]*:([^|]*)')
 end

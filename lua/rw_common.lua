@@ -15,7 +15,9 @@
 --            (its count went from 0 to 1): tells one read hold from the next
 --   ww:<o>   writer o is waiting, until this server ms: while a writer waits,
 --            new readers queue behind it
---   rr       request ids of the last few full releases, space-separated
+--   rr       request ids of the last few full releases, space-separated;
+--            each joined by ',' to the partial releases of the hold it
+--            ended, if any (see rw_released)
 --
 -- Every lease is a field of its own ("we:", "re:", "ww:"), renewed by the
 -- watchdog (kind 'g' of renew.lua for holds, which also checks t or rg:<o>;
@@ -148,22 +150,42 @@ local function rw_commit(s)
   return true
 end
 
--- rw_released remembers req as a full release, so that a retry of that
--- release is recognised (see rw_was_released).
-local function rw_released(s, req)
-  rw_set(s, 'rr', ids_add(s.f.rr, req))
+-- rw_released remembers req as a full release, with partial, the list of
+-- the partial releases of the hold it ended (see ids.lua; nil or "":
+-- none), so that a retry of any of them is recognised (see
+-- rw_was_released): a partial release whose reply was lost may be resent
+-- after another goroutine's release ended the hold. They make one entry of
+-- rr, joined by ',' (a request id holds neither ' ' nor ','), so that rr
+-- still remembers the last few full releases. It returns them
+-- space-separated, for the fence key (see rw_fence_release).
+local function rw_released(s, req, partial)
+  if not partial or partial == '' then
+    rw_set(s, 'rr', ids_add(s.f.rr, req))
+    return req
+  end
+  rw_set(s, 'rr', ids_add(s.f.rr, req .. ',' .. (string.gsub(partial, ' ', ','))))
+  return req .. ' ' .. partial
 end
 
--- rw_fence_release records req in the fence key ("<token>:<req>") when the
--- full release deleted the hash, and with it the rr field.
-local function rw_fence_release(fence, req, retention)
+-- rw_fence_release records the release ended (what rw_released returned)
+-- in the fence key ("<token>:<ended>") when the full release deleted the
+-- hash, and with it the rr field.
+local function rw_fence_release(fence, ended, retention)
   local v = redis.call('GET', fence)
   -- An unknown token stays empty: the next one comes from the clock.
   local last = (v and string.match(v, '^[^:|]*')) or ''
-  fence_set_release(fence, last, req, math.max(tonumber(retention), redis.call('PTTL', fence)))
+  fence_set_release(fence, last, ended, math.max(tonumber(retention), redis.call('PTTL', fence)))
 end
 
--- rw_was_released reports whether req is a full release already done.
+-- rw_was_released reports whether req is a full release already done, or
+-- a partial release of a hold one of them ended.
 local function rw_was_released(s, fence, req)
-  return ids_has(s.f.rr, req) or fence_release(redis.call('GET', fence)) == req
+  local rr = s.f.rr
+  if ids_has(rr, req) then
+    return true
+  end
+  if rr and string.find(rr, ',', 1, true) and ids_has((string.gsub(rr, ',', ' ')), req) then
+    return true
+  end
+  return ids_has(fence_release(redis.call('GET', fence)), req)
 end

@@ -66,10 +66,10 @@ if c > 0 then
   return c
 end
 local token = f.t
+local ended = rw_released(s, req, f.wu) -- before rw_drop_writer drops wu
 rw_drop_writer(s)
-rw_released(s, req)
 if not rw_commit(s) then
-  fence_set_release(KEYS[2], token, req,
+  fence_set_release(KEYS[2], token, ended,
     math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
 end
 redis.call(ARGV[3], KEYS[3], 'a')
