@@ -68,9 +68,10 @@ var (
 //
 // Keys, all under the hash tag of the name (one cluster slot): "{name}:fair"
 // (the hold), "{name}:fairq" and "{name}:fairx" (the queue: arrival numbers
-// and place expiries), and the fencing counter "{name}:fence". When the lock
-// is free and no one waits, only the fencing counter remains (it expires on
-// its own). A FairMutex is a different lock from a Mutex of the same name.
+// and place expiries), and the fencing counter "{name}:fence"; each Client's
+// waiters listen on the channel "{name}:fairw:<Client id>". When the lock is
+// free and no one waits, only the fencing counter remains (it expires on its
+// own). A FairMutex is a different lock from a Mutex of the same name.
 type FairMutex struct {
 	c       *Client
 	name    string
@@ -479,7 +480,7 @@ func (f *FairMutex) afterLost(lost <-chan struct{}, fn func()) (func(), bool) {
 }
 
 // TTL returns the remaining lease of the lock, whoever holds it; 0 when it
-// is free.
+// is free. See Mutex.TTL.
 func (f *FairMutex) TTL(ctx context.Context) (time.Duration, error) {
 	if err := f.check(); err != nil {
 		return 0, err
@@ -499,7 +500,9 @@ func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
 // ForceUnlock releases the lock whoever holds it, however many times, and
 // hands it to the waiter at the head of the queue. It reports whether the
 // lock was held. The former holder's Lost closes at its next renewal (a
-// WithLease hold's when its lease runs out on the holder's clock).
+// WithLease hold's when its lease runs out on the holder's clock). A call
+// resent by the Redis client after a lost reply is applied once: it leaves
+// alone a hold taken after its first run.
 func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err

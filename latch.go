@@ -48,9 +48,10 @@ var (
 // resend of a final CountDown does not count the next round down.
 //
 // Keys: the count "prefix{name}:latch", a string deleted when the count
-// reaches zero, and the request ids of the calls that took effect in the
-// last minute "prefix{name}:latch:done", a sorted set that expires a
-// minute after its last call; wake-ups on the channel
+// reaches zero, and the request ids of the calls of the last minute (also
+// those that found the latch open, so that their resends stay no-ops)
+// "prefix{name}:latch:done", a sorted set that expires a minute after its
+// last call; wake-ups on the channel
 // "prefix{name}:latch:wake".
 type CountDownLatch struct {
 	c       *Client
@@ -61,8 +62,8 @@ type CountDownLatch struct {
 }
 
 // CountDownLatch returns a handle on the latch called name. It does not
-// talk to Redis. An empty name is reported by the handle's methods as an
-// error wrapping ErrInvalidArgument.
+// talk to Redis. An empty name, or one starting with '}', is reported by
+// the handle's methods as an error wrapping ErrInvalidArgument.
 func (c *Client) CountDownLatch(name string) *CountDownLatch {
 	l := &CountDownLatch{c: c}
 	switch {
@@ -106,7 +107,8 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 
 // CountDown decrements the count. The CountDown that brings it to zero
 // deletes the latch and wakes every waiter. Counting down a finished or
-// unset latch does nothing.
+// unset latch leaves it open (only its request id is remembered, so that
+// a resend does not count a count set meanwhile down).
 func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	if err := l.check(); err != nil {
 		return err

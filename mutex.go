@@ -36,7 +36,7 @@ var (
 
 	lockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + lockLua)
 	unlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + unlockLua)
-	forceUnlockScript = redis.NewScript(forceUnlockLua)
+	forceUnlockScript = redis.NewScript(fenceReleaseLua + forceUnlockLua)
 )
 
 // excl is the Redis side of an exclusive lock, shared by Mutex and
@@ -367,8 +367,8 @@ func (e *excl) forceUnlock(ctx context.Context) (bool, error) {
 	if err := e.check(); err != nil {
 		return false, err
 	}
-	n, err := forceUnlockScript.Run(ctx, e.c.rdb, []string{e.key, e.channel},
-		e.c.publishCommand(ctx), wakeOne).Int64()
+	n, err := forceUnlockScript.Run(ctx, e.c.rdb, []string{e.key, e.channel, e.fence},
+		e.c.publishCommand(ctx), wakeOne, newID(), fenceRetention(e.lease)).Int64()
 	return n == 1, convertErr(err)
 }
 
@@ -400,7 +400,9 @@ func (e *excl) holdCount(ctx context.Context) (int, error) {
 // a round trip of its own. After 8 such transfers in a row the Unlock
 // releases the lock publicly, and this Client's waiters sit out that wake-up
 // for up to 2ms, so the waiters of other Clients take their turn. Under
-// contention an acquisition thus costs about one round trip.
+// contention an acquisition thus costs about one round trip. There are no
+// local transfers under WithReplicaSync (a transfer is an acquisition no
+// WAIT follows).
 type Mutex struct {
 	e   excl
 	sem chan struct{} // the local hold: sync.Mutex semantics among goroutines
@@ -553,7 +555,7 @@ func (m *Mutex) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 }
 
 // TTL returns the remaining lease of the lock, whoever holds it; 0 when it
-// is free.
+// is free, -1ns when its key has no expiry (a value redlatch did not write).
 func (m *Mutex) TTL(ctx context.Context) (time.Duration, error) { return m.ex().ttl(ctx) }
 
 // IsLocked reports whether anyone holds the lock.
@@ -562,6 +564,7 @@ func (m *Mutex) IsLocked(ctx context.Context) (bool, error) { return m.ex().isLo
 // ForceUnlock releases the lock whoever holds it and wakes a waiter. It
 // reports whether the lock was held. The former holder's Lost closes at its
 // next renewal (a WithLease hold, which is not renewed, when its lease runs
-// out on the holder's clock). Meant for operators and tests, not for normal
-// release.
+// out on the holder's clock). A call resent by the Redis client after a
+// lost reply is applied once: it leaves alone a hold taken after its first
+// run. Meant for operators and tests, not for normal release.
 func (m *Mutex) ForceUnlock(ctx context.Context) (bool, error) { return m.ex().forceUnlock(ctx) }

@@ -1167,3 +1167,77 @@ func TestUnlockBySameOwnerHandle(t *testing.T) {
 	requireClosedWithin(t, holder.Lost(), 2*time.Second, "the released Redlock's Lost")
 	require.ErrorIs(t, holder.Unlock(ctx), redlatch.ErrNotHeld)
 }
+
+// TestResentForceUnlockSparesLaterHold: a ForceUnlock whose reply is lost
+// and that go-redis resends (MaxRetries) is applied once: the resend
+// reports what the first run did and leaves alone a hold taken in between.
+// "held": the first run released a holder and woke a waiter, which takes
+// the lock before the resend (else the resend deleted the waiter's hold:
+// the waiter believed it held the lock, Lost open until its next renewal,
+// while the lock was free for anyone). "free": the first run found the
+// lock free, and another owner took it before the resend. (Found by a
+// reviewer; FairMutex's held case is TestFairResentForceUnlockKeepsGrant.)
+func TestResentForceUnlockSparesLaterHold(t *testing.T) {
+	type lock interface {
+		Lock(context.Context) error
+		Unlock(context.Context) error
+		IsLocked(context.Context) (bool, error)
+		ForceUnlock(context.Context) (bool, error)
+		Lost() <-chan struct{}
+	}
+	kinds := []struct {
+		name string
+		key  func(name string) string // a key only the ForceUnlock script of the kind has
+		make func(c *redlatch.Client, name string) lock
+	}{
+		{"Mutex", func(n string) string { return "{" + n + "}:wake" },
+			func(c *redlatch.Client, n string) lock { return c.Mutex(n) }},
+		{"RWMutex", writersWakeKey,
+			func(c *redlatch.Client, n string) lock { return c.RWMutex(n) }},
+		{"FairMutex", fairKey,
+			func(c *redlatch.Client, n string) lock { return c.FairMutex(n) }},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			for _, free := range []bool{false, true} {
+				if k.name == "FairMutex" && !free {
+					continue
+				}
+				t.Run(k.name+map[bool]string{false: "/held", true: "/free"}[free], func(t *testing.T) {
+					ctx := ctxT(t, 20*time.Second)
+					name := redistest.UniqueName(t)
+					cf, hook := lossyClient(t, b, scriptWith(k.key(name)), true)
+					forcer := k.make(cf, name)
+					// Load the script (a NOSCRIPT reply would spend the hook).
+					_, err := forcer.ForceUnlock(ctx)
+					require.NoError(t, err)
+
+					later := k.make(newClient(t, b), name) // takes the lock between the runs
+					if free {
+						hook.between = func() { require.NoError(t, later.Lock(ctx)) }
+					} else {
+						holder := k.make(newClient(t, b), name)
+						require.NoError(t, holder.Lock(ctx))
+						got := make(chan error, 1)
+						go func() { got <- later.Lock(ctx) }()
+						time.Sleep(100 * time.Millisecond) // the waiter sleeps on its channel
+						hook.between = func() {
+							requireNoErrWithin(t, got, 5*time.Second, "the waiter did not get the lock")
+						}
+					}
+					hook.armed.Store(true)
+					ok, err := forcer.ForceUnlock(ctx)
+					require.NoError(t, err)
+					require.Equal(t, !free, ok)
+					require.False(t, hook.armed.Load(), "the ForceUnlock was not resent")
+
+					locked, err := later.IsLocked(ctx)
+					require.NoError(t, err)
+					require.True(t, locked, "the resent ForceUnlock released a hold taken after its first run")
+					requireOpen(t, later.Lost(), "the later hold was lost")
+					require.NoError(t, later.Unlock(ctx))
+				})
+			}
+		}
+	})
+}

@@ -225,7 +225,8 @@ func (m *ReentrantMutex) afterLost(lost <-chan struct{}, f func()) (func(), bool
 	return holdAfterLost(m.e.c.wd, h, lost, f)
 }
 
-// TTL returns the remaining lease of the lock; 0 when it is free.
+// TTL returns the remaining lease of the lock; 0 when it is free. See
+// Mutex.TTL.
 func (m *ReentrantMutex) TTL(ctx context.Context) (time.Duration, error) { return m.ex().ttl(ctx) }
 
 // IsLocked reports whether anyone holds the lock.

@@ -610,13 +610,14 @@ func (m *RWMutex) IsLocked(ctx context.Context) (bool, error) {
 // ForceUnlock releases every hold of the lock, the writer's and all the
 // readers', and wakes the waiters. It reports whether anything was held.
 // Former holders see Lost (or RLost) close at their next renewal (WithLease
-// holds when their lease runs out on the holder's clock). Meant for
-// operators and tests.
+// holds when their lease runs out on the holder's clock). A call resent by
+// the Redis client after a lost reply is applied once: it leaves alone the
+// holds taken after its first run. Meant for operators and tests.
 func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := m.check(); err != nil {
 		return false, err
 	}
-	n, err := rwForceUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.wwake},
-		m.c.publishCommand(ctx)).Int64()
+	n, err := rwForceUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.wwake, m.fence},
+		m.c.publishCommand(ctx), newID(), fenceRetention(m.lease)).Int64()
 	return n == 1, convertErr(err)
 }

@@ -152,6 +152,7 @@ func (s *Semaphore) Acquire(ctx context.Context, n int64) error {
 
 // TryAcquire makes one attempt to take n permits and reports whether it
 // took them. It returns (false, nil) when fewer than n permits are free.
+// n must be between 1 and the size, as for Acquire.
 func (s *Semaphore) TryAcquire(ctx context.Context, n int64) (bool, error) {
 	return s.acquire(ctx, n, false)
 }
