@@ -24,7 +24,7 @@ var (
 
 	fairLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + fairCommonLua + fairLockLua)
 	fairUnlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + fairCommonLua + fairUnlockLua)
-	fairForceUnlockScript = redis.NewScript(fenceLua + fenceReleaseLua + fairCommonLua + fairForceUnlockLua)
+	fairForceUnlockScript = redis.NewScript(fenceLua + fenceReleaseLua + fenceForceLua + fairCommonLua + fairForceUnlockLua)
 )
 
 // FairMutex is a distributed reentrant lock granted strictly in the order

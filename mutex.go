@@ -22,6 +22,8 @@ var (
 	fenceAcquireLua string
 	//go:embed lua/fence_release.lua
 	fenceReleaseLua string
+	//go:embed lua/fence_force.lua
+	fenceForceLua string
 	//go:embed lua/ids.lua
 	idsLua string
 )
@@ -36,7 +38,7 @@ var (
 
 	lockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + lockLua)
 	unlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + unlockLua)
-	forceUnlockScript = redis.NewScript(fenceReleaseLua + forceUnlockLua)
+	forceUnlockScript = redis.NewScript(fenceReleaseLua + fenceForceLua + forceUnlockLua)
 )
 
 // excl is the Redis side of an exclusive lock, shared by Mutex and

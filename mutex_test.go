@@ -1175,8 +1175,12 @@ func TestUnlockBySameOwnerHandle(t *testing.T) {
 // the lock before the resend (else the resend deleted the waiter's hold:
 // the waiter believed it held the lock, Lost open until its next renewal,
 // while the lock was free for anyone). "free": the first run found the
-// lock free, and another owner took it before the resend. (Found by a
-// reviewer; FairMutex's held case is TestFairResentForceUnlockKeepsGrant.)
+// lock free, and another owner took it before the resend. "cycled": as
+// "held", and the waiter released the lock, and a Mutex of the name (a
+// different lock for the other kinds) came and went, and another owner
+// took the lock before the resend: a ForceUnlock is recognised by a record
+// of its own, which later releases do not replace. (Found by reviewers;
+// FairMutex's held case is TestFairResentForceUnlockKeepsGrant.)
 func TestResentForceUnlockSparesLaterHold(t *testing.T) {
 	type lock interface {
 		Lock(context.Context) error
@@ -1199,11 +1203,12 @@ func TestResentForceUnlockSparesLaterHold(t *testing.T) {
 	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		for _, k := range kinds {
-			for _, free := range []bool{false, true} {
-				if k.name == "FairMutex" && !free {
+			for _, mode := range []string{"held", "free", "cycled"} {
+				if k.name == "FairMutex" && mode == "held" {
 					continue
 				}
-				t.Run(k.name+map[bool]string{false: "/held", true: "/free"}[free], func(t *testing.T) {
+				free := mode == "free"
+				t.Run(k.name+"/"+mode, func(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
 					name := redistest.UniqueName(t)
 					cf, hook := lossyClient(t, b, scriptWith(k.key(name)), true)
@@ -1218,11 +1223,22 @@ func TestResentForceUnlockSparesLaterHold(t *testing.T) {
 					} else {
 						holder := k.make(newClient(t, b), name)
 						require.NoError(t, holder.Lock(ctx))
+						waiter := k.make(newClient(t, b), name)
+						if mode == "held" {
+							waiter = later
+						}
 						got := make(chan error, 1)
-						go func() { got <- later.Lock(ctx) }()
+						go func() { got <- waiter.Lock(ctx) }()
 						time.Sleep(100 * time.Millisecond) // the waiter sleeps on its channel
 						hook.between = func() {
 							requireNoErrWithin(t, got, 5*time.Second, "the waiter did not get the lock")
+							if mode == "cycled" {
+								require.NoError(t, waiter.Unlock(ctx))
+								m := newClient(t, b).Mutex(name)
+								require.NoError(t, m.Lock(ctx))
+								require.NoError(t, m.Unlock(ctx))
+								require.NoError(t, later.Lock(ctx))
+							}
 						}
 					}
 					hook.armed.Store(true)
@@ -1240,4 +1256,47 @@ func TestResentForceUnlockSparesLaterHold(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestTokenAheadSurvivesOtherKindRelease: the fence key of a name is
+// ahead of the server clock (as the tokens of a faster clock before a
+// failover leave it; see TestHandoffFenceWrite). A lock of kind Y takes a
+// token past it and is released. A lock of another kind X on the same name,
+// held since before (a different lock, with an older token), is released
+// then: its release must not write its older token back over the newer
+// one, or Y's next token comes from the clock and goes backwards. (Found
+// by a reviewer.)
+func TestTokenAheadSurvivesOtherKindRelease(t *testing.T) {
+	kinds := map[string]func(c *redlatch.Client, n string) tokenHandle{
+		"Mutex":     func(c *redlatch.Client, n string) tokenHandle { return c.Mutex(n) },
+		"FairMutex": func(c *redlatch.Client, n string) tokenHandle { return c.FairMutex(n) },
+		"RWMutex":   func(c *redlatch.Client, n string) tokenHandle { return c.RWMutex(n) },
+	}
+	for _, pair := range [][2]string{{"RWMutex", "Mutex"}, {"FairMutex", "Mutex"}, {"Mutex", "RWMutex"}, {"Mutex", "FairMutex"}} {
+		x, y := pair[0], pair[1]
+		t.Run(x+"/"+y, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				c := newClient(t, b)
+				fence := "{" + name + "}:fence"
+				held := kinds[x](c, name)
+				require.NoError(t, held.Lock(ctx))
+
+				ahead := time.Now().Add(time.Hour).UnixMicro()
+				require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
+				m := kinds[y](c, name)
+				require.NoError(t, m.Lock(ctx))
+				last := m.Token()
+				require.Greater(t, last, ahead)
+				require.NoError(t, m.Unlock(ctx))
+
+				require.NoError(t, held.Unlock(ctx)) // an older token than last
+				require.NoError(t, m.Lock(ctx))
+				require.Greater(t, m.Token(), last, "%s's token went backwards after a %s release", y, x)
+				require.NoError(t, m.Unlock(ctx))
+			})
+		})
+	}
 }

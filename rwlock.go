@@ -36,7 +36,7 @@ var (
 	rwUnlockScript      = redis.NewScript(rwPrelude + rwUnlockLua)
 	rwRUnlockScript     = redis.NewScript(rwPrelude + rwRUnlockLua)
 	rwUnqueueScript     = redis.NewScript(rwPrelude + rwUnqueueLua)
-	rwForceUnlockScript = redis.NewScript(rwPrelude + rwForceUnlockLua)
+	rwForceUnlockScript = redis.NewScript(rwPrelude + fenceForceLua + rwForceUnlockLua)
 	rwInfoScript        = redis.NewScript(rwPrelude + rwInfoLua)
 )
 

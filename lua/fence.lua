@@ -10,12 +10,12 @@
 -- (empty when unknown), the request id of the last full release (so a
 -- retried release is recognised; a reentrant lock's adds, space-separated,
 -- the partial releases of the hold it ended, see unlock.lua,
--- fair_unlock.lua and rw_common.lua; a ForceUnlock writes its own,
--- followed by "~0" when it found the lock free), and the
+-- fair_unlock.lua and rw_common.lua), and the
 -- request ids of the last tombstones_kept acquisitions undone, oldest
 -- first (tombstones: such an acquisition may still reach Redis late,
 -- stuck in a slow link, and must not take the lock then; see lock.lua and
--- unlock.lua).
+-- unlock.lua; a ForceUnlock leaves one too, see fence_force.lua). Every
+-- primitive of the name shares the key.
 --
 -- next_token(fence, retention[, suffix[, last[, now[, held]]]]) returns the
 -- next fencing token of a lock name as a decimal string, to store and to

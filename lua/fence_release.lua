@@ -12,25 +12,44 @@ local function fence_release(v)
 end
 
 -- fence_set_release records a full release: the hold's token, the
--- release's request id, and the tombstone already there.
+-- release's request id, and the tombstones already there. A token recorded
+-- already that is higher stays: another primitive of the name (a FairMutex
+-- beside a Mutex, say) may have issued it during the hold, and it must not
+-- go back.
 local function fence_set_release(fence, token, req, retention)
   local v = token .. ':' .. req
   local old = redis.call('SET', fence, v, 'PX', retention, 'GET')
-  if old and string.find(old, '|', 1, true) then
-    redis.call('SET', fence, v .. string.match(old, '|.*$'), 'PX', retention)
+  if old then
+    local p = string.match(old, '^%d+')
+    local up = p and p ~= token and (not string.find(token, '^%d+$') or #p > #token
+      or (#p == #token and p > token))
+    local keep = string.match(old, '|.*$')
+    if up or keep then
+      if up then
+        v = p .. ':' .. req
+      end
+      redis.call('SET', fence, v .. (keep or ''), 'PX', retention)
+    end
   end
 end
 
 -- fence_tombstone records req as an acquisition undone: the lock scripts
--- refuse it from now on. The last tombstones_kept of them are kept per
--- name; an older one is dropped (its request, if it is still on the way
--- after that many later undos, takes a hold no one renews or releases,
--- which ends with its lease).
+-- refuse it from now on (or a ForceUnlock done, see fence_force.lua). The
+-- last tombstones_kept of them are kept per name; an older one is dropped
+-- (its request, if it is still on the way after that many later undos,
+-- takes a hold no one renews or releases, which ends with its lease).
+-- token, optional, becomes the last token when it is higher.
 local tombstones_kept = 8
-local function fence_tombstone(fence, req, retention)
+local function fence_tombstone(fence, req, retention, token)
   local v = redis.call('GET', fence) or ''
   local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
   local head, tombs = string.match(v, '^([^|]*)(.*)$')
+  if token and string.find(token, '^%d+$') then
+    local p, rest = string.match(head, '^([^:]*)(.*)$')
+    if not string.find(p, '^%d+$') or #token > #p or (#token == #p and token > p) then
+      head = token .. rest
+    end
+  end
   local ids = {}
   for id in string.gmatch(tombs, '[^|]+') do
     if id ~= req then

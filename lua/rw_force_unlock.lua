@@ -9,19 +9,13 @@
 -- ARGV[2]  request id: unique per call, reused by its retries
 -- ARGV[3]  fence retention, ms
 --
--- Returns 1 when a hold was released, 0 when the lock was free.
---
--- The call is recorded as the name's last full release in the fence key
--- (ARGV[2], or ARGV[2] .. "~0" when the lock was free), so that a retry
--- after a lost reply (go-redis resends the script) is recognised and
--- reports what the first run did: it must not release the holds that woken
--- waiters took in between.
-local fv = redis.call('GET', KEYS[4])
-local done = fence_release(fv)
-if done == ARGV[2] then
-  return 1
-elseif done == ARGV[2] .. '~0' then
-  return 0
+-- Returns 1 when a hold was released, 0 when the lock was free. A resend
+-- after a lost reply (go-redis resends the script) returns what the first
+-- run did and changes nothing (see fence_force.lua): it must not release
+-- the holds that woken waiters took in between.
+local f = forced(redis.call('GET', KEYS[4]), ARGV[2])
+if f then
+  return f
 end
 local s = rw_load(KEYS[1])
 local held = s.f.w ~= nil
@@ -38,18 +32,10 @@ for _, o in ipairs(readers) do
   held = true
 end
 rw_commit(s)
--- The last token stays: the fence key's, or the writer's when higher (the
--- fence key may have been lost during the hold).
-local last = (fv and string.match(fv, '^[^:|]*')) or ''
-if wt and string.match(wt, '^%d+$') and (not tonumber(last) or tonumber(wt) > tonumber(last)) then
-  last = wt
-end
-local ttl = math.max(tonumber(ARGV[3]), redis.call('PTTL', KEYS[4]))
+force_record(KEYS[4], ARGV[2], held and 1 or 0, wt, ARGV[3])
 if not held then
-  fence_set_release(KEYS[4], last, ARGV[2] .. '~0', ttl)
   return 0
 end
-fence_set_release(KEYS[4], last, ARGV[2], ttl)
 redis.call(ARGV[1], KEYS[2], 'a')
 redis.call(ARGV[1], KEYS[3], '1')
 return 1
