@@ -17,19 +17,24 @@ end
 -- beside a Mutex, say) may have issued it during the hold, and it must not
 -- go back.
 local function fence_set_release(fence, token, req, retention)
-  local v = token .. ':' .. req
-  local old = redis.call('SET', fence, v, 'PX', retention, 'GET')
-  if old then
+  local old = redis.call('SET', fence, token .. ':' .. req, 'PX', retention, 'GET')
+  if not old then
+    return
+  end
+  -- Usually the token recorded is the hold's own: checked first without a
+  -- pattern (every release pays for this line).
+  local up
+  local b = string.byte(old, #token + 1)
+  if token == '' or string.find(old, token, 1, true) ~= 1 or (b and b >= 48 and b <= 57) then
     local p = string.match(old, '^%d+')
-    local up = p and p ~= token and (not string.find(token, '^%d+$') or #p > #token
-      or (#p == #token and p > token))
-    local keep = string.match(old, '|.*$')
-    if up or keep then
-      if up then
-        v = p .. ':' .. req
-      end
-      redis.call('SET', fence, v .. (keep or ''), 'PX', retention)
+    if p and (not string.find(token, '^%d+$') or #p > #token or (#p == #token and p > token)) then
+      up = p
     end
+  end
+  local tombs = string.find(old, '|', 1, true)
+  if up or tombs then
+    redis.call('SET', fence, (up or token) .. ':' .. req .. (tombs and string.sub(old, tombs) or ''),
+      'PX', retention)
   end
 end
 
