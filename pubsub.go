@@ -648,7 +648,9 @@ func (p *pubsub) rehome(ch *psChan, from *psNode) {
 // SUNSUBSCRIBE of the server's will follow). No confirmation comes for it:
 // the channels of n in that slot with a command in flight follow the slot
 // to its new master, as after a migration (see rehome).
-func (p *pubsub) refused(n *psNode, err error) {
+//
+// It reports whether it handled err: false for any other refusal.
+func (p *pubsub) refused(n *psNode, err error) bool {
 	if strings.HasPrefix(err.Error(), "CROSSSLOT") {
 		// go-redis re-subscribes every sharded channel of a connection in
 		// one SSUBSCRIBE after a reconnection, which a cluster refuses when
@@ -662,21 +664,21 @@ func (p *pubsub) refused(n *psNode, err error) {
 				n.send(name, true)
 			}
 		}
-		return
+		return true
 	}
 	rest, ok := strings.CutPrefix(err.Error(), "MOVED ")
 	if !ok {
-		return
+		return false
 	}
 	s, _, _ := strings.Cut(rest, " ")
 	slot, perr := strconv.Atoi(s)
 	if perr != nil {
-		return
+		return false
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return
+		return true
 	}
 	for name, ch := range p.chans {
 		if ch.node != n || n.inflight[name] == 0 || keySlot(name) != slot {
@@ -688,6 +690,7 @@ func (p *pubsub) refused(n *psNode, err error) {
 		p.wg.Add(1)
 		go p.rehome(ch, n)
 	}
+	return true
 }
 
 // follow runs while sharded node n's connection is down. Its master may be
@@ -1003,10 +1006,18 @@ func (p *pubsub) receive(n *psNode) {
 				// A reply to a command, not a broken connection: the MOVED
 				// answering the unsubscribe of a channel whose slot moved.
 				p.c.opts.logger.Debug("redlatch: subscriber command refused", "error", err)
-				if n.sharded {
-					p.refused(n, err)
+				if n.sharded && p.refused(n, err) {
+					continue
 				}
-				continue
+				// Any other refusal (BUSY while a script runs too long,
+				// NOPERM, …) names no channel: the confirmation one of our
+				// (un)subscribes was owed will never come, and what the
+				// server has subscribed is unknown (a refused UNSUBSCRIBE
+				// leaves its channel subscribed; a refused re-subscription
+				// after a reconnection, every channel unsubscribed). Drop
+				// the connection: go-redis subscribes its set again, and
+				// the confirmations wake every waiter to retry.
+				dropConnection(ctx, n.ps)
 			}
 			pinged = false
 			// The connection broke; go-redis reconnects and subscribes

@@ -1,0 +1,152 @@
+package redlatch_test
+
+import (
+	"context"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/redlatch/redlatch"
+	"github.com/redlatch/redlatch/internal/redistest"
+)
+
+// busyServer makes srv answer BUSY to nearly every command (a script that
+// runs past busy-reply-threshold, here 100ms) until the returned function
+// kills the script.
+func busyServer(t *testing.T, ctx context.Context, srv *redistest.Server, adm *redis.Client) (end func()) {
+	t.Helper()
+	require.NoError(t, adm.ConfigSet(ctx, "busy-reply-threshold", "100").Err())
+	busy := srv.Client(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = busy.Eval(context.Background(), "while true do end", nil).Err()
+	}()
+	require.Eventually(t, func() bool {
+		err := adm.Ping(ctx).Err()
+		return err != nil && strings.HasPrefix(err.Error(), "BUSY")
+	}, 5*time.Second, 20*time.Millisecond, "the server is not busy")
+	return func() {
+		require.NoError(t, adm.Do(ctx, "SCRIPT", "KILL").Err())
+		<-done
+		require.Eventually(t, func() bool { return adm.Ping(ctx).Err() == nil }, 5*time.Second, 20*time.Millisecond)
+	}
+}
+
+// dialCounter is a go-redis hook counting dials.
+type dialCounter struct {
+	passHook
+	n atomic.Int32
+}
+
+func (h *dialCounter) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		h.n.Add(1)
+		return next(ctx, network, addr)
+	}
+}
+
+// TestWakeAfterSubscriberCommandRefused: Redis refuses a subscriber
+// connection's (UN)SUBSCRIBE with an error reply instead of confirming it
+// (here BUSY, while a script runs past busy-reply-threshold; NOPERM is
+// another). The subscriber logged the error and went on, so what the server
+// had subscribed and what redlatch counted parted for good, until the
+// connection happened to reconnect:
+//
+//   - unsubscribe: the last waiter of a lock gave up during the busy spell;
+//     its refused UNSUBSCRIBE left the channel subscribed at the server and
+//     its confirmation counted as owed. The next waiter's SUBSCRIBE
+//     confirmation was taken for it: the channel never became ready, and
+//     every later waiter of that lock on the Client slept in join until its
+//     holder's lease bound (here 60s) although the release's wake-up came.
+//   - resubscribe: the health ping was refused too, so it counted as
+//     unanswered and the subscriber dropped the connection a health
+//     interval later; go-redis dialled again and re-subscribed every
+//     channel in one SUBSCRIBE, refused as well. No channel was subscribed
+//     any more while every one of them counted as ready: every wake-up of
+//     every lock was lost, each waiter sleeping until its holder's lease.
+//
+// (Found by a reviewer.)
+func TestWakeAfterSubscriberCommandRefused(t *testing.T) {
+	for _, topo := range []string{"redis", "cluster"} {
+		for _, tc := range []string{"unsubscribe", "resubscribe"} {
+			t.Run(topo+"/"+tc, func(t *testing.T) { subscriberCommandRefused(t, topo == "cluster", tc) })
+		}
+	}
+}
+
+func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
+	ctx := ctxT(t, 60*time.Second)
+	name := redistest.UniqueName(t)
+	channel := "{" + name + "}:wake"
+	var srv *redistest.Server
+	var newRdb func() redis.UniversalClient
+	if cluster {
+		cl := redistest.NewCluster(t, 3) // private: one master is made busy
+		srv = cl.ServerFor("{" + name + "}")
+		newRdb = func() redis.UniversalClient { return cl.Client(t) }
+	} else {
+		srv = redistest.NewServer(t)
+		newRdb = func() redis.UniversalClient { return srv.Client(t) }
+	}
+	adm := srv.Client(t)
+	hc := redlatch.New(newRdb())
+	t.Cleanup(func() { _ = hc.Close() })
+	holder := hc.Mutex(name, redlatch.WithLease(60*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+	dials := &dialCounter{}
+	wrdb := newRdb()
+	if cc, ok := wrdb.(*redis.ClusterClient); ok {
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(dials) })
+	} else {
+		wrdb.AddHook(dials)
+	}
+	wc := redlatch.New(wrdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health ping after 1s of silence
+	t.Cleanup(func() { _ = wc.Close() })
+	subscribed := func() bool {
+		if cluster {
+			n, err := adm.Do(ctx, "PUBSUB", "SHARDNUMSUB", channel).Slice()
+			return err == nil && len(n) == 2 && n[1] == int64(1)
+		}
+		n, err := adm.PubSubNumSub(ctx, channel).Result()
+		return err == nil && n[channel] == 1
+	}
+
+	waiter := wc.Mutex(name)
+	got := make(chan error, 1)
+	if tc == "unsubscribe" {
+		wctx, giveUp := context.WithCancel(ctx)
+		gave := make(chan error, 1)
+		go func() { gave <- wc.Mutex(name).Lock(wctx) }()
+		require.Eventually(t, subscribed, 5*time.Second, 10*time.Millisecond, "the first waiter did not subscribe")
+		end := busyServer(t, ctx, srv, adm)
+		giveUp() // its UNSUBSCRIBE is refused
+		requireWaitErr(t, <-gave, wctx)
+		time.Sleep(200 * time.Millisecond)
+		end()
+		assert.Eventually(t, func() bool { return !subscribed() }, 3*time.Second, 10*time.Millisecond,
+			"the channel stayed subscribed after its last waiter left")
+		go func() { got <- waiter.Lock(ctx) }()
+	} else {
+		go func() { got <- waiter.Lock(ctx) }()
+		require.Eventually(t, subscribed, 5*time.Second, 10*time.Millisecond, "the waiter did not subscribe")
+		before := dials.n.Load()
+		end := busyServer(t, ctx, srv, adm)
+		// 1s of silence: a ping, refused; 1s more: the connection is
+		// dropped, and its re-subscription refused.
+		require.Eventually(t, func() bool { return dials.n.Load() > before }, 5*time.Second, time.Millisecond,
+			"the subscriber did not reconnect")
+		time.Sleep(200 * time.Millisecond)
+		end()
+	}
+	time.Sleep(300 * time.Millisecond)
+	require.NoError(t, holder.Unlock(ctx))
+	requireNoErrWithin(t, got, 3*time.Second, "waiter slept through the release")
+	require.NoError(t, waiter.Unlock(ctx))
+}
