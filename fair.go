@@ -502,7 +502,8 @@ func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
 // lock was held. The former holder's Lost closes at its next renewal (a
 // WithLease hold's when its lease runs out on the holder's clock). A call
 // resent by the Redis client after a lost reply is applied once: it leaves
-// alone a hold taken after its first run.
+// alone a hold taken after its first run (within the limit Mutex.ForceUnlock
+// states).
 func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err

@@ -612,7 +612,8 @@ func (m *RWMutex) IsLocked(ctx context.Context) (bool, error) {
 // Former holders see Lost (or RLost) close at their next renewal (WithLease
 // holds when their lease runs out on the holder's clock). A call resent by
 // the Redis client after a lost reply is applied once: it leaves alone the
-// holds taken after its first run. Meant for operators and tests.
+// holds taken after its first run (within the limit Mutex.ForceUnlock
+// states). Meant for operators and tests.
 func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := m.check(); err != nil {
 		return false, err
