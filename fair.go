@@ -81,6 +81,7 @@ type FairMutex struct {
 	fence   string
 	wchan   string // prefix of the per-waiter channels
 	owner   string
+	shared  bool // WithOwner: other handles may hold the lock as this owner
 	lease   time.Duration
 	renew   bool
 	err     error
@@ -96,6 +97,7 @@ type FairMutex struct {
 	// ReentrantMutex.reqs).
 	reqs    []string
 	waiting map[string]struct{} // ids of this handle's blocked Lock calls
+	pending int                 // Lock and TryLock calls under way (see ReentrantMutex.pending)
 }
 
 // FairMutex returns a handle on the fair lock called name. It does not talk
@@ -103,7 +105,7 @@ type FairMutex struct {
 // wrapping ErrInvalidArgument.
 func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
 	o := newLockOptions(name, opts)
-	f := &FairMutex{c: c, name: name, owner: o.owner, err: o.err}
+	f := &FairMutex{c: c, name: name, owner: o.owner, shared: o.shared, err: o.err}
 	if c != nil && f.err == nil && strings.HasPrefix(name, "}") {
 		// An empty hash tag would scatter the keys over several slots.
 		f.err = invalidArg("name", "must not start with '}'")
@@ -149,6 +151,14 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := f.check(); err != nil {
 		return false, err
 	}
+	f.mu.Lock()
+	f.pending++
+	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.pending--
+		f.mu.Unlock()
+	}()
 	token, sent, req, ok, err := f.acquire(ctx, block)
 	if !ok {
 		return false, err
@@ -400,6 +410,9 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	if h != nil && len(f.reqs) > 0 {
 		done = f.reqs[len(f.reqs)-1]
 		f.reqs = f.reqs[:len(f.reqs)-1]
+		if f.n == 1 && f.pending == 0 && !f.shared {
+			done = "" // a final release (see ReentrantMutex.Unlock)
+		}
 	}
 	// Counted under f.mu: see ReentrantMutex.Unlock.
 	f.c.wd.setReleasingOf(h, true, f.n)

@@ -30,6 +30,10 @@ type ReentrantMutex struct {
 	// tracks whose replies came and that no Unlock has named yet (see
 	// excl.unlockDone).
 	reqs []string
+	// pending counts this handle's Lock and TryLock calls under way: an
+	// acquisition of theirs may be counted in Redis before its reply (see
+	// Unlock).
+	pending int
 }
 
 // ReentrantMutex returns a handle on the reentrant lock called name. It
@@ -69,7 +73,13 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	// Client's waiters: they wait for this very owner.
 	m.mu.Lock()
 	queue := m.n == 0 && !m.e.shared
+	m.pending++
 	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.pending--
+		m.mu.Unlock()
+	}()
 	kin := &kinship{owner: m.e.owner, held: func() bool {
 		m.mu.Lock()
 		defer m.mu.Unlock()
@@ -141,6 +151,12 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	if h != nil && len(m.reqs) > 0 {
 		done = m.reqs[len(m.reqs)-1]
 		m.reqs = m.reqs[:len(m.reqs)-1]
+		if m.n == 1 && m.pending == 0 && !m.e.shared {
+			// The owner's only hold in Redis: the release is final, and
+			// the list goes with the hold. Naming the acquisition would
+			// cost the call three arguments.
+			done = ""
+		}
 	}
 	// Under m.mu, so that concurrent Unlocks count each other: with more
 	// holds through this handle than releases in flight, this one leaves
