@@ -229,7 +229,9 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 			f.mu.Unlock()
 		}()
 	}
+	tried := false // an attempt was sent, or may have been
 	try := func(ctx context.Context) (bool, time.Duration, error) {
+		tried = true
 		s := time.Now()
 		cmd, acked, waitErr := f.c.runSynced(ctx, fairLockScript, f.keys, pub, retention, id, member, f.owner,
 			f.lease.Milliseconds(), f.placeMs, mode)
@@ -297,7 +299,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 		f.c.wd.setReleasing(place, true)
 		f.c.wd.remove(place)
 	}
-	if !ok && err != nil {
+	if !ok && err != nil && tried {
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
@@ -327,6 +329,9 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 		w = f.c.ps.joinQueuedID(channel, id)
 	}
 	for {
+		if ctx.Err() != nil {
+			return false, newWaitError(ctx, nil) // see Client.acquire
+		}
 		ok, retry, err := try(ctx)
 		switch {
 		case err != nil:

@@ -1249,6 +1249,12 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		w = joined(c.ps.joinQueued(channel))
 	}
 	for {
+		if ctx.Err() != nil {
+			// No attempt now: go-redis would not send it (it checks ctx
+			// before taking a connection), and failedAttempt would undo
+			// it for nothing, a round trip that leaves a tombstone.
+			return false, newWaitError(ctx, nil)
+		}
 		ok, retry, err := try(ctx)
 		switch {
 		case err != nil:

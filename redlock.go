@@ -405,6 +405,11 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 				}
 			}
 		}
+		if ctx.Err() != nil {
+			// See Client.acquire: a round with an ended ctx would reach no
+			// master, and its release would leave a tombstone on each.
+			return false, newWaitError(ctx, last)
+		}
 		req := newID()
 		rd := r.fanOut(ctx, req)
 		if rd.count() >= r.quorum && rd.validity > 0 {

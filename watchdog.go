@@ -579,7 +579,8 @@ type Locker interface {
 // cancelled, with cause ErrLost, the moment the hold is lost (see
 // Mutex.Lost), so that long work stops instead of running on unprotected.
 // Do returns Lock's error, or fn's error, joined with ErrLost when the hold
-// was lost, or Unlock's error. Unlock uses a fresh context bounded to a few
+// was lost (Lost closed, or Unlock found it gone: ErrNotHeld), or Unlock's
+// error. Unlock uses a fresh context bounded to a few
 // seconds when ctx has ended, so a cancelled job still releases its lock.
 // For redlatch's lock types no goroutine watches the hold while fn runs:
 // the watchdog (or Redlock's quorum check) starts one at the loss to cancel
@@ -623,13 +624,15 @@ func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err 
 			defer c()
 		}
 		uerr := l.Unlock(uctx)
-		select {
-		case <-lost:
+		switch {
+		case isClosed(lost), errors.Is(uerr, ErrNotHeld):
+			// Lost closed, or Unlock found the hold gone before the
+			// watchdog did (ForceUnlock, expiry, another handle of the
+			// owner id released it): either way fn ran, at least in
+			// part, without the lock.
 			err = errors.Join(err, ErrLost)
-		default:
-			if err == nil {
-				err = uerr
-			}
+		case err == nil:
+			err = uerr
 		}
 	}()
 	return fn(fctx)

@@ -539,3 +539,118 @@ func TestDoEmbeddedLocker(t *testing.T) {
 		})
 	})
 }
+
+// TestDoReportsLossFoundByUnlock: a hold that ends while fn runs (here
+// ForceUnlock) before the watchdog notices (renewals every 10s) is found
+// gone by Do's Unlock. Do must still report the loss (ErrLost), whatever fn
+// returned: the caller learns that the work ran unprotected. Before the
+// fix Do returned fn's error alone (the loss vanished) or, when fn
+// succeeded, a bare ErrNotHeld. (Found by a reviewer, as was the next.)
+func TestDoReportsLossFoundByUnlock(t *testing.T) {
+	type kind struct {
+		name string
+		make func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error))
+	}
+	kinds := []kind{
+		{"Mutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.Mutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"ReentrantMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.ReentrantMutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"FairMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.FairMutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"RWMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.RWMutex(n)
+			return m, m.ForceUnlock
+		}},
+		{"RWMutex readers", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+			m := c.RWMutex(n)
+			return m.RLocker(), m.ForceUnlock
+		}},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				l, _ := k.make(newClient(t, b), name) // default watchdog: no renewal within the test
+				_, force := k.make(newClient(t, b), name)
+				jobErr := errors.New("job failed")
+				for _, ret := range []error{jobErr, nil} {
+					err := redlatch.Do(ctx, l, func(context.Context) error {
+						held, err := force(ctx)
+						require.NoError(t, err)
+						require.True(t, held)
+						return ret
+					})
+					if ret != nil {
+						require.ErrorIs(t, err, jobErr)
+					}
+					require.ErrorIs(t, err, redlatch.ErrLost, "the hold ended while fn ran: fn returned %v", ret)
+				}
+			})
+		}
+	})
+}
+
+// TestLockWithCancelledCtxTouchesNothing: a Lock (or Do) whose ctx has
+// already ended returns the wait error at once, and sends nothing to Redis:
+// the attempt cannot have been sent (go-redis checks ctx before it takes a
+// connection), so there is nothing to undo. Before the fix every kind
+// "undid" that attempt with a fresh context: a round trip (up to the 2s
+// cleanup bound against an unresponsive server) that wrote a tombstone
+// into the name's fence key, pushing out the tombstones of real undone
+// acquisitions (only the last 8 are kept, see README "Left undone").
+func TestLockWithCancelledCtxTouchesNothing(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Name == redistest.BackendCluster {
+			t.Skip("one server is enough: the check reads the fence key")
+		}
+		c := newClient(t, b)
+		rdb := b.Client(t)
+		kinds := map[string]func(name string) redlatch.Locker{
+			"Mutex":           func(n string) redlatch.Locker { return c.Mutex(n) },
+			"ReentrantMutex":  func(n string) redlatch.Locker { return c.ReentrantMutex(n) },
+			"FairMutex":       func(n string) redlatch.Locker { return c.FairMutex(n) },
+			"RWMutex":         func(n string) redlatch.Locker { return c.RWMutex(n) },
+			"RWMutex readers": func(n string) redlatch.Locker { return c.RWMutex(n).RLocker() },
+			"Semaphore":       func(n string) redlatch.Locker { return semLocker{c.Semaphore(n, 2)} },
+			"Redlock": func(n string) redlatch.Locker {
+				return redlatch.NewRedlock(n, []*redlatch.Client{c, newClient(t, b), newClient(t, b)})
+			},
+		}
+		for kn, mk := range kinds {
+			t.Run(kn, func(t *testing.T) {
+				name := redistest.UniqueName(t)
+				l := mk(name)
+				cctx, cancel := context.WithCancel(context.Background())
+				cancel()
+				for i := 0; i < 8; i++ { // a Mutex picks its local turn or ctx at random
+					ran := false
+					err := redlatch.Do(cctx, l, func(context.Context) error { ran = true; return nil })
+					require.ErrorIs(t, err, redlatch.ErrNotObtained)
+					require.ErrorIs(t, err, context.Canceled)
+					require.False(t, ran)
+				}
+				// (A Redlock's round releases in the background.)
+				require.Never(t, func() bool {
+					n, err := rdb.Exists(context.Background(), "{"+name+"}:fence").Result()
+					return err != nil || n != 0
+				}, 300*time.Millisecond, 10*time.Millisecond,
+					"a Lock with an ended ctx wrote the name's fence key (an undo's tombstone)")
+			})
+		}
+	})
+}
+
+// semLocker is a Semaphore's single permit as a Locker.
+type semLocker struct{ s *redlatch.Semaphore }
+
+func (l semLocker) Lock(ctx context.Context) error   { return l.s.Acquire(ctx, 1) }
+func (l semLocker) Unlock(ctx context.Context) error { return l.s.Release(ctx, 1) }
+func (l semLocker) Lost() <-chan struct{}            { return l.s.Lost() }
