@@ -98,6 +98,7 @@ type FairMutex struct {
 	reqs    []string
 	waiting map[string]struct{} // ids of this handle's blocked Lock calls
 	pending int                 // Lock and TryLock calls under way (see ReentrantMutex.pending)
+	orphans int                 // see ReentrantMutex.orphans
 }
 
 // FairMutex returns a handle on the fair lock called name. It does not talk
@@ -408,6 +409,11 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 		return err
 	}
 	f.mu.Lock()
+	if f.orphans > 0 { // see ReentrantMutex.Unlock
+		f.orphans--
+		f.mu.Unlock()
+		return ErrNotHeld
+	}
 	h, token := f.h, f.token // no hold tracked: token 0, any hold of the owner
 	// Any acquisition of the tracked hold whose reply came will do (see
 	// ReentrantMutex.Unlock).
@@ -439,6 +445,7 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 			// Gone while holds taken through this handle remain: see
 			// ReentrantMutex.Unlock.
 			lost = f.c.wd.goneWhileHeld(h, f.n)
+			f.orphans += f.c.wd.unreleased(h, f.n)
 		} else {
 			lost = f.c.wd.remove(h)
 		}

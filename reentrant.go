@@ -34,6 +34,9 @@ type ReentrantMutex struct {
 	// acquisition of theirs may be counted in Redis before its reply (see
 	// Unlock).
 	pending int
+	// orphans counts the holds taken through this handle on a hold that an
+	// Unlock found gone, whose own Unlocks have not come yet (see Unlock).
+	orphans int
 }
 
 // ReentrantMutex returns a handle on the reentrant lock called name. It
@@ -139,11 +142,26 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 //
 // Unlock is idempotent per call: when the reply is lost and the Redis client
 // retries, the retry is recognised and the count is not decremented twice.
+//
+// An Unlock that finds the hold gone while other holds taken through the
+// handle remain (goroutines sharing it) closes Lost for them, and the next
+// Unlocks of the handle, one per such hold, return ErrNotHeld and release
+// nothing, even when the handle holds the lock anew meanwhile: they pair
+// with the lost holds, and goroutines sharing a handle cannot be told
+// apart. Were they counted against the new hold, the lost holders' Unlocks
+// would release it under its holder, whose Lost stays open.
 func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	if err := m.ex().check(); err != nil {
 		return err
 	}
 	m.mu.Lock()
+	if m.orphans > 0 {
+		// It pairs with a hold lost before: counted against a later hold,
+		// it would release that hold under its holder.
+		m.orphans--
+		m.mu.Unlock()
+		return ErrNotHeld
+	}
 	h, token := m.h, m.token // no hold tracked: token 0, any hold of the owner
 	// Any acquisition of the tracked hold whose reply came will do: this
 	// release ends one of them, and none of them is undone or resent.
@@ -188,6 +206,7 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 			// not unlocked yet: unless the other releases in flight may
 			// have ended it, those holds are lost (Lost closes).
 			lost = m.e.c.wd.goneWhileHeld(h, m.n)
+			m.orphans += m.e.c.wd.unreleased(h, m.n)
 		} else {
 			lost = m.e.c.wd.remove(h)
 		}

@@ -112,6 +112,10 @@ type RWMutex struct {
 	// write hold wh and of the read hold rh whose replies came and that no
 	// release has named yet (see ReentrantMutex.reqs, release).
 	wreqs, rreqs []string
+	// worphans, rorphans: write and read holds taken through this handle
+	// on a hold that a release found gone, whose own Unlock or RUnlock has
+	// not come yet (see ReentrantMutex.Unlock).
+	worphans, rorphans int
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -328,12 +332,15 @@ func (m *RWMutex) unqueue(ctx context.Context) {
 // keeps its read holds, if it took any (a downgrade). It returns ErrNotHeld
 // when the owner does not hold the write lock, when the lease ran out, or
 // when the hold was lost (Lost is closed). Like ReentrantMutex.Unlock, it is
-// idempotent per call.
+// idempotent per call. After an Unlock found the hold gone while other
+// holds taken through the handle remained, the Unlocks that pair with those
+// return ErrNotHeld and release nothing, even when the handle holds the
+// lock anew meanwhile (see ReentrantMutex.Unlock).
 func (m *RWMutex) Unlock(ctx context.Context) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	return m.release(ctx, &m.wh, &m.wn, &m.wreqs, func(forget bool) string {
+	return m.release(ctx, &m.wh, &m.wn, &m.wreqs, &m.worphans, func(forget bool) string {
 		t := tokenArg(m.token)
 		if forget {
 			m.token = 0
@@ -345,12 +352,13 @@ func (m *RWMutex) Unlock(ctx context.Context) error {
 // RUnlock releases one read hold of the owner. A release that leaves the
 // lock free wakes a waiting writer. It returns ErrNotHeld when the owner
 // does not hold the read lock, when its lease ran out, or when the hold was
-// lost (RLost is closed).
+// lost (RLost is closed). Like Unlock, the RUnlocks that pair with read
+// holds lost before (see ReentrantMutex.Unlock) release nothing.
 func (m *RWMutex) RUnlock(ctx context.Context) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	return m.release(ctx, &m.rh, &m.rn, &m.rreqs, func(forget bool) string {
+	return m.release(ctx, &m.rh, &m.rn, &m.rreqs, &m.rorphans, func(forget bool) string {
 		b := m.rbegun
 		if forget {
 			m.rbegun = ""
@@ -361,12 +369,19 @@ func (m *RWMutex) RUnlock(ctx context.Context) error {
 
 // release is Unlock and RUnlock: like ReentrantMutex.Unlock, on the hold
 // *hp counted by *np, whose acquisitions with a reply not yet named by a
-// release are *rp. guard, called with m.mu held, returns what names the
-// tracked hold to the script (the writer's token, the request that began the
-// read hold; see rwHold), and forgets it when told to (the hold ended).
-func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string, guard func(forget bool) string,
+// release are *rp, and *op counts holds lost with an earlier hold whose
+// release has not come. guard, called with m.mu held, returns what names
+// the tracked hold to the script (the writer's token, the request that
+// began the read hold; see rwHold), and forgets it when told to (the hold
+// ended).
+func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string, op *int, guard func(forget bool) string,
 	script func(ctx context.Context, undo, guard, done string) (int64, error)) error {
 	m.mu.Lock()
+	if *op > 0 { // see ReentrantMutex.Unlock
+		*op--
+		m.mu.Unlock()
+		return ErrNotHeld
+	}
 	h, held, done := *hp, "", ""
 	if h != nil {
 		held = guard(false)
@@ -396,6 +411,7 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string,
 			// Gone while holds taken through this handle remain: see
 			// ReentrantMutex.Unlock.
 			lost = m.c.wd.goneWhileHeld(h, *np)
+			*op += m.c.wd.unreleased(h, *np)
 		} else {
 			lost = m.c.wd.remove(h)
 		}

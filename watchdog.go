@@ -288,6 +288,24 @@ func (w *watchdog) goneWhileHeld(h *hold, count int) bool {
 	return true
 }
 
+// unreleased returns how many of the count holds a handle took on h, which a
+// release found gone (see goneWhileHeld), were lost with h and have no
+// release in flight: the Unlocks that pair with them are still to come, and
+// must not count against a later hold of the handle (see
+// ReentrantMutex.Unlock). 0 when h was not lost (the releases in flight
+// ended it).
+func (w *watchdog) unreleased(h *hold, count int) int {
+	if h == nil || count <= 0 {
+		return 0
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !h.isLost() {
+		return 0
+	}
+	return max(0, count-h.releasing)
+}
+
 // loseLocked ends a hold that is gone before its release, once.
 func (w *watchdog) loseLocked(h *hold, why string) {
 	delete(w.holds, h)

@@ -187,3 +187,60 @@ func TestSupersedeDuringPartialUnlockClosesLost(t *testing.T) {
 		require.ErrorIs(t, <-g2, ErrNotHeld)
 	})
 }
+
+// TestOrphanUnlockSparesNewHold: goroutines 1 and 2 share a handle of a
+// reentrant kind, each holding it once. The hold is lost (an operator's
+// ForceUnlock). Goroutine 1 unlocks: ErrNotHeld, the hold is gone, and
+// goroutine 2's Lost closes. Goroutine 3 then takes the lock anew through
+// the same handle, and only then does goroutine 2 make the Unlock that
+// pairs with its own (lost) Lock, as Do does. That Unlock must not release
+// goroutine 3's hold: goroutine 3's Lost is open and its Token valid, so no
+// other owner may get in. Before the fix the handle forgot goroutine 2's
+// hold when goroutine 1's Unlock found it gone, and counted goroutine 2's
+// Unlock against the new hold: it released it (nil), another owner took the
+// lock while goroutine 3 held it, and goroutine 3 was never told. (Found by
+// a randomized RWMutex stress: two goroutines' read holds on one handle lost
+// to ForceUnlock; one's second RUnlock released the other's new read hold.)
+func TestOrphanUnlockSparesNewHold(t *testing.T) {
+	for ki, k := range reentrantKinds {
+		t.Run(k.kind, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				c := New(b.Client(t)) // renewals every 10s: the watchdog does not notice
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				m := k.make(c, name)
+				require.NoError(t, m.lock(ctx)) // goroutine 1
+				require.NoError(t, m.lock(ctx)) // goroutine 2
+				lost := m.lost()
+				ok, err := k.make(c, name).force(ctx) // an operator
+				require.NoError(t, err)
+				require.True(t, ok)
+
+				require.ErrorIs(t, m.unlock(ctx), ErrNotHeld) // goroutine 1
+				select {
+				case <-lost:
+				case <-time.After(time.Second):
+					t.Fatal("goroutine 2's hold is gone, and its Lost is open")
+				}
+
+				require.NoError(t, m.lock(ctx)) // goroutine 3: a new hold
+				lost3 := m.lost()
+				err2 := m.unlock(ctx) // goroutine 2: pairs with its lost hold
+
+				select {
+				case <-lost3:
+					t.Fatal("goroutine 3's hold was reported lost: it was never lost")
+				default:
+				}
+				requireExcluded(t, ctx, b, ki, name, "another owner got in while goroutine 3 holds the lock")
+				require.ErrorIs(t, err2, ErrNotHeld, "goroutine 2's Unlock pairs with a lost hold")
+				require.NoError(t, m.unlock(ctx))              // goroutine 3
+				excluded, err := k.make(c, name).excluded(ctx) // another owner
+				require.NoError(t, err)
+				require.False(t, excluded, "a hold was left behind")
+			})
+		})
+	}
+}

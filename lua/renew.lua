@@ -99,7 +99,7 @@ for i, key in ipairs(KEYS) do
         local t = redis.call('TIME')
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
-      if tonumber(e) > now then
+      if tonumber(e) >= now then -- ends once now is past it (see rw_load)
         -- Never shorten: another handle of the owner may hold it on a
         -- longer lease (WithLease, or another Client's watchdog timeout).
         redis.call('HSET', key, field, string.format('%.0f', math.max(tonumber(e), now + lease)))

@@ -70,10 +70,15 @@ local function rw_load(key)
   for i = 1, #raw, 2 do
     s.f[raw[i]] = raw[i + 1]
   end
+  -- A lease stored as e (a script's floor(now) + lease, in ms) ends once
+  -- now is past it, as a key's expiry does in Redis: ended at e already, it
+  -- could end up to 1ms before its holder's local deadline (the send time of
+  -- its acquisition plus the lease), which may be under 1ms before the
+  -- script ran.
   local gone = {}
   for k, v in pairs(s.f) do
     local p = string.sub(k, 1, 3)
-    if (p == 're:' or p == 'we:' or p == 'ww:') and (tonumber(v) or 0) <= now then
+    if (p == 're:' or p == 'we:' or p == 'ww:') and (tonumber(v) or 0) < now then
       gone[#gone + 1] = k
     end
   end

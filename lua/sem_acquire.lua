@@ -35,7 +35,7 @@ if used + n <= size then
   return {1, used}
 end
 sem_store(KEYS[1], used, now)
-local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
 if first[2] then
   return {0, tonumber(first[2]) - now}
 end

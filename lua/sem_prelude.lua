@@ -33,10 +33,13 @@ local function sem_req(member)
 end
 
 -- sem_reclaim removes the records expired at now and returns the permits in
--- use by the live ones.
+-- use by the live ones. A record scored e (a script's floor(now) + lease, in
+-- ms) expires once now is past e, as a key's expiry does in Redis: expired
+-- at e already, it could end up to 1ms before its holder's local deadline
+-- (the send time of its acquisition plus the lease).
 local function sem_reclaim(key, now)
   local used = -(tonumber(redis.call('ZSCORE', key, '#') or '0') or 0)
-  local expired = redis.call('ZRANGEBYSCORE', key, '(0', now)
+  local expired = redis.call('ZRANGEBYSCORE', key, '(0', '(' .. now)
   for _, m in ipairs(expired) do
     used = used - sem_n(m)
     redis.call('ZREM', key, m)
@@ -51,13 +54,13 @@ end
 -- longest live member (record or remembered release), or deletes the set
 -- when it has none.
 local function sem_store(key, used, now)
-  local last = redis.call('ZREVRANGEBYSCORE', key, '+inf', '(' .. now, 'WITHSCORES', 'LIMIT', 0, 1)
+  local last = redis.call('ZREVRANGEBYSCORE', key, '+inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
   if not last[2] then
     redis.call('DEL', key)
     return
   end
   redis.call('ZADD', key, string.format('%d', -math.max(used, 0)), '#')
-  local ttl = tonumber(last[2]) - now
+  local ttl = math.max(1, tonumber(last[2]) - now)
   -- With no permit in use only remembered releases are left: the set lives
   -- as long as they do, not as long as the leases it held.
   if used <= 0 or redis.call('PTTL', key) < ttl then
