@@ -49,14 +49,22 @@ func newReplyHook(script *redis.Script, resend bool) *replyHook {
 // client.
 func hookedClient(t *testing.T, b redistest.Backend, script *redis.Script, resend bool) (context.Context, *Client, *replyHook, redis.UniversalClient) {
 	t.Helper()
+	ctx, c, rdb := plainClient(t, b)
+	hook := newReplyHook(script, resend)
+	rdb.AddHook(hook)
+	return ctx, c, hook, rdb
+}
+
+// plainClient returns a 20s context, a Client on a Redis client of b of its
+// own, and that Redis client, for the test's hooks (AddHook).
+func plainClient(t *testing.T, b redistest.Backend) (context.Context, *Client, redis.UniversalClient) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
 	rdb := b.Client(t)
-	hook := newReplyHook(script, resend)
-	rdb.AddHook(hook)
 	c := New(rdb)
 	t.Cleanup(func() { _ = c.Close() })
-	return ctx, c, hook, rdb
+	return ctx, c, rdb
 }
 
 func (h *replyHook) arm() {
@@ -501,11 +509,7 @@ func TestPartialUnlockResentAfterFinalUnlock(t *testing.T) {
 // "ErrNotHeld when ... the hold was lost"). (Found by a reviewer.)
 func TestUnlockOfForceUnlockedHoldReservingItsTaker(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		rdb := b.Client(t)
-		c := New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		ctx, c, rdb := plainClient(t, b)
 		name := redistest.UniqueName(t)
 		holder, waiter := c.Mutex(name), c.Mutex(name)
 		gate := newOwnerGate(lockScript, waiter.e.owner, true)

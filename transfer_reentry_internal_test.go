@@ -79,11 +79,7 @@ func (g *ownerGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // Unlock, and every other owner waits for a whole lease.
 func TestTransferToWaiterThatReentered(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		rdb := b.Client(t)
-		c := New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		ctx, c, rdb := plainClient(t, b)
 		name := redistest.UniqueName(t)
 		m := c.ReentrantMutex(name)
 		lockHook := newOwnerGate(lockScript, m.e.owner, true)

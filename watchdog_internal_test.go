@@ -104,46 +104,6 @@ func TestSyncedRenewalPerMaster(t *testing.T) {
 	}
 }
 
-// TestReentrantUnlockFindingHoldGoneClosesLost: two goroutines share a
-// handle of a reentrant kind, each holding it once. An operator
-// force-unlocks the lock. Before the watchdog's next renewal, one goroutine
-// unlocks: the script finds the hold gone (ErrNotHeld). The other goroutine
-// still counts a hold on the handle and watches Lost (as Do does): the hold
-// ended before its last Unlock, so Lost must close. Before the fix the
-// Unlock stopped tracking the hold without a loss, so Lost never closed and
-// Do's function ran on unprotected. (Found by a reviewer on
-// ReentrantMutex; FairMutex.Unlock, RWMutex.Unlock and RWMutex.RUnlock had
-// the same gap.)
-func TestReentrantUnlockFindingHoldGoneClosesLost(t *testing.T) {
-	for _, k := range reentrantKinds {
-		t.Run(k.kind, func(t *testing.T) {
-			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				c := New(b.Client(t)) // default watchdog: no renewal within the test
-				t.Cleanup(func() { _ = c.Close() })
-				name := redistest.UniqueName(t)
-				m := k.make(c, name)
-				require.NoError(t, m.lock(ctx)) // goroutine 1
-				lost := m.lost()
-				require.NoError(t, m.lock(ctx)) // goroutine 2
-
-				ok, err := k.make(c, name).force(ctx)
-				require.NoError(t, err)
-				require.True(t, ok)
-
-				require.ErrorIs(t, m.unlock(ctx), ErrNotHeld) // goroutine 2
-				select {
-				case <-lost:
-				case <-time.After(time.Second):
-					t.Fatal("goroutine 1 still holds the handle's hold, which is gone, and its Lost is open")
-				}
-				require.ErrorIs(t, m.unlock(ctx), ErrNotHeld) // goroutine 1
-			})
-		})
-	}
-}
-
 // TestSupersedeDuringPartialUnlockClosesLost: goroutines 1 and 2 share a
 // ReentrantMutex handle, each holding it once; an operator force-unlocks
 // it. Goroutine 2's Unlock is on its way (it can end only one of the two
@@ -154,11 +114,7 @@ func TestReentrantUnlockFindingHoldGoneClosesLost(t *testing.T) {
 // hold, and dropped it silently: Lost never closed. (Found by a reviewer.)
 func TestSupersedeDuringPartialUnlockClosesLost(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		rdb := b.Client(t)
-		c := New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		ctx, c, rdb := plainClient(t, b)
 		name := redistest.UniqueName(t)
 		m := c.ReentrantMutex(name)
 		gate := newOwnerGate(unlockScript, m.e.owner, false)
@@ -188,27 +144,29 @@ func TestSupersedeDuringPartialUnlockClosesLost(t *testing.T) {
 	})
 }
 
-// TestOrphanUnlockSparesNewHold: goroutines 1 and 2 share a handle of a
-// reentrant kind, each holding it once. The hold is lost (an operator's
-// ForceUnlock). Goroutine 1 unlocks: ErrNotHeld, the hold is gone, and
-// goroutine 2's Lost closes. Goroutine 3 then takes the lock anew through
-// the same handle, and only then does goroutine 2 make the Unlock that
-// pairs with its own (lost) Lock, as Do does. That Unlock must not release
-// goroutine 3's hold: goroutine 3's Lost is open and its Token valid, so no
-// other owner may get in. Before the fix the handle forgot goroutine 2's
-// hold when goroutine 1's Unlock found it gone, and counted goroutine 2's
-// Unlock against the new hold: it released it (nil), another owner took the
-// lock while goroutine 3 held it, and goroutine 3 was never told. (Found by
-// a randomized RWMutex stress: two goroutines' read holds on one handle lost
-// to ForceUnlock; one's second RUnlock released the other's new read hold.)
-func TestOrphanUnlockSparesNewHold(t *testing.T) {
+// TestReentrantUnlockFindingHoldGoneClosesLost: goroutines 1 and 2 share a
+// handle of a reentrant kind, each holding it once. The hold is lost (an
+// operator's ForceUnlock), and goroutine 1 unlocks before the watchdog's
+// next renewal: ErrNotHeld, the hold is gone.
+//   - Goroutine 2 still counts a hold on the handle and watches Lost (as Do
+//     does): Lost must close. The Unlock stopped tracking the hold without a
+//     loss, so Lost never closed and Do's function ran on unprotected.
+//     (Found by a reviewer on ReentrantMutex; FairMutex.Unlock,
+//     RWMutex.Unlock and RWMutex.RUnlock had the same gap.)
+//   - Goroutine 3 then takes the lock anew through the same handle, and
+//     only then does goroutine 2 make the Unlock that pairs with its own
+//     (lost) Lock. That Unlock must not release goroutine 3's hold, whose
+//     Lost is open. The handle had forgotten goroutine 2's hold and counted
+//     its Unlock against the new one: it released it (nil), another owner
+//     took the lock while goroutine 3 held it, and goroutine 3 was never
+//     told. (Found by a randomized RWMutex stress: two goroutines' read
+//     holds on one handle lost to ForceUnlock.)
+func TestReentrantUnlockFindingHoldGoneClosesLost(t *testing.T) {
 	for ki, k := range reentrantKinds {
 		t.Run(k.kind, func(t *testing.T) {
 			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				c := New(b.Client(t)) // renewals every 10s: the watchdog does not notice
-				t.Cleanup(func() { _ = c.Close() })
+				// Renewals every 10s: the watchdog does not notice the loss.
+				ctx, c, _ := plainClient(t, b)
 				name := redistest.UniqueName(t)
 				m := k.make(c, name)
 				require.NoError(t, m.lock(ctx)) // goroutine 1

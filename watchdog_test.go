@@ -325,38 +325,39 @@ func TestGoroutinesFlat(t *testing.T) {
 	})
 }
 
+// doKinds are the lock kinds of the Do tests, each with its ForceUnlock.
+var doKinds = []struct {
+	name string
+	make func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error))
+}{
+	{"Mutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+		m := c.Mutex(n)
+		return m, m.ForceUnlock
+	}},
+	{"ReentrantMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+		m := c.ReentrantMutex(n)
+		return m, m.ForceUnlock
+	}},
+	{"FairMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+		m := c.FairMutex(n)
+		return m, m.ForceUnlock
+	}},
+	{"RWMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+		m := c.RWMutex(n)
+		return m, m.ForceUnlock
+	}},
+	{"RWMutex readers", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
+		m := c.RWMutex(n)
+		return m.RLocker(), m.ForceUnlock
+	}},
+}
+
 // TestDoCancelsOnLoss: Do runs a function under a lock with a context that
 // is cancelled, with cause ErrLost, when the hold is lost: for every lock
 // type (each notifies Do itself; no goroutine watches the hold).
 func TestDoCancelsOnLoss(t *testing.T) {
-	type kind struct {
-		name string
-		make func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error))
-	}
-	kinds := []kind{
-		{"Mutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.Mutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"ReentrantMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.ReentrantMutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"FairMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.FairMutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"RWMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.RWMutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"RWMutex readers", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.RWMutex(n)
-			return m.RLocker(), m.ForceUnlock
-		}},
-	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range kinds {
+		for _, k := range doKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
@@ -547,34 +548,8 @@ func TestDoEmbeddedLocker(t *testing.T) {
 // fix Do returned fn's error alone (the loss vanished) or, when fn
 // succeeded, a bare ErrNotHeld. (Found by a reviewer, as was the next.)
 func TestDoReportsLossFoundByUnlock(t *testing.T) {
-	type kind struct {
-		name string
-		make func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error))
-	}
-	kinds := []kind{
-		{"Mutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.Mutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"ReentrantMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.ReentrantMutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"FairMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.FairMutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"RWMutex", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.RWMutex(n)
-			return m, m.ForceUnlock
-		}},
-		{"RWMutex readers", func(c *redlatch.Client, n string) (redlatch.Locker, func(context.Context) (bool, error)) {
-			m := c.RWMutex(n)
-			return m.RLocker(), m.ForceUnlock
-		}},
-	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range kinds {
+		for _, k := range doKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
