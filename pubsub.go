@@ -1009,8 +1009,19 @@ func (p *pubsub) receive(n *psNode) {
 				if n.sharded && p.refused(n, err) {
 					continue
 				}
+				if strings.HasPrefix(err.Error(), "NOPERM") {
+					// The user may not subscribe to a channel (an ACL
+					// channel pattern): a drop cannot help, go-redis would
+					// subscribe the same set again, forbidden channel and
+					// all, in one SUBSCRIBE refused whole, and every
+					// other channel of the connection would go deaf with
+					// it. The forbidden channel's waiters are bounded by
+					// the lease.
+					p.c.opts.logger.Warn("redlatch: subscriber command refused", "error", err)
+					continue
+				}
 				// Any other refusal (BUSY while a script runs too long,
-				// NOPERM, …) names no channel: the confirmation one of our
+				// LOADING, …) names no channel: the confirmation one of our
 				// (un)subscribes was owed will never come, and what the
 				// server has subscribed is unknown (a refused UNSUBSCRIBE
 				// leaves its channel subscribed; a refused re-subscription

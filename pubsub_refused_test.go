@@ -150,3 +150,52 @@ func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
 	requireNoErrWithin(t, got, 3*time.Second, "waiter slept through the release")
 	require.NoError(t, waiter.Unlock(ctx))
 }
+
+// TestNopermChannelSparesOtherWakeups: the Client's Redis user may not
+// subscribe to one lock's wake-up channel (an ACL channel pattern that a
+// lock name falls outside of: NOPERM). A waiter of that lock gets no
+// wake-ups, and waits out its holder's lease. A waiter of another lock,
+// whose channel the user may subscribe to, must still be woken by its
+// holder's release. The subscriber dropped its connection on the NOPERM,
+// and go-redis re-subscribed its whole set, the forbidden channel with
+// the others, in one SUBSCRIBE that was refused again: no channel was
+// subscribed any more, every second a new connection, for as long as the
+// forbidden lock's waiter waited. (Found by a reviewer.)
+func TestNopermChannelSparesOtherWakeups(t *testing.T) {
+	ctx := ctxT(t, 60*time.Second)
+	srv := redistest.NewServer(t)
+	adm := srv.Client(t)
+	require.NoError(t, adm.Do(ctx, "ACL", "SETUSER", "w", "on", ">pw", "~*", "+@all", "resetchannels", "&{ok*").Err())
+	base := redistest.UniqueName(t)
+	okName, badName := "ok"+base, "bad"+base
+
+	hc := redlatch.New(srv.Client(t)) // the holders: the default user
+	t.Cleanup(func() { _ = hc.Close() })
+	okHolder := hc.Mutex(okName, redlatch.WithLease(60*time.Second))
+	badHolder := hc.Mutex(badName, redlatch.WithLease(60*time.Second))
+	require.NoError(t, okHolder.Lock(ctx))
+	require.NoError(t, badHolder.Lock(ctx))
+
+	wrdb := redis.NewClient(&redis.Options{Addr: srv.Addr, Username: "w", Password: "pw"})
+	t.Cleanup(func() { _ = wrdb.Close() })
+	wc := redlatch.New(wrdb, redlatch.WithWatchdogTimeout(3*time.Second))
+	t.Cleanup(func() { _ = wc.Close() })
+
+	okGot := make(chan error, 1)
+	okWaiter := wc.Mutex(okName)
+	go func() { okGot <- okWaiter.Lock(ctx) }()
+	require.Eventually(t, func() bool {
+		n, err := adm.PubSubNumSub(ctx, "{"+okName+"}:wake").Result()
+		return err == nil && n["{"+okName+"}:wake"] == 1
+	}, 5*time.Second, 10*time.Millisecond, "the waiter did not subscribe")
+
+	badCtx, giveUp := context.WithCancel(ctx)
+	badGot := make(chan error, 1)
+	go func() { badGot <- wc.Mutex(badName).Lock(badCtx) }() // its SUBSCRIBE is refused
+	t.Cleanup(func() { giveUp(); <-badGot })
+	time.Sleep(2 * time.Second)
+
+	require.NoError(t, okHolder.Unlock(ctx))
+	requireNoErrWithin(t, okGot, 3*time.Second, "the waiter of the permitted lock slept through the release")
+	require.NoError(t, okWaiter.Unlock(ctx))
+}
