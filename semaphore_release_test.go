@@ -276,3 +276,49 @@ func TestSemLostDuringPartialRelease(t *testing.T) {
 		require.NoError(t, s.Release(ctx, 2))
 	})
 }
+
+// TestSemaphoreRenewalAfterPause: Redis frozen (SIGSTOP) longer than
+// a permit's lease. The holder's Lost closes at its local deadline; the
+// renewals its watchdog sent meanwhile are stuck in the frozen server and
+// run at SIGCONT, after the record's expiry. While another holder keeps the
+// permit set alive, such a renewal must not bring the expired record back:
+// nobody tracks it any more, so its permit would stay taken for a whole
+// lease. (Found by a reviewer.)
+func TestSemaphoreRenewalAfterPause(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 20*time.Second)
+	timeout := 900 * time.Millisecond
+	c := redlatch.New(srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
+	other := redlatch.New(srv.Client(t))
+	t.Cleanup(func() { _ = other.Close() })
+	name := redistest.UniqueName(t)
+
+	keeper := other.Semaphore(name, 2, redlatch.WithLease(time.Minute))
+	require.NoError(t, keeper.Acquire(ctx, 1)) // keeps the permit set alive
+	s := c.Semaphore(name, 2)
+	require.NoError(t, s.Acquire(ctx, 1))
+	lost := s.Lost()
+
+	time.Sleep(timeout / 2) // one renewal ran: the renewal script is loaded
+	srv.Stop(t)
+	stopped := true
+	t.Cleanup(func() {
+		if stopped {
+			srv.Cont(t)
+		}
+	})
+	select {
+	case <-lost:
+	case <-time.After(3 * timeout):
+		t.Fatal("Lost did not close while Redis was frozen")
+	}
+	time.Sleep(timeout) // the frozen server is well past the record's expiry
+	srv.Cont(t)
+	stopped = false
+
+	time.Sleep(200 * time.Millisecond) // the stuck renewals run
+	avail, err := other.Semaphore(name, 2).Available(ctx)
+	require.NoError(t, err)
+	require.Equal(t, int64(1), avail, "the lost permit came back to life in Redis: nobody tracks it")
+}

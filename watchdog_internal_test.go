@@ -21,7 +21,9 @@ func TestRenewSortedSetHold(t *testing.T) {
 		c := New(rdb, WithWatchdogTimeout(300*time.Millisecond))
 		t.Cleanup(func() { _ = c.Close() })
 		key := "{" + redistest.UniqueName(t) + "}:permits"
-		require.NoError(t, rdb.ZAdd(ctx, key, redisZ(1, "holder-1")).Err())
+		// Scored as a permit record is: its expiry, server ms (one already
+		// past is gone, and not renewed).
+		require.NoError(t, rdb.ZAdd(ctx, key, redisZ(float64(time.Now().UnixMilli()+300), "holder-1")).Err())
 		require.NoError(t, rdb.PExpire(ctx, key, 300*time.Millisecond).Err())
 		h := c.wd.add("permits", key, 'z', "holder-1", 300*time.Millisecond, true, time.Now())
 

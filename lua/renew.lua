@@ -7,8 +7,8 @@
 --                     t = token too (a later hold of the same owner id,
 --                     taken after this one was lost, is not this one)
 --                'z'  sorted set of leased entries (permits, read holds,
---                     queue places), held while the member exists; its score
---                     is the entry's expiry in server ms
+--                     queue places), held while the member exists and its
+--                     score, the entry's expiry in server ms, has not passed
 --                'f'  hash field lease (RWMutex holds and waiting places),
 --                     held while the field exists and its value, the expiry
 --                     in server ms, has not passed; renewal sets it to
@@ -65,6 +65,14 @@ for i, key in ipairs(KEYS) do
         local t = redis.call('TIME')
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
+    end
+    -- An entry whose expiry (its score) has passed is gone, though no
+    -- script has removed it yet (the set lives on for other entries): a
+    -- renewal that reaches Redis late (stuck in a frozen server, a slow
+    -- link) must not bring it back after its holder was told it was lost.
+    -- (A fair queue place is dead at its score, a permit once past it:
+    -- renew neither.)
+    if type(s) == 'string' and tonumber(s) > now then
       redis.call('ZADD', key, string.format('%.0f', now + lease), owner)
       if redis.call('PTTL', key) < lease then
         redis.call('PEXPIRE', key, ms)
