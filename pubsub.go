@@ -1018,6 +1018,22 @@ func (p *pubsub) receive(n *psNode) {
 					// it. The forbidden channel's waiters are bounded by
 					// the lease.
 					p.c.opts.logger.Warn("redlatch: subscriber command refused", "error", err)
+					if n.broken.Swap(false) {
+						// The refusal answers go-redis's re-subscription
+						// of the whole set after a reconnection, which
+						// the forbidden channel still is in: refused
+						// whole, it left nothing subscribed. Subscribe
+						// each channel again on its own (as after a
+						// CROSSSLOT), and the confirmations wake the
+						// waiters; the forbidden one is refused alone.
+						p.mu.Lock()
+						for name, ch := range p.chans {
+							if ch.node == n && !p.closed {
+								n.send(name, true)
+							}
+						}
+						p.mu.Unlock()
+					}
 					continue
 				}
 				// Any other refusal (BUSY while a script runs too long,

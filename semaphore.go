@@ -193,7 +193,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 		s.lost = make(chan struct{})
 	}
 	s.lostMu.Unlock()
-	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'z', member, s.lease, s.renew, sent, s.permitLost)}
+	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, s.permitLost)}
 	s.mu.Lock()
 	s.recs = append(s.recs, rec)
 	s.mu.Unlock()
@@ -312,7 +312,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		deadline := shrink.h.deadline
 		s.c.wd.mu.Unlock()
 		s.c.wd.remove(shrink.h)
-		kept.h = s.c.wd.addNotify(s.name, s.key, 'z', kept.member, s.lease, s.renew, deadline.Add(-s.lease), s.permitLost)
+		kept.h = s.c.wd.addNotify(s.name, s.key, 'p', kept.member, s.lease, s.renew, deadline.Add(-s.lease), s.permitLost)
 		s.mu.Lock()
 		for j, r := range s.recs {
 			if r == shrink {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
@@ -43,7 +44,7 @@ func TestSemPartialReleaseUnknownOutcome(t *testing.T) {
 }
 
 // renewHook makes every renewal of the permit set key (a renew.lua call:
-// its args hold the key and the kind "z") run on the server but lose its
+// its args hold the key and the kind "p") run on the server but lose its
 // reply, while armed; or, with stall set, reach the server only after
 // stall (a slow link).
 type renewHook struct {
@@ -62,7 +63,7 @@ func (h *renewHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		for _, a := range cmd.Args() {
 			if v, ok := a.(string); ok {
 				key = key || v == h.key
-				z = z || v == "z"
+				z = z || v == "z" || v == "p" // a permit record's renewal
 			}
 		}
 		if !key || !z {
@@ -321,4 +322,43 @@ func TestSemaphoreRenewalAfterPause(t *testing.T) {
 	avail, err := other.Semaphore(name, 2).Available(ctx)
 	require.NoError(t, err)
 	require.Equal(t, int64(1), avail, "the lost permit came back to life in Redis: nobody tracks it")
+}
+
+// TestSemaphoreRenewalAtRecordExpiry: a permit record scored e is live for
+// the semaphore scripts until the server clock is past e (sem_reclaim: "as a
+// key's expiry does in Redis"; e can be up to 1 ms before its holder's local
+// deadline). A renewal that runs at server time e must therefore renew it:
+// refusing it tells the holder Lost while the semaphore still counts the
+// permit as held, up to 1 ms before the holder's own deadline. The server
+// clock (miniredis) is frozen at e so that the boundary is hit exactly.
+// (Found by a reviewer.)
+func TestSemaphoreRenewalAtRecordExpiry(t *testing.T) {
+	ctx := ctxT(t, 20*time.Second)
+	m := miniredis.RunT(t)
+	t0 := time.Now().Truncate(time.Millisecond)
+	m.SetTime(t0)
+	rdb := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	timeout := 900 * time.Millisecond
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
+
+	s := c.Semaphore("sem-at-expiry", 1)
+	require.NoError(t, s.Acquire(ctx, 1)) // its record scores t0 + timeout
+	m.SetTime(t0.Add(timeout))            // the server clock reaches the record's expiry
+
+	avail, err := s.Available(ctx)
+	require.NoError(t, err)
+	require.Equal(t, int64(0), avail, "the semaphore scripts count the record live at its score")
+
+	select {
+	case <-s.Lost():
+		t.Fatal("a renewal at the record's expiry ms told the holder Lost while the semaphore still counts its permit")
+	case <-time.After(timeout / 2): // one renewal (every timeout/3) ran
+	}
+	m.SetTime(t0.Add(timeout + 100*time.Millisecond))
+	avail, err = s.Available(ctx)
+	require.NoError(t, err)
+	require.Equal(t, int64(0), avail, "the renewal did not move the record's expiry")
+	require.NoError(t, s.Release(ctx, 1))
 }

@@ -169,7 +169,7 @@ func (s *renewSpy) record(cmds []redis.Cmder) {
 		if n == 0 || len(argv) != 3*n {
 			continue // not a renewal: renewals carry 3 arguments per key
 		}
-		if k, ok := argv[0].(string); !ok || (k != "h" && k != "t" && k != "z") {
+		if k, ok := argv[0].(string); !ok || (k != "h" && k != "t" && k != "z" && k != "p") {
 			continue
 		}
 		found = true

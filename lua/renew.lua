@@ -6,9 +6,12 @@
 --                't'  the same, held while o = owner and its fencing token
 --                     t = token too (a later hold of the same owner id,
 --                     taken after this one was lost, is not this one)
---                'z'  sorted set of leased entries (permits, read holds,
---                     queue places), held while the member exists and its
---                     score, the entry's expiry in server ms, has not passed
+--                'z'  sorted set of leased entries (FairMutex queue
+--                     places), held while the member exists and its score,
+--                     the entry's expiry in server ms, is still ahead (a
+--                     place is dead at its score: see evict in fair_common)
+--                'p'  the same for a Semaphore permit record, held until
+--                     the server clock is past its score (see sem_reclaim)
 --                'f'  hash field lease (RWMutex holds and waiting places),
 --                     held while the field exists and its value, the expiry
 --                     in server ms, has not passed; renewal sets it to
@@ -58,7 +61,7 @@ for i, key in ipairs(KEYS) do
       never_shorten(key, lease, ms)
       ok = 1
     end
-  elseif kind == 'z' then
+  elseif kind == 'z' or kind == 'p' then
     local s = redis.pcall('ZSCORE', key, owner)
     if type(s) == 'string' then
       if not now then
@@ -70,9 +73,9 @@ for i, key in ipairs(KEYS) do
     -- script has removed it yet (the set lives on for other entries): a
     -- renewal that reaches Redis late (stuck in a frozen server, a slow
     -- link) must not bring it back after its holder was told it was lost.
-    -- (A fair queue place is dead at its score, a permit once past it:
-    -- renew neither.)
-    if type(s) == 'string' and tonumber(s) > now then
+    -- (A fair queue place is dead at its score, a permit once past it,
+    -- as the primitive's own scripts judge them.)
+    if type(s) == 'string' and (tonumber(s) > now or (kind == 'p' and tonumber(s) == now)) then
       redis.call('ZADD', key, string.format('%.0f', now + lease), owner)
       if redis.call('PTTL', key) < lease then
         redis.call('PEXPIRE', key, ms)

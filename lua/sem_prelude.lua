@@ -6,7 +6,7 @@
 --   '<owner>|<request>|<n>'   one permit record per acquisition: n permits
 --                             taken by the Acquire/TryAcquire call <request>
 --                             of <owner>; score = its expiry, server ms.
---                             The watchdog renews it like any 'z' hold (see
+--                             The watchdog renews it as a 'p' hold (see
 --                             renew.lua): ZADD now+lease.
 --   '~<request>'              a release remembered until its score, server
 --                             ms, for retries (see sem_release.lua)
