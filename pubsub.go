@@ -97,7 +97,15 @@ type psNode struct {
 	// follow goroutine checks where its channels' slots went.
 	broken    atomic.Bool
 	following bool
-	stop      chan struct{} // closed when the node is retired (see follow)
+	// resubscribed is set whenever go-redis may have dialled a new
+	// connection and re-subscribed its whole set in one command (a failed
+	// read, or a failed write of ours), and cleared only by the NOPERM
+	// that may answer it (see receive). Not broken: a message the reader
+	// had already read from the old connection clears that one, and a
+	// re-subscription that succeeded leaves at most one needless round of
+	// single re-subscriptions behind.
+	resubscribed atomic.Bool
+	stop         chan struct{} // closed when the node is retired (see follow)
 	// inflight counts the (un)subscribe commands per channel whose
 	// confirmation has not arrived: only the confirmation of the latest one
 	// says what the channel's state is.
@@ -839,7 +847,10 @@ func (p *pubsub) write(n *psNode) {
 				// command, nor for any other the old connection owed,
 				// and the reader may never see that connection fail (it
 				// may be between reads, and read the new one next): forget
-				// them all, as the reader does when its read fails.
+				// them all, as the reader does when its read fails. A
+				// NOPERM answering go-redis's re-subscription on the new
+				// connection must be known for one (see receive).
+				n.resubscribed.Store(true)
 				p.mu.Lock()
 				clear(n.inflight)
 				if ch := p.chans[cmd.channel]; cmd.subscribe && ch != nil && ch.node == n {
@@ -1018,7 +1029,7 @@ func (p *pubsub) receive(n *psNode) {
 					// it. The forbidden channel's waiters are bounded by
 					// the lease.
 					p.c.opts.logger.Warn("redlatch: subscriber command refused", "error", err)
-					if n.broken.Swap(false) {
+					if n.resubscribed.Swap(false) {
 						// The refusal answers go-redis's re-subscription
 						// of the whole set after a reconnection, which
 						// the forbidden channel still is in: refused
@@ -1052,6 +1063,7 @@ func (p *pubsub) receive(n *psNode) {
 			// sharded node's master may be dead for good, its slots taken
 			// over by a replica: follow them.
 			n.broken.Store(true)
+			n.resubscribed.Store(true)
 			p.mu.Lock()
 			clear(n.inflight)
 			if n.sharded && !n.following && !p.closed {

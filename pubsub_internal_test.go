@@ -1,9 +1,13 @@
 package redlatch
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -459,4 +463,111 @@ func TestFairLeaveWakesNoOtherWaiter(t *testing.T) {
 		w.leave(false)
 	}
 	require.LessOrEqual(t, woken, 1, "fair waiters woken by one unused named wake-up")
+}
+
+// gatedConn fails the write of the first armed SUBSCRIBE naming match: it
+// reports the write, waits for release, closes the connection and fails.
+type gatedConn struct {
+	net.Conn
+	g *writeGate
+}
+
+type writeGate struct {
+	match   string
+	armed   atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (c *gatedConn) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("subscribe")) && bytes.Contains(p, []byte(c.g.match)) && c.g.armed.CompareAndSwap(true, false) {
+		close(c.g.entered)
+		<-c.g.release
+		_ = c.Conn.Close()
+		return 0, errors.New("injected: connection reset")
+	}
+	return c.Conn.Write(p)
+}
+
+// TestNopermReconnectInsideWrite: as TestNopermChannelSurvivesReconnect, a
+// waiter of a permitted lock and a waiter of a lock whose channel the ACL
+// forbids share a subscriber connection. Then a third waiter's SUBSCRIBE
+// fails on a reset connection while the reader is between two reads (here:
+// handling a message). go-redis reconnects inside that failed write and
+// re-subscribes its whole set, forbidden channel included: refused whole,
+// NOPERM. The reader never saw the old connection fail (it was not reading
+// it), so the node is not marked broken and the NOPERM is ignored: the
+// permitted lock's waiter sleeps through its holder's release.
+// (Found by a reviewer.)
+func TestNopermReconnectInsideWrite(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	srv := redistest.NewServer(t)
+	adm := srv.Client(t)
+	require.NoError(t, adm.Do(ctx, "ACL", "SETUSER", "w3", "on", ">pw", "~*", "+@all", "resetchannels", "&{ok*").Err())
+	base := redistest.UniqueName(t)
+	okName, ok2Name, badName := "ok"+base, "ok2"+base, "bad"+base
+	okChan, ok2Chan := "{"+okName+"}:wake", "{"+ok2Name+"}:wake"
+
+	hc := New(srv.Client(t))
+	t.Cleanup(func() { _ = hc.Close() })
+	okHolder := hc.Mutex(okName, WithLease(60*time.Second))
+	require.NoError(t, okHolder.Lock(ctx))
+	for _, name := range []string{ok2Name, badName} {
+		require.NoError(t, hc.Mutex(name, WithLease(60*time.Second)).Lock(ctx))
+	}
+
+	g := &writeGate{match: ok2Chan, entered: make(chan struct{}), release: make(chan struct{})}
+	wrdb := redis.NewClient(&redis.Options{Addr: srv.Addr, Username: "w3", Password: "pw",
+		Dialer: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			cn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &gatedConn{Conn: cn, g: g}, nil
+		}})
+	t.Cleanup(func() { _ = wrdb.Close() })
+	wc := New(wrdb, WithWatchdogTimeout(3*time.Second))
+	t.Cleanup(func() { _ = wc.Close() })
+
+	okGot := make(chan error, 1)
+	okWaiter := wc.Mutex(okName)
+	go func() { okGot <- okWaiter.Lock(ctx) }()
+	subscribed := func() bool {
+		n, err := adm.PubSubNumSub(ctx, okChan).Result()
+		return err == nil && n[okChan] == 1
+	}
+	require.Eventually(t, subscribed, 5*time.Second, 10*time.Millisecond, "the waiter did not subscribe")
+
+	others, giveUp := context.WithCancel(ctx)
+	badGot, ok2Got := make(chan error, 1), make(chan error, 1)
+	go func() { badGot <- wc.Mutex(badName).Lock(others) }() // its SUBSCRIBE is refused
+	t.Cleanup(func() { giveUp(); <-badGot; <-ok2Got })
+	time.Sleep(300 * time.Millisecond)
+
+	g.armed.Store(true)
+	go func() { ok2Got <- wc.Mutex(ok2Name).Lock(others) }()
+	select {
+	case <-g.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the third waiter's subscribe was not written")
+	}
+	// The reader is between reads: handling a message on okChan.
+	wc.ps.mu.Lock()
+	require.NoError(t, adm.Publish(ctx, okChan, "nobody").Err())
+	time.Sleep(200 * time.Millisecond)
+	close(g.release) // the write fails; go-redis reconnects and re-subscribes all
+	time.Sleep(200 * time.Millisecond)
+	wc.ps.mu.Unlock()
+
+	require.Eventually(t, subscribed, 3*time.Second, 10*time.Millisecond,
+		"after a reconnection inside a failed write the permitted channel is no longer subscribed")
+	require.NoError(t, okHolder.Unlock(ctx))
+	select {
+	case err := <-okGot:
+		require.NoError(t, err)
+	case <-time.After(3 * time.Second):
+		t.Fatal("the waiter of the permitted lock slept through the release")
+	}
+	require.NoError(t, okWaiter.Unlock(ctx))
 }
