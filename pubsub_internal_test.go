@@ -489,7 +489,7 @@ func (c *gatedConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// TestNopermReconnectInsideWrite: as TestNopermChannelSurvivesReconnect, a
+// TestNopermReconnectInsideWrite: as TestNopermChannelSparesOtherWakeups "reconnect", a
 // waiter of a permitted lock and a waiter of a lock whose channel the ACL
 // forbids share a subscriber connection. Then a third waiter's SUBSCRIBE
 // fails on a reset connection while the reader is between two reads (here:
