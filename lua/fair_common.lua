@@ -40,19 +40,21 @@ local function parse_member(m)
 end
 
 -- evict removes the waiters whose place expired (their process died), and
--- returns the first live place as ZRANGE WITHSCORES gives it ({member,
--- expiry}, or {} when no one waits).
+-- returns the expiry of the first live place (server ms, a number), or nil
+-- when no one waits.
 local function evict(now)
-  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  if first[2] and tonumber(first[2]) <= now then
+  local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
+  local exp = first[2] and tonumber(first[2])
+  if exp and exp <= now then
     local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
     for _, m in ipairs(dead) do
       redis.call('ZREM', KEYS[2], m)
       redis.call('ZREM', KEYS[3], m)
     end
-    first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
+    exp = first[2] and tonumber(first[2])
   end
-  return first
+  return exp
 end
 
 -- grant hands the free lock to the first live waiter in arrival order, and

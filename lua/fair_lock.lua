@@ -27,7 +27,7 @@ if fence_undone(fence, ARGV[3]) then
 end
 local now = now_ms()
 -- settle, reading the hold once when it stands
-local first = evict(now)
+local first = evict(now) -- expiry of the earliest place, or nil
 -- The owner alone first: a waiter that queues needs nothing else.
 local o = redis.call('HGET', KEYS[1], 'o')
 if not o and grant(now) then
@@ -73,21 +73,24 @@ if ARGV[8] ~= 'w' then
   return {0, pttl, 0}
 end
 local queued = 0
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-local seq = 1
+local last = redis.call('ZRANGE', KEYS[2], '-1', '-1', 'WITHSCORES')
+-- Numbers go to redis.call as decimal strings: Redis formats a Lua number
+-- argument with %.17g, which costs a script about as much as a short
+-- command, and %d a fraction of that (scores here are whole numbers).
+local seq = '1'
 if last[2] then
-  seq = tonumber(last[2]) + 1
+  seq = string.format('%d', tonumber(last[2]) + 1)
 end
--- Scores are doubles: numbers go in as they are. NX: a waiter queued
--- already (a later attempt, or a retry after a lost reply) keeps its place,
--- unless the place expired: then it queues again, at the tail.
+-- NX: a waiter queued already (a later attempt, or a retry after a lost
+-- reply) keeps its place, unless the place expired: then it queues again,
+-- at the tail.
 local added = redis.call('ZADD', KEYS[2], 'NX', seq, member)
 if added == 0 and not redis.call('ZSCORE', KEYS[3], member) then
   redis.call('ZADD', KEYS[2], seq, member)
   added = 1
 end
 if added == 1 then
-  redis.call('ZADD', KEYS[3], now + wl, member)
+  redis.call('ZADD', KEYS[3], string.format('%d', now + wl), member)
   queued = 1
 end
 -- The queue lives as long as its longest-lived place. Live waiters run this
@@ -98,7 +101,7 @@ end
 if redis.call('PTTL', KEYS[2]) < wl * 0.9 then
   for i = 2, 3 do
     if redis.call('PTTL', KEYS[i]) < wl then
-      redis.call('PEXPIRE', KEYS[i], wl)
+      redis.call('PEXPIRE', KEYS[i], ARGV[7])
     end
   end
 end
@@ -108,8 +111,8 @@ if pttl >= 0 and pttl < bound then
 end
 -- The earliest place, read before this attempt queued: a place of its own
 -- expires after bound, its waiter renewing it every wl/3.
-if first[2] and tonumber(first[2]) - now < bound then
-  bound = tonumber(first[2]) - now
+if first and first - now < bound then
+  bound = first - now
 end
 if bound < 1 then
   bound = 1
