@@ -337,6 +337,11 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 		switch {
 		case err != nil:
 			return false, f.c.failedAttempt(ctx, err, nil)
+		case ok && f.c.closed.Load():
+			// Closed while the attempt was on the way: the wait was in
+			// progress at Close (see Client.acquire); acquire withdraws
+			// the waiter, which releases what it took.
+			return false, ErrClosed
 		case ok:
 			return true, nil
 		case !block:
@@ -350,6 +355,9 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 				return false, err
 			}
 			if g := w.takeGrant(); g != "" && take(g) {
+				if f.c.closed.Load() {
+					return false, ErrClosed // see above
+				}
 				return true, nil
 			}
 		}

@@ -434,6 +434,91 @@ func TestCloseWakesWaiters(t *testing.T) {
 	})
 }
 
+// TestCloseWithAttemptInFlight: a waiter woken by a release has its attempt
+// on the way (it ran in Redis; its reply is held back) when its Client is
+// closed. The wait was in progress at Close, so it returns ErrClosed, and
+// what its attempt took is given back: a hold returned after Close would
+// be renewed by no watchdog and released by no one (every method of the
+// handle returns ErrClosed), shutting everyone else out for its lease.
+// (Found by a reviewer.)
+func TestCloseWithAttemptInFlight(t *testing.T) {
+	type kind struct {
+		name, key string // key: KEYS[1] of the acquisition script
+		// hold takes the lock on a and returns its release; wait waits on
+		// b; check takes it on a again.
+		hold        func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error
+		wait, check func(ctx context.Context, c *redlatch.Client, name string) error
+	}
+	const lease = 20 * time.Second
+	kinds := []kind{
+		{"Mutex", "lock", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
+			m := a.Mutex(name)
+			require.NoError(t, m.Lock(ctx))
+			return m.Unlock
+		}, func(ctx context.Context, c *redlatch.Client, name string) error { return c.Mutex(name).Lock(ctx) },
+			func(ctx context.Context, c *redlatch.Client, name string) error { return c.Mutex(name).Lock(ctx) }},
+		{"Semaphore", "sem", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
+			s := a.Semaphore(name, 1)
+			require.NoError(t, s.Acquire(ctx, 1))
+			return func(ctx context.Context) error { return s.Release(ctx, 1) }
+		}, func(ctx context.Context, c *redlatch.Client, name string) error {
+			return c.Semaphore(name, 1).Acquire(ctx, 1)
+		},
+			func(ctx context.Context, c *redlatch.Client, name string) error {
+				return c.Semaphore(name, 1).Acquire(ctx, 1)
+			}},
+		{"RWMutex reader", "rw", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
+			m := a.RWMutex(name)
+			require.NoError(t, m.Lock(ctx))
+			return m.Unlock
+		}, func(ctx context.Context, c *redlatch.Client, name string) error { return c.RWMutex(name).RLock(ctx) },
+			func(ctx context.Context, c *redlatch.Client, name string) error { return c.RWMutex(name).Lock(ctx) }},
+		// A WithLease waiter claims its handoff with an attempt.
+		{"FairMutex", "fair", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
+			m := a.FairMutex(name, redlatch.WithLease(lease))
+			require.NoError(t, m.Lock(ctx))
+			return m.Unlock
+		}, func(ctx context.Context, c *redlatch.Client, name string) error {
+			return c.FairMutex(name, redlatch.WithLease(lease)).Lock(ctx)
+		}, func(ctx context.Context, c *redlatch.Client, name string) error { return c.FairMutex(name).Lock(ctx) }},
+	}
+	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 30*time.Second)
+				name := redistest.UniqueName(t)
+				a := newClient(t, be)
+				rdb := be.Client(t)
+				hook := &gateScriptHook{match: func(cmd redis.Cmder) bool {
+					args := cmd.Args() // an acquisition: KEYS[1] is the primitive's key
+					return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) > 3 && args[3] == "{"+name+"}:"+k.key
+				}, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
+				rdb.AddHook(hook)
+				b := redlatch.New(rdb)
+				t.Cleanup(func() { _ = b.Close() })
+
+				release := k.hold(ctx, a, name)
+				got := make(chan error, 1)
+				go func() { got <- k.wait(ctx, b, name) }()
+				time.Sleep(200 * time.Millisecond) // b waits
+				hook.armed.Store(true)
+				require.NoError(t, release(ctx))
+				select {
+				case <-hook.entered: // b's attempt ran; its reply is held
+				case <-time.After(5 * time.Second):
+					t.Fatal("no attempt after the wake-up")
+				}
+				require.NoError(t, b.Close())
+				close(hook.proceed)
+				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a wait in progress at Close succeeded after Close")
+				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				defer cancel()
+				require.NoError(t, k.check(cctx, a, name), "the closed Client's hold shuts others out")
+			})
+		}
+	})
+}
+
 // TestBadInput: bad arguments are reported, name the argument, never panic
 // and never reach Redis.
 func TestBadInput(t *testing.T) {

@@ -1260,6 +1260,21 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		acquired = true
 		return true
 	}
+	// closedMeanwhile reports whether the Client was closed while the
+	// acquisition that just succeeded was on the way: the wait was in
+	// progress at Close, so it returns ErrClosed, and what it took is given
+	// back (with a fresh bounded context): no watchdog would renew it, and
+	// its handle could not release it (every method returns ErrClosed).
+	closedMeanwhile := func() bool {
+		if !c.closed.Load() || undo == nil {
+			return false
+		}
+		acquired = false
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		undo(cctx)
+		cancel()
+		return true
+	}
 	joined := func(nw *waiter) *waiter {
 		if nw != nil {
 			c.ps.setTransfer(nw, xfer, kin)
@@ -1276,6 +1291,9 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 				return false, err
 			}
 			if transferred() {
+				if closedMeanwhile() {
+					return false, ErrClosed
+				}
 				return true, nil
 			}
 		}
@@ -1300,6 +1318,9 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			return false, c.failedAttempt(ctx, err, undo)
 		case ok:
 			acquired = true
+			if closedMeanwhile() {
+				return false, ErrClosed
+			}
 			return true, nil
 		case !block:
 			return false, nil
@@ -1313,6 +1334,9 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 				return false, err
 			}
 			if transferred() {
+				if closedMeanwhile() {
+					return false, ErrClosed
+				}
 				return true, nil
 			}
 		}

@@ -227,10 +227,12 @@ func TestSemaphoreLateCopyAfterUndoFound(t *testing.T) {
 }
 
 // gateScriptHook, once armed, holds the next call that match accepts until
-// proceed is closed (entered is closed when it arrives), then sends it.
+// proceed is closed (entered is closed when it arrives), then sends it; with
+// after set, it sends the call first and holds its reply.
 type gateScriptHook struct {
 	passHook
 	match   func(redis.Cmder) bool
+	after   bool
 	armed   atomic.Bool
 	entered chan struct{}
 	proceed chan struct{}
@@ -238,11 +240,19 @@ type gateScriptHook struct {
 
 func (h *gateScriptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if h.match(cmd) && h.armed.CompareAndSwap(true, false) {
-			close(h.entered)
-			<-h.proceed
+		if !h.match(cmd) || !h.armed.CompareAndSwap(true, false) {
+			return next(ctx, cmd)
 		}
-		return next(ctx, cmd)
+		var err error
+		if h.after {
+			err = next(ctx, cmd)
+		}
+		close(h.entered)
+		<-h.proceed
+		if !h.after {
+			err = next(ctx, cmd)
+		}
+		return err
 	}
 }
 
