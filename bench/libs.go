@@ -56,7 +56,7 @@ func libraries() []library {
 		{name: "redlatch ReentrantMutex", open: openRedlatch(func(c *redlatch.Client, key string) locker { return c.ReentrantMutex(key) })},
 		{name: "redlatch FairMutex", open: openRedlatch(func(c *redlatch.Client, key string) locker { return c.FairMutex(key) })},
 		// readHeavy makes the RWMutex do nine read holds for each write
-		// hold; in W3 overlapping read holds are not counted as handoffs.
+		// hold; in W3 a read hold after a read hold is not a handoff.
 		{name: "redlatch RWMutex (read-heavy)", open: openRedlatch(func(c *redlatch.Client, key string) locker {
 			m := c.RWMutex(key)
 			return readHeavy(m.RLock, m.RUnlock, m.Lock, m.Unlock)
@@ -88,24 +88,33 @@ func (l lockFuncs) Unlock(ctx context.Context) error { return l.unlock(ctx) }
 // lock: nine of every ten Lock calls take a read hold, the tenth a write
 // hold; Unlock releases whichever the last Lock took.
 func readHeavy(rlock, runlock, lock, unlock func(ctx context.Context) error) locker {
-	n, write := 0, false
-	return lockFuncs{
-		lock: func(ctx context.Context) error {
-			n++
-			write = n%10 == 0
-			if write {
-				return lock(ctx)
-			}
-			return rlock(ctx)
-		},
-		unlock: func(ctx context.Context) error {
-			if write {
-				return unlock(ctx)
-			}
-			return runlock(ctx)
-		},
-	}
+	return &readHeavyLocker{rlock: rlock, runlock: runlock, lock: lock, unlock: unlock}
 }
+
+type readHeavyLocker struct {
+	rlock, runlock, lock, unlock func(ctx context.Context) error
+	n                            int
+	write                        bool
+}
+
+func (l *readHeavyLocker) Lock(ctx context.Context) error {
+	l.n++
+	l.write = l.n%10 == 0
+	if l.write {
+		return l.lock(ctx)
+	}
+	return l.rlock(ctx)
+}
+
+func (l *readHeavyLocker) Unlock(ctx context.Context) error {
+	if l.write {
+		return l.unlock(ctx)
+	}
+	return l.runlock(ctx)
+}
+
+// Shared reports whether the last Lock took a shared (read) hold.
+func (l *readHeavyLocker) Shared() bool { return !l.write }
 
 // openRedlatch: one redlatch.Client per process, default options
 // (watchdog-renewed holds, pub/sub wake-ups).
@@ -247,8 +256,10 @@ func openFloor(addr string, reqs *atomic.Int64) (*proc, error) {
 					t := time.NewTimer(0)
 					defer t.Stop()
 					for {
-						ok, err := rdb.SetNX(ctx, key, owner, lease).Result()
-						if err != nil || ok {
+						// SET NX PX (go-redis's SetNX sends EX for a lease
+						// of whole seconds); a nil reply: held by another.
+						err := rdb.Do(ctx, "set", key, owner, "px", lease.Milliseconds(), "nx").Err()
+						if err != redis.Nil {
 							return err
 						}
 						t.Reset(time.Millisecond)

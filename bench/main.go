@@ -9,9 +9,10 @@
 // It starts its own redis-server on a free 127.0.0.1 port, or uses
 // REDIS_ADDR when set. It prints markdown tables on stdout, progress on
 // stderr, and writes results.json and chart.svg into -out (default: the
-// current directory). See readme/bench.md for the workloads. A run
-// narrowed with -workloads or -libs prints its tables but writes no files,
-// so that the committed results stay whole.
+// current directory). See the README's "Benchmarks against other Go lock
+// libraries" for the workloads. A run narrowed with -workloads or -libs
+// prints its tables but writes no files, so that the committed results
+// stay whole.
 package main
 
 import (

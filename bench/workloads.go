@@ -381,13 +381,9 @@ func (r *runner) w3() ([]record, error) {
 // acquisition, but its length so far still counts toward wait max.
 func (r *runner) hotSlot(in *instance, cs time.Duration, res *hotResult) {
 	key := r.key("w3")
-	type rec struct {
-		g        int
-		acq, rel time.Time
-	}
 	var (
 		mu       sync.Mutex
-		recs     []rec
+		recs     []holdRec
 		waits    []time.Duration
 		censored time.Duration
 		counts   = make([]int, w3Goroutines)
@@ -423,8 +419,9 @@ func (r *runner) hotSlot(in *instance, cs time.Duration, res *hotResult) {
 					holdFor(cs)
 				}
 				rel := time.Now()
+				sh, _ := l.(interface{ Shared() bool })
 				mu.Lock()
-				recs = append(recs, rec{g, acq, rel})
+				recs = append(recs, holdRec{g: g, acq: acq, rel: rel, shared: sh != nil && sh.Shared()})
 				waits = append(waits, acq.Sub(t0))
 				counts[g]++
 				mu.Unlock()
@@ -452,18 +449,35 @@ func (r *runner) hotSlot(in *instance, cs time.Duration, res *hotResult) {
 	}
 	res.el += el
 	res.acq += len(recs)
-	for i := 1; i < len(recs); i++ {
-		// Overlapping holds (shared read holds of a reader/writer lock) are
-		// not handoffs.
-		if gap := recs[i].acq.Sub(recs[i-1].rel); recs[i].g != recs[i-1].g && gap >= 0 {
-			res.handoffs = append(res.handoffs, gap)
-		}
-	}
+	res.handoffs = append(res.handoffs, handoffGaps(recs)...)
 	res.waits = append(res.waits, waits...)
 	res.censored = max(res.censored, censored)
 	res.jains = append(res.jains, jain(counts))
 	res.rt += rt1 - rt0
 	res.d.add(s0.to(s1))
+}
+
+// holdRec is one hold of a W3 slot: its goroutine, when it was acquired
+// and when its Unlock was called, and whether it was a shared (read) hold.
+type holdRec struct {
+	g        int
+	acq, rel time.Time
+	shared   bool
+}
+
+// handoffGaps returns, for each hold of recs (in the order of their
+// releases) that another goroutine's hold passed on to, the time from the
+// previous release to its acquisition. Overlapping holds, and a read hold
+// following a read hold (which did not wait for it), are not handoffs.
+func handoffGaps(recs []holdRec) []time.Duration {
+	var out []time.Duration
+	for i := 1; i < len(recs); i++ {
+		a, b := recs[i-1], recs[i]
+		if gap := b.acq.Sub(a.rel); b.g != a.g && gap >= 0 && !(a.shared && b.shared) {
+			out = append(out, gap)
+		}
+	}
+	return out
 }
 
 // w4: redlatch's watchdog renewing w4Locks held Mutexes of one Client.
