@@ -684,13 +684,22 @@ func (h *redlockHold) check() {
 	h.unwatchAll()
 }
 
-// stop ends the watch for Unlock: no check acts after it returns.
-func (h *redlockHold) stop() {
+// stop ends the watch for Unlock: no check acts after it returns. It
+// reports whether the hold was still valid; when it was not, Lost is closed
+// here, as the check that had not run yet (its timer late, or a quorum's
+// Clients closed a moment ago) would have: Unlock reports the hold lost.
+func (h *redlockHold) stop() (valid bool) {
 	h.mu.Lock()
 	h.stopped = true
+	valid = !h.isLost() && time.Now().Before(h.validUntil())
+	if !valid && !h.isLost() {
+		close(h.lost)
+		h.notify.fire()
+	}
 	h.mu.Unlock()
 	h.timer.Stop()
 	h.unwatchAll()
+	return valid
 }
 
 func (h *redlockHold) unwatchAll() {
@@ -731,8 +740,7 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	valid := r.shared
 	if h != nil {
 		defer func() { <-r.sem }()
-		h.stop()
-		valid = !h.isLost() && time.Now().Before(h.validUntil())
+		valid = h.stop()
 	}
 	if h == nil && !r.shared {
 		return ErrNotHeld
