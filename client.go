@@ -540,3 +540,22 @@ func retake[T comparable](ctx context.Context, first T,
 	}
 	return again, sent, ok, err
 }
+
+// closedAfter is called by a reentrant handle whose acquisition succeeded,
+// once it has ended the hold it tracked before (supersede, which may wait
+// for a renewal in flight: a round trip, during which Close may begin).
+// When the Client was closed meanwhile, the call was in progress at Close
+// (see Client.acquire): closedAfter returns a cleanup that runs giveBack
+// (which releases what the acquisition took) with a fresh bounded context,
+// to be run once the handle's mutex is released, and the caller returns
+// ErrClosed. Otherwise it returns nil.
+func (c *Client) closedAfter(ctx context.Context, giveBack func(context.Context)) (cleanup func()) {
+	if !c.closed.Load() {
+		return nil
+	}
+	return func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		giveBack(cctx)
+		cancel()
+	}
+}

@@ -179,9 +179,21 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		f.mu.Lock()
 	}
+	var cleanup func()
+	defer func() {
+		if cleanup != nil {
+			cleanup() // after f.mu is released
+		}
+	}()
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.supersede(f.h)
+		if cleanup = f.c.closedAfter(ctx, func(ctx context.Context) {
+			_, _ = f.unlock(ctx, "", "", req, token)
+		}); cleanup != nil {
+			f.h, f.n, f.token, f.reqs = nil, 0, 0, f.reqs[:0]
+			return false, ErrClosed
+		}
 		kind, member := exclHold(f.owner, token)
 		f.h, f.n, f.reqs = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), 0, f.reqs[:0]
 	} else {

@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
 	"strconv"
@@ -514,6 +515,95 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				defer cancel()
 				require.NoError(t, k.check(cctx, a, name), "the closed Client's hold shuts others out")
+			})
+		}
+	})
+}
+
+// TestCloseWhileSupersedeWaits: a reentrant handle whose hold is gone in
+// Redis locks again and takes a new hold; before it tracks it, it ends the
+// old one (supersede), which waits for that hold's renewal in flight: a
+// round trip. Close begins meanwhile. The Lock was in progress at Close: it
+// returns ErrClosed and gives the new hold back, as in
+// TestCloseWithAttemptInFlight (it returned nil: a hold no watchdog renews
+// and no handle can release). (Found by a reviewer.)
+func TestCloseWhileSupersedeWaits(t *testing.T) {
+	type kind struct {
+		name, key string
+		hold      func(ctx context.Context, c *redlatch.Client, name string) (relock func(context.Context) error)
+	}
+	kinds := []kind{
+		{"ReentrantMutex", "lock", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
+			m := c.ReentrantMutex(name)
+			require.NoError(t, m.Lock(ctx))
+			return m.Lock
+		}},
+		{"FairMutex", "fair", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
+			m := c.FairMutex(name)
+			require.NoError(t, m.Lock(ctx))
+			return m.Lock
+		}},
+		{"RWMutex", "rw", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
+			m := c.RWMutex(name)
+			require.NoError(t, m.Lock(ctx))
+			return m.Lock
+		}},
+		{"RWMutex reader", "rw", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
+			m := c.RWMutex(name)
+			require.NoError(t, m.RLock(ctx))
+			return m.RLock
+		}},
+	}
+	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 30*time.Second)
+				name := redistest.UniqueName(t)
+				a := newClient(t, be)
+				rdb := be.Client(t)
+				key := "{" + name + "}:" + k.key
+				hook := &gateScriptHook{match: func(cmd redis.Cmder) bool {
+					args := cmd.Args() // the watchdog's renewal: one key
+					return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) > 3 && args[3] == key &&
+						fmt.Sprint(args[2]) == "1"
+				}, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
+				rdb.AddHook(hook)
+				b := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second))
+				t.Cleanup(func() { _ = b.Close() })
+
+				relock := k.hold(ctx, b, name)
+				// The hold is gone in Redis (an operator's ForceUnlock).
+				require.NoError(t, rdb.Del(ctx, key).Err())
+				hook.armed.Store(true)
+				select {
+				case <-hook.entered: // a renewal of the old hold is on the way
+				case <-time.After(5 * time.Second):
+					t.Fatal("no renewal")
+				}
+				got := make(chan error, 1)
+				go func() { got <- relock(ctx) }()
+				time.Sleep(300 * time.Millisecond) // it took a new hold, and waits in supersede
+				closed := make(chan error, 1)
+				go func() { closed <- b.Close() }()
+				time.Sleep(300 * time.Millisecond) // Close has begun: closed is set
+				select {
+				case err := <-got:
+					t.Fatalf("the Lock did not wait for the renewal: %v", err)
+				case err := <-closed:
+					t.Fatalf("Close did not wait for the renewal: %v", err)
+				default: // both wait for the renewal in flight
+				}
+				close(hook.proceed)
+				require.NoError(t, <-closed)
+				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a Lock in progress at Close succeeded after Close")
+				locked, err := a.Mutex(name).IsLocked(ctx)
+				if k.key != "lock" {
+					n, err2 := rdb.Exists(ctx, key).Result()
+					require.NoError(t, err2)
+					locked, err = n == 1, nil
+				}
+				require.NoError(t, err)
+				require.False(t, locked, "the closed Client's hold shuts others out")
 			})
 		}
 	})

@@ -111,6 +111,12 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		m.mu.Lock()
 	}
+	var cleanup func()
+	defer func() {
+		if cleanup != nil {
+			cleanup() // after m.mu is released
+		}
+	}()
 	defer m.mu.Unlock()
 	if m.h == nil || m.h.isLost() || token != m.token {
 		// A new hold for this handle: its first, or a fresh one after its
@@ -121,6 +127,12 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// either order. (The count may exceed 1 when another handle of the
 		// same owner holds it too; each tracks the hold it took.)
 		m.e.c.wd.supersede(m.h)
+		if cleanup = m.e.c.closedAfter(ctx, func(ctx context.Context) {
+			_, _ = m.e.unlockDone(ctx, m.e.owner, "", req, token, false)
+		}); cleanup != nil {
+			m.h, m.n, m.token, m.reqs = nil, 0, 0, m.reqs[:0]
+			return false, ErrClosed
+		}
 		m.h, m.n, m.reqs = m.e.track(sent, token), 0, m.reqs[:0]
 	} else {
 		m.e.c.wd.extend(m.h, sent) // a re-entry restarts the lease

@@ -187,9 +187,21 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		m.mu.Lock()
 	}
+	var cleanup func()
+	defer func() {
+		if cleanup != nil {
+			cleanup() // after m.mu is released
+		}
+	}()
 	defer m.mu.Unlock()
 	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
 		m.c.wd.supersede(m.wh)
+		if cleanup = m.c.closedAfter(ctx, func(ctx context.Context) {
+			_, _ = m.unlockW(ctx, "", tokenArg(token), req)
+		}); cleanup != nil {
+			m.wh, m.wn, m.token, m.wreqs = nil, 0, 0, m.wreqs[:0]
+			return false, ErrClosed
+		}
 		kind, member := rwHold(m.wfield, tokenArg(token))
 		m.wh, m.wn, m.wreqs = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0, m.wreqs[:0]
 	} else {
@@ -470,9 +482,21 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		}
 		m.mu.Lock()
 	}
+	var cleanup func()
+	defer func() {
+		if cleanup != nil {
+			cleanup() // after m.mu is released
+		}
+	}()
 	defer m.mu.Unlock()
 	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
 		m.c.wd.supersede(m.rh)
+		if cleanup = m.c.closedAfter(ctx, func(ctx context.Context) {
+			_, _ = m.unlockR(ctx, "", begun, req)
+		}); cleanup != nil {
+			m.rh, m.rn, m.rbegun, m.rreqs = nil, 0, "", m.rreqs[:0]
+			return false, ErrClosed
+		}
 		kind, member := rwHold(m.rfield, begun)
 		m.rh, m.rn, m.rreqs = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0, m.rreqs[:0]
 	} else {
