@@ -122,7 +122,9 @@ func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (to
 	if e.c.opts.replicas == 0 { // a transfer is an acquisition no WAIT follows
 		xfer = &transfer{owner: e.owner, req: req, lease: e.lease, take: func(t int64, s time.Time) {
 			token, sent = t, s
-		}, token: func() int64 { return token }}
+		}, token: func() int64 { return token }, giveBack: func(ctx context.Context, t int64) {
+			_, _ = e.unlock(ctx, req, t, false)
+		}}
 	}
 	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
 	return token, sent, req, ok, err
@@ -273,9 +275,11 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 		switch {
 		case token > 0:
 			if !e.c.ps.deliver(w, token, sent) {
-				// The waiter gave up meanwhile: release what it was given.
+				// The waiter gave up meanwhile: release what it was given,
+				// that hold only (the waiter may hold another one, taken by
+				// its own attempt after the transferred hold ended).
 				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-				_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
+				_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, token, false)
 				cancel()
 			}
 		case n == 0:

@@ -210,6 +210,9 @@ type transfer struct {
 	// token returns the token of the hold the acquisition took, once it
 	// succeeded (read by the acquiring goroutine only).
 	token func() int64
+	// giveBack releases the transferred hold with that token, and no other
+	// hold the acquisition took (nil: undo the acquisition).
+	giveBack func(ctx context.Context, token int64)
 }
 
 // maxLocalTransfers is how many times in a row the lock of a channel passes
@@ -1242,7 +1245,13 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			// took the lock with an attempt of its own (a re-entry of the
 			// hold the transfer ended): give it back.
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			undo(cctx)
+			if t != 0 && xfer.giveBack != nil {
+				// That transfer's hold only: the waiter's own attempt may
+				// have taken another (the transferred one was force-unlocked).
+				xfer.giveBack(cctx, t)
+			} else {
+				undo(cctx)
+			}
 			cancel()
 		}
 	}()

@@ -200,3 +200,90 @@ func TestLocalTransfersBoundedWithTwoWorkers(t *testing.T) {
 		t.Logf("the other Client took the lock after %v", waited)
 	})
 }
+
+// TestForceUnlockDuringTransferSparesWaitersOwnHold: a Mutex holder's
+// Unlock hands the lock to a waiter of its Client (a local transfer); the
+// transfer runs in Redis, its reply is late. Meanwhile an operator's
+// ForceUnlock ends the transferred hold and publishes its wake-up, which
+// wakes that very waiter (still registered): its attempt takes the free
+// lock, a hold of its own, under the same acquisition request id. When the
+// Unlock's reply came, the transfer the waiter did not use was given back by
+// undoing that request id, which released the waiter's live hold (its Lock
+// returned nil and its Lost stayed open, while the lock was free for
+// anyone): in the Unlock ("after": the reply comes after the waiter left)
+// and in the waiter's own cleanup ("before": the reply reaches the waiter
+// while its attempt is on the way). A give-back now names the transferred
+// hold's token. (Found by a reviewer.)
+func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		before bool // the transfer reaches the waiter before its attempt is sent
+	}{{"after", false}, {"before", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, c, rdb := plainClient(t, b)
+				name := redistest.UniqueName(t)
+				holder, waiter := c.Mutex(name), c.Mutex(name)
+				ugate := newOwnerGate(unlockScript, holder.e.owner, true)
+				lgate := newOwnerGate(lockScript, waiter.e.owner, false)
+				rdb.AddHook(ugate)
+				rdb.AddHook(lgate)
+				require.NoError(t, holder.Lock(ctx)) // loads the scripts
+				require.NoError(t, holder.Unlock(ctx))
+
+				require.NoError(t, holder.Lock(ctx))
+				got := make(chan error, 1)
+				go func() { got <- waiter.Lock(ctx) }()
+				require.Eventually(t, func() bool {
+					_, waiting := c.ps.reserveLocal(holder.e.channel, false)
+					return waiting
+				}, 5*time.Second, time.Millisecond)
+				time.Sleep(50 * time.Millisecond) // the waiter sleeps
+
+				ugate.arm()
+				unlocked := make(chan error, 1)
+				go func() { unlocked <- holder.Unlock(ctx) }()
+				<-ugate.held // the transfer ran in Redis; its reply is held
+
+				if tc.before {
+					lgate.arm()
+				}
+				_, other, _ := plainClient(t, b)
+				ok, err := other.Mutex(name).ForceUnlock(ctx) // ends the transferred hold, wakes the waiter
+				require.NoError(t, err)
+				require.True(t, ok)
+				if tc.before {
+					select {
+					case <-lgate.held: // the waiter's attempt, before it is sent
+					case <-time.After(3 * time.Second):
+						t.Fatal("the waiter was not woken by the ForceUnlock")
+					}
+					close(ugate.proceed)
+					require.NoError(t, <-unlocked) // delivered to the waiter
+					close(lgate.proceed)           // the attempt takes the free lock
+					require.NoError(t, <-got)
+				} else {
+					select {
+					case err := <-got: // the waiter took the free lock with an attempt
+						require.NoError(t, err)
+					case <-time.After(3 * time.Second):
+						t.Fatal("the waiter was not woken by the ForceUnlock")
+					}
+					close(ugate.proceed)
+					require.NoError(t, <-unlocked) // its transfer did happen
+				}
+				tok := waiter.Token()
+				require.NotZero(t, tok)
+				v, err := rdb.HGet(ctx, waiter.e.key, "t").Int64()
+				require.NoError(t, err, "the waiter's hold was released under it (Lock returned nil, Lost open)")
+				require.Equal(t, tok, v)
+				select {
+				case <-waiter.Lost():
+					t.Fatal("Lost closed")
+				default:
+				}
+				require.NoError(t, waiter.Unlock(ctx))
+			})
+		})
+	}
+}

@@ -24,8 +24,9 @@
 --              attempt failed during the hold (the hash's w field, see
 --              lock.lua); absent: "0"
 --     ARGV[7]  for an undo, the request id of the acquisition to undo: the
---              hold is released only if that acquisition took it; "" or
---              absent for an Unlock
+--              hold is released only if that acquisition took it (and, when
+--              ARGV[5] names a token, only if the hold has that token: the
+--              give-back of a local transfer); "" or absent for an Unlock
 --   a local transfer, both:
 --     ARGV[6]  the waiter's lease, ms
 --     ARGV[7]  its acquisition request id: its own attempt recognises the
@@ -73,7 +74,12 @@ if undo ~= '' then
   -- of its attempt still on the way (a slow link, a client resend) takes
   -- nothing when it comes late.
   fence_tombstone(KEYS[2], undo, ARGV[4])
-  local q = v[1] == ARGV[1] and redis.call('HGET', KEYS[1], 'q')
+  -- An undo that names a token (the give-back of a local transfer) undoes
+  -- that hold only: the acquisition request may have taken another hold
+  -- since, with an attempt of its own (the transferred one was
+  -- force-unlocked meanwhile), which is its caller's.
+  local q = v[1] == ARGV[1] and (ARGV[5] == '' or v[3] == ARGV[5] or tonumber(v[3]) == tonumber(ARGV[5]))
+    and redis.call('HGET', KEYS[1], 'q')
   if not q or not ids_has(q, undo) then
     return {-1, 0} -- it holds nothing: it failed, or it has not arrived
   end
