@@ -224,8 +224,10 @@ func isNil(rdb redis.UniversalClient) bool {
 }
 
 // Close stops the watchdog and the subscriber connections, and waits for
-// their goroutines to exit. Waits in progress return ErrClosed. Locks and
-// permits still held are no longer renewed: they expire after their lease.
+// their goroutines to exit. Waits in progress return ErrClosed, also one
+// whose attempt was on its way at Close and took the lock: what it took is
+// given back. Locks and permits held before Close are no longer renewed:
+// they expire after their lease.
 // Close does not close the Redis client given to New. A second Close returns
 // ErrClosed.
 func (c *Client) Close() error {
