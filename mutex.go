@@ -249,13 +249,23 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 		// now, and its attempt recognises a transferred hold as its own.
 		// Without a transfer the release may not have happened either: the
 		// hold then runs out unannounced, so a waiter retries now too.
-		if w != nil && e.c.ps.unsure(w) {
-			// The waiter left without the lock: a transfer to it would be
-			// nobody's for its whole lease. Give it back, if it happened.
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
-			cancel()
-		} else if w == nil && waiting && undo == "" {
+		if w != nil {
+			if left, acquired, took := e.c.ps.unsure(w); left && (!acquired || took != 0) {
+				// The waiter left: a transfer to it would be nobody's for
+				// its whole lease. Give it back, if it happened; but not the
+				// hold the waiter left with, if it took one with an attempt
+				// of its own (a re-entry of the hold this Unlock ended): the
+				// transfer, if it happened, is the owner's hold now, with
+				// another token, which the give-back names.
+				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+				if !acquired {
+					_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
+				} else if t := currentToken(cctx, e.c, e.key, "o", w.xfer.owner); t != 0 && t != took {
+					_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, t, false)
+				}
+				cancel()
+			}
+		} else if waiting && undo == "" {
 			e.c.ps.wakeOne(e.channel)
 		}
 		return 0, convertErr(err)

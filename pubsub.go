@@ -361,14 +361,18 @@ func (p *pubsub) unreserve(w *waiter, retry bool) {
 // transfer may have happened. A waiter still waiting is woken to retry (its
 // attempt recognises a transferred hold as its own) and, should it leave
 // without the lock, undoes its acquisition (see Client.acquire). It
-// returns true when the waiter has left without the lock already: the
-// caller must then give back what may have been transferred to it.
-func (p *pubsub) unsure(w *waiter) bool {
+// reports whether the waiter has left already: the caller must then give
+// back what may have been transferred to it, and no other hold; acquired
+// and took say whether it left with a hold, and that hold's token (0: not
+// known), which it may have taken with an attempt of its own (a re-entry of
+// the hold the transfer ended, or a hold taken after the transferred one
+// was force-unlocked).
+func (p *pubsub) unsure(w *waiter) (left, acquired bool, took int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	w.reserved = false
 	if w.left {
-		return !w.acquired
+		return true, w.acquired, w.took
 	}
 	w.unsure = true
 	select {
@@ -376,7 +380,7 @@ func (p *pubsub) unsure(w *waiter) bool {
 		w.delivery = false
 	default:
 	}
-	return false
+	return false, false, 0
 }
 
 // setTransfer makes w a waiter of Client.acquire (see waiter.turns) that

@@ -213,18 +213,22 @@ func TestLocalTransfersBoundedWithTwoWorkers(t *testing.T) {
 // anyone): in the Unlock ("after": the reply comes after the waiter left)
 // and in the waiter's own cleanup ("before": the reply reaches the waiter
 // while its attempt is on the way). A give-back now names the transferred
-// hold's token. (Found by a reviewer.)
+// hold's token. "lost reply": the Unlock, unsure whether it transferred,
+// gives back only a hold of the owner with another token than the one the
+// waiter left with. (Found by reviewers.)
 func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		before bool // the transfer reaches the waiter before its attempt is sent
-	}{{"after", false}, {"before", true}} {
+		lost   bool // the Unlock's reply is lost: unsure, it gives back what it may have transferred
+	}{{"after", false, false}, {"before", true, false}, {"lost reply", false, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 				ctx, c, rdb := plainClient(t, b)
 				name := redistest.UniqueName(t)
 				holder, waiter := c.Mutex(name), c.Mutex(name)
 				ugate := newOwnerGate(unlockScript, holder.e.owner, true)
+				ugate.lose = tc.lost
 				lgate := newOwnerGate(lockScript, waiter.e.owner, false)
 				rdb.AddHook(ugate)
 				rdb.AddHook(lgate)
@@ -241,8 +245,10 @@ func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
 				time.Sleep(50 * time.Millisecond) // the waiter sleeps
 
 				ugate.arm()
+				uctx, ucancel := context.WithCancel(ctx)
+				defer ucancel()
 				unlocked := make(chan error, 1)
-				go func() { unlocked <- holder.Unlock(ctx) }()
+				go func() { unlocked <- holder.Unlock(uctx) }()
 				<-ugate.held // the transfer ran in Redis; its reply is held
 
 				if tc.before {
@@ -269,8 +275,14 @@ func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
 					case <-time.After(3 * time.Second):
 						t.Fatal("the waiter was not woken by the ForceUnlock")
 					}
-					close(ugate.proceed)
-					require.NoError(t, <-unlocked) // its transfer did happen
+					if tc.lost {
+						ucancel()
+						close(ugate.proceed)
+						require.Error(t, <-unlocked) // unsure whether it transferred
+					} else {
+						close(ugate.proceed)
+						require.NoError(t, <-unlocked) // its transfer did happen
+					}
 				}
 				tok := waiter.Token()
 				require.NotZero(t, tok)
