@@ -124,6 +124,10 @@ func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (to
 			token, sent = t, s
 		}, token: func() int64 { return token }, giveBack: func(ctx context.Context, t int64) {
 			_, _ = e.unlock(ctx, req, t, false)
+		}, giveBackUnless: func(ctx context.Context, took int64) {
+			if t := currentToken(ctx, e.c, e.key, "o", e.owner); t != 0 && t != took {
+				_, _ = e.unlock(ctx, req, t, false)
+			}
 		}}
 	}
 	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
@@ -260,8 +264,8 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 				if !acquired {
 					_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
-				} else if t := currentToken(cctx, e.c, e.key, "o", w.xfer.owner); t != 0 && t != took {
-					_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, t, false)
+				} else {
+					w.xfer.giveBackUnless(cctx, took)
 				}
 				cancel()
 			}

@@ -213,6 +213,13 @@ type transfer struct {
 	// giveBack releases the transferred hold with that token, and no other
 	// hold the acquisition took (nil: undo the acquisition).
 	giveBack func(ctx context.Context, token int64)
+	// giveBackUnless releases a hold transferred to the acquisition by an
+	// Unlock whose reply was lost, if it happened: the owner's current hold
+	// when its token is not took, the token of the hold the acquisition
+	// took with an attempt of its own (nil: none). The failed Unlock runs it
+	// when the waiter has left already (see excl.unlockDone), the waiter's
+	// cleanup when it leaves after.
+	giveBackUnless func(ctx context.Context, took int64)
 }
 
 // maxLocalTransfers is how many times in a row the lock of a channel passes
@@ -1243,8 +1250,18 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		w.leave(!acquired)
 		c.ps.mu.Lock()
 		unsure := w.unsure && !acquired // a transfer with a lost reply may have reached it
+		// The same, but the waiter took a hold with an attempt of its own (a
+		// re-entry of the hold the transfer ended, its reply on the way when
+		// the Unlock failed): the Unlock left that to it (see excl.unlockDone).
+		unsureHeld := w.unsure && acquired && took != 0
 		c.ps.mu.Unlock()
-		if t, _ := w.takeTransfer(); undo != nil && (unsure || t != 0 && (!acquired || (took != 0 && t != took))) {
+		t, _ := w.takeTransfer()
+		if unsureHeld && t == 0 && xfer.giveBackUnless != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			xfer.giveBackUnless(cctx, took)
+			cancel()
+		}
+		if undo != nil && (unsure || t != 0 && (!acquired || (took != 0 && t != took))) {
 			// A transfer arrived as the wait ended, or after the waiter
 			// took the lock with an attempt of its own (a re-entry of the
 			// hold the transfer ended): give it back.
