@@ -443,46 +443,23 @@ func TestCloseWakesWaiters(t *testing.T) {
 // handle returns ErrClosed), shutting everyone else out for its lease.
 // (Found by a reviewer.)
 func TestCloseWithAttemptInFlight(t *testing.T) {
-	type kind struct {
-		name, key string // key: KEYS[1] of the acquisition script
-		// hold takes the lock on a and returns its release; wait waits on
-		// b; check takes it on a again.
-		hold        func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error
-		wait, check func(ctx context.Context, c *redlatch.Client, name string) error
+	type pair struct{ acquire, release func(context.Context) error }
+	mutex := func(c *redlatch.Client, name string) pair { m := c.Mutex(name); return pair{m.Lock, m.Unlock} }
+	sem := func(c *redlatch.Client, name string) pair {
+		s := c.Semaphore(name, 1)
+		return pair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }}
 	}
-	const lease = 20 * time.Second
-	kinds := []kind{
-		{"Mutex", "lock", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
-			m := a.Mutex(name)
-			require.NoError(t, m.Lock(ctx))
-			return m.Unlock
-		}, func(ctx context.Context, c *redlatch.Client, name string) error { return c.Mutex(name).Lock(ctx) },
-			func(ctx context.Context, c *redlatch.Client, name string) error { return c.Mutex(name).Lock(ctx) }},
-		{"Semaphore", "sem", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
-			s := a.Semaphore(name, 1)
-			require.NoError(t, s.Acquire(ctx, 1))
-			return func(ctx context.Context) error { return s.Release(ctx, 1) }
-		}, func(ctx context.Context, c *redlatch.Client, name string) error {
-			return c.Semaphore(name, 1).Acquire(ctx, 1)
-		},
-			func(ctx context.Context, c *redlatch.Client, name string) error {
-				return c.Semaphore(name, 1).Acquire(ctx, 1)
-			}},
-		{"RWMutex reader", "rw", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
-			m := a.RWMutex(name)
-			require.NoError(t, m.Lock(ctx))
-			return m.Unlock
-		}, func(ctx context.Context, c *redlatch.Client, name string) error { return c.RWMutex(name).RLock(ctx) },
-			func(ctx context.Context, c *redlatch.Client, name string) error { return c.RWMutex(name).Lock(ctx) }},
-		// A WithLease waiter claims its handoff with an attempt.
-		{"FairMutex", "fair", func(ctx context.Context, a *redlatch.Client, name string) func(context.Context) error {
-			m := a.FairMutex(name, redlatch.WithLease(lease))
-			require.NoError(t, m.Lock(ctx))
-			return m.Unlock
-		}, func(ctx context.Context, c *redlatch.Client, name string) error {
-			return c.FairMutex(name, redlatch.WithLease(lease)).Lock(ctx)
-		}, func(ctx context.Context, c *redlatch.Client, name string) error { return c.FairMutex(name).Lock(ctx) }},
+	writer := func(c *redlatch.Client, name string) pair { m := c.RWMutex(name); return pair{m.Lock, m.Unlock} }
+	reader := func(c *redlatch.Client, name string) pair { m := c.RWMutex(name); return pair{m.RLock, m.RUnlock} }
+	// A WithLease waiter claims its handoff with an attempt.
+	fair := func(c *redlatch.Client, name string) pair {
+		m := c.FairMutex(name, redlatch.WithLease(20*time.Second))
+		return pair{m.Lock, m.Unlock}
 	}
+	kinds := []struct {
+		name, key  string // key: KEYS[1] of the acquisition script
+		take, wait func(c *redlatch.Client, name string) pair
+	}{{"Mutex", "lock", mutex, mutex}, {"Semaphore", "sem", sem, sem}, {"RWMutex reader", "rw", writer, reader}, {"FairMutex", "fair", fair, fair}}
 	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
 		for _, k := range kinds {
 			t.Run(k.name, func(t *testing.T) {
@@ -490,20 +467,20 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 				name := redistest.UniqueName(t)
 				a := newClient(t, be)
 				rdb := be.Client(t)
-				hook := &gateScriptHook{match: func(cmd redis.Cmder) bool {
-					args := cmd.Args() // an acquisition: KEYS[1] is the primitive's key
-					return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) > 3 && args[3] == "{"+name+"}:"+k.key
-				}, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
+				// b's next script on the primitive's key: the attempt
+				hook := &gateScriptHook{match: scriptWith("{" + name + "}:" + k.key), after: true,
+					entered: make(chan struct{}), proceed: make(chan struct{})}
 				rdb.AddHook(hook)
 				b := redlatch.New(rdb)
 				t.Cleanup(func() { _ = b.Close() })
 
-				release := k.hold(ctx, a, name)
+				held := k.take(a, name)
+				require.NoError(t, held.acquire(ctx))
 				got := make(chan error, 1)
-				go func() { got <- k.wait(ctx, b, name) }()
+				go func() { got <- k.wait(b, name).acquire(ctx) }()
 				time.Sleep(200 * time.Millisecond) // b waits
 				hook.armed.Store(true)
-				require.NoError(t, release(ctx))
+				require.NoError(t, held.release(ctx))
 				select {
 				case <-hook.entered: // b's attempt ran; its reply is held
 				case <-time.After(5 * time.Second):
@@ -514,7 +491,7 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a wait in progress at Close succeeded after Close")
 				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				defer cancel()
-				require.NoError(t, k.check(cctx, a, name), "the closed Client's hold shuts others out")
+				require.NoError(t, k.take(a, name).acquire(cctx), "the closed Client's hold shuts others out")
 			})
 		}
 	})
@@ -528,31 +505,15 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 // TestCloseWithAttemptInFlight (it returned nil: a hold no watchdog renews
 // and no handle can release). (Found by a reviewer.)
 func TestCloseWhileSupersedeWaits(t *testing.T) {
-	type kind struct {
+	// lock returns the Lock (or RLock) of a new handle of the kind.
+	kinds := []struct {
 		name, key string
-		hold      func(ctx context.Context, c *redlatch.Client, name string) (relock func(context.Context) error)
-	}
-	kinds := []kind{
-		{"ReentrantMutex", "lock", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
-			m := c.ReentrantMutex(name)
-			require.NoError(t, m.Lock(ctx))
-			return m.Lock
-		}},
-		{"FairMutex", "fair", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
-			m := c.FairMutex(name)
-			require.NoError(t, m.Lock(ctx))
-			return m.Lock
-		}},
-		{"RWMutex", "rw", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
-			m := c.RWMutex(name)
-			require.NoError(t, m.Lock(ctx))
-			return m.Lock
-		}},
-		{"RWMutex reader", "rw", func(ctx context.Context, c *redlatch.Client, name string) func(context.Context) error {
-			m := c.RWMutex(name)
-			require.NoError(t, m.RLock(ctx))
-			return m.RLock
-		}},
+		lock      func(c *redlatch.Client, name string) func(context.Context) error
+	}{
+		{"ReentrantMutex", "lock", func(c *redlatch.Client, name string) func(context.Context) error { return c.ReentrantMutex(name).Lock }},
+		{"FairMutex", "fair", func(c *redlatch.Client, name string) func(context.Context) error { return c.FairMutex(name).Lock }},
+		{"RWMutex", "rw", func(c *redlatch.Client, name string) func(context.Context) error { return c.RWMutex(name).Lock }},
+		{"RWMutex reader", "rw", func(c *redlatch.Client, name string) func(context.Context) error { return c.RWMutex(name).RLock }},
 	}
 	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
 		for _, k := range kinds {
@@ -571,7 +532,8 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 				b := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second))
 				t.Cleanup(func() { _ = b.Close() })
 
-				relock := k.hold(ctx, b, name)
+				relock := k.lock(b, name)
+				require.NoError(t, relock(ctx))
 				// The hold is gone in Redis (an operator's ForceUnlock).
 				require.NoError(t, rdb.Del(ctx, key).Err())
 				hook.armed.Store(true)

@@ -236,13 +236,7 @@ func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
 				require.NoError(t, holder.Unlock(ctx))
 
 				require.NoError(t, holder.Lock(ctx))
-				got := make(chan error, 1)
-				go func() { got <- waiter.Lock(ctx) }()
-				require.Eventually(t, func() bool {
-					_, waiting := c.ps.reserveLocal(holder.e.channel, false)
-					return waiting
-				}, 5*time.Second, time.Millisecond)
-				time.Sleep(50 * time.Millisecond) // the waiter sleeps
+				got := mutexSleeping(t, ctx, c, waiter)
 
 				ugate.arm()
 				uctx, ucancel := context.WithCancel(ctx)

@@ -96,109 +96,37 @@ func (g *ownerGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // back the owner's hold when its token is not the waiter's. (Found by a
 // reviewer.)
 func TestTransferToWaiterThatReentered(t *testing.T) {
-	for _, lost := range []bool{false, true} {
-		t.Run(map[bool]string{false: "reply", true: "lost reply"}[lost], func(t *testing.T) {
-			transferToWaiterThatReentered(t, lost)
-		})
+	for _, tc := range []struct {
+		name             string
+		lost, reentering bool
+	}{{"reply", false, false}, {"lost reply", true, false}, {"reentering", false, true}, {"reentering, lost reply", true, true}} {
+		t.Run(tc.name, func(t *testing.T) { transferToWaiterThatReentered(t, tc.lost, tc.reentering) })
 	}
 }
 
-func transferToWaiterThatReentered(t *testing.T, lost bool) {
+// transferToWaiterThatReentered runs TestTransferToWaiterThatReentered;
+// with reentering, two handles share a WithOwner id (one owner: either may
+// release what the other took), and the waiter is still inside its
+// re-entry when the Unlock's outcome is known: h1 holds the lock; h2's Lock
+// registers as a waiter and re-enters the hold with its own attempt, whose
+// reply is still on the way; h1 unlocks twice: the first Unlock ends its
+// own count, the second ends the count of h2's re-entry and, having
+// reserved h2's waiter, hands the lock to h2's acquisition in Redis. With
+// its reply lost, the Unlock only marked the waiter unsure; the waiter then
+// left with the hold it re-entered (acquired: the mark was ignored), and
+// nobody gave back the transferred hold. The waiter's cleanup now gives
+// back the owner's hold when its token is not the one the waiter left
+// with. (Found by a reviewer.)
+func transferToWaiterThatReentered(t *testing.T, lost, reentering bool) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx, c, rdb := plainClient(t, b)
 		name := redistest.UniqueName(t)
-		m := c.ReentrantMutex(name)
-		lockHook := newOwnerGate(lockScript, m.e.owner, true)
-		gate := newOwnerGate(unlockScript, m.e.owner, false)
-		gate.lose = lost
-		rdb.AddHook(lockHook)
-		rdb.AddHook(gate)
-		require.NoError(t, m.Lock(ctx)) // loads the scripts
-		require.NoError(t, m.Unlock(ctx))
-
-		require.NoError(t, m.Lock(ctx)) // goroutine 1
-		// A waiter of this Client that takes no transfers.
-		rl := NewRedlock(name, []*Client{c})
-		rlDone := make(chan error, 1)
-		go func() { rlDone <- rl.Lock(ctx) }()
-		require.Eventually(t, func() bool {
-			c.ps.mu.Lock()
-			defer c.ps.mu.Unlock()
-			ch := c.ps.chans[m.e.channel]
-			return ch != nil && ch.isReady && len(ch.waiters) == 1
-		}, 5*time.Second, time.Millisecond, "the Redlock never waited")
-
-		lockHook.arm()
-		g2 := make(chan error, 1)
-		go func() { g2 <- m.Lock(ctx) }() // goroutine 2: joins, then re-enters
-		<-lockHook.held                   // count 2; the reply is on its way
-		gate.arm()
-		uctx, ucancel := context.WithCancel(ctx)
-		defer ucancel()
-		g1 := make(chan error, 1)
-		go func() { g1 <- m.Unlock(uctx) }() // reserves goroutine 2's waiter
-		<-gate.held
-		c.ps.mu.Lock()
-		reserved := slices.ContainsFunc(c.ps.chans[m.e.channel].waiters, func(w *waiter) bool { return w.reserved })
-		c.ps.mu.Unlock()
-		require.True(t, reserved, "the Unlock reserved goroutine 2's waiter")
-		close(lockHook.proceed)
-		require.NoError(t, <-g2)
-		require.NoError(t, m.Unlock(ctx)) // goroutine 2: count 1
-		if lost {
-			ucancel()
+		h1 := c.ReentrantMutex(name)
+		h2 := h1 // a second goroutine
+		if reentering {
+			h1 = c.ReentrantMutex(name, WithOwner("shared-owner"))
+			h2 = c.ReentrantMutex(name, WithOwner("shared-owner"))
 		}
-		close(gate.proceed)
-		if err := <-g1; !lost { // goroutine 1: count 0, transferred in Redis
-			require.NoError(t, err)
-		}
-
-		require.Eventually(t, func() bool {
-			n, err := m.HoldCount(ctx)
-			return err == nil && n == 0
-		}, 2*time.Second, 10*time.Millisecond, "each Lock was unlocked, yet the owner holds the lock: %v",
-			rdb.HGetAll(ctx, m.e.key).Val())
-		select {
-		case err := <-rlDone:
-			require.NoError(t, err)
-		case <-time.After(3 * time.Second):
-			t.Fatal("the other owner still waits for the free lock")
-		}
-		require.NoError(t, rl.Unlock(ctx))
-	})
-}
-
-// TestUnsureTransferToWaiterStillReentering: the other order of
-// TestTransferToWaiterThatReentered "lost reply". Two handles share a
-// WithOwner id (one owner: either may release what the other took). h1
-// holds the lock; h2's Lock registers as a waiter (the Client has another
-// waiter: a Redlock) and re-enters the hold with its own attempt, whose
-// reply is still on the way. h1 unlocks twice: the first Unlock ends its
-// own count, the second (allowed: it releases what h2 took) ends the
-// count of h2's re-entry and, having reserved h2's waiter, hands the lock
-// to h2's acquisition in Redis; its reply is lost. The waiter has not left
-// yet, so unsure only marks it; then its re-entry's reply comes, and it
-// leaves with the hold it re-entered: acquired, so the unsure mark is
-// ignored, and nobody gives back the transferred hold. Two Locks, two
-// Unlocks, and the owner still holds the lock, tracked by no one, for a
-// whole lease: every other owner waits. (With the Unlock's reply, deliver
-// hands the token to the waiter, whose cleanup gives it back.) The waiter's
-// cleanup now gives back the owner's hold when its token is not the one
-// the waiter left with. (Found by a reviewer.)
-func TestUnsureTransferToWaiterStillReentering(t *testing.T) {
-	for _, lost := range []bool{false, true} {
-		t.Run(map[bool]string{false: "reply", true: "lost reply"}[lost], func(t *testing.T) {
-			unsureTransferToWaiterStillReentering(t, lost)
-		})
-	}
-}
-
-func unsureTransferToWaiterStillReentering(t *testing.T, lost bool) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, c, rdb := plainClient(t, b)
-		name := redistest.UniqueName(t)
-		h1 := c.ReentrantMutex(name, WithOwner("shared-owner"))
-		h2 := c.ReentrantMutex(name, WithOwner("shared-owner"))
 		lockHook := newOwnerGate(lockScript, h1.e.owner, true)
 		gate := newOwnerGate(unlockScript, h1.e.owner, false)
 		gate.lose = lost
@@ -207,8 +135,9 @@ func unsureTransferToWaiterStillReentering(t *testing.T, lost bool) {
 		require.NoError(t, h1.Lock(ctx)) // loads the scripts
 		require.NoError(t, h1.Unlock(ctx))
 
-		require.NoError(t, h1.Lock(ctx))
-		rl := NewRedlock(name, []*Client{c}) // a waiter of this Client that takes no transfers
+		require.NoError(t, h1.Lock(ctx)) // goroutine 1
+		// A waiter of this Client that takes no transfers.
+		rl := NewRedlock(name, []*Client{c})
 		rlDone := make(chan error, 1)
 		go func() { rlDone <- rl.Lock(ctx) }()
 		require.Eventually(t, func() bool {
@@ -220,33 +149,43 @@ func unsureTransferToWaiterStillReentering(t *testing.T, lost bool) {
 
 		lockHook.arm()
 		g2 := make(chan error, 1)
-		go func() { g2 <- h2.Lock(ctx) }() // joins, then re-enters
+		go func() { g2 <- h2.Lock(ctx) }() // goroutine 2: joins, then re-enters
 		<-lockHook.held                    // count 2; the reply is on its way
-		require.NoError(t, h1.Unlock(ctx)) // count 1
-
+		if reentering {
+			require.NoError(t, h1.Unlock(ctx)) // count 1
+		}
 		gate.arm()
 		uctx, ucancel := context.WithCancel(ctx)
 		defer ucancel()
 		g1 := make(chan error, 1)
-		go func() { g1 <- h1.Unlock(uctx) }() // reserves h2's waiter
+		go func() { g1 <- h1.Unlock(uctx) }() // reserves goroutine 2's waiter
 		<-gate.held
 		c.ps.mu.Lock()
 		reserved := slices.ContainsFunc(c.ps.chans[h1.e.channel].waiters, func(w *waiter) bool { return w.reserved })
 		c.ps.mu.Unlock()
-		require.True(t, reserved, "the Unlock reserved h2's waiter")
+		require.True(t, reserved, "the Unlock reserved goroutine 2's waiter")
+		if !reentering {
+			close(lockHook.proceed)
+			require.NoError(t, <-g2)
+			require.NoError(t, h2.Unlock(ctx)) // goroutine 2: count 1
+		}
 		if lost {
 			ucancel()
 		}
 		close(gate.proceed)
-		t.Logf("h1's second Unlock: %v; in Redis: %v", <-g1, rdb.HGetAll(ctx, h1.e.key).Val())
-		close(lockHook.proceed)
-		require.NoError(t, <-g2)
+		if err := <-g1; !lost { // count 0, transferred in Redis
+			require.NoError(t, err)
+		}
+		if reentering {
+			close(lockHook.proceed)
+			require.NoError(t, <-g2)
+		}
 
 		require.Eventually(t, func() bool {
 			n, err := h1.HoldCount(ctx)
 			return err == nil && n == 0
-		}, 2*time.Second, 10*time.Millisecond, "two Locks, two Unlocks, yet the owner holds the lock: %v (pttl %v)",
-			rdb.HGetAll(ctx, h1.e.key).Val(), rdb.PTTL(ctx, h1.e.key).Val())
+		}, 2*time.Second, 10*time.Millisecond, "each Lock was unlocked, yet the owner holds the lock: %v",
+			rdb.HGetAll(ctx, h1.e.key).Val())
 		select {
 		case err := <-rlDone:
 			require.NoError(t, err)
