@@ -125,9 +125,15 @@ func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (to
 		}, token: func() int64 { return token }, giveBack: func(ctx context.Context, t int64) {
 			_, _ = e.unlock(ctx, req, t, false)
 		}, giveBackUnless: func(ctx context.Context, took int64) {
-			if t := currentToken(ctx, e.c, e.key, "o", e.owner); t != 0 && t != took {
-				_, _ = e.unlock(ctx, req, t, false)
+			t := currentToken(ctx, e.c, e.key, "o", e.owner)
+			if t == 0 || t == took {
+				// Nothing to give back now; but the transfer may still be on
+				// its way (a slow link): an undo naming no hold leaves the
+				// acquisition's tombstone only, which a late transfer
+				// honours (see unlock.lua).
+				t = noHold
 			}
+			_, _ = e.unlock(ctx, req, t, false)
 		}}
 	}
 	ok, err = e.c.acquire(ctx, e.channel, kin, block, queue, try, undo, xfer)
@@ -308,6 +314,11 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 	}
 	return n, nil
 }
+
+// noHold is a fencing token no hold has (tokens stay below 2^53, see
+// lua/fence.lua): an undo naming it releases nothing and leaves only its
+// tombstone.
+const noHold = 1 << 62
 
 // currentToken returns the fencing token of the hold of key that owner holds
 // (its owner id in field of), or 0 when none or unknown.

@@ -2,10 +2,14 @@ package redlatch
 
 import (
 	"context"
+	"errors"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch/internal/redistest"
@@ -292,4 +296,278 @@ func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
 			})
 		})
 	}
+}
+
+// lateGate, once armed, holds the next call of script by owner before it
+// is sent (closing held); when fail is closed, its caller gets a timeout
+// (the reply never comes) while the call is still on its way; when run is
+// closed, the call reaches Redis and runs (closing ran): a request stuck in
+// a slow link, which Redis runs after its client gave up on it.
+type lateGate struct {
+	passHook
+	script *redis.Script
+	owner  string
+	mu     sync.Mutex
+	armed  bool
+	held   chan struct{}
+	fail   chan struct{}
+	run    chan struct{}
+	ran    chan struct{}
+}
+
+func newLateGate(script *redis.Script, owner string) *lateGate {
+	return &lateGate{script: script, owner: owner, held: make(chan struct{}), fail: make(chan struct{}),
+		run: make(chan struct{}), ran: make(chan struct{})}
+}
+
+func (g *lateGate) arm() {
+	g.mu.Lock()
+	g.armed = true
+	g.mu.Unlock()
+}
+
+var errLateTimeout = errors.New("i/o timeout (test: the request is still on its way)")
+
+func (g *lateGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if strings.ToLower(cmd.Name()) != "evalsha" || len(args) < 4 || args[1] != g.script.Hash() {
+			return next(ctx, cmd)
+		}
+		nkeys, _ := args[2].(int)
+		if len(args) <= 3+nkeys || args[3+nkeys] != g.owner {
+			return next(ctx, cmd)
+		}
+		g.mu.Lock()
+		gate := g.armed
+		g.armed = false
+		g.mu.Unlock()
+		if !gate {
+			return next(ctx, cmd)
+		}
+		close(g.held)
+		<-g.fail
+		copied := redis.NewCmd(context.WithoutCancel(ctx), slices.Clone(args)...)
+		go func() {
+			<-g.run
+			_ = next(context.WithoutCancel(ctx), copied)
+			close(g.ran)
+		}()
+		cmd.SetErr(errLateTimeout)
+		return errLateTimeout
+	}
+}
+
+// TestLateTransferAfterGiveBack: an Unlock hands the lock to a waiter of
+// its Client (a local transfer), but its script is stuck on the way (a
+// slow link): the Unlock times out, unsure whether it transferred. The
+// give-back of what may have been transferred runs (it finds nothing yet,
+// and leaves the waiter's tombstone), then the stuck script reaches Redis
+// and hands the lock to the waiter's acquisition, which is over. Nobody
+// tracks, renews or releases that hold: every other owner waits for the
+// waiter's whole lease (30 s). A late lock attempt after its undo takes
+// nothing (the tombstone, see TestLateAcquisitionAfterUndo); a late
+// transfer, which is an acquisition too, took the lock.
+//
+//   - "unlock gives back": the waiter left (ctx ended) before the Unlock
+//     timed out; the Unlock's unsure branch undoes the acquisition.
+//   - "waiter gives back": the waiter was still waiting; unsure marked it,
+//     and its cleanup undoes the acquisition when its ctx ends.
+//
+// A transfer now honours the waiter's tombstone, and a give-back that
+// finds nothing to give back still leaves one. (Found by a reviewer.)
+func TestLateTransferAfterGiveBack(t *testing.T) {
+	for _, waiterFirst := range []bool{true, false} {
+		t.Run(map[bool]string{true: "unlock gives back", false: "waiter gives back"}[waiterFirst], func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, c, rdb := plainClient(t, b)
+				name := redistest.UniqueName(t)
+				holder := c.Mutex(name)
+				gate := newLateGate(unlockScript, holder.e.owner)
+				rdb.AddHook(gate)
+				require.NoError(t, holder.Lock(ctx)) // loads the scripts
+				require.NoError(t, holder.Unlock(ctx))
+
+				require.NoError(t, holder.Lock(ctx))
+				wctx, wcancel := context.WithCancel(ctx)
+				defer wcancel()
+				waiter := c.Mutex(name)
+				got := mutexSleeping(t, wctx, c, waiter)
+
+				gate.arm()
+				unlocked := make(chan error, 1)
+				go func() { unlocked <- holder.Unlock(ctx) }()
+				<-gate.held // the waiter is reserved; the transfer is on its way
+				if waiterFirst {
+					wcancel()
+					require.Error(t, <-got)
+					close(gate.fail)
+					require.Error(t, <-unlocked) // unsure: it gives back what may have been transferred
+				} else {
+					close(gate.fail)
+					require.Error(t, <-unlocked)      // unsure: the waiter is marked
+					time.Sleep(50 * time.Millisecond) // woken, its attempt fails: the holder still holds
+					wcancel()
+					require.Error(t, <-got) // it gives back what may have been transferred
+				}
+				close(gate.run)
+				<-gate.ran // the stuck script runs now
+				t.Logf("after the late script: %v (pttl %v)", rdb.HGetAll(ctx, holder.e.key).Val(),
+					rdb.PTTL(ctx, holder.e.key).Val())
+
+				_, other, _ := plainClient(t, b)
+				om := other.Mutex(name)
+				require.Eventually(t, func() bool {
+					ok, err := om.TryLock(ctx)
+					return err == nil && ok
+				}, 2*time.Second, 20*time.Millisecond,
+					"the lock went to a waiter that had given up, and is held by no one: %v (pttl %v)",
+					rdb.HGetAll(ctx, holder.e.key).Val(), rdb.PTTL(ctx, holder.e.key).Val())
+				require.NoError(t, om.Unlock(ctx))
+			})
+		})
+	}
+}
+
+// TestLateTransferToWaiterThatReentered: TestTransferToWaiterThatReentered
+// and TestUnsureTransferToWaiterStillReentering with the Unlock's script
+// stuck on the way instead of its reply lost. The waiter (a Lock sharing
+// the owner) left with the hold it re-entered; the give-back of the
+// unsure Unlock (in the Unlock: "left before", or in the waiter's cleanup:
+// "left after") reads the owner's hold, finds the waiter's own token and
+// does nothing. Then the script runs: it ends the hold and hands the lock to
+// the waiter's acquisition, which is over. The owner holds the lock, tracked
+// by no one, for a whole lease; the other owner (a Redlock) waits.
+func TestLateTransferToWaiterThatReentered(t *testing.T) {
+	for _, leftBefore := range []bool{true, false} {
+		t.Run(map[bool]string{true: "left before", false: "left after"}[leftBefore], func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, c, rdb := plainClient(t, b)
+				name := redistest.UniqueName(t)
+				h1 := c.ReentrantMutex(name, WithOwner("shared-owner"))
+				h2 := c.ReentrantMutex(name, WithOwner("shared-owner"))
+				lockHook := newOwnerGate(lockScript, h1.e.owner, true)
+				gate := newLateGate(unlockScript, h1.e.owner)
+				rdb.AddHook(lockHook)
+				rdb.AddHook(gate)
+				require.NoError(t, h1.Lock(ctx)) // loads the scripts
+				require.NoError(t, h1.Unlock(ctx))
+
+				require.NoError(t, h1.Lock(ctx))
+				rl := NewRedlock(name, []*Client{c}) // a waiter of this Client that takes no transfers
+				rlDone := make(chan error, 1)
+				go func() { rlDone <- rl.Lock(ctx) }()
+				require.Eventually(t, func() bool {
+					c.ps.mu.Lock()
+					defer c.ps.mu.Unlock()
+					ch := c.ps.chans[h1.e.channel]
+					return ch != nil && ch.isReady && len(ch.waiters) == 1
+				}, 5*time.Second, time.Millisecond, "the Redlock never waited")
+
+				lockHook.arm()
+				g2 := make(chan error, 1)
+				go func() { g2 <- h2.Lock(ctx) }() // joins, then re-enters
+				<-lockHook.held                    // count 2; the reply is on its way
+				require.NoError(t, h1.Unlock(ctx)) // count 1
+
+				gate.arm()
+				g1 := make(chan error, 1)
+				go func() { g1 <- h1.Unlock(ctx) }() // reserves h2's waiter
+				<-gate.held
+				c.ps.mu.Lock()
+				reserved := slices.ContainsFunc(c.ps.chans[h1.e.channel].waiters, func(w *waiter) bool { return w.reserved })
+				c.ps.mu.Unlock()
+				require.True(t, reserved, "the Unlock reserved h2's waiter")
+				if leftBefore {
+					close(lockHook.proceed)
+					require.NoError(t, <-g2) // left with the re-entered hold
+					close(gate.fail)
+					require.Error(t, <-g1) // unsure; the owner's hold has the waiter's token
+				} else {
+					close(gate.fail)
+					require.Error(t, <-g1) // unsure: the waiter is marked
+					close(lockHook.proceed)
+					require.NoError(t, <-g2) // its cleanup finds the owner's hold has its token
+				}
+				close(gate.run)
+				<-gate.ran // the stuck script runs: count 0, handed to h2's acquisition
+				t.Logf("after the late script: %v (pttl %v)", rdb.HGetAll(ctx, h1.e.key).Val(),
+					rdb.PTTL(ctx, h1.e.key).Val())
+
+				require.Eventually(t, func() bool {
+					n, err := h1.HoldCount(ctx)
+					return err == nil && n == 0
+				}, 2*time.Second, 10*time.Millisecond, "two Locks, two Unlocks, yet the owner holds the lock: %v (pttl %v)",
+					rdb.HGetAll(ctx, h1.e.key).Val(), rdb.PTTL(ctx, h1.e.key).Val())
+				select {
+				case err := <-rlDone:
+					require.NoError(t, err)
+					require.NoError(t, rl.Unlock(ctx))
+				case <-time.After(100 * time.Millisecond):
+					// The lock is free; the Redlock sleeps to its bound (the
+					// late release published nothing): not this test's point.
+				}
+			})
+		})
+	}
+}
+
+// TestLateTransferThroughSlowLink: TestLateTransferAfterGiveBack "unlock
+// gives back" without hooks: the Client's link to Redis (a proxy) holds the
+// Unlock's script until its ctx's deadline has passed; go-redis (no
+// retries) times out, the Unlock, unsure, undoes the waiter's acquisition
+// on a new connection, and then the proxy lets the script through.
+func TestLateTransferThroughSlowLink(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Server == nil {
+			t.Skip("needs a single real redis-server behind a proxy")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		proxy := redistest.NewProxy(t, b.Server.Addr)
+		opts := b.Server.Options()
+		opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
+		rdb := redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		admin := b.Client(t)
+
+		name := redistest.UniqueName(t)
+		holder := c.Mutex(name)
+		require.NoError(t, holder.Lock(ctx)) // loads the scripts
+		require.NoError(t, holder.Unlock(ctx))
+		require.NoError(t, holder.Lock(ctx))
+		wctx, wcancel := context.WithCancel(ctx)
+		defer wcancel()
+		got := mutexSleeping(t, wctx, c, c.Mutex(name))
+
+		require.Positive(t, proxy.Hold())
+		uctx, ucancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer ucancel()
+		unlocked := make(chan error, 1)
+		go func() { unlocked <- holder.Unlock(uctx) }()
+		require.Eventually(t, func() bool {
+			c.ps.mu.Lock()
+			defer c.ps.mu.Unlock()
+			ch := c.ps.chans[holder.e.channel]
+			return ch != nil && len(ch.waiters) == 1 && ch.waiters[0].reserved
+		}, time.Second, time.Millisecond, "the Unlock reserved the waiter")
+		wcancel()
+		require.Error(t, <-got)
+		require.Error(t, <-unlocked) // timed out; it undid the waiter's acquisition
+		proxy.Release()              // the script reaches Redis now
+		time.Sleep(100 * time.Millisecond)
+
+		oc := New(admin)
+		t.Cleanup(func() { _ = oc.Close() })
+		om := oc.Mutex(name)
+		require.Eventually(t, func() bool {
+			ok, err := om.TryLock(ctx)
+			return err == nil && ok
+		}, 2*time.Second, 20*time.Millisecond,
+			"the lock went to a waiter that had given up, and is held by no one: %v (pttl %v)",
+			admin.HGetAll(ctx, holder.e.key).Val(), admin.PTTL(ctx, holder.e.key).Val())
+		require.NoError(t, om.Unlock(ctx))
+	})
 }

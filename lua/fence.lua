@@ -19,7 +19,8 @@
 --
 -- next_token(fence, retention[, suffix[, last[, now[, held]]]]) returns the
 -- next fencing token of a lock name as a decimal string, to store and to
--- reply with (the client parses it). KEYS and ARGV: none of its own; the
+-- reply with (the client parses it), and the fence key's value before the
+-- call (false: no key). KEYS and ARGV: none of its own; the
 -- caller passes
 --   fence      the name's fence key, from its KEYS
 --   retention  how long the fence key outlives its last use, ms, from its ARGV
@@ -89,7 +90,7 @@ local function next_token(fence, retention, suffix, last, now, held)
         redis.call('SET', fence, s .. suffix .. (keep or ''), 'PX', retention)
       end
     end
-    return s
+    return s, old
   end
   if last == nil then
     last = redis.call('GET', fence)
@@ -105,5 +106,5 @@ local function next_token(fence, retention, suffix, last, now, held)
     end
   end
   redis.call('SET', fence, s .. (suffix or '') .. keep, 'PX', retention)
-  return s
+  return s, last
 end

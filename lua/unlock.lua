@@ -44,7 +44,8 @@
 -- count (0: the lock was released and one waiter per Client is woken, or it
 -- was handed to the waiter), or -1 when ARGV[1] does not hold the lock; token is
 -- the new hold's fencing token (a decimal string, see next_token) when the
--- lock was handed to the waiter, else 0;
+-- lock was handed to the waiter, else 0 (also when a transfer found the
+-- waiter's acquisition undone, and released the lock unannounced instead);
 -- receivers, after a release, is how many Clients heard the wake-up (0 when
 -- none was published: no one waited). The wake-up's payload is the request
 -- id ARGV[2]: the releasing Client knows its own release by it, whichever
@@ -130,7 +131,20 @@ if to then
   -- The hash becomes the new hold's in place: w stays (other Clients may
   -- still wait), u (a partial release of the old hold) goes. The token
   -- passes the old hold's, also when the fence key was lost meanwhile.
-  local token = next_token(KEYS[2], ARGV[4], ':' .. released, nil, nil, v[3])
+  local token, f = next_token(KEYS[2], ARGV[4], ':' .. released, nil, nil, v[3])
+  local p = f and string.find(f, '|', 1, true)
+  if p and string.find(string.sub(f, p) .. '|', '|' .. ARGV[7] .. '|', 1, true) then
+    -- The waiter undid its acquisition (its tombstone, see fence.lua):
+    -- this transfer came late (a slow link; its caller timed out, and the
+    -- waiter, or the caller, gave back what it might have been handed).
+    -- Handed on now, the lock would be nobody's for the waiter's whole
+    -- lease: release it instead (the token just issued goes unused). No
+    -- wake-up (a transfer names no channel): waiters fall back to their
+    -- lease bound, as after an Unlock that never arrived.
+    redis.call('DEL', KEYS[1])
+    fence_set_release(KEYS[2], v[3], released, ARGV[4])
+    return {0, 0, 0}
+  end
   if v[4] then
     redis.call('HDEL', KEYS[1], 'u')
   end
