@@ -306,6 +306,21 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 			// A retried unlock that had released (or transferred) the lock:
 			// the waiter retries and finds out.
 			e.c.ps.unreserve(w, true)
+			if token == 0 {
+				// Released, not handed on: the transfer found the waiter's
+				// acquisition undone (see unlock.lua), or this is a resend
+				// of one that did. The script published nothing (a
+				// transfer names no channel), and the waiter has left:
+				// announce the release, as a public one does, or every
+				// waiter sleeps to its lease bound while the lock is free.
+				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+				if pub := e.c.publishCommand(cctx); pub == "SPUBLISH" {
+					_ = e.c.rdb.SPublish(cctx, e.channel, req).Err()
+				} else {
+					_ = e.c.rdb.Publish(cctx, e.channel, req).Err()
+				}
+				cancel()
+			}
 		default:
 			// Not a full release; or (n < 0) the hold was gone already,
 			// unannounced, and the lock may be free: the waiter retries.

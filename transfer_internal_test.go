@@ -571,3 +571,68 @@ func TestLateTransferThroughSlowLink(t *testing.T) {
 		require.NoError(t, om.Unlock(ctx))
 	})
 }
+
+// TestRefusedTransferWakesNoOne: an Unlock reserves a waiter of its Client
+// for a local transfer while that waiter's attempt is failing (a network
+// error, or its ctx's deadline mid-call): the waiter undoes its acquisition
+// (leaving its tombstone) and leaves, and the Unlock's transfer script,
+// sent just after, finds the tombstone and releases the lock instead
+// (8709125). Its reply reaches the Unlock, which returns nil, but nobody
+// announces the release: no publish (a transfer names no channel) and no
+// local wake-up (unreserve of a waiter that left wakes no one). A waiter of
+// another Client, whose attempt set w during the hold, sleeps to its lease
+// bound (30 s) while the lock is free. Before 8709125 the transfer went to
+// the waiter, deliver found it gone, and the give-back published. The
+// Unlock now publishes the release itself. (Found by a reviewer.)
+func TestRefusedTransferWakesNoOne(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, c, rdb := plainClient(t, b)
+		_, c2, _ := plainClient(t, b)
+		name := redistest.UniqueName(t)
+		holder := c.Mutex(name)
+		require.NoError(t, holder.Lock(ctx)) // loads the scripts
+		require.NoError(t, holder.Unlock(ctx))
+		require.NoError(t, holder.Lock(ctx))
+
+		waiter := c.Mutex(name)
+		got := mutexSleeping(t, ctx, c, waiter)
+		other := c2.Mutex(name)
+		otherDone := make(chan error, 1)
+		go func() { otherDone <- other.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			c2.ps.mu.Lock()
+			defer c2.ps.mu.Unlock()
+			ch := c2.ps.chans[other.e.channel]
+			return ch != nil && ch.isReady && len(ch.waiters) == 1
+		}, 5*time.Second, time.Millisecond)
+		time.Sleep(100 * time.Millisecond) // its second attempt failed: it sleeps to the lease bound
+
+		ug := newOwnerGate(unlockScript, holder.e.owner, false)
+		fg := newOwnerGate(lockScript, waiter.e.owner, false)
+		fg.drop = true
+		rdb.AddHook(ug)
+		rdb.AddHook(fg)
+		ug.arm()
+		fg.arm()
+		unlocked := make(chan error, 1)
+		go func() { unlocked <- holder.Unlock(ctx) }()
+		<-ug.held // the waiter is reserved; the transfer is about to be sent
+
+		c.ps.wakeOne(holder.e.channel) // the waiter attempts: the attempt fails, it undoes and leaves
+		<-fg.held
+		require.Error(t, <-got)
+		close(ug.proceed) // the transfer runs after the undo
+		require.NoError(t, <-unlocked)
+		t.Logf("after the transfer: %v", rdb.HGetAll(ctx, holder.e.key).Val())
+
+		select {
+		case err := <-otherDone:
+			require.NoError(t, err)
+			require.NoError(t, other.Unlock(ctx))
+		case <-time.After(2 * time.Second):
+			free := rdb.Exists(ctx, holder.e.key).Val() == 0
+			t.Fatalf("the lock is free (%v) but the other Client's waiter sleeps to its lease bound: "+
+				"the refused transfer's release was announced to no one", free)
+		}
+	})
+}

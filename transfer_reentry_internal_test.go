@@ -23,6 +23,7 @@ type ownerGate struct {
 	owner   string
 	late    bool
 	lose    bool // the call runs in Redis, and its caller gets its ctx's error (a lost reply)
+	drop    bool // the call fails without being sent (a network error; held is closed)
 	mu      sync.Mutex
 	armed   bool
 	held    chan struct{}
@@ -55,6 +56,11 @@ func (g *ownerGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		g.mu.Unlock()
 		if !gate {
 			return next(ctx, cmd)
+		}
+		if g.drop {
+			close(g.held)
+			cmd.SetErr(errLateTimeout)
+			return errLateTimeout
 		}
 		run := func() error {
 			if !g.lose {
