@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -298,64 +297,18 @@ func TestForceUnlockDuringTransferSparesWaitersOwnHold(t *testing.T) {
 	}
 }
 
-// lateGate, once armed, holds the next call of script by owner before it
-// is sent (closing held); when fail is closed, its caller gets a timeout
-// (the reply never comes) while the call is still on its way; when run is
-// closed, the call reaches Redis and runs (closing ran): a request stuck in
-// a slow link, which Redis runs after its client gave up on it.
-type lateGate struct {
-	passHook
-	script *redis.Script
-	owner  string
-	mu     sync.Mutex
-	armed  bool
-	held   chan struct{}
-	fail   chan struct{}
-	run    chan struct{}
-	ran    chan struct{}
-}
-
-func newLateGate(script *redis.Script, owner string) *lateGate {
-	return &lateGate{script: script, owner: owner, held: make(chan struct{}), fail: make(chan struct{}),
-		run: make(chan struct{}), ran: make(chan struct{})}
-}
-
-func (g *lateGate) arm() {
-	g.mu.Lock()
-	g.armed = true
-	g.mu.Unlock()
-}
-
 var errLateTimeout = errors.New("i/o timeout (test: the request is still on its way)")
 
-func (g *lateGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		args := cmd.Args()
-		if strings.ToLower(cmd.Name()) != "evalsha" || len(args) < 4 || args[1] != g.script.Hash() {
-			return next(ctx, cmd)
-		}
-		nkeys, _ := args[2].(int)
-		if len(args) <= 3+nkeys || args[3+nkeys] != g.owner {
-			return next(ctx, cmd)
-		}
-		g.mu.Lock()
-		gate := g.armed
-		g.armed = false
-		g.mu.Unlock()
-		if !gate {
-			return next(ctx, cmd)
-		}
-		close(g.held)
-		<-g.fail
-		copied := redis.NewCmd(context.WithoutCancel(ctx), slices.Clone(args)...)
-		go func() {
-			<-g.run
-			_ = next(context.WithoutCancel(ctx), copied)
-			close(g.ran)
-		}()
-		cmd.SetErr(errLateTimeout)
-		return errLateTimeout
-	}
+// newLateGate returns an ownerGate that, once armed, holds the next call of
+// script by owner before it is sent (closing held); when fail is closed,
+// its caller gets a timeout (the reply never comes) while the call is still
+// on its way; when run is closed, the call reaches Redis and runs (closing
+// ran): a request stuck in a slow link, which Redis runs after its client
+// gave up on it.
+func newLateGate(script *redis.Script, owner string) *ownerGate {
+	g := newOwnerGate(script, owner, false)
+	g.fail, g.run, g.ran = make(chan struct{}), make(chan struct{}), make(chan struct{})
+	return g
 }
 
 // TestLateTransferAfterGiveBack: an Unlock hands the lock to a waiter of
@@ -416,14 +369,7 @@ func TestLateTransferAfterGiveBack(t *testing.T) {
 					rdb.PTTL(ctx, holder.e.key).Val())
 
 				_, other, _ := plainClient(t, b)
-				om := other.Mutex(name)
-				require.Eventually(t, func() bool {
-					ok, err := om.TryLock(ctx)
-					return err == nil && ok
-				}, 2*time.Second, 20*time.Millisecond,
-					"the lock went to a waiter that had given up, and is held by no one: %v (pttl %v)",
-					rdb.HGetAll(ctx, holder.e.key).Val(), rdb.PTTL(ctx, holder.e.key).Val())
-				require.NoError(t, om.Unlock(ctx))
+				requireTakenSoon(t, ctx, other.Mutex(name), rdb)
 			})
 		})
 	}
@@ -561,14 +507,7 @@ func TestLateTransferThroughSlowLink(t *testing.T) {
 
 		oc := New(admin)
 		t.Cleanup(func() { _ = oc.Close() })
-		om := oc.Mutex(name)
-		require.Eventually(t, func() bool {
-			ok, err := om.TryLock(ctx)
-			return err == nil && ok
-		}, 2*time.Second, 20*time.Millisecond,
-			"the lock went to a waiter that had given up, and is held by no one: %v (pttl %v)",
-			admin.HGetAll(ctx, holder.e.key).Val(), admin.PTTL(ctx, holder.e.key).Val())
-		require.NoError(t, om.Unlock(ctx))
+		requireTakenSoon(t, ctx, oc.Mutex(name), admin)
 	})
 }
 
@@ -635,4 +574,17 @@ func TestRefusedTransferWakesNoOne(t *testing.T) {
 				"the refused transfer's release was announced to no one", free)
 		}
 	})
+}
+
+// requireTakenSoon requires m (another owner's Mutex) to take the lock
+// within 2 s, and releases it: the lock is not held by nobody for a lease.
+func requireTakenSoon(t *testing.T, ctx context.Context, m *Mutex, rdb redis.UniversalClient) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		ok, err := m.TryLock(ctx)
+		return err == nil && ok
+	}, 2*time.Second, 20*time.Millisecond,
+		"the lock went to a waiter that had given up, and is held by no one: %v (pttl %v)",
+		rdb.HGetAll(ctx, m.e.key).Val(), rdb.PTTL(ctx, m.e.key).Val())
+	require.NoError(t, m.Unlock(ctx))
 }

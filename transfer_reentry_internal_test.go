@@ -19,15 +19,17 @@ import (
 // delayed (closing held), until proceed is closed.
 type ownerGate struct {
 	passHook
-	script  *redis.Script
-	owner   string
-	late    bool
-	lose    bool // the call runs in Redis, and its caller gets its ctx's error (a lost reply)
-	drop    bool // the call fails without being sent (a network error; held is closed)
-	mu      sync.Mutex
-	armed   bool
-	held    chan struct{}
-	proceed chan struct{}
+	script *redis.Script
+	owner  string
+	late   bool
+	lose   bool // the call runs in Redis, and its caller gets its ctx's error (a lost reply)
+	drop   bool // the call fails without being sent (a network error; held is closed)
+	// fail, run, ran: a call stuck on its way (see newLateGate)
+	fail, run, ran chan struct{}
+	mu             sync.Mutex
+	armed          bool
+	held           chan struct{}
+	proceed        chan struct{}
 }
 
 func newOwnerGate(script *redis.Script, owner string, late bool) *ownerGate {
@@ -57,8 +59,17 @@ func (g *ownerGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		if !gate {
 			return next(ctx, cmd)
 		}
-		if g.drop {
+		if g.drop || g.fail != nil {
 			close(g.held)
+			if g.fail != nil {
+				<-g.fail
+				copied := redis.NewCmd(context.WithoutCancel(ctx), slices.Clone(args)...)
+				go func() {
+					<-g.run
+					_ = next(context.WithoutCancel(ctx), copied)
+					close(g.ran)
+				}()
+			}
 			cmd.SetErr(errLateTimeout)
 			return errLateTimeout
 		}
