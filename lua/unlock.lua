@@ -135,12 +135,14 @@ if to then
   local p = f and string.find(f, '|', 1, true)
   if p and string.find(string.sub(f, p) .. '|', '|' .. ARGV[7] .. '|', 1, true) then
     -- The waiter undid its acquisition (its tombstone, see fence.lua):
-    -- this transfer came late (a slow link; its caller timed out, and the
-    -- waiter, or the caller, gave back what it might have been handed).
-    -- Handed on now, the lock would be nobody's for the waiter's whole
-    -- lease: release it instead (the token just issued goes unused). No
-    -- wake-up (a transfer names no channel): waiters fall back to their
-    -- lease bound, as after an Unlock that never arrived.
+    -- its attempt failed just before, or this transfer came late (a slow
+    -- link; its caller timed out, and the waiter, or the caller, gave back
+    -- what it might have been handed). Handed on now, the lock would be
+    -- nobody's for the waiter's whole lease: release it instead (the token
+    -- just issued goes unused). A transfer names no channel: the Unlock
+    -- publishes the release when this reply reaches it; when it does not,
+    -- waiters fall back to their lease bound, as after an Unlock that never
+    -- arrived.
     redis.call('DEL', KEYS[1])
     fence_set_release(KEYS[2], v[3], released, ARGV[4])
     return {0, 0, 0}
