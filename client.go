@@ -277,9 +277,7 @@ func (c *Client) publishCommand(ctx context.Context) string {
 	if cmd == "SPUBLISH" && !c.sharded.Load() && c.sharded.CompareAndSwap(false, true) {
 		// Channels a waiter subscribed while no probe had succeeded are on
 		// plain pub/sub, which hears no SPUBLISH: move them.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		c.ps.reshard(rctx)
-		cancel()
+		detached(ctx, c.ps.reshard)
 	}
 	return cmd
 }
@@ -536,11 +534,18 @@ func retake[T comparable](ctx context.Context, first T,
 	giveBack func(context.Context, T)) (T, time.Time, bool, error) {
 	again, sent, ok, err := acquire(ctx)
 	if !ok || again == first {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		giveBack(cctx, first)
-		cancel()
+		detached(ctx, func(ctx context.Context) { giveBack(ctx, first) })
 	}
 	return again, sent, ok, err
+}
+
+// detached runs f with a fresh context that keeps ctx's values, not its
+// cancellation, bounded by cleanupTimeout: cleanup after a call whose ctx
+// ended still reaches Redis, and never hangs on it.
+func detached(ctx context.Context, f func(ctx context.Context)) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	f(cctx)
 }
 
 // closedAfter is called by a reentrant handle whose acquisition succeeded,
@@ -556,8 +561,6 @@ func (c *Client) closedAfter(ctx context.Context, giveBack func(context.Context)
 		return nil
 	}
 	return func() {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		giveBack(cctx)
-		cancel()
+		detached(ctx, giveBack)
 	}
 }

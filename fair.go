@@ -315,9 +315,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	if !ok && err != nil && tried {
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		_, _ = f.unlock(cctx, id, member, "", 0)
-		cancel()
+		detached(ctx, func(ctx context.Context) { _, _ = f.unlock(ctx, id, member, "", 0) })
 	}
 	return token, sent, id, ok, err
 }

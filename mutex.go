@@ -267,13 +267,13 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 				// of its own (a re-entry of the hold this Unlock ended): the
 				// transfer, if it happened, is the owner's hold now, with
 				// another token, which the give-back names.
-				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-				if !acquired {
-					_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, 0, false)
-				} else {
-					w.xfer.giveBackUnless(cctx, took)
-				}
-				cancel()
+				detached(ctx, func(ctx context.Context) {
+					if !acquired {
+						_, _ = e.unlockAs(ctx, w.xfer.owner, w.xfer.req, 0, false)
+					} else {
+						w.xfer.giveBackUnless(ctx, took)
+					}
+				})
 			}
 		} else if waiting && undo == "" {
 			e.c.ps.wakeOne(e.channel)
@@ -298,9 +298,7 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 				// The waiter gave up meanwhile: release what it was given,
 				// that hold only (the waiter may hold another one, taken by
 				// its own attempt after the transferred hold ended).
-				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-				_, _ = e.unlockAs(cctx, w.xfer.owner, w.xfer.req, token, false)
-				cancel()
+				detached(ctx, func(ctx context.Context) { _, _ = e.unlockAs(ctx, w.xfer.owner, w.xfer.req, token, false) })
 			}
 		case n == 0:
 			// A retried unlock that had released (or transferred) the lock:
@@ -313,13 +311,13 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 				// transfer names no channel), and the waiter has left:
 				// announce the release, as a public one does, or every
 				// waiter sleeps to its lease bound while the lock is free.
-				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-				if pub := e.c.publishCommand(cctx); pub == "SPUBLISH" {
-					_ = e.c.rdb.SPublish(cctx, e.channel, req).Err()
-				} else {
-					_ = e.c.rdb.Publish(cctx, e.channel, req).Err()
-				}
-				cancel()
+				detached(ctx, func(ctx context.Context) {
+					if pub := e.c.publishCommand(ctx); pub == "SPUBLISH" {
+						_ = e.c.rdb.SPublish(ctx, e.channel, req).Err()
+					} else {
+						_ = e.c.rdb.Publish(ctx, e.channel, req).Err()
+					}
+				})
 			}
 		default:
 			// Not a full release; or (n < 0) the hold was gone already,

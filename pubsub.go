@@ -1257,23 +1257,21 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 		c.ps.mu.Unlock()
 		t, _ := w.takeTransfer()
 		if unsureHeld && t == 0 && xfer.giveBackUnless != nil {
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			xfer.giveBackUnless(cctx, took)
-			cancel()
+			detached(ctx, func(ctx context.Context) { xfer.giveBackUnless(ctx, took) })
 		}
 		if undo != nil && (unsure || t != 0 && (!acquired || (took != 0 && t != took))) {
 			// A transfer arrived as the wait ended, or after the waiter
 			// took the lock with an attempt of its own (a re-entry of the
 			// hold the transfer ended): give it back.
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			if t != 0 && xfer.giveBack != nil {
-				// That transfer's hold only: the waiter's own attempt may
-				// have taken another (the transferred one was force-unlocked).
-				xfer.giveBack(cctx, t)
-			} else {
-				undo(cctx)
-			}
-			cancel()
+			detached(ctx, func(ctx context.Context) {
+				if t != 0 && xfer.giveBack != nil {
+					// That transfer's hold only: the waiter's own attempt may
+					// have taken another (the transferred one was force-unlocked).
+					xfer.giveBack(ctx, t)
+				} else {
+					undo(ctx)
+				}
+			})
 		}
 	}()
 	// transferred reports whether an Unlock of this Client handed the lock
@@ -1300,9 +1298,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			return false
 		}
 		acquired = false
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		undo(cctx)
-		cancel()
+		detached(ctx, undo)
 		return true
 	}
 	joined := func(nw *waiter) *waiter {
@@ -1378,9 +1374,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
 	// An ErrNotReplicated attempt was released already (see replicated).
 	if !isReplyError(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		undo(cctx)
-		cancel()
+		detached(ctx, undo)
 	}
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)

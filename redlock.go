@@ -325,9 +325,7 @@ func (r *Redlock) release(ctx context.Context, rd *round) {
 			if known {
 				defer answered.Done()
 			}
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			defer cancel()
-			_, _ = e.unlock(cctx, rd.req, 0, false)
+			detached(ctx, func(ctx context.Context) { _, _ = e.unlock(ctx, rd.req, 0, false) })
 		}()
 	}
 	done, knownDone := make(chan struct{}), make(chan struct{})

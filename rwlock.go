@@ -279,9 +279,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		c.wd.remove(queued)
 		if !ok || upgrade {
 			// Gave up: leave the queue, letting the readers behind in.
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			m.unqueue(cctx)
-			cancel()
+			detached(ctx, m.unqueue)
 		}
 	}
 	if upgrade {
