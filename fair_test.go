@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"testing"
@@ -664,5 +665,63 @@ func TestFairLateAttemptAfterWithdrawal(t *testing.T) {
 			require.NoError(t, m.Lock(ctx))
 			require.NoError(t, m.Unlock(ctx))
 		}
+	})
+}
+
+// TestFairTokenlessUnlockSparesSettledGrant: owner O holds nothing; a
+// handle of O that tracks no hold (shared WithOwner id, so its Unlock is
+// tokenless) calls Unlock after the holder Y's lease ran out, while W, a
+// waiter of owner O on another Client, is at the head of the queue and
+// has not checked yet. The Unlock's script settles first: it hands the free
+// lock to W (publishing the grant). The Unlock must then leave that grant
+// alone and report ErrNotHeld: O held nothing when the call came. Before
+// the fix it released W's fresh grant (same owner id, no token to tell the
+// holds apart) and handed the lock to Z, the next waiter: W, taking its
+// grant from the message without a round trip, and Z both held the lock.
+// (Found by a reviewer.)
+func TestFairTokenlessUnlockSparesSettledGrant(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		const owner = "shared-owner-settle"
+		rdb := b.Client(t)
+		cy, cw, cz, cb := newClient(t, b), newClient(t, b), newClient(t, b), newClient(t, b)
+
+		y := cy.FairMutex(name)
+		require.NoError(t, y.Lock(ctx))
+		w := cw.FairMutex(name, redlatch.WithOwner(owner))
+		wErr := make(chan error, 1)
+		go func() { wErr <- w.Lock(ctx) }()
+		waitQueued(t, rdb, name, 1)
+		z := cz.FairMutex(name)
+		zErr := make(chan error, 1)
+		go func() { zErr <- z.Lock(ctx) }()
+		waitQueued(t, rdb, name, 2)
+		// W and Z sleep up to a third of their watchdog timeout (10s).
+
+		// Y's lease runs out (its process stalled): the hold is gone, the
+		// queue not yet settled.
+		require.NoError(t, rdb.Del(ctx, fairKey(name)).Err())
+
+		bb := cb.FairMutex(name, redlatch.WithOwner(owner)) // tracks no hold
+		err := bb.Unlock(ctx)
+		if !errors.Is(err, redlatch.ErrNotHeld) {
+			t.Errorf("owner O held nothing when its Unlock came, which returned %v", err)
+		}
+
+		requireNoErrWithin(t, wErr, 5*time.Second, "W, the queue head, did not get the lock")
+		select {
+		case err := <-zErr:
+			require.NoError(t, err)
+			t.Fatalf("two holders: W (token %d, Lost closed %v) and Z (token %d); hash %v",
+				w.Token(), isClosedChan(w.Lost()), z.Token(), rdb.HGetAll(ctx, fairKey(name)).Val())
+		case <-time.After(300 * time.Millisecond):
+		}
+		h := rdb.HGetAll(ctx, fairKey(name)).Val()
+		require.Equal(t, owner, h["o"], "W's grant was released by the Unlock")
+		require.NoError(t, w.Unlock(ctx))
+		requireNoErrWithin(t, zErr, 5*time.Second, "Z did not get the lock after W")
+		require.NoError(t, z.Unlock(ctx))
+		requireNoFairKeys(t, b, name)
 	})
 }

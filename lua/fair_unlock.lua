@@ -39,6 +39,10 @@ if withdraw ~= '' then
 end
 -- o, c, u, t; a withdrawal also reads g and q (fields 5 and 6)
 local v = redis.call('HMGET', KEYS[1], 'o', 'c', 'u', 't')
+-- An Unlock by an owner that holds nothing releases nothing: a grant settle
+-- makes below is the queue head's, even when its owner id is the caller's
+-- (a tokenless Unlock could not tell the holds apart).
+local mine = v[1] == ARGV[3] or withdraw ~= ''
 if v[1] ~= ARGV[3] or withdraw ~= '' then
   -- The holder's release needs no settling: its lock is not free, and
   -- grant passes over expired places itself.
@@ -75,7 +79,7 @@ if withdraw ~= '' then
     return reply(-1)
   end
 end
-if v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[4] ~= ARGV[6] and tonumber(v[4]) ~= tonumber(ARGV[6])) then
+if not mine or v[1] ~= ARGV[3] or (ARGV[6] ~= '' and v[4] ~= ARGV[6] and tonumber(v[4]) ~= tonumber(ARGV[6])) then
   if released() then
     return reply(0)
   end
