@@ -697,7 +697,11 @@ func TestFairTokenlessUnlockSparesSettledGrant(t *testing.T) {
 		zErr := make(chan error, 1)
 		go func() { zErr <- z.Lock(ctx) }()
 		waitQueued(t, rdb, name, 2)
-		// W and Z sleep up to a third of their watchdog timeout (10s).
+		// W and Z sleep up to a third of their watchdog timeout (10s), once
+		// each has subscribed and checked once more (an attempt after the
+		// hold is gone would settle it: W would hold the lock, which O's
+		// Unlock may then release, as the shared owner id allows).
+		time.Sleep(500 * time.Millisecond)
 
 		// Y's lease runs out (its process stalled): the hold is gone, the
 		// queue not yet settled.
