@@ -31,6 +31,20 @@ func mutexSleeping(t *testing.T, ctx context.Context, c *Client, m *Mutex) chan 
 	return got
 }
 
+// heldWithSleeper loads the scripts, takes holder's lock, and starts
+// waiter's Lock with a ctx of its own, asleep (see mutexSleeping): it
+// returns the Lock's result and the cancel of its ctx (also run at the
+// test's end).
+func heldWithSleeper(t *testing.T, ctx context.Context, c *Client, holder, waiter *Mutex) (chan error, context.CancelFunc) {
+	t.Helper()
+	require.NoError(t, holder.Lock(ctx)) // loads the scripts
+	require.NoError(t, holder.Unlock(ctx))
+	require.NoError(t, holder.Lock(ctx))
+	wctx, wcancel := context.WithCancel(ctx)
+	t.Cleanup(wcancel)
+	return mutexSleeping(t, wctx, c, waiter), wcancel
+}
+
 // TestTransferLostReplyToGoneWaiter: an Unlock hands the lock to the
 // Client's only waiter (a local transfer), but the Unlock's reply is lost
 // (its ctx ends while the reply is on the way), and the waiter's own ctx
@@ -45,13 +59,7 @@ func TestTransferLostReplyToGoneWaiter(t *testing.T) {
 		ctx, c, hook, rdb := hookedClient(t, b, unlockScript, false)
 		name := redistest.UniqueName(t)
 		holder := c.Mutex(name)
-		require.NoError(t, holder.Lock(ctx)) // loads the scripts
-		require.NoError(t, holder.Unlock(ctx))
-		require.NoError(t, holder.Lock(ctx))
-
-		wctx, wcancel := context.WithCancel(ctx)
-		defer wcancel()
-		got := mutexSleeping(t, wctx, c, c.Mutex(name))
+		got, wcancel := heldWithSleeper(t, ctx, c, holder, c.Mutex(name))
 
 		hook.arm()
 		uctx, ucancel := context.WithCancel(ctx)
@@ -338,14 +346,7 @@ func TestLateTransferAfterGiveBack(t *testing.T) {
 				holder := c.Mutex(name)
 				gate := newLateGate(unlockScript, holder.e.owner)
 				rdb.AddHook(gate)
-				require.NoError(t, holder.Lock(ctx)) // loads the scripts
-				require.NoError(t, holder.Unlock(ctx))
-
-				require.NoError(t, holder.Lock(ctx))
-				wctx, wcancel := context.WithCancel(ctx)
-				defer wcancel()
-				waiter := c.Mutex(name)
-				got := mutexSleeping(t, wctx, c, waiter)
+				got, wcancel := heldWithSleeper(t, ctx, c, holder, c.Mutex(name))
 
 				gate.arm()
 				unlocked := make(chan error, 1)
@@ -400,15 +401,7 @@ func TestLateTransferToWaiterThatReentered(t *testing.T) {
 				require.NoError(t, h1.Unlock(ctx))
 
 				require.NoError(t, h1.Lock(ctx))
-				rl := NewRedlock(name, []*Client{c}) // a waiter of this Client that takes no transfers
-				rlDone := make(chan error, 1)
-				go func() { rlDone <- rl.Lock(ctx) }()
-				require.Eventually(t, func() bool {
-					c.ps.mu.Lock()
-					defer c.ps.mu.Unlock()
-					ch := c.ps.chans[h1.e.channel]
-					return ch != nil && ch.isReady && len(ch.waiters) == 1
-				}, 5*time.Second, time.Millisecond, "the Redlock never waited")
+				rl, rlDone := redlockWaiting(t, ctx, c, name, h1.e.channel)
 
 				lockHook.arm()
 				g2 := make(chan error, 1)
@@ -481,12 +474,7 @@ func TestLateTransferThroughSlowLink(t *testing.T) {
 
 		name := redistest.UniqueName(t)
 		holder := c.Mutex(name)
-		require.NoError(t, holder.Lock(ctx)) // loads the scripts
-		require.NoError(t, holder.Unlock(ctx))
-		require.NoError(t, holder.Lock(ctx))
-		wctx, wcancel := context.WithCancel(ctx)
-		defer wcancel()
-		got := mutexSleeping(t, wctx, c, c.Mutex(name))
+		got, wcancel := heldWithSleeper(t, ctx, c, holder, c.Mutex(name))
 
 		require.Positive(t, proxy.Hold())
 		uctx, ucancel := context.WithTimeout(ctx, 300*time.Millisecond)

@@ -153,16 +153,7 @@ func transferToWaiterThatReentered(t *testing.T, lost, reentering bool) {
 		require.NoError(t, h1.Unlock(ctx))
 
 		require.NoError(t, h1.Lock(ctx)) // goroutine 1
-		// A waiter of this Client that takes no transfers.
-		rl := NewRedlock(name, []*Client{c})
-		rlDone := make(chan error, 1)
-		go func() { rlDone <- rl.Lock(ctx) }()
-		require.Eventually(t, func() bool {
-			c.ps.mu.Lock()
-			defer c.ps.mu.Unlock()
-			ch := c.ps.chans[h1.e.channel]
-			return ch != nil && ch.isReady && len(ch.waiters) == 1
-		}, 5*time.Second, time.Millisecond, "the Redlock never waited")
+		rl, rlDone := redlockWaiting(t, ctx, c, name, h1.e.channel)
 
 		lockHook.arm()
 		g2 := make(chan error, 1)
@@ -211,4 +202,20 @@ func transferToWaiterThatReentered(t *testing.T, lost, reentering bool) {
 		}
 		require.NoError(t, rl.Unlock(ctx))
 	})
+}
+
+// redlockWaiting starts a Redlock's Lock of name on c, a waiter of this
+// Client that takes no transfers, and returns once it waits on channel.
+func redlockWaiting(t *testing.T, ctx context.Context, c *Client, name, channel string) (*Redlock, chan error) {
+	t.Helper()
+	rl := NewRedlock(name, []*Client{c})
+	done := make(chan error, 1)
+	go func() { done <- rl.Lock(ctx) }()
+	require.Eventually(t, func() bool {
+		c.ps.mu.Lock()
+		defer c.ps.mu.Unlock()
+		ch := c.ps.chans[channel]
+		return ch != nil && ch.isReady && len(ch.waiters) == 1
+	}, 5*time.Second, time.Millisecond, "the Redlock never waited")
+	return rl, done
 }
