@@ -202,6 +202,18 @@ func TestStats(t *testing.T) {
 	if p := percentile(nil, 0.99); p != 0 {
 		t.Errorf("empty = %v", p)
 	}
+	// A failed INFO makes the figures from it unknown (null), not a
+	// difference with zero.
+	good := snapshot{cpu: 2, calls: map[string]float64{"evalsha": 10}}
+	if x := (snapshot{cpu: 1, calls: map[string]float64{}}).to(good).per(1e6, 1); x == nil || *x != 1e6 {
+		t.Errorf("cpu per acquisition = %v", x)
+	}
+	var sum delta
+	sum.add(snapshot{calls: map[string]float64{}, bad: true}.to(good))
+	sum.add(snapshot{cpu: 1, calls: map[string]float64{}}.to(good))
+	if x := sum.per(sum.cpu, 1); x != nil {
+		t.Errorf("cpu per acquisition after a failed INFO = %v, want nil", *x)
+	}
 }
 
 // TestNarrowedRun runs one workload of two libraries, as -workloads and

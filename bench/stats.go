@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"log"
 	"math"
 	"slices"
 	"strconv"
@@ -79,13 +80,18 @@ func (c countingRueidis) Receive(ctx context.Context, subscribe rueidis.Complete
 type snapshot struct {
 	cpu   float64            // used_cpu_user + used_cpu_sys, seconds
 	calls map[string]float64 // command (lower case) -> calls
+	bad   bool               // INFO failed: the figures from it are unknown
 }
 
 func takeSnapshot(rdb *redis.Client) snapshot {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	s := snapshot{calls: map[string]float64{}}
-	text, _ := rdb.Info(ctx, "cpu", "commandstats").Result()
+	text, err := rdb.Info(ctx, "cpu", "commandstats").Result()
+	if err != nil {
+		log.Printf("INFO cpu commandstats: %v (the Redis CPU and command figures of this run are left out)", err)
+		s.bad = true
+	}
 	for _, line := range strings.Split(text, "\n") {
 		k, v, ok := strings.Cut(strings.TrimSpace(line), ":")
 		if !ok {
@@ -111,10 +117,11 @@ type delta struct {
 	cmds    float64 // commands executed, those run inside scripts included; INFO excluded
 	scripts float64 // EVAL, EVALSHA, FCALL …
 	subs    float64 // SUBSCRIBE/UNSUBSCRIBE and their sharded and pattern forms
+	bad     bool    // a snapshot failed: all of the above are unknown
 }
 
 func (a snapshot) to(b snapshot) delta {
-	d := delta{cpu: b.cpu - a.cpu}
+	d := delta{cpu: b.cpu - a.cpu, bad: a.bad || b.bad}
 	for name, n := range b.calls {
 		x := n - a.calls[name]
 		switch name {
@@ -135,6 +142,16 @@ func (d *delta) add(e delta) {
 	d.cmds += e.cmds
 	d.scripts += e.scripts
 	d.subs += e.subs
+	d.bad = d.bad || e.bad
+}
+
+// per returns x/n, or nil (null in results.json, "–" in the table) when a
+// snapshot of d failed.
+func (d delta) per(x, n float64) *float64 {
+	if d.bad {
+		return nil
+	}
+	return num(x / n)
 }
 
 // percentile returns the p-quantile (0..1) of sorted durations, in µs.

@@ -211,9 +211,9 @@ func (r *runner) w1() ([]record, error) {
 			if floorUS > 0 {
 				rec.RatioToFloor = num(us / floorUS)
 			}
-			rec.RTPerAcq = num((float64(a.rt) + a.d.subs) / n)
-			rec.CmdsPerAcq = num(a.d.cmds / n)
-			rec.RedisCPUPerAcq = num(a.d.cpu * 1e6 / n)
+			rec.RTPerAcq = a.d.per(float64(a.rt)+a.d.subs, n)
+			rec.CmdsPerAcq = a.d.per(a.d.cmds, n)
+			rec.RedisCPUPerAcq = a.d.per(a.d.cpu*1e6, n)
 		}
 		out = append(out, rec)
 	}
@@ -303,9 +303,9 @@ func (r *runner) w2() ([]record, error) {
 			if a.pairs > 0 {
 				n := float64(a.pairs)
 				rec.AcqPerS = num(n / a.el.Seconds())
-				rec.RTPerAcq = num((float64(a.rt) + a.d.subs) / n)
-				rec.CmdsPerAcq = num(a.d.cmds / n)
-				rec.RedisCPUPerAcq = num(a.d.cpu * 1e6 / n)
+				rec.RTPerAcq = a.d.per(float64(a.rt)+a.d.subs, n)
+				rec.CmdsPerAcq = a.d.per(a.d.cmds, n)
+				rec.RedisCPUPerAcq = a.d.per(a.d.cpu*1e6, n)
 			}
 			out = append(out, rec)
 		}
@@ -361,14 +361,16 @@ func (r *runner) w3() ([]record, error) {
 				}
 				rec.AcqPerS = num(n / a.el.Seconds())
 				rec.Handoffs = len(handoffs)
-				rec.HandoffP50 = num(percentile(handoffs, 0.5))
-				rec.HandoffP99 = num(percentile(handoffs, 0.99))
+				if len(handoffs) > 0 { // none: unknown, not 0 µs
+					rec.HandoffP50 = num(percentile(handoffs, 0.5))
+					rec.HandoffP99 = num(percentile(handoffs, 0.99))
+				}
 				rec.WaitP99 = num(percentile(waits, 0.99) / 1e3)
 				rec.WaitMax = num(max(percentile(waits, 1), float64(a.censored.Nanoseconds())/1e3) / 1e3)
 				rec.Jain = num(j / float64(len(a.jains)))
-				rec.RTPerAcq = num((float64(a.rt) + a.d.subs) / n)
-				rec.CmdsPerAcq = num(a.d.cmds / n)
-				rec.RedisCPUPerAcq = num(a.d.cpu * 1e6 / n)
+				rec.RTPerAcq = a.d.per(float64(a.rt)+a.d.subs, n)
+				rec.CmdsPerAcq = a.d.per(a.d.cmds, n)
+				rec.RedisCPUPerAcq = a.d.per(a.d.cpu*1e6, n)
 			}
 			out = append(out, rec)
 		}
@@ -536,9 +538,9 @@ func (r *runner) w4() ([]record, error) {
 	d := s0.to(s1)
 	n := float64(r.p.w4Periods)
 	rec.RTPerPeriod = num(float64(rt1-rt0) / n)
-	rec.CmdsPerPeriod = num(d.cmds / n)
-	rec.ScriptsPerPeriod = num(d.scripts / n)
-	rec.RedisCPUMsPerPeriod = num(d.cpu * 1e3 / n)
+	rec.CmdsPerPeriod = d.per(d.cmds, n)
+	rec.ScriptsPerPeriod = d.per(d.scripts, n)
+	rec.RedisCPUMsPerPeriod = d.per(d.cpu*1e3, n)
 	parallel(func(m *redlatch.Mutex) error {
 		ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 		defer cancel()
