@@ -113,6 +113,9 @@ func WithReplicaSync(replicas int, timeout time.Duration) Option {
 			o.err = invalidArg("replica sync timeout", "must be positive")
 			return
 		}
+		if replicas == 0 {
+			timeout = 0 // off: no WAIT, nothing to wait for
+		}
 		o.replicas, o.replicaTimeout = replicas, timeout
 	}
 }

@@ -21,26 +21,11 @@ func TestWakeAfterClusterFailover(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 100*time.Second)
 	name := redistest.UniqueName(t)
-	owner := cl.ServerFor("{" + name + "}")
+	owner, rep := cl.AddReplica(t, "{"+name+"}")
 	oadm := redis.NewClient(owner.Options())
 	t.Cleanup(func() { _ = oadm.Close() })
-	ownerID, err := oadm.Do(ctx, "CLUSTER", "MYID").Text()
-	require.NoError(t, err)
-
-	rep := redistest.NewServer(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-		"--cluster-node-timeout", "2000", "--cluster-announce-ip", "127.0.0.1")
 	radm := redis.NewClient(rep.Options())
 	t.Cleanup(func() { _ = radm.Close() })
-	host, port, _ := strings.Cut(owner.Addr, ":")
-	require.NoError(t, radm.Do(ctx, "CLUSTER", "MEET", host, port).Err())
-	require.Eventually(t, func() bool {
-		return radm.Do(ctx, "CLUSTER", "REPLICATE", ownerID).Err() == nil
-	}, 15*time.Second, 100*time.Millisecond)
-	require.Eventually(t, func() bool {
-		s, _ := radm.Info(ctx, "replication").Result()
-		return strings.Contains(s, "master_link_status:up")
-	}, 15*time.Second, 100*time.Millisecond)
-	time.Sleep(2 * time.Second) // gossip: every master knows the replica
 
 	hrdb := cl.Client(t)
 	wrdb := cl.Client(t)

@@ -60,6 +60,12 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 		if asked != "" {
 			_ = node.Close()
 		}
+		if err := cmd.Err(); c.cluster != nil && err != nil && !isReplyError(err) && ctx.Err() == nil {
+			// The master may be gone, a replica promoted in its place:
+			// the next attempt asks the new map (go-redis would try
+			// another node and be redirected).
+			c.cluster.ReloadState(ctx)
+		}
 		if c.cluster == nil || attempt == redirectAttempts || !isRedirect(cmd.Err()) {
 			return cmd, acked, waitErr
 		}
@@ -112,7 +118,9 @@ func askTarget(err error) (string, bool) {
 func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking bool, s *redis.Script, keys []string, args []any) (*redis.Cmd, int64, error) {
 	n, timeout := c.opts.replicas, c.opts.replicaTimeout
 	ms := max(timeout.Milliseconds(), 1) // WAIT n 0 would block for good
-	if rt := node.Options().ReadTimeout; rt < 0 || timeout+waitMargin < rt {
+	// go-redis stores "no read timeout" (ReadTimeout -1, or -2: no
+	// deadline set at all) as 0 or -1: any WAIT fits then.
+	if rt := node.Options().ReadTimeout; rt <= 0 || timeout+waitMargin < rt {
 		// One round trip: EVALSHA and WAIT pipelined.
 		send := func(sha bool, ms int64) (*redis.Cmd, *redis.Cmd) {
 			pipe := node.Pipeline()
@@ -294,8 +302,10 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	for k, i := range which {
 		res, err := cmds[k].Int64Slice()
 		if err != nil {
-			if isRedirect(err) && w.c.cluster != nil {
-				// The slot moved: the next period asks the new map.
+			if w.c.cluster != nil && (isRedirect(err) || !isReplyError(err)) {
+				// The slot moved, or its master is gone (a failover may
+				// have promoted a replica that has the hold): the next
+				// period asks the new map.
 				w.c.cluster.ReloadState(ctx)
 			}
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)

@@ -451,3 +451,87 @@ func TestReplicaSyncDuringSlotMigration(t *testing.T) {
 	_, err = c.RWMutex(name).TryRLock(ctx)
 	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "after %v", time.Since(start))
 }
+
+// TestReplicaSyncOffAddsNoTimeout: WithReplicaSync(0, timeout) is replica
+// sync off ("Default: off (replicas = 0)"): no WAIT is sent, so nothing
+// should wait for one. Yet the timeout was kept and added to every Redlock
+// master's attempt bound (and to the watchdog's renewal bound): with a
+// frozen master among three, a Redlock on Clients made
+// WithReplicaSync(0, 2s) — replica sync switched off by configuration —
+// waited 2s for the frozen master in every round, longer than its 1s
+// lease, and never got the lock the two live masters grant at once. Found
+// by a reviewer.
+func TestReplicaSyncOffAddsNoTimeout(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	clients := redlockClients(t, servers, redlatch.WithReplicaSync(0, 2*time.Second))
+	servers[2].Stop(t)
+	defer servers[2].Cont(t)
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(time.Second))
+	start := time.Now()
+	ok, err := r.TryLock(ctx)
+	took := time.Since(start)
+	require.NoError(t, err, "after %v", took)
+	require.True(t, ok)
+	require.Less(t, took, 500*time.Millisecond)
+	require.NoError(t, r.Unlock(ctx))
+}
+
+// waitRoundTrips counts the WAITs sent on their own (a round trip of
+// their own) and those pipelined behind a script.
+type waitRoundTrips struct {
+	passHook
+	alone, piped atomic.Int32
+}
+
+func (h *waitRoundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "wait" {
+			h.alone.Add(1)
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h *waitRoundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if cmd.Name() == "wait" {
+				h.piped.Add(1)
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestReplicaSyncNoReadTimeoutOneRoundTrip: README: the script and WAIT are
+// pipelined in one round trip unless the sync timeout does not fit within
+// the client's ReadTimeout. A client without a read timeout
+// (ReadTimeout: -1, "no timeout (block indefinitely)", which go-redis
+// stores as 0) has room for any WAIT; runOnWithWait read that 0 as a
+// read timeout of nothing, and sent every acquisition in two round trips
+// on a pinned connection. Found by a reviewer.
+func TestReplicaSyncNoReadTimeoutOneRoundTrip(t *testing.T) {
+	master, _, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	opt := master.Options()
+	opt.ReadTimeout = -1
+	rdb := redis.NewClient(opt)
+	t.Cleanup(func() { _ = rdb.Close() })
+	hook := &waitRoundTrips{}
+	rdb.AddHook(hook)
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, time.Second))
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.Mutex(redistest.UniqueName(t))
+	for i := 0; i < 2; i++ { // the first caches the script (NOSCRIPT, then EVAL)
+		hook.alone.Store(0)
+		hook.piped.Store(0)
+		ok, err := m.TryLock(ctx)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.NoError(t, m.Unlock(ctx))
+	}
+	require.EqualValues(t, 1, hook.piped.Load()+hook.alone.Load(), "one WAIT")
+	require.EqualValues(t, 0, hook.alone.Load(), "WAIT sent in a round trip of its own")
+}

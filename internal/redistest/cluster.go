@@ -420,3 +420,44 @@ func (c *Cluster) MoveSlot(t testing.TB, slot, to int) {
 		}
 	}
 }
+
+// AddReplica starts a new cluster node, makes it a replica of the master
+// that owns key's slot, and returns that master and the replica once the
+// replica's link is up and the other masters know it (a failover to it,
+// CLUSTER FAILOVER TAKEOVER on the replica or the master's death, then
+// keeps the slot's keys). The replica is stopped by t.Cleanup.
+func (c *Cluster) AddReplica(t testing.TB, key string) (master, replica *Server) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	master = c.ServerFor(key)
+	madm := redis.NewClient(master.Options())
+	defer madm.Close()
+	id, err := madm.Do(ctx, "CLUSTER", "MYID").Text()
+	if err != nil {
+		t.Fatalf("redistest: CLUSTER MYID: %v", err)
+	}
+	replica = NewServer(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+		"--cluster-node-timeout", "2000", "--cluster-announce-ip", "127.0.0.1")
+	radm := redis.NewClient(replica.Options())
+	defer radm.Close()
+	host, port, _ := strings.Cut(master.Addr, ":")
+	if err := radm.Do(ctx, "CLUSTER", "MEET", host, port).Err(); err != nil {
+		t.Fatalf("redistest: CLUSTER MEET: %v", err)
+	}
+	for ctx.Err() == nil && radm.Do(ctx, "CLUSTER", "REPLICATE", id).Err() != nil {
+		time.Sleep(100 * time.Millisecond) // until the replica knows the master
+	}
+	for ctx.Err() == nil {
+		s, _ := radm.Info(ctx, "replication").Result()
+		if strings.Contains(s, "master_link_status:up") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("redistest: the replica of %s did not come up", master.Addr)
+	}
+	time.Sleep(2 * time.Second) // gossip: every master knows the replica
+	return master, replica
+}
