@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	_ "embed"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -45,7 +46,11 @@ var (
 // Delete carries a request id, so a call that Redis ran but whose reply was
 // lost, and which go-redis retried, takes effect once and reports what it
 // did, even when the latch has opened and been set again in between: the
-// resend of a final CountDown does not count the next round down.
+// resend of a final CountDown does not count the next round down. A call
+// whose reply never came (go-redis did not resend it, or ctx ended on the
+// way) is sent once more, with a fresh context bounded by a cleanup
+// timeout, as Semaphore.Release is: it reports what it did rather than an
+// error after which calling again would act twice.
 //
 // Keys: the count "prefix{name}:latch", a string deleted when the count
 // reaches zero, and the request ids of the calls of the last minute (also
@@ -92,8 +97,10 @@ func (l *CountDownLatch) check() error {
 
 // TrySetCount sets the count to n, n ≥ 1, if no count is running, and
 // reports whether it did. It returns (false, nil) while the latch counts.
-// A call whose reply was lost and that the Redis client retried still
-// reports true.
+// A call whose reply was lost and that the Redis client retried reports
+// what its first run did: true when it set the count; false when it found
+// a count running, and then it sets nothing even when that count has
+// finished before the resend.
 func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error) {
 	if err := l.check(); err != nil {
 		return false, err
@@ -101,7 +108,7 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 	if n < 1 {
 		return false, invalidArg("n", "must be at least 1")
 	}
-	set, err := latchSetScript.Run(ctx, l.c.rdb, []string{l.key, l.done}, n, newID()).Int64()
+	set, err := l.run(ctx, latchSetScript, []string{l.key, l.done}, n, newID()).Int64()
 	return set == 1, convertErr(err)
 }
 
@@ -113,7 +120,7 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	if err := l.check(); err != nil {
 		return err
 	}
-	err := latchCountDownScript.Run(ctx, l.c.rdb, []string{l.key, l.channel, l.done},
+	err := l.run(ctx, latchCountDownScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Err()
 	return convertErr(err)
 }
@@ -130,9 +137,32 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 	if err := l.check(); err != nil {
 		return false, err
 	}
-	n, err := latchDeleteScript.Run(ctx, l.c.rdb, []string{l.key, l.channel, l.done},
+	n, err := l.run(ctx, latchDeleteScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Int64()
 	return n == 1, convertErr(err)
+}
+
+// run runs a latch script whose args carry a request id. When the call's
+// outcome is unknown (sent, but no reply came: lost, or ctx ended on the
+// way), it is sent once more with a fresh context bounded by a cleanup
+// timeout: Redis applies the request once (its id is remembered), and the
+// caller learns what it did. Without it the caller could not tell, and
+// could not safely call again: a new call is a new request (a CountDown
+// counted twice, a TrySetCount reporting its own count as another's).
+func (l *CountDownLatch) run(ctx context.Context, s *redis.Script, keys []string, args ...any) *redis.Cmd {
+	if ctx.Err() != nil {
+		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
+	}
+	cmd := s.Run(ctx, l.c.rdb, keys, args...)
+	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) {
+		return cmd
+	}
+	detached(ctx, func(ctx context.Context) {
+		if again := s.Run(ctx, l.c.rdb, keys, args...); again.Err() == nil || isReplyError(again.Err()) {
+			cmd = again
+		}
+	})
+	return cmd
 }
 
 // Count returns the current count: 0 for a finished or unset latch. It

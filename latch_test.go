@@ -446,3 +446,90 @@ func TestReadsOnMaster(t *testing.T) {
 		require.NoError(t, m.Unlock(ctx))
 	}
 }
+
+// TestLatchLateTrySetCountCopy: a TrySetCount that found a count running
+// reports false. When a copy of that very call reaches Redis late (go-redis
+// resent it after a read timeout, and the resend, which found the count
+// running, answered first; the first copy was stuck in a slow link), it
+// must not set the latch once the count finished: its caller was told
+// false, and a count has no expiry, so the stray count would block every
+// Wait until someone Deletes it. CountDown and Delete remember the calls
+// that found nothing to do for this (latch_countdown.lua); a TrySetCount
+// that found a count running was not remembered, and its late copy set the
+// count. Found by a reviewer.
+func TestLatchLateTrySetCountCopy(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &copyHook{match: scriptWith(latchKey(name)), pass: true}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		l, other := c.CountDownLatch(name), newClient(t, b).CountDownLatch(name)
+		// Load the script: a NOSCRIPT reply would make the copy an EVALSHA
+		// that fails.
+		_, err := l.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		_, err = l.Delete(ctx)
+		require.NoError(t, err)
+
+		ok, err := other.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		require.True(t, ok)
+		hook.armed.Store(true)
+		ok, err = l.TrySetCount(ctx, 3) // the count runs: false
+		require.NoError(t, err)
+		require.False(t, ok)
+		require.NoError(t, other.CountDown(ctx)) // the count finishes
+
+		late := hook.copy()
+		require.NotEmpty(t, late)
+		_ = rdb.Do(ctx, late...).Err() // the stuck first copy arrives
+		requireCount(t, ctx, l, 0)
+		wctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		require.NoError(t, other.Wait(wctx), "Wait blocks on a count nobody set")
+	})
+}
+
+// TestLatchReplyLost: a CountDown whose reply is lost for good (go-redis
+// does not resend: MaxRetries -1, as the README advises "where that
+// matters", retries used up, or a ctx that ended with the reply on the way)
+// has counted down in Redis, but returned an error. Its caller could do
+// nothing safe: the request id is CountDown's own, so calling it again
+// counts down twice (the latch opens before the work it waits for is
+// done), and not calling it risks a count that never opens (a count has no
+// expiry). Like Semaphore.Release, every latch call that changes the count
+// now resends such a call itself, with the same request id, which Redis
+// applies once. Found by a reviewer.
+func TestLatchReplyLost(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c, hook := lossyClient(t, b, scriptWith(latchKey(name)), false)
+		l := c.CountDownLatch(name)
+		// Load the scripts: a NOSCRIPT reply would disarm the hook.
+		require.NoError(t, l.CountDown(ctx))
+		_, err := l.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		_, err = l.Delete(ctx)
+		require.NoError(t, err)
+
+		hook.armed.Store(true) // runs on the server, the reply is lost
+		ok, err := l.TrySetCount(ctx, 3)
+		require.NoError(t, err, "a TrySetCount that set the count reported an error")
+		require.True(t, ok)
+		requireCount(t, ctx, l, 3)
+
+		hook.armed.Store(true)
+		require.NoError(t, l.CountDown(ctx), "a CountDown that counted down reported an error: calling it again counts twice")
+		requireCount(t, ctx, l, 2)
+
+		hook.armed.Store(true)
+		deleted, err := l.Delete(ctx)
+		require.NoError(t, err, "a Delete that deleted the count reported an error")
+		require.True(t, deleted)
+		requireCount(t, ctx, l, 0)
+	})
+}

@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"io"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -149,10 +150,13 @@ func TestSemReleaseNotHeldUpByRenewal(t *testing.T) {
 }
 
 // copyHook runs one matching script call on the server, keeps a copy of
-// its arguments (a resend of it still on the way) and loses its reply.
+// its arguments (a resend of it still on the way) and loses its reply; with
+// pass set, the reply comes through (the copy is then the first send, stuck
+// in a slow link, of a call whose resend answered).
 type copyHook struct {
 	passHook
 	match func(redis.Cmder) bool
+	pass  bool
 	armed atomic.Bool
 	mu    sync.Mutex
 	args  []any
@@ -170,9 +174,19 @@ func (h *copyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		h.mu.Lock()
 		h.args = append([]any(nil), cmd.Args()...)
 		h.mu.Unlock()
+		if h.pass {
+			return nil
+		}
 		cmd.SetErr(io.ErrUnexpectedEOF) // ran on the server, reply lost
 		return io.ErrUnexpectedEOF
 	}
+}
+
+// copy returns the arguments of the call the hook let through.
+func (h *copyHook) copy() []any {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.args
 }
 
 // TestSemaphoreLateCopyAfterUndoFound: an acquisition ran on the server but
@@ -213,9 +227,7 @@ func TestSemaphoreLateCopyAfterUndoFound(t *testing.T) {
 			requireAvailable(t, ctx, other, 3) // the undo returned them
 
 			// The late copy of the very same attempt arrives.
-			hook.mu.Lock()
-			args := hook.args
-			hook.mu.Unlock()
+			args := hook.copy()
 			require.NotEmpty(t, args)
 			_ = b.Client(t).Do(ctx, args...).Err()
 			requireAvailable(t, ctx, other, 3)
@@ -371,4 +383,42 @@ func TestSemaphoreRenewalAtRecordExpiry(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, int64(0), avail, "the renewal did not move the record's expiry")
 	require.NoError(t, s.Release(ctx, 1))
+}
+
+// TestSemaphoreResentPartialRelease: a Release of two records, one of which
+// Redis no longer has (it expired), returns the other and reports
+// ErrNotHeld, as documented. When the reply of that very Release is lost
+// and go-redis resends it, the resend reported success (the script
+// answered "everything it meant to return" to a release it knew), hiding
+// that permits the handle believed it held had lapsed. A release that fell
+// short is now remembered as such. Found by a reviewer.
+func TestSemaphoreResentPartialRelease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		c, hook := lossyClient(t, b, scriptWith(semKey(name)), true)
+		rdb := b.Client(t)
+		for _, lose := range []bool{false, true} {
+			s := c.Semaphore(name, 3)
+			require.NoError(t, s.Acquire(ctx, 1))
+			require.NoError(t, s.Acquire(ctx, 1))
+			// One of the two records lapses in Redis (its score in the past),
+			// before the watchdog notices.
+			ms, err := rdb.ZRange(ctx, semKey(name), 0, -1).Result()
+			require.NoError(t, err)
+			var recs []string
+			for _, m := range ms {
+				if strings.Contains(m, "|") {
+					recs = append(recs, m)
+				}
+			}
+			require.Len(t, recs, 2)
+			require.NoError(t, rdb.ZAdd(ctx, semKey(name), redis.Z{Score: 1, Member: recs[0]}).Err())
+
+			hook.armed.Store(lose) // the release runs twice on the server
+			err = s.Release(ctx, 2)
+			require.ErrorIs(t, err, redlatch.ErrNotHeld, "lost reply %v: a Release that returned 1 of its 2 permits", lose)
+			requireAvailable(t, ctx, s, 3)
+		}
+	})
 }

@@ -6,8 +6,8 @@
 -- KEYS[2]  wake-up channel of the latch
 -- KEYS[3]  recent request ids of the latch: a sorted set, id -> server ms
 --          when the call ran (a CountDown, a TrySetCount that set the
---          count, a Delete; a Delete that found no count as
---          "<id>|0").
+--          count, a Delete; a Delete that found no count, and a
+--          TrySetCount that found a count running, as "<id>|0").
 --          Entries older than a minute are dropped, and the key expires a
 --          minute after its last entry. It outlives the count, so a call
 --          resent after its latch opened and was set again is still

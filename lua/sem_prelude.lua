@@ -9,7 +9,9 @@
 --                             The watchdog renews it as a 'p' hold (see
 --                             renew.lua): ZADD now+lease.
 --   '~<request>'              a release remembered until its score, server
---                             ms, for retries (see sem_release.lua)
+--                             ms, for retries (see sem_release.lua);
+--   '~<request>!'             the same for a release that returned only
+--                             part of what it meant to
 -- Records and remembered releases score above 0, '#' at 0 or below, so
 -- score ranges tell them apart. The set's TTL is kept at least the longest
 -- live lease or release memory, and the set is deleted when it holds

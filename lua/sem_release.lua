@@ -26,14 +26,16 @@
 -- result with what it meant to return.
 --
 -- A release that returned permits is remembered by the member
--- '~<request id>' (no '|': never a record; it holds no permit), scored with
+-- '~<request id>', or '~<request id>!' when it returned only part of what
+-- it meant to (no '|': never a record; it holds no permit), scored with
 -- the time it is forgotten; each handle keeps one, replacing its previous
 -- one, and the set lives as long as a remembered release does, even with no
 -- permit in use (see sem_store). A request id seen again means the reply to
--- an earlier run of this very call was lost (the client retried):
--- everything it meant to return counts as returned, and nothing is returned
--- twice. A set gone altogether was lost (a failover, a flush) or forgot this
--- release long ago: what it meant to return is not there, so nothing is.
+-- an earlier run of this very call was lost (the client retried): it
+-- reports what that run did (all it meant to return, or less), and nothing
+-- is returned twice. A set gone altogether was lost (a failover, a flush)
+-- or forgot this release long ago: what it meant to return is not there,
+-- so nothing is.
 local meant = 0
 if ARGV[5] ~= '' then
   meant = sem_n(ARGV[5]) - sem_n(ARGV[6])
@@ -42,8 +44,16 @@ for i = 9, #ARGV do
   meant = meant + sem_n(ARGV[i])
 end
 local exists = redis.call('EXISTS', KEYS[1]) == 1
-if exists and redis.call('ZSCORE', KEYS[1], '~' .. ARGV[2]) then
-  return meant -- a retry of a release already done
+if exists then
+  local done = redis.call('ZMSCORE', KEYS[1], '~' .. ARGV[2], '~' .. ARGV[2] .. '!')
+  if done[1] then
+    return meant -- a retry of a release already done
+  end
+  if done[2] then
+    -- A retry of a release that returned only part of what it meant to
+    -- (some records were gone): it reports falling short again.
+    return meant - 1
+  end
 end
 for i = 9, #ARGV do
   if ARGV[8] == '1' or not exists or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
@@ -73,10 +83,15 @@ if ARGV[5] ~= '' then
 end
 used = used - freed
 if ARGV[3] ~= '' then
-  redis.call('ZREM', KEYS[1], '~' .. ARGV[3])
+  redis.call('ZREM', KEYS[1], '~' .. ARGV[3], '~' .. ARGV[3] .. '!')
 end
 if freed > 0 then
-  redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[4])), '~' .. ARGV[2])
+  -- '~<request id>!' remembers a release that fell short of what it meant.
+  local mark = '~' .. ARGV[2]
+  if freed < meant then
+    mark = mark .. '!'
+  end
+  redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[4])), mark)
 end
 sem_store(KEYS[1], used, now)
 if freed > 0 then
