@@ -125,16 +125,19 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 	seen := make(map[*Client]bool)
 	seenRdb := make(map[any]bool)
 	for _, c := range clients {
-		switch {
-		case c == nil:
+		if c == nil {
 			r.err = invalidArg("clients", "contains a nil Client")
 			return r
-		case seen[c] || (!isNil(c.rdb) && seenRdb[c.rdb]):
+		}
+		// A Redis client that is not comparable (a wrapper struct with a
+		// slice field, say) cannot be a map key: hashing it panics.
+		keyed := !isNil(c.rdb) && reflect.ValueOf(c.rdb).Comparable()
+		if seen[c] || (keyed && seenRdb[c.rdb]) {
 			r.err = invalidArg("clients", "contains the same Client or Redis client twice")
 			return r
 		}
 		seen[c] = true
-		if !isNil(c.rdb) {
+		if keyed {
 			seenRdb[c.rdb] = true
 		}
 	}
@@ -217,7 +220,8 @@ type round struct {
 	minPTTL  int64   // the earliest end of another owner's hold, ms; -1 none
 	errs     []error
 	validity time.Duration
-	fatal    error // an error that retrying cannot cure
+	fatal    error // an error that retrying cannot cure on its master
+	fatals   int   // masters that answered with such an error
 }
 
 func (rd *round) count() int {
@@ -272,6 +276,7 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 				}
 				if errors.Is(convertErr(rp.err), ErrWrongType) {
 					rd.fatal = convertErr(rp.err)
+					rd.fatals++
 				}
 			case rp.ok:
 				rd.granted[rp.i] = true
@@ -416,7 +421,9 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			return true, nil
 		}
 		r.release(ctx, rd)
-		if rd.fatal != nil {
+		if rd.fatals > len(r.nodes)-r.quorum {
+			// Too many masters can never grant it: no quorum is possible.
+			// A minority of them is tolerated, as unreachable masters are.
 			return false, rd.fatal
 		}
 		if len(rd.errs) > 0 {

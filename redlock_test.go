@@ -499,3 +499,94 @@ func TestRedlockDoCancelsOnLoss(t *testing.T) {
 		}
 	})
 }
+
+// TestRedlockWrongTypeMinorityMaster: one master of three has foreign data
+// under the lock's key (WRONGTYPE), and another owner holds the lock on the
+// two others. A Redlock tolerates a minority of broken masters: TryLock
+// reports the contention as (false, nil), as its godoc says for "other
+// owners hold the lock on so many masters that no quorum was possible", and
+// Lock waits for the holder and then takes the lock on the two good masters.
+// Both returned ErrWrongType at once: the WRONGTYPE of one master was
+// treated as fatal although a quorum without it is possible. Found by a
+// reviewer.
+func TestRedlockWrongTypeMinorityMaster(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	require.NoError(t, servers[2].Client(t).Set(ctx, lockKey(name), "foreign", 0).Err())
+	holders := redlockClients(t, servers[:2])
+	var held []*redlatch.Mutex
+	for _, c := range holders {
+		m := c.Mutex(name, redlatch.WithLease(10*time.Second))
+		require.NoError(t, m.Lock(ctx))
+		held = append(held, m)
+	}
+	r := redlatch.NewRedlock(name, redlockClients(t, servers), redlatch.WithLease(10*time.Second))
+
+	ok, err := r.TryLock(ctx)
+	require.False(t, ok)
+	require.NoError(t, err, "another owner holds a quorum: TryLock reports (false, nil)")
+
+	time.AfterFunc(300*time.Millisecond, func() {
+		for _, m := range held {
+			_ = m.Unlock(context.Background())
+		}
+	})
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	require.NoError(t, r.Lock(lctx), "Lock gave up instead of waiting for the holder")
+	require.GreaterOrEqual(t, time.Since(start), 250*time.Millisecond)
+	require.Equal(t, []bool{true, true}, heldOn(t, ctx, servers[:2], name))
+	require.NoError(t, r.Unlock(ctx))
+	require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
+
+	// A majority of such masters can never grant it: that stays an error
+	// at once, not a wait.
+	require.NoError(t, servers[1].Client(t).Set(ctx, lockKey(name), "foreign", 0).Err())
+	start = time.Now()
+	require.ErrorIs(t, r.Lock(lctx), redlatch.ErrWrongType)
+	require.Less(t, time.Since(start), time.Second)
+	_, err = r.TryLock(ctx)
+	require.ErrorIs(t, err, redlatch.ErrWrongType)
+}
+
+// taggedRedis is a go-redis client wrapped by value, as instrumentation
+// wrappers do: a valid redis.UniversalClient, but not a hashable one (a
+// slice field).
+type taggedRedis struct {
+	redis.UniversalClient
+	tags []string
+}
+
+// TestRedlockWrappedRedisClients: Clients made with New from a valid
+// redis.UniversalClient that is a struct value with a slice field (a
+// wrapper) work as a Mutex does; NewRedlock panicked on them ("hash of
+// unhashable type", from its duplicate check, which used the Redis clients
+// as map keys), although bad input never panics (API.md). Found by a
+// reviewer.
+func TestRedlockWrappedRedisClients(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	var clients []*redlatch.Client
+	for _, s := range servers {
+		c := redlatch.New(taggedRedis{UniversalClient: s.Client(t), tags: []string{"a"}})
+		t.Cleanup(func() { _ = c.Close() })
+		clients = append(clients, c)
+	}
+	m := clients[0].Mutex(name)
+	require.NoError(t, m.Lock(ctx), "a Mutex works on such a Client")
+	require.NoError(t, m.Unlock(ctx))
+
+	var r *redlatch.Redlock
+	require.NotPanics(t, func() { r = redlatch.NewRedlock(name, clients) })
+	require.NoError(t, r.Lock(ctx))
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, servers, name))
+	require.NoError(t, r.Unlock(ctx))
+	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
+
+	// The same Client twice is still refused.
+	require.ErrorIs(t, redlatch.NewRedlock(name, []*redlatch.Client{clients[0], clients[1], clients[0]}).Lock(ctx),
+		redlatch.ErrInvalidArgument)
+}
