@@ -276,6 +276,10 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 	// waiter's wake-up would ever do.
 	ok, err = c.acquire(ctx, m.wwake, &kinship{owner: m.owner}, block, false, try, undo, nil)
 	if queued != nil {
+		// Without waiting for a renewal of the place in flight (it may be
+		// stuck on an unresponsive Redis for a renewal period): it renews
+		// only a place that still exists, and its reply is ignored.
+		c.wd.setReleasing(queued, true)
 		c.wd.remove(queued)
 		if !ok || upgrade {
 			// Gave up: leave the queue, letting the readers behind in.

@@ -359,7 +359,8 @@ func (w *watchdog) expire() {
 }
 
 // renewAll renews every renewable hold: grouped into batches of at most
-// renewBatch keys of one cluster slot, all batches sent in one pipeline.
+// renewBatch keys of one cluster slot, all batches sent in one pipeline
+// (on a cluster, one per master, all at once).
 func (w *watchdog) renewAll() {
 	w.mu.Lock()
 	groups := make(map[int][]*hold)
@@ -423,13 +424,12 @@ func (w *watchdog) renewAll() {
 // the per-key results of each batch (1 renewed, 0 gone, -1 renewed but not
 // replicated: see runBatchesSynced), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
-	args := renewArgs
 	if w.c.opts.replicas > 0 {
 		return w.runBatchesSynced(ctx, batches)
 	}
 	out := make([][]int64, len(batches))
 	if len(batches) == 1 {
-		keys, argv := args(batches[0])
+		keys, argv := renewArgs(batches[0])
 		res, err := renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
 		if err != nil {
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
@@ -438,25 +438,38 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 		out[0] = res
 		return out
 	}
+	if w.c.cluster != nil {
+		w.runBatchesPerMaster(ctx, batches, out)
+		return out
+	}
+	w.runPipelined(ctx, w.c.rdb, batches, out)
+	return out
+}
+
+// runPipelined sends batches in one pipeline and writes the per-key results
+// of each batch to out (nil for a batch that failed). After NOSCRIPT it
+// loads the script with loader (the node the batches go to) and sends the
+// refused batches again.
+func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batches [][]*hold, out [][]int64) {
 	cmds := make([]*redis.Cmd, len(batches))
 	pipe := w.c.rdb.Pipeline()
 	for i, b := range batches {
-		keys, argv := args(b)
+		keys, argv := renewArgs(b)
 		cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
 	}
 	_, _ = pipe.Exec(ctx)
 	// An emptied script cache (restart, SCRIPT FLUSH): load the script once
-	// (on every master) and send the failed batches again, still pipelined.
+	// and send the failed batches again, still pipelined.
 	var again []int
 	for i, cmd := range cmds {
 		if isNoScript(cmd.Err()) {
 			again = append(again, i)
 		}
 	}
-	if len(again) > 0 && renewScript.Load(ctx, w.c.rdb).Err() == nil {
+	if len(again) > 0 && renewScript.Load(ctx, loader).Err() == nil {
 		pipe := w.c.rdb.Pipeline()
 		for _, i := range again {
-			keys, argv := args(batches[i])
+			keys, argv := renewArgs(batches[i])
 			cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
 		}
 		_, _ = pipe.Exec(ctx)
@@ -469,7 +482,41 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 		}
 		out[i] = res
 	}
-	return out
+}
+
+// runBatchesPerMaster is runBatches on a cluster: one pipeline per master,
+// all at once. Not one pipeline for all: while any master does not answer,
+// go-redis retries a cluster pipeline until ctx ends and then stamps ctx's
+// error on every command of it, the replies of the masters that answered
+// too, so one frozen master would leave the holds on all the others
+// unrenewed. For the same reason the script is loaded on the master that
+// refused it only: a cluster-wide SCRIPT LOAD fails while any node is down.
+func (w *watchdog) runBatchesPerMaster(ctx context.Context, batches [][]*hold, out [][]int64) {
+	groups := make(map[redis.Scripter][]int)
+	for i, b := range batches {
+		var loader redis.Scripter = w.c.rdb // master unknown: load everywhere
+		if node, err := w.c.masterFor(ctx, b[0].key); err == nil {
+			loader = node
+		}
+		groups[loader] = append(groups[loader], i)
+	}
+	var wg sync.WaitGroup
+	for loader, which := range groups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sub := make([][]*hold, len(which))
+			for k, i := range which {
+				sub[k] = batches[i]
+			}
+			res := make([][]int64, len(which))
+			w.runPipelined(ctx, loader, sub, res)
+			for k, i := range which {
+				out[i] = res[k] // each goroutine writes its own entries
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // renewArgs returns the KEYS and ARGV of lua/renew.lua for a batch.

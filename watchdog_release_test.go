@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -122,4 +123,49 @@ func TestLostDuringPartialUnlockWhileServerStopped(t *testing.T) {
 			require.Error(t, <-unlocked)
 		})
 	}
+}
+
+// renewalOf matches the watchdog's renewal of key alone, of the given kind
+// (see lua/renew.lua).
+func renewalOf(key, kind string) func(redis.Cmder) bool {
+	return func(cmd redis.Cmder) bool {
+		if cmd.Name() != "evalsha" && cmd.Name() != "eval" {
+			return false
+		}
+		args := cmd.Args()
+		return len(args) >= 6 && fmt.Sprint(args[2]) == "1" && fmt.Sprint(args[3]) == key && fmt.Sprint(args[4]) == kind
+	}
+}
+
+// TestRWLockCtxNotHeldByRenewal: a blocked RWMutex.Lock whose ctx ends
+// while it sleeps in the writers' queue returns at once, not when a
+// renewal of its queue place in flight (slow, or stuck on a frozen Redis
+// until the renewal's own timeout, a renewal period: 10s by default)
+// comes back. FairMutex's waiters already leave without waiting for it.
+// Found by a reviewer.
+func TestRWLockCtxNotHeldByRenewal(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).RWMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+
+		rdb := b.Client(t)
+		hook := &replyDelayHook{match: renewalOf("{"+name+"}:rw", "f"), delays: []time.Duration{3 * time.Second}}
+		hook.armed.Store(true)
+		rdb.AddHook(hook)
+		timeout := 1500 * time.Millisecond // renewals every 500ms
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
+		t.Cleanup(func() { _ = c.Close() })
+		w := c.RWMutex(name)
+		lctx, cancel := context.WithTimeout(ctx, 900*time.Millisecond)
+		defer cancel()
+		err := w.Lock(lctx) // queues, sleeps; its place's renewal at ~500ms takes 3s
+		ended := time.Now()
+		requireWaitErr(t, err, lctx)
+		require.Positive(t, hook.n.Load(), "the place's renewal was not in flight")
+		d, _ := lctx.Deadline()
+		require.Less(t, ended.Sub(d), 500*time.Millisecond, "Lock returned long after its ctx ended")
+		require.NoError(t, holder.Unlock(ctx))
+	})
 }

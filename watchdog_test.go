@@ -629,3 +629,65 @@ type semLocker struct{ s *redlatch.Semaphore }
 func (l semLocker) Lock(ctx context.Context) error   { return l.s.Acquire(ctx, 1) }
 func (l semLocker) Unlock(ctx context.Context) error { return l.s.Release(ctx, 1) }
 func (l semLocker) Lost() <-chan struct{}            { return l.s.Lost() }
+
+// nameOn returns a lock name whose lock key lives on master i of cl.
+func nameOn(t *testing.T, cl *redistest.Cluster, i int, base string) string {
+	t.Helper()
+	for n := 0; n < 10000; n++ {
+		name := fmt.Sprintf("%s-%d", base, n)
+		if cl.ServerFor(lockKey(name)) == cl.Servers[i] {
+			return name
+		}
+	}
+	t.Fatal("no name found")
+	return ""
+}
+
+// TestRenewalOnClusterWithFrozenMaster: on a Redis Cluster, one master that
+// does not answer (frozen, or cut off by the network, before the cluster
+// marks it failed) must not stop the renewal of the holds on the masters
+// that do: they stay held in Redis, and Lost must stay open. Also when the
+// master that answers has lost its script cache (SCRIPT FLUSH, a restart
+// from persisted data): loading the script must not need every node.
+// go-redis retries a cluster pipeline while any master does not answer,
+// until ctx ends, and then stamps ctx's error on every command of it: one
+// pipeline for all masters renewed nothing, and every hold was lost. Found
+// by a reviewer.
+func TestRenewalOnClusterWithFrozenMaster(t *testing.T) {
+	for _, flush := range []bool{false, true} {
+		t.Run(fmt.Sprintf("scriptflush=%v", flush), func(t *testing.T) {
+			cl := redistest.NewCluster(t, 3)
+			ctx := ctxT(t, 20*time.Second)
+			timeout := 900 * time.Millisecond
+			c := redlatch.New(cl.Client(t), redlatch.WithWatchdogTimeout(timeout))
+			t.Cleanup(func() { _ = c.Close() })
+
+			healthyName := nameOn(t, cl, 0, "healthy")
+			healthy := c.Mutex(healthyName)
+			frozen := c.Mutex(nameOn(t, cl, 1, "frozen"))
+			require.NoError(t, healthy.Lock(ctx))
+			require.NoError(t, frozen.Lock(ctx))
+
+			// One renewal first: the script is then cached on every master.
+			time.Sleep(timeout/3 + 150*time.Millisecond)
+			if flush {
+				require.NoError(t, cl.Servers[0].Client(t).ScriptFlush(ctx).Err())
+			}
+			cl.Servers[1].Stop(t)
+			t.Cleanup(func() { cl.Servers[1].Cont(t) })
+			stopped := time.Now()
+
+			// Master 1 does not answer: its hold is lost at its local deadline.
+			requireClosedWithin(t, frozen.Lost(), timeout+500*time.Millisecond, "Lost of the hold on the frozen master")
+			// Master 0 answers (the cluster marks master 1 failed only after
+			// its 2s node timeout): its hold must live on. Look past a lease.
+			time.Sleep(time.Until(stopped.Add(timeout + 400*time.Millisecond)))
+			requireOpen(t, healthy.Lost(), "hold on a healthy master lost while another master is frozen")
+			ttl, err := cl.Servers[0].Client(t).PTTL(ctx, lockKey(healthyName)).Result()
+			require.NoError(t, err)
+			require.Positive(t, ttl, "the healthy master's hold expired in Redis")
+			cl.Servers[1].Cont(t)
+			require.NoError(t, healthy.Unlock(ctx))
+		})
+	}
+}
