@@ -848,6 +848,15 @@ func TestWrongType(t *testing.T) {
 			require.ErrorIs(t, err, redlatch.ErrWrongType, k.name)
 			_, err = k.make(c, name).TryLock(ctx)
 			require.ErrorIs(t, err, redlatch.ErrWrongType, k.name)
+			// ForceUnlock leaves another program's value alone, as
+			// FairMutex's and RWMutex's do (it deleted it and reported a
+			// held lock; found by a reviewer).
+			held, err := k.make(c, name).ForceUnlock(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, k.name)
+			require.False(t, held, k.name)
+			v, err := b.Client(t).Get(ctx, lockKey(name)).Result()
+			require.NoError(t, err, "%s: ForceUnlock deleted the value", k.name)
+			require.Equal(t, "foreign", v, k.name)
 		}
 	})
 }

@@ -9,7 +9,8 @@
 -- ARGV[3]  request id: unique per call, reused by its retries
 -- ARGV[4]  fence retention, ms
 --
--- Returns 1 when a hold was released, 0 when the lock was free. A resend
+-- Returns 1 when a hold was released, 0 when the lock was free, or a
+-- WRONGTYPE error, touching nothing, when the key is not a hash. A resend
 -- after a lost reply (go-redis resends the script) returns what the first
 -- run did and changes nothing (see fence_force.lua).
 local f = forced(redis.call('GET', KEYS[3]), ARGV[3])
@@ -17,8 +18,13 @@ if f then
   return f
 end
 local t = redis.pcall('HGET', KEYS[1], 't')
+if type(t) == 'table' and t.err then
+  -- Not a hash: a value redlatch did not write. Lock reports it as
+  -- ErrWrongType; so does ForceUnlock, which leaves it alone.
+  return t
+end
 if type(t) ~= 'string' then
-  t = nil -- no hold, or not a hash (a value redlatch did not write)
+  t = nil -- no hold
 end
 local held = redis.call('DEL', KEYS[1])
 force_record(KEYS[3], ARGV[3], held, t, ARGV[4])
