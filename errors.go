@@ -150,3 +150,22 @@ func convertErr(err error) error {
 	}
 	return err
 }
+
+// ctxArg checks the ctx argument of a method: a nil ctx is bad input,
+// reported like any other (Bad input never panics).
+func ctxArg(ctx context.Context) error {
+	if ctx == nil {
+		return invalidArg("ctx", "is nil")
+	}
+	return nil
+}
+
+// firstErr returns the first non-nil error of errs.
+func firstErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -122,14 +122,14 @@ func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
 	return f
 }
 
-func (f *FairMutex) check() error {
+func (f *FairMutex) check(ctx context.Context) error {
 	if f == nil {
 		return invalidArg("lock", "is nil")
 	}
 	if err := f.c.check(); err != nil {
 		return err
 	}
-	return f.err
+	return firstErr(f.err, ctxArg(ctx))
 }
 
 // Lock blocks until the owner holds the lock once more, or ctx is done: at
@@ -149,7 +149,7 @@ func (f *FairMutex) TryLock(ctx context.Context) (bool, error) {
 }
 
 func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
-	if err := f.check(); err != nil {
+	if err := f.check(ctx); err != nil {
 		return false, err
 	}
 	f.mu.Lock()
@@ -423,7 +423,7 @@ func (f *FairMutex) unlock(ctx context.Context, waiter, member, done string, tok
 // returns ErrNotHeld when the owner holds nothing, when the lease ran out,
 // or when the hold was lost (Lost is closed).
 func (f *FairMutex) Unlock(ctx context.Context) error {
-	if err := f.check(); err != nil {
+	if err := f.check(ctx); err != nil {
 		return err
 	}
 	f.mu.Lock()
@@ -484,7 +484,7 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 // HoldCount returns how many times the owner holds the lock, as recorded in
 // Redis (so it counts the holds of every handle sharing the owner id).
 func (f *FairMutex) HoldCount(ctx context.Context) (int, error) {
-	if err := f.check(); err != nil {
+	if err := f.check(ctx); err != nil {
 		return 0, err
 	}
 	return f.c.holdCount(ctx, f.key, f.owner)
@@ -525,7 +525,7 @@ func (f *FairMutex) afterLost(lost <-chan struct{}, fn func()) (func(), bool) {
 // TTL returns the remaining lease of the lock, whoever holds it; 0 when it
 // is free. See Mutex.TTL.
 func (f *FairMutex) TTL(ctx context.Context) (time.Duration, error) {
-	if err := f.check(); err != nil {
+	if err := f.check(ctx); err != nil {
 		return 0, err
 	}
 	return f.c.keyTTL(ctx, f.key)
@@ -534,7 +534,7 @@ func (f *FairMutex) TTL(ctx context.Context) (time.Duration, error) {
 // IsLocked reports whether anyone holds the lock (a handoff not yet claimed
 // by its waiter counts as held).
 func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
-	if err := f.check(); err != nil {
+	if err := f.check(ctx); err != nil {
 		return false, err
 	}
 	return f.c.keyExists(ctx, f.key)
@@ -548,7 +548,7 @@ func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
 // alone a hold taken after its first run (within the limit Mutex.ForceUnlock
 // states).
 func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
-	if err := f.check(); err != nil {
+	if err := f.check(ctx); err != nil {
 		return false, err
 	}
 	n, err := fairForceUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),

@@ -85,14 +85,14 @@ func (c *Client) CountDownLatch(name string) *CountDownLatch {
 }
 
 // check returns the error of bad input or a closed Client.
-func (l *CountDownLatch) check() error {
+func (l *CountDownLatch) check(ctx context.Context) error {
 	if l == nil {
 		return invalidArg("latch", "is nil")
 	}
 	if err := l.c.check(); err != nil {
 		return err
 	}
-	return l.err
+	return firstErr(l.err, ctxArg(ctx))
 }
 
 // TrySetCount sets the count to n, n ≥ 1, if no count is running, and
@@ -102,7 +102,7 @@ func (l *CountDownLatch) check() error {
 // a count running, and then it sets nothing even when that count has
 // finished before the resend.
 func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error) {
-	if err := l.check(); err != nil {
+	if err := l.check(ctx); err != nil {
 		return false, err
 	}
 	if n < 1 {
@@ -117,7 +117,7 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 // unset latch leaves it open (only its request id is remembered, so that
 // a resend does not count a count set meanwhile down).
 func (l *CountDownLatch) CountDown(ctx context.Context) error {
-	if err := l.check(); err != nil {
+	if err := l.check(ctx); err != nil {
 		return err
 	}
 	err := l.run(ctx, latchCountDownScript, []string{l.key, l.channel, l.done},
@@ -134,7 +134,7 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 // was lost and that the Redis client retried reports true again, and leaves
 // a count set since then alone.
 func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
-	if err := l.check(); err != nil {
+	if err := l.check(ctx); err != nil {
 		return false, err
 	}
 	n, err := l.run(ctx, latchDeleteScript, []string{l.key, l.channel, l.done},
@@ -170,7 +170,7 @@ func (l *CountDownLatch) run(ctx context.Context, s *redis.Script, keys []string
 // Client.onMaster): a lagging replica would report a count just set as 0,
 // and the old count to a waiter woken by the final CountDown.
 func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
-	if err := l.check(); err != nil {
+	if err := l.check(ctx); err != nil {
 		return 0, err
 	}
 	var get *redis.StringCmd
@@ -188,7 +188,7 @@ func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
 // Wait blocks until the count is zero, or ctx is done. A failed wait
 // returns an error matching both ErrNotObtained and ctx.Err().
 func (l *CountDownLatch) Wait(ctx context.Context) error {
-	if err := l.check(); err != nil {
+	if err := l.check(ctx); err != nil {
 		return err
 	}
 	period := l.c.opts.watchdogTimeout / 3

@@ -82,14 +82,14 @@ func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
 }
 
 // check returns the error of bad input or a closed Client.
-func (e *excl) check() error {
+func (e *excl) check(ctx context.Context) error {
 	if e == nil {
 		return invalidArg("lock", "is nil")
 	}
 	if err := e.c.check(); err != nil {
 		return err
 	}
-	return e.err
+	return firstErr(e.err, ctxArg(ctx))
 }
 
 // lock takes the lock, waiting when block is set, and returns the new hold's
@@ -394,21 +394,21 @@ func exclHold(owner string, token int64) (kind byte, member string) {
 }
 
 func (e *excl) ttl(ctx context.Context) (time.Duration, error) {
-	if err := e.check(); err != nil {
+	if err := e.check(ctx); err != nil {
 		return 0, err
 	}
 	return e.c.keyTTL(ctx, e.key)
 }
 
 func (e *excl) isLocked(ctx context.Context) (bool, error) {
-	if err := e.check(); err != nil {
+	if err := e.check(ctx); err != nil {
 		return false, err
 	}
 	return e.c.keyExists(ctx, e.key)
 }
 
 func (e *excl) forceUnlock(ctx context.Context) (bool, error) {
-	if err := e.check(); err != nil {
+	if err := e.check(ctx); err != nil {
 		return false, err
 	}
 	n, err := forceUnlockScript.Run(ctx, e.c.rdb, []string{e.key, e.channel, e.fence},
@@ -418,7 +418,7 @@ func (e *excl) forceUnlock(ctx context.Context) (bool, error) {
 
 // holdCount returns the owner's hold count.
 func (e *excl) holdCount(ctx context.Context) (int, error) {
-	if err := e.check(); err != nil {
+	if err := e.check(ctx); err != nil {
 		return 0, err
 	}
 	return e.c.holdCount(ctx, e.key, e.owner)
@@ -487,7 +487,7 @@ func (m *Mutex) ex() *excl {
 }
 
 func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
-	if err := m.ex().check(); err != nil {
+	if err := m.ex().check(ctx); err != nil {
 		return false, err
 	}
 	if block {
@@ -528,7 +528,7 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 // same id holds it (whose Lost then closes), and returns ErrNotHeld when
 // none does.
 func (m *Mutex) Unlock(ctx context.Context) error {
-	if err := m.ex().check(); err != nil {
+	if err := m.ex().check(ctx); err != nil {
 		return err
 	}
 	m.mu.Lock()

@@ -631,6 +631,62 @@ func TestBadInput(t *testing.T) {
 
 func second[T any](_ T, err error) error { return err }
 
+// TestNilContext: a nil ctx is bad input like any other (API.md: it never
+// panics and never reaches Redis): every method that takes a ctx returns
+// an error wrapping ErrInvalidArgument that names it. It panicked with a
+// nil pointer dereference (found by a reviewer).
+func TestNilContext(t *testing.T) {
+	hook := &redistest.RequestCounter{}
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}) // nothing listens there
+	rdb.AddHook(hook)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	var ctx context.Context // nil
+	errs := map[string]func() error{}
+	for _, l := range []locker{c.Mutex("x"), c.ReentrantMutex("x"), c.FairMutex("x"), c.RWMutex("x")} {
+		k := fmt.Sprintf("%T.", l)
+		errs[k+"Lock"] = func() error { return l.Lock(ctx) }
+		errs[k+"TryLock"] = func() error { return second(l.TryLock(ctx)) }
+		errs[k+"Unlock"] = func() error { return l.Unlock(ctx) }
+		errs[k+"TTL"] = func() error { return second(l.TTL(ctx)) }
+		errs[k+"IsLocked"] = func() error { return second(l.IsLocked(ctx)) }
+		errs[k+"ForceUnlock"] = func() error { return second(l.ForceUnlock(ctx)) }
+		errs[k+"Do"] = func() error { return redlatch.Do(ctx, l, func(context.Context) error { return nil }) }
+	}
+	rm, fm, rw := c.ReentrantMutex("x"), c.FairMutex("x"), c.RWMutex("x")
+	s, l := c.Semaphore("x", 3), c.CountDownLatch("x")
+	r := redlatch.NewRedlock("x", []*redlatch.Client{c})
+	for k, f := range map[string]func() error{
+		"ReentrantMutex.HoldCount": func() error { return second(rm.HoldCount(ctx)) },
+		"FairMutex.HoldCount":      func() error { return second(fm.HoldCount(ctx)) },
+		"RWMutex.RLock":            func() error { return rw.RLock(ctx) },
+		"RWMutex.TryRLock":         func() error { return second(rw.TryRLock(ctx)) },
+		"RWMutex.RUnlock":          func() error { return rw.RUnlock(ctx) },
+		"Semaphore.Acquire":        func() error { return s.Acquire(ctx, 1) },
+		"Semaphore.TryAcquire":     func() error { return second(s.TryAcquire(ctx, 1)) },
+		"Semaphore.Release":        func() error { return s.Release(ctx, 1) },
+		"Semaphore.Available":      func() error { return second(s.Available(ctx)) },
+		"Latch.TrySetCount":        func() error { return second(l.TrySetCount(ctx, 1)) },
+		"Latch.CountDown":          func() error { return l.CountDown(ctx) },
+		"Latch.Count":              func() error { return second(l.Count(ctx)) },
+		"Latch.Wait":               func() error { return l.Wait(ctx) },
+		"Latch.Delete":             func() error { return second(l.Delete(ctx)) },
+		"Redlock.Lock":             func() error { return r.Lock(ctx) },
+		"Redlock.TryLock":          func() error { return second(r.TryLock(ctx)) },
+		"Redlock.Unlock":           func() error { return r.Unlock(ctx) },
+	} {
+		errs[k] = f
+	}
+	for k, f := range errs {
+		var err error
+		require.NotPanics(t, func() { err = f() }, k)
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument, k)
+		require.Contains(t, err.Error(), "ctx", k)
+	}
+	require.Zero(t, hook.N.Load(), "a nil ctx reached Redis")
+}
+
 // TestUnreachableRedis: Lock on a Redis that does not answer returns an
 // error by the context's deadline and leaks no goroutine (TestMain checks).
 func TestUnreachableRedis(t *testing.T) {

@@ -163,7 +163,7 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 }
 
 // check returns the error of bad input or of a closed Client.
-func (r *Redlock) check() error {
+func (r *Redlock) check(ctx context.Context) error {
 	if r == nil {
 		return invalidArg("redlock", "is nil")
 	}
@@ -175,7 +175,7 @@ func (r *Redlock) check() error {
 			return err
 		}
 	}
-	return nil
+	return ctxArg(ctx)
 }
 
 // drift is the clock drift allowance: lease·1% + 2ms.
@@ -351,7 +351,7 @@ func (r *Redlock) release(ctx context.Context, rd *round) {
 }
 
 func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
-	if err := r.check(); err != nil {
+	if err := r.check(ctx); err != nil {
 		return false, err
 	}
 	if block {
@@ -395,7 +395,7 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 	}()
 	var last error
 	for {
-		if err := r.check(); err != nil {
+		if err := r.check(ctx); err != nil {
 			return false, err
 		}
 		for _, w := range ws {
@@ -432,7 +432,7 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		if ctx.Err() != nil {
 			return false, newWaitError(ctx, last)
 		}
-		if err := r.check(); err != nil {
+		if err := r.check(ctx); err != nil {
 			return false, err
 		}
 		contended := rd.busy > len(r.nodes)-r.quorum
@@ -735,7 +735,7 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	r.h = nil
 	r.mu.Unlock()
 	if h == nil {
-		if err := r.check(); err != nil {
+		if err := r.check(ctx); err != nil {
 			return err // a closed Client: ErrClosed
 		}
 	}

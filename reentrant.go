@@ -68,7 +68,7 @@ func (m *ReentrantMutex) ex() *excl {
 }
 
 func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
-	if err := m.ex().check(); err != nil {
+	if err := m.ex().check(ctx); err != nil {
 		return false, err
 	}
 	// A re-entry (this handle, or with WithOwner perhaps another handle,
@@ -163,7 +163,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 // apart. Were they counted against the new hold, the lost holders' Unlocks
 // would release it under its holder, whose Lost stays open.
 func (m *ReentrantMutex) Unlock(ctx context.Context) error {
-	if err := m.ex().check(); err != nil {
+	if err := m.ex().check(ctx); err != nil {
 		return err
 	}
 	m.mu.Lock()

@@ -137,14 +137,14 @@ func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
 	return m
 }
 
-func (m *RWMutex) check() error {
+func (m *RWMutex) check(ctx context.Context) error {
 	if m == nil {
 		return invalidArg("lock", "is nil")
 	}
 	if err := m.c.check(); err != nil {
 		return err
 	}
-	return m.err
+	return firstErr(m.err, ctxArg(ctx))
 }
 
 // Lock blocks until the owner holds the write lock once more, or ctx is
@@ -165,7 +165,7 @@ func (m *RWMutex) TryLock(ctx context.Context) (bool, error) {
 }
 
 func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
-	if err := m.check(); err != nil {
+	if err := m.check(ctx); err != nil {
 		return false, err
 	}
 	token, sent, req, ok, err := m.acquireW(ctx, block)
@@ -351,7 +351,7 @@ func (m *RWMutex) unqueue(ctx context.Context) {
 // return ErrNotHeld and release nothing, even when the handle holds the
 // lock anew meanwhile (see ReentrantMutex.Unlock).
 func (m *RWMutex) Unlock(ctx context.Context) error {
-	if err := m.check(); err != nil {
+	if err := m.check(ctx); err != nil {
 		return err
 	}
 	return m.release(ctx, &m.wh, &m.wn, &m.wreqs, &m.worphans, func(forget bool) string {
@@ -369,7 +369,7 @@ func (m *RWMutex) Unlock(ctx context.Context) error {
 // lost (RLost is closed). Like Unlock, the RUnlocks that pair with read
 // holds lost before (see ReentrantMutex.Unlock) release nothing.
 func (m *RWMutex) RUnlock(ctx context.Context) error {
-	if err := m.check(); err != nil {
+	if err := m.check(ctx); err != nil {
 		return err
 	}
 	return m.release(ctx, &m.rh, &m.rn, &m.rreqs, &m.rorphans, func(forget bool) string {
@@ -460,7 +460,7 @@ func (m *RWMutex) TryRLock(ctx context.Context) (bool, error) {
 }
 
 func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
-	if err := m.check(); err != nil {
+	if err := m.check(ctx); err != nil {
 		return false, err
 	}
 	begun, sent, req, ok, err := m.acquireR(ctx, block)
@@ -625,7 +625,7 @@ func (m *RWMutex) afterLost(lost <-chan struct{}, f func()) (func(), bool) {
 
 // info returns whether anyone holds the lock and the latest lease left.
 func (m *RWMutex) info(ctx context.Context) (bool, time.Duration, error) {
-	if err := m.check(); err != nil {
+	if err := m.check(ctx); err != nil {
 		return false, 0, err
 	}
 	res, err := rwInfoScript.Run(ctx, m.c.rdb, []string{m.key}).Int64Slice()
@@ -657,7 +657,7 @@ func (m *RWMutex) IsLocked(ctx context.Context) (bool, error) {
 // holds taken after its first run (within the limit Mutex.ForceUnlock
 // states). Meant for operators and tests.
 func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
-	if err := m.check(); err != nil {
+	if err := m.check(ctx); err != nil {
 		return false, err
 	}
 	n, err := rwForceUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.wwake, m.fence},

@@ -118,19 +118,19 @@ func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semapho
 }
 
 // check returns the error of bad input or a closed Client.
-func (s *Semaphore) check() error {
+func (s *Semaphore) check(ctx context.Context) error {
 	if s == nil {
 		return invalidArg("semaphore", "is nil")
 	}
 	if err := s.c.check(); err != nil {
 		return err
 	}
-	return s.err
+	return firstErr(s.err, ctxArg(ctx))
 }
 
 // checkN checks a permit count argument.
-func (s *Semaphore) checkN(n int64) error {
-	if err := s.check(); err != nil {
+func (s *Semaphore) checkN(ctx context.Context, n int64) error {
+	if err := s.check(ctx); err != nil {
 		return err
 	}
 	if n <= 0 {
@@ -158,7 +158,7 @@ func (s *Semaphore) TryAcquire(ctx context.Context, n int64) (bool, error) {
 }
 
 func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, error) {
-	if err := s.checkN(n); err != nil {
+	if err := s.checkN(ctx, n); err != nil {
 		return false, err
 	}
 	member := s.owner + "|" + newID() + "|" + strconv.FormatInt(n, 10)
@@ -213,7 +213,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 // next Release too, in case Redis kept them (renewals whose replies were
 // lost): they are not counted as returned.
 func (s *Semaphore) Release(ctx context.Context, n int64) error {
-	if err := s.check(); err != nil {
+	if err := s.check(ctx); err != nil {
 		return err
 	}
 	if n <= 0 {
@@ -397,7 +397,7 @@ func isClosed(ch <-chan struct{}) bool {
 // Available returns the number of free permits, relative to this handle's
 // size, after reclaiming the expired ones.
 func (s *Semaphore) Available(ctx context.Context) (int64, error) {
-	if err := s.check(); err != nil {
+	if err := s.check(ctx); err != nil {
 		return 0, err
 	}
 	used, err := semAvailableScript.Run(ctx, s.c.rdb, []string{s.key}).Int64()

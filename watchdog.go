@@ -653,6 +653,9 @@ type Locker interface {
 // a type that embeds a redlatch lock and overrides Lost, costs a goroutine
 // that watches its Lost channel while fn runs.
 func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err error) {
+	if ctx == nil {
+		return ctxArg(ctx)
+	}
 	if l == nil || fn == nil {
 		return invalidArg("locker and function", "must not be nil")
 	}
