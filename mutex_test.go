@@ -571,15 +571,23 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 	})
 }
 
-// TestBadInput: bad arguments are reported, name the argument, never panic
-// and never reach Redis.
-func TestBadInput(t *testing.T) {
+// nowhereClient returns a Client on an address where nothing listens, its
+// go-redis client, and a hook counting the requests that client sends.
+func nowhereClient(t *testing.T) (*redlatch.Client, *redis.Client, *redistest.RequestCounter) {
+	t.Helper()
 	hook := &redistest.RequestCounter{}
-	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}) // nothing listens there
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
 	rdb.AddHook(hook)
 	t.Cleanup(func() { _ = rdb.Close() })
 	c := redlatch.New(rdb)
 	t.Cleanup(func() { _ = c.Close() })
+	return c, rdb, hook
+}
+
+// TestBadInput: bad arguments are reported, name the argument, never panic
+// and never reach Redis.
+func TestBadInput(t *testing.T) {
+	c, rdb, hook := nowhereClient(t)
 	ctx := context.Background()
 
 	cases := []struct {
@@ -636,12 +644,7 @@ func second[T any](_ T, err error) error { return err }
 // an error wrapping ErrInvalidArgument that names it. It panicked with a
 // nil pointer dereference (found by a reviewer).
 func TestNilContext(t *testing.T) {
-	hook := &redistest.RequestCounter{}
-	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}) // nothing listens there
-	rdb.AddHook(hook)
-	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c, _, hook := nowhereClient(t)
 	var ctx context.Context // nil
 	errs := map[string]func() error{}
 	for _, l := range []locker{c.Mutex("x"), c.ReentrantMutex("x"), c.FairMutex("x"), c.RWMutex("x")} {
