@@ -45,8 +45,10 @@ var (
 	// ErrWrongType is wrapped by the error returned when a key that a
 	// primitive uses holds a value that redlatch did not write (another
 	// program's data, or another kind of primitive under the same name).
-	// It is told by the key's Redis type only: a foreign value of the type
-	// the primitive uses (a hash under a lock's key, say) is not detected.
+	// It is told by the key's Redis type (and, for a CountDownLatch's
+	// count, by the string not being an integer): a foreign value of the
+	// type the primitive uses (a hash under a lock's key, say) is not
+	// detected.
 	ErrWrongType = errors.New("redlatch: key holds a value of another type")
 
 	// ErrUpgrade is returned at once by RWMutex.Lock and TryLock when the

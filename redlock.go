@@ -130,15 +130,20 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 			return r
 		}
 		// A Redis client that is not comparable (a wrapper struct with a
-		// slice field, say) cannot be a map key: hashing it panics.
-		keyed := !isNil(c.rdb) && reflect.ValueOf(c.rdb).Comparable()
-		if seen[c] || (keyed && seenRdb[c.rdb]) {
+		// slice field, say) cannot be a map key: hashing it panics. It is
+		// known by its Go syntax instead, which names the pointers it holds:
+		// two copies of one wrapper around one go-redis client are alike.
+		var key any = c.rdb
+		if !isNil(c.rdb) && !reflect.ValueOf(c.rdb).Comparable() {
+			key = fmt.Sprintf("%T %#v", c.rdb, c.rdb)
+		}
+		if seen[c] || (!isNil(c.rdb) && seenRdb[key]) {
 			r.err = invalidArg("clients", "contains the same Client or Redis client twice")
 			return r
 		}
 		seen[c] = true
-		if keyed {
-			seenRdb[c.rdb] = true
+		if !isNil(c.rdb) {
+			seenRdb[key] = true
 		}
 	}
 	all := append(opts[:len(opts):len(opts)], WithOwner(o.owner))
@@ -729,6 +734,9 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	}
 	if r.err != nil {
 		return r.err
+	}
+	if err := ctxArg(ctx); err != nil {
+		return err // before the hold is taken from the handle: it stays held
 	}
 	r.mu.Lock()
 	h := r.h

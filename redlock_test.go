@@ -586,7 +586,37 @@ func TestRedlockWrappedRedisClients(t *testing.T) {
 	require.NoError(t, r.Unlock(ctx))
 	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
 
-	// The same Client twice is still refused.
+	// The same Client twice is still refused, and so are two Clients made
+	// from one wrapper value: the same master twice (a quorum of 2 of 3
+	// from one Redis server; the check skipped non-comparable clients).
 	require.ErrorIs(t, redlatch.NewRedlock(name, []*redlatch.Client{clients[0], clients[1], clients[0]}).Lock(ctx),
 		redlatch.ErrInvalidArgument)
+	w := taggedRedis{UniversalClient: servers[0].Client(t), tags: []string{"a"}}
+	twice := []*redlatch.Client{redlatch.New(w), redlatch.New(w), clients[2]}
+	t.Cleanup(func() { _ = twice[0].Close(); _ = twice[1].Close() })
+	_, err := redlatch.NewRedlock(name, twice).TryLock(ctx)
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+}
+
+// TestRedlockUnlockNilCtxWhileHeld: Redlock.Unlock with a nil ctx on a
+// handle that holds the lock returns ErrInvalidArgument naming ctx and
+// keeps the hold, as every other Unlock does. Its ctx check ran only when
+// the handle held nothing: with a hold, it dropped the hold from the handle
+// and the per-master release goroutines panicked in
+// context.WithTimeout(nil, …), crashing the program. Found by a reviewer.
+func TestRedlockUnlockNilCtxWhileHeld(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	name := redistest.UniqueName(t)
+	r := redlatch.NewRedlock(name, redlockClients(t, servers), redlatch.WithLease(5*time.Second))
+	require.NoError(t, r.Lock(ctx))
+	var nilCtx context.Context
+	err := r.Unlock(nilCtx)
+	time.Sleep(100 * time.Millisecond) // a release goroutine's panic would crash the binary here
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+	require.Contains(t, err.Error(), "ctx")
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, servers, name), "the hold must be kept")
+	requireOpen(t, r.Lost(), "Lost closed by a rejected Unlock")
+	require.NoError(t, r.Unlock(ctx), "the hold is still the handle's")
+	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
 }
