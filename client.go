@@ -139,6 +139,9 @@ type Client struct {
 
 	pubMu  sync.Mutex
 	pubCmd string // "PUBLISH", or "SPUBLISH" on a Redis ≥ 7 cluster; "" until probed
+	// probing is held (capacity 1) by the one call checking the masters'
+	// versions; the others wait for it no longer than their ctx.
+	probing chan struct{}
 	// sharded is set once pubCmd is "SPUBLISH": channels subscribed with
 	// plain pub/sub before then (a failed probe) are moved to sharded
 	// pub/sub, where every Client publishes now.
@@ -161,7 +164,7 @@ type Client struct {
 // the undo of its unanswered attempt after another one). New logs a
 // warning when it is off (to the WithLogger logger: by default, nowhere).
 func New(rdb redis.UniversalClient, opts ...Option) *Client {
-	c := &Client{rdb: rdb}
+	c := &Client{rdb: rdb, probing: make(chan struct{}, 1)}
 	c.opts = options{
 		watchdogTimeout: DefaultWatchdogTimeout,
 		logger:          slog.New(slog.NewTextHandler(io.Discard, nil)),
@@ -289,15 +292,32 @@ func (c *Client) publishCommand(ctx context.Context) string {
 // cluster.
 func (c *Client) probePublish(ctx context.Context) string {
 	c.pubMu.Lock()
-	defer c.pubMu.Unlock()
-	if c.pubCmd != "" {
-		return c.pubCmd
+	cmd := c.pubCmd
+	c.pubMu.Unlock()
+	if cmd != "" {
+		return cmd
+	}
+	// One call checks at a time; the others wait for it, but no longer than
+	// their own ctx (a master that does not answer holds the check up to
+	// cleanupTimeout): a caller whose ctx ends fails on it anyway.
+	select {
+	case c.probing <- struct{}{}:
+	case <-ctx.Done():
+		return "PUBLISH"
+	}
+	defer func() { <-c.probing }()
+	c.pubMu.Lock()
+	cmd = c.pubCmd
+	c.pubMu.Unlock()
+	if cmd != "" {
+		return cmd
 	}
 	// Sharded pub/sub needs every master at version 7 or later. A failed
 	// probe is not remembered: it is tried again on the next call, so that
 	// one transient error cannot leave this Client publishing where the
-	// others do not listen.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	// others do not listen. The check ends with the caller's ctx: a caller
+	// whose ctx ended sends nothing after it.
+	ctx, cancel := context.WithTimeout(ctx, cleanupTimeout)
 	defer cancel()
 	var mu sync.Mutex
 	major := -1
@@ -314,11 +334,14 @@ func (c *Client) probePublish(ctx context.Context) string {
 	case err != nil:
 		return "PUBLISH"
 	case major >= 7:
-		c.pubCmd = "SPUBLISH"
+		cmd = "SPUBLISH"
 	default:
-		c.pubCmd = "PUBLISH"
+		cmd = "PUBLISH"
 	}
-	return c.pubCmd
+	c.pubMu.Lock()
+	c.pubCmd = cmd
+	c.pubMu.Unlock()
+	return cmd
 }
 
 // redisMajor parses the major version from an INFO server reply.

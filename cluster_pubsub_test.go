@@ -168,3 +168,58 @@ func TestClusterWakeAfterVersionCheckRecovers(t *testing.T) {
 		t.Fatal("the reader slept through the writer's release: its channel is still on plain pub/sub")
 	}
 }
+
+// stallInfo makes every INFO wait until its ctx ends, as a master that is
+// frozen (SIGSTOP) or cut off by a partition would: the Client's check of
+// the masters' versions never succeeds.
+type stallInfo struct{ passHook }
+
+func (stallInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "info" {
+			<-ctx.Done()
+			cmd.SetErr(ctx.Err())
+			return ctx.Err()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestClusterVersionCheckHonoursCtx: on a cluster with a master that does
+// not answer, the Client's check of the masters' versions cannot succeed.
+// A Lock whose ctx ends after 200ms must return then (API.md: a failed wait
+// returns with ctx's error), and an Unlock must not outlive its ctx by
+// seconds either: both ran the check under a fresh 2s context, serialised
+// behind one mutex, whatever their own ctx said. Found by a reviewer.
+func TestClusterVersionCheckHonoursCtx(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+
+	holder := newClient(t, b).Mutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+	t.Cleanup(func() { _ = holder.Unlock(context.Background()) })
+
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(stallInfo{}) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := c.Mutex(name).Lock(short)
+	took := time.Since(start)
+	requireWaitErr(t, err, short)
+	require.Less(t, took, time.Second, "Lock with a 200ms ctx returned after %v", took)
+
+	other := c.Mutex(name + "-other")
+	require.NoError(t, other.Lock(ctx))
+	short2, cancel2 := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel2()
+	start = time.Now()
+	_ = other.Unlock(short2)
+	took = time.Since(start)
+	require.Less(t, took, time.Second, "Unlock with a 200ms ctx returned after %v", took)
+}

@@ -475,6 +475,11 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 // joinID is join for a waiter that wakeWaiterPrefix+id messages name.
 func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Duration) (*waiter, error) {
 	pub := p.c.publishCommand(ctx)
+	if ctx.Err() != nil {
+		// The check of the masters' versions (a cluster) outlasted ctx: no
+		// subscription on a connection picked without it.
+		return nil, newWaitError(ctx, nil)
+	}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
