@@ -695,3 +695,55 @@ func TestRWManyReaders(t *testing.T) {
 		requireIdle(t, b, name)
 	})
 }
+
+// TestRWHeldAheadFenceLost: an RWMutex writer holds a token ahead of the
+// server clock (as a faster clock before a failover issued, see
+// TestHandoffFenceWrite "held ahead"), and the fence key is lost during
+// the hold (its retention ran out under a long, renewed hold). When the
+// writer's release leaves the hash (another writer waits, or the writer
+// downgraded to a read hold), the next writer's token must still pass the
+// released one, as a Mutex's and a FairMutex's do. It came from the clock
+// alone, lower. Found by a reviewer.
+func TestRWHeldAheadFenceLost(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, tc := range []string{"writer waits", "downgrade"} {
+			t.Run(tc, func(t *testing.T) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				c1, c2 := newClient(t, b), newClient(t, b)
+				fence := "{" + name + "}:fence"
+				ahead := time.Now().Add(time.Hour).UnixMicro()
+				require.NoError(t, rdb.Set(ctx, fence, strconv.FormatInt(ahead, 10), time.Minute).Err())
+				holder := c1.RWMutex(name)
+				require.NoError(t, holder.Lock(ctx))
+				held := holder.Token()
+				require.Greater(t, held, ahead)
+				next := c2.RWMutex(name)
+				got := make(chan error, 1)
+				if tc == "writer waits" {
+					go func() { got <- next.Lock(ctx) }()
+					require.Eventually(t, func() bool {
+						n, err := rdb.HLen(ctx, "{"+name+"}:rw").Result()
+						return err == nil && n > 5 // the ww: field of the waiting writer
+					}, 5*time.Second, 10*time.Millisecond, "the writer never waited")
+				} else {
+					require.NoError(t, holder.RLock(ctx))
+				}
+				require.NoError(t, rdb.Del(ctx, fence).Err()) // lost during the hold
+				require.NoError(t, holder.Unlock(ctx))
+				if tc == "downgrade" {
+					require.NoError(t, holder.RUnlock(ctx))
+					go func() { got <- next.Lock(ctx) }()
+				}
+				requireNoErrWithin(t, got, 5*time.Second, "the next writer takes the lock")
+				require.Greater(t, next.Token(), held, "the next writer's token went backwards")
+				require.NoError(t, next.Unlock(ctx))
+				m := c1.Mutex(name)
+				require.NoError(t, m.Lock(ctx))
+				require.Greater(t, m.Token(), held, "a Mutex of the name after the writer")
+				require.NoError(t, m.Unlock(ctx))
+			})
+		}
+	})
+}

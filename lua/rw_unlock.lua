@@ -71,6 +71,17 @@ rw_drop_writer(s)
 if not rw_commit(s) then
   fence_set_release(KEYS[2], token, ended,
     math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
+elseif string.find(token, '^%d+$') then
+  -- The hash stays (a writer waits, or the owner reads on), and with it the
+  -- release (rr): the fence key must still pass this hold's token, which it
+  -- may have lost during the hold (see next_token's held), or the next
+  -- writer's token comes from the clock alone.
+  local v = redis.call('GET', KEYS[2])
+  local p = v and string.match(v, '^[^:|]*') or ''
+  if (tonumber(p) or 0) < tonumber(token) then
+    redis.call('SET', KEYS[2], token .. (v and string.sub(v, #p + 1) or ''),
+      'PX', math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
+  end
 end
 redis.call(ARGV[3], KEYS[3], 'a')
 redis.call(ARGV[3], KEYS[4], '1')
