@@ -316,8 +316,14 @@ func (c *Client) probePublish(ctx context.Context) string {
 	// probe is not remembered: it is tried again on the next call, so that
 	// one transient error cannot leave this Client publishing where the
 	// others do not listen. The check ends with the caller's ctx: a caller
-	// whose ctx ended sends nothing after it.
-	ctx, cancel := context.WithTimeout(ctx, cleanupTimeout)
+	// whose ctx ended sends nothing after it. It takes at most half of what
+	// is left of ctx, so that the call's own command (a cleanup's, under
+	// detached's cleanupTimeout) still gets the other half.
+	bound := cleanupTimeout
+	if d, ok := ctx.Deadline(); ok {
+		bound = min(bound, time.Until(d)/2)
+	}
+	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	var mu sync.Mutex
 	major := -1

@@ -223,3 +223,45 @@ func TestClusterVersionCheckHonoursCtx(t *testing.T) {
 	took = time.Since(start)
 	require.Less(t, took, time.Second, "Unlock with a 200ms ctx returned after %v", took)
 }
+
+// TestClusterCleanupNotStarvedByVersionCheck: on a cluster with a master
+// that does not answer (not the lock's), a Client whose check of the
+// masters' versions has not succeeded yet runs that check again in every
+// publishing call, a cleanup too. A cleanup runs under a fresh context
+// bounded by cleanupTimeout (2s), which the check, now bounded by that
+// same context, takes whole: the cleanup's own script is then never sent.
+// Here a FairMutex Lock whose ctx ends in the queue must withdraw its place
+// (API: a failed wait leaves nothing behind); the place stayed, the
+// holder's Unlock granted the lock to it, and a waiter of a healthy Client
+// waited for that stale grant to run out (the watchdog timeout, 30s). The
+// check now takes at most half of what is left of its caller's ctx. Found
+// by a reviewer.
+func TestClusterCleanupNotStarvedByVersionCheck(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 60*time.Second)
+	name := redistest.UniqueName(t)
+
+	holder := newClient(t, b).FairMutex(name)
+	require.NoError(t, holder.Lock(ctx))
+
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(stallInfo{}) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	wctx, cancel := context.WithTimeout(ctx, 6*time.Second)
+	defer cancel()
+	requireWaitErr(t, c.FairMutex(name).Lock(wctx), wctx)
+	// The withdrawal ran before Lock returned: the queue must be empty.
+	n, err := b.Client(t).ZCard(ctx, "{"+name+"}:fairq").Result()
+	require.NoError(t, err)
+	require.Zero(t, n, "the withdrawn waiter's place is still queued")
+
+	require.NoError(t, holder.Unlock(ctx))
+	next := newClient(t, b).FairMutex(name)
+	nctx, ncancel := context.WithTimeout(ctx, 3*time.Second)
+	defer ncancel()
+	require.NoError(t, next.Lock(nctx), "the lock went to the withdrawn waiter's stale place")
+	require.NoError(t, next.Unlock(ctx))
+}

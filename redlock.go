@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -131,11 +132,13 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 		}
 		// A Redis client that is not comparable (a wrapper struct with a
 		// slice field, say) cannot be a map key: hashing it panics. It is
-		// known by its Go syntax instead, which names the pointers it holds:
-		// two copies of one wrapper around one go-redis client are alike.
+		// known by its shape instead (see shape): two copies of one wrapper
+		// around one go-redis client are alike.
 		var key any = c.rdb
 		if !isNil(c.rdb) && !reflect.ValueOf(c.rdb).Comparable() {
-			key = fmt.Sprintf("%T %#v", c.rdb, c.rdb)
+			var b strings.Builder
+			shape(&b, reflect.ValueOf(&c.rdb).Elem())
+			key = b.String()
 		}
 		if seen[c] || (!isNil(c.rdb) && seenRdb[key]) {
 			r.err = invalidArg("clients", "contains the same Client or Redis client twice")
@@ -165,6 +168,36 @@ func NewRedlock(name string, clients []*Client, opts ...LockOption) *Redlock {
 	}
 	r.quorum = len(clients)/2 + 1
 	return r
+}
+
+// shape writes v's type and its fields, read in place and never through a
+// reference (a map, a pointer, a slice's elements), which may be changing
+// meanwhile under locks v does not know of: a reference is written as its
+// address. Two copies of one value have the same shape.
+func shape(b *strings.Builder, v reflect.Value) {
+	switch v.Kind() {
+	case reflect.Interface:
+		if !v.IsNil() {
+			fmt.Fprintf(b, "%s(", v.Elem().Type())
+			shape(b, v.Elem())
+			b.WriteString(")")
+		}
+	case reflect.Struct:
+		for i := range v.NumField() {
+			shape(b, v.Field(i))
+		}
+	case reflect.Array:
+		for i := range v.Len() {
+			shape(b, v.Index(i))
+		}
+	case reflect.Slice:
+		fmt.Fprintf(b, "%#x/%d", v.Pointer(), v.Len())
+	case reflect.Map, reflect.Pointer, reflect.Chan, reflect.Func, reflect.UnsafePointer:
+		fmt.Fprintf(b, "%#x", v.Pointer())
+	default: // a bool, a number or a string
+		fmt.Fprintf(b, "%q", fmt.Sprint(v))
+	}
+	b.WriteString(" ")
 }
 
 // check returns the error of bad input or of a closed Client.

@@ -620,3 +620,73 @@ func TestRedlockUnlockNilCtxWhileHeld(t *testing.T) {
 	require.NoError(t, r.Unlock(ctx), "the hold is still the handle's")
 	require.Equal(t, []bool{false, false, false}, heldOn(t, ctx, servers, name))
 }
+
+// meteredRedis is an instrumentation wrapper by value, as in
+// TestRedlockWrappedRedisClients, whose map field it updates on every
+// command (under its own lock): a valid redis.UniversalClient, not
+// comparable.
+type meteredRedis struct {
+	redis.UniversalClient
+	mu    *sync.Mutex
+	calls map[string]int
+}
+
+func (m meteredRedis) count(name string) {
+	m.mu.Lock()
+	m.calls[name]++
+	m.mu.Unlock()
+}
+
+// TestRedlockWrappedClientInUse: NewRedlock over Clients whose Redis client
+// is a non-comparable wrapper must not read the wrapper's shared state (a
+// map or a slice's elements, which the wrapper may change at any time, under
+// locks of its own): it made its duplicate key with fmt's %#v, which walks
+// every map and slice the wrapper holds, racing with the wrapper's own
+// writes (run with -race; without it, Go may abort the program with
+// "concurrent map iteration and map write"). Found by a reviewer.
+func TestRedlockWrappedClientInUse(t *testing.T) {
+	var clients []*redlatch.Client
+	var wrappers []meteredRedis
+	for range 3 {
+		rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+		t.Cleanup(func() { _ = rdb.Close() })
+		w := meteredRedis{UniversalClient: rdb, mu: &sync.Mutex{}, calls: map[string]int{"get": 0}}
+		wrappers = append(wrappers, w)
+		c := redlatch.New(w)
+		t.Cleanup(func() { _ = c.Close() })
+		clients = append(clients, c)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // the application's traffic through the wrappers
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for _, w := range wrappers {
+				w.count("get")
+			}
+			if i%64 == 0 {
+				time.Sleep(time.Microsecond)
+			}
+		}
+	}()
+	for range 200 {
+		r := redlatch.NewRedlock("wrapped", clients)
+		require.NotNil(t, r)
+	}
+	close(stop)
+	wg.Wait()
+	// Distinct wrappers, so NewRedlock accepted them; two Clients made from
+	// one wrapper value are still refused.
+	_, err := redlatch.NewRedlock("wrapped", clients).TryLock(ctxT(t, 100*time.Millisecond))
+	require.NotErrorIs(t, err, redlatch.ErrInvalidArgument)
+	a, b := redlatch.New(wrappers[0]), redlatch.New(wrappers[0])
+	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
+	_, err = redlatch.NewRedlock("wrapped", []*redlatch.Client{a, b, clients[2]}).TryLock(ctxT(t, time.Second))
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+}
