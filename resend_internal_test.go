@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -539,5 +540,40 @@ func TestUnlockOfForceUnlockedHoldReservingItsTaker(t *testing.T) {
 		require.NoError(t, err2)
 		require.Equal(t, tok, waiter.Token())
 		require.NoError(t, waiter.Unlock(ctx))
+	})
+}
+
+// TestRWReleaseResentAfterUnqueue: reader a's RUnlock runs in Redis
+// while a writer waits (its place keeps the hash, which remembers a's
+// release in rr); the reply is lost and go-redis resends it. Meanwhile the
+// writer gave up: its unqueue removed the last lease of the hash, which
+// went, rr with it. The resend must be recognised as the release that
+// ran, not reported as ErrNotHeld. Found by a reviewer.
+func TestRWReleaseResentAfterUnqueue(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, c, hook, rdb := hookedClient(t, b, rwRUnlockScript, true)
+		name := redistest.UniqueName(t)
+		a := c.RWMutex(name)
+		require.NoError(t, a.RLock(ctx)) // loads the scripts
+		require.NoError(t, a.RUnlock(ctx))
+
+		require.NoError(t, a.RLock(ctx))
+		// A writer waits (its Lock's place, written as rw_lock.lua does).
+		now, err := rdb.Time(ctx).Result()
+		require.NoError(t, err)
+		require.NoError(t, rdb.HSet(ctx, a.key, "ww:writer",
+			strconv.FormatInt(now.Add(10*time.Second).UnixMilli(), 10)).Err())
+		writer := c.RWMutex(name, WithOwner("writer"))
+
+		hook.arm()
+		done := make(chan error, 1)
+		go func() { done <- a.RUnlock(ctx) }()
+		<-hook.ran
+		writer.unqueue(ctx) // the writer gives up: the hash goes
+		n, err := rdb.Exists(ctx, a.key).Result()
+		require.NoError(t, err)
+		require.Zero(t, n)
+		close(hook.proceed)
+		require.NoError(t, <-done, "a's RUnlock ran, but its resend was not recognised")
 	})
 }

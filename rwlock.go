@@ -334,7 +334,8 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 // unqueue removes the owner's waiting place, waking the readers queued
 // behind it when it was the last.
 func (m *RWMutex) unqueue(ctx context.Context) {
-	err := rwUnqueueScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake}, m.owner, m.c.publishCommand(ctx)).Err()
+	err := rwUnqueueScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.fence}, m.owner, m.c.publishCommand(ctx),
+		fenceRetention(m.lease)).Err()
 	if err = convertErr(err); err != nil {
 		// The place expires after its lease (the watchdog timeout).
 		m.c.opts.logger.Warn("redlatch: leaving the writers' queue failed", "name", m.name, "error", err)

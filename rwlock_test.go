@@ -747,3 +747,70 @@ func TestRWHeldAheadFenceLost(t *testing.T) {
 		}
 	})
 }
+
+// TestRWReleaseResentAfterHashDeleted: readers a and b hold the read
+// lock. a's RUnlock runs in Redis (b still holds: the hash stays, and
+// remembers a's release in rr), its reply is lost and go-redis resends it;
+// meanwhile b's RUnlock released the last hold and deleted the hash, and
+// with it rr, recording only b's release in the fence key. The resend must
+// be recognised as the release that ran, not reported as ErrNotHeld ("not
+// held, lease ran out, or lost"): two readers releasing at about the same
+// time is all it takes, no other owner's new hold. The same for a writer
+// that downgraded: its Unlock leaves its read hold (the hash stays), its
+// RUnlock then deletes the hash. Releases that delete the hash now carry
+// the releases it remembered to the fence key. Found by a reviewer.
+func TestRWReleaseResentAfterHashDeleted(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+
+		t.Run("readers", func(t *testing.T) {
+			name := redistest.UniqueName(t)
+			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
+			a, other := c.RWMutex(name), c.RWMutex(name)
+			require.NoError(t, a.RLock(ctx)) // loads the scripts
+			require.NoError(t, a.RUnlock(ctx))
+
+			require.NoError(t, a.RLock(ctx))
+			require.NoError(t, other.RLock(ctx))
+			hook.between = func() { require.NoError(t, other.RUnlock(ctx)) }
+			hook.armed.Store(true)
+			require.NoError(t, a.RUnlock(ctx), "a's RUnlock ran, but its resend was not recognised")
+			requireIdle(t, b, name)
+		})
+
+		t.Run("reader between", func(t *testing.T) {
+			// a's release deletes the hash (the fence key records it);
+			// another reader comes and goes before the resend, deleting
+			// the hash it made in turn.
+			name := redistest.UniqueName(t)
+			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
+			a, other := c.RWMutex(name), c.RWMutex(name)
+			require.NoError(t, a.RLock(ctx)) // loads the scripts
+			require.NoError(t, a.RUnlock(ctx))
+
+			require.NoError(t, a.RLock(ctx))
+			hook.between = func() {
+				require.NoError(t, other.RLock(ctx))
+				require.NoError(t, other.RUnlock(ctx))
+			}
+			hook.armed.Store(true)
+			require.NoError(t, a.RUnlock(ctx), "a's RUnlock ran, but its resend was not recognised")
+			requireIdle(t, b, name)
+		})
+
+		t.Run("downgrade", func(t *testing.T) {
+			name := redistest.UniqueName(t)
+			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
+			w := c.RWMutex(name)
+			require.NoError(t, w.Lock(ctx)) // loads the scripts
+			require.NoError(t, w.Unlock(ctx))
+
+			require.NoError(t, w.Lock(ctx))
+			require.NoError(t, w.RLock(ctx))
+			hook.between = func() { require.NoError(t, w.RUnlock(ctx)) }
+			hook.armed.Store(true)
+			require.NoError(t, w.Unlock(ctx), "the Unlock ran, but its resend was not recognised")
+			requireIdle(t, b, name)
+		})
+	})
+}

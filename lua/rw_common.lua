@@ -161,25 +161,40 @@ end
 -- rw_was_released): a partial release whose reply was lost may be resent
 -- after another goroutine's release ended the hold. They make one entry of
 -- rr, joined by ',' (a request id holds neither ' ' nor ','), so that rr
--- still remembers the last few full releases. It returns them
--- space-separated, for the fence key (see rw_fence_release).
+-- still remembers the last few full releases (and the fence key, once
+-- the hash is deleted: see rw_fence_release).
 local function rw_released(s, req, partial)
   if not partial or partial == '' then
     rw_set(s, 'rr', ids_add(s.f.rr, req))
-    return req
+    return
   end
   rw_set(s, 'rr', ids_add(s.f.rr, req .. ',' .. (string.gsub(partial, ' ', ','))))
-  return req .. ' ' .. partial
 end
 
--- rw_fence_release records the release ended (what rw_released returned)
--- in the fence key ("<token>:<ended>") when the full release deleted the
--- hash, and with it the rr field.
-local function rw_fence_release(fence, ended, retention)
+-- rw_fence_ended returns what a full release that deleted the hash
+-- records in the fence key, whose value was v: the releases rr remembered
+-- (rr goes with the hash), after those the fence key recorded already (the
+-- releases of the hash before, deleted in turn), the last ids_kept entries
+-- in all, in rr's format. A release whose reply was lost may be resent
+-- after other owners' releases emptied the hash, once or more: two readers
+-- releasing at about the same time, or a reader coming and going between.
+local function rw_fence_ended(s, v)
+  local e = fence_release(v) or ''
+  for entry in string.gmatch(s.f.rr or '', '%S+') do
+    e = ids_add(e, entry)
+  end
+  return e
+end
+
+-- rw_fence_release records the releases ended (see rw_fence_ended) in the
+-- fence key ("<token>:<ended>") when the full release deleted the hash, and
+-- with it the rr field. token: the hold's, for a write hold; nil keeps the
+-- fence key's.
+local function rw_fence_release(fence, s, retention, token)
   local v = redis.call('GET', fence)
   -- An unknown token stays empty: the next one comes from the clock.
-  local last = (v and string.match(v, '^[^:|]*')) or ''
-  fence_set_release(fence, last, ended, math.max(tonumber(retention), redis.call('PTTL', fence)))
+  local last = token or (v and string.match(v, '^[^:|]*')) or ''
+  fence_set_release(fence, last, rw_fence_ended(s, v), math.max(tonumber(retention), redis.call('PTTL', fence)))
 end
 
 -- rw_was_released reports whether req is a full release already done, or
@@ -192,5 +207,19 @@ local function rw_was_released(s, fence, req)
   if rr and string.find(rr, ',', 1, true) and ids_has((string.gsub(rr, ',', ' ')), req) then
     return true
   end
-  return ids_has(fence_release(redis.call('GET', fence)), req)
+  local ended = fence_release(redis.call('GET', fence))
+  return ended and ids_has((string.gsub(ended, ',', ' ')), req) or false
+end
+
+-- rw_commit_fenced is rw_commit for a script that may delete the hash
+-- without a release of its own (a waiting place removed): the releases rr
+-- remembered go to the fence key, as a release's do (see rw_fence_release).
+local function rw_commit_fenced(s, fence, retention)
+  if rw_commit(s) then
+    return true
+  end
+  if s.f.rr then
+    rw_fence_release(fence, s, retention)
+  end
+  return false
 end

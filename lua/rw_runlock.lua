@@ -72,11 +72,11 @@ if c > 0 then
   rw_commit(s)
   return c
 end
-local ended = rw_released(s, req, f['ru:' .. o]) -- before rw_drop_reader drops ru:<owner>
+rw_released(s, req, f['ru:' .. o]) -- before rw_drop_reader drops ru:<owner>
 rw_drop_reader(s, o)
 local readers, waiting = rw_scan(s)
 if not rw_commit(s) then
-  rw_fence_release(KEYS[2], ended, ARGV[4])
+  rw_fence_release(KEYS[2], s, ARGV[4])
 end
 if readers == 0 and not f.w and waiting > 0 then
   redis.call(ARGV[3], KEYS[3], '1')

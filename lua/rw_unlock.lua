@@ -66,11 +66,10 @@ if c > 0 then
   return c
 end
 local token = f.t
-local ended = rw_released(s, req, f.wu) -- before rw_drop_writer drops wu
+rw_released(s, req, f.wu) -- before rw_drop_writer drops wu
 rw_drop_writer(s)
 if not rw_commit(s) then
-  fence_set_release(KEYS[2], token, ended,
-    math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
+  rw_fence_release(KEYS[2], s, ARGV[4], token)
 elseif string.find(token, '^%d+$') then
   -- The hash stays (a writer waits, or the owner reads on), and with it the
   -- release (rr): the fence key must still pass this hold's token, which it

@@ -3,8 +3,12 @@
 --
 -- KEYS[1]  lock hash (see rw_common.lua)
 -- KEYS[2]  readers' wake-up channel
+-- KEYS[3]  fence key of the lock name: when the place was the last lease in
+--          the hash, the releases the hash remembered go there (see
+--          rw_commit_fenced)
 -- ARGV[1]  owner id
 -- ARGV[2]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
+-- ARGV[3]  fence retention, ms
 --
 -- Returns 1 when the owner's waiting place was removed, else 0. When it was
 -- the last waiting writer and no writer holds the lock, the readers queued
@@ -12,12 +16,12 @@
 local s = rw_load(KEYS[1])
 local k = 'ww:' .. ARGV[1]
 if not s.f[k] then
-  rw_commit(s)
+  rw_commit_fenced(s, KEYS[3], ARGV[3])
   return 0
 end
 rw_del(s, k)
 local _, waiting = rw_scan(s)
-rw_commit(s)
+rw_commit_fenced(s, KEYS[3], ARGV[3])
 if waiting == 0 and not s.f.w then
   redis.call(ARGV[2], KEYS[2], 'a')
 end
