@@ -21,6 +21,7 @@ type Hold struct {
 	Acq   int64 // after Lock returned: the hold surely began before
 	Rel   int64 // before Unlock was called: the hold surely lasted until
 	Token int64 // Token() after Lock
+	Lease int64 // the lease (ns) the acquisition set: WithLease, or the watchdog timeout
 
 	ReadOK  bool     // the fenced read was accepted
 	ReadAt  int64    // before the read was sent
@@ -31,6 +32,10 @@ type Hold struct {
 	LostSeen  bool   // Lost() was closed at Rel
 	Lost      bool   // LostSeen, or Unlock returned ErrNotHeld
 	UnlockErr string // Unlock's error, if any
+
+	// Violation, when set, is a broken contract the worker saw itself (see
+	// ErrBroken); such a record is no hold (Acq is 0).
+	Violation string
 }
 
 // Acked reports whether the hold's update was acknowledged: written, and the
@@ -225,6 +230,69 @@ func CheckOverlap(holds []Hold, size int) []string {
 				v = append(v, fmt.Sprintf("overlap: %s %s [%s] and %s %s [%s]",
 					a.Worker, a.ID, span(a), b.Worker, b.ID, span(b)))
 			}
+		}
+	}
+	return v
+}
+
+// CheckLeases checks that no lock was granted while another worker's hold
+// was surely still in force, even when that hold later reported a loss: a
+// hold lost because its lease ran out (a pause, a cut link) excuses an
+// overlap only after its lease could have run out. The acquisition of a hold
+// ran in Redis no earlier than its Call, with a TTL of its Lease, and nothing
+// releases it before its worker's Unlock (after Rel) but a reset of the
+// server (resets: instants on Mono when the server lost its data, a restart
+// without persistence). So a hold is surely in force over [Acq, end), end
+// being the earliest of Rel, Call + Lease (less 10 ms for Redis's millisecond
+// expiry) and the first reset after Call. A hold whose whole Lock call
+// ([Call, Acq]) lies in such a span of size other holds (size 1: of any
+// other hold, but a shared one beside a shared one) was granted while held.
+//
+// Without this, a Lock that takes a lock from its holder passes CheckOverlap:
+// the robbed holder's renewal fails, it reports the loss, and the overlap is
+// excused.
+func CheckLeases(holds []Hold, size int, resets []int64) []string {
+	hs := valid(holds)
+	end := func(h Hold) int64 {
+		e := h.Rel
+		if h.Lost && h.Lease > 0 {
+			e = min(e, h.Call+h.Lease-int64(10*time.Millisecond))
+		}
+		for _, r := range resets {
+			if r >= h.Call && r < e {
+				e = r
+			}
+		}
+		return e
+	}
+	var v []string
+	for _, b := range hs {
+		n, lost := 0, b.Lost
+		for _, a := range hs {
+			if a.Worker == b.Worker || a.Acq >= b.Call || end(a) <= b.Acq || a.Shared && b.Shared && size == 1 {
+				continue
+			}
+			lost = lost || a.Lost
+			if n++; n >= size {
+				if lost { // else both kept their holds: CheckOverlap reports it
+					v = append(v, fmt.Sprintf("granted within another's lease: %s %s (lost %v) acquired in [%.3fs..%.3fs] while %s %s [%s] (lost %v) held until at least %.3fs",
+						b.Worker, b.ID, b.Lost, float64(b.Call)/1e9, float64(b.Acq)/1e9, a.Worker, a.ID, span(a), a.Lost, float64(end(a))/1e9))
+				}
+				break
+			}
+		}
+	}
+	return v
+}
+
+// CheckViolations lists the broken contracts the workers reported, but
+// those whose span ([Call, Rel]) holds a reset of the server (resets: see
+// CheckLeases), which may have caused them.
+func CheckViolations(holds []Hold, resets []int64) []string {
+	var v []string
+	for _, h := range holds {
+		if h.Violation != "" && !slices.ContainsFunc(resets, func(r int64) bool { return r >= h.Call && r <= h.Rel }) {
+			v = append(v, fmt.Sprintf("%s %s: %s", h.Worker, h.ID, h.Violation))
 		}
 	}
 	return v

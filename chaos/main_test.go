@@ -40,6 +40,24 @@ func scale(d time.Duration) time.Duration {
 // scheduling on a loaded 2-core machine.
 const slack = 1500 * time.Millisecond
 
+// servers are the servers of each running test, for the resets CheckLeases
+// excuses.
+var (
+	serversMu sync.Mutex
+	servers   = map[*testing.T][]*chaos.Server{}
+)
+
+// resetsOf returns when the servers of t lost their data.
+func resetsOf(t *testing.T) []int64 {
+	serversMu.Lock()
+	defer serversMu.Unlock()
+	var rs []int64
+	for _, s := range servers[t] {
+		rs = append(rs, s.Resets()...)
+	}
+	return rs
+}
+
 // newServer starts a private redis-server for the test.
 func newServer(t *testing.T) *chaos.Server {
 	t.Helper()
@@ -54,6 +72,14 @@ func newServer(t *testing.T) *chaos.Server {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
+	serversMu.Lock()
+	servers[t] = append(servers[t], s)
+	serversMu.Unlock()
+	t.Cleanup(func() {
+		serversMu.Lock()
+		delete(servers, t)
+		serversMu.Unlock()
+	})
 	return s
 }
 
@@ -154,9 +180,11 @@ func checkAllSize(t *testing.T, c *chaos.Coord, size int) []chaos.Hold {
 	final, rejected := c.Store.Final()
 	var v []string
 	v = append(v, chaos.CheckOverlap(holds, size)...)
+	v = append(v, chaos.CheckLeases(holds, size, resetsOf(t))...)
 	v = append(v, chaos.CheckTokens(holds)...)
 	v = append(v, chaos.CheckLostUpdates(holds, final)...)
 	v = append(v, chaos.CheckLinearizable(holds)...)
+	v = append(v, chaos.CheckViolations(holds, resetsOf(t))...)
 	lost, acked := 0, 0
 	for _, h := range holds {
 		if h.Lost {

@@ -44,15 +44,25 @@ func mixedFaults(t *testing.T, kind string) {
 		}, func() error { return nil }},
 		{"restart without persistence", s.Restart, func() error { return nil }},
 	}
-	d := time.Duration(rounds*len(faults))*2*step + step
+	// The workers outlast the faults: each takes two steps, the pause its
+	// lease and 500 ms more, and a step after the restart shows recovery.
+	d := time.Duration(rounds)*(time.Duration(len(faults))*2*step+lease+500*time.Millisecond) + 2*step
 	cfgs := workers(4, s.Addr, kind, lease, d)
 	cfgs[0].Addr, cfgs[1].Addr = p1.Addr, p2.Addr
 	cfgs[1].Timeout = 500 * time.Millisecond
 	c := chaos.NewCoord()
 	wait := runLocal(t, c, cfgs...)
+	var onAt []struct {
+		name string
+		at   int64
+	}
 	for r := 0; r < rounds; r++ {
 		for _, f := range faults {
 			time.Sleep(step)
+			onAt = append(onAt, struct {
+				name string
+				at   int64
+			}{f.name, chaos.Mono()})
 			if err := f.on(); err != nil {
 				t.Fatalf("%s: %v", f.name, err)
 			}
@@ -67,8 +77,25 @@ func mixedFaults(t *testing.T, kind string) {
 	if kind == "semaphore" {
 		size = chaos.SemaphoreSize
 	}
-	checkAllSize(t, c, size)
-	nothingLeft(t, s.Addr, lease+slack)
+	holds := checkAllSize(t, c, size)
+	// Each fault must hit the workers: some hold is acquired after it began.
+	var last int64
+	for _, h := range holds {
+		last = max(last, h.Acq)
+	}
+	for _, f := range onAt {
+		if f.at >= last {
+			t.Errorf("fault %q began %v after the last acquisition: the workers never met it",
+				f.name, time.Duration(f.at-last))
+		}
+	}
+	left := lease + slack
+	if kind == "semaphore" {
+		// A permit set remembers its last releases for 10s (README,
+		// "Lost replies"): it outlives its last permit that long.
+		left += 10 * time.Second
+	}
+	nothingLeft(t, s.Addr, left)
 }
 
 func TestMutexUnderMixedFaults(t *testing.T)          { mixedFaults(t, "mutex") }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -26,9 +27,18 @@ type Server struct {
 	dir  string
 	args []string
 
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	done   chan struct{}
+	resets []int64
+}
+
+// Resets returns the instants (Mono) at which the server was killed: its
+// data, every lock in it, was lost then.
+func (s *Server) Resets() []int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.resets)
 }
 
 // StartServer starts a redis-server. Close stops it for good.
@@ -130,6 +140,7 @@ func (s *Server) killLocked() {
 	if s.cmd == nil {
 		return
 	}
+	s.resets = append(s.resets, Mono())
 	_ = s.cmd.Process.Kill()
 	<-s.done
 	s.cmd, s.done = nil, nil

@@ -113,11 +113,18 @@ func (p *permit) Shared() bool                     { return true }
 
 // twice holds a ReentrantMutex twice per hold.
 type twice struct {
-	m *redlatch.ReentrantMutex
-	n int
+	m     *redlatch.ReentrantMutex
+	n     int
+	lease time.Duration // the hold's lease (set by RunWorker)
+	// changed, when set, is a re-entry that took a new token, the first
+	// hold reported lost, within the first hold's lease: its Call is before
+	// the first Lock, its Rel after the re-entry returned.
+	changed *Hold
 }
 
 func (t *twice) Lock(ctx context.Context) error {
+	t.changed = nil
+	call := Mono()
 	if err := t.m.Lock(ctx); err != nil {
 		return err
 	}
@@ -131,11 +138,22 @@ func (t *twice) Lock(ctx context.Context) error {
 			case <-lost:
 				// The first hold was lost meanwhile (Token reads 0, or the
 				// re-entry took a new hold): a loss, which Unlock reports.
+				// But a hold cannot end before its lease, counted from
+				// before the Lock call, but by a reset of the server (which
+				// CheckViolations excuses): a new token sooner is a live
+				// hold's re-entry that changed its token. (The library
+				// closes the first hold's Lost when a re-entry names
+				// another token, so the loss alone proves nothing.)
+				if at := Mono(); now != 0 && t.lease > 0 && at-call < int64(t.lease-10*time.Millisecond) {
+					t.changed = &Hold{Call: call, Rel: at, Violation: fmt.Sprintf(
+						"re-entry changed the token from %d to %d %v after Lock was called, within the lease %v",
+						tok, now, time.Duration(at-call), t.lease)}
+				}
 				return nil
 			default:
 			}
 			_ = t.Unlock(ctx)
-			return fmt.Errorf("re-entry changed the token from %d to %d", tok, now)
+			return fmt.Errorf("%w: re-entry changed the token from %d to %d", ErrBroken, tok, now)
 		}
 	}
 	_ = err // a failed re-entry (a fault) leaves one hold
@@ -154,6 +172,11 @@ func (t *twice) Unlock(ctx context.Context) error {
 
 func (t *twice) Token() int64          { return t.m.Token() }
 func (t *twice) Lost() <-chan struct{} { return t.m.Lost() }
+
+// ErrBroken marks an error of a Locker that is a violation of redlatch's
+// contract (not a fault it may report): the worker reports it as a Hold
+// with Violation set, which CheckViolations lists.
+var ErrBroken = errors.New("chaos: contract broken")
 
 // Env is a worker's link to the test: the fenced store and the reports.
 type Env interface {
@@ -239,6 +262,9 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 	if lease == 0 {
 		lease = cfg.Watchdog
 	}
+	if tw, ok := l.(*twice); ok {
+		tw.lease = lease
+	}
 	end := time.Now().Add(cfg.Duration)
 	rnd := func(min, max time.Duration) time.Duration {
 		if max <= min {
@@ -252,12 +278,26 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 		h.Call = Mono()
 		err := l.Lock(lctx)
 		cancel()
+		if errors.Is(err, ErrBroken) {
+			b := Hold{Worker: cfg.Name, ID: h.ID + "-broken", Call: h.Call, Violation: err.Error()}
+			if err := env.Report(b); err != nil {
+				return err
+			}
+		}
 		if err != nil {
 			_ = env.Notify(Event{Worker: cfg.Name, Kind: "error", At: Mono(), Msg: "lock: " + err.Error()})
 			sleepCtx(ctx, rnd(10*time.Millisecond, 50*time.Millisecond))
 			continue
 		}
 		h.Acq, h.Token = Mono(), l.Token()
+		if tw, ok := l.(*twice); ok && tw.changed != nil {
+			b := *tw.changed
+			b.Worker, b.ID = cfg.Name, h.ID+"-broken"
+			if err := env.Report(b); err != nil {
+				return err
+			}
+		}
+		h.Lease = int64(lease)
 		i++
 		if sh, ok := l.(Sharer); ok {
 			h.Shared = sh.Shared()
