@@ -316,11 +316,15 @@ func (c *Client) probePublish(ctx context.Context) string {
 	// probe is not remembered: it is tried again on the next call, so that
 	// one transient error cannot leave this Client publishing where the
 	// others do not listen. The check ends with the caller's ctx: a caller
-	// whose ctx ended sends nothing after it. It takes at most half of what
-	// is left of ctx, so that the call's own command (a cleanup's, under
-	// detached's cleanupTimeout) still gets the other half.
+	// whose ctx ended sends nothing after it. A cleanup's check (under
+	// cleanupContext's cleanupTimeout) takes at most half of what is left
+	// of ctx, so that the cleanup's own command still gets the other half.
+	// Any other call's check has the whole of ctx: a check cut short while
+	// the call goes on publishes on plain pub/sub, where the other Clients
+	// do not listen (a lost wake-up), whereas a call whose ctx the check
+	// outlasted fails with ctx's error.
 	bound := cleanupTimeout
-	if d, ok := ctx.Deadline(); ok {
+	if d, ok := ctx.Deadline(); ok && ctx.Value(cleanupKey{}) != nil {
 		bound = min(bound, time.Until(d)/2)
 	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
@@ -575,9 +579,18 @@ func retake[T comparable](ctx context.Context, first T,
 // cancellation, bounded by cleanupTimeout: cleanup after a call whose ctx
 // ended still reaches Redis, and never hangs on it.
 func detached(ctx context.Context, f func(ctx context.Context)) {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	cctx, cancel := cleanupContext(ctx)
 	defer cancel()
 	f(cctx)
+}
+
+// cleanupKey marks a cleanup's context (see probePublish).
+type cleanupKey struct{}
+
+// cleanupContext returns a fresh context that keeps ctx's values, not its
+// cancellation, bounded by cleanupTimeout, for a cleanup.
+func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithValue(context.WithoutCancel(ctx), cleanupKey{}, true), cleanupTimeout)
 }
 
 // closedAfter is called by a reentrant handle whose acquisition succeeded,

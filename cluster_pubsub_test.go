@@ -265,3 +265,74 @@ func TestClusterCleanupNotStarvedByVersionCheck(t *testing.T) {
 	require.NoError(t, next.Lock(nctx), "the lock went to the withdrawn waiter's stale place")
 	require.NoError(t, next.Unlock(ctx))
 }
+
+// slowInfo delays every INFO by d (a master some way off, or busy), as
+// long as its ctx allows.
+type slowInfo struct {
+	passHook
+	d time.Duration
+}
+
+func (h slowInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "info" {
+			select {
+			case <-time.After(h.d):
+			case <-ctx.Done():
+				cmd.SetErr(ctx.Err())
+				return ctx.Err()
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestClusterVersionCheckHalfCtxLosesWakeUp: on a healthy Redis 7 cluster,
+// a Client's first publishing call is an Unlock with a 1.2s ctx, and its
+// masters answer INFO in 700ms. The version check fits in the ctx, but it
+// was bounded by half of it (600ms, meant for cleanups only): it failed, the Unlock picks PUBLISH
+// and its script (sent in the other half) releases the lock and publishes
+// the wake-up on plain pub/sub, which the waiter of another Client,
+// subscribed with SSUBSCRIBE, did not hear: it slept to its lease bound
+// (20s here) while the lock is free. The Unlock reported success, and
+// nothing failed that the caller could see. Found by the reread of the
+// fix that bounded the check.
+func TestClusterVersionCheckHalfCtxLosesWakeUp(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 40*time.Second)
+	name := redistest.UniqueName(t)
+
+	// The waiter's Client has checked the versions (a publishing call): it
+	// subscribes with SSUBSCRIBE.
+	hc := newClient(t, b)
+	warm := hc.Mutex(name + "-warm")
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(slowInfo{d: 700 * time.Millisecond}) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	holder := c.Mutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, holder.Lock(ctx)) // uncontended: no version check
+
+	waiter := hc.Mutex(name)
+	got := make(chan error, 1)
+	go func() { got <- waiter.Lock(ctx) }()
+	time.Sleep(500 * time.Millisecond) // the waiter attempts and subscribes
+
+	short, cancel := context.WithTimeout(ctx, 1200*time.Millisecond)
+	defer cancel()
+	require.NoError(t, holder.Unlock(short))
+	released := time.Now()
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+		t.Logf("waiter woken %v after the release", time.Since(released))
+		require.NoError(t, waiter.Unlock(ctx))
+	case <-time.After(3 * time.Second):
+		t.Fatal("the waiter slept through the release: the Unlock published on plain pub/sub")
+	}
+}

@@ -203,7 +203,7 @@ func (c *Client) replicated(ctx context.Context, acked int64, waitErr error, und
 	}
 	done := ""
 	if undo != nil {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		cctx, cancel := cleanupContext(ctx)
 		undo(cctx)
 		cancel()
 		done = ", released (or, if that release could not reach Redis, expiring within its lease)"

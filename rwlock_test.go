@@ -798,6 +798,28 @@ func TestRWReleaseResentAfterHashDeleted(t *testing.T) {
 			requireIdle(t, b, name)
 		})
 
+		t.Run("ForceUnlock", func(t *testing.T) {
+			// An operator's ForceUnlock drops the other reader's hold
+			// before the resend: the hash goes with no release of its own
+			// (found by the reread of the fix).
+			name := redistest.UniqueName(t)
+			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
+			a, other, op := c.RWMutex(name), c.RWMutex(name), c.RWMutex(name)
+			require.NoError(t, a.RLock(ctx)) // loads the scripts
+			require.NoError(t, a.RUnlock(ctx))
+
+			require.NoError(t, a.RLock(ctx))
+			require.NoError(t, other.RLock(ctx))
+			hook.between = func() {
+				held, err := op.ForceUnlock(ctx)
+				require.NoError(t, err)
+				require.True(t, held)
+			}
+			hook.armed.Store(true)
+			require.NoError(t, a.RUnlock(ctx), "a's RUnlock ran, but its resend after a ForceUnlock was not recognised")
+			requireIdle(t, b, name)
+		})
+
 		t.Run("downgrade", func(t *testing.T) {
 			name := redistest.UniqueName(t)
 			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)

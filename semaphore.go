@@ -294,7 +294,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// request again, which Redis applies once (it is remembered), so
 		// the released permits come back now and the kept ones exist
 		// under their new record.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		cctx, cancel := cleanupContext(ctx)
 		if f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink, false); rerr == nil {
 			freed, err = f, nil
 		}

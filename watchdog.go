@@ -688,7 +688,7 @@ func Do(ctx context.Context, l Locker, fn func(ctx context.Context) error) (err 
 		uctx := ctx
 		if ctx.Err() != nil {
 			var c context.CancelFunc
-			uctx, c = context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			uctx, c = cleanupContext(ctx)
 			defer c()
 		}
 		uerr := l.Unlock(uctx)

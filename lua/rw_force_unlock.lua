@@ -31,7 +31,9 @@ for _, o in ipairs(readers) do
   rw_drop_reader(s, o)
   held = true
 end
-rw_commit(s)
+-- The releases the hash remembered go to the fence key when it goes (see
+-- rw_commit_fenced): a release resent after this call is still recognised.
+rw_commit_fenced(s, KEYS[4], ARGV[3])
 force_record(KEYS[4], ARGV[2], held and 1 or 0, wt, ARGV[3])
 if not held then
   return 0
