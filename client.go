@@ -146,6 +146,39 @@ type Client struct {
 	// plain pub/sub before then (a failed probe) are moved to sharded
 	// pub/sub, where every Client publishes now.
 	sharded atomic.Bool
+
+	// waits counts the acquisitions under way (every Lock, TryLock,
+	// RLock, Acquire and Wait; a FairMutex or RWMutex writer's whole call,
+	// its queue place included): when Close ends them they withdraw their
+	// queue places and give back what they took or were handed, which
+	// Close waits for (up to cleanupTimeout), so that the Redis client may
+	// be closed once it returns. idle, set by Close while waits is not 0, is closed when
+	// it drops to 0. Both guarded by waitMu.
+	waitMu sync.Mutex
+	waits  int
+	idle   chan struct{}
+}
+
+// enterWait registers a call whose cleanup Close waits for (see waits). It
+// returns false, registering nothing, once Close has begun.
+func (c *Client) enterWait() bool {
+	c.waitMu.Lock()
+	defer c.waitMu.Unlock()
+	if c.closed.Load() {
+		return false
+	}
+	c.waits++
+	return true
+}
+
+// leaveWait ends a call registered by enterWait.
+func (c *Client) leaveWait() {
+	c.waitMu.Lock()
+	defer c.waitMu.Unlock()
+	if c.waits--; c.waits == 0 && c.idle != nil {
+		close(c.idle)
+		c.idle = nil
+	}
 }
 
 // New returns a Client on rdb, which may be a *redis.Client, a
@@ -232,7 +265,9 @@ func isNil(rdb redis.UniversalClient) bool {
 // Close stops the watchdog and the subscriber connections, and waits for
 // their goroutines to exit. Waits in progress return ErrClosed, also one
 // whose attempt was on its way at Close and took the lock: what it took is
-// given back. Locks and permits held before Close are no longer renewed:
+// given back. Close waits (up to 2s) for the waits it ended to leave their
+// queues and give back what they took, so that the Redis client may be
+// closed next. Locks and permits held before Close are no longer renewed:
 // they expire after their lease.
 // Close does not close the Redis client given to New. A second Close returns
 // ErrClosed.
@@ -246,6 +281,23 @@ func (c *Client) Close() error {
 	c.cancel()
 	c.wd.stop()
 	c.ps.close()
+	// The waits just ended leave their queues (a bounded cleanup each)
+	// before the caller may close the Redis client.
+	c.waitMu.Lock()
+	var idle chan struct{}
+	if c.waits > 0 {
+		idle = make(chan struct{})
+		c.idle = idle
+	}
+	c.waitMu.Unlock()
+	if idle != nil {
+		t := time.NewTimer(cleanupTimeout)
+		defer t.Stop()
+		select {
+		case <-idle:
+		case <-t.C: // an attempt on its way to an unresponsive Redis
+		}
+	}
 	return nil
 }
 

@@ -152,6 +152,11 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := f.check(ctx); err != nil {
 		return false, err
 	}
+	// Close waits for this call to withdraw what it queued or was handed.
+	if !f.c.enterWait() {
+		return false, ErrClosed
+	}
+	defer f.c.leaveWait() // after the cleanup below
 	f.mu.Lock()
 	f.pending++
 	f.mu.Unlock()

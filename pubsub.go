@@ -1234,6 +1234,12 @@ type attemptFunc func(ctx context.Context) (ok bool, retry time.Duration, err er
 // error), the attempt may have succeeded on the server: undo is then called
 // with a fresh bounded context to release whatever that attempt took.
 func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, block, queue bool, try attemptFunc, undo func(context.Context), xfer *transfer) (bool, error) {
+	// Close waits for this call's cleanup below (a give-back of what it
+	// took or was handed after Close began).
+	if !c.enterWait() {
+		return false, ErrClosed
+	}
+	defer c.leaveWait()
 	var w *waiter
 	acquired := false
 	defer func() {

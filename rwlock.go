@@ -168,6 +168,12 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := m.check(ctx); err != nil {
 		return false, err
 	}
+	// Close waits for this call to leave the writers' queue (see
+	// Client.waits).
+	if !m.c.enterWait() {
+		return false, ErrClosed
+	}
+	defer m.c.leaveWait()
 	token, sent, req, ok, err := m.acquireW(ctx, block)
 	if !ok {
 		return false, err
