@@ -762,80 +762,61 @@ func TestRWHeldAheadFenceLost(t *testing.T) {
 // RUnlock then deletes the hash. Releases that delete the hash now carry
 // the releases it remembered to the fence key. Found by a reviewer.
 func TestRWReleaseResentAfterHashDeleted(t *testing.T) {
+	// Each case: what the handle a holds before its release (its reply
+	// lost, then resent), what happens between the release's run and its
+	// resend, and the release itself.
+	cases := []struct {
+		name    string
+		hold    func(ctx context.Context, a, other *redlatch.RWMutex) error
+		between func(ctx context.Context, a, other *redlatch.RWMutex) error
+		release func(a *redlatch.RWMutex, ctx context.Context) error
+	}{
+		{"readers", // the other reader's release deletes the hash
+			func(ctx context.Context, a, other *redlatch.RWMutex) error {
+				return errors.Join(a.RLock(ctx), other.RLock(ctx))
+			},
+			func(ctx context.Context, _, other *redlatch.RWMutex) error { return other.RUnlock(ctx) },
+			(*redlatch.RWMutex).RUnlock},
+		{"reader between", // a's release deletes the hash; another reader comes and goes
+			func(ctx context.Context, a, _ *redlatch.RWMutex) error { return a.RLock(ctx) },
+			func(ctx context.Context, _, other *redlatch.RWMutex) error {
+				return errors.Join(other.RLock(ctx), other.RUnlock(ctx))
+			},
+			(*redlatch.RWMutex).RUnlock},
+		{"ForceUnlock", // an operator's ForceUnlock deletes the hash (found by the reread of the fix)
+			func(ctx context.Context, a, other *redlatch.RWMutex) error {
+				return errors.Join(a.RLock(ctx), other.RLock(ctx))
+			},
+			func(ctx context.Context, _, other *redlatch.RWMutex) error {
+				held, err := other.ForceUnlock(ctx)
+				if err == nil && !held {
+					err = errors.New("ForceUnlock found nothing held")
+				}
+				return err
+			},
+			(*redlatch.RWMutex).RUnlock},
+		{"downgrade", // the writer's own RUnlock deletes the hash
+			func(ctx context.Context, a, _ *redlatch.RWMutex) error { return errors.Join(a.Lock(ctx), a.RLock(ctx)) },
+			func(ctx context.Context, a, _ *redlatch.RWMutex) error { return a.RUnlock(ctx) },
+			(*redlatch.RWMutex).Unlock},
+	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 20*time.Second)
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				name := redistest.UniqueName(t)
+				c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
+				a, other := c.RWMutex(name), c.RWMutex(name)
+				// Load the scripts: a NOSCRIPT reply would disarm the hook.
+				require.NoError(t, errors.Join(a.Lock(ctx), a.RLock(ctx), a.RUnlock(ctx), a.Unlock(ctx)))
 
-		t.Run("readers", func(t *testing.T) {
-			name := redistest.UniqueName(t)
-			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
-			a, other := c.RWMutex(name), c.RWMutex(name)
-			require.NoError(t, a.RLock(ctx)) // loads the scripts
-			require.NoError(t, a.RUnlock(ctx))
-
-			require.NoError(t, a.RLock(ctx))
-			require.NoError(t, other.RLock(ctx))
-			hook.between = func() { require.NoError(t, other.RUnlock(ctx)) }
-			hook.armed.Store(true)
-			require.NoError(t, a.RUnlock(ctx), "a's RUnlock ran, but its resend was not recognised")
-			requireIdle(t, b, name)
-		})
-
-		t.Run("reader between", func(t *testing.T) {
-			// a's release deletes the hash (the fence key records it);
-			// another reader comes and goes before the resend, deleting
-			// the hash it made in turn.
-			name := redistest.UniqueName(t)
-			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
-			a, other := c.RWMutex(name), c.RWMutex(name)
-			require.NoError(t, a.RLock(ctx)) // loads the scripts
-			require.NoError(t, a.RUnlock(ctx))
-
-			require.NoError(t, a.RLock(ctx))
-			hook.between = func() {
-				require.NoError(t, other.RLock(ctx))
-				require.NoError(t, other.RUnlock(ctx))
-			}
-			hook.armed.Store(true)
-			require.NoError(t, a.RUnlock(ctx), "a's RUnlock ran, but its resend was not recognised")
-			requireIdle(t, b, name)
-		})
-
-		t.Run("ForceUnlock", func(t *testing.T) {
-			// An operator's ForceUnlock drops the other reader's hold
-			// before the resend: the hash goes with no release of its own
-			// (found by the reread of the fix).
-			name := redistest.UniqueName(t)
-			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
-			a, other, op := c.RWMutex(name), c.RWMutex(name), c.RWMutex(name)
-			require.NoError(t, a.RLock(ctx)) // loads the scripts
-			require.NoError(t, a.RUnlock(ctx))
-
-			require.NoError(t, a.RLock(ctx))
-			require.NoError(t, other.RLock(ctx))
-			hook.between = func() {
-				held, err := op.ForceUnlock(ctx)
-				require.NoError(t, err)
-				require.True(t, held)
-			}
-			hook.armed.Store(true)
-			require.NoError(t, a.RUnlock(ctx), "a's RUnlock ran, but its resend after a ForceUnlock was not recognised")
-			requireIdle(t, b, name)
-		})
-
-		t.Run("downgrade", func(t *testing.T) {
-			name := redistest.UniqueName(t)
-			c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
-			w := c.RWMutex(name)
-			require.NoError(t, w.Lock(ctx)) // loads the scripts
-			require.NoError(t, w.Unlock(ctx))
-
-			require.NoError(t, w.Lock(ctx))
-			require.NoError(t, w.RLock(ctx))
-			hook.between = func() { require.NoError(t, w.RUnlock(ctx)) }
-			hook.armed.Store(true)
-			require.NoError(t, w.Unlock(ctx), "the Unlock ran, but its resend was not recognised")
-			requireIdle(t, b, name)
-		})
+				require.NoError(t, tc.hold(ctx, a, other))
+				hook.between = func() { require.NoError(t, tc.between(ctx, a, other)) }
+				hook.armed.Store(true)
+				require.NoError(t, tc.release(a, ctx), "the release ran, but its resend was not recognised")
+				requireIdle(t, b, name)
+			})
+		}
 	})
 }
 
