@@ -27,6 +27,9 @@ const (
 	// cleanupTimeout bounds the fresh context used to undo a half-finished
 	// acquisition after the caller's context ended.
 	cleanupTimeout = 2 * time.Second
+	// checkReserve is what the cluster version check leaves of a call's
+	// ctx, at most, for the call's own command (see probePublish).
+	checkReserve = 200 * time.Millisecond
 
 	// minFenceRetention is how long the fencing counter of a lock outlives
 	// its last use. See Mutex.Token for what it guarantees.
@@ -367,17 +370,22 @@ func (c *Client) probePublish(ctx context.Context) string {
 	// Sharded pub/sub needs every master at version 7 or later. A failed
 	// probe is not remembered: it is tried again on the next call, so that
 	// one transient error cannot leave this Client publishing where the
-	// others do not listen. The check ends with the caller's ctx: a caller
-	// whose ctx ended sends nothing after it. A cleanup's check (under
-	// cleanupContext's cleanupTimeout) takes at most half of what is left
-	// of ctx, so that the cleanup's own command still gets the other half.
-	// Any other call's check has the whole of ctx: a check cut short while
-	// the call goes on publishes on plain pub/sub, where the other Clients
-	// do not listen (a lost wake-up), whereas a call whose ctx the check
-	// outlasted fails with ctx's error.
+	// others do not listen. The check ends with the caller's ctx, keeping
+	// part of what is left of it for the call's own command: half for a cleanup
+	// (under cleanupContext's cleanupTimeout); for any other call no more
+	// than checkReserve, so that a check that would succeed is seldom cut
+	// short (it would publish on plain pub/sub, where the other Clients do
+	// not listen: a lost wake-up), yet one that cannot succeed (a master
+	// that does not answer) leaves the call time to run (an Unlock that
+	// releases, publishing on plain pub/sub; see the README).
 	bound := cleanupTimeout
-	if d, ok := ctx.Deadline(); ok && ctx.Value(cleanupKey{}) != nil {
-		bound = min(bound, time.Until(d)/2)
+	if d, ok := ctx.Deadline(); ok {
+		left := time.Until(d)
+		reserve := left / 2
+		if ctx.Value(cleanupKey{}) == nil {
+			reserve = min(reserve, checkReserve)
+		}
+		bound = min(bound, left-reserve)
 	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()

@@ -336,3 +336,38 @@ func TestClusterVersionCheckHalfCtxLosesWakeUp(t *testing.T) {
 		t.Fatal("the waiter slept through the release: the Unlock published on plain pub/sub")
 	}
 }
+
+// TestClusterUnlockShortCtxUnderStalledVersionCheck: on a cluster one of
+// whose masters does not answer (not the lock's), a Client whose version
+// check has not succeeded runs it again in every publishing call. The
+// README says such a Client "subscribes and publishes with plain pub/sub
+// until a check succeeds". An Unlock with a 1s ctx, on a lock whose master
+// answers at once, must release the lock. When a call's check took the
+// whole of its ctx, the check failed when ctx ended, the Unlock's script
+// was never sent (ctx was over), and the lock stayed held
+// by nobody until its lease runs out (20s here), every waiter stalled. Any
+// Unlock, FairMutex Lock, Release or CountDown with a ctx under 2s failed
+// the same way, for a master that has nothing to do with it. The check
+// now leaves at most 200ms of a call's ctx for the call itself. Found by a
+// reviewer.
+func TestClusterUnlockShortCtxUnderStalledVersionCheck(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(stallInfo{}) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	m := c.Mutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, m.Lock(ctx)) // uncontended: no version check
+	short, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	err := m.Unlock(short)
+	locked, lerr := newClient(t, b).Mutex(name).IsLocked(ctx)
+	require.NoError(t, lerr)
+	require.False(t, locked, "an Unlock with a 1s ctx left the lock held (Unlock: %v)", err)
+	require.NoError(t, err)
+}

@@ -529,6 +529,8 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 						fmt.Sprint(args[2]) == "1"
 				}, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
 				rdb.AddHook(hook)
+				slow := &slowAfterHook{} // the Lock's give-back comes late
+				rdb.AddHook(slow)
 				b := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second))
 				t.Cleanup(func() { _ = b.Close() })
 
@@ -555,12 +557,18 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 					t.Fatalf("Close did not wait for the renewal: %v", err)
 				default: // both wait for the renewal in flight
 				}
+				slow.armed.Store(true)
 				close(hook.proceed)
 				require.NoError(t, <-closed)
+				// The usual defer order closes the Redis client next: Close
+				// waited for the give-back (it returned first for a
+				// ReentrantMutex and a reader, whose give-back then failed;
+				// found by a reviewer).
+				require.NoError(t, rdb.Close())
 				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a Lock in progress at Close succeeded after Close")
 				locked, err := a.Mutex(name).IsLocked(ctx)
 				if k.key != "lock" {
-					n, err2 := rdb.Exists(ctx, key).Result()
+					n, err2 := be.Client(t).Exists(ctx, key).Result()
 					require.NoError(t, err2)
 					locked, err = n == 1, nil
 				}

@@ -71,6 +71,12 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if err := m.ex().check(ctx); err != nil {
 		return false, err
 	}
+	// Close waits for this call to give back what it took after Close
+	// began (closedAfter, retake; see Client.waits).
+	if !m.e.c.enterWait() {
+		return false, ErrClosed
+	}
+	defer m.e.c.leaveWait() // after the cleanup below
 	// A re-entry (this handle, or with WithOwner perhaps another handle,
 	// holds the lock) attempts at once instead of queueing behind the
 	// Client's waiters: they wait for this very owner.

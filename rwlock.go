@@ -470,6 +470,12 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	if err := m.check(ctx); err != nil {
 		return false, err
 	}
+	// Close waits for this call to give back what it took after Close
+	// began (closedAfter, retake; see Client.waits).
+	if !m.c.enterWait() {
+		return false, ErrClosed
+	}
+	defer m.c.leaveWait() // after the cleanup below
 	begun, sent, req, ok, err := m.acquireR(ctx, block)
 	if !ok {
 		return false, err
