@@ -343,26 +343,23 @@ func (c *Client) publishCommand(ctx context.Context) string {
 	return cmd
 }
 
+// waitPublishCommand is publishCommand for a wait that has taken nothing
+// yet: Close ends its check of the masters' versions too (Close waits for
+// the wait, see Client.waits), and closed reports that it did.
+func (c *Client) waitPublishCommand(ctx context.Context) (cmd string, closed bool) {
+	pctx, stop := context.WithCancel(ctx)
+	defer stop()
+	unhook := context.AfterFunc(c.ctx, stop)
+	cmd = c.publishCommand(pctx)
+	unhook()
+	return cmd, c.ctx.Err() != nil
+}
+
 // probePublish is publishCommand's check of the masters' versions, on a
 // cluster.
 func (c *Client) probePublish(ctx context.Context) string {
 	c.pubMu.Lock()
 	cmd := c.pubCmd
-	c.pubMu.Unlock()
-	if cmd != "" {
-		return cmd
-	}
-	// One call checks at a time; the others wait for it, but no longer than
-	// their own ctx (a master that does not answer holds the check up to
-	// cleanupTimeout): a caller whose ctx ends fails on it anyway.
-	select {
-	case c.probing <- struct{}{}:
-	case <-ctx.Done():
-		return "PUBLISH"
-	}
-	defer func() { <-c.probing }()
-	c.pubMu.Lock()
-	cmd = c.pubCmd
 	c.pubMu.Unlock()
 	if cmd != "" {
 		return cmd
@@ -389,6 +386,22 @@ func (c *Client) probePublish(ctx context.Context) string {
 	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
+	// One call checks at a time; the others wait for it, but no longer than
+	// the bound above: a master that does not answer holds
+	// the check up to cleanupTimeout, and a caller waiting for it to the end
+	// of its ctx would send nothing after.
+	select {
+	case c.probing <- struct{}{}:
+	case <-ctx.Done():
+		return "PUBLISH"
+	}
+	defer func() { <-c.probing }()
+	c.pubMu.Lock()
+	cmd = c.pubCmd
+	c.pubMu.Unlock()
+	if cmd != "" {
+		return cmd
+	}
 	var mu sync.Mutex
 	major := -1
 	err := c.cluster.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -172,11 +173,19 @@ func TestClusterWakeAfterVersionCheckRecovers(t *testing.T) {
 // stallInfo makes every INFO wait until its ctx ends, as a master that is
 // frozen (SIGSTOP) or cut off by a partition would: the Client's check of
 // the masters' versions never succeeds.
-type stallInfo struct{ passHook }
+// With entered set, it closes entered at the first INFO it stalls.
+type stallInfo struct {
+	passHook
+	once    *sync.Once
+	entered chan struct{}
+}
 
-func (stallInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+func (h stallInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if cmd.Name() == "info" {
+			if h.entered != nil {
+				h.once.Do(func() { close(h.entered) })
+			}
 			<-ctx.Done()
 			cmd.SetErr(ctx.Err())
 			return ctx.Err()
@@ -370,4 +379,102 @@ func TestClusterUnlockShortCtxUnderStalledVersionCheck(t *testing.T) {
 	require.NoError(t, lerr)
 	require.False(t, locked, "an Unlock with a 1s ctx left the lock held (Unlock: %v)", err)
 	require.NoError(t, err)
+}
+
+// TestClusterUnlockShortCtxBehindAnotherVersionCheck: as
+// TestClusterUnlockShortCtxUnderStalledVersionCheck, but the Unlock with a
+// 1s ctx comes while another call of the same Client (an Unlock of another
+// lock, whose ctx is long) runs the version check. The short Unlock waits
+// for that check on c.probing for the whole of its ctx (the check keeps no
+// reserve there), its script is never sent, and its lock stays held by
+// nobody for its lease. The wait now keeps the reserve too. Found by a
+// reviewer.
+func TestClusterUnlockShortCtxBehindAnotherVersionCheck(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	entered := make(chan struct{})
+	hook := stallInfo{once: new(sync.Once), entered: entered}
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	m1 := c.Mutex(name+"-a", redlatch.WithLease(20*time.Second))
+	m2 := c.Mutex(name+"-b", redlatch.WithLease(20*time.Second))
+	require.NoError(t, m1.Lock(ctx)) // uncontended: no version check
+	require.NoError(t, m2.Lock(ctx))
+
+	first := make(chan error, 1)
+	go func() { first <- m1.Unlock(ctx) }() // its check takes up to 2s
+	<-entered
+
+	short, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	err := m2.Unlock(short)
+	locked, lerr := newClient(t, b).Mutex(name + "-b").IsLocked(ctx)
+	require.NoError(t, lerr)
+	require.False(t, locked, "an Unlock with a 1s ctx left the lock held (Unlock: %v)", err)
+	require.NoError(t, err)
+	require.NoError(t, <-first)
+}
+
+// TestCloseNotHeldUpByVersionCheck: on a cluster one of whose masters
+// does not answer, a blocking Lock on a held lock joins the wake-up channel,
+// which runs the version check first (up to 2s). Close ends the wait, but
+// not the check: Close waits for the Lock (registered) until the check
+// times out, though the Lock took nothing and has nothing to give back,
+// and the Lock returns ErrClosed only then. Close now ends a check made
+// before anything is taken. Found by a reviewer.
+func TestCloseNotHeldUpByVersionCheck(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+
+	for _, kind := range []string{"reentrant", "rlock", "fair"} {
+		t.Run(kind, func(t *testing.T) { closeDuringVersionCheck(t, ctx, name+kind, kind, b) })
+	}
+}
+
+func closeDuringVersionCheck(t *testing.T, ctx context.Context, name, kind string, b redistest.Backend) {
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	entered := make(chan struct{})
+	hook := stallInfo{once: new(sync.Once), entered: entered}
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	c := redlatch.New(cc)
+
+	other := newClient(t, b)
+	var lock func() error
+	switch kind {
+	case "reentrant":
+		h := other.Mutex(name, redlatch.WithLease(20*time.Second))
+		require.NoError(t, h.Lock(ctx))
+		t.Cleanup(func() { _ = h.Unlock(context.Background()) })
+		lock = func() error { return c.ReentrantMutex(name).Lock(ctx) }
+	case "rlock":
+		h := other.RWMutex(name, redlatch.WithLease(20*time.Second))
+		require.NoError(t, h.Lock(ctx))
+		t.Cleanup(func() { _ = h.Unlock(context.Background()) })
+		lock = func() error { return c.RWMutex(name).RLock(ctx) }
+	case "fair":
+		h := other.FairMutex(name, redlatch.WithLease(20*time.Second))
+		require.NoError(t, h.Lock(ctx))
+		t.Cleanup(func() { _ = h.Unlock(context.Background()) })
+		lock = func() error { return c.FairMutex(name).Lock(ctx) }
+	}
+
+	got := make(chan error, 1)
+	go func() { got <- lock() }()
+	<-entered // the Lock's join runs the version check
+	start := time.Now()
+	require.NoError(t, c.Close())
+	took := time.Since(start)
+	err := <-got
+	returned := time.Since(start)
+	require.ErrorIs(t, err, redlatch.ErrClosed)
+	require.Less(t, took, time.Second, "Close waited %v for a Lock in the version check", took)
+	require.Less(t, returned, time.Second, "the Lock returned ErrClosed %v after Close", returned)
 }

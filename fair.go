@@ -227,7 +227,10 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	if block {
 		mode = "w"
 	}
-	pub := f.c.publishCommand(ctx)
+	pub, closed := f.c.waitPublishCommand(ctx)
+	if closed {
+		return 0, time.Time{}, "", false, ErrClosed
+	}
 	retention := fenceRetention(f.lease)
 	var place *hold // the queue place, renewed by the watchdog
 	// requeued: the waiter got a new place after its first one ended (it

@@ -474,7 +474,10 @@ func (p *pubsub) join(ctx context.Context, channel string, bound time.Duration) 
 
 // joinID is join for a waiter that wakeWaiterPrefix+id messages name.
 func (p *pubsub) joinID(ctx context.Context, channel, id string, bound time.Duration) (*waiter, error) {
-	pub := p.c.publishCommand(ctx)
+	pub, closed := p.c.waitPublishCommand(ctx)
+	if closed {
+		return nil, ErrClosed
+	}
 	if ctx.Err() != nil {
 		// The check of the masters' versions (a cluster) outlasted ctx: no
 		// subscription on a connection picked without it.
