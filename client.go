@@ -143,7 +143,7 @@ type Client struct {
 	pubMu  sync.Mutex
 	pubCmd string // "PUBLISH", or "SPUBLISH" on a Redis ≥ 7 cluster; "" until probed
 	// probing is held (capacity 1) by the one call checking the masters'
-	// versions; the others wait for it no longer than their ctx.
+	// versions; the others wait for it (see probePublish).
 	probing chan struct{}
 	// sharded is set once pubCmd is "SPUBLISH": channels subscribed with
 	// plain pub/sub before then (a failed probe) are moved to sharded
@@ -151,12 +151,13 @@ type Client struct {
 	sharded atomic.Bool
 
 	// waits counts the acquisitions under way (every Lock, TryLock,
-	// RLock, Acquire and Wait; a FairMutex or RWMutex writer's whole call,
-	// its queue place included): when Close ends them they withdraw their
-	// queue places and give back what they took or were handed, which
-	// Close waits for (up to cleanupTimeout), so that the Redis client may
-	// be closed once it returns. idle, set by Close while waits is not 0, is closed when
-	// it drops to 0. Both guarded by waitMu.
+	// RLock, Acquire and Wait; the whole call of a ReentrantMutex, a
+	// FairMutex and an RWMutex, its queue place and supersede included):
+	// when Close ends them they withdraw their queue places and give back
+	// what they took or were handed, which Close waits for (up to
+	// cleanupTimeout), so that the Redis client may be closed once it
+	// returns. idle, set by Close while waits is not 0, is closed when it
+	// drops to 0. Both guarded by waitMu.
 	waitMu sync.Mutex
 	waits  int
 	idle   chan struct{}
@@ -367,13 +368,14 @@ func (c *Client) probePublish(ctx context.Context) string {
 	// Sharded pub/sub needs every master at version 7 or later. A failed
 	// probe is not remembered: it is tried again on the next call, so that
 	// one transient error cannot leave this Client publishing where the
-	// others do not listen. The check ends with the caller's ctx, keeping
-	// part of what is left of it for the call's own command: half for a cleanup
-	// (under cleanupContext's cleanupTimeout); for any other call no more
-	// than checkReserve, so that a check that would succeed is seldom cut
-	// short (it would publish on plain pub/sub, where the other Clients do
-	// not listen: a lost wake-up), yet one that cannot succeed (a master
-	// that does not answer) leaves the call time to run (an Unlock that
+	// others do not listen. The check (and the wait for another call's
+	// check) ends with the caller's ctx, keeping part of what is left of
+	// it for the call's own command: half for a cleanup (under
+	// cleanupContext's cleanupTimeout); for any other call no more than
+	// checkReserve, so that a check that would succeed is seldom cut short
+	// (it would publish on plain pub/sub, where the other Clients do not
+	// listen: a lost wake-up), yet one that cannot succeed (a master that
+	// does not answer) leaves the call time to run (an Unlock that
 	// releases, publishing on plain pub/sub; see the README).
 	bound := cleanupTimeout
 	if d, ok := ctx.Deadline(); ok {
@@ -386,10 +388,8 @@ func (c *Client) probePublish(ctx context.Context) string {
 	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
-	// One call checks at a time; the others wait for it, but no longer than
-	// the bound above: a master that does not answer holds
-	// the check up to cleanupTimeout, and a caller waiting for it to the end
-	// of its ctx would send nothing after.
+	// One call checks at a time; the others wait for it, within the bound
+	// above.
 	select {
 	case c.probing <- struct{}{}:
 	case <-ctx.Done():
