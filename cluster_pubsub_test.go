@@ -133,12 +133,8 @@ func TestClusterWakeAfterVersionCheckRecovers(t *testing.T) {
 	name := redistest.UniqueName(t)
 
 	hc := newClient(t, b)
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
 	var failed atomic.Bool
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(failFirstInfo{failed: &failed}) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := infoHookedClient(t, b, failFirstInfo{failed: &failed})
 
 	writer := hc.RWMutex(name, redlatch.WithLease(20*time.Second))
 	require.NoError(t, writer.Lock(ctx))
@@ -209,11 +205,7 @@ func TestClusterVersionCheckHonoursCtx(t *testing.T) {
 	require.NoError(t, holder.Lock(ctx))
 	t.Cleanup(func() { _ = holder.Unlock(context.Background()) })
 
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(stallInfo{}) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := infoHookedClient(t, b, stallInfo{})
 
 	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 	defer cancel()
@@ -253,11 +245,7 @@ func TestClusterCleanupNotStarvedByVersionCheck(t *testing.T) {
 	holder := newClient(t, b).FairMutex(name)
 	require.NoError(t, holder.Lock(ctx))
 
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(stallInfo{}) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := infoHookedClient(t, b, stallInfo{})
 
 	wctx, cancel := context.WithTimeout(ctx, 6*time.Second)
 	defer cancel()
@@ -318,11 +306,7 @@ func TestClusterVersionCheckHalfCtxLosesWakeUp(t *testing.T) {
 	require.NoError(t, warm.Lock(ctx))
 	require.NoError(t, warm.Unlock(ctx))
 
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(slowInfo{d: 700 * time.Millisecond}) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := infoHookedClient(t, b, slowInfo{d: 700 * time.Millisecond})
 
 	holder := c.Mutex(name, redlatch.WithLease(20*time.Second))
 	require.NoError(t, holder.Lock(ctx)) // uncontended: no version check
@@ -364,11 +348,7 @@ func TestClusterUnlockShortCtxUnderStalledVersionCheck(t *testing.T) {
 	ctx := ctxT(t, 30*time.Second)
 	name := redistest.UniqueName(t)
 
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(stallInfo{}) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := infoHookedClient(t, b, stallInfo{})
 
 	m := c.Mutex(name, redlatch.WithLease(20*time.Second))
 	require.NoError(t, m.Lock(ctx)) // uncontended: no version check
@@ -394,13 +374,9 @@ func TestClusterUnlockShortCtxBehindAnotherVersionCheck(t *testing.T) {
 	ctx := ctxT(t, 30*time.Second)
 	name := redistest.UniqueName(t)
 
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
 	entered := make(chan struct{})
 	hook := stallInfo{once: new(sync.Once), entered: entered}
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := infoHookedClient(t, b, hook)
 
 	m1 := c.Mutex(name+"-a", redlatch.WithLease(20*time.Second))
 	m2 := c.Mutex(name+"-b", redlatch.WithLease(20*time.Second))
@@ -439,12 +415,9 @@ func TestCloseNotHeldUpByVersionCheck(t *testing.T) {
 }
 
 func closeDuringVersionCheck(t *testing.T, ctx context.Context, name, kind string, b redistest.Backend) {
-	cc := redis.NewClusterClient(b.Cluster.Options())
-	t.Cleanup(func() { _ = cc.Close() })
 	entered := make(chan struct{})
 	hook := stallInfo{once: new(sync.Once), entered: entered}
-	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
-	c := redlatch.New(cc)
+	c := infoHookedClient(t, b, hook)
 
 	other := newClient(t, b)
 	var lock func() error
@@ -477,4 +450,17 @@ func closeDuringVersionCheck(t *testing.T, ctx context.Context, name, kind strin
 	require.ErrorIs(t, err, redlatch.ErrClosed)
 	require.Less(t, took, time.Second, "Close waited %v for a Lock in the version check", took)
 	require.Less(t, returned, time.Second, "the Lock returned ErrClosed %v after Close", returned)
+}
+
+// infoHookedClient returns a Client on a new cluster client of b whose
+// nodes all run hook (an INFO that fails, stalls or is slow: the Client's
+// check of the masters' versions), closed by t.Cleanup.
+func infoHookedClient(t *testing.T, b redistest.Backend, hook redis.Hook) *redlatch.Client {
+	t.Helper()
+	cc := redis.NewClusterClient(b.Cluster.Options())
+	t.Cleanup(func() { _ = cc.Close() })
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
 }
