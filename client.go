@@ -267,7 +267,8 @@ func isNil(rdb redis.UniversalClient) bool {
 }
 
 // Close stops the watchdog and the subscriber connections, and waits for
-// their goroutines to exit. Waits in progress return ErrClosed, also one
+// their goroutines to exit (a check of a cluster's versions that Close cut
+// short may run on for up to 2s, on its own). Waits in progress return ErrClosed, also one
 // whose attempt was on its way at Close and took the lock: what it took is
 // given back. Close waits (up to 2s) for the waits it ended to leave their
 // queues and give back what they took, so that the Redis client may be
@@ -347,13 +348,31 @@ func (c *Client) publishCommand(ctx context.Context) string {
 // waitPublishCommand is publishCommand for a wait that has taken nothing
 // yet: Close ends its check of the masters' versions too (Close waits for
 // the wait, see Client.waits), and closed reports that it did.
+//
+// go-redis does not end a read when its ctx is cancelled (only at the
+// ctx's deadline), so a cancelled check may still wait on a master that
+// does not answer: the check runs in its own goroutine, which ends at the
+// check's bound (at most cleanupTimeout), and the wait leaves it at Close.
 func (c *Client) waitPublishCommand(ctx context.Context) (cmd string, closed bool) {
+	c.pubMu.Lock()
+	known := c.pubCmd != ""
+	c.pubMu.Unlock()
+	if c.cluster == nil || known {
+		return c.publishCommand(ctx), c.ctx.Err() != nil
+	}
 	pctx, stop := context.WithCancel(ctx)
-	defer stop()
-	unhook := context.AfterFunc(c.ctx, stop)
-	cmd = c.publishCommand(pctx)
-	unhook()
-	return cmd, c.ctx.Err() != nil
+	done := make(chan string, 1)
+	go func() {
+		defer stop()
+		done <- c.publishCommand(pctx)
+	}()
+	select {
+	case cmd = <-done:
+		return cmd, c.ctx.Err() != nil
+	case <-c.ctx.Done():
+		stop()
+		return "PUBLISH", true
+	}
 }
 
 // probePublish is publishCommand's check of the masters' versions, on a

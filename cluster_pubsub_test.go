@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -410,15 +411,19 @@ func TestCloseNotHeldUpByVersionCheck(t *testing.T) {
 	name := redistest.UniqueName(t)
 
 	for _, kind := range []string{"reentrant", "rlock", "fair"} {
-		t.Run(kind, func(t *testing.T) { closeDuringVersionCheck(t, ctx, name+kind, kind, b) })
+		t.Run(kind, func(t *testing.T) {
+			entered := make(chan struct{})
+			c := infoHookedClient(t, b, stallInfo{once: new(sync.Once), entered: entered})
+			closeDuringVersionCheck(t, ctx, name+kind, kind, b, c, entered)
+		})
 	}
 }
 
-func closeDuringVersionCheck(t *testing.T, ctx context.Context, name, kind string, b redistest.Backend) {
-	entered := make(chan struct{})
-	hook := stallInfo{once: new(sync.Once), entered: entered}
-	c := infoHookedClient(t, b, hook)
-
+// closeDuringVersionCheck closes c while a blocking Lock of the kind on c
+// runs its version check (entered is closed when the check begins), and
+// requires Close and the Lock's ErrClosed both within a second.
+func closeDuringVersionCheck(t *testing.T, ctx context.Context, name, kind string, b redistest.Backend,
+	c *redlatch.Client, entered chan struct{}) {
 	other := newClient(t, b)
 	var lock func() error
 	switch kind {
@@ -441,7 +446,8 @@ func closeDuringVersionCheck(t *testing.T, ctx context.Context, name, kind strin
 
 	got := make(chan error, 1)
 	go func() { got <- lock() }()
-	<-entered // the Lock's join runs the version check
+	<-entered                         // the Lock's join runs the version check
+	time.Sleep(50 * time.Millisecond) // its INFO is on the way
 	start := time.Now()
 	require.NoError(t, c.Close())
 	took := time.Since(start)
@@ -463,4 +469,78 @@ func infoHookedClient(t *testing.T, b redistest.Backend, hook redis.Hook) *redla
 	c := redlatch.New(cc)
 	t.Cleanup(func() { _ = c.Close() })
 	return c
+}
+
+// seeInfo passes every command on, and once armed closes entered at the
+// first INFO or CLUSTER (SLOTS): the start of the Client's version check
+// (ForEachMaster reloads the slot map first, from any node).
+type seeInfo struct {
+	passHook
+	once    *sync.Once
+	entered chan struct{}
+	armed   *atomic.Bool
+}
+
+func (h seeInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if n := cmd.Name(); h.armed.Load() && (n == "info" || n == "cluster") {
+			h.once.Do(func() { close(h.entered) })
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestCloseNotHeldUpByFrozenMasterVersionCheck: as
+// TestCloseNotHeldUpByVersionCheck, but the master that does not answer is a
+// real one (its connection frozen by a Proxy, as a dead host or a SIGSTOPped
+// redis-server looks), not a hook that watches ctx. go-redis does not end a
+// read when its ctx is cancelled (it only sets the socket deadline from
+// ctx's deadline), so cancelling the check's ctx at Close does not end the
+// INFO: Close still waited for the Lock until the check's bound (2s). The
+// check now runs in a goroutine of its own, which the wait leaves at Close.
+// Found by a reviewer.
+func TestCloseNotHeldUpByFrozenMasterVersionCheck(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 30*time.Second)
+	for _, kind := range []string{"reentrant", "fair"} {
+		t.Run(kind, func(t *testing.T) {
+			name := redistest.UniqueName(t) + kind
+			victim := b.Cluster.ServerFor(lockKey(name))
+			var frozen *redistest.Server
+			for _, s := range b.Cluster.Servers {
+				if s != victim {
+					frozen = s
+					break
+				}
+			}
+			proxy := redistest.NewProxy(t, frozen.Addr)
+			opts := b.Cluster.Options()
+			opts.PoolSize = 1 // the INFO takes the frozen connection
+			opts.Dialer = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				if addr == frozen.Addr {
+					addr = proxy.Addr
+				}
+				var d net.Dialer
+				return d.DialContext(ctx, network, addr)
+			}
+			cc := redis.NewClusterClient(opts)
+			t.Cleanup(func() { _ = cc.Close() })
+			entered := make(chan struct{})
+			hook := seeInfo{once: new(sync.Once), entered: entered, armed: new(atomic.Bool)}
+			cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+			// One idle connection to every master, the frozen one's through
+			// the proxy.
+			require.NoError(t, cc.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
+				return n.Ping(ctx).Err()
+			}))
+			// A keyed command loads the command table (COMMAND, from any
+			// node) before the freeze.
+			require.NoError(t, cc.Exists(ctx, lockKey(name)).Err())
+			require.Equal(t, 1, proxy.Freeze())
+			hook.armed.Store(true)
+			c := redlatch.New(cc)
+			t.Cleanup(func() { _ = c.Close() })
+			closeDuringVersionCheck(t, ctx, name, kind, b, c, entered)
+		})
+	}
 }
