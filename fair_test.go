@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -411,48 +412,79 @@ func (h *slowAfterHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 }
 
-// TestFairCloseWhileQueued: closing a Client ends its waits with ErrClosed
+// TestCloseWhileQueued: closing a Client ends its waits with ErrClosed
 // and takes its waiters out of the queue before Close returns, so that the
 // Redis client given to New may be closed next, as the usual defer order
-// does. Close returned before the waiter withdrew its place: the withdrawal
-// then failed on the closed Redis client, the place stayed until it
-// expired (the closed Client's watchdog timeout, 30s here), the holder's
-// Unlock handed the lock to it, and the waiter of another Client behind it
-// was stalled for that long (found by a reviewer; slowAfterHook stands in
-// for a late-scheduled goroutine).
-func TestFairCloseWhileQueued(t *testing.T) {
+// does: a FairMutex waiter's place, an RWMutex writer's waiting place.
+// Close returned before the waiter withdrew: the withdrawal then failed on
+// the closed Redis client, the place stayed until it expired (the closed
+// Client's watchdog timeout, 30s here), and the waiter of another Client
+// behind it (a FairMutex waiter, an RWMutex reader) was stalled for that
+// long (found by a reviewer; slowAfterHook stands in for a late-scheduled
+// goroutine).
+func TestCloseWhileQueued(t *testing.T) {
+	// pair returns the lock and unlock of a new handle of name on c.
+	type pair func(c *redlatch.Client, name string) (lock, unlock func(context.Context) error)
+	fair := func(c *redlatch.Client, name string) (lock, unlock func(context.Context) error) {
+		m := c.FairMutex(name)
+		return m.Lock, m.Unlock
+	}
+	writer := func(c *redlatch.Client, name string) (lock, unlock func(context.Context) error) {
+		m := c.RWMutex(name)
+		return m.Lock, m.Unlock
+	}
+	reader := func(c *redlatch.Client, name string) (lock, unlock func(context.Context) error) {
+		m := c.RWMutex(name)
+		return m.RLock, m.RUnlock
+	}
+	kinds := []struct {
+		name           string
+		lock, behind   pair
+		queued         func(ctx context.Context, rdb redis.UniversalClient, name string) int64 // waiting places
+		requireNoTrace func(t *testing.T, b redistest.Backend, name string)
+	}{
+		{"FairMutex", fair, fair, func(ctx context.Context, rdb redis.UniversalClient, name string) int64 {
+			return rdb.ZCard(ctx, fairQueue(name)).Val()
+		}, requireNoFairKeys},
+		{"RWMutex writer", writer, reader, func(ctx context.Context, rdb redis.UniversalClient, name string) int64 {
+			keys := rdb.HKeys(ctx, "{"+name+"}:rw").Val()
+			return int64(len(slices.DeleteFunc(keys, func(k string) bool { return !strings.HasPrefix(k, "ww:") })))
+		}, requireIdle},
+	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 20*time.Second)
-		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		holder := newClient(t, b).FairMutex(name)
-		require.NoError(t, holder.Lock(ctx))
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				hold, release := k.lock(newClient(t, b), name)
+				require.NoError(t, hold(ctx))
 
-		crdb := b.Client(t)
-		hook := &slowAfterHook{}
-		crdb.AddHook(hook)
-		closing := redlatch.New(crdb)
-		gone := make(chan error, 1)
-		go func() { gone <- closing.FairMutex(name).Lock(ctx) }()
-		waitQueued(t, rdb, name, 1)
-		x := newClient(t, b).FairMutex(name)
-		got := make(chan error, 1)
-		go func() { got <- x.Lock(ctx) }()
-		waitQueued(t, rdb, name, 2)
+				crdb := b.Client(t)
+				hook := &slowAfterHook{}
+				crdb.AddHook(hook)
+				closing := redlatch.New(crdb)
+				gone := make(chan error, 1)
+				lock, _ := k.lock(closing, name)
+				go func() { gone <- lock(ctx) }()
+				require.Eventually(t, func() bool { return k.queued(ctx, rdb, name) == 1 },
+					5*time.Second, 10*time.Millisecond, "the closing Client's waiter did not queue")
+				behind, behindUnlock := k.behind(newClient(t, b), name)
+				got := make(chan error, 1)
+				go func() { got <- behind(ctx) }()
+				time.Sleep(300 * time.Millisecond) // it waits behind
 
-		hook.armed.Store(true)
-		require.NoError(t, closing.Close())
-		require.NoError(t, crdb.Close())
-		require.ErrorIs(t, <-gone, redlatch.ErrClosed)
-		n, err := rdb.ZCard(ctx, fairQueue(name)).Result()
-		require.NoError(t, err)
-		require.EqualValues(t, 1, n, "the closed Client's waiter left the queue")
-
-		require.NoError(t, holder.Unlock(ctx))
-		requireNoErrWithin(t, got, 2*time.Second,
-			"the waiter behind the closed Client's waiter was stalled")
-		require.NoError(t, x.Unlock(ctx))
-		requireNoFairKeys(t, b, name)
+				hook.armed.Store(true)
+				require.NoError(t, closing.Close())
+				require.NoError(t, crdb.Close())
+				require.ErrorIs(t, <-gone, redlatch.ErrClosed)
+				require.NoError(t, release(ctx))
+				requireNoErrWithin(t, got, 2*time.Second,
+					"the waiter behind the closed Client's waiter was stalled")
+				require.NoError(t, behindUnlock(ctx))
+				k.requireNoTrace(t, b, name)
+			})
+		}
 	})
 }
 

@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -817,41 +815,5 @@ func TestRWReleaseResentAfterHashDeleted(t *testing.T) {
 				requireIdle(t, b, name)
 			})
 		}
-	})
-}
-
-// TestRWCloseWithdrawsBeforeReturn: the same for an RWMutex writer of the
-// closed Client waiting behind a writer: its waiting place, left behind,
-// shut out a reader of another Client for the closed Client's watchdog
-// timeout (30s) after the holder's Unlock. Found by a reviewer.
-func TestRWCloseWithdrawsBeforeReturn(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 20*time.Second)
-		name := redistest.UniqueName(t)
-		holder := newClient(t, b).RWMutex(name)
-		require.NoError(t, holder.Lock(ctx))
-		crdb := b.Client(t)
-		hook := &slowAfterHook{}
-		crdb.AddHook(hook)
-		closing := redlatch.New(crdb)
-		gone := make(chan error, 1)
-		go func() { gone <- closing.RWMutex(name).Lock(ctx) }()
-		require.Eventually(t, func() bool { // the writer waits
-			keys, err := b.Client(t).HKeys(ctx, "{"+name+"}:rw").Result()
-			return err == nil && slices.ContainsFunc(keys, func(k string) bool { return strings.HasPrefix(k, "ww:") })
-		}, 5*time.Second, 10*time.Millisecond)
-		reader := newClient(t, b).RWMutex(name)
-		got := make(chan error, 1)
-		go func() { got <- reader.RLock(ctx) }()
-		time.Sleep(300 * time.Millisecond)
-
-		hook.armed.Store(true)
-		require.NoError(t, closing.Close())
-		require.NoError(t, crdb.Close())
-		require.ErrorIs(t, <-gone, redlatch.ErrClosed)
-		require.NoError(t, holder.Unlock(ctx))
-		requireNoErrWithin(t, got, 2*time.Second,
-			"the reader was shut out by the closed Client's waiting writer")
-		require.NoError(t, reader.RUnlock(ctx))
 	})
 }
