@@ -267,8 +267,10 @@ func isNil(rdb redis.UniversalClient) bool {
 }
 
 // Close stops the watchdog and the subscriber connections, and waits for
-// their goroutines to exit (a check of a cluster's versions that Close cut
-// short may run on for up to 2s, on its own). Waits in progress return ErrClosed, also one
+// their goroutines to exit (on their own may run on: a check of a cluster's
+// versions that Close cut short, for up to 2s, and a renewal in flight to a
+// server that does not answer, until its read deadline). Waits in progress
+// return ErrClosed, also one
 // whose attempt was on its way at Close and took the lock: what it took is
 // given back. Close waits (up to 2s) for the waits it ended to leave their
 // queues and give back what they took, so that the Redis client may be

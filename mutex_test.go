@@ -579,6 +579,33 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 	})
 }
 
+// TestCloseNotHeldUpByRenewal: Close waited for the watchdog's goroutine,
+// which ran each renewal itself; a renewal in flight to a server that
+// stopped answering held Close up until the read's deadline (with
+// ContextTimeoutEnabled, the renewal ctx's: here 2s), as go-redis does not
+// end a read when its ctx is cancelled. Renewals run in a goroutine of
+// their own, which Close leaves. (Found by a reviewer.)
+func TestCloseNotHeldUpByRenewal(t *testing.T) {
+	srv := redistest.NewServer(t)
+	opt := srv.Options()
+	opt.ContextTimeoutEnabled = true
+	opt.ReadTimeout = 10 * time.Second
+	rdb := redis.NewClient(opt)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(6*time.Second)) // renewals every 2s
+	m := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctxT(t, 5*time.Second)))
+	time.Sleep(1800 * time.Millisecond)
+	srv.Stop(t)
+	t.Cleanup(func() { srv.Cont(t) })
+	time.Sleep(500 * time.Millisecond) // the renewal waits for its reply
+	start := time.Now()
+	require.NoError(t, c.Close())
+	took := time.Since(start)
+	srv.Cont(t)
+	require.Less(t, took, time.Second, "Close waited for a renewal")
+}
+
 // nowhereClient returns a Client on an address where nothing listens, its
 // go-redis client, and a hook counting the requests that client sends.
 func nowhereClient(t *testing.T) (*redlatch.Client, *redis.Client, *redistest.RequestCounter) {

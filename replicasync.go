@@ -228,9 +228,10 @@ func isRedirect(err error) bool {
 
 // runBatchesSynced is the watchdog's renewal under WithReplicaSync. The
 // batches are grouped by the master of their slot; on each master one
-// pinned connection sends that master's batches pipelined, then one WAIT,
-// which covers every write of the connection: two round trips per master
-// and period, however many holds and slots. A batch whose renewal too few
+// pinned connection sends that master's batches pipelined with one WAIT,
+// which covers every write of the connection: one round trip per master
+// and period, however many holds and slots (two when the WAIT timeout does
+// not fit within the read timeout, see runOnWithWait). A batch whose renewal too few
 // replicas acknowledged counts as a failed renewal for the holds it renewed:
 // their results become -1 (not renewed, not lost), so their local deadlines
 // are not extended. If replication does not recover before a deadline, the
@@ -274,12 +275,21 @@ func (w *watchdog) runBatchesSynced(ctx context.Context, batches [][]*hold) [][]
 func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) {
 	conn := node.Conn()
 	defer conn.Close()
+	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
+	// WAIT goes in the scripts' pipeline, one round trip, when it fits
+	// within the connection's read timeout (see runOnWithWait).
+	rt := node.Options().ReadTimeout
+	piped := rt <= 0 || w.c.opts.replicaTimeout+waitMargin < rt
+	var wait *redis.Cmd
 	send := func() []*redis.Cmd {
 		cmds := make([]*redis.Cmd, len(which))
 		pipe := conn.Pipeline()
 		for k, i := range which {
 			keys, argv := renewArgs(batches[i])
 			cmds[k] = renewScript.EvalSha(ctx, pipe, keys, argv...)
+		}
+		if piped {
+			wait = pipe.Do(ctx, "WAIT", w.c.opts.replicas, ms)
 		}
 		_, _ = pipe.Exec(ctx)
 		return cmds
@@ -293,8 +303,13 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 			break
 		}
 	}
-	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
-	acked, waitErr := conn.Wait(ctx, w.c.opts.replicas, time.Duration(ms)*time.Millisecond).Result()
+	var acked int64
+	var waitErr error
+	if piped {
+		acked, waitErr = wait.Int64()
+	} else {
+		acked, waitErr = conn.Wait(ctx, w.c.opts.replicas, time.Duration(ms)*time.Millisecond).Result()
+	}
 	notSynced := w.c.replicated(ctx, acked, waitErr, nil)
 	if notSynced != nil {
 		w.c.opts.logger.Warn("redlatch: renewal not replicated", "node", node.Options().Addr, "error", notSynced)

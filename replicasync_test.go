@@ -535,3 +535,28 @@ func TestReplicaSyncNoReadTimeoutOneRoundTrip(t *testing.T) {
 	require.EqualValues(t, 1, hook.piped.Load()+hook.alone.Load(), "one WAIT")
 	require.EqualValues(t, 0, hook.alone.Load(), "WAIT sent in a round trip of its own")
 }
+
+// TestReplicaSyncRenewalOneRoundTrip: README: every watchdog renewal is
+// followed by WAIT in the same round trip. The renewals sent their WAIT in
+// a round trip of its own after the pipeline of scripts. (Found by a
+// reviewer.)
+func TestReplicaSyncRenewalOneRoundTrip(t *testing.T) {
+	master, _, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	rdb := redis.NewClient(master.Options()) // ReadTimeout 2s: a 200ms WAIT fits
+	t.Cleanup(func() { _ = rdb.Close() })
+	hook := &waitRoundTrips{}
+	rdb.AddHook(hook)
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 200*time.Millisecond),
+		redlatch.WithWatchdogTimeout(900*time.Millisecond)) // renewals every 300ms
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx))
+	hook.alone.Store(0)
+	hook.piped.Store(0)
+	time.Sleep(1100 * time.Millisecond) // 3 renewals
+	requireOpen(t, m.Lost(), "lost while replicated")
+	require.NoError(t, m.Unlock(ctx))
+	require.GreaterOrEqual(t, hook.piped.Load(), int32(3), "renewals followed by WAIT")
+	require.Zero(t, hook.alone.Load(), "a renewal's WAIT sent in a round trip of its own")
+}

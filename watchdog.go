@@ -113,24 +113,45 @@ func (w *watchdog) start() {
 	go w.run()
 }
 
-// stop ends the renewals and waits for the goroutine. Holds are not renewed
-// any more, but their deadlines still close their lost channels.
+// stop ends the renewals and waits for the goroutine that ticks them (not
+// for a renewal in flight, see run). Holds are not renewed any more, but
+// their deadlines still close their lost channels.
 func (w *watchdog) stop() {
 	if w.started {
 		<-w.done
 	}
 }
 
+// run ticks the renewals. They run one at a time in a goroutine of their
+// own, a tick that comes during one waiting for it as a ticker's would:
+// go-redis does not end a read when its ctx is cancelled, only at its
+// deadline, so a renewal stuck on a frozen server would hold Close up until
+// then. At Close run returns at once; a renewal in flight ends on its own,
+// at its bound (see renewAll), and renews nothing after it.
 func (w *watchdog) run() {
 	defer close(w.done)
 	t := time.NewTicker(w.period)
 	defer t.Stop()
+	tick := make(chan struct{}, 1)
+	go func() {
+		for {
+			select {
+			case <-w.c.ctx.Done():
+				return
+			case <-tick:
+				w.renewAll()
+			}
+		}
+	}()
 	for {
 		select {
 		case <-w.c.ctx.Done():
 			return
 		case <-t.C:
-			w.renewAll()
+			select {
+			case tick <- struct{}{}:
+			default: // one is waiting already
+			}
 		}
 	}
 }
