@@ -385,9 +385,13 @@ func (w *watchdog) expire() {
 func (w *watchdog) renewAll() {
 	w.mu.Lock()
 	groups := make(map[int][]*hold)
+	var earliest time.Time // the earliest deadline among the holds renewed
 	for h := range w.holds {
 		if !h.renew || h.finalPending() {
 			continue
+		}
+		if earliest.IsZero() || h.deadline.Before(earliest) {
+			earliest = h.deadline
 		}
 		h.renewing = true
 		slot := 0
@@ -409,8 +413,16 @@ func (w *watchdog) renewAll() {
 		}
 	}
 
-	// A renewal under WithReplicaSync may wait for its replicas too.
-	ctx, cancel := context.WithTimeout(w.c.ctx, w.period+w.c.opts.replicaTimeout)
+	// A renewal sent on time has two periods before its holds' deadlines:
+	// a server that answers in more than a period is slow, not gone, and
+	// cutting each renewal at a period would lose every hold on it. The
+	// renewal has until shortly before the earliest deadline (a quarter
+	// period, for the results to be applied before it passes; the results
+	// of all masters of a cluster are applied together, when the last one
+	// answered or the bound ended), and never less than a period. A
+	// renewal under WithReplicaSync may wait for its replicas too.
+	bound := max(w.period, time.Until(earliest)-w.period/4)
+	ctx, cancel := context.WithTimeout(w.c.ctx, bound+w.c.opts.replicaTimeout)
 	defer cancel()
 	sent := time.Now()
 	results := w.runBatches(ctx, batches)

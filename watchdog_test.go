@@ -61,6 +61,63 @@ func TestWatchdogKeepsLockHeld(t *testing.T) {
 	})
 }
 
+// slowRenewal delays every renewal script call by latency before it is
+// sent (a slow link), ending early with the call's ctx as go-redis would.
+type slowRenewal struct {
+	passHook
+	latency time.Duration
+}
+
+func (h slowRenewal) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if n := cmd.Name(); n == "evalsha" || n == "eval" {
+			if args := cmd.Args(); len(args) == 7 && args[4] == "t" { // renew.lua, one hold
+				t := time.NewTimer(h.latency)
+				defer t.Stop()
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					cmd.SetErr(ctx.Err())
+					return ctx.Err()
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestRenewalNotCutAtPeriod: a renewal sent on time has two periods (2/3
+// of the lease) before its hold's deadline; the watchdog cut each renewal
+// at one period (its ctx), so on a server that answers in more than a
+// period (a slow link) every renewal failed and every hold was lost. Here a
+// renewal takes 500ms against a period of 400ms and a lease of 1.2s.
+// (Found by a reviewer.)
+func TestRenewalNotCutAtPeriod(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Cluster != nil {
+			t.Skip("one node is enough")
+		}
+		ctx := ctxT(t, 20*time.Second)
+		// Load the renewal script first (a fast renewal), so that each
+		// slow renewal is one call.
+		warm := newClient(t, b, redlatch.WithWatchdogTimeout(30*time.Millisecond))
+		wm := warm.Mutex(redistest.UniqueName(t))
+		require.NoError(t, wm.Lock(ctx))
+		time.Sleep(100 * time.Millisecond)
+		require.NoError(t, wm.Unlock(ctx))
+
+		rdb := b.Client(t)
+		rdb.AddHook(slowRenewal{latency: 500 * time.Millisecond})
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(1200*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.Mutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		time.Sleep(3 * time.Second)
+		requireOpen(t, m.Lost(), "hold lost on a slow, healthy server")
+		require.NoError(t, m.Unlock(ctx))
+	})
+}
+
 // TestClosedHolderFrees: a holder whose Client closed (its renewals stopped,
 // as if its process died) frees the lock within about one lease.
 func TestClosedHolderFrees(t *testing.T) {
