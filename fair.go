@@ -392,7 +392,7 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 func (f *FairMutex) unlock(ctx context.Context, waiter, member, done string, token int64) (int64, error) {
 	channel := f.wchan + f.c.ps.id
 	if token == 0 && waiter == "" {
-		token = currentToken(ctx, f.c, f.key, "o", f.owner) // see excl.unlockAs
+		token = currentToken(ctx, f.c, f.key, "o", f.owner)
 	}
 	args := []any{f.c.publishCommand(ctx), fenceRetention(f.lease), f.owner, newID(), f.c.ps.id, tokenArg(token)}
 	if waiter != "" {

@@ -126,7 +126,7 @@ func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (to
 			_, _ = e.unlock(ctx, req, t, false)
 		}, giveBackUnless: func(ctx context.Context, took int64) {
 			t := currentToken(ctx, e.c, e.key, "o", e.owner)
-			if t == 0 || t == took {
+			if t == 0 || t == noHold || t == took {
 				// Nothing to give back now; but the transfer may still be on
 				// its way (a slow link): an undo naming no hold leaves the
 				// acquisition's tombstone only, which a late transfer
@@ -208,7 +208,7 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 		// cannot release a later hold of the owner.
 		token = currentToken(ctx, e.c, e.key, "o", owner)
 	}
-	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0)
+	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0, e.lease)
 	third := e.c.publishCommand(ctx)
 	if w != nil {
 		third = w.xfer.owner // a transfer names the waiter there (see unlock.lua)
@@ -330,18 +330,22 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 
 // noHold is a fencing token no hold has (tokens stay below 2^53, see
 // lua/fence.lua): an undo naming it releases nothing and leaves only its
-// tombstone.
+// tombstone; a release naming it releases nothing either.
 const noHold = 1 << 62
 
 // currentToken returns the fencing token of the hold of key that owner holds
-// (its owner id in field of), or 0 when none or unknown.
+// (its owner id in field of), noHold when owner holds none, or 0 when the
+// read failed (unknown). A release that names no hold names the one read
+// here: a resend after a lost reply must not release a hold the owner took
+// after this read (another handle sharing the owner id), also when there
+// was none to release.
 func currentToken(ctx context.Context, c *Client, key, of, owner string) int64 {
 	v := readMaster(ctx, c, key, of, "t")
 	if len(v) != 2 {
 		return 0
 	}
 	if o, _ := v[0].(string); o != owner {
-		return 0
+		return noHold
 	}
 	s, _ := v[1].(string)
 	t, _ := strconv.ParseInt(s, 10, 64)
@@ -441,7 +445,10 @@ func (e *excl) holdCount(ctx context.Context) (int, error) {
 // waiting for the lock (any handle, Mutex or ReentrantMutex), it hands the
 // lock to the oldest of them inside its own script, with a new fencing token
 // and that waiter's lease, and no publish; the waiter holds the lock without
-// a round trip of its own. After 8 such transfers in a row the Unlock
+// a round trip of its own (not when that waiter's lease is shorter than the
+// releasing handle's: waiters of other Clients sleep on the released hold's
+// lease, and would sleep on after a shorter one ran out; the lock is then
+// released publicly). After 8 such transfers in a row the Unlock
 // releases the lock publicly, and this Client's waiters sit out that wake-up
 // for up to 2ms, so the waiters of other Clients take their turn. Under
 // contention an acquisition thus costs about one round trip. There are no

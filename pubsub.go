@@ -231,10 +231,13 @@ const maxLocalTransfers = 8
 // release must then publish a wake-up even when Redis saw no failed attempt
 // during the hold: a waiter may queue without an attempt of its own). With
 // transfer set, it also picks the oldest waiter that takes transfers and is
-// not already reserved, and reserves it; nil when there is none, or when
-// the channel's turn of local transfers is over (the lock is then released
-// publicly).
-func (p *pubsub) reserveLocal(channel string, transfer bool) (w *waiter, waiting bool) {
+// not already reserved, and reserves it; nil when there is none, when the
+// channel's turn of local transfers is over, or when that waiter's lease is
+// shorter than lease, the lease of the hold released (the lock is then
+// released publicly): waiters of other Clients sleep on the released hold's
+// remaining lease and hear nothing of a transfer, so a shorter hold that
+// ran out unreleased would leave the lock free while they sleep on.
+func (p *pubsub) reserveLocal(channel string, transfer bool, lease time.Duration) (w *waiter, waiting bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
@@ -250,6 +253,9 @@ func (p *pubsub) reserveLocal(channel string, transfer bool) (w *waiter, waiting
 	}
 	for _, w := range ch.waiters {
 		if w.xfer != nil && !w.reserved && !w.left && w.grant == "" {
+			if w.xfer.lease < lease {
+				break
+			}
 			w.reserved = true
 			p.streaks[channel]++
 			return w, true

@@ -376,7 +376,7 @@ func TestDeliveryNotPassedOn(t *testing.T) {
 		next := joinTest(t, c, channel)
 		c.ps.setTransfer(first, &transfer{owner: "o"}, nil)
 
-		r, _ := c.ps.reserveLocal(channel, true)
+		r, _ := c.ps.reserveLocal(channel, true, 0)
 		require.Same(t, first, r)
 		require.True(t, c.ps.deliver(first, 42, time.Now()))
 		first.leave(false) // it took the hold with its own attempt

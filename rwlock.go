@@ -308,7 +308,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 func (m *RWMutex) unlockW(ctx context.Context, undo, token, done string) (int64, error) {
 	if (token == "" || token == "0") && undo == "" {
 		if t := currentToken(ctx, m.c, m.key, "w", m.owner); t > 0 {
-			token = tokenArg(t) // see excl.unlockAs
+			token = tokenArg(t) // see currentToken
 		}
 	}
 	args := []any{m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, token}
@@ -325,8 +325,11 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token, done string) (int64,
 // is recognised by its request id (see rw_runlock.lua).
 func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64, error) {
 	if begun == "" && undo == "" {
-		if v := readMaster(ctx, m.c, m.key, "rg:"+m.owner); len(v) == 1 { // see excl.unlockAs
+		if v := readMaster(ctx, m.c, m.key, "rg:"+m.owner); len(v) == 1 { // see currentToken
 			begun, _ = v[0].(string)
+			if begun == "" {
+				begun = "-" // the owner reads nothing: name no read hold
+			}
 		}
 	}
 	args := []any{m.owner, newID(), m.c.publishCommand(ctx), fenceRetention(m.lease), undo, begun}

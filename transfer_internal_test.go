@@ -576,3 +576,37 @@ func requireTakenSoon(t *testing.T, ctx context.Context, m *Mutex, rdb redis.Uni
 		rdb.HGetAll(ctx, m.e.key).Val(), rdb.PTTL(ctx, m.e.key).Val())
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestNoTransferToShorterLease: a1 (the watchdog's 30s lease) holds; bm, of
+// another Client, failed its attempt and sleeps on a1's remaining lease.
+// a1's Unlock handed the lock to a2, a waiter of its own Client with
+// WithLease(300ms), which never unlocks (its work overran, or it crashed):
+// a transfer publishes nothing, and the lock was free 300ms later while bm
+// slept on for 30s. A waiter whose lease is shorter than the released
+// hold's gets no transfer: the lock is released publicly. (Found by a
+// reviewer.)
+func TestNoTransferToShorterLease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+		t.Cleanup(cancel)
+		name := redistest.UniqueName(t)
+		ca, cb := New(b.Client(t)), New(b.Client(t))
+		t.Cleanup(func() { _ = ca.Close(); _ = cb.Close() })
+		a1, a2, bm := ca.Mutex(name), ca.Mutex(name, WithLease(300*time.Millisecond)), cb.Mutex(name)
+		require.NoError(t, a1.Lock(ctx))
+		bGot := make(chan error, 1)
+		go func() { bGot <- bm.Lock(ctx) }()
+		aGot := mutexSleeping(t, ctx, ca, a2) // bm sleeps too by then
+		require.NoError(t, a1.Unlock(ctx))
+		select {
+		case err := <-bGot:
+			require.NoError(t, err)
+		case <-time.After(5 * time.Second):
+			t.Fatal("bm sleeps on after a2's lease ran out")
+		}
+		require.NoError(t, bm.Unlock(ctx))
+		require.NoError(t, <-aGot)
+		<-a2.Lost()
+		require.ErrorIs(t, a2.Unlock(ctx), ErrNotHeld)
+	})
+}
