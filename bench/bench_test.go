@@ -11,8 +11,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // testLog sends progress lines to t.Log.
@@ -106,6 +109,43 @@ func TestQuickRun(t *testing.T) {
 		if !strings.Contains(stdout.String(), h) {
 			t.Errorf("stdout lacks %q", h)
 		}
+	}
+}
+
+// TestRequestCounterSkipsHandshake: a go-redis connection's handshake
+// (HELLO, CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO) runs through the
+// client's hooks; counting it made every connection dialled inside a
+// measured run add round trips to the go-redis based libraries, never to
+// rueidislock (whose handshake bypasses the counted Do). (Found by a
+// reviewer.)
+func TestRequestCounterSkipsHandshake(t *testing.T) {
+	needServer(t)
+	addr := os.Getenv("REDIS_ADDR")
+	if addr == "" {
+		s, err := startServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.close()
+		addr = s.addr
+	}
+	var n atomic.Int64
+	rdb := newGoRedis(addr, &n)
+	defer rdb.Close()
+	if err := rdb.Ping(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got := n.Load(); got != 1 {
+		t.Errorf("one PING on a fresh connection counted %d requests, want 1", got)
+	}
+	n.Store(0)
+	_, _ = rdb.Pipelined(t.Context(), func(p redis.Pipeliner) error {
+		p.Ping(t.Context())
+		p.Ping(t.Context())
+		return nil
+	})
+	if got := n.Load(); got != 1 {
+		t.Errorf("a pipeline counted %d, want 1", got)
 	}
 }
 

@@ -23,11 +23,42 @@ type requestCounter struct{ n *atomic.Int64 }
 func (h requestCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (h requestCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !isHandshake(cmd) {
+			h.n.Add(1)
+		}
+		return next(ctx, cmd)
+	}
 }
 
 func (h requestCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return !isHandshake(c) }) {
+			h.n.Add(1)
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// isHandshake reports whether cmd is part of the handshake go-redis runs on
+// each new connection (through the client's hooks): HELLO, AUTH, CLIENT
+// SETINFO/SETNAME/MAINT_NOTIFICATIONS. They are connection setup, not lock
+// traffic (rueidis's handshake does not pass countingRueidis either).
+func isHandshake(cmd redis.Cmder) bool {
+	switch cmd.Name() {
+	case "hello", "auth":
+		return true
+	case "client":
+		args := cmd.Args()
+		if len(args) > 1 {
+			sub, _ := args[1].(string)
+			switch strings.ToLower(sub) {
+			case "setinfo", "setname", "maint_notifications":
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // countingRueidis wraps a rueidis.Client and counts its requests the same
