@@ -208,6 +208,7 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 		// cannot release a later hold of the owner.
 		token = currentToken(ctx, e.c, e.key, "o", owner)
 	}
+	token0 := token // the hold released, for a public release after a refused transfer
 	w, waiting := e.c.ps.reserveLocal(e.channel, local && undo == "" && e.c.opts.replicas == 0, e.lease)
 	third := e.c.publishCommand(ctx)
 	if w != nil {
@@ -223,7 +224,13 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 	}
 	switch {
 	case w != nil:
-		args = append(args, w.xfer.lease.Milliseconds(), w.xfer.req)
+		lease := strconv.FormatInt(w.xfer.lease.Milliseconds(), 10)
+		if e.shared {
+			// Another handle of the owner may have given the hold a longer
+			// lease than e's: unlock.lua compares (see there).
+			lease = "-" + lease
+		}
+		args = append(args, lease, w.xfer.req)
 	case undo != "":
 		args = append(args, waited, undo)
 	case waiting || done != "":
@@ -281,6 +288,14 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 		return 0, convertErr(err)
 	}
 	n, token := res[0], res[1]
+	if w != nil && n == -2 {
+		// A transfer refused, nothing changed: the hold has more lease left
+		// than the waiter's (another handle of the owner re-entered it on a
+		// longer lease; see unlock.lua). Release it publicly.
+		e.c.ps.unreserve(w, false)
+		e.c.ps.endStreak(e.channel)
+		return e.unlockDone(ctx, owner, undo, done, token0, false)
+	}
 	if n <= 0 && (w == nil || token <= 0) {
 		// Released, not by a transfer, or not held: the run of local
 		// transfers is over.

@@ -239,6 +239,13 @@ func isRedirect(err error) bool {
 // have let its copy of the lock expire. Holds the renewal found gone (0) are
 // lost at once as usual.
 func (w *watchdog) runBatchesSynced(ctx context.Context, batches [][]*hold) [][]int64 {
+	return w.runBatchesSyncedNotify(ctx, batches, nil)
+}
+
+// runBatchesSyncedNotify is runBatchesSynced that also calls done (when not
+// nil) with the indices of each master's batches as soon as that master's
+// results are in out (see runBatchesNotify).
+func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
 	out := make([][]int64, len(batches))
 	type group struct {
 		node  *redis.Client
@@ -264,6 +271,9 @@ func (w *watchdog) runBatchesSynced(ctx context.Context, batches [][]*hold) [][]
 		go func() {
 			defer wg.Done()
 			w.renewSyncedOn(ctx, g.node, batches, g.batch, out)
+			if done != nil {
+				done(g.batch, out)
+			}
 		}()
 	}
 	wg.Wait()
@@ -281,7 +291,7 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	rt := node.Options().ReadTimeout
 	piped := rt <= 0 || w.c.opts.replicaTimeout+waitMargin < rt
 	var wait *redis.Cmd
-	send := func() []*redis.Cmd {
+	send := func(ms int64) []*redis.Cmd {
 		cmds := make([]*redis.Cmd, len(which))
 		pipe := conn.Pipeline()
 		for k, i := range which {
@@ -294,11 +304,19 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 		_, _ = pipe.Exec(ctx)
 		return cmds
 	}
-	cmds := send()
+	start := time.Now()
+	cmds := send(ms)
 	for _, cmd := range cmds {
 		if isNoScript(cmd.Err()) {
 			if renewScript.Load(ctx, conn).Err() == nil {
-				cmds = send()
+				// A WAIT pipelined behind the refused scripts has waited
+				// already: the next one gets what is left of the timeout
+				// (see runOnWithWait).
+				left := ms
+				if piped {
+					left = max((w.c.opts.replicaTimeout - time.Since(start)).Milliseconds(), 1)
+				}
+				cmds = send(left)
 			}
 			break
 		}

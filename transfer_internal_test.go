@@ -577,36 +577,54 @@ func requireTakenSoon(t *testing.T, ctx context.Context, m *Mutex, rdb redis.Uni
 	require.NoError(t, m.Unlock(ctx))
 }
 
-// TestNoTransferToShorterLease: a1 (the watchdog's 30s lease) holds; bm, of
-// another Client, failed its attempt and sleeps on a1's remaining lease.
-// a1's Unlock handed the lock to a2, a waiter of its own Client with
-// WithLease(300ms), which never unlocks (its work overran, or it crashed):
-// a transfer publishes nothing, and the lock was free 300ms later while bm
-// slept on for 30s. A waiter whose lease is shorter than the released
-// hold's gets no transfer: the lock is released publicly. (Found by a
-// reviewer.)
+// TestNoTransferToShorterLease: a hold of 30s (the watchdog's lease) or, in
+// the shared-owner case, of 10s (o1's: the hold o1 and o2 share keeps the
+// longer lease left, as re-entries never shorten it) is released while
+// bm, of another Client, sleeps on its remaining lease. The Unlock handed
+// the lock to a2, a waiter of the releasing Client with WithLease(300ms),
+// which never unlocks (its work overran, or it crashed): a transfer
+// publishes nothing, and the lock was free 300ms later while bm slept on.
+// A waiter whose lease is shorter than the hold's remaining lease gets no
+// transfer: the lock is released publicly. (Found by reviewers: first with
+// a2's lease shorter than the releasing handle's, then with the lease left
+// by another handle of the owner, which unlock.lua checks.)
 func TestNoTransferToShorterLease(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
-		t.Cleanup(cancel)
-		name := redistest.UniqueName(t)
-		ca, cb := New(b.Client(t)), New(b.Client(t))
-		t.Cleanup(func() { _ = ca.Close(); _ = cb.Close() })
-		a1, a2, bm := ca.Mutex(name), ca.Mutex(name, WithLease(300*time.Millisecond)), cb.Mutex(name)
-		require.NoError(t, a1.Lock(ctx))
-		bGot := make(chan error, 1)
-		go func() { bGot <- bm.Lock(ctx) }()
-		aGot := mutexSleeping(t, ctx, ca, a2) // bm sleeps too by then
-		require.NoError(t, a1.Unlock(ctx))
-		select {
-		case err := <-bGot:
-			require.NoError(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("bm sleeps on after a2's lease ran out")
-		}
-		require.NoError(t, bm.Unlock(ctx))
-		require.NoError(t, <-aGot)
-		<-a2.Lost()
-		require.ErrorIs(t, a2.Unlock(ctx), ErrNotHeld)
-	})
+	for _, shared := range []bool{false, true} {
+		t.Run(map[bool]string{false: "shorter", true: "shared owner"}[shared], func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+				t.Cleanup(cancel)
+				name := redistest.UniqueName(t)
+				ca, cb := New(b.Client(t)), New(b.Client(t))
+				t.Cleanup(func() { _ = ca.Close(); _ = cb.Close() })
+				a2, bm := ca.Mutex(name, WithLease(300*time.Millisecond)), cb.Mutex(name)
+				a1 := ca.ReentrantMutex(name)
+				o2 := ca.ReentrantMutex(name, WithOwner("o"), WithLease(300*time.Millisecond))
+				if shared {
+					a1 = ca.ReentrantMutex(name, WithOwner("o"), WithLease(10*time.Second))
+				}
+				require.NoError(t, a1.Lock(ctx))
+				bGot := make(chan error, 1)
+				go func() { bGot <- bm.Lock(ctx) }()
+				aGot := mutexSleeping(t, ctx, ca, a2) // bm sleeps too by then
+				if shared {
+					require.NoError(t, o2.Lock(ctx)) // a re-entry: the hold keeps its 10s
+				}
+				require.NoError(t, a1.Unlock(ctx))
+				if shared {
+					require.NoError(t, o2.Unlock(ctx)) // the hold's last release
+				}
+				select {
+				case err := <-bGot:
+					require.NoError(t, err)
+				case <-time.After(3 * time.Second):
+					t.Fatal("bm sleeps on after a2's lease ran out")
+				}
+				require.NoError(t, bm.Unlock(ctx))
+				require.NoError(t, <-aGot)
+				<-a2.Lost()
+				require.ErrorIs(t, a2.Unlock(ctx), ErrNotHeld)
+			})
+		})
+	}
 }

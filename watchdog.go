@@ -417,48 +417,66 @@ func (w *watchdog) renewAll() {
 	// a server that answers in more than a period is slow, not gone, and
 	// cutting each renewal at a period would lose every hold on it. The
 	// renewal has until shortly before the earliest deadline (a quarter
-	// period, for the results to be applied before it passes; the results
-	// of all masters of a cluster are applied together, when the last one
-	// answered or the bound ended), and never less than a period. A
-	// renewal under WithReplicaSync may wait for its replicas too.
+	// period, for the results to be applied before it passes), and never
+	// less than a period. A renewal under WithReplicaSync may wait for its
+	// replicas too.
 	bound := max(w.period, time.Until(earliest)-w.period/4)
 	ctx, cancel := context.WithTimeout(w.c.ctx, bound+w.c.opts.replicaTimeout)
 	defer cancel()
 	sent := time.Now()
-	results := w.runBatches(ctx, batches)
-
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	defer w.renewed.Broadcast()
-	for _, batch := range batches {
-		for _, h := range batch {
-			h.renewing = false
-		}
-	}
-	for i, batch := range batches {
-		res := results[i]
-		if res == nil {
-			continue // a transient error: retried next period, the deadline still guards
-		}
-		for j, h := range batch {
-			if h.done || h.finalPending() {
+	// The results of each master are applied as soon as it answered: the
+	// bound (never less than a period) may pass the deadline of a hold
+	// that another master renewed on time.
+	applied := make([]bool, len(batches)) // guarded by w.mu
+	apply := func(which []int, results [][]int64) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		defer w.renewed.Broadcast()
+		for _, i := range which {
+			if applied[i] {
 				continue
 			}
-			if res[j] == 1 {
-				h.deadline = sent.Add(h.lease)
-			} else if res[j] == 0 {
-				w.loseLocked(h, "renewal found the hold gone or replaced by another")
+			applied[i] = true
+			for _, h := range batches[i] {
+				h.renewing = false
+			}
+			res := results[i]
+			if res == nil {
+				continue // a transient error: retried next period, the deadline still guards
+			}
+			for j, h := range batches[i] {
+				if h.done || h.finalPending() {
+					continue
+				}
+				if res[j] == 1 {
+					h.deadline = sent.Add(h.lease)
+				} else if res[j] == 0 {
+					w.loseLocked(h, "renewal found the hold gone or replaced by another")
+				}
 			}
 		}
 	}
+	results := w.runBatchesNotify(ctx, batches, apply)
+	all := make([]int, len(batches))
+	for i := range all {
+		all[i] = i
+	}
+	apply(all, results)
 }
 
 // runBatches sends one renewal script call per batch, pipelined, and returns
 // the per-key results of each batch (1 renewed, 0 gone, -1 renewed but not
 // replicated: see runBatchesSynced), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
+	return w.runBatchesNotify(ctx, batches, nil)
+}
+
+// runBatchesNotify is runBatches that, on a cluster, also calls done (when
+// not nil) with the indices of the batches of each master as soon as that
+// master's results are in out.
+func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
 	if w.c.opts.replicas > 0 {
-		return w.runBatchesSynced(ctx, batches)
+		return w.runBatchesSyncedNotify(ctx, batches, done)
 	}
 	out := make([][]int64, len(batches))
 	if len(batches) == 1 {
@@ -472,7 +490,7 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 		return out
 	}
 	if w.c.cluster != nil {
-		w.runBatchesPerMaster(ctx, batches, out)
+		w.runBatchesPerMaster(ctx, batches, out, done)
 		return out
 	}
 	w.runPipelined(ctx, w.c.rdb, batches, out)
@@ -524,7 +542,7 @@ func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batc
 // too, so one frozen master would leave the holds on all the others
 // unrenewed. For the same reason the script is loaded on the master that
 // refused it only: a cluster-wide SCRIPT LOAD fails while any node is down.
-func (w *watchdog) runBatchesPerMaster(ctx context.Context, batches [][]*hold, out [][]int64) {
+func (w *watchdog) runBatchesPerMaster(ctx context.Context, batches [][]*hold, out [][]int64, done func(which []int, out [][]int64)) {
 	groups := make(map[redis.Scripter][]int)
 	for i, b := range batches {
 		var loader redis.Scripter = w.c.rdb // master unknown: load everywhere
@@ -546,6 +564,9 @@ func (w *watchdog) runBatchesPerMaster(ctx context.Context, batches [][]*hold, o
 			w.runPipelined(ctx, loader, sub, res)
 			for k, i := range which {
 				out[i] = res[k] // each goroutine writes its own entries
+			}
+			if done != nil {
+				done(which, out) // reads only its own entries
 			}
 		}()
 	}

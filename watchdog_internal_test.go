@@ -204,3 +204,34 @@ func TestReentrantUnlockFindingHoldGoneClosesLost(t *testing.T) {
 		})
 	}
 }
+
+// TestSyncedRenewalAfterNoScriptWaitsOnce: README (WithReplicaSync, Cost):
+// a renewal waits for its replicas up to the timeout. With WAIT pipelined
+// behind the renewal scripts, a renewal whose scripts the server refused
+// (NOSCRIPT: a restart, SCRIPT FLUSH) waited once behind the refused
+// scripts and once more behind the resent ones: twice the timeout when a
+// replica is slow or gone (the acquisitions' runOnWithWait gives the second
+// WAIT what is left of the timeout). Here no replica is connected: every
+// WAIT blocks for its whole timeout. (Found by a reread.)
+func TestSyncedRenewalAfterNoScriptWaitsOnce(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rdb := redis.NewClient(srv.Options()) // ReadTimeout 2s: a 1s WAIT is pipelined
+	t.Cleanup(func() { _ = rdb.Close() })
+	timeout := time.Second // (Redis ends a WAIT up to 100ms late: hz 10)
+	c := New(rdb, WithReplicaSync(1, timeout))
+	t.Cleanup(func() { _ = c.Close() })
+	key := "{synced-noscript}:lock"
+	require.NoError(t, rdb.HSet(ctx, key, "o", "me", "c", 1, "t", 1).Err())
+	require.NoError(t, rdb.PExpire(ctx, key, time.Minute).Err())
+	h := &hold{name: "synced-noscript", key: key, kind: 'h', member: "me", lease: 30 * time.Second, renew: true}
+	require.Equal(t, [][]int64{{-1}}, c.wd.runBatchesSynced(ctx, [][]*hold{{h}}), "renewed, not replicated")
+
+	require.NoError(t, rdb.ScriptFlush(ctx).Err())
+	start := time.Now()
+	out := c.wd.runBatchesSynced(ctx, [][]*hold{{h}})
+	took := time.Since(start)
+	require.Equal(t, [][]int64{{-1}}, out, "renewed after loading the script, not replicated")
+	require.Less(t, took, timeout*3/2, "the renewal waited for its replicas more than the timeout")
+}

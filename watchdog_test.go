@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -747,4 +748,75 @@ func TestRenewalOnClusterWithFrozenMaster(t *testing.T) {
 			require.NoError(t, healthy.Unlock(ctx))
 		})
 	}
+}
+
+// freezeKeyHook, once armed, makes every pipeline that names key go
+// unanswered until its ctx ends, as a cluster master that stopped
+// answering does (go-redis retries a cluster pipeline to it until ctx
+// ends). Other pipelines, to the other masters, go through.
+type freezeKeyHook struct {
+	passHook
+	key   string
+	armed atomic.Bool
+}
+
+func (h *freezeKeyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if h.armed.Load() {
+			for _, cmd := range cmds {
+				if scriptWith(h.key)(cmd) {
+					<-ctx.Done()
+					for _, c := range cmds {
+						c.SetErr(ctx.Err())
+					}
+					return ctx.Err()
+				}
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestRenewalOfHealthyMasterNotHeldPastDeadline: on a Redis Cluster whose
+// master 1 stopped answering, the holds on master 0 must stay held: Redis
+// renews them every period. Renewals run until shortly before the earliest
+// deadline (never less than a period); when the results of all masters
+// were applied together, a renewal started less than 1.25 periods
+// before the frozen master's hold's deadline runs a full period, past the
+// deadline of the healthy hold it renewed one renewal before: that hold is
+// lost locally (Lost closes, Unlock says ErrNotHeld) while Redis holds it.
+// Here both holds are taken half a period before a tick (deadlines 3.5
+// periods after the Client started): the first renewal runs until 3.25
+// periods, renewing the healthy hold until 4; the second, still carrying
+// the frozen hold (deadline 3.5), runs a full period, to 4.25. Each
+// master's results are applied as soon as it answered. (Found by the
+// reread of the longer renewal bound.)
+func TestRenewalOfHealthyMasterNotHeldPastDeadline(t *testing.T) {
+	b := clusterBackend(t)
+	cl := b.Cluster
+	ctx := ctxT(t, 30*time.Second)
+	period := 1600 * time.Millisecond
+	rdb := cl.Client(t)
+	frozenName := nameOn(t, cl, 1, redistest.UniqueName(t)+"-frozen")
+	hook := &freezeKeyHook{key: lockKey(frozenName)}
+	rdb.AddHook(hook)
+	start := time.Now()
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*period)) // ticks at start + k*period
+	t.Cleanup(func() { _ = c.Close() })
+	healthyName := nameOn(t, cl, 0, redistest.UniqueName(t)+"-healthy")
+	healthy := c.Mutex(healthyName)
+	frozen := c.Mutex(frozenName)
+
+	time.Sleep(time.Until(start.Add(period / 2)))
+	require.NoError(t, healthy.Lock(ctx))
+	require.NoError(t, frozen.Lock(ctx))
+	hook.armed.Store(true) // master 1 stops answering renewals
+
+	requireClosedWithin(t, frozen.Lost(), 4*period, "Lost of the hold on the frozen master")
+	time.Sleep(time.Until(start.Add(4*period + period*3/8)))
+	requireOpen(t, healthy.Lost(), "hold on a healthy master lost while another master is frozen")
+	ttl, err := cl.Servers[0].Client(t).PTTL(ctx, lockKey(healthyName)).Result()
+	require.NoError(t, err)
+	require.Positive(t, ttl, "the healthy master's hold expired in Redis")
+	require.NoError(t, healthy.Unlock(ctx))
 }

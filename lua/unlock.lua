@@ -28,7 +28,9 @@
 --              ARGV[5] names a token, only if the hold has that token: the
 --              give-back of a local transfer); "" or absent for an Unlock
 --   a local transfer, both:
---     ARGV[6]  the waiter's lease, ms
+--     ARGV[6]  the waiter's lease, ms; "-<ms>" when the releasing
+--              handle's owner id is shared (WithOwner): the transfer is
+--              then refused when the hold has more lease left
 --     ARGV[7]  its acquisition request id: its own attempt recognises the
 --              transferred hold as one it took
 -- ARGV[8]  optional, a release or a local transfer (never an undo): the
@@ -42,7 +44,10 @@
 --
 -- Returns {count, token[, receivers]}: count is the owner's remaining hold
 -- count (0: the lock was released and one waiter per Client is woken, or it
--- was handed to the waiter), or -1 when ARGV[1] does not hold the lock; token is
+-- was handed to the waiter), -1 when ARGV[1] does not hold the lock, or -2
+-- when a local transfer was refused and nothing changed (the hold has more
+-- lease left than the waiter's, see below: the caller then releases
+-- publicly); token is
 -- the new hold's fencing token (a decimal string, see next_token) when the
 -- lock was handed to the waiter, else 0 (also when a transfer found the
 -- waiter's acquisition undone, and released the lock unannounced instead);
@@ -128,6 +133,20 @@ if v[4] and v[4] ~= '' then
   released = ARGV[2] .. ' ' .. v[4]
 end
 if to then
+  local lease = ARGV[6]
+  if string.byte(lease) == 45 then
+    -- "-<ms>": the owner id is shared (WithOwner). Not to a waiter whose
+    -- lease is shorter than what the hold has left (another handle of the
+    -- owner re-entered it on a longer lease): other Clients' waiters sleep
+    -- on that, and would not see the shorter one run out. Nothing changed:
+    -- the caller releases publicly. (A hold of an owner id no other handle
+    -- shares never has more left than the releasing handle's lease, which
+    -- the caller compared.)
+    lease = string.sub(lease, 2)
+    if redis.call('PTTL', KEYS[1]) > tonumber(lease) then
+      return {-2, 0}
+    end
+  end
   -- The hash becomes the new hold's in place: w stays (other Clients may
   -- still wait), u (a partial release of the old hold) goes. The token
   -- passes the old hold's, also when the fence key was lost meanwhile.
@@ -151,7 +170,7 @@ if to then
     redis.call('HDEL', KEYS[1], 'u')
   end
   redis.call('HSET', KEYS[1], 'o', to, 'c', '1', 't', token, 'q', ARGV[7])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], lease)
   return {0, token}
 end
 redis.call('DEL', KEYS[1])
