@@ -536,6 +536,12 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 	m.mu.Lock()
 	m.h, m.token = h, token
 	m.mu.Unlock()
+	if m.e.shared {
+		// The owner holds the lock now: this Client's ReentrantMutex
+		// handles of the owner that wait for it re-enter (see kinship);
+		// they would otherwise sleep to the previous holder's lease bound.
+		m.e.c.ps.wakeKin(m.e.channel, m.e.owner)
+	}
 	return true, nil
 }
 

@@ -141,6 +141,40 @@ func TestReentrantWaitersReenterTogether(t *testing.T) {
 	})
 }
 
+// TestReentrantWaiterEntersWithOwnersMutex: a Mutex and a ReentrantMutex
+// of one name are one lock, and handles sharing an owner id share its
+// holds. A ReentrantMutex waiter of owner x re-enters as soon as a Mutex
+// handle of x on its Client takes the lock, as it does when a
+// ReentrantMutex handle of x takes it; the Mutex woke no one, and the
+// waiter slept to the previous holder's lease bound while x held the lock.
+// (Found by a reviewer.)
+func TestReentrantWaiterEntersWithOwnersMutex(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).Mutex(name, redlatch.WithLease(20*time.Second)) // bounds the waiters' sleep
+		require.NoError(t, holder.Lock(ctx))
+		c := newClient(t, b)
+		m := c.Mutex(name, redlatch.WithOwner("x"))
+		r := c.ReentrantMutex(name, redlatch.WithOwner("x"))
+		mGot, rGot := make(chan error, 1), make(chan error, 1)
+		go func() { mGot <- m.Lock(ctx) }()
+		time.Sleep(100 * time.Millisecond) // m waits first: it is woken first
+		go func() { rGot <- r.Lock(ctx) }()
+		time.Sleep(100 * time.Millisecond)
+		require.NoError(t, holder.Unlock(ctx))
+		requireNoErrWithin(t, mGot, 5*time.Second, "the Mutex of owner x did not take the released lock")
+		requireNoErrWithin(t, rGot, 5*time.Second, "the ReentrantMutex of owner x slept while x held the lock")
+		n, err := r.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		require.NoError(t, r.Unlock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, holder.Lock(ctx), "a hold count was left behind")
+		require.NoError(t, holder.Unlock(ctx))
+	})
+}
+
 // TestRWReaderEntersWithItsOwnersWriter: a reader waiting on an RWMutex
 // whose owner then takes the write lock enters at once (a writer's owner
 // may read: a downgrade), without waiting for that writer's release or for

@@ -187,12 +187,16 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	if !ok {
 		return false, err
 	}
+	s.mu.Lock()
 	s.lostMu.Lock()
-	if s.lost == nil || isClosed(s.lost) {
-		// The first permits, or the first since a loss: a new channel.
+	if s.lost == nil || isClosed(s.lost) || len(s.recs) == 0 {
+		// The first permits, the first since a loss, or the first since
+		// the handle returned all it held: a new channel (the old one is
+		// an earlier hold's, and must not close at this one's loss).
 		s.lost = make(chan struct{})
 	}
 	s.lostMu.Unlock()
+	s.mu.Unlock()
 	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, s.permitLost)}
 	s.mu.Lock()
 	s.recs = append(s.recs, rec)

@@ -422,3 +422,41 @@ func TestSemaphoreResentPartialRelease(t *testing.T) {
 		}
 	})
 }
+
+// TestSemaphoreAfterReleaseMemoryOnMiniredis: a Release is remembered in
+// the permit set as '~<request id>' for 10s. Once that member has expired
+// while the set lives on (another handle still holds a permit), the next
+// script reclaims it and counts its permits with sem_n, which did
+// tonumber(string.match(member, '|(%d+)$')): the match fails on a
+// remembered release, and gopher-lua (miniredis, redlatch's own test
+// backend and the examples' default) refuses tonumber() of it. Every
+// semaphore script then failed (Available, Acquire, TryAcquire, Release)
+// for as long as any permit was held: on a watchdog-renewed holder, for
+// good. The server clock (miniredis) is moved past the memory. (Found by
+// a reviewer.)
+func TestSemaphoreAfterReleaseMemoryOnMiniredis(t *testing.T) {
+	ctx := ctxT(t, 20*time.Second)
+	m := miniredis.RunT(t)
+	t0 := time.Now().Truncate(time.Millisecond)
+	m.SetTime(t0)
+	rdb := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+
+	keeper := c.Semaphore("sem-memory", 2, redlatch.WithLease(time.Hour))
+	require.NoError(t, keeper.Acquire(ctx, 1)) // keeps the permit set alive
+	s := c.Semaphore("sem-memory", 2)
+	require.NoError(t, s.Acquire(ctx, 1))
+	require.NoError(t, s.Release(ctx, 1)) // remembered for 10s
+
+	m.SetTime(t0.Add(11 * time.Second)) // the remembered release has expired
+	n, err := s.Available(ctx)
+	require.NoError(t, err, "Available after a remembered release expired")
+	require.Equal(t, int64(1), n)
+	ok, err := s.TryAcquire(ctx, 1)
+	require.NoError(t, err, "TryAcquire after a remembered release expired")
+	require.True(t, ok)
+	require.NoError(t, s.Release(ctx, 1))
+	require.NoError(t, keeper.Release(ctx, 1))
+}

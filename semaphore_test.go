@@ -476,7 +476,7 @@ func TestSemaphoreFinalReleaseRetried(t *testing.T) {
 // TestSemaphoreLost: Lost is nil while the handle holds no permits, open
 // while they are held, and closed when the watchdog finds them gone or a
 // fixed lease runs out; Release then reports ErrNotHeld, and the next
-// acquisition starts a new channel.
+// acquisition starts a new channel (also after a release of every permit).
 func TestSemaphoreLost(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
@@ -514,6 +514,16 @@ func TestSemaphoreLost(t *testing.T) {
 		requireOpen(t, again, "a release is no loss")
 		require.NoError(t, s.Release(ctx, 1))
 		require.Nil(t, s.Lost())
+
+		// Returned in full, permits keep their channel: later permits get a
+		// new one, whose loss leaves it open (it was reused; found by a
+		// reviewer).
+		require.NoError(t, s.Acquire(ctx, 1))
+		third := s.Lost()
+		require.NoError(t, b.Client(t).Del(ctx, semKey(name)).Err())
+		requireClosedWithin(t, third, 3*wd, "Lost after the permit set was deleted")
+		requireOpen(t, again, "the Lost of permits returned in full closed at the loss of later ones")
+		require.ErrorIs(t, s.Release(ctx, 1), redlatch.ErrNotHeld)
 
 		// A fixed lease runs out.
 		fixed := c.Semaphore(name, 3, redlatch.WithLease(200*time.Millisecond))

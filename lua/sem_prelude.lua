@@ -25,7 +25,10 @@ end
 
 -- sem_n returns the permit count of a record, 0 for any other member.
 local function sem_n(member)
-  return tonumber(string.match(member, '|(%d+)$')) or 0
+  -- Not tonumber(string.match(...)): gopher-lua (miniredis) refuses
+  -- tonumber() of a failed match, and a remembered release has no count.
+  local d = string.match(member, '|(%d+)$')
+  return d and tonumber(d) or 0
 end
 
 -- sem_req returns the request id of a record, its tombstone in the fence
