@@ -460,10 +460,11 @@ func (e *excl) holdCount(ctx context.Context) (int, error) {
 // waiting for the lock (any handle, Mutex or ReentrantMutex), it hands the
 // lock to the oldest of them inside its own script, with a new fencing token
 // and that waiter's lease, and no publish; the waiter holds the lock without
-// a round trip of its own (not when that waiter's lease is shorter than the
-// releasing handle's: waiters of other Clients sleep on the released hold's
-// lease, and would sleep on after a shorter one ran out; the lock is then
-// released publicly). After 8 such transfers in a row the Unlock
+// a round trip of its own (not when that waiter's lease is shorter than what
+// the released hold had left, the releasing handle's lease or, under
+// WithOwner, a longer one another handle of the owner gave it: waiters of
+// other Clients sleep on that, and would sleep on after a shorter one ran
+// out; the lock is then released publicly). After 8 such transfers in a row the Unlock
 // releases the lock publicly, and this Client's waiters sit out that wake-up
 // for up to 2ms, so the waiters of other Clients take their turn. Under
 // contention an acquisition thus costs about one round trip. There are no

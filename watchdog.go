@@ -471,9 +471,10 @@ func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 
 	return w.runBatchesNotify(ctx, batches, nil)
 }
 
-// runBatchesNotify is runBatches that, on a cluster, also calls done (when
-// not nil) with the indices of the batches of each master as soon as that
-// master's results are in out.
+// runBatchesNotify is runBatches that, where the batches go to each master
+// on its own (a cluster, or WithReplicaSync), also calls done (when not nil)
+// with the indices of the batches of each master as soon as that master's
+// results are in out.
 func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
 	if w.c.opts.replicas > 0 {
 		return w.runBatchesSyncedNotify(ctx, batches, done)
