@@ -683,6 +683,19 @@ type cleanupKey struct{}
 
 // cleanupContext returns a fresh context that keeps ctx's values, not its
 // cancellation, bounded by cleanupTimeout, for a cleanup.
+// releaseContext returns the context a release (Unlock, RUnlock, Release)
+// is sent with: ctx, or, when ctx has ended already, a fresh one bounded by
+// the cleanup timeout (see cleanupContext). A release is the cleanup after
+// the work: a deferred Unlock(ctx) whose request's ctx was cancelled, or
+// whose deadline passed during the work, would otherwise send nothing, and
+// the lock would stay taken for its whole lease.
+func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if ctx.Err() == nil {
+		return ctx, func() {}
+	}
+	return cleanupContext(ctx)
+}
+
 func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithValue(context.WithoutCancel(ctx), cleanupKey{}, true), cleanupTimeout)
 }

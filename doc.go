@@ -32,6 +32,12 @@
 // the lease ran out on the local clock) the channel returned by Lost closes;
 // Do runs a function under a lock with a context cancelled at that moment.
 //
+// A release (Unlock, RUnlock, Release) given a context that has ended
+// already is still sent, with a fresh context bounded by 2s: a deferred
+// Unlock(ctx) after a request's ctx was cancelled, or whose deadline passed
+// during the work, releases the lock instead of leaving it taken for its
+// whole lease.
+//
 // Waiters do not poll. A blocked Lock subscribes to the lock's channel (one
 // subscriber connection per Client, shared by all waiters; one per master on
 // a Redis ≥ 7 Cluster, which shards pub/sub) and sleeps until

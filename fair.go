@@ -434,6 +434,8 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	if err := f.check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	f.mu.Lock()
 	if f.orphans > 0 { // see ReentrantMutex.Unlock
 		f.orphans--

@@ -550,7 +550,9 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 // this handle does not hold the lock, when the lease ran out, or when the
 // hold was lost (Lost is closed). Whatever Unlock returns, the handle no
 // longer holds the lock afterwards: if Redis could not be reached, the lock
-// expires after its lease.
+// expires after its lease. A ctx that has ended already does not keep the
+// release from being sent: it goes with a fresh context bounded by 2s, so
+// that a deferred Unlock(ctx) releases the lock (see the package doc).
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock when another handle of the
@@ -560,6 +562,8 @@ func (m *Mutex) Unlock(ctx context.Context) error {
 	if err := m.ex().check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	m.mu.Lock()
 	h, token := m.h, m.token
 	m.h, m.token = nil, 0

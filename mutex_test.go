@@ -497,6 +497,52 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 	})
 }
 
+// TestReleaseWithEndedCtx: a release given a ctx that has ended (a
+// request's ctx cancelled during the work, the usual defer m.Unlock(ctx))
+// is still sent, with a fresh bounded ctx: it failed before reaching Redis
+// and the lock stayed taken for its whole lease (30s). Another Client then
+// takes it at once. (Found by a reviewer of the README's examples.)
+func TestReleaseWithEndedCtx(t *testing.T) {
+	type pair struct{ acquire, release func(context.Context) error }
+	kinds := []struct {
+		name        string
+		take, other func(c *redlatch.Client, name string) pair
+	}{
+		{"Mutex", func(c *redlatch.Client, n string) pair { m := c.Mutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"ReentrantMutex", func(c *redlatch.Client, n string) pair { m := c.ReentrantMutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"FairMutex", func(c *redlatch.Client, n string) pair { m := c.FairMutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock} },
+			func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }},
+		{"Semaphore", func(c *redlatch.Client, n string) pair {
+			s := c.Semaphore(n, 1)
+			return pair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }}
+		}, nil},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				held := k.take(newClient(t, b), name)
+				require.NoError(t, held.acquire(ctx))
+				ended, cancel := context.WithCancel(ctx)
+				cancel()
+				require.NoError(t, held.release(ended))
+				other := k.other
+				if other == nil {
+					other = k.take
+				}
+				next := other(newClient(t, b), name)
+				octx, ocancel := context.WithTimeout(ctx, time.Second)
+				defer ocancel()
+				require.NoError(t, next.acquire(octx), "the release with an ended ctx left the lock taken")
+				require.NoError(t, next.release(ctx))
+			})
+		}
+	})
+}
+
 // TestCloseWhileSupersedeWaits: a reentrant handle whose hold is gone in
 // Redis locks again and takes a new hold; before it tracks it, it ends the
 // old one (supersede), which waits for that hold's renewal in flight: a

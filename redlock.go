@@ -771,6 +771,8 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	if err := ctxArg(ctx); err != nil {
 		return err // before the hold is taken from the handle: it stays held
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	r.mu.Lock()
 	h := r.h
 	r.h = nil

@@ -172,6 +172,8 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	if err := m.ex().check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	m.mu.Lock()
 	if m.orphans > 0 {
 		// It pairs with a hold lost before: counted against a later hold,

@@ -364,6 +364,8 @@ func (m *RWMutex) Unlock(ctx context.Context) error {
 	if err := m.check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	return m.release(ctx, &m.wh, &m.wn, &m.wreqs, &m.worphans, func(forget bool) string {
 		t := tokenArg(m.token)
 		if forget {
@@ -382,6 +384,8 @@ func (m *RWMutex) RUnlock(ctx context.Context) error {
 	if err := m.check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	return m.release(ctx, &m.rh, &m.rn, &m.rreqs, &m.rorphans, func(forget bool) string {
 		b := m.rbegun
 		if forget {

@@ -220,6 +220,8 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	if err := s.check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	if n <= 0 {
 		return invalidArg("n", "must be positive")
 	}

@@ -1,7 +1,6 @@
 package redlatch_test
 
 import (
-	"context"
 	"errors"
 	"testing"
 	"time"
@@ -66,7 +65,11 @@ func TestUnlockOfGoneHoldWakesQueued(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
 		name := redistest.UniqueName(t)
-		c := newClient(t, b, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+		rdb := b.Client(t)
+		refuse := &refuseHook{match: scriptWith(lockKey(name)), nth: 1} // the Unlock below
+		rdb.AddHook(refuse)
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+		t.Cleanup(func() { _ = c.Close() })
 		first := c.Mutex(name, redlatch.WithLease(5*time.Second))
 		require.NoError(t, first.Lock(ctx))
 		second := c.Mutex(name, redlatch.WithLease(5*time.Second))
@@ -108,7 +111,11 @@ func TestFailedPublicUnlockWakesQueued(t *testing.T) {
 		}
 		ctx := ctxT(t, 30*time.Second)
 		name := redistest.UniqueName(t)
-		c := newClient(t, b, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+		rdb := b.Client(t)
+		refuse := &refuseHook{match: scriptWith(lockKey(name)), nth: 1} // the Unlock below
+		rdb.AddHook(refuse)
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+		t.Cleanup(func() { _ = c.Close() })
 		const lease = 300 * time.Millisecond
 		ms := make([]*redlatch.Mutex, 10)
 		got := make([]chan error, 10)
@@ -125,10 +132,9 @@ func TestFailedPublicUnlockWakesQueued(t *testing.T) {
 			require.NoError(t, ms[i].Unlock(ctx))
 			require.NoError(t, <-got[i+1])
 		}
-		cancelled, cancel := context.WithCancel(ctx)
-		cancel()
+		refuse.armed.Store(true)
 		start := time.Now()
-		err := ms[8].Unlock(cancelled) // public release, fails before Redis
+		err := ms[8].Unlock(ctx) // public release, fails before Redis
 		t.Logf("Unlock: %v", err)
 		select {
 		case err := <-got[9]:
