@@ -20,14 +20,18 @@ func ExampleFairMutex() {
 
 	// Three workers queue, one after another; each gets the lock in turn.
 	order := make(chan string, 3)
-	for _, who := range []string{"ann", "bob", "cy"} {
+	for i, who := range []string{"ann", "bob", "cy"} {
 		m := client.FairMutex("printer")
 		go func() {
 			_ = m.Lock(ctx)
 			order <- who
 			_ = m.Unlock(ctx)
 		}()
-		time.Sleep(50 * time.Millisecond) // let it queue before the next one
+		// Let it queue before the next one: wait until its arrival is in
+		// the queue ({name}:fairq), not for a guessed time.
+		for rdb.ZCard(ctx, "{printer}:fairq").Val() < int64(i+1) {
+			time.Sleep(time.Millisecond)
+		}
 	}
 	_ = first.Unlock(ctx)
 	for range 3 {

@@ -1,5 +1,5 @@
 // Command fair shows a FairMutex granting its lock in arrival order: eight
-// workers on two Clients (two service instances) queue 20ms apart while the
+// workers on two Clients (two service instances) queue one after another while the
 // lock is held, and get it one by one, first come, first served, each with a
 // higher fencing token.
 //
@@ -56,7 +56,11 @@ func main() {
 			}
 		}()
 		fmt.Printf("worker %d (client %d) asks for the lock\n", i, i%2)
-		time.Sleep(20 * time.Millisecond)
+		// Start the next worker only once this one is in the queue
+		// ({name}:fairq): a fixed sleep orders them only when Redis is fast.
+		for rdb.ZCard(ctx, "{"+name+"}:fairq").Val() < int64(i) {
+			time.Sleep(time.Millisecond)
+		}
 	}
 
 	// A newcomer cannot jump the queue, not even with TryLock.

@@ -44,7 +44,11 @@ func main() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := waiters.CountDownLatch(name).Wait(ctx); err != nil {
+			// A count never expires: bound the wait, or a task instance that
+			// crashes before its CountDown leaves this waiter blocked for good.
+			wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			if err := waiters.CountDownLatch(name).Wait(wctx); err != nil {
 				log.Fatal(err)
 			}
 			woke[i] = time.Now()

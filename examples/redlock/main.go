@@ -61,8 +61,12 @@ func main() {
 			}
 			fmt.Printf("worker %d: holds the lock after %v, validity %v\n",
 				w, time.Since(start).Round(time.Millisecond), lock.Validity().Round(time.Millisecond))
-			time.Sleep(500 * time.Millisecond) // the work, well within the validity
-			if err := lock.Unlock(ctx); err != nil {
+			select {
+			case <-time.After(500 * time.Millisecond): // the work, well within the validity
+			case <-lock.Lost(): // validity spent or a quorum gone: stop the work
+				log.Printf("worker %d: lock lost", w)
+			}
+			if err := lock.Unlock(ctx); err != nil && !errors.Is(err, redlatch.ErrNotHeld) {
 				log.Fatal(err)
 			}
 			fmt.Printf("worker %d: released it\n", w)

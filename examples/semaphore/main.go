@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log"
 	"sync"
@@ -55,7 +56,8 @@ func main() {
 				log.Print("permit lost")
 			}
 			inside.Add(-1)
-			if err := sem.Release(ctx, 1); err != nil {
+			// After a loss Release reports ErrNotHeld: nothing to return.
+			if err := sem.Release(ctx, 1); err != nil && !errors.Is(err, redlatch.ErrNotHeld) {
 				log.Fatal(err)
 			}
 		}()
