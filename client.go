@@ -427,9 +427,18 @@ func (c *Client) probePublish(ctx context.Context) string {
 	major := -1
 	err := c.cluster.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
 		info, err := n.Info(ctx, "server").Result()
+		v := redisMajor(info)
+		if isReplyError(err) {
+			// INFO is refused (NOPERM: it is @dangerous, which ACL users
+			// are often denied). HELLO without arguments (Redis ≥ 6.2)
+			// names the version too, and ACLs do not restrict it.
+			var hello any
+			hello, err = n.Do(ctx, "HELLO").Result()
+			v = helloMajor(hello)
+		}
 		mu.Lock()
 		defer mu.Unlock()
-		if v := redisMajor(info); err == nil && (major < 0 || v < major) {
+		if err == nil && (major < 0 || v < major) {
 			major = v
 		}
 		return err
@@ -462,6 +471,26 @@ func redisMajor(info string) int {
 		n = n*10 + int(r-'0')
 	}
 	return n
+}
+
+// helloMajor parses the major version from a HELLO reply: a map (RESP3)
+// or a flat list of fields and values (RESP2).
+func helloMajor(reply any) int {
+	var version any
+	switch r := reply.(type) {
+	case map[any]any:
+		version = r["version"]
+	case map[string]any:
+		version = r["version"]
+	case []any:
+		for i := 0; i+1 < len(r); i += 2 {
+			if k, _ := r[i].(string); k == "version" {
+				version = r[i+1]
+			}
+		}
+	}
+	s, _ := version.(string)
+	return redisMajor("redis_version:" + s)
 }
 
 // newID returns a fresh identifier for a request (or a waiter, a permit

@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"net"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -217,4 +218,142 @@ func TestNopermChannelSparesOtherWakeups(t *testing.T) {
 			require.NoError(t, okWaiter.Unlock(ctx))
 		})
 	}
+}
+
+// aclUser creates, on every master of cl, an ACL user with every key and
+// channel and the given command rules, and returns options to connect as it.
+func aclUser(t *testing.T, cl *redistest.Cluster, rules ...string) *redis.ClusterOptions {
+	t.Helper()
+	ctx := ctxT(t, 10*time.Second)
+	user := redistest.UniqueName(t)
+	for _, s := range cl.Servers {
+		args := []any{"ACL", "SETUSER", user, "reset", "on", ">pw", "~*", "&*"}
+		for _, r := range rules {
+			args = append(args, r)
+		}
+		require.NoError(t, s.Client(t).Do(ctx, args...).Err())
+	}
+	o := cl.Options()
+	o.Username, o.Password = user, "pw"
+	return o
+}
+
+// TestClusterUserWithoutInfo: on a Redis 7 cluster, a Client
+// whose ACL user has every command but the @dangerous ones (the usual
+// "+@all -@dangerous" rule: INFO is @dangerous) never learns that its
+// masters support sharded pub/sub, so it publishes and subscribes with
+// plain pub/sub while a Client of a full user uses SPUBLISH/SSUBSCRIBE:
+// each misses the other's wake-ups, and a waiter sleeps until the holder's
+// lease bound (here 20s; 30s with the watchdog default). The version is
+// read from HELLO when INFO is refused. (Found by a reviewer.)
+func TestClusterUserWithoutInfo(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Cluster == nil {
+			t.Skip("cluster only")
+		}
+		for _, proto := range []int{3, 2} {
+			t.Run("resp"+strconv.Itoa(proto), func(t *testing.T) { userWithoutDangerous(t, b, proto) })
+		}
+	})
+}
+
+func userWithoutDangerous(t *testing.T, b redistest.Backend, proto int) {
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	o := aclUser(t, b.Cluster, "+@all", "-@dangerous")
+	o.Protocol = proto
+	rdb := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = rdb.Close() })
+	restricted := redlatch.New(rdb)
+	t.Cleanup(func() { _ = restricted.Close() })
+	full := newClient(t, b)
+
+	for _, dir := range []struct {
+		what           string
+		holder, waiter *redlatch.Client
+	}{
+		{"full user's release, restricted user's waiter", full, restricted},
+		{"restricted user's release, full user's waiter", restricted, full},
+	} {
+		h := dir.holder.Mutex(name, redlatch.WithLease(20*time.Second))
+		require.NoError(t, h.Lock(ctx))
+		got := make(chan error, 1)
+		go func() { got <- dir.waiter.Mutex(name).Lock(ctx) }()
+		time.Sleep(500 * time.Millisecond) // the waiter subscribed
+		start := time.Now()
+		require.NoError(t, h.Unlock(ctx))
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+			t.Logf("%s: woken after %v", dir.what, time.Since(start))
+		case <-time.After(3 * time.Second):
+			t.Fatalf("%s: the waiter was not woken by the release", dir.what)
+		}
+		_, err := dir.holder.Mutex(name).ForceUnlock(ctx)
+		require.NoError(t, err)
+	}
+}
+
+// TestReleaseWithoutChannelPermission: Redis 7 creates ACL users
+// with no channel permission (acl-pubsub-default resetchannels), so a user
+// made with "ACL SETUSER app on >pw ~* +@all" may not PUBLISH. A release
+// whose script then publishes its wake-up (a waiter is known, the latch
+// opens, permits are returned) has released already when the PUBLISH is
+// refused: Redis does not roll a script back, so the release stays, yet the
+// call returns the refusal. The caller is told the release failed, and a
+// retried Unlock or Release reports ErrNotHeld; a CountDown that opened the
+// latch reports an error too. The scripts publish with pcall: a refused
+// wake-up is dropped, and waiters fall back to their lease bound. (Found
+// by a reviewer.)
+func TestReleaseWithoutChannelPermission(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 30*time.Second)
+	adm := srv.Client(t)
+	require.NoError(t, adm.Do(ctx, "ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all").Err())
+	o := srv.Options()
+	o.Username, o.Password = "app", "pw"
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	other := redlatch.New(srv.Client(t)) // a full user: waits, hears
+	t.Cleanup(func() { _ = other.Close() })
+
+	// waitBehind starts a blocked call of other and returns a stop.
+	waitBehind := func(f func(context.Context) error) func() {
+		wctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = f(wctx) }()
+		time.Sleep(300 * time.Millisecond)
+		return func() { cancel(); <-done }
+	}
+
+	m := c.Mutex("m")
+	require.NoError(t, m.Lock(ctx))
+	stop := waitBehind(other.Mutex("m").Lock)
+	require.NoError(t, m.Unlock(ctx), "Mutex.Unlock with a waiter")
+	require.Zero(t, adm.Exists(ctx, "{m}:lock").Val())
+	stop()
+
+	rw := c.RWMutex("rw")
+	require.NoError(t, rw.Lock(ctx))
+	stop = waitBehind(other.RWMutex("rw").RLock)
+	require.NoError(t, rw.Unlock(ctx), "RWMutex.Unlock with a waiter")
+	stop()
+
+	s := c.Semaphore("s", 1)
+	require.NoError(t, s.Acquire(ctx, 1))
+	require.NoError(t, s.Release(ctx, 1), "Semaphore.Release")
+	avail, err := s.Available(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 1, avail)
+
+	l := c.CountDownLatch("l")
+	ok, err := l.TrySetCount(ctx, 1)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, l.CountDown(ctx), "the CountDown that opens the latch")
+	n, err := l.Count(ctx)
+	require.NoError(t, err)
+	require.Zero(t, n)
 }

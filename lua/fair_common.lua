@@ -103,7 +103,7 @@ local function grant(now, stale_u, held)
       if client == local_client then
         local_grant = id .. ':' .. token
       else
-        redis.call(ARGV[1], KEYS[5] .. client, 'w:' .. id .. ':' .. token)
+        redis.pcall(ARGV[1], KEYS[5] .. client, 'w:' .. id .. ':' .. token)
       end
       return token
     end

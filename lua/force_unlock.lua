@@ -29,6 +29,6 @@ end
 local held = redis.call('DEL', KEYS[1])
 force_record(KEYS[3], ARGV[3], held, t, ARGV[4])
 if held == 1 then
-  redis.call(ARGV[1], KEYS[2], ARGV[2])
+  redis.pcall(ARGV[1], KEYS[2], ARGV[2])
 end
 return held

@@ -40,5 +40,5 @@ if c > 0 then
   return c
 end
 redis.call('DEL', KEYS[1])
-redis.call(ARGV[1], KEYS[2], 'a')
+redis.pcall(ARGV[1], KEYS[2], 'a')
 return 0

@@ -30,5 +30,5 @@ if not v then
 end
 redis.call('DEL', KEYS[1])
 remember(KEYS[3], ARGV[2])
-redis.call(ARGV[1], KEYS[2], 'a')
+redis.pcall(ARGV[1], KEYS[2], 'a')
 return 1

@@ -38,6 +38,6 @@ force_record(KEYS[4], ARGV[2], held and 1 or 0, wt, ARGV[3])
 if not held then
   return 0
 end
-redis.call(ARGV[1], KEYS[2], 'a')
-redis.call(ARGV[1], KEYS[3], '1')
+redis.pcall(ARGV[1], KEYS[2], 'a')
+redis.pcall(ARGV[1], KEYS[3], '1')
 return 1

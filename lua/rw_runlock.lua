@@ -79,6 +79,6 @@ if not rw_commit(s) then
   rw_fence_release(KEYS[2], s, ARGV[4])
 end
 if readers == 0 and not f.w and waiting > 0 then
-  redis.call(ARGV[3], KEYS[3], '1')
+  redis.pcall(ARGV[3], KEYS[3], '1')
 end
 return 0

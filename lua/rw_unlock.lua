@@ -82,6 +82,6 @@ elseif string.find(token, '^%d+$') then
       'PX', math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
   end
 end
-redis.call(ARGV[3], KEYS[3], 'a')
-redis.call(ARGV[3], KEYS[4], '1')
+redis.pcall(ARGV[3], KEYS[3], 'a')
+redis.pcall(ARGV[3], KEYS[4], '1')
 return 0

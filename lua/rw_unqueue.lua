@@ -23,6 +23,6 @@ rw_del(s, k)
 local _, waiting = rw_scan(s)
 rw_commit_fenced(s, KEYS[3], ARGV[3])
 if waiting == 0 and not s.f.w then
-  redis.call(ARGV[2], KEYS[2], 'a')
+  redis.pcall(ARGV[2], KEYS[2], 'a')
 end
 return 1

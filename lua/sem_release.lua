@@ -95,6 +95,6 @@ if freed > 0 then
 end
 sem_store(KEYS[1], used, now)
 if freed > 0 then
-  redis.call(ARGV[1], KEYS[2], 'a')
+  redis.pcall(ARGV[1], KEYS[2], 'a')
 end
 return freed

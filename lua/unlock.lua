@@ -178,4 +178,10 @@ fence_set_release(KEYS[2], v[3], released, ARGV[4])
 if not v[5] and waited ~= '1' then
   return {0, 0, 0}
 end
-return {0, 0, redis.call(ARGV[3], KEYS[3], ARGV[2])}
+-- pcall: a refused wake-up (an ACL user without the channel) must not
+-- fail the release done above; waiters fall back to their lease bound.
+local heard = redis.pcall(ARGV[3], KEYS[3], ARGV[2])
+if type(heard) ~= 'number' then
+  heard = 0
+end
+return {0, 0, heard}
