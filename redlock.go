@@ -230,7 +230,9 @@ func (r *Redlock) nodeTimeout(i int) time.Duration {
 // Lock blocks until the Redlock is held, or ctx is done. A failed wait
 // returns an error matching both ErrNotObtained and ctx.Err(). Masters that
 // cannot be reached do not end the wait: Lock retries until a quorum
-// grants the lock.
+// grants the lock. Masters whose replicas do not acknowledge it
+// (WithReplicaSync) do, once too many for a quorum: Lock then returns at
+// once with their errors, which match ErrNotReplicated.
 func (r *Redlock) Lock(ctx context.Context) error {
 	_, err := r.lock(ctx, true)
 	return err
@@ -260,6 +262,9 @@ type round struct {
 	validity time.Duration
 	fatal    error // an error that retrying cannot cure on its master
 	fatals   int   // masters that answered with such an error
+	// unreplicated counts the masters that granted the lock but whose
+	// replicas did not acknowledge it (ErrNotReplicated; released again).
+	unreplicated int
 }
 
 func (rd *round) count() int {
@@ -315,6 +320,9 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 				if errors.Is(convertErr(rp.err), ErrWrongType) {
 					rd.fatal = convertErr(rp.err)
 					rd.fatals++
+				}
+				if errors.Is(rp.err, ErrNotReplicated) {
+					rd.unreplicated++
 				}
 			case rp.ok:
 				rd.granted[rp.i] = true
@@ -467,6 +475,12 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		if len(rd.errs) > 0 {
 			last = errors.Join(rd.errs...)
 		}
+		if rd.fatals+rd.unreplicated > len(r.nodes)-r.quorum {
+			// As a Mutex's Lock does (see WithReplicaSync): too many
+			// masters' replication is broken for a quorum, the lock is not
+			// busy. A minority of them is tolerated.
+			return false, last
+		}
 		if ctx.Err() != nil {
 			return false, newWaitError(ctx, last)
 		}
@@ -498,14 +512,14 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			ws = r.join(ctx, bound)
 			continue // retry at once: a release may have come before the subscription
 		}
-		woken, err := waitAny(ctx, ws, bound)
+		woken, err := waitAny(ctx, ws, bound, last)
 		if err != nil {
 			return false, err
 		}
 		if woken && rd.count() > 0 {
 			// A split vote: both contenders were woken by the same
 			// releases; a random delay keeps them from colliding again.
-			if err := sleepCtx(ctx, r.backoff()/2); err != nil {
+			if err := sleepCtx(ctx, r.backoff()/2, last); err != nil {
 				return false, err
 			}
 		}
@@ -541,7 +555,8 @@ func (r *Redlock) join(ctx context.Context, bound time.Duration) []*waiter {
 
 // waitAny sleeps until a wake-up on any of ws, or bound, or the end of ctx
 // or of one of the Clients. It reports whether a wake-up ended the sleep.
-func waitAny(ctx context.Context, ws []*waiter, bound time.Duration) (bool, error) {
+// last is the masters' last errors, for the error of a wait ctx ended.
+func waitAny(ctx context.Context, ws []*waiter, bound time.Duration, last error) (bool, error) {
 	t := time.NewTimer(bound)
 	defer t.Stop()
 	cases := []reflect.SelectCase{
@@ -564,22 +579,22 @@ func waitAny(ctx context.Context, ws []*waiter, bound time.Duration) (bool, erro
 	case chosen == 0:
 		return false, nil
 	case chosen == 1:
-		return false, newWaitError(ctx, nil)
+		return false, newWaitError(ctx, last)
 	case (chosen-first)%2 == 1:
 		return false, ErrClosed
 	}
 	return true, nil
 }
 
-// sleepCtx sleeps for d or until ctx ends.
-func sleepCtx(ctx context.Context, d time.Duration) error {
+// sleepCtx sleeps for d or until ctx ends (an error carrying last).
+func sleepCtx(ctx context.Context, d time.Duration, last error) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
 		return nil
 	case <-ctx.Done():
-		return newWaitError(ctx, nil)
+		return newWaitError(ctx, last)
 	}
 }
 
