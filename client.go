@@ -85,7 +85,10 @@ func WithWatchdogTimeout(d time.Duration) Option {
 }
 
 // WithLogger sets the logger that reports lost holds and trouble with
-// renewal or the subscriber connection. Default: discard everything.
+// renewal or the subscriber connection. Default: discard everything. Its
+// handler must not block: a lost hold is logged by the watchdog with its
+// lock held, and a handler that waits (on a full channel, a slow sink)
+// delays the loss reports and renewals of every hold of the Client.
 func WithLogger(l *slog.Logger) Option {
 	return func(o *options) {
 		if l != nil {
