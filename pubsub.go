@@ -1048,7 +1048,17 @@ func (p *pubsub) receive(n *psNode) {
 				if n.sharded && p.refused(n, err) {
 					continue
 				}
-				if strings.HasPrefix(err.Error(), "NOPERM") {
+				cmd := refusedCommand(err)
+				if cmd == "ping" {
+					// The user may not PING: the refusal answers the
+					// health ping all the same (the connection is alive).
+					pinged = false
+					continue
+				}
+				// A refused (S)UNSUBSCRIBE (the user may not run it) leaves
+				// its channel subscribed and its confirmation owed: it is
+				// dropped below, as any other refusal.
+				if strings.HasPrefix(err.Error(), "NOPERM") && cmd != "unsubscribe" && cmd != "sunsubscribe" {
 					// The user may not subscribe to a channel (an ACL
 					// channel pattern): a drop cannot help, go-redis would
 					// subscribe the same set again, forbidden channel and
@@ -1120,6 +1130,22 @@ func (p *pubsub) receive(n *psNode) {
 			p.dispatch(m.Channel, m.Payload)
 		}
 	}
+}
+
+// refusedCommand returns the command a NOPERM reply says the user may not
+// run ("... no permissions to run the 'ping' command"), lower case, or ""
+// (another reply, or a channel the user may not access).
+func refusedCommand(err error) string {
+	msg := err.Error()
+	if !strings.HasPrefix(msg, "NOPERM") {
+		return ""
+	}
+	_, rest, ok := strings.Cut(msg, "to run the '")
+	if !ok {
+		return ""
+	}
+	cmd, _, _ := strings.Cut(rest, "'")
+	return strings.ToLower(cmd)
 }
 
 // dropConnection makes go-redis close ps's connection and reconnect. Its

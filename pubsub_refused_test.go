@@ -357,3 +357,66 @@ func TestReleaseWithoutChannelPermission(t *testing.T) {
 	require.NoError(t, err)
 	require.Zero(t, n)
 }
+
+// aclRules are the ACL rules the README lists, but PING and UNSUBSCRIBE.
+var aclRules = []string{"~*", "&*", "+@scripting", "+@read", "+@write", "+time", "+publish", "+subscribe", "+multi", "+exec"}
+
+// TestReadmeACLUser: a user with the README's ACL rules but PING and
+// UNSUBSCRIBE (with and without +ping) is served: a waiter that gave up
+// (its UNSUBSCRIBE refused) does not strand the next one, and the
+// subscriber's refused health ping does not drop the connection every two
+// intervals. A refused UNSUBSCRIBE was taken for a channel refusal and
+// left a confirmation owed, which swallowed the next SUBSCRIBE's: the
+// release's wake-up was lost and the waiter slept to its holder's lease
+// bound (30s); a refused PING counted as unanswered. (Found by a reread of
+// the ACL change.)
+func TestReadmeACLUser(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		extra []string
+	}{
+		{"with ping", []string{"+ping"}},
+		{"without ping", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := redistest.NewServer(t)
+			ctx := ctxT(t, 60*time.Second)
+			adm := srv.Client(t)
+			args := []any{"ACL", "SETUSER", "app", "reset", "on", ">pw"}
+			for _, r := range append(append([]string{}, aclRules...), tc.extra...) {
+				args = append(args, r)
+			}
+			require.NoError(t, adm.Do(ctx, args...).Err())
+			o := srv.Options()
+			o.Username, o.Password = "app", "pw"
+			rdb := redis.NewClient(o)
+			t.Cleanup(func() { _ = rdb.Close() })
+			dials := &dialCounter{}
+			rdb.AddHook(dials)
+			c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health interval 1s
+			t.Cleanup(func() { _ = c.Close() })
+			name := redistest.UniqueName(t)
+			holder := c.Mutex(name, redlatch.WithLease(30*time.Second))
+			require.NoError(t, holder.Lock(ctx))
+
+			// A waiter that gives up: its UNSUBSCRIBE goes out.
+			wctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			requireWaitErr(t, c.Mutex(name).Lock(wctx), wctx)
+			cancel()
+			time.Sleep(200 * time.Millisecond)
+
+			got := make(chan error, 1)
+			w := c.Mutex(name)
+			go func() { got <- w.Lock(ctx) }()
+			before := dials.n.Load()
+			time.Sleep(3 * time.Second) // three health intervals
+			reconnects := dials.n.Load() - before
+			start := time.Now()
+			require.NoError(t, holder.Unlock(ctx))
+			requireNoErrWithin(t, got, 3*time.Second, "the waiter slept through the release")
+			t.Logf("woken after %v", time.Since(start))
+			require.NoError(t, w.Unlock(ctx))
+			require.Zero(t, reconnects, "the subscriber connection was dropped and dialled again while idle")
+		})
+	}
+}
