@@ -178,7 +178,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 				t, s, req, ok, err = f.acquire(ctx, block)
 				return t, s, ok, err
 			},
-			func(ctx context.Context, t int64) { _, _ = f.unlock(ctx, "", "", first, t) })
+			func(ctx context.Context, t int64) { _, _ = f.unlock(ctx, first, t) })
 		if !ok {
 			return false, err
 		}
@@ -194,7 +194,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
 		f.c.wd.supersede(f.h)
 		if cleanup = f.c.closedAfter(ctx, func(ctx context.Context) {
-			_, _ = f.unlock(ctx, "", "", req, token)
+			_, _ = f.unlock(ctx, req, token)
 		}); cleanup != nil {
 			f.h, f.n, f.token, f.reqs = nil, 0, 0, f.reqs[:0]
 			return false, ErrClosed
@@ -251,12 +251,19 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 		}()
 	}
 	tried := false // an attempt was sent, or may have been
+	// unsettled: the last attempt's outcome is unknown (no reply: a copy
+	// may still reach Redis). Only then does the withdrawal leave a
+	// tombstone: a name keeps the last 8, and the withdrawals of waiters
+	// whose wait ended while they slept would push out the one that
+	// matters.
+	unsettled := false
 	try := func(ctx context.Context) (bool, time.Duration, error) {
-		tried = true
+		tried, unsettled = true, true
 		s := time.Now()
 		cmd, acked, waitErr := f.c.runSynced(ctx, fairLockScript, f.keys, pub, retention, id, member, f.owner,
 			f.lease.Milliseconds(), f.placeMs, mode)
 		res, err := cmd.Int64Slice()
+		unsettled = err != nil && !isReplyError(err)
 		if err != nil {
 			return false, 0, err
 		}
@@ -323,7 +330,8 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	if !ok && err != nil && tried {
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
-		detached(ctx, func(ctx context.Context) { _, _ = f.unlock(ctx, id, member, "", 0) })
+		tomb := unsettled
+		detached(ctx, func(ctx context.Context) { _, _ = f.withdraw(ctx, id, member, tomb) })
 	}
 	return token, sent, id, ok, err
 }
@@ -382,14 +390,25 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 	}
 }
 
-// unlock releases one hold of the owner or, with a waiter id, withdraws that
-// waiter. It returns the owner's remaining hold count, or -1 when the owner
-// held nothing. token is the fencing token of the hold released, or 0 when
-// unknown (see excl.unlock). done, for a release, names an acquisition of
-// the hold whose reply reached its caller ("": none): a partial release
-// drops it from the hold's list of its last acquisitions (see
-// excl.unlockDone).
-func (f *FairMutex) unlock(ctx context.Context, waiter, member, done string, token int64) (int64, error) {
+// withdraw withdraws the waiter id (its queue place member), releasing what
+// it was granted; with tomb set it also leaves the waiter's tombstone, for
+// an attempt of it whose outcome is unknown (see fair_unlock.lua).
+func (f *FairMutex) withdraw(ctx context.Context, id, member string, tomb bool) (int64, error) {
+	return f.release(ctx, id, member, "", 0, tomb)
+}
+
+// unlock releases one hold of the owner. It returns the owner's remaining
+// hold count, or -1 when the owner held nothing. token is the fencing token
+// of the hold released, or 0 when unknown (see excl.unlock). done names an
+// acquisition of the hold whose reply reached its caller ("": none): a
+// partial release drops it from the hold's list of its last acquisitions
+// (see excl.unlockDone).
+func (f *FairMutex) unlock(ctx context.Context, done string, token int64) (int64, error) {
+	return f.release(ctx, "", "", done, token, false)
+}
+
+// release is unlock and, with a waiter id, withdraw.
+func (f *FairMutex) release(ctx context.Context, waiter, member, done string, token int64, tomb bool) (int64, error) {
 	channel := f.wchan + f.c.ps.id
 	if token == 0 && waiter == "" {
 		token = currentToken(ctx, f.c, f.key, "o", f.owner)
@@ -397,6 +416,9 @@ func (f *FairMutex) unlock(ctx context.Context, waiter, member, done string, tok
 	args := []any{f.c.publishCommand(ctx), fenceRetention(f.lease), f.owner, newID(), f.c.ps.id, tokenArg(token)}
 	if waiter != "" {
 		args = append(args, waiter, member) // a withdrawal (see fair_unlock.lua)
+		if tomb {
+			args = append(args, "1")
+		}
 	} else if done != "" {
 		args = append(args, "", "", done)
 	}
@@ -456,7 +478,7 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	// Counted under f.mu: see ReentrantMutex.Unlock.
 	f.c.wd.setReleasingOf(h, true, f.n)
 	f.mu.Unlock()
-	n, err := f.unlock(ctx, "", "", done, token)
+	n, err := f.unlock(ctx, done, token)
 
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -738,6 +738,33 @@ func TestFairLateAttemptAfterWithdrawal(t *testing.T) {
 	})
 }
 
+// TestFairWithdrawalAsleepLeavesNoTombstone: a waiter whose wait ends
+// while it sleeps (every attempt answered) withdraws without a tombstone:
+// nothing of it can come late. A name keeps its last 32 tombstones; with
+// one per withdrawn waiter, a dozen goroutines with millisecond timeouts
+// pushed out the one an attempt still on its way needed, and that late
+// attempt took the lock for its whole lease. (Found by a reviewer of
+// handles shared by goroutines; the attempt in flight keeps its tombstone:
+// TestFairLateAttemptAfterWithdrawal.)
+func TestFairWithdrawalAsleepLeavesNoTombstone(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b).FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+		wctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		requireWaitErr(t, newClient(t, b).FairMutex(name).Lock(wctx), wctx)
+		time.Sleep(100 * time.Millisecond) // the withdrawal is detached
+		fence, err := b.Client(t).Get(ctx, "{"+name+"}:fence").Result()
+		if err != redis.Nil {
+			require.NoError(t, err)
+		}
+		require.NotContains(t, fence, "|", "a waiter withdrawn while asleep left a tombstone")
+		require.NoError(t, holder.Unlock(ctx))
+	})
+}
+
 // TestFairTokenlessUnlockSparesSettledGrant: owner O holds nothing; a
 // handle of O that tracks no hold (shared WithOwner id, so its Unlock is
 // tokenless) calls Unlock after the holder Y's lease ran out, while W, a

@@ -643,6 +643,6 @@ func (m *Mutex) IsLocked(ctx context.Context) (bool, error) { return m.ex().isLo
 // next renewal (a WithLease hold, which is not renewed, when its lease runs
 // out on the holder's clock). A call resent by the Redis client after a
 // lost reply is applied once: it leaves alone a hold taken after its first
-// run (its record is one of the name's last 8 tombstones, see the README's
+// run (its record is one of the name's last 32 tombstones, see the README's
 // design notes). Meant for operators and tests, not for normal release.
 func (m *Mutex) ForceUnlock(ctx context.Context) (bool, error) { return m.ex().forceUnlock(ctx) }

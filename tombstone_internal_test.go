@@ -18,7 +18,7 @@ import (
 // Redis, as when a request is stuck in a slow link while its caller gives
 // up (TestLateAcquisitionAfterUndo drives that through a proxy).
 func TestTombstonesKept(t *testing.T) {
-	const tombstonesKept = 8 // lua/fence_release.lua
+	const tombstonesKept = 32 // lua/fence_release.lua
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

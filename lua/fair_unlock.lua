@@ -14,11 +14,17 @@
 --          its queue place is removed, and the hold is released only if that
 --          waiter was granted it (or took it)
 -- ARGV[8]  member of the waiter, for a withdrawal
--- ARGV[9]  optional, an Unlock only (ARGV[7] and ARGV[8] are then ""): the
---          request (waiter) id of an acquisition of the hold whose reply
---          reached its caller, which this release ends: a partial release
---          drops it from the hold's acquisitions (field q, see ids.lua),
---          which then name only acquisitions a caller may still withdraw
+-- ARGV[9]  optional:
+--   an Unlock (ARGV[7] and ARGV[8] are then ""): the request (waiter) id of
+--          an acquisition of the hold whose reply reached its caller, which
+--          this release ends: a partial release drops it from the hold's
+--          acquisitions (field q, see ids.lua), which then name only
+--          acquisitions a caller may still withdraw
+--   a withdrawal: "1" when an attempt of the waiter may still be on its way
+--          (its outcome is unknown): a tombstone is left for it; absent
+--          when every attempt was answered (a name keeps only the last 8
+--          tombstones: those of waiters whose wait ended while they slept
+--          would push out the one that matters)
 -- (An Unlock leaves ARGV[7..9] out when it names no acquisition: each
 -- argument costs the call about as much as a short command.)
 --
@@ -70,7 +76,9 @@ if withdraw ~= '' then
   -- A withdrawal ends the waiter's call: leave a tombstone so that an
   -- attempt of it still on the way takes nothing, and does not queue, when
   -- it comes late.
-  fence_tombstone(KEYS[4], withdraw, ARGV[2])
+  if ARGV[9] == '1' then
+    fence_tombstone(KEYS[4], withdraw, ARGV[2])
+  end
   if v[1] ~= ARGV[3] or (v[5] ~= withdraw and not ids_has(v[6], withdraw)) then
     -- It holds nothing: queued, failed, or not arrived; or a resend of a
     -- withdrawal whose first run released what it held, which may have

@@ -44,7 +44,7 @@ end
 -- (its request, if it is still on the way after that many later undos,
 -- takes a hold no one renews or releases, which ends with its lease).
 -- token, optional, becomes the last token when it is higher.
-local tombstones_kept = 8
+local tombstones_kept = 32
 local function fence_tombstone(fence, req, retention, token)
   local v = redis.call('GET', fence) or ''
   local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
