@@ -365,11 +365,7 @@ func TestSemaphoreRenewalAfterPause(t *testing.T) {
 // (Found by a reviewer.)
 func TestSemaphoreRenewalAtRecordExpiry(t *testing.T) {
 	ctx := ctxT(t, 20*time.Second)
-	m := miniredis.RunT(t)
-	t0 := time.Now().Truncate(time.Millisecond)
-	m.SetTime(t0)
-	rdb := redis.NewClient(&redis.Options{Addr: m.Addr()})
-	t.Cleanup(func() { _ = rdb.Close() })
+	m, rdb, t0 := frozenMiniredis(t)
 	timeout := 900 * time.Millisecond
 	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
 	t.Cleanup(func() { _ = c.Close() })
@@ -445,11 +441,7 @@ func TestSemaphoreResentPartialRelease(t *testing.T) {
 // a reviewer.)
 func TestSemaphoreAfterReleaseMemoryOnMiniredis(t *testing.T) {
 	ctx := ctxT(t, 20*time.Second)
-	m := miniredis.RunT(t)
-	t0 := time.Now().Truncate(time.Millisecond)
-	m.SetTime(t0)
-	rdb := redis.NewClient(&redis.Options{Addr: m.Addr()})
-	t.Cleanup(func() { _ = rdb.Close() })
+	m, rdb, t0 := frozenMiniredis(t)
 	c := redlatch.New(rdb)
 	t.Cleanup(func() { _ = c.Close() })
 
@@ -468,4 +460,16 @@ func TestSemaphoreAfterReleaseMemoryOnMiniredis(t *testing.T) {
 	require.True(t, ok)
 	require.NoError(t, s.Release(ctx, 1))
 	require.NoError(t, keeper.Release(ctx, 1))
+}
+
+// frozenMiniredis starts a miniredis whose server clock stands at t0 (now,
+// to the millisecond) until the test moves it, and a client of it.
+func frozenMiniredis(t *testing.T) (*miniredis.Miniredis, *redis.Client, time.Time) {
+	t.Helper()
+	m := miniredis.RunT(t)
+	t0 := time.Now().Truncate(time.Millisecond)
+	m.SetTime(t0)
+	rdb := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	return m, rdb, t0
 }
