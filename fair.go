@@ -253,7 +253,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	tried := false // an attempt was sent, or may have been
 	// unsettled: the last attempt's outcome is unknown (no reply: a copy
 	// may still reach Redis). Only then does the withdrawal leave a
-	// tombstone: a name keeps the last 8, and the withdrawals of waiters
+	// tombstone: a name keeps the last 32, and the withdrawals of waiters
 	// whose wait ended while they slept would push out the one that
 	// matters.
 	unsettled := false

@@ -22,7 +22,7 @@
 --          acquisitions a caller may still withdraw
 --   a withdrawal: "1" when an attempt of the waiter may still be on its way
 --          (its outcome is unknown): a tombstone is left for it; absent
---          when every attempt was answered (a name keeps only the last 8
+--          when every attempt was answered (a name keeps only the last 32
 --          tombstones: those of waiters whose wait ended while they slept
 --          would push out the one that matters)
 -- (An Unlock leaves ARGV[7..9] out when it names no acquisition: each
