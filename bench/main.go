@@ -133,12 +133,15 @@ func run(cfg config) error {
 		// An interrupt kills the server and removes its directory.
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
-		defer signal.Stop(sig)
+		done := make(chan struct{}) // the watcher ends with the run
+		defer func() { signal.Stop(sig); close(done) }()
 		go func() {
-			if _, ok := <-sig; ok {
+			select {
+			case <-sig:
 				pprof.StopCPUProfile() // no-op without -cpuprofile
 				srv.close()
 				os.Exit(130)
+			case <-done:
 			}
 		}()
 		addr = srv.addr

@@ -3,6 +3,7 @@ package chaos_test
 import (
 	"context"
 	"flag"
+	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/redlatch/redlatch/chaos"
+	"github.com/redlatch/redlatch/internal/leakcheck"
 )
 
 var (
@@ -24,7 +26,14 @@ var (
 func TestMain(m *testing.M) {
 	chaos.WorkerMain() // a worker process never returns from it
 	flag.Parse()
-	os.Exit(m.Run())
+	code := m.Run()
+	if err := leakcheck.Check(5 * time.Second); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL:", err)
+		if code == 0 {
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
 
 // scale returns d in the quick suite and 6d with -long.

@@ -76,7 +76,8 @@ func NewServer(t testing.TB, extraArgs ...string) *Server {
 // node also gets cluster mode, its nodes.conf in its directory, and a free
 // cluster bus port (port+10000).
 func newServer(cluster bool, extraArgs ...string) (*Server, error) {
-	dir, err := os.MkdirTemp("", "redlatch-redis-")
+	sweepOnce.Do(sweepStale)
+	dir, err := os.MkdirTemp("", "redlatch-redis-"+strconv.Itoa(os.Getpid())+"-")
 	if err != nil {
 		return nil, fmt.Errorf("redistest: %w", err)
 	}
@@ -118,6 +119,26 @@ func newServer(cluster bool, extraArgs ...string) (*Server, error) {
 	}
 	_ = os.RemoveAll(dir)
 	return nil, errors.Join(errs...)
+}
+
+var sweepOnce sync.Once
+
+// sweepStale removes the directories of test binaries that died without
+// cleaning up (a panic, -timeout, a kill): Pdeathsig killed their servers,
+// but nothing removed their directories. A directory is named after the
+// pid of the binary that made it, "redlatch-redis-<pid>-<random>".
+func sweepStale() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "redlatch-redis-*-*"))
+	for _, d := range dirs {
+		f := strings.Split(filepath.Base(d), "-")
+		pid, err := strconv.Atoi(f[2])
+		if len(f) != 4 || err != nil || pid == os.Getpid() {
+			continue
+		}
+		if errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			_ = os.RemoveAll(d)
+		}
+	}
 }
 
 // errPortTaken marks a start that failed because another process had taken
