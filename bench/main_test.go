@@ -1,8 +1,6 @@
 package main
 
 import (
-	"fmt"
-	"os"
 	"testing"
 	"time"
 
@@ -11,12 +9,5 @@ import (
 
 // TestMain fails the run when a goroutine outlives the tests.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	if err := leakcheck.Check(5 * time.Second); err != nil {
-		fmt.Fprintln(os.Stderr, "FAIL:", err)
-		if code == 0 {
-			code = 1
-		}
-	}
-	os.Exit(code)
+	leakcheck.Exit(m.Run(), 5*time.Second)
 }

@@ -3,7 +3,6 @@ package chaos_test
 import (
 	"context"
 	"flag"
-	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -26,14 +25,7 @@ var (
 func TestMain(m *testing.M) {
 	chaos.WorkerMain() // a worker process never returns from it
 	flag.Parse()
-	code := m.Run()
-	if err := leakcheck.Check(5 * time.Second); err != nil {
-		fmt.Fprintln(os.Stderr, "FAIL:", err)
-		if code == 0 {
-			code = 1
-		}
-	}
-	os.Exit(code)
+	leakcheck.Exit(m.Run(), 5*time.Second)
 }
 
 // scale returns d in the quick suite and 6d with -long.

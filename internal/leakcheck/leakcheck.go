@@ -14,6 +14,7 @@ package leakcheck
 
 import (
 	"fmt"
+	"os"
 	"runtime"
 	"strings"
 	"time"
@@ -109,4 +110,17 @@ func ignored(g string) bool {
 		}
 	}
 	return onlyRuntime
+}
+
+// Exit ends a test binary, for use at the end of TestMain: it exits with
+// code, the result of m.Run, or 1 when goroutines are still running after
+// wait (see Check); their stacks are printed to stderr.
+func Exit(code int, wait time.Duration) {
+	if err := Check(wait); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL:", err)
+		if code == 0 {
+			code = 1
+		}
+	}
+	os.Exit(code)
 }

@@ -308,13 +308,7 @@ func Main(m *testing.M) {
 	if d, err := time.ParseDuration(os.Getenv(EnvLeakWait)); err == nil {
 		wait = d
 	}
-	if err := leakcheck.Check(wait); err != nil {
-		fmt.Fprintln(os.Stderr, "FAIL:", err)
-		if code == 0 {
-			code = 1
-		}
-	}
-	os.Exit(code)
+	leakcheck.Exit(code, wait)
 }
 
 var unique atomic.Int64
