@@ -167,30 +167,6 @@ func TestClusterWakeAfterVersionCheckRecovers(t *testing.T) {
 	}
 }
 
-// stallInfo makes every INFO wait until its ctx ends, as a master that is
-// frozen (SIGSTOP) or cut off by a partition would: the Client's check of
-// the masters' versions never succeeds.
-// With entered set, it closes entered at the first INFO it stalls.
-type stallInfo struct {
-	passHook
-	once    *sync.Once
-	entered chan struct{}
-}
-
-func (h stallInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if cmd.Name() == "info" {
-			if h.entered != nil {
-				h.once.Do(func() { close(h.entered) })
-			}
-			<-ctx.Done()
-			cmd.SetErr(ctx.Err())
-			return ctx.Err()
-		}
-		return next(ctx, cmd)
-	}
-}
-
 // TestClusterVersionCheckHonoursCtx: on a cluster with a master that does
 // not answer, the Client's check of the masters' versions cannot succeed.
 // A Lock whose ctx ends after 200ms must return then (API.md: a failed wait
@@ -206,7 +182,7 @@ func TestClusterVersionCheckHonoursCtx(t *testing.T) {
 	require.NoError(t, holder.Lock(ctx))
 	t.Cleanup(func() { _ = holder.Unlock(context.Background()) })
 
-	c := infoHookedClient(t, b, stallInfo{})
+	c := infoHookedClient(t, b, stallInfo())
 
 	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 	defer cancel()
@@ -246,7 +222,7 @@ func TestClusterCleanupNotStarvedByVersionCheck(t *testing.T) {
 	holder := newClient(t, b).FairMutex(name)
 	require.NoError(t, holder.Lock(ctx))
 
-	c := infoHookedClient(t, b, stallInfo{})
+	c := infoHookedClient(t, b, stallInfo())
 
 	wctx, cancel := context.WithTimeout(ctx, 6*time.Second)
 	defer cancel()
@@ -262,27 +238,6 @@ func TestClusterCleanupNotStarvedByVersionCheck(t *testing.T) {
 	defer ncancel()
 	require.NoError(t, next.Lock(nctx), "the lock went to the withdrawn waiter's stale place")
 	require.NoError(t, next.Unlock(ctx))
-}
-
-// slowInfo delays every INFO by d (a master some way off, or busy), as
-// long as its ctx allows.
-type slowInfo struct {
-	passHook
-	d time.Duration
-}
-
-func (h slowInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if cmd.Name() == "info" {
-			select {
-			case <-time.After(h.d):
-			case <-ctx.Done():
-				cmd.SetErr(ctx.Err())
-				return ctx.Err()
-			}
-		}
-		return next(ctx, cmd)
-	}
 }
 
 // TestClusterVersionCheckHalfCtxLosesWakeUp: on a healthy Redis 7 cluster,
@@ -307,7 +262,7 @@ func TestClusterVersionCheckHalfCtxLosesWakeUp(t *testing.T) {
 	require.NoError(t, warm.Lock(ctx))
 	require.NoError(t, warm.Unlock(ctx))
 
-	c := infoHookedClient(t, b, slowInfo{d: 700 * time.Millisecond})
+	c := infoHookedClient(t, b, delayHook{match: isInfo, d: 700 * time.Millisecond})
 
 	holder := c.Mutex(name, redlatch.WithLease(20*time.Second))
 	require.NoError(t, holder.Lock(ctx)) // uncontended: no version check
@@ -349,7 +304,7 @@ func TestClusterUnlockShortCtxUnderStalledVersionCheck(t *testing.T) {
 	ctx := ctxT(t, 30*time.Second)
 	name := redistest.UniqueName(t)
 
-	c := infoHookedClient(t, b, stallInfo{})
+	c := infoHookedClient(t, b, stallInfo())
 
 	m := c.Mutex(name, redlatch.WithLease(20*time.Second))
 	require.NoError(t, m.Lock(ctx)) // uncontended: no version check
@@ -376,7 +331,7 @@ func TestClusterUnlockShortCtxBehindAnotherVersionCheck(t *testing.T) {
 	name := redistest.UniqueName(t)
 
 	entered := make(chan struct{})
-	hook := stallInfo{once: new(sync.Once), entered: entered}
+	hook := delayHook{match: isInfo, once: new(sync.Once), entered: entered}
 	c := infoHookedClient(t, b, hook)
 
 	m1 := c.Mutex(name+"-a", redlatch.WithLease(20*time.Second))
@@ -413,7 +368,7 @@ func TestCloseNotHeldUpByVersionCheck(t *testing.T) {
 	for _, kind := range []string{"reentrant", "rlock", "fair"} {
 		t.Run(kind, func(t *testing.T) {
 			entered := make(chan struct{})
-			c := infoHookedClient(t, b, stallInfo{once: new(sync.Once), entered: entered})
+			c := infoHookedClient(t, b, delayHook{match: isInfo, once: new(sync.Once), entered: entered})
 			closeDuringVersionCheck(t, ctx, name+kind, kind, b, c, entered)
 		})
 	}
@@ -544,3 +499,12 @@ func TestCloseNotHeldUpByFrozenMasterVersionCheck(t *testing.T) {
 		})
 	}
 }
+
+// isInfo matches INFO, the command of the Client's check of a cluster's
+// versions.
+func isInfo(cmd redis.Cmder) bool { return cmd.Name() == "info" }
+
+// stallInfo makes every INFO wait until its ctx ends, as a master that is
+// frozen (SIGSTOP) or cut off by a partition would: the Client's check of
+// the masters' versions never succeeds.
+func stallInfo() delayHook { return delayHook{match: isInfo} }

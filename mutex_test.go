@@ -834,6 +834,42 @@ func (passHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proces
 	return next
 }
 
+// delayHook holds back each command match accepts for d before it is sent
+// (a slow link or master) or, with d 0, until its ctx ends (a master that
+// does not answer), ending early with the ctx as go-redis would. With
+// entered set (and once), it closes entered at the first command it holds.
+type delayHook struct {
+	passHook
+	match   func(redis.Cmder) bool
+	d       time.Duration
+	once    *sync.Once
+	entered chan struct{}
+}
+
+func (h delayHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !h.match(cmd) {
+			return next(ctx, cmd)
+		}
+		if h.entered != nil {
+			h.once.Do(func() { close(h.entered) })
+		}
+		var after <-chan time.Time
+		if h.d > 0 {
+			t := time.NewTimer(h.d)
+			defer t.Stop()
+			after = t.C
+		}
+		select {
+		case <-after:
+			return next(ctx, cmd)
+		case <-ctx.Done():
+			cmd.SetErr(ctx.Err())
+			return ctx.Err()
+		}
+	}
+}
+
 // scriptWith matches a script call (EVAL or EVALSHA) whose arguments contain s.
 func scriptWith(s string) func(redis.Cmder) bool {
 	return func(cmd redis.Cmder) bool {

@@ -62,31 +62,6 @@ func TestWatchdogKeepsLockHeld(t *testing.T) {
 	})
 }
 
-// slowRenewal delays every renewal script call by latency before it is
-// sent (a slow link), ending early with the call's ctx as go-redis would.
-type slowRenewal struct {
-	passHook
-	latency time.Duration
-}
-
-func (h slowRenewal) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if n := cmd.Name(); n == "evalsha" || n == "eval" {
-			if args := cmd.Args(); len(args) == 7 && args[4] == "t" { // renew.lua, one hold
-				t := time.NewTimer(h.latency)
-				defer t.Stop()
-				select {
-				case <-t.C:
-				case <-ctx.Done():
-					cmd.SetErr(ctx.Err())
-					return ctx.Err()
-				}
-			}
-		}
-		return next(ctx, cmd)
-	}
-}
-
 // TestRenewalNotCutAtPeriod: a renewal sent on time has two periods (2/3
 // of the lease) before its hold's deadline; the watchdog cut each renewal
 // at one period (its ctx), so on a server that answers in more than a
@@ -108,7 +83,10 @@ func TestRenewalNotCutAtPeriod(t *testing.T) {
 		require.NoError(t, wm.Unlock(ctx))
 
 		rdb := b.Client(t)
-		rdb.AddHook(slowRenewal{latency: 500 * time.Millisecond})
+		rdb.AddHook(delayHook{d: 500 * time.Millisecond, match: func(cmd redis.Cmder) bool {
+			args := cmd.Args() // renew.lua, one hold
+			return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) == 7 && args[4] == "t"
+		}})
 		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(1200*time.Millisecond))
 		t.Cleanup(func() { _ = c.Close() })
 		m := c.Mutex(redistest.UniqueName(t))
