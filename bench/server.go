@@ -25,10 +25,13 @@ type server struct {
 	done chan struct{} // closed once the process has been reaped
 }
 
-// serverBinary is redis-server, or $REDIS_SERVER when set.
+// serverBinary is $REDLATCH_REDIS_SERVER (as for the root module's tests),
+// else $REDIS_SERVER, else redis-server.
 func serverBinary() string {
-	if b := os.Getenv("REDIS_SERVER"); b != "" {
-		return b
+	for _, env := range []string{"REDLATCH_REDIS_SERVER", "REDIS_SERVER"} {
+		if b := os.Getenv(env); b != "" {
+			return b
+		}
 	}
 	return "redis-server"
 }

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -62,11 +63,11 @@ func resetsOf(t *testing.T) []int64 {
 // newServer starts a private redis-server for the test.
 func newServer(t *testing.T) *chaos.Server {
 	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
+	if _, err := exec.LookPath(chaos.ServerBinary()); err != nil {
 		if os.Getenv("REDLATCH_REQUIRE_REDIS") == "1" {
-			t.Fatal("redis-server not found")
+			t.Fatal(err)
 		}
-		t.Skip("redis-server not found")
+		t.Skip(err)
 	}
 	s, err := chaos.StartServer()
 	if err != nil {
@@ -254,3 +255,17 @@ func scanAll(ctx context.Context, rdb *redis.Client) ([]string, error) {
 }
 
 func fmtInt(n int64) string { return strconv.FormatInt(n, 10) }
+
+// TestStartServerBinaryFromEnv: servers are started from the binary
+// REDLATCH_REDIS_SERVER names, as the root module's tests do (a machine
+// whose redis-server is not on PATH, or another build of it).
+func TestStartServerBinaryFromEnv(t *testing.T) {
+	t.Setenv("REDLATCH_REDIS_SERVER", filepath.Join(t.TempDir(), "no-redis-server"))
+	s, err := chaos.StartServer()
+	if err == nil {
+		s.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "no-redis-server") {
+		t.Fatalf("StartServer with REDLATCH_REDIS_SERVER naming no binary: %v", err)
+	}
+}

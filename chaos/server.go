@@ -42,7 +42,18 @@ func (s *Server) Resets() []int64 {
 	return slices.Clone(s.resets)
 }
 
-// StartServer starts a redis-server. Close stops it for good.
+// ServerBinary is the redis-server binary StartServer runs: a path, or a
+// name looked up on PATH, from REDLATCH_REDIS_SERVER (as for the root
+// module's tests), else "redis-server".
+func ServerBinary() string {
+	if b := os.Getenv("REDLATCH_REDIS_SERVER"); b != "" {
+		return b
+	}
+	return "redis-server"
+}
+
+// StartServer starts a redis-server (see ServerBinary). Close stops it for
+// good.
 func StartServer() (*Server, error) {
 	dir, err := os.MkdirTemp("", "redlatch-chaos-")
 	if err != nil {
@@ -80,7 +91,7 @@ func (s *Server) Start() error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("redis-server", s.args...)
+	cmd := exec.Command(ServerBinary(), s.args...)
 	cmd.Dir = s.dir
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
