@@ -46,7 +46,9 @@ var (
 // Holds are counted like those of ReentrantMutex: ownership belongs to the
 // handle or its WithOwner id, each Lock needs one Unlock, the token stays the
 // same while the owner holds the lock, and a Lock by an owner that already
-// holds the lock re-enters it at once.
+// holds the lock re-enters it at once. Lock calls of the owner queued on the
+// same Client re-enter as soon as the owner gets the lock; on another
+// Client, at their next check.
 //
 // Waiter liveness. While a waiter waits, its Client's watchdog renews its
 // place in the queue as it renews held leases. A waiter whose process died
@@ -96,9 +98,8 @@ type FairMutex struct {
 	// tracks whose replies came and that no Unlock has named yet (see
 	// ReentrantMutex.reqs).
 	reqs    []string
-	waiting map[string]struct{} // ids of this handle's blocked Lock calls
-	pending int                 // Lock and TryLock calls under way (see ReentrantMutex.pending)
-	orphans int                 // see ReentrantMutex.orphans
+	pending int // Lock and TryLock calls under way (see ReentrantMutex.pending)
+	orphans int // see ReentrantMutex.orphans
 }
 
 // FairMutex returns a handle on the fair lock called name. It does not talk
@@ -237,19 +238,6 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	// expired, or was granted and the grant expired). A grant message for the
 	// old place may still come: grants are then claimed with an attempt.
 	requeued := false
-	if block {
-		f.mu.Lock()
-		if f.waiting == nil {
-			f.waiting = make(map[string]struct{})
-		}
-		f.waiting[id] = struct{}{}
-		f.mu.Unlock()
-		defer func() {
-			f.mu.Lock()
-			delete(f.waiting, id)
-			f.mu.Unlock()
-		}()
-	}
 	tried := false // an attempt was sent, or may have been
 	// unsettled: the last attempt's outcome is unknown (no reply: a copy
 	// may still reach Redis). Only then does the withdrawal leave a
@@ -312,16 +300,11 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	}
 	ok, err = f.wait(ctx, id, block, try, take)
 	if ok {
-		// The owner holds the lock: this handle's other queued Lock calls
-		// re-enter it at their next attempt, so wake them now (locally;
-		// other handles sharing the owner id find out at their next check).
-		f.mu.Lock()
-		for other := range f.waiting {
-			if other != id {
-				f.c.ps.dispatch(f.wchan+f.c.ps.id, wakeWaiterPrefix+other)
-			}
-		}
-		f.mu.Unlock()
+		// The owner holds the lock: its other queued Lock calls on this
+		// Client (this handle's, and those of handles sharing its owner id)
+		// re-enter it at their next attempt, so wake them now (see
+		// kinship; handles on other Clients find out at their next check).
+		f.c.ps.wakeKin(f.wchan+f.c.ps.id, f.owner)
 	}
 	if place != nil {
 		f.c.wd.setReleasing(place, true)
@@ -354,6 +337,7 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 	}()
 	if block {
 		w = f.c.ps.joinQueuedID(channel, id)
+		f.c.ps.setKin(w, f.owner)
 	}
 	for {
 		if ctx.Err() != nil {
@@ -376,6 +360,7 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 			if w, err = f.c.ps.joinID(ctx, channel, id, retry); err != nil {
 				return false, err
 			}
+			f.c.ps.setKin(w, f.owner) // before the next attempt: no wake-up missed
 		default:
 			if _, err = w.wait(ctx, retry); err != nil {
 				return false, err

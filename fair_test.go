@@ -489,36 +489,48 @@ func TestCloseWhileQueued(t *testing.T) {
 }
 
 // TestFairSameOwnerQueued: a second Lock by an owner that is itself queued
-// (not holding) queues behind; once the owner gets the lock, it re-enters.
+// (not holding) queues behind; once the owner gets the lock, it re-enters,
+// whether it waits on the same handle or on another handle of this Client
+// sharing the owner id.
 func TestFairSameOwnerQueued(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 20*time.Second)
-		name := redistest.UniqueName(t)
-		c := newClient(t, b)
-		holder := c.FairMutex(name)
-		require.NoError(t, holder.Lock(ctx))
-		m := c.FairMutex(name)
-		got := make(chan error, 2)
-		for range 2 {
-			go func() { got <- m.Lock(ctx) }()
-		}
-		waitQueued(t, b.Client(t), name, 2)
-		require.NoError(t, holder.Unlock(ctx))
-		for range 2 {
-			select {
-			case err := <-got:
+	for _, shared := range []bool{false, true} {
+		t.Run(map[bool]string{false: "handle", true: "owner"}[shared], func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				c := newClient(t, b)
+				holder := c.FairMutex(name)
+				require.NoError(t, holder.Lock(ctx))
+				ms := []*redlatch.FairMutex{c.FairMutex(name)}
+				ms = append(ms, ms[0])
+				if shared {
+					owner := redistest.UniqueName(t)
+					ms = []*redlatch.FairMutex{c.FairMutex(name, redlatch.WithOwner(owner)), c.FairMutex(name, redlatch.WithOwner(owner))}
+				}
+				got := make(chan error, 2)
+				for _, m := range ms {
+					go func() { got <- m.Lock(ctx) }()
+				}
+				waitQueued(t, b.Client(t), name, 2)
+				require.NoError(t, holder.Unlock(ctx))
+				for range 2 {
+					select {
+					case err := <-got:
+						require.NoError(t, err)
+					case <-time.After(5 * time.Second): // well under the 10s check period
+						t.Fatal("the second Lock of the owner did not re-enter promptly")
+					}
+				}
+				n, err := ms[0].HoldCount(ctx)
 				require.NoError(t, err)
-			case <-time.After(5 * time.Second): // well under the 10s check period
-				t.Fatal("the second Lock of the owner did not re-enter promptly")
-			}
-		}
-		n, err := m.HoldCount(ctx)
-		require.NoError(t, err)
-		require.Equal(t, 2, n)
-		require.NoError(t, m.Unlock(ctx))
-		require.NoError(t, m.Unlock(ctx))
-		requireNoFairKeys(t, b, name)
-	})
+				require.Equal(t, 2, n)
+				for _, m := range ms {
+					require.NoError(t, m.Unlock(ctx))
+				}
+				requireNoFairKeys(t, b, name)
+			})
+		})
+	}
 }
 
 // TestFairLostReplies: a retried attempt or Unlock whose first reply was

@@ -408,6 +408,17 @@ func (p *pubsub) setTransfer(w *waiter, x *transfer, kin *kinship) {
 	p.mu.Unlock()
 }
 
+// setKin marks w, when not nil, as a waiter that re-enters owner's holds
+// (see kinship); a FairMutex waiter, which takes no transfers.
+func (p *pubsub) setKin(w *waiter, owner string) {
+	if w == nil {
+		return
+	}
+	p.mu.Lock()
+	w.kin = owner
+	p.mu.Unlock()
+}
+
 // wakeKin wakes the waiters on channel that re-enter owner's holds (see
 // kinship): owner has just taken or re-entered the lock.
 func (p *pubsub) wakeKin(channel, owner string) {
