@@ -318,7 +318,7 @@ func TestFairDeadWaiter(t *testing.T) {
 				time.Sleep(tc.delay)
 				released := time.Now()
 				require.NoError(t, holder.Unlock(ctx))
-				requireNoErrWithin(t, got, deadTimeout+5*time.Second, "the waiter behind a dead one was stalled")
+				requireNoErrWithin(t, got, deadTimeout+2*time.Second, "the waiter behind a dead one was stalled")
 				t.Logf("handoff past a dead waiter: %v (bound %v)", time.Since(released), deadTimeout)
 				require.Error(t, <-deadErr)
 				require.NoError(t, behind.Unlock(ctx))

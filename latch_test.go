@@ -213,7 +213,9 @@ func TestLatchLostWakeup(t *testing.T) {
 		require.NoError(t, b.Client(t).Del(ctx, latchKey(name)).Err())
 		select {
 		case at := <-done:
-			require.Less(t, at.Sub(opened), 5*time.Second)
+			// At most one watchdog period (100ms) with a lost wake-up (a
+			// DEL publishes none), plus slack for a loaded CI machine.
+			require.Less(t, at.Sub(opened), time.Second)
 		case <-time.After(10 * time.Second):
 			t.Fatal("the waiter did not notice the open latch")
 		}
