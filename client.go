@@ -728,6 +728,28 @@ func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return cleanupContext(ctx)
 }
 
+// resendRelease follows a release (one Redis request, which Redis applies
+// once: its request id is remembered) that failed with err. When ctx ended
+// while the call was in flight (err is not a reply from Redis), the release
+// may never have reached Redis, while the handle has stopped renewing the
+// hold (or counts one hold fewer): without a resend, the lock stayed taken
+// by nobody for its whole lease. send sends the same request again, in the
+// background (the call returns with its ctx) with a fresh context bounded
+// by the cleanup timeout; Close waits for it (see Client.waits). A release
+// sent with a cleanup context already is not sent a third time.
+func (c *Client) resendRelease(ctx context.Context, err error, send func(context.Context)) {
+	if err == nil || isReplyError(err) || ctx.Value(cleanupKey{}) != nil || !ctxEnded(ctx) {
+		return
+	}
+	if !c.enterWait() {
+		return
+	}
+	go func() {
+		defer c.leaveWait()
+		detached(ctx, send)
+	}()
+}
+
 func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithValue(context.WithoutCancel(ctx), cleanupKey{}, true), cleanupTimeout)
 }

@@ -199,9 +199,14 @@ func (e *excl) unlockAs(ctx context.Context, owner, undo string, token int64, lo
 // came and went while an undo was on the way do not push the one it undoes
 // out of the list (which left the undo's count held: a count leak).
 func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token int64, local bool) (int64, error) {
+	return e.unlockReq(ctx, newID(), owner, undo, done, token, local)
+}
+
+// unlockReq is unlockDone with the release's request id req (a resend
+// names the same).
+func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, token int64, local bool) (int64, error) {
 	// The optional arguments of unlock.lua go only when used (see its
 	// header): each costs the script about as much as a short command.
-	req := newID()
 	if token == 0 && undo == "" {
 		// A release that names no hold (a WithOwner handle tracking none):
 		// name the owner's current hold, so that a resend after a lost reply
@@ -284,6 +289,14 @@ func (e *excl) unlockDone(ctx context.Context, owner, undo, done string, token i
 			}
 		} else if waiting && undo == "" {
 			e.c.ps.wakeOne(e.channel)
+		}
+		if undo == "" {
+			// Resent as a public release (no transfer: the waiter retries
+			// now): one that did arrive, a release or a transfer, is known
+			// by its request id and released nothing twice.
+			e.c.resendRelease(ctx, err, func(ctx context.Context) {
+				_, _ = e.unlockReq(ctx, req, owner, "", done, token0, false)
+			})
 		}
 		return 0, convertErr(err)
 	}
@@ -553,6 +566,9 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 // expires after its lease. A ctx that has ended already does not keep the
 // release from being sent: it goes with a fresh context bounded by 2s, so
 // that a deferred Unlock(ctx) releases the lock (see the package doc).
+// Nor does a ctx that ends while the release is in flight: Unlock returns
+// then with the ctx's error, and the same release (applied once by Redis)
+// is sent again in the background with a fresh context bounded by 2s.
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock when another handle of the

@@ -7,6 +7,7 @@ import (
 	"io"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -836,12 +837,15 @@ func (passHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proces
 
 // delayHook holds back each command match accepts for d before it is sent
 // (a slow link or master) or, with d 0, until its ctx ends (a master that
-// does not answer), ending early with the ctx as go-redis would. With
-// entered set (and once), it closes entered at the first command it holds.
+// does not answer), ending early with the ctx as go-redis would. With late
+// set, the command is sent first and its reply is held back (it comes too
+// late). With entered set (and once), it closes entered at the first
+// command it holds.
 type delayHook struct {
 	passHook
 	match   func(redis.Cmder) bool
 	d       time.Duration
+	late    bool
 	once    *sync.Once
 	entered chan struct{}
 }
@@ -854,6 +858,13 @@ func (h delayHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		if h.entered != nil {
 			h.once.Do(func() { close(h.entered) })
 		}
+		send := next
+		if h.late {
+			if err := next(ctx, cmd); err != nil {
+				return err
+			}
+			send = func(context.Context, redis.Cmder) error { return cmd.Err() }
+		}
 		var after <-chan time.Time
 		if h.d > 0 {
 			t := time.NewTimer(h.d)
@@ -862,7 +873,7 @@ func (h delayHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		select {
 		case <-after:
-			return next(ctx, cmd)
+			return send(ctx, cmd)
 		case <-ctx.Done():
 			cmd.SetErr(ctx.Err())
 			return ctx.Err()
@@ -1621,4 +1632,136 @@ func TestTokenAheadSurvivesOtherKindRelease(t *testing.T) {
 			})
 		})
 	}
+}
+
+// scriptOn matches a script call (EVAL or EVALSHA) on the keys of the
+// primitive name: an argument with its hash tag "{name}".
+func scriptOn(name string) func(redis.Cmder) bool {
+	tag := "{" + name + "}"
+	return func(cmd redis.Cmder) bool {
+		return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && slices.ContainsFunc(cmd.Args(), func(a any) bool {
+			s, ok := a.(string)
+			return ok && strings.HasPrefix(s, tag)
+		})
+	}
+}
+
+// armedOnce matches the first command match accepts once armed is set,
+// and clears armed.
+func armedOnce(armed *atomic.Bool, match func(redis.Cmder) bool) func(redis.Cmder) bool {
+	return func(cmd redis.Cmder) bool { return match(cmd) && armed.CompareAndSwap(true, false) }
+}
+
+// TestReleaseCtxEndsMidCall: a release whose ctx ends while the call is in
+// flight (here it never reached Redis) is the ended-ctx release of
+// TestReleaseWithEndedCtx a moment later: the handle drops the hold (the
+// watchdog no longer renews it), so the release must still reach Redis.
+// It did not: the lock stayed taken by nobody for its whole lease (30s),
+// and another Client could not take it.
+func TestReleaseCtxEndsMidCall(t *testing.T) {
+	type pair struct{ acquire, release func(context.Context) error }
+	kinds := []struct {
+		name        string
+		take, other func(c *redlatch.Client, name string) pair
+	}{
+		{"Mutex", func(c *redlatch.Client, n string) pair { m := c.Mutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"ReentrantMutex", func(c *redlatch.Client, n string) pair { m := c.ReentrantMutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"FairMutex", func(c *redlatch.Client, n string) pair { m := c.FairMutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }, nil},
+		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock} },
+			func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }},
+		{"Semaphore", func(c *redlatch.Client, n string) pair {
+			s := c.Semaphore(n, 1)
+			return pair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }}
+		}, nil},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				// The release never reaches Redis: held back until its ctx ends.
+				var armed atomic.Bool
+				rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name))})
+				c := redlatch.New(rdb)
+				t.Cleanup(func() { _ = c.Close() })
+				held := k.take(c, name)
+				require.NoError(t, held.acquire(ctx))
+				armed.Store(true)
+				short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				err := held.release(short)
+				cancel()
+				t.Logf("release returned %v", err)
+				require.False(t, armed.Load(), "the release was not stalled")
+				other := k.other
+				if other == nil {
+					other = k.take
+				}
+				next := other(newClient(t, b), name)
+				octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
+				defer ocancel()
+				require.NoError(t, next.acquire(octx), "the release whose ctx ended mid-call left the lock taken")
+				require.NoError(t, next.release(ctx))
+			})
+		}
+	})
+}
+
+// TestReentrantReleaseCtxEndsMidCall: TestReleaseCtxEndsMidCall for a
+// partial release of a reentrant hold (two Locks). The handle counts one
+// hold fewer whatever the outcome: the release must reach Redis (the count
+// stayed 2 there, so the second Unlock left the lock taken by nobody for
+// its whole lease while returning nil), and only once (when it had run,
+// its resend must not decrement the count again).
+func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
+	type pair struct{ acquire, release func(context.Context) error }
+	kinds := []struct {
+		name string
+		take func(c *redlatch.Client, name string) pair
+	}{
+		{"ReentrantMutex", func(c *redlatch.Client, n string) pair { m := c.ReentrantMutex(n); return pair{m.Lock, m.Unlock} }},
+		{"FairMutex", func(c *redlatch.Client, n string) pair { m := c.FairMutex(n); return pair{m.Lock, m.Unlock} }},
+		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }},
+		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock} }},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			for _, ran := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
+					ctx := ctxT(t, 20*time.Second)
+					name := redistest.UniqueName(t)
+					rdb := b.Client(t)
+					// The release is held back until its ctx ends: before
+					// Redis runs it, or (ran) after.
+					var armed atomic.Bool
+					rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: ran})
+					c := redlatch.New(rdb)
+					t.Cleanup(func() { _ = c.Close() })
+					held := k.take(c, name)
+					require.NoError(t, held.acquire(ctx))
+					require.NoError(t, held.acquire(ctx))
+					armed.Store(true)
+					short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+					err := held.release(short)
+					cancel()
+					t.Logf("first release returned %v", err)
+					require.False(t, armed.Load(), "the release was not stalled")
+					time.Sleep(100 * time.Millisecond) // a resend lands
+					require.NoError(t, held.release(ctx), "the second release")
+					// A writer takes it: free of every hold, read or write.
+					next := c.RWMutex(name)
+					lock, unlock := next.Lock, next.Unlock
+					if !strings.HasPrefix(k.name, "RWMutex") {
+						other := k.take(newClient(t, b), name)
+						lock, unlock = other.acquire, other.release
+					}
+					octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
+					defer ocancel()
+					require.NoError(t, lock(octx), "the lock stayed taken after both holds were released")
+					require.NoError(t, unlock(ctx))
+				})
+			}
+		}
+	})
 }

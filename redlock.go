@@ -478,7 +478,12 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		if rd.fatals+rd.unreplicated > len(r.nodes)-r.quorum {
 			// As a Mutex's Lock does (see WithReplicaSync): too many
 			// masters' replication is broken for a quorum, the lock is not
-			// busy. A minority of them is tolerated.
+			// busy. A minority of them is tolerated. A ctx that ended
+			// meanwhile (the round's release outlasts it) makes it a
+			// failed wait, as failedAttempt does for a Mutex.
+			if ctxEnded(ctx) {
+				return false, newWaitError(ctx, last)
+			}
 			return false, last
 		}
 		if ctx.Err() != nil {

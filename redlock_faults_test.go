@@ -3,9 +3,11 @@ package redlatch_test
 import (
 	"context"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -368,4 +370,77 @@ func TestRedlockWaitErrorKeepsMastersErrors(t *testing.T) {
 	t.Logf("Lock: %v", err)
 	requireWaitErr(t, err, ctx)
 	require.Contains(t, err.Error(), "redlock master 1", "the masters' errors were dropped")
+}
+
+// nthOf matches the nth command match accepts.
+func nthOf(n int32, match func(redis.Cmder) bool) func(redis.Cmder) bool {
+	var seen atomic.Int32
+	return func(cmd redis.Cmder) bool { return match(cmd) && seen.Add(1) == n }
+}
+
+// TestRedlockNotReplicatedAfterCtxEnded: every master's replicas fail to
+// acknowledge (ErrNotReplicated) and Lock's ctx ends while the round is
+// being undone (a slow release). A failed wait's error must match both
+// ErrNotObtained and ctx.Err(), as a Mutex's does (failedAttempt): Redlock
+// returned the masters' joined ErrNotReplicated errors alone.
+func TestRedlockNotReplicatedAfterCtxEnded(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	// Load the scripts: no NOSCRIPT resend is counted below.
+	warm := redlatch.NewRedlock(redistest.UniqueName(t)+"-warm", redlockClients(t, servers))
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+	name := redistest.UniqueName(t)
+	clients := make([]*redlatch.Client, len(servers))
+	for i, s := range servers {
+		rdb := s.Client(t)
+		// The 1st unlock script is the attempt's own undo (replicated);
+		// the 2nd, the round's release: it comes late.
+		rdb.AddHook(delayHook{match: nthOf(2, scriptWith("{"+name+"}:wake")), d: 300 * time.Millisecond})
+		c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 20*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		clients[i] = c
+	}
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(5*time.Second))
+	lctx, cancel := context.WithTimeout(ctx, 150*time.Millisecond)
+	defer cancel()
+	err := r.Lock(lctx)
+	t.Logf("Lock: %v", err)
+	require.Error(t, lctx.Err(), "the ctx had not ended")
+	requireWaitErr(t, err, lctx)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "the masters' errors were dropped")
+}
+
+// TestRedlockUnlockCtxEndsMidCall: a Redlock Unlock whose ctx ends while
+// the releases to 2 of 3 masters are in flight (they never arrived) fails,
+// and the Redlock no longer renews the hold: those releases must still
+// reach the masters. They did not: the lock stayed taken on a quorum by
+// nobody for its whole lease (30s), and another Redlock could not take it.
+func TestRedlockUnlockCtxEndsMidCall(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	clients := make([]*redlatch.Client, len(servers))
+	armed := make([]atomic.Bool, len(servers)) // a release held back until its ctx ends
+	for i, s := range servers {
+		rdb := s.Client(t)
+		rdb.AddHook(delayHook{match: armedOnce(&armed[i], scriptOn(name))})
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		clients[i] = c
+	}
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	armed[1].Store(true)
+	armed[2].Store(true)
+	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err := r.Unlock(short)
+	cancel()
+	t.Logf("Unlock: %v", err)
+	require.Error(t, err)
+	other := redlatch.NewRedlock(name, redlockClients(t, servers))
+	octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
+	defer ocancel()
+	require.NoError(t, other.Lock(octx), "the Unlock whose ctx ended mid-call left the lock taken")
+	require.NoError(t, other.Unlock(ctx))
 }

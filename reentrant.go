@@ -160,6 +160,10 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 //
 // Unlock is idempotent per call: when the reply is lost and the Redis client
 // retries, the retry is recognised and the count is not decremented twice.
+// An Unlock whose ctx ends while it is in flight returns the ctx's error and
+// counts as done (the handle holds one hold fewer): its release is sent
+// again in the background, which Redis applies once. Do not call Unlock
+// again for it.
 //
 // An Unlock that finds the hold gone while other holds taken through the
 // handle remain (goroutines sharing it) closes Lost for them, and the next

@@ -315,7 +315,11 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token, done string) (int64,
 	if done != "" && undo == "" {
 		args = append(args, done) // optional: see rw_unlock.lua
 	}
-	n, err := rwUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.rwake, m.wwake}, args...).Int64()
+	keys := []string{m.key, m.fence, m.rwake, m.wwake}
+	n, err := rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
+	if undo == "" {
+		m.c.resendRelease(ctx, err, func(ctx context.Context) { _ = rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
+	}
 	return n, convertErr(err)
 }
 
@@ -336,7 +340,11 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 	if done != "" && undo == "" {
 		args = append(args, done) // optional: see rw_runlock.lua
 	}
-	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.fence, m.wwake}, args...).Int64()
+	keys := []string{m.key, m.fence, m.wwake}
+	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
+	if undo == "" {
+		m.c.resendRelease(ctx, err, func(ctx context.Context) { _ = rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
+	}
 	return n, convertErr(err)
 }
 
