@@ -34,7 +34,11 @@ var (
 // TrySetCount.
 //
 // A latch that was never set, or has finished, has count 0: Wait returns at
-// once. Set the count before the waiters start waiting.
+// once. Set the count before the waiters start waiting. A woken waiter
+// checks the count: one that reads it only after a new TrySetCount has
+// armed the latch again waits for that new count to finish (as Redisson's
+// await does), so do not re-arm a latch while the last round's waiters may
+// still be on their way out.
 //
 // Waiters sleep until the wake-up of the final CountDown, and check the
 // count again at least every watchdog period (WithWatchdogTimeout / 3, 10s
@@ -115,11 +119,16 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 // CountDown decrements the count. The CountDown that brings it to zero
 // deletes the latch and wakes every waiter. Counting down a finished or
 // unset latch leaves it open (only its request id is remembered, so that
-// a resend does not count a count set meanwhile down).
+// a resend does not count a count set meanwhile down). Like
+// Semaphore.Release, it is sent even when ctx has ended already (with a
+// fresh context bounded by a cleanup timeout): a deferred CountDown of a
+// task whose ctx ended must still count, as the count never expires.
 func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	if err := l.check(ctx); err != nil {
 		return err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	err := l.run(ctx, latchCountDownScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Err()
 	return convertErr(err)
@@ -130,13 +139,16 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 // (unless a new TrySetCount came first: a waiter checks the count when
 // woken). It reports whether a count was running. Use it to release the
 // waiters of a latch whose counters crashed, or to reset a latch before a new
-// TrySetCount. Like CountDown it carries a request id: a call whose reply
+// TrySetCount. Like CountDown it is sent even when ctx has ended already,
+// and it carries a request id: a call whose reply
 // was lost and that the Redis client retried reports true again, and leaves
 // a count set since then alone.
 func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 	if err := l.check(ctx); err != nil {
 		return false, err
 	}
+	ctx, cancel := releaseContext(ctx)
+	defer cancel()
 	n, err := l.run(ctx, latchDeleteScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Int64()
 	return n == 1, convertErr(err)

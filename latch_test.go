@@ -535,3 +535,32 @@ func TestLatchReplyLost(t *testing.T) {
 		requireCount(t, ctx, l, 0)
 	})
 }
+
+// TestLatchCountDownWithEndedCtx: a CountDown (or Delete) given a ctx that
+// has ended already is sent with a fresh bounded context, as Semaphore.Release
+// and Unlock are: the usual `defer latch.CountDown(ctx)` of a task whose ctx
+// was cancelled or timed out must still count down, else the latch, which
+// never expires, keeps every Wait blocked for good.
+func TestLatchCountDownWithEndedCtx(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		l := newClient(t, b).CountDownLatch(name)
+		ok, err := l.TrySetCount(ctx, 2)
+		require.NoError(t, err)
+		require.True(t, ok)
+		waiter := newClient(t, b).CountDownLatch(name)
+		waited := make(chan error, 1)
+		go func() { waited <- waiter.Wait(ctx) }()
+
+		ended, cancel := context.WithCancel(ctx)
+		cancel()
+		require.NoError(t, l.CountDown(ended), "a CountDown with an ended ctx was not sent")
+		requireCount(t, ctx, l, 1)
+		deleted, err := l.Delete(ended)
+		require.NoError(t, err, "a Delete with an ended ctx was not sent")
+		require.True(t, deleted)
+		requireNoErrWithin(t, waited, 2*time.Second, "the waiter was not released")
+		requireNoKey(t, ctx, b, latchKey(name))
+	})
+}

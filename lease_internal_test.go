@@ -159,3 +159,28 @@ func TestLeaseNotEndedBeforeLocalDeadline(t *testing.T) {
 		}
 	})
 }
+
+// TestSemaphoreExpiredPermitsNotKept: permits taken WithLease and left to
+// run out (an expiring permit, as Redisson's RPermitExpirableSemaphore
+// acquire(leaseTime) gives: the lease ends it "unless released first") are
+// not kept by their handle: a long-lived handle acquiring such permits in a
+// loop kept every expired record (its member and watchdog hold) until its
+// next Release, without bound, and that Release then sent them all in one
+// script call.
+func TestSemaphoreExpiredPermitsNotKept(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		c := New(b.Client(t))
+		t.Cleanup(func() { _ = c.Close() })
+		s := c.Semaphore(redistest.UniqueName(t), 1, WithLease(30*time.Millisecond))
+		const rounds = 15
+		for i := 0; i < rounds; i++ {
+			require.NoError(t, s.Acquire(ctx, 1)) // once the previous one has run out
+		}
+		s.mu.Lock()
+		kept := len(s.recs)
+		s.mu.Unlock()
+		require.LessOrEqual(t, kept, 1, "the handle keeps %d permit records for 1 live permit", kept)
+	})
+}

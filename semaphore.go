@@ -199,7 +199,20 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	s.mu.Unlock()
 	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, s.permitLost)}
 	s.mu.Lock()
-	s.recs = append(s.recs, rec)
+	// Forget the fixed-lease (WithLease) permits that ran out: Redis ends
+	// them on its own clock, no earlier than their local deadline, so no
+	// Release has anything left to return. Kept, they piled up without
+	// bound on a handle whose permits are left to expire. (Renewed permits
+	// lost are kept: Redis may still have them, see Release.)
+	recs := make([]*permitRecord, 0, len(s.recs)+1)
+	for _, r := range s.recs {
+		if !r.h.renew && r.h.isLost() {
+			s.c.wd.remove(r.h)
+			continue
+		}
+		recs = append(recs, r)
+	}
+	s.recs = append(recs, rec)
 	s.mu.Unlock()
 	return true, nil
 }
