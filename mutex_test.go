@@ -414,6 +414,151 @@ func TestCloseTwice(t *testing.T) {
 	})
 }
 
+// everyCall returns every method of every primitive that takes a ctx, on
+// handles called name made by c with opts, each with a ctx from ctx (called
+// per method, so that a blocking one cannot use up another's).
+func everyCall(c *redlatch.Client, name string, ctx func() context.Context, opts ...redlatch.LockOption) map[string]func() error {
+	calls := map[string]func() error{}
+	for _, l := range []locker{c.Mutex(name, opts...), c.ReentrantMutex(name, opts...), c.FairMutex(name, opts...), c.RWMutex(name, opts...)} {
+		k := fmt.Sprintf("%T.", l)
+		calls[k+"Lock"] = func() error { return l.Lock(ctx()) }
+		calls[k+"TryLock"] = func() error { return second(l.TryLock(ctx())) }
+		calls[k+"Unlock"] = func() error { return l.Unlock(ctx()) }
+		calls[k+"TTL"] = func() error { return second(l.TTL(ctx())) }
+		calls[k+"IsLocked"] = func() error { return second(l.IsLocked(ctx())) }
+		calls[k+"ForceUnlock"] = func() error { return second(l.ForceUnlock(ctx())) }
+	}
+	rm, fm, rw := c.ReentrantMutex(name, opts...), c.FairMutex(name, opts...), c.RWMutex(name, opts...)
+	s, l := c.Semaphore(name, 3, opts...), c.CountDownLatch(name)
+	r := redlatch.NewRedlock(name, []*redlatch.Client{c}, opts...)
+	for k, f := range map[string]func() error{
+		"ReentrantMutex.HoldCount": func() error { return second(rm.HoldCount(ctx())) },
+		"FairMutex.HoldCount":      func() error { return second(fm.HoldCount(ctx())) },
+		"RWMutex.RLock":            func() error { return rw.RLock(ctx()) },
+		"RWMutex.TryRLock":         func() error { return second(rw.TryRLock(ctx())) },
+		"RWMutex.RUnlock":          func() error { return rw.RUnlock(ctx()) },
+		"Semaphore.Acquire":        func() error { return s.Acquire(ctx(), 1) },
+		"Semaphore.TryAcquire":     func() error { return second(s.TryAcquire(ctx(), 1)) },
+		"Semaphore.Release":        func() error { return s.Release(ctx(), 1) },
+		"Semaphore.Available":      func() error { return second(s.Available(ctx())) },
+		"Latch.TrySetCount":        func() error { return second(l.TrySetCount(ctx(), 1)) },
+		"Latch.CountDown":          func() error { return l.CountDown(ctx()) },
+		"Latch.Count":              func() error { return second(l.Count(ctx())) },
+		"Latch.Wait":               func() error { return l.Wait(ctx()) },
+		"Latch.Delete":             func() error { return second(l.Delete(ctx())) },
+		"Redlock.Lock":             func() error { return r.Lock(ctx()) },
+		"Redlock.TryLock":          func() error { return second(r.TryLock(ctx())) },
+		"Redlock.Unlock":           func() error { return r.Unlock(ctx()) },
+	} {
+		calls[k] = f
+	}
+	return calls
+}
+
+// TestEveryMethodAfterClose: API.md, ErrClosed is returned by every method
+// of every primitive of a closed Client (and by a second Close), with
+// handles made before and after Close.
+func TestEveryMethodAfterClose(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		c := redlatch.New(b.Client(t))
+		name := redistest.UniqueName(t)
+		ctx := ctxT(t, 5*time.Second)
+		before := everyCall(c, name, func() context.Context { return ctx })
+		require.NoError(t, c.Close())
+		require.ErrorIs(t, c.Close(), redlatch.ErrClosed)
+		for _, calls := range []map[string]func() error{before, everyCall(c, name, func() context.Context { return ctx })} {
+			for k, f := range calls {
+				require.ErrorIs(t, f(), redlatch.ErrClosed, k)
+			}
+		}
+	})
+}
+
+// TestBadInputNamedEverywhere: TestBadInput for every primitive: each
+// method returns an error wrapping ErrInvalidArgument that names the
+// argument, and nothing reaches Redis.
+func TestBadInputNamedEverywhere(t *testing.T) {
+	c, _, hook := nowhereClient(t)
+	ctx := func() context.Context { return context.Background() }
+	for _, tc := range []struct {
+		arg, name string
+		opts      []redlatch.LockOption
+	}{
+		{"name", "", nil},
+		{"name", "}x", nil},
+		{"lease", "x", []redlatch.LockOption{redlatch.WithLease(0)}},
+		{"lease", "x", []redlatch.LockOption{redlatch.WithLease(-time.Second)}},
+		{"owner", "x", []redlatch.LockOption{redlatch.WithOwner("")}},
+	} {
+		for k, f := range everyCall(c, tc.name, ctx, tc.opts...) {
+			if tc.arg != "name" && strings.HasPrefix(k, "Latch.") {
+				continue // a latch takes no LockOption
+			}
+			err := f()
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument, "%s with a bad %s", k, tc.arg)
+			require.ErrorContains(t, err, tc.arg, k)
+		}
+	}
+	s := c.Semaphore("x", 2)
+	for _, n := range []int64{0, -1} {
+		for k, err := range map[string]error{
+			"Acquire": s.Acquire(ctx(), n), "TryAcquire": second(s.TryAcquire(ctx(), n)), "Release": s.Release(ctx(), n),
+		} {
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument, k)
+			require.ErrorContains(t, err, "n ", k)
+		}
+	}
+	_, err := c.CountDownLatch("x").TrySetCount(ctx(), -1)
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+	require.ErrorContains(t, err, "n ")
+	require.Zero(t, hook.N.Load(), "bad input reached Redis")
+}
+
+// TestReadsOfFreeNames: the read methods on names that never existed, and
+// on names whose every primitive was held when FLUSHALL ran, report a free
+// lock (TTL 0, not locked, Token 0, hold count 0), a full semaphore and an
+// open latch: no error, redis.Nil included.
+func TestReadsOfFreeNames(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		c := newClient(t, b)
+		ctx := ctxT(t, 10*time.Second)
+		for _, flushed := range []bool{false, true} {
+			name := redistest.UniqueName(t) + strconv.FormatBool(flushed)
+			if flushed {
+				require.NoError(t, c.ReentrantMutex(name).Lock(ctx))
+				require.NoError(t, c.FairMutex(name).Lock(ctx))
+				require.NoError(t, c.RWMutex(name).RLock(ctx))
+				require.NoError(t, c.Semaphore(name, 3).Acquire(ctx, 2))
+				_, err := c.CountDownLatch(name).TrySetCount(ctx, 2)
+				require.NoError(t, err)
+				b.FlushAll(t)
+			}
+			for _, l := range []locker{c.Mutex(name), c.ReentrantMutex(name), c.FairMutex(name), c.RWMutex(name)} {
+				d, err := l.TTL(ctx)
+				require.NoError(t, err, "%T", l)
+				require.Zero(t, d, "%T", l)
+				locked, err := l.IsLocked(ctx)
+				require.NoError(t, err, "%T", l)
+				require.False(t, locked, "%T", l)
+				require.Zero(t, l.Token(), "%T", l)
+			}
+			n, err := c.ReentrantMutex(name).HoldCount(ctx)
+			require.NoError(t, err)
+			require.Zero(t, n)
+			n, err = c.FairMutex(name).HoldCount(ctx)
+			require.NoError(t, err)
+			require.Zero(t, n)
+			free, err := c.Semaphore(name, 3).Available(ctx)
+			require.NoError(t, err)
+			require.EqualValues(t, 3, free)
+			count, err := c.CountDownLatch(name).Count(ctx)
+			require.NoError(t, err)
+			require.Zero(t, count)
+			require.NoError(t, c.CountDownLatch(name).Wait(ctx))
+		}
+	})
+}
+
 // TestCloseWakesWaiters: a Lock waiting when the Client closes returns ErrClosed.
 func TestCloseWakesWaiters(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
@@ -630,8 +775,8 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 // which ran each renewal itself; a renewal in flight to a server that
 // stopped answering held Close up until the read's deadline (with
 // ContextTimeoutEnabled, the renewal ctx's: here 2s), as go-redis does not
-// end a read when its ctx is cancelled. Renewals run in a goroutine of
-// their own, which Close leaves. (Found by a reviewer.)
+// end a read when its ctx is cancelled. Close no longer waits for a
+// renewal in flight, which ends on its own. (Found by a reviewer.)
 func TestCloseNotHeldUpByRenewal(t *testing.T) {
 	srv := redistest.NewServer(t)
 	opt := srv.Options()
@@ -1455,9 +1600,31 @@ func TestNilHandles(t *testing.T) {
 	require.Nil(t, r.Lost())
 	require.Zero(t, r.Validity())
 
+	var s *redlatch.Semaphore
+	requireBad(s.Acquire(ctx, 1))
+	_, err = s.TryAcquire(ctx, 1)
+	requireBad(err)
+	requireBad(s.Release(ctx, 1))
+	_, err = s.Available(ctx)
+	requireBad(err)
+	require.Nil(t, s.Lost())
+
+	var l *redlatch.CountDownLatch
+	_, err = l.TrySetCount(ctx, 1)
+	requireBad(err)
+	requireBad(l.CountDown(ctx))
+	_, err = l.Count(ctx)
+	requireBad(err)
+	requireBad(l.Wait(ctx))
+	_, err = l.Delete(ctx)
+	requireBad(err)
+
 	var c *redlatch.Client
 	requireBad(c.Close())
 	requireBad(c.Mutex("x").Lock(ctx))
+	for _, f := range everyCall(c, "x", func() context.Context { return ctx }) {
+		requireBad(f())
+	}
 }
 
 // TestUnlockBySameOwnerHandle: ownership is the handle or its WithOwner id

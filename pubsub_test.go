@@ -432,3 +432,59 @@ func TestWakeAfterFailedSubscribe(t *testing.T) {
 		require.NoError(t, waiter.Unlock(ctx))
 	})
 }
+
+// TestOneSubscriberConnPerNode: API.md, one Client has at most one
+// subscriber connection per Redis node, however many waiters of however
+// many kinds and names wait.
+func TestOneSubscriberConnPerNode(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("CLIENT LIST")
+		}
+		holder, c := newClient(t, b), newClient(t, b)
+		ctx := ctxT(t, 20*time.Second)
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		subscribers := func() []int { // per node: connections in pub/sub mode, any Client's
+			var out []int
+			for _, node := range b.NodeClients(t) {
+				list, err := node.ClientList(ctx).Result()
+				require.NoError(t, err)
+				out = append(out, strings.Count(list, "flags=P"))
+			}
+			return out
+		}
+		before := subscribers()
+		base := redistest.UniqueName(t)
+		errs := make(chan error, 64)
+		waiters := 0
+		for i := range 8 {
+			name := base + "-" + strconv.Itoa(i)
+			require.NoError(t, holder.Mutex(name).Lock(ctx))
+			require.NoError(t, holder.FairMutex(name).Lock(ctx))
+			require.NoError(t, holder.RWMutex(name).Lock(ctx))
+			require.NoError(t, holder.Semaphore(name, 1).Acquire(ctx, 1))
+			_, err := holder.CountDownLatch(name).TrySetCount(ctx, 1)
+			require.NoError(t, err)
+			for _, wait := range []func(context.Context) error{
+				c.Mutex(name).Lock, c.FairMutex(name).Lock, c.RWMutex(name).Lock, c.RWMutex(name).RLock,
+				func(ctx context.Context) error { return c.Semaphore(name, 1).Acquire(ctx, 1) },
+				c.CountDownLatch(name).Wait,
+			} {
+				waiters++
+				go func() { errs <- wait(wctx) }()
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+		added := 0
+		for i, n := range subscribers() {
+			require.LessOrEqual(t, n-before[i], 1, "subscriber connections of one Client on node %d", i)
+			added += n - before[i]
+		}
+		require.Positive(t, added, "no waiter subscribed")
+		cancel()
+		for range waiters {
+			require.ErrorIs(t, <-errs, redlatch.ErrNotObtained)
+		}
+	})
+}

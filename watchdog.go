@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -93,8 +94,9 @@ type watchdog struct {
 	expiry   *time.Timer // fires at expiryAt, the earliest deadline
 	expiryAt time.Time
 
-	done    chan struct{} // closed when run returns
-	started bool
+	done      chan struct{} // closed when run returns
+	started   bool
+	inRenewal atomic.Bool // run is in a renewal (or about to start one)
 }
 
 func newWatchdog(c *Client) *watchdog {
@@ -117,42 +119,36 @@ func (w *watchdog) start() {
 // for a renewal in flight, see run). Holds are not renewed any more, but
 // their deadlines still close their lost channels.
 func (w *watchdog) stop() {
-	if w.started {
+	// Called once the Client's ctx is cancelled, after which run starts no
+	// renewal (it sets inRenewal before it checks ctx). A renewal in flight
+	// is not waited for: it ends on its own, at its bound (see run).
+	if w.started && !w.inRenewal.Load() {
 		<-w.done
 	}
 }
 
-// run ticks the renewals. They run one at a time in a goroutine of their
-// own, a tick that comes during one waiting for it as a ticker's would:
-// go-redis does not end a read when its ctx is cancelled, only at its
-// deadline, so a renewal stuck on a frozen server would hold Close up until
-// then. At Close run returns at once; a renewal in flight ends on its own,
-// at its bound (see renewAll), and renews nothing after it.
+// run ticks the renewals and runs them, one at a time, in the Client's one
+// watchdog goroutine (a tick that comes during a renewal waits for it, as a
+// ticker's does). go-redis does not end a read when its ctx is cancelled,
+// only at its deadline, so Close does not wait for a renewal in flight to a
+// frozen server (see stop): that renewal ends on its own, at its bound, and
+// renews nothing after it.
 func (w *watchdog) run() {
 	defer close(w.done)
 	t := time.NewTicker(w.period)
 	defer t.Stop()
-	tick := make(chan struct{}, 1)
-	go func() {
-		for {
-			select {
-			case <-w.c.ctx.Done():
-				return
-			case <-tick:
-				w.renewAll()
-			}
-		}
-	}()
 	for {
 		select {
 		case <-w.c.ctx.Done():
 			return
 		case <-t.C:
-			select {
-			case tick <- struct{}{}:
-			default: // one is waiting already
-			}
 		}
+		w.inRenewal.Store(true)
+		if w.c.ctx.Err() != nil {
+			return
+		}
+		w.renewAll()
+		w.inRenewal.Store(false)
 	}
 }
 

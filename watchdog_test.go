@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -358,6 +359,44 @@ func TestGoroutinesFlat(t *testing.T) {
 		for _, m := range append(ms, m0) {
 			require.NoError(t, m.Unlock(ctx))
 		}
+	})
+}
+
+// watchdogGoroutines counts the goroutines running the watchdog's loop (or
+// a function of it).
+func watchdogGoroutines() int {
+	buf := make([]byte, 1<<22)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "redlatch.(*watchdog).run(") || strings.Contains(g, "redlatch.(*watchdog).run.func") {
+			n++
+		}
+	}
+	return n
+}
+
+// TestOneWatchdogGoroutine: API.md, "One Client owns exactly one watchdog
+// goroutine": idle, and while it renews holds. It had two: the ticking loop
+// and a goroutine it handed each renewal to.
+func TestOneWatchdogGoroutine(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		g0 := watchdogGoroutines()
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(30*time.Millisecond)) // renewals every 10ms
+		time.Sleep(50 * time.Millisecond)
+		require.Equal(t, 1, watchdogGoroutines()-g0, "watchdog goroutines of an idle Client")
+		m := c.Mutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		for range 20 {
+			time.Sleep(7 * time.Millisecond)
+			require.LessOrEqual(t, watchdogGoroutines()-g0, 1, "watchdog goroutines of a renewing Client")
+		}
+		requireOpen(t, m.Lost(), "the hold was not renewed")
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, c.Close())
+		require.Eventually(t, func() bool { return watchdogGoroutines() == g0 }, 2*time.Second, 10*time.Millisecond,
+			"the watchdog goroutine outlived Close")
 	})
 }
 
