@@ -115,9 +115,9 @@ func (w *watchdog) start() {
 	go w.run()
 }
 
-// stop ends the renewals and waits for the goroutine that ticks them (not
-// for a renewal in flight, see run). Holds are not renewed any more, but
-// their deadlines still close their lost channels.
+// stop ends the renewals and waits for the watchdog goroutine, unless it is
+// in a renewal (see run). Holds are not renewed any more, but their
+// deadlines still close their lost channels.
 func (w *watchdog) stop() {
 	// Called once the Client's ctx is cancelled, after which run starts no
 	// renewal (it sets inRenewal before it checks ctx). A renewal in flight
