@@ -271,16 +271,22 @@ func isNil(rdb redis.UniversalClient) bool {
 
 // Close stops the watchdog and the subscriber connections, and waits for
 // their goroutines to exit (on their own may run on: a check of a cluster's
-// versions that Close cut short, for up to 2s, and a renewal in flight to a
-// server that does not answer, until its read deadline). Waits in progress
-// return ErrClosed, also one
-// whose attempt was on its way at Close and took the lock: what it took is
-// given back. Close waits (up to 2s) for the waits it ended to leave their
-// queues and give back what they took, so that the Redis client may be
-// closed next. Locks and permits held before Close are no longer renewed:
-// they expire after their lease.
-// Close does not close the Redis client given to New. A second Close returns
-// ErrClosed.
+// versions that Close cut short, for up to 2s, and a renewal or a
+// reconnection of a subscriber connection in flight to a server that does
+// not answer, until its read deadline).
+//
+// Waits in progress return ErrClosed, also one whose attempt was on its way
+// at Close and took the lock: what it took is given back (a Redlock's too,
+// when the Clients of so many of the masters that granted it were closed
+// that no quorum is left). An attempt on its way to a server that does not
+// answer ends its wait only at its read deadline (its ctx's, or the Redis
+// client's ReadTimeout). Close waits (up to 2s) for the waits it ended to
+// leave their queues and give back what they took, so that the Redis client
+// may be closed next.
+//
+// Locks and permits held before Close are no longer renewed: they expire
+// after their lease. Close does not close the Redis client given to New. A
+// second Close returns ErrClosed.
 func (c *Client) Close() error {
 	if c == nil {
 		return invalidArg("client", "is nil")

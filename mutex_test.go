@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -1932,3 +1933,175 @@ func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 		}
 	})
 }
+
+// TestCloseNotHeldUpBySubscriberReconnect: the server stops answering
+// (SIGSTOP) while a Lock waits; the subscriber drops the silent connection
+// and go-redis dials a new one, whose handshake waits for its read
+// deadline (the client's ReadTimeout: the subscriber's ctx has none). Close
+// closes the subscriber connection, which waited for that handshake, and
+// so did Close: up to the ReadTimeout, here 10s.
+func TestCloseNotHeldUpBySubscriberReconnect(t *testing.T) {
+	srv := redistest.NewServer(t)
+	opt := srv.Options()
+	opt.ReadTimeout = 10 * time.Second
+	rdb := redis.NewClient(opt)
+	t.Cleanup(func() { _ = rdb.Close() })
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	holder := redlatch.New(srv.Client(t))
+	t.Cleanup(func() { _ = holder.Close() })
+	require.NoError(t, holder.Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
+	got := make(chan error, 1)
+	go func() { got <- c.Mutex(name).Lock(ctx) }()
+	time.Sleep(300 * time.Millisecond) // the Lock waits, subscribed
+	srv.Stop(t)
+	t.Cleanup(func() { srv.Cont(t) })
+	time.Sleep(3 * time.Second) // ping at 1s, drop at 2s, then a new connection's handshake waits
+	start := time.Now()
+	require.NoError(t, c.Close())
+	took := time.Since(start)
+	select {
+	case err := <-got:
+		require.ErrorIs(t, err, redlatch.ErrClosed)
+	case <-time.After(time.Second):
+		t.Fatal("the waiter did not return at Close")
+	}
+	srv.Cont(t)
+	require.Less(t, took, time.Second, "Close waited for the subscriber's reconnection")
+}
+
+// TestHoldsAfterClose: TestEveryMethodAfterClose on handles that hold:
+// every method returns ErrClosed without a request to Redis (but a
+// Redlock's Unlock, which releases on every master, see there); the Redis
+// client given to New stays open, and a new Client on it works.
+func TestHoldsAfterClose(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &redistest.RequestCounter{}
+		rdb.AddHook(hook)
+		c := redlatch.New(rdb)
+		m, rm, fm := c.Mutex(name+"m"), c.ReentrantMutex(name+"r"), c.FairMutex(name+"f")
+		rw, rd := c.RWMutex(name+"w"), c.RWMutex(name+"rd")
+		s, l := c.Semaphore(name+"s", 2), c.CountDownLatch(name+"l")
+		r := redlatch.NewRedlock(name+"rl", []*redlatch.Client{c})
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, rm.Lock(ctx))
+		require.NoError(t, fm.Lock(ctx))
+		require.NoError(t, rw.Lock(ctx))
+		require.NoError(t, rd.RLock(ctx))
+		require.NoError(t, s.Acquire(ctx, 1))
+		require.NoError(t, r.Lock(ctx))
+		_, err := l.TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		require.NoError(t, c.Close())
+		before := hook.N.Load()
+		var errs []error
+		for _, x := range []locker{m, rm, fm, rw, rd} {
+			_, e2 := x.TryLock(ctx)
+			_, e4 := x.TTL(ctx)
+			_, e5 := x.IsLocked(ctx)
+			_, e6 := x.ForceUnlock(ctx)
+			errs = append(errs, x.Unlock(ctx), x.Lock(ctx), e2, e4, e5, e6,
+				redlatch.Do(ctx, x, func(context.Context) error { return nil }))
+		}
+		_, e1 := rm.HoldCount(ctx)
+		_, e2 := fm.HoldCount(ctx)
+		_, e3 := rd.TryRLock(ctx)
+		_, e4 := s.TryAcquire(ctx, 1)
+		_, e5 := s.Available(ctx)
+		_, e6 := l.TrySetCount(ctx, 1)
+		_, e7 := l.Count(ctx)
+		_, e8 := l.Delete(ctx)
+		_, e9 := r.TryLock(ctx)
+		errs = append(errs, e1, e2, e3, e4, e5, e6, e7, e8, e9, rd.RUnlock(ctx), rd.RLock(ctx),
+			s.Release(ctx, 1), s.Acquire(ctx, 1), l.CountDown(ctx), l.Wait(ctx), r.Lock(ctx))
+		for i, err := range errs {
+			require.ErrorIs(t, err, redlatch.ErrClosed, "call %d", i)
+		}
+		require.Equal(t, before, hook.N.Load(), "requests to Redis after Close")
+		require.NoError(t, rdb.Ping(ctx).Err(), "Close closed the Redis client")
+		c2 := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c2.Close() })
+		m2 := c2.Mutex(name + "new")
+		require.NoError(t, m2.Lock(ctx))
+		require.NoError(t, m2.Unlock(ctx))
+	})
+}
+
+// TestCloseEndsEveryWaitNoLeak: a wait of every kind in progress at Close
+// returns ErrClosed at once, Close returns promptly, and no goroutine of
+// the Client outlives it.
+func TestCloseEndsEveryWaitNoLeak(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		holder := newClient(t, b)
+		require.NoError(t, holder.Mutex(name+"m").Lock(ctx))
+		require.NoError(t, holder.FairMutex(name+"f").Lock(ctx))
+		require.NoError(t, holder.RWMutex(name+"w").Lock(ctx))
+		require.NoError(t, holder.RWMutex(name+"r").Lock(ctx))
+		require.NoError(t, holder.Semaphore(name+"s", 1).Acquire(ctx, 1))
+		_, err := holder.CountDownLatch(name+"l").TrySetCount(ctx, 1)
+		require.NoError(t, err)
+		rdb := b.Client(t)
+		require.NoError(t, rdb.Ping(ctx).Err())
+		g0 := ownGoroutines()
+		c := redlatch.New(rdb)
+		waits := []func() error{
+			func() error { return c.Mutex(name + "m").Lock(ctx) },
+			func() error { return c.ReentrantMutex(name + "m").Lock(ctx) },
+			func() error { return c.FairMutex(name + "f").Lock(ctx) },
+			func() error { return c.RWMutex(name + "w").Lock(ctx) },
+			func() error { return c.RWMutex(name + "r").RLock(ctx) },
+			func() error { return c.Semaphore(name+"s", 1).Acquire(ctx, 1) },
+			func() error { return c.CountDownLatch(name + "l").Wait(ctx) },
+			func() error { return redlatch.NewRedlock(name+"m", []*redlatch.Client{c}).Lock(ctx) },
+		}
+		got := make(chan error, len(waits))
+		for _, w := range waits {
+			go func() { got <- w() }()
+		}
+		time.Sleep(500 * time.Millisecond) // all wait
+		start := time.Now()
+		require.NoError(t, c.Close())
+		require.Less(t, time.Since(start), time.Second, "Close was slow")
+		for range waits {
+			select {
+			case err := <-got:
+				require.ErrorIs(t, err, redlatch.ErrClosed)
+			case <-time.After(time.Second):
+				t.Fatal("a wait outlived Close")
+			}
+		}
+		// The holder's goroutines are older: count ours against them.
+		deadline := time.Now().Add(time.Second)
+		for left := ownGoroutines(); len(left) > len(g0); left = ownGoroutines() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d goroutine(s) outlived Close:\n%s", len(left)-len(g0), strings.Join(left, "\n\n"))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		require.Equal(t, int64(0), rdb.ZCard(ctx, fairQueue(name+"f")).Val(), "a queue place left behind")
+	})
+}
+
+// goroutinesWith returns the stacks of the goroutines whose stack contains
+// s, other than the caller's.
+func goroutinesWith(s string) []string {
+	buf := make([]byte, 1<<22)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for i, g := range strings.Split(string(buf), "\n\n") {
+		if i > 0 && strings.Contains(g, s) {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// ownGoroutines returns the stacks of the goroutines running redlatch's
+// code (not its tests'), other than the caller's.
+func ownGoroutines() []string { return goroutinesWith("github.com/redlatch/redlatch.") }

@@ -1250,11 +1250,31 @@ func (p *pubsub) close() {
 		nodes = append(nodes, n)
 	}
 	p.mu.Unlock()
-	for _, n := range nodes {
-		_ = n.ps.Close()
+	// go-redis's PubSub.Close waits for a reconnection in progress (its
+	// dial and handshake hold the PubSub's mutex), which a server that does
+	// not answer holds up until the client's read deadline: the subscriber's
+	// ctx has none, and go-redis does not end a read when it is cancelled.
+	// Close leaves such a connection (and the node's goroutines) to end on
+	// their own then: p.closing and the Client's ctx end them.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, n := range nodes {
+			_ = n.ps.Close()
+		}
+		p.wg.Wait()
+	}()
+	t := time.NewTimer(subscriberCloseWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
 	}
-	p.wg.Wait()
 }
+
+// subscriberCloseWait bounds how long Close waits for the subscriber
+// connections to close and their goroutines to exit (see pubsub.close).
+const subscriberCloseWait = 200 * time.Millisecond
 
 // attemptFunc makes one acquisition attempt. It returns whether it
 // succeeded and, when not, how long until the current holder's lease ends

@@ -400,6 +400,20 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 	if err := r.check(ctx); err != nil {
 		return false, err
 	}
+	// Close waits for this call's give-back below (see Client.waits).
+	for i, e := range r.nodes {
+		if !e.c.enterWait() {
+			for _, d := range r.nodes[:i] {
+				d.c.leaveWait()
+			}
+			return false, ErrClosed
+		}
+	}
+	defer func() {
+		for _, e := range r.nodes {
+			e.c.leaveWait()
+		}
+	}()
 	if block {
 		// Wait for the handle's own hold to end, for ctx, or for any of
 		// the Clients to close.
@@ -462,6 +476,14 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		req := newID()
 		rd := r.fanOut(ctx, req)
 		if rd.count() >= r.quorum && rd.validity > 0 {
+			if r.openGrants(rd) < r.quorum {
+				// The Clients of so many granting masters were closed
+				// while the round was on its way that the hold would be
+				// lost at once, renewed by no watchdog: the wait was in
+				// progress at Close (see Client.Close). Give it back.
+				r.release(ctx, rd)
+				return false, ErrClosed
+			}
 			r.track(rd)
 			ok = true
 			return true, nil
@@ -529,6 +551,18 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			}
 		}
 	}
+}
+
+// openGrants returns how many masters granted round rd whose Client is
+// not closed.
+func (r *Redlock) openGrants(rd *round) int {
+	n := 0
+	for i, e := range r.nodes {
+		if rd.granted[i] && !e.c.closed.Load() {
+			n++
+		}
+	}
+	return n
 }
 
 // backoff is a random retry delay: up to lease/3, at most 200ms, at least 5ms.

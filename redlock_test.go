@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -689,4 +690,54 @@ func TestRedlockWrappedClientInUse(t *testing.T) {
 	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
 	_, err = redlatch.NewRedlock("wrapped", []*redlatch.Client{a, b, clients[2]}).TryLock(ctxT(t, time.Second))
 	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+}
+
+// TestRedlockClosedWithAttemptInFlight: a Redlock's Lock whose round took
+// the lock on a quorum of masters (here its only one) while their Client
+// was closed, the reply on its way: as any wait in progress at Close
+// (TestCloseWithAttemptInFlight), it returns ErrClosed and gives back what
+// it took. It returned nil with Lost already closed, the lock left held in
+// Redis for its whole lease, renewed by no one.
+func TestRedlockClosedWithAttemptInFlight(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
+		for _, block := range []bool{true, false} {
+			t.Run(fmt.Sprint("block=", block), func(t *testing.T) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				rdb := be.Client(t)
+				hook := &gateScriptHook{match: scriptWith(lockKey(name)), after: true,
+					entered: make(chan struct{}), proceed: make(chan struct{})}
+				hook.armed.Store(true)
+				rdb.AddHook(hook)
+				c := redlatch.New(rdb)
+				t.Cleanup(func() { _ = c.Close() })
+				r := redlatch.NewRedlock(name, []*redlatch.Client{c})
+				got := make(chan error, 1)
+				go func() {
+					if block {
+						got <- r.Lock(ctx)
+						return
+					}
+					ok, err := r.TryLock(ctx)
+					if err == nil && !ok {
+						err = errors.New("not obtained")
+					}
+					got <- err
+				}()
+				select {
+				case <-hook.entered: // the round took the lock; its reply is held
+				case <-time.After(5 * time.Second):
+					t.Fatal("no attempt")
+				}
+				closed := make(chan error, 1)
+				go func() { closed <- c.Close() }()
+				time.Sleep(100 * time.Millisecond)
+				close(hook.proceed)
+				require.NoError(t, <-closed)
+				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a Redlock wait in progress at Close succeeded after Close")
+				require.Eventually(t, func() bool { return be.Client(t).Exists(ctx, lockKey(name)).Val() == 0 },
+					2*time.Second, 20*time.Millisecond, "the closed Client's Redlock hold shuts others out")
+			})
+		}
+	})
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -364,17 +363,7 @@ func TestGoroutinesFlat(t *testing.T) {
 
 // watchdogGoroutines counts the goroutines running the watchdog's loop (or
 // a function of it).
-func watchdogGoroutines() int {
-	buf := make([]byte, 1<<22)
-	buf = buf[:runtime.Stack(buf, true)]
-	n := 0
-	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "redlatch.(*watchdog).run(") || strings.Contains(g, "redlatch.(*watchdog).run.func") {
-			n++
-		}
-	}
-	return n
-}
+func watchdogGoroutines() int { return len(goroutinesWith("redlatch.(*watchdog).run")) }
 
 // TestOneWatchdogGoroutine: API.md, "One Client owns exactly one watchdog
 // goroutine": idle, and while it renews holds. It had two: the ticking loop
