@@ -1907,6 +1907,13 @@ func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 					c := redlatch.New(rdb)
 					t.Cleanup(func() { _ = c.Close() })
 					held := k.take(c, name)
+					// Both scripts loaded on the node first: an EVALSHA
+					// answered NOSCRIPT (a cluster node that never ran the
+					// release) used up the hook, and the EVAL that followed
+					// ran unhindered (the release returned nil: ran=true
+					// tested nothing).
+					require.NoError(t, held.acquire(ctx))
+					require.NoError(t, held.release(ctx))
 					require.NoError(t, held.acquire(ctx))
 					require.NoError(t, held.acquire(ctx))
 					armed.Store(true)
@@ -1915,6 +1922,7 @@ func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 					cancel()
 					t.Logf("first release returned %v", err)
 					require.False(t, armed.Load(), "the release was not stalled")
+					require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
 					time.Sleep(100 * time.Millisecond) // a resend lands
 					require.NoError(t, held.release(ctx), "the second release")
 					// A writer takes it: free of every hold, read or write.
@@ -2105,3 +2113,148 @@ func goroutinesWith(s string) []string {
 // ownGoroutines returns the stacks of the goroutines running redlatch's
 // code (not its tests'), other than the caller's.
 func ownGoroutines() []string { return goroutinesWith("github.com/redlatch/redlatch.") }
+
+// TestResendSparesLaterHold: a release whose ctx ended mid-call is resent
+// in the background (TestReleaseCtxEndsMidCall). The caller, told the hold
+// is gone, takes the lock again at once through the same handle, before or
+// after the resend lands, whether the first release reached Redis or not
+// (ran): the resend must release the ended hold once, and never the new
+// one (a re-entry of the same hold, or a later hold with a new token).
+func TestResendSparesLaterHold(t *testing.T) {
+	type pair struct {
+		acquire, release func(context.Context) error
+		count            func(context.Context) (int, error)
+	}
+	kinds := []struct {
+		name string
+		take func(c *redlatch.Client, name string) pair
+	}{
+		{"Mutex", func(c *redlatch.Client, n string) pair { m := c.Mutex(n); return pair{m.Lock, m.Unlock, nil} }},
+		{"ReentrantMutex", func(c *redlatch.Client, n string) pair {
+			m := c.ReentrantMutex(n)
+			return pair{m.Lock, m.Unlock, m.HoldCount}
+		}},
+		{"FairMutex", func(c *redlatch.Client, n string) pair {
+			m := c.FairMutex(n)
+			return pair{m.Lock, m.Unlock, m.HoldCount}
+		}},
+		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock, nil} }},
+		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock, nil} }},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			for _, ran := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
+					ctx := ctxT(t, 20*time.Second)
+					name := redistest.UniqueName(t)
+					rdb := b.Client(t)
+					var armed atomic.Bool
+					rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: ran})
+					c := redlatch.New(rdb)
+					t.Cleanup(func() { _ = c.Close() })
+					held := k.take(c, name)
+					require.NoError(t, held.acquire(ctx)) // both scripts loaded (see TestReentrantReleaseCtxEndsMidCall)
+					require.NoError(t, held.release(ctx))
+					require.NoError(t, held.acquire(ctx))
+					armed.Store(true)
+					short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+					err := held.release(short)
+					cancel()
+					require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
+					// At once: before the resend lands (it has 2s).
+					lctx, lcancel := context.WithTimeout(ctx, 3*time.Second)
+					defer lcancel()
+					require.NoError(t, held.acquire(lctx), "the lock was not taken again")
+					time.Sleep(300 * time.Millisecond) // the resend lands
+					if held.count != nil {
+						n, err := held.count(ctx)
+						require.NoError(t, err)
+						require.Equal(t, 1, n, "the resend released the later hold, or the ended one was not released")
+					}
+					ttl, err := c.RWMutex(name).TTL(ctx)
+					if !strings.HasPrefix(k.name, "RWMutex") {
+						ttl, err = c.Mutex(name).TTL(ctx)
+						if k.name == "FairMutex" {
+							ttl, err = c.FairMutex(name).TTL(ctx)
+						}
+					}
+					require.NoError(t, err)
+					require.NotZero(t, ttl, "the resend released the later hold")
+					require.NoError(t, held.release(ctx))
+					next := k.take(newClient(t, b), name)
+					octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
+					defer ocancel()
+					require.NoError(t, next.acquire(octx), "the lock stayed taken")
+					require.NoError(t, next.release(ctx))
+				})
+			}
+		}
+	})
+}
+
+// TestResendSparesTransferredHold: an Unlock whose ctx ends while it hands
+// the lock to a waiter of the same Client (a local transfer) is resent as a
+// public release; the waiter, told to retry, takes the lock. Whether the
+// transfer reached Redis or not (ran), and also when the waiter shares the
+// owner id (WithOwner), the resend must not release the waiter's hold.
+func TestResendSparesTransferredHold(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, reentrant := range []bool{false, true} {
+			for _, shared := range []bool{false, true} {
+				for _, ran := range []bool{false, true} {
+					if reentrant && shared {
+						continue // a handle of the owner re-enters: it does not wait
+					}
+					t.Run(fmt.Sprintf("reentrant=%v/shared=%v/ran=%v", reentrant, shared, ran), func(t *testing.T) {
+						ctx := ctxT(t, 20*time.Second)
+						name := redistest.UniqueName(t)
+						rdb := b.Client(t)
+						var armed atomic.Bool
+						rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: ran})
+						c := redlatch.New(rdb)
+						t.Cleanup(func() { _ = c.Close() })
+						var opts []redlatch.LockOption
+						if shared {
+							opts = append(opts, redlatch.WithOwner(redistest.UniqueName(t)))
+						}
+						type pair struct{ lock, unlock func(context.Context) error }
+						take := func() pair {
+							if reentrant {
+								m := c.ReentrantMutex(name, opts...)
+								return pair{m.Lock, m.Unlock}
+							}
+							m := c.Mutex(name, opts...)
+							return pair{m.Lock, m.Unlock}
+						}
+						holder, waiter := take(), take()
+						require.NoError(t, holder.lock(ctx)) // both scripts loaded
+						require.NoError(t, holder.unlock(ctx))
+						require.NoError(t, holder.lock(ctx))
+						got := make(chan error, 1)
+						go func() { got <- waiter.lock(ctx) }()
+						// The waiter's failed attempt marks the hold (field w).
+						adm := b.Client(t)
+						require.Eventually(t, func() bool { return adm.HExists(ctx, lockKey(name), "w").Val() }, 3*time.Second, 5*time.Millisecond)
+						time.Sleep(50 * time.Millisecond) // it waits
+						armed.Store(true)
+						short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+						err := holder.unlock(short)
+						cancel()
+						require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
+						select {
+						case err := <-got:
+							require.NoError(t, err)
+						case <-time.After(3 * time.Second):
+							t.Fatal("the waiter did not get the lock")
+						}
+						time.Sleep(300 * time.Millisecond) // the resend lands
+						ttl, err := c.Mutex(name).TTL(ctx)
+						require.NoError(t, err)
+						require.NotZero(t, ttl, "the resend released the waiter's hold")
+						require.NoError(t, waiter.unlock(ctx))
+					})
+				}
+			}
+		}
+	})
+}
