@@ -93,6 +93,9 @@ type permitRecord struct {
 	member string
 	n      int64
 	h      *hold
+	// until is when Redis has ended the record on its own for sure: the
+	// acquisition's reply time plus the lease (the script ran before it).
+	until time.Time
 }
 
 // Semaphore returns a handle on the semaphore called name with size permits.
@@ -165,6 +168,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	keys := []string{s.key, s.fence}
 	lease := s.lease.Milliseconds()
 	var sent time.Time
+	var used int64 // permits in use in Redis after the acquisition, its own included
 	undo := func(ctx context.Context) {
 		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "", true)
 	}
@@ -179,6 +183,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 			if err := s.c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
+			used = res[1]
 			return true, 0, nil
 		}
 		return false, s.c.retryBound(res[1]), nil
@@ -197,16 +202,22 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	}
 	s.lostMu.Unlock()
 	s.mu.Unlock()
-	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, s.permitLost)}
+	now := time.Now()
+	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, s.permitLost),
+		until: now.Add(s.lease)}
 	s.mu.Lock()
-	// Forget the fixed-lease (WithLease) permits that ran out: Redis ends
-	// them on its own clock, no earlier than their local deadline, so no
-	// Release has anything left to return. Kept, they piled up without
-	// bound on a handle whose permits are left to expire. (Renewed permits
-	// lost are kept: Redis may still have them, see Release.)
+	// Forget the fixed-lease (WithLease) permits that ran out and that Redis
+	// has ended too: Release has nothing left to return of them. Kept, they
+	// piled up without bound on a handle whose permits are left to expire.
+	// Their local deadline is no proof: a script that reached Redis late
+	// (a pool wait, a retry) holds its permits a whole lease from then, and
+	// the next Release returns them (see Release). Redis has ended them
+	// by until, or already when it counts no permit in use but this
+	// acquisition's. (Renewed permits lost are kept: Redis may still have
+	// them, see Release.)
 	recs := make([]*permitRecord, 0, len(s.recs)+1)
 	for _, r := range s.recs {
-		if !r.h.renew && r.h.isLost() {
+		if !r.h.renew && r.h.isLost() && (used == n || !now.Before(r.until)) {
 			s.c.wd.remove(r.h)
 			continue
 		}
@@ -303,7 +314,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	if shrink != nil {
 		s.c.wd.setReleasing(shrink.h, true)
 		keep := shrink.n - need
-		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep}
+		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep, until: shrink.until}
 		oldShrink, newShrink = shrink.member, kept.member
 	}
 	req := newID()

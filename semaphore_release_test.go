@@ -473,3 +473,35 @@ func frozenMiniredis(t *testing.T) (*miniredis.Miniredis, *redis.Client, time.Ti
 	t.Cleanup(func() { _ = rdb.Close() })
 	return m, rdb, t0
 }
+
+// TestSemLateAcquireLostPermitsReturned: a WithLease acquisition whose
+// script reached Redis late (a pool wait, a retry: here held back 400ms,
+// longer than the 300ms lease) is lost at once locally, but Redis holds its
+// permit for a whole lease from when the script ran. A later Acquire on the
+// handle must not forget that record before Redis is done with it: the
+// next Release returns it (as it does for any lost record, in case Redis
+// kept it). The handle forgot it at the second Acquire, and the permit
+// stayed taken after a Release that returned everything the handle held.
+func TestSemLateAcquireLostPermitsReturned(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		var armed atomic.Bool
+		rdb.AddHook(delayHook{match: armedOnce(&armed, scriptWith("{"+name+"}:sem")), d: 400 * time.Millisecond})
+		c := redlatch.New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		s := c.Semaphore(name, 2, redlatch.WithLease(300*time.Millisecond))
+		require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT resend skips the hook
+		require.NoError(t, s.Release(ctx, 1))
+
+		armed.Store(true)
+		require.NoError(t, s.Acquire(ctx, 1)) // its script runs 400ms late
+		requireClosedWithin(t, s.Lost(), 50*time.Millisecond, "a permit whose reply came after its lease ran out is lost")
+		require.NoError(t, s.Acquire(ctx, 1))
+		require.NoError(t, s.Release(ctx, 1))
+		n, err := s.Available(ctx)
+		require.NoError(t, err)
+		require.Equal(t, int64(2), n, "the late permit, still held in Redis, was not returned by Release")
+	})
+}

@@ -363,7 +363,9 @@ func TestGoroutinesFlat(t *testing.T) {
 
 // watchdogGoroutines counts the goroutines running the watchdog's loop (or
 // a function of it).
-func watchdogGoroutines() int { return len(goroutinesWith("redlatch.(*watchdog).run")) }
+func watchdogGoroutines() int {
+	return len(goroutinesWith("redlatch.(*watchdog).run(")) + len(goroutinesWith("redlatch.(*watchdog).run.func"))
+}
 
 // TestOneWatchdogGoroutine: API.md, "One Client owns exactly one watchdog
 // goroutine": idle, and while it renews holds. It had two: the ticking loop
@@ -824,5 +826,84 @@ func TestRenewalOfHealthyMasterNotHeldPastDeadline(t *testing.T) {
 	ttl, err := cl.Servers[0].Client(t).PTTL(ctx, lockKey(healthyName)).Result()
 	require.NoError(t, err)
 	require.Positive(t, ttl, "the healthy master's hold expired in Redis")
+	require.NoError(t, healthy.Unlock(ctx))
+}
+
+// renewTimesHook records when a script call naming key is sent, alone or
+// in a pipeline (a renewal, once the lock is taken).
+type renewTimesHook struct {
+	passHook
+	key   string
+	mu    sync.Mutex
+	times []time.Time
+}
+
+func (h *renewTimesHook) record(cmds ...redis.Cmder) {
+	for _, cmd := range cmds {
+		if scriptWith(h.key)(cmd) {
+			h.mu.Lock()
+			h.times = append(h.times, time.Now())
+			h.mu.Unlock()
+			return
+		}
+	}
+}
+
+func (h *renewTimesHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.record(cmd)
+		return next(ctx, cmd)
+	}
+}
+
+func (h *renewTimesHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.record(cmds...)
+		return next(ctx, cmds)
+	}
+}
+
+// TestHealthyHoldsRenewedEachPeriodWithFrozenMaster: API.md, "held leases
+// renewed every d/3". On a Redis Cluster whose master 1 stopped answering,
+// a renewal waits for it up to shortly before the earliest deadline of the
+// holds it carries (up to 2.75 periods): the next renewal of the holds on
+// the healthy masters waited for it, so they were renewed 2.65 periods
+// apart here, a quarter period before their deadline, where a period
+// apart leaves two periods for a slow answer.
+func TestHealthyHoldsRenewedEachPeriodWithFrozenMaster(t *testing.T) {
+	b := clusterBackend(t)
+	cl := b.Cluster
+	ctx := ctxT(t, 30*time.Second)
+	period := 400 * time.Millisecond
+	rdb := cl.Client(t)
+	frozenName := nameOn(t, cl, 1, redistest.UniqueName(t)+"-frozen")
+	healthyName := nameOn(t, cl, 0, redistest.UniqueName(t)+"-healthy")
+	hook := &freezeKeyHook{key: lockKey(frozenName)}
+	rdb.AddHook(hook)
+	times := &renewTimesHook{key: lockKey(healthyName)}
+	rdb.AddHook(times)
+	start := time.Now()
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*period)) // ticks at start + k*period
+	t.Cleanup(func() { _ = c.Close() })
+	healthy := c.Mutex(healthyName)
+	frozen := c.Mutex(frozenName)
+
+	time.Sleep(time.Until(start.Add(period * 9 / 10))) // just before a tick: deadlines 3.9 periods after start
+	require.NoError(t, healthy.Lock(ctx))
+	require.NoError(t, frozen.Lock(ctx))
+	hook.armed.Store(true) // master 1 stops answering renewals
+	times.mu.Lock()
+	times.times = nil // the Lock's own script call
+	times.mu.Unlock()
+	time.Sleep(time.Until(start.Add(5 * period)))
+	requireOpen(t, healthy.Lost(), "hold on a healthy master lost while another master is frozen")
+	times.mu.Lock()
+	ts := append([]time.Time(nil), times.times...)
+	times.mu.Unlock()
+	require.GreaterOrEqual(t, len(ts), 3, "renewals of the healthy hold: %v", ts)
+	for i := 1; i < len(ts); i++ {
+		gap := ts[i].Sub(ts[i-1])
+		require.Less(t, gap, period*2, "renewal %d of the healthy hold came %v after the one before (period %v)", i, gap, period)
+	}
 	require.NoError(t, healthy.Unlock(ctx))
 }
