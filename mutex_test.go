@@ -644,30 +644,51 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 	})
 }
 
+// holdPair takes and ends one hold of a primitive; count, when not nil,
+// reads the owner's hold count.
+type holdPair struct {
+	acquire, release func(context.Context) error
+	count            func(context.Context) (int, error)
+}
+
+// releaseKinds are the primitives whose hold one call takes and one call
+// releases (a Semaphore permit). reentrant: a handle's second acquisition
+// is a second hold; other, when not nil, takes what the held one excludes
+// (a writer, for a reader).
+var releaseKinds = []struct {
+	name        string
+	reentrant   bool
+	take, other func(c *redlatch.Client, name string) holdPair
+}{
+	{"Mutex", false, func(c *redlatch.Client, n string) holdPair { m := c.Mutex(n); return holdPair{m.Lock, m.Unlock, nil} }, nil},
+	{"ReentrantMutex", true, func(c *redlatch.Client, n string) holdPair {
+		m := c.ReentrantMutex(n)
+		return holdPair{m.Lock, m.Unlock, m.HoldCount}
+	}, nil},
+	{"FairMutex", true, func(c *redlatch.Client, n string) holdPair {
+		m := c.FairMutex(n)
+		return holdPair{m.Lock, m.Unlock, m.HoldCount}
+	}, nil},
+	{"RWMutex", true, func(c *redlatch.Client, n string) holdPair { m := c.RWMutex(n); return holdPair{m.Lock, m.Unlock, nil} }, nil},
+	{"RWMutex reader", true, func(c *redlatch.Client, n string) holdPair {
+		m := c.RWMutex(n)
+		return holdPair{m.RLock, m.RUnlock, nil}
+	},
+		func(c *redlatch.Client, n string) holdPair { m := c.RWMutex(n); return holdPair{m.Lock, m.Unlock, nil} }},
+	{"Semaphore", false, func(c *redlatch.Client, n string) holdPair {
+		s := c.Semaphore(n, 1)
+		return holdPair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }, nil}
+	}, nil},
+}
+
 // TestReleaseWithEndedCtx: a release given a ctx that has ended (a
 // request's ctx cancelled during the work, the usual defer m.Unlock(ctx))
 // is still sent, with a fresh bounded ctx: it failed before reaching Redis
 // and the lock stayed taken for its whole lease (30s). Another Client then
 // takes it at once. (Found by a reviewer of the README's examples.)
 func TestReleaseWithEndedCtx(t *testing.T) {
-	type pair struct{ acquire, release func(context.Context) error }
-	kinds := []struct {
-		name        string
-		take, other func(c *redlatch.Client, name string) pair
-	}{
-		{"Mutex", func(c *redlatch.Client, n string) pair { m := c.Mutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"ReentrantMutex", func(c *redlatch.Client, n string) pair { m := c.ReentrantMutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"FairMutex", func(c *redlatch.Client, n string) pair { m := c.FairMutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock} },
-			func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }},
-		{"Semaphore", func(c *redlatch.Client, n string) pair {
-			s := c.Semaphore(n, 1)
-			return pair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }}
-		}, nil},
-	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range kinds {
+		for _, k := range releaseKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
@@ -1827,24 +1848,8 @@ func armedOnce(armed *atomic.Bool, match func(redis.Cmder) bool) func(redis.Cmde
 // It did not: the lock stayed taken by nobody for its whole lease (30s),
 // and another Client could not take it.
 func TestReleaseCtxEndsMidCall(t *testing.T) {
-	type pair struct{ acquire, release func(context.Context) error }
-	kinds := []struct {
-		name        string
-		take, other func(c *redlatch.Client, name string) pair
-	}{
-		{"Mutex", func(c *redlatch.Client, n string) pair { m := c.Mutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"ReentrantMutex", func(c *redlatch.Client, n string) pair { m := c.ReentrantMutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"FairMutex", func(c *redlatch.Client, n string) pair { m := c.FairMutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }, nil},
-		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock} },
-			func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }},
-		{"Semaphore", func(c *redlatch.Client, n string) pair {
-			s := c.Semaphore(n, 1)
-			return pair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }}
-		}, nil},
-	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range kinds {
+		for _, k := range releaseKinds {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 20*time.Second)
 				name := redistest.UniqueName(t)
@@ -1883,18 +1888,11 @@ func TestReleaseCtxEndsMidCall(t *testing.T) {
 // its whole lease while returning nil), and only once (when it had run,
 // its resend must not decrement the count again).
 func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
-	type pair struct{ acquire, release func(context.Context) error }
-	kinds := []struct {
-		name string
-		take func(c *redlatch.Client, name string) pair
-	}{
-		{"ReentrantMutex", func(c *redlatch.Client, n string) pair { m := c.ReentrantMutex(n); return pair{m.Lock, m.Unlock} }},
-		{"FairMutex", func(c *redlatch.Client, n string) pair { m := c.FairMutex(n); return pair{m.Lock, m.Unlock} }},
-		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock} }},
-		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock} }},
-	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range kinds {
+		for _, k := range releaseKinds {
+			if !k.reentrant {
+				continue
+			}
 			for _, ran := range []bool{false, true} {
 				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
@@ -2121,28 +2119,11 @@ func ownGoroutines() []string { return goroutinesWith("github.com/redlatch/redla
 // (ran): the resend must release the ended hold once, and never the new
 // one (a re-entry of the same hold, or a later hold with a new token).
 func TestResendSparesLaterHold(t *testing.T) {
-	type pair struct {
-		acquire, release func(context.Context) error
-		count            func(context.Context) (int, error)
-	}
-	kinds := []struct {
-		name string
-		take func(c *redlatch.Client, name string) pair
-	}{
-		{"Mutex", func(c *redlatch.Client, n string) pair { m := c.Mutex(n); return pair{m.Lock, m.Unlock, nil} }},
-		{"ReentrantMutex", func(c *redlatch.Client, n string) pair {
-			m := c.ReentrantMutex(n)
-			return pair{m.Lock, m.Unlock, m.HoldCount}
-		}},
-		{"FairMutex", func(c *redlatch.Client, n string) pair {
-			m := c.FairMutex(n)
-			return pair{m.Lock, m.Unlock, m.HoldCount}
-		}},
-		{"RWMutex", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.Lock, m.Unlock, nil} }},
-		{"RWMutex reader", func(c *redlatch.Client, n string) pair { m := c.RWMutex(n); return pair{m.RLock, m.RUnlock, nil} }},
-	}
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range kinds {
+		for _, k := range releaseKinds {
+			if k.name == "Semaphore" {
+				continue // its permits: see TestSem*
+			}
 			for _, ran := range []bool{false, true} {
 				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
