@@ -655,11 +655,13 @@ type holdPair struct {
 // releases (a Semaphore permit). reentrant: a handle's second acquisition
 // is a second hold; other, when not nil, takes what the held one excludes
 // (a writer, for a reader).
-var releaseKinds = []struct {
+type releaseKind struct {
 	name        string
 	reentrant   bool
 	take, other func(c *redlatch.Client, name string) holdPair
-}{
+}
+
+var releaseKinds = []releaseKind{
 	{"Mutex", false, func(c *redlatch.Client, n string) holdPair { m := c.Mutex(n); return holdPair{m.Lock, m.Unlock, nil} }, nil},
 	{"ReentrantMutex", true, func(c *redlatch.Client, n string) holdPair {
 		m := c.ReentrantMutex(n)
@@ -681,6 +683,21 @@ var releaseKinds = []struct {
 	}, nil},
 }
 
+// requireTakenBack: another Client takes on name what a hold of k excludes
+// (k.other, else k.take) within wait, and releases it.
+func requireTakenBack(t *testing.T, ctx context.Context, b redistest.Backend, k releaseKind, name string, wait time.Duration, msg string) {
+	t.Helper()
+	other := k.other
+	if other == nil {
+		other = k.take
+	}
+	next := other(newClient(t, b), name)
+	octx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	require.NoError(t, next.acquire(octx), msg)
+	require.NoError(t, next.release(ctx))
+}
+
 // TestReleaseWithEndedCtx: a release given a ctx that has ended (a
 // request's ctx cancelled during the work, the usual defer m.Unlock(ctx))
 // is still sent, with a fresh bounded ctx: it failed before reaching Redis
@@ -697,15 +714,7 @@ func TestReleaseWithEndedCtx(t *testing.T) {
 				ended, cancel := context.WithCancel(ctx)
 				cancel()
 				require.NoError(t, held.release(ended))
-				other := k.other
-				if other == nil {
-					other = k.take
-				}
-				next := other(newClient(t, b), name)
-				octx, ocancel := context.WithTimeout(ctx, time.Second)
-				defer ocancel()
-				require.NoError(t, next.acquire(octx), "the release with an ended ctx left the lock taken")
-				require.NoError(t, next.release(ctx))
+				requireTakenBack(t, ctx, b, k, name, time.Second, "the release with an ended ctx left the lock taken")
 			})
 		}
 	})
@@ -1867,15 +1876,7 @@ func TestReleaseCtxEndsMidCall(t *testing.T) {
 				cancel()
 				t.Logf("release returned %v", err)
 				require.False(t, armed.Load(), "the release was not stalled")
-				other := k.other
-				if other == nil {
-					other = k.take
-				}
-				next := other(newClient(t, b), name)
-				octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
-				defer ocancel()
-				require.NoError(t, next.acquire(octx), "the release whose ctx ended mid-call left the lock taken")
-				require.NoError(t, next.release(ctx))
+				requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the release whose ctx ended mid-call left the lock taken")
 			})
 		}
 	})
@@ -1923,17 +1924,7 @@ func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 					require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
 					time.Sleep(100 * time.Millisecond) // a resend lands
 					require.NoError(t, held.release(ctx), "the second release")
-					// A writer takes it: free of every hold, read or write.
-					next := c.RWMutex(name)
-					lock, unlock := next.Lock, next.Unlock
-					if !strings.HasPrefix(k.name, "RWMutex") {
-						other := k.take(newClient(t, b), name)
-						lock, unlock = other.acquire, other.release
-					}
-					octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
-					defer ocancel()
-					require.NoError(t, lock(octx), "the lock stayed taken after both holds were released")
-					require.NoError(t, unlock(ctx))
+					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken after both holds were released")
 				})
 			}
 		}
@@ -2162,11 +2153,7 @@ func TestResendSparesLaterHold(t *testing.T) {
 					require.NoError(t, err)
 					require.NotZero(t, ttl, "the resend released the later hold")
 					require.NoError(t, held.release(ctx))
-					next := k.take(newClient(t, b), name)
-					octx, ocancel := context.WithTimeout(ctx, 2*time.Second)
-					defer ocancel()
-					require.NoError(t, next.acquire(octx), "the lock stayed taken")
-					require.NoError(t, next.release(ctx))
+					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken")
 				})
 			}
 		}
