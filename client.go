@@ -333,9 +333,11 @@ func (c *Client) check() error {
 }
 
 // tag returns the start shared by every key and channel of the primitive
-// called name: prefix + "{" + name + "}". Its hash tag is the name (the
-// prefix has no braces), so all keys of one primitive hash to one cluster
-// slot.
+// called name: prefix + "{" + name + "}". Its hash tag is the name, or the
+// part of it before its first '}' (the prefix has no braces; a name starting
+// with '}' is refused), so all keys of one primitive hash to one cluster
+// slot. The suffixes after it hold no '}', so two (prefix, name) pairs never
+// share a key or a channel.
 func (c *Client) tag(name string) string {
 	return c.opts.prefix + "{" + name + "}"
 }

@@ -479,8 +479,15 @@ func TestEveryMethodAfterClose(t *testing.T) {
 // method returns an error wrapping ErrInvalidArgument that names the
 // argument, and nothing reaches Redis.
 func TestBadInputNamedEverywhere(t *testing.T) {
-	c, _, hook := nowhereClient(t)
+	c, rdb, hook := nowhereClient(t)
 	ctx := func() context.Context { return context.Background() }
+	badPrefix := redlatch.New(rdb, redlatch.WithKeyPrefix("x}"))
+	t.Cleanup(func() { _ = badPrefix.Close() })
+	for k, f := range everyCall(badPrefix, "x", ctx) {
+		err := f()
+		require.ErrorIs(t, err, redlatch.ErrInvalidArgument, "%s with a bad key prefix", k)
+		require.ErrorContains(t, err, "key prefix", k)
+	}
 	for _, tc := range []struct {
 		arg, name string
 		opts      []redlatch.LockOption
