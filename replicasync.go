@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -238,47 +239,45 @@ func isRedirect(err error) bool {
 // have let its copy of the lock expire. Holds the renewal found gone (0) are
 // lost at once as usual.
 func (w *watchdog) runBatchesSynced(ctx context.Context, batches [][]*hold) [][]int64 {
-	out, _ := w.runBatchesSyncedNotify(ctx, batches, nil, 0, nil)
-	return out
+	return w.runBatchesSyncedNotify(ctx, batches, nil)
 }
 
 // runBatchesSyncedNotify is runBatchesSynced that also calls done (when not
 // nil) with the indices of each master's batches as soon as that master's
 // results are in out (see runBatchesNotify).
-func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64), patience time.Duration, finally func()) ([][]int64, bool) {
+func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
 	out := make([][]int64, len(batches))
 	type group struct {
 		node  *redis.Client
 		batch []int
 	}
-	byAddr := make(map[string]*group)
-	var groups []*group
-	var failed []int // master unknown: failed, retried next period
+	groups := make(map[string]*group)
 	for i, b := range batches {
 		node, err := w.c.masterFor(ctx, b[0].key)
 		if err != nil {
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
-			failed = append(failed, i)
 			continue
 		}
-		g := byAddr[node.Options().Addr]
+		g := groups[node.Options().Addr]
 		if g == nil {
 			g = &group{node: node}
-			byAddr[node.Options().Addr] = g
-			groups = append(groups, g)
+			groups[node.Options().Addr] = g
 		}
 		g.batch = append(g.batch, i)
 	}
-	if done != nil && len(failed) > 0 {
-		done(failed, out) // their entries stay nil
+	var wg sync.WaitGroup
+	for _, g := range groups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.renewSyncedOn(ctx, g.node, batches, g.batch, out)
+			if done != nil {
+				done(g.batch, out)
+			}
+		}()
 	}
-	finished := perMaster(groups, func(g *group) {
-		w.renewSyncedOn(ctx, g.node, batches, g.batch, out)
-		if done != nil {
-			done(g.batch, out)
-		}
-	}, patience, finally)
-	return out, finished
+	wg.Wait()
+	return out
 }
 
 // renewSyncedOn renews batches[i] for each i in which, on node, followed by

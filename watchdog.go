@@ -383,8 +383,8 @@ func (w *watchdog) renewAll() {
 	groups := make(map[int][]*hold)
 	var earliest time.Time // the earliest deadline among the holds renewed
 	for h := range w.holds {
-		if !h.renew || h.finalPending() || h.renewing {
-			continue // h.renewing: still in an earlier renewal, to a master that has not answered
+		if !h.renew || h.finalPending() {
+			continue
 		}
 		if earliest.IsZero() || h.deadline.Before(earliest) {
 			earliest = h.deadline
@@ -418,6 +418,7 @@ func (w *watchdog) renewAll() {
 	// replicas too.
 	bound := max(w.period, time.Until(earliest)-w.period/4)
 	ctx, cancel := context.WithTimeout(w.c.ctx, bound+w.c.opts.replicaTimeout)
+	defer cancel()
 	sent := time.Now()
 	// The results of each master are applied as soon as it answered: the
 	// bound (never less than a period) may pass the deadline of a hold
@@ -451,16 +452,7 @@ func (w *watchdog) renewAll() {
 			}
 		}
 	}
-	// The next renewal does not wait for a master that has not answered
-	// within a period (see runBatchesNotify): the holds on the others are
-	// renewed every period, as API.md fixes, and the holds still in flight
-	// are left out of it. Those masters' results are applied when they
-	// come, and the last of them ends ctx.
-	results, finished := w.runBatchesNotify(ctx, batches, apply, w.period, cancel)
-	if !finished {
-		return
-	}
-	cancel()
+	results := w.runBatchesNotify(ctx, batches, apply)
 	all := make([]int, len(batches))
 	for i := range all {
 		all[i] = i
@@ -472,75 +464,34 @@ func (w *watchdog) renewAll() {
 // the per-key results of each batch (1 renewed, 0 gone, -1 renewed but not
 // replicated: see runBatchesSynced), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
-	out, _ := w.runBatchesNotify(ctx, batches, nil, 0, nil)
-	return out
+	return w.runBatchesNotify(ctx, batches, nil)
 }
 
 // runBatchesNotify is runBatches that, where the batches go to each master
 // on its own (a cluster, or WithReplicaSync), also calls done (when not nil)
 // with the indices of the batches of each master as soon as that master's
-// results are in out. There, with patience > 0 and done set, it returns
-// after patience even when some masters have not answered (finished
-// false): done is still called for each of them when it does, then finally
-// once all did, and out must not be read.
-func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64), patience time.Duration, finally func()) (out [][]int64, finished bool) {
-	if done == nil {
-		patience = 0
-	}
+// results are in out.
+func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
 	if w.c.opts.replicas > 0 {
-		return w.runBatchesSyncedNotify(ctx, batches, done, patience, finally)
+		return w.runBatchesSyncedNotify(ctx, batches, done)
 	}
-	out = make([][]int64, len(batches))
+	out := make([][]int64, len(batches))
 	if len(batches) == 1 {
 		keys, argv := renewArgs(batches[0])
 		res, err := renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
 		if err != nil {
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
-			return out, true
+			return out
 		}
 		out[0] = res
-		return out, true
+		return out
 	}
 	if w.c.cluster != nil {
-		return out, w.runBatchesPerMaster(ctx, batches, out, done, patience, finally)
+		w.runBatchesPerMaster(ctx, batches, out, done)
+		return out
 	}
 	w.runPipelined(ctx, w.c.rdb, batches, out)
-	return out, true
-}
-
-// perMaster runs one renewal per master, each in a goroutine, and waits
-// for them (see runBatchesNotify for patience and finally). It reports
-// whether all of them finished.
-func perMaster[G any](groups []G, run func(G), patience time.Duration, finally func()) bool {
-	if len(groups) == 0 {
-		return true
-	}
-	left := atomic.Int32{}
-	left.Store(int32(len(groups)))
-	all := make(chan struct{})
-	for _, g := range groups {
-		go func() {
-			run(g)
-			if left.Add(-1) == 0 {
-				close(all)
-				if finally != nil {
-					finally()
-				}
-			}
-		}()
-	}
-	if patience <= 0 {
-		<-all
-		return true
-	}
-	t := time.NewTimer(patience)
-	defer t.Stop()
-	select {
-	case <-all:
-		return true
-	case <-t.C:
-		return false
-	}
+	return out
 }
 
 // runPipelined sends batches in one pipeline and writes the per-key results
@@ -588,41 +539,35 @@ func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batc
 // too, so one frozen master would leave the holds on all the others
 // unrenewed. For the same reason the script is loaded on the master that
 // refused it only: a cluster-wide SCRIPT LOAD fails while any node is down.
-func (w *watchdog) runBatchesPerMaster(ctx context.Context, batches [][]*hold, out [][]int64, done func(which []int, out [][]int64), patience time.Duration, finally func()) bool {
-	type group struct {
-		loader redis.Scripter
-		which  []int
-	}
-	byLoader := make(map[redis.Scripter]*group)
-	var groups []*group
+func (w *watchdog) runBatchesPerMaster(ctx context.Context, batches [][]*hold, out [][]int64, done func(which []int, out [][]int64)) {
+	groups := make(map[redis.Scripter][]int)
 	for i, b := range batches {
 		var loader redis.Scripter = w.c.rdb // master unknown: load everywhere
 		if node, err := w.c.masterFor(ctx, b[0].key); err == nil {
 			loader = node
 		}
-		g := byLoader[loader]
-		if g == nil {
-			g = &group{loader: loader}
-			byLoader[loader] = g
-			groups = append(groups, g)
-		}
-		g.which = append(g.which, i)
+		groups[loader] = append(groups[loader], i)
 	}
-	return perMaster(groups, func(g *group) {
-		loader, which := g.loader, g.which
-		sub := make([][]*hold, len(which))
-		for k, i := range which {
-			sub[k] = batches[i]
-		}
-		res := make([][]int64, len(which))
-		w.runPipelined(ctx, loader, sub, res)
-		for k, i := range which {
-			out[i] = res[k] // each goroutine writes its own entries
-		}
-		if done != nil {
-			done(which, out) // reads only its own entries
-		}
-	}, patience, finally)
+	var wg sync.WaitGroup
+	for loader, which := range groups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sub := make([][]*hold, len(which))
+			for k, i := range which {
+				sub[k] = batches[i]
+			}
+			res := make([][]int64, len(which))
+			w.runPipelined(ctx, loader, sub, res)
+			for k, i := range which {
+				out[i] = res[k] // each goroutine writes its own entries
+			}
+			if done != nil {
+				done(which, out) // reads only its own entries
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // renewArgs returns the KEYS and ARGV of lua/renew.lua for a batch.
