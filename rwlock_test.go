@@ -817,3 +817,60 @@ func TestRWReleaseResentAfterHashDeleted(t *testing.T) {
 		}
 	})
 }
+
+// TestRWReleaseResentAfterHashExpired: a release whose reply was lost, and
+// which left the hash to another hold (so it recorded itself in the hash's
+// rr field only), is resent after that other hold's lease ran out and Redis
+// expired the hash with rr in it (the other holder crashed). The first run
+// released the caller's hold: the resend must report that, not ErrNotHeld,
+// and change nothing. It reported ErrNotHeld: nothing recorded the release
+// outside the hash.
+func TestRWReleaseResentAfterHashExpired(t *testing.T) {
+	const lease = 300 * time.Millisecond
+	cases := []struct {
+		name    string
+		hold    func(ctx context.Context, a, other *redlatch.RWMutex) error
+		release func(a *redlatch.RWMutex, ctx context.Context) error
+	}{
+		{"reader", // another reader, on a fixed lease, keeps the hash
+			func(ctx context.Context, a, other *redlatch.RWMutex) error {
+				return errors.Join(a.RLock(ctx), other.RLock(ctx))
+			},
+			(*redlatch.RWMutex).RUnlock},
+		{"writer", // a read hold of the writer's owner id, on a fixed lease, keeps the hash
+			func(ctx context.Context, a, other *redlatch.RWMutex) error {
+				return errors.Join(a.Lock(ctx), other.RLock(ctx))
+			},
+			(*redlatch.RWMutex).Unlock},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		admin := b.Client(t)
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				name := redistest.UniqueName(t)
+				c, hook := lossyClient(t, b, scriptWith(writersWakeKey(name)), true)
+				owner := "owner-" + name
+				a := c.RWMutex(name, redlatch.WithOwner(owner))
+				other := c.RWMutex(name, redlatch.WithLease(lease))
+				if tc.name == "writer" {
+					other = c.RWMutex(name, redlatch.WithOwner(owner), redlatch.WithLease(lease))
+				}
+				// Load the scripts: a NOSCRIPT reply would disarm the hook.
+				require.NoError(t, errors.Join(a.Lock(ctx), a.RLock(ctx), a.RUnlock(ctx), a.Unlock(ctx)))
+
+				require.NoError(t, tc.hold(ctx, a, other))
+				hook.between = func() {
+					// The other hold's lease runs out: Redis expires the hash.
+					require.Eventually(t, func() bool {
+						n, err := admin.Exists(ctx, "{"+name+"}:rw").Result()
+						return err == nil && n == 0
+					}, 5*lease, 10*time.Millisecond, "the hash did not expire")
+				}
+				hook.armed.Store(true)
+				require.NoError(t, tc.release(a, ctx), "the release ran, but its resend was not recognised")
+				requireIdle(t, b, name)
+			})
+		}
+	})
+}

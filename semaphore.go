@@ -28,8 +28,13 @@ var (
 
 // semReleaseMemory is how long a permit set remembers a Release, so that a
 // retry of it (after a lost reply) is recognised. It is longer than go-redis
-// retries a command.
-const semReleaseMemory = 10 * time.Second
+// retries a command and Release then sends it once more: with go-redis's
+// defaults (MaxRetries 3, ReadTimeout 3s, backoff up to 512ms) the last
+// go-redis copy leaves up to about 10.5s after the first, and Release's own
+// resend up to about 14s after it (10s, as it was, reported ErrNotHeld for
+// returned permits: TestSemaphoreReleaseResentAfterMemory). A minute, as a
+// CountDownLatch remembers its calls.
+const semReleaseMemory = time.Minute
 
 // Semaphore is a distributed counting semaphore whose permits are leased.
 //

@@ -429,7 +429,7 @@ func TestSemaphoreResentPartialRelease(t *testing.T) {
 }
 
 // TestSemaphoreAfterReleaseMemoryOnMiniredis: a Release is remembered in
-// the permit set as '~<request id>' for 10s. Once that member has expired
+// the permit set as '~<request id>' for a minute. Once that member has expired
 // while the set lives on (another handle still holds a permit), the next
 // script reclaims it and counts its permits with sem_n, which did
 // tonumber(string.match(member, '|(%d+)$')): the match fails on a
@@ -449,9 +449,9 @@ func TestSemaphoreAfterReleaseMemoryOnMiniredis(t *testing.T) {
 	require.NoError(t, keeper.Acquire(ctx, 1)) // keeps the permit set alive
 	s := c.Semaphore("sem-memory", 2)
 	require.NoError(t, s.Acquire(ctx, 1))
-	require.NoError(t, s.Release(ctx, 1)) // remembered for 10s
+	require.NoError(t, s.Release(ctx, 1)) // remembered for a minute
 
-	m.SetTime(t0.Add(11 * time.Second)) // the remembered release has expired
+	m.SetTime(t0.Add(61 * time.Second)) // the remembered release has expired
 	n, err := s.Available(ctx)
 	require.NoError(t, err, "Available after a remembered release expired")
 	require.Equal(t, int64(1), n)
@@ -504,4 +504,34 @@ func TestSemLateAcquireLostPermitsReturned(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, int64(2), n, "the late permit, still held in Redis, was not returned by Release")
 	})
+}
+
+// TestSemaphoreReleaseResentAfterMemory: a Release whose replies are lost
+// is resent by go-redis (MaxRetries 3, after a ReadTimeout of 3s each: the
+// last copy leaves about 9-10.5s after the first) and then once more by
+// Release itself (with a fresh cleanup context, about 12-14s after the
+// first). The first copy returned the permits; a later copy must report
+// that, not ErrNotHeld. The permit set remembered a release for 10s only,
+// and a copy 15s later found the set gone (it outlived its last permit by
+// that memory) and reported ErrNotHeld for permits it had returned. The
+// server clock (miniredis) is moved 15s on between the two runs.
+func TestSemaphoreReleaseResentAfterMemory(t *testing.T) {
+	ctx := ctxT(t, 20*time.Second)
+	m, rdb, t0 := frozenMiniredis(t)
+	hook := &lossyHook{match: scriptWith(semKey("sem-resent-late")), retry: true}
+	rdb.AddHook(hook)
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+
+	s := c.Semaphore("sem-resent-late", 2, redlatch.WithLease(time.Minute))
+	require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT reply spends the hook
+	require.NoError(t, s.Release(ctx, 1))
+	require.NoError(t, s.Acquire(ctx, 1))
+	hook.between = func() {
+		m.SetTime(t0.Add(15 * time.Second))
+		m.FastForward(15 * time.Second)
+	}
+	hook.armed.Store(true)
+	require.NoError(t, s.Release(ctx, 1), "the release returned its permit, but its resend reported otherwise")
+	requireAvailable(t, ctx, s, 2)
 }

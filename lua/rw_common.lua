@@ -161,8 +161,8 @@ end
 -- rw_was_released): a partial release whose reply was lost may be resent
 -- after another goroutine's release ended the hold. They make one entry of
 -- rr, joined by ',' (a request id holds neither ' ' nor ','), so that rr
--- still remembers the last few full releases (and the fence key, once
--- the hash is deleted: see rw_fence_release).
+-- still remembers the last few full releases (and the fence key too:
+-- see rw_fence_release).
 local function rw_released(s, req, partial)
   if not partial or partial == '' then
     rw_set(s, 'rr', ids_add(s.f.rr, req))
@@ -181,15 +181,22 @@ end
 local function rw_fence_ended(s, v)
   local e = fence_release(v) or ''
   for entry in string.gmatch(s.f.rr or '', '%S+') do
-    e = ids_add(e, entry)
+    -- A release that left the hash recorded itself in the fence key already
+    -- (see rw_fence_release): not twice.
+    if not ids_has(e, entry) then
+      e = ids_add(e, entry)
+    end
   end
   return e
 end
 
 -- rw_fence_release records the releases ended (see rw_fence_ended) in the
--- fence key ("<token>:<ended>") when the full release deleted the hash, and
--- with it the rr field. token: the hold's, for a write hold; nil keeps the
--- fence key's.
+-- fence key ("<token>:<ended>") after a full release: when it deleted the
+-- hash, and with it the rr field; and when it left the hash to other holds
+-- or waiting places, whose leases may run out before a resend of this
+-- release arrives (its holder crashed): Redis then expires the hash, rr
+-- with it, and no script records what rr remembered. token: the hold's,
+-- for a write hold; nil keeps the fence key's.
 local function rw_fence_release(fence, s, retention, token)
   local v = redis.call('GET', fence)
   -- An unknown token stays empty: the next one comes from the clock.

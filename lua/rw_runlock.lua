@@ -75,9 +75,8 @@ end
 rw_released(s, req, f['ru:' .. o]) -- before rw_drop_reader drops ru:<owner>
 rw_drop_reader(s, o)
 local readers, waiting = rw_scan(s)
-if not rw_commit(s) then
-  rw_fence_release(KEYS[2], s, ARGV[4])
-end
+rw_commit(s)
+rw_fence_release(KEYS[2], s, ARGV[4])
 if readers == 0 and not f.w and waiting > 0 then
   redis.pcall(ARGV[3], KEYS[3], '1')
 end

@@ -2,9 +2,9 @@
 -- acquisition whose reply was lost.
 --
 -- KEYS[1]  lock hash (see rw_common.lua)
--- KEYS[2]  fence key of the lock name: the last token, the request id of
---          the last full release that left no hash (see rw_common.lua) and
---          the tombstones (see fence.lua)
+-- KEYS[2]  fence key of the lock name: the last token, the request ids of
+--          the last full releases (see rw_fence_release) and the
+--          tombstones (see fence.lua)
 -- KEYS[3]  readers' wake-up channel
 -- KEYS[4]  writers' wake-up channel
 -- ARGV[1]  owner id
@@ -68,20 +68,12 @@ end
 local token = f.t
 rw_released(s, req, f.wu) -- before rw_drop_writer drops wu
 rw_drop_writer(s)
-if not rw_commit(s) then
-  rw_fence_release(KEYS[2], s, ARGV[4], token)
-elseif string.find(token, '^%d+$') then
-  -- The hash stays (a writer waits, or the owner reads on), and with it the
-  -- release (rr): the fence key must still pass this hold's token, which it
-  -- may have lost during the hold (see next_token's held), or the next
-  -- writer's token comes from the clock alone.
-  local v = redis.call('GET', KEYS[2])
-  local p = v and string.match(v, '^[^:|]*') or ''
-  if (tonumber(p) or 0) < tonumber(token) then
-    redis.call('SET', KEYS[2], token .. (v and string.sub(v, #p + 1) or ''),
-      'PX', math.max(tonumber(ARGV[4]), redis.call('PTTL', KEYS[2])))
-  end
-end
+-- Whether or not the hash stays (a writer waits, or the owner reads on),
+-- the fence key records the release (see rw_fence_release) and passes this
+-- hold's token, which it may have lost during the hold (see next_token's
+-- held), or the next writer's token comes from the clock alone.
+rw_commit(s)
+rw_fence_release(KEYS[2], s, ARGV[4], token)
 redis.pcall(ARGV[3], KEYS[3], 'a')
 redis.pcall(ARGV[3], KEYS[4], '1')
 return 0
