@@ -155,9 +155,11 @@ type Client struct {
 
 	// waits counts the acquisitions under way (every Lock, TryLock,
 	// RLock, Acquire and Wait; the whole call of a ReentrantMutex, a
-	// FairMutex and an RWMutex, its queue place and supersede included):
-	// when Close ends them they withdraw their queue places and give back
-	// what they took or were handed, which Close waits for (up to
+	// FairMutex and an RWMutex, its queue place and supersede included;
+	// a Redlock's Lock on each of its Clients) and the releases resent in
+	// the background (see resendRelease): when Close ends the acquisitions
+	// they withdraw their queue places and give back what they took or
+	// were handed, which Close waits for, as for the resends (up to
 	// cleanupTimeout), so that the Redis client may be closed once it
 	// returns. idle, set by Close while waits is not 0, is closed when it
 	// drops to 0. Both guarded by waitMu.
@@ -281,7 +283,8 @@ func isNil(rdb redis.UniversalClient) bool {
 // that no quorum is left). An attempt on its way to a server that does not
 // answer ends its wait only at its read deadline (its ctx's, or the Redis
 // client's ReadTimeout). Close waits (up to 2s) for the waits it ended to
-// leave their queues and give back what they took, so that the Redis client
+// leave their queues and give back what they took, and for the releases
+// resent in the background (see the package doc), so that the Redis client
 // may be closed next.
 //
 // Locks and permits held before Close are no longer renewed: they expire
@@ -721,14 +724,13 @@ func detached(ctx context.Context, f func(ctx context.Context)) {
 // cleanupKey marks a cleanup's context (see probePublish).
 type cleanupKey struct{}
 
-// cleanupContext returns a fresh context that keeps ctx's values, not its
-// cancellation, bounded by cleanupTimeout, for a cleanup.
-// releaseContext returns the context a release (Unlock, RUnlock, Release)
-// is sent with: ctx, or, when ctx has ended already, a fresh one bounded by
-// the cleanup timeout (see cleanupContext). A release is the cleanup after
-// the work: a deferred Unlock(ctx) whose request's ctx was cancelled, or
-// whose deadline passed during the work, would otherwise send nothing, and
-// the lock would stay taken for its whole lease.
+// releaseContext returns the context a release (Unlock, RUnlock, Release,
+// a latch's CountDown and Delete) is sent with: ctx, or, when ctx has ended
+// already, a fresh one bounded by the cleanup timeout (see cleanupContext).
+// A release is the cleanup after the work: a deferred Unlock(ctx) whose
+// request's ctx was cancelled, or whose deadline passed during the work,
+// would otherwise send nothing, and the lock would stay taken for its
+// whole lease.
 func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	if ctx.Err() == nil {
 		return ctx, func() {}
@@ -758,6 +760,8 @@ func (c *Client) resendRelease(ctx context.Context, err error, send func(context
 	}()
 }
 
+// cleanupContext returns a fresh context that keeps ctx's values, not its
+// cancellation, bounded by cleanupTimeout, for a cleanup.
 func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithValue(context.WithoutCancel(ctx), cleanupKey{}, true), cleanupTimeout)
 }

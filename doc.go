@@ -32,14 +32,17 @@
 // the lease ran out on the local clock) the channel returned by Lost closes;
 // Do runs a function under a lock with a context cancelled at that moment.
 //
-// A release (Unlock, RUnlock, Release, CountDown) given a context that has
-// ended already is still sent, with a fresh context bounded by 2s: a
-// deferred Unlock(ctx) after a request's ctx was cancelled, or whose
-// deadline passed during the work, releases the lock instead of leaving it
-// taken for its whole lease. A release whose context ends while it is on
-// its way returns the context's error, and is sent again in the background
-// with a fresh context bounded by 2s (Redis applies it once): the handle
-// has let go of the hold either way.
+// A release (Unlock, RUnlock, Release, and a latch's CountDown and Delete)
+// given a context that has ended already is still sent, with a fresh
+// context bounded by 2s: a deferred Unlock(ctx) after a request's ctx was
+// cancelled, or whose deadline passed during the work, releases the lock
+// instead of leaving it taken for its whole lease. An Unlock or RUnlock
+// whose context ends while it is on its way returns the context's error,
+// and is sent again in the background with a fresh context bounded by 2s
+// (Redis applies it once): the handle has let go of the hold either way.
+// A Release, CountDown or Delete whose context ends on its way is sent
+// again before it returns, with the same fresh context, and reports what
+// it did.
 //
 // Waiters do not poll. A blocked Lock subscribes to the lock's channel (one
 // subscriber connection per Client, shared by all waiters; one per master on

@@ -1240,7 +1240,7 @@ func (p *pubsub) dispatch(channel, payload string) {
 }
 
 // close ends every wait with ErrClosed, closes the subscriber connections
-// and waits for their goroutines.
+// and waits for their goroutines, at most subscriberCloseWait.
 func (p *pubsub) close() {
 	p.mu.Lock()
 	p.closed = true

@@ -809,8 +809,11 @@ func (h *redlockHold) unwatchAll() {
 // ErrNotHeld when this handle does not hold the lock, or when it was lost
 // (Lost closed, or the validity ran out) before Unlock. It returns an error
 // joining the masters' errors when fewer than a quorum confirmed the
-// release for want of an answer; the lock then expires on the others after
-// its lease. Whatever Unlock returns, the handle no longer holds the lock.
+// release for want of an answer. A master's release whose ctx (or the
+// master's own timeout) ended on its way is sent to it again in the
+// background with a fresh context bounded by 2s, as Mutex.Unlock's is; on
+// a master it does not reach either, the lock expires after its lease.
+// Whatever Unlock returns, the handle no longer holds the lock.
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock a quorum of masters holds

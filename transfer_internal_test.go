@@ -377,7 +377,7 @@ func TestLateTransferAfterGiveBack(t *testing.T) {
 }
 
 // TestLateTransferToWaiterThatReentered: TestTransferToWaiterThatReentered
-// and TestUnsureTransferToWaiterStillReentering with the Unlock's script
+// (its still-reentering case too) with the Unlock's script
 // stuck on the way instead of its reply lost. The waiter (a Lock sharing
 // the owner) left with the hold it re-entered; the give-back of the
 // unsure Unlock (in the Unlock: "left before", or in the waiter's cleanup:

@@ -171,13 +171,14 @@ local function rw_released(s, req, partial)
   rw_set(s, 'rr', ids_add(s.f.rr, req .. ',' .. (string.gsub(partial, ' ', ','))))
 end
 
--- rw_fence_ended returns what a full release that deleted the hash
--- records in the fence key, whose value was v: the releases rr remembered
--- (rr goes with the hash), after those the fence key recorded already (the
--- releases of the hash before, deleted in turn), the last ids_kept entries
--- in all, in rr's format. A release whose reply was lost may be resent
--- after other owners' releases emptied the hash, once or more: two readers
--- releasing at about the same time, or a reader coming and going between.
+-- rw_fence_ended returns what a full release records in the fence key, whose
+-- value was v (see rw_fence_release): the releases rr remembered (rr goes
+-- with the hash, when it is deleted or expires), after those the fence key
+-- recorded already (the releases of the hash before, deleted in turn), the
+-- last ids_kept entries in all, in rr's format. A release whose reply was
+-- lost may be resent after other owners' releases emptied the hash, once or
+-- more: two readers releasing at about the same time, or a reader coming and
+-- going between.
 local function rw_fence_ended(s, v)
   local e = fence_release(v) or ''
   for entry in string.gmatch(s.f.rr or '', '%S+') do
