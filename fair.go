@@ -481,6 +481,9 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	}
 	if h != nil && f.n > 0 && (n > 0 || err != nil) {
 		f.c.wd.setReleasingOf(h, false, f.n)
+		if err == nil && h.isLost() {
+			return ErrNotHeld // see ReentrantMutex.Unlock
+		}
 	} else if h != nil {
 		var lost bool
 		if err == nil && n < 0 && f.n > 0 {

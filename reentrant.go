@@ -221,6 +221,12 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 		// Still held (or unknown after an error, with holds left here):
 		// keep renewing.
 		m.e.c.wd.setReleasingOf(h, false, m.n)
+		if err == nil && h.isLost() {
+			// Lost closed before this release (a deadline passed
+			// unrenewed, or renewals too few replicas acknowledged): the
+			// master may still count the hold, but the handle lost it.
+			return ErrNotHeld
+		}
 	} else if h != nil {
 		// Released, not held, or unknown (an error): this handle's hold
 		// ends here. Other handles of the same owner track their own.

@@ -560,3 +560,264 @@ func TestReplicaSyncRenewalOneRoundTrip(t *testing.T) {
 	require.GreaterOrEqual(t, hook.piped.Load(), int32(3), "renewals followed by WAIT")
 	require.Zero(t, hook.alone.Load(), "a renewal's WAIT sent in a round trip of its own")
 }
+
+// TestReplicaSyncRefusedEverywhere: with the replica frozen, every
+// primitive's acquisition (first take and re-entry, blocking and not, a
+// FairMutex grant claimed after a wait) fails with ErrNotReplicated
+// (matching ErrNotObtained), without spinning, and leaves nothing held.
+func TestReplicaSyncRefusedEverywhere(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 60*time.Second)
+	opt := master.Options()
+	rdb := redis.NewClient(opt)
+	t.Cleanup(func() { _ = rdb.Close() })
+	rc := &redistest.RequestCounter{}
+	rdb.AddHook(rc)
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 200*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	plain := redlatch.New(master.Client(t))
+	t.Cleanup(func() { _ = plain.Close() })
+	name := redistest.UniqueName(t)
+
+	// Holds taken while the replica is healthy, for the re-entries.
+	re := c.ReentrantMutex(name + "-re")
+	require.NoError(t, re.Lock(ctx))
+	fre := c.FairMutex(name + "-fre")
+	require.NoError(t, fre.Lock(ctx))
+	rwre := c.RWMutex(name + "-rwre")
+	require.NoError(t, rwre.RLock(ctx))
+	down := c.RWMutex(name + "-down")
+	require.NoError(t, down.Lock(ctx))
+	wre := c.RWMutex(name + "-wre")
+	require.NoError(t, wre.Lock(ctx))
+	semre := c.Semaphore(name+"-semre", 3)
+	require.NoError(t, semre.Acquire(ctx, 1))
+
+	// Two replicas asked for, one live: refused, nothing left.
+	two := redlatch.New(master.Client(t), redlatch.WithReplicaSync(2, 100*time.Millisecond))
+	t.Cleanup(func() { _ = two.Close() })
+	err := two.Mutex(name).Lock(ctx)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+	require.Contains(t, err.Error(), "1 of 2 replicas")
+	require.EqualValues(t, 0, master.Client(t).Exists(ctx, lockKey(name)).Val())
+
+	replica.Stop(t)
+	defer replica.Cont(t)
+	check := func(what string, err error) {
+		t.Helper()
+		require.ErrorIs(t, err, redlatch.ErrNotReplicated, what)
+		require.ErrorIs(t, err, redlatch.ErrNotObtained, what)
+	}
+	counted := func(what string, f func() error) {
+		t.Helper()
+		before := rc.N.Load()
+		start := time.Now()
+		err := f()
+		check(what, err)
+		n := rc.N.Load() - before
+		t.Logf("%s: %d requests, %v: %v", what, n, time.Since(start), err)
+		require.Less(t, time.Since(start), 2*time.Second, what)
+		require.LessOrEqual(t, n, int64(8), "%s spun", what)
+	}
+	counted("Mutex.Lock", func() error { return c.Mutex(name).Lock(ctx) })
+	counted("ReentrantMutex.Lock", func() error { return c.ReentrantMutex(name).Lock(ctx) })
+	counted("ReentrantMutex re-entry", func() error { return re.Lock(ctx) })
+	counted("FairMutex.Lock", func() error { return c.FairMutex(name).Lock(ctx) })
+	counted("FairMutex re-entry", func() error { return fre.Lock(ctx) })
+	counted("RWMutex.Lock", func() error { return c.RWMutex(name).Lock(ctx) })
+	counted("RWMutex.RLock", func() error { return c.RWMutex(name).RLock(ctx) })
+	counted("RWMutex.RLock re-entry", func() error { return rwre.RLock(ctx) })
+	counted("Semaphore.Acquire", func() error { return c.Semaphore(name, 2).Acquire(ctx, 2) })
+	counted("RWMutex downgrade", func() error { return down.RLock(ctx) })
+	counted("RWMutex write re-entry", func() error { return wre.Lock(ctx) })
+	counted("Semaphore more permits", func() error { return semre.Acquire(ctx, 2) })
+
+	// Nothing held but the earlier holds, with their counts unchanged.
+	mc := master.Client(t)
+	for _, k := range []string{lockKey(name), "{" + name + "}:fair", "{" + name + "}:rw"} {
+		require.EqualValues(t, 0, mc.Exists(ctx, k).Val(), "%s left held", k)
+	}
+	ok, err := plain.Semaphore(name, 2).TryAcquire(ctx, 2)
+	require.NoError(t, err)
+	require.True(t, ok, "a permit left taken")
+	n, err := re.HoldCount(ctx)
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "re-entry left counted in Redis")
+	n, err = fre.HoldCount(ctx)
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "fair re-entry left counted in Redis")
+	av, err := c.Semaphore(name+"-semre", 3).Available(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 2, av, "the refused permits returned, the held one kept")
+	for _, k := range []string{name + "-down", name + "-wre"} {
+		h := mc.HGetAll(ctx, "{"+k+"}:rw").Val()
+		require.Equal(t, "1", h["wc"], "%s: the write hold kept, counted once: %v", k, h)
+		for f := range h {
+			require.False(t, strings.HasPrefix(f, "rc"), "%s: a refused read hold left: %v", k, h)
+		}
+	}
+	require.Equal(t, "1", mc.HGet(ctx, "{"+name+"-fre}:fair", "c").Val())
+	for f, v := range mc.HGetAll(ctx, "{"+name+"-rwre}:rw").Val() {
+		if strings.HasPrefix(f, "rc:") {
+			require.Equal(t, "1", v, "read re-entry left counted")
+		}
+	}
+}
+
+// TestReplicaSyncRefusedAfterWait: a blocking acquisition that waited for
+// another owner's hold, then was woken (a FairMutex grant, a writer's turn, a
+// permit returned), fails with ErrNotReplicated when its claim is not
+// replicated, and withdraws everything: the lock is free for the next
+// owner at once.
+func TestReplicaSyncRefusedAfterWait(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 60*time.Second)
+	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	plain := redlatch.New(master.Client(t))
+	t.Cleanup(func() { _ = plain.Close() })
+	name := redistest.UniqueName(t)
+
+	type kind struct {
+		name   string
+		hold   func() error
+		free   func() error
+		wait   func(context.Context) error
+		retake func() (bool, error)
+	}
+	pf, pr, ps, pm := plain.FairMutex(name), plain.RWMutex(name), plain.Semaphore(name, 1), plain.Mutex(name)
+	kinds := []kind{
+		{"FairMutex", func() error { return pf.Lock(ctx) }, func() error { return pf.Unlock(ctx) },
+			c.FairMutex(name).Lock, func() (bool, error) { return plain.FairMutex(name).TryLock(ctx) }},
+		{"RWMutex", func() error { return pr.RLock(ctx) }, func() error { return pr.RUnlock(ctx) },
+			c.RWMutex(name).Lock, func() (bool, error) { return plain.RWMutex(name).TryLock(ctx) }},
+		{"Semaphore", func() error { return ps.Acquire(ctx, 1) }, func() error { return ps.Release(ctx, 1) },
+			func(ctx context.Context) error { return c.Semaphore(name, 1).Acquire(ctx, 1) },
+			func() (bool, error) { return plain.Semaphore(name, 1).TryAcquire(ctx, 1) }},
+		{"Mutex", func() error { return pm.Lock(ctx) }, func() error { return pm.Unlock(ctx) },
+			c.Mutex(name).Lock, func() (bool, error) { return plain.Mutex(name).TryLock(ctx) }},
+	}
+	replica.Stop(t)
+	defer replica.Cont(t)
+	for _, k := range kinds {
+		require.NoError(t, k.hold(), k.name)
+		done := make(chan error, 1)
+		go func() { done <- k.wait(ctx) }()
+		time.Sleep(700 * time.Millisecond) // queued, asleep
+		select {
+		case err := <-done:
+			t.Fatalf("%s: wait ended early: %v", k.name, err)
+		default:
+		}
+		require.NoError(t, k.free(), k.name)
+		select {
+		case err := <-done:
+			require.ErrorIs(t, err, redlatch.ErrNotReplicated, k.name)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: wait did not end", k.name)
+		}
+		ok, err := k.retake()
+		require.NoError(t, err, k.name)
+		require.True(t, ok, "%s: left held or queued", k.name)
+	}
+}
+
+// TestReplicaSyncRenewalsLostEverywhere: holds of every kind taken while the
+// replica was healthy (the reentrant ones twice) are reported lost once
+// their unreplicated renewals have let their local deadlines pass, and every
+// release of a lost hold reports ErrNotHeld, as README "Replica-synced
+// acquires" and Unlock's contract say ("or the lease ran out"). The master
+// still has such a hold (its unreplicated renewals extended it there): the
+// first Unlock of a ReentrantMutex held twice found the count at 2,
+// decremented it and returned nil for a hold Lost had reported lost.
+func TestReplicaSyncRenewalsLostEverywhere(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 30*time.Second)
+	timeout := 900 * time.Millisecond
+	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
+		redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
+	name := redistest.UniqueName(t)
+	re := c.ReentrantMutex(name + "-re")
+	f := c.FairMutex(name + "-f")
+	rw := c.RWMutex(name + "-rw")
+	w := c.RWMutex(name + "-w")
+	for i := 0; i < 2; i++ {
+		require.NoError(t, re.Lock(ctx))
+		require.NoError(t, f.Lock(ctx))
+		require.NoError(t, rw.RLock(ctx))
+		require.NoError(t, w.Lock(ctx))
+	}
+	s := c.Semaphore(name+"-s", 3)
+	require.NoError(t, s.Acquire(ctx, 2))
+	chans := map[string]<-chan struct{}{"re": re.Lost(), "fair": f.Lost(), "rlock": rw.RLost(), "wlock": w.Lost(), "sem": s.Lost()}
+	replica.Stop(t)
+	defer replica.Cont(t)
+	for k, ch := range chans {
+		requireClosedWithin(t, ch, 2*timeout+time.Second, k+": not lost with unreplicated renewals")
+	}
+	for i := 1; i <= 2; i++ {
+		require.ErrorIs(t, re.Unlock(ctx), redlatch.ErrNotHeld, "ReentrantMutex Unlock %d of a lost hold", i)
+		require.ErrorIs(t, f.Unlock(ctx), redlatch.ErrNotHeld, "FairMutex Unlock %d of a lost hold", i)
+		require.ErrorIs(t, rw.RUnlock(ctx), redlatch.ErrNotHeld, "RUnlock %d of a lost hold", i)
+		require.ErrorIs(t, w.Unlock(ctx), redlatch.ErrNotHeld, "RWMutex Unlock %d of a lost hold", i)
+	}
+	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
+	// Each Lock had its Unlock: nothing is left held on the master.
+	mc := master.Client(t)
+	for _, k := range []string{lockKey(name + "-re"), "{" + name + "-f}:fair", "{" + name + "-rw}:rw", "{" + name + "-w}:rw"} {
+		require.EqualValues(t, 0, mc.Exists(ctx, k).Val(), "%s left held", k)
+	}
+}
+
+// TestReplicaSyncRedlock: a Redlock over three masters, each with a replica
+// and a Client WithReplicaSync, is taken while the replicas are healthy;
+// once two replicas freeze, the unreplicated renewals on their masters lose
+// those holds, the quorum is lost, and Do's context is cancelled with
+// ErrLost (Do returns it); a new Lock is refused with ErrNotReplicated at
+// once and leaves nothing held.
+func TestReplicaSyncRedlock(t *testing.T) {
+	ctx := ctxT(t, 40*time.Second)
+	var clients []*redlatch.Client
+	var masters, replicas []*redistest.Server
+	for range 3 {
+		m, r, _ := replicaPair(t)
+		masters, replicas = append(masters, m), append(replicas, r)
+		c := redlatch.New(m.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
+			redlatch.WithWatchdogTimeout(900*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		clients = append(clients, c)
+	}
+	name := redistest.UniqueName(t)
+	rl := redlatch.NewRedlock(name, clients)
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	var cause error
+	go func() {
+		done <- redlatch.Do(ctx, rl, func(ctx context.Context) error {
+			close(started)
+			<-ctx.Done()
+			cause = context.Cause(ctx)
+			return ctx.Err()
+		})
+	}()
+	<-started
+	for _, r := range replicas[:2] {
+		r.Stop(t)
+		defer r.Cont(t)
+	}
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, redlatch.ErrLost)
+		require.ErrorIs(t, cause, redlatch.ErrLost)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Do did not end after the quorum was lost")
+	}
+	start := time.Now()
+	err := redlatch.NewRedlock(name, clients).Lock(ctx)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+	require.Less(t, time.Since(start), 4*time.Second, "Lock waited on")
+	for i, m := range masters {
+		require.EqualValues(t, 0, m.Client(t).Exists(ctx, lockKey(name)).Val(), "master %d: left held", i)
+	}
+}

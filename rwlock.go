@@ -441,6 +441,9 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string,
 	}
 	if h != nil && *np > 0 && (n > 0 || err != nil) {
 		m.c.wd.setReleasingOf(h, false, *np)
+		if err == nil && h.isLost() {
+			return ErrNotHeld // see ReentrantMutex.Unlock
+		}
 	} else if h != nil {
 		var lost bool
 		if err == nil && n < 0 && *np > 0 {

@@ -886,3 +886,55 @@ func TestSlowMasterHoldsKeptOnCluster(t *testing.T) {
 	require.NoError(t, slow.Unlock(ctx))
 	require.NoError(t, healthy.Unlock(ctx))
 }
+
+// TestDoPanicReleases: a panic in fn is re-raised by Do after the lock is
+// released, for every lock kind; a re-entered hold (Do on a handle that
+// holds already) stays held once Do returns, and Do on a Mutex handle that
+// holds already waits, like sync.Mutex, until ctx ends.
+func TestDoPanicReleases(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range doKinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				l, _ := k.make(newClient(t, b), name)
+				func() {
+					defer func() {
+						require.Equal(t, "boom", recover(), "the panic re-raised")
+					}()
+					_ = redlatch.Do(ctx, l, func(context.Context) error { panic("boom") })
+				}()
+				_, force := k.make(newClient(t, b), name)
+				held, err := force(ctx)
+				require.NoError(t, err)
+				require.False(t, held, "the lock stayed held after fn panicked")
+			})
+		}
+		ctx := ctxT(t, 10*time.Second)
+		c := newClient(t, b)
+		name := redistest.UniqueName(t)
+		re := c.ReentrantMutex(name)
+		require.NoError(t, re.Lock(ctx))
+		require.NoError(t, redlatch.Do(ctx, re, func(context.Context) error {
+			n, err := re.HoldCount(ctx)
+			require.NoError(t, err)
+			require.Equal(t, 2, n)
+			return nil
+		}))
+		n, err := re.HoldCount(ctx)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		require.NoError(t, re.Unlock(ctx))
+		m := c.Mutex(name + "-m")
+		require.NoError(t, m.Lock(ctx))
+		cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		defer cancel()
+		ran := false
+		err = redlatch.Do(cctx, m, func(context.Context) error { ran = true; return nil })
+		require.ErrorIs(t, err, redlatch.ErrNotObtained)
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+		require.False(t, ran)
+		require.Positive(t, m.Token(), "still held by the first Lock")
+		require.NoError(t, m.Unlock(ctx))
+	})
+}
