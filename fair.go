@@ -193,7 +193,12 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}()
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
+		old, oldN, oldToken := f.h, f.n, f.token
 		f.c.wd.supersede(f.h)
+		carried := 0 // see ReentrantMutex.lock
+		if old != nil && token == oldToken {
+			carried = f.c.wd.unreleased(old, oldN)
+		}
 		if cleanup = f.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = f.unlock(ctx, req, token)
 		}); cleanup != nil {
@@ -201,7 +206,10 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 			return false, ErrClosed
 		}
 		kind, member := exclHold(f.owner, token)
-		f.h, f.n, f.reqs = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), 0, f.reqs[:0]
+		if carried == 0 {
+			f.reqs = f.reqs[:0]
+		}
+		f.h, f.n = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), carried
 	} else {
 		f.c.wd.extend(f.h, sent) // a re-entry restarts the lease (see ReentrantMutex.lock)
 	}

@@ -132,14 +132,29 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// tells: two concurrent Locks of one hold may be processed here in
 		// either order. (The count may exceed 1 when another handle of the
 		// same owner holds it too; each tracks the hold it took.)
+		old, oldN, oldToken := m.h, m.n, m.token
 		m.e.c.wd.supersede(m.h)
+		// Redis re-entered the very hold the handle lost (the same token:
+		// the master still counted it while its Lost closed, e.g. after
+		// renewals too few replicas acknowledged): the holds taken through
+		// the handle on it and not released are still counted there, and
+		// the handle starts afresh with them counted on the new hold (see
+		// README): else the Unlock the handle takes for its last would
+		// leave the count in Redis, the lock held by nobody, unrenewed.
+		carried := 0
+		if old != nil && token == oldToken {
+			carried = m.e.c.wd.unreleased(old, oldN)
+		}
 		if cleanup = m.e.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = m.e.unlockDone(ctx, m.e.owner, "", req, token, false)
 		}); cleanup != nil {
 			m.h, m.n, m.token, m.reqs = nil, 0, 0, m.reqs[:0]
 			return false, ErrClosed
 		}
-		m.h, m.n, m.reqs = m.e.track(sent, token), 0, m.reqs[:0]
+		if carried == 0 {
+			m.reqs = m.reqs[:0]
+		}
+		m.h, m.n = m.e.track(sent, token), carried
 	} else {
 		m.e.c.wd.extend(m.h, sent) // a re-entry restarts the lease
 	}

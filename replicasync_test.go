@@ -770,54 +770,64 @@ func TestReplicaSyncRenewalsLostEverywhere(t *testing.T) {
 	}
 }
 
-// TestReplicaSyncRedlock: a Redlock over three masters, each with a replica
-// and a Client WithReplicaSync, is taken while the replicas are healthy;
-// once two replicas freeze, the unreplicated renewals on their masters lose
-// those holds, the quorum is lost, and Do's context is cancelled with
-// ErrLost (Do returns it); a new Lock is refused with ErrNotReplicated at
-// once and leaves nothing held.
-func TestReplicaSyncRedlock(t *testing.T) {
-	ctx := ctxT(t, 40*time.Second)
-	var clients []*redlatch.Client
-	var masters, replicas []*redistest.Server
-	for range 3 {
-		m, r, _ := replicaPair(t)
-		masters, replicas = append(masters, m), append(replicas, r)
-		c := redlatch.New(m.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
-			redlatch.WithWatchdogTimeout(900*time.Millisecond))
-		t.Cleanup(func() { _ = c.Close() })
-		clients = append(clients, c)
-	}
+// TestReplicaSyncRetakeAfterLocalLoss: a reentrant handle (every kind) held
+// twice by two goroutines sharing it loses its hold locally (unreplicated
+// renewals) while the master still counts both holds. One Unlock reports
+// ErrNotHeld (the count goes to 1) and its goroutine takes the lock again:
+// the master re-enters the same hold (count 2). The handle starts afresh
+// (README: the other goroutine's Unlock counts against the new hold), but
+// must count what Redis counts: the hold stays the handle's, renewed, its
+// Lost open, until the last Unlock releases it. The handle counted one hold:
+// the next Unlock stopped the renewals with the count at 1 in Redis, and the
+// lock expired under its holder with Lost never closed.
+func TestReplicaSyncRetakeAfterLocalLoss(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 30*time.Second)
+	timeout := 900 * time.Millisecond
+	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
+		redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
 	name := redistest.UniqueName(t)
-	rl := redlatch.NewRedlock(name, clients)
-	started := make(chan struct{})
-	done := make(chan error, 1)
-	var cause error
-	go func() {
-		done <- redlatch.Do(ctx, rl, func(ctx context.Context) error {
-			close(started)
-			<-ctx.Done()
-			cause = context.Cause(ctx)
-			return ctx.Err()
-		})
-	}()
-	<-started
-	for _, r := range replicas[:2] {
-		r.Stop(t)
-		defer r.Cont(t)
+	type kind struct {
+		name string
+		key  string
+		h    lossHandle
 	}
-	select {
-	case err := <-done:
-		require.ErrorIs(t, err, redlatch.ErrLost)
-		require.ErrorIs(t, cause, redlatch.ErrLost)
-	case <-time.After(5 * time.Second):
-		t.Fatal("Do did not end after the quorum was lost")
+	kinds := []kind{
+		{"ReentrantMutex", lockKey(name + "-re"), c.ReentrantMutex(name + "-re")},
+		{"FairMutex", "{" + name + "-f}:fair", c.FairMutex(name + "-f")},
+		{"RWMutex", "{" + name + "-w}:rw", c.RWMutex(name + "-w")},
+		{"RWMutex readers", "{" + name + "-r}:rw", readers{c.RWMutex(name + "-r")}},
 	}
-	start := time.Now()
-	err := redlatch.NewRedlock(name, clients).Lock(ctx)
-	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
-	require.Less(t, time.Since(start), 4*time.Second, "Lock waited on")
-	for i, m := range masters {
-		require.EqualValues(t, 0, m.Client(t).Exists(ctx, lockKey(name)).Val(), "master %d: left held", i)
+	for _, k := range kinds {
+		require.NoError(t, k.h.Lock(ctx), k.name) // goroutine A
+		require.NoError(t, k.h.Lock(ctx), k.name) // goroutine B
+	}
+	replica.Stop(t)
+	for _, k := range kinds {
+		requireClosedWithin(t, k.h.Lost(), 2*timeout+time.Second, k.name+": not lost with unreplicated renewals")
+	}
+	replica.Cont(t)
+	waitInSync(t, master, replica)
+	mc := master.Client(t)
+
+	lost := map[string]<-chan struct{}{}
+	for _, k := range kinds {
+		require.ErrorIs(t, k.h.Unlock(ctx), redlatch.ErrNotHeld, "%s: A's Unlock of the lost hold", k.name)
+		require.NoError(t, k.h.Lock(ctx), "%s: A takes the lock again", k.name)
+		lost[k.name] = k.h.Lost()
+		require.NoError(t, k.h.Unlock(ctx), "%s: B's Unlock, counted against the new hold", k.name)
+	}
+	// A's new holds: still the handle's, renewed past their lease.
+	time.Sleep(3 * timeout)
+	for _, k := range kinds {
+		require.EqualValues(t, 1, mc.Exists(ctx, k.key).Val(), "%s: A's hold expired unrenewed", k.name)
+		select {
+		case <-lost[k.name]:
+			t.Fatalf("%s: A's new hold reported lost", k.name)
+		default:
+		}
+		require.NoError(t, k.h.Unlock(ctx), "%s: A's Unlock of its new hold", k.name)
+		require.EqualValues(t, 0, mc.Exists(ctx, k.key).Val(), "%s left held", k.name)
 	}
 }

@@ -201,7 +201,12 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}()
 	defer m.mu.Unlock()
 	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
+		old, oldN, oldToken := m.wh, m.wn, m.token
 		m.c.wd.supersede(m.wh)
+		carried := 0 // see ReentrantMutex.lock
+		if old != nil && token == oldToken {
+			carried = m.c.wd.unreleased(old, oldN)
+		}
 		if cleanup = m.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = m.unlockW(ctx, "", tokenArg(token), req)
 		}); cleanup != nil {
@@ -209,7 +214,10 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 			return false, ErrClosed
 		}
 		kind, member := rwHold(m.wfield, tokenArg(token))
-		m.wh, m.wn, m.wreqs = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0, m.wreqs[:0]
+		if carried == 0 {
+			m.wreqs = m.wreqs[:0]
+		}
+		m.wh, m.wn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), carried
 	} else {
 		m.c.wd.extend(m.wh, sent) // see ReentrantMutex.lock
 	}
@@ -523,7 +531,12 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	}()
 	defer m.mu.Unlock()
 	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
+		old, oldN, oldBegun := m.rh, m.rn, m.rbegun
 		m.c.wd.supersede(m.rh)
+		carried := 0 // see ReentrantMutex.lock
+		if old != nil && begun != "" && begun == oldBegun {
+			carried = m.c.wd.unreleased(old, oldN)
+		}
 		if cleanup = m.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = m.unlockR(ctx, "", begun, req)
 		}); cleanup != nil {
@@ -531,7 +544,10 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 			return false, ErrClosed
 		}
 		kind, member := rwHold(m.rfield, begun)
-		m.rh, m.rn, m.rreqs = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), 0, m.rreqs[:0]
+		if carried == 0 {
+			m.rreqs = m.rreqs[:0]
+		}
+		m.rh, m.rn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), carried
 	} else {
 		m.c.wd.extend(m.rh, sent) // see ReentrantMutex.lock
 	}
