@@ -25,8 +25,8 @@ import (
 //
 // Acquisition fans out to every master in parallel; each attempt has a
 // timeout small against the lease (lease/20, between 10ms and 1s, plus the
-// WithReplicaSync timeout of that master's Client), so a dead master costs
-// at most that. The lock is held when at least N/2+1 masters granted it and
+// WithReplicaSync timeout of that master's Client and 100ms, how late a
+// WAIT may answer), so a dead master costs at most that. The lock is held when at least N/2+1 masters granted it and
 // the validity is still positive:
 //
 //	validity = lease − elapsed − drift, drift = lease·1% + 2ms
@@ -221,11 +221,23 @@ func (r *Redlock) drift() time.Duration {
 	return r.lease/100 + 2*time.Millisecond
 }
 
-// nodeTimeout bounds one attempt on master i: small against the lease.
+// nodeTimeout bounds one attempt on master i: small against the lease,
+// plus, under WithReplicaSync, the WAIT's timeout and waitLateness.
 func (r *Redlock) nodeTimeout(i int) time.Duration {
 	d := min(max(r.lease/20, 10*time.Millisecond), time.Second)
-	return d + r.nodes[i].c.opts.replicaTimeout
+	if rt := r.nodes[i].c.opts.replicaTimeout; rt > 0 {
+		d += rt + waitLateness
+	}
+	return d
 }
+
+// waitLateness is how late a WAIT may answer after its timeout: the server
+// checks the timeouts of blocked clients from its timers, every 1/hz s
+// (100ms by default). An attempt cut before it answered counted as a
+// master with an unknown outcome, not as one whose replicas did not
+// acknowledge, and a Redlock whose replicas were gone retried for seconds
+// instead of returning ErrNotReplicated at once.
+const waitLateness = 100 * time.Millisecond
 
 // Lock blocks until the Redlock is held, or ctx is done. A failed wait
 // returns an error matching both ErrNotObtained and ctx.Err(). Masters that

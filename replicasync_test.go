@@ -831,3 +831,58 @@ func TestReplicaSyncRetakeAfterLocalLoss(t *testing.T) {
 		require.EqualValues(t, 0, mc.Exists(ctx, k.key).Val(), "%s left held", k.name)
 	}
 }
+
+// TestReplicaSyncRedlock: a Redlock over three masters, each with a replica
+// and a Client WithReplicaSync, is taken while the replicas are healthy;
+// once two replicas freeze, the unreplicated renewals on their masters lose
+// those holds, the quorum is lost, and Do's context is cancelled with
+// ErrLost (Do returns it); a new Lock is refused with ErrNotReplicated at
+// once and leaves nothing held. (An attempt was cut at its node timeout
+// before its WAIT answered, which the server may do up to 100ms after the
+// WAIT's own timeout, and counted as a master with an unknown outcome, not
+// as one whose replicas did not acknowledge: the Lock retried for 1-13s.)
+func TestReplicaSyncRedlock(t *testing.T) {
+	ctx := ctxT(t, 40*time.Second)
+	var clients []*redlatch.Client
+	var masters, replicas []*redistest.Server
+	for range 3 {
+		m, r, _ := replicaPair(t)
+		masters, replicas = append(masters, m), append(replicas, r)
+		c := redlatch.New(m.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
+			redlatch.WithWatchdogTimeout(900*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		clients = append(clients, c)
+	}
+	name := redistest.UniqueName(t)
+	rl := redlatch.NewRedlock(name, clients)
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	var cause error
+	go func() {
+		done <- redlatch.Do(ctx, rl, func(ctx context.Context) error {
+			close(started)
+			<-ctx.Done()
+			cause = context.Cause(ctx)
+			return ctx.Err()
+		})
+	}()
+	<-started
+	for _, r := range replicas[:2] {
+		r.Stop(t)
+		defer r.Cont(t)
+	}
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, redlatch.ErrLost)
+		require.ErrorIs(t, cause, redlatch.ErrLost)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Do did not end after the quorum was lost")
+	}
+	start := time.Now()
+	err := redlatch.NewRedlock(name, clients).Lock(ctx)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+	require.Less(t, time.Since(start), 2*time.Second, "Lock waited on")
+	for i, m := range masters {
+		require.EqualValues(t, 0, m.Client(t).Exists(ctx, lockKey(name)).Val(), "master %d: left held", i)
+	}
+}
