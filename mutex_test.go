@@ -690,6 +690,30 @@ var releaseKinds = []releaseKind{
 	}, nil},
 }
 
+// cutOffClient returns a Client on b and cut: cut(release) runs release
+// with a 200ms ctx while the Client's next script call on the primitive
+// name is held back until that ctx ends, before Redis runs it or, with
+// late, after (its reply comes too late), and returns release's error.
+// The scripts must be loaded already (a NOSCRIPT answer would use the
+// hold-back up, and the EVAL after it would run unhindered).
+func cutOffClient(t *testing.T, b redistest.Backend, name string, late bool) (*redlatch.Client, func(release func(context.Context) error) error) {
+	t.Helper()
+	rdb := b.Client(t)
+	var armed atomic.Bool
+	rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: late})
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	return c, func(release func(context.Context) error) error {
+		t.Helper()
+		armed.Store(true)
+		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		defer cancel()
+		err := release(ctx)
+		require.False(t, armed.Load(), "the release was not held back")
+		return err
+	}
+}
+
 // requireTakenBack: another Client takes on name what a hold of k excludes
 // (k.other, else k.take) within wait, and releases it.
 func requireTakenBack(t *testing.T, ctx context.Context, b redistest.Backend, k releaseKind, name string, wait time.Duration, msg string) {
@@ -1869,20 +1893,13 @@ func TestReleaseCtxEndsMidCall(t *testing.T) {
 			t.Run(k.name, func(t *testing.T) {
 				ctx := ctxT(t, 20*time.Second)
 				name := redistest.UniqueName(t)
-				rdb := b.Client(t)
 				// The release never reaches Redis: held back until its ctx ends.
-				var armed atomic.Bool
-				rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name))})
-				c := redlatch.New(rdb)
-				t.Cleanup(func() { _ = c.Close() })
+				c, cut := cutOffClient(t, b, name, false)
 				held := k.take(c, name)
+				require.NoError(t, held.acquire(ctx)) // both scripts loaded
+				require.NoError(t, held.release(ctx))
 				require.NoError(t, held.acquire(ctx))
-				armed.Store(true)
-				short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-				err := held.release(short)
-				cancel()
-				t.Logf("release returned %v", err)
-				require.False(t, armed.Load(), "the release was not stalled")
+				t.Logf("release returned %v", cut(held.release))
 				requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the release whose ctx ended mid-call left the lock taken")
 			})
 		}
@@ -1905,30 +1922,15 @@ func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
 					name := redistest.UniqueName(t)
-					rdb := b.Client(t)
 					// The release is held back until its ctx ends: before
 					// Redis runs it, or (ran) after.
-					var armed atomic.Bool
-					rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: ran})
-					c := redlatch.New(rdb)
-					t.Cleanup(func() { _ = c.Close() })
+					c, cut := cutOffClient(t, b, name, ran)
 					held := k.take(c, name)
-					// Both scripts loaded on the node first: an EVALSHA
-					// answered NOSCRIPT (a cluster node that never ran the
-					// release) used up the hook, and the EVAL that followed
-					// ran unhindered (the release returned nil: ran=true
-					// tested nothing).
-					require.NoError(t, held.acquire(ctx))
+					require.NoError(t, held.acquire(ctx)) // both scripts loaded
 					require.NoError(t, held.release(ctx))
 					require.NoError(t, held.acquire(ctx))
 					require.NoError(t, held.acquire(ctx))
-					armed.Store(true)
-					short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-					err := held.release(short)
-					cancel()
-					t.Logf("first release returned %v", err)
-					require.False(t, armed.Load(), "the release was not stalled")
-					require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
+					require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
 					time.Sleep(100 * time.Millisecond) // a resend lands
 					require.NoError(t, held.release(ctx), "the second release")
 					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken after both holds were released")
@@ -2126,20 +2128,12 @@ func TestResendSparesLaterHold(t *testing.T) {
 				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
 					name := redistest.UniqueName(t)
-					rdb := b.Client(t)
-					var armed atomic.Bool
-					rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: ran})
-					c := redlatch.New(rdb)
-					t.Cleanup(func() { _ = c.Close() })
+					c, cut := cutOffClient(t, b, name, ran)
 					held := k.take(c, name)
-					require.NoError(t, held.acquire(ctx)) // both scripts loaded (see TestReentrantReleaseCtxEndsMidCall)
+					require.NoError(t, held.acquire(ctx)) // both scripts loaded
 					require.NoError(t, held.release(ctx))
 					require.NoError(t, held.acquire(ctx))
-					armed.Store(true)
-					short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-					err := held.release(short)
-					cancel()
-					require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
+					require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
 					// At once: before the resend lands (it has 2s).
 					lctx, lcancel := context.WithTimeout(ctx, 3*time.Second)
 					defer lcancel()
@@ -2183,11 +2177,7 @@ func TestResendSparesTransferredHold(t *testing.T) {
 					t.Run(fmt.Sprintf("reentrant=%v/shared=%v/ran=%v", reentrant, shared, ran), func(t *testing.T) {
 						ctx := ctxT(t, 20*time.Second)
 						name := redistest.UniqueName(t)
-						rdb := b.Client(t)
-						var armed atomic.Bool
-						rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: ran})
-						c := redlatch.New(rdb)
-						t.Cleanup(func() { _ = c.Close() })
+						c, cut := cutOffClient(t, b, name, ran)
 						var opts []redlatch.LockOption
 						if shared {
 							opts = append(opts, redlatch.WithOwner(redistest.UniqueName(t)))
@@ -2211,11 +2201,7 @@ func TestResendSparesTransferredHold(t *testing.T) {
 						adm := b.Client(t)
 						require.Eventually(t, func() bool { return adm.HExists(ctx, lockKey(name), "w").Val() }, 3*time.Second, 5*time.Millisecond)
 						time.Sleep(50 * time.Millisecond) // it waits
-						armed.Store(true)
-						short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-						err := holder.unlock(short)
-						cancel()
-						require.ErrorIs(t, err, context.DeadlineExceeded, "the release was not held back")
+						require.ErrorIs(t, cut(holder.unlock), context.DeadlineExceeded)
 						select {
 						case err := <-got:
 							require.NoError(t, err)
