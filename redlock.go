@@ -23,11 +23,11 @@ import (
 // key, the same Lua script), so a Redlock and a Mutex of one name on one
 // master exclude each other there.
 //
-// Acquisition fans out to every master in parallel; each attempt has a
-// timeout small against the lease (lease/20, between 10ms and 1s, plus the
-// WithReplicaSync timeout of that master's Client and 100ms, how late a
-// WAIT may answer), so a dead master costs at most that. The lock is held when at least N/2+1 masters granted it and
-// the validity is still positive:
+// Acquisition fans out to every master in parallel; each attempt has a timeout
+// small against the lease (lease/20, between 10ms and 1s, plus the
+// WithReplicaSync timeout of that master's Client and 100ms, how late a WAIT
+// may answer), so a dead master costs at most that. The lock is held when at
+// least N/2+1 masters granted it and the validity is still positive:
 //
 //	validity = lease − elapsed − drift, drift = lease·1% + 2ms
 //
