@@ -290,41 +290,43 @@ func TestFairCancelledAfterHandoff(t *testing.T) {
 func TestFairDeadWaiter(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		const deadTimeout = 600 * time.Millisecond
-		for _, tc := range []struct {
-			name  string
-			delay time.Duration
-		}{{"HandedOff", 0}, {"Evicted", 3 * deadTimeout}} {
-			t.Run(tc.name, func(t *testing.T) {
-				ctx := ctxT(t, 30*time.Second)
-				name := redistest.UniqueName(t)
-				c := newClient(t, b)
-				rdb := b.Client(t)
-				deadRdb := b.Client(t)
-				dead := redlatch.New(deadRdb, redlatch.WithWatchdogTimeout(deadTimeout))
-				t.Cleanup(func() { _ = dead.Close() })
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, tc := range []struct {
+				name  string
+				delay time.Duration
+			}{{"HandedOff", 0}, {"Evicted", 3 * deadTimeout}} {
+				run(tc.name, func(t *testing.T) {
+					ctx := ctxT(t, 30*time.Second)
+					name := redistest.UniqueName(t)
+					c := newClient(t, b)
+					rdb := b.Client(t)
+					deadRdb := b.Client(t)
+					dead := redlatch.New(deadRdb, redlatch.WithWatchdogTimeout(deadTimeout))
+					t.Cleanup(func() { _ = dead.Close() })
 
-				holder := c.FairMutex(name)
-				require.NoError(t, holder.Lock(ctx))
-				deadErr := make(chan error, 1)
-				go func() { deadErr <- dead.FairMutex(name).Lock(ctx) }()
-				waitQueued(t, rdb, name, 1)
-				behind := c.FairMutex(name)
-				got := make(chan error, 1)
-				go func() { got <- behind.Lock(ctx) }()
-				waitQueued(t, rdb, name, 2)
+					holder := c.FairMutex(name)
+					require.NoError(t, holder.Lock(ctx))
+					deadErr := make(chan error, 1)
+					go func() { deadErr <- dead.FairMutex(name).Lock(ctx) }()
+					waitQueued(t, rdb, name, 1)
+					behind := c.FairMutex(name)
+					got := make(chan error, 1)
+					go func() { got <- behind.Lock(ctx) }()
+					waitQueued(t, rdb, name, 2)
 
-				// The connection dies: no renewal, no withdrawal, no claim.
-				require.NoError(t, deadRdb.Close())
-				time.Sleep(tc.delay)
-				released := time.Now()
-				require.NoError(t, holder.Unlock(ctx))
-				requireNoErrWithin(t, got, deadTimeout+2*time.Second, "the waiter behind a dead one was stalled")
-				t.Logf("handoff past a dead waiter: %v (bound %v)", time.Since(released), deadTimeout)
-				require.Error(t, <-deadErr)
-				require.NoError(t, behind.Unlock(ctx))
-				requireNoFairKeys(t, b, name)
-			})
-		}
+					// The connection dies: no renewal, no withdrawal, no claim.
+					require.NoError(t, deadRdb.Close())
+					time.Sleep(tc.delay)
+					released := time.Now()
+					require.NoError(t, holder.Unlock(ctx))
+					requireNoErrWithin(t, got, deadTimeout+2*time.Second, "the waiter behind a dead one was stalled")
+					t.Logf("handoff past a dead waiter: %v (bound %v)", time.Since(released), deadTimeout)
+					require.Error(t, <-deadErr)
+					require.NoError(t, behind.Unlock(ctx))
+					requireNoFairKeys(t, b, name)
+				})
+			}
+		})
 	})
 }
 

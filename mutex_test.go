@@ -615,39 +615,41 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 		take, wait func(c *redlatch.Client, name string) pair
 	}{{"Mutex", "lock", mutex, mutex}, {"Semaphore", "sem", sem, sem}, {"RWMutex reader", "rw", writer, reader}, {"FairMutex", "fair", fair, fair}}
 	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
-		for _, k := range kinds {
-			t.Run(k.name, func(t *testing.T) {
-				ctx := ctxT(t, 30*time.Second)
-				name := redistest.UniqueName(t)
-				a := newClient(t, be)
-				rdb := be.Client(t)
-				// b's next script on the primitive's key: the attempt
-				hook := &gateScriptHook{match: scriptWith("{" + name + "}:" + k.key), after: true,
-					entered: make(chan struct{}), proceed: make(chan struct{})}
-				rdb.AddHook(hook)
-				b := redlatch.New(rdb)
-				t.Cleanup(func() { _ = b.Close() })
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range kinds {
+				run(k.name, func(t *testing.T) {
+					ctx := ctxT(t, 30*time.Second)
+					name := redistest.UniqueName(t)
+					a := newClient(t, be)
+					rdb := be.Client(t)
+					// b's next script on the primitive's key: the attempt
+					hook := &gateScriptHook{match: scriptWith("{" + name + "}:" + k.key), after: true,
+						entered: make(chan struct{}), proceed: make(chan struct{})}
+					rdb.AddHook(hook)
+					b := redlatch.New(rdb)
+					t.Cleanup(func() { _ = b.Close() })
 
-				held := k.take(a, name)
-				require.NoError(t, held.acquire(ctx))
-				got := make(chan error, 1)
-				go func() { got <- k.wait(b, name).acquire(ctx) }()
-				time.Sleep(200 * time.Millisecond) // b waits
-				hook.armed.Store(true)
-				require.NoError(t, held.release(ctx))
-				select {
-				case <-hook.entered: // b's attempt ran; its reply is held
-				case <-time.After(5 * time.Second):
-					t.Fatal("no attempt after the wake-up")
-				}
-				require.NoError(t, b.Close())
-				close(hook.proceed)
-				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a wait in progress at Close succeeded after Close")
-				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-				defer cancel()
-				require.NoError(t, k.take(a, name).acquire(cctx), "the closed Client's hold shuts others out")
-			})
-		}
+					held := k.take(a, name)
+					require.NoError(t, held.acquire(ctx))
+					got := make(chan error, 1)
+					go func() { got <- k.wait(b, name).acquire(ctx) }()
+					time.Sleep(200 * time.Millisecond) // b waits
+					hook.armed.Store(true)
+					require.NoError(t, held.release(ctx))
+					select {
+					case <-hook.entered: // b's attempt ran; its reply is held
+					case <-time.After(5 * time.Second):
+						t.Fatal("no attempt after the wake-up")
+					}
+					require.NoError(t, b.Close())
+					close(hook.proceed)
+					require.ErrorIs(t, <-got, redlatch.ErrClosed, "a wait in progress at Close succeeded after Close")
+					cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+					defer cancel()
+					require.NoError(t, k.take(a, name).acquire(cctx), "the closed Client's hold shuts others out")
+				})
+			}
+		})
 	})
 }
 
@@ -770,66 +772,68 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 		{"RWMutex reader", "rw", func(c *redlatch.Client, name string) func(context.Context) error { return c.RWMutex(name).RLock }},
 	}
 	redistest.ForEach(t, func(t *testing.T, be redistest.Backend) {
-		for _, k := range kinds {
-			t.Run(k.name, func(t *testing.T) {
-				ctx := ctxT(t, 30*time.Second)
-				name := redistest.UniqueName(t)
-				a := newClient(t, be)
-				rdb := be.Client(t)
-				key := "{" + name + "}:" + k.key
-				hook := &gateScriptHook{match: func(cmd redis.Cmder) bool {
-					args := cmd.Args() // the watchdog's renewal: one key
-					return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) > 3 && args[3] == key &&
-						fmt.Sprint(args[2]) == "1"
-				}, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
-				rdb.AddHook(hook)
-				slow := &slowAfterHook{} // the Lock's give-back comes late
-				rdb.AddHook(slow)
-				b := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second))
-				t.Cleanup(func() { _ = b.Close() })
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range kinds {
+				run(k.name, func(t *testing.T) {
+					ctx := ctxT(t, 30*time.Second)
+					name := redistest.UniqueName(t)
+					a := newClient(t, be)
+					rdb := be.Client(t)
+					key := "{" + name + "}:" + k.key
+					hook := &gateScriptHook{match: func(cmd redis.Cmder) bool {
+						args := cmd.Args() // the watchdog's renewal: one key
+						return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) > 3 && args[3] == key &&
+							fmt.Sprint(args[2]) == "1"
+					}, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
+					rdb.AddHook(hook)
+					slow := &slowAfterHook{} // the Lock's give-back comes late
+					rdb.AddHook(slow)
+					b := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second))
+					t.Cleanup(func() { _ = b.Close() })
 
-				relock := k.lock(b, name)
-				require.NoError(t, relock(ctx))
-				// The hold is gone in Redis (an operator's ForceUnlock).
-				require.NoError(t, rdb.Del(ctx, key).Err())
-				hook.armed.Store(true)
-				select {
-				case <-hook.entered: // a renewal of the old hold is on the way
-				case <-time.After(5 * time.Second):
-					t.Fatal("no renewal")
-				}
-				got := make(chan error, 1)
-				go func() { got <- relock(ctx) }()
-				time.Sleep(300 * time.Millisecond) // it took a new hold, and waits in supersede
-				closed := make(chan error, 1)
-				go func() { closed <- b.Close() }()
-				time.Sleep(300 * time.Millisecond) // Close has begun: closed is set
-				select {
-				case err := <-got:
-					t.Fatalf("the Lock did not wait for the renewal: %v", err)
-				case err := <-closed:
-					t.Fatalf("Close did not wait for the renewal: %v", err)
-				default: // both wait for the renewal in flight
-				}
-				slow.armed.Store(true)
-				close(hook.proceed)
-				require.NoError(t, <-closed)
-				// The usual defer order closes the Redis client next: Close
-				// waited for the give-back (it returned first for a
-				// ReentrantMutex and a reader, whose give-back then failed;
-				// found by a reviewer).
-				require.NoError(t, rdb.Close())
-				require.ErrorIs(t, <-got, redlatch.ErrClosed, "a Lock in progress at Close succeeded after Close")
-				locked, err := a.Mutex(name).IsLocked(ctx)
-				if k.key != "lock" {
-					n, err2 := be.Client(t).Exists(ctx, key).Result()
-					require.NoError(t, err2)
-					locked, err = n == 1, nil
-				}
-				require.NoError(t, err)
-				require.False(t, locked, "the closed Client's hold shuts others out")
-			})
-		}
+					relock := k.lock(b, name)
+					require.NoError(t, relock(ctx))
+					// The hold is gone in Redis (an operator's ForceUnlock).
+					require.NoError(t, rdb.Del(ctx, key).Err())
+					hook.armed.Store(true)
+					select {
+					case <-hook.entered: // a renewal of the old hold is on the way
+					case <-time.After(5 * time.Second):
+						t.Fatal("no renewal")
+					}
+					got := make(chan error, 1)
+					go func() { got <- relock(ctx) }()
+					time.Sleep(300 * time.Millisecond) // it took a new hold, and waits in supersede
+					closed := make(chan error, 1)
+					go func() { closed <- b.Close() }()
+					time.Sleep(300 * time.Millisecond) // Close has begun: closed is set
+					select {
+					case err := <-got:
+						t.Fatalf("the Lock did not wait for the renewal: %v", err)
+					case err := <-closed:
+						t.Fatalf("Close did not wait for the renewal: %v", err)
+					default: // both wait for the renewal in flight
+					}
+					slow.armed.Store(true)
+					close(hook.proceed)
+					require.NoError(t, <-closed)
+					// The usual defer order closes the Redis client next: Close
+					// waited for the give-back (it returned first for a
+					// ReentrantMutex and a reader, whose give-back then failed;
+					// found by a reviewer).
+					require.NoError(t, rdb.Close())
+					require.ErrorIs(t, <-got, redlatch.ErrClosed, "a Lock in progress at Close succeeded after Close")
+					locked, err := a.Mutex(name).IsLocked(ctx)
+					if k.key != "lock" {
+						n, err2 := be.Client(t).Exists(ctx, key).Result()
+						require.NoError(t, err2)
+						locked, err = n == 1, nil
+					}
+					require.NoError(t, err)
+					require.False(t, locked, "the closed Client's hold shuts others out")
+				})
+			}
+		})
 	})
 }
 
@@ -1453,29 +1457,31 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 				return readers{c.RWMutex(n)}
 			}},
 		}
-		for _, k := range kinds {
-			t.Run(k.name, func(t *testing.T) {
-				ctx := ctxT(t, 10*time.Second)
-				name := redistest.UniqueName(t)
-				c, hook := lossyClient(t, b, scriptWith(k.key(name)), true, redlatch.WithWatchdogTimeout(300*time.Millisecond))
-				m := k.make(c, name)
-				require.NoError(t, m.Lock(ctx)) // scripts loaded
-				require.NoError(t, m.Unlock(ctx))
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range kinds {
+				run(k.name, func(t *testing.T) {
+					ctx := ctxT(t, 10*time.Second)
+					name := redistest.UniqueName(t)
+					c, hook := lossyClient(t, b, scriptWith(k.key(name)), true, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+					m := k.make(c, name)
+					require.NoError(t, m.Lock(ctx)) // scripts loaded
+					require.NoError(t, m.Unlock(ctx))
 
-				require.NoError(t, m.Lock(ctx))
-				var took error
-				hook.between = func() { took = m.Lock(ctx) }
-				hook.armed.Store(true)
-				require.NoError(t, m.Unlock(ctx))
-				require.NoError(t, took)
-				require.NotNil(t, m.Lost(), "the new hold is not tracked")
-				time.Sleep(time.Second) // three watchdog timeouts: only renewal keeps it
-				locked, err := m.IsLocked(ctx)
-				require.NoError(t, err)
-				require.True(t, locked, "the new hold was not renewed")
-				require.NoError(t, m.Unlock(ctx))
-			})
-		}
+					require.NoError(t, m.Lock(ctx))
+					var took error
+					hook.between = func() { took = m.Lock(ctx) }
+					hook.armed.Store(true)
+					require.NoError(t, m.Unlock(ctx))
+					require.NoError(t, took)
+					require.NotNil(t, m.Lost(), "the new hold is not tracked")
+					time.Sleep(time.Second) // three watchdog timeouts: only renewal keeps it
+					locked, err := m.IsLocked(ctx)
+					require.NoError(t, err)
+					require.True(t, locked, "the new hold was not renewed")
+					require.NoError(t, m.Unlock(ctx))
+				})
+			}
+		})
 	})
 }
 
@@ -1889,20 +1895,22 @@ func armedOnce(armed *atomic.Bool, match func(redis.Cmder) bool) func(redis.Cmde
 // and another Client could not take it.
 func TestReleaseCtxEndsMidCall(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range releaseKinds {
-			t.Run(k.name, func(t *testing.T) {
-				ctx := ctxT(t, 20*time.Second)
-				name := redistest.UniqueName(t)
-				// The release never reaches Redis: held back until its ctx ends.
-				c, cut := cutOffClient(t, b, name, false)
-				held := k.take(c, name)
-				require.NoError(t, held.acquire(ctx)) // both scripts loaded
-				require.NoError(t, held.release(ctx))
-				require.NoError(t, held.acquire(ctx))
-				t.Logf("release returned %v", cut(held.release))
-				requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the release whose ctx ended mid-call left the lock taken")
-			})
-		}
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range releaseKinds {
+				run(k.name, func(t *testing.T) {
+					ctx := ctxT(t, 20*time.Second)
+					name := redistest.UniqueName(t)
+					// The release never reaches Redis: held back until its ctx ends.
+					c, cut := cutOffClient(t, b, name, false)
+					held := k.take(c, name)
+					require.NoError(t, held.acquire(ctx)) // both scripts loaded
+					require.NoError(t, held.release(ctx))
+					require.NoError(t, held.acquire(ctx))
+					t.Logf("release returned %v", cut(held.release))
+					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the release whose ctx ended mid-call left the lock taken")
+				})
+			}
+		})
 	})
 }
 
@@ -1914,29 +1922,31 @@ func TestReleaseCtxEndsMidCall(t *testing.T) {
 // its resend must not decrement the count again).
 func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range releaseKinds {
-			if !k.reentrant {
-				continue
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range releaseKinds {
+				if !k.reentrant {
+					continue
+				}
+				for _, ran := range []bool{false, true} {
+					run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
+						ctx := ctxT(t, 20*time.Second)
+						name := redistest.UniqueName(t)
+						// The release is held back until its ctx ends: before
+						// Redis runs it, or (ran) after.
+						c, cut := cutOffClient(t, b, name, ran)
+						held := k.take(c, name)
+						require.NoError(t, held.acquire(ctx)) // both scripts loaded
+						require.NoError(t, held.release(ctx))
+						require.NoError(t, held.acquire(ctx))
+						require.NoError(t, held.acquire(ctx))
+						require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
+						time.Sleep(100 * time.Millisecond) // a resend lands
+						require.NoError(t, held.release(ctx), "the second release")
+						requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken after both holds were released")
+					})
+				}
 			}
-			for _, ran := range []bool{false, true} {
-				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
-					ctx := ctxT(t, 20*time.Second)
-					name := redistest.UniqueName(t)
-					// The release is held back until its ctx ends: before
-					// Redis runs it, or (ran) after.
-					c, cut := cutOffClient(t, b, name, ran)
-					held := k.take(c, name)
-					require.NoError(t, held.acquire(ctx)) // both scripts loaded
-					require.NoError(t, held.release(ctx))
-					require.NoError(t, held.acquire(ctx))
-					require.NoError(t, held.acquire(ctx))
-					require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
-					time.Sleep(100 * time.Millisecond) // a resend lands
-					require.NoError(t, held.release(ctx), "the second release")
-					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken after both holds were released")
-				})
-			}
-		}
+		})
 	})
 }
 
@@ -2041,7 +2051,7 @@ func TestHoldsAfterClose(t *testing.T) {
 // returns ErrClosed at once, Close returns promptly, and no goroutine of
 // the Client outlives it.
 func TestCloseEndsEveryWaitNoLeak(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+	redistest.ForEachInTurn(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 20*time.Second)
 		name := redistest.UniqueName(t)
 		holder := newClient(t, b)
@@ -2120,44 +2130,46 @@ func ownGoroutines() []string { return goroutinesWith("github.com/redlatch/redla
 // one (a re-entry of the same hold, or a later hold with a new token).
 func TestResendSparesLaterHold(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, k := range releaseKinds {
-			if k.name == "Semaphore" {
-				continue // its permits: see TestSem*
-			}
-			for _, ran := range []bool{false, true} {
-				t.Run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
-					ctx := ctxT(t, 20*time.Second)
-					name := redistest.UniqueName(t)
-					c, cut := cutOffClient(t, b, name, ran)
-					held := k.take(c, name)
-					require.NoError(t, held.acquire(ctx)) // both scripts loaded
-					require.NoError(t, held.release(ctx))
-					require.NoError(t, held.acquire(ctx))
-					require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
-					// At once: before the resend lands (it has 2s).
-					lctx, lcancel := context.WithTimeout(ctx, 3*time.Second)
-					defer lcancel()
-					require.NoError(t, held.acquire(lctx), "the lock was not taken again")
-					time.Sleep(300 * time.Millisecond) // the resend lands
-					if held.count != nil {
-						n, err := held.count(ctx)
-						require.NoError(t, err)
-						require.Equal(t, 1, n, "the resend released the later hold, or the ended one was not released")
-					}
-					ttl, err := c.RWMutex(name).TTL(ctx)
-					if !strings.HasPrefix(k.name, "RWMutex") {
-						ttl, err = c.Mutex(name).TTL(ctx)
-						if k.name == "FairMutex" {
-							ttl, err = c.FairMutex(name).TTL(ctx)
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range releaseKinds {
+				if k.name == "Semaphore" {
+					continue // its permits: see TestSem*
+				}
+				for _, ran := range []bool{false, true} {
+					run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
+						ctx := ctxT(t, 20*time.Second)
+						name := redistest.UniqueName(t)
+						c, cut := cutOffClient(t, b, name, ran)
+						held := k.take(c, name)
+						require.NoError(t, held.acquire(ctx)) // both scripts loaded
+						require.NoError(t, held.release(ctx))
+						require.NoError(t, held.acquire(ctx))
+						require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
+						// At once: before the resend lands (it has 2s).
+						lctx, lcancel := context.WithTimeout(ctx, 3*time.Second)
+						defer lcancel()
+						require.NoError(t, held.acquire(lctx), "the lock was not taken again")
+						time.Sleep(300 * time.Millisecond) // the resend lands
+						if held.count != nil {
+							n, err := held.count(ctx)
+							require.NoError(t, err)
+							require.Equal(t, 1, n, "the resend released the later hold, or the ended one was not released")
 						}
-					}
-					require.NoError(t, err)
-					require.NotZero(t, ttl, "the resend released the later hold")
-					require.NoError(t, held.release(ctx))
-					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken")
-				})
+						ttl, err := c.RWMutex(name).TTL(ctx)
+						if !strings.HasPrefix(k.name, "RWMutex") {
+							ttl, err = c.Mutex(name).TTL(ctx)
+							if k.name == "FairMutex" {
+								ttl, err = c.FairMutex(name).TTL(ctx)
+							}
+						}
+						require.NoError(t, err)
+						require.NotZero(t, ttl, "the resend released the later hold")
+						require.NoError(t, held.release(ctx))
+						requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the lock stayed taken")
+					})
+				}
 			}
-		}
+		})
 	})
 }
 
@@ -2168,54 +2180,56 @@ func TestResendSparesLaterHold(t *testing.T) {
 // owner id (WithOwner), the resend must not release the waiter's hold.
 func TestResendSparesTransferredHold(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		for _, reentrant := range []bool{false, true} {
-			for _, shared := range []bool{false, true} {
-				for _, ran := range []bool{false, true} {
-					if reentrant && shared {
-						continue // a handle of the owner re-enters: it does not wait
-					}
-					t.Run(fmt.Sprintf("reentrant=%v/shared=%v/ran=%v", reentrant, shared, ran), func(t *testing.T) {
-						ctx := ctxT(t, 20*time.Second)
-						name := redistest.UniqueName(t)
-						c, cut := cutOffClient(t, b, name, ran)
-						var opts []redlatch.LockOption
-						if shared {
-							opts = append(opts, redlatch.WithOwner(redistest.UniqueName(t)))
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, reentrant := range []bool{false, true} {
+				for _, shared := range []bool{false, true} {
+					for _, ran := range []bool{false, true} {
+						if reentrant && shared {
+							continue // a handle of the owner re-enters: it does not wait
 						}
-						type pair struct{ lock, unlock func(context.Context) error }
-						take := func() pair {
-							if reentrant {
-								m := c.ReentrantMutex(name, opts...)
+						run(fmt.Sprintf("reentrant=%v/shared=%v/ran=%v", reentrant, shared, ran), func(t *testing.T) {
+							ctx := ctxT(t, 20*time.Second)
+							name := redistest.UniqueName(t)
+							c, cut := cutOffClient(t, b, name, ran)
+							var opts []redlatch.LockOption
+							if shared {
+								opts = append(opts, redlatch.WithOwner(redistest.UniqueName(t)))
+							}
+							type pair struct{ lock, unlock func(context.Context) error }
+							take := func() pair {
+								if reentrant {
+									m := c.ReentrantMutex(name, opts...)
+									return pair{m.Lock, m.Unlock}
+								}
+								m := c.Mutex(name, opts...)
 								return pair{m.Lock, m.Unlock}
 							}
-							m := c.Mutex(name, opts...)
-							return pair{m.Lock, m.Unlock}
-						}
-						holder, waiter := take(), take()
-						require.NoError(t, holder.lock(ctx)) // both scripts loaded
-						require.NoError(t, holder.unlock(ctx))
-						require.NoError(t, holder.lock(ctx))
-						got := make(chan error, 1)
-						go func() { got <- waiter.lock(ctx) }()
-						// The waiter's failed attempt marks the hold (field w).
-						adm := b.Client(t)
-						require.Eventually(t, func() bool { return adm.HExists(ctx, lockKey(name), "w").Val() }, 3*time.Second, 5*time.Millisecond)
-						time.Sleep(50 * time.Millisecond) // it waits
-						require.ErrorIs(t, cut(holder.unlock), context.DeadlineExceeded)
-						select {
-						case err := <-got:
+							holder, waiter := take(), take()
+							require.NoError(t, holder.lock(ctx)) // both scripts loaded
+							require.NoError(t, holder.unlock(ctx))
+							require.NoError(t, holder.lock(ctx))
+							got := make(chan error, 1)
+							go func() { got <- waiter.lock(ctx) }()
+							// The waiter's failed attempt marks the hold (field w).
+							adm := b.Client(t)
+							require.Eventually(t, func() bool { return adm.HExists(ctx, lockKey(name), "w").Val() }, 3*time.Second, 5*time.Millisecond)
+							time.Sleep(50 * time.Millisecond) // it waits
+							require.ErrorIs(t, cut(holder.unlock), context.DeadlineExceeded)
+							select {
+							case err := <-got:
+								require.NoError(t, err)
+							case <-time.After(3 * time.Second):
+								t.Fatal("the waiter did not get the lock")
+							}
+							time.Sleep(300 * time.Millisecond) // the resend lands
+							ttl, err := c.Mutex(name).TTL(ctx)
 							require.NoError(t, err)
-						case <-time.After(3 * time.Second):
-							t.Fatal("the waiter did not get the lock")
-						}
-						time.Sleep(300 * time.Millisecond) // the resend lands
-						ttl, err := c.Mutex(name).TTL(ctx)
-						require.NoError(t, err)
-						require.NotZero(t, ttl, "the resend released the waiter's hold")
-						require.NoError(t, waiter.unlock(ctx))
-					})
+							require.NotZero(t, ttl, "the resend released the waiter's hold")
+							require.NoError(t, waiter.unlock(ctx))
+						})
+					}
 				}
 			}
-		}
+		})
 	})
 }

@@ -24,11 +24,13 @@ import (
 // nothing was subscribed again (then only on a first failure), and the
 // waiters slept until their holders' lease bound. (Found by reviewers.)
 func TestWakeAfterShardedReconnect(t *testing.T) {
-	for _, again := range []bool{false, true} {
-		t.Run(fmt.Sprintf("second break=%v", again), func(t *testing.T) {
-			shardedReconnect(t, again)
-		})
-	}
+	redistest.Together(t, func(run func(string, func(*testing.T))) {
+		for _, again := range []bool{false, true} {
+			run(fmt.Sprintf("second break=%v", again), func(t *testing.T) {
+				shardedReconnect(t, again)
+			})
+		}
+	})
 }
 
 func shardedReconnect(t *testing.T, again bool) {

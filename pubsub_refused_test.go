@@ -75,11 +75,13 @@ func (h *dialCounter) DialHook(next redis.DialHook) redis.DialHook {
 //
 // (Found by a reviewer.)
 func TestWakeAfterSubscriberCommandRefused(t *testing.T) {
-	for _, topo := range []string{"redis", "cluster"} {
-		for _, tc := range []string{"unsubscribe", "resubscribe"} {
-			t.Run(topo+"/"+tc, func(t *testing.T) { subscriberCommandRefused(t, topo == "cluster", tc) })
+	redistest.Together(t, func(run func(string, func(*testing.T))) {
+		for _, topo := range []string{"redis", "cluster"} {
+			for _, tc := range []string{"unsubscribe", "resubscribe"} {
+				run(topo+"/"+tc, func(t *testing.T) { subscriberCommandRefused(t, topo == "cluster", tc) })
+			}
 		}
-	}
+	})
 }
 
 func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
@@ -371,52 +373,54 @@ var aclRules = []string{"~*", "&*", "+@scripting", "+@read", "+@write", "+time",
 // bound (30s); a refused PING counted as unanswered. (Found by a reread of
 // the ACL change.)
 func TestReadmeACLUser(t *testing.T) {
-	for _, tc := range []struct {
-		name  string
-		extra []string
-	}{
-		{"with ping", []string{"+ping"}},
-		{"without ping", nil},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			srv := redistest.NewServer(t)
-			ctx := ctxT(t, 60*time.Second)
-			adm := srv.Client(t)
-			args := []any{"ACL", "SETUSER", "app", "reset", "on", ">pw"}
-			for _, r := range append(append([]string{}, aclRules...), tc.extra...) {
-				args = append(args, r)
-			}
-			require.NoError(t, adm.Do(ctx, args...).Err())
-			o := srv.Options()
-			o.Username, o.Password = "app", "pw"
-			rdb := redis.NewClient(o)
-			t.Cleanup(func() { _ = rdb.Close() })
-			dials := &dialCounter{}
-			rdb.AddHook(dials)
-			c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health interval 1s
-			t.Cleanup(func() { _ = c.Close() })
-			name := redistest.UniqueName(t)
-			holder := c.Mutex(name, redlatch.WithLease(30*time.Second))
-			require.NoError(t, holder.Lock(ctx))
+	redistest.Together(t, func(run func(string, func(*testing.T))) {
+		for _, tc := range []struct {
+			name  string
+			extra []string
+		}{
+			{"with ping", []string{"+ping"}},
+			{"without ping", nil},
+		} {
+			run(tc.name, func(t *testing.T) {
+				srv := redistest.NewServer(t)
+				ctx := ctxT(t, 60*time.Second)
+				adm := srv.Client(t)
+				args := []any{"ACL", "SETUSER", "app", "reset", "on", ">pw"}
+				for _, r := range append(append([]string{}, aclRules...), tc.extra...) {
+					args = append(args, r)
+				}
+				require.NoError(t, adm.Do(ctx, args...).Err())
+				o := srv.Options()
+				o.Username, o.Password = "app", "pw"
+				rdb := redis.NewClient(o)
+				t.Cleanup(func() { _ = rdb.Close() })
+				dials := &dialCounter{}
+				rdb.AddHook(dials)
+				c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health interval 1s
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				holder := c.Mutex(name, redlatch.WithLease(30*time.Second))
+				require.NoError(t, holder.Lock(ctx))
 
-			// A waiter that gives up: its UNSUBSCRIBE goes out.
-			wctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-			requireWaitErr(t, c.Mutex(name).Lock(wctx), wctx)
-			cancel()
-			time.Sleep(200 * time.Millisecond)
+				// A waiter that gives up: its UNSUBSCRIBE goes out.
+				wctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				requireWaitErr(t, c.Mutex(name).Lock(wctx), wctx)
+				cancel()
+				time.Sleep(200 * time.Millisecond)
 
-			got := make(chan error, 1)
-			w := c.Mutex(name)
-			go func() { got <- w.Lock(ctx) }()
-			before := dials.n.Load()
-			time.Sleep(3 * time.Second) // three health intervals
-			reconnects := dials.n.Load() - before
-			start := time.Now()
-			require.NoError(t, holder.Unlock(ctx))
-			requireNoErrWithin(t, got, 3*time.Second, "the waiter slept through the release")
-			t.Logf("woken after %v", time.Since(start))
-			require.NoError(t, w.Unlock(ctx))
-			require.Zero(t, reconnects, "the subscriber connection was dropped and dialled again while idle")
-		})
-	}
+				got := make(chan error, 1)
+				w := c.Mutex(name)
+				go func() { got <- w.Lock(ctx) }()
+				before := dials.n.Load()
+				time.Sleep(3 * time.Second) // three health intervals
+				reconnects := dials.n.Load() - before
+				start := time.Now()
+				require.NoError(t, holder.Unlock(ctx))
+				requireNoErrWithin(t, got, 3*time.Second, "the waiter slept through the release")
+				t.Logf("woken after %v", time.Since(start))
+				require.NoError(t, w.Unlock(ctx))
+				require.Zero(t, reconnects, "the subscriber connection was dropped and dialled again while idle")
+			})
+		}
+	})
 }

@@ -58,60 +58,62 @@ func TestRedlockWaiterSleepsOnPartialGrant(t *testing.T) {
 //     mutex, waiting for that renewal, and held up Unlock for seconds.
 //     (Found by a reviewer.)
 func TestRedlockUnlockWithFrozenMaster(t *testing.T) {
-	for _, tc := range []struct {
-		name         string
-		lost, cancel bool
-	}{
-		{"minority", false, false},
-		// A cancellation, not a deadline: go-redis sees only deadlines on
-		// the socket, so Unlock waited for the frozen master's read timeout
-		// (found by a reviewer).
-		{"minority cancelled", false, true},
-		{"quorum lost", true, false},
-	} {
-		lost := tc.lost
-		t.Run(tc.name, func(t *testing.T) {
-			servers := redlockServers(t, 3)
-			clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second)) // period 3s
-			ctx := ctxT(t, 30*time.Second)
-			name := redistest.UniqueName(t)
-			r := redlatch.NewRedlock(name, clients)
-			require.NoError(t, r.Lock(ctx))
-			if lost {
-				// The frozen master's Client renews first (its ticker started
-				// first): its renewal is in flight when the others find their
-				// holds gone.
-				servers[0].Stop(t)
-				t.Cleanup(func() { servers[0].Cont(t) })
-				for _, s := range servers[1:] {
-					require.NoError(t, s.Client(t).Del(ctx, lockKey(name)).Err())
+	redistest.Together(t, func(run func(string, func(*testing.T))) {
+		for _, tc := range []struct {
+			name         string
+			lost, cancel bool
+		}{
+			{"minority", false, false},
+			// A cancellation, not a deadline: go-redis sees only deadlines on
+			// the socket, so Unlock waited for the frozen master's read timeout
+			// (found by a reviewer).
+			{"minority cancelled", false, true},
+			{"quorum lost", true, false},
+		} {
+			lost := tc.lost
+			run(tc.name, func(t *testing.T) {
+				servers := redlockServers(t, 3)
+				clients := redlockClients(t, servers, redlatch.WithWatchdogTimeout(9*time.Second)) // period 3s
+				ctx := ctxT(t, 30*time.Second)
+				name := redistest.UniqueName(t)
+				r := redlatch.NewRedlock(name, clients)
+				require.NoError(t, r.Lock(ctx))
+				if lost {
+					// The frozen master's Client renews first (its ticker started
+					// first): its renewal is in flight when the others find their
+					// holds gone.
+					servers[0].Stop(t)
+					t.Cleanup(func() { servers[0].Cont(t) })
+					for _, s := range servers[1:] {
+						require.NoError(t, s.Client(t).Del(ctx, lockKey(name)).Err())
+					}
+					requireClosedWithin(t, r.Lost(), 4*time.Second, "Lost after the holds on 2 of 3 masters vanished")
+				} else {
+					servers[2].Stop(t)
+					t.Cleanup(func() { servers[2].Cont(t) })
+					time.Sleep(3200 * time.Millisecond) // a renewal to the frozen master is in flight
+					requireOpen(t, r.Lost(), "a quorum still renews")
 				}
-				requireClosedWithin(t, r.Lost(), 4*time.Second, "Lost after the holds on 2 of 3 masters vanished")
-			} else {
-				servers[2].Stop(t)
-				t.Cleanup(func() { servers[2].Cont(t) })
-				time.Sleep(3200 * time.Millisecond) // a renewal to the frozen master is in flight
-				requireOpen(t, r.Lost(), "a quorum still renews")
-			}
-			uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-			if tc.cancel {
-				uctx, cancel = context.WithCancel(ctx)
-				time.AfterFunc(300*time.Millisecond, cancel)
-			}
-			defer cancel()
-			start := time.Now()
-			err := r.Unlock(uctx)
-			took := time.Since(start)
-			t.Logf("Unlock returned %v after %v", err, took)
-			if lost {
-				require.ErrorIs(t, err, redlatch.ErrNotHeld)
-			} else {
-				require.NoError(t, err, "2 of 3 masters released it")
-				require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
-			}
-			require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
-		})
-	}
+				uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				if tc.cancel {
+					uctx, cancel = context.WithCancel(ctx)
+					time.AfterFunc(300*time.Millisecond, cancel)
+				}
+				defer cancel()
+				start := time.Now()
+				err := r.Unlock(uctx)
+				took := time.Since(start)
+				t.Logf("Unlock returned %v after %v", err, took)
+				if lost {
+					require.ErrorIs(t, err, redlatch.ErrNotHeld)
+				} else {
+					require.NoError(t, err, "2 of 3 masters released it")
+					require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
+				}
+				require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
+			})
+		}
+	})
 }
 
 // TestRedlockCancelMidRoundReleases: 3 of 5 masters are frozen, so no

@@ -331,11 +331,13 @@ func TestUnlockResentAfterRelock(t *testing.T) {
 //     ~500 ms later than Redis's expiry: another owner took the lock while
 //     the waiter's Lost was open. (Found by a reviewer.)
 func TestTransferClaimedLateKeepsRedisExpiry(t *testing.T) {
-	for _, resend := range []bool{true, false} {
-		t.Run(map[bool]string{true: "resent", false: "failed"}[resend], func(t *testing.T) {
-			testTransferReplyLost(t, resend)
-		})
-	}
+	redistest.Together(t, func(run func(string, func(*testing.T))) {
+		for _, resend := range []bool{true, false} {
+			run(map[bool]string{true: "resent", false: "failed"}[resend], func(t *testing.T) {
+				testTransferReplyLost(t, resend)
+			})
+		}
+	})
 }
 
 func testTransferReplyLost(t *testing.T, resend bool) {

@@ -26,47 +26,49 @@ func TestSharedOwnerLeaseNotShortened(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
 		c := newClient(t, b, redlatch.WithWatchdogTimeout(900*time.Millisecond))
-		for _, tc := range []struct {
-			kind string
-			make func(name string, opts ...redlatch.LockOption) lockFns
-		}{
-			{"ReentrantMutex", func(name string, opts ...redlatch.LockOption) lockFns {
-				m := c.ReentrantMutex(name, opts...)
-				return lockFns{m.Lock, m.Unlock, m.Lost, m.TryLock}
-			}},
-			{"FairMutex", func(name string, opts ...redlatch.LockOption) lockFns {
-				m := c.FairMutex(name, opts...)
-				return lockFns{m.Lock, m.Unlock, m.Lost, m.TryLock}
-			}},
-			{"RWMutex", func(name string, opts ...redlatch.LockOption) lockFns {
-				m := c.RWMutex(name, opts...)
-				return lockFns{m.Lock, m.Unlock, m.Lost, m.TryLock}
-			}},
-			{"RWMutexRead", func(name string, opts ...redlatch.LockOption) lockFns {
-				m := c.RWMutex(name, opts...)
-				return lockFns{m.RLock, m.RUnlock, m.RLost, m.TryLock}
-			}},
-		} {
-			t.Run(tc.kind, func(t *testing.T) {
-				name := redistest.UniqueName(t)
-				fixed := tc.make(name, redlatch.WithOwner("svc"), redlatch.WithLease(5*time.Second))
-				renewed := tc.make(name, redlatch.WithOwner("svc"))
-				require.NoError(t, fixed.lock(ctx))
-				require.NoError(t, renewed.lock(ctx))   // a re-entry
-				time.Sleep(500 * time.Millisecond)      // renewed at least once
-				require.NoError(t, renewed.unlock(ctx)) // the fixed handle still holds
-				time.Sleep(1500 * time.Millisecond)
-				requireOpen(t, fixed.lost(), "Lost of the fixed handle")
-				other := tc.make(name) // another owner: a writer
-				ok, err := other.tryLock(ctx)
-				require.NoError(t, err)
-				if ok {
-					_ = other.unlock(ctx)
-				}
-				require.False(t, ok, "another owner got in while the fixed handle holds (2 s into its 5 s lease)")
-				require.NoError(t, fixed.unlock(ctx))
-			})
-		}
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, tc := range []struct {
+				kind string
+				make func(name string, opts ...redlatch.LockOption) lockFns
+			}{
+				{"ReentrantMutex", func(name string, opts ...redlatch.LockOption) lockFns {
+					m := c.ReentrantMutex(name, opts...)
+					return lockFns{m.Lock, m.Unlock, m.Lost, m.TryLock}
+				}},
+				{"FairMutex", func(name string, opts ...redlatch.LockOption) lockFns {
+					m := c.FairMutex(name, opts...)
+					return lockFns{m.Lock, m.Unlock, m.Lost, m.TryLock}
+				}},
+				{"RWMutex", func(name string, opts ...redlatch.LockOption) lockFns {
+					m := c.RWMutex(name, opts...)
+					return lockFns{m.Lock, m.Unlock, m.Lost, m.TryLock}
+				}},
+				{"RWMutexRead", func(name string, opts ...redlatch.LockOption) lockFns {
+					m := c.RWMutex(name, opts...)
+					return lockFns{m.RLock, m.RUnlock, m.RLost, m.TryLock}
+				}},
+			} {
+				run(tc.kind, func(t *testing.T) {
+					name := redistest.UniqueName(t)
+					fixed := tc.make(name, redlatch.WithOwner("svc"), redlatch.WithLease(5*time.Second))
+					renewed := tc.make(name, redlatch.WithOwner("svc"))
+					require.NoError(t, fixed.lock(ctx))
+					require.NoError(t, renewed.lock(ctx))   // a re-entry
+					time.Sleep(500 * time.Millisecond)      // renewed at least once
+					require.NoError(t, renewed.unlock(ctx)) // the fixed handle still holds
+					time.Sleep(1500 * time.Millisecond)
+					requireOpen(t, fixed.lost(), "Lost of the fixed handle")
+					other := tc.make(name) // another owner: a writer
+					ok, err := other.tryLock(ctx)
+					require.NoError(t, err)
+					if ok {
+						_ = other.unlock(ctx)
+					}
+					require.False(t, ok, "another owner got in while the fixed handle holds (2 s into its 5 s lease)")
+					require.NoError(t, fixed.unlock(ctx))
+				})
+			}
+		})
 	})
 }
 
@@ -80,37 +82,39 @@ func TestReentryRestartsLease(t *testing.T) {
 		ctx := ctxT(t, 30*time.Second)
 		c := newClient(t, b)
 		const lease = 600 * time.Millisecond
-		for _, tc := range []struct {
-			kind string
-			make func(name string) (lock, unlock func(context.Context) error, lost func() <-chan struct{})
-		}{
-			{"ReentrantMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
-				m := c.ReentrantMutex(name, redlatch.WithLease(lease))
-				return m.Lock, m.Unlock, m.Lost
-			}},
-			{"FairMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
-				m := c.FairMutex(name, redlatch.WithLease(lease))
-				return m.Lock, m.Unlock, m.Lost
-			}},
-			{"RWMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
-				m := c.RWMutex(name, redlatch.WithLease(lease))
-				return m.Lock, m.Unlock, m.Lost
-			}},
-			{"RWMutexRead", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
-				m := c.RWMutex(name, redlatch.WithLease(lease))
-				return m.RLock, m.RUnlock, m.RLost
-			}},
-		} {
-			t.Run(tc.kind, func(t *testing.T) {
-				lock, unlock, lost := tc.make(redistest.UniqueName(t))
-				require.NoError(t, lock(ctx))
-				time.Sleep(400 * time.Millisecond)
-				require.NoError(t, lock(ctx)) // held in Redis until about 1000 ms
-				time.Sleep(300 * time.Millisecond)
-				requireOpen(t, lost(), "Lost, while Redis holds the lock for the owner")
-				require.NoError(t, unlock(ctx))
-				require.NoError(t, unlock(ctx), "the last Unlock released a live hold")
-			})
-		}
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, tc := range []struct {
+				kind string
+				make func(name string) (lock, unlock func(context.Context) error, lost func() <-chan struct{})
+			}{
+				{"ReentrantMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+					m := c.ReentrantMutex(name, redlatch.WithLease(lease))
+					return m.Lock, m.Unlock, m.Lost
+				}},
+				{"FairMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+					m := c.FairMutex(name, redlatch.WithLease(lease))
+					return m.Lock, m.Unlock, m.Lost
+				}},
+				{"RWMutex", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+					m := c.RWMutex(name, redlatch.WithLease(lease))
+					return m.Lock, m.Unlock, m.Lost
+				}},
+				{"RWMutexRead", func(name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}) {
+					m := c.RWMutex(name, redlatch.WithLease(lease))
+					return m.RLock, m.RUnlock, m.RLost
+				}},
+			} {
+				run(tc.kind, func(t *testing.T) {
+					lock, unlock, lost := tc.make(redistest.UniqueName(t))
+					require.NoError(t, lock(ctx))
+					time.Sleep(400 * time.Millisecond)
+					require.NoError(t, lock(ctx)) // held in Redis until about 1000 ms
+					time.Sleep(300 * time.Millisecond)
+					requireOpen(t, lost(), "Lost, while Redis holds the lock for the owner")
+					require.NoError(t, unlock(ctx))
+					require.NoError(t, unlock(ctx), "the last Unlock released a live hold")
+				})
+			}
+		})
 	})
 }

@@ -337,7 +337,7 @@ func commandCalls(t *testing.T, b redistest.Backend, names ...string) int64 {
 // TestGoroutinesFlat: holding and renewing many locks starts no goroutine
 // per lock.
 func TestGoroutinesFlat(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+	redistest.ForEachInTurn(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
 		c := newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond))
 		base := redistest.UniqueName(t)
@@ -372,7 +372,7 @@ func watchdogGoroutines() int {
 // goroutine": idle, and while it renews holds. It had two: the ticking loop
 // and a goroutine it handed each renewal to.
 func TestOneWatchdogGoroutine(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+	redistest.ForEachInTurn(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		g0 := watchdogGoroutines()
 		c := newClient(t, b, redlatch.WithWatchdogTimeout(30*time.Millisecond)) // renewals every 10ms
@@ -721,42 +721,44 @@ func nameOn(t *testing.T, cl *redistest.Cluster, i int, base string) string {
 // pipeline for all masters renewed nothing, and every hold was lost. Found
 // by a reviewer.
 func TestRenewalOnClusterWithFrozenMaster(t *testing.T) {
-	for _, flush := range []bool{false, true} {
-		t.Run(fmt.Sprintf("scriptflush=%v", flush), func(t *testing.T) {
-			cl := redistest.NewCluster(t, 3)
-			ctx := ctxT(t, 20*time.Second)
-			timeout := 900 * time.Millisecond
-			c := redlatch.New(cl.Client(t), redlatch.WithWatchdogTimeout(timeout))
-			t.Cleanup(func() { _ = c.Close() })
+	redistest.Together(t, func(run func(string, func(*testing.T))) {
+		for _, flush := range []bool{false, true} {
+			run(fmt.Sprintf("scriptflush=%v", flush), func(t *testing.T) {
+				cl := redistest.NewCluster(t, 3)
+				ctx := ctxT(t, 20*time.Second)
+				timeout := 900 * time.Millisecond
+				c := redlatch.New(cl.Client(t), redlatch.WithWatchdogTimeout(timeout))
+				t.Cleanup(func() { _ = c.Close() })
 
-			healthyName := nameOn(t, cl, 0, "healthy")
-			healthy := c.Mutex(healthyName)
-			frozen := c.Mutex(nameOn(t, cl, 1, "frozen"))
-			require.NoError(t, healthy.Lock(ctx))
-			require.NoError(t, frozen.Lock(ctx))
+				healthyName := nameOn(t, cl, 0, "healthy")
+				healthy := c.Mutex(healthyName)
+				frozen := c.Mutex(nameOn(t, cl, 1, "frozen"))
+				require.NoError(t, healthy.Lock(ctx))
+				require.NoError(t, frozen.Lock(ctx))
 
-			// One renewal first: the script is then cached on every master.
-			time.Sleep(timeout/3 + 150*time.Millisecond)
-			if flush {
-				require.NoError(t, cl.Servers[0].Client(t).ScriptFlush(ctx).Err())
-			}
-			cl.Servers[1].Stop(t)
-			t.Cleanup(func() { cl.Servers[1].Cont(t) })
-			stopped := time.Now()
+				// One renewal first: the script is then cached on every master.
+				time.Sleep(timeout/3 + 150*time.Millisecond)
+				if flush {
+					require.NoError(t, cl.Servers[0].Client(t).ScriptFlush(ctx).Err())
+				}
+				cl.Servers[1].Stop(t)
+				t.Cleanup(func() { cl.Servers[1].Cont(t) })
+				stopped := time.Now()
 
-			// Master 1 does not answer: its hold is lost at its local deadline.
-			requireClosedWithin(t, frozen.Lost(), timeout+500*time.Millisecond, "Lost of the hold on the frozen master")
-			// Master 0 answers (the cluster marks master 1 failed only after
-			// its 2s node timeout): its hold must live on. Look past a lease.
-			time.Sleep(time.Until(stopped.Add(timeout + 400*time.Millisecond)))
-			requireOpen(t, healthy.Lost(), "hold on a healthy master lost while another master is frozen")
-			ttl, err := cl.Servers[0].Client(t).PTTL(ctx, lockKey(healthyName)).Result()
-			require.NoError(t, err)
-			require.Positive(t, ttl, "the healthy master's hold expired in Redis")
-			cl.Servers[1].Cont(t)
-			require.NoError(t, healthy.Unlock(ctx))
-		})
-	}
+				// Master 1 does not answer: its hold is lost at its local deadline.
+				requireClosedWithin(t, frozen.Lost(), timeout+500*time.Millisecond, "Lost of the hold on the frozen master")
+				// Master 0 answers (the cluster marks master 1 failed only after
+				// its 2s node timeout): its hold must live on. Look past a lease.
+				time.Sleep(time.Until(stopped.Add(timeout + 400*time.Millisecond)))
+				requireOpen(t, healthy.Lost(), "hold on a healthy master lost while another master is frozen")
+				ttl, err := cl.Servers[0].Client(t).PTTL(ctx, lockKey(healthyName)).Result()
+				require.NoError(t, err)
+				require.Positive(t, ttl, "the healthy master's hold expired in Redis")
+				cl.Servers[1].Cont(t)
+				require.NoError(t, healthy.Unlock(ctx))
+			})
+		}
+	})
 }
 
 // freezeKeyHook, once armed, makes every pipeline that names key go

@@ -279,14 +279,39 @@ func Backends(t testing.TB) []Backend {
 	return append(out, Backend{Name: BackendRedis, Server: s}, Backend{Name: BackendCluster, Cluster: c})
 }
 
-// ForEach runs fn as a subtest per backend, t.Run(b.Name, ...), one after
-// the other (it does not call t.Parallel). Without redis-server the "redis"
-// and "cluster" subtests are reported as skipped (or t fails, under
-// REDLATCH_REQUIRE_REDIS=1).
+// ForEach runs fn as a subtest per backend, t.Run(b.Name, ...), the
+// backends at the same time: a test takes as long as its slowest backend
+// instead of their sum (most tests mostly wait, on leases, sleeps and
+// timeouts). Each backend is its own server, so fn may flush, stop or
+// reconfigure its backend; see Together for what it may not touch. Without
+// redis-server the "redis" and "cluster" subtests are reported as skipped
+// (or t fails, under REDLATCH_REQUIRE_REDIS=1).
 func ForEach(t *testing.T, fn func(t *testing.T, b Backend)) {
 	t.Helper()
-	for _, b := range Backends(t) {
-		t.Run(b.Name, func(t *testing.T) { fn(t, b) })
+	forEach(t, fn, true)
+}
+
+// ForEachInTurn is ForEach with the backends one after the other, for a
+// test that counts the process's goroutines or otherwise needs the process
+// to itself.
+func ForEachInTurn(t *testing.T, fn func(t *testing.T, b Backend)) {
+	t.Helper()
+	forEach(t, fn, false)
+}
+
+func forEach(t *testing.T, fn func(t *testing.T, b Backend), atOnce bool) {
+	t.Helper()
+	backends := Backends(t)
+	if atOnce {
+		Together(t, func(run func(string, func(*testing.T))) {
+			for _, b := range backends {
+				run(b.Name, func(t *testing.T) { fn(t, b) })
+			}
+		})
+	} else {
+		for _, b := range backends {
+			t.Run(b.Name, func(t *testing.T) { fn(t, b) })
+		}
 	}
 	if !HaveRedisServer() {
 		for _, name := range []string{BackendRedis, BackendCluster} {
@@ -295,6 +320,37 @@ func ForEach(t *testing.T, fn func(t *testing.T, b Backend)) {
 			})
 		}
 	}
+}
+
+// Together runs the subtests that body starts with run(name, f) at the same
+// time, and returns when every one has ended:
+//
+//	redistest.Together(t, func(run func(string, func(*testing.T))) {
+//		for _, k := range kinds {
+//			run(k.name, func(t *testing.T) { ... })
+//		}
+//	})
+//
+// The subtests do not call t.Parallel: they run beside each other only,
+// never beside other tests, and go test's -parallel does not limit them.
+//
+// Since they run together, a subtest must not touch what its siblings
+// share: variables of the enclosing test, package-level state, the
+// process's goroutine count (see ForEachInTurn), and, for subtests on one
+// server, that server's whole state (FLUSHALL, SCRIPT FLUSH, CONFIG SET,
+// Stop, the miniredis clock). Its time bounds must allow for its siblings'
+// load.
+func Together(t *testing.T, body func(run func(name string, f func(t *testing.T)))) {
+	t.Helper()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	body(func(name string, f func(t *testing.T)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t.Run(name, f)
+		}()
+	})
 }
 
 // Main runs the tests, for use in TestMain: it runs m, stops the shared
