@@ -375,13 +375,15 @@ func TestOneWatchdogGoroutine(t *testing.T) {
 	redistest.ForEachInTurn(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		g0 := watchdogGoroutines()
-		c := newClient(t, b, redlatch.WithWatchdogTimeout(30*time.Millisecond)) // renewals every 10ms
+		// Renewals every 50ms: a shorter timeout loses the hold on a
+		// loaded machine (it did at 30ms with two CPU hogs running).
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(150*time.Millisecond))
 		time.Sleep(50 * time.Millisecond)
 		require.Equal(t, 1, watchdogGoroutines()-g0, "watchdog goroutines of an idle Client")
 		m := c.Mutex(redistest.UniqueName(t))
 		require.NoError(t, m.Lock(ctx))
 		for range 20 {
-			time.Sleep(7 * time.Millisecond)
+			time.Sleep(15 * time.Millisecond)
 			require.LessOrEqual(t, watchdogGoroutines()-g0, 1, "watchdog goroutines of a renewing Client")
 		}
 		requireOpen(t, m.Lost(), "the hold was not renewed")
