@@ -81,7 +81,9 @@ func TestReentryRestartsLease(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
 		c := newClient(t, b)
-		const lease = 600 * time.Millisecond
+		// Margins of 500ms and more: the subtests run at once, and a loaded
+		// machine (two CPU hogs) missed margins of 200ms.
+		const lease = 1500 * time.Millisecond
 		redistest.Together(t, func(run func(string, func(*testing.T))) {
 			for _, tc := range []struct {
 				kind string
@@ -107,9 +109,9 @@ func TestReentryRestartsLease(t *testing.T) {
 				run(tc.kind, func(t *testing.T) {
 					lock, unlock, lost := tc.make(redistest.UniqueName(t))
 					require.NoError(t, lock(ctx))
-					time.Sleep(400 * time.Millisecond)
-					require.NoError(t, lock(ctx)) // held in Redis until about 1000 ms
-					time.Sleep(300 * time.Millisecond)
+					time.Sleep(1000 * time.Millisecond)
+					require.NoError(t, lock(ctx)) // held in Redis until about 2500 ms
+					time.Sleep(750 * time.Millisecond)
 					requireOpen(t, lost(), "Lost, while Redis holds the lock for the owner")
 					require.NoError(t, unlock(ctx))
 					require.NoError(t, unlock(ctx), "the last Unlock released a live hold")

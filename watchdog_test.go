@@ -339,7 +339,9 @@ func commandCalls(t *testing.T, b redistest.Backend, names ...string) int64 {
 func TestGoroutinesFlat(t *testing.T) {
 	redistest.ForEachInTurn(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 30*time.Second)
-		c := newClient(t, b, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+		// Renewals every 333ms: with 300ms, a loaded machine (two CPU
+		// hogs) lost holds while the 300 Locks ran.
+		c := newClient(t, b, redlatch.WithWatchdogTimeout(time.Second))
 		base := redistest.UniqueName(t)
 		m0 := c.Mutex(base)
 		require.NoError(t, m0.Lock(ctx))
@@ -351,7 +353,7 @@ func TestGoroutinesFlat(t *testing.T) {
 			require.NoError(t, m.Lock(ctx))
 			ms = append(ms, m)
 		}
-		time.Sleep(400 * time.Millisecond) // renewals ran
+		time.Sleep(800 * time.Millisecond) // renewals ran
 		// A few goroutines come and go on their own (go-redis dials pool
 		// connections and reloads the cluster state in the background);
 		// one per lock would be 300.
