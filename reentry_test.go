@@ -159,7 +159,7 @@ func TestReentrantWaiterEntersWithOwnersMutex(t *testing.T) {
 		r := c.ReentrantMutex(name, redlatch.WithOwner("x"))
 		mGot, rGot := make(chan error, 1), make(chan error, 1)
 		go func() { mGot <- m.Lock(ctx) }()
-		time.Sleep(100 * time.Millisecond) // m waits first: it is woken first
+		time.Sleep(500 * time.Millisecond) // m waits first: it is woken first (100ms was too short under load)
 		go func() { rGot <- r.Lock(ctx) }()
 		time.Sleep(100 * time.Millisecond)
 		require.NoError(t, holder.Unlock(ctx))

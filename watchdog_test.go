@@ -76,11 +76,13 @@ func TestRenewalNotCutAtPeriod(t *testing.T) {
 		}
 		ctx := ctxT(t, 20*time.Second)
 		// Load the renewal script first (a fast renewal), so that each
-		// slow renewal is one call.
-		warm := newClient(t, b, redlatch.WithWatchdogTimeout(30*time.Millisecond))
+		// slow renewal is one call. Renewals every 50ms: a 30ms timeout
+		// lost the warm-up hold before its Unlock with the other backends
+		// running at once and two CPU hogs.
+		warm := newClient(t, b, redlatch.WithWatchdogTimeout(150*time.Millisecond))
 		wm := warm.Mutex(redistest.UniqueName(t))
 		require.NoError(t, wm.Lock(ctx))
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(120 * time.Millisecond)
 		require.NoError(t, wm.Unlock(ctx))
 
 		rdb := b.Client(t)
