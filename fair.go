@@ -483,6 +483,9 @@ func (f *FairMutex) Unlock(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.h != h || h == nil {
+		if err == nil && h.isLost() {
+			return ErrNotHeld // see ReentrantMutex.Unlock
+		}
 		h = nil
 	} else if f.n > 0 {
 		f.n--

@@ -1485,6 +1485,111 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 	})
 }
 
+// renewReplyLossHook, while armed, lets each watchdog renewal of key alone
+// (a renew.lua call with that one key) run on the server and loses its
+// reply: Redis keeps extending the hold while the handle's local deadline
+// passes unrenewed, and its Lost closes (a renewal reply come too late).
+type renewReplyLossHook struct {
+	passHook
+	key   string
+	armed atomic.Bool
+}
+
+func (h *renewReplyLossHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if !h.armed.Load() || (cmd.Name() != "evalsha" && cmd.Name() != "eval") ||
+			len(args) < 6 || fmt.Sprint(args[2]) != "1" || fmt.Sprint(args[3]) != h.key {
+			return next(ctx, cmd)
+		}
+		if err := next(ctx, cmd); err != nil {
+			return err
+		}
+		cmd.SetErr(io.ErrUnexpectedEOF) // ran on the server, reply lost
+		return io.ErrUnexpectedEOF
+	}
+}
+
+// TestUnlockOfLostHoldRacingLock: on a reentrant handle shared by
+// goroutines, the hold is lost locally (renewal replies lost: Lost closes)
+// while Redis still counts it. Goroutine A's Unlock of it is in flight when
+// goroutine B's Lock takes the lock again through the handle (re-entering
+// the hold Redis still counts when it gets there first, or taking a new one
+// after A's release). A's Unlock must report ErrNotHeld, as it does without
+// the race (TestReplicaSyncRetakeAfterLocalLoss): its hold was lost. It
+// returned nil whenever B's Lock reply came first (the handle then tracks
+// B's hold, and A's Unlock left its outcome unchecked). B's Unlock then
+// releases the lock.
+func TestUnlockOfLostHoldRacingLock(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		type handle interface {
+			Lock(context.Context) error
+			Unlock(context.Context) error
+			Lost() <-chan struct{}
+			IsLocked(context.Context) (bool, error)
+		}
+		kinds := []struct {
+			name    string
+			held    func(name string) string // the key the watchdog renews
+			release func(name string) string // a key of the release script's KEYS
+			make    func(c *redlatch.Client, name string) handle
+		}{
+			{"ReentrantMutex", lockKey, lockKey, func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
+			{"FairMutex", fairKey, fairKey, func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
+			{"RWMutex", rwKey, writersWakeKey, func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
+			{"RWMutex readers", rwKey, writersWakeKey, func(c *redlatch.Client, n string) handle {
+				return readers{c.RWMutex(n)}
+			}},
+		}
+		redistest.Together(t, func(run func(string, func(*testing.T))) {
+			for _, k := range kinds {
+				for _, releaseFirst := range []bool{false, true} {
+					run(fmt.Sprintf("%s/releaseFirst=%v", k.name, releaseFirst), func(t *testing.T) {
+						ctx := ctxT(t, 10*time.Second)
+						name := redistest.UniqueName(t)
+						rdb := b.Client(t)
+						renew := &renewReplyLossHook{key: k.held(name)}
+						gate := &gateScriptHook{match: scriptWith(k.release(name)), after: releaseFirst,
+							entered: make(chan struct{}), proceed: make(chan struct{})}
+						rdb.AddHook(renew)
+						rdb.AddHook(gate)
+						timeout := 450 * time.Millisecond
+						c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
+						t.Cleanup(func() { _ = c.Close() })
+						m := k.make(c, name)
+						require.NoError(t, m.Lock(ctx)) // scripts loaded
+						require.NoError(t, m.Unlock(ctx))
+
+						require.NoError(t, m.Lock(ctx)) // goroutine A's hold
+						renew.armed.Store(true)
+						requireClosedWithin(t, m.Lost(), 2*timeout+time.Second, "not lost with renewal replies lost")
+						renew.armed.Store(false)
+						locked, err := m.IsLocked(ctx)
+						require.NoError(t, err)
+						require.True(t, locked, "Redis no longer counts the hold: the test proves nothing")
+
+						gate.armed.Store(true)
+						unlocked := make(chan error, 1)
+						go func() { unlocked <- m.Unlock(ctx) }() // A
+						<-gate.entered
+						require.NoError(t, m.Lock(ctx)) // B, while A's release is in flight
+						close(gate.proceed)
+						require.ErrorIs(t, <-unlocked, redlatch.ErrNotHeld, "A's Unlock of its lost hold")
+
+						requireOpen(t, m.Lost(), "B's hold reported lost")
+						require.NoError(t, m.Unlock(ctx), "B's Unlock")
+						locked, err = m.IsLocked(ctx)
+						require.NoError(t, err)
+						require.False(t, locked, "left held after every Lock had its Unlock")
+					})
+				}
+			}
+		})
+	})
+}
+
+func rwKey(name string) string { return "{" + name + "}:rw" }
+
 // TestLateReplyKeepsNewerHold: on a reentrant handle shared by goroutines,
 // a Lock whose reply comes back after the hold it took was lost and another
 // goroutine's Lock took a new one must not replace the new hold's tracking

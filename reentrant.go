@@ -227,7 +227,12 @@ func (m *ReentrantMutex) Unlock(ctx context.Context) error {
 	defer m.mu.Unlock()
 	if m.h != h || h == nil {
 		// Nothing tracked here, or a concurrent Lock replaced the hold:
-		// leave the handle's state alone.
+		// leave the handle's state alone. A hold Lost reported lost
+		// before (its deadline passed unrenewed: the master may still
+		// have counted it) is not held, as below.
+		if err == nil && h.isLost() {
+			return ErrNotHeld
+		}
 		h = nil
 	} else if m.n > 0 {
 		m.n--

@@ -443,6 +443,9 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string,
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if *hp != h || h == nil {
+		if err == nil && h.isLost() {
+			return ErrNotHeld // see ReentrantMutex.Unlock
+		}
 		h = nil // nothing tracked here, or a concurrent acquisition replaced it
 	} else if *np > 0 {
 		*np--
