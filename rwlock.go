@@ -276,9 +276,16 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		if block {
 			if queued == nil || queued.isLost() {
-				// (Re)track the place this attempt took or refreshed.
+				// (Re)track the place this attempt took or refreshed. A
+				// place found gone (the data was lost: FLUSHALL, a restart,
+				// a failover) wakes the writer to queue again: the read
+				// release that frees the lock wakes writers only while one
+				// has a place, and the writer's sleep is bounded by a lease
+				// that may have vanished with it. (The watchdog runs this
+				// under its mutex; pubsub's is taken inside it.)
 				c.wd.remove(queued)
-				queued = c.wd.add(m.name, m.key, 'f', m.qfield, c.opts.watchdogTimeout, true, sent)
+				queued = c.wd.addNotify(m.name, m.key, 'f', m.qfield, c.opts.watchdogTimeout, true, sent,
+					func() { c.ps.wakeKin(m.wwake, m.owner) })
 			} else {
 				c.wd.setReleasing(queued, false)
 			}
@@ -475,6 +482,13 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string,
 		return err
 	}
 	if n < 0 {
+		// The hold was gone already (the data was lost, or the lease ran
+		// out unannounced): the lock may be free, and no release said so.
+		// Wake this Client's waiters, as Mutex.Unlock does.
+		if hp == &m.wh {
+			m.c.ps.wakeAll(m.rwake)
+		}
+		m.c.ps.wakeAll(m.wwake)
 		return ErrNotHeld
 	}
 	return nil

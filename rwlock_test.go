@@ -874,3 +874,64 @@ func TestRWReleaseResentAfterHashExpired(t *testing.T) {
 		}
 	})
 }
+
+// TestRWWriterRequeuedAfterFlush: the data vanishes (FLUSHALL) while a
+// writer waits behind a reader with a long fixed lease. A reader that comes
+// and goes afterwards frees the lock: the waiting writer must learn it then
+// (its place is renewed by the watchdog, which finds it gone and has the
+// writer queue again, so that the read release wakes it), not sleep on until
+// the vanished reader's 20s lease bound while readers pass it.
+func TestRWWriterRequeuedAfterFlush(t *testing.T) {
+	srv := redistest.NewServer(t)
+	b := redistest.Backend{Name: "redis", Server: srv}
+	ctx := ctxT(t, 10*time.Second)
+	timeout := 600 * time.Millisecond
+	ca := newClient(t, b, redlatch.WithWatchdogTimeout(timeout))
+	cb := newClient(t, b, redlatch.WithWatchdogTimeout(timeout))
+	name := redistest.UniqueName(t)
+
+	require.NoError(t, ca.RWMutex(name, redlatch.WithLease(20*time.Second)).RLock(ctx))
+	writer := cb.RWMutex(name, redlatch.WithOwner("writer"))
+	got := make(chan error, 1)
+	go func() { got <- writer.Lock(ctx) }()
+	rdb := b.Client(t)
+	require.Eventually(t, func() bool {
+		n, err := rdb.HExists(ctx, "{"+name+"}:rw", "ww:writer").Result()
+		return err == nil && n
+	}, 2*time.Second, 5*time.Millisecond, "the writer never queued")
+
+	b.FlushAll(t)
+	// A reader takes the lock the flush freed, and holds it past a renewal
+	// of the writer's place.
+	reader := ca.RWMutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, reader.RLock(ctx))
+	time.Sleep(2 * timeout)
+	require.NoError(t, reader.RUnlock(ctx))
+	requireNoErrWithin(t, got, time.Second, "the writer slept through the read release that freed the lock")
+	require.NoError(t, writer.Unlock(ctx))
+}
+
+// TestRWUnlockOfVanishedHoldWakesLocalWaiters: the data vanishes (FLUSHALL)
+// under a fixed-lease writer with a reader of its own Client waiting, then
+// the writer's Unlock finds its hold gone (ErrNotHeld). The lock is free and
+// the Client knows it: its waiting reader must try again now, as a Mutex's
+// local waiter does, not sleep until the vanished 20s lease's bound.
+func TestRWUnlockOfVanishedHoldWakesLocalWaiters(t *testing.T) {
+	srv := redistest.NewServer(t)
+	b := redistest.Backend{Name: "redis", Server: srv}
+	ctx := ctxT(t, 10*time.Second)
+	c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+	name := redistest.UniqueName(t)
+
+	writer := c.RWMutex(name, redlatch.WithLease(20*time.Second))
+	require.NoError(t, writer.Lock(ctx))
+	reader := c.RWMutex(name)
+	got := make(chan error, 1)
+	go func() { got <- reader.RLock(ctx) }()
+	time.Sleep(300 * time.Millisecond)
+
+	b.FlushAll(t)
+	require.ErrorIs(t, writer.Unlock(ctx), redlatch.ErrNotHeld)
+	requireNoErrWithin(t, got, time.Second, "the local reader slept on after the Unlock found the lock free")
+	require.NoError(t, reader.RUnlock(ctx))
+}

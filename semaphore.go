@@ -361,6 +361,10 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		return err
 	}
 	if freed < n {
+		// Permits found gone already (the data was lost, or their lease
+		// ran out unannounced): some may be free, and no release said so
+		// when none came back. Wake this Client's waiters.
+		s.c.ps.wakeAll(s.channel)
 		return ErrNotHeld
 	}
 	return nil
