@@ -13,7 +13,10 @@
 //	}
 //
 // and the package's TestMain calls Main, which stops the shared servers and
-// fails the run when a goroutine outlives the tests.
+// fails the run when a goroutine outlives the tests. ForEach runs the
+// backends at the same time (ForEachInTurn one after the other), and
+// Together runs a test's own subtests at once: the suite mostly waits on
+// leases and timeouts, and takes about half as long so.
 //
 // Environment:
 //
