@@ -351,7 +351,7 @@ func (f *FairMutex) wait(ctx context.Context, id string, block bool, try attempt
 		if ctx.Err() != nil {
 			return false, newWaitError(ctx, nil) // see Client.acquire
 		}
-		ok, retry, err := try(ctx)
+		ok, retry, err := f.c.attempt(ctx, try)
 		switch {
 		case err != nil:
 			return false, f.c.failedAttempt(ctx, err, nil)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"runtime"
 	"slices"
 	"strconv"
@@ -2337,4 +2338,91 @@ func TestResendSparesTransferredHold(t *testing.T) {
 			}
 		})
 	})
+}
+
+// endHook records when the commands naming a key with tag, sent before
+// open was cleared, returned (go-redis's retries included).
+type endHook struct {
+	tag  string
+	mu   *sync.Mutex
+	open *bool      // commands sent now are recorded
+	last *time.Time // when the last of them returned
+}
+
+func (h endHook) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) { return next(ctx, network, addr) }
+}
+
+func (h endHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.mu.Lock()
+		record := *h.open && strings.Contains(fmt.Sprint(cmd.Args()...), h.tag)
+		h.mu.Unlock()
+		err := next(ctx, cmd)
+		if record {
+			h.mu.Lock()
+			*h.last = time.Now()
+			h.mu.Unlock()
+		}
+		return err
+	}
+}
+
+func (h endHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestCloseEndsAttemptInFlightAtReadDeadline: a wait whose attempt is on
+// its way to a frozen server at Close ends at that attempt's read deadline
+// (here the Redis client's ReadTimeout), as Close documents: go-redis must
+// not send the attempt again after its read timed out, on a new connection
+// whose handshake waits for a ReadTimeout of its own.
+func TestCloseEndsAttemptInFlightAtReadDeadline(t *testing.T) {
+	srv := redistest.NewServer(t)
+	const readTimeout = 500 * time.Millisecond
+	for _, kind := range []string{"Mutex", "FairMutex"} {
+		t.Run(kind, func(t *testing.T) {
+			name := redistest.UniqueName(t)
+			open, last := false, time.Time{}
+			hook := endHook{tag: "{" + name + "}", mu: new(sync.Mutex), open: &open, last: &last}
+			opt := srv.Options()
+			opt.ReadTimeout = readTimeout
+			rdb := redis.NewClient(opt)
+			rdb.AddHook(hook)
+			t.Cleanup(func() { _ = rdb.Close() })
+			c := redlatch.New(rdb)
+			t.Cleanup(func() { _ = c.Close() })
+			ctx := ctxT(t, 20*time.Second)
+			_, err := c.Mutex(name + "warm").TryLock(ctx) // a pooled connection, the scripts loaded
+			require.NoError(t, err)
+			srv.Stop(t)
+			t.Cleanup(func() { srv.Cont(t) })
+			lock := map[string]func(context.Context) error{"Mutex": c.Mutex(name).Lock, "FairMutex": c.FairMutex(name).Lock}[kind]
+			hook.mu.Lock()
+			open = true
+			hook.mu.Unlock()
+			got := make(chan error, 1)
+			sent := time.Now()
+			go func() { got <- lock(ctx) }()
+			time.Sleep(100 * time.Millisecond) // the first attempt waits for its reply
+			hook.mu.Lock()
+			open = false // the undo is not the attempt
+			hook.mu.Unlock()
+			start := time.Now()
+			require.NoError(t, c.Close())
+			select {
+			case err = <-got:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the wait did not return")
+			}
+			took := time.Since(start)
+			srv.Cont(t)
+			hook.mu.Lock()
+			attempt := last.Sub(sent)
+			hook.mu.Unlock()
+			t.Logf("%s: %v %v after Close; its attempt returned %v after it was sent", kind, err, took.Round(time.Millisecond), attempt.Round(time.Millisecond))
+			require.ErrorIs(t, err, redlatch.ErrClosed)
+			require.Less(t, attempt, readTimeout+300*time.Millisecond, "the attempt was sent again after Close")
+		})
+	}
 }

@@ -1268,13 +1268,21 @@ func (p *pubsub) close() {
 	// not answer holds up until the client's read deadline: the subscriber's
 	// ctx has none, and go-redis does not end a read when it is cancelled.
 	// Close leaves such a connection (and the node's goroutines) to end on
-	// their own then: p.closing and the Client's ctx end them.
+	// their own then: p.closing and the Client's ctx end them. The
+	// connections are closed all at once: one held up so must not keep
+	// those to the other nodes open until then.
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		var closing sync.WaitGroup
 		for _, n := range nodes {
-			_ = n.ps.Close()
+			closing.Add(1)
+			go func() {
+				defer closing.Done()
+				_ = n.ps.Close()
+			}()
 		}
+		closing.Wait()
 		p.wg.Wait()
 	}()
 	t := time.NewTimer(subscriberCloseWait)
@@ -1428,7 +1436,7 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			// it for nothing, a round trip that leaves a tombstone.
 			return false, newWaitError(ctx, nil)
 		}
-		ok, retry, err := try(ctx)
+		ok, retry, err := c.attempt(ctx, try)
 		switch {
 		case err != nil:
 			return false, c.failedAttempt(ctx, err, undo)
@@ -1457,6 +1465,22 @@ func (c *Client) acquire(ctx context.Context, channel string, kin *kinship, bloc
 			}
 		}
 	}
+}
+
+// attempt runs try with ctx, cancelled at Close too. go-redis does not end
+// a read in flight when its ctx is cancelled, but it retries no command
+// whose ctx was: without it an attempt whose read timed out on a server
+// that does not answer was sent again (on a new connection, whose
+// handshake waits for a read timeout of its own), and the wait ended at
+// Close outlived its read deadline (see Client.Close).
+func (c *Client) attempt(ctx context.Context, try attemptFunc) (bool, time.Duration, error) {
+	actx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(c.ctx, cancel)
+	defer func() {
+		stop()
+		cancel()
+	}()
+	return try(actx)
 }
 
 // failedAttempt undoes an attempt whose outcome is unknown and returns the

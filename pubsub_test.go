@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -487,4 +489,84 @@ func TestOneSubscriberConnPerNode(t *testing.T) {
 			require.ErrorIs(t, <-errs, redlatch.ErrNotObtained)
 		}
 	})
+}
+
+// subscribers counts the connections of srv subscribed to a channel.
+func subscribers(t *testing.T, srv *redistest.Server) int {
+	t.Helper()
+	rdb := redis.NewClient(srv.Options())
+	defer rdb.Close()
+	list, err := rdb.ClientList(context.Background()).Result()
+	require.NoError(t, err)
+	n := 0
+	re := regexp.MustCompile(`\b(sub|ssub|psub)=([1-9][0-9]*)`)
+	for _, l := range strings.Split(list, "\n") {
+		if re.MatchString(l) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestCloseClosesHealthySubscribersAtOnce: a subscriber connection whose
+// reconnection hangs on a frozen master must not keep the Client's
+// subscriber connections to the healthy masters open after Close.
+func TestCloseClosesHealthySubscribersAtOnce(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	frozen := cl.Servers[0]
+	holder := redlatch.New(cl.Client(t))
+	t.Cleanup(func() { _ = holder.Close() })
+	var names []string
+	for j, s := range cl.Servers {
+		name := closeNameOn(t, cl, s, fmt.Sprint("w", j))
+		require.NoError(t, holder.Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+		names = append(names, name)
+	}
+	var clients []*redlatch.Client
+	got := make(chan error, 16)
+	for i := 0; i < 4; i++ { // several Clients: the order of their masters varies
+		opts := cl.Options()
+		opts.ReadTimeout = 4 * time.Second // the reconnection's handshake waits that long
+		cc := redis.NewClusterClient(opts)
+		t.Cleanup(func() { _ = cc.Close() })
+		c := redlatch.New(cc, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
+		t.Cleanup(func() { _ = c.Close() })
+		clients = append(clients, c)
+		for _, name := range names {
+			go func() { got <- c.Mutex(name).Lock(ctx) }()
+		}
+	}
+	healthy := cl.Servers[1:]
+	time.Sleep(500 * time.Millisecond) // the waiters wait, subscribed
+	for _, s := range healthy {
+		require.NotZero(t, subscribers(t, s))
+	}
+	frozen.Stop(t)
+	t.Cleanup(func() { frozen.Cont(t) })
+	// Ping at 1s, dropped at 2s, then the reconnection's handshake waits.
+	time.Sleep(2500 * time.Millisecond)
+	start := time.Now()
+	for _, c := range clients {
+		require.NoError(t, c.Close())
+	}
+	t.Logf("Close of %d Clients took %v", len(clients), time.Since(start).Round(time.Millisecond))
+	for range 3 * len(clients) {
+		require.ErrorIs(t, <-got, redlatch.ErrClosed)
+	}
+	time.Sleep(300 * time.Millisecond)
+	for i, s := range healthy {
+		require.Zero(t, subscribers(t, s), "healthy master %d: subscriber connections still open %v after Close", i+1, time.Since(start).Round(time.Millisecond))
+	}
+	frozen.Cont(t)
+}
+
+// closeNameOn returns a fresh name whose hash tag is on server s of cl.
+func closeNameOn(t *testing.T, cl *redistest.Cluster, s *redistest.Server, kind string) string {
+	for i := 0; ; i++ {
+		n := fmt.Sprintf("%s-%s-%d", redistest.UniqueName(t), kind, i)
+		if cl.ServerFor("{"+n+"}") == s {
+			return n
+		}
+	}
 }
