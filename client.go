@@ -236,6 +236,10 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wd = newWatchdog(c)
 	c.ps = newPubsub(c)
+	if r, ok := rdb.(*redis.Client); ok && c.err == nil && r.Options().Addr == "FailoverClient" {
+		// A sentinel failover client (go-redis names its address so).
+		watchFailover(r, c.ps)
+	}
 	if c.err == nil {
 		c.wd.start()
 	}

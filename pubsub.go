@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"weak"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -70,6 +71,14 @@ func (p *pubsub) healthInterval() time.Duration {
 type pubsub struct {
 	c  *Client
 	id string // unique (newID): names per-Client channels (FairMutex)
+	// ctx is the Client's, marked as this plain subscriber connection's
+	// (see failoverHook): go-redis dials that connection with it.
+	ctx context.Context
+	// subAddr is the server the plain subscriber connection was last
+	// dialled to, on a sentinel failover client (nil or "" when unknown,
+	// or dropped since: see failoverHook).
+	subAddr atomic.Pointer[string]
+	unwatch func() // ends watchFailover; nil when not watching
 
 	yieldDelay time.Duration // see armYield
 
@@ -484,7 +493,7 @@ func (w *waiter) takeGrant() string {
 }
 
 func newPubsub(c *Client) *pubsub {
-	return &pubsub{
+	p := &pubsub{
 		c:          c,
 		id:         newID(),
 		yieldDelay: yieldDelay,
@@ -493,6 +502,8 @@ func newPubsub(c *Client) *pubsub {
 		streaks:    make(map[string]int),
 		closing:    make(chan struct{}),
 	}
+	p.ctx = context.WithValue(c.ctx, subscriberDial{}, p)
+	return p
 }
 
 // join registers a waiter on channel, subscribing it if this is its first
@@ -612,7 +623,7 @@ func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (
 	if n := p.nodes[""]; n != nil {
 		return n, nil
 	}
-	return p.newNodeLocked("", p.c.rdb.Subscribe(p.c.ctx), false), nil
+	return p.newNodeLocked("", p.c.rdb.Subscribe(p.ctx), false), nil
 }
 
 // shardNodeLocked returns the sharded subscriber connection of a master,
@@ -863,7 +874,7 @@ func (n *psNode) queue(cmd psCommand) {
 // lease meanwhile.
 func (p *pubsub) write(n *psNode) {
 	defer p.wg.Done()
-	ctx := p.c.ctx
+	ctx := p.ctx
 	var resend []string // channels whose subscribe failed
 	pause := resubscribePause
 	for {
@@ -1022,7 +1033,7 @@ func signalAll(ws []*waiter) {
 // receive reads one subscriber connection until the Client closes.
 func (p *pubsub) receive(n *psNode) {
 	defer p.wg.Done()
-	ctx := p.c.ctx
+	ctx := p.ctx
 	backoff := 10 * time.Millisecond
 	pinged := false // a ping is unanswered
 	for {
@@ -1156,6 +1167,105 @@ func (p *pubsub) receive(n *psNode) {
 	}
 }
 
+// subscriberDial marks the context of the plain subscriber connection's
+// commands, with which go-redis dials it.
+type subscriberDial struct{}
+
+// failoverHook follows a sentinel failover client's master with the plain
+// subscriber connection. go-redis moves the client's command connections
+// to the new master when the sentinel announces a failover, but not a
+// subscriber connection: that one stays on the old master, which keeps
+// running as a master until the sentinel demotes it (seconds later, or
+// never while the sentinel cannot reach it), so the wake-ups published on
+// the new master do not reach this Client's waiters, who sleep to their
+// lease or re-check bound. The hook sees every connection the client dials:
+// a command connection dialled to another server than the subscriber's
+// drops the subscriber connection, once, and go-redis dials it again
+// through the sentinel, to the new master; the re-subscriptions' confirmations
+// wake every waiter to retry (a wake-up published meanwhile was lost).
+//
+// A go-redis client keeps its hooks for good: it gets one hook, installed
+// by the first Client on it, which serves the Clients open on it then.
+type failoverHook struct {
+	mu sync.Mutex
+	ps map[*pubsub]struct{}
+}
+
+// failoverHooks maps each failover client a Client was opened on to its
+// hook (weakly: a go-redis client dropped by its user is not kept).
+var failoverHooks sync.Map // weak.Pointer[redis.Client] → *failoverHook
+
+// watchFailover makes p follow the master of rdb, a sentinel failover
+// client (see failoverHook), until p.unwatch.
+func watchFailover(rdb *redis.Client, p *pubsub) {
+	h, loaded := failoverHooks.LoadOrStore(weak.Make(rdb), &failoverHook{ps: make(map[*pubsub]struct{})})
+	fh := h.(*failoverHook)
+	fh.mu.Lock()
+	fh.ps[p] = struct{}{}
+	fh.mu.Unlock()
+	if !loaded {
+		rdb.AddHook(fh)
+	}
+	p.unwatch = func() {
+		fh.mu.Lock()
+		delete(fh.ps, p)
+		fh.mu.Unlock()
+	}
+}
+
+func (h *failoverHook) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := next(ctx, network, addr)
+		if err == nil && conn != nil && conn.RemoteAddr() != nil {
+			remote := conn.RemoteAddr().String()
+			h.mu.Lock()
+			ps := make([]*pubsub, 0, len(h.ps))
+			for p := range h.ps {
+				ps = append(ps, p)
+			}
+			h.mu.Unlock()
+			for _, p := range ps {
+				p.dialled(ctx, remote)
+			}
+		}
+		return conn, err
+	}
+}
+
+func (h *failoverHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (h *failoverHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// dialled records a connection of a failover client to addr (see
+// failoverHook).
+func (p *pubsub) dialled(ctx context.Context, addr string) {
+	if mine := ctx.Value(subscriberDial{}); mine != nil {
+		if mine == p {
+			p.subAddr.Store(&addr)
+		}
+		return // another Client's subscriber connection
+	}
+	sub := p.subAddr.Load()
+	if sub == nil || *sub == "" || *sub == addr {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := p.nodes[""]
+	if n == nil || p.closed || !p.subAddr.CompareAndSwap(sub, new(string)) {
+		return
+	}
+	p.c.opts.logger.Debug("redlatch: commands reach another server than the subscriber (a failover); reconnecting it",
+		"subscriber", *sub, "commands", addr)
+	p.wg.Add(1)
+	go func() { // not under go-redis's dial
+		defer p.wg.Done()
+		dropConnection(p.ctx, n.ps)
+	}()
+}
+
 // refusedCommand returns the command a NOPERM reply says the user may not
 // run ("... no permissions to run the 'ping' command"), lower case, or ""
 // (another reply, or a channel the user may not access).
@@ -1255,6 +1365,9 @@ func (p *pubsub) dispatch(channel, payload string) {
 // close ends every wait with ErrClosed, closes the subscriber connections
 // and waits for their goroutines, at most subscriberCloseWait.
 func (p *pubsub) close() {
+	if p.unwatch != nil {
+		p.unwatch()
+	}
 	p.mu.Lock()
 	p.closed = true
 	close(p.closing)
