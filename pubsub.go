@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -1198,13 +1199,16 @@ var failoverHooks sync.Map // weak.Pointer[redis.Client] → *failoverHook
 // watchFailover makes p follow the master of rdb, a sentinel failover
 // client (see failoverHook), until p.unwatch.
 func watchFailover(rdb *redis.Client, p *pubsub) {
-	h, loaded := failoverHooks.LoadOrStore(weak.Make(rdb), &failoverHook{ps: make(map[*pubsub]struct{})})
+	key := weak.Make(rdb)
+	h, loaded := failoverHooks.LoadOrStore(key, &failoverHook{ps: make(map[*pubsub]struct{})})
 	fh := h.(*failoverHook)
 	fh.mu.Lock()
 	fh.ps[p] = struct{}{}
 	fh.mu.Unlock()
 	if !loaded {
 		rdb.AddHook(fh)
+		// The entry goes with the go-redis client.
+		runtime.AddCleanup(rdb, func(key weak.Pointer[redis.Client]) { failoverHooks.Delete(key) }, key)
 	}
 	p.unwatch = func() {
 		fh.mu.Lock()
@@ -1257,11 +1261,18 @@ func (p *pubsub) dialled(ctx context.Context, addr string) {
 	if n == nil || p.closed || !p.subAddr.CompareAndSwap(sub, new(string)) {
 		return
 	}
-	p.c.opts.logger.Debug("redlatch: commands reach another server than the subscriber (a failover); reconnecting it",
-		"subscriber", *sub, "commands", addr)
 	p.wg.Add(1)
 	go func() { // not under go-redis's dial
 		defer p.wg.Done()
+		// A ReplicaOnly client dials each connection to a random replica,
+		// with no failover: it has no master to follow. (The Client's ctx:
+		// a dial for ROLE is not the subscriber's.)
+		if role, err := p.c.rdb.Do(p.c.ctx, "ROLE").Slice(); err == nil && len(role) > 0 && role[0] == "slave" {
+			p.unwatch()
+			return
+		}
+		p.c.opts.logger.Debug("redlatch: commands reach another server than the subscriber (a failover); reconnecting it",
+			"subscriber", *sub, "commands", addr)
 		dropConnection(p.ctx, n.ps)
 	}()
 }

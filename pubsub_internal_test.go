@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -570,4 +571,30 @@ func TestNopermReconnectInsideWrite(t *testing.T) {
 		t.Fatal("the waiter of the permitted lock slept through the release")
 	}
 	require.NoError(t, okWaiter.Unlock(ctx))
+}
+
+// TestFailoverHooksForgetCollectedClients: failoverHooks keeps no entry for
+// a failover client that was closed and dropped (with its Clients): an
+// application that opens and drops failover clients must not grow it for
+// good.
+func TestFailoverHooksForgetCollectedClients(t *testing.T) {
+	count := func() int {
+		n := 0
+		failoverHooks.Range(func(_, _ any) bool { n++; return true })
+		return n
+	}
+	before := count()
+	func() {
+		for range 50 {
+			rdb := redis.NewFailoverClient(&redis.FailoverOptions{MasterName: "m", SentinelAddrs: []string{"127.0.0.1:1"}})
+			c := New(rdb)
+			require.NotNil(t, c.ps.unwatch)
+			require.NoError(t, c.Close())
+			require.NoError(t, rdb.Close())
+		}
+	}()
+	require.Eventually(t, func() bool {
+		runtime.GC()
+		return count() <= before
+	}, 5*time.Second, 50*time.Millisecond, "failoverHooks: %d entries, %d before", count(), before)
 }

@@ -1,9 +1,14 @@
 package redlatch_test
 
 import (
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -43,3 +48,70 @@ func TestSentinelFailoverClient(t *testing.T) {
 	}
 	require.NoError(t, waiter.Unlock(ctx))
 }
+
+// TestSentinelReplicaOnlySubscriberKept: a ReplicaOnly failover client
+// dials each connection to a random replica, with no failover: a latch
+// waiter's subscriber connection (on one replica) is not dropped each time
+// a command connection goes to another.
+func TestSentinelReplicaOnlySubscriberKept(t *testing.T) {
+	master := redistest.NewServer(t, "--repl-diskless-sync-delay", "0")
+	host, port, _ := net.SplitHostPort(master.Addr)
+	r1 := redistest.NewServer(t, "--replicaof", host, port)
+	r2 := redistest.NewServer(t, "--replicaof", host, port)
+	waitInSync(t, master, r1)
+	waitInSync(t, master, r2)
+	sentinel := redistest.NewSentinel(t, master)
+	ctx := ctxT(t, 30*time.Second)
+	sadm := redis.NewSentinelClient(&redis.Options{Addr: sentinel.Addr})
+	t.Cleanup(func() { _ = sadm.Close() })
+	require.Eventually(t, func() bool {
+		rs, err := sadm.Replicas(ctx, sentinel.MasterName).Result()
+		return err == nil && len(rs) == 2
+	}, 20*time.Second, 100*time.Millisecond, "sentinel did not find the replicas")
+
+	var mu sync.Mutex
+	var logs strings.Builder
+	logger := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return logs.Write(p)
+	}), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	rdb := redis.NewFailoverClient(&redis.FailoverOptions{
+		MasterName: sentinel.MasterName, SentinelAddrs: []string{sentinel.Addr},
+		ReplicaOnly: true, ContextTimeoutEnabled: true, PoolSize: 64,
+	})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb, redlatch.WithLogger(logger))
+	t.Cleanup(func() { _ = c.Close() })
+	mc := redlatch.New(master.Client(t))
+	t.Cleanup(func() { _ = mc.Close() })
+	name := redistest.UniqueName(t)
+	ok, err := mc.CountDownLatch(name).TrySetCount(ctx, 1)
+	require.NoError(t, err)
+	require.True(t, ok)
+	waitInSync(t, master, r1)
+	waitInSync(t, master, r2)
+
+	done := make(chan error, 1)
+	go func() { done <- c.CountDownLatch(name).Wait(ctx) }()
+	time.Sleep(300 * time.Millisecond) // subscribed
+	// Commands that need new connections: go-redis dials each to a random
+	// replica.
+	for range 16 {
+		conn := rdb.Conn()
+		require.NoError(t, conn.Ping(ctx).Err())
+		defer conn.Close()
+	}
+	time.Sleep(300 * time.Millisecond)
+	require.NoError(t, mc.CountDownLatch(name).CountDown(ctx))
+	require.NoError(t, <-done)
+	mu.Lock()
+	drops := strings.Count(logs.String(), "commands reach another server") +
+		strings.Count(logs.String(), "subscriber connection lost")
+	mu.Unlock()
+	require.Zero(t, drops, "subscriber connection dropped with no failover")
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
