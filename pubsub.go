@@ -457,19 +457,6 @@ func (p *pubsub) wakeOne(channel string) {
 	}
 }
 
-// wakeAll wakes every local waiter on channel: a release of this Client
-// found its hold (read lock, write lock, permits) gone already, so the lock
-// may be free and no release announced it (the data was lost, or the lease
-// ran out unannounced); the waiters' sleeps are bounded by a lease that may
-// have vanished with it.
-func (p *pubsub) wakeAll(channel string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if ch := p.chans[channel]; ch != nil {
-		signalAll(ch.waiters)
-	}
-}
-
 // takeTransfer returns and clears the transferred hold delivered to w: its
 // token, or 0 when none.
 func (w *waiter) takeTransfer() (int64, time.Time) {

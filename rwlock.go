@@ -486,9 +486,9 @@ func (m *RWMutex) release(ctx context.Context, hp **hold, np *int, rp *[]string,
 		// out unannounced): the lock may be free, and no release said so.
 		// Wake this Client's waiters, as Mutex.Unlock does.
 		if hp == &m.wh {
-			m.c.ps.wakeAll(m.rwake)
+			m.c.ps.dispatch(m.rwake, wakeAll)
 		}
-		m.c.ps.wakeAll(m.wwake)
+		m.c.ps.dispatch(m.wwake, wakeAll)
 		return ErrNotHeld
 	}
 	return nil

@@ -911,27 +911,55 @@ func TestRWWriterRequeuedAfterFlush(t *testing.T) {
 	require.NoError(t, writer.Unlock(ctx))
 }
 
-// TestRWUnlockOfVanishedHoldWakesLocalWaiters: the data vanishes (FLUSHALL)
-// under a fixed-lease writer with a reader of its own Client waiting, then
-// the writer's Unlock finds its hold gone (ErrNotHeld). The lock is free and
-// the Client knows it: its waiting reader must try again now, as a Mutex's
-// local waiter does, not sleep until the vanished 20s lease's bound.
-func TestRWUnlockOfVanishedHoldWakesLocalWaiters(t *testing.T) {
-	srv := redistest.NewServer(t)
-	b := redistest.Backend{Name: "redis", Server: srv}
-	ctx := ctxT(t, 10*time.Second)
+// TestReleaseOfVanishedHoldWakesLocalWaiters: the data vanishes (FLUSHALL)
+// under a fixed-lease hold with a waiter of the same Client, then the
+// hold's release finds it gone (ErrNotHeld). The lock (or the permits) is
+// free and the Client knows it: its waiter must try again now, not sleep
+// until the vanished 20s lease's bound. Mutex did; an RWMutex writer's
+// waiting reader and a Semaphore's waiter slept on.
+func TestReleaseOfVanishedHoldWakesLocalWaiters(t *testing.T) {
+	lease := redlatch.WithLease(20 * time.Second)
+	kinds := []struct {
+		name         string
+		held, waiter func(c *redlatch.Client, n string) holdPair
+	}{
+		{"Mutex", func(c *redlatch.Client, n string) holdPair {
+			m := c.Mutex(n, lease)
+			return holdPair{m.Lock, m.Unlock, nil}
+		},
+			func(c *redlatch.Client, n string) holdPair { m := c.Mutex(n); return holdPair{m.Lock, m.Unlock, nil} }},
+		{"RWMutex", func(c *redlatch.Client, n string) holdPair {
+			m := c.RWMutex(n, lease)
+			return holdPair{m.Lock, m.Unlock, nil}
+		},
+			func(c *redlatch.Client, n string) holdPair {
+				m := c.RWMutex(n)
+				return holdPair{m.RLock, m.RUnlock, nil}
+			}},
+		{"Semaphore", func(c *redlatch.Client, n string) holdPair {
+			s := c.Semaphore(n, 1, lease)
+			return holdPair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }, nil}
+		}, func(c *redlatch.Client, n string) holdPair {
+			s := c.Semaphore(n, 1)
+			return holdPair{func(ctx context.Context) error { return s.Acquire(ctx, 1) }, func(ctx context.Context) error { return s.Release(ctx, 1) }, nil}
+		}},
+	}
+	// A private server: the test flushes it.
+	b := redistest.Backend{Name: redistest.BackendRedis, Server: redistest.NewServer(t)}
 	c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
-	name := redistest.UniqueName(t)
-
-	writer := c.RWMutex(name, redlatch.WithLease(20*time.Second))
-	require.NoError(t, writer.Lock(ctx))
-	reader := c.RWMutex(name)
-	got := make(chan error, 1)
-	go func() { got <- reader.RLock(ctx) }()
-	time.Sleep(300 * time.Millisecond)
-
-	b.FlushAll(t)
-	require.ErrorIs(t, writer.Unlock(ctx), redlatch.ErrNotHeld)
-	requireNoErrWithin(t, got, time.Second, "the local reader slept on after the Unlock found the lock free")
-	require.NoError(t, reader.RUnlock(ctx))
+	for _, k := range kinds {
+		t.Run(k.name, func(t *testing.T) {
+			ctx := ctxT(t, 10*time.Second)
+			name := redistest.UniqueName(t)
+			held, waiter := k.held(c, name), k.waiter(c, name)
+			require.NoError(t, held.acquire(ctx))
+			got := make(chan error, 1)
+			go func() { got <- waiter.acquire(ctx) }()
+			time.Sleep(300 * time.Millisecond) // it waits
+			b.FlushAll(t)
+			require.ErrorIs(t, held.release(ctx), redlatch.ErrNotHeld)
+			requireNoErrWithin(t, got, time.Second, "the local waiter slept on after the release found the hold gone")
+			require.NoError(t, waiter.release(ctx))
+		})
+	}
 }

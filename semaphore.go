@@ -364,7 +364,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// Permits found gone already (the data was lost, or their lease
 		// ran out unannounced): some may be free, and no release said so
 		// when none came back. Wake this Client's waiters.
-		s.c.ps.wakeAll(s.channel)
+		s.c.ps.dispatch(s.channel, wakeAll)
 		return ErrNotHeld
 	}
 	return nil

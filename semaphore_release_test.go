@@ -535,28 +535,3 @@ func TestSemaphoreReleaseResentAfterMemory(t *testing.T) {
 	require.NoError(t, s.Release(ctx, 1), "the release returned its permit, but its resend reported otherwise")
 	requireAvailable(t, ctx, s, 2)
 }
-
-// TestSemaphoreReleaseOfVanishedPermitsWakesLocalWaiters: the data vanishes
-// (FLUSHALL) under a fixed-lease holder with a waiter of its own Client,
-// then the holder's Release finds its permits gone (ErrNotHeld). The permits
-// are free and the Client knows it: its waiter must try again now, not sleep
-// until the vanished 20s lease's bound.
-func TestSemaphoreReleaseOfVanishedPermitsWakesLocalWaiters(t *testing.T) {
-	srv := redistest.NewServer(t)
-	b := redistest.Backend{Name: "redis", Server: srv}
-	ctx := ctxT(t, 10*time.Second)
-	c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
-	name := redistest.UniqueName(t)
-
-	holder := c.Semaphore(name, 1, redlatch.WithLease(20*time.Second))
-	require.NoError(t, holder.Acquire(ctx, 1))
-	waiter := c.Semaphore(name, 1)
-	got := make(chan error, 1)
-	go func() { got <- waiter.Acquire(ctx, 1) }()
-	time.Sleep(300 * time.Millisecond)
-
-	b.FlushAll(t)
-	require.ErrorIs(t, holder.Release(ctx, 1), redlatch.ErrNotHeld)
-	requireNoErrWithin(t, got, time.Second, "the local waiter slept on after the Release found the permits free")
-	require.NoError(t, waiter.Release(ctx, 1))
-}
