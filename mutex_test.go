@@ -1486,21 +1486,19 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 	})
 }
 
-// renewReplyLossHook, while armed, lets each watchdog renewal of key alone
-// (a renew.lua call with that one key) run on the server and loses its
-// reply: Redis keeps extending the hold while the handle's local deadline
-// passes unrenewed, and its Lost closes (a renewal reply come too late).
-type renewReplyLossHook struct {
+// replyLossHook, while armed, lets every command that matches run on the
+// server and loses its reply (lossyHook does so once). With renewalOf, a
+// handle's Lost closes at its local deadline while Redis keeps extending
+// the hold.
+type replyLossHook struct {
 	passHook
-	key   string
+	match func(redis.Cmder) bool
 	armed atomic.Bool
 }
 
-func (h *renewReplyLossHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+func (h *replyLossHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		args := cmd.Args()
-		if !h.armed.Load() || (cmd.Name() != "evalsha" && cmd.Name() != "eval") ||
-			len(args) < 6 || fmt.Sprint(args[2]) != "1" || fmt.Sprint(args[3]) != h.key {
+		if !h.armed.Load() || !h.match(cmd) {
 			return next(ctx, cmd)
 		}
 		if err := next(ctx, cmd); err != nil {
@@ -1549,7 +1547,7 @@ func TestUnlockOfLostHoldRacingLock(t *testing.T) {
 						ctx := ctxT(t, 10*time.Second)
 						name := redistest.UniqueName(t)
 						rdb := b.Client(t)
-						renew := &renewReplyLossHook{key: k.held(name)}
+						renew := &replyLossHook{match: renewalOf(k.held(name), "")}
 						gate := &gateScriptHook{match: scriptWith(k.release(name)), after: releaseFirst,
 							entered: make(chan struct{}), proceed: make(chan struct{})}
 						rdb.AddHook(renew)
