@@ -717,6 +717,19 @@ func cutOffClient(t *testing.T, b redistest.Backend, name string, late bool) (*r
 	}
 }
 
+// cutOffHold returns a Client and cut from cutOffClient, and a hold of k
+// on name taken through it, with the primitive's scripts loaded (a first
+// hold taken and released).
+func cutOffHold(t *testing.T, ctx context.Context, b redistest.Backend, k releaseKind, name string, late bool) (*redlatch.Client, holdPair, func(func(context.Context) error) error) {
+	t.Helper()
+	c, cut := cutOffClient(t, b, name, late)
+	held := k.take(c, name)
+	require.NoError(t, held.acquire(ctx))
+	require.NoError(t, held.release(ctx))
+	require.NoError(t, held.acquire(ctx))
+	return c, held, cut
+}
+
 // requireTakenBack: another Client takes on name what a hold of k excludes
 // (k.other, else k.take) within wait, and releases it.
 func requireTakenBack(t *testing.T, ctx context.Context, b redistest.Backend, k releaseKind, name string, wait time.Duration, msg string) {
@@ -2005,11 +2018,7 @@ func TestReleaseCtxEndsMidCall(t *testing.T) {
 					ctx := ctxT(t, 20*time.Second)
 					name := redistest.UniqueName(t)
 					// The release never reaches Redis: held back until its ctx ends.
-					c, cut := cutOffClient(t, b, name, false)
-					held := k.take(c, name)
-					require.NoError(t, held.acquire(ctx)) // both scripts loaded
-					require.NoError(t, held.release(ctx))
-					require.NoError(t, held.acquire(ctx))
+					_, held, cut := cutOffHold(t, ctx, b, k, name, false)
 					t.Logf("release returned %v", cut(held.release))
 					requireTakenBack(t, ctx, b, k, name, 2*time.Second, "the release whose ctx ended mid-call left the lock taken")
 				})
@@ -2037,11 +2046,7 @@ func TestReentrantReleaseCtxEndsMidCall(t *testing.T) {
 						name := redistest.UniqueName(t)
 						// The release is held back until its ctx ends: before
 						// Redis runs it, or (ran) after.
-						c, cut := cutOffClient(t, b, name, ran)
-						held := k.take(c, name)
-						require.NoError(t, held.acquire(ctx)) // both scripts loaded
-						require.NoError(t, held.release(ctx))
-						require.NoError(t, held.acquire(ctx))
+						_, held, cut := cutOffHold(t, ctx, b, k, name, ran)
 						require.NoError(t, held.acquire(ctx))
 						require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
 						time.Sleep(100 * time.Millisecond) // a resend lands
@@ -2243,11 +2248,7 @@ func TestResendSparesLaterHold(t *testing.T) {
 					run(fmt.Sprintf("%s/ran=%v", k.name, ran), func(t *testing.T) {
 						ctx := ctxT(t, 20*time.Second)
 						name := redistest.UniqueName(t)
-						c, cut := cutOffClient(t, b, name, ran)
-						held := k.take(c, name)
-						require.NoError(t, held.acquire(ctx)) // both scripts loaded
-						require.NoError(t, held.release(ctx))
-						require.NoError(t, held.acquire(ctx))
+						c, held, cut := cutOffHold(t, ctx, b, k, name, ran)
 						require.ErrorIs(t, cut(held.release), context.DeadlineExceeded)
 						// At once: before the resend lands (it has 2s).
 						lctx, lcancel := context.WithTimeout(ctx, 3*time.Second)
