@@ -1445,6 +1445,31 @@ func TestReentryAfterLossTakesNewToken(t *testing.T) {
 	})
 }
 
+// reentrantHandle is a handle of a reentrant lock (ReentrantMutex,
+// FairMutex, RWMutex as writer or, through readers, as reader).
+type reentrantHandle interface {
+	Lock(context.Context) error
+	Unlock(context.Context) error
+	Lost() <-chan struct{}
+	IsLocked(context.Context) (bool, error)
+}
+
+// reentrantKinds are the reentrant locks, with the key the watchdog renews
+// for a hold (held) and a key only their release script has in its KEYS
+// (release).
+var reentrantKinds = []struct {
+	name          string
+	held, release func(name string) string
+	make          func(c *redlatch.Client, name string) reentrantHandle
+}{
+	{"ReentrantMutex", lockKey, lockKey, func(c *redlatch.Client, n string) reentrantHandle { return c.ReentrantMutex(n) }},
+	{"FairMutex", fairKey, fairKey, func(c *redlatch.Client, n string) reentrantHandle { return c.FairMutex(n) }},
+	{"RWMutex", rwKey, writersWakeKey, func(c *redlatch.Client, n string) reentrantHandle { return c.RWMutex(n) }},
+	{"RWMutex readers", rwKey, writersWakeKey, func(c *redlatch.Client, n string) reentrantHandle {
+		return readers{c.RWMutex(n)}
+	}},
+}
+
 // TestLockDuringUnlockStaysTracked: on a reentrant handle shared by
 // goroutines, an Unlock that releases the lock and a Lock that takes it anew
 // before that Unlock's reply is back must leave the new hold tracked: its
@@ -1453,30 +1478,12 @@ func TestReentryAfterLossTakesNewToken(t *testing.T) {
 // and the Lock runs in between.
 func TestLockDuringUnlockStaysTracked(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			Lock(context.Context) error
-			Unlock(context.Context) error
-			Lost() <-chan struct{}
-			IsLocked(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name string
-			key  func(name string) string // a key of the release script's KEYS
-			make func(c *redlatch.Client, name string) handle
-		}{
-			{"ReentrantMutex", lockKey, func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
-			{"FairMutex", fairKey, func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
-			{"RWMutex", writersWakeKey, func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
-			{"RWMutex readers", writersWakeKey, func(c *redlatch.Client, n string) handle {
-				return readers{c.RWMutex(n)}
-			}},
-		}
 		redistest.Together(t, func(run func(string, func(*testing.T))) {
-			for _, k := range kinds {
+			for _, k := range reentrantKinds {
 				run(k.name, func(t *testing.T) {
 					ctx := ctxT(t, 10*time.Second)
 					name := redistest.UniqueName(t)
-					c, hook := lossyClient(t, b, scriptWith(k.key(name)), true, redlatch.WithWatchdogTimeout(300*time.Millisecond))
+					c, hook := lossyClient(t, b, scriptWith(k.release(name)), true, redlatch.WithWatchdogTimeout(300*time.Millisecond))
 					m := k.make(c, name)
 					require.NoError(t, m.Lock(ctx)) // scripts loaded
 					require.NoError(t, m.Unlock(ctx))
@@ -1534,27 +1541,8 @@ func (h *replyLossHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // releases the lock.
 func TestUnlockOfLostHoldRacingLock(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		type handle interface {
-			Lock(context.Context) error
-			Unlock(context.Context) error
-			Lost() <-chan struct{}
-			IsLocked(context.Context) (bool, error)
-		}
-		kinds := []struct {
-			name    string
-			held    func(name string) string // the key the watchdog renews
-			release func(name string) string // a key of the release script's KEYS
-			make    func(c *redlatch.Client, name string) handle
-		}{
-			{"ReentrantMutex", lockKey, lockKey, func(c *redlatch.Client, n string) handle { return c.ReentrantMutex(n) }},
-			{"FairMutex", fairKey, fairKey, func(c *redlatch.Client, n string) handle { return c.FairMutex(n) }},
-			{"RWMutex", rwKey, writersWakeKey, func(c *redlatch.Client, n string) handle { return c.RWMutex(n) }},
-			{"RWMutex readers", rwKey, writersWakeKey, func(c *redlatch.Client, n string) handle {
-				return readers{c.RWMutex(n)}
-			}},
-		}
 		redistest.Together(t, func(run func(string, func(*testing.T))) {
-			for _, k := range kinds {
+			for _, k := range reentrantKinds {
 				for _, releaseFirst := range []bool{false, true} {
 					run(fmt.Sprintf("%s/releaseFirst=%v", k.name, releaseFirst), func(t *testing.T) {
 						ctx := ctxT(t, 10*time.Second)
