@@ -24,6 +24,11 @@ func newClient(t testing.TB, b redistest.Backend, opts ...redlatch.Option) *redl
 	return c
 }
 
+// serverBackend is the backend of a private server a test started.
+func serverBackend(srv *redistest.Server) redistest.Backend {
+	return redistest.Backend{Name: redistest.BackendRedis, Server: srv}
+}
+
 // ctxT returns a context that ends with the test or after d.
 func ctxT(t testing.TB, d time.Duration) context.Context {
 	t.Helper()

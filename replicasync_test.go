@@ -135,9 +135,7 @@ func waitInSync(t *testing.T, master, replica *redistest.Server) {
 func TestReplicaSyncLive(t *testing.T) {
 	master, replica, _ := replicaPair(t)
 	ctx := ctxT(t, 20*time.Second)
-	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, time.Second),
-		redlatch.WithWatchdogTimeout(900*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClient(t, serverBackend(master), redlatch.WithReplicaSync(1, time.Second), redlatch.WithWatchdogTimeout(900*time.Millisecond))
 	r := replica.Client(t)
 
 	m := c.Mutex("sync-live")
@@ -186,9 +184,7 @@ func TestReplicaSyncStoppedReplica(t *testing.T) {
 	master, replica, _ := replicaPair(t)
 	ctx := ctxT(t, 20*time.Second)
 	timeout := 900 * time.Millisecond
-	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 300*time.Millisecond),
-		redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClient(t, serverBackend(master), redlatch.WithReplicaSync(1, 300*time.Millisecond), redlatch.WithWatchdogTimeout(timeout))
 	mc := master.Client(t)
 
 	held := c.Mutex("sync-stopped-held")
@@ -594,8 +590,7 @@ func TestReplicaSyncRefusedEverywhere(t *testing.T) {
 	require.NoError(t, semre.Acquire(ctx, 1))
 
 	// Two replicas asked for, one live: refused, nothing left.
-	two := redlatch.New(master.Client(t), redlatch.WithReplicaSync(2, 100*time.Millisecond))
-	t.Cleanup(func() { _ = two.Close() })
+	two := newClient(t, serverBackend(master), redlatch.WithReplicaSync(2, 100*time.Millisecond))
 	err := two.Mutex(name).Lock(ctx)
 	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
 	require.Contains(t, err.Error(), "1 of 2 replicas")
@@ -672,8 +667,7 @@ func TestReplicaSyncRefusedEverywhere(t *testing.T) {
 func TestReplicaSyncRefusedAfterWait(t *testing.T) {
 	master, replica, _ := replicaPair(t)
 	ctx := ctxT(t, 60*time.Second)
-	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClient(t, serverBackend(master), redlatch.WithReplicaSync(1, 200*time.Millisecond))
 	plain := redlatch.New(master.Client(t))
 	t.Cleanup(func() { _ = plain.Close() })
 	name := redistest.UniqueName(t)
@@ -734,9 +728,7 @@ func TestReplicaSyncRenewalsLostEverywhere(t *testing.T) {
 	master, replica, _ := replicaPair(t)
 	ctx := ctxT(t, 30*time.Second)
 	timeout := 900 * time.Millisecond
-	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
-		redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClient(t, serverBackend(master), redlatch.WithReplicaSync(1, 200*time.Millisecond), redlatch.WithWatchdogTimeout(timeout))
 	name := redistest.UniqueName(t)
 	re := c.ReentrantMutex(name + "-re")
 	f := c.FairMutex(name + "-f")
@@ -784,9 +776,7 @@ func TestReplicaSyncRetakeAfterLocalLoss(t *testing.T) {
 	master, replica, _ := replicaPair(t)
 	ctx := ctxT(t, 30*time.Second)
 	timeout := 900 * time.Millisecond
-	c := redlatch.New(master.Client(t), redlatch.WithReplicaSync(1, 200*time.Millisecond),
-		redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClient(t, serverBackend(master), redlatch.WithReplicaSync(1, 200*time.Millisecond), redlatch.WithWatchdogTimeout(timeout))
 	name := redistest.UniqueName(t)
 	type kind struct {
 		name string

@@ -883,7 +883,7 @@ func TestRWReleaseResentAfterHashExpired(t *testing.T) {
 // the vanished reader's 20s lease bound while readers pass it.
 func TestRWWriterRequeuedAfterFlush(t *testing.T) {
 	srv := redistest.NewServer(t)
-	b := redistest.Backend{Name: "redis", Server: srv}
+	b := serverBackend(srv)
 	ctx := ctxT(t, 10*time.Second)
 	timeout := 600 * time.Millisecond
 	ca := newClient(t, b, redlatch.WithWatchdogTimeout(timeout))
@@ -945,7 +945,7 @@ func TestReleaseOfVanishedHoldWakesLocalWaiters(t *testing.T) {
 		}},
 	}
 	// A private server: the test flushes it.
-	b := redistest.Backend{Name: redistest.BackendRedis, Server: redistest.NewServer(t)}
+	b := serverBackend(redistest.NewServer(t))
 	c := newClient(t, b, redlatch.WithWatchdogTimeout(600*time.Millisecond))
 	for _, k := range kinds {
 		t.Run(k.name, func(t *testing.T) {
