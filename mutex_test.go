@@ -1506,29 +1506,6 @@ func TestLockDuringUnlockStaysTracked(t *testing.T) {
 	})
 }
 
-// replyLossHook, while armed, lets every command that matches run on the
-// server and loses its reply (lossyHook does so once). With renewalOf, a
-// handle's Lost closes at its local deadline while Redis keeps extending
-// the hold.
-type replyLossHook struct {
-	passHook
-	match func(redis.Cmder) bool
-	armed atomic.Bool
-}
-
-func (h *replyLossHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if !h.armed.Load() || !h.match(cmd) {
-			return next(ctx, cmd)
-		}
-		if err := next(ctx, cmd); err != nil {
-			return err
-		}
-		cmd.SetErr(io.ErrUnexpectedEOF) // ran on the server, reply lost
-		return io.ErrUnexpectedEOF
-	}
-}
-
 // TestUnlockOfLostHoldRacingLock: on a reentrant handle shared by
 // goroutines, the hold is lost locally (renewal replies lost: Lost closes)
 // while Redis still counts it. Goroutine A's Unlock of it is in flight when
@@ -1548,7 +1525,7 @@ func TestUnlockOfLostHoldRacingLock(t *testing.T) {
 						ctx := ctxT(t, 10*time.Second)
 						name := redistest.UniqueName(t)
 						rdb := b.Client(t)
-						renew := &replyLossHook{match: renewalOf(k.held(name), "")}
+						renew := &renewHook{match: renewalOf(k.held(name), "")}
 						gate := &gateScriptHook{match: scriptWith(k.release(name)), after: releaseFirst,
 							entered: make(chan struct{}), proceed: make(chan struct{})}
 						rdb.AddHook(renew)

@@ -54,29 +54,38 @@ func TestSemPartialReleaseUnknownOutcome(t *testing.T) {
 }
 
 // renewHook makes every renewal of the permit set key (a renew.lua call:
-// its args hold the key and the kind "p") run on the server but lose its
-// reply, while armed; or, with stall set, reach the server only after
-// stall (a slow link).
+// its args hold the key and the kind "p"), or every call match matches
+// when set (e.g. renewalOf), run on the server but lose its reply, while
+// armed; or, with stall set, reach the server only after stall (a slow
+// link).
 type renewHook struct {
 	passHook
 	key   string
+	match func(redis.Cmder) bool // when set, replaces key
 	armed atomic.Bool
 	stall time.Duration // when set, a renewal waits this long first, and then runs as usual
 }
 
+func (h *renewHook) matches(cmd redis.Cmder) bool {
+	if h.match != nil {
+		return h.match(cmd)
+	}
+	if cmd.Name() != "evalsha" && cmd.Name() != "eval" {
+		return false
+	}
+	key, z := false, false
+	for _, a := range cmd.Args() {
+		if v, ok := a.(string); ok {
+			key = key || v == h.key
+			z = z || v == "z" || v == "p" // a permit record's renewal
+		}
+	}
+	return key && z
+}
+
 func (h *renewHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if !h.armed.Load() || (cmd.Name() != "evalsha" && cmd.Name() != "eval") {
-			return next(ctx, cmd)
-		}
-		key, z := false, false
-		for _, a := range cmd.Args() {
-			if v, ok := a.(string); ok {
-				key = key || v == h.key
-				z = z || v == "z" || v == "p" // a permit record's renewal
-			}
-		}
-		if !key || !z {
+		if !h.armed.Load() || !h.matches(cmd) {
 			return next(ctx, cmd)
 		}
 		if h.stall > 0 {
