@@ -193,12 +193,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}()
 	defer f.mu.Unlock()
 	if f.h == nil || f.h.isLost() || token != f.token { // see ReentrantMutex.lock
-		old, oldN, oldToken := f.h, f.n, f.token
-		f.c.wd.supersede(f.h)
-		carried := 0 // see ReentrantMutex.lock
-		if old != nil && token == oldToken {
-			carried = f.c.wd.unreleased(old, oldN)
-		}
+		carried := f.c.wd.replace(f.h, f.n, token == f.token)
 		if cleanup = f.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = f.unlock(ctx, req, token)
 		}); cleanup != nil {

@@ -132,19 +132,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		// tells: two concurrent Locks of one hold may be processed here in
 		// either order. (The count may exceed 1 when another handle of the
 		// same owner holds it too; each tracks the hold it took.)
-		old, oldN, oldToken := m.h, m.n, m.token
-		m.e.c.wd.supersede(m.h)
-		// Redis re-entered the very hold the handle lost (the same token:
-		// the master still counted it while its Lost closed, e.g. after
-		// renewals too few replicas acknowledged): the holds taken through
-		// the handle on it and not released are still counted there, and
-		// the handle starts afresh with them counted on the new hold (see
-		// README): else the Unlock the handle takes for its last would
-		// leave the count in Redis, the lock held by nobody, unrenewed.
-		carried := 0
-		if old != nil && token == oldToken {
-			carried = m.e.c.wd.unreleased(old, oldN)
-		}
+		carried := m.e.c.wd.replace(m.h, m.n, token == m.token)
 		if cleanup = m.e.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = m.e.unlockDone(ctx, m.e.owner, "", req, token, false)
 		}); cleanup != nil {

@@ -201,12 +201,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 	}()
 	defer m.mu.Unlock()
 	if m.wh == nil || m.wh.isLost() || token != m.token { // see ReentrantMutex.lock
-		old, oldN, oldToken := m.wh, m.wn, m.token
-		m.c.wd.supersede(m.wh)
-		carried := 0 // see ReentrantMutex.lock
-		if old != nil && token == oldToken {
-			carried = m.c.wd.unreleased(old, oldN)
-		}
+		carried := m.c.wd.replace(m.wh, m.wn, token == m.token)
 		if cleanup = m.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = m.unlockW(ctx, "", tokenArg(token), req)
 		}); cleanup != nil {
@@ -548,12 +543,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 	}()
 	defer m.mu.Unlock()
 	if m.rh == nil || m.rh.isLost() || begun != m.rbegun { // see ReentrantMutex.lock
-		old, oldN, oldBegun := m.rh, m.rn, m.rbegun
-		m.c.wd.supersede(m.rh)
-		carried := 0 // see ReentrantMutex.lock
-		if old != nil && begun != "" && begun == oldBegun {
-			carried = m.c.wd.unreleased(old, oldN)
-		}
+		carried := m.c.wd.replace(m.rh, m.rn, begun != "" && begun == m.rbegun)
 		if cleanup = m.c.closedAfter(ctx, func(ctx context.Context) {
 			_, _ = m.unlockR(ctx, "", begun, req)
 		}); cleanup != nil {

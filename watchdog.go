@@ -305,6 +305,24 @@ func (w *watchdog) goneWhileHeld(h *hold, count int) bool {
 	return true
 }
 
+// replace ends the tracking of old, a handle's hold with count holds taken
+// through it, because the handle took a hold again (see supersede), and
+// returns how many of those holds the new one carries over. same says that
+// Redis re-entered the very hold the handle lost (the same token: the
+// master still counted it while its Lost closed, e.g. after renewals too
+// few replicas acknowledged): the holds taken on it and not released are
+// still counted there, and the handle starts afresh with them counted on
+// the new hold (see README), else the Unlock the handle takes for its last
+// would leave the count in Redis, the lock held by nobody, unrenewed.
+// Otherwise (a new hold) it carries none.
+func (w *watchdog) replace(old *hold, count int, same bool) int {
+	w.supersede(old)
+	if old == nil || !same {
+		return 0
+	}
+	return w.unreleased(old, count)
+}
+
 // unreleased returns how many of the count holds a handle took on h, which a
 // release found gone (see goneWhileHeld), were lost with h and have no
 // release in flight: the Unlocks that pair with them are still to come, and
