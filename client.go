@@ -200,11 +200,19 @@ func (c *Client) leaveWait() {
 // wrapping ErrInvalidArgument (except the first Close, which has nothing to
 // stop and returns nil).
 //
-// Set ContextTimeoutEnabled in rdb's options: without it go-redis ignores
-// ctx deadlines while it waits for a reply, so a Lock whose ctx ends while
-// Redis does not answer returns only after the client's ReadTimeout (and
-// the undo of its unanswered attempt after another one). New logs a
-// warning when it is off (to the WithLogger logger: by default, nowhere).
+// Every call waits for Redis no longer than its ctx allows, also when
+// rdb's ContextTimeoutEnabled is off (go-redis's default, under which
+// go-redis waits for a reply until its ReadTimeout whatever ctx says): on a
+// *redis.Client (a sentinel failover client too) New adds a hook to rdb
+// that sends redlatch's script calls through a clone of rdb with the
+// option on, sharing rdb's connection pool. The hooks added to rdb before
+// New see those calls as usual; add yours before New: go-redis runs the
+// hooks added later closer to the server, and the calls go round them. A
+// *redis.ClusterClient gets no such hook: set ContextTimeoutEnabled in its
+// options, or a Lock whose ctx ends while a master does not answer returns
+// only after the ReadTimeout (and the undo of its unanswered attempt after
+// another one). New logs a warning when it is off on a cluster client (to
+// the WithLogger logger: by default, nowhere).
 func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c := &Client{rdb: rdb, probing: make(chan struct{}, 1)}
 	c.opts = options{
@@ -229,9 +237,9 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		c.cluster = cc
 	}
-	if c.err == nil && !contextTimeoutEnabled(rdb) {
-		c.opts.logger.Warn("redlatch: go-redis ContextTimeoutEnabled is off: a call to an " +
-			"unresponsive Redis may outlast its ctx by up to the client's ReadTimeout; set it in the redis options")
+	if c.err == nil && !honourDeadlines(rdb) {
+		c.opts.logger.Warn("redlatch: go-redis ContextTimeoutEnabled is off on the cluster client: a call to an " +
+			"unresponsive master may outlast its ctx by up to the client's ReadTimeout; set it in the redis options")
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wd = newWatchdog(c)
@@ -247,20 +255,6 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 }
 
 // isNil reports whether the interface holds nil or a typed nil pointer.
-// contextTimeoutEnabled reports whether rdb's reads and writes end with the
-// ctx of their call (go-redis's ContextTimeoutEnabled, off by default). When
-// they do not, a call to an unresponsive server returns after the client's
-// ReadTimeout (3s by default) whatever its ctx says.
-func contextTimeoutEnabled(rdb redis.UniversalClient) bool {
-	switch r := rdb.(type) {
-	case *redis.Client:
-		return r.Options().ContextTimeoutEnabled
-	case *redis.ClusterClient:
-		return r.Options().ContextTimeoutEnabled
-	}
-	return true // unknown kind: do not warn
-}
-
 func isNil(rdb redis.UniversalClient) bool {
 	switch v := rdb.(type) {
 	case nil:

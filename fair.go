@@ -8,8 +8,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 var (
@@ -22,9 +20,9 @@ var (
 	//go:embed lua/fair_force_unlock.lua
 	fairForceUnlockLua string
 
-	fairLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + fairCommonLua + fairLockLua)
-	fairUnlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + fairCommonLua + fairUnlockLua)
-	fairForceUnlockScript = redis.NewScript(fenceLua + fenceReleaseLua + fenceForceLua + fairCommonLua + fairForceUnlockLua)
+	fairLockScript        = newScript(fenceLua + fenceAcquireLua + idsLua + fairCommonLua + fairLockLua)
+	fairUnlockScript      = newScript(fenceLua + fenceReleaseLua + idsLua + fairCommonLua + fairUnlockLua)
+	fairForceUnlockScript = newScript(fenceLua + fenceReleaseLua + fenceForceLua + fairCommonLua + fairForceUnlockLua)
 )
 
 // FairMutex is a distributed reentrant lock granted strictly in the order

@@ -22,9 +22,9 @@ var (
 	//go:embed lua/latch_delete.lua
 	latchDeleteLua string
 
-	latchCountDownScript = redis.NewScript(latchCommonLua + latchCountDownLua)
-	latchSetScript       = redis.NewScript(latchCommonLua + latchSetLua)
-	latchDeleteScript    = redis.NewScript(latchCommonLua + latchDeleteLua)
+	latchCountDownScript = newScript(latchCommonLua + latchCountDownLua)
+	latchSetScript       = newScript(latchCommonLua + latchSetLua)
+	latchDeleteScript    = newScript(latchCommonLua + latchDeleteLua)
 )
 
 // CountDownLatch is a distributed countdown latch: TrySetCount starts a

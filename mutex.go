@@ -36,9 +36,9 @@ var (
 	//go:embed lua/force_unlock.lua
 	forceUnlockLua string
 
-	lockScript        = redis.NewScript(fenceLua + fenceAcquireLua + idsLua + lockLua)
-	unlockScript      = redis.NewScript(fenceLua + fenceReleaseLua + idsLua + unlockLua)
-	forceUnlockScript = redis.NewScript(fenceReleaseLua + fenceForceLua + forceUnlockLua)
+	lockScript        = newScript(fenceLua + fenceAcquireLua + idsLua + lockLua)
+	unlockScript      = newScript(fenceLua + fenceReleaseLua + idsLua + unlockLua)
+	forceUnlockScript = newScript(fenceReleaseLua + fenceForceLua + forceUnlockLua)
 )
 
 // excl is the Redis side of an exclusive lock, shared by Mutex and

@@ -1012,6 +1012,92 @@ func TestUnreachableRedis(t *testing.T) {
 	require.Less(t, time.Since(start), 3*time.Second)
 }
 
+// TestUnresponsiveRedisOnDefaultOptions: on a *redis.Client with go-redis's
+// default ContextTimeoutEnabled (off), a Lock whose ctx ends while Redis
+// does not answer returns by its deadline plus the undo's bound (the
+// cleanup timeout, 2s), and an Unlock by its deadline (its resend goes on
+// in the background). They returned after the client's ReadTimeout (here
+// 5s) for the call, and the Lock after another one for its undo: go-redis
+// sets a read's deadline from ctx only with the option on, which redlatch
+// now turns on in the clone of the client it sends its commands through.
+func TestUnresponsiveRedisOnDefaultOptions(t *testing.T) {
+	srv := redistest.NewServer(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	held := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, held.Lock(ctxT(t, 5*time.Second)))
+	other := c.Mutex(redistest.UniqueName(t))
+
+	srv.Stop(t)
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			srv.Cont(t)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := other.Lock(ctx)
+	took := time.Since(start)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.Less(t, took, 300*time.Millisecond+2*time.Second+700*time.Millisecond,
+		"Lock outlasted its ctx and its undo's bound")
+
+	ctx, cancel = context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	require.Error(t, held.Unlock(ctx))
+	require.Less(t, time.Since(start), 300*time.Millisecond+700*time.Millisecond, "Unlock outlasted its ctx")
+	srv.Cont(t)
+	resumed = true
+}
+
+// TestUserHooksSeeRoutedCalls: on a *redis.Client with ContextTimeoutEnabled
+// off, redlatch's script calls go through a clone of the client (see
+// TestUnresponsiveRedisOnDefaultOptions), from a hook New adds to the
+// client: hooks the user added before New still see every call, alone and
+// pipelined (a renewal of more than one batch), and the pipelined renewals
+// still renew. A hook added after New is inside redlatch's (go-redis runs
+// the hooks added later closer to the server): it sees the user's commands,
+// and redlatch's script calls go round it, as the README says.
+func TestUserHooksSeeRoutedCalls(t *testing.T) {
+	srv := redistest.NewServer(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	t.Cleanup(func() { _ = rdb.Close() })
+	before := &scriptCounter{}
+	rdb.AddHook(before)
+	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	after := &scriptCounter{}
+	rdb.AddHook(after)
+	ctx := ctxT(t, 10*time.Second)
+
+	// More holds than one renewal batch (100 keys): renewals are pipelined.
+	var locks []*redlatch.Mutex
+	for range 150 {
+		m := c.Mutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		locks = append(locks, m)
+	}
+	time.Sleep(700 * time.Millisecond) // three renewals, past the first lease
+	for _, m := range locks {
+		requireOpen(t, m.Lost(), "a hold renewed through the clone was lost")
+		require.NoError(t, m.Unlock(ctx))
+	}
+	require.NoError(t, rdb.Set(ctx, redistest.UniqueName(t), "x", 0).Err()) // the user's own command
+	// 150 Lock and 150 Unlock, and an EVAL after each first EVALSHA
+	// (NOSCRIPT: the scripts were not loaded yet).
+	require.Equal(t, int64(302), before.n.Load(), "script calls seen alone")
+	require.GreaterOrEqual(t, before.piped.Load(), int64(4), "script calls seen in pipelines (renewals of two batches)")
+	require.Equal(t, int64(1), before.other.Load(), "the user's commands seen")
+	require.Equal(t, int64(1), after.other.Load(), "the user's commands seen by a hook added after New")
+	require.Zero(t, after.n.Load()+after.piped.Load(), "redlatch's script calls seen by a hook added after New")
+}
+
 // lossyHook simulates a lost reply: it runs a matching command, then runs it
 // again as go-redis does after a network error, and returns the second reply
 // (retry=true); or it returns a network error after the command ran

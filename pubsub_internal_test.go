@@ -573,17 +573,18 @@ func TestNopermReconnectInsideWrite(t *testing.T) {
 	require.NoError(t, okWaiter.Unlock(ctx))
 }
 
-// TestFailoverHooksForgetCollectedClients: failoverHooks keeps no entry for
-// a failover client that was closed and dropped (with its Clients): an
-// application that opens and drops failover clients must not grow it for
-// good.
-func TestFailoverHooksForgetCollectedClients(t *testing.T) {
-	count := func() int {
+// TestHooksForgetCollectedClients: failoverHooks and deadlineHooks keep no
+// entry for a go-redis client that was closed and dropped (with its
+// Clients): an application that opens and drops clients must not grow them
+// for good. (A failover client on go-redis's default options gets both
+// hooks.)
+func TestHooksForgetCollectedClients(t *testing.T) {
+	count := func(m *sync.Map) int {
 		n := 0
-		failoverHooks.Range(func(_, _ any) bool { n++; return true })
+		m.Range(func(_, _ any) bool { n++; return true })
 		return n
 	}
-	before := count()
+	failovers, deadlines := count(&failoverHooks), count(&deadlineHooks)
 	func() {
 		for range 50 {
 			rdb := redis.NewFailoverClient(&redis.FailoverOptions{MasterName: "m", SentinelAddrs: []string{"127.0.0.1:1"}})
@@ -595,6 +596,7 @@ func TestFailoverHooksForgetCollectedClients(t *testing.T) {
 	}()
 	require.Eventually(t, func() bool {
 		runtime.GC()
-		return count() <= before
-	}, 5*time.Second, 50*time.Millisecond, "failoverHooks: %d entries, %d before", count(), before)
+		return count(&failoverHooks) <= failovers && count(&deadlineHooks) <= deadlines
+	}, 5*time.Second, 50*time.Millisecond, "failoverHooks: %d entries, %d before; deadlineHooks: %d entries, %d before",
+		count(&failoverHooks), failovers, count(&deadlineHooks), deadlines)
 }

@@ -158,6 +158,7 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 	// pinned connection, WAIT with its own read timeout.
 	conn := node.Conn()
 	defer conn.Close()
+	ctx = pinned(ctx)
 	run := func(sha bool) *redis.Cmd {
 		if asking {
 			if err := conn.Do(ctx, "ASKING").Err(); err != nil {
@@ -285,6 +286,7 @@ func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold
 func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) {
 	conn := node.Conn()
 	defer conn.Close()
+	ctx = pinned(ctx)
 	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
 	// WAIT goes in the scripts' pipeline, one round trip, when it fits
 	// within the connection's read timeout (see runOnWithWait).

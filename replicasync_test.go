@@ -175,6 +175,42 @@ func TestReplicaSyncLive(t *testing.T) {
 	require.NoError(t, sem.Release(ctx, 2))
 }
 
+// TestReplicaSyncPinnedOnDefaultOptions: with a sync timeout above the
+// client's ReadTimeout, the script and its WAIT go on a pinned connection,
+// where WAIT must follow the write. On go-redis's default options
+// (ContextTimeoutEnabled off), redlatch routes its scripts through a clone
+// of the client (see TestUnresponsiveRedisOnDefaultOptions), and routed a
+// script on the pinned connection too: it went on a connection of the
+// clone's, and the WAIT after it on the pinned one, which had written
+// nothing, unless the pool happened to hand it the connection the script
+// had just used. Calls on a pinned connection are not routed: a hook added
+// after New, which routed calls go round, sees the acquisition's script and
+// the renewals'. And with the replica frozen, an acquisition fails as not
+// replicated, and a hold whose renewals no replica acknowledges is lost.
+func TestReplicaSyncPinnedOnDefaultOptions(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	rdb := redis.NewClient(&redis.Options{Addr: master.Addr, ReadTimeout: 500 * time.Millisecond})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, time.Second), redlatch.WithWatchdogTimeout(900*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	inner := &scriptCounter{}
+	rdb.AddHook(inner)
+	held := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, held.Lock(ctx))
+	require.Positive(t, inner.n.Load(), "the acquisition's script was routed off its pinned connection")
+	time.Sleep(400 * time.Millisecond) // a renewal
+	require.Positive(t, inner.piped.Load(), "the renewal's script was routed off its pinned connection")
+
+	replica.Stop(t)
+	defer replica.Cont(t)
+	ok, err := c.Mutex(redistest.UniqueName(t)).TryLock(ctx)
+	require.False(t, ok)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated)
+	require.Contains(t, err.Error(), "0 of 1 replicas")
+	requireClosedWithin(t, held.Lost(), 3*time.Second, "renewals no replica acknowledged kept the hold")
+}
+
 // TestReplicaSyncStoppedReplica: with the replica frozen (SIGSTOP), an
 // acquisition fails within about the sync timeout with ErrNotReplicated
 // (which matches ErrNotObtained), and nothing stays held on the master; a

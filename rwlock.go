@@ -7,8 +7,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 var (
@@ -31,13 +29,13 @@ var (
 
 	// rw_common.lua uses the release helpers.
 	rwPrelude           = fenceReleaseLua + idsLua + rwCommonLua
-	rwLockScript        = redis.NewScript(fenceLua + fenceAcquireLua + rwPrelude + rwLockLua)
-	rwRLockScript       = redis.NewScript(fenceAcquireLua + rwPrelude + rwRLockLua)
-	rwUnlockScript      = redis.NewScript(rwPrelude + rwUnlockLua)
-	rwRUnlockScript     = redis.NewScript(rwPrelude + rwRUnlockLua)
-	rwUnqueueScript     = redis.NewScript(rwPrelude + rwUnqueueLua)
-	rwForceUnlockScript = redis.NewScript(rwPrelude + fenceForceLua + rwForceUnlockLua)
-	rwInfoScript        = redis.NewScript(rwPrelude + rwInfoLua)
+	rwLockScript        = newScript(fenceLua + fenceAcquireLua + rwPrelude + rwLockLua)
+	rwRLockScript       = newScript(fenceAcquireLua + rwPrelude + rwRLockLua)
+	rwUnlockScript      = newScript(rwPrelude + rwUnlockLua)
+	rwRUnlockScript     = newScript(rwPrelude + rwRUnlockLua)
+	rwUnqueueScript     = newScript(rwPrelude + rwUnqueueLua)
+	rwForceUnlockScript = newScript(rwPrelude + fenceForceLua + rwForceUnlockLua)
+	rwInfoScript        = newScript(rwPrelude + rwInfoLua)
 )
 
 // RWMutex is a distributed readers-writer lock: any number of readers share

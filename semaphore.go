@@ -7,8 +7,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 var (
@@ -21,9 +19,9 @@ var (
 	//go:embed lua/sem_available.lua
 	semAvailableLua string
 
-	semAcquireScript   = redis.NewScript(fenceAcquireLua + semPreludeLua + semAcquireLua)
-	semReleaseScript   = redis.NewScript(fenceReleaseLua + semPreludeLua + semReleaseLua)
-	semAvailableScript = redis.NewScript(semPreludeLua + semAvailableLua)
+	semAcquireScript   = newScript(fenceAcquireLua + semPreludeLua + semAcquireLua)
+	semReleaseScript   = newScript(fenceReleaseLua + semPreludeLua + semReleaseLua)
+	semAvailableScript = newScript(semPreludeLua + semAvailableLua)
 )
 
 // semReleaseMemory is how long a permit set remembers a Release, so that a

@@ -16,20 +16,36 @@ import (
 )
 
 // scriptCounter is a go-redis hook counting the script calls (EVAL or
-// EVALSHA) a client sends; with match set, only those whose arguments it
-// accepts.
+// EVALSHA) a client sends alone (n; with match set, only those whose
+// arguments it accepts) and in pipelines (piped), and the other commands
+// but the connections' handshakes and SCRIPT LOAD (other).
 type scriptCounter struct {
 	passHook
-	n     atomic.Int64
-	match func(args []any) bool
+	n, piped, other atomic.Int64
+	match           func(args []any) bool
 }
 
 func (h *scriptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && (h.match == nil || h.match(cmd.Args())) {
-			h.n.Add(1)
+		if n := cmd.Name(); n == "evalsha" || n == "eval" {
+			if h.match == nil || h.match(cmd.Args()) {
+				h.n.Add(1)
+			}
+		} else if n != "hello" && n != "client" && n != "script" {
+			h.other.Add(1)
 		}
 		return next(ctx, cmd)
+	}
+}
+
+func (h *scriptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if n := cmd.Name(); n == "evalsha" || n == "eval" {
+				h.piped.Add(1)
+			}
+		}
+		return next(ctx, cmds)
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 //go:embed lua/renew.lua
 var renewLua string
 
-var renewScript = redis.NewScript(renewLua)
+var renewScript = newScript(renewLua)
 
 // renewBatch is the most keys one renewal script call carries. With it, 5,000
 // held locks on one Redis cost 50 script calls per renewal period, sent

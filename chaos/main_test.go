@@ -18,10 +18,7 @@ import (
 	"github.com/redlatch/redlatch/internal/leakcheck"
 )
 
-var (
-	long      = flag.Bool("long", false, "run each scenario longer")
-	knownBugs = flag.Bool("known-bugs", false, "run the tests that reproduce known redlatch bugs")
-)
+var long = flag.Bool("long", false, "run each scenario longer")
 
 func TestMain(m *testing.M) {
 	chaos.WorkerMain() // a worker process never returns from it

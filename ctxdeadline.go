@@ -1,0 +1,158 @@
+package redlatch
+
+import (
+	"context"
+	"runtime"
+	"sync"
+	"weak"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// go-redis sets the deadline of each read from the client's ReadTimeout (3s
+// by default), and from the call's ctx only when ContextTimeoutEnabled is on,
+// which it is not by default. Without it, a Lock whose ctx ends while Redis
+// does not answer (a frozen server, a link that drops packets) would return
+// only after the ReadTimeout, and the undo of its unanswered attempt, which
+// has a fresh bounded ctx, after another one: 10s for a 300ms ctx.
+//
+// So on a *redis.Client with the option off (a sentinel failover client
+// too) New installs a deadlineHook, which sends redlatch's script calls
+// through a clone of the client with the option on. The clone is a
+// WithTimeout clone with the client's own timeouts: it shares the client's
+// connection pool (its connections, limits and dial hooks), and its options
+// are its own copy. go-redis runs the hooks added later closer to the
+// server: the hooks the user added before New (tracing, metrics) see every
+// call as before, and the hooks added after New do not see the routed
+// ones, which go round them. Only redlatch's scripts are routed (EVALSHA,
+// EVAL or SCRIPT LOAD of a script made with newScript, alone or first in a
+// pipeline): the user's commands are the client's business. A
+// *redis.ClusterClient gets no hook: set ContextTimeoutEnabled in its
+// options (New logs a warning when it is off).
+
+// scripts are the SHA1 digests and the sources of every script made with
+// newScript: the calls deadlineHook routes.
+var scripts = make(map[string]struct{})
+
+// newScript is redis.NewScript for redlatch's own scripts (see scripts).
+func newScript(src string) *redis.Script {
+	s := redis.NewScript(src)
+	scripts[s.Hash()] = struct{}{}
+	scripts[src] = struct{}{}
+	return s
+}
+
+// isScriptCall reports whether cmd runs one of redlatch's scripts, or
+// loads it (the watchdog's SCRIPT LOAD after NOSCRIPT).
+func isScriptCall(cmd redis.Cmder) bool {
+	args := cmd.Args()
+	if len(args) < 2 {
+		return false
+	}
+	switch name, _ := args[0].(string); name {
+	case "evalsha", "eval":
+	case "script":
+		if len(args) < 3 || args[1] != "load" {
+			return false
+		}
+		args = args[1:]
+	default:
+		return false
+	}
+	s, _ := args[1].(string)
+	_, ok := scripts[s]
+	return ok
+}
+
+// deadlineHook routes redlatch's script calls on a *redis.Client with
+// ContextTimeoutEnabled off through clone, which has it on (see above).
+// A go-redis client keeps its hooks for good: it gets one deadlineHook,
+// installed by the first Client on it.
+type deadlineHook struct {
+	clone *redis.Client
+}
+
+// routed marks the ctx of a call that is not to be routed (again): one
+// routed through the clone already (should the clone ever carry the hook
+// too, a go-redis that copies hooks to a clone made after them), and the
+// calls on a pinned connection (see pinned).
+type routed struct{}
+
+// pinned returns ctx for the calls on a connection redlatch pinned
+// (redis.Client.Conn, with the client's hooks and options): they are not
+// routed, for a WAIT must follow on the connection that wrote, and the
+// clone would send a script on one of its own. Their reads keep the
+// client's ReadTimeout. (A pinned connection of the clone would end them
+// with their ctx, but the hooks the user added would not see its calls:
+// every renewal under WithReplicaSync with a sync timeout above the
+// ReadTimeout.)
+func pinned(ctx context.Context) context.Context {
+	return context.WithValue(ctx, routed{}, true)
+}
+
+// deadlineHooks holds each go-redis client with a deadlineHook (weakly: a
+// go-redis client dropped by its user is not kept). Its values hold
+// nothing: the hook's clone shares its client's internals, and a value
+// kept here would keep the client for good.
+var deadlineHooks sync.Map // weak.Pointer[redis.Client] → struct{}
+
+// honourDeadlines installs the deadlineHook of rdb when rdb is a
+// *redis.Client with ContextTimeoutEnabled off, and reports whether the
+// deadlines of redlatch's calls on rdb reach its reads: false only for a
+// *redis.ClusterClient with the option off.
+func honourDeadlines(rdb redis.UniversalClient) bool {
+	switch r := rdb.(type) {
+	case *redis.ClusterClient:
+		return r.Options().ContextTimeoutEnabled
+	case *redis.Client:
+		if r.Options().ContextTimeoutEnabled {
+			return true
+		}
+		key := weak.Make(r)
+		if _, loaded := deadlineHooks.LoadOrStore(key, struct{}{}); loaded {
+			return true
+		}
+		o := r.Options()
+		clone := r.WithTimeout(o.ReadTimeout) // sets both timeouts to it
+		co := clone.Options()                 // the clone's own copy
+		co.WriteTimeout = o.WriteTimeout
+		co.ContextTimeoutEnabled = true
+		r.AddHook(&deadlineHook{clone: clone})
+		runtime.AddCleanup(r, func(key weak.Pointer[redis.Client]) { deadlineHooks.Delete(key) }, key)
+	}
+	return true
+}
+
+func (h *deadlineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *deadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !isScriptCall(cmd) || ctx.Value(routed{}) != nil {
+			return next(ctx, cmd)
+		}
+		return h.clone.Process(context.WithValue(ctx, routed{}, true), cmd)
+	}
+}
+
+// ProcessPipelineHook routes a pipeline whose first command is one of
+// redlatch's scripts (a renewal, a script and its WAIT): a user's pipeline
+// never starts so, nor a transaction (MULTI comes first).
+func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if len(cmds) == 0 || !isScriptCall(cmds[0]) || ctx.Value(routed{}) != nil {
+			return next(ctx, cmds)
+		}
+		ctx = context.WithValue(ctx, routed{}, true)
+		pipe := h.clone.Pipeline()
+		for _, cmd := range cmds {
+			_ = pipe.Process(ctx, cmd) // queued: the pipeline sets its reply
+		}
+		_, err := pipe.Exec(ctx)
+		if isReplyError(err) {
+			// A command's own reply: the pipeline itself went through,
+			// as next reports it.
+			return nil
+		}
+		return err
+	}
+}
