@@ -200,19 +200,22 @@ func (c *Client) leaveWait() {
 // wrapping ErrInvalidArgument (except the first Close, which has nothing to
 // stop and returns nil).
 //
-// Every call waits for Redis no longer than its ctx allows, also when
+// A call waits for Redis no longer than its ctx's deadline, also when
 // rdb's ContextTimeoutEnabled is off (go-redis's default, under which
 // go-redis waits for a reply until its ReadTimeout whatever ctx says): on a
 // *redis.Client (a sentinel failover client too) New adds a hook to rdb
-// that sends redlatch's script calls through a clone of rdb with the
-// option on, sharing rdb's connection pool. The hooks added to rdb before
-// New see those calls as usual; add yours before New: go-redis runs the
-// hooks added later closer to the server, and the calls go round them. A
-// *redis.ClusterClient gets no such hook: set ContextTimeoutEnabled in its
-// options, or a Lock whose ctx ends while a master does not answer returns
-// only after the ReadTimeout (and the undo of its unanswered attempt after
-// another one). New logs a warning when it is off on a cluster client (to
-// the WithLogger logger: by default, nowhere).
+// that sends redlatch's script calls and reads through a clone of rdb with
+// the option on, sharing rdb's connection pool (but for the calls on a
+// pinned connection, under WithReplicaSync: see the README's Known gaps).
+// The hooks added to rdb before New see those calls as usual; add yours
+// before New: go-redis runs the hooks added later closer to the server,
+// and the calls go round them. A *redis.ClusterClient gets no such hook:
+// set ContextTimeoutEnabled in its options, or a Lock whose ctx ends while
+// a master does not answer returns only after the ReadTimeout (and the undo
+// of its unanswered attempt after another one). New logs a warning when it
+// is off on a cluster client (to the WithLogger logger: by default,
+// nowhere). A ctx cancelled before its deadline ends no read on either:
+// go-redis sets only deadlines on the socket.
 func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c := &Client{rdb: rdb, probing: make(chan struct{}, 1)}
 	c.opts = options{
@@ -631,7 +634,10 @@ func fenceRetention(lease time.Duration) int64 {
 // last change, such as a lock just taken reported free. Its error is the
 // first failed command's (redis.Nil included).
 func (c *Client) onMaster(ctx context.Context, read func(p redis.Pipeliner)) error {
-	_, err := c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	// ownReads: on go-redis's default options, routed as the scripts are
+	// (see deadlineHook), so that a read, and a Wait reading a latch's
+	// count, returns by its ctx.
+	_, err := c.rdb.TxPipelined(ownReads(ctx), func(p redis.Pipeliner) error {
 		read(p)
 		return nil
 	})

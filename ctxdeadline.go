@@ -2,6 +2,7 @@ package redlatch
 
 import (
 	"context"
+	"errors"
 	"runtime"
 	"sync"
 	"weak"
@@ -17,18 +18,19 @@ import (
 // has a fresh bounded ctx, after another one: 10s for a 300ms ctx.
 //
 // So on a *redis.Client with the option off (a sentinel failover client
-// too) New installs a deadlineHook, which sends redlatch's script calls
-// through a clone of the client with the option on. The clone is a
+// too) New installs a deadlineHook, which sends redlatch's script calls and
+// reads through a clone of the client with the option on. The clone is a
 // WithTimeout clone with the client's own timeouts: it shares the client's
 // connection pool (its connections, limits and dial hooks), and its options
 // are its own copy. go-redis runs the hooks added later closer to the
 // server: the hooks the user added before New (tracing, metrics) see every
 // call as before, and the hooks added after New do not see the routed
-// ones, which go round them. Only redlatch's scripts are routed (EVALSHA,
+// ones, which go round them. Only redlatch's calls are routed (EVALSHA,
 // EVAL or SCRIPT LOAD of a script made with newScript, alone or first in a
-// pipeline): the user's commands are the client's business. A
-// *redis.ClusterClient gets no hook: set ContextTimeoutEnabled in its
-// options (New logs a warning when it is off).
+// pipeline; and the MULTI of its reads, marked by ownReads): the user's
+// commands are the client's business. A *redis.ClusterClient gets no hook:
+// set ContextTimeoutEnabled in its options (New logs a warning when it is
+// off).
 
 // scripts are the SHA1 digests and the sources of every script made with
 // newScript: the calls deadlineHook routes.
@@ -77,6 +79,22 @@ type deadlineHook struct {
 // too, a go-redis that copies hooks to a clone made after them), and the
 // calls on a pinned connection (see pinned).
 type routed struct{}
+
+// ownTx marks the ctx of redlatch's own reads, a MULTI of read commands
+// (see Client.onMaster): deadlineHook routes them too.
+type ownTx struct{}
+
+// ownReads returns ctx for the transaction of a read (see ownTx).
+func ownReads(ctx context.Context) context.Context {
+	return context.WithValue(ctx, ownTx{}, true)
+}
+
+// isOwnTx reports whether cmds are the transaction of one of redlatch's
+// reads: MULTI, the reads, EXEC, sent with a ctx from ownReads.
+func isOwnTx(ctx context.Context, cmds []redis.Cmder) bool {
+	return len(cmds) > 2 && ctx.Value(ownTx{}) != nil &&
+		cmds[0].Name() == "multi" && cmds[len(cmds)-1].Name() == "exec"
+}
 
 // pinned returns ctx for the calls on a connection redlatch pinned
 // (redis.Client.Conn, with the client's hooks and options): they are not
@@ -139,7 +157,13 @@ func (h *deadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // never starts so, nor a transaction (MULTI comes first).
 func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		if len(cmds) == 0 || !isScriptCall(cmds[0]) || ctx.Value(routed{}) != nil {
+		if len(cmds) == 0 || ctx.Value(routed{}) != nil {
+			return next(ctx, cmds)
+		}
+		if isOwnTx(ctx, cmds) {
+			return h.routeTx(ctx, cmds)
+		}
+		if !isScriptCall(cmds[0]) {
 			return next(ctx, cmds)
 		}
 		ctx = context.WithValue(ctx, routed{}, true)
@@ -147,12 +171,28 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 		for _, cmd := range cmds {
 			_ = pipe.Process(ctx, cmd) // queued: the pipeline sets its reply
 		}
+		// The error next would return: go-redis's pipeline returns the
+		// first failed command's, a reply error (NOSCRIPT, ...) too.
 		_, err := pipe.Exec(ctx)
-		if isReplyError(err) {
-			// A command's own reply: the pipeline itself went through,
-			// as next reports it.
-			return nil
-		}
 		return err
 	}
+}
+
+// routeTx sends the transaction of one of redlatch's reads (MULTI, the
+// reads, EXEC: see isOwnTx) through the clone, which wraps the reads in a
+// MULTI and EXEC of its own. The caller's MULTI and EXEC get the error of
+// a transaction that did not go through, as go-redis sets it.
+func (h *deadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder) error {
+	ctx = context.WithValue(ctx, routed{}, true)
+	pipe := h.clone.TxPipeline()
+	for _, cmd := range cmds[1 : len(cmds)-1] {
+		_ = pipe.Process(ctx, cmd)
+	}
+	_, err := pipe.Exec(ctx)
+	var reply redis.Error // a command's reply (redis.Nil too): not theirs
+	if err != nil && !errors.As(err, &reply) {
+		cmds[0].SetErr(err)
+		cmds[len(cmds)-1].SetErr(err)
+	}
+	return err
 }

@@ -564,3 +564,52 @@ func TestLatchCountDownWithEndedCtx(t *testing.T) {
 		requireNoKey(t, ctx, b, latchKey(name))
 	})
 }
+
+// TestLatchWaitHonoursContextOnDefaultOptions: on a *redis.Client with
+// go-redis's default ContextTimeoutEnabled (off), a Wait whose ctx ends
+// while Redis does not answer returns by its ctx, as Lock does (see
+// TestUnresponsiveRedisOnDefaultOptions): its count reads (a MULTI, not a
+// script) went unrouted and returned after the client's ReadTimeout (here
+// 5s); so did Count and IsLocked.
+func TestLatchWaitHonoursContextOnDefaultOptions(t *testing.T) {
+	srv := redistest.NewServer(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	l := c.CountDownLatch(redistest.UniqueName(t))
+	ok, err := l.TrySetCount(ctxT(t, 5*time.Second), 1)
+	require.NoError(t, err)
+	require.True(t, ok)
+	m := c.Mutex(redistest.UniqueName(t))
+
+	srv.Stop(t)
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			srv.Cont(t)
+		}
+	})
+	for name, call := range map[string]func(ctx context.Context) error{
+		"Wait": func(ctx context.Context) error {
+			err := l.Wait(ctx)
+			require.ErrorIs(t, err, redlatch.ErrNotObtained)
+			require.ErrorIs(t, err, context.DeadlineExceeded) // as documented
+			return err
+		},
+		"Count":    func(ctx context.Context) error { _, err := l.Count(ctx); return err },
+		"IsLocked": func(ctx context.Context) error { _, err := m.IsLocked(ctx); return err },
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		start := time.Now()
+		err := call(ctx)
+		took := time.Since(start)
+		cancel()
+		require.Error(t, err, name) // a read's: the i/o timeout of its ctx's deadline
+		require.Less(t, took, 300*time.Millisecond+700*time.Millisecond, "%s outlasted its ctx", name)
+	}
+	srv.Cont(t)
+	resumed = true
+	// The reads still work, and see the count.
+	requireCount(t, ctxT(t, 5*time.Second), l, 1)
+}

@@ -1098,6 +1098,62 @@ func TestUserHooksSeeRoutedCalls(t *testing.T) {
 	require.Zero(t, after.n.Load()+after.piped.Load(), "redlatch's script calls seen by a hook added after New")
 }
 
+// scriptPipeErrHook records the errors that the pipelines of script calls
+// return to a hook (the error a tracing or metrics hook records).
+type scriptPipeErrHook struct {
+	passHook
+	mu   sync.Mutex
+	errs []string
+}
+
+func (h *scriptPipeErrHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if len(cmds) > 0 && cmds[0].Name() == "evalsha" {
+			h.mu.Lock()
+			h.errs = append(h.errs, fmt.Sprint(err))
+			h.mu.Unlock()
+		}
+		return err
+	}
+}
+
+// TestUserHooksSeeRoutedPipelineErrors: a hook added before New sees a
+// routed pipeline return the error go-redis returns for it unrouted (the
+// first failed command's, here the renewals' NOSCRIPT after SCRIPT FLUSH),
+// not nil: routing a pipeline changes nothing a hook records.
+func TestUserHooksSeeRoutedPipelineErrors(t *testing.T) {
+	srv := redistest.NewServer(t)
+	seen := func(ctxTimeout bool) string {
+		rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ContextTimeoutEnabled: ctxTimeout})
+		t.Cleanup(func() { _ = rdb.Close() })
+		h := &scriptPipeErrHook{}
+		rdb.AddHook(h)
+		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+		t.Cleanup(func() { _ = c.Close() })
+		ctx := ctxT(t, 10*time.Second)
+		var locks []*redlatch.Mutex
+		for range 150 { // two renewal batches: pipelined
+			m := c.Mutex(redistest.UniqueName(t))
+			require.NoError(t, m.Lock(ctx))
+			locks = append(locks, m)
+		}
+		require.NoError(t, rdb.ScriptFlush(ctx).Err())
+		time.Sleep(300 * time.Millisecond) // a renewal: NOSCRIPT, load, again
+		for _, m := range locks {
+			requireOpen(t, m.Lost(), "a hold was lost")
+			require.NoError(t, m.Unlock(ctx))
+		}
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		require.NotEmpty(t, h.errs)
+		return h.errs[0]
+	}
+	want := seen(true) // not routed
+	require.Contains(t, want, "NOSCRIPT")
+	require.Equal(t, want, seen(false), "a routed pipeline returned another error to the hooks")
+}
+
 // lossyHook simulates a lost reply: it runs a matching command, then runs it
 // again as go-redis does after a network error, and returns the second reply
 // (retry=true); or it returns a network error after the command ran
