@@ -634,10 +634,10 @@ func fenceRetention(lease time.Duration) int64 {
 // last change, such as a lock just taken reported free. Its error is the
 // first failed command's (redis.Nil included).
 func (c *Client) onMaster(ctx context.Context, read func(p redis.Pipeliner)) error {
-	// ownReads: on go-redis's default options, routed as the scripts are
-	// (see deadlineHook), so that a read, and a Wait reading a latch's
-	// count, returns by its ctx.
-	_, err := c.rdb.TxPipelined(ownReads(ctx), func(p redis.Pipeliner) error {
+	// own: on go-redis's default options, routed as the scripts are (see
+	// deadlineHook), so that a read, and a Wait reading a latch's count,
+	// returns by its ctx.
+	_, err := c.rdb.TxPipelined(own(ctx), func(p redis.Pipeliner) error {
 		read(p)
 		return nil
 	})

@@ -27,7 +27,7 @@ import (
 // call as before, and the hooks added after New do not see the routed
 // ones, which go round them. Only redlatch's calls are routed (EVALSHA,
 // EVAL or SCRIPT LOAD of a script made with newScript, alone or first in a
-// pipeline; and the MULTI of its reads, marked by ownReads): the user's
+// pipeline; and its other calls, marked by own): the user's
 // commands are the client's business. A *redis.ClusterClient gets no hook:
 // set ContextTimeoutEnabled in its options (New logs a warning when it is
 // off).
@@ -80,19 +80,21 @@ type deadlineHook struct {
 // calls on a pinned connection (see pinned).
 type routed struct{}
 
-// ownTx marks the ctx of redlatch's own reads, a MULTI of read commands
-// (see Client.onMaster): deadlineHook routes them too.
-type ownTx struct{}
+// ownCall marks the ctx of redlatch's own calls that are not scripts: its
+// reads, a MULTI of read commands (see Client.onMaster), and the PUBLISH of
+// a release its script could not announce: deadlineHook routes them too.
+type ownCall struct{}
 
-// ownReads returns ctx for the transaction of a read (see ownTx).
-func ownReads(ctx context.Context) context.Context {
-	return context.WithValue(ctx, ownTx{}, true)
+// own returns ctx for redlatch's own calls that are not scripts (see
+// ownCall).
+func own(ctx context.Context) context.Context {
+	return context.WithValue(ctx, ownCall{}, true)
 }
 
 // isOwnTx reports whether cmds are the transaction of one of redlatch's
-// reads: MULTI, the reads, EXEC, sent with a ctx from ownReads.
+// reads: MULTI, the reads, EXEC, sent with a ctx from own.
 func isOwnTx(ctx context.Context, cmds []redis.Cmder) bool {
-	return len(cmds) > 2 && ctx.Value(ownTx{}) != nil &&
+	return len(cmds) > 2 && ctx.Value(ownCall{}) != nil &&
 		cmds[0].Name() == "multi" && cmds[len(cmds)-1].Name() == "exec"
 }
 
@@ -143,9 +145,11 @@ func honourDeadlines(rdb redis.UniversalClient) bool {
 
 func (h *deadlineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 
+// ProcessHook routes a command that runs one of redlatch's scripts, or
+// that redlatch marked as its own (see own).
 func (h *deadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if !isScriptCall(cmd) || ctx.Value(routed{}) != nil {
+		if !isScriptCall(cmd) && ctx.Value(ownCall{}) == nil || ctx.Value(routed{}) != nil {
 			return next(ctx, cmd)
 		}
 		return h.clone.Process(context.WithValue(ctx, routed{}, true), cmd)
@@ -154,7 +158,8 @@ func (h *deadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 // ProcessPipelineHook routes a pipeline whose first command is one of
 // redlatch's scripts (a renewal, a script and its WAIT): a user's pipeline
-// never starts so, nor a transaction (MULTI comes first).
+// never starts so, nor a transaction (MULTI comes first); and the
+// transaction of one of redlatch's reads (see routeTx).
 func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		if len(cmds) == 0 || ctx.Value(routed{}) != nil {

@@ -340,6 +340,7 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 				// announce the release, as a public one does, or every
 				// waiter sleeps to its lease bound while the lock is free.
 				detached(ctx, func(ctx context.Context) {
+					ctx = own(ctx) // routed as the scripts are (see deadlineHook)
 					if pub := e.c.publishCommand(ctx); pub == "SPUBLISH" {
 						_ = e.c.rdb.SPublish(ctx, e.channel, req).Err()
 					} else {

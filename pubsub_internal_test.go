@@ -600,3 +600,26 @@ func TestHooksForgetCollectedClients(t *testing.T) {
 	}, 5*time.Second, 50*time.Millisecond, "failoverHooks: %d entries, %d before; deadlineHooks: %d entries, %d before",
 		count(&failoverHooks), failovers, count(&deadlineHooks), deadlines)
 }
+
+// TestOwnPublishHonoursContextOnDefaultOptions: the PUBLISH of a release
+// whose script could not announce it (a transfer that found its waiter
+// gone: see Client.acquire) is one of redlatch's own calls, routed through
+// the clone as its scripts are (see deadlineHook): on a frozen server it
+// returns by its ctx, not after the client's ReadTimeout (here 5s), which
+// made an Unlock outlast its cleanup bound.
+func TestOwnPublishHonoursContextOnDefaultOptions(t *testing.T) {
+	srv := redistest.NewServer(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	require.NoError(t, rdb.Ping(context.Background()).Err()) // a connection open
+
+	srv.Stop(t)
+	defer srv.Cont(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	require.Error(t, rdb.Publish(own(ctx), redistest.UniqueName(t), "a").Err())
+	require.Less(t, time.Since(start), time.Second, "the PUBLISH outlasted its ctx")
+}
