@@ -125,14 +125,20 @@ func honourDeadlines(rdb redis.UniversalClient) bool {
 	case *redis.ClusterClient:
 		return r.Options().ContextTimeoutEnabled
 	case *redis.Client:
-		if r.Options().ContextTimeoutEnabled {
+		o := r.Options()
+		if o.ContextTimeoutEnabled {
+			return true
+		}
+		if o.ReadTimeout < 0 {
+			// A ReadTimeout of -2 (go-redis stores it as -1) disables read
+			// deadlines, ctx's too: the user's choice, for connections
+			// that take none. Left alone.
 			return true
 		}
 		key := weak.Make(r)
 		if _, loaded := deadlineHooks.LoadOrStore(key, struct{}{}); loaded {
 			return true
 		}
-		o := r.Options()
 		clone := r.WithTimeout(o.ReadTimeout) // sets both timeouts to it
 		co := clone.Options()                 // the clone's own copy
 		co.WriteTimeout = o.WriteTimeout

@@ -573,23 +573,14 @@ func TestLatchCountDownWithEndedCtx(t *testing.T) {
 // 5s); so did Count and IsLocked.
 func TestLatchWaitHonoursContextOnDefaultOptions(t *testing.T) {
 	srv := redistest.NewServer(t)
-	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
-	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := defaultOptionsClient(t, srv)
 	l := c.CountDownLatch(redistest.UniqueName(t))
 	ok, err := l.TrySetCount(ctxT(t, 5*time.Second), 1)
 	require.NoError(t, err)
 	require.True(t, ok)
 	m := c.Mutex(redistest.UniqueName(t))
 
-	srv.Stop(t)
-	resumed := false
-	t.Cleanup(func() {
-		if !resumed {
-			srv.Cont(t)
-		}
-	})
+	resume := freeze(t, srv)
 	for name, call := range map[string]func(ctx context.Context) error{
 		"Wait": func(ctx context.Context) error {
 			err := l.Wait(ctx)
@@ -608,8 +599,7 @@ func TestLatchWaitHonoursContextOnDefaultOptions(t *testing.T) {
 		require.Error(t, err, name) // a read's: the i/o timeout of its ctx's deadline
 		require.Less(t, took, 300*time.Millisecond+700*time.Millisecond, "%s outlasted its ctx", name)
 	}
-	srv.Cont(t)
-	resumed = true
+	resume()
 	// The reads still work, and see the count.
 	requireCount(t, ctxT(t, 5*time.Second), l, 1)
 }

@@ -1022,21 +1022,12 @@ func TestUnreachableRedis(t *testing.T) {
 // now turns on in the clone of the client it sends its commands through.
 func TestUnresponsiveRedisOnDefaultOptions(t *testing.T) {
 	srv := redistest.NewServer(t)
-	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
-	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := defaultOptionsClient(t, srv)
 	held := c.Mutex(redistest.UniqueName(t))
 	require.NoError(t, held.Lock(ctxT(t, 5*time.Second)))
 	other := c.Mutex(redistest.UniqueName(t))
 
-	srv.Stop(t)
-	resumed := false
-	t.Cleanup(func() {
-		if !resumed {
-			srv.Cont(t)
-		}
-	})
+	resume := freeze(t, srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -1052,8 +1043,30 @@ func TestUnresponsiveRedisOnDefaultOptions(t *testing.T) {
 	start = time.Now()
 	require.Error(t, held.Unlock(ctx))
 	require.Less(t, time.Since(start), 300*time.Millisecond+700*time.Millisecond, "Unlock outlasted its ctx")
-	srv.Cont(t)
-	resumed = true
+	resume()
+}
+
+// defaultOptionsClient returns a Client on a go-redis client of srv with
+// go-redis's default options (ContextTimeoutEnabled off) but a ReadTimeout
+// of 5s, which a call that does not return by its ctx overruns plainly.
+func defaultOptionsClient(t *testing.T, srv *redistest.Server) *redlatch.Client {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := redlatch.New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// freeze stops srv (SIGSTOP) and returns the function that resumes it,
+// which the test's cleanup calls unless the test did.
+func freeze(t *testing.T, srv *redistest.Server) (resume func()) {
+	t.Helper()
+	srv.Stop(t)
+	var once sync.Once
+	resume = func() { once.Do(func() { srv.Cont(t) }) }
+	t.Cleanup(resume)
+	return resume
 }
 
 // TestUserHooksSeeRoutedCalls: on a *redis.Client with ContextTimeoutEnabled

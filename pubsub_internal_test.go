@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
@@ -622,4 +623,30 @@ func TestOwnPublishHonoursContextOnDefaultOptions(t *testing.T) {
 	start := time.Now()
 	require.Error(t, rdb.Publish(own(ctx), redistest.UniqueName(t), "a").Err())
 	require.Less(t, time.Since(start), time.Second, "the PUBLISH outlasted its ctx")
+}
+
+// TestDeadlineHookOnlyWhereDeadlinesAre: the deadlineHook goes on a client
+// with ContextTimeoutEnabled off (go-redis's default), not on one with it
+// on (nothing to route), nor on one whose ReadTimeout is -2, which turns
+// read deadlines off, ctx's too: that is the user's choice, for
+// connections that take none, and the clone would set them.
+func TestDeadlineHookOnlyWhereDeadlinesAre(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opt  redis.Options
+		hook bool
+	}{
+		{"defaults", redis.Options{}, true},
+		{"ContextTimeoutEnabled", redis.Options{ContextTimeoutEnabled: true}, false},
+		{"ReadTimeout -2", redis.Options{ReadTimeout: -2}, false},
+	} {
+		opt := tc.opt
+		opt.Addr = "127.0.0.1:1"
+		rdb := redis.NewClient(&opt)
+		c := New(rdb)
+		_, hooked := deadlineHooks.Load(weak.Make(rdb))
+		require.Equal(t, tc.hook, hooked, tc.name)
+		require.NoError(t, c.Close())
+		require.NoError(t, rdb.Close())
+	}
 }

@@ -284,14 +284,25 @@ func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold
 // renewSyncedOn renews batches[i] for each i in which, on node, followed by
 // one WAIT, and writes their results to out[i].
 func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) {
-	conn := node.Conn()
-	defer conn.Close()
-	ctx = pinned(ctx)
 	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
 	// WAIT goes in the scripts' pipeline, one round trip, when it fits
-	// within the connection's read timeout (see runOnWithWait).
+	// within the connection's read timeout (see runOnWithWait): one
+	// pipeline goes on one connection, no pinning needed, and it is routed
+	// (see deadlineHook) like any other renewal. Else the scripts and WAIT
+	// go on a pinned connection, unrouted (see pinned).
 	rt := node.Options().ReadTimeout
 	piped := rt <= 0 || w.c.opts.replicaTimeout+waitMargin < rt
+	var conn interface {
+		redis.Scripter
+		Pipeline() redis.Pipeliner
+		Wait(ctx context.Context, numSlaves int, timeout time.Duration) *redis.IntCmd
+	} = node
+	if !piped {
+		pc := node.Conn()
+		defer pc.Close()
+		conn = pc
+		ctx = pinned(ctx)
+	}
 	var wait *redis.Cmd
 	send := func(ms int64) []*redis.Cmd {
 		cmds := make([]*redis.Cmd, len(which))

@@ -211,6 +211,61 @@ func TestReplicaSyncPinnedOnDefaultOptions(t *testing.T) {
 	requireClosedWithin(t, held.Lost(), 3*time.Second, "renewals no replica acknowledged kept the hold")
 }
 
+// overrunHook records how long after its ctx's deadline each pipeline of
+// script calls (a renewal) returned, the longest.
+type overrunHook struct {
+	passHook
+	longest atomic.Int64 // nanoseconds
+	seen    atomic.Int64
+}
+
+func (h *overrunHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if len(cmds) > 0 && cmds[0].Name() == "evalsha" {
+			h.seen.Add(1)
+			if d, ok := ctx.Deadline(); ok {
+				over := int64(time.Since(d))
+				for {
+					old := h.longest.Load()
+					if over <= old || h.longest.CompareAndSwap(old, over) {
+						break
+					}
+				}
+			}
+		}
+		return err
+	}
+}
+
+// TestReplicaSyncRenewalHonoursContextOnDefaultOptions: under
+// WithReplicaSync with a sync timeout well within the ReadTimeout, the
+// README says only the pinned path (a sync timeout above the ReadTimeout)
+// is left out of the routing through the clone: a renewal, the script
+// calls and their WAIT in one pipeline, returns by its ctx's deadline on
+// go-redis's default options. renewSyncedOn sent every renewal on a pinned
+// connection, unrouted: with the master frozen, the renewal waited for it
+// (up to the ReadTimeout) well past its deadline.
+func TestReplicaSyncRenewalHonoursContextOnDefaultOptions(t *testing.T) {
+	master, _, _ := replicaPair(t)
+	ctx := ctxT(t, 20*time.Second)
+	rdb := redis.NewClient(&redis.Options{Addr: master.Addr, ReadTimeout: 5 * time.Second})
+	t.Cleanup(func() { _ = rdb.Close() })
+	h := &overrunHook{}
+	rdb.AddHook(h)
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 100*time.Millisecond), redlatch.WithWatchdogTimeout(900*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	require.NoError(t, c.Mutex(redistest.UniqueName(t)).Lock(ctx))
+	require.Eventually(t, func() bool { return h.seen.Load() > 0 }, 2*time.Second, 10*time.Millisecond)
+
+	master.Stop(t)
+	time.Sleep(2500 * time.Millisecond)
+	master.Cont(t)
+	time.Sleep(300 * time.Millisecond)
+	require.Less(t, time.Duration(h.longest.Load()), 300*time.Millisecond,
+		"a renewal returned long after its ctx's deadline")
+}
+
 // TestReplicaSyncStoppedReplica: with the replica frozen (SIGSTOP), an
 // acquisition fails within about the sync timeout with ErrNotReplicated
 // (which matches ErrNotObtained), and nothing stays held on the master; a
