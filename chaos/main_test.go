@@ -23,6 +23,12 @@ var long = flag.Bool("long", false, "run each scenario longer")
 func TestMain(m *testing.M) {
 	chaos.WorkerMain() // a worker process never returns from it
 	flag.Parse()
+	// toxiproxy v2.12.0's latency toxic sends a delayed chunk on without
+	// watching for its link's end (toxics/latency.go:44): when the link
+	// closes during the delay, that goroutine blocks for good. CI caught
+	// one a minute after TestLatencyUnderLease's proxy was stopped. It is
+	// toxiproxy's, not redlatch's.
+	leakcheck.Ignore("github.com/Shopify/toxiproxy/v2/toxics.(*LatencyToxic).Pipe")
 	leakcheck.Exit(m.Run(), 5*time.Second)
 }
 

@@ -34,6 +34,16 @@ var machinery = []string{
 	"runtime.ensureSigM", // the runtime half of os/signal
 }
 
+// also lists the prefixes a test binary added with Ignore.
+var also []string
+
+// Ignore adds function-name prefixes of goroutines Check does not report,
+// as for the machinery: goroutines of a test tool known to outlive its own
+// shutdown, not the code under test's. Call it from TestMain, before Exit.
+func Ignore(prefixes ...string) {
+	also = append(also, prefixes...)
+}
+
 // Check returns an error listing the goroutines still running that are not
 // part of the Go runtime or the testing machinery, after waiting up to wait
 // for them to exit. The goroutine calling Check is never reported. It returns
@@ -101,6 +111,11 @@ func ignored(g string) bool {
 			}
 		}
 		for _, m := range machinery {
+			if strings.HasPrefix(fn, m) {
+				return true
+			}
+		}
+		for _, m := range also {
 			if strings.HasPrefix(fn, m) {
 				return true
 			}

@@ -87,3 +87,15 @@ func TestIgnored(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) { require.Equal(t, tc.want, ignored(tc.stack)) })
 	}
 }
+
+// TestIgnore: a prefix added with Ignore hides a tool's goroutine, and only
+// that one.
+func TestIgnore(t *testing.T) {
+	tool := "goroutine 9 [chan send]:\nexample.com/tool.(*T).Pipe(0x1)\n\t/t/t.go:44 +0x51\ncreated by example.com/tool.Start in goroutine 8\n\t/t/l.go:109 +0x2a5"
+	other := "goroutine 10 [chan send]:\nexample.com/p.worker(...)\n\t/p/p.go:1\ncreated by example.com/p.Start in goroutine 8\n\t/p/p.go:3 +0x7c"
+	require.False(t, ignored(tool))
+	Ignore("example.com/tool.(*T).Pipe")
+	t.Cleanup(func() { also = nil })
+	require.True(t, ignored(tool))
+	require.False(t, ignored(other))
+}
