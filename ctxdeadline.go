@@ -116,6 +116,22 @@ func pinned(ctx context.Context) context.Context {
 // kept here would keep the client for good.
 var deadlineHooks sync.Map // weak.Pointer[redis.Client] → struct{}
 
+// hookOnce stores v for rdb in m, a map of go-redis clients to their hook
+// (or what it needs), unless m has a value for rdb already, and returns the
+// value m holds and whether this call stored it: the caller then adds its
+// hook to rdb. A go-redis client keeps its hooks for good, so it gets one
+// of each kind, shared by its Clients. m is keyed weakly, and its entry
+// goes when rdb is collected: an application that opens and drops clients
+// does not grow it.
+func hookOnce(m *sync.Map, rdb *redis.Client, v any) (any, bool) {
+	key := weak.Make(rdb)
+	held, loaded := m.LoadOrStore(key, v)
+	if !loaded {
+		runtime.AddCleanup(rdb, func(key weak.Pointer[redis.Client]) { m.Delete(key) }, key)
+	}
+	return held, !loaded
+}
+
 // honourDeadlines installs the deadlineHook of rdb when rdb is a
 // *redis.Client with ContextTimeoutEnabled off, and reports whether the
 // deadlines of redlatch's calls on rdb reach its reads: false only for a
@@ -135,8 +151,7 @@ func honourDeadlines(rdb redis.UniversalClient) bool {
 			// that take none. Left alone.
 			return true
 		}
-		key := weak.Make(r)
-		if _, loaded := deadlineHooks.LoadOrStore(key, struct{}{}); loaded {
+		if _, first := hookOnce(&deadlineHooks, r, struct{}{}); !first {
 			return true
 		}
 		clone := r.WithTimeout(o.ReadTimeout) // sets both timeouts to it
@@ -144,7 +159,6 @@ func honourDeadlines(rdb redis.UniversalClient) bool {
 		co.WriteTimeout = o.WriteTimeout
 		co.ContextTimeoutEnabled = true
 		r.AddHook(&deadlineHook{clone: clone})
-		runtime.AddCleanup(r, func(key weak.Pointer[redis.Client]) { deadlineHooks.Delete(key) }, key)
 	}
 	return true
 }
@@ -177,16 +191,21 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 		if !isScriptCall(cmds[0]) {
 			return next(ctx, cmds)
 		}
-		ctx = context.WithValue(ctx, routed{}, true)
-		pipe := h.clone.Pipeline()
-		for _, cmd := range cmds {
-			_ = pipe.Process(ctx, cmd) // queued: the pipeline sets its reply
-		}
 		// The error next would return: go-redis's pipeline returns the
 		// first failed command's, a reply error (NOSCRIPT, ...) too.
-		_, err := pipe.Exec(ctx)
-		return err
+		return send(ctx, h.clone.Pipeline(), cmds)
 	}
+}
+
+// send queues cmds on pipe, a pipeline of the clone, and runs it with ctx
+// marked routed; the pipeline sets each command's reply.
+func send(ctx context.Context, pipe redis.Pipeliner, cmds []redis.Cmder) error {
+	ctx = context.WithValue(ctx, routed{}, true)
+	for _, cmd := range cmds {
+		_ = pipe.Process(ctx, cmd) // queued
+	}
+	_, err := pipe.Exec(ctx)
+	return err
 }
 
 // routeTx sends the transaction of one of redlatch's reads (MULTI, the
@@ -194,12 +213,7 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 // MULTI and EXEC of its own. The caller's MULTI and EXEC get the error of
 // a transaction that did not go through, as go-redis sets it.
 func (h *deadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder) error {
-	ctx = context.WithValue(ctx, routed{}, true)
-	pipe := h.clone.TxPipeline()
-	for _, cmd := range cmds[1 : len(cmds)-1] {
-		_ = pipe.Process(ctx, cmd)
-	}
-	_, err := pipe.Exec(ctx)
+	err := send(ctx, h.clone.TxPipeline(), cmds[1:len(cmds)-1])
 	var reply redis.Error // a command's reply (redis.Nil too): not theirs
 	if err != nil && !errors.As(err, &reply) {
 		cmds[0].SetErr(err)

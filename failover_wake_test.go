@@ -53,16 +53,7 @@ func TestWakeAfterClusterFailover(t *testing.T) {
 	require.NoError(t, oadm.Do(ctx, "WAIT", 1, 2000).Err())
 
 	owner.Kill(t)
-	require.Eventually(t, func() bool {
-		s, _ := radm.Info(ctx, "replication").Result()
-		return strings.Contains(s, "role:master")
-	}, 30*time.Second, 100*time.Millisecond, "the replica was not promoted")
-	require.Eventually(t, func() bool {
-		hrdb.ReloadState(ctx)
-		wrdb.ReloadState(ctx)
-		return hrdb.Exists(ctx, "{"+name+"}:lock").Err() == nil &&
-			wrdb.Exists(ctx, "{"+name+"}:lock").Err() == nil
-	}, 20*time.Second, 200*time.Millisecond, "the holder's client does not reach the new master")
+	awaitPromoted(t, ctx, radm, "{"+name+"}:lock", hrdb, wrdb)
 
 	released := time.Now()
 	require.NoError(t, holder.Unlock(ctx))
@@ -443,18 +434,30 @@ func TestClusterFailoverWaiters(t *testing.T) {
 				} else {
 					owner.Kill(t)
 				}
-				require.Eventually(t, func() bool {
-					s, _ := radm.Info(ctx, "replication").Result()
-					return strings.Contains(s, "role:master")
-				}, 30*time.Second, 50*time.Millisecond, "the replica was not promoted")
-				require.Eventually(t, func() bool {
-					r1.ReloadState(ctx)
-					r2.ReloadState(ctx)
-					return r1.Exists(ctx, key).Err() == nil && r2.Exists(ctx, key).Err() == nil
-				}, 20*time.Second, 50*time.Millisecond, "the clients do not reach the new master")
+				awaitPromoted(t, ctx, radm, key, r1, r2)
 				t.Logf("failover: clients on the new master %v after the kill", time.Since(killed).Round(time.Millisecond))
 				return time.Now()
 			})
 		})
 	}
+}
+
+// awaitPromoted waits until the replica radm talks to is a master, then
+// until each cluster client reaches the new master of key's slot (its slot
+// map reloaded).
+func awaitPromoted(t *testing.T, ctx context.Context, radm *redis.Client, key string, clients ...*redis.ClusterClient) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		s, _ := radm.Info(ctx, "replication").Result()
+		return strings.Contains(s, "role:master")
+	}, 30*time.Second, 50*time.Millisecond, "the replica was not promoted")
+	require.Eventually(t, func() bool {
+		for _, c := range clients {
+			c.ReloadState(ctx)
+			if c.Exists(ctx, key).Err() != nil {
+				return false
+			}
+		}
+		return true
+	}, 20*time.Second, 50*time.Millisecond, "the clients do not reach the new master")
 }

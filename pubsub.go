@@ -4,14 +4,12 @@ import (
 	"context"
 	"errors"
 	"net"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"weak"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -1186,16 +1184,13 @@ var failoverHooks sync.Map // weak.Pointer[redis.Client] → *failoverHook
 // watchFailover makes p follow the master of rdb, a sentinel failover
 // client (see failoverHook), until p.unwatch.
 func watchFailover(rdb *redis.Client, p *pubsub) {
-	key := weak.Make(rdb)
-	h, loaded := failoverHooks.LoadOrStore(key, &failoverHook{ps: make(map[*pubsub]struct{})})
+	h, first := hookOnce(&failoverHooks, rdb, &failoverHook{ps: make(map[*pubsub]struct{})})
 	fh := h.(*failoverHook)
 	fh.mu.Lock()
 	fh.ps[p] = struct{}{}
 	fh.mu.Unlock()
-	if !loaded {
+	if first {
 		rdb.AddHook(fh)
-		// The entry goes with the go-redis client.
-		runtime.AddCleanup(rdb, func(key weak.Pointer[redis.Client]) { failoverHooks.Delete(key) }, key)
 	}
 	p.unwatch = func() {
 		fh.mu.Lock()
