@@ -134,7 +134,11 @@ type Client struct {
 	rdb     redis.UniversalClient
 	opts    options
 	cluster *redis.ClusterClient // set when rdb is a cluster client
-	err     error                // a bad argument of New, returned by every method
+	// hookNodes is set when cluster has ContextTimeoutEnabled off: the
+	// node clients redlatch calls directly get their deadlineHook (see
+	// Client.node).
+	hookNodes bool
+	err       error // a bad argument of New, returned by every method
 
 	ctx    context.Context // cancelled by Close
 	cancel context.CancelFunc
@@ -209,13 +213,12 @@ func (c *Client) leaveWait() {
 // pinned connection, under WithReplicaSync: see the README's Known gaps).
 // The hooks added to rdb before New see those calls as usual; add yours
 // before New: go-redis runs the hooks added later closer to the server,
-// and the calls go round them. A *redis.ClusterClient gets no such hook:
-// set ContextTimeoutEnabled in its options, or a Lock whose ctx ends while
-// a master does not answer returns only after the ReadTimeout (and the undo
-// of its unanswered attempt after another one). New logs a warning when it
-// is off on a cluster client (to the WithLogger logger: by default,
-// nowhere). A ctx cancelled before its deadline ends no read on either:
-// go-redis sets only deadlines on the socket.
+// and the calls go round them. On a *redis.ClusterClient the same is done
+// at each master's node client (with the cluster client's redirects
+// followed): the hooks on the cluster client see every call, and so do
+// those given to its node clients (OnNewNode) before New. A ctx cancelled
+// before its deadline ends no read: go-redis sets only deadlines on the
+// socket.
 func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	c := &Client{rdb: rdb, probing: make(chan struct{}, 1)}
 	c.opts = options{
@@ -240,9 +243,8 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		c.cluster = cc
 	}
-	if c.err == nil && !honourDeadlines(rdb) {
-		c.opts.logger.Warn("redlatch: go-redis ContextTimeoutEnabled is off on the cluster client: a call to an " +
-			"unresponsive master may outlast its ctx by up to the client's ReadTimeout; set it in the redis options")
+	if c.err == nil {
+		c.hookNodes = honourDeadlines(rdb)
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wd = newWatchdog(c)
@@ -440,7 +442,11 @@ func (c *Client) probePublish(ctx context.Context) string {
 	}
 	var mu sync.Mutex
 	major := -1
-	err := c.cluster.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
+	// own: on go-redis's default options, the checks, and the reload of
+	// the slot map that ForEachMaster starts with, are routed as the
+	// scripts are (see clusterDeadlineHook), and end with ctx.
+	err := c.cluster.ForEachMaster(own(ctx), func(ctx context.Context, n *redis.Client) error {
+		n = c.node(n)
 		info, err := n.Info(ctx, "server").Result()
 		v := redisMajor(info)
 		if isReplyError(err) {

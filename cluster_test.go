@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -160,4 +161,146 @@ func clusterBackend(t *testing.T) redistest.Backend {
 	}
 	t.Skip("no redis-server: no local cluster")
 	return redistest.Backend{}
+}
+
+// TestUnresponsiveClusterMasterOnDefaultOptions is
+// TestUnresponsiveRedisOnDefaultOptions on a Redis Cluster: a
+// *redis.ClusterClient with go-redis's default options (ContextTimeoutEnabled
+// off) and a ReadTimeout of 5s, one master frozen (before the cluster marks
+// it failed). A Lock whose key is on that master returns by its ctx and its
+// undo's bound; Unlock, IsLocked and TTL return by their ctx. Calls on the
+// other masters go on meanwhile.
+func TestUnresponsiveClusterMasterOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	o := cl.Options()
+	o.ContextTimeoutEnabled = false
+	o.ReadTimeout = 5 * time.Second
+	cc := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = cc.Close() })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	name := nameOn(t, cl, 1, "frozen")
+	held := c.Mutex(name)
+	require.NoError(t, held.Lock(ctxT(t, 5*time.Second)))
+	other := c.Mutex(name)
+	healthy := c.Mutex(nameOn(t, cl, 0, "healthy"))
+
+	resume := freeze(t, cl.Servers[1])
+	// Before the cluster marks the frozen master failed (its node timeout
+	// is 2s), after which it refuses every key: it has no replica.
+	ctx := ctxT(t, time.Second)
+	require.NoError(t, healthy.Lock(ctx), "a master that answers")
+	require.NoError(t, healthy.Unlock(ctx))
+
+	within := func(what string, d time.Duration, call func(ctx context.Context) error) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		err := call(ctx)
+		took := time.Since(start)
+		require.Error(t, err, what)
+		require.Less(t, took, d, "%s outlasted its ctx (%v)", what, err)
+	}
+	within("Lock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, func(ctx context.Context) error {
+		err := other.Lock(ctx)
+		require.ErrorIs(t, err, redlatch.ErrNotObtained)
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+		return err
+	})
+	within("IsLocked", time.Second, func(ctx context.Context) error { _, err := held.IsLocked(ctx); return err })
+	within("TTL", time.Second, func(ctx context.Context) error { _, err := held.TTL(ctx); return err })
+	within("Unlock", time.Second, func(ctx context.Context) error { return held.Unlock(ctx) })
+	resume()
+}
+
+// TestRenewalAfterSlotMovedOnDefaultOptions: on a *redis.ClusterClient with
+// ContextTimeoutEnabled off, redlatch's renewals go to each master's node
+// client through a clone with the option on (see
+// TestUnresponsiveClusterMasterOnDefaultOptions). When the slot of one of
+// the holds renewed in one pipeline moves to another master, its renewal
+// sent to the old master is redirected (MOVED): the cluster client follows
+// the redirect, as it does for a pipeline not routed, and both holds live
+// on. So do an IsLocked and a Lock on a moved slot, redirected too.
+func TestRenewalAfterSlotMovedOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3) // private: the test moves a slot
+	ctx := ctxT(t, 30*time.Second)
+	o := cl.Options()
+	o.ContextTimeoutEnabled = false
+	cc := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = cc.Close() })
+	timeout := 600 * time.Millisecond
+	c := redlatch.New(cc, redlatch.WithWatchdogTimeout(timeout))
+	t.Cleanup(func() { _ = c.Close() })
+
+	// Two holds on master 1, in two slots: two batches of one pipeline.
+	staying, moving := nameOn(t, cl, 1, "staying"), nameOn(t, cl, 1, "moving")
+	require.NotEqual(t, redistest.KeySlot(lockKey(staying)), redistest.KeySlot(lockKey(moving)))
+	var holds []*redlatch.Mutex
+	for _, name := range []string{staying, moving} {
+		m := c.Mutex(name)
+		require.NoError(t, m.Lock(ctx))
+		holds = append(holds, m)
+	}
+	cl.MoveSlot(t, redistest.KeySlot(lockKey(moving)), 2)
+	// Past several renewals, the first of them to the old master.
+	time.Sleep(3 * timeout)
+	for i, on := range []int{1, 2} {
+		requireOpen(t, holds[i].Lost(), "hold lost")
+		ttl, err := cl.Servers[on].Client(t).PTTL(ctx, lockKey([]string{staying, moving}[i])).Result()
+		require.NoError(t, err)
+		require.Greater(t, ttl, timeout/2, "hold %d not renewed", i)
+	}
+
+	moved := nameOn(t, cl, 1, "moved")
+	cl.MoveSlot(t, redistest.KeySlot(lockKey(moved)), 2)
+	other := c.Mutex(moved)
+	locked, err := other.IsLocked(ctx)
+	require.NoError(t, err, "IsLocked on a moved slot: %v", err)
+	require.False(t, locked)
+	cl.MoveSlot(t, redistest.KeySlot(lockKey(moved)), 0)
+	require.NoError(t, other.Lock(ctx), "Lock on a moved slot")
+	require.NoError(t, other.Unlock(ctx))
+	for _, m := range holds {
+		require.NoError(t, m.Unlock(ctx))
+	}
+}
+
+// TestClusterUserHooksSeeRoutedCalls: on a *redis.ClusterClient with
+// ContextTimeoutEnabled off, redlatch routes its calls at the node clients
+// (see TestUnresponsiveClusterMasterOnDefaultOptions). The user's hooks on
+// the cluster client see every call, added before New or after; so do the
+// hooks the user gives each node client (OnNewNode) before New.
+func TestClusterUserHooksSeeRoutedCalls(t *testing.T) {
+	var o *redis.ClusterOptions
+	for _, b := range redistest.Backends(t) {
+		if b.Cluster != nil {
+			o = b.Cluster.Options()
+		}
+	}
+	if o == nil {
+		t.Skip("no cluster")
+	}
+	o.ContextTimeoutEnabled = false
+	cc := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = cc.Close() })
+	before, nodes := &scriptCounter{}, &scriptCounter{}
+	cc.AddHook(before)
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(nodes) })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+	after := &scriptCounter{}
+	cc.AddHook(after)
+	ctx := ctxT(t, 10*time.Second)
+	for range 20 {
+		m := c.Mutex(redistest.UniqueName(t))
+		require.NoError(t, m.Lock(ctx))
+		require.NoError(t, m.Unlock(ctx))
+	}
+	// 20 Lock and 20 Unlock, and an EVAL after a first EVALSHA on a master
+	// (NOSCRIPT) on each master.
+	for name, h := range map[string]*scriptCounter{"cluster, before New": before, "cluster, after New": after, "nodes": nodes} {
+		require.GreaterOrEqual(t, h.n.Load(), int64(40), "script calls seen by the hooks of the %s", name)
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"strings"
 	"sync"
 	"weak"
 
@@ -28,9 +29,16 @@ import (
 // ones, which go round them. Only redlatch's calls are routed (EVALSHA,
 // EVAL or SCRIPT LOAD of a script made with newScript, alone or first in a
 // pipeline; and its other calls, marked by own): the user's
-// commands are the client's business. A *redis.ClusterClient gets no hook:
-// set ContextTimeoutEnabled in its options (New logs a warning when it is
-// off).
+// commands are the client's business.
+//
+// A *redis.ClusterClient with the option off sends each command, and each
+// node's share of a pipeline, through the hooks of a node client of its
+// own, one per node, which has the option off too; its WithTimeout would
+// not be a cluster client. So each node client that redlatch's calls go to
+// gets a deadlineHook (see hookNode and clusterDeadlineHook), which routes
+// them through a clone of the node client; the cluster client follows the
+// redirects of the replies, as for any call. The hooks on the cluster
+// client, and those on its node clients from before New, see every call.
 
 // scripts are the SHA1 digests and the sources of every script made with
 // newScript: the calls deadlineHook routes.
@@ -72,6 +80,10 @@ func isScriptCall(cmd redis.Cmder) bool {
 // installed by the first Client on it.
 type deadlineHook struct {
 	clone *redis.Client
+	// node is set on a node client of a *redis.ClusterClient, whose
+	// pipelines the cluster client sends through the node's hooks (see
+	// ProcessPipelineHook).
+	node bool
 }
 
 // routed marks the ctx of a call that is not to be routed (again): one
@@ -123,44 +135,74 @@ var deadlineHooks sync.Map // weak.Pointer[redis.Client] → struct{}
 // of each kind, shared by its Clients. m is keyed weakly, and its entry
 // goes when rdb is collected: an application that opens and drops clients
 // does not grow it.
-func hookOnce(m *sync.Map, rdb *redis.Client, v any) (any, bool) {
+func hookOnce[C redis.Client | redis.ClusterClient](m *sync.Map, rdb *C, v any) (any, bool) {
 	key := weak.Make(rdb)
 	held, loaded := m.LoadOrStore(key, v)
 	if !loaded {
-		runtime.AddCleanup(rdb, func(key weak.Pointer[redis.Client]) { m.Delete(key) }, key)
+		runtime.AddCleanup(rdb, func(key weak.Pointer[C]) { m.Delete(key) }, key)
 	}
 	return held, !loaded
 }
 
-// honourDeadlines installs the deadlineHook of rdb when rdb is a
-// *redis.Client with ContextTimeoutEnabled off, and reports whether the
-// deadlines of redlatch's calls on rdb reach its reads: false only for a
-// *redis.ClusterClient with the option off.
-func honourDeadlines(rdb redis.UniversalClient) bool {
+// honourDeadlines makes the deadlines of redlatch's calls on rdb reach their
+// reads when rdb has ContextTimeoutEnabled off: on a *redis.Client it
+// installs rdb's deadlineHook; on a *redis.ClusterClient, its
+// clusterDeadlineHook, which gives each node client that redlatch's calls
+// go to a deadlineHook of its own (see hookNode). It reports whether the
+// node clients that redlatch calls directly need theirs too (see
+// Client.node).
+func honourDeadlines(rdb redis.UniversalClient) (hookNodes bool) {
 	switch r := rdb.(type) {
 	case *redis.ClusterClient:
-		return r.Options().ContextTimeoutEnabled
+		o := r.Options()
+		if o.ContextTimeoutEnabled || o.ReadTimeout < 0 {
+			return false
+		}
+		if _, first := hookOnce(&clusterDeadlineHooks, r, struct{}{}); first {
+			// The node clients the cluster creates from now on (after a
+			// MOVED to a node it did not know, say) get theirs at once;
+			// those it has already, when a call goes to them.
+			r.OnNewNode(hookNode)
+			r.AddHook(&clusterDeadlineHook{cc: r})
+		}
+		return true
 	case *redis.Client:
 		o := r.Options()
-		if o.ContextTimeoutEnabled {
-			return true
+		if o.ContextTimeoutEnabled || o.ReadTimeout < 0 {
+			// With the option on, nothing to route. A ReadTimeout of -2
+			// (go-redis stores it as -1) disables read deadlines, ctx's
+			// too: the user's choice, for connections that take none.
+			// Left alone.
+			return false
 		}
-		if o.ReadTimeout < 0 {
-			// A ReadTimeout of -2 (go-redis stores it as -1) disables read
-			// deadlines, ctx's too: the user's choice, for connections
-			// that take none. Left alone.
-			return true
+		if _, first := hookOnce(&deadlineHooks, r, struct{}{}); first {
+			r.AddHook(newDeadlineHook(r, false))
 		}
-		if _, first := hookOnce(&deadlineHooks, r, struct{}{}); !first {
-			return true
-		}
-		clone := r.WithTimeout(o.ReadTimeout) // sets both timeouts to it
-		co := clone.Options()                 // the clone's own copy
-		co.WriteTimeout = o.WriteTimeout
-		co.ContextTimeoutEnabled = true
-		r.AddHook(&deadlineHook{clone: clone})
 	}
-	return true
+	return false
+}
+
+// node returns n, a node client of c's cluster client that redlatch calls
+// directly (a master, for a script and its WAIT, or its version), after
+// giving it its deadlineHook when the cluster client has
+// ContextTimeoutEnabled off.
+func (c *Client) node(n *redis.Client) *redis.Client {
+	if c.hookNodes {
+		hookNode(n)
+	}
+	return n
+}
+
+// newDeadlineHook returns the deadlineHook of r, which has
+// ContextTimeoutEnabled off; node is set for a node client of a
+// *redis.ClusterClient.
+func newDeadlineHook(r *redis.Client, node bool) *deadlineHook {
+	o := r.Options()
+	clone := r.WithTimeout(o.ReadTimeout) // sets both timeouts to it
+	co := clone.Options()                 // the clone's own copy
+	co.WriteTimeout = o.WriteTimeout
+	co.ContextTimeoutEnabled = true
+	return &deadlineHook{clone: clone, node: node}
 }
 
 func (h *deadlineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -185,6 +227,9 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 		if len(cmds) == 0 || ctx.Value(routed{}) != nil {
 			return next(ctx, cmds)
 		}
+		if h.node {
+			return h.routeNodePipeline(ctx, cmds, next)
+		}
 		if isOwnTx(ctx, cmds) {
 			return h.routeTx(ctx, cmds)
 		}
@@ -195,6 +240,181 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 		// first failed command's, a reply error (NOSCRIPT, ...) too.
 		return send(ctx, h.clone.Pipeline(), cmds)
 	}
+}
+
+// routeNodePipeline is ProcessPipelineHook on a node client of a cluster,
+// whose cluster client sends a cluster pipeline through it, each node's
+// share of it in turn, and follows the redirects of its commands once
+// next returns.
+//
+// A transaction goes to next: a cluster client takes a node hook that
+// serves a transaction itself for a failed one (the cluster-level
+// clusterDeadlineHook routes the transactions of redlatch's reads
+// instead). A pipeline that starts with one of redlatch's scripts (a
+// renewal) is sent through the clone. Its commands that were redirected
+// (MOVED, ASK) go to next then, whose replies the cluster client follows;
+// so do those that failed with no reply while ctx is live (a connection
+// refused): the cluster client retries them on the node it picks. The hook
+// returns an error only when every command failed: the cluster client sets
+// a node hook's error on each command that has none, a reply too.
+func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
+	if !isScriptCall(cmds[0]) {
+		return next(ctx, cmds)
+	}
+	_ = send(ctx, h.clone.Pipeline(), cmds)
+	var again []redis.Cmder
+	failed := 0
+	for _, cmd := range cmds {
+		err := cmd.Err()
+		if err == nil || errors.Is(err, redis.Nil) {
+			continue
+		}
+		failed++
+		if followed(err) || !isReplyError(err) && ctx.Err() == nil {
+			cmd.SetErr(nil)
+			again = append(again, cmd)
+		}
+	}
+	if len(again) > 0 {
+		return next(ctx, again)
+	}
+	if failed < len(cmds) {
+		return nil
+	}
+	return cmds[0].Err()
+}
+
+// clusterDeadlineHooks holds each cluster client with a
+// clusterDeadlineHook, and nodeDeadlineHooks each of its node clients with
+// a deadlineHook (see hookOnce).
+var clusterDeadlineHooks, nodeDeadlineHooks sync.Map // weak.Pointer[redis.ClusterClient or redis.Client] → struct{}
+
+// hookNode gives the node client node of a cluster client its deadlineHook,
+// once.
+func hookNode(node *redis.Client) {
+	if _, ok := nodeDeadlineHooks.Load(weak.Make(node)); ok {
+		return
+	}
+	if _, first := hookOnce(&nodeDeadlineHooks, node, struct{}{}); first {
+		node.AddHook(newDeadlineHook(node, true))
+	}
+}
+
+// clusterDeadlineHook is the hook of a *redis.ClusterClient with
+// ContextTimeoutEnabled off. The cluster client sends each command, and
+// each node's share of a pipeline, through the hooks of the node client of
+// its master, where a deadlineHook routes redlatch's calls as on a
+// *redis.Client (with the client's redirects followed, see
+// routeNodePipeline); this hook gives that node client its deadlineHook
+// before the call goes on. A transaction, which a node hook cannot serve,
+// is routed here (see routeTx).
+type clusterDeadlineHook struct {
+	cc *redis.ClusterClient
+}
+
+func (h *clusterDeadlineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *clusterDeadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if (isScriptCall(cmd) || ctx.Value(ownCall{}) != nil) && ctx.Value(routed{}) == nil {
+			h.hookMasterOf(ctx, cmd)
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h *clusterDeadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		switch {
+		case len(cmds) == 0 || ctx.Value(routed{}) != nil:
+		case isOwnTx(ctx, cmds):
+			return h.routeTx(ctx, cmds, next)
+		case isScriptCall(cmds[0]):
+			for _, cmd := range cmds {
+				h.hookMasterOf(ctx, cmd)
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// hookMasterOf gives the node client of the master of cmd's first key its
+// deadlineHook (see hookNode). A command with no key (SCRIPT LOAD, which the
+// cluster client sends to every master) goes to nodes it gave one already.
+func (h *clusterDeadlineHook) hookMasterOf(ctx context.Context, cmd redis.Cmder) {
+	if key := firstKey(cmd); key != "" {
+		if node, err := h.cc.MasterForKey(ctx, key); err == nil {
+			hookNode(node)
+		}
+	}
+}
+
+// routeTx sends the transaction of one of redlatch's reads through a clone
+// of its master's node client with ContextTimeoutEnabled on (see
+// deadlineHook.routeTx). A redirected one (the slot moved, or is moving),
+// or one that failed with no reply while ctx is live, goes to next then:
+// the cluster client follows the redirect, or picks a node.
+func (h *clusterDeadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
+	node, err := h.cc.MasterForKey(ctx, firstKey(cmds[1]))
+	if err != nil {
+		return next(ctx, cmds)
+	}
+	err = (&deadlineHook{clone: newDeadlineHook(node, true).clone}).routeTx(ctx, cmds)
+	if err == nil || !redirected(cmds) && (isReplyError(err) || ctx.Err() != nil) {
+		return err
+	}
+	for _, cmd := range cmds {
+		cmd.SetErr(nil)
+	}
+	return next(ctx, cmds)
+}
+
+// redirected reports whether a command of cmds, a transaction, was
+// redirected (see followed): its EXEC then fails with EXECABORT.
+func redirected(cmds []redis.Cmder) bool {
+	for _, cmd := range cmds {
+		if followed(cmd.Err()) {
+			return true
+		}
+	}
+	return false
+}
+
+// followed reports whether err is a reply that a cluster client follows
+// (MOVED, ASK) or retries after a pause (TRYAGAIN, CLUSTERDOWN, LOADING,
+// READONLY and MASTERDOWN: a slot migrating, a failover).
+func followed(err error) bool {
+	if !isReplyError(err) {
+		return false
+	}
+	if isRedirect(err) {
+		return true
+	}
+	code, _, _ := strings.Cut(err.Error(), " ")
+	switch code {
+	case "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN":
+		return true
+	}
+	return false
+}
+
+// firstKey returns the first key cmd names: a script's first KEYS entry,
+// or else its first argument; "" when it has none.
+func firstKey(cmd redis.Cmder) string {
+	args := cmd.Args()
+	i := 1
+	switch cmd.Name() {
+	case "evalsha", "eval":
+		if n, _ := args[2].(int); n == 0 {
+			return ""
+		}
+		i = 3
+	}
+	if len(args) <= i {
+		return ""
+	}
+	key, _ := args[i].(string)
+	return key
 }
 
 // send queues cmds on pipe, a pipeline of the clone, and runs it with ctx

@@ -626,7 +626,8 @@ func TestOwnPublishHonoursContextOnDefaultOptions(t *testing.T) {
 }
 
 // TestDeadlineHookOnlyWhereDeadlinesAre: the deadlineHook goes on a client
-// with ContextTimeoutEnabled off (go-redis's default), not on one with it
+// (a clusterDeadlineHook on a cluster client) with ContextTimeoutEnabled
+// off (go-redis's default), not on one with it
 // on (nothing to route), nor on one whose ReadTimeout is -2, which turns
 // read deadlines off, ctx's too: that is the user's choice, for
 // connections that take none, and the clone would set them.
@@ -648,5 +649,15 @@ func TestDeadlineHookOnlyWhereDeadlinesAre(t *testing.T) {
 		require.Equal(t, tc.hook, hooked, tc.name)
 		require.NoError(t, c.Close())
 		require.NoError(t, rdb.Close())
+
+		// The same for a cluster client and its clusterDeadlineHook.
+		cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{opt.Addr},
+			ContextTimeoutEnabled: opt.ContextTimeoutEnabled, ReadTimeout: opt.ReadTimeout})
+		c = New(cc)
+		_, hooked = clusterDeadlineHooks.Load(weak.Make(cc))
+		require.Equal(t, tc.hook, hooked, "cluster client, %s", tc.name)
+		require.Equal(t, tc.hook, c.hookNodes, "cluster client, %s", tc.name)
+		require.NoError(t, c.Close())
+		require.NoError(t, cc.Close())
 	}
 }

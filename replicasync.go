@@ -91,7 +91,11 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 // Client's own Redis client, or on a cluster the master of key's slot.
 func (c *Client) masterFor(ctx context.Context, key string) (*redis.Client, error) {
 	if c.cluster != nil {
-		return c.cluster.MasterForKey(ctx, key)
+		node, err := c.cluster.MasterForKey(ctx, key)
+		if err != nil {
+			return nil, err
+		}
+		return c.node(node), nil
 	}
 	if rc, ok := c.rdb.(*redis.Client); ok {
 		return rc, nil

@@ -728,12 +728,17 @@ func nameOn(t *testing.T, cl *redistest.Cluster, i int, base string) string {
 // by a reviewer.
 func TestRenewalOnClusterWithFrozenMaster(t *testing.T) {
 	redistest.Together(t, func(run func(string, func(*testing.T))) {
-		for _, flush := range []bool{false, true} {
-			run(fmt.Sprintf("scriptflush=%v", flush), func(t *testing.T) {
+		for _, tc := range []struct{ flush, ctxTimeout bool }{{false, true}, {true, true}, {false, false}} {
+			flush := tc.flush
+			run(fmt.Sprintf("scriptflush=%v/ContextTimeoutEnabled=%v", flush, tc.ctxTimeout), func(t *testing.T) {
 				cl := redistest.NewCluster(t, 3)
 				ctx := ctxT(t, 20*time.Second)
 				timeout := 900 * time.Millisecond
-				c := redlatch.New(cl.Client(t), redlatch.WithWatchdogTimeout(timeout))
+				o := cl.Options()
+				o.ContextTimeoutEnabled = tc.ctxTimeout
+				cc := redis.NewClusterClient(o)
+				t.Cleanup(func() { _ = cc.Close() })
+				c := redlatch.New(cc, redlatch.WithWatchdogTimeout(timeout))
 				t.Cleanup(func() { _ = c.Close() })
 
 				healthyName := nameOn(t, cl, 0, "healthy")
