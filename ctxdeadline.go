@@ -254,7 +254,9 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 // renewal) is sent through the clone. Its commands that were redirected
 // (MOVED, ASK) go to next then, whose replies the cluster client follows;
 // so do those that failed with no reply while ctx is live (a connection
-// refused): the cluster client retries them on the node it picks. The hook
+// refused): the cluster client retries them on the node it picks. Not
+// those whose read reached ctx's deadline: ctx may not be done yet when the
+// read ends, and next's read would wait for the ReadTimeout. The hook
 // returns an error only when every command failed: the cluster client sets
 // a node hook's error on each command that has none, a reply too.
 func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
@@ -270,7 +272,7 @@ func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder
 			continue
 		}
 		failed++
-		if followed(err) || !isReplyError(err) && ctx.Err() == nil {
+		if followed(err) || !isReplyError(err) && !ctxEnded(ctx) {
 			cmd.SetErr(nil)
 			again = append(again, cmd)
 		}
@@ -360,7 +362,7 @@ func (h *clusterDeadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder, n
 		return next(ctx, cmds)
 	}
 	err = (&deadlineHook{clone: newDeadlineHook(node, true).clone}).routeTx(ctx, cmds)
-	if err == nil || !redirected(cmds) && (isReplyError(err) || ctx.Err() != nil) {
+	if err == nil || !redirected(cmds) && (isReplyError(err) || ctxEnded(ctx)) {
 		return err
 	}
 	for _, cmd := range cmds {
