@@ -304,3 +304,91 @@ func TestClusterUserHooksSeeRoutedCalls(t *testing.T) {
 		require.GreaterOrEqual(t, h.n.Load(), int64(40), "script calls seen by the hooks of the %s", name)
 	}
 }
+
+// TestColdClusterClientOnDefaultOptions: a new *redis.ClusterClient with
+// ContextTimeoutEnabled off has no slot map yet: the first call of a
+// Client on it loads the map from a seed node (CLUSTER SLOTS). When that
+// node is frozen, the load is redlatch's call too: a Lock returns by its
+// ctx and its undo's bound, an IsLocked by its ctx, not after the
+// ReadTimeout.
+func TestColdClusterClientOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	cold := func() *redlatch.Client {
+		o := cl.Options()
+		o.Addrs = []string{cl.Servers[1].Addr} // the seed the first load asks
+		o.ContextTimeoutEnabled = false
+		o.ReadTimeout = 5 * time.Second
+		cc := redis.NewClusterClient(o)
+		t.Cleanup(func() { _ = cc.Close() })
+		c := redlatch.New(cc)
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	locker, reader := cold().Mutex(name), cold().Mutex(name)
+
+	resume := freeze(t, cl.Servers[1])
+	within := func(what string, d time.Duration, call func(ctx context.Context) error) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		err := call(ctx)
+		took := time.Since(start)
+		require.Error(t, err, what)
+		require.Less(t, took, d, "%s on a cold cluster client outlasted its ctx (%v)", what, err)
+	}
+	within("Lock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, locker.Lock)
+	within("IsLocked", time.Second, func(ctx context.Context) error { _, err := reader.IsLocked(ctx); return err })
+	resume()
+}
+
+// TestClusterReadFallbackAuthenticates: on a *redis.ClusterClient with
+// ContextTimeoutEnabled off, a read of redlatch's (IsLocked: a MULTI of
+// reads) that its master's clone finds redirected (MOVED: the slot moved
+// since the client loaded its map) goes to the cluster client's own path,
+// which follows the redirect. A connection that path opens is set up by
+// its node client (HELLO, with the password): that HELLO must go on the
+// connection, not be routed to another one, or the call finds the
+// connection unauthenticated (NOAUTH).
+func TestClusterReadFallbackAuthenticates(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	const pw = "redlatch-pw"
+	ids := make([]string, len(cl.Servers))
+	for i, s := range cl.Servers {
+		admin := s.Client(t) // authenticated already when the password is set
+		id, err := admin.Do(ctx, "CLUSTER", "MYID").Text()
+		require.NoError(t, err)
+		ids[i] = id
+		require.NoError(t, admin.ConfigSet(ctx, "requirepass", pw).Err())
+		t.Cleanup(func() { _ = admin.ConfigSet(context.Background(), "requirepass", "").Err() })
+	}
+	o := cl.Options()
+	o.ContextTimeoutEnabled = false
+	o.Password = pw
+	// Connections idle this long are replaced: each call below opens new ones.
+	o.ConnMaxIdleTime = 200 * time.Millisecond
+	cc := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = cc.Close() })
+	c := redlatch.New(cc)
+	t.Cleanup(func() { _ = c.Close() })
+
+	warm := c.Mutex(nameOn(t, cl, 1, "warm"))
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+
+	// The slot of an unused name moves from master 1 to master 2 (it has
+	// no keys: SETSLOT NODE on every master moves it).
+	moved := nameOn(t, cl, 1, redistest.UniqueName(t))
+	for _, s := range []int{2, 1, 0} {
+		admin := redis.NewClient(&redis.Options{Addr: cl.Servers[s].Addr, Password: pw})
+		err := admin.Do(ctx, "CLUSTER", "SETSLOT", redistest.KeySlot(lockKey(moved)), "NODE", ids[2]).Err()
+		_ = admin.Close()
+		require.NoError(t, err)
+	}
+	time.Sleep(300 * time.Millisecond) // past ConnMaxIdleTime
+	locked, err := c.Mutex(moved).IsLocked(ctx)
+	require.NoError(t, err, "IsLocked on a moved slot")
+	require.False(t, locked)
+}

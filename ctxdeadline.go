@@ -261,7 +261,7 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 // a node hook's error on each command that has none, a reply too.
 func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
 	if !isScriptCall(cmds[0]) {
-		return next(ctx, cmds)
+		return next(unrouted(ctx), cmds)
 	}
 	_ = send(ctx, h.clone.Pipeline(), cmds)
 	var again []redis.Cmder
@@ -278,7 +278,7 @@ func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder
 		}
 	}
 	if len(again) > 0 {
-		return next(ctx, again)
+		return next(unrouted(ctx), again)
 	}
 	if failed < len(cmds) {
 		return nil
@@ -319,7 +319,9 @@ func (h *clusterDeadlineHook) DialHook(next redis.DialHook) redis.DialHook { ret
 func (h *clusterDeadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if (isScriptCall(cmd) || ctx.Value(ownCall{}) != nil) && ctx.Value(routed{}) == nil {
-			h.hookMasterOf(ctx, cmd)
+			if err := h.hookMasterOf(ctx, cmd); err != nil {
+				return err
+			}
 		}
 		return next(ctx, cmd)
 	}
@@ -333,7 +335,7 @@ func (h *clusterDeadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook
 			return h.routeTx(ctx, cmds, next)
 		case isScriptCall(cmds[0]):
 			for _, cmd := range cmds {
-				h.hookMasterOf(ctx, cmd)
+				_ = h.hookMasterOf(ctx, cmd)
 			}
 		}
 		return next(ctx, cmds)
@@ -343,12 +345,21 @@ func (h *clusterDeadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook
 // hookMasterOf gives the node client of the master of cmd's first key its
 // deadlineHook (see hookNode). A command with no key (SCRIPT LOAD, which the
 // cluster client sends to every master) goes to nodes it gave one already.
-func (h *clusterDeadlineHook) hookMasterOf(ctx context.Context, cmd redis.Cmder) {
+// The load of the slot map that MasterForKey runs when the cluster client
+// has none yet (its first call) is redlatch's call too (own): its CLUSTER
+// SLOTS is routed at the seed node's client. When that load fails and ctx
+// has ended, hookMasterOf returns its error, the call's: the cluster client
+// would load the map again, not routed, and wait for the ReadTimeout.
+func (h *clusterDeadlineHook) hookMasterOf(ctx context.Context, cmd redis.Cmder) error {
 	if key := firstKey(cmd); key != "" {
-		if node, err := h.cc.MasterForKey(ctx, key); err == nil {
+		node, err := h.cc.MasterForKey(own(ctx), key)
+		if err == nil {
 			hookNode(node)
+		} else if ctxEnded(ctx) {
+			return err
 		}
 	}
+	return nil
 }
 
 // routeTx sends the transaction of one of redlatch's reads through a clone
@@ -357,18 +368,34 @@ func (h *clusterDeadlineHook) hookMasterOf(ctx context.Context, cmd redis.Cmder)
 // or one that failed with no reply while ctx is live, goes to next then:
 // the cluster client follows the redirect, or picks a node.
 func (h *clusterDeadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
-	node, err := h.cc.MasterForKey(ctx, firstKey(cmds[1]))
+	node, err := h.cc.MasterForKey(own(ctx), firstKey(cmds[1]))
+	if err != nil && ctxEnded(ctx) { // see hookMasterOf
+		for _, cmd := range cmds {
+			cmd.SetErr(err)
+		}
+		return err
+	}
 	if err != nil {
-		return next(ctx, cmds)
+		return next(unrouted(ctx), cmds)
 	}
 	err = (&deadlineHook{clone: newDeadlineHook(node, true).clone}).routeTx(ctx, cmds)
-	if err == nil || !redirected(cmds) && (isReplyError(err) || ctxEnded(ctx)) {
+	if err == nil || !redirected(cmds) && (isReplyError(err) || ctxEnded(ctx)) { // see routeNodePipeline
 		return err
 	}
 	for _, cmd := range cmds {
 		cmd.SetErr(nil)
 	}
-	return next(ctx, cmds)
+	return next(unrouted(ctx), cmds)
+}
+
+// unrouted returns ctx for the calls handed back to a cluster client's own
+// path (a redirect followed, a pipeline not routed): they are not routed
+// again. A node client opens a connection there with the call's ctx, and
+// sets it up through its hooks (HELLO, with the password): a ctx from own
+// would have the node's deadlineHook send that HELLO on a connection of
+// its clone, and leave the new one unauthenticated.
+func unrouted(ctx context.Context) context.Context {
+	return context.WithValue(ctx, routed{}, true)
 }
 
 // redirected reports whether a command of cmds, a transaction, was

@@ -2,6 +2,7 @@ package redlatch
 
 import (
 	"context"
+	"strconv"
 	"testing"
 	"time"
 
@@ -234,4 +235,50 @@ func TestSyncedRenewalAfterNoScriptWaitsOnce(t *testing.T) {
 	took := time.Since(start)
 	require.Equal(t, [][]int64{{-1}}, out, "renewed after loading the script, not replicated")
 	require.Less(t, took, timeout*3/2, "the renewal waited for its replicas more than the timeout")
+}
+
+// TestRenewalPipelineOnFrozenClusterMaster: on a *redis.ClusterClient with
+// ContextTimeoutEnabled off, the renewals of two holds on one master, in
+// two slots, go in one pipeline, which the master's clone sends. When the
+// master does not answer, the clone's read ends at ctx's deadline (an i/o
+// timeout, which go-redis returns before ctx's own timer has cancelled
+// ctx): the renewal must return then, not be sent again on the cluster
+// client's own path, which waits for the ReadTimeout.
+func TestRenewalPipelineOnFrozenClusterMaster(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	o := cl.Options()
+	o.ContextTimeoutEnabled = false
+	o.ReadTimeout = 5 * time.Second
+	cc := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = cc.Close() })
+	c := New(cc, WithWatchdogTimeout(time.Minute))
+	t.Cleanup(func() { _ = c.Close() })
+
+	// Two keys on master 1, in two slots: two batches of one pipeline.
+	var batches [][]*hold
+	for n := 0; len(batches) < 2; n++ {
+		key := "{" + redistest.UniqueName(t) + "-" + strconv.Itoa(n) + "}:lock"
+		if cl.ServerFor(key) != cl.Servers[1] ||
+			len(batches) == 1 && redistest.KeySlot(key) == redistest.KeySlot(batches[0][0].key) {
+			continue
+		}
+		batches = append(batches, []*hold{{key: key, kind: 'h', member: "owner", lease: time.Minute}})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c.wd.runBatches(ctx, batches) // the scripts cached, the nodes known
+
+	cl.Servers[1].Stop(t)
+	t.Cleanup(func() { cl.Servers[1].Cont(t) })
+	// Several times: the read's end does not always come before ctx's
+	// timer. Before the cluster marks the master failed (its node timeout
+	// is 2s), mostly.
+	for range 8 {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		start := time.Now()
+		c.wd.runBatches(ctx, batches)
+		took := time.Since(start)
+		cancel()
+		require.Less(t, took, time.Second, "a renewal pipeline to a frozen master outlasted its ctx")
+	}
 }
