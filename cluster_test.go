@@ -172,12 +172,7 @@ func clusterBackend(t *testing.T) redistest.Backend {
 // other masters go on meanwhile.
 func TestUnresponsiveClusterMasterOnDefaultOptions(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
-	o := cl.Options()
-	o.ContextTimeoutEnabled = false
-	o.ReadTimeout = 5 * time.Second
-	cc := redis.NewClusterClient(o)
-	t.Cleanup(func() { _ = cc.Close() })
-	c := redlatch.New(cc)
+	c := redlatch.New(cl.DefaultOptionsClient(t))
 	t.Cleanup(func() { _ = c.Close() })
 
 	name := nameOn(t, cl, 1, "frozen")
@@ -193,26 +188,28 @@ func TestUnresponsiveClusterMasterOnDefaultOptions(t *testing.T) {
 	require.NoError(t, healthy.Lock(ctx), "a master that answers")
 	require.NoError(t, healthy.Unlock(ctx))
 
-	within := func(what string, d time.Duration, call func(ctx context.Context) error) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-		defer cancel()
-		start := time.Now()
-		err := call(ctx)
-		took := time.Since(start)
-		require.Error(t, err, what)
-		require.Less(t, took, d, "%s outlasted its ctx (%v)", what, err)
-	}
-	within("Lock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, func(ctx context.Context) error {
+	failsWithin(t, "Lock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, func(ctx context.Context) error {
 		err := other.Lock(ctx)
 		require.ErrorIs(t, err, redlatch.ErrNotObtained)
 		require.ErrorIs(t, err, context.DeadlineExceeded)
 		return err
 	})
-	within("IsLocked", time.Second, func(ctx context.Context) error { _, err := held.IsLocked(ctx); return err })
-	within("TTL", time.Second, func(ctx context.Context) error { _, err := held.TTL(ctx); return err })
-	within("Unlock", time.Second, func(ctx context.Context) error { return held.Unlock(ctx) })
+	failsWithin(t, "IsLocked", time.Second, func(ctx context.Context) error { _, err := held.IsLocked(ctx); return err })
+	failsWithin(t, "TTL", time.Second, func(ctx context.Context) error { _, err := held.TTL(ctx); return err })
+	failsWithin(t, "Unlock", time.Second, func(ctx context.Context) error { return held.Unlock(ctx) })
 	resume()
+}
+
+// failsWithin runs call with a ctx of 300ms, which must fail, and within d.
+func failsWithin(t *testing.T, what string, d time.Duration, call func(ctx context.Context) error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := call(ctx)
+	took := time.Since(start)
+	require.Error(t, err, what)
+	require.Less(t, took, d, "%s outlasted its ctx (%v)", what, err)
 }
 
 // TestRenewalAfterSlotMovedOnDefaultOptions: on a *redis.ClusterClient with
@@ -328,18 +325,8 @@ func TestColdClusterClientOnDefaultOptions(t *testing.T) {
 	locker, reader := cold().Mutex(name), cold().Mutex(name)
 
 	resume := freeze(t, cl.Servers[1])
-	within := func(what string, d time.Duration, call func(ctx context.Context) error) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-		defer cancel()
-		start := time.Now()
-		err := call(ctx)
-		took := time.Since(start)
-		require.Error(t, err, what)
-		require.Less(t, took, d, "%s on a cold cluster client outlasted its ctx (%v)", what, err)
-	}
-	within("Lock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, locker.Lock)
-	within("IsLocked", time.Second, func(ctx context.Context) error { _, err := reader.IsLocked(ctx); return err })
+	failsWithin(t, "Lock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, locker.Lock)
+	failsWithin(t, "IsLocked", time.Second, func(ctx context.Context) error { _, err := reader.IsLocked(ctx); return err })
 	resume()
 }
 

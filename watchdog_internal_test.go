@@ -246,12 +246,7 @@ func TestSyncedRenewalAfterNoScriptWaitsOnce(t *testing.T) {
 // client's own path, which waits for the ReadTimeout.
 func TestRenewalPipelineOnFrozenClusterMaster(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
-	o := cl.Options()
-	o.ContextTimeoutEnabled = false
-	o.ReadTimeout = 5 * time.Second
-	cc := redis.NewClusterClient(o)
-	t.Cleanup(func() { _ = cc.Close() })
-	c := New(cc, WithWatchdogTimeout(time.Minute))
+	c := New(cl.DefaultOptionsClient(t), WithWatchdogTimeout(time.Minute))
 	t.Cleanup(func() { _ = c.Close() })
 
 	// Two keys on master 1, in two slots: two batches of one pipeline.

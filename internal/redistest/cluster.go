@@ -293,6 +293,19 @@ func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 	return cc
 }
 
+// DefaultOptionsClient is Client with go-redis's default
+// ContextTimeoutEnabled (off) and a ReadTimeout of 5s, which a call that
+// does not return by its ctx overruns plainly.
+func (c *Cluster) DefaultOptionsClient(t testing.TB) *redis.ClusterClient {
+	t.Helper()
+	o := c.Options()
+	o.ContextTimeoutEnabled = false
+	o.ReadTimeout = 5 * time.Second
+	cc := redis.NewClusterClient(o)
+	t.Cleanup(func() { _ = cc.Close() })
+	return cc
+}
+
 // ServerFor returns the master that owns key's slot in the initial slot
 // map (the cluster never moves slots by itself).
 func (c *Cluster) ServerFor(key string) *Server {
