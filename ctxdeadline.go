@@ -288,18 +288,23 @@ func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder
 
 // clusterDeadlineHooks holds each cluster client with a
 // clusterDeadlineHook, and nodeDeadlineHooks each of its node clients with
-// a deadlineHook (see hookOnce).
-var clusterDeadlineHooks, nodeDeadlineHooks sync.Map // weak.Pointer[redis.ClusterClient or redis.Client] → struct{}
+// a deadlineHook, with the sync.Once that adds it (see hookOnce and
+// hookNode).
+var (
+	clusterDeadlineHooks sync.Map // weak.Pointer[redis.ClusterClient] → struct{}
+	nodeDeadlineHooks    sync.Map // weak.Pointer[redis.Client] → *sync.Once
+)
 
 // hookNode gives the node client node of a cluster client its deadlineHook,
-// once.
+// once, and returns when the hook is in place: the first calls to a node
+// may come at once, and one that went out while another was adding the
+// hook would not be routed.
 func hookNode(node *redis.Client) {
-	if _, ok := nodeDeadlineHooks.Load(weak.Make(node)); ok {
-		return
+	once, ok := nodeDeadlineHooks.Load(weak.Make(node))
+	if !ok {
+		once, _ = hookOnce(&nodeDeadlineHooks, node, new(sync.Once))
 	}
-	if _, first := hookOnce(&nodeDeadlineHooks, node, struct{}{}); first {
-		node.AddHook(newDeadlineHook(node, true))
-	}
+	once.(*sync.Once).Do(func() { node.AddHook(newDeadlineHook(node, true)) })
 }
 
 // clusterDeadlineHook is the hook of a *redis.ClusterClient with

@@ -661,3 +661,42 @@ func TestDeadlineHookOnlyWhereDeadlinesAre(t *testing.T) {
 		require.NoError(t, cc.Close())
 	}
 }
+
+// TestHookNodeConcurrentFirstCalls: calls of redlatch's that reach a node
+// client of a cluster client for the first time at once each find the
+// node's deadlineHook in place when hookNode returns: none goes out
+// unrouted, overrunning its ctx by the ReadTimeout, while another call is
+// still adding the hook. (Here the node is a plain client of a frozen
+// server, with go-redis's default options and a ReadTimeout of 5s. The
+// window is short: without the fix, 3 of 4 runs under -race failed.)
+func TestHookNodeConcurrentFirstCalls(t *testing.T) {
+	srv := redistest.NewServer(t)
+	for round := range 5 {
+		node := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
+		require.NoError(t, node.Ping(context.Background()).Err(), "round %d", round)
+		srv.Stop(t)
+		var wg sync.WaitGroup
+		took := make([]time.Duration, 32)
+		start := make(chan struct{})
+		for i := range took {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+				defer cancel()
+				t0 := time.Now()
+				hookNode(node)
+				_ = node.Do(own(ctx), "PING").Err()
+				took[i] = time.Since(t0)
+			}()
+		}
+		close(start)
+		wg.Wait()
+		srv.Cont(t)
+		_ = node.Close()
+		for i, d := range took {
+			require.Less(t, d, time.Second, "round %d: call %d went out before the node's hook was in place", round, i)
+		}
+	}
+}
