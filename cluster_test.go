@@ -379,3 +379,35 @@ func TestClusterReadFallbackAuthenticates(t *testing.T) {
 	require.NoError(t, err, "IsLocked on a moved slot")
 	require.False(t, locked)
 }
+
+// TestTryLockWhileSlotMigratesOnDefaultOptions: on a *redis.ClusterClient
+// with ContextTimeoutEnabled off, a TryLock whose lock's keys have moved to
+// the node importing its slot (the migration not finished) is sent on with
+// ASKING to that node, in a pipeline of that node's client that redlatch
+// routes. That node has no script cached (SCRIPT FLUSH): the NOSCRIPT reply
+// must reach go-redis's Script.Run, which then sends the script itself. A
+// routed ASKING pipeline that returned nil for a failed script made the
+// cluster client report the call successful, with no reply.
+func TestTryLockWhileSlotMigratesOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	holder := redlatch.New(cl.Client(t))
+	t.Cleanup(func() { _ = holder.Close() })
+	require.NoError(t, holder.Mutex(name).Lock(ctx))
+	c := redlatch.New(cl.DefaultOptionsClient(t))
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.Mutex(name)
+	ok, err := m.TryLock(ctx) // the slot map loaded
+	require.NoError(t, err)
+	require.False(t, ok)
+
+	// The lock's keys (its hash and fence key; not its channel, which is
+	// no key) move to master 2; the slot does not yet.
+	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
+	require.NoError(t, cl.Servers[2].Client(t).ScriptFlush(ctx).Err())
+
+	ok, err = m.TryLock(ctx)
+	require.NoError(t, err, "TryLock while its slot migrates")
+	require.False(t, ok, "the lock is held")
+}

@@ -251,28 +251,50 @@ func (h *deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 // serves a transaction itself for a failed one (the cluster-level
 // clusterDeadlineHook routes the transactions of redlatch's reads
 // instead). A pipeline that starts with one of redlatch's scripts (a
-// renewal) is sent through the clone. Its commands that were redirected
-// (MOVED, ASK) go to next then, whose replies the cluster client follows;
-// so do those that failed with no reply while ctx is live (a connection
-// refused): the cluster client retries them on the node it picks. Not
-// those whose read reached ctx's deadline: ctx may not be done yet when the
-// read ends, and next's read would wait for the ReadTimeout. The hook
-// returns an error only when every command failed: the cluster client sets
-// a node hook's error on each command that has none, a reply too.
+// renewal, a script and its WAIT), or with ASKING and one of them (the
+// cluster client follows an -ASK reply so, to the node importing the
+// slot), is sent through the clone. Its scripts that were redirected
+// (MOVED, ASK, see followed) go to next then, each with its ASKING, whose
+// replies the cluster client follows; so do those that failed with no
+// reply while ctx is live (a connection refused): the cluster client
+// retries them on the node it picks. Not those whose read reached ctx's
+// deadline: ctx may not be done yet when the read ends, and next's read
+// would wait for the ReadTimeout. Nor any other command: a WAIT sent again
+// on another connection would count the replicas of that connection's
+// writes, none.
+//
+// The hook returns the first error of the pipeline's commands (but
+// ASKING's) when every one of them failed, else nil: the cluster client
+// sets a node hook's error on each command of a cluster pipeline that has
+// none, a reply too; and it takes the error of its own pipeline of ASKING
+// and one command for that command's.
 func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
-	if !isScriptCall(cmds[0]) {
+	asking := len(cmds) > 1 && isAsking(cmds[0]) && isScriptCall(cmds[1])
+	if !isScriptCall(cmds[0]) && !asking {
 		return next(unrouted(ctx), cmds)
 	}
 	_ = send(ctx, h.clone.Pipeline(), cmds)
 	var again []redis.Cmder
-	failed := 0
-	for _, cmd := range cmds {
+	var first error
+	failed, total := 0, 0
+	for i, cmd := range cmds {
+		if isAsking(cmd) {
+			continue
+		}
+		total++
 		err := cmd.Err()
 		if err == nil || errors.Is(err, redis.Nil) {
 			continue
 		}
 		failed++
-		if followed(err) || !isReplyError(err) && !ctxEnded(ctx) {
+		if first == nil {
+			first = err
+		}
+		if isScriptCall(cmd) && (followed(err) || !isReplyError(err) && !ctxEnded(ctx)) {
+			if i > 0 && isAsking(cmds[i-1]) {
+				cmds[i-1].SetErr(nil)
+				again = append(again, cmds[i-1])
+			}
 			cmd.SetErr(nil)
 			again = append(again, cmd)
 		}
@@ -280,11 +302,15 @@ func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder
 	if len(again) > 0 {
 		return next(unrouted(ctx), again)
 	}
-	if failed < len(cmds) {
+	if failed < total {
 		return nil
 	}
-	return cmds[0].Err()
+	return first
 }
+
+// isAsking reports whether cmd is an ASKING, which a cluster client sends
+// before a command that an -ASK reply sent to the node importing its slot.
+func isAsking(cmd redis.Cmder) bool { return cmd.Name() == "asking" }
 
 // clusterDeadlineHooks holds each cluster client with a
 // clusterDeadlineHook, and nodeDeadlineHooks each of its node clients with
@@ -452,10 +478,14 @@ func firstKey(cmd redis.Cmder) string {
 }
 
 // send queues cmds on pipe, a pipeline of the clone, and runs it with ctx
-// marked routed; the pipeline sets each command's reply.
+// marked routed; the pipeline sets each command's reply. A command sent
+// again (a cluster client follows an -ASK reply with the same command) has
+// its last error cleared first: a pipeline that fails sets its error only
+// on the commands that have none.
 func send(ctx context.Context, pipe redis.Pipeliner, cmds []redis.Cmder) error {
 	ctx = context.WithValue(ctx, routed{}, true)
 	for _, cmd := range cmds {
+		cmd.SetErr(nil)
 		_ = pipe.Process(ctx, cmd) // queued
 	}
 	_, err := pipe.Exec(ctx)

@@ -54,6 +54,9 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 			// The slot map does not name it until the migration ends.
 			opt := *node.Options()
 			opt.Addr = asked
+			// A client of redlatch's own, with no hook: its reads end by
+			// ctx's deadline themselves (see honourDeadlines).
+			opt.ContextTimeoutEnabled = true
 			node = redis.NewClient(&opt)
 		}
 		cmd, acked, waitErr = c.runOnWithWait(ctx, node, asked != "", s, keys, args)

@@ -497,20 +497,7 @@ func TestReplicaSyncNoScriptWaitBound(t *testing.T) {
 func TestReplicaSyncDuringSlotMigration(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 30*time.Second)
-	name := redistest.UniqueName(t)
-	slot := redistest.KeySlot("{" + name + "}")
-	from := cl.ServerFor("{" + name + "}")
-	var to *redistest.Server
-	for _, s := range cl.Servers {
-		if s != from {
-			to = s
-		}
-	}
-	fadm, tadm := from.Client(t), to.Client(t)
-	fromID, err := fadm.Do(ctx, "CLUSTER", "MYID").Text()
-	require.NoError(t, err)
-	toID, err := tadm.Do(ctx, "CLUSTER", "MYID").Text()
-	require.NoError(t, err)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
 
 	// A busy RWMutex: its fence key (a writer came and went) and its hash
 	// (a reader holds it).
@@ -522,11 +509,7 @@ func TestReplicaSyncDuringSlotMigration(t *testing.T) {
 	require.NoError(t, plain.RWMutex(name).RLock(ctx))
 
 	// The migration has moved the keys, not yet the slot.
-	require.NoError(t, tadm.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", fromID).Err())
-	require.NoError(t, fadm.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", toID).Err())
-	host, port, _ := strings.Cut(to.Addr, ":")
-	require.NoError(t, fadm.Do(ctx, "MIGRATE", host, port, "", 0, 5000, "KEYS",
-		"{"+name+"}:rw", "{"+name+"}:fence").Err())
+	cl.StartMigration(t, 2, "{"+name+"}:rw", "{"+name+"}:fence")
 
 	ok, err := plain.RWMutex(name).TryRLock(ctx)
 	require.NoError(t, err, "without replica sync, go-redis follows -ASK")
@@ -966,4 +949,61 @@ func TestReplicaSyncRedlock(t *testing.T) {
 	for i, m := range masters {
 		require.EqualValues(t, 0, m.Client(t).Exists(ctx, lockKey(name)).Val(), "master %d: left held", i)
 	}
+}
+
+// TestReplicaSyncAskHonoursContextOnDefaultOptions: while a Mutex's slot
+// migrates, its old master answers the replica-synced acquisition with
+// -ASK, and runSynced sends the script and WAIT to the importing node on a
+// temporary client of its own. On a cluster client with
+// ContextTimeoutEnabled off (go-redis's default) that client must end its
+// reads with the call's ctx, as every other redlatch call does: with the
+// importing node frozen, a TryLock with a 300ms ctx must return by its ctx
+// and its undo's bound (2s), not after the ReadTimeout (5s). The undo, a
+// script sent through the cluster client, is redirected (-ASK) too: the
+// cluster client sends ASKING and the script in a pipeline of the importing
+// node's client, whose deadlineHook left it unrouted (another 5s).
+func TestReplicaSyncAskHonoursContextOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	to := cl.Servers[2]
+
+	// The lock is held (its hash and fence key exist) by another Client.
+	plain := redlatch.New(cl.Client(t))
+	t.Cleanup(func() { _ = plain.Close() })
+	require.NoError(t, plain.Mutex(name).Lock(ctx))
+
+	rdb := cl.DefaultOptionsClient(t)
+	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 50*time.Millisecond))
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.Mutex(name)
+	ok, err := m.TryLock(ctx) // the slot map loaded, the script cached
+	require.NoError(t, err)
+	require.False(t, ok)
+	// go-redis's table of commands loaded (COMMAND, which the cluster
+	// client sends on the call's ctx to a node it picks, the frozen one
+	// maybe) and the publish command checked: the first calls of an
+	// application, before the freeze.
+	require.NoError(t, rdb.Ping(ctx).Err())
+	require.ErrorIs(t, c.Mutex(redistest.UniqueName(t)).Lock(ctx), redlatch.ErrNotReplicated, "taken and released")
+
+	// The migration has moved the lock's keys, not yet the slot: the old
+	// master sends the acquisition to the new one (-ASK).
+	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
+	ok, err = m.TryLock(ctx)
+	require.NoError(t, err, "run on the importing node, which has the lock")
+	require.False(t, ok)
+
+	to.Stop(t)
+	t.Cleanup(func() { to.Cont(t) })
+	cctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	ok, err = m.TryLock(cctx)
+	took := time.Since(start)
+	t.Logf("TryLock took %v: %v", took, err)
+	require.False(t, ok)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	// 300ms, and the undo of the unanswered attempt (bounded by 2s).
+	require.Less(t, took, 3*time.Second, "the acquisition on the frozen importing node waited for the ReadTimeout")
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -348,6 +349,34 @@ func KeySlot(key string) int {
 		}
 	}
 	return int(crc) % Slots
+}
+
+// StartMigration begins moving the slot of keys (one slot) from its master
+// in the initial map to Servers[to], and moves keys, but not the slot: the
+// old master answers -ASK for them from then on, and the new one serves
+// them after ASKING. It returns the old master's index.
+func (c *Cluster) StartMigration(t testing.TB, to int, keys ...string) (from int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	slot := KeySlot(keys[0])
+	from = slices.Index(c.Servers, c.ServerFor(keys[0]))
+	src, dst := c.Servers[from].Client(t), c.Servers[to].Client(t)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("redistest: StartMigration of slot %d from %d to %d: %v", slot, from, to, err)
+		}
+	}
+	must(dst.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", c.ids[from]).Err())
+	must(src.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", c.ids[to]).Err())
+	host, port, _ := strings.Cut(c.Addrs[to], ":")
+	args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
+	for _, k := range keys {
+		args = append(args, k)
+	}
+	must(src.Do(ctx, args...).Err())
+	return from
 }
 
 // MoveSlot migrates slot, with its keys, from the master that owns it to
