@@ -245,6 +245,9 @@ func New(rdb redis.UniversalClient, opts ...Option) *Client {
 	}
 	if c.err == nil {
 		c.hookNodes = honourDeadlines(rdb)
+		if c.cluster != nil {
+			hookTryAgain(c.cluster)
+		}
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wd = newWatchdog(c)

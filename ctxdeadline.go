@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"time"
 	"weak"
 
 	"github.com/redis/go-redis/v9"
@@ -504,4 +505,63 @@ func (h *deadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder) error {
 		cmds[len(cmds)-1].SetErr(err)
 	}
 	return err
+}
+
+// tryAgainHooks holds each cluster client with a tryAgainHook (see
+// hookOnce).
+var tryAgainHooks sync.Map // weak.Pointer[redis.ClusterClient] → struct{}
+
+// tryAgainWait bounds how long tryAgainHook sends a script call again.
+const tryAgainWait = 5 * time.Second
+
+// hookTryAgain gives the cluster client cc its tryAgainHook, once.
+func hookTryAgain(cc *redis.ClusterClient) {
+	if _, first := hookOnce(&tryAgainHooks, cc, struct{}{}); first {
+		cc.AddHook(tryAgainHook{})
+	}
+}
+
+// tryAgainHook sends one of redlatch's script calls again when a cluster
+// refuses it with TRYAGAIN. While a slot migrates, Redis refuses so a
+// command naming several keys of the slot when one of them is missing
+// where it lands, and redlatch's scripts name several (a lock's hash and
+// fence key, and a release's wake-up channel, which is never a key in the
+// keyspace): until the slot itself moves, every Unlock of a lock in it,
+// and every Lock of a lock not held, is refused. go-redis tries again only
+// up to its MaxRedirects (3 by default, about 40 ms); this hook goes on,
+// with a backoff from 10 ms to 200 ms, until ctx ends or tryAgainWait
+// passes. A refused script did not run: sending it again is safe.
+type tryAgainHook struct{}
+
+func (tryAgainHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (tryAgainHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if !isTryAgain(err) || !isScriptCall(cmd) {
+			return err
+		}
+		end := time.Now().Add(tryAgainWait)
+		for delay := 10 * time.Millisecond; isTryAgain(err) && time.Now().Add(delay).Before(end); delay = min(2*delay, 200*time.Millisecond) {
+			t := time.NewTimer(delay)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return err
+			case <-t.C:
+			}
+			cmd.SetErr(nil)
+			err = next(ctx, cmd)
+		}
+		return err
+	}
+}
+
+// isTryAgain reports whether err is a TRYAGAIN reply (see tryAgainHook).
+func isTryAgain(err error) bool {
+	return isReplyError(err) && strings.HasPrefix(err.Error(), "TRYAGAIN")
 }
