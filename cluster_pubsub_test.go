@@ -53,8 +53,7 @@ func TestWakeAfterSlotMovedStaleMap(t *testing.T) {
 	}
 	wrdb := redis.NewClusterClient(opt)
 	t.Cleanup(func() { _ = wrdb.Close() })
-	wc := redlatch.New(wrdb, redlatch.WithLogger(slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))))
-	t.Cleanup(func() { _ = wc.Close() })
+	wc := newClientOn(t, wrdb, redlatch.WithLogger(slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))))
 	// The waiter's Client has been in use: slot map loaded, publish command
 	// probed.
 	warm := wc.Mutex(name + "-warm")
@@ -66,8 +65,7 @@ func TestWakeAfterSlotMovedStaleMap(t *testing.T) {
 	cl.MoveSlot(t, redistest.KeySlot("{"+name+"}"), to)
 	slow.Store(true)
 
-	hc := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = hc.Close() })
+	hc := newClientOn(t, cl.Client(t))
 	holder := hc.Mutex(name, redlatch.WithLease(30*time.Second))
 	require.NoError(t, holder.Lock(ctx))
 
@@ -421,8 +419,7 @@ func infoHookedClient(t *testing.T, b redistest.Backend, hook redis.Hook) *redla
 	cc := redis.NewClusterClient(b.Cluster.Options())
 	t.Cleanup(func() { _ = cc.Close() })
 	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cc)
 	return c
 }
 
@@ -493,8 +490,7 @@ func TestCloseNotHeldUpByFrozenMasterVersionCheck(t *testing.T) {
 			require.NoError(t, cc.Exists(ctx, lockKey(name)).Err())
 			require.Equal(t, 1, proxy.Freeze())
 			hook.armed.Store(true)
-			c := redlatch.New(cc)
-			t.Cleanup(func() { _ = c.Close() })
+			c := newClientOn(t, cc)
 			closeDuringVersionCheck(t, ctx, name, kind, b, c, entered)
 		})
 	}

@@ -172,8 +172,7 @@ func clusterBackend(t *testing.T) redistest.Backend {
 // other masters go on meanwhile.
 func TestUnresponsiveClusterMasterOnDefaultOptions(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
-	c := redlatch.New(cl.DefaultOptionsClient(t))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cl.DefaultOptionsClient(t))
 
 	name := nameOn(t, cl, 1, "frozen")
 	held := c.Mutex(name)
@@ -223,13 +222,8 @@ func failsWithin(t *testing.T, what string, d time.Duration, call func(ctx conte
 func TestRenewalAfterSlotMovedOnDefaultOptions(t *testing.T) {
 	cl := redistest.NewCluster(t, 3) // private: the test moves a slot
 	ctx := ctxT(t, 30*time.Second)
-	o := cl.Options()
-	o.ContextTimeoutEnabled = false
-	cc := redis.NewClusterClient(o)
-	t.Cleanup(func() { _ = cc.Close() })
 	timeout := 600 * time.Millisecond
-	c := redlatch.New(cc, redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cl.DefaultOptionsClient(t), redlatch.WithWatchdogTimeout(timeout))
 
 	// Two holds on master 1, in two slots: two batches of one pipeline.
 	staying, moving := nameOn(t, cl, 1, "staying"), nameOn(t, cl, 1, "moving")
@@ -270,23 +264,20 @@ func TestRenewalAfterSlotMovedOnDefaultOptions(t *testing.T) {
 // the cluster client see every call, added before New or after; so do the
 // hooks the user gives each node client (OnNewNode) before New.
 func TestClusterUserHooksSeeRoutedCalls(t *testing.T) {
-	var o *redis.ClusterOptions
+	var cl *redistest.Cluster
 	for _, b := range redistest.Backends(t) {
 		if b.Cluster != nil {
-			o = b.Cluster.Options()
+			cl = b.Cluster
 		}
 	}
-	if o == nil {
+	if cl == nil {
 		t.Skip("no cluster")
 	}
-	o.ContextTimeoutEnabled = false
-	cc := redis.NewClusterClient(o)
-	t.Cleanup(func() { _ = cc.Close() })
+	cc := cl.DefaultOptionsClient(t)
 	before, nodes := &scriptCounter{}, &scriptCounter{}
 	cc.AddHook(before)
 	cc.OnNewNode(func(n *redis.Client) { n.AddHook(nodes) })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cc)
 	after := &scriptCounter{}
 	cc.AddHook(after)
 	ctx := ctxT(t, 10*time.Second)
@@ -311,15 +302,9 @@ func TestClusterUserHooksSeeRoutedCalls(t *testing.T) {
 func TestColdClusterClientOnDefaultOptions(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	cold := func() *redlatch.Client {
-		o := cl.Options()
-		o.Addrs = []string{cl.Servers[1].Addr} // the seed the first load asks
-		o.ContextTimeoutEnabled = false
-		o.ReadTimeout = 5 * time.Second
-		cc := redis.NewClusterClient(o)
-		t.Cleanup(func() { _ = cc.Close() })
-		c := redlatch.New(cc)
-		t.Cleanup(func() { _ = c.Close() })
-		return c
+		return newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) {
+			o.Addrs = []string{cl.Servers[1].Addr} // the seed the first load asks
+		}))
 	}
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
 	locker, reader := cold().Mutex(name), cold().Mutex(name)
@@ -351,15 +336,11 @@ func TestClusterReadFallbackAuthenticates(t *testing.T) {
 		require.NoError(t, admin.ConfigSet(ctx, "requirepass", pw).Err())
 		t.Cleanup(func() { _ = admin.ConfigSet(context.Background(), "requirepass", "").Err() })
 	}
-	o := cl.Options()
-	o.ContextTimeoutEnabled = false
-	o.Password = pw
-	// Connections idle this long are replaced: each call below opens new ones.
-	o.ConnMaxIdleTime = 200 * time.Millisecond
-	cc := redis.NewClusterClient(o)
-	t.Cleanup(func() { _ = cc.Close() })
-	c := redlatch.New(cc)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) {
+		o.Password = pw
+		// Connections idle this long are replaced: each call below opens new ones.
+		o.ConnMaxIdleTime = 200 * time.Millisecond
+	}))
 
 	warm := c.Mutex(nameOn(t, cl, 1, "warm"))
 	require.NoError(t, warm.Lock(ctx))
@@ -392,11 +373,9 @@ func TestTryLockWhileSlotMigratesOnDefaultOptions(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 20*time.Second)
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
-	holder := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = holder.Close() })
+	holder := newClientOn(t, cl.Client(t))
 	require.NoError(t, holder.Mutex(name).Lock(ctx))
-	c := redlatch.New(cl.DefaultOptionsClient(t))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cl.DefaultOptionsClient(t))
 	m := c.Mutex(name)
 	ok, err := m.TryLock(ctx) // the slot map loaded
 	require.NoError(t, err)
@@ -422,8 +401,7 @@ func TestTryLockWhileSlotMigratesOnDefaultOptions(t *testing.T) {
 func TestLockAndUnlockRideOutSlotMigration(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 20*time.Second)
-	c := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cl.Client(t))
 
 	ride := func(what string, name string, keys []string, call func() error) {
 		t.Helper()

@@ -40,6 +40,10 @@ import (
 // them through a clone of the node client; the cluster client follows the
 // redirects of the replies, as for any call. The hooks on the cluster
 // client, and those on its node clients from before New, see every call.
+//
+// The other hook New gives every cluster client, tryAgainHook (at the end
+// of this file), sends redlatch's script calls again while a migrating
+// slot refuses them.
 
 // scripts are the SHA1 digests and the sources of every script made with
 // newScript: the calls deadlineHook routes.
@@ -87,10 +91,8 @@ type deadlineHook struct {
 	node bool
 }
 
-// routed marks the ctx of a call that is not to be routed (again): one
-// routed through the clone already (should the clone ever carry the hook
-// too, a go-redis that copies hooks to a clone made after them), and the
-// calls on a pinned connection (see pinned).
+// routed marks the ctx of a call that is not to be routed (again): see
+// unrouted.
 type routed struct{}
 
 // ownCall marks the ctx of redlatch's own calls that are not scripts: its
@@ -111,15 +113,23 @@ func isOwnTx(ctx context.Context, cmds []redis.Cmder) bool {
 		cmds[0].Name() == "multi" && cmds[len(cmds)-1].Name() == "exec"
 }
 
-// pinned returns ctx for the calls on a connection redlatch pinned
-// (redis.Client.Conn, with the client's hooks and options): they are not
-// routed, for a WAIT must follow on the connection that wrote, and the
-// clone would send a script on one of its own. Their reads keep the
-// client's ReadTimeout. (A pinned connection of the clone would end them
-// with their ctx, but the hooks the user added would not see its calls:
-// every renewal under WithReplicaSync with a sync timeout above the
-// ReadTimeout.)
-func pinned(ctx context.Context) context.Context {
+// unrouted returns ctx marked routed{}: the calls made with it are not
+// routed (again). They are:
+//   - the calls routed through a clone already (see send);
+//   - the calls on a connection redlatch pinned (redis.Client.Conn, with
+//     the client's hooks and options), for a WAIT must follow on the
+//     connection that wrote, and the clone would send a script on one of
+//     its own. Their reads keep the client's ReadTimeout. (A pinned
+//     connection of the clone would end them with their ctx, but the hooks
+//     the user added would not see its calls: every renewal under
+//     WithReplicaSync with a sync timeout above the ReadTimeout.);
+//   - the calls handed back to a cluster client's own path (a redirect
+//     followed, a pipeline not routed). A node client opens a connection
+//     there with the call's ctx, and sets it up through its hooks (HELLO,
+//     with the password): a ctx from own would have the node's
+//     deadlineHook send that HELLO on a connection of its clone, and leave
+//     the new one unauthenticated.
+func unrouted(ctx context.Context) context.Context {
 	return context.WithValue(ctx, routed{}, true)
 }
 
@@ -215,7 +225,7 @@ func (h *deadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		if !isScriptCall(cmd) && ctx.Value(ownCall{}) == nil || ctx.Value(routed{}) != nil {
 			return next(ctx, cmd)
 		}
-		return h.clone.Process(context.WithValue(ctx, routed{}, true), cmd)
+		return h.clone.Process(unrouted(ctx), cmd)
 	}
 }
 
@@ -359,16 +369,14 @@ func (h *clusterDeadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessH
 	}
 }
 
+// ProcessPipelineHook routes the transactions of redlatch's reads. Its
+// pipelines (the watchdog's renewals) go on: each goes to one master, whose
+// node client got its deadlineHook when the watchdog asked for that master
+// (see Client.node).
 func (h *clusterDeadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		switch {
-		case len(cmds) == 0 || ctx.Value(routed{}) != nil:
-		case isOwnTx(ctx, cmds):
+		if len(cmds) > 0 && ctx.Value(routed{}) == nil && isOwnTx(ctx, cmds) {
 			return h.routeTx(ctx, cmds, next)
-		case isScriptCall(cmds[0]):
-			for _, cmd := range cmds {
-				_ = h.hookMasterOf(ctx, cmd)
-			}
 		}
 		return next(ctx, cmds)
 	}
@@ -376,7 +384,7 @@ func (h *clusterDeadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook
 
 // hookMasterOf gives the node client of the master of cmd's first key its
 // deadlineHook (see hookNode). A command with no key (SCRIPT LOAD, which the
-// cluster client sends to every master) goes to nodes it gave one already.
+// cluster client sends to every master) goes to nodes that have one already.
 // The load of the slot map that MasterForKey runs when the cluster client
 // has none yet (its first call) is redlatch's call too (own): its CLUSTER
 // SLOTS is routed at the seed node's client. When that load fails and ctx
@@ -410,7 +418,7 @@ func (h *clusterDeadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder, n
 	if err != nil {
 		return next(unrouted(ctx), cmds)
 	}
-	err = (&deadlineHook{clone: newDeadlineHook(node, true).clone}).routeTx(ctx, cmds)
+	err = newDeadlineHook(node, true).routeTx(ctx, cmds)
 	if err == nil || !redirected(cmds) && (isReplyError(err) || ctxEnded(ctx)) { // see routeNodePipeline
 		return err
 	}
@@ -418,16 +426,6 @@ func (h *clusterDeadlineHook) routeTx(ctx context.Context, cmds []redis.Cmder, n
 		cmd.SetErr(nil)
 	}
 	return next(unrouted(ctx), cmds)
-}
-
-// unrouted returns ctx for the calls handed back to a cluster client's own
-// path (a redirect followed, a pipeline not routed): they are not routed
-// again. A node client opens a connection there with the call's ctx, and
-// sets it up through its hooks (HELLO, with the password): a ctx from own
-// would have the node's deadlineHook send that HELLO on a connection of
-// its clone, and leave the new one unauthenticated.
-func unrouted(ctx context.Context) context.Context {
-	return context.WithValue(ctx, routed{}, true)
 }
 
 // redirected reports whether a command of cmds, a transaction, was
@@ -448,15 +446,18 @@ func followed(err error) bool {
 	if !isReplyError(err) {
 		return false
 	}
-	if isRedirect(err) {
-		return true
-	}
-	code, _, _ := strings.Cut(err.Error(), " ")
-	switch code {
-	case "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN":
+	switch replyCode(err) {
+	case "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN":
 		return true
 	}
 	return false
+}
+
+// replyCode returns the code that starts the reply error err ("MOVED",
+// "TRYAGAIN", ...).
+func replyCode(err error) string {
+	code, _, _ := strings.Cut(err.Error(), " ")
+	return code
 }
 
 // firstKey returns the first key cmd names: a script's first KEYS entry,
@@ -484,7 +485,7 @@ func firstKey(cmd redis.Cmder) string {
 // its last error cleared first: a pipeline that fails sets its error only
 // on the commands that have none.
 func send(ctx context.Context, pipe redis.Pipeliner, cmds []redis.Cmder) error {
-	ctx = context.WithValue(ctx, routed{}, true)
+	ctx = unrouted(ctx)
 	for _, cmd := range cmds {
 		cmd.SetErr(nil)
 		_ = pipe.Process(ctx, cmd) // queued
@@ -563,5 +564,5 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 // isTryAgain reports whether err is a TRYAGAIN reply (see tryAgainHook).
 func isTryAgain(err error) bool {
-	return isReplyError(err) && strings.HasPrefix(err.Error(), "TRYAGAIN")
+	return isReplyError(err) && replyCode(err) == "TRYAGAIN"
 }

@@ -25,8 +25,7 @@ func TestFairGrantRoundExpiry(t *testing.T) {
 	newC := func() *redlatch.Client {
 		rdb := redis.NewClient(&redis.Options{Addr: m.Addr(), ContextTimeoutEnabled: true})
 		t.Cleanup(func() { _ = rdb.Close() })
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(wl))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(wl))
 		return c
 	}
 	a, b := newC(), newC()

@@ -120,8 +120,7 @@ func TestFairStaleGrantAfterRequeue(t *testing.T) {
 		xrdb := b.Client(t)
 		gate := &gateAttemptHook{started: make(chan struct{}), open: make(chan struct{})}
 		xrdb.AddHook(gate)
-		cx := redlatch.New(xrdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
-		t.Cleanup(func() { _ = cx.Close() })
+		cx := newClientOn(t, xrdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
 
 		h := ca.FairMutex(name)
 		require.NoError(t, h.Lock(ctx))

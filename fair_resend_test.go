@@ -153,8 +153,7 @@ func TestFairResentWithdrawalReportsGrant(t *testing.T) {
 		const owner = "withdrawn-owner-r1"
 		rdb := b.Client(t)
 		crdb := b.Client(t)
-		c := redlatch.New(crdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, crdb)
 		m := c.FairMutex(name, redlatch.WithOwner(owner))
 		// Load the scripts first (a NOSCRIPT reply would confuse the hook).
 		require.NoError(t, m.Lock(ctx))

@@ -301,8 +301,7 @@ func TestFairDeadWaiter(t *testing.T) {
 					c := newClient(t, b)
 					rdb := b.Client(t)
 					deadRdb := b.Client(t)
-					dead := redlatch.New(deadRdb, redlatch.WithWatchdogTimeout(deadTimeout))
-					t.Cleanup(func() { _ = dead.Close() })
+					dead := newClientOn(t, deadRdb, redlatch.WithWatchdogTimeout(deadTimeout))
 
 					holder := c.FairMutex(name)
 					require.NoError(t, holder.Lock(ctx))
@@ -622,8 +621,7 @@ func TestFairWakesHeadOnly(t *testing.T) {
 		// argument is the mode "w".
 		attempts := &scriptCounter{match: func(a []any) bool { return a[len(a)-1] == "w" }}
 		rdb.AddHook(attempts)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 
 		const waiters = 5
 		ms := make([]*redlatch.FairMutex, waiters)

@@ -466,8 +466,7 @@ func TestLatchLateTrySetCountCopy(t *testing.T) {
 		rdb := b.Client(t)
 		hook := &copyHook{match: scriptWith(latchKey(name)), pass: true}
 		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 		l, other := c.CountDownLatch(name), newClient(t, b).CountDownLatch(name)
 		// Load the script: a NOSCRIPT reply would make the copy an EVALSHA
 		// that fails.

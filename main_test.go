@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -19,7 +20,13 @@ func TestMain(m *testing.M) { redistest.Main(m) }
 // at the end of the test.
 func newClient(t testing.TB, b redistest.Backend, opts ...redlatch.Option) *redlatch.Client {
 	t.Helper()
-	c := redlatch.New(b.Client(t), opts...)
+	return newClientOn(t, b.Client(t), opts...)
+}
+
+// newClientOn returns a Client on rdb, closed in t.Cleanup.
+func newClientOn(t testing.TB, rdb redis.UniversalClient, opts ...redlatch.Option) *redlatch.Client {
+	t.Helper()
+	c := redlatch.New(rdb, opts...)
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }

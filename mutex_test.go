@@ -482,8 +482,7 @@ func TestEveryMethodAfterClose(t *testing.T) {
 func TestBadInputNamedEverywhere(t *testing.T) {
 	c, rdb, hook := nowhereClient(t)
 	ctx := func() context.Context { return context.Background() }
-	badPrefix := redlatch.New(rdb, redlatch.WithKeyPrefix("x}"))
-	t.Cleanup(func() { _ = badPrefix.Close() })
+	badPrefix := newClientOn(t, rdb, redlatch.WithKeyPrefix("x}"))
 	for k, f := range everyCall(badPrefix, "x", ctx) {
 		err := f()
 		require.ErrorIs(t, err, redlatch.ErrInvalidArgument, "%s with a bad key prefix", k)
@@ -627,8 +626,7 @@ func TestCloseWithAttemptInFlight(t *testing.T) {
 					hook := &gateScriptHook{match: scriptWith("{" + name + "}:" + k.key), after: true,
 						entered: make(chan struct{}), proceed: make(chan struct{})}
 					rdb.AddHook(hook)
-					b := redlatch.New(rdb)
-					t.Cleanup(func() { _ = b.Close() })
+					b := newClientOn(t, rdb)
 
 					held := k.take(a, name)
 					require.NoError(t, held.acquire(ctx))
@@ -704,8 +702,7 @@ func cutOffClient(t *testing.T, b redistest.Backend, name string, late bool) (*r
 	rdb := b.Client(t)
 	var armed atomic.Bool
 	rdb.AddHook(delayHook{match: armedOnce(&armed, scriptOn(name)), late: late})
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	return c, func(release func(context.Context) error) error {
 		t.Helper()
 		armed.Store(true)
@@ -802,8 +799,7 @@ func TestCloseWhileSupersedeWaits(t *testing.T) {
 					rdb.AddHook(hook)
 					slow := &slowAfterHook{} // the Lock's give-back comes late
 					rdb.AddHook(slow)
-					b := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second))
-					t.Cleanup(func() { _ = b.Close() })
+					b := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*time.Second))
 
 					relock := k.lock(b, name)
 					require.NoError(t, relock(ctx))
@@ -886,8 +882,7 @@ func nowhereClient(t *testing.T) (*redlatch.Client, *redis.Client, *redistest.Re
 	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
 	rdb.AddHook(hook)
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	return c, rdb, hook
 }
 
@@ -1002,8 +997,7 @@ func TestNilContext(t *testing.T) {
 func TestUnreachableRedis(t *testing.T) {
 	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", MaxRetries: -1})
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -1053,8 +1047,7 @@ func defaultOptionsClient(t *testing.T, srv *redistest.Server) *redlatch.Client 
 	t.Helper()
 	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 5 * time.Second})
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	return c
 }
 
@@ -1083,8 +1076,7 @@ func TestUserHooksSeeRoutedCalls(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	before := &scriptCounter{}
 	rdb.AddHook(before)
-	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
 	after := &scriptCounter{}
 	rdb.AddHook(after)
 	ctx := ctxT(t, 10*time.Second)
@@ -1142,8 +1134,7 @@ func TestUserHooksSeeRoutedPipelineErrors(t *testing.T) {
 		t.Cleanup(func() { _ = rdb.Close() })
 		h := &scriptPipeErrHook{}
 		rdb.AddHook(h)
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
 		ctx := ctxT(t, 10*time.Second)
 		var locks []*redlatch.Mutex
 		for range 150 { // two renewal batches: pipelined
@@ -1283,8 +1274,7 @@ func lossyClient(t *testing.T, b redistest.Backend, match func(redis.Cmder) bool
 	rdb := b.Client(t)
 	hook := &lossyHook{match: match, retry: retry}
 	rdb.AddHook(hook)
-	c := redlatch.New(rdb, opts...)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, opts...)
 	return c, hook
 }
 
@@ -1523,8 +1513,7 @@ func proxiedClient(t *testing.T, b redistest.Backend) (*redlatch.Client, *redist
 	opts.Addr, opts.PoolSize, opts.MaxRetries = proxy.Addr, 1, -1
 	rdb := redis.NewClient(opts)
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	return c, proxy
 }
 
@@ -1686,8 +1675,7 @@ func TestUnlockOfLostHoldRacingLock(t *testing.T) {
 						rdb.AddHook(renew)
 						rdb.AddHook(gate)
 						timeout := 450 * time.Millisecond
-						c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
-						t.Cleanup(func() { _ = c.Close() })
+						c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
 						m := k.make(c, name)
 						require.NoError(t, m.Lock(ctx)) // scripts loaded
 						require.NoError(t, m.Unlock(ctx))
@@ -1845,8 +1833,7 @@ func TestFailedRetakeGivesBack(t *testing.T) {
 				hooked := b.Client(t)
 				hook := &refuseHook{match: scriptWith("shared"), nth: 2}
 				hooked.AddHook(hook)
-				c := redlatch.New(hooked)
-				t.Cleanup(func() { _ = c.Close() })
+				c := newClientOn(t, hooked)
 				m, _, _ := holdAheadThenEnded(t, ctx, b, k, c) // scripts loaded
 
 				hook.armed.Store(true)
@@ -2193,8 +2180,7 @@ func TestCloseNotHeldUpBySubscriberReconnect(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	ctx := ctxT(t, 20*time.Second)
 	name := redistest.UniqueName(t)
-	holder := redlatch.New(srv.Client(t))
-	t.Cleanup(func() { _ = holder.Close() })
+	holder := newClientOn(t, srv.Client(t))
 	require.NoError(t, holder.Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
 	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
 	got := make(chan error, 1)
@@ -2268,8 +2254,7 @@ func TestHoldsAfterClose(t *testing.T) {
 		}
 		require.Equal(t, before, hook.N.Load(), "requests to Redis after Close")
 		require.NoError(t, rdb.Ping(ctx).Err(), "Close closed the Redis client")
-		c2 := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c2.Close() })
+		c2 := newClientOn(t, rdb)
 		m2 := c2.Mutex(name + "new")
 		require.NoError(t, m2.Lock(ctx))
 		require.NoError(t, m2.Unlock(ctx))
@@ -2509,8 +2494,7 @@ func TestCloseEndsAttemptInFlightAtReadDeadline(t *testing.T) {
 			rdb := redis.NewClient(opt)
 			rdb.AddHook(hook)
 			t.Cleanup(func() { _ = rdb.Close() })
-			c := redlatch.New(rdb)
-			t.Cleanup(func() { _ = c.Close() })
+			c := newClientOn(t, rdb)
 			ctx := ctxT(t, 20*time.Second)
 			_, err := c.Mutex(name + "warm").TryLock(ctx) // a pooled connection, the scripts loaded
 			require.NoError(t, err)

@@ -54,8 +54,7 @@ func TestWakeAfterLateSubscribeConfirm(t *testing.T) {
 		}
 		slow := redis.NewClient(opts)
 		t.Cleanup(func() { _ = slow.Close() })
-		wc := redlatch.New(slow)
-		t.Cleanup(func() { _ = wc.Close() })
+		wc := newClientOn(t, slow)
 
 		holder := newClient(t, b).Semaphore(name, 3)
 		short := newClient(t, b).Semaphore(name, 3, redlatch.WithLease(300*time.Millisecond))

@@ -99,8 +99,7 @@ func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
 		newRdb = func() redis.UniversalClient { return srv.Client(t) }
 	}
 	adm := srv.Client(t)
-	hc := redlatch.New(newRdb())
-	t.Cleanup(func() { _ = hc.Close() })
+	hc := newClientOn(t, newRdb())
 	holder := hc.Mutex(name, redlatch.WithLease(60*time.Second))
 	require.NoError(t, holder.Lock(ctx))
 	dials := &dialCounter{}
@@ -190,8 +189,7 @@ func TestNopermChannelSparesOtherWakeups(t *testing.T) {
 
 			wrdb := redis.NewClient(&redis.Options{Addr: srv.Addr, Username: "w", Password: "pw"})
 			t.Cleanup(func() { _ = wrdb.Close() })
-			wc := redlatch.New(wrdb, redlatch.WithWatchdogTimeout(3*time.Second))
-			t.Cleanup(func() { _ = wc.Close() })
+			wc := newClientOn(t, wrdb, redlatch.WithWatchdogTimeout(3*time.Second))
 
 			okGot := make(chan error, 1)
 			okWaiter := wc.Mutex(okName)
@@ -266,8 +264,7 @@ func userWithoutDangerous(t *testing.T, b redistest.Backend, proto int) {
 	o.Protocol = proto
 	rdb := redis.NewClusterClient(o)
 	t.Cleanup(func() { _ = rdb.Close() })
-	restricted := redlatch.New(rdb)
-	t.Cleanup(func() { _ = restricted.Close() })
+	restricted := newClientOn(t, rdb)
 	full := newClient(t, b)
 
 	for _, dir := range []struct {
@@ -316,8 +313,7 @@ func TestReleaseWithoutChannelPermission(t *testing.T) {
 	o.Username, o.Password = "app", "pw"
 	rdb := redis.NewClient(o)
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	other := redlatch.New(srv.Client(t)) // a full user: waits, hears
 	t.Cleanup(func() { _ = other.Close() })
 

@@ -308,8 +308,7 @@ func TestWakeAfterSlotMoved(t *testing.T) {
 	ctx := ctxT(t, 60*time.Second)
 	newC := func() *redlatch.Client {
 		rdb := cl.Client(t)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 		return c
 	}
 	name := redistest.UniqueName(t)
@@ -392,8 +391,7 @@ func connHookedClient(t *testing.T, b redistest.Backend, hook redis.Hook, opts .
 	} else {
 		rdb.AddHook(hook)
 	}
-	c := redlatch.New(rdb, opts...)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, opts...)
 	return c
 }
 
@@ -515,8 +513,7 @@ func TestCloseClosesHealthySubscribersAtOnce(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 20*time.Second)
 	frozen := cl.Servers[0]
-	holder := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = holder.Close() })
+	holder := newClientOn(t, cl.Client(t))
 	var names []string
 	for j, s := range cl.Servers {
 		name := closeNameOn(t, cl, s, fmt.Sprint("w", j))

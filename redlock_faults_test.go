@@ -399,8 +399,7 @@ func TestRedlockNotReplicatedAfterCtxEnded(t *testing.T) {
 		// The 1st unlock script is the attempt's own undo (replicated);
 		// the 2nd, the round's release: it comes late.
 		rdb.AddHook(delayHook{match: nthOf(2, scriptWith("{"+name+"}:wake")), d: 300 * time.Millisecond})
-		c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 20*time.Millisecond))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, 20*time.Millisecond))
 		clients[i] = c
 	}
 	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(5*time.Second))
@@ -427,8 +426,7 @@ func TestRedlockUnlockCtxEndsMidCall(t *testing.T) {
 	for i, s := range servers {
 		rdb := s.Client(t)
 		rdb.AddHook(delayHook{match: armedOnce(&armed[i], scriptOn(name))})
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 		clients[i] = c
 	}
 	r := redlatch.NewRedlock(name, clients)

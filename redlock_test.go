@@ -33,8 +33,7 @@ func redlockClients(t *testing.T, servers []*redistest.Server, opts ...redlatch.
 	t.Helper()
 	out := make([]*redlatch.Client, len(servers))
 	for i, s := range servers {
-		c := redlatch.New(s.Client(t), opts...)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, s.Client(t), opts...)
 		out[i] = c
 	}
 	return out
@@ -51,8 +50,7 @@ func deadClient(t *testing.T) *redlatch.Client {
 	rdb := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, ContextTimeoutEnabled: true,
 		DialTimeout: 200 * time.Millisecond, DialerRetries: 1})
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	return c
 }
 
@@ -572,8 +570,7 @@ func TestRedlockWrappedRedisClients(t *testing.T) {
 	name := redistest.UniqueName(t)
 	var clients []*redlatch.Client
 	for _, s := range servers {
-		c := redlatch.New(taggedRedis{UniversalClient: s.Client(t), tags: []string{"a"}})
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, taggedRedis{UniversalClient: s.Client(t), tags: []string{"a"}})
 		clients = append(clients, c)
 	}
 	m := clients[0].Mutex(name)
@@ -653,8 +650,7 @@ func TestRedlockWrappedClientInUse(t *testing.T) {
 		t.Cleanup(func() { _ = rdb.Close() })
 		w := meteredRedis{UniversalClient: rdb, mu: &sync.Mutex{}, calls: map[string]int{"get": 0}}
 		wrappers = append(wrappers, w)
-		c := redlatch.New(w)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, w)
 		clients = append(clients, c)
 	}
 	stop := make(chan struct{})
@@ -709,8 +705,7 @@ func TestRedlockClosedWithAttemptInFlight(t *testing.T) {
 					entered: make(chan struct{}), proceed: make(chan struct{})}
 				hook.armed.Store(true)
 				rdb.AddHook(hook)
-				c := redlatch.New(rdb)
-				t.Cleanup(func() { _ = c.Close() })
+				c := newClientOn(t, rdb)
 				r := redlatch.NewRedlock(name, []*redlatch.Client{c})
 				got := make(chan error, 1)
 				go func() {

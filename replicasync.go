@@ -2,7 +2,6 @@ package redlatch
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -165,7 +164,7 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 	// pinned connection, WAIT with its own read timeout.
 	conn := node.Conn()
 	defer conn.Close()
-	ctx = pinned(ctx)
+	ctx = unrouted(ctx)
 	run := func(sha bool) *redis.Cmd {
 		if asking {
 			if err := conn.Do(ctx, "ASKING").Err(); err != nil {
@@ -226,12 +225,11 @@ func (c *Client) replicated(ctx context.Context, acked int64, waitErr error, und
 
 // isRedirect reports whether err is a cluster MOVED or ASK reply.
 func isRedirect(err error) bool {
-	var re redis.Error
-	if err == nil || !errors.As(err, &re) {
+	if !isReplyError(err) {
 		return false
 	}
-	msg := err.Error()
-	return strings.HasPrefix(msg, "MOVED ") || strings.HasPrefix(msg, "ASK ")
+	code := replyCode(err)
+	return code == "MOVED" || code == "ASK"
 }
 
 // runBatchesSynced is the watchdog's renewal under WithReplicaSync. The
@@ -296,7 +294,7 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	// within the connection's read timeout (see runOnWithWait): one
 	// pipeline goes on one connection, no pinning needed, and it is routed
 	// (see deadlineHook) like any other renewal. Else the scripts and WAIT
-	// go on a pinned connection, unrouted (see pinned).
+	// go on a pinned connection, unrouted (see unrouted).
 	rt := node.Options().ReadTimeout
 	piped := rt <= 0 || w.c.opts.replicaTimeout+waitMargin < rt
 	var conn interface {
@@ -308,7 +306,7 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 		pc := node.Conn()
 		defer pc.Close()
 		conn = pc
-		ctx = pinned(ctx)
+		ctx = unrouted(ctx)
 	}
 	var wait *redis.Cmd
 	send := func(ms int64) []*redis.Cmd {

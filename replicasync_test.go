@@ -192,8 +192,7 @@ func TestReplicaSyncPinnedOnDefaultOptions(t *testing.T) {
 	ctx := ctxT(t, 20*time.Second)
 	rdb := redis.NewClient(&redis.Options{Addr: master.Addr, ReadTimeout: 500 * time.Millisecond})
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, time.Second), redlatch.WithWatchdogTimeout(900*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, time.Second), redlatch.WithWatchdogTimeout(900*time.Millisecond))
 	inner := &scriptCounter{}
 	rdb.AddHook(inner)
 	held := c.Mutex(redistest.UniqueName(t))
@@ -253,8 +252,7 @@ func TestReplicaSyncRenewalHonoursContextOnDefaultOptions(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	h := &overrunHook{}
 	rdb.AddHook(h)
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 100*time.Millisecond), redlatch.WithWatchdogTimeout(900*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, 100*time.Millisecond), redlatch.WithWatchdogTimeout(900*time.Millisecond))
 	require.NoError(t, c.Mutex(redistest.UniqueName(t)).Lock(ctx))
 	require.Eventually(t, func() bool { return h.seen.Load() > 0 }, 2*time.Second, 10*time.Millisecond)
 
@@ -325,8 +323,7 @@ func TestReplicaSyncFailover(t *testing.T) {
 			if synced {
 				opts = append(opts, redlatch.WithReplicaSync(1, 300*time.Millisecond))
 			}
-			c1 := redlatch.New(master.Client(t), opts...)
-			t.Cleanup(func() { _ = c1.Close() })
+			c1 := newClientOn(t, master.Client(t), opts...)
 			first := c1.Mutex("failover")
 
 			link.Partition()
@@ -341,8 +338,7 @@ func TestReplicaSyncFailover(t *testing.T) {
 			link.Close()
 			promoted := replica.Client(t)
 			require.NoError(t, promoted.SlaveOf(ctx, "NO", "ONE").Err())
-			c2 := redlatch.New(promoted)
-			t.Cleanup(func() { _ = c2.Close() })
+			c2 := newClientOn(t, promoted)
 			second := c2.Mutex("failover")
 			ok, err := second.TryLock(ctx)
 			require.NoError(t, err)
@@ -434,8 +430,7 @@ func TestReplicaSyncWaitEndsWithCtx(t *testing.T) {
 	opt.ReadTimeout = 500 * time.Millisecond // below the WAIT timeout: pinned path
 	rdb := redis.NewClient(opt)
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, time.Second))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, time.Second))
 	name := redistest.UniqueName(t)
 	m := c.FairMutex(name)
 	require.NoError(t, m.Lock(ctx)) // the script cached, a connection open
@@ -466,8 +461,7 @@ func TestReplicaSyncNoScriptWaitBound(t *testing.T) {
 	ctx := ctxT(t, 20*time.Second)
 	rdb := master.Client(t)
 	timeout := time.Second // below the ReadTimeout (2s) with its margin: pipelined
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, timeout))
 	m := c.Mutex(redistest.UniqueName(t))
 	require.NoError(t, m.Lock(ctx)) // a connection open
 	require.NoError(t, m.Unlock(ctx))
@@ -501,8 +495,7 @@ func TestReplicaSyncDuringSlotMigration(t *testing.T) {
 
 	// A busy RWMutex: its fence key (a writer came and went) and its hash
 	// (a reader holds it).
-	plain := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = plain.Close() })
+	plain := newClientOn(t, cl.Client(t))
 	w := plain.RWMutex(name)
 	require.NoError(t, w.Lock(ctx))
 	require.NoError(t, w.Unlock(ctx))
@@ -515,8 +508,7 @@ func TestReplicaSyncDuringSlotMigration(t *testing.T) {
 	require.NoError(t, err, "without replica sync, go-redis follows -ASK")
 	require.True(t, ok)
 
-	c := redlatch.New(cl.Client(t), redlatch.WithReplicaSync(1, 50*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, cl.Client(t), redlatch.WithReplicaSync(1, 50*time.Millisecond))
 	start := time.Now()
 	_, err = c.RWMutex(name).TryRLock(ctx)
 	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "after %v", time.Since(start))
@@ -591,8 +583,7 @@ func TestReplicaSyncNoReadTimeoutOneRoundTrip(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	hook := &waitRoundTrips{}
 	rdb.AddHook(hook)
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, time.Second))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, time.Second))
 	m := c.Mutex(redistest.UniqueName(t))
 	for i := 0; i < 2; i++ { // the first caches the script (NOSCRIPT, then EVAL)
 		hook.alone.Store(0)
@@ -643,10 +634,8 @@ func TestReplicaSyncRefusedEverywhere(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	rc := &redistest.RequestCounter{}
 	rdb.AddHook(rc)
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 200*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
-	plain := redlatch.New(master.Client(t))
-	t.Cleanup(func() { _ = plain.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, 200*time.Millisecond))
+	plain := newClientOn(t, master.Client(t))
 	name := redistest.UniqueName(t)
 
 	// Holds taken while the replica is healthy, for the re-entries.
@@ -742,8 +731,7 @@ func TestReplicaSyncRefusedAfterWait(t *testing.T) {
 	master, replica, _ := replicaPair(t)
 	ctx := ctxT(t, 60*time.Second)
 	c := newClient(t, serverBackend(master), redlatch.WithReplicaSync(1, 200*time.Millisecond))
-	plain := redlatch.New(master.Client(t))
-	t.Cleanup(func() { _ = plain.Close() })
+	plain := newClientOn(t, master.Client(t))
 	name := redistest.UniqueName(t)
 
 	type kind struct {
@@ -969,13 +957,11 @@ func TestReplicaSyncAskHonoursContextOnDefaultOptions(t *testing.T) {
 	to := cl.Servers[2]
 
 	// The lock is held (its hash and fence key exist) by another Client.
-	plain := redlatch.New(cl.Client(t))
-	t.Cleanup(func() { _ = plain.Close() })
+	plain := newClientOn(t, cl.Client(t))
 	require.NoError(t, plain.Mutex(name).Lock(ctx))
 
 	rdb := cl.DefaultOptionsClient(t)
-	c := redlatch.New(rdb, redlatch.WithReplicaSync(1, 50*time.Millisecond))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, 50*time.Millisecond))
 	m := c.Mutex(name)
 	ok, err := m.TryLock(ctx) // the slot map loaded, the script cached
 	require.NoError(t, err)

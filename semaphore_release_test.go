@@ -36,8 +36,7 @@ func TestSemPartialReleaseUnknownOutcome(t *testing.T) {
 			return scriptWith(semKey(name))(cmd) && !scriptWith("p")(cmd)
 		}}
 		rdb.AddHook(refuse)
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(wd))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(wd))
 		s := c.Semaphore(name, 3)
 		require.NoError(t, s.Acquire(ctx, 3))
 		lost := s.Lost()
@@ -114,8 +113,7 @@ func TestSemReleaseRemovesLostPermits(t *testing.T) {
 		rdb := b.Client(t)
 		hook := &renewHook{key: semKey(name)}
 		rdb.AddHook(hook)
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(wd))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(wd))
 		s := c.Semaphore(name, 1)
 		other := newClient(t, b).Semaphore(name, 1)
 
@@ -148,8 +146,7 @@ func TestSemReleaseNotHeldUpByRenewal(t *testing.T) {
 		rdb := b.Client(t)
 		hook := &renewHook{key: semKey(name), stall: 3 * time.Second}
 		rdb.AddHook(hook)
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(wd))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(wd))
 		s := c.Semaphore(name, 1)
 
 		require.NoError(t, s.Acquire(ctx, 1))
@@ -228,8 +225,7 @@ func TestSemaphoreLateCopyAfterUndoFound(t *testing.T) {
 			return scriptWith(semKey(name))(cmd) && !scriptWith(wake)(cmd)
 		}}
 		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 		s := c.Semaphore(name, 3, redlatch.WithLease(time.Minute))
 		other := newClient(t, b).Semaphore(name, 3)
 
@@ -298,8 +294,7 @@ func TestSemLostDuringPartialRelease(t *testing.T) {
 		rdb := b.Client(t)
 		hook := &gateScriptHook{match: scriptWith("{" + name + "}:sem:wake"), entered: make(chan struct{}), proceed: make(chan struct{})}
 		rdb.AddHook(hook)
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 		s := c.Semaphore(name, 3)
 		require.NoError(t, s.Acquire(ctx, 3))
 		lost := s.Lost()
@@ -329,10 +324,8 @@ func TestSemaphoreRenewalAfterPause(t *testing.T) {
 	srv := redistest.NewServer(t)
 	ctx := ctxT(t, 20*time.Second)
 	timeout := 900 * time.Millisecond
-	c := redlatch.New(srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
-	other := redlatch.New(srv.Client(t))
-	t.Cleanup(func() { _ = other.Close() })
+	c := newClientOn(t, srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
+	other := newClientOn(t, srv.Client(t))
 	name := redistest.UniqueName(t)
 
 	keeper := other.Semaphore(name, 2, redlatch.WithLease(time.Minute))
@@ -376,8 +369,7 @@ func TestSemaphoreRenewalAtRecordExpiry(t *testing.T) {
 	ctx := ctxT(t, 20*time.Second)
 	m, rdb, t0 := frozenMiniredis(t)
 	timeout := 900 * time.Millisecond
-	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
 
 	s := c.Semaphore("sem-at-expiry", 1)
 	require.NoError(t, s.Acquire(ctx, 1)) // its record scores t0 + timeout
@@ -451,8 +443,7 @@ func TestSemaphoreResentPartialRelease(t *testing.T) {
 func TestSemaphoreAfterReleaseMemoryOnMiniredis(t *testing.T) {
 	ctx := ctxT(t, 20*time.Second)
 	m, rdb, t0 := frozenMiniredis(t)
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 
 	keeper := c.Semaphore("sem-memory", 2, redlatch.WithLease(time.Hour))
 	require.NoError(t, keeper.Acquire(ctx, 1)) // keeps the permit set alive
@@ -498,8 +489,7 @@ func TestSemLateAcquireLostPermitsReturned(t *testing.T) {
 		rdb := b.Client(t)
 		var armed atomic.Bool
 		rdb.AddHook(delayHook{match: armedOnce(&armed, scriptWith("{"+name+"}:sem")), d: 400 * time.Millisecond})
-		c := redlatch.New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb)
 		s := c.Semaphore(name, 2, redlatch.WithLease(300*time.Millisecond))
 		require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT resend skips the hook
 		require.NoError(t, s.Release(ctx, 1))
@@ -529,8 +519,7 @@ func TestSemaphoreReleaseResentAfterMemory(t *testing.T) {
 	m, rdb, t0 := frozenMiniredis(t)
 	hook := &lossyHook{match: scriptWith(semKey("sem-resent-late")), retry: true}
 	rdb.AddHook(hook)
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 
 	s := c.Semaphore("sem-resent-late", 2, redlatch.WithLease(time.Minute))
 	require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT reply spends the hook

@@ -55,10 +55,8 @@ func TestSentinelFailoverLock(t *testing.T) {
 			if tc.replicated {
 				opts = append(opts, redlatch.WithReplicaSync(1, time.Second))
 			}
-			c1 := redlatch.New(sentinel.FailoverClient(t), opts...)
-			t.Cleanup(func() { _ = c1.Close() })
-			c2 := redlatch.New(sentinel.FailoverClient(t))
-			t.Cleanup(func() { _ = c2.Close() })
+			c1 := newClientOn(t, sentinel.FailoverClient(t), opts...)
+			c2 := newClientOn(t, sentinel.FailoverClient(t))
 
 			if !tc.replicated {
 				link.Partition()

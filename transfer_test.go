@@ -56,8 +56,7 @@ func countingClient(t *testing.T, b redistest.Backend) (*redlatch.Client, redis.
 	rdb := b.Client(t)
 	scripts := &scriptCounter{}
 	rdb.AddHook(scripts)
-	c := redlatch.New(rdb)
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb)
 	return c, rdb, scripts
 }
 

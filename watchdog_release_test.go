@@ -54,8 +54,7 @@ func TestConcurrentReentrantUnlocksNotLost(t *testing.T) {
 			delays: []time.Duration{150 * time.Millisecond, 700 * time.Millisecond},
 		}
 		rdb.AddHook(hook)
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
 		m := c.ReentrantMutex(name)
 		// Warm up the script caches, so that each release is one call.
 		require.NoError(t, m.Lock(ctx))
@@ -93,8 +92,7 @@ func TestLostDuringPartialUnlockWhileServerStopped(t *testing.T) {
 			srv := redistest.NewServer(t)
 			ctx := ctxT(t, 20*time.Second)
 			timeout := 600 * time.Millisecond
-			c := redlatch.New(srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
-			t.Cleanup(func() { _ = c.Close() })
+			c := newClientOn(t, srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
 			var m redlatch.Locker
 			switch kind {
 			case "ReentrantMutex":
@@ -155,8 +153,7 @@ func TestRWLockCtxNotHeldByRenewal(t *testing.T) {
 		hook.armed.Store(true)
 		rdb.AddHook(hook)
 		timeout := 1500 * time.Millisecond // renewals every 500ms
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(timeout))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
 		w := c.RWMutex(name)
 		lctx, cancel := context.WithTimeout(ctx, 900*time.Millisecond)
 		defer cancel()

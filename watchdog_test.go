@@ -90,8 +90,7 @@ func TestRenewalNotCutAtPeriod(t *testing.T) {
 			args := cmd.Args() // renew.lua, one hold
 			return (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) == 7 && args[4] == "t"
 		}})
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(1200*time.Millisecond))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(1200*time.Millisecond))
 		m := c.Mutex(redistest.UniqueName(t))
 		require.NoError(t, m.Lock(ctx))
 		time.Sleep(3 * time.Second)
@@ -149,8 +148,7 @@ func TestLostWhileServerStopped(t *testing.T) {
 	srv := redistest.NewServer(t)
 	ctx := ctxT(t, 20*time.Second)
 	timeout := 900 * time.Millisecond
-	c := redlatch.New(srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
 	m := c.Mutex("frozen")
 	require.NoError(t, m.Lock(ctx))
 	acquired := time.Now()
@@ -247,8 +245,7 @@ func TestNoRenewalAfterUnlock(t *testing.T) {
 		spy := &renewSpy{keys: map[string]int{}}
 		rdb := b.Client(t)
 		rdb.AddHook(spy)
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(300*time.Millisecond))
 		name := redistest.UniqueName(t)
 		m := c.ReentrantMutex(name)
 		require.NoError(t, m.Lock(ctx))
@@ -279,8 +276,7 @@ func TestRenewalBatched(t *testing.T) {
 		rdb := b.Client(t)
 		rdb.AddHook(spy)
 		period := 300 * time.Millisecond
-		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*period))
-		t.Cleanup(func() { _ = c.Close() })
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*period))
 		base := redistest.UniqueName(t)
 		const holds = 500
 		var ms []*redlatch.Mutex
@@ -738,8 +734,7 @@ func TestRenewalOnClusterWithFrozenMaster(t *testing.T) {
 				o.ContextTimeoutEnabled = tc.ctxTimeout
 				cc := redis.NewClusterClient(o)
 				t.Cleanup(func() { _ = cc.Close() })
-				c := redlatch.New(cc, redlatch.WithWatchdogTimeout(timeout))
-				t.Cleanup(func() { _ = c.Close() })
+				c := newClientOn(t, cc, redlatch.WithWatchdogTimeout(timeout))
 
 				healthyName := nameOn(t, cl, 0, "healthy")
 				healthy := c.Mutex(healthyName)
@@ -884,8 +879,7 @@ func TestSlowMasterHoldsKeptOnCluster(t *testing.T) {
 	healthyName := nameOn(t, cl, 0, redistest.UniqueName(t)+"-healthy")
 	hook := &slowKeyHook{key: lockKey(slowName), d: period * 5 / 4}
 	rdb.AddHook(hook)
-	c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*period))
-	t.Cleanup(func() { _ = c.Close() })
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*period))
 	healthy := c.Mutex(healthyName)
 	slow := c.Mutex(slowName)
 	require.NoError(t, healthy.Lock(ctx))

@@ -296,12 +296,16 @@ func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 
 // DefaultOptionsClient is Client with go-redis's default
 // ContextTimeoutEnabled (off) and a ReadTimeout of 5s, which a call that
-// does not return by its ctx overruns plainly.
-func (c *Cluster) DefaultOptionsClient(t testing.TB) *redis.ClusterClient {
+// does not return by its ctx overruns plainly; tune, if any, changes the
+// options further.
+func (c *Cluster) DefaultOptionsClient(t testing.TB, tune ...func(*redis.ClusterOptions)) *redis.ClusterClient {
 	t.Helper()
 	o := c.Options()
 	o.ContextTimeoutEnabled = false
 	o.ReadTimeout = 5 * time.Second
+	for _, f := range tune {
+		f(o)
+	}
 	cc := redis.NewClusterClient(o)
 	t.Cleanup(func() { _ = cc.Close() })
 	return cc
