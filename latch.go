@@ -112,7 +112,7 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 	if n < 1 {
 		return false, invalidArg("n", "must be at least 1")
 	}
-	set, err := l.run(ctx, latchSetScript, []string{l.key, l.done}, n, newID()).Int64()
+	set, err := l.run(ctx, false, latchSetScript, []string{l.key, l.done}, n, newID()).Int64()
 	return set == 1, convertErr(err)
 }
 
@@ -129,7 +129,7 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	}
 	ctx, cancel := releaseContext(ctx)
 	defer cancel()
-	err := l.run(ctx, latchCountDownScript, []string{l.key, l.channel, l.done},
+	err := l.run(ctx, true, latchCountDownScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Err()
 	return convertErr(err)
 }
@@ -149,7 +149,7 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 	}
 	ctx, cancel := releaseContext(ctx)
 	defer cancel()
-	n, err := l.run(ctx, latchDeleteScript, []string{l.key, l.channel, l.done},
+	n, err := l.run(ctx, true, latchDeleteScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Int64()
 	return n == 1, convertErr(err)
 }
@@ -161,8 +161,15 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 // caller learns what it did. Without it the caller could not tell, and
 // could not safely call again: a new call is a new request (a CountDown
 // counted twice, a TrySetCount reporting its own count as another's).
-func (l *CountDownLatch) run(ctx context.Context, s *redis.Script, keys []string, args ...any) *redis.Cmd {
-	if ctx.Err() != nil {
+//
+// A call whose ctx ended before it was sent is not sent (its error), but
+// for a release (CountDown, Delete), which is sent with a fresh context as
+// above. Its caller replaced an ended ctx (releaseContext), but ctx may
+// end before the send all the same: during the check of a cluster's
+// versions (publishCommand), say. A deferred CountDown of a task cancelled
+// then was lost, and the count never expires.
+func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script, keys []string, args ...any) *redis.Cmd {
+	if ctx.Err() != nil && !release {
 		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, l.c.rdb, keys, args...)

@@ -34,6 +34,14 @@ var (
 // CountDownLatch remembers its calls.
 const semReleaseMemory = time.Minute
 
+// semMaxSize is the largest size of a semaphore. The scripts count permits
+// in Lua numbers and keep the count in a sorted-set score, doubles, exact
+// for integers up to 2^53: below it, the permits in use plus a request
+// compare with the size exactly (a sum above 2^53 exceeds any such size
+// even rounded). From 2^53 on, the sum could round down to the size and let
+// a holder in beside one holding every permit.
+const semMaxSize = 1<<53 - 1
+
 // Semaphore is a distributed counting semaphore whose permits are leased.
 //
 // At most size permits are held at once, over every handle of every process
@@ -103,8 +111,8 @@ type permitRecord struct {
 
 // Semaphore returns a handle on the semaphore called name with size permits.
 // It does not talk to Redis. Bad arguments (an empty name, a name starting
-// with '}', a size ≤ 0, WithLease(0), WithOwner("")) are reported by the
-// handle's methods as errors wrapping ErrInvalidArgument.
+// with '}', a size ≤ 0 or of 2^53 or more, WithLease(0), WithOwner("")) are
+// reported by the handle's methods as errors wrapping ErrInvalidArgument.
 func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semaphore {
 	o := newLockOptions(name, opts)
 	s := &Semaphore{c: c, name: name, size: size, owner: o.owner, err: o.err}
@@ -112,6 +120,8 @@ func (c *Client) Semaphore(name string, size int64, opts ...LockOption) *Semapho
 	case s.err != nil:
 	case size <= 0:
 		s.err = invalidArg("size", "must be positive")
+	case size > semMaxSize:
+		s.err = invalidArg("size", "must be below 2^53")
 	case c != nil && strings.HasPrefix(name, "}"):
 		s.err = invalidArg("name", "must not start with '}'")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -567,5 +568,45 @@ func TestSemaphoreLateAcquireAfterUndo(t *testing.T) {
 			require.NoError(t, s.Acquire(ctx, 3))
 			require.NoError(t, s.Release(ctx, 3))
 		}
+	})
+}
+
+// TestSemaphoreSizeExactInRedis: the scripts count permits in Lua numbers
+// and sorted-set scores, doubles, exact for integers up to 2^53 only. A
+// size of 2^53 or more, with which the permits in use plus a request may
+// round down to the size, is refused with ErrInvalidArgument rather than
+// let a second holder in beside one holding every permit; a size of
+// 2^53-1 counts exactly.
+func TestSemaphoreSizeExactInRedis(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		c := newClient(t, b)
+		for _, size := range []int64{1 << 53, math.MaxInt64} {
+			name := redistest.UniqueName(t)
+			s := c.Semaphore(name, size)
+			err := s.Acquire(ctx, size)
+			if err == nil {
+				ok, err := c.Semaphore(name, size).TryAcquire(ctx, 1)
+				require.NoError(t, err)
+				require.False(t, ok, "size %d: a permit taken beside all %d permits held", size, size)
+				require.NoError(t, s.Release(ctx, size))
+				continue
+			}
+			require.ErrorIs(t, err, redlatch.ErrInvalidArgument, "size %d", size)
+			requireNoKey(t, ctx, b, semKey(name))
+		}
+		const size = 1<<53 - 1
+		name := redistest.UniqueName(t)
+		s := c.Semaphore(name, size)
+		require.NoError(t, s.Acquire(ctx, size))
+		ok, err := c.Semaphore(name, size).TryAcquire(ctx, 1)
+		require.NoError(t, err)
+		require.False(t, ok)
+		requireAvailable(t, ctx, s, 0)
+		require.NoError(t, s.Release(ctx, size-1))
+		requireAvailable(t, ctx, s, size-1)
+		require.NoError(t, s.Release(ctx, 1))
+		requireAvailable(t, ctx, s, size)
+		requireSemIdle(t, ctx, b, name)
 	})
 }
