@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -601,4 +602,67 @@ func TestLatchWaitHonoursContextOnDefaultOptions(t *testing.T) {
 	resume()
 	// The reads still work, and see the count.
 	requireCount(t, ctxT(t, 5*time.Second), l, 1)
+}
+
+// cancelAtInfo passes every command on, and once armed cancels its ctx
+// (the caller's) at the first INFO: the caller's ctx ends while the
+// Client checks the masters' versions.
+type cancelAtInfo struct {
+	passHook
+	mu     *sync.Mutex
+	cancel *context.CancelFunc
+}
+
+func (h cancelAtInfo) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "info" {
+			h.mu.Lock()
+			if c := *h.cancel; c != nil {
+				c()
+				*h.cancel = nil
+			}
+			h.mu.Unlock()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestLatchCountDownCtxEndsDuringVersionCheck: a CountDown (or Delete)
+// whose ctx ends on the way, before its script is sent, is still sent, as
+// the godoc promises ("it is sent even when ctx has ended already"): on a
+// cluster the first call of a Client checks the masters' versions first
+// (publishCommand), and a ctx cancelled during that check made run return
+// the ctx's error without sending the script. The deferred CountDown of a
+// task cancelled at that moment was lost, and the latch, which never
+// expires, kept every Wait blocked.
+func TestLatchCountDownCtxEndsDuringVersionCheck(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 10*time.Second)
+	for _, kind := range []string{"CountDown", "Delete"} {
+		t.Run(kind, func(t *testing.T) {
+			name := redistest.UniqueName(t)
+			other := newClient(t, b).CountDownLatch(name)
+			ok, err := other.TrySetCount(ctx, 1)
+			require.NoError(t, err)
+			require.True(t, ok)
+
+			var mu sync.Mutex
+			var cancel context.CancelFunc
+			cctx, c := context.WithCancel(ctx)
+			defer c()
+			cancel = c
+			l := infoHookedClient(t, b, cancelAtInfo{mu: &mu, cancel: &cancel}).CountDownLatch(name)
+			if kind == "CountDown" {
+				err = l.CountDown(cctx)
+			} else {
+				_, err = l.Delete(cctx)
+			}
+			mu.Lock()
+			armed := cancel != nil
+			mu.Unlock()
+			require.False(t, armed, "no version check during the call")
+			require.NoError(t, err, "the %s was not sent", kind)
+			requireCount(t, ctx, other, 0)
+		})
+	}
 }
