@@ -904,6 +904,14 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 				}
 			}
 			n, err := e.unlock(uctx, undo, token, false)
+			if err != nil && undo != "" {
+				// An undo whose ctx ended on its way may never have
+				// reached the master, which may hold what the lost reply
+				// granted: sent again in the background, as a release is
+				// (see unlockReq), or that master stays locked by nobody
+				// for the whole lease.
+				e.c.resendRelease(uctx, err, func(ctx context.Context) { _, _ = e.unlock(ctx, undo, token, false) })
+			}
 			ch <- reply{i, n, err}
 		}()
 	}

@@ -444,3 +444,51 @@ func TestRedlockUnlockCtxEndsMidCall(t *testing.T) {
 	require.NoError(t, other.Lock(octx), "the Unlock whose ctx ended mid-call left the lock taken")
 	require.NoError(t, other.Unlock(ctx))
 }
+
+// TestRedlockUnlockCtxEndsMidUndo: the reply of master 2 to Lock's attempt
+// is lost (it granted the lock, but answered after the node timeout), so
+// the Redlock holds masters 0 and 1, and its Unlock undoes the acquisition
+// on master 2. That Unlock's ctx ends while the undo is on its way (it
+// never reached master 2). As for the releases of the granting masters
+// (TestRedlockUnlockCtxEndsMidCall), the undo must still reach master 2:
+// it was not sent again, and master 2 stayed locked by nobody for the
+// whole lease (30s), refusing a Mutex of the same name there.
+func TestRedlockUnlockCtxEndsMidUndo(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	wake := "{" + name + "}:wake"
+	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
+	var lateReply, heldUndo atomic.Bool
+	clients := redlockClients(t, servers[:2])
+	rdb := servers[2].Client(t)
+	// The attempt runs on master 2, but its reply comes after the node
+	// timeout (1s with the default 30s lease).
+	rdb.AddHook(delayHook{match: armedOnce(&lateReply, isAttempt), d: 3 * time.Second, late: true})
+	// The undo is held back until its ctx ends: it never reaches master 2.
+	rdb.AddHook(delayHook{match: armedOnce(&heldUndo, scriptWith(wake))})
+	clients = append(clients, newClientOn(t, rdb))
+	// Load the scripts: the hooks below must see the scripts' runs, not
+	// a NOSCRIPT reply and the resend.
+	warm := redlatch.NewRedlock(name+"-warm", clients)
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+	r := redlatch.NewRedlock(name, clients)
+	lateReply.Store(true)
+	require.NoError(t, r.Lock(ctx))
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, servers, name), "master 2 granted the attempt whose reply was lost")
+	heldUndo.Store(true)
+	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err := r.Unlock(short)
+	cancel()
+	t.Logf("Unlock: %v", err)
+	require.False(t, heldUndo.Load(), "the undo was not sent to master 2")
+	require.Eventually(t, func() bool {
+		return !slices.Contains(heldOn(t, ctx, servers, name), true)
+	}, 3*time.Second, 50*time.Millisecond, "the undo whose ctx ended mid-call left master 2 locked by nobody")
+	m := redlockClients(t, servers[2:])[0].Mutex(name)
+	ok, err := m.TryLock(ctx)
+	require.NoError(t, err)
+	require.True(t, ok, "a Mutex on master 2 was refused")
+	require.NoError(t, m.Unlock(ctx))
+}
