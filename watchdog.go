@@ -480,7 +480,8 @@ func (w *watchdog) renewAll() {
 
 // runBatches sends one renewal script call per batch, pipelined, and returns
 // the per-key results of each batch (1 renewed, 0 gone, -1 renewed but not
-// replicated: see runBatchesSynced), or nil for a batch that failed.
+// replicated, see runBatchesSynced, or not renewed because Redis refused
+// the write, see lua/renew.lua), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
 	return w.runBatchesNotify(ctx, batches, nil)
 }

@@ -945,3 +945,36 @@ func TestDoPanicReleases(t *testing.T) {
 		require.NoError(t, m.Unlock(ctx))
 	})
 }
+
+// TestRenewalUnderOOMKeepsMutexHolds: a Redis at maxmemory with the
+// noeviction policy refuses ZADD and HSET in a script that has written
+// nothing yet, but not PEXPIRE. A renewal batch holding both Semaphore
+// permits (renewed by ZADD) and Mutex holds (renewed by PEXPIRE) failed as
+// a whole when a permit came first in it (Redis refused its ZADD with an
+// error, which aborted the script): the Mutex holds in it, which Redis
+// would have renewed, were not, and all were reported lost at their
+// deadline while their keys were still there. A refused renewal of one
+// hold must leave the others of its batch renewed.
+func TestRenewalUnderOOMKeepsMutexHolds(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 20*time.Second)
+	rdb := srv.Client(t)
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(600*time.Millisecond))
+	m := c.Mutex("oom")
+	require.NoError(t, m.Lock(ctx))
+	// Permits on many semaphores: in most batches a permit comes before
+	// the Mutex hold (the batch's order is the map's).
+	for i := range 9 {
+		require.NoError(t, c.Semaphore("oom-sem-"+strconv.Itoa(i), 1).Acquire(ctx, 1))
+	}
+	require.NoError(t, rdb.ConfigSet(ctx, "maxmemory-policy", "noeviction").Err())
+	require.NoError(t, rdb.ConfigSet(ctx, "maxmemory", "1").Err())
+	t.Cleanup(func() { _ = rdb.ConfigSet(ctx, "maxmemory", "0").Err() })
+	time.Sleep(2 * time.Second) // more than 3 leases
+	requireOpen(t, m.Lost(), "Mutex hold lost while Redis could renew it")
+	require.NoError(t, rdb.ConfigSet(ctx, "maxmemory", "0").Err())
+	ttl, err := m.TTL(ctx)
+	require.NoError(t, err)
+	require.Positive(t, ttl)
+	require.NoError(t, m.Unlock(ctx))
+}

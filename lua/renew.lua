@@ -27,8 +27,13 @@
 --              holds no ':')
 -- ARGV[3i]     lease, ms
 --
--- Returns an array with, for each key, 1 when the hold was renewed or 0 when
--- it is gone (expired, released, or taken by another owner).
+-- Returns an array with, for each key, 1 when the hold was renewed, 0 when
+-- it is gone (expired, released, or taken by another owner), or -1 when
+-- Redis refused the write that renews it (ZADD or HSET at maxmemory with
+-- noeviction, before the script wrote anything): not renewed, not gone. A
+-- refused write must not raise an error, which would end the script and
+-- leave every other hold of the batch unrenewed, PEXPIRE renewals (which
+-- Redis still allows then) included.
 -- never_shorten sets key's TTL to ms (lease, as a number) unless it has
 -- more left: the hold a hash stands for is shared by every handle of its
 -- owner id, and another of them may hold it on a longer lease (WithLease,
@@ -76,11 +81,14 @@ for i, key in ipairs(KEYS) do
     -- (A fair queue place is dead at its score, a permit once past it,
     -- as the primitive's own scripts judge them.)
     if type(s) == 'string' and (tonumber(s) > now or (kind == 'p' and tonumber(s) == now)) then
-      redis.call('ZADD', key, string.format('%.0f', now + lease), owner)
-      if redis.call('PTTL', key) < lease then
-        redis.call('PEXPIRE', key, ms)
+      if type(redis.pcall('ZADD', key, string.format('%.0f', now + lease), owner)) == 'table' then
+        ok = -1
+      else
+        if redis.call('PTTL', key) < lease then
+          redis.call('PEXPIRE', key, ms)
+        end
+        ok = 1
       end
-      ok = 1
     end
   elseif kind == 'f' or kind == 'g' then
     local field, held = owner, true
@@ -113,11 +121,14 @@ for i, key in ipairs(KEYS) do
       if tonumber(e) >= now then -- ends once now is past it (see rw_load)
         -- Never shorten: another handle of the owner may hold it on a
         -- longer lease (WithLease, or another Client's watchdog timeout).
-        redis.call('HSET', key, field, string.format('%.0f', math.max(tonumber(e), now + lease)))
-        if redis.call('PTTL', key) < lease then
-          redis.call('PEXPIRE', key, ms)
+        if type(redis.pcall('HSET', key, field, string.format('%.0f', math.max(tonumber(e), now + lease)))) == 'table' then
+          ok = -1
+        else
+          if redis.call('PTTL', key) < lease then
+            redis.call('PEXPIRE', key, ms)
+          end
+          ok = 1
         end
-        ok = 1
       end
     end
   end
