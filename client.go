@@ -201,8 +201,8 @@ func (c *Client) leaveWait() {
 // connection do not follow; use a Client per server with NewRedlock
 // instead. A nil rdb or a bad option does not panic: every method of the
 // returned Client and of the primitives it makes then returns an error
-// wrapping ErrInvalidArgument (except the first Close, which has nothing to
-// stop and returns nil).
+// wrapping ErrInvalidArgument (except Close: the first has nothing to stop
+// and returns nil, a second returns ErrClosed).
 //
 // A call waits for Redis no longer than its ctx's deadline, also when
 // rdb's ContextTimeoutEnabled is off (go-redis's default, under which
