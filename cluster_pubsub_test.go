@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -504,3 +505,102 @@ func isInfo(cmd redis.Cmder) bool { return cmd.Name() == "info" }
 // frozen (SIGSTOP) or cut off by a partition would: the Client's check of
 // the masters' versions never succeeds.
 func stallInfo() delayHook { return delayHook{match: isInfo} }
+
+// TestWakeAfterSlotCameBack: a waiter leaves while its channel's slot has
+// just moved to another master and the Client's slot map is still the old
+// one: its SUNSUBSCRIBE goes to the old master, which answers -MOVED, not
+// a confirmation. When the slot later comes back to that master, the next
+// waiter's SSUBSCRIBE there must still count as confirmed: the unsubscribe
+// left no confirmation owed behind (it did, and the confirmation of the
+// new SSUBSCRIBE passed for that older command's: the waiter's join waited
+// for a confirmation that never came, and slept through the release until
+// the holder's 30s lease bound).
+func TestWakeAfterSlotCameBack(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 90*time.Second)
+	name := redistest.UniqueName(t)
+	slot := redistest.KeySlot("{" + name + "}")
+	owner := cl.ServerFor("{" + name + "}")
+	home, to := -1, -1
+	for i, s := range cl.Servers {
+		if s == owner {
+			home = i
+		} else {
+			to = i
+		}
+	}
+	// The waiter's slot map reloads are slow while slow is set: its
+	// subscription cannot follow the slot yet when the waiter leaves.
+	admin := redis.NewClient(cl.Servers[home].Options())
+	t.Cleanup(func() { _ = admin.Close() })
+	var slow atomic.Bool
+	opt := cl.Options()
+	opt.ClusterSlots = func(ctx context.Context) ([]redis.ClusterSlot, error) {
+		if slow.Load() {
+			time.Sleep(time.Second)
+		}
+		return admin.ClusterSlots(ctx).Result()
+	}
+	wrdb := redis.NewClusterClient(opt)
+	t.Cleanup(func() { _ = wrdb.Close() })
+	wc := newClientOn(t, wrdb)
+	hc := newClientOn(t, cl.Client(t))
+
+	holder := hc.Mutex(name, redlatch.WithLease(30*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+	shardSubs := func(s *redistest.Server) int64 {
+		a := redis.NewClient(s.Options())
+		defer a.Close()
+		n, err := a.Do(ctx, "PUBSUB", "SHARDNUMSUB", "{"+name+"}:wake").Slice()
+		if err != nil || len(n) != 2 {
+			return -1
+		}
+		v, _ := n[1].(int64)
+		return v
+	}
+
+	// A first waiter subscribes on the slot's master, then the slot moves
+	// away and the waiter gives up before its subscription follows.
+	wctx, cancel := context.WithCancel(ctx)
+	first := make(chan error, 1)
+	go func() { first <- wc.Mutex(name).Lock(wctx) }()
+	require.Eventually(t, func() bool { return shardSubs(owner) == 1 }, 5*time.Second, 10*time.Millisecond,
+		"the first waiter did not subscribe")
+	slow.Store(true)
+	cl.MoveSlot(t, slot, to)
+	time.Sleep(200 * time.Millisecond) // the old master's SUNSUBSCRIBE is read
+	cancel()
+	require.Error(t, <-first)
+	time.Sleep(200 * time.Millisecond) // its SUNSUBSCRIBE is refused with -MOVED
+
+	// The slot comes back, and the Client's map learns it.
+	slow.Store(false)
+	cl.MoveSlot(t, slot, home)
+	require.Eventually(t, func() bool {
+		wrdb.ReloadState(ctx)
+		m, err := wrdb.MasterForKey(ctx, "{"+name+"}:wake")
+		// (The nodes may name themselves without a host: ":port".)
+		_, port, _ := strings.Cut(cl.Addrs[home], ":")
+		return err == nil && strings.HasSuffix(m.Options().Addr, ":"+port)
+	}, 10*time.Second, 50*time.Millisecond, "the waiter's Client did not learn the slot's return")
+
+	waiter := wc.Mutex(name)
+	got := make(chan time.Time, 1)
+	go func() {
+		if err := waiter.Lock(ctx); err == nil {
+			got <- time.Now()
+		}
+	}()
+	require.Eventually(t, func() bool { return shardSubs(owner) == 1 }, 5*time.Second, 10*time.Millisecond,
+		"the second waiter did not subscribe")
+	time.Sleep(300 * time.Millisecond) // the waiter sleeps
+	released := time.Now()
+	require.NoError(t, holder.Unlock(ctx))
+	select {
+	case at := <-got:
+		require.Less(t, at.Sub(released), 2*time.Second)
+	case <-time.After(8 * time.Second):
+		t.Fatal("the waiter slept through the release after its channel's slot came back")
+	}
+	require.NoError(t, waiter.Unlock(ctx))
+}

@@ -737,6 +737,20 @@ func (p *pubsub) refused(n *psNode, err error) bool {
 	if p.closed {
 		return true
 	}
+	for name := range n.inflight {
+		if ch := p.chans[name]; keySlot(name) != slot || ch != nil && ch.node == n {
+			continue // handled below
+		}
+		// A channel left since (its waiters gone, or moved away): the
+		// SUNSUBSCRIBE of its last waiter went here after the slot had
+		// moved. No confirmation comes for it; left owed, it would take
+		// the confirmation of a later SSUBSCRIBE of the channel here (the
+		// slot came back) for its own, and that channel's waiters would
+		// wait for one that never comes.
+		if n.inflight[name]--; n.inflight[name] <= 0 {
+			delete(n.inflight, name)
+		}
+	}
 	for name, ch := range p.chans {
 		if ch.node != n || n.inflight[name] == 0 || keySlot(name) != slot {
 			continue
