@@ -825,7 +825,11 @@ func (h *redlockHold) unwatchAll() {
 // master's own timeout) ended on its way is sent to it again in the
 // background with a fresh context bounded by 2s, as Mutex.Unlock's is; on
 // a master it does not reach either, the lock expires after its lease.
-// Whatever Unlock returns, the handle no longer holds the lock.
+// Unlock does not wait for a master that does not answer (frozen,
+// unreachable) once a quorum has confirmed the release and the attempt
+// timeout (see the type's documentation) has passed: that master's release
+// goes on in the background, bounded. Whatever Unlock returns, the handle
+// no longer holds the lock.
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock a quorum of masters holds
@@ -917,11 +921,37 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 	}
 	replies := make([]reply, n)
 	got := make([]bool, n)
+	// A quorum's releases are enough for Unlock to return once the others
+	// have had the node timeout: a frozen or unreachable master's release
+	// goes on in the background, bounded, as after ctx ends. (Waiting out
+	// its own bound, four node timeouts, made every Unlock of a Redlock
+	// with one master down take 4s at the default lease.)
+	longest := time.Duration(0)
+	for i := range r.nodes {
+		longest = max(longest, r.nodeTimeout(i))
+	}
+	patience := time.NewTimer(longest)
+	defer patience.Stop()
+	impatient, ok := false, 0
 wait:
-	for range n {
+	for k := 0; k < n; {
+		if impatient && ok >= r.quorum {
+			for i := range got {
+				if !got[i] {
+					replies[i] = reply{i, 0, fmt.Errorf("no reply within %v (its release goes on in the background)", longest)}
+				}
+			}
+			break
+		}
 		select {
 		case rp := <-ch:
+			k++
 			got[rp.i], replies[rp.i] = true, rp
+			if rp.err == nil && rp.n >= 0 {
+				ok++
+			}
+		case <-patience.C:
+			impatient = true // not a quorum yet: wait for the rest, or ctx
 		case <-ctx.Done():
 			// The Redis client may not see a cancellation before its read
 			// deadline (a frozen master): count the masters that have not

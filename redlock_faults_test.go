@@ -492,3 +492,36 @@ func TestRedlockUnlockCtxEndsMidUndo(t *testing.T) {
 	require.True(t, ok, "a Mutex on master 2 was refused")
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestRedlockUnlockReturnsAtQuorumWithFrozenMaster: with one of 3 masters
+// frozen, Unlock with no deadline returns once the 2 others confirmed the
+// release and the attempt timeout (1s at the default 30s lease) passed, as
+// an acquisition does; it waited for the frozen master's own bound, four
+// attempt timeouts. The release to the frozen master goes on in the
+// background and frees it once it thaws.
+func TestRedlockUnlockReturnsAtQuorumWithFrozenMaster(t *testing.T) {
+	servers := redlockServers(t, 3)
+	clients := redlockClients(t, servers)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	servers[2].Stop(t)
+	thawed := false
+	t.Cleanup(func() {
+		if !thawed {
+			servers[2].Cont(t)
+		}
+	})
+	start := time.Now()
+	require.NoError(t, r.Unlock(context.Background()), "2 of 3 masters released it")
+	took := time.Since(start)
+	t.Logf("Unlock took %v", took)
+	require.Less(t, took, 2500*time.Millisecond, "Unlock waited for the frozen master")
+	require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
+	servers[2].Cont(t)
+	thawed = true
+	require.Eventually(t, func() bool {
+		return !heldOn(t, ctx, servers[2:], name)[0]
+	}, 5*time.Second, 50*time.Millisecond, "the release to the thawed master")
+}
