@@ -45,6 +45,20 @@ local function never_shorten(key, lease, ms)
   end
 end
 
+-- rewrite runs the write that renews a hold of a sorted set or a hash
+-- (ZADD key score member, HSET key field value) and raises the key's TTL
+-- to ms when Redis took it; it returns 1, or -1 when Redis refused the
+-- write (see above).
+local function rewrite(cmd, key, a, b, lease, ms)
+  if type(redis.pcall(cmd, key, a, b)) == 'table' then
+    return -1
+  end
+  if redis.call('PTTL', key) < lease then
+    redis.call('PEXPIRE', key, ms)
+  end
+  return 1
+end
+
 local now
 local out = {}
 for i, key in ipairs(KEYS) do
@@ -81,14 +95,7 @@ for i, key in ipairs(KEYS) do
     -- (A fair queue place is dead at its score, a permit once past it,
     -- as the primitive's own scripts judge them.)
     if type(s) == 'string' and (tonumber(s) > now or (kind == 'p' and tonumber(s) == now)) then
-      if type(redis.pcall('ZADD', key, string.format('%.0f', now + lease), owner)) == 'table' then
-        ok = -1
-      else
-        if redis.call('PTTL', key) < lease then
-          redis.call('PEXPIRE', key, ms)
-        end
-        ok = 1
-      end
+      ok = rewrite('ZADD', key, string.format('%.0f', now + lease), owner, lease, ms)
     end
   elseif kind == 'f' or kind == 'g' then
     local field, held = owner, true
@@ -121,14 +128,7 @@ for i, key in ipairs(KEYS) do
       if tonumber(e) >= now then -- ends once now is past it (see rw_load)
         -- Never shorten: another handle of the owner may hold it on a
         -- longer lease (WithLease, or another Client's watchdog timeout).
-        if type(redis.pcall('HSET', key, field, string.format('%.0f', math.max(tonumber(e), now + lease)))) == 'table' then
-          ok = -1
-        else
-          if redis.call('PTTL', key) < lease then
-            redis.call('PEXPIRE', key, ms)
-          end
-          ok = 1
-        end
+        ok = rewrite('HSET', key, field, string.format('%.0f', math.max(tonumber(e), now + lease)), lease, ms)
       end
     end
   end
