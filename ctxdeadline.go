@@ -546,20 +546,41 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		if !isTryAgain(err) || !isScriptCall(cmd) {
 			return err
 		}
-		end := time.Now().Add(tryAgainWait)
-		for delay := 10 * time.Millisecond; isTryAgain(err) && time.Now().Add(delay).Before(end); delay = min(2*delay, 200*time.Millisecond) {
-			t := time.NewTimer(delay)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return err
-			case <-t.C:
-			}
+		var again tryAgainBackoff
+		for isTryAgain(err) && again.wait(ctx) {
 			cmd.SetErr(nil)
 			err = next(ctx, cmd)
 		}
 		return err
 	}
+}
+
+// tryAgainBackoff paces the sends of a script call refused with TRYAGAIN
+// (see tryAgainHook): 10 ms before the first, doubling up to 200 ms, for
+// up to tryAgainWait from the first refusal. Its zero value is ready.
+type tryAgainBackoff struct {
+	end   time.Time
+	delay time.Duration
+}
+
+// wait sleeps before the next send and reports whether to send: false,
+// at once, when ctx ends or the send would come after tryAgainWait.
+func (b *tryAgainBackoff) wait(ctx context.Context) bool {
+	if b.end.IsZero() {
+		b.end, b.delay = time.Now().Add(tryAgainWait), 10*time.Millisecond
+	}
+	if !time.Now().Add(b.delay).Before(b.end) {
+		return false
+	}
+	t := time.NewTimer(b.delay)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+	}
+	b.delay = min(2*b.delay, 200*time.Millisecond)
+	return true
 }
 
 // isTryAgain reports whether err is a TRYAGAIN reply (see tryAgainHook).

@@ -34,12 +34,15 @@ const waitMargin = 100 * time.Millisecond
 // map and the pipeline is sent again, up to redirectAttempts times. An ASK
 // reply (the slot is migrating, and the keys have moved already) sends it
 // once to the node the reply names, after ASKING, on a connection of its
-// own: the slot map names that node only once the migration ends.
+// own: the slot map names that node only once the migration ends. A
+// TRYAGAIN reply (the slot migrates, a key is missing where the script
+// landed) sends it again after a pause, as tryAgainHook does.
 func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, args ...any) (cmd *redis.Cmd, acked int64, waitErr error) {
 	if c.opts.replicas <= 0 {
 		return s.Run(ctx, c.rdb, keys, args...), -1, nil
 	}
-	asked := "" // the node an -ASK reply named (a slot migrating there)
+	asked := ""               // the node an -ASK reply named (a slot migrating there)
+	var again tryAgainBackoff // the sends after TRYAGAIN replies
 	for attempt := 0; ; attempt++ {
 		node, err := c.masterFor(ctx, keys[0])
 		if err != nil {
@@ -67,6 +70,16 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 			// the next attempt asks the new map (go-redis would try
 			// another node and be redirected).
 			c.cluster.ReloadState(ctx)
+		}
+		if c.cluster != nil && isTryAgain(cmd.Err()) && again.wait(ctx) {
+			// The slot migrates and a key of the script is missing where
+			// it landed: the script did not run. It is sent again after a
+			// pause, as tryAgainHook does for the scripts the cluster
+			// client sends (which runSynced goes round), until the slot
+			// moves, ctx ends or tryAgainWait passes.
+			asked = ""
+			attempt-- // not a redirect
+			continue
 		}
 		if c.cluster == nil || attempt == redirectAttempts || !isRedirect(cmd.Err()) {
 			return cmd, acked, waitErr

@@ -993,3 +993,45 @@ func TestReplicaSyncAskHonoursContextOnDefaultOptions(t *testing.T) {
 	// 300ms, and the undo of the unanswered attempt (bounded by 2s).
 	require.Less(t, took, 3*time.Second, "the acquisition on the frozen importing node waited for the ReadTimeout")
 }
+
+// TestReplicaSyncRidesOutSlotMigration: under WithReplicaSync the script
+// and its WAIT go straight to the master of the lock's slot (runSynced),
+// past the cluster client's hook that sends a script refused with TRYAGAIN
+// again (see TestLockAndUnlockRideOutSlotMigration). While the slot of a
+// held lock migrates, its fence key moved already and its hash not yet, the
+// source refuses the waiter's script with TRYAGAIN (one of its keys is
+// missing there): a Lock returned that TRYAGAIN at once, where a Client
+// without replica sync waits for the slot to move and the holder to
+// release.
+func TestReplicaSyncRidesOutSlotMigration(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	// A replica of master 2, where the lock's slot moves to.
+	cl.AddReplica(t, lockKey(nameOn(t, cl, 2, redistest.UniqueName(t)+"-r")))
+	c := newClientOn(t, cl.Client(t), redlatch.WithReplicaSync(1, time.Second))
+	plain := newClientOn(t, cl.Client(t))
+
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	holder := plain.Mutex(name)
+	require.NoError(t, holder.Lock(ctx))
+	cl.StartMigration(t, 2, "{"+name+"}:fence")
+	m := c.Mutex(name)
+	done := make(chan error, 1)
+	go func() { done <- m.Lock(ctx) }()
+	time.Sleep(500 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("Lock returned while the lock was held and its slot migrated: %v", err)
+	default:
+	}
+	cl.MoveSlot(t, redistest.KeySlot(lockKey(name)), 2)
+	require.NoError(t, holder.Unlock(ctx))
+	select {
+	case err := <-done:
+		require.NoError(t, err, "Lock after its slot migrated")
+	case <-time.After(20 * time.Second):
+		t.Fatal("Lock still waiting after the slot moved and the holder released")
+	}
+	require.Positive(t, m.Token())
+	require.NoError(t, m.Unlock(ctx))
+}
