@@ -373,9 +373,12 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 // release undoes the acquisition of round rd on every master (it releases
 // only what that request took) and waits for the replies for at most the
 // node timeout; slower releases go on in the background, bounded. Once ctx
-// has ended it waits only for the masters that answered the round: the
-// others (frozen, unreachable) would hold up a call that is over.
-func (r *Redlock) release(ctx context.Context, rd *round) {
+// has ended, or when no round follows (retry false: a TryLock, a hold
+// given back), it waits only for the masters that answered the round: the
+// others (frozen, unreachable) would hold up a call that is over. (A round
+// that follows is refused where this round's grant, by the same owner id,
+// is still there.)
+func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	var all, answered sync.WaitGroup
 	for i, e := range r.nodes {
 		all.Add(1)
@@ -399,6 +402,9 @@ func (r *Redlock) release(ctx context.Context, rd *round) {
 	select {
 	case <-knownDone:
 	case <-t.C:
+		return
+	}
+	if !retry {
 		return
 	}
 	select {
@@ -493,14 +499,14 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 				// while the round was on its way that the hold would be
 				// lost at once, renewed by no watchdog: the wait was in
 				// progress at Close (see Client.Close). Give it back.
-				r.release(ctx, rd)
+				r.release(ctx, rd, false)
 				return false, ErrClosed
 			}
 			r.track(rd)
 			ok = true
 			return true, nil
 		}
-		r.release(ctx, rd)
+		r.release(ctx, rd, block)
 		if rd.fatals > len(r.nodes)-r.quorum {
 			// Too many masters can never grant it: no quorum is possible.
 			// A minority of them is tolerated, as unreachable masters are.

@@ -525,3 +525,36 @@ func TestRedlockUnlockReturnsAtQuorumWithFrozenMaster(t *testing.T) {
 		return !heldOn(t, ctx, servers[2:], name)[0]
 	}, 5*time.Second, 50*time.Millisecond, "the release to the thawed master")
 }
+
+// TestRedlockTryLockWithFrozenMaster: another owner holds the lock on 3
+// masters, one of which then freezes. A TryLock fails on the 2 that answer
+// and gets no reply from the frozen one within the attempt timeout (1s at
+// the default lease); it returns then, (false, nil), without waiting
+// another attempt timeout for the undo of its attempt on the frozen master
+// (which goes on in the background): no round follows that it could
+// block.
+func TestRedlockTryLockWithFrozenMaster(t *testing.T) {
+	servers := redlockServers(t, 3)
+	clients := redlockClients(t, servers)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	holder := redlatch.NewRedlock(name, clients)
+	require.NoError(t, holder.Lock(ctx))
+	servers[2].Stop(t)
+	thawed := false
+	t.Cleanup(func() {
+		if !thawed {
+			servers[2].Cont(t)
+		}
+	})
+	start := time.Now()
+	ok, err := redlatch.NewRedlock(name, clients).TryLock(ctx)
+	took := time.Since(start)
+	t.Logf("TryLock: %v, %v after %v", ok, err, took)
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.Less(t, took, 1700*time.Millisecond, "TryLock waited for the undo on the frozen master")
+	servers[2].Cont(t)
+	thawed = true
+	require.NoError(t, holder.Unlock(ctx))
+}
