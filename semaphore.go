@@ -323,12 +323,21 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		s.c.wd.setReleasing(r.h, true)
 	}
 	var kept *permitRecord
+	var bridge *hold
 	oldShrink, newShrink := "", ""
 	if shrink != nil {
-		s.c.wd.setReleasing(shrink.h, true)
 		keep := shrink.n - need
 		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep, until: shrink.until}
 		oldShrink, newShrink = shrink.member, kept.member
+		// The handle keeps holding the kept permits while the Release is
+		// in flight, however long it takes: the record stays renewed,
+		// under whichever name it has (see renew.lua, kind 's'). Renewals
+		// of its old name alone would find it gone once the script ran.
+		// The old hold's renewal in flight, if any, is not waited for.
+		bridge = s.c.wd.addNotify(s.name, s.key, 's', strconv.Itoa(len(oldShrink))+":"+oldShrink+newShrink,
+			s.lease, s.renew, s.c.wd.deadlineOf(shrink.h).Add(-s.lease), s.permitLost)
+		s.c.wd.setReleasing(shrink.h, true)
+		s.c.wd.remove(shrink.h)
 	}
 	req := newID()
 	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink, false)
@@ -349,13 +358,19 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	}
 	if shrink != nil {
 		// The kept permits are tracked under their new record from the
-		// old one's deadline. Should the script not have run (err), the
-		// first renewal finds the new record missing and loses it.
-		s.c.wd.mu.Lock()
-		deadline := shrink.h.deadline
-		s.c.wd.mu.Unlock()
-		s.c.wd.remove(shrink.h)
-		kept.h = s.c.wd.addNotify(s.name, s.key, 'p', kept.member, s.lease, s.renew, deadline.Add(-s.lease), s.permitLost)
+		// deadline renewed meanwhile. Should the script not have run
+		// (err), the first renewal finds the new record missing and loses
+		// it. Kept permits lost during the Release were reported lost
+		// then: Lost must not close again for them, on the channel of a
+		// later acquisition.
+		deadline := s.c.wd.deadlineOf(bridge)
+		onLost := s.permitLost
+		if bridge.isLost() {
+			onLost = nil
+		}
+		kept.h = s.c.wd.addNotify(s.name, s.key, 'p', kept.member, s.lease, s.renew, deadline.Add(-s.lease), onLost)
+		s.c.wd.setReleasing(bridge, true)
+		s.c.wd.remove(bridge)
 		s.mu.Lock()
 		for j, r := range s.recs {
 			if r == shrink {

@@ -533,3 +533,80 @@ func TestSemaphoreReleaseResentAfterMemory(t *testing.T) {
 	require.NoError(t, s.Release(ctx, 1), "the release returned its permit, but its resend reported otherwise")
 	requireAvailable(t, ctx, s, 2)
 }
+
+// TestSemSlowPartialReleaseKeepsRenewing: a Release of part of a record
+// (Acquire(3), Release(1)) that takes longer than the watchdog timeout (a
+// slow link: here its script reaches Redis, or its reply comes back, a
+// second late with a 600ms watchdog timeout) must not cost the handle the
+// 2 permits it keeps: the watchdog keeps them alive as it does any permit
+// the handle holds (Redisson #3046). The watchdog stopped renewing the
+// record for as long as the Release was in flight, so the record expired
+// under its live holder: the Release reported ErrNotHeld for a permit the
+// handle held (script late), or Lost closed just after it (reply late),
+// and the 2 kept permits were gone.
+func TestSemSlowPartialReleaseKeepsRenewing(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, late := range []bool{false, true} {
+			ctx := ctxT(t, 20*time.Second)
+			name := redistest.UniqueName(t)
+			const wd = 600 * time.Millisecond
+			rdb := b.Client(t)
+			var armed atomic.Bool
+			// The release script: it names the wake-up channel.
+			rdb.AddHook(delayHook{match: armedOnce(&armed, scriptWith("{"+name+"}:sem:wake")), d: wd + 400*time.Millisecond, late: late})
+			c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(wd))
+			s := c.Semaphore(name, 3)
+			require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT resend skips the hook
+			require.NoError(t, s.Release(ctx, 1))
+
+			require.NoError(t, s.Acquire(ctx, 3))
+			lost := s.Lost()
+			armed.Store(true)
+			require.NoError(t, s.Release(ctx, 1), "late %v: a slow Release(1) of 3 permits held", late)
+			time.Sleep(wd) // a few renewals
+			requireOpen(t, lost, "the 2 permits a slow Release kept were lost")
+			requireAvailable(t, ctx, s, 1)
+			require.NoError(t, s.Release(ctx, 2), "late %v: the 2 permits a slow Release kept", late)
+			requireAvailable(t, ctx, s, 3)
+		}
+	})
+}
+
+// TestSemLostDuringSlowPartialRelease: the WithLease permits a Release(1)
+// of 3 keeps run out while that Release is in flight (its script held
+// back): Lost closes at their deadline, as for any permit the handle
+// holds, not only once the Release returns (it waited for the reply: a
+// releasing hold was never lost by its deadline). A permit the handle
+// takes meanwhile is a new acquisition after a loss, with a Lost channel
+// of its own, which the loss of the kept permits, reported already, must
+// not close when the Release returns.
+func TestSemLostDuringSlowPartialRelease(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		const lease = 500 * time.Millisecond
+		rdb := b.Client(t)
+		hook := &gateScriptHook{match: scriptWith("{" + name + "}:sem:wake"), entered: make(chan struct{}), proceed: make(chan struct{})}
+		rdb.AddHook(hook)
+		c := newClientOn(t, rdb)
+		s := c.Semaphore(name, 3, redlatch.WithLease(lease))
+		require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT resend skips the hook
+		require.NoError(t, s.Release(ctx, 1))
+
+		require.NoError(t, s.Acquire(ctx, 3))
+		lost := s.Lost()
+		hook.armed.Store(true)
+		done := make(chan error, 1)
+		go func() { done <- s.Release(ctx, 1) }()
+		<-hook.entered
+		requireClosedWithin(t, lost, 2*lease, "Lost while the kept permits ran out during a Release")
+
+		require.NoError(t, s.Acquire(ctx, 1)) // the expired record is reclaimed
+		fresh := s.Lost()
+		require.NotEqual(t, lost, fresh, "a new acquisition after a loss has a new Lost channel")
+		close(hook.proceed)
+		require.ErrorIs(t, <-done, redlatch.ErrNotHeld)
+		requireOpen(t, fresh, "the loss of the kept permits, reported already, closed the new acquisition's Lost")
+		require.NoError(t, s.Release(ctx, 1))
+	})
+}

@@ -31,8 +31,8 @@ const renewBatch = 100
 type hold struct {
 	name   string // the primitive's name, for logs
 	key    string // the key whose lease this is
-	kind   byte   // 'h', 't', 'z', 'p', 'f' or 'g', see lua/renew.lua
-	member string // owner id ('h'), "<token>:<owner id>" ('t'), sorted-set member ('z', 'p'), field ('f') or "<guard>:<field>" ('g')
+	kind   byte   // 'h', 't', 'z', 'p', 's', 'f' or 'g', see lua/renew.lua
+	member string // owner id ('h'), "<token>:<owner id>" ('t'), sorted-set member ('z', 'p'), "<length of old>:<old><new>" ('s'), field ('f') or "<guard>:<field>" ('g')
 	lease  time.Duration
 	renew  bool // renewed by the watchdog; false for WithLease holds
 

@@ -12,6 +12,9 @@
 --                     place is dead at its score: see evict in fair_common)
 --                'p'  the same for a Semaphore permit record, held until
 --                     the server clock is past its score (see sem_reclaim)
+--                's'  the same for a permit record that a Release in flight
+--                     shrinks (see sem_release.lua): the record under its
+--                     old name, or once the Release ran, under its new one
 --                'f'  hash field lease (RWMutex holds and waiting places),
 --                     held while the field exists and its value, the expiry
 --                     in server ms, has not passed; renewal sets it to
@@ -22,9 +25,10 @@
 --                     a write lease "we:<o>", while the writer's fencing
 --                     token t = guard; for a read lease "re:<o>", while
 --                     rg:<o> = guard, the request that began the read hold
--- ARGV[3i-1]   owner id ('h'), "<token>:<owner id>" ('t'), member ('z'),
---              field name ('f') or "<guard>:<field name>" ('g'; a guard
---              holds no ':')
+-- ARGV[3i-1]   owner id ('h'), "<token>:<owner id>" ('t'), member ('z',
+--              'p'), "<length of old>:<old><new>" ('s': the record's old
+--              and new members), field name ('f') or "<guard>:<field
+--              name>" ('g'; a guard holds no ':')
 -- ARGV[3i]     lease, ms
 --
 -- Returns an array with, for each key, 1 when the hold was renewed, 0 when
@@ -80,8 +84,22 @@ for i, key in ipairs(KEYS) do
       never_shorten(key, lease, ms)
       ok = 1
     end
-  elseif kind == 'z' or kind == 'p' then
-    local s = redis.pcall('ZSCORE', key, owner)
+  elseif kind == 'z' or kind == 'p' or kind == 's' then
+    local s
+    if kind == 's' then
+      -- A record being shrunk: whichever of its names it has now (the
+      -- release script renames it in one step, keeping its score).
+      local l, both = string.match(owner, '^(%d+):(.*)$')
+      owner = string.sub(both, 1, tonumber(l))
+      s = redis.pcall('ZSCORE', key, owner)
+      if type(s) ~= 'string' then
+        owner = string.sub(both, tonumber(l) + 1)
+        s = redis.pcall('ZSCORE', key, owner)
+      end
+      kind = 'p'
+    else
+      s = redis.pcall('ZSCORE', key, owner)
+    end
     if type(s) == 'string' then
       if not now then
         local t = redis.call('TIME')
