@@ -279,7 +279,9 @@ func isNil(rdb redis.UniversalClient) bool {
 
 // Close stops the watchdog and the subscriber connections, and waits for
 // their goroutines to exit (on their own may run on: a check of a cluster's
-// versions that Close cut short, for up to 2s, and a renewal or a
+// versions that Close cut short, for up to 2s, or until the ReadTimeout
+// when its reload of the slot map asks a node that does not answer (see
+// probePublish), and a renewal or a
 // reconnection of a subscriber connection in flight to a server that does
 // not answer, until its read deadline).
 //
@@ -436,13 +438,37 @@ func (c *Client) probePublish(ctx context.Context) string {
 	case <-ctx.Done():
 		return "PUBLISH"
 	}
-	defer func() { <-c.probing }()
 	c.pubMu.Lock()
 	cmd = c.pubCmd
 	c.pubMu.Unlock()
 	if cmd != "" {
+		<-c.probing
 		return cmd
 	}
+	// The check runs in its own goroutine, which holds probing until it
+	// ends, and the call leaves it when ctx ends: ForEachMaster starts by
+	// reloading the slot map from a node picked at random, and a node
+	// client the cluster client made before New has no deadlineHook (the
+	// cluster client's OnNewNode reaches only those made after), so its
+	// CLUSTER SLOTS to a node that does not answer waits for the
+	// ReadTimeout whatever ctx says.
+	done := make(chan string, 1)
+	go func() {
+		defer func() { <-c.probing }()
+		done <- c.checkVersions(ctx)
+	}()
+	select {
+	case cmd = <-done:
+		return cmd
+	case <-ctx.Done():
+		return "PUBLISH"
+	}
+}
+
+// checkVersions is probePublish's check of the masters' versions, which
+// remembers the command it returns unless the check failed.
+func (c *Client) checkVersions(ctx context.Context) string {
+	var cmd string
 	var mu sync.Mutex
 	major := -1
 	// own: on go-redis's default options, the checks, and the reload of

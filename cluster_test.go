@@ -434,3 +434,41 @@ func TestLockAndUnlockRideOutSlotMigration(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, locked, "the Unlock released nothing")
 }
+
+// TestWarmClusterClientOnDefaultOptions: a *redis.ClusterClient with
+// ContextTimeoutEnabled off that the application used before New has its
+// node clients already, made before New gave the cluster client its
+// OnNewNode hook. The first Lock or Unlock checks the masters' versions
+// (see probePublish), which reloads the slot map from a node picked at
+// random (CLUSTER SLOTS): that load is redlatch's call too, and returns by
+// its ctx, not after the ReadTimeout (here 5s), also when the node it asks
+// first is frozen and no call of redlatch went to it yet. (The node is
+// picked at random: without the fix, about one round in three failed.)
+func TestWarmClusterClientOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3) // private: the test freezes a master
+	for round := range 10 {
+		cc := cl.DefaultOptionsClient(t)
+		// The user's own command: the cluster client loads its slot map
+		// and makes a node client for each master.
+		require.NoError(t, cc.Ping(ctxT(t, 5*time.Second)).Err(), "round %d", round)
+		c := redlatch.New(cc)
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.Mutex(nameOn(t, cl, 0, fmt.Sprintf("warm-%d", round)))
+
+		resume := freeze(t, cl.Servers[1])
+		for _, call := range []struct {
+			what string
+			f    func(ctx context.Context) error
+		}{{"Lock", m.Lock}, {"Unlock", m.Unlock}} {
+			ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+			start := time.Now()
+			err := call.f(ctx)
+			took := time.Since(start)
+			cancel()
+			require.Less(t, took, 1500*time.Millisecond, "round %d: %s outlasted its ctx (%v)", round, call.what, err)
+		}
+		resume()
+		_ = c.Close()
+		cl.WaitReady(t)
+	}
+}
