@@ -218,7 +218,12 @@ func (r *Redlock) check(ctx context.Context) error {
 
 // drift is the clock drift allowance: lease·1% + 2ms.
 func (r *Redlock) drift() time.Duration {
-	return r.lease/100 + 2*time.Millisecond
+	return driftOf(r.lease)
+}
+
+// driftOf is the clock drift allowance of a lease: lease·1% + 2ms.
+func driftOf(lease time.Duration) time.Duration {
+	return lease/100 + 2*time.Millisecond
 }
 
 // nodeTimeout bounds one attempt on master i: small against the lease,
@@ -712,9 +717,10 @@ func (h *redlockHold) nodeDeadline(i int) (time.Time, bool) {
 }
 
 // validUntil returns when the hold's validity ends: for a fixed lease,
-// start + lease − drift; for a renewed one, the quorum-th latest deadline of
-// the masters still holding it, less the drift. Zero when fewer than a
-// quorum of masters hold it.
+// start + lease − drift; for a renewed one, the quorum-th latest of the
+// deadlines of the masters still holding it, each less the drift of that
+// master's lease (the shortest lease's drift understated a longer lease's).
+// Zero when fewer than a quorum of masters hold it.
 func (h *redlockHold) validUntil() time.Time {
 	if !h.r.renew {
 		if h.live() < h.r.quorum {
@@ -725,14 +731,14 @@ func (h *redlockHold) validUntil() time.Time {
 	var ds []time.Time
 	for i := range h.holds {
 		if d, ok := h.nodeDeadline(i); ok {
-			ds = append(ds, d)
+			ds = append(ds, d.Add(-driftOf(h.r.nodes[i].lease)))
 		}
 	}
 	if len(ds) < h.r.quorum {
 		return time.Time{}
 	}
 	sort.Slice(ds, func(a, b int) bool { return ds[a].After(ds[b]) })
-	return ds[h.r.quorum-1].Add(-h.r.drift())
+	return ds[h.r.quorum-1]
 }
 
 // live counts the masters still holding the lock, as far as known.

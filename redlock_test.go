@@ -736,3 +736,24 @@ func TestRedlockClosedWithAttemptInFlight(t *testing.T) {
 		}
 	})
 }
+
+// TestRedlockValidityDriftOfLongerLeases: two of three masters' Clients
+// renew on a 30s watchdog timeout, the third on 900ms. The quorum's hold
+// lasts the 30s leases, and its validity must allow for the clock drift of
+// those leases (30s·1% + 2ms = 302ms): Validity subtracted the drift of the
+// shortest lease (11ms) from the 30s deadlines, and reported about 290ms
+// during which the masters' clocks may already have expired the lock.
+func TestRedlockValidityDriftOfLongerLeases(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	long := 30 * time.Second
+	clients := append(redlockClients(t, servers[:2], redlatch.WithWatchdogTimeout(long)),
+		redlockClients(t, servers[2:], redlatch.WithWatchdogTimeout(900*time.Millisecond))...)
+	r := redlatch.NewRedlock(redistest.UniqueName(t), clients)
+	require.NoError(t, r.Lock(ctx))
+	v := r.Validity()
+	t.Logf("Validity: %v", v)
+	require.LessOrEqual(t, v, long-(long/100+2*time.Millisecond), "Validity over the 30s leases less their drift")
+	require.Greater(t, v, long/2)
+	require.NoError(t, r.Unlock(ctx))
+}
