@@ -140,11 +140,14 @@ func TestServerPausedPastLease(t *testing.T) {
 	const lease = time.Second
 	c := chaos.NewCoord()
 	wait := runLocal(t, c, workers(3, s.Addr, "mutex", lease, scale(5*time.Second))...)
+	var pauses [][2]int64 // [before SIGSTOP, once the server is stopped]
 	for i := 0; i < int(scale(time.Second)/time.Second); i++ {
 		time.Sleep(time.Second)
+		before := chaos.Mono()
 		if err := s.Stop(); err != nil {
 			t.Fatal(err)
 		}
+		pauses = append(pauses, [2]int64{before, chaos.Mono()})
 		time.Sleep(2 * lease)
 		if err := s.Cont(); err != nil {
 			t.Fatal(err)
@@ -155,8 +158,28 @@ func TestServerPausedPastLease(t *testing.T) {
 		}
 	}
 	wait()
-	checkAll(t, c)
+	checkLostAcross(t, checkAll(t, c), pauses)
 	nothingLeft(t, s.Addr, lease+slack)
+}
+
+// checkLostAcross checks that every hold in force when the server stopped
+// reports a loss: acquired before the SIGSTOP, its Unlock called once the
+// server was stopped, so served only after the 2-lease pause, when its hold
+// had expired (its last renewal came before the pause).
+func checkLostAcross(t *testing.T, holds []chaos.Hold, pauses [][2]int64) {
+	t.Helper()
+	n := 0
+	for _, h := range holds {
+		for _, p := range pauses {
+			if h.Acq != 0 && h.Acq < p[0] && h.Rel > p[1] {
+				n++
+				if !h.Lost {
+					t.Errorf("a hold in force across the server's pause did not report a loss: %+v", h)
+				}
+			}
+		}
+	}
+	t.Logf("%d holds were in force when the server stopped", n)
 }
 
 // CLIENT KILL TYPE pubsub, again and again, while four clients contend:

@@ -1,6 +1,7 @@
 package chaos
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -139,7 +140,29 @@ func (s *Server) signal(sig syscall.Signal) error {
 }
 
 // Stop pauses the server (SIGSTOP): connections stay open, nothing answers.
-func (s *Server) Stop() error { return s.signal(syscall.SIGSTOP) }
+// It returns once the process is stopped (state T in /proc), so that what a
+// client sends after Stop returns is not served before Cont.
+func (s *Server) Stop() error {
+	if err := s.signal(syscall.SIGSTOP); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	pid := s.cmd.Process.Pid
+	s.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return nil // no procfs: as before, the signal is sent
+		}
+		// pid (comm) state ...: the state follows the last ')'.
+		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && (b[i+2] == 'T' || b[i+2] == 't') {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("chaos: server %s not stopped 5s after SIGSTOP", s.Addr)
+		}
+	}
+}
 
 // Cont resumes a paused server (SIGCONT).
 func (s *Server) Cont() error { return s.signal(syscall.SIGCONT) }
