@@ -778,16 +778,20 @@ func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 }
 
 // resendRelease follows a release (one Redis request, which Redis applies
-// once: its request id is remembered) that failed with err. When ctx ended
-// while the call was in flight (err is not a reply from Redis), the release
-// may never have reached Redis, while the handle has stopped renewing the
-// hold (or counts one hold fewer): without a resend, the lock stayed taken
-// by nobody for its whole lease. send sends the same request again, in the
-// background (the call returns with its ctx) with a fresh context bounded
-// by the cleanup timeout; Close waits for it (see Client.waits). A release
-// sent with a cleanup context already is not sent a third time.
+// once: its request id is remembered) that failed with err. When err is not
+// a reply from Redis (ctx ended while the call was in flight, or go-redis's
+// retries failed on a network error), the release may never have reached
+// Redis, while the handle has stopped renewing the hold (or counts one
+// hold fewer): without a resend, the lock stayed taken by nobody for its
+// whole lease; and a reentrant owner's next acquisition re-entered the
+// count left there, and renewed it: an owner that kept re-entering (a
+// reader reading on) kept the others out for good. send sends the same
+// request again, in the background (the call returns with its ctx) with a
+// fresh context bounded by the cleanup timeout; Close waits for it (see
+// Client.waits). A release sent with a cleanup context already is not sent
+// a third time.
 func (c *Client) resendRelease(ctx context.Context, err error, send func(context.Context)) {
-	if err == nil || isReplyError(err) || ctx.Value(cleanupKey{}) != nil || !ctxEnded(ctx) {
+	if err == nil || isReplyError(err) || ctx.Value(cleanupKey{}) != nil {
 		return
 	}
 	if !c.enterWait() {

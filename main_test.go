@@ -2,6 +2,8 @@ package redlatch_test
 
 import (
 	"context"
+	"io"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -64,4 +66,22 @@ func requireWaitErr(t *testing.T, err error, ctx context.Context) {
 	require.Error(t, err)
 	require.ErrorIs(t, err, redlatch.ErrNotObtained)
 	require.ErrorIs(t, err, ctx.Err())
+}
+
+// unsentHook fails a matching command, once armed, without sending it: a
+// request that never reached Redis after every retry of go-redis failed.
+type unsentHook struct {
+	passHook
+	match func(redis.Cmder) bool
+	armed atomic.Bool
+}
+
+func (h *unsentHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.match(cmd) && h.armed.CompareAndSwap(true, false) {
+			cmd.SetErr(io.ErrUnexpectedEOF)
+			return io.ErrUnexpectedEOF
+		}
+		return next(ctx, cmd)
+	}
 }
