@@ -567,9 +567,10 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 // expires after its lease. A ctx that has ended already does not keep the
 // release from being sent: it goes with a fresh context bounded by 2s, so
 // that a deferred Unlock(ctx) releases the lock (see the package doc).
-// Nor does a ctx that ends while the release is in flight: Unlock returns
-// then with the ctx's error, and the same release (applied once by Redis)
-// is sent again in the background with a fresh context bounded by 2s.
+// Nor does a ctx that ends while the release is in flight, or a failure
+// with no reply from Redis (go-redis's retries failed): Unlock returns then
+// with that error, and the same release (applied once by Redis) is sent
+// again in the background with a fresh context bounded by 2s.
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock when another handle of the

@@ -163,7 +163,8 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 //
 // Unlock is idempotent per call: when the reply is lost and the Redis client
 // retries, the retry is recognised and the count is not decremented twice.
-// An Unlock whose ctx ends while it is in flight returns the ctx's error and
+// An Unlock whose ctx ends while it is in flight, or that fails with no
+// reply from Redis (go-redis's retries failed), returns that error and
 // counts as done (the handle holds one hold fewer): its release is sent
 // again in the background, which Redis applies once. Do not call Unlock
 // again for it.
