@@ -28,6 +28,7 @@ type ownerGate struct {
 	fail, run, ran chan struct{}
 	mu             sync.Mutex
 	armed          bool
+	stuck          string // the request id of a call stuck on its way: its resends fail until run
 	held           chan struct{}
 	proceed        chan struct{}
 }
@@ -55,7 +56,25 @@ func (g *ownerGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		g.mu.Lock()
 		gate := g.armed
 		g.armed = false
+		var req string // ARGV[2], the request id (unlock.lua)
+		if len(args) > 4+nkeys {
+			req, _ = args[4+nkeys].(string)
+		}
+		resend := g.stuck != "" && req == g.stuck
+		if gate && g.fail != nil {
+			g.stuck = req
+		}
 		g.mu.Unlock()
+		if resend {
+			select {
+			case <-g.run:
+			default:
+				// The link is still stuck: a resend of the stuck call
+				// (see Client.resendRelease) does not get through either.
+				cmd.SetErr(errLateTimeout)
+				return errLateTimeout
+			}
+		}
 		if !gate {
 			return next(ctx, cmd)
 		}
