@@ -62,7 +62,11 @@ type excl struct {
 	// minority of masters would wake the Redlock's own waiter, which then
 	// polls for as long as another owner holds a majority.
 	quietUndo bool
-	err       error
+	// mayReenter, when set, reports whether a reentrant lock's next attempt
+	// may re-enter a hold of its owner that Redis has (see
+	// ReentrantMutex.mayReenter); nil: it always may.
+	mayReenter func() bool
+	err        error
 }
 
 func newExcl(c *Client, name string, reentrant bool, opts []LockOption) excl {
@@ -148,7 +152,7 @@ func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (to
 // Redis leaves the outcome unknown: undo with unlock(ctx, req).
 func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, pttl int64, err error) {
 	reentrant := "0"
-	if e.reentrant {
+	if e.reentrant && (e.mayReenter == nil || e.mayReenter()) {
 		reentrant = "1"
 	}
 	cmd, acked, waitErr := e.c.runSynced(ctx, lockScript, []string{e.key, e.fence},

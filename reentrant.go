@@ -43,7 +43,25 @@ type ReentrantMutex struct {
 // does not talk to Redis. Bad arguments are reported by the handle's methods
 // as errors wrapping ErrInvalidArgument.
 func (c *Client) ReentrantMutex(name string, opts ...LockOption) *ReentrantMutex {
-	return &ReentrantMutex{e: newExcl(c, name, true, opts)}
+	m := &ReentrantMutex{e: newExcl(c, name, true, opts)}
+	m.e.mayReenter = m.mayReenter
+	return m
+}
+
+// mayReenter reports whether an attempt of the handle may re-enter a hold
+// of its owner that Redis has: when the handle holds the lock, another of
+// its calls is under way (its hold may be in Redis before its reply), or
+// the owner id is shared (WithOwner: another handle may hold it). A handle
+// of its own owner id that holds nothing and has no other call under way
+// did not take such a hold, or it ended: Redis brought it back (a restart
+// from an older snapshot, a failover to a stale replica) or it awaits an
+// undo or a release in flight. Re-entering it would report its old token,
+// lower than tokens issued since; the attempt waits for it instead, as for
+// another owner's.
+func (m *ReentrantMutex) mayReenter() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.n > 0 || m.pending > 1 || m.e.shared
 }
 
 // Lock blocks until the owner holds the lock once more, or ctx is done. A
