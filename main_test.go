@@ -85,3 +85,52 @@ func (h *unsentHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		return next(ctx, cmd)
 	}
 }
+
+// lockFns are one handle's acquisition, attempt and release.
+type lockFns struct {
+	lock   func(context.Context) error
+	try    func(context.Context) (bool, error)
+	unlock func(context.Context) error
+}
+
+// requireFailedReleaseResent: the holder's release fails before its
+// outcome is known (match fails it unsent: every retry of go-redis
+// failed), then the holder goes on taking and releasing the lock (a try
+// every quarter of the watchdog timeout); a waiter of another Client must
+// still get in within 5 timeouts. The release is sent again: without it,
+// the holder's next acquisition re-entered the count the failed release
+// left, and renewed it, and the waiter never got in.
+func requireFailedReleaseResent(t *testing.T, b redistest.Backend, name string, match func(redis.Cmder) bool,
+	holder, waiter func(*redlatch.Client) lockFns) {
+	t.Helper()
+	ctx := ctxT(t, 20*time.Second)
+	timeout := 600 * time.Millisecond
+	rdb := b.Client(t)
+	hook := &unsentHook{match: match}
+	rdb.AddHook(hook)
+	h := holder(newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout)))
+	require.NoError(t, h.lock(ctx))
+	hook.armed.Store(true)
+	require.Error(t, h.unlock(ctx))
+
+	w := waiter(newClient(t, b, redlatch.WithWatchdogTimeout(timeout)))
+	got := make(chan error, 1)
+	go func() { got <- w.lock(ctx) }()
+	deadline := time.After(5 * timeout)
+	for {
+		select {
+		case err := <-got:
+			require.NoError(t, err)
+			require.NoError(t, w.unlock(ctx))
+			return
+		case <-deadline:
+			t.Fatal("the waiter never got in: the failed release left its count, renewed by the holder's later acquisitions")
+		case <-time.After(timeout / 4):
+		}
+		ok, err := h.try(ctx)
+		require.NoError(t, err)
+		if ok {
+			require.NoError(t, h.unlock(ctx))
+		}
+	}
+}

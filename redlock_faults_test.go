@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -493,6 +494,24 @@ func TestRedlockUnlockCtxEndsMidUndo(t *testing.T) {
 	require.NoError(t, m.Unlock(ctx))
 }
 
+// heldWithFrozenMaster starts 3 masters, takes a Redlock of a new name on
+// them, then freezes master 2; thaw resumes it (else the test's cleanup
+// does).
+func heldWithFrozenMaster(t *testing.T) (ctx context.Context, servers []*redistest.Server, clients []*redlatch.Client, name string, held *redlatch.Redlock, thaw func()) {
+	t.Helper()
+	servers = redlockServers(t, 3)
+	clients = redlockClients(t, servers)
+	ctx = ctxT(t, 30*time.Second)
+	name = redistest.UniqueName(t)
+	held = redlatch.NewRedlock(name, clients)
+	require.NoError(t, held.Lock(ctx))
+	servers[2].Stop(t)
+	var once sync.Once
+	thaw = func() { once.Do(func() { servers[2].Cont(t) }) }
+	t.Cleanup(thaw)
+	return ctx, servers, clients, name, held, thaw
+}
+
 // TestRedlockUnlockReturnsAtQuorumWithFrozenMaster: with one of 3 masters
 // frozen, Unlock with no deadline returns once the 2 others confirmed the
 // release and the attempt timeout (1s at the default 30s lease) passed, as
@@ -500,27 +519,14 @@ func TestRedlockUnlockCtxEndsMidUndo(t *testing.T) {
 // attempt timeouts. The release to the frozen master goes on in the
 // background and frees it once it thaws.
 func TestRedlockUnlockReturnsAtQuorumWithFrozenMaster(t *testing.T) {
-	servers := redlockServers(t, 3)
-	clients := redlockClients(t, servers)
-	ctx := ctxT(t, 30*time.Second)
-	name := redistest.UniqueName(t)
-	r := redlatch.NewRedlock(name, clients)
-	require.NoError(t, r.Lock(ctx))
-	servers[2].Stop(t)
-	thawed := false
-	t.Cleanup(func() {
-		if !thawed {
-			servers[2].Cont(t)
-		}
-	})
+	ctx, servers, _, name, r, thaw := heldWithFrozenMaster(t)
 	start := time.Now()
 	require.NoError(t, r.Unlock(context.Background()), "2 of 3 masters released it")
 	took := time.Since(start)
 	t.Logf("Unlock took %v", took)
 	require.Less(t, took, 2500*time.Millisecond, "Unlock waited for the frozen master")
 	require.Equal(t, []bool{false, false}, heldOn(t, ctx, servers[:2], name))
-	servers[2].Cont(t)
-	thawed = true
+	thaw()
 	require.Eventually(t, func() bool {
 		return !heldOn(t, ctx, servers[2:], name)[0]
 	}, 5*time.Second, 50*time.Millisecond, "the release to the thawed master")
@@ -534,19 +540,7 @@ func TestRedlockUnlockReturnsAtQuorumWithFrozenMaster(t *testing.T) {
 // (which goes on in the background): no round follows that it could
 // block.
 func TestRedlockTryLockWithFrozenMaster(t *testing.T) {
-	servers := redlockServers(t, 3)
-	clients := redlockClients(t, servers)
-	ctx := ctxT(t, 30*time.Second)
-	name := redistest.UniqueName(t)
-	holder := redlatch.NewRedlock(name, clients)
-	require.NoError(t, holder.Lock(ctx))
-	servers[2].Stop(t)
-	thawed := false
-	t.Cleanup(func() {
-		if !thawed {
-			servers[2].Cont(t)
-		}
-	})
+	ctx, _, clients, name, holder, thaw := heldWithFrozenMaster(t)
 	start := time.Now()
 	ok, err := redlatch.NewRedlock(name, clients).TryLock(ctx)
 	took := time.Since(start)
@@ -554,7 +548,6 @@ func TestRedlockTryLockWithFrozenMaster(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, ok)
 	require.Less(t, took, 1700*time.Millisecond, "TryLock waited for the undo on the frozen master")
-	servers[2].Cont(t)
-	thawed = true
+	thaw()
 	require.NoError(t, holder.Unlock(ctx))
 }

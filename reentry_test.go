@@ -245,37 +245,12 @@ func TestLegacyTokenFormat(t *testing.T) {
 // a waiting owner for good. The failed release is sent again.
 func TestReentrantFailedUnlockThenReentry(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 20*time.Second)
 		name := redistest.UniqueName(t)
-		timeout := 600 * time.Millisecond
-		rdb := b.Client(t)
-		hook := &unsentHook{match: scriptWith("{" + name + "}:wake")}
-		rdb.AddHook(hook)
-		r := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout)).ReentrantMutex(name)
-		require.NoError(t, r.Lock(ctx))
-		hook.armed.Store(true)
-		require.Error(t, r.Unlock(ctx))
-
-		w := newClient(t, b, redlatch.WithWatchdogTimeout(timeout)).ReentrantMutex(name)
-		got := make(chan error, 1)
-		go func() { got <- w.Lock(ctx) }()
-		deadline := time.After(5 * timeout)
-		for {
-			select {
-			case err := <-got:
-				require.NoError(t, err)
-				require.NoError(t, w.Unlock(ctx))
-				return
-			case <-deadline:
-				t.Fatal("the waiting owner never got in: the failed Unlock left its count, renewed by the owner's later Locks")
-			case <-time.After(timeout / 4):
-			}
-			ok, err := r.TryLock(ctx)
-			require.NoError(t, err)
-			if ok {
-				require.NoError(t, r.Unlock(ctx))
-			}
+		reentrant := func(c *redlatch.Client) lockFns {
+			m := c.ReentrantMutex(name)
+			return lockFns{m.Lock, m.TryLock, m.Unlock}
 		}
+		requireFailedReleaseResent(t, b, name, scriptWith("{"+name+"}:wake"), reentrant, reentrant)
 	})
 }
 

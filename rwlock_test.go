@@ -978,37 +978,15 @@ func TestReleaseOfVanishedHoldWakesLocalWaiters(t *testing.T) {
 // never got in.
 func TestRWFailedRUnlockThenReentry(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx := ctxT(t, 20*time.Second)
 		name := redistest.UniqueName(t)
-		timeout := 600 * time.Millisecond
-		rdb := b.Client(t)
-		hook := &unsentHook{match: scriptWith(writersWakeKey(name))}
-		rdb.AddHook(hook)
-		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
-		r := c.RWMutex(name)
-		require.NoError(t, r.RLock(ctx))
-		hook.armed.Store(true)
-		require.Error(t, r.RUnlock(ctx))
-
-		w := newClient(t, b, redlatch.WithWatchdogTimeout(timeout)).RWMutex(name)
-		got := make(chan error, 1)
-		go func() { got <- w.Lock(ctx) }()
-		deadline := time.After(5 * timeout)
-		for {
-			select {
-			case err := <-got:
-				require.NoError(t, err)
-				require.NoError(t, w.Unlock(ctx))
-				return
-			case <-deadline:
-				t.Fatal("the writer never got in: the reader's failed RUnlock left its count, renewed by its later RLocks")
-			case <-time.After(timeout / 4):
-			}
-			ok, err := r.TryRLock(ctx)
-			require.NoError(t, err)
-			if ok {
-				require.NoError(t, r.RUnlock(ctx))
-			}
-		}
+		requireFailedReleaseResent(t, b, name, scriptWith(writersWakeKey(name)),
+			func(c *redlatch.Client) lockFns {
+				m := c.RWMutex(name)
+				return lockFns{m.RLock, m.TryRLock, m.RUnlock}
+			},
+			func(c *redlatch.Client) lockFns {
+				m := c.RWMutex(name)
+				return lockFns{m.Lock, m.TryLock, m.Unlock}
+			})
 	})
 }
