@@ -82,6 +82,9 @@ type Redlock struct {
 
 	mu sync.Mutex
 	h  *redlockHold
+	// undoing is closed once the undos of the handle's last failed round
+	// that no round followed are done (see release); guarded by mu.
+	undoing chan struct{}
 }
 
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each
@@ -410,6 +413,11 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 		return
 	}
 	if !retry {
+		// The handle's next call waits for it (see lock): its round would
+		// be refused where this round's grant is still there.
+		r.mu.Lock()
+		r.undoing = done
+		r.mu.Unlock()
 		return
 	}
 	select {
@@ -467,6 +475,21 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			<-r.sem
 		}
 	}()
+	r.mu.Lock()
+	undoing := r.undoing
+	r.undoing = nil
+	r.mu.Unlock()
+	if undoing != nil {
+		// The undo of the handle's previous failed round, not waited for
+		// (see release): wait for it as that call would have.
+		t := time.NewTimer(r.nodeTimeout(0))
+		select {
+		case <-undoing:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
 
 	var ws []*waiter
 	defer func() {
@@ -901,12 +924,24 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 	}
 	n := len(r.nodes)
 	ch := make(chan reply, n) // buffered: a straggler never blocks
+	// A straggler's release outlives an early return: a cleanup context
+	// (an Unlock whose ctx had ended), which Unlock cancels on return, must
+	// not cut it short, since a release sent with one is not resent.
+	gctx := ctx
+	var pending sync.WaitGroup
+	pending.Add(n)
+	if dl, ok := ctx.Deadline(); ok && ctx.Value(cleanupKey{}) != nil {
+		var stop context.CancelFunc
+		gctx, stop = context.WithDeadline(context.WithoutCancel(ctx), dl)
+		go func() { pending.Wait(); stop() }()
+	}
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.setReleasing(h.holds[i], true)
 		}
 		go func() {
-			uctx, cancel := context.WithTimeout(ctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
+			defer pending.Done()
+			uctx, cancel := context.WithTimeout(gctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
 			defer cancel()
 			// Unlock goes to every master. A granting master's hold is
 			// released by its token. Any other may have granted it too (a

@@ -551,3 +551,75 @@ func TestRedlockTryLockWithFrozenMaster(t *testing.T) {
 	thaw()
 	require.NoError(t, holder.Unlock(ctx))
 }
+
+// TestRedlockEndedCtxUnlockSlowMaster: a deferred Unlock whose ctx
+// has ended already runs on a fresh cleanup context (2s). Master 2's
+// release is slow (1.5s on its way). Unlock returns at quorum after the
+// attempt timeout (1s), and its cleanup context, cancelled on return, cut
+// the release to master 2 short: a release sent with a cleanup context is
+// not resent, so master 2 stayed locked by nobody for the whole lease.
+func TestRedlockEndedCtxUnlockSlowMaster(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	wake := "{" + name + "}:wake"
+	var slow atomic.Bool
+	clients := redlockClients(t, servers[:2])
+	rdb := servers[2].Client(t)
+	rdb.AddHook(delayHook{match: armedOnce(&slow, func(cmd redis.Cmder) bool {
+		return scriptOn(name)(cmd) && scriptWith(wake)(cmd)
+	}), d: 1500 * time.Millisecond})
+	clients = append(clients, newClientOn(t, rdb))
+	warm := redlatch.NewRedlock(name+"-warm", clients)
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	slow.Store(true)
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	require.NoError(t, r.Unlock(ended))
+	require.False(t, slow.Load(), "the release to master 2 was not sent")
+	require.Eventually(t, func() bool {
+		return !slices.Contains(heldOn(t, ctx, servers, name), true)
+	}, 4*time.Second, 50*time.Millisecond, "master 2 stayed locked after Unlock")
+}
+
+// TestRedlockTryLockAfterFailedTryLock: another owner holds master 0
+// (a Mutex). A TryLock gets master 1, and master 2 grants it too but its
+// reply comes after the attempt timeout: the round fails and is undone; the
+// undo on master 2 takes 400ms on its way. A second TryLock of the handle
+// right after must not be refused by the handle's own grant of the first
+// round on master 2, which TryLock no longer waited to see undone: it
+// reported (false, nil), "other owners hold it", while only master 0 was
+// taken by another owner.
+func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	wake := "{" + name + "}:wake"
+	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
+	var lateReply, slowUndo atomic.Bool
+	clients := redlockClients(t, servers[:2])
+	rdb := servers[2].Client(t)
+	rdb.AddHook(delayHook{match: armedOnce(&lateReply, isAttempt), d: 3 * time.Second, late: true})
+	rdb.AddHook(delayHook{match: armedOnce(&slowUndo, scriptWith(wake)), d: 400 * time.Millisecond})
+	clients = append(clients, newClientOn(t, rdb))
+	warm := redlatch.NewRedlock(name+"-warm", clients)
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+	m := clients[0].Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	r := redlatch.NewRedlock(name, clients)
+	lateReply.Store(true)
+	slowUndo.Store(true)
+	ok, err := r.TryLock(ctx)
+	t.Logf("first TryLock: %v, %v", ok, err)
+	require.False(t, ok)
+	ok, err = r.TryLock(ctx)
+	t.Logf("second TryLock: %v, %v", ok, err)
+	require.NoError(t, err)
+	require.True(t, ok, "refused by its own grant of the previous round")
+	require.NoError(t, r.Unlock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+}
