@@ -7,6 +7,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -460,4 +461,78 @@ func awaitPromoted(t *testing.T, ctx context.Context, radm *redis.Client, key st
 		}
 		return true
 	}, 20*time.Second, 50*time.Millisecond, "the clients do not reach the new master")
+}
+
+// TestFailoverPartialLossFairAndSemaphore: a sentinel failover to a replica
+// that has only the first part of a FairMutex queue and of a Semaphore's
+// permits (the link was cut after them). The semaphore holder whose permit
+// was lost is told (Lost closes), the one that was replicated keeps its
+// permit, and the semaphore never admits more than its size once the loss
+// is known. The fair waiter whose place was lost is not stranded: it gets
+// the lock after the replicated waiter, within a watchdog timeout.
+func TestFailoverPartialLossFairAndSemaphore(t *testing.T) {
+	master, replica, link := replicaPair(t)
+	sentinel := redistest.NewSentinel(t, master)
+	ctx := ctxT(t, 60*time.Second)
+	waitSentinelReplica(t, ctx, sentinel, replica)
+	timeout := 9 * time.Second
+	r1, r2 := sentinel.FailoverClient(t), sentinel.FailoverClient(t)
+	c1 := newClientOn(t, r1, redlatch.WithWatchdogTimeout(timeout))
+	c2 := newClientOn(t, r2, redlatch.WithWatchdogTimeout(timeout))
+	name := redistest.UniqueName(t)
+	mc := master.Client(t)
+
+	semA := c1.Semaphore(name, 2)
+	require.NoError(t, semA.Acquire(ctx, 1))
+	fh := c1.FairMutex(name)
+	require.NoError(t, fh.Lock(ctx))
+	var w1In, w2In atomic.Int64
+	fw1, fw2 := c2.FairMutex(name), c1.FairMutex(name)
+	go func() {
+		if fw1.Lock(ctx) == nil {
+			w1In.Store(time.Now().UnixNano())
+		}
+	}()
+	waitQueued(t, mc, name, 1)
+	require.NoError(t, mc.Do(ctx, "WAIT", 1, 2000).Err())
+
+	link.Partition()
+	semB := c2.Semaphore(name, 2)
+	require.NoError(t, semB.Acquire(ctx, 1))
+	go func() {
+		if fw2.Lock(ctx) == nil {
+			w2In.Store(time.Now().UnixNano())
+		}
+	}()
+	waitQueued(t, mc, name, 2)
+
+	start := failoverTo(t, ctx, sentinel, replica, master, r1, r2)
+	link.Close()
+
+	requireClosedWithin(t, semB.Lost(), timeout+time.Second-time.Since(start), "Lost of the permit the failover lost")
+	requireOpen(t, semA.Lost(), "a replicated permit was lost")
+	requireOpen(t, fh.Lost(), "a replicated fair hold was lost")
+	semC := c1.Semaphore(name, 2)
+	ok, err := semC.TryAcquire(ctx, 1)
+	require.NoError(t, err)
+	require.True(t, ok, "the lost permit is free again")
+	ok, err = c2.Semaphore(name, 2).TryAcquire(ctx, 1)
+	require.NoError(t, err)
+	require.False(t, ok, "more holders than the size")
+	require.ErrorIs(t, semB.Release(ctx, 1), redlatch.ErrNotHeld)
+
+	released := time.Now()
+	require.NoError(t, fh.Unlock(ctx))
+	require.Eventually(t, func() bool { return w1In.Load() != 0 }, 2*time.Second, 5*time.Millisecond,
+		"the replicated fair waiter slept through the release")
+	require.Zero(t, w2In.Load(), "the lost waiter went first")
+	t.Logf("first fair waiter in %v after the release", time.Unix(0, w1In.Load()).Sub(released))
+	released = time.Now()
+	require.NoError(t, fw1.Unlock(ctx))
+	require.Eventually(t, func() bool { return w2In.Load() != 0 }, timeout, 5*time.Millisecond,
+		"the fair waiter whose place was lost is stranded")
+	t.Logf("second fair waiter in %v after the release", time.Unix(0, w2In.Load()).Sub(released))
+	require.NoError(t, fw2.Unlock(ctx))
+	require.NoError(t, semA.Release(ctx, 1))
+	require.NoError(t, semC.Release(ctx, 1))
 }
