@@ -413,11 +413,8 @@ func (f *FairMutex) release(ctx context.Context, waiter, member, done string, to
 		// The lock may have gone to a waiter of this Client without a
 		// message: wake them all, and the one granted claims it.
 		f.c.ps.dispatch(channel, wakeAll)
-		if waiter == "" && token != 0 {
-			// Not a release that names no hold (the owner's token could
-			// not be read): landing later, it would release whatever hold
-			// the owner has then, maybe a later one.
-			f.c.resendRelease(ctx, err, func(ctx context.Context) {
+		if waiter == "" {
+			f.c.resendRelease(ctx, err, token != 0, func(ctx context.Context) {
 				if fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Err() == nil {
 					f.c.ps.dispatch(channel, wakeAll) // a grant to a waiter of this Client: it claims it
 				}

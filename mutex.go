@@ -294,14 +294,11 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 		} else if waiting && undo == "" {
 			e.c.ps.wakeOne(e.channel)
 		}
-		if undo == "" && token0 != 0 {
+		if undo == "" {
 			// Resent as a public release (no transfer: the waiter retries
 			// now): one that did arrive, a release or a transfer, is known
-			// by its request id and released nothing twice. Not a release
-			// that names no hold (the owner's token could not be read):
-			// landing later, it would release whatever hold the owner has
-			// then, maybe a later one.
-			e.c.resendRelease(ctx, err, func(ctx context.Context) {
+			// by its request id and released nothing twice.
+			e.c.resendRelease(ctx, err, token0 != 0, func(ctx context.Context) {
 				_, _ = e.unlockReq(ctx, req, owner, "", done, token0, false)
 			})
 		}

@@ -239,6 +239,16 @@ func (r *Redlock) nodeTimeout(i int) time.Duration {
 	return d
 }
 
+// attemptTimeout is the longest node timeout of the masters: how long a
+// round, a release or an Unlock waits for all of them.
+func (r *Redlock) attemptTimeout() time.Duration {
+	d := time.Duration(0)
+	for i := range r.nodes {
+		d = max(d, r.nodeTimeout(i))
+	}
+	return d
+}
+
 // waitLateness is how late a WAIT may answer after its timeout: the server
 // checks the timeouts of blocked clients from its timers, every 1/hz s
 // (100ms by default). An attempt cut before it answered counted as a
@@ -311,10 +321,9 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 		err   error
 	}
 	replies := make(chan reply, n) // buffered: a straggler never blocks
-	longest := time.Duration(0)
+	longest := r.attemptTimeout()
 	for i, e := range r.nodes {
 		d := r.nodeTimeout(i)
-		longest = max(longest, d)
 		go func() {
 			nctx, cancel := context.WithTimeout(ctx, d)
 			defer cancel()
@@ -405,7 +414,7 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	done, knownDone := make(chan struct{}), make(chan struct{})
 	go func() { all.Wait(); close(done) }()
 	go func() { answered.Wait(); close(knownDone) }()
-	t := time.NewTimer(r.nodeTimeout(0))
+	t := time.NewTimer(r.attemptTimeout())
 	defer t.Stop()
 	select {
 	case <-knownDone:
@@ -482,7 +491,7 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 	if undoing != nil {
 		// The undo of the handle's previous failed round, not waited for
 		// (see release): wait for it as that call would have.
-		t := time.NewTimer(r.nodeTimeout(0))
+		t := time.NewTimer(r.attemptTimeout())
 		select {
 		case <-undoing:
 		case <-t.C:
@@ -961,7 +970,7 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 				// granted: sent again in the background, as a release is
 				// (see unlockReq), or that master stays locked by nobody
 				// for the whole lease.
-				e.c.resendRelease(uctx, err, func(ctx context.Context) { _, _ = e.unlock(ctx, undo, token, false) })
+				e.c.resendRelease(uctx, err, true, func(ctx context.Context) { _, _ = e.unlock(ctx, undo, token, false) })
 			}
 			ch <- reply{i, n, err}
 		}()
@@ -973,21 +982,24 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 	// goes on in the background, bounded, as after ctx ends. (Waiting out
 	// its own bound, four node timeouts, made every Unlock of a Redlock
 	// with one master down take 4s at the default lease.)
-	longest := time.Duration(0)
-	for i := range r.nodes {
-		longest = max(longest, r.nodeTimeout(i))
-	}
+	longest := r.attemptTimeout()
 	patience := time.NewTimer(longest)
 	defer patience.Stop()
 	impatient, ok := false, 0
+	// unanswered counts the masters that have not answered as failed with
+	// err; their releases go on in the background, bounded by their own
+	// timeout.
+	unanswered := func(err error) {
+		for i := range got {
+			if !got[i] {
+				replies[i] = reply{i, 0, err}
+			}
+		}
+	}
 wait:
 	for k := 0; k < n; {
 		if impatient && ok >= r.quorum {
-			for i := range got {
-				if !got[i] {
-					replies[i] = reply{i, 0, fmt.Errorf("no reply within %v (its release goes on in the background)", longest)}
-				}
-			}
+			unanswered(fmt.Errorf("no reply within %v (its release goes on in the background)", longest))
 			break
 		}
 		select {
@@ -1001,14 +1013,8 @@ wait:
 			impatient = true // not a quorum yet: wait for the rest, or ctx
 		case <-ctx.Done():
 			// The Redis client may not see a cancellation before its read
-			// deadline (a frozen master): count the masters that have not
-			// answered as failed; their releases go on in the background,
-			// bounded by their own timeout.
-			for i := range got {
-				if !got[i] {
-					replies[i] = reply{i, 0, ctx.Err()}
-				}
-			}
+			// deadline (a frozen master).
+			unanswered(ctx.Err())
 			break wait
 		}
 	}

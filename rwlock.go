@@ -325,11 +325,8 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token, done string) (int64,
 	}
 	keys := []string{m.key, m.fence, m.rwake, m.wwake}
 	n, err := rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
-	if undo == "" && token != "" && token != "0" {
-		// Not a release that names no hold (the owner's token could not
-		// be read): landing later, it would release whatever write hold
-		// the owner has then, maybe a later one.
-		m.c.resendRelease(ctx, err, func(ctx context.Context) { _ = rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
+	if undo == "" {
+		m.c.resendRelease(ctx, err, token != "" && token != "0", func(ctx context.Context) { _ = rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
 	}
 	return n, convertErr(err)
 }
@@ -353,10 +350,8 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 	}
 	keys := []string{m.key, m.fence, m.wwake}
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
-	if undo == "" && begun != "" {
-		// Not a release that names no read hold (the request that began
-		// the owner's could not be read): see unlockW.
-		m.c.resendRelease(ctx, err, func(ctx context.Context) { _ = rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
+	if undo == "" {
+		m.c.resendRelease(ctx, err, begun != "", func(ctx context.Context) { _ = rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
 	}
 	return n, convertErr(err)
 }
