@@ -2,8 +2,6 @@ package redlatch_test
 
 import (
 	"context"
-	"io"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -68,24 +66,6 @@ func requireWaitErr(t *testing.T, err error, ctx context.Context) {
 	require.ErrorIs(t, err, ctx.Err())
 }
 
-// unsentHook fails a matching command, once armed, without sending it: a
-// request that never reached Redis after every retry of go-redis failed.
-type unsentHook struct {
-	passHook
-	match func(redis.Cmder) bool
-	armed atomic.Bool
-}
-
-func (h *unsentHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if h.match(cmd) && h.armed.CompareAndSwap(true, false) {
-			cmd.SetErr(io.ErrUnexpectedEOF)
-			return io.ErrUnexpectedEOF
-		}
-		return next(ctx, cmd)
-	}
-}
-
 // lockFns are one handle's acquisition, attempt and release.
 type lockFns struct {
 	lock   func(context.Context) error
@@ -106,7 +86,7 @@ func requireFailedReleaseResent(t *testing.T, b redistest.Backend, name string, 
 	ctx := ctxT(t, 20*time.Second)
 	timeout := 600 * time.Millisecond
 	rdb := b.Client(t)
-	hook := &unsentHook{match: match}
+	hook := &refuseHook{match: match, nth: 1} // the first one once armed, unsent
 	rdb.AddHook(hook)
 	h := holder(newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout)))
 	require.NoError(t, h.lock(ctx))

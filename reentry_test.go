@@ -242,7 +242,10 @@ func TestLegacyTokenFormat(t *testing.T) {
 // go-redis failed) left the hold's count there; the owner's next Lock
 // re-entered it and renewed it, and its Unlock left the count of the
 // failed one: an owner that kept locking and unlocking kept the lock from
-// a waiting owner for good. The failed release is sent again.
+// a waiting owner for good. Two changes now each prevent it: the failed
+// release is sent again (resendRelease), and a handle that holds nothing
+// does not re-enter its owner's hold (mayReenter, TestFaultOlderSnapshot);
+// the test fails only with both undone.
 func TestReentrantFailedUnlockThenReentry(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		name := redistest.UniqueName(t)
