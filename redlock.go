@@ -416,17 +416,28 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	go func() { answered.Wait(); close(knownDone) }()
 	t := time.NewTimer(r.attemptTimeout())
 	defer t.Stop()
+	defer func() {
+		if retry && ctx.Err() == nil {
+			return // the round that follows waits for wake-ups as it is
+		}
+		select {
+		case <-done:
+		default:
+			// Undos still on their way when no round follows (a TryLock,
+			// a hold given back, a Lock whose ctx ended): the handle's
+			// next call waits for them (see lock), or its round would be
+			// refused where this round's grant is still there.
+			r.mu.Lock()
+			r.undoing = done
+			r.mu.Unlock()
+		}
+	}()
 	select {
 	case <-knownDone:
 	case <-t.C:
 		return
 	}
 	if !retry {
-		// The handle's next call waits for it (see lock): its round would
-		// be refused where this round's grant is still there.
-		r.mu.Lock()
-		r.undoing = done
-		r.mu.Unlock()
 		return
 	}
 	select {

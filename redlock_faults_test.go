@@ -623,3 +623,45 @@ func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
 	require.NoError(t, r.Unlock(ctx))
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestRedlockTryLockAfterLockCtxEnded: TestRedlockTryLockAfterFailedTryLock
+// for a Lock whose ctx ends mid-round. Another owner holds master 0 (a
+// Mutex); master 1 grants the Lock, and master 2 grants it too but its reply
+// is held back until the Lock's 300ms ctx ends: the round fails and is
+// undone, the undo on master 2 taking 400ms on its way. Lock returns with
+// its ctx; a TryLock of the handle right after must not be refused by the
+// handle's own grant of that round on master 2: it reported (false, nil),
+// "other owners hold it", while only master 0 was taken by another owner.
+func TestRedlockTryLockAfterLockCtxEnded(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	wake := "{" + name + "}:wake"
+	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
+	var lateReply, slowUndo atomic.Bool
+	clients := redlockClients(t, servers[:2])
+	rdb := servers[2].Client(t)
+	rdb.AddHook(delayHook{match: armedOnce(&lateReply, isAttempt), d: 3 * time.Second, late: true})
+	rdb.AddHook(delayHook{match: armedOnce(&slowUndo, scriptWith(wake)), d: 400 * time.Millisecond})
+	clients = append(clients, newClientOn(t, rdb))
+	warm := redlatch.NewRedlock(name+"-warm", clients)
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+	m := clients[0].Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	r := redlatch.NewRedlock(name, clients)
+	lateReply.Store(true)
+	slowUndo.Store(true)
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	err := r.Lock(short)
+	t.Logf("Lock: %v", err)
+	requireWaitErr(t, err, short)
+	require.False(t, lateReply.Load(), "the attempt on master 2 was not sent")
+	ok, err := r.TryLock(ctx)
+	t.Logf("TryLock: %v, %v", ok, err)
+	require.NoError(t, err)
+	require.True(t, ok, "refused by its own grant of the Lock's round")
+	require.NoError(t, r.Unlock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+}
