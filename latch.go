@@ -198,6 +198,9 @@ func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
 	}
 	s := get.Val()
 	n, err := strconv.ParseInt(s, 10, 64)
+	if err == nil && strconv.FormatInt(n, 10) != s {
+		err = strconv.ErrSyntax // "007", "+5": not a count the scripts read (DECR refuses it)
+	}
 	if err != nil {
 		return 0, fmt.Errorf("%w: latch count %q", ErrWrongType, s)
 	}

@@ -666,3 +666,31 @@ func TestLatchCountDownCtxEndsDuringVersionCheck(t *testing.T) {
 		})
 	}
 }
+
+// TestLatchForeignIntegerString: a count key holding a string of digits
+// that is no count redlatch could have written (out of int64's range, or
+// with leading zeros: Redis's DECR refuses both) is foreign data, as
+// Count already says (ErrWrongType). The scripts took it for a running
+// count: TrySetCount reported a count running, CountDown failed with a
+// plain ERR reply, and Delete deleted the other program's data and
+// reported a count running.
+func TestLatchForeignIntegerString(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 5*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		l := newClient(t, b).CountDownLatch(name)
+		for _, v := range []string{"99999999999999999999", "007"} {
+			require.NoError(t, rdb.Set(ctx, latchKey(name), v, 0).Err())
+			_, err := l.Count(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, "Count of %q", v)
+			ok, err := l.TrySetCount(ctx, 2)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, "TrySetCount on %q (ok=%v)", v, ok)
+			require.ErrorIs(t, l.CountDown(ctx), redlatch.ErrWrongType, "CountDown on %q", v)
+			deleted, err := l.Delete(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, "Delete on %q (deleted=%v)", v, deleted)
+			require.Equal(t, v, rdb.Get(ctx, latchKey(name)).Val(), "the foreign %q was changed", v)
+			require.NoError(t, rdb.Del(ctx, latchKey(name)).Err())
+		}
+	})
+}

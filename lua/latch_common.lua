@@ -21,9 +21,28 @@ end
 -- another type. So no script counts down, reports as running, or deletes
 -- another program's data.
 local wrong_type = 'WRONGTYPE latch count key holds a value redlatch did not write'
+-- A count is an integer as Redis's DECR reads it: no leading zeros, no
+-- '+', within int64 (a string of digits DECR refuses is not a count).
+local function is_count(v)
+  if v == '0' then
+    return true
+  end
+  local digits = string.match(v, '^%-?([1-9]%d*)$')
+  if not digits or #digits > 19 then
+    return false
+  end
+  if #digits < 19 then
+    return true
+  end
+  local limit = '9223372036854775807'
+  if string.sub(v, 1, 1) == '-' then
+    limit = '9223372036854775808'
+  end
+  return digits <= limit
+end
 local function read_count(key)
   local v = redis.call('GET', key)
-  if v and not string.match(v, '^%-?%d+$') then
+  if v and not is_count(v) then
     return nil
   end
   return v
