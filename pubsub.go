@@ -1270,6 +1270,15 @@ func (p *pubsub) dialled(ctx context.Context, addr string) {
 		p.c.opts.logger.Debug("redlatch: commands reach another server than the subscriber (a failover); reconnecting it",
 			"subscriber", *sub, "commands", addr)
 		dropConnection(p.ctx, n.ps)
+		// As after a failed write of the writer: the reader may be between
+		// reads and read the new connection next, never seeing the old one
+		// fail, so the confirmations the old connection owed are forgotten
+		// here (left owed, a later (un)subscribe of their channel would take
+		// its confirmation for theirs, and that channel never be ready).
+		n.resubscribed.Store(true)
+		p.mu.Lock()
+		clear(n.inflight)
+		p.mu.Unlock()
 	}()
 }
 

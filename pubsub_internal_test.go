@@ -467,8 +467,9 @@ func TestFairLeaveWakesNoOtherWaiter(t *testing.T) {
 	require.LessOrEqual(t, woken, 1, "fair waiters woken by one unused named wake-up")
 }
 
-// gatedConn fails the write of the first armed SUBSCRIBE naming match: it
-// reports the write, waits for release, closes the connection and fails.
+// gatedConn holds the write of the first armed (UN)SUBSCRIBE naming match:
+// it reports the write and waits for release; then it closes the
+// connection and fails, or, with pass, writes it.
 type gatedConn struct {
 	net.Conn
 	g *writeGate
@@ -476,6 +477,7 @@ type gatedConn struct {
 
 type writeGate struct {
 	match   string
+	pass    bool
 	armed   atomic.Bool
 	entered chan struct{}
 	release chan struct{}
@@ -485,6 +487,9 @@ func (c *gatedConn) Write(p []byte) (int, error) {
 	if bytes.Contains(p, []byte("subscribe")) && bytes.Contains(p, []byte(c.g.match)) && c.g.armed.CompareAndSwap(true, false) {
 		close(c.g.entered)
 		<-c.g.release
+		if c.g.pass {
+			return c.Conn.Write(p)
+		}
 		_ = c.Conn.Close()
 		return 0, errors.New("injected: connection reset")
 	}
@@ -698,5 +703,112 @@ func TestHookNodeConcurrentFirstCalls(t *testing.T) {
 		for i, d := range took {
 			require.Less(t, d, time.Second, "round %d: call %d went out before the node's hook was in place", round, i)
 		}
+	}
+}
+
+// roleGate holds the ROLE command of failoverHook's follow-up (see
+// pubsub.dialled) until released.
+type roleGate struct {
+	entered, release chan struct{}
+}
+
+func (h *roleGate) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *roleGate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h *roleGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if strings.EqualFold(cmd.Name(), "role") {
+			close(h.entered)
+			<-h.release
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestFailoverDropForgetsOwedConfirmations: a sentinel failover client's
+// subscriber connection is dropped by failoverHook (commands reach another
+// server than the subscriber) while the reader is between two reads
+// (handling a message), and while the UNSUBSCRIBE of a channel its last
+// waiter left is written but its confirmation not yet read. The reader never
+// sees the old connection fail, so that confirmation stays owed for good:
+// the next SUBSCRIBE of the channel takes its confirmation for the old
+// UNSUBSCRIBE's, the channel never becomes ready, and its first waiter
+// sleeps in join until the holder's lease bound, through the release.
+func TestFailoverDropForgetsOwedConfirmations(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	srv := redistest.NewServer(t)
+	adm := srv.Client(t)
+
+	base := redistest.UniqueName(t)
+	xName, yName := "x"+base, "y"+base
+	xChan, yChan := "{"+xName+"}:wake", "{"+yName+"}:wake"
+	wg := &writeGate{match: xChan, pass: true, entered: make(chan struct{}), release: make(chan struct{})}
+	opts := srv.Options()
+	opts.Dialer = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		cn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &gatedConn{Conn: cn, g: wg}, nil
+	}
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	rg := &roleGate{entered: make(chan struct{}), release: make(chan struct{})}
+	rdb.AddHook(rg)
+	c := New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+
+	joinTest(t, c, yChan) // keeps the subscriber connection busy with Y
+	wx, err := c.ps.join(ctx, xChan, time.Minute)
+	require.NoError(t, err)
+
+	// The subscriber connection is known to reach srv (as failoverHook
+	// records it on a failover client); a command connection is then
+	// dialled to another server (the new master): the follow-up waits in
+	// ROLE.
+	sub := srv.Addr
+	c.ps.subAddr.Store(&sub)
+	c.ps.dialled(context.Background(), "127.0.0.1:1")
+	<-rg.entered
+
+	// X's last waiter leaves: its UNSUBSCRIBE is written ...
+	wg.armed.Store(true)
+	wx.leave(false)
+	<-wg.entered
+	// ... while the reader, having read a message on Y, waits to handle it.
+	c.ps.mu.Lock()
+	require.NoError(t, adm.Publish(ctx, yChan, "nobody").Err())
+	time.Sleep(100 * time.Millisecond)
+	close(wg.release)
+	time.Sleep(200 * time.Millisecond)
+	close(rg.release) // the failover follow-up drops the connection
+	time.Sleep(300 * time.Millisecond)
+	c.ps.mu.Unlock()
+
+	require.Eventually(t, func() bool {
+		n, err := adm.PubSubNumSub(ctx, yChan).Result()
+		return err == nil && n[yChan] == 1
+	}, 5*time.Second, 10*time.Millisecond, "the subscriber did not reconnect")
+
+	hc := New(srv.Client(t))
+	t.Cleanup(func() { _ = hc.Close() })
+	holder := hc.Mutex(xName, WithLease(15*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+	got := make(chan error, 1)
+	waiter := c.Mutex(xName)
+	go func() { got <- waiter.Lock(ctx) }()
+	time.Sleep(500 * time.Millisecond)
+	require.NoError(t, holder.Unlock(ctx))
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+		require.NoError(t, waiter.Unlock(ctx))
+	case <-time.After(3 * time.Second):
+		c.ps.mu.Lock()
+		owed := c.ps.nodes[""].inflight[xChan]
+		c.ps.mu.Unlock()
+		t.Fatalf("the waiter slept through the release (confirmations owed on its channel: %d)", owed)
 	}
 }
