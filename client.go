@@ -291,9 +291,10 @@ func isNil(rdb redis.UniversalClient) bool {
 // that no quorum is left). An attempt on its way to a server that does not
 // answer ends its wait only at its read deadline (its ctx's, or the Redis
 // client's ReadTimeout). Close waits (up to 2s) for the waits it ended to
-// leave their queues and give back what they took, and for the releases
-// resent in the background (see the package doc), so that the Redis client
-// may be closed next.
+// leave their queues and give back what they took, for the releases
+// resent in the background (see the package doc), and for a Redlock's
+// releases and undos still on their way to a slow master after its call
+// returned, so that the Redis client may be closed next.
 //
 // Locks and permits held before Close are no longer renewed: they expire
 // after their lease. Close does not close the Redis client given to New. A

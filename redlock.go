@@ -403,7 +403,12 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 		if known {
 			answered.Add(1)
 		}
+		// Close waits for the undos that outlive the call (see Client.waits).
+		registered := e.c.enterWait()
 		go func() {
+			if registered {
+				defer e.c.leaveWait()
+			}
 			defer all.Done()
 			if known {
 				defer answered.Done()
@@ -959,7 +964,14 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 		if h != nil {
 			e.c.wd.setReleasing(h.holds[i], true)
 		}
+		// A straggler's release goes on after Unlock returns: Close waits
+		// for it (see Client.waits), so that the Redis client may be
+		// closed next. A closed Client's master is released all the same.
+		registered := e.c.enterWait()
 		go func() {
+			if registered {
+				defer e.c.leaveWait()
+			}
 			defer pending.Done()
 			uctx, cancel := context.WithTimeout(gctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
 			defer cancel()

@@ -665,3 +665,42 @@ func TestRedlockTryLockAfterLockCtxEnded(t *testing.T) {
 	require.NoError(t, r.Unlock(ctx))
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestCloseWaitsForRedlockStragglerRelease: a Redlock's Unlock returns once
+// a quorum released and the attempt timeout passed; the release to a slow
+// master goes on in the background. Close must wait for it (as for the
+// releases resent in the background), "so that the Redis client may be
+// closed next": closing the Redis client right after Close must not cut
+// that release, which left the slow master locked by nobody for the lease.
+func TestCloseWaitsForRedlockStragglerRelease(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	clients := redlockClients(t, servers[:2])
+	slow := servers[2].Client(t)
+	hook := &gateScriptHook{match: scriptWith("{" + name + "}:wake"),
+		entered: make(chan struct{}), proceed: make(chan struct{})}
+	slow.AddHook(hook)
+	clients = append(clients, newClientOn(t, slow))
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	hook.armed.Store(true)
+	require.NoError(t, r.Unlock(ctx)) // the slow master's release is held in the hook
+	select {
+	case <-hook.entered:
+	default:
+		t.Fatal("the slow master's release was not sent")
+	}
+	go func() {
+		time.Sleep(300 * time.Millisecond) // the slow master answers
+		close(hook.proceed)
+	}()
+	for _, c := range clients {
+		require.NoError(t, c.Close())
+	}
+	require.NoError(t, slow.Close()) // allowed once Close has returned
+	time.Sleep(500 * time.Millisecond)
+	n, err := servers[2].Client(t).Exists(ctx, lockKey(name)).Result()
+	require.NoError(t, err)
+	require.Zero(t, n, "the slow master's release was cut by closing the Redis client after Close: it stays locked for its lease")
+}
