@@ -77,8 +77,16 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 			// pause, as tryAgainHook does for the scripts the cluster
 			// client sends (which runSynced goes round), until the slot
 			// moves, ctx ends or tryAgainWait passes.
-			asked = ""
 			attempt-- // not a redirect
+			if asked != "" {
+				// Nor was the -ASK that sent it to the importing node:
+				// while a free lock's slot migrates, the old master
+				// answers -ASK and the new one TRYAGAIN at every send,
+				// and redirectAttempts of those ended the wait with the
+				// ASK reply after a few hundred ms.
+				attempt--
+			}
+			asked = ""
 			continue
 		}
 		if c.cluster == nil || attempt == redirectAttempts || !isRedirect(cmd.Err()) {

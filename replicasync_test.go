@@ -1035,3 +1035,40 @@ func TestReplicaSyncRidesOutSlotMigration(t *testing.T) {
 	require.Positive(t, m.Token())
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestReplicaSyncRidesOutFreeLockMigration: while the slot of a free lock
+// migrates (its keys, none of which exist, count as moved), the old master
+// answers the replica-synced acquisition with -ASK and the importing one,
+// after ASKING, with TRYAGAIN (a script naming several keys of an importing
+// slot, some missing). Without replica sync such a Lock waits for the slot
+// to move (TestLockAndUnlockRideOutSlotMigration); README: under
+// WithReplicaSync too, for up to 5s. runSynced counted each -ASK of the
+// ASK/TRYAGAIN cycle as a redirect and, after redirectAttempts of them
+// (about 300ms), returned the raw ASK reply.
+func TestReplicaSyncRidesOutFreeLockMigration(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	cl.AddReplica(t, lockKey(nameOn(t, cl, 2, redistest.UniqueName(t)+"-r")))
+	c := newClientOn(t, cl.Client(t), redlatch.WithReplicaSync(1, 50*time.Millisecond))
+
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	m := c.Mutex(name)
+	cl.StartMigration(t, 2, lockKey(name))
+	done := make(chan error, 1)
+	go func() { done <- m.Lock(ctx) }()
+	time.Sleep(1500 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("Lock returned while its slot migrated: %v", err)
+	default:
+	}
+	cl.MoveSlot(t, redistest.KeySlot(lockKey(name)), 2)
+	select {
+	case err := <-done:
+		require.NoError(t, err, "Lock after its slot migrated")
+	case <-time.After(20 * time.Second):
+		t.Fatal("Lock still waiting after the slot moved")
+	}
+	require.Positive(t, m.Token())
+	require.NoError(t, m.Unlock(ctx))
+}
