@@ -472,3 +472,36 @@ func TestWarmClusterClientOnDefaultOptions(t *testing.T) {
 		cl.WaitReady(t)
 	}
 }
+
+// TestRenewalBatchSplitByMigration: on a Redis Cluster the watchdog renews
+// the holds of one slot in one script call naming all their keys. While the
+// slot migrates (a resharding that moved some of its keys, and is stalled
+// or slow), Redis refuses with TRYAGAIN a script that names keys of the
+// slot present on both sides, though each key alone is served (the source
+// runs it, or answers ASK for a key moved). A Mutex and a Semaphore of one
+// name share a slot: once the Mutex's keys moved, the batch renewing both
+// was refused at every period, and both valid holds were reported lost at
+// their deadline, the lock and permits expiring under their holders.
+func TestRenewalBatchSplitByMigration(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	c := newClientOn(t, cl.Client(t), redlatch.WithWatchdogTimeout(600*time.Millisecond))
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	s := c.Semaphore(name, 2)
+	require.NoError(t, s.Acquire(ctx, 1))
+
+	// The lock's keys move to master 2; the semaphore's stays on master 1.
+	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
+	time.Sleep(1500 * time.Millisecond) // two and a half leases: only renewals keep them
+	requireOpen(t, m.Lost(), "the Mutex hold was lost while its slot migrated")
+	requireOpen(t, s.Lost(), "the Semaphore permits were lost while their slot migrated")
+	rdb := cl.Client(t) // follows ASK to the master the lock moved to
+	ttl, err := rdb.PTTL(ctx, lockKey(name)).Result()
+	require.NoError(t, err)
+	require.Positive(t, ttl, "the lock expired on the master it moved to")
+	ttl, err = rdb.PTTL(ctx, "{"+name+"}:sem").Result()
+	require.NoError(t, err)
+	require.Positive(t, ttl, "the permits expired")
+}

@@ -495,7 +495,7 @@ func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done
 		return w.runBatchesSyncedNotify(ctx, batches, done)
 	}
 	out := make([][]int64, len(batches))
-	if len(batches) == 1 {
+	if len(batches) == 1 && w.c.cluster == nil {
 		keys, argv := renewArgs(batches[0])
 		res, err := renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
 		if err != nil {
@@ -541,13 +541,94 @@ func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batc
 		}
 		_, _ = pipe.Exec(ctx)
 	}
+	var split []int
 	for i, cmd := range cmds {
 		res, err := cmd.Int64Slice()
 		if err != nil {
+			if isTryAgain(err) && len(batches[i]) > 1 {
+				split = append(split, i)
+				continue
+			}
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
 			continue
 		}
 		out[i] = res
+	}
+	if len(split) > 0 {
+		w.renewKeyByKey(ctx, batches, split, out)
+	}
+}
+
+// renewKeyByKey renews batches[i] for each i in which one key at a time,
+// pipelined, and writes their results to out[i]. While a slot migrates
+// with keys of it on both sides, Redis refuses with TRYAGAIN a script that
+// names several of them, but serves each key alone (the source runs it, or
+// answers ASK for a key that moved): a batch refused so must not leave its
+// holds unrenewed for as long as the migration lasts. A key whose renewal
+// fails counts as not renewed (-1), not as gone.
+func (w *watchdog) renewKeyByKey(ctx context.Context, batches [][]*hold, which []int, out [][]int64) {
+	type part struct {
+		batch int
+		at    []int // the holds' positions in their batch
+		cmd   *redis.Cmd
+	}
+	var parts []*part
+	pipe := w.c.rdb.Pipeline()
+	for _, i := range which {
+		byKey := make(map[string]*part)
+		for j, h := range batches[i] {
+			p := byKey[h.key]
+			if p == nil {
+				p = &part{batch: i}
+				byKey[h.key] = p
+				parts = append(parts, p)
+			}
+			p.at = append(p.at, j)
+		}
+	}
+	send := func(p *part, pipe redis.Pipeliner, sha bool) {
+		sub := make([]*hold, len(p.at))
+		for k, j := range p.at {
+			sub[k] = batches[p.batch][j]
+		}
+		keys, argv := renewArgs(sub)
+		if sha {
+			p.cmd = renewScript.EvalSha(ctx, pipe, keys, argv...)
+		} else {
+			p.cmd = renewScript.Eval(ctx, pipe, keys, argv...)
+		}
+	}
+	for _, p := range parts {
+		send(p, pipe, true)
+	}
+	_, _ = pipe.Exec(ctx)
+	// A node without the script (the one a key moved to, say): the script
+	// itself, for those parts only.
+	again := w.c.rdb.Pipeline()
+	for _, p := range parts {
+		if isNoScript(p.cmd.Err()) {
+			send(p, again, false)
+		}
+	}
+	if again.Len() > 0 {
+		_, _ = again.Exec(ctx)
+	}
+	for _, i := range which {
+		out[i] = make([]int64, len(batches[i]))
+	}
+	for _, p := range parts {
+		res, err := p.cmd.Int64Slice()
+		if err != nil || len(res) != len(p.at) {
+			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
+			res = nil
+		}
+		for k, j := range p.at {
+			if res == nil {
+				out[p.batch][j] = -1
+			} else {
+				out[p.batch][j] = res[k]
+			}
+		}
 	}
 }
 
