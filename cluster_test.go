@@ -505,3 +505,34 @@ func TestRenewalBatchSplitByMigration(t *testing.T) {
 	require.NoError(t, err)
 	require.Positive(t, ttl, "the permits expired")
 }
+
+// TestColdCommandTableOnDefaultOptions: a *redis.ClusterClient routes each
+// command by its request policy, from the command table it loads (COMMAND)
+// before the first command it routes so, with context.Background() when
+// ContextTimeoutEnabled is off: on up to 3 nodes in turn, each until the
+// ReadTimeout (here 2s) when it does not answer. A cluster client whose
+// slot map is loaded (an IsLocked, a MULTI of reads, which needs no
+// policy) but not its command table, whose masters then stop answering: a
+// Semaphore.Available returns by its ctx, and a TryLock by its ctx and its
+// undo's bound. They returned after 6s and 13s (3 ReadTimeouts, and 3 more
+// for the undo's call).
+func TestColdCommandTableOnDefaultOptions(t *testing.T) {
+	cl := redistest.NewCluster(t, 3) // private: the test freezes its masters
+	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) { o.ReadTimeout = 2 * time.Second }))
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	m, s := c.Mutex(name), c.Semaphore(name, 2)
+	locked, err := m.IsLocked(ctxT(t, 5*time.Second))
+	require.NoError(t, err)
+	require.False(t, locked)
+
+	for _, srv := range cl.Servers {
+		freeze(t, srv)
+	}
+	failsWithin(t, "Available", time.Second, func(ctx context.Context) error { _, err := s.Available(ctx); return err })
+	failsWithin(t, "TryLock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, func(ctx context.Context) error {
+		_, err := m.TryLock(ctx)
+		require.ErrorIs(t, err, redlatch.ErrNotObtained)
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+		return err
+	})
+}

@@ -174,7 +174,7 @@ func honourDeadlines(rdb redis.UniversalClient) (hookNodes bool) {
 			// MOVED to a node it did not know, say) get theirs at once;
 			// those it has already, when a call goes to them.
 			r.OnNewNode(hookNode)
-			r.AddHook(&clusterDeadlineHook{cc: r})
+			r.AddHook(&clusterDeadlineHook{cc: r, info: newCmdInfoLoad(r)})
 		}
 		return true
 	case *redis.Client:
@@ -353,7 +353,74 @@ func hookNode(node *redis.Client) {
 // before the call goes on. A transaction, which a node hook cannot serve,
 // is routed here (see routeTx).
 type clusterDeadlineHook struct {
-	cc *redis.ClusterClient
+	cc   *redis.ClusterClient
+	info *cmdInfoLoad
+}
+
+// cmdInfoLoad bounds by a call's ctx the load of a cluster client's
+// command table (COMMAND), which go-redis runs before the first command it
+// routes by its request policy (every command, unless
+// DisableRoutingPolicies; and, with ReadOnly, to tell a read), with
+// context.Background() when ContextTimeoutEnabled is off: on up to 3 nodes
+// in turn, each until the ReadTimeout when it does not answer, neither
+// routed nor bounded by anything redlatch could pass it. Until a load
+// succeeds, every command tries it again. So redlatch's calls wait for it
+// in the background (one load at a time) and go on when it ends, or fail
+// with their ctx when that ends first; the load goes on, up to 3
+// ReadTimeouts.
+type cmdInfoLoad struct {
+	load func() bool // loads the table; reports whether it is known loaded
+	mu   sync.Mutex
+	done bool
+	busy chan struct{} // closed when the load in flight ends
+}
+
+// newCmdInfoLoad returns cc's cmdInfoLoad, or nil when cc routes no
+// command by the table.
+func newCmdInfoLoad(cc *redis.ClusterClient) *cmdInfoLoad {
+	if o := cc.Options(); o.DisableRoutingPolicies && !o.ReadOnly {
+		return nil
+	}
+	resolver := cc.NewDynamicResolver()
+	probe := redis.NewCmd(context.Background(), "evalsha")
+	return &cmdInfoLoad{load: func() bool {
+		// A policy comes only from the loaded table (from Redis 7 on, which
+		// has one for every command; on Redis 6.2 each call waits for
+		// another look, at once once the table is loaded).
+		return resolver.GetCommandPolicy(context.Background(), probe) != nil
+	}}
+}
+
+// wait returns once the command table has been loaded, or a load ended,
+// or with ctx's error when ctx ends first.
+func (l *cmdInfoLoad) wait(ctx context.Context) error {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	if l.done {
+		l.mu.Unlock()
+		return nil
+	}
+	busy := l.busy
+	if busy == nil {
+		busy = make(chan struct{})
+		l.busy = busy
+		go func() {
+			done := l.load()
+			l.mu.Lock()
+			l.done, l.busy = done, nil
+			l.mu.Unlock()
+			close(busy)
+		}()
+	}
+	l.mu.Unlock()
+	select {
+	case <-busy:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (h *clusterDeadlineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -362,6 +429,9 @@ func (h *clusterDeadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessH
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if (isScriptCall(cmd) || ctx.Value(ownCall{}) != nil) && ctx.Value(routed{}) == nil {
 			if err := h.hookMasterOf(ctx, cmd); err != nil {
+				return err
+			}
+			if err := h.info.wait(ctx); err != nil {
 				return err
 			}
 		}
