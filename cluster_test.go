@@ -536,3 +536,28 @@ func TestColdCommandTableOnDefaultOptions(t *testing.T) {
 		return err
 	})
 }
+
+// TestColdCommandTableLoadFailsBeforeCtx: as TestColdCommandTableOnDefaultOptions,
+// with a ctx that outlasts one failed load of the command table (3
+// ReadTimeouts): the call must still return by its ctx, not wait for
+// go-redis's own load, unbounded, after the background one failed.
+func TestColdCommandTableLoadFailsBeforeCtx(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) { o.ReadTimeout = 500 * time.Millisecond }))
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	s := c.Semaphore(name, 2)
+	locked, err := c.Mutex(name).IsLocked(ctxT(t, 5*time.Second))
+	require.NoError(t, err)
+	require.False(t, locked)
+	for _, srv := range cl.Servers {
+		freeze(t, srv)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err = s.Available(ctx)
+	took := time.Since(start)
+	t.Logf("Available: %v after %v", err, took)
+	require.Error(t, err)
+	require.Less(t, took, 2500*time.Millisecond, "Available outlasted its 2s ctx")
+}

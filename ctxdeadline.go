@@ -370,9 +370,14 @@ type clusterDeadlineHook struct {
 // ReadTimeouts.
 type cmdInfoLoad struct {
 	load func() bool // loads the table; reports whether it is known loaded
-	mu   sync.Mutex
-	done bool
-	busy chan struct{} // closed when the load in flight ends
+	// slowAt is how long a load lasts at least when it met a node that does
+	// not answer (a read or a dial timed out): go-redis's own load, which a
+	// call going on would run, would wait as long again, unbounded.
+	slowAt time.Duration
+	mu     sync.Mutex
+	done   bool
+	slow   bool          // the last load failed slowly (see slowAt)
+	busy   chan struct{} // closed when the load in flight ends
 }
 
 // newCmdInfoLoad returns cc's cmdInfoLoad, or nil when cc routes no
@@ -383,7 +388,8 @@ func newCmdInfoLoad(cc *redis.ClusterClient) *cmdInfoLoad {
 	}
 	resolver := cc.NewDynamicResolver()
 	probe := redis.NewCmd(context.Background(), "evalsha")
-	return &cmdInfoLoad{load: func() bool {
+	o := cc.Options()
+	return &cmdInfoLoad{slowAt: min(o.ReadTimeout, o.DialTimeout), load: func() bool {
 		// A policy comes only from the loaded table (from Redis 7 on, which
 		// has one for every command; on Redis 6.2 each call waits for
 		// another look, at once once the table is loaded).
@@ -397,29 +403,43 @@ func (l *cmdInfoLoad) wait(ctx context.Context) error {
 	if l == nil {
 		return nil
 	}
-	l.mu.Lock()
-	if l.done {
-		l.mu.Unlock()
-		return nil
-	}
-	busy := l.busy
-	if busy == nil {
-		busy = make(chan struct{})
-		l.busy = busy
-		go func() {
-			done := l.load()
-			l.mu.Lock()
-			l.done, l.busy = done, nil
+	for {
+		l.mu.Lock()
+		if l.done {
 			l.mu.Unlock()
-			close(busy)
-		}()
-	}
-	l.mu.Unlock()
-	select {
-	case <-busy:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+			return nil
+		}
+		busy := l.busy
+		if busy == nil {
+			busy = make(chan struct{})
+			l.busy = busy
+			go func() {
+				start := time.Now()
+				done := l.load()
+				l.mu.Lock()
+				l.done, l.busy = done, nil
+				l.slow = !done && time.Since(start) >= l.slowAt
+				l.mu.Unlock()
+				close(busy)
+			}()
+		}
+		l.mu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		// A load that failed on nodes that do not answer: going on, the
+		// call would run go-redis's own load, as slow and bounded by
+		// nothing. Another one in the background, while ctx lasts. (A
+		// load that ended at once, from the table loaded on Redis 6.2,
+		// which gives no policy, or refused, goes on.)
+		l.mu.Lock()
+		slow := l.slow && !l.done
+		l.mu.Unlock()
+		if !slow {
+			return nil
+		}
 	}
 }
 
