@@ -633,7 +633,7 @@ func (tryAgainHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if !isTryAgain(err) || !isScriptCall(cmd) {
+		if !isTryAgain(err) || !isScriptCall(cmd) || ctx.Value(noTryAgain{}) != nil {
 			return err
 		}
 		var again tryAgainBackoff
@@ -644,6 +644,11 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		return err
 	}
 }
+
+// noTryAgain, as a ctx key, makes tryAgainHook return a TRYAGAIN at once:
+// the watchdog sends a refused batch again one key at a time instead (see
+// renewKeyByKey).
+type noTryAgain struct{}
 
 // tryAgainBackoff paces the sends of a script call refused with TRYAGAIN
 // (see tryAgainHook): 10 ms before the first, doubling up to 200 ms, for

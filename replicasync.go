@@ -297,7 +297,9 @@ func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w.renewSyncedOn(ctx, g.node, batches, g.batch, out)
+			if split := w.renewSyncedOn(ctx, g.node, batches, g.batch, out); len(split) > 0 {
+				w.renewSyncedKeyByKey(ctx, batches, split, out)
+			}
 			if done != nil {
 				done(g.batch, out)
 			}
@@ -308,8 +310,11 @@ func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold
 }
 
 // renewSyncedOn renews batches[i] for each i in which, on node, followed by
-// one WAIT, and writes their results to out[i].
-func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) {
+// one WAIT, and writes their results to out[i]. It returns the batches of
+// several holds that node refused with TRYAGAIN (a slot migrating with keys
+// of the batch on both sides), with out[i] left nil, for
+// renewSyncedKeyByKey to send again one key at a time.
+func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) (split []int) {
 	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
 	// WAIT goes in the scripts' pipeline, one round trip, when it fits
 	// within the connection's read timeout (see runOnWithWait): one
@@ -374,6 +379,10 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	for k, i := range which {
 		res, err := cmds[k].Int64Slice()
 		if err != nil {
+			if isTryAgain(err) && len(batches[i]) > 1 {
+				split = append(split, i)
+				continue
+			}
 			if w.c.cluster != nil && (isRedirect(err) || !isReplyError(err)) {
 				// The slot moved, or its master is gone (a failover may
 				// have promoted a replica that has the hold): the next
@@ -392,4 +401,56 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 		}
 		out[i] = res
 	}
+	return split
+}
+
+// keyByKeyConcurrency bounds how many keys renewSyncedKeyByKey renews at
+// once (each on a connection of its own, for its WAIT).
+const keyByKeyConcurrency = 8
+
+// renewSyncedKeyByKey is renewKeyByKey under WithReplicaSync: it renews
+// batches[i] for each i in which one key at a time and writes their results
+// to out[i]. Each key's script is followed by WAIT on the connection that
+// ran it, by runSynced, as for an acquisition: a key that moved already
+// (the source answers -ASK) is renewed on the importing master after
+// ASKING, and WAIT counts that master's replicas. The keys go concurrently,
+// up to keyByKeyConcurrency at a time, so that slow replicas do not make
+// the WAITs add up. A key whose renewal fails counts as not renewed (-1),
+// not as gone; one that too few replicas acknowledged too, as in a batch
+// (see runBatchesSynced).
+func (w *watchdog) renewSyncedKeyByKey(ctx context.Context, batches [][]*hold, which []int, out [][]int64) {
+	parts := splitByKey(batches, which)
+	for _, i := range which {
+		out[i] = make([]int64, len(batches[i]))
+	}
+	slots := make(chan struct{}, keyByKeyConcurrency)
+	var wg sync.WaitGroup
+	for _, p := range parts {
+		slots <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() {
+				<-slots
+				wg.Done()
+			}()
+			keys, argv := p.args(batches)
+			cmd, acked, waitErr := w.c.runSynced(ctx, renewScript, keys, argv...)
+			res, err := cmd.Int64Slice()
+			if err != nil || len(res) != len(p.at) {
+				w.c.opts.logger.Warn("redlatch: renewal failed", "key", keys[0], "error", err)
+				p.set(out, nil)
+				return
+			}
+			if notSynced := w.c.replicated(ctx, acked, waitErr, nil); notSynced != nil {
+				w.c.opts.logger.Warn("redlatch: renewal not replicated", "key", keys[0], "error", notSynced)
+				for j := range res {
+					if res[j] == 1 {
+						res[j] = -1
+					}
+				}
+			}
+			p.set(out, res)
+		}()
+	}
+	wg.Wait()
 }

@@ -1072,3 +1072,42 @@ func TestReplicaSyncRidesOutFreeLockMigration(t *testing.T) {
 	require.Positive(t, m.Token())
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// TestReplicaSyncRenewalBatchSplitByMigration is
+// TestRenewalBatchSplitByMigration under WithReplicaSync, whose renewals go
+// another way: each master's batches and one WAIT on a connection of that
+// master (renewSyncedOn). While the slot of a Mutex and a Semaphore of one
+// name migrates, the lock's keys moved and the permits' not, the source
+// refuses with TRYAGAIN the batch naming both keys, at every period: both
+// valid holds were reported lost at their deadline, the lock and permits
+// expiring under their holders. Each key alone is served, the lock's on
+// the importing master after ASKING, followed by WAIT there (its own
+// replica acknowledging).
+func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	// A replica of master 1, where the slot is, and of master 2, where the
+	// lock's keys move to: WAIT must be acknowledged on both.
+	cl.AddReplica(t, lockKey(nameOn(t, cl, 1, redistest.UniqueName(t)+"-r")))
+	cl.AddReplica(t, lockKey(nameOn(t, cl, 2, redistest.UniqueName(t)+"-r")))
+	c := newClientOn(t, cl.Client(t), redlatch.WithWatchdogTimeout(600*time.Millisecond),
+		redlatch.WithReplicaSync(1, time.Second))
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	s := c.Semaphore(name, 2)
+	require.NoError(t, s.Acquire(ctx, 1))
+
+	// The lock's keys move to master 2; the semaphore's stays on master 1.
+	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
+	time.Sleep(1500 * time.Millisecond) // two and a half leases: only renewals keep them
+	requireOpen(t, m.Lost(), "the Mutex hold was lost while its slot migrated")
+	requireOpen(t, s.Lost(), "the Semaphore permits were lost while their slot migrated")
+	rdb := cl.Client(t) // follows ASK to the master the lock moved to
+	ttl, err := rdb.PTTL(ctx, lockKey(name)).Result()
+	require.NoError(t, err)
+	require.Positive(t, ttl, "the lock expired on the master it moved to")
+	ttl, err = rdb.PTTL(ctx, "{"+name+"}:sem").Result()
+	require.NoError(t, err)
+	require.Positive(t, ttl, "the permits expired")
+}

@@ -495,10 +495,17 @@ func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done
 		return w.runBatchesSyncedNotify(ctx, batches, done)
 	}
 	out := make([][]int64, len(batches))
-	if len(batches) == 1 && w.c.cluster == nil {
+	if len(batches) == 1 {
 		keys, argv := renewArgs(batches[0])
-		res, err := renewScript.Run(ctx, w.c.rdb, keys, argv...).Int64Slice()
+		// On a cluster, a batch refused with TRYAGAIN is sent again one
+		// key at a time at once (see renewKeyByKey), not again whole by
+		// tryAgainHook until the migration ends.
+		res, err := renewScript.Run(context.WithValue(ctx, noTryAgain{}, true), w.c.rdb, keys, argv...).Int64Slice()
 		if err != nil {
+			if isTryAgain(err) && len(batches[0]) > 1 {
+				w.renewKeyByKey(ctx, batches, []int{0}, out)
+				return out
+			}
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
 			return out
 		}
@@ -565,49 +572,30 @@ func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batc
 // names several of them, but serves each key alone (the source runs it, or
 // answers ASK for a key that moved): a batch refused so must not leave its
 // holds unrenewed for as long as the migration lasts. A key whose renewal
-// fails counts as not renewed (-1), not as gone.
+// fails counts as not renewed (-1), not as gone. Under WithReplicaSync,
+// renewSyncedKeyByKey does it.
 func (w *watchdog) renewKeyByKey(ctx context.Context, batches [][]*hold, which []int, out [][]int64) {
-	type part struct {
-		batch int
-		at    []int // the holds' positions in their batch
-		cmd   *redis.Cmd
-	}
-	var parts []*part
-	pipe := w.c.rdb.Pipeline()
-	for _, i := range which {
-		byKey := make(map[string]*part)
-		for j, h := range batches[i] {
-			p := byKey[h.key]
-			if p == nil {
-				p = &part{batch: i}
-				byKey[h.key] = p
-				parts = append(parts, p)
-			}
-			p.at = append(p.at, j)
-		}
-	}
-	send := func(p *part, pipe redis.Pipeliner, sha bool) {
-		sub := make([]*hold, len(p.at))
-		for k, j := range p.at {
-			sub[k] = batches[p.batch][j]
-		}
-		keys, argv := renewArgs(sub)
+	parts := splitByKey(batches, which)
+	cmds := make([]*redis.Cmd, len(parts))
+	send := func(k int, pipe redis.Pipeliner, sha bool) {
+		keys, argv := parts[k].args(batches)
 		if sha {
-			p.cmd = renewScript.EvalSha(ctx, pipe, keys, argv...)
+			cmds[k] = renewScript.EvalSha(ctx, pipe, keys, argv...)
 		} else {
-			p.cmd = renewScript.Eval(ctx, pipe, keys, argv...)
+			cmds[k] = renewScript.Eval(ctx, pipe, keys, argv...)
 		}
 	}
-	for _, p := range parts {
-		send(p, pipe, true)
+	pipe := w.c.rdb.Pipeline()
+	for k := range parts {
+		send(k, pipe, true)
 	}
 	_, _ = pipe.Exec(ctx)
 	// A node without the script (the one a key moved to, say): the script
 	// itself, for those parts only.
 	again := w.c.rdb.Pipeline()
-	for _, p := range parts {
-		if isNoScript(p.cmd.Err()) {
-			send(p, again, false)
+	for k, cmd := range cmds {
+		if isNoScript(cmd.Err()) {
+			send(k, again, false)
 		}
 	}
 	if again.Len() > 0 {
@@ -616,18 +604,61 @@ func (w *watchdog) renewKeyByKey(ctx context.Context, batches [][]*hold, which [
 	for _, i := range which {
 		out[i] = make([]int64, len(batches[i]))
 	}
-	for _, p := range parts {
-		res, err := p.cmd.Int64Slice()
+	for k, p := range parts {
+		res, err := cmds[k].Int64Slice()
 		if err != nil || len(res) != len(p.at) {
 			w.c.opts.logger.Warn("redlatch: renewal failed", "error", err)
 			res = nil
 		}
-		for k, j := range p.at {
-			if res == nil {
-				out[p.batch][j] = -1
-			} else {
-				out[p.batch][j] = res[k]
+		p.set(out, res)
+	}
+}
+
+// keyPart is the holds of one key in a batch that is renewed one key at a
+// time (see renewKeyByKey).
+type keyPart struct {
+	batch int   // the batch's index
+	at    []int // the holds' positions in their batch
+}
+
+// splitByKey splits batches[i], for each i in which, into one part per
+// key.
+func splitByKey(batches [][]*hold, which []int) []*keyPart {
+	var parts []*keyPart
+	for _, i := range which {
+		byKey := make(map[string]*keyPart)
+		for j, h := range batches[i] {
+			p := byKey[h.key]
+			if p == nil {
+				p = &keyPart{batch: i}
+				byKey[h.key] = p
+				parts = append(parts, p)
 			}
+			p.at = append(p.at, j)
+		}
+	}
+	return parts
+}
+
+// args returns the KEYS and ARGV of lua/renew.lua for the part's holds.
+func (p *keyPart) args(batches [][]*hold) ([]string, []any) {
+	sub := make([]*hold, len(p.at))
+	for k, j := range p.at {
+		sub[k] = batches[p.batch][j]
+	}
+	return renewArgs(sub)
+}
+
+// set writes the part's results res to out[p.batch], which must be
+// allocated; res nil (a renewal that failed) writes -1, not renewed, for
+// each of its holds. Parts write distinct entries: they may set them
+// concurrently.
+func (p *keyPart) set(out [][]int64, res []int64) {
+	for k, j := range p.at {
+		if res == nil {
+			out[p.batch][j] = -1
+		} else {
+			out[p.batch][j] = res[k]
 		}
 	}
 }
