@@ -2529,3 +2529,30 @@ func TestCloseEndsAttemptInFlightAtReadDeadline(t *testing.T) {
 		})
 	}
 }
+
+// TestWaiterOnHugeTTLDoesNotSpin: a lock key written by hand with a very
+// long expiry (PEXPIRE of about 317 years; Redis accepts it) is held: its
+// waiter sleeps, bounded by the holder's remaining PTTL, and does not retry
+// in a busy loop (a PTTL in ms times time.Millisecond overflowed
+// time.Duration to a negative sleep).
+func TestWaiterOnHugeTTLDoesNotSpin(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if !b.Real() {
+			t.Skip("miniredis does not keep an expiry that long")
+		}
+		ctx := ctxT(t, 10*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		require.NoError(t, rdb.HSet(ctx, lockKey(name), "o", "someone", "c", "1", "t", "1").Err())
+		require.NoError(t, rdb.Do(ctx, "PEXPIRE", lockKey(name), int64(10_000_000_000_000)).Err())
+
+		c, _, scripts := countingClient(t, b)
+		m := c.Mutex(name)
+		wctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		defer cancel()
+		err := m.Lock(wctx)
+		requireWaitErr(t, err, wctx)
+		n := scripts.n.Load() + scripts.piped.Load()
+		require.LessOrEqual(t, n, int64(5), "the waiter spun: %d attempts in 500ms on a held lock", n)
+	})
+}

@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	"errors"
+	"math"
 	"net"
 	"slices"
 	"strconv"
@@ -1653,5 +1654,15 @@ func (c *Client) retryBound(pttl int64) time.Duration {
 	case pttl < 1:
 		return time.Millisecond
 	}
-	return time.Duration(pttl) * time.Millisecond
+	return msDuration(pttl)
+}
+
+// msDuration turns ms milliseconds into a Duration, the longest one for an
+// expiry set by hand centuries ahead (in nanoseconds it would overflow to a
+// negative sleep, and a waiter would spin).
+func msDuration(ms int64) time.Duration {
+	if ms > int64(math.MaxInt64/time.Millisecond) {
+		return math.MaxInt64
+	}
+	return time.Duration(ms) * time.Millisecond
 }

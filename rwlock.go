@@ -684,7 +684,7 @@ func (m *RWMutex) info(ctx context.Context) (bool, time.Duration, error) {
 	if err != nil {
 		return false, 0, convertErr(err)
 	}
-	return res[0] == 1, time.Duration(res[1]) * time.Millisecond, nil
+	return res[0] == 1, msDuration(res[1]), nil
 }
 
 // TTL returns the longest remaining lease among the holds of the lock (the
