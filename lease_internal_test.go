@@ -2,6 +2,8 @@ package redlatch
 
 import (
 	"context"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -182,5 +184,52 @@ func TestSemaphoreExpiredPermitsNotKept(t *testing.T) {
 		kept := len(s.recs)
 		s.mu.Unlock()
 		require.LessOrEqual(t, kept, 1, "the handle keeps %d permit records for 1 live permit", kept)
+	})
+}
+
+// TestSemLostOfEarlierHoldSparesNewPermits: a full Release of permits A
+// races with their loss (their lease runs out just after Release picked
+// them, before it marked them releasing) and with a new Acquire B on the
+// same handle. B starts a new Lost channel (the handle held nothing): the
+// late loss of A must not close it, B's permits are live.
+func TestSemLostOfEarlierHoldSparesNewPermits(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+		defer cancel()
+		c := New(b.Client(t), WithWatchdogTimeout(3*time.Second))
+		t.Cleanup(func() { _ = c.Close() })
+		s := c.Semaphore(redistest.UniqueName(t), 2)
+
+		require.NoError(t, s.Acquire(ctx, 1)) // A
+		s.mu.Lock()
+		a := s.recs[0]
+		s.mu.Unlock()
+
+		// Hold the watchdog's mutex: Release stops at marking A releasing,
+		// Acquire at tracking B.
+		c.wd.mu.Lock()
+		rel := make(chan error, 1)
+		go func() { rel <- s.Release(ctx, 1) }()
+		require.Eventually(t, func() bool {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			return len(s.recs) == 0
+		}, 5*time.Second, time.Millisecond, "Release did not pick A")
+		acq := make(chan error, 1)
+		go func() { acq <- s.Acquire(ctx, 1) }() // B
+		require.Eventually(t, func() bool {
+			buf := make([]byte, 1<<20)
+			return strings.Contains(string(buf[:runtime.Stack(buf, true)]), ").addNotify(")
+		}, 5*time.Second, time.Millisecond, "Acquire did not reach the tracking of B")
+		// A's lease runs out now (what expire does with its deadline past).
+		c.wd.loseLocked(a.h, "test: A's lease ran out")
+		c.wd.mu.Unlock()
+		require.NoError(t, <-rel)
+		require.NoError(t, <-acq)
+
+		lostB := s.Lost()
+		require.NotNil(t, lostB, "the handle holds B")
+		require.False(t, isClosed(lostB), "B's Lost channel closed by the loss of A, released before B was taken")
+		require.NoError(t, s.Release(ctx, 1), "B's permit is live")
 	})
 }

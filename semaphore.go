@@ -91,11 +91,20 @@ type Semaphore struct {
 	mu      sync.Mutex
 	recs    []*permitRecord // live acquisitions of this handle, oldest first
 
-	// lost is closed when a permit record of the handle is lost (see Lost);
+	// gen is the handle's current run of holding permits (see semGen);
 	// guarded by lostMu, which is taken under the watchdog's mutex (by
 	// permitLost) and under mu, and never held while taking either.
 	lostMu sync.Mutex
-	lost   chan struct{}
+	gen    *semGen
+}
+
+// semGen is one run of holding permits of a handle: from an acquisition
+// while it held none to the Release of the last permits it held. Its
+// records' losses close its lost channel (see Lost), never that of a later
+// run: a record released while lost (its lease ran out as Release took it)
+// reports its loss on its own run's channel. lost is guarded by lostMu.
+type semGen struct {
+	lost chan struct{}
 }
 
 // permitRecord is one acquisition held by a handle: its member in the permit
@@ -104,6 +113,7 @@ type permitRecord struct {
 	member string
 	n      int64
 	h      *hold
+	gen    *semGen // the run of holding the record belongs to
 	// until is when Redis has ended the record on its own for sure: the
 	// acquisition's reply time plus the lease (the script ran before it).
 	until time.Time
@@ -205,20 +215,26 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	if !ok {
 		return false, err
 	}
+	// The run of holding is chosen and the record added to the handle's in
+	// one critical section: a Release of all the handle holds in between
+	// would end the run this record joined.
 	s.mu.Lock()
 	s.lostMu.Lock()
-	if s.lost == nil || isClosed(s.lost) || len(s.recs) == 0 {
-		// The first permits, the first since a loss, or the first since
-		// the handle returned all it held: a new channel (the old one is
-		// an earlier hold's, and must not close at this one's loss).
-		s.lost = make(chan struct{})
+	if s.gen == nil || len(s.recs) == 0 {
+		// The first permits, or the first since the handle returned all
+		// it held: a new run (the old channel is an earlier hold's, and
+		// must not close at this one's loss, nor this one at its).
+		s.gen = &semGen{lost: make(chan struct{})}
+	} else if isClosed(s.gen.lost) {
+		// The first since a loss: a new channel.
+		s.gen.lost = make(chan struct{})
 	}
+	gen := s.gen
 	s.lostMu.Unlock()
-	s.mu.Unlock()
 	now := time.Now()
-	rec := &permitRecord{member: member, n: n, h: s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, s.permitLost),
+	rec := &permitRecord{member: member, n: n, gen: gen,
+		h:     s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, func() { s.permitLost(gen) }),
 		until: now.Add(s.lease)}
-	s.mu.Lock()
 	// Forget the fixed-lease (WithLease) permits that ran out and that Redis
 	// has ended too: Release has nothing left to return of them. Kept, they
 	// piled up without bound on a handle whose permits are left to expire.
@@ -327,7 +343,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	oldShrink, newShrink := "", ""
 	if shrink != nil {
 		keep := shrink.n - need
-		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep, until: shrink.until}
+		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep, until: shrink.until, gen: shrink.gen}
 		oldShrink, newShrink = shrink.member, kept.member
 		// The handle keeps holding the kept permits while the Release is
 		// in flight, however long it takes: the record stays renewed,
@@ -335,7 +351,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// of its old name alone would find it gone once the script ran.
 		// The old hold's renewal in flight, if any, is not waited for.
 		bridge = s.c.wd.addNotify(s.name, s.key, 's', strconv.Itoa(len(oldShrink))+":"+oldShrink+newShrink,
-			s.lease, s.renew, s.c.wd.deadlineOf(shrink.h).Add(-s.lease), s.permitLost)
+			s.lease, s.renew, s.c.wd.deadlineOf(shrink.h).Add(-s.lease), func() { s.permitLost(shrink.gen) })
 		s.c.wd.setReleasing(shrink.h, true)
 		s.c.wd.remove(shrink.h)
 	}
@@ -364,7 +380,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// then: Lost must not close again for them, on the channel of a
 		// later acquisition.
 		deadline := s.c.wd.deadlineOf(bridge)
-		onLost := s.permitLost
+		onLost := func() { s.permitLost(kept.gen) }
 		if bridge.isLost() {
 			onLost = nil
 		}
@@ -433,16 +449,16 @@ func (s *Semaphore) Lost() <-chan struct{} {
 	}
 	s.lostMu.Lock()
 	defer s.lostMu.Unlock()
-	return s.lost
+	return s.gen.lost
 }
 
-// permitLost runs when a permit record's hold is lost, with the watchdog's
-// mutex held.
-func (s *Semaphore) permitLost() {
+// permitLost runs when a permit record of the run g is lost, with the
+// watchdog's mutex held.
+func (s *Semaphore) permitLost(g *semGen) {
 	s.lostMu.Lock()
 	defer s.lostMu.Unlock()
-	if s.lost != nil && !isClosed(s.lost) {
-		close(s.lost)
+	if !isClosed(g.lost) {
+		close(g.lost)
 	}
 }
 
