@@ -121,6 +121,14 @@ func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
 	return f
 }
 
+// mayReenter reports whether an attempt may re-enter a hold of the owner
+// that Redis has: see ReentrantMutex.mayReenter.
+func (f *FairMutex) mayReenter() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n > 0 || f.pending > 1 || f.shared
+}
+
 func (f *FairMutex) check(ctx context.Context) error {
 	if f == nil {
 		return invalidArg("lock", "is nil")
@@ -249,8 +257,12 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		tried, unsettled = true, true
 		s := time.Now()
+		reenter := "0" // see ReentrantMutex.mayReenter
+		if f.mayReenter() {
+			reenter = "1"
+		}
 		cmd, acked, waitErr := f.c.runSynced(ctx, fairLockScript, f.keys, pub, retention, id, member, f.owner,
-			f.lease.Milliseconds(), f.placeMs, mode)
+			f.lease.Milliseconds(), f.placeMs, reenter, mode)
 		res, err := cmd.Int64Slice()
 		unsettled = err != nil && !isReplyError(err)
 		if err != nil {

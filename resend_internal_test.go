@@ -3,9 +3,11 @@ package redlatch
 import (
 	"context"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -583,5 +585,116 @@ func TestRWReleaseResentAfterUnqueue(t *testing.T) {
 		require.Zero(t, n)
 		close(hook.proceed)
 		require.NoError(t, <-done, "a's RUnlock ran, but its resend was not recognised")
+	})
+}
+
+// refuseScriptHook fails every call of script while armed, unsent, as a
+// connection lost before the write does (go-redis's retries failed).
+type refuseScriptHook struct {
+	passHook
+	script *redis.Script
+	armed  atomic.Bool
+	seen   atomic.Int32
+}
+
+func (h *refuseScriptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.armed.Load() && strings.EqualFold(cmd.Name(), "evalsha") {
+			if s, _ := cmd.Args()[1].(string); s == h.script.Hash() {
+				h.seen.Add(1)
+				cmd.SetErr(io.ErrUnexpectedEOF)
+				return io.ErrUnexpectedEOF
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestDoubleFailedReleaseThenReentry: a release fails with no reply (it
+// never reached Redis), and so does its resend (Redis was unreachable for
+// the resend's 2s too). The hold's count stays in Redis, unrenewed: it must
+// run out with its lease. The handle, which holds nothing, goes on taking
+// and releasing the lock; a handle that holds nothing must not re-enter
+// that count (as ReentrantMutex's mayReenter ensures), or every
+// acquisition renews it and another owner never gets in.
+func TestDoubleFailedReleaseThenReentry(t *testing.T) {
+	type fns struct {
+		lock   func(context.Context) error
+		try    func(context.Context) (bool, error)
+		unlock func(context.Context) error
+	}
+	kinds := []struct {
+		name    string
+		release **redis.Script
+		holder  func(c *Client, n string) fns
+		waiter  func(c *Client, n string) fns
+	}{
+		{"ReentrantMutex", &unlockScript,
+			func(c *Client, n string) fns { m := c.ReentrantMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} },
+			func(c *Client, n string) fns { m := c.ReentrantMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} }},
+		{"FairMutex", &fairUnlockScript,
+			func(c *Client, n string) fns { m := c.FairMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} },
+			func(c *Client, n string) fns { m := c.FairMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} }},
+		{"RWMutex", &rwUnlockScript,
+			func(c *Client, n string) fns { m := c.RWMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} },
+			func(c *Client, n string) fns { m := c.RWMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} }},
+		{"RWMutexRead", &rwRUnlockScript,
+			func(c *Client, n string) fns { m := c.RWMutex(n); return fns{m.RLock, m.TryRLock, m.RUnlock} },
+			func(c *Client, n string) fns { m := c.RWMutex(n); return fns{m.Lock, m.TryLock, m.Unlock} }},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				timeout := 600 * time.Millisecond
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				hook := &refuseScriptHook{script: *k.release}
+				rdb.AddHook(hook)
+				c := New(rdb, WithWatchdogTimeout(timeout))
+				t.Cleanup(func() { _ = c.Close() })
+				h := k.holder(c, name)
+				require.NoError(t, h.lock(ctx))
+				hook.armed.Store(true)
+				require.Error(t, h.unlock(ctx))
+				require.Eventually(t, func() bool { return hook.seen.Load() >= 2 }, 5*time.Second, time.Millisecond,
+					"the release was not resent")
+				// The resend failed too: let it end before Redis answers again.
+				require.Eventually(t, func() bool {
+					c.waitMu.Lock()
+					defer c.waitMu.Unlock()
+					return c.waits == 0
+				}, 5*time.Second, time.Millisecond)
+				hook.armed.Store(false)
+
+				wc := New(b.Client(t), WithWatchdogTimeout(timeout))
+				t.Cleanup(func() { _ = wc.Close() })
+				w := k.waiter(wc, name)
+				got := make(chan error, 1)
+				var wg sync.WaitGroup
+				wg.Add(1)
+				go func() { defer wg.Done(); got <- w.lock(ctx) }()
+				defer wg.Wait()
+				deadline := time.After(5 * timeout)
+				for {
+					select {
+					case err := <-got:
+						require.NoError(t, err)
+						require.NoError(t, w.unlock(ctx))
+						return
+					case <-deadline:
+						cancel()
+						t.Fatal("the waiter never got in: the holder kept re-entering the count its failed release left")
+					case <-time.After(timeout / 4):
+					}
+					ok, err := h.try(ctx)
+					require.NoError(t, err)
+					if ok {
+						require.NoError(t, h.unlock(ctx))
+					}
+				}
+			})
+		}
 	})
 }

@@ -92,6 +92,7 @@ type RWMutex struct {
 	owner  string
 	lease  time.Duration
 	renew  bool
+	shared bool // WithOwner: other handles may hold the lock as this owner
 	err    error
 	wfield string // the writer's lease field in the hash
 	rfield string // the reader's lease field
@@ -114,6 +115,9 @@ type RWMutex struct {
 	// on a hold that a release found gone, whose own Unlock or RUnlock has
 	// not come yet (see ReentrantMutex.Unlock).
 	worphans, rorphans int
+	// wpending, rpending count this handle's write and read acquisitions
+	// under way (see ReentrantMutex.pending and mayReenter).
+	wpending, rpending int
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -121,7 +125,7 @@ type RWMutex struct {
 // errors wrapping ErrInvalidArgument.
 func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
 	o := newLockOptions(name, opts)
-	m := &RWMutex{c: c, name: name, owner: o.owner, err: o.err}
+	m := &RWMutex{c: c, name: name, owner: o.owner, shared: o.shared, err: o.err}
 	if c != nil && m.err == nil && strings.HasPrefix(name, "}") {
 		m.err = invalidArg("name", "must not start with '}'")
 	}
@@ -133,6 +137,15 @@ func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
 	}
 	m.wfield, m.rfield, m.qfield = "we:"+m.owner, "re:"+m.owner, "ww:"+m.owner
 	return m
+}
+
+// mayReenter reports whether an attempt may re-enter a write hold (n, p:
+// m.wn, m.wpending) or a read hold (m.rn, m.rpending) of the owner that
+// Redis has: see ReentrantMutex.mayReenter.
+func (m *RWMutex) mayReenter(n, p *int) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return *n > 0 || *p > 1 || m.shared
 }
 
 func (m *RWMutex) check(ctx context.Context) error {
@@ -172,6 +185,14 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		return false, ErrClosed
 	}
 	defer m.c.leaveWait()
+	m.mu.Lock()
+	m.wpending++
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.wpending--
+		m.mu.Unlock()
+	}()
 	token, sent, req, ok, err := m.acquireW(ctx, block)
 	if !ok {
 		return false, err
@@ -250,8 +271,11 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		c.wd.setReleasing(queued, true) // this attempt may remove it
 		sent = time.Now()
-		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, m.owner, m.lease.Milliseconds(), req,
-			fenceRetention(m.lease), wait)
+		args := []any{m.owner, m.lease.Milliseconds(), req, fenceRetention(m.lease), wait}
+		if !m.mayReenter(&m.wn, &m.wpending) {
+			args = append(args, "0")
+		}
+		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
 		if err != nil {
 			return false, 0, err
@@ -351,7 +375,13 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 	keys := []string{m.key, m.fence, m.wwake}
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
 	if undo == "" {
-		m.c.resendRelease(ctx, err, begun != "", func(ctx context.Context) { _ = rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
+		m.c.resendRelease(ctx, err, begun != "", func(ctx context.Context) {
+			_ = rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err()
+			// An RLock of the handle may wait for this very read hold to
+			// end (it may not re-enter it, see mayReenter), and the
+			// release publishes to writers only.
+			m.c.ps.wakeKin(m.rwake, m.owner)
+		})
 	}
 	return n, convertErr(err)
 }
@@ -512,6 +542,14 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		return false, ErrClosed
 	}
 	defer m.c.leaveWait() // after the cleanup below
+	m.mu.Lock()
+	m.rpending++
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.rpending--
+		m.mu.Unlock()
+	}()
 	begun, sent, req, ok, err := m.acquireR(ctx, block)
 	if !ok {
 		return false, err
@@ -575,7 +613,11 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent 
 	undo := func(ctx context.Context) { _, _ = m.unlockR(ctx, req, "", "") }
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
-		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, m.owner, m.lease.Milliseconds(), req)
+		args := []any{m.owner, m.lease.Milliseconds(), req}
+		if !m.mayReenter(&m.rn, &m.rpending) {
+			args = append(args, "0")
+		}
+		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, args...)
 		res, err := cmd.Slice()
 		if err != nil {
 			return false, 0, err

@@ -8,7 +8,12 @@
 -- ARGV[6]  lease, ms
 -- ARGV[7]  place lease, ms: how long the queue place lives unless renewed
 --          (the Client's watchdog timeout)
--- ARGV[8]  'w' to queue when the lock is taken (Lock), 't' not to (TryLock)
+-- ARGV[8]  "0" when the owner may not re-enter a hold of its own (the
+--          handle holds nothing and has no other call under way, see
+--          ReentrantMutex.mayReenter): such a hold waits to run out, as
+--          another owner's does (a handoff to this very waiter is still
+--          claimed); "1" otherwise
+-- ARGV[9]  'w' to queue when the lock is taken (Lock), 't' not to (TryLock)
 --
 -- Returns {1, token, count} when the owner holds the lock after the call
 -- (count is its hold count; the token and the count may come as decimal
@@ -36,8 +41,11 @@ if not o and grant(now) then
 end
 local id, member, owner = ARGV[3], ARGV[4], ARGV[5]
 local wl = tonumber(ARGV[7])
-if o == owner then
-  local v = redis.call('HMGET', KEYS[1], 'c', 't', 'g', 'q')
+local v = o == owner and redis.call('HMGET', KEYS[1], 'c', 't', 'g', 'q')
+if v and ARGV[8] == '0' and v[3] ~= id and not ids_has(v[4], id) then
+  v = nil -- not to be re-entered: wait for it as for another owner's
+end
+if v then
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
   -- The full lease from now, never shorter than what is left: another
@@ -69,7 +77,7 @@ if not o then
   return {1, token, 1}
 end
 local pttl = redis.call('PTTL', KEYS[1])
-if ARGV[8] ~= 'w' then
+if ARGV[9] ~= 'w' then
   return {0, pttl, 0}
 end
 local queued = 0

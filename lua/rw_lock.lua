@@ -8,6 +8,9 @@
 -- ARGV[4]  fence retention, ms
 -- ARGV[5]  lease of the waiting place, ms, taken when the lock is busy (new
 --          readers then queue behind this writer); "0": do not queue (TryLock)
+-- ARGV[6]  optional: "0" when the owner may not re-enter a write hold of
+--          its own (see ReentrantMutex.mayReenter): it waits for it to run
+--          out, as for another owner's
 --
 -- Returns {1, token, count} when ARGV[1] holds the write lock after the call
 -- (count 1: this call took it), {0, retry} when it is busy, retry being the
@@ -19,7 +22,7 @@ end
 local s = rw_load(KEYS[1])
 local f, o, req = s.f, ARGV[1], ARGV[3]
 local exp = s.now + tonumber(ARGV[2])
-if f.w == o then
+if f.w == o and (ARGV[6] ~= '0' or ids_has(f.wq, req)) then
   if ids_has(f.wq, req) then
     rw_commit(s)
     return {1, tonumber(f.t), tonumber(f.wc)}

@@ -6,6 +6,8 @@
 -- ARGV[1]  owner id
 -- ARGV[2]  lease, ms
 -- ARGV[3]  request id: unique per RLock or TryRLock call, reused by its retries
+-- ARGV[4]  optional: "0" when the owner may not re-enter a read hold of its
+--          own (see ReentrantMutex.mayReenter): it waits for it to run out
 --
 -- Returns {1, count, begun} when ARGV[1] holds the read lock after the call
 -- (its read hold count, and the request id that began this read hold: a
@@ -25,6 +27,10 @@ local c = tonumber(f['rc:' .. o])
 if c and ids_has(f['rq:' .. o], req) then
   rw_commit(s)
   return {1, c, f['rg:' .. o] or ''}
+end
+if c and ARGV[4] == '0' then
+  rw_commit(s)
+  return {0, math.max(1, tonumber(f['re:' .. o]) - s.now)}
 end
 local _, waiting, _, wmin = rw_scan(s)
 if c or f.w == o or (not f.w and waiting == 0) then
