@@ -212,7 +212,7 @@ func (f *FairMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		f.h, f.n = f.c.wd.add(f.name, f.key, kind, member, f.lease, f.renew, sent), carried
 	} else {
-		f.c.wd.extend(f.h, sent) // a re-entry restarts the lease (see ReentrantMutex.lock)
+		f.c.wd.extend(f.h, sent, f.n+1) // a re-entry restarts the lease (see ReentrantMutex.lock)
 	}
 	f.n++
 	f.reqs = append(f.reqs, req)

@@ -162,7 +162,7 @@ func (m *ReentrantMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		m.h, m.n = m.e.track(sent, token), carried
 	} else {
-		m.e.c.wd.extend(m.h, sent) // a re-entry restarts the lease
+		m.e.c.wd.extend(m.h, sent, m.n+1) // a re-entry restarts the lease
 	}
 	m.n++
 	m.reqs = append(m.reqs, req)

@@ -233,7 +233,7 @@ func (m *RWMutex) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		m.wh, m.wn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), carried
 	} else {
-		m.c.wd.extend(m.wh, sent) // see ReentrantMutex.lock
+		m.c.wd.extend(m.wh, sent, m.wn+1) // see ReentrantMutex.lock
 	}
 	m.wn++
 	m.wreqs = append(m.wreqs, req)
@@ -592,7 +592,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		}
 		m.rh, m.rn = m.c.wd.add(m.name, m.key, kind, member, m.lease, m.renew, sent), carried
 	} else {
-		m.c.wd.extend(m.rh, sent) // see ReentrantMutex.lock
+		m.c.wd.extend(m.rh, sent, m.rn+1) // see ReentrantMutex.lock
 	}
 	m.rbegun = begun
 	m.rn++

@@ -238,3 +238,120 @@ func redlockWaiting(t *testing.T, ctx context.Context, c *Client, name, channel 
 	}, 5*time.Second, time.Millisecond, "the Redlock never waited")
 	return rl, done
 }
+
+// scriptGate, once armed, holds the next call of script before it is sent
+// (closing held) until proceed is closed.
+type scriptGate struct {
+	passHook
+	script  *redis.Script
+	mu      sync.Mutex
+	armed   bool
+	held    chan struct{}
+	proceed chan struct{}
+}
+
+func (g *scriptGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if strings.ToLower(cmd.Name()) != "evalsha" || len(args) < 2 || args[1] != g.script.Hash() {
+			return next(ctx, cmd)
+		}
+		g.mu.Lock()
+		gate := g.armed
+		g.armed = false
+		g.mu.Unlock()
+		if gate {
+			close(g.held)
+			<-g.proceed
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestReentryDuringFinalUnlockKeepsHoldGuarded: goroutine 1 holds a
+// reentrant lock once through a handle and unlocks it; its release is on
+// its way (slow), not yet run in Redis. Goroutine 2 locks through the same
+// handle: Redis re-enters the hold (count 2, the same token or read hold),
+// and the handle counts 2 holds on it. The release in flight cannot end
+// that hold any more: goroutine 2 holds the lock, and the watchdog must
+// keep renewing it, or close Lost at its deadline. It did neither (the
+// hold stayed marked as ending with that release, count 1 against 1
+// release in flight): the lease ran out in Redis, another owner took the
+// lock, and goroutine 2's Lost stayed open.
+func TestReentryDuringFinalUnlockKeepsHoldGuarded(t *testing.T) {
+	const wdt = time.Second
+	type kind struct {
+		name   string
+		script *redis.Script
+		make   func(c *Client, name string) (lock, unlock func(context.Context) error, lost func() <-chan struct{}, other func(context.Context) (bool, error))
+	}
+	kinds := []kind{
+		{"ReentrantMutex", unlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}, func(context.Context) (bool, error)) {
+			m := c.ReentrantMutex(name)
+			return m.Lock, m.Unlock, m.Lost, c.Mutex(name).TryLock
+		}},
+		{"FairMutex", fairUnlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}, func(context.Context) (bool, error)) {
+			f := c.FairMutex(name)
+			return f.Lock, f.Unlock, f.Lost, c.FairMutex(name).TryLock
+		}},
+		{"RWMutexWrite", rwUnlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}, func(context.Context) (bool, error)) {
+			m := c.RWMutex(name)
+			return m.Lock, m.Unlock, m.Lost, c.RWMutex(name).TryLock
+		}},
+		{"RWMutexRead", rwRUnlockScript, func(c *Client, name string) (func(context.Context) error, func(context.Context) error, func() <-chan struct{}, func(context.Context) (bool, error)) {
+			m := c.RWMutex(name)
+			return m.RLock, m.RUnlock, m.RLost, c.RWMutex(name).TryLock
+		}},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 9*time.Second)
+				defer cancel()
+				rdb := b.Client(t)
+				gate := &scriptGate{script: k.script, held: make(chan struct{}), proceed: make(chan struct{})}
+				rdb.AddHook(gate)
+				var once sync.Once
+				open := func() { once.Do(func() { close(gate.proceed) }) }
+				t.Cleanup(open) // before Close: the release goes on
+				c := New(rdb, WithWatchdogTimeout(wdt))
+				t.Cleanup(func() { _ = c.Close() })
+				rel := make(chan error, 1)
+				released := make(chan struct{})
+				started := false
+				t.Cleanup(func() {
+					open()
+					if started {
+						<-released
+					}
+				})
+				lock, unlock, lost, other := k.make(c, redistest.UniqueName(t))
+
+				require.NoError(t, lock(ctx)) // goroutine 1: hold A, count 1
+				gate.mu.Lock()
+				gate.armed = true
+				gate.mu.Unlock()
+				started = true
+				go func() { rel <- unlock(ctx); close(released) }() // goroutine 1's release, slow
+				<-gate.held
+				require.NoError(t, lock(ctx)) // goroutine 2 re-enters: count 2
+				lostB := lost()
+				require.NotNil(t, lostB)
+
+				// The release stays on its way for longer than the lease.
+				time.Sleep(wdt * 3 / 2)
+				took, err := other(ctx)
+				require.NoError(t, err)
+				require.False(t, took && !isClosed(lostB),
+					"another owner took the lock while goroutine 2 holds it and its Lost is open")
+
+				open()
+				<-rel
+				if !took {
+					require.False(t, isClosed(lostB), "goroutine 2's hold reported lost while held")
+					require.NoError(t, unlock(ctx), "goroutine 2's hold is live")
+				}
+			})
+		}
+	})
+}

@@ -185,7 +185,14 @@ func (w *watchdog) addNotify(name, key string, kind byte, member string, lease t
 // one), so h's deadline moves to sent + lease when that is later. Without
 // it a WithLease hold re-entered near its end would be reported lost (and
 // its Unlock refused) while Redis still held it.
-func (w *watchdog) extend(h *hold, sent time.Time) {
+//
+// count is the number of holds the handle takes on h with this re-entry:
+// a release of h in flight that was its last (see finalPending) no longer
+// is, since Redis counted the re-entry before it (a release that ran first
+// would have ended the hold, and the re-entry would have taken another).
+// Left at its old count, h stayed unrenewed and its deadline unenforced
+// until that release's reply, while its new holder held it.
+func (w *watchdog) extend(h *hold, sent time.Time, count int) {
 	if h == nil {
 		return
 	}
@@ -193,6 +200,10 @@ func (w *watchdog) extend(h *hold, sent time.Time) {
 	defer w.mu.Unlock()
 	if d := sent.Add(h.lease); !h.done && d.After(h.deadline) {
 		h.deadline = d
+	}
+	h.count = count
+	if !h.finalPending() && !h.done {
+		w.scheduleLocked(h.deadline) // expire skipped it while releasing
 	}
 }
 
