@@ -588,11 +588,15 @@ func TestRWReleaseResentAfterUnqueue(t *testing.T) {
 	})
 }
 
-// refuseScriptHook fails every call of script while armed, unsent, as a
-// connection lost before the write does (go-redis's retries failed).
+// refuseScriptHook fails the calls of script while armed, unsent, as a
+// connection lost before the write does (go-redis's retries failed): every
+// one, or with fails > 0 the first fails only, the next ones (a resend)
+// held for delay before they go.
 type refuseScriptHook struct {
 	passHook
 	script *redis.Script
+	fails  int32
+	delay  time.Duration
 	armed  atomic.Bool
 	seen   atomic.Int32
 }
@@ -601,9 +605,11 @@ func (h *refuseScriptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if h.armed.Load() && strings.EqualFold(cmd.Name(), "evalsha") {
 			if s, _ := cmd.Args()[1].(string); s == h.script.Hash() {
-				h.seen.Add(1)
-				cmd.SetErr(io.ErrUnexpectedEOF)
-				return io.ErrUnexpectedEOF
+				if n := h.seen.Add(1); h.fails == 0 || n <= h.fails {
+					cmd.SetErr(io.ErrUnexpectedEOF)
+					return io.ErrUnexpectedEOF
+				}
+				time.Sleep(h.delay)
 			}
 		}
 		return next(ctx, cmd)
@@ -696,5 +702,33 @@ func TestDoubleFailedReleaseThenReentry(t *testing.T) {
 				}
 			})
 		}
+	})
+}
+
+// TestLockAfterFailedRUnlockWaitsForResend: an RUnlock fails with no reply
+// and counts as done (its release is resent in the background); the handle
+// holds nothing. Its Lock is no upgrade: it must wait for the read hold the
+// resend ends (as the handle's RLock and Lock do for a hold whose release
+// is in flight), not fail at once with ErrUpgrade.
+func TestLockAfterFailedRUnlockWaitsForResend(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+		defer cancel()
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: 400 * time.Millisecond}
+		rdb.AddHook(hook)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.RWMutex(name)
+		require.NoError(t, m.RLock(ctx))
+		hook.armed.Store(true)
+		require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
+
+		start := time.Now()
+		require.NoError(t, m.Lock(ctx), "the handle holds no read lock: no upgrade")
+		require.GreaterOrEqual(t, hook.seen.Load(), int32(2), "the resend landed first")
+		require.Less(t, time.Since(start), 5*time.Second, "woken when the resend landed")
+		require.NoError(t, m.Unlock(ctx))
 	})
 }

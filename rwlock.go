@@ -272,7 +272,21 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		c.wd.setReleasing(queued, true) // this attempt may remove it
 		sent = time.Now()
 		args := []any{m.owner, m.lease.Milliseconds(), req, fenceRetention(m.lease), wait}
-		if !m.mayReenter(&m.wn, &m.wpending) {
+		reenter := m.mayReenter(&m.wn, &m.wpending)
+		m.mu.Lock()
+		// A read hold of the owner in Redis is this handle's (an upgrade,
+		// refused) only when it holds or takes the read lock, or another
+		// handle may hold it (WithOwner). Otherwise it awaits a release in
+		// flight (an RUnlock that failed with no reply counts as done), or
+		// Redis brought it back: wait for it, as for another owner's.
+		reads := m.rn > 0 || m.rpending > 0 || m.shared
+		m.mu.Unlock()
+		switch {
+		case !reads && reenter:
+			args = append(args, "1", "0")
+		case !reads:
+			args = append(args, "0", "0")
+		case !reenter:
 			args = append(args, "0")
 		}
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)

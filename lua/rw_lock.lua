@@ -11,6 +11,9 @@
 -- ARGV[6]  optional: "0" when the owner may not re-enter a write hold of
 --          its own (see ReentrantMutex.mayReenter): it waits for it to run
 --          out, as for another owner's
+-- ARGV[7]  optional: "0" when a read hold of the owner is not the caller's
+--          (its handle holds and takes no read lock, see RWMutex.acquireW):
+--          no upgrade, it waits for that read hold as for another owner's
 --
 -- Returns {1, token, count} when ARGV[1] holds the write lock after the call
 -- (count 1: this call took it), {0, retry} when it is busy, retry being the
@@ -35,7 +38,7 @@ if f.w == o and (ARGV[6] ~= '0' or ids_has(f.wq, req)) then
   rw_commit(s)
   return {1, tonumber(f.t), c}
 end
-if f['rc:' .. o] then
+if f['rc:' .. o] and ARGV[7] ~= '0' then
   rw_commit(s)
   return {2}
 end
