@@ -211,6 +211,11 @@ func (r *Redlock) check(ctx context.Context) error {
 	if r.err != nil {
 		return r.err
 	}
+	if len(r.nodes) == 0 {
+		// A zero Redlock, not made by NewRedlock: no masters, no quorum,
+		// and a nil semaphore that Lock would wait on until ctx ends.
+		return invalidArg("redlock", "has no masters: make it with NewRedlock")
+	}
 	for _, e := range r.nodes {
 		if err := e.c.check(); err != nil {
 			return err

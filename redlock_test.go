@@ -757,3 +757,24 @@ func TestRedlockValidityDriftOfLongerLeases(t *testing.T) {
 	require.Greater(t, v, long/2)
 	require.NoError(t, r.Unlock(ctx))
 }
+
+// TestZeroRedlockInvalid: a Redlock not made by NewRedlock (its zero value)
+// has no masters. Like a zero Mutex, whose methods return an error wrapping
+// ErrInvalidArgument, its methods must report bad input at once: Lock must
+// not block until ctx ends (for ever with context.Background()), TryLock
+// must not report the lock busy, and Do must not hang.
+func TestZeroRedlockInvalid(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	r := &redlatch.Redlock{}
+	start := time.Now()
+	require.ErrorIs(t, r.Lock(ctx), redlatch.ErrInvalidArgument)
+	ok, err := r.TryLock(ctx)
+	require.False(t, ok)
+	require.ErrorIs(t, err, redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, r.Unlock(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, redlatch.Do(ctx, r, func(context.Context) error { return nil }), redlatch.ErrInvalidArgument)
+	require.Less(t, time.Since(start), time.Second, "a zero Redlock's calls waited for ctx")
+	// A zero Mutex, for comparison, reports bad input.
+	require.ErrorIs(t, (&redlatch.Mutex{}).Lock(ctx), redlatch.ErrInvalidArgument)
+}
