@@ -656,8 +656,8 @@ func tokenArg(token int64) string {
 // use: at least minFenceRetention, and never less than a lease.
 func fenceRetention(lease time.Duration) int64 {
 	r := minFenceRetention
-	if 2*lease > r {
-		r = 2 * lease
+	if lease > r/2 {
+		r = max(2*lease, lease) // 2*lease overflows for a lease of ~146 years
 	}
 	return r.Milliseconds()
 }
