@@ -268,7 +268,8 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 			m.unqueue(ctx)
 		}
 	}
-	try := func(ctx context.Context) (bool, time.Duration, error) {
+	var try attemptFunc
+	try = func(ctx context.Context) (bool, time.Duration, error) {
 		c.wd.setReleasing(queued, true) // this attempt may remove it
 		sent = time.Now()
 		args := []any{m.owner, m.lease.Milliseconds(), req, fenceRetention(m.lease), wait}
@@ -319,6 +320,22 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 					func() { c.ps.wakeKin(m.wwake, m.owner) })
 			} else {
 				c.wd.setReleasing(queued, false)
+			}
+		}
+		if !reads {
+			m.mu.Lock()
+			reads = m.rn > 0 || m.rpending > 0
+			m.mu.Unlock()
+			if reads {
+				// A read hold of this handle (another goroutine's RLock)
+				// may have come in before this attempt: the owner's read
+				// hold it waited for may be the handle's own, an upgrade.
+				// Try again at once, as one (a TryLock: now; a Lock: at
+				// its next attempt, which also leaves the queue).
+				if !block {
+					return try(ctx)
+				}
+				return false, time.Millisecond, nil
 			}
 		}
 		return false, c.retryBound(res[1]), nil

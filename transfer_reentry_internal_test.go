@@ -2,6 +2,7 @@ package redlatch
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"strings"
 	"sync"
@@ -353,5 +354,56 @@ func TestReentryDuringFinalUnlockKeepsHoldGuarded(t *testing.T) {
 				}
 			})
 		}
+	})
+}
+
+// TestTryLockRacingRLockOfSameHandleReportsUpgrade: two goroutines share
+// one RWMutex handle. One calls TryLock while the handle holds nothing, so
+// its attempt says "no read hold of the owner is mine" (ARGV[7] "0", see
+// cd94f2b); before that attempt reaches Redis, the other goroutine's RLock
+// takes the read lock. The attempt then finds the owner holding the read
+// lock and not the write lock: an upgrade, which TryLock reports as
+// ErrUpgrade (as it did before cd94f2b). It returned (false, nil), which
+// says another owner holds the lock: none does.
+func TestTryLockRacingRLockOfSameHandleReportsUpgrade(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		gate := &scriptGate{script: rwLockScript, held: make(chan struct{}), proceed: make(chan struct{})}
+		rdb.AddHook(gate)
+		var once sync.Once
+		open := func() { once.Do(func() { close(gate.proceed) }) }
+		t.Cleanup(open)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		m := c.RWMutex(name)
+
+		gate.mu.Lock()
+		gate.armed = true
+		gate.mu.Unlock()
+		type result struct {
+			took bool
+			err  error
+		}
+		res := make(chan result, 1)
+		go func() {
+			took, err := m.TryLock(ctx)
+			res <- result{took, err}
+		}()
+		<-gate.held // the TryLock's attempt is built, not yet sent
+		require.NoError(t, m.RLock(ctx), "no writer: the read lock is free")
+		open()
+
+		r := <-res
+		require.False(t, r.took, "the owner reads: no write lock")
+		require.True(t, errors.Is(r.err, ErrUpgrade),
+			"TryLock by the owner holding only the read lock: want ErrUpgrade, got (%v, %v)", r.took, r.err)
+		// No other owner holds anything.
+		took, err := c.RWMutex(name).TryRLock(ctx)
+		require.NoError(t, err)
+		require.True(t, took)
+		require.NoError(t, m.RUnlock(ctx))
 	})
 }
