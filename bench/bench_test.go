@@ -292,3 +292,16 @@ func TestNarrowedRun(t *testing.T) {
 		t.Errorf("-workloads naming no workload: %v", err)
 	}
 }
+
+// TestVersionAtLeast: rueidislock runs with NoLoopTracking, as its README
+// asks for a single Redis >= 7.0.5; older servers keep the default.
+func TestVersionAtLeast(t *testing.T) {
+	for v, want := range map[string]bool{
+		"7.0.15": true, "7.0.5": true, "7.0.4": false, "6.2.14": false,
+		"7.2.4": true, "8.0.0": true, "7": false, "7.0": false,
+	} {
+		if got := versionAtLeast(v, 7, 0, 5); got != want {
+			t.Errorf("versionAtLeast(%q, 7.0.5) = %v, want %v", v, got, want)
+		}
+	}
+}

@@ -5,6 +5,8 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -202,12 +204,21 @@ func openRedislock(addr string, reqs *atomic.Int64) (*proc, error) {
 }
 
 // openRueidislock: one rueidislock Locker (its own rueidis client, with
-// client-side caching to wake waiters) per process, KeyMajority 1 (one key
-// per lock on a single Redis), other options at their defaults.
+// client-side caching to wake waiters) per process, configured as
+// rueidislock's README says for a single Redis: KeyMajority 1 (one key per
+// lock) and, on Redis >= 7.0.5, NoLoopTracking (without NOLOOP each client
+// is sent invalidations of its own writes: every acquisition and extension
+// wakes its own holder, which runs an extra extend script, and a waiter of
+// its own process, which retries in vain). Other options at their defaults.
 func openRueidislock(addr string, reqs *atomic.Int64) (*proc, error) {
+	noLoop, err := noLoopTracking(addr)
+	if err != nil {
+		return nil, err
+	}
 	lk, err := rueidislock.NewLocker(rueidislock.LockerOption{
-		ClientOption: rueidis.ClientOption{InitAddress: []string{addr}},
-		KeyMajority:  1,
+		ClientOption:   rueidis.ClientOption{InitAddress: []string{addr}},
+		KeyMajority:    1,
+		NoLoopTracking: noLoop,
 		ClientBuilder: func(o rueidis.ClientOption) (rueidis.Client, error) {
 			c, err := rueidis.NewClient(o)
 			if err != nil {
@@ -236,6 +247,42 @@ func openRueidislock(addr string, reqs *atomic.Int64) (*proc, error) {
 		},
 		close: lk.Close,
 	}, nil
+}
+
+// noLoopTracking reports whether the Redis at addr supports CLIENT TRACKING
+// NOLOOP as rueidislock needs it (7.0.5 and later, redis/redis#11052). It
+// asks with a client of its own, before any measurement.
+func noLoopTracking(addr string) (bool, error) {
+	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	defer rdb.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	info, err := rdb.Info(ctx, "server").Result()
+	if err != nil {
+		return false, err
+	}
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "redis_version:"); ok {
+			return versionAtLeast(v, 7, 0, 5), nil
+		}
+	}
+	return false, nil
+}
+
+// versionAtLeast reports whether the dotted version v is at least
+// major.minor.patch.
+func versionAtLeast(v string, want ...int) bool {
+	parts := strings.Split(v, ".")
+	for i, w := range want {
+		n := 0
+		if i < len(parts) {
+			n, _ = strconv.Atoi(parts[i])
+		}
+		if n != w {
+			return n > w
+		}
+	}
+	return true
 }
 
 // casDelete is the floor's release: compare-and-delete in one script, run
