@@ -604,3 +604,110 @@ func TestWakeAfterSlotCameBack(t *testing.T) {
 	}
 	require.NoError(t, waiter.Unlock(ctx))
 }
+
+// TestWakeAfterSlotMovedWhileSubscriberDown: a waiter's sharded subscriber
+// connection to the master of its lock's slot is down (a network blip)
+// while that slot moves to another master, so the old master's own
+// SUNSUBSCRIBE never reaches it. When the connection comes back, go-redis
+// re-subscribes the channel there, and the old master answers -MOVED: the
+// channel must follow the slot to its new master (as after a stale map's
+// SSUBSCRIBE), and the waiter be woken by the release published there. The
+// -MOVED was ignored (no command of redlatch's was owed a confirmation: the
+// reconnection cleared them), and once the connection delivered again (its
+// health ping) follow stopped checking the slot map: the channel stayed on
+// the old master and the waiter slept until the holder's lease bound.
+func TestWakeAfterSlotMovedWhileSubscriberDown(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	name := redistest.UniqueName(t)
+	tag := "{" + name + "}"
+	owner := cl.ServerFor(tag)
+	to := 0
+	for i, s := range cl.Servers {
+		if s != owner {
+			to = i
+		}
+	}
+	_, ownerPort, _ := strings.Cut(owner.Options().Addr, ":")
+
+	admin := redis.NewClient(cl.Servers[to].Options())
+	t.Cleanup(func() { _ = admin.Close() })
+	oadm := redis.NewClient(owner.Options())
+	t.Cleanup(func() { _ = oadm.Close() })
+	nadm := redis.NewClient(cl.Servers[to].Options())
+	t.Cleanup(func() { _ = nadm.Close() })
+
+	// The waiter's slot map reloads are slow while slow is set (a loaded
+	// or remote node), and its dials to the old master wait while gate is
+	// set (the link is down).
+	var slow, gate atomic.Bool
+	opt := cl.Options()
+	opt.ClusterSlots = func(ctx context.Context) ([]redis.ClusterSlot, error) {
+		if slow.Load() {
+			time.Sleep(3500 * time.Millisecond)
+		}
+		return admin.ClusterSlots(ctx).Result()
+	}
+	opt.Dialer = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		for gate.Load() && strings.HasSuffix(addr, ":"+ownerPort) && ctx.Err() == nil {
+			time.Sleep(5 * time.Millisecond)
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}
+	wrdb := redis.NewClusterClient(opt)
+	t.Cleanup(func() { _ = wrdb.Close() })
+	// A watchdog timeout of 3s: the subscriber's health ping after 1s.
+	wc := newClientOn(t, wrdb, redlatch.WithWatchdogTimeout(3*time.Second),
+		redlatch.WithLogger(slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))))
+	warm := wc.Mutex(name + "-warm")
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+
+	hc := newClientOn(t, cl.Client(t))
+	holder := hc.Mutex(name, redlatch.WithLease(30*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+
+	shardSubs := func(a *redis.Client) int64 {
+		n, err := a.Do(ctx, "PUBSUB", "SHARDNUMSUB", tag+":wake").Slice()
+		if err != nil || len(n) != 2 {
+			return -1
+		}
+		v, _ := n[1].(int64)
+		return v
+	}
+	waiter := wc.Mutex(name)
+	got := make(chan time.Time, 1)
+	go func() {
+		if err := waiter.Lock(ctx); err == nil {
+			got <- time.Now()
+		}
+	}()
+	require.Eventually(t, func() bool { return shardSubs(oadm) == 1 }, 5*time.Second, 10*time.Millisecond,
+		"the waiter did not subscribe")
+	time.Sleep(200 * time.Millisecond) // the waiter sleeps
+
+	// The link to the old master drops, the slot moves, the link comes back.
+	slow.Store(true)
+	gate.Store(true)
+	require.NoError(t, oadm.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err())
+	cl.MoveSlot(t, redistest.KeySlot(tag), to)
+	time.Sleep(100 * time.Millisecond)
+	gate.Store(false)
+
+	// Long enough for the waiter's slot map to be reloaded, and for the
+	// subscription to have followed the slot.
+	time.Sleep(6 * time.Second)
+	t.Logf("SHARDNUMSUB: old master %d, new master %d", shardSubs(oadm), shardSubs(nadm))
+
+	released := time.Now()
+	require.NoError(t, holder.Unlock(ctx))
+	select {
+	case at := <-got:
+		t.Logf("woken %v after the release", at.Sub(released))
+		require.Less(t, at.Sub(released), 2*time.Second)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiter slept through the release: its channel stayed on the slot's old master")
+	}
+	require.NoError(t, waiter.Unlock(ctx))
+}

@@ -753,11 +753,17 @@ func (p *pubsub) refused(n *psNode, err error) bool {
 		}
 	}
 	for name, ch := range p.chans {
-		if ch.node != n || n.inflight[name] == 0 || keySlot(name) != slot {
+		if ch.node != n || keySlot(name) != slot {
 			continue
 		}
-		if n.inflight[name]--; n.inflight[name] == 0 {
-			delete(n.inflight, name)
+		// Also a channel owing no confirmation: the -MOVED may answer
+		// go-redis's re-subscription of it after a reconnection (the slot
+		// moved while the connection was down, so the old master's own
+		// SUNSUBSCRIBE never came). n does not serve the slot either way.
+		if n.inflight[name] > 0 {
+			if n.inflight[name]--; n.inflight[name] == 0 {
+				delete(n.inflight, name)
+			}
 		}
 		p.wg.Add(1)
 		go p.rehome(ch, n)
