@@ -187,6 +187,36 @@ func TestSemaphoreExpiredPermitsNotKept(t *testing.T) {
 	})
 }
 
+// releaseOneUntilPicked starts s.Release(ctx, 1) and returns its result's
+// channel once the Release has taken its record from the handle, leaving
+// left records: with the watchdog's mutex held by the caller, it then waits
+// to mark the record releasing.
+func releaseOneUntilPicked(t *testing.T, ctx context.Context, s *Semaphore, left int) <-chan error {
+	t.Helper()
+	rel := make(chan error, 1)
+	go func() { rel <- s.Release(ctx, 1) }()
+	require.Eventually(t, func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.recs) == left
+	}, 5*time.Second, time.Millisecond, "Release did not take its record")
+	return rel
+}
+
+// acquireOneUntilTracked starts s.Acquire(ctx, 1) and returns its result's
+// channel once it waits (for the watchdog's mutex, held by the caller) to
+// track the permits it took.
+func acquireOneUntilTracked(t *testing.T, ctx context.Context, s *Semaphore) <-chan error {
+	t.Helper()
+	acq := make(chan error, 1)
+	go func() { acq <- s.Acquire(ctx, 1) }()
+	require.Eventually(t, func() bool {
+		buf := make([]byte, 1<<20)
+		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), ").addNotify(")
+	}, 5*time.Second, time.Millisecond, "Acquire did not reach the tracking of its permits")
+	return acq
+}
+
 // TestSemLostOfEarlierHoldSparesNewPermits: a full Release of permits A
 // races with their loss (their lease runs out just after Release picked
 // them, before it marked them releasing) and with a new Acquire B on the
@@ -208,19 +238,8 @@ func TestSemLostOfEarlierHoldSparesNewPermits(t *testing.T) {
 		// Hold the watchdog's mutex: Release stops at marking A releasing,
 		// Acquire at tracking B.
 		c.wd.mu.Lock()
-		rel := make(chan error, 1)
-		go func() { rel <- s.Release(ctx, 1) }()
-		require.Eventually(t, func() bool {
-			s.mu.Lock()
-			defer s.mu.Unlock()
-			return len(s.recs) == 0
-		}, 5*time.Second, time.Millisecond, "Release did not pick A")
-		acq := make(chan error, 1)
-		go func() { acq <- s.Acquire(ctx, 1) }() // B
-		require.Eventually(t, func() bool {
-			buf := make([]byte, 1<<20)
-			return strings.Contains(string(buf[:runtime.Stack(buf, true)]), ").addNotify(")
-		}, 5*time.Second, time.Millisecond, "Acquire did not reach the tracking of B")
+		rel := releaseOneUntilPicked(t, ctx, s, 0) // A
+		acq := acquireOneUntilTracked(t, ctx, s)   // B
 		// A's lease runs out now (what expire does with its deadline past).
 		c.wd.loseLocked(a.h, "test: A's lease ran out")
 		c.wd.mu.Unlock()
@@ -230,6 +249,43 @@ func TestSemLostOfEarlierHoldSparesNewPermits(t *testing.T) {
 		lostB := s.Lost()
 		require.NotNil(t, lostB, "the handle holds B")
 		require.False(t, isClosed(lostB), "B's Lost channel closed by the loss of A, released before B was taken")
+		require.NoError(t, s.Release(ctx, 1), "B's permit is live")
+	})
+}
+
+// TestSemLostOfReleasedPermitsSparesChannelAfterLoss: the handle holds A and
+// C. Release(C) picks C; A is lost (Lost closes); a new Acquire B starts a
+// new channel (the first since a loss); then C's lease runs out as Release
+// took it. C's loss must not close B's channel: C was taken before the loss
+// that B's channel follows, and its Release returned it.
+func TestSemLostOfReleasedPermitsSparesChannelAfterLoss(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+		defer cancel()
+		c := New(b.Client(t), WithWatchdogTimeout(3*time.Second))
+		t.Cleanup(func() { _ = c.Close() })
+		s := c.Semaphore(redistest.UniqueName(t), 3)
+
+		require.NoError(t, s.Acquire(ctx, 1)) // A
+		require.NoError(t, s.Acquire(ctx, 1)) // C
+		s.mu.Lock()
+		a, cr := s.recs[0], s.recs[1]
+		s.mu.Unlock()
+		lostA := s.Lost()
+
+		c.wd.mu.Lock()
+		rel := releaseOneUntilPicked(t, ctx, s, 1) // C
+		c.wd.loseLocked(a.h, "test: A's lease ran out")
+		require.True(t, isClosed(lostA))
+		acq := acquireOneUntilTracked(t, ctx, s) // B
+		c.wd.loseLocked(cr.h, "test: C's lease ran out as Release took it")
+		c.wd.mu.Unlock()
+		require.NoError(t, <-rel)
+		require.NoError(t, <-acq)
+
+		lostB := s.Lost()
+		require.NotNil(t, lostB, "the handle holds B")
+		require.False(t, isClosed(lostB), "B's Lost channel (the first since A's loss) closed by the loss of C, released before B was taken")
 		require.NoError(t, s.Release(ctx, 1), "B's permit is live")
 	})
 }

@@ -114,6 +114,10 @@ type permitRecord struct {
 	n      int64
 	h      *hold
 	gen    *semGen // the run of holding the record belongs to
+	// taken is the channel of the run when a Release took the record
+	// (set then, under lostMu): a loss of the record after that closes it,
+	// not the channel a later acquisition started after a loss.
+	taken chan struct{}
 	// until is when Redis has ended the record on its own for sure: the
 	// acquisition's reply time plus the lease (the script ran before it).
 	until time.Time
@@ -232,9 +236,8 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	gen := s.gen
 	s.lostMu.Unlock()
 	now := time.Now()
-	rec := &permitRecord{member: member, n: n, gen: gen,
-		h:     s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, func() { s.permitLost(gen) }),
-		until: now.Add(s.lease)}
+	rec := &permitRecord{member: member, n: n, gen: gen, until: now.Add(s.lease)}
+	rec.h = s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, func() { s.permitLost(rec) })
 	// Forget the fixed-lease (WithLease) permits that ran out and that Redis
 	// has ended too: Release has nothing left to return of them. Kept, they
 	// piled up without bound on a handle whose permits are left to expire.
@@ -331,6 +334,11 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		upto++
 	}
 	s.recs = append([]*permitRecord(nil), live[:upto]...)
+	s.lostMu.Lock()
+	for _, r := range whole {
+		r.taken = r.gen.lost
+	}
+	s.lostMu.Unlock()
 	s.mu.Unlock()
 
 	members := make([]string, len(whole))
@@ -351,7 +359,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// of its old name alone would find it gone once the script ran.
 		// The old hold's renewal in flight, if any, is not waited for.
 		bridge = s.c.wd.addNotify(s.name, s.key, 's', strconv.Itoa(len(oldShrink))+":"+oldShrink+newShrink,
-			s.lease, s.renew, s.c.wd.deadlineOf(shrink.h).Add(-s.lease), func() { s.permitLost(shrink.gen) })
+			s.lease, s.renew, s.c.wd.deadlineOf(shrink.h).Add(-s.lease), func() { s.permitLost(kept) })
 		s.c.wd.setReleasing(shrink.h, true)
 		s.c.wd.remove(shrink.h)
 	}
@@ -380,7 +388,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// then: Lost must not close again for them, on the channel of a
 		// later acquisition.
 		deadline := s.c.wd.deadlineOf(bridge)
-		onLost := func() { s.permitLost(kept.gen) }
+		onLost := func() { s.permitLost(kept) }
 		if bridge.isLost() {
 			onLost = nil
 		}
@@ -452,13 +460,17 @@ func (s *Semaphore) Lost() <-chan struct{} {
 	return s.gen.lost
 }
 
-// permitLost runs when a permit record of the run g is lost, with the
-// watchdog's mutex held.
-func (s *Semaphore) permitLost(g *semGen) {
+// permitLost runs when permit record r is lost, with the watchdog's mutex
+// held.
+func (s *Semaphore) permitLost(r *permitRecord) {
 	s.lostMu.Lock()
 	defer s.lostMu.Unlock()
-	if !isClosed(g.lost) {
-		close(g.lost)
+	ch := r.gen.lost
+	if r.taken != nil {
+		ch = r.taken
+	}
+	if !isClosed(ch) {
+		close(ch)
 	}
 }
 
