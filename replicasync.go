@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -266,13 +267,13 @@ func isRedirect(err error) bool {
 // have let its copy of the lock expire. Holds the renewal found gone (0) are
 // lost at once as usual.
 func (w *watchdog) runBatchesSynced(ctx context.Context, batches [][]*hold) [][]int64 {
-	return w.runBatchesSyncedNotify(ctx, batches, nil)
+	return w.runBatchesSyncedNotify(ctx, batches, nil, nil)
 }
 
 // runBatchesSyncedNotify is runBatchesSynced that also calls done (when not
 // nil) with the indices of each master's batches as soon as that master's
 // results are in out (see runBatchesNotify).
-func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
+func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64), partDone func(batch int, at []int, res []int64)) [][]int64 {
 	out := make([][]int64, len(batches))
 	type group struct {
 		node  *redis.Client
@@ -297,11 +298,28 @@ func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if split := w.renewSyncedOn(ctx, g.node, batches, g.batch, out); len(split) > 0 {
-				w.renewSyncedKeyByKey(ctx, batches, split, out)
+			split := w.renewSyncedOn(ctx, g.node, batches, g.batch, out)
+			if len(split) == 0 {
+				if done != nil {
+					done(g.batch, out)
+				}
+				return
 			}
+			// The master's other batches are applied now: the key-by-key
+			// renewals may wait for WAIT on another master (the importing
+			// one), up to the replica timeout each, past their deadlines.
 			if done != nil {
-				done(g.batch, out)
+				rest := make([]int, 0, len(g.batch)-len(split))
+				for _, i := range g.batch {
+					if !slices.Contains(split, i) {
+						rest = append(rest, i)
+					}
+				}
+				done(rest, out)
+			}
+			w.renewSyncedKeyByKey(ctx, g.node, batches, split, out, partDone)
+			if done != nil {
+				done(split, out)
 			}
 		}()
 	}
@@ -417,15 +435,45 @@ const keyByKeyConcurrency = 8
 // up to keyByKeyConcurrency at a time, so that slow replicas do not make
 // the WAITs add up. A key whose renewal fails counts as not renewed (-1),
 // not as gone; one that too few replicas acknowledged too, as in a batch
-// (see runBatchesSynced).
-func (w *watchdog) renewSyncedKeyByKey(ctx context.Context, batches [][]*hold, which []int, out [][]int64) {
+// (see runBatchesSynced). Each key's results go to partDone (when not nil)
+// as soon as they are in: the keys that moved wait for WAIT on the
+// importing master, up to the replica timeout each, keyByKeyConcurrency at
+// a time, and the holds the source master renewed must not wait for them,
+// past their deadlines.
+func (w *watchdog) renewSyncedKeyByKey(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64, partDone func(batch int, at []int, res []int64)) {
 	parts := splitByKey(batches, which)
 	for _, i := range which {
 		out[i] = make([]int64, len(batches[i]))
 	}
+	// First every key on node, the source master, one script call per key
+	// and one WAIT, as renewSyncedOn sends batches: the keys it still
+	// has are renewed at once, whatever the importing master's replicas
+	// take. Only the others (-ASK: moved) go one by one through runSynced.
+	sub := make([][]*hold, len(parts))
+	all := make([]int, len(parts))
+	for k, p := range parts {
+		sub[k] = make([]*hold, len(p.at))
+		for n, j := range p.at {
+			sub[k][n] = batches[p.batch][j]
+		}
+		all[k] = k
+	}
+	first := make([][]int64, len(parts))
+	w.renewSyncedOn(ctx, node, sub, all, first)
+	var rest []*keyPart
+	for k, p := range parts {
+		if first[k] == nil {
+			rest = append(rest, p)
+			continue
+		}
+		p.set(out, first[k])
+		if partDone != nil {
+			partDone(p.batch, p.at, first[k])
+		}
+	}
 	slots := make(chan struct{}, keyByKeyConcurrency)
 	var wg sync.WaitGroup
-	for _, p := range parts {
+	for _, p := range rest {
 		slots <- struct{}{}
 		wg.Add(1)
 		go func() {
@@ -433,12 +481,19 @@ func (w *watchdog) renewSyncedKeyByKey(ctx context.Context, batches [][]*hold, w
 				<-slots
 				wg.Done()
 			}()
+			var res []int64
+			defer func() {
+				p.set(out, res)
+				if partDone != nil {
+					partDone(p.batch, p.at, res)
+				}
+			}()
 			keys, argv := p.args(batches)
 			cmd, acked, waitErr := w.c.runSynced(ctx, renewScript, keys, argv...)
 			res, err := cmd.Int64Slice()
 			if err != nil || len(res) != len(p.at) {
 				w.c.opts.logger.Warn("redlatch: renewal failed", "key", keys[0], "error", err)
-				p.set(out, nil)
+				res = nil
 				return
 			}
 			if notSynced := w.c.replicated(ctx, acked, waitErr, nil); notSynced != nil {
@@ -449,7 +504,6 @@ func (w *watchdog) renewSyncedKeyByKey(ctx context.Context, batches [][]*hold, w
 					}
 				}
 			}
-			p.set(out, res)
 		}()
 	}
 	wg.Wait()

@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -1110,4 +1111,49 @@ func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
 	ttl, err = rdb.PTTL(ctx, "{"+name+"}:sem").Result()
 	require.NoError(t, err)
 	require.Positive(t, ttl, "the permits expired")
+}
+
+// TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds: under WithReplicaSync
+// each master's renewals end with one WAIT, and its results are applied as
+// soon as it answered. A batch of a migrating slot refused with TRYAGAIN is
+// renewed key by key, each moved key on the importing master followed by a
+// WAIT of its own, at most 8 at once: with a slow (here: no) replica there,
+// each takes the whole replica timeout, and 99 moved keys took 13 of them.
+// The Semaphore's permits, still on the source master, and a Mutex of
+// another slot of it, both renewed there and acknowledged by its replica,
+// waited for all of them, past their deadlines, and were reported lost.
+func TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	cl.AddReplica(t, lockKey(nameOn(t, cl, 1, redistest.UniqueName(t)+"-r")))
+	// Replica timeout 0.3 of the renewal period (400 ms).
+	c := newClientOn(t, cl.Client(t), redlatch.WithWatchdogTimeout(1200*time.Millisecond),
+		redlatch.WithReplicaSync(1, 120*time.Millisecond))
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	slot := redistest.KeySlot(lockKey(name))
+	moved := []string{lockKey(name)}
+	var held []*redlatch.Mutex
+	for n := 0; len(moved) < 99; n++ {
+		other := fmt.Sprintf("%s-%d", name, n)
+		if redistest.KeySlot(lockKey(other)) == slot {
+			moved = append(moved, lockKey(other))
+		}
+	}
+	for _, k := range moved {
+		m := c.Mutex(strings.TrimSuffix(strings.TrimPrefix(k, "{"), "}:lock"))
+		require.NoError(t, m.Lock(ctx))
+		held = append(held, m)
+	}
+	s := c.Semaphore(name, 2)
+	require.NoError(t, s.Acquire(ctx, 1))
+	other := c.Mutex(nameOn(t, cl, 1, redistest.UniqueName(t)+"-o")) // another slot of master 1
+	require.NoError(t, other.Lock(ctx))
+
+	// The locks' keys move to master 2, which has no replica: their WAITs
+	// there take the replica timeout, and they are lost (not replicated).
+	cl.StartMigration(t, 2, moved...)
+	time.Sleep(2400 * time.Millisecond) // two leases: only renewals keep them
+	requireOpen(t, other.Lost(), "a hold of another slot of the source master was lost")
+	requireOpen(t, s.Lost(), "the Semaphore permits, renewed on the source master, were lost")
+	requireClosedWithin(t, held[0].Lost(), time.Second, "a lock on the importing master, not replicated, was kept")
 }

@@ -453,6 +453,24 @@ func (w *watchdog) renewAll() {
 	// bound (never less than a period) may pass the deadline of a hold
 	// that another master renewed on time.
 	applied := make([]bool, len(batches)) // guarded by w.mu
+	// applyHold applies r, h's result, once: h.renewing says it is not
+	// applied yet (a batch renewed key by key has its holds applied key by
+	// key, see renewSyncedKeyByKey). res nil is a transient error: retried
+	// next period, the deadline still guards.
+	applyHold := func(h *hold, res []int64, j int) {
+		if !h.renewing {
+			return
+		}
+		h.renewing = false
+		if res == nil || h.done || h.finalPending() {
+			return
+		}
+		if res[j] == 1 {
+			h.deadline = sent.Add(h.lease)
+		} else if res[j] == 0 {
+			w.loseLocked(h, "renewal found the hold gone or replaced by another")
+		}
+	}
 	apply := func(which []int, results [][]int64) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
@@ -462,26 +480,20 @@ func (w *watchdog) renewAll() {
 				continue
 			}
 			applied[i] = true
-			for _, h := range batches[i] {
-				h.renewing = false
-			}
-			res := results[i]
-			if res == nil {
-				continue // a transient error: retried next period, the deadline still guards
-			}
 			for j, h := range batches[i] {
-				if h.done || h.finalPending() {
-					continue
-				}
-				if res[j] == 1 {
-					h.deadline = sent.Add(h.lease)
-				} else if res[j] == 0 {
-					w.loseLocked(h, "renewal found the hold gone or replaced by another")
-				}
+				applyHold(h, results[i], j)
 			}
 		}
 	}
-	results := w.runBatchesNotify(ctx, batches, apply)
+	applyPart := func(batch int, at []int, res []int64) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		defer w.renewed.Broadcast()
+		for k, j := range at {
+			applyHold(batches[batch][j], res, k)
+		}
+	}
+	results := w.runBatchesNotify(ctx, batches, apply, applyPart)
 	all := make([]int, len(batches))
 	for i := range all {
 		all[i] = i
@@ -494,16 +506,18 @@ func (w *watchdog) renewAll() {
 // replicated, see runBatchesSynced, or not renewed because Redis refused
 // the write, see lua/renew.lua), or nil for a batch that failed.
 func (w *watchdog) runBatches(ctx context.Context, batches [][]*hold) [][]int64 {
-	return w.runBatchesNotify(ctx, batches, nil)
+	return w.runBatchesNotify(ctx, batches, nil, nil)
 }
 
 // runBatchesNotify is runBatches that, where the batches go to each master
 // on its own (a cluster, or WithReplicaSync), also calls done (when not nil)
 // with the indices of the batches of each master as soon as that master's
-// results are in out.
-func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64)) [][]int64 {
+// results are in out; and partDone (when not nil) with the results of
+// each key of a batch renewed key by key under WithReplicaSync (see
+// renewSyncedKeyByKey) as soon as they are in.
+func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done func(which []int, out [][]int64), partDone func(batch int, at []int, res []int64)) [][]int64 {
 	if w.c.opts.replicas > 0 {
-		return w.runBatchesSyncedNotify(ctx, batches, done)
+		return w.runBatchesSyncedNotify(ctx, batches, done, partDone)
 	}
 	out := make([][]int64, len(batches))
 	if len(batches) == 1 {
