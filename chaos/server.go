@@ -56,7 +56,8 @@ func ServerBinary() string {
 // StartServer starts a redis-server (see ServerBinary). Close stops it for
 // good.
 func StartServer() (*Server, error) {
-	dir, err := os.MkdirTemp("", "redlatch-chaos-")
+	sweepOnce.Do(sweepStale)
+	dir, err := os.MkdirTemp("", "redlatch-chaos-"+strconv.Itoa(os.Getpid())+"-")
 	if err != nil {
 		return nil, err
 	}
@@ -64,6 +65,7 @@ func StartServer() (*Server, error) {
 	for attempt := 0; attempt < 5; attempt++ {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
+			_ = os.RemoveAll(dir)
 			return nil, err
 		}
 		port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
@@ -79,6 +81,29 @@ func StartServer() (*Server, error) {
 	}
 	_ = os.RemoveAll(dir)
 	return nil, errors.Join(errs...)
+}
+
+var sweepOnce sync.Once
+
+// sweepStale removes the directories of test binaries that died without
+// their cleanups (a panic, -timeout, a kill): Pdeathsig killed their
+// servers, but nothing removed their directories. A directory is named
+// after the pid of the binary that made it, "redlatch-chaos-<pid>-<random>".
+func sweepStale() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "redlatch-chaos-*-*"))
+	for _, d := range dirs {
+		f := strings.Split(filepath.Base(d), "-")
+		if len(f) != 4 {
+			continue
+		}
+		pid, err := strconv.Atoi(f[2])
+		if err != nil || pid <= 0 || pid == os.Getpid() {
+			continue
+		}
+		if errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			_ = os.RemoveAll(d)
+		}
+	}
 }
 
 // Start starts the (stopped or killed) server again on its port, empty.

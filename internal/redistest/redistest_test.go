@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -241,6 +242,7 @@ func TestMissingRedisServer(t *testing.T) {
 	run := func(require string) (string, error) {
 		cmd := exec.Command(os.Args[0], "-test.run=^(TestBackends|TestServerFaults|TestNewCluster)$",
 			"-test.v", "-test.count=1", "-test.timeout=60s")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // dies with this binary
 		cmd.Env = append(os.Environ(), "REDISTEST_CHILD=1",
 			EnvServer+"=/nonexistent/redis-server", EnvRequire+"="+require)
 		out, err := cmd.CombinedOutput()
@@ -285,6 +287,7 @@ func TestMainReportsLeaks(t *testing.T) {
 		t.Skip("in the child run")
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestLeakyChild$", "-test.v", "-test.count=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Env = append(os.Environ(), "REDISTEST_LEAK=1", EnvLeakWait+"=200ms")
 	out, err := cmd.CombinedOutput()
 	require.Error(t, err, string(out))
@@ -312,6 +315,7 @@ func TestStartOnTakenPort(t *testing.T) {
 		if cluster {
 			s.args = append(s.args, "--cluster-enabled", "yes")
 		}
+		t.Cleanup(s.kill) // should the start succeed after all
 		err = s.start()
 		require.ErrorIs(t, err, errPortTaken)
 		require.Zero(t, s.PID())

@@ -22,7 +22,13 @@ type Sentinel struct {
 func NewSentinel(t testing.TB, master *Server) *Sentinel {
 	t.Helper()
 	needServer(t)
-	dir := t.TempDir()
+	// Not t.TempDir: a directory named by newDir is removed by a later run
+	// when this test binary dies without its cleanups (-timeout, a kill).
+	dir, err := newDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	host, port, _ := net.SplitHostPort(master.Addr)
 	conf := dir + "/sentinel.conf"
 	body := "sentinel monitor mymaster " + host + " " + port + " 1\n" +

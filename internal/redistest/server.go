@@ -76,10 +76,9 @@ func NewServer(t testing.TB, extraArgs ...string) *Server {
 // node also gets cluster mode, its nodes.conf in its directory, and a free
 // cluster bus port (port+10000).
 func newServer(cluster bool, extraArgs ...string) (*Server, error) {
-	sweepOnce.Do(sweepStale)
-	dir, err := os.MkdirTemp("", "redlatch-redis-"+strconv.Itoa(os.Getpid())+"-")
+	dir, err := newDir()
 	if err != nil {
-		return nil, fmt.Errorf("redistest: %w", err)
+		return nil, err
 	}
 	var errs []error
 	for attempt := 0; attempt < startAttempts; attempt++ {
@@ -94,6 +93,10 @@ func newServer(cluster bool, extraArgs ...string) (*Server, error) {
 			"--port", p, "--bind", "127.0.0.1",
 			"--save", "", "--appendonly", "no",
 			"--dir", dir, "--protected-mode", "no",
+			// A replica's full sync starts at once, not after 5s (Redis
+			// 7's default): AddReplica's master, for one. extraArgs may
+			// set it again.
+			"--repl-diskless-sync-delay", "0",
 		}
 		if cluster {
 			s.args = append(s.args,
@@ -119,6 +122,19 @@ func newServer(cluster bool, extraArgs ...string) (*Server, error) {
 	}
 	_ = os.RemoveAll(dir)
 	return nil, errors.Join(errs...)
+}
+
+// newDir makes a new server directory, "redlatch-redis-<pid>-<random>" in
+// the temporary directory, after removing (once per binary) those of dead
+// test binaries. Every process redistest starts, sentinels too, works in
+// such a directory.
+func newDir() (string, error) {
+	sweepOnce.Do(sweepStale)
+	dir, err := os.MkdirTemp("", "redlatch-redis-"+strconv.Itoa(os.Getpid())+"-")
+	if err != nil {
+		return "", fmt.Errorf("redistest: %w", err)
+	}
+	return dir, nil
 }
 
 var sweepOnce sync.Once
