@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -560,4 +561,40 @@ func TestColdCommandTableLoadFailsBeforeCtx(t *testing.T) {
 	t.Logf("Available: %v after %v", err, took)
 	require.Error(t, err)
 	require.Less(t, took, 2500*time.Millisecond, "Available outlasted its 2s ctx")
+}
+
+// TestCommandTableRefusedWithNoReadTimeout: a cluster client with no read
+// timeout (ReadTimeout -1, stored as 0) whose COMMAND is refused by ACL
+// (NOPERM, at once). A load of the command table that fails at once is not
+// one that met a node that does not answer: the call goes on, as it does
+// with a ReadTimeout. It must not send COMMAND again and again while its
+// ctx lasts, and then fail.
+func TestCommandTableRefusedWithNoReadTimeout(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 10*time.Second)
+	for _, srv := range cl.Servers {
+		require.NoError(t, srv.Client(t).Do(ctx, "ACL", "SETUSER", "default", "-command").Err())
+	}
+	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) { o.ReadTimeout = -1 }))
+	m := c.Mutex(nameOn(t, cl, 1, redistest.UniqueName(t)))
+	lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	start := time.Now()
+	err := m.Lock(lctx)
+	took := time.Since(start)
+	refused := 0
+	for _, srv := range cl.Servers {
+		info, ierr := srv.Client(t).Info(ctx, "errorstats").Result()
+		require.NoError(t, ierr)
+		var n int
+		if i := strings.Index(info, "errorstat_NOPERM:count="); i >= 0 {
+			_, _ = fmt.Sscanf(info[i+len("errorstat_NOPERM:count="):], "%d", &n)
+		}
+		refused += n
+	}
+	t.Logf("Lock: %v after %v; COMMAND refused %d times", err, took, refused)
+	require.NoError(t, err)
+	require.Less(t, took, time.Second)
+	require.Less(t, refused, 20, "COMMAND sent again and again")
+	require.NoError(t, m.Unlock(ctx))
 }

@@ -388,8 +388,16 @@ func newCmdInfoLoad(cc *redis.ClusterClient) *cmdInfoLoad {
 	}
 	resolver := cc.NewDynamicResolver()
 	probe := redis.NewCmd(context.Background(), "evalsha")
+	// A ReadTimeout of 0 (-1 given: no read deadline) bounds no read: a
+	// load that failed then met a dial timeout, or failed at once (a
+	// refusal, NOPERM), and a slowAt of 0 would call every failed load slow
+	// and send COMMAND again and again while a call's ctx lasts.
 	o := cc.Options()
-	return &cmdInfoLoad{slowAt: min(o.ReadTimeout, o.DialTimeout), load: func() bool {
+	slowAt := o.DialTimeout
+	if o.ReadTimeout > 0 {
+		slowAt = min(slowAt, o.ReadTimeout)
+	}
+	return &cmdInfoLoad{slowAt: slowAt, load: func() bool {
 		// A policy comes only from the loaded table (from Redis 7 on, which
 		// has one for every command; on Redis 6.2 each call waits for
 		// another look, at once once the table is loaded).
@@ -418,7 +426,7 @@ func (l *cmdInfoLoad) wait(ctx context.Context) error {
 				done := l.load()
 				l.mu.Lock()
 				l.done, l.busy = done, nil
-				l.slow = !done && time.Since(start) >= l.slowAt
+				l.slow = !done && l.slowAt > 0 && time.Since(start) >= l.slowAt
 				l.mu.Unlock()
 				close(busy)
 			}()
