@@ -328,10 +328,10 @@ func (w *watchdog) runBatchesSyncedNotify(ctx context.Context, batches [][]*hold
 }
 
 // renewSyncedOn renews batches[i] for each i in which, on node, followed by
-// one WAIT, and writes their results to out[i]. It returns the batches of
-// several holds that node refused with TRYAGAIN (a slot migrating with keys
-// of the batch on both sides), with out[i] left nil, for
-// renewSyncedKeyByKey to send again one key at a time.
+// one WAIT, and writes their results to out[i]. It returns the batches
+// that node refused with TRYAGAIN (several holds, a slot migrating with
+// keys of the batch on both sides) or ASK (every key moved), with out[i]
+// left nil, for renewSyncedKeyByKey to send again one key at a time.
 func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batches [][]*hold, which []int, out [][]int64) (split []int) {
 	ms := max(w.c.opts.replicaTimeout.Milliseconds(), 1)
 	// WAIT goes in the scripts' pipeline, one round trip, when it fits
@@ -397,7 +397,10 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	for k, i := range which {
 		res, err := cmds[k].Int64Slice()
 		if err != nil {
-			if isTryAgain(err) && len(batches[i]) > 1 {
+			if isTryAgain(err) && len(batches[i]) > 1 || isReplyError(err) && replyCode(err) == "ASK" {
+				// Keys of a migrating slot on both sides (TRYAGAIN), or
+				// all of them moved (ASK): renewed key by key, each
+				// following ASK as runSynced does.
 				split = append(split, i)
 				continue
 			}

@@ -1111,6 +1111,19 @@ func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
 	ttl, err = rdb.PTTL(ctx, "{"+name+"}:sem").Result()
 	require.NoError(t, err)
 	require.Positive(t, ttl, "the permits expired")
+
+	// The permits' key moves too: the source answers the batch, every key
+	// of it moved, with -ASK (not TRYAGAIN). Renewed key by key, following
+	// ASK, as the cluster client does without replica sync.
+	cl.StartMigration(t, 2, "{"+name+"}:sem")
+	time.Sleep(1500 * time.Millisecond)
+	requireOpen(t, m.Lost(), "the Mutex hold was lost once every key of its slot moved")
+	requireOpen(t, s.Lost(), "the Semaphore permits were lost once every key of their slot moved")
+	for _, key := range []string{lockKey(name), "{" + name + "}:sem"} {
+		ttl, err = rdb.PTTL(ctx, key).Result()
+		require.NoError(t, err)
+		require.Positive(t, ttl, "%s expired on the master it moved to", key)
+	}
 }
 
 // TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds: under WithReplicaSync
