@@ -187,6 +187,17 @@ func TestSemaphoreExpiredPermitsNotKept(t *testing.T) {
 	})
 }
 
+// newLostSemaphore returns a ctx for the test, a Client on b and a
+// Semaphore of size on it, for the TestSemLostOf* tests.
+func newLostSemaphore(t *testing.T, b redistest.Backend, size int64) (context.Context, *Client, *Semaphore) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+	t.Cleanup(cancel)
+	c := New(b.Client(t), WithWatchdogTimeout(3*time.Second))
+	t.Cleanup(func() { _ = c.Close() })
+	return ctx, c, c.Semaphore(redistest.UniqueName(t), size)
+}
+
 // releaseOneUntilPicked starts s.Release(ctx, 1) and returns its result's
 // channel once the Release has taken its record from the handle, leaving
 // left records: with the watchdog's mutex held by the caller, it then waits
@@ -210,11 +221,18 @@ func acquireOneUntilTracked(t *testing.T, ctx context.Context, s *Semaphore) <-c
 	t.Helper()
 	acq := make(chan error, 1)
 	go func() { acq <- s.Acquire(ctx, 1) }()
+	waitStackHas(t, ").addNotify(", "Acquire did not reach the tracking of its permits")
+	return acq
+}
+
+// waitStackHas waits until a goroutine's stack has call (a goroutine
+// blocked in it), or fails with msg after 5s.
+func waitStackHas(t *testing.T, call, msg string) {
+	t.Helper()
 	require.Eventually(t, func() bool {
 		buf := make([]byte, 1<<20)
-		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), ").addNotify(")
-	}, 5*time.Second, time.Millisecond, "Acquire did not reach the tracking of its permits")
-	return acq
+		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), call)
+	}, 5*time.Second, time.Millisecond, msg)
 }
 
 // TestSemLostOfEarlierHoldSparesNewPermits: a full Release of permits A
@@ -224,11 +242,7 @@ func acquireOneUntilTracked(t *testing.T, ctx context.Context, s *Semaphore) <-c
 // late loss of A must not close it, B's permits are live.
 func TestSemLostOfEarlierHoldSparesNewPermits(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
-		defer cancel()
-		c := New(b.Client(t), WithWatchdogTimeout(3*time.Second))
-		t.Cleanup(func() { _ = c.Close() })
-		s := c.Semaphore(redistest.UniqueName(t), 2)
+		ctx, c, s := newLostSemaphore(t, b, 2)
 
 		require.NoError(t, s.Acquire(ctx, 1)) // A
 		s.mu.Lock()
@@ -260,11 +274,7 @@ func TestSemLostOfEarlierHoldSparesNewPermits(t *testing.T) {
 // that B's channel follows, and its Release returned it.
 func TestSemLostOfReleasedPermitsSparesChannelAfterLoss(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
-		defer cancel()
-		c := New(b.Client(t), WithWatchdogTimeout(3*time.Second))
-		t.Cleanup(func() { _ = c.Close() })
-		s := c.Semaphore(redistest.UniqueName(t), 3)
+		ctx, c, s := newLostSemaphore(t, b, 3)
 
 		require.NoError(t, s.Acquire(ctx, 1)) // A
 		require.NoError(t, s.Acquire(ctx, 1)) // C
@@ -286,6 +296,43 @@ func TestSemLostOfReleasedPermitsSparesChannelAfterLoss(t *testing.T) {
 		lostB := s.Lost()
 		require.NotNil(t, lostB, "the handle holds B")
 		require.False(t, isClosed(lostB), "B's Lost channel (the first since A's loss) closed by the loss of C, released before B was taken")
+		require.NoError(t, s.Release(ctx, 1), "B's permit is live")
+	})
+}
+
+// TestSemLostOfShrunkRecordNotReportedTwice: the handle holds S (2
+// permits). Release(1) picks S to shrink; S's lease runs out before the
+// Release started its bridge hold (Lost closes: S's loss, the kept permit
+// included). A new Acquire B then starts a new channel (the first since a
+// loss). The bridge of the kept permit starts from S's deadline, past: it
+// is lost at once, the same loss as S's, already reported. It must not
+// close B's channel: B's permit is live.
+func TestSemLostOfShrunkRecordNotReportedTwice(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, c, s := newLostSemaphore(t, b, 3)
+
+		require.NoError(t, s.Acquire(ctx, 2)) // S
+		s.mu.Lock()
+		sr := s.recs[0]
+		s.mu.Unlock()
+		lostS := s.Lost()
+
+		c.wd.mu.Lock()
+		rel := make(chan error, 1)
+		go func() { rel <- s.Release(ctx, 1) }()
+		waitStackHas(t, ").deadlineOf(", "Release did not reach the bridge of its kept permit")
+		// S's lease runs out now (what expire does with its deadline past).
+		sr.h.deadline = time.Now()
+		c.wd.loseLocked(sr.h, "test: S's lease ran out")
+		require.True(t, isClosed(lostS))
+		acq := acquireOneUntilTracked(t, ctx, s) // B
+		c.wd.mu.Unlock()
+		<-rel
+		require.NoError(t, <-acq)
+
+		lostB := s.Lost()
+		require.NotNil(t, lostB, "the handle holds B")
+		require.False(t, isClosed(lostB), "B's Lost channel (the first since S's loss) closed again by S's kept permit, lost with S")
 		require.NoError(t, s.Release(ctx, 1), "B's permit is live")
 	})
 }

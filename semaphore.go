@@ -118,6 +118,12 @@ type permitRecord struct {
 	// (set then, under lostMu): a loss of the record after that closes it,
 	// not the channel a later acquisition started after a loss.
 	taken chan struct{}
+	// reported is set (under lostMu) once the record's loss was reported;
+	// shared by a shrunk record and its kept part, which are lost together:
+	// the loss of one must not close, again, a channel started after the
+	// other's (a kept part's bridge hold starts lost when the shrunk
+	// record's lease ran out).
+	reported *bool
 	// until is when Redis has ended the record on its own for sure: the
 	// acquisition's reply time plus the lease (the script ran before it).
 	until time.Time
@@ -236,7 +242,7 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	gen := s.gen
 	s.lostMu.Unlock()
 	now := time.Now()
-	rec := &permitRecord{member: member, n: n, gen: gen, until: now.Add(s.lease)}
+	rec := &permitRecord{member: member, n: n, gen: gen, reported: new(bool), until: now.Add(s.lease)}
 	rec.h = s.c.wd.addNotify(s.name, s.key, 'p', member, s.lease, s.renew, sent, func() { s.permitLost(rec) })
 	// Forget the fixed-lease (WithLease) permits that ran out and that Redis
 	// has ended too: Release has nothing left to return of them. Kept, they
@@ -351,7 +357,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	oldShrink, newShrink := "", ""
 	if shrink != nil {
 		keep := shrink.n - need
-		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep, until: shrink.until, gen: shrink.gen}
+		kept = &permitRecord{member: s.owner + "|" + newID() + "|" + strconv.FormatInt(keep, 10), n: keep, until: shrink.until, gen: shrink.gen, reported: shrink.reported}
 		oldShrink, newShrink = shrink.member, kept.member
 		// The handle keeps holding the kept permits while the Release is
 		// in flight, however long it takes: the record stays renewed,
@@ -465,6 +471,10 @@ func (s *Semaphore) Lost() <-chan struct{} {
 func (s *Semaphore) permitLost(r *permitRecord) {
 	s.lostMu.Lock()
 	defer s.lostMu.Unlock()
+	if *r.reported {
+		return
+	}
+	*r.reported = true
 	ch := r.gen.lost
 	if r.taken != nil {
 		ch = r.taken
