@@ -517,6 +517,13 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		case <-undoing:
 		case <-t.C:
 		case <-ctx.Done():
+			// This call sends no round: the handle's next call waits
+			// for the undo in its stead.
+			r.mu.Lock()
+			if r.undoing == nil {
+				r.undoing = undoing
+			}
+			r.mu.Unlock()
 		}
 		t.Stop()
 	}

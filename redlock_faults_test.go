@@ -585,25 +585,23 @@ func TestRedlockEndedCtxUnlockSlowMaster(t *testing.T) {
 	}, 4*time.Second, 50*time.Millisecond, "master 2 stayed locked after Unlock")
 }
 
-// TestRedlockTryLockAfterFailedTryLock: another owner holds master 0
-// (a Mutex). A TryLock gets master 1, and master 2 grants it too but its
-// reply comes after the attempt timeout: the round fails and is undone; the
-// undo on master 2 takes 400ms on its way. A second TryLock of the handle
-// right after must not be refused by the handle's own grant of the first
-// round on master 2, which TryLock no longer waited to see undone: it
-// reported (false, nil), "other owners hold it", while only master 0 was
-// taken by another owner.
-func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
+// redlockWithSlowUndo returns a test ctx and a Redlock r over 3 masters
+// of which master 0 is held by another owner (Mutex m, to unlock at the
+// end), armed so that r's next attempt on master 2 gets its reply after 3s
+// (lateReply is cleared once it is sent) and its next release there (the
+// undo of that round) takes undoDelay on its way.
+func redlockWithSlowUndo(t *testing.T, undoDelay time.Duration) (context.Context, *redlatch.Redlock, *redlatch.Mutex, *atomic.Bool) {
+	t.Helper()
 	servers := redlockServers(t, 3)
 	ctx := ctxT(t, 20*time.Second)
 	name := redistest.UniqueName(t)
 	wake := "{" + name + "}:wake"
 	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
-	var lateReply, slowUndo atomic.Bool
+	lateReply, slowUndo := new(atomic.Bool), new(atomic.Bool)
 	clients := redlockClients(t, servers[:2])
 	rdb := servers[2].Client(t)
-	rdb.AddHook(delayHook{match: armedOnce(&lateReply, isAttempt), d: 3 * time.Second, late: true})
-	rdb.AddHook(delayHook{match: armedOnce(&slowUndo, scriptWith(wake)), d: 400 * time.Millisecond})
+	rdb.AddHook(delayHook{match: armedOnce(lateReply, isAttempt), d: 3 * time.Second, late: true})
+	rdb.AddHook(delayHook{match: armedOnce(slowUndo, scriptWith(wake)), d: undoDelay})
 	clients = append(clients, newClientOn(t, rdb))
 	warm := redlatch.NewRedlock(name+"-warm", clients)
 	require.NoError(t, warm.Lock(ctx))
@@ -613,6 +611,19 @@ func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
 	r := redlatch.NewRedlock(name, clients)
 	lateReply.Store(true)
 	slowUndo.Store(true)
+	return ctx, r, m, lateReply
+}
+
+// TestRedlockTryLockAfterFailedTryLock: another owner holds master 0
+// (a Mutex). A TryLock gets master 1, and master 2 grants it too but its
+// reply comes after the attempt timeout: the round fails and is undone; the
+// undo on master 2 takes 400ms on its way. A second TryLock of the handle
+// right after must not be refused by the handle's own grant of the first
+// round on master 2, which TryLock no longer waited to see undone: it
+// reported (false, nil), "other owners hold it", while only master 0 was
+// taken by another owner.
+func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
+	ctx, r, m, _ := redlockWithSlowUndo(t, 400*time.Millisecond)
 	ok, err := r.TryLock(ctx)
 	t.Logf("first TryLock: %v, %v", ok, err)
 	require.False(t, ok)
@@ -633,25 +644,7 @@ func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
 // handle's own grant of that round on master 2: it reported (false, nil),
 // "other owners hold it", while only master 0 was taken by another owner.
 func TestRedlockTryLockAfterLockCtxEnded(t *testing.T) {
-	servers := redlockServers(t, 3)
-	ctx := ctxT(t, 20*time.Second)
-	name := redistest.UniqueName(t)
-	wake := "{" + name + "}:wake"
-	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
-	var lateReply, slowUndo atomic.Bool
-	clients := redlockClients(t, servers[:2])
-	rdb := servers[2].Client(t)
-	rdb.AddHook(delayHook{match: armedOnce(&lateReply, isAttempt), d: 3 * time.Second, late: true})
-	rdb.AddHook(delayHook{match: armedOnce(&slowUndo, scriptWith(wake)), d: 400 * time.Millisecond})
-	clients = append(clients, newClientOn(t, rdb))
-	warm := redlatch.NewRedlock(name+"-warm", clients)
-	require.NoError(t, warm.Lock(ctx))
-	require.NoError(t, warm.Unlock(ctx))
-	m := clients[0].Mutex(name)
-	require.NoError(t, m.Lock(ctx))
-	r := redlatch.NewRedlock(name, clients)
-	lateReply.Store(true)
-	slowUndo.Store(true)
+	ctx, r, m, lateReply := redlockWithSlowUndo(t, 400*time.Millisecond)
 	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancel()
 	err := r.Lock(short)
@@ -703,4 +696,35 @@ func TestCloseWaitsForRedlockStragglerRelease(t *testing.T) {
 	n, err := servers[2].Client(t).Exists(ctx, lockKey(name)).Result()
 	require.NoError(t, err)
 	require.Zero(t, n, "the slow master's release was cut by closing the Redis client after Close: it stays locked for its lease")
+}
+
+// TestRedlockUndoWaitSurvivesEndedCtx: as TestRedlockTryLockAfterFailedTryLock,
+// the handle's failed TryLock leaves an undo on master 2 on its way (700ms).
+// A Lock of the handle from another goroutine, whose 100ms ctx ends while it
+// waits for that undo, took the pending undo from the handle and dropped
+// it: the next TryLock no longer waited for it and was refused by the
+// handle's own grant of the first round, reporting (false, nil) while only
+// master 0 is taken by another owner.
+func TestRedlockUndoWaitSurvivesEndedCtx(t *testing.T) {
+	ctx, r, m, _ := redlockWithSlowUndo(t, 700*time.Millisecond)
+	ok, err := r.TryLock(ctx)
+	t.Logf("first TryLock: %v, %v", ok, err)
+	require.False(t, ok)
+
+	done := make(chan error, 1)
+	go func() {
+		short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		defer cancel()
+		done <- r.Lock(short)
+	}()
+	err = <-done
+	t.Logf("Lock with a short ctx: %v", err)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+
+	ok, err = r.TryLock(ctx)
+	t.Logf("second TryLock: %v, %v", ok, err)
+	require.NoError(t, err)
+	require.True(t, ok, "refused by its own grant of the first round: the pending undo was dropped by the Lock whose ctx ended")
+	require.NoError(t, r.Unlock(ctx))
+	require.NoError(t, m.Unlock(ctx))
 }
