@@ -303,6 +303,9 @@ func (c *Client) Close() error {
 	if c == nil {
 		return invalidArg("client", "is nil")
 	}
+	if c.cancel == nil {
+		return invalidArg("client", "is not made by New")
+	}
 	if !c.closed.CompareAndSwap(false, true) {
 		return ErrClosed
 	}
@@ -334,6 +337,9 @@ func (c *Client) Close() error {
 func (c *Client) check() error {
 	if c == nil {
 		return invalidArg("client", "is nil")
+	}
+	if c.rdb == nil && c.err == nil {
+		return invalidArg("client", "is not made by New")
 	}
 	if c.err != nil {
 		return c.err

@@ -2556,3 +2556,20 @@ func TestWaiterOnHugeTTLDoesNotSpin(t *testing.T) {
 		require.LessOrEqual(t, n, int64(5), "the waiter spun: %d attempts in 500ms on a held lock", n)
 	})
 }
+
+// TestZeroClientInvalid: a Client not made by New (its zero value) is bad
+// input, as a nil one is: every primitive's call returns an error wrapping
+// ErrInvalidArgument, and so does Close. They panicked (a nil pointer).
+// (From a reviewer's side note.)
+func TestZeroClientInvalid(t *testing.T) {
+	c := &redlatch.Client{}
+	ctx := context.Background()
+	require.ErrorIs(t, c.Mutex("a").Lock(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, c.ReentrantMutex("a").Lock(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, c.FairMutex("a").Lock(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, c.RWMutex("a").RLock(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, c.Semaphore("a", 1).Acquire(ctx, 1), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, c.CountDownLatch("a").Wait(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, redlatch.NewRedlock("a", []*redlatch.Client{c}).Lock(ctx), redlatch.ErrInvalidArgument)
+	require.ErrorIs(t, c.Close(), redlatch.ErrInvalidArgument)
+}
