@@ -71,12 +71,7 @@ func TestWakeAfterSlotMovedStaleMap(t *testing.T) {
 	require.NoError(t, holder.Lock(ctx))
 
 	waiter := wc.Mutex(name)
-	got := make(chan time.Time, 1)
-	go func() {
-		if err := waiter.Lock(ctx); err == nil {
-			got <- time.Now()
-		}
-	}()
+	got := lockedAt(ctx, waiter)
 	time.Sleep(1500 * time.Millisecond) // the waiter subscribes and sleeps
 	newOwner := redis.NewClient(cl.Servers[to].Options())
 	oldOwner := redis.NewClient(owner.Options())
@@ -551,12 +546,7 @@ func TestWakeAfterSlotCameBack(t *testing.T) {
 	shardSubs := func(s *redistest.Server) int64 {
 		a := redis.NewClient(s.Options())
 		defer a.Close()
-		n, err := a.Do(ctx, "PUBSUB", "SHARDNUMSUB", "{"+name+"}:wake").Slice()
-		if err != nil || len(n) != 2 {
-			return -1
-		}
-		v, _ := n[1].(int64)
-		return v
+		return shardSubscribers(ctx, a, "{"+name+"}:wake")
 	}
 
 	// A first waiter subscribes on the slot's master, then the slot moves
@@ -585,12 +575,7 @@ func TestWakeAfterSlotCameBack(t *testing.T) {
 	}, 10*time.Second, 50*time.Millisecond, "the waiter's Client did not learn the slot's return")
 
 	waiter := wc.Mutex(name)
-	got := make(chan time.Time, 1)
-	go func() {
-		if err := waiter.Lock(ctx); err == nil {
-			got <- time.Now()
-		}
-	}()
+	got := lockedAt(ctx, waiter)
 	require.Eventually(t, func() bool { return shardSubs(owner) == 1 }, 5*time.Second, 10*time.Millisecond,
 		"the second waiter did not subscribe")
 	time.Sleep(300 * time.Millisecond) // the waiter sleeps
@@ -668,21 +653,9 @@ func TestWakeAfterSlotMovedWhileSubscriberDown(t *testing.T) {
 	holder := hc.Mutex(name, redlatch.WithLease(30*time.Second))
 	require.NoError(t, holder.Lock(ctx))
 
-	shardSubs := func(a *redis.Client) int64 {
-		n, err := a.Do(ctx, "PUBSUB", "SHARDNUMSUB", tag+":wake").Slice()
-		if err != nil || len(n) != 2 {
-			return -1
-		}
-		v, _ := n[1].(int64)
-		return v
-	}
+	shardSubs := func(a *redis.Client) int64 { return shardSubscribers(ctx, a, tag+":wake") }
 	waiter := wc.Mutex(name)
-	got := make(chan time.Time, 1)
-	go func() {
-		if err := waiter.Lock(ctx); err == nil {
-			got <- time.Now()
-		}
-	}()
+	got := lockedAt(ctx, waiter)
 	require.Eventually(t, func() bool { return shardSubs(oadm) == 1 }, 5*time.Second, 10*time.Millisecond,
 		"the waiter did not subscribe")
 	time.Sleep(200 * time.Millisecond) // the waiter sleeps
@@ -710,4 +683,27 @@ func TestWakeAfterSlotMovedWhileSubscriberDown(t *testing.T) {
 		t.Fatal("the waiter slept through the release: its channel stayed on the slot's old master")
 	}
 	require.NoError(t, waiter.Unlock(ctx))
+}
+
+// shardSubscribers returns how many subscribers the node a has on the
+// sharded channel (PUBSUB SHARDNUMSUB), or -1 when it cannot tell.
+func shardSubscribers(ctx context.Context, a *redis.Client, channel string) int64 {
+	n, err := a.Do(ctx, "PUBSUB", "SHARDNUMSUB", channel).Slice()
+	if err != nil || len(n) != 2 {
+		return -1
+	}
+	v, _ := n[1].(int64)
+	return v
+}
+
+// lockedAt locks m in the background and sends the time it got the lock
+// (nothing when Lock fails).
+func lockedAt(ctx context.Context, m *redlatch.Mutex) <-chan time.Time {
+	got := make(chan time.Time, 1)
+	go func() {
+		if err := m.Lock(ctx); err == nil {
+			got <- time.Now()
+		}
+	}()
+	return got
 }

@@ -487,24 +487,40 @@ func TestRenewalBatchSplitByMigration(t *testing.T) {
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 20*time.Second)
 	c := newClientOn(t, cl.Client(t), redlatch.WithWatchdogTimeout(600*time.Millisecond))
+	holdThroughMigration(t, ctx, cl, c)
+}
+
+// holdThroughMigration takes a Mutex and a Semaphore of one name on master
+// 1 of cl through c (its watchdog timeout 600ms), moves the lock's keys to
+// master 2 (the slot left migrating, the permits' key on master 1), and
+// checks, two and a half leases later, that both holds are still in force.
+// It returns both, and the name.
+func holdThroughMigration(t *testing.T, ctx context.Context, cl *redistest.Cluster, c *redlatch.Client) (*redlatch.Mutex, *redlatch.Semaphore, string) {
+	t.Helper()
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
 	m := c.Mutex(name)
 	require.NoError(t, m.Lock(ctx))
 	s := c.Semaphore(name, 2)
 	require.NoError(t, s.Acquire(ctx, 1))
-
-	// The lock's keys move to master 2; the semaphore's stays on master 1.
 	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
-	time.Sleep(1500 * time.Millisecond) // two and a half leases: only renewals keep them
-	requireOpen(t, m.Lost(), "the Mutex hold was lost while its slot migrated")
-	requireOpen(t, s.Lost(), "the Semaphore permits were lost while their slot migrated")
-	rdb := cl.Client(t) // follows ASK to the master the lock moved to
-	ttl, err := rdb.PTTL(ctx, lockKey(name)).Result()
-	require.NoError(t, err)
-	require.Positive(t, ttl, "the lock expired on the master it moved to")
-	ttl, err = rdb.PTTL(ctx, "{"+name+"}:sem").Result()
-	require.NoError(t, err)
-	require.Positive(t, ttl, "the permits expired")
+	requireHeldThroughMigration(t, ctx, cl, m, s, name, "while its slot migrated")
+	return m, s, name
+}
+
+// requireHeldThroughMigration waits two and a half leases (600ms each:
+// only renewals keep the holds) and checks that m's hold and s's permits
+// are in force: Lost open, their keys alive where they are now.
+func requireHeldThroughMigration(t *testing.T, ctx context.Context, cl *redistest.Cluster, m *redlatch.Mutex, s *redlatch.Semaphore, name, when string) {
+	t.Helper()
+	time.Sleep(1500 * time.Millisecond)
+	requireOpen(t, m.Lost(), "the Mutex hold was lost "+when)
+	requireOpen(t, s.Lost(), "the Semaphore permits were lost "+when)
+	rdb := cl.Client(t) // follows ASK to the master a key moved to
+	for _, key := range []string{lockKey(name), "{" + name + "}:sem"} {
+		ttl, err := rdb.PTTL(ctx, key).Result()
+		require.NoError(t, err)
+		require.Positive(t, ttl, "%s expired %s", key, when)
+	}
 }
 
 // TestColdCommandTableOnDefaultOptions: a *redis.ClusterClient routes each

@@ -1093,37 +1093,13 @@ func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
 	cl.AddReplica(t, lockKey(nameOn(t, cl, 2, redistest.UniqueName(t)+"-r")))
 	c := newClientOn(t, cl.Client(t), redlatch.WithWatchdogTimeout(600*time.Millisecond),
 		redlatch.WithReplicaSync(1, time.Second))
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
-	m := c.Mutex(name)
-	require.NoError(t, m.Lock(ctx))
-	s := c.Semaphore(name, 2)
-	require.NoError(t, s.Acquire(ctx, 1))
-
-	// The lock's keys move to master 2; the semaphore's stays on master 1.
-	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
-	time.Sleep(1500 * time.Millisecond) // two and a half leases: only renewals keep them
-	requireOpen(t, m.Lost(), "the Mutex hold was lost while its slot migrated")
-	requireOpen(t, s.Lost(), "the Semaphore permits were lost while their slot migrated")
-	rdb := cl.Client(t) // follows ASK to the master the lock moved to
-	ttl, err := rdb.PTTL(ctx, lockKey(name)).Result()
-	require.NoError(t, err)
-	require.Positive(t, ttl, "the lock expired on the master it moved to")
-	ttl, err = rdb.PTTL(ctx, "{"+name+"}:sem").Result()
-	require.NoError(t, err)
-	require.Positive(t, ttl, "the permits expired")
+	m, s, name := holdThroughMigration(t, ctx, cl, c)
 
 	// The permits' key moves too: the source answers the batch, every key
 	// of it moved, with -ASK (not TRYAGAIN). Renewed key by key, following
 	// ASK, as the cluster client does without replica sync.
 	cl.StartMigration(t, 2, "{"+name+"}:sem")
-	time.Sleep(1500 * time.Millisecond)
-	requireOpen(t, m.Lost(), "the Mutex hold was lost once every key of its slot moved")
-	requireOpen(t, s.Lost(), "the Semaphore permits were lost once every key of their slot moved")
-	for _, key := range []string{lockKey(name), "{" + name + "}:sem"} {
-		ttl, err = rdb.PTTL(ctx, key).Result()
-		require.NoError(t, err)
-		require.Positive(t, ttl, "%s expired on the master it moved to", key)
-	}
+	requireHeldThroughMigration(t, ctx, cl, m, s, name, "once every key of its slot moved")
 }
 
 // TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds: under WithReplicaSync
