@@ -215,7 +215,7 @@ func TestYieldFallbackAfterReleaseInFlight(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		rdb := b.Client(t)
-		hook := &gateHook{entered: make(chan struct{}), release: make(chan struct{})}
+		hook := &scriptGate{script: unlockScript, held: make(chan struct{}), proceed: make(chan struct{})}
 		rdb.AddHook(hook)
 		c, other := New(rdb), New(b.Client(t))
 		t.Cleanup(func() { _ = c.Close(); _ = other.Close() })
@@ -235,47 +235,19 @@ func TestYieldFallbackAfterReleaseInFlight(t *testing.T) {
 		hook.mu.Unlock()
 		unlocked := make(chan error, 1)
 		go func() { unlocked <- m.Unlock(ctx) }()
-		<-hook.entered
+		<-hook.held
 
 		// Goroutine 2 re-enters (its attempt begins after the arm) and
 		// unlocks again before goroutine 1's script runs.
 		require.NoError(t, m.Lock(ctx))   // count 2
 		require.NoError(t, m.Unlock(ctx)) // count 1: partial
-		close(hook.release)               // count 0: public release
+		close(hook.proceed)               // count 0: public release
 		require.NoError(t, <-unlocked)
 
 		require.NoError(t, <-locked)       // the other Client heard the release
 		require.NoError(t, om.Unlock(ctx)) // and freed the lock, publishing nothing
 		awaitSignal(t, local, "the lock is free and the yield's fallback woke no local waiter")
 	})
-}
-
-// gateHook holds back the next unlock.lua call, once armed, until release
-// is closed; entered is closed when it does.
-type gateHook struct {
-	passHook
-	mu      sync.Mutex
-	armed   bool
-	entered chan struct{}
-	release chan struct{}
-}
-
-func (h *gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if name := strings.ToLower(cmd.Name()); name == "evalsha" || name == "eval" {
-			if s, _ := cmd.Args()[1].(string); s == unlockScript.Hash() || strings.HasSuffix(s, unlockLua) {
-				h.mu.Lock()
-				gate := h.armed
-				h.armed = false
-				h.mu.Unlock()
-				if gate {
-					close(h.entered)
-					<-h.release
-				}
-			}
-		}
-		return next(ctx, cmd)
-	}
 }
 
 // TestYieldFallbackAfterReentry: a handle re-enters a hold its owner id
