@@ -122,11 +122,11 @@ func (c *Client) FairMutex(name string, opts ...LockOption) *FairMutex {
 }
 
 // mayReenter reports whether an attempt may re-enter a hold of the owner
-// that Redis has: see ReentrantMutex.mayReenter.
+// that Redis has (see mayReenter).
 func (f *FairMutex) mayReenter() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.n > 0 || f.pending > 1 || f.shared
+	return mayReenter(f.n, f.pending, f.shared)
 }
 
 func (f *FairMutex) check(ctx context.Context) error {
@@ -257,7 +257,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		tried, unsettled = true, true
 		s := time.Now()
-		reenter := "0" // see ReentrantMutex.mayReenter
+		reenter := "0" // see mayReenter
 		if f.mayReenter() {
 			reenter = "1"
 		}

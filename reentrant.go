@@ -49,19 +49,28 @@ func (c *Client) ReentrantMutex(name string, opts ...LockOption) *ReentrantMutex
 }
 
 // mayReenter reports whether an attempt of the handle may re-enter a hold
-// of its owner that Redis has: when the handle holds the lock, another of
-// its calls is under way (its hold may be in Redis before its reply), or
-// the owner id is shared (WithOwner: another handle may hold it). A handle
+// of its owner that Redis has (see mayReenter).
+func (m *ReentrantMutex) mayReenter() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return mayReenter(m.n, m.pending, m.e.shared)
+}
+
+// mayReenter reports whether an attempt of a handle may re-enter a hold of
+// its owner that Redis has, given the holds the handle has (held), its
+// acquisitions under way, this one included (pending), and whether its
+// owner id is shared (WithOwner: another handle may hold it). It may when
+// the handle holds the lock, another of its calls is under way (its hold
+// may be in Redis before its reply), or the owner id is shared. A handle
 // of its own owner id that holds nothing and has no other call under way
 // did not take such a hold, or it ended: Redis brought it back (a restart
 // from an older snapshot, a failover to a stale replica) or it awaits an
 // undo or a release in flight. Re-entering it would report its old token,
 // lower than tokens issued since; the attempt waits for it instead, as for
-// another owner's.
-func (m *ReentrantMutex) mayReenter() bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.n > 0 || m.pending > 1 || m.e.shared
+// another owner's. ReentrantMutex, FairMutex and RWMutex (writes and reads
+// apart) follow this rule.
+func mayReenter(held, pending int, shared bool) bool {
+	return held > 0 || pending > 1 || shared
 }
 
 // Lock blocks until the owner holds the lock once more, or ctx is done. A

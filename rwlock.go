@@ -141,11 +141,11 @@ func (c *Client) RWMutex(name string, opts ...LockOption) *RWMutex {
 
 // mayReenter reports whether an attempt may re-enter a write hold (n, p:
 // m.wn, m.wpending) or a read hold (m.rn, m.rpending) of the owner that
-// Redis has: see ReentrantMutex.mayReenter.
+// Redis has (see mayReenter).
 func (m *RWMutex) mayReenter(n, p *int) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return *n > 0 || *p > 1 || m.shared
+	return mayReenter(*n, *p, m.shared)
 }
 
 func (m *RWMutex) check(ctx context.Context) error {
