@@ -201,15 +201,9 @@ func (w *watchdog) extend(h *hold, sent time.Time, count int) {
 	if d := sent.Add(h.lease); !h.done && d.After(h.deadline) {
 		h.deadline = d
 	}
-	h.count = count
-	if !h.finalPending() && !h.done {
-		w.scheduleLocked(h.deadline) // expire skipped it while releasing
-	}
+	w.recountLocked(h, count)
 }
 
-// setReleasing marks a hold whose release is in flight (v) or no longer in
-// flight because the release left it held (!v). A releasing hold is not
-// renewed, and a renewal reply that finds it gone does not count as a loss.
 // deadlineOf returns h's current local deadline.
 func (w *watchdog) deadlineOf(h *hold) time.Time {
 	w.mu.Lock()
@@ -217,6 +211,9 @@ func (w *watchdog) deadlineOf(h *hold) time.Time {
 	return h.deadline
 }
 
+// setReleasing marks a hold whose release is in flight (v) or no longer in
+// flight because the release left it held (!v). A releasing hold is not
+// renewed, and a renewal reply that finds it gone does not count as a loss.
 func (w *watchdog) setReleasing(h *hold, v bool) {
 	w.setReleasingOf(h, v, 0)
 }
@@ -237,9 +234,17 @@ func (w *watchdog) setReleasingOf(h *hold, v bool, count int) {
 	} else if h.releasing > 0 {
 		h.releasing--
 	}
+	w.recountLocked(h, count)
+}
+
+// recountLocked sets the number of holds the handle has on h (see
+// setReleasingOf and extend). A hold whose releases in flight can no longer
+// end it is renewed again, and its deadline enforced again: expire skipped
+// it while its release was final. w.mu is held.
+func (w *watchdog) recountLocked(h *hold, count int) {
 	h.count = count
 	if !h.finalPending() && !h.done {
-		w.scheduleLocked(h.deadline) // expire skipped it while releasing
+		w.scheduleLocked(h.deadline)
 	}
 }
 
