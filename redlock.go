@@ -82,8 +82,9 @@ type Redlock struct {
 
 	mu sync.Mutex
 	h  *redlockHold
-	// undoing is closed once the undos of the handle's last failed round
-	// that no round followed are done (see release); guarded by mu.
+	// undoing is closed once the undos of the handle's failed rounds
+	// still on their way when their release returned are done (see
+	// release); guarded by mu.
 	undoing chan struct{}
 }
 
@@ -427,20 +428,30 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	t := time.NewTimer(r.attemptTimeout())
 	defer t.Stop()
 	defer func() {
-		if retry && ctx.Err() == nil {
-			return // the round that follows waits for wake-ups as it is
-		}
 		select {
 		case <-done:
+			return
 		default:
-			// Undos still on their way when no round follows (a TryLock,
-			// a hold given back, a Lock whose ctx ended): the handle's
-			// next call waits for them (see lock), or its round would be
-			// refused where this round's grant is still there.
-			r.mu.Lock()
-			r.undoing = done
-			r.mu.Unlock()
 		}
+		// Undos still on their way: the handle's next call waits for them
+		// (see lock), or its round would be refused where this round's
+		// grant is still there. Recorded also when a round follows (it
+		// waits for wake-ups as it is): the Lock may end after it, with
+		// these undos still on their way. Added to those of the call's
+		// earlier rounds still on their way, not in their stead.
+		pending := done
+		r.mu.Lock()
+		if prev := r.undoing; prev != nil {
+			select {
+			case <-prev:
+			default:
+				both := make(chan struct{})
+				go func() { <-prev; <-done; close(both) }()
+				pending = both
+			}
+		}
+		r.undoing = pending
+		r.mu.Unlock()
 	}()
 	select {
 	case <-knownDone:

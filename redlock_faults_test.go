@@ -592,16 +592,43 @@ func TestRedlockEndedCtxUnlockSlowMaster(t *testing.T) {
 // undo of that round) takes undoDelay on its way.
 func redlockWithSlowUndo(t *testing.T, undoDelay time.Duration) (context.Context, *redlatch.Redlock, *redlatch.Mutex, *atomic.Bool) {
 	t.Helper()
+	return redlockOverLateMaster(t, func(_, isUndo func(redis.Cmder) bool) (func(), []redis.Hook) {
+		slowUndo := new(atomic.Bool)
+		return func() { slowUndo.Store(true) }, []redis.Hook{delayHook{match: armedOnce(slowUndo, isUndo), d: undoDelay}}
+	})
+}
+
+// requireRetakesOwnRound requires r's TryLock to succeed (why: what
+// refused it otherwise) and then releases r and the other owner's m.
+func requireRetakesOwnRound(t *testing.T, ctx context.Context, r *redlatch.Redlock, m *redlatch.Mutex, why string) {
+	t.Helper()
+	ok, err := r.TryLock(ctx)
+	t.Logf("TryLock: %v, %v", ok, err)
+	require.NoError(t, err)
+	require.True(t, ok, why)
+	require.NoError(t, r.Unlock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+}
+
+// redlockOverLateMaster is redlockWithSlowUndo with the hooks of master 2's
+// Client (after the late reply's) given by hooks, from the matchers of r's
+// attempts and of its releases there; its arm is called once the warm-up
+// is over.
+func redlockOverLateMaster(t *testing.T, hooks func(isAttempt, isUndo func(redis.Cmder) bool) (arm func(), hs []redis.Hook)) (context.Context, *redlatch.Redlock, *redlatch.Mutex, *atomic.Bool) {
+	t.Helper()
 	servers := redlockServers(t, 3)
 	ctx := ctxT(t, 20*time.Second)
 	name := redistest.UniqueName(t)
 	wake := "{" + name + "}:wake"
 	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
-	lateReply, slowUndo := new(atomic.Bool), new(atomic.Bool)
+	lateReply := new(atomic.Bool)
 	clients := redlockClients(t, servers[:2])
 	rdb := servers[2].Client(t)
 	rdb.AddHook(delayHook{match: armedOnce(lateReply, isAttempt), d: 3 * time.Second, late: true})
-	rdb.AddHook(delayHook{match: armedOnce(slowUndo, scriptWith(wake)), d: undoDelay})
+	arm, hs := hooks(isAttempt, scriptWith(wake))
+	for _, h := range hs {
+		rdb.AddHook(h)
+	}
 	clients = append(clients, newClientOn(t, rdb))
 	warm := redlatch.NewRedlock(name+"-warm", clients)
 	require.NoError(t, warm.Lock(ctx))
@@ -610,7 +637,7 @@ func redlockWithSlowUndo(t *testing.T, undoDelay time.Duration) (context.Context
 	require.NoError(t, m.Lock(ctx))
 	r := redlatch.NewRedlock(name, clients)
 	lateReply.Store(true)
-	slowUndo.Store(true)
+	arm()
 	return ctx, r, m, lateReply
 }
 
@@ -627,12 +654,7 @@ func TestRedlockTryLockAfterFailedTryLock(t *testing.T) {
 	ok, err := r.TryLock(ctx)
 	t.Logf("first TryLock: %v, %v", ok, err)
 	require.False(t, ok)
-	ok, err = r.TryLock(ctx)
-	t.Logf("second TryLock: %v, %v", ok, err)
-	require.NoError(t, err)
-	require.True(t, ok, "refused by its own grant of the previous round")
-	require.NoError(t, r.Unlock(ctx))
-	require.NoError(t, m.Unlock(ctx))
+	requireRetakesOwnRound(t, ctx, r, m, "refused by its own grant of the previous round")
 }
 
 // TestRedlockTryLockAfterLockCtxEnded: TestRedlockTryLockAfterFailedTryLock
@@ -651,12 +673,7 @@ func TestRedlockTryLockAfterLockCtxEnded(t *testing.T) {
 	t.Logf("Lock: %v", err)
 	requireWaitErr(t, err, short)
 	require.False(t, lateReply.Load(), "the attempt on master 2 was not sent")
-	ok, err := r.TryLock(ctx)
-	t.Logf("TryLock: %v, %v", ok, err)
-	require.NoError(t, err)
-	require.True(t, ok, "refused by its own grant of the Lock's round")
-	require.NoError(t, r.Unlock(ctx))
-	require.NoError(t, m.Unlock(ctx))
+	requireRetakesOwnRound(t, ctx, r, m, "refused by its own grant of the Lock's round")
 }
 
 // TestCloseWaitsForRedlockStragglerRelease: a Redlock's Unlock returns once
@@ -721,10 +738,68 @@ func TestRedlockUndoWaitSurvivesEndedCtx(t *testing.T) {
 	t.Logf("Lock with a short ctx: %v", err)
 	require.ErrorIs(t, err, redlatch.ErrNotObtained)
 
-	ok, err = r.TryLock(ctx)
-	t.Logf("second TryLock: %v, %v", ok, err)
-	require.NoError(t, err)
-	require.True(t, ok, "refused by its own grant of the first round: the pending undo was dropped by the Lock whose ctx ended")
-	require.NoError(t, r.Unlock(ctx))
-	require.NoError(t, m.Unlock(ctx))
+	requireRetakesOwnRound(t, ctx, r, m, "refused by its own grant of the first round: the pending undo was dropped by the Lock whose ctx ended")
+}
+
+// cancelAfterHook runs a matching call, then cancels (once armed).
+type cancelAfterHook struct {
+	passHook
+	match  func(redis.Cmder) bool
+	cancel func()
+}
+
+func (h cancelAfterHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if h.match(cmd) {
+			h.cancel()
+		}
+		return err
+	}
+}
+
+// TestRedlockUndoOfEarlierRoundWaitedForAfterLockCtxEnded: as
+// TestRedlockTryLockAfterLockCtxEnded, but the Lock's ctx ends in its second
+// round, not its first. Master 0 is held by another owner; in round 1
+// master 1 grants, master 2 grants but its reply comes after the attempt
+// timeout, and the undo there is held back. Round 1's release returns at
+// the attempt timeout with the ctx alive, so it records nothing ("a round
+// follows"); round 2 is refused on master 2 by round 1's grant, and the ctx
+// ends there. Lock records only round 2's undos: the handle's next TryLock
+// does not wait for round 1's undo on master 2 and is refused by the
+// handle's own grant of round 1, reporting (false, nil) while only master 0
+// is taken by another owner.
+func TestRedlockUndoOfEarlierRoundWaitedForAfterLockCtxEnded(t *testing.T) {
+	var cancel context.CancelFunc
+	secondAttempt := new(atomic.Bool)
+	gate := &gateScriptHook{entered: make(chan struct{}), proceed: make(chan struct{})}
+	ctx, r, m, _ := redlockOverLateMaster(t, func(isAttempt, isUndo func(redis.Cmder) bool) (func(), []redis.Hook) {
+		gate.match = isUndo
+		// Round 2's attempt on master 2 (the first after round 1's undo
+		// was held) ends the Lock's ctx once answered.
+		cancelHook := cancelAfterHook{match: armedOnce(secondAttempt, isAttempt), cancel: func() { cancel() }}
+		return func() { gate.armed.Store(true) }, []redis.Hook{gate, cancelHook}
+	})
+	short, cancelShort := context.WithCancel(ctx)
+	cancel = cancelShort
+	defer cancel()
+	go func() {
+		<-gate.entered // round 1's undo on master 2 is held
+		secondAttempt.Store(true)
+	}()
+
+	err := r.Lock(short)
+	t.Logf("Lock: %v", err)
+	requireWaitErr(t, err, short)
+	select {
+	case <-gate.entered:
+	default:
+		t.Fatal("round 1's undo on master 2 was not sent")
+	}
+	require.False(t, secondAttempt.Load(), "no second round reached master 2")
+	go func() {
+		time.Sleep(300 * time.Millisecond) // round 1's undo reaches master 2
+		close(gate.proceed)
+	}()
+	requireRetakesOwnRound(t, ctx, r, m, "refused by its own grant of the Lock's first round on master 2")
 }
