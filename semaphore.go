@@ -251,11 +251,14 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	// (a pool wait, a retry) holds its permits a whole lease from then, and
 	// the next Release returns them (see Release). Redis has ended them
 	// by until, or already when it counts no permit in use but this
-	// acquisition's. (Renewed permits lost are kept: Redis may still have
-	// them, see Release.)
+	// acquisition's, for the records whose reply came before this script was
+	// sent (r.until - lease): the script of another, sent earlier but held up
+	// longer, may have run after this one, and this count says nothing of
+	// it. (Renewed permits lost are kept: Redis may still have them, see
+	// Release.)
 	recs := make([]*permitRecord, 0, len(s.recs)+1)
 	for _, r := range s.recs {
-		if !r.h.renew && r.h.isLost() && (used == n || !now.Before(r.until)) {
+		if !r.h.renew && r.h.isLost() && ((used == n && r.until.Add(-s.lease).Before(sent)) || !now.Before(r.until)) {
 			s.c.wd.remove(r.h)
 			continue
 		}

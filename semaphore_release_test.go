@@ -610,3 +610,48 @@ func TestSemLostDuringSlowPartialRelease(t *testing.T) {
 		require.NoError(t, s.Release(ctx, 1))
 	})
 }
+
+// TestSemConcurrentAcquireKeepsLateLostPermit: two Acquires on one WithLease
+// handle (1s lease). X is sent first, but its script reaches Redis 600ms
+// late; Y, sent 300ms after X, runs first (the set empty: it counts 1
+// permit in use, its own), and its reply is held back. X's local deadline
+// passes (Lost closes), yet Redis holds X's permit a whole lease from when
+// its script ran. When Y's reply comes, "no permit in use but Y's" is no
+// proof that Redis ended X: X's script ran after Y's. The handle forgot X
+// there, and the Release that returned all it held left X's permit taken in
+// Redis (lost records are returned by the next Release, see Release).
+func TestSemConcurrentAcquireKeepsLateLostPermit(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		gate := &gateScriptHook{match: scriptWith("{" + name + "}:sem"), after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
+		rdb.AddHook(gate)
+		var armed atomic.Bool
+		xHeld := make(chan struct{})
+		rdb.AddHook(delayHook{match: armedOnce(&armed, scriptWith("{"+name+"}:sem")), d: 600 * time.Millisecond, once: new(sync.Once), entered: xHeld})
+		c := newClientOn(t, rdb)
+		s := c.Semaphore(name, 2, redlatch.WithLease(time.Second))
+		require.NoError(t, s.Acquire(ctx, 1)) // scripts loaded: no NOSCRIPT resend skips the hooks
+		require.NoError(t, s.Release(ctx, 1))
+
+		armed.Store(true)
+		x := make(chan error, 1)
+		go func() { x <- s.Acquire(ctx, 1) }() // X: its script reaches Redis 600ms late
+		<-xHeld
+		time.Sleep(300 * time.Millisecond)
+		gate.armed.Store(true)
+		y := make(chan error, 1)
+		go func() { y <- s.Acquire(ctx, 1) }() // Y: its script runs now, before X's; its reply is held
+		<-gate.entered
+
+		require.NoError(t, <-x)
+		requireClosedWithin(t, s.Lost(), 2*time.Second, "X's lease ran out locally")
+		close(gate.proceed)
+		require.NoError(t, <-y)
+		require.NoError(t, s.Release(ctx, 1)) // Y, and X's record in case Redis still has it
+		n, err := s.Available(ctx)
+		require.NoError(t, err)
+		require.Equal(t, int64(2), n, "X's permit, still held in Redis, was not returned by the Release of all the handle held")
+	})
+}
