@@ -610,7 +610,27 @@ func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (
 	if n := p.nodes[""]; n != nil {
 		return n, nil
 	}
+	if r, ok := p.c.rdb.(*redis.Client); ok {
+		return p.newNodeLocked("", writeDeadlines(r).Subscribe(p.ctx), false), nil
+	}
 	return p.newNodeLocked("", p.c.rdb.Subscribe(p.ctx), false), nil
+}
+
+// writeDeadlines returns r, or, when r sets no write deadlines at all
+// (WriteTimeout -2, or ReadTimeout -2 with WriteTimeout unset), a clone of
+// r for subscriber connections that sets them, with no timeout of its own
+// (WriteTimeout -1): dropConnection drops a connection by a ping written
+// under a past deadline, which r would never set, and the connection would
+// stay up (a half-open one deaf for good, one to an old master after a
+// failover on it). The clone shares r's pools and dial hooks.
+func writeDeadlines(r *redis.Client) *redis.Client {
+	o := r.Options()
+	if o.WriteTimeout >= 0 {
+		return r
+	}
+	clone := r.WithTimeout(o.ReadTimeout)
+	clone.Options().WriteTimeout = 0 // go-redis's own value for -1
+	return clone
 }
 
 // shardNodeLocked returns the sharded subscriber connection of a master,
@@ -620,7 +640,7 @@ func (p *pubsub) shardNodeLocked(master *redis.Client) *psNode {
 	if n := p.nodes[addr]; n != nil {
 		return n
 	}
-	return p.newNodeLocked(addr, master.SSubscribe(p.c.ctx), true)
+	return p.newNodeLocked(addr, writeDeadlines(master).SSubscribe(p.c.ctx), true)
 }
 
 // newNodeLocked registers a subscriber connection and starts its goroutines.

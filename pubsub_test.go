@@ -267,34 +267,44 @@ func TestWakeAfterSubscriberHalfOpen(t *testing.T) {
 		if b.Server == nil {
 			t.Skip("single real server only: the proxy fronts one address")
 		}
-		ctx, name, holder := heldLongLease(t, b)
+		// With write deadlines off too (WriteTimeout -2; ReadTimeout -2
+		// alone does the same): the subscriber drops an unresponsive
+		// connection by a ping written under a past deadline, which such
+		// a client never set, so nothing was dropped and the waiter stayed
+		// deaf until the holder's lease.
+		for _, wt := range []time.Duration{0, -2} {
+			t.Run(fmt.Sprintf("WriteTimeout=%d", wt), func(t *testing.T) {
+				ctx, name, holder := heldLongLease(t, b)
 
-		proxy := redistest.NewProxy(t, b.Server.Addr)
-		opts := b.Server.Options()
-		opts.Addr = proxy.Addr
-		rdb := redis.NewClient(opts)
-		t.Cleanup(func() { _ = rdb.Close() })
-		wc := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
-		t.Cleanup(func() { _ = wc.Close() })
-		waiter := wc.Mutex(name)
-		got := make(chan time.Time, 1)
-		go func() {
-			if err := waiter.Lock(ctx); err == nil {
-				got <- time.Now()
-			}
-		}()
-		require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
-			5*time.Second, 10*time.Millisecond)
-		require.Positive(t, proxy.Freeze())
-		released := time.Now()
-		require.NoError(t, holder.Unlock(ctx))
-		select {
-		case at := <-got:
-			require.Less(t, at.Sub(released), 6*time.Second)
-		case <-time.After(20 * time.Second):
-			t.Fatal("waiter stranded on a half-open subscriber connection")
+				proxy := redistest.NewProxy(t, b.Server.Addr)
+				opts := b.Server.Options()
+				opts.Addr = proxy.Addr
+				opts.WriteTimeout = wt
+				rdb := redis.NewClient(opts)
+				t.Cleanup(func() { _ = rdb.Close() })
+				wc := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
+				t.Cleanup(func() { _ = wc.Close() })
+				waiter := wc.Mutex(name)
+				got := make(chan time.Time, 1)
+				go func() {
+					if err := waiter.Lock(ctx); err == nil {
+						got <- time.Now()
+					}
+				}()
+				require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
+					5*time.Second, 10*time.Millisecond)
+				require.Positive(t, proxy.Freeze())
+				released := time.Now()
+				require.NoError(t, holder.Unlock(ctx))
+				select {
+				case at := <-got:
+					require.Less(t, at.Sub(released), 6*time.Second)
+				case <-time.After(20 * time.Second):
+					t.Fatal("waiter stranded on a half-open subscriber connection")
+				}
+				require.NoError(t, waiter.Unlock(ctx))
+			})
 		}
-		require.NoError(t, waiter.Unlock(ctx))
 	})
 }
 
