@@ -1099,7 +1099,7 @@ func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
 	// of it moved, with -ASK (not TRYAGAIN). Renewed key by key, following
 	// ASK, as the cluster client does without replica sync.
 	cl.StartMigration(t, 2, "{"+name+"}:sem")
-	requireHeldThroughMigration(t, ctx, cl, m, s, name, "once every key of its slot moved")
+	requireHeldThroughMigration(t, ctx, cl, m, s, "once every key of its slot moved", lockKey(name), "{"+name+"}:sem")
 }
 
 // TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds: under WithReplicaSync

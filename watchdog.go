@@ -553,30 +553,27 @@ func (w *watchdog) runBatchesNotify(ctx context.Context, batches [][]*hold, done
 // runPipelined sends batches in one pipeline and writes the per-key results
 // of each batch to out (nil for a batch that failed). After NOSCRIPT it
 // loads the script with loader (the node the batches go to) and sends the
-// refused batches again.
+// refused batches again; those still refused ran on another node, and get
+// the script itself.
 func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batches [][]*hold, out [][]int64) {
 	cmds := make([]*redis.Cmd, len(batches))
-	pipe := w.c.rdb.Pipeline()
-	for i, b := range batches {
-		keys, argv := renewArgs(b)
-		cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
+	all := make([]int, len(batches))
+	for i := range all {
+		all[i] = i
 	}
-	_, _ = pipe.Exec(ctx)
+	w.sendBatches(ctx, renewScript.EvalSha, batches, all, cmds)
 	// An emptied script cache (restart, SCRIPT FLUSH): load the script once
 	// and send the failed batches again, still pipelined.
-	var again []int
-	for i, cmd := range cmds {
-		if isNoScript(cmd.Err()) {
-			again = append(again, i)
-		}
+	if again := noScript(cmds); len(again) > 0 && renewScript.Load(ctx, loader).Err() == nil {
+		w.sendBatches(ctx, renewScript.EvalSha, batches, again, cmds)
 	}
-	if len(again) > 0 && renewScript.Load(ctx, loader).Err() == nil {
-		pipe := w.c.rdb.Pipeline()
-		for _, i := range again {
-			keys, argv := renewArgs(batches[i])
-			cmds[i] = renewScript.EvalSha(ctx, pipe, keys, argv...)
-		}
-		_, _ = pipe.Exec(ctx)
+	// Batches still refused so ran on a node other than loader: while a
+	// slot migrates, go-redis follows the old master's -ASK to the
+	// importing one, which may not have the script (a node new to the
+	// cluster). The script itself, for those batches only (as
+	// renewKeyByKey sends it).
+	if again := noScript(cmds); len(again) > 0 {
+		w.sendBatches(ctx, renewScript.Eval, batches, again, cmds)
 	}
 	var split []int
 	for i, cmd := range cmds {
@@ -594,6 +591,29 @@ func (w *watchdog) runPipelined(ctx context.Context, loader redis.Scripter, batc
 	if len(split) > 0 {
 		w.renewKeyByKey(ctx, batches, split, out)
 	}
+}
+
+// sendBatches sends batches[i], for each i in which, in one pipeline with
+// send (renewScript.EvalSha or renewScript.Eval), and puts their commands in
+// cmds[i].
+func (w *watchdog) sendBatches(ctx context.Context, send func(context.Context, redis.Scripter, []string, ...any) *redis.Cmd, batches [][]*hold, which []int, cmds []*redis.Cmd) {
+	pipe := w.c.rdb.Pipeline()
+	for _, i := range which {
+		keys, argv := renewArgs(batches[i])
+		cmds[i] = send(ctx, pipe, keys, argv...)
+	}
+	_, _ = pipe.Exec(ctx)
+}
+
+// noScript returns the indices of the cmds refused with NOSCRIPT.
+func noScript(cmds []*redis.Cmd) []int {
+	var at []int
+	for i, cmd := range cmds {
+		if isNoScript(cmd.Err()) {
+			at = append(at, i)
+		}
+	}
+	return at
 }
 
 // renewKeyByKey renews batches[i] for each i in which one key at a time,
@@ -622,14 +642,12 @@ func (w *watchdog) renewKeyByKey(ctx context.Context, batches [][]*hold, which [
 	_, _ = pipe.Exec(ctx)
 	// A node without the script (the one a key moved to, say): the script
 	// itself, for those parts only.
-	again := w.c.rdb.Pipeline()
-	for k, cmd := range cmds {
-		if isNoScript(cmd.Err()) {
-			send(k, again, false)
+	if again := noScript(cmds); len(again) > 0 {
+		pipe := w.c.rdb.Pipeline()
+		for _, k := range again {
+			send(k, pipe, false)
 		}
-	}
-	if again.Len() > 0 {
-		_, _ = again.Exec(ctx)
+		_, _ = pipe.Exec(ctx)
 	}
 	for _, i := range which {
 		out[i] = make([]int64, len(batches[i]))
