@@ -2,6 +2,7 @@ package redlatch
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -731,4 +732,79 @@ func TestLockAfterFailedRUnlockWaitsForResend(t *testing.T) {
 		require.Less(t, time.Since(start), 5*time.Second, "woken when the resend landed")
 		require.NoError(t, m.Unlock(ctx))
 	})
+}
+
+// TestLockWithRLockWaitingOnFailedRUnlockIsNoUpgrade: an RUnlock fails with
+// no reply and counts as done (its release is resent in the background,
+// held here); the handle holds no read lock. One goroutine's RLock of the
+// handle waits for that read hold to end (it may not re-enter it, see
+// mayReenter): it holds nothing. Another goroutine's Lock of the handle is
+// then no upgrade either: like the Lock of TestLockAfterFailedRUnlockWaitsForResend
+// it must wait for the read hold the resend ends, not fail at once with
+// ErrUpgrade because an RLock of the handle is under way.
+func TestLockWithRLockWaitingOnFailedRUnlockIsNoUpgrade(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+		defer cancel()
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: time.Second}
+		rdb.AddHook(hook)
+		rlocks := &countScriptHook{script: rwRLockScript}
+		rdb.AddHook(rlocks)
+		c := New(rdb)
+		t.Cleanup(func() { _ = c.Close() })
+		m := c.RWMutex(name)
+		require.NoError(t, m.RLock(ctx))
+		hook.armed.Store(true)
+		require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
+
+		before := rlocks.done.Load()
+		rlocked := make(chan error, 1)
+		go func() { rlocked <- m.RLock(ctx) }()
+		// The RLock found the owner's read hold it may not re-enter (its
+		// attempts before and after it joined the readers' channel), and
+		// sleeps there.
+		require.Eventually(t, func() bool {
+			c.ps.mu.Lock()
+			defer c.ps.mu.Unlock()
+			ch := c.ps.chans[m.rwake]
+			return ch != nil && len(ch.waiters) > 0 && rlocks.done.Load() >= before+2
+		}, 3*time.Second, time.Millisecond)
+		time.Sleep(20 * time.Millisecond) // its second reply reaches the handle
+		stale, err := rdb.HExists(ctx, m.key, "rc:"+m.owner).Result()
+		require.NoError(t, err)
+		require.True(t, stale, "the resend landed already: the test proves nothing")
+
+		err = m.Lock(ctx)
+		require.False(t, errors.Is(err, ErrUpgrade),
+			"the handle holds no read lock (its RLock waits, and the owner's read hold is the failed RUnlock's): no upgrade")
+		require.NoError(t, err)
+		// The waiting RLock enters with the owner's write hold (a downgrade).
+		require.NoError(t, <-rlocked)
+		require.NoError(t, m.Unlock(ctx))
+		require.NoError(t, m.RUnlock(ctx))
+		held, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		require.False(t, held)
+	})
+}
+
+// countScriptHook counts the calls of script that got their reply.
+type countScriptHook struct {
+	passHook
+	script *redis.Script
+	done   atomic.Int32
+}
+
+func (h *countScriptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if n := strings.ToLower(cmd.Name()); n == "evalsha" || n == "eval" {
+			if s, _ := cmd.Args()[1].(string); s == h.script.Hash() {
+				h.done.Add(1)
+			}
+		}
+		return err
+	}
 }

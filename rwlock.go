@@ -118,6 +118,11 @@ type RWMutex struct {
 	// wpending, rpending count this handle's write and read acquisitions
 	// under way (see ReentrantMutex.pending and mayReenter).
 	wpending, rpending int
+	// rtaking counts this handle's read attempts whose reply has not come
+	// yet, and those that took the read lock, until their RLock counts
+	// them in rn: an RLock that waits (its attempts failed) holds nothing
+	// (see acquireW).
+	rtaking int
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -276,11 +281,13 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		reenter := m.mayReenter(&m.wn, &m.wpending)
 		m.mu.Lock()
 		// A read hold of the owner in Redis is this handle's (an upgrade,
-		// refused) only when it holds or takes the read lock, or another
-		// handle may hold it (WithOwner). Otherwise it awaits a release in
-		// flight (an RUnlock that failed with no reply counts as done), or
-		// Redis brought it back: wait for it, as for another owner's.
-		reads := m.rn > 0 || m.rpending > 0 || m.shared
+		// refused) only when it holds or takes the read lock (an attempt
+		// of its RLock is on the way or took it: an RLock that waits holds
+		// nothing), or another handle may hold it (WithOwner). Otherwise it
+		// awaits a release in flight (an RUnlock that failed with no reply
+		// counts as done), or Redis brought it back: wait for it, as for
+		// another owner's.
+		reads := m.rn > 0 || m.rtaking > 0 || m.shared
 		m.mu.Unlock()
 		switch {
 		case !reads && reenter:
@@ -303,6 +310,21 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 			token = res[1]
 			return true, 0, nil
 		case 2:
+			if !m.shared {
+				m.mu.Lock()
+				reads = m.rn > 0 || m.rtaking > 0
+				m.mu.Unlock()
+				if !reads {
+					// What made it a possible upgrade was an attempt of
+					// the handle's RLock, which failed since (it waits):
+					// the owner's read hold was not the handle's, or is
+					// gone. Try again, as no upgrade.
+					if !block {
+						return try(ctx)
+					}
+					return false, time.Millisecond, nil
+				}
+			}
 			upgrade = true
 			return true, 0, nil // ends the wait; reported below
 		}
@@ -324,7 +346,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		if !reads {
 			m.mu.Lock()
-			reads = m.rn > 0 || m.rpending > 0
+			reads = m.rn > 0 || m.rtaking > 0
 			m.mu.Unlock()
 			if reads {
 				// A read hold of this handle (another goroutine's RLock)
@@ -573,15 +595,18 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		return false, ErrClosed
 	}
 	defer m.c.leaveWait() // after the cleanup below
+	// This call's share of m.rtaking.
+	taking := 0
 	m.mu.Lock()
 	m.rpending++
 	m.mu.Unlock()
 	defer func() {
 		m.mu.Lock()
 		m.rpending--
+		m.rtaking -= taking
 		m.mu.Unlock()
 	}()
-	begun, sent, req, ok, err := m.acquireR(ctx, block)
+	begun, sent, req, ok, err := m.acquireR(ctx, block, &taking)
 	if !ok {
 		return false, err
 	}
@@ -593,7 +618,7 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 		first := req
 		begun, sent, ok, err = retake(ctx, begun,
 			func(ctx context.Context) (b string, s time.Time, ok bool, err error) {
-				b, s, req, ok, err = m.acquireR(ctx, block)
+				b, s, req, ok, err = m.acquireR(ctx, block, &taking)
 				return b, s, ok, err
 			},
 			func(ctx context.Context, b string) { _, _ = m.unlockR(ctx, "", b, first) })
@@ -636,8 +661,8 @@ func (m *RWMutex) rlock(ctx context.Context, block bool) (bool, error) {
 // acquireR runs the attempts of one RLock or TryRLock call and returns the
 // request id that began the read hold ("" when Redis did not say), when
 // the attempt that took it was sent, and the call's request id (an RUnlock
-// names it, see release).
-func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent time.Time, req string, ok bool, err error) {
+// names it, see release). *taking counts the call's attempts in m.rtaking.
+func (m *RWMutex) acquireR(ctx context.Context, block bool, taking *int) (begun string, sent time.Time, req string, ok bool, err error) {
 	c := m.c
 	req = newID()
 	keys := []string{m.key, m.fence}
@@ -648,6 +673,19 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent 
 		if !m.mayReenter(&m.rn, &m.rpending) {
 			args = append(args, "0")
 		}
+		took := false
+		m.mu.Lock()
+		m.rtaking++
+		*taking++
+		m.mu.Unlock()
+		defer func() {
+			if !took { // failed: it holds nothing (an unknown outcome is undone)
+				m.mu.Lock()
+				m.rtaking--
+				*taking--
+				m.mu.Unlock()
+			}
+		}()
 		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, args...)
 		res, err := cmd.Slice()
 		if err != nil {
@@ -668,6 +706,7 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool) (begun string, sent 
 			if err := c.replicated(ctx, acked, waitErr, undo); err != nil {
 				return false, 0, err
 			}
+			took = true
 			return true, 0, nil
 		}
 		return false, c.retryBound(n), nil
