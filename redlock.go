@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -83,8 +84,9 @@ type Redlock struct {
 	mu sync.Mutex
 	h  *redlockHold
 	// undoing is closed once the undos of the handle's failed rounds
-	// still on their way when their release returned are done (see
-	// release); guarded by mu.
+	// still on their way when their release returned, and the releases
+	// of its last hold still on their way when Unlock returned, are done
+	// (see release, Unlock); guarded by mu.
 	undoing chan struct{}
 }
 
@@ -439,19 +441,7 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 		// waits for wake-ups as it is): the Lock may end after it, with
 		// these undos still on their way. Added to those of the call's
 		// earlier rounds still on their way, not in their stead.
-		pending := done
-		r.mu.Lock()
-		if prev := r.undoing; prev != nil {
-			select {
-			case <-prev:
-			default:
-				both := make(chan struct{})
-				go func() { <-prev; <-done; close(both) }()
-				pending = both
-			}
-		}
-		r.undoing = pending
-		r.mu.Unlock()
+		r.addUndoing(done)
 	}()
 	select {
 	case <-knownDone:
@@ -466,6 +456,25 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	case <-t.C:
 	case <-ctx.Done():
 	}
+}
+
+// addUndoing records done, closed once releases of the handle's own
+// grants still on their way are done, for the handle's next call to wait
+// for (see lock), added to those already recorded. Called with r.sem held.
+func (r *Redlock) addUndoing(done chan struct{}) {
+	pending := done
+	r.mu.Lock()
+	if prev := r.undoing; prev != nil {
+		select {
+		case <-prev:
+		default:
+			both := make(chan struct{})
+			go func() { <-prev; <-done; close(both) }()
+			pending = both
+		}
+	}
+	r.undoing = pending
+	r.mu.Unlock()
 }
 
 func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
@@ -521,8 +530,9 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 	r.undoing = nil
 	r.mu.Unlock()
 	if undoing != nil {
-		// The undo of the handle's previous failed round, not waited for
-		// (see release): wait for it as that call would have.
+		// The undos of the handle's failed rounds and the releases of its
+		// last hold, not waited for (see release, Unlock): wait for them
+		// as those calls would have.
 		t := time.NewTimer(r.attemptTimeout())
 		select {
 		case <-undoing:
@@ -949,7 +959,14 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	if h == nil && !r.shared {
 		return ErrNotHeld
 	}
-	released, errs := r.unlockAll(ctx, h)
+	released, errs, straggling := r.unlockAll(ctx, h)
+	if h != nil && straggling != nil {
+		// Releases of the hold still on their way (a slow master's, past
+		// the attempt timeout): the handle's next call waits for them as
+		// for a failed round's undos (see release), or its round would be
+		// refused where this hold is still there.
+		r.addUndoing(straggling)
+	}
 	switch {
 	case !valid:
 		return ErrNotHeld
@@ -963,8 +980,10 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 
 // unlockAll sends the release of hold h to every master, or with h nil the
 // release of whatever the owner id holds there, and returns how many
-// masters released something and the errors of those that did not answer.
-func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error) {
+// masters released something and the errors of those that did not answer,
+// and, when some releases are still on their way, a channel closed once
+// they are done.
+func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error, straggling chan struct{}) {
 	type reply struct {
 		i   int
 		n   int64
@@ -978,11 +997,12 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 	gctx := ctx
 	var pending sync.WaitGroup
 	pending.Add(n)
+	stop := func() {}
 	if dl, ok := ctx.Deadline(); ok && ctx.Value(cleanupKey{}) != nil {
-		var stop context.CancelFunc
 		gctx, stop = context.WithDeadline(context.WithoutCancel(ctx), dl)
-		go func() { pending.Wait(); stop() }()
 	}
+	done := make(chan struct{})
+	go func() { pending.Wait(); stop(); close(done) }()
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.setReleasing(h.holds[i], true)
@@ -1064,6 +1084,9 @@ wait:
 			break wait
 		}
 	}
+	if slices.Contains(got, false) {
+		straggling = done
+	}
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.remove(h.holds[i])
@@ -1075,7 +1098,7 @@ wait:
 			released++
 		}
 	}
-	return released, errs
+	return released, errs, straggling
 }
 
 // Lost returns a channel closed when the current hold ends before Unlock:

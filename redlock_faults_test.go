@@ -616,29 +616,48 @@ func requireRetakesOwnRound(t *testing.T, ctx context.Context, r *redlatch.Redlo
 // is over.
 func redlockOverLateMaster(t *testing.T, hooks func(isAttempt, isUndo func(redis.Cmder) bool) (arm func(), hs []redis.Hook)) (context.Context, *redlatch.Redlock, *redlatch.Mutex, *atomic.Bool) {
 	t.Helper()
-	servers := redlockServers(t, 3)
-	ctx := ctxT(t, 20*time.Second)
-	name := redistest.UniqueName(t)
-	wake := "{" + name + "}:wake"
-	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
-	lateReply := new(atomic.Bool)
-	clients := redlockClients(t, servers[:2])
-	rdb := servers[2].Client(t)
-	rdb.AddHook(delayHook{match: armedOnce(lateReply, isAttempt), d: 3 * time.Second, late: true})
-	arm, hs := hooks(isAttempt, scriptWith(wake))
+	lm := newLateMaster(t, hooks)
+	require.NoError(t, lm.m.Lock(lm.ctx))
+	lm.lateReply.Store(true)
+	lm.arm()
+	return lm.ctx, lm.r, lm.m, lm.lateReply
+}
+
+// lateMaster is a Redlock r over 3 masters whose Client of master 2 can
+// make r's next attempt there get its reply after 3s (lateReply, cleared
+// once it is sent), with hooks of the test's after it (see
+// redlockOverLateMaster), warmed up; m is another owner's Mutex of the
+// name on master 0, not taken.
+type lateMaster struct {
+	ctx       context.Context
+	r         *redlatch.Redlock
+	m         *redlatch.Mutex
+	servers   []*redistest.Server
+	name      string
+	lateReply *atomic.Bool
+	arm       func()
+}
+
+func newLateMaster(t *testing.T, hooks func(isAttempt, isUndo func(redis.Cmder) bool) (arm func(), hs []redis.Hook)) *lateMaster {
+	t.Helper()
+	lm := &lateMaster{servers: redlockServers(t, 3), ctx: ctxT(t, 20*time.Second), name: redistest.UniqueName(t), lateReply: new(atomic.Bool)}
+	wake := "{" + lm.name + "}:wake"
+	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(lm.name)(cmd) && !scriptWith(wake)(cmd) }
+	clients := redlockClients(t, lm.servers[:2])
+	rdb := lm.servers[2].Client(t)
+	rdb.AddHook(delayHook{match: armedOnce(lm.lateReply, isAttempt), d: 3 * time.Second, late: true})
+	var hs []redis.Hook
+	lm.arm, hs = hooks(isAttempt, scriptWith(wake))
 	for _, h := range hs {
 		rdb.AddHook(h)
 	}
 	clients = append(clients, newClientOn(t, rdb))
-	warm := redlatch.NewRedlock(name+"-warm", clients)
-	require.NoError(t, warm.Lock(ctx))
-	require.NoError(t, warm.Unlock(ctx))
-	m := clients[0].Mutex(name)
-	require.NoError(t, m.Lock(ctx))
-	r := redlatch.NewRedlock(name, clients)
-	lateReply.Store(true)
-	arm()
-	return ctx, r, m, lateReply
+	warm := redlatch.NewRedlock(lm.name+"-warm", clients)
+	require.NoError(t, warm.Lock(lm.ctx))
+	require.NoError(t, warm.Unlock(lm.ctx))
+	lm.m = clients[0].Mutex(lm.name)
+	lm.r = redlatch.NewRedlock(lm.name, clients)
+	return lm
 }
 
 // TestRedlockTryLockAfterFailedTryLock: another owner holds master 0
@@ -802,4 +821,34 @@ func TestRedlockUndoOfEarlierRoundWaitedForAfterLockCtxEnded(t *testing.T) {
 		close(gate.proceed)
 	}()
 	requireRetakesOwnRound(t, ctx, r, m, "refused by its own grant of the Lock's first round on master 2")
+}
+
+// TestRedlockTryLockAfterUnlockWithSlowUndo: a Redlock's Lock gets
+// masters 0 and 1; master 2 grants it too but its reply comes after the
+// attempt timeout, so the hold does not count it. Unlock releases masters
+// 0 and 1 and undoes the acquisition on master 2, where the undo takes
+// 1.5s on its way: Unlock returns at quorum after the attempt timeout
+// (1s), the undo still on its way. Another owner then takes master 0. The
+// handle's next TryLock must not be refused by the handle's own grant of
+// its last hold on master 2: it reported (false, nil), "other owners hold
+// it", while only master 0 was taken by another owner.
+func TestRedlockTryLockAfterUnlockWithSlowUndo(t *testing.T) {
+	slowUndo := new(atomic.Bool)
+	lm := newLateMaster(t, func(_, isUndo func(redis.Cmder) bool) (func(), []redis.Hook) {
+		return func() {}, []redis.Hook{delayHook{match: armedOnce(slowUndo, isUndo), d: 1500 * time.Millisecond}}
+	})
+	ctx, r := lm.ctx, lm.r
+	lm.lateReply.Store(true)
+	require.NoError(t, r.Lock(ctx))
+	require.False(t, lm.lateReply.Load(), "the attempt on master 2 was not sent")
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, lm.servers, lm.name))
+	slowUndo.Store(true)
+	start := time.Now()
+	require.NoError(t, r.Unlock(ctx))
+	t.Logf("Unlock took %v", time.Since(start))
+	require.False(t, slowUndo.Load(), "the undo on master 2 was not sent")
+	require.Equal(t, []bool{false, false, true}, heldOn(t, ctx, lm.servers, lm.name), "the undo on master 2 is still on its way")
+
+	require.NoError(t, lm.m.Lock(ctx))
+	requireRetakesOwnRound(t, ctx, r, lm.m, "refused by its own grant of its last hold on master 2")
 }
