@@ -183,7 +183,10 @@ func TestSemaphoreExpiredPermitsNotKept(t *testing.T) {
 		s.mu.Lock()
 		kept := len(s.recs)
 		s.mu.Unlock()
-		require.LessOrEqual(t, kept, 1, "the handle keeps %d permit records for 1 live permit", kept)
+		// The live permit's, and the one before it when the watchdog's
+		// timer has not yet marked that one lost (it fires a little late
+		// under -race and load): that one goes at the next Acquire.
+		require.LessOrEqual(t, kept, 2, "the handle keeps %d permit records for 1 live permit", kept)
 	})
 }
 
