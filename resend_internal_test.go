@@ -713,18 +713,7 @@ func TestDoubleFailedReleaseThenReentry(t *testing.T) {
 // is in flight), not fail at once with ErrUpgrade.
 func TestLockAfterFailedRUnlockWaitsForResend(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
-		defer cancel()
-		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		hook := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: 400 * time.Millisecond}
-		rdb.AddHook(hook)
-		c := New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
-		m := c.RWMutex(name)
-		require.NoError(t, m.RLock(ctx))
-		hook.armed.Store(true)
-		require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
+		ctx, _, _, m, hook := rwAfterFailedRUnlock(t, b, 400*time.Millisecond)
 
 		start := time.Now()
 		require.NoError(t, m.Lock(ctx), "the handle holds no read lock: no upgrade")
@@ -744,20 +733,8 @@ func TestLockAfterFailedRUnlockWaitsForResend(t *testing.T) {
 // ErrUpgrade because an RLock of the handle is under way.
 func TestLockWithRLockWaitingOnFailedRUnlockIsNoUpgrade(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
-		defer cancel()
-		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		hook := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: time.Second}
-		rdb.AddHook(hook)
 		rlocks := &countScriptHook{script: rwRLockScript}
-		rdb.AddHook(rlocks)
-		c := New(rdb)
-		t.Cleanup(func() { _ = c.Close() })
-		m := c.RWMutex(name)
-		require.NoError(t, m.RLock(ctx))
-		hook.armed.Store(true)
-		require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
+		ctx, rdb, c, m, _ := rwAfterFailedRUnlock(t, b, time.Second, rlocks)
 
 		before := rlocks.done.Load()
 		rlocked := make(chan error, 1)
@@ -780,13 +757,7 @@ func TestLockWithRLockWaitingOnFailedRUnlockIsNoUpgrade(t *testing.T) {
 		require.False(t, errors.Is(err, ErrUpgrade),
 			"the handle holds no read lock (its RLock waits, and the owner's read hold is the failed RUnlock's): no upgrade")
 		require.NoError(t, err)
-		// The waiting RLock enters with the owner's write hold (a downgrade).
-		require.NoError(t, <-rlocked)
-		require.NoError(t, m.Unlock(ctx))
-		require.NoError(t, m.RUnlock(ctx))
-		held, err := m.IsLocked(ctx)
-		require.NoError(t, err)
-		require.False(t, held)
+		requireDowngradedThenFree(t, ctx, m, rlocked)
 	})
 }
 
@@ -807,4 +778,125 @@ func (h *countScriptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook 
 		}
 		return err
 	}
+}
+
+// TestLockWithFailedRLockReplyOnItsWayIsNoUpgrade: as in
+// TestLockWithRLockWaitingOnFailedRUnlockIsNoUpgrade, the owner's read hold
+// in Redis is a failed RUnlock's (its resend held back) and the handle
+// holds no read lock; a goroutine's RLock of the handle waits for that read
+// hold. Its attempt ran in Redis and failed, but its reply is still on the
+// way when another goroutine's Lock (or TryLock) of the handle gets its
+// reply of 2. The handle holds no read lock, and that attempt took none:
+// no upgrade. The Lock must wait for the read hold the resend ends; the
+// TryLock reports the lock busy.
+func TestLockWithFailedRLockReplyOnItsWayIsNoUpgrade(t *testing.T) {
+	for _, try := range []bool{false, true} {
+		name := "Lock"
+		if try {
+			name = "TryLock"
+		}
+		t.Run(name, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				gate := &scriptGate{script: rwRLockScript, after: true, held: make(chan struct{}), proceed: make(chan struct{})}
+				ctx, rdb, _, m, _ := rwAfterFailedRUnlock(t, b, time.Second, gate)
+
+				gate.mu.Lock()
+				gate.armed = true
+				gate.mu.Unlock()
+				rlocked := make(chan error, 1)
+				go func() { rlocked <- m.RLock(ctx) }()
+				<-gate.held // its attempt failed in Redis; the reply is held back
+				released := false
+				release := func() {
+					if !released {
+						released = true
+						close(gate.proceed)
+					}
+				}
+				defer release()
+				stale, err := rdb.HExists(ctx, m.key, "rc:"+m.owner).Result()
+				require.NoError(t, err)
+				require.True(t, stale, "the resend landed already: the test proves nothing")
+
+				locked := make(chan error, 1)
+				go func() {
+					if try {
+						ok, err := m.TryLock(ctx)
+						if err == nil && ok {
+							err = errors.New("TryLock took the lock under the owner's read hold")
+						}
+						locked <- err
+						return
+					}
+					locked <- m.Lock(ctx)
+				}()
+				select {
+				case err := <-locked:
+					if !try {
+						t.Fatalf("Lock returned %v while the stale read hold is there", err)
+					}
+					require.NoError(t, err, "no read lock of the handle: not an upgrade")
+				case <-time.After(200 * time.Millisecond):
+					if try {
+						release()
+						require.NoError(t, <-locked, "no read lock of the handle: not an upgrade")
+					}
+				}
+				release()
+				if try {
+					// The waiting RLock enters once the resend ends the hold.
+					require.NoError(t, <-rlocked)
+					require.NoError(t, m.RUnlock(ctx))
+					requireRWFree(t, ctx, m)
+				} else {
+					require.NoError(t, <-locked, "the Lock waits for the resend, then takes the lock")
+					requireDowngradedThenFree(t, ctx, m, rlocked)
+				}
+			})
+		})
+	}
+}
+
+// rwAfterFailedRUnlock returns a test ctx and an RWMutex m of a Client c
+// on b's client rdb (with hooks added after the one below) whose RUnlock
+// of its one read hold failed with no reply: it counts as done, and its
+// release is resent in the background, delay later (hook, which refused
+// it: see refuseScriptHook). The owner's read hold stays in Redis till
+// then; the handle holds none.
+func rwAfterFailedRUnlock(t *testing.T, b redistest.Backend, delay time.Duration, hooks ...redis.Hook) (context.Context, redis.UniversalClient, *Client, *RWMutex, *refuseScriptHook) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+	t.Cleanup(cancel)
+	rdb := b.Client(t)
+	hook := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: delay}
+	rdb.AddHook(hook)
+	for _, h := range hooks {
+		rdb.AddHook(h)
+	}
+	c := New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	m := c.RWMutex(redistest.UniqueName(t))
+	require.NoError(t, m.RLock(ctx))
+	hook.armed.Store(true)
+	require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
+	return ctx, rdb, c, m, hook
+}
+
+// requireDowngradedThenFree requires the RLock of m whose result rlocked
+// gives to enter with the owner's write hold (a downgrade), then releases
+// both holds and requires the lock free.
+func requireDowngradedThenFree(t *testing.T, ctx context.Context, m *RWMutex, rlocked <-chan error) {
+	t.Helper()
+	require.NoError(t, <-rlocked)
+	require.NoError(t, m.Unlock(ctx))
+	require.NoError(t, m.RUnlock(ctx))
+	requireRWFree(t, ctx, m)
+}
+
+// requireRWFree requires m's lock free (no write or read hold).
+func requireRWFree(t *testing.T, ctx context.Context, m *RWMutex) {
+	t.Helper()
+	held, err := m.IsLocked(ctx)
+	require.NoError(t, err)
+	require.False(t, held)
 }

@@ -123,6 +123,10 @@ type RWMutex struct {
 	// them in rn: an RLock that waits (its attempts failed) holds nothing
 	// (see acquireW).
 	rtaking int
+	// rflight counts those of rtaking whose reply has not come yet;
+	// rquiet, made when it rises from 0, is closed when it falls back.
+	rflight int
+	rquiet  chan struct{}
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -311,8 +315,13 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 			return true, 0, nil
 		case 2:
 			if !m.shared {
+				// An attempt of the handle's RLock on its way may have
+				// failed in Redis already: wait for its reply to tell.
+				if err := m.awaitReadReplies(ctx); err != nil {
+					return false, 0, err
+				}
 				m.mu.Lock()
-				reads = m.rn > 0 || m.rtaking > 0
+				reads = m.rn > 0 || m.rtaking > m.rflight
 				m.mu.Unlock()
 				if !reads {
 					// What made it a possible upgrade was an attempt of
@@ -676,15 +685,22 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool, taking *int) (begun 
 		took := false
 		m.mu.Lock()
 		m.rtaking++
+		if m.rflight == 0 {
+			m.rquiet = make(chan struct{})
+		}
+		m.rflight++
 		*taking++
 		m.mu.Unlock()
 		defer func() {
+			m.mu.Lock()
+			if m.rflight--; m.rflight == 0 {
+				close(m.rquiet)
+			}
 			if !took { // failed: it holds nothing (an unknown outcome is undone)
-				m.mu.Lock()
 				m.rtaking--
 				*taking--
-				m.mu.Unlock()
 			}
+			m.mu.Unlock()
 		}()
 		cmd, acked, waitErr := c.runSynced(ctx, rwRLockScript, keys, args...)
 		res, err := cmd.Slice()
@@ -713,6 +729,24 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool, taking *int) (begun 
 	}
 	ok, err = c.acquire(ctx, m.rwake, &kinship{owner: m.owner}, block, false, try, undo, nil)
 	return begun, sent, req, ok, err
+}
+
+// awaitReadReplies waits until no attempt of the handle's RLock is on its
+// way (see acquireW), or ctx ends.
+func (m *RWMutex) awaitReadReplies(ctx context.Context) error {
+	m.mu.Lock()
+	quiet := m.rquiet
+	n := m.rflight
+	m.mu.Unlock()
+	if n == 0 {
+		return nil
+	}
+	select {
+	case <-quiet:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // rwHold describes a write or read hold to the watchdog (see

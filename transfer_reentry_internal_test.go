@@ -249,6 +249,9 @@ type scriptGate struct {
 	armed   bool
 	held    chan struct{}
 	proceed chan struct{}
+	// after holds back the call's reply instead: the call runs in Redis
+	// first (a slow link back).
+	after bool
 }
 
 func (g *scriptGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
@@ -261,6 +264,12 @@ func (g *scriptGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		gate := g.armed
 		g.armed = false
 		g.mu.Unlock()
+		if gate && g.after {
+			err := next(ctx, cmd)
+			close(g.held)
+			<-g.proceed
+			return err
+		}
 		if gate {
 			close(g.held)
 			<-g.proceed
