@@ -525,29 +525,29 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			<-r.sem
 		}
 	}()
+	// The undos of the handle's failed rounds and the releases of its
+	// last hold, not waited for (see release, Unlock): a round may be
+	// refused where they are still on their way. The first round is sent
+	// at once, and only when it fails are they waited for (at most the
+	// attempt timeout from here) and the round tried again: waiting before
+	// it made every call of a handle with one master frozen wait the
+	// attempt timeout for its last Unlock's release there. Those still on
+	// their way when the call returns without waiting for them are left
+	// for the handle's next call.
 	r.mu.Lock()
 	undoing := r.undoing
 	r.undoing = nil
 	r.mu.Unlock()
-	if undoing != nil {
-		// The undos of the handle's failed rounds and the releases of its
-		// last hold, not waited for (see release, Unlock): wait for them
-		// as those calls would have.
-		t := time.NewTimer(r.attemptTimeout())
-		select {
-		case <-undoing:
-		case <-t.C:
-		case <-ctx.Done():
-			// This call sends no round: the handle's next call waits
-			// for the undo in its stead.
-			r.mu.Lock()
-			if r.undoing == nil {
-				r.undoing = undoing
+	undoBound := time.Now().Add(r.attemptTimeout())
+	defer func() {
+		if undoing != nil {
+			select {
+			case <-undoing:
+			default:
+				r.addUndoing(undoing)
 			}
-			r.mu.Unlock()
 		}
-		t.Stop()
-	}
+	}()
 
 	var ws []*waiter
 	defer func() {
@@ -617,6 +617,23 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		if err := r.check(ctx); err != nil {
 			return false, err
+		}
+		if pending := undoing; pending != nil {
+			// See above: the round may have been refused by the handle's
+			// own grants whose releases are on their way.
+			undoing = nil
+			t := time.NewTimer(max(time.Until(undoBound), 0))
+			select {
+			case <-pending:
+				t.Stop()
+				continue // try again at once
+			case <-t.C:
+				undoing = pending // left for a later round, or the next call
+			case <-ctx.Done():
+				t.Stop()
+				undoing = pending // left for the handle's next call
+				return false, newWaitError(ctx, last)
+			}
 		}
 		contended := rd.busy > len(r.nodes)-r.quorum
 		if !block {

@@ -852,3 +852,28 @@ func TestRedlockTryLockAfterUnlockWithSlowUndo(t *testing.T) {
 	require.NoError(t, lm.m.Lock(ctx))
 	requireRetakesOwnRound(t, ctx, r, lm.m, "refused by its own grant of its last hold on master 2")
 }
+
+// TestRedlockLockAfterUnlockWithFrozenMaster: with one of 3 masters frozen
+// (SIGSTOP), a Redlock keeps working: each Lock waits the attempt timeout
+// (1s at the default 30s lease) for the frozen master's reply, and takes
+// the lock on the 2 others. Unlock returns at quorum with its release to
+// the frozen master still on its way; the handle's next Lock waited
+// another full attempt timeout for that release before sending its round,
+// so every Lock of the handle took two attempt timeouts instead of one.
+func TestRedlockLockAfterUnlockWithFrozenMaster(t *testing.T) {
+	ctx, _, _, _, r, thaw := heldWithFrozenMaster(t)
+	ctx, cancel := context.WithTimeout(ctx, 25*time.Second)
+	defer cancel()
+	require.NoError(t, r.Unlock(ctx), "2 of 3 masters released it")
+	for i := 0; i < 2; i++ {
+		start := time.Now()
+		require.NoError(t, r.Lock(ctx), "2 of 3 masters grant it")
+		took := time.Since(start)
+		t.Logf("Lock %d took %v", i, took)
+		// One attempt timeout (1s) for the frozen master's reply; two
+		// when the Lock first waited for the last Unlock's release there.
+		require.Less(t, took, 1800*time.Millisecond, "Lock waited for the release to the frozen master")
+		require.NoError(t, r.Unlock(ctx), "2 of 3 masters released it")
+	}
+	thaw()
+}
