@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -705,4 +706,65 @@ func requireWokenByRelease(t *testing.T, ctx context.Context, holder, waiter *re
 		t.Fatal(msg)
 	}
 	require.NoError(t, waiter.Unlock(ctx))
+}
+
+// redis6Info makes every INFO of a node client report Redis 6.2: the
+// Client's check of the masters' versions then finds a cluster of Redis < 7
+// and uses plain pub/sub (PUBLISH, and a SUBSCRIBE on the cluster client),
+// as it does on a real Redis 6 cluster.
+type redis6Info struct{ passHook }
+
+var redisVersionRE = regexp.MustCompile(`redis_version:[0-9.]+`)
+
+func (redis6Info) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if sc, ok := cmd.(*redis.StringCmd); ok && err == nil && cmd.Name() == "info" {
+			sc.SetVal(redisVersionRE.ReplaceAllString(sc.Val(), "redis_version:6.2.14"))
+		}
+		return err
+	}
+}
+
+// TestClusterPlainSubscriberHalfOpenNoWriteDeadlines is
+// TestWakeAfterSubscriberHalfOpen/WriteTimeout=-2 on a cluster of Redis < 7
+// (plain pub/sub, the subscriber a PubSub of the *redis.ClusterClient): the
+// subscriber drops an unresponsive connection by a ping written under a past
+// deadline, which a cluster client with WriteTimeout -2 never sets, so the
+// half-open connection stayed up and the waiter deaf until the holder's
+// 60s lease.
+func TestClusterPlainSubscriberHalfOpenNoWriteDeadlines(t *testing.T) {
+	b := clusterBackend(t)
+	ctx := ctxT(t, 40*time.Second)
+	name := redistest.UniqueName(t)
+	v6 := func(opts *redis.ClusterOptions) *redis.ClusterClient {
+		cc := redis.NewClusterClient(opts)
+		t.Cleanup(func() { _ = cc.Close() })
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(redis6Info{}) })
+		return cc
+	}
+	holder := newClientOn(t, v6(b.Cluster.Options())).Mutex(name, redlatch.WithLease(60*time.Second))
+	require.NoError(t, holder.Lock(ctx))
+
+	proxies := make(map[string]*redistest.Proxy)
+	for _, addr := range b.Cluster.Addrs {
+		proxies[addr] = redistest.NewProxy(t, addr)
+	}
+	opts := b.Cluster.Options()
+	opts.WriteTimeout = -2
+	opts.Dialer = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if p := proxies[addr]; p != nil {
+			addr = p.Addr
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}
+	wc := newClientOn(t, v6(opts), redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
+	requireWokenThroughHalfOpen(t, ctx, b, name, holder, wc.Mutex(name), func() int {
+		frozen := 0
+		for _, p := range proxies {
+			frozen += p.Freeze()
+		}
+		return frozen
+	})
 }

@@ -1064,7 +1064,22 @@ func (p *pubsub) receive(n *psNode) {
 	backoff := 10 * time.Millisecond
 	pinged := false // a ping is unanswered
 	for {
-		msg, err := n.ps.ReceiveTimeout(ctx, p.healthInterval())
+		var msg any
+		var err error
+		if pinged {
+			// The read that waits for the ping's reply times out by its
+			// ctx's deadline, not a timeout of its own: go-redis then takes
+			// the timeout for a broken connection and drops it itself. A
+			// PubSub of a *redis.ClusterClient whose write deadlines are
+			// off (WriteTimeout -2, or ReadTimeout -2 alone) cannot be
+			// dropped by dropConnection, which needs one (see
+			// writeDeadlines): a half-open connection stayed up.
+			rctx, cancel := context.WithTimeout(ctx, p.healthInterval())
+			msg, err = n.ps.ReceiveTimeout(rctx, 0)
+			cancel()
+		} else {
+			msg, err = n.ps.ReceiveTimeout(ctx, p.healthInterval())
+		}
 		if ctx.Err() != nil {
 			return
 		}

@@ -284,28 +284,38 @@ func TestWakeAfterSubscriberHalfOpen(t *testing.T) {
 				t.Cleanup(func() { _ = rdb.Close() })
 				wc := redlatch.New(rdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health checks every 1s
 				t.Cleanup(func() { _ = wc.Close() })
-				waiter := wc.Mutex(name)
-				got := make(chan time.Time, 1)
-				go func() {
-					if err := waiter.Lock(ctx); err == nil {
-						got <- time.Now()
-					}
-				}()
-				require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
-					5*time.Second, 10*time.Millisecond)
-				require.Positive(t, proxy.Freeze())
-				released := time.Now()
-				require.NoError(t, holder.Unlock(ctx))
-				select {
-				case at := <-got:
-					require.Less(t, at.Sub(released), 6*time.Second)
-				case <-time.After(20 * time.Second):
-					t.Fatal("waiter stranded on a half-open subscriber connection")
-				}
-				require.NoError(t, waiter.Unlock(ctx))
+				requireWokenThroughHalfOpen(t, ctx, b, name, holder, wc.Mutex(name), proxy.Freeze)
 			})
 		}
 	})
+}
+
+// requireWokenThroughHalfOpen starts waiter's Lock of name (its Client's watchdog
+// timeout 3s: health checks every 1s) behind holder's, waits for its
+// subscription, makes the waiter's links half-open with freeze (it returns
+// how many connections it froze), releases holder and requires the waiter
+// to take the lock within about two health intervals, not after the
+// holder's lease.
+func requireWokenThroughHalfOpen(t *testing.T, ctx context.Context, b redistest.Backend, name string, holder, waiter *redlatch.Mutex, freeze func() int) {
+	t.Helper()
+	got := make(chan time.Time, 1)
+	go func() {
+		if err := waiter.Lock(ctx); err == nil {
+			got <- time.Now()
+		}
+	}()
+	require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"}*")) == 1 },
+		5*time.Second, 10*time.Millisecond)
+	require.Positive(t, freeze())
+	released := time.Now()
+	require.NoError(t, holder.Unlock(ctx))
+	select {
+	case at := <-got:
+		require.Less(t, at.Sub(released), 6*time.Second)
+	case <-time.After(20 * time.Second):
+		t.Fatal("waiter stranded on a half-open subscriber connection")
+	}
+	require.NoError(t, waiter.Unlock(ctx))
 }
 
 // TestWakeAfterSlotMoved: a waiter's sharded subscription on a Redis ≥ 7
