@@ -188,17 +188,28 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 	defer conn.Close()
 	ctx = unrouted(ctx)
 	run := func(sha bool) *redis.Cmd {
+		var on redis.Scripter = conn
+		var pipe redis.Pipeliner
 		if asking {
-			if err := conn.Do(ctx, "ASKING").Err(); err != nil {
-				cmd := redis.NewCmd(ctx)
-				cmd.SetErr(err)
-				return cmd
-			}
+			// ASKING and the script in one pipeline: go-redis sends a
+			// command refused with TRYAGAIN again by itself (MaxRetries),
+			// and the script sent again without its ASKING is answered
+			// -MOVED by the importing node. A pipeline is not sent again
+			// for a reply error, and when it is, ASKING goes with it.
+			pipe = conn.Pipeline()
+			pipe.Do(ctx, "ASKING")
+			on = pipe
 		}
+		var cmd *redis.Cmd
 		if sha {
-			return s.EvalSha(ctx, conn, keys, args...)
+			cmd = s.EvalSha(ctx, on, keys, args...)
+		} else {
+			cmd = s.Eval(ctx, on, keys, args...)
 		}
-		return s.Eval(ctx, conn, keys, args...)
+		if pipe != nil {
+			_, _ = pipe.Exec(ctx)
+		}
+		return cmd
 	}
 	cmd := run(true) // as s.Run does
 	if isNoScript(cmd.Err()) {

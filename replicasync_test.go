@@ -1046,32 +1046,48 @@ func TestReplicaSyncRidesOutSlotMigration(t *testing.T) {
 // WithReplicaSync too, for up to 5s. runSynced counted each -ASK of the
 // ASK/TRYAGAIN cycle as a redirect and, after redirectAttempts of them
 // (about 300ms), returned the raw ASK reply.
+//
+// Pinned: with a replica timeout that does not fit within the read timeout
+// (2s each), the script and WAIT go one after the other on a pinned
+// connection (see runOnWithWait), where the ASKING went alone before the
+// script: go-redis sends a command refused with TRYAGAIN again by itself
+// (MaxRetries), without the ASKING, and the importing master answered it
+// with -MOVED back to the old master; after redirectAttempts of them the
+// Lock failed with the raw MOVED reply.
 func TestReplicaSyncRidesOutFreeLockMigration(t *testing.T) {
-	cl := redistest.NewCluster(t, 3)
-	ctx := ctxT(t, 60*time.Second)
-	cl.AddReplica(t, lockKey(nameOn(t, cl, 2, redistest.UniqueName(t)+"-r")))
-	c := newClientOn(t, cl.Client(t), redlatch.WithReplicaSync(1, 50*time.Millisecond))
+	for _, tc := range []struct {
+		name    string
+		timeout time.Duration
+	}{{"Piped", 50 * time.Millisecond}, {"Pinned", 2 * time.Second}} {
+		t.Run(tc.name, func(t *testing.T) {
+			cl := redistest.NewCluster(t, 3)
+			ctx := ctxT(t, 60*time.Second)
+			cl.AddReplica(t, lockKey(nameOn(t, cl, 2, redistest.UniqueName(t)+"-r")))
+			require.Equal(t, 2*time.Second, cl.Options().ReadTimeout)
+			c := newClientOn(t, cl.Client(t), redlatch.WithReplicaSync(1, tc.timeout))
 
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
-	m := c.Mutex(name)
-	cl.StartMigration(t, 2, lockKey(name))
-	done := make(chan error, 1)
-	go func() { done <- m.Lock(ctx) }()
-	time.Sleep(1500 * time.Millisecond)
-	select {
-	case err := <-done:
-		t.Fatalf("Lock returned while its slot migrated: %v", err)
-	default:
+			name := nameOn(t, cl, 1, redistest.UniqueName(t))
+			m := c.Mutex(name)
+			cl.StartMigration(t, 2, lockKey(name))
+			done := make(chan error, 1)
+			go func() { done <- m.Lock(ctx) }()
+			time.Sleep(1500 * time.Millisecond)
+			select {
+			case err := <-done:
+				t.Fatalf("Lock returned while its slot migrated: %v", err)
+			default:
+			}
+			cl.MoveSlot(t, redistest.KeySlot(lockKey(name)), 2)
+			select {
+			case err := <-done:
+				require.NoError(t, err, "Lock after its slot migrated")
+			case <-time.After(20 * time.Second):
+				t.Fatal("Lock still waiting after the slot moved")
+			}
+			require.Positive(t, m.Token())
+			require.NoError(t, m.Unlock(ctx))
+		})
 	}
-	cl.MoveSlot(t, redistest.KeySlot(lockKey(name)), 2)
-	select {
-	case err := <-done:
-		require.NoError(t, err, "Lock after its slot migrated")
-	case <-time.After(20 * time.Second):
-		t.Fatal("Lock still waiting after the slot moved")
-	}
-	require.Positive(t, m.Token())
-	require.NoError(t, m.Unlock(ctx))
 }
 
 // TestReplicaSyncRenewalBatchSplitByMigration is
