@@ -790,71 +790,42 @@ func (h *countScriptHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook 
 // no upgrade. The Lock must wait for the read hold the resend ends; the
 // TryLock reports the lock busy.
 func TestLockWithFailedRLockReplyOnItsWayIsNoUpgrade(t *testing.T) {
-	for _, try := range []bool{false, true} {
-		name := "Lock"
-		if try {
-			name = "TryLock"
-		}
-		t.Run(name, func(t *testing.T) {
-			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-				gate := &scriptGate{script: rwRLockScript, after: true, held: make(chan struct{}), proceed: make(chan struct{})}
-				ctx, rdb, _, m, _ := rwAfterFailedRUnlock(t, b, time.Second, gate)
+	forLockAndTryLock(t, func(t *testing.T, name string, try bool) {
+		redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+			gate := &scriptGate{script: rwRLockScript, after: true, held: make(chan struct{}), proceed: make(chan struct{})}
+			ctx, rdb, _, m, _ := rwAfterFailedRUnlock(t, b, time.Second, gate)
 
-				gate.mu.Lock()
-				gate.armed = true
-				gate.mu.Unlock()
-				rlocked := make(chan error, 1)
-				go func() { rlocked <- m.RLock(ctx) }()
-				<-gate.held // its attempt failed in Redis; the reply is held back
-				released := false
-				release := func() {
-					if !released {
-						released = true
-						close(gate.proceed)
-					}
-				}
-				defer release()
-				stale, err := rdb.HExists(ctx, m.key, "rc:"+m.owner).Result()
-				require.NoError(t, err)
-				require.True(t, stale, "the resend landed already: the test proves nothing")
+			// Its attempt fails in Redis; the reply is held back.
+			rlocked, release := rlockReplyHeld(t, ctx, m, gate)
+			stale, err := rdb.HExists(ctx, m.key, "rc:"+m.owner).Result()
+			require.NoError(t, err)
+			require.True(t, stale, "the resend landed already: the test proves nothing")
 
-				locked := make(chan error, 1)
-				go func() {
-					if try {
-						ok, err := m.TryLock(ctx)
-						if err == nil && ok {
-							err = errors.New("TryLock took the lock under the owner's read hold")
-						}
-						locked <- err
-						return
-					}
-					locked <- m.Lock(ctx)
-				}()
-				select {
-				case err := <-locked:
-					if !try {
-						t.Fatalf("Lock returned %v while the stale read hold is there", err)
-					}
-					require.NoError(t, err, "no read lock of the handle: not an upgrade")
-				case <-time.After(200 * time.Millisecond):
-					if try {
-						release()
-						require.NoError(t, <-locked, "no read lock of the handle: not an upgrade")
-					}
+			locked := lockOrTry(ctx, m, try, "TryLock took the lock under the owner's read hold")
+			select {
+			case err := <-locked:
+				if !try {
+					t.Fatalf("Lock returned %v while the stale read hold is there", err)
 				}
-				release()
+				require.NoError(t, err, "no read lock of the handle: not an upgrade")
+			case <-time.After(200 * time.Millisecond):
 				if try {
-					// The waiting RLock enters once the resend ends the hold.
-					require.NoError(t, <-rlocked)
-					require.NoError(t, m.RUnlock(ctx))
-					requireRWFree(t, ctx, m)
-				} else {
-					require.NoError(t, <-locked, "the Lock waits for the resend, then takes the lock")
-					requireDowngradedThenFree(t, ctx, m, rlocked)
+					release()
+					require.NoError(t, <-locked, "no read lock of the handle: not an upgrade")
 				}
-			})
+			}
+			release()
+			if try {
+				// The waiting RLock enters once the resend ends the hold.
+				require.NoError(t, <-rlocked)
+				require.NoError(t, m.RUnlock(ctx))
+				requireRWFree(t, ctx, m)
+			} else {
+				require.NoError(t, <-locked, "the Lock waits for the resend, then takes the lock")
+				requireDowngradedThenFree(t, ctx, m, rlocked)
+			}
 		})
-	}
+	})
 }
 
 // rwAfterFailedRUnlock returns a test ctx and an RWMutex m of a Client c
@@ -899,4 +870,95 @@ func requireRWFree(t *testing.T, ctx context.Context, m *RWMutex) {
 	held, err := m.IsLocked(ctx)
 	require.NoError(t, err)
 	require.False(t, held)
+}
+
+// TestUpgradeWithRLockReplyOnItsWayIsRefusedAtOnce: a goroutine holds the
+// read lock of a handle; another goroutine's RLock of the same handle ran in
+// Redis (a re-entry), its reply slow (held back here: a slow link, a WAIT
+// for replicas, a stalled connection). A Lock or TryLock of the handle is
+// then an upgrade whatever that reply says (the handle holds a read lock
+// already): it must return ErrUpgrade at once, as documented, not wait for
+// the other goroutine's reply.
+func TestUpgradeWithRLockReplyOnItsWayIsRefusedAtOnce(t *testing.T) {
+	forLockAndTryLock(t, func(t *testing.T, name string, try bool) {
+		redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			rdb := b.Client(t)
+			gate := &scriptGate{script: rwRLockScript, after: true, held: make(chan struct{}), proceed: make(chan struct{})}
+			rdb.AddHook(gate)
+			c := New(rdb)
+			t.Cleanup(func() { _ = c.Close() })
+			m := c.RWMutex(redistest.UniqueName(t))
+
+			require.NoError(t, m.RLock(ctx)) // this goroutine reads
+
+			// Its attempt re-enters in Redis; the reply is held back.
+			rlocked, release := rlockReplyHeld(t, ctx, m, gate)
+
+			locked := lockOrTry(ctx, m, try, "TryLock took the write lock under the handle's read hold")
+			var err error
+			select {
+			case err = <-locked:
+			case <-time.After(3 * time.Second):
+				release()
+				err = <-locked
+				t.Errorf("%s of a handle holding the read lock waited for another goroutine's RLock reply (returned %v only after it came)", name, err)
+			}
+			require.ErrorIs(t, err, ErrUpgrade)
+
+			release()
+			require.NoError(t, <-rlocked)
+			require.NoError(t, m.RUnlock(ctx))
+			require.NoError(t, m.RUnlock(ctx))
+			requireRWFree(t, ctx, m)
+		})
+	})
+}
+
+// forLockAndTryLock runs f as a subtest for Lock and for TryLock (try).
+func forLockAndTryLock(t *testing.T, f func(t *testing.T, name string, try bool)) {
+	for _, try := range []bool{false, true} {
+		name := "Lock"
+		if try {
+			name = "TryLock"
+		}
+		t.Run(name, func(t *testing.T) { f(t, name, try) })
+	}
+}
+
+// lockOrTry starts m.Lock, or m.TryLock when try is set (taking the lock
+// is then an error: taken), and returns its result's channel.
+func lockOrTry(ctx context.Context, m *RWMutex, try bool, taken string) <-chan error {
+	locked := make(chan error, 1)
+	go func() {
+		if try {
+			ok, err := m.TryLock(ctx)
+			if err == nil && ok {
+				err = errors.New(taken)
+			}
+			locked <- err
+			return
+		}
+		locked <- m.Lock(ctx)
+	}()
+	return locked
+}
+
+// rlockReplyHeld arms gate (an after gate on rwRLockScript) and starts an
+// RLock of m, whose attempt runs in Redis and whose reply gate holds back
+// until release (called at the test's end at the latest); it returns the
+// RLock's result channel.
+func rlockReplyHeld(t *testing.T, ctx context.Context, m *RWMutex, gate *scriptGate) (<-chan error, func()) {
+	t.Helper()
+	gate.mu.Lock()
+	gate.armed = true
+	gate.mu.Unlock()
+	rlocked := make(chan error, 1)
+	go func() { rlocked <- m.RLock(ctx) }()
+	<-gate.held
+	var once sync.Once
+	release := func() { once.Do(func() { close(gate.proceed) }) }
+	t.Cleanup(release)
+	return rlocked, release
 }

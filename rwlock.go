@@ -315,14 +315,21 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 			return true, 0, nil
 		case 2:
 			if !m.shared {
-				// An attempt of the handle's RLock on its way may have
-				// failed in Redis already: wait for its reply to tell.
-				if err := m.awaitReadReplies(ctx); err != nil {
-					return false, 0, err
-				}
+				// A read hold of the handle (or an attempt of its RLock
+				// that took one) makes it an upgrade at once. Else an
+				// attempt of its RLock on its way may have failed in Redis
+				// already: wait for its reply to tell.
 				m.mu.Lock()
 				reads = m.rn > 0 || m.rtaking > m.rflight
 				m.mu.Unlock()
+				if !reads {
+					if err := m.awaitReadReplies(ctx); err != nil {
+						return false, 0, err
+					}
+					m.mu.Lock()
+					reads = m.rn > 0 || m.rtaking > m.rflight
+					m.mu.Unlock()
+				}
 				if !reads {
 					// What made it a possible upgrade was an attempt of
 					// the handle's RLock, which failed since (it waits):
