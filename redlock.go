@@ -620,8 +620,15 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		}
 		if pending := undoing; pending != nil {
 			// See above: the round may have been refused by the handle's
-			// own grants whose releases are on their way.
+			// own grants whose releases are on their way. The round tried
+			// again waits for this round's own undos still on their way
+			// too (see release; a TryLock's waits for no unknown master's):
+			// it would be refused where this round's grant is still there.
 			undoing = nil
+			r.addUndoing(pending)
+			r.mu.Lock()
+			pending, r.undoing = r.undoing, nil
+			r.mu.Unlock()
 			t := time.NewTimer(max(time.Until(undoBound), 0))
 			select {
 			case <-pending:

@@ -877,3 +877,73 @@ func TestRedlockLockAfterUnlockWithFrozenMaster(t *testing.T) {
 	}
 	thaw()
 }
+
+// TestRedlockTryLockRetryNotRefusedByItsFirstRound: a Redlock's Unlock
+// returns at quorum with its release to master 2 still on its way (held
+// back). Another owner then takes master 0. The handle's TryLock sends its
+// first round at once: master 0 is busy, master 2 refuses it (the handle's
+// own last hold, its release on its way), and master 1 grants it but the
+// reply is lost (the outcome unknown): the round fails, and its undo on
+// master 1 is on its way (300ms), not waited for by a TryLock's release.
+// The release to master 2 then lands, and TryLock tries the round again at
+// once: master 1 refused it, held by the handle's own grant of the first
+// round, and TryLock reported (false, nil), "other owners hold it", while
+// only master 0 is taken by another owner. The retry must wait for the
+// first round's undos too (they come well within the attempt timeout).
+func TestRedlockTryLockRetryNotRefusedByItsFirstRound(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	wake := "{" + name + "}:wake"
+	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
+	isRelease := scriptWith(wake)
+
+	// Master 1: the first attempt once armed runs but its reply is lost;
+	// the next release (the undo of that round) is held back.
+	rdb1 := servers[1].Client(t)
+	lost := &lossyHook{match: isAttempt}
+	undoGate := &gateScriptHook{match: isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	rdb1.AddHook(lost)
+	rdb1.AddHook(undoGate)
+	// Master 2: the next release once armed (Unlock's) is held back.
+	rdb2 := servers[2].Client(t)
+	relGate := &gateScriptHook{match: isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	rdb2.AddHook(relGate)
+	clients := []*redlatch.Client{
+		newClientOn(t, servers[0].Client(t)), newClientOn(t, rdb1), newClientOn(t, rdb2),
+	}
+	warm := redlatch.NewRedlock(name+"-warm", clients) // scripts loaded
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	relGate.armed.Store(true)
+	require.NoError(t, r.Unlock(ctx), "2 of 3 masters released it")
+	select {
+	case <-relGate.entered:
+	default:
+		t.Fatal("the release to master 2 was not sent")
+	}
+	require.Equal(t, []bool{false, false, true}, heldOn(t, ctx, servers, name))
+
+	m := clients[0].Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+
+	lost.armed.Store(true)
+	undoGate.armed.Store(true)
+	go func() {
+		<-undoGate.entered // the first round failed; its undo on master 1 is held
+		close(relGate.proceed)
+		time.Sleep(300 * time.Millisecond)
+		close(undoGate.proceed)
+	}()
+	start := time.Now()
+	ok, err := r.TryLock(ctx)
+	t.Logf("TryLock: %v, %v after %v", ok, err, time.Since(start))
+	require.False(t, lost.armed.Load(), "the attempt on master 1 was not sent")
+	require.NoError(t, err)
+	require.True(t, ok, "refused by its own grant of its first round on master 1")
+	require.NoError(t, r.Unlock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+}
