@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -640,4 +641,103 @@ func TestCommandTableRefusedWithNoReadTimeout(t *testing.T) {
 	require.Less(t, took, time.Second)
 	require.Less(t, refused, 20, "COMMAND sent again and again")
 	require.NoError(t, m.Unlock(ctx))
+}
+
+// moveOnTryAgain is a node-client hook that, once armed, counts the
+// TRYAGAIN replies to script calls naming key, and on the n-th one has the
+// test move the slot (move) before the reply reaches the cluster client.
+type moveOnTryAgain struct {
+	passHook
+	key   string
+	n     int32
+	armed atomic.Bool
+	seen  atomic.Int32
+	move  func()
+}
+
+func (h *moveOnTryAgain) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		args := cmd.Args()
+		if !h.armed.Load() || err == nil || !strings.HasPrefix(err.Error(), "TRYAGAIN") ||
+			(cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 || args[3] != h.key {
+			return err
+		}
+		if h.seen.Add(1) == h.n {
+			h.move()
+		}
+		return err
+	}
+}
+
+// TestFairUnlockRidesOutSlotMovedDuringRetries: while a FairMutex's slot
+// migrates with its queue's keys moved (the hash and fence key still on
+// the old master), its Unlock (the grant to a queued waiter) is refused
+// with TRYAGAIN. go-redis retries a TRYAGAIN up to MaxRedirects (3 by
+// default: 4 attempts) and counts those retries against the same bound
+// as its redirections: when the slot moves just before its last attempt,
+// that attempt is answered MOVED, and go-redis returns the MOVED itself,
+// unfollowed. tryAgainHook resent only a TRYAGAIN, so the Unlock failed
+// with the raw "MOVED <slot> <addr>" reply, the hold was not released and
+// the queued waiter was stranded until the lease bound (30 s), on about
+// one migration in three. The slot is moved here on the third TRYAGAIN
+// of the Unlock's first go-redis call, so that its fourth gets MOVED.
+func TestFairUnlockRidesOutSlotMovedDuringRetries(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 40*time.Second)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	tag := "{" + name + "}"
+	slot := redistest.KeySlot(tag)
+
+	moveNow, moved := make(chan struct{}), make(chan struct{})
+	hook := &moveOnTryAgain{key: tag + ":fair", n: 3, move: func() {
+		close(moveNow)
+		<-moved
+	}}
+	cc := cl.DefaultOptionsClient(t)
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	holderC := newClientOn(t, cc)
+	waiterC := newClientOn(t, cl.DefaultOptionsClient(t))
+
+	holder := holderC.FairMutex(name)
+	require.NoError(t, holder.Lock(ctx))
+	waiter := waiterC.FairMutex(name)
+	got := make(chan error, 1)
+	go func() { got <- waiter.Lock(ctx) }()
+	require.Eventually(t, func() bool {
+		n, err := cl.Servers[1].Client(t).ZCard(ctx, tag+":fairq").Result()
+		return err == nil && n == 1
+	}, 5*time.Second, 10*time.Millisecond, "the waiter did not queue")
+
+	// The queue's keys move; the hash and the fence key stay: the Unlock's
+	// script, naming them all, is refused with TRYAGAIN on the old master.
+	cl.StartMigration(t, 2, tag+":fairq", tag+":fairx")
+	hook.armed.Store(true)
+	unlocked := make(chan error, 1)
+	go func() { unlocked <- holder.Unlock(ctx) }()
+	select {
+	case <-moveNow:
+	case err := <-unlocked:
+		t.Fatalf("the Unlock was not refused while the slot migrated: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Unlock was not refused with TRYAGAIN")
+	}
+	cl.MoveSlot(t, slot, 2)
+	released := time.Now()
+	close(moved)
+
+	select {
+	case err := <-unlocked:
+		require.NoError(t, err, "Unlock while its slot moved")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Unlock did not return after the slot moved")
+	}
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+		require.Less(t, time.Since(released), 5*time.Second, "the waiter's grant after the slot moved")
+	case <-time.After(15 * time.Second):
+		t.Fatal("the queued waiter was not granted the lock after the Unlock")
+	}
+	require.NoError(t, waiter.Unlock(ctx))
 }

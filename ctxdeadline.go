@@ -629,7 +629,10 @@ func hookTryAgain(cc *redis.ClusterClient) {
 // and every Lock of a lock not held, is refused. go-redis tries again only
 // up to its MaxRedirects (3 by default, about 40 ms); this hook goes on,
 // with a backoff from 10 ms to 200 ms, until ctx ends or tryAgainWait
-// passes. A refused script did not run: sending it again is safe.
+// passes. It sends a call again on a MOVED or ASK too: go-redis counts its
+// retries of a TRYAGAIN against MaxRedirects, and returns the redirection
+// that its last attempt got (the slot moved meanwhile) unfollowed. A
+// refused script did not run: sending it again is safe.
 type tryAgainHook struct{}
 
 func (tryAgainHook) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -641,11 +644,11 @@ func (tryAgainHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if !isTryAgain(err) || !isScriptCall(cmd) || ctx.Value(noTryAgain{}) != nil {
+		if !refusedInMigration(err) || !isScriptCall(cmd) || ctx.Value(noTryAgain{}) != nil {
 			return err
 		}
 		var again tryAgainBackoff
-		for isTryAgain(err) && again.wait(ctx) {
+		for refusedInMigration(err) && again.wait(ctx) {
 			cmd.SetErr(nil)
 			err = next(ctx, cmd)
 		}
@@ -689,4 +692,22 @@ func (b *tryAgainBackoff) wait(ctx context.Context) bool {
 // isTryAgain reports whether err is a TRYAGAIN reply (see tryAgainHook).
 func isTryAgain(err error) bool {
 	return isReplyError(err) && replyCode(err) == "TRYAGAIN"
+}
+
+// refusedInMigration reports whether err is a reply by which a migrating
+// slot refused a command, which did not run: TRYAGAIN, or a MOVED or ASK
+// that go-redis returns itself when its MaxRedirects ran out on it. Its
+// retries of a TRYAGAIN count against that bound, so the slot moving
+// during the last of them (the old master then answers MOVED) or the last
+// of a script's keys moving (ASK) ended the call with that redirection,
+// not followed (see tryAgainHook).
+func refusedInMigration(err error) bool {
+	if !isReplyError(err) {
+		return false
+	}
+	switch replyCode(err) {
+	case "TRYAGAIN", "MOVED", "ASK":
+		return true
+	}
+	return false
 }
