@@ -38,6 +38,19 @@ local function fence_set_release(fence, token, req, retention)
   end
 end
 
+-- fence_ttl returns the lifetime the fence key's next write keeps, ms, as
+-- a string: the retention (a string, from ARGV), or what the key has left
+-- when that is longer. A Lua number given to redis.call is written in
+-- exponent notation by Redis 7.2.0 to 7.2.4 when it has 8 or more trailing
+-- zeros, which PX refuses.
+local function fence_ttl(fence, retention)
+  local left = redis.call('PTTL', fence)
+  if left > tonumber(retention) then
+    return string.format('%d', left)
+  end
+  return retention
+end
+
 -- fence_tombstone records req as an acquisition undone: the lock scripts
 -- refuse it from now on (or a ForceUnlock done, see fence_force.lua). The
 -- last tombstones_kept of them are kept per name; an older one is dropped
@@ -47,7 +60,7 @@ end
 local tombstones_kept = 32
 local function fence_tombstone(fence, req, retention, token)
   local v = redis.call('GET', fence) or ''
-  local ttl = math.max(tonumber(retention), redis.call('PTTL', fence))
+  local ttl = fence_ttl(fence, retention)
   local head, tombs = string.match(v, '^([^|]*)(.*)$')
   if token and string.find(token, '^%d+$') then
     local p, rest = string.match(head, '^([^:]*)(.*)$')

@@ -202,7 +202,7 @@ local function rw_fence_release(fence, s, retention, token)
   local v = redis.call('GET', fence)
   -- An unknown token stays empty: the next one comes from the clock.
   local last = token or (v and string.match(v, '^[^:|]*')) or ''
-  fence_set_release(fence, last, rw_fence_ended(s, v), math.max(tonumber(retention), redis.call('PTTL', fence)))
+  fence_set_release(fence, last, rw_fence_ended(s, v), fence_ttl(fence, retention))
 end
 
 -- rw_was_released reports whether req is a full release already done, or
