@@ -338,6 +338,9 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 					if !block {
 						return try(ctx)
 					}
+					// A reply of 2 left the waiting place as it was:
+					// the watchdog renews it again.
+					c.wd.setReleasing(queued, false)
 					return false, time.Millisecond, nil
 				}
 			}
