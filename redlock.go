@@ -462,6 +462,14 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 // grants still on their way are done, for the handle's next call to wait
 // for (see lock), added to those already recorded. Called with r.sem held.
 func (r *Redlock) addUndoing(done chan struct{}) {
+	if done == nil {
+		return
+	}
+	select {
+	case <-done:
+		return // done already
+	default:
+	}
 	pending := done
 	r.mu.Lock()
 	if prev := r.undoing; prev != nil {
@@ -529,23 +537,18 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 	// last hold, not waited for (see release, Unlock): a round may be
 	// refused where they are still on their way. The first round is sent
 	// at once, and only when it fails are they waited for (at most the
-	// attempt timeout from here) and the round tried again: waiting before
-	// it made every call of a handle with one master frozen wait the
-	// attempt timeout for its last Unlock's release there. Those still on
-	// their way when the call returns without waiting for them are left
-	// for the handle's next call.
+	// attempt timeout) and the round tried again, once, whether they are
+	// done or not (one on a frozen master never is, and the others may
+	// be): waiting before it made every call of a handle with one master
+	// frozen wait the attempt timeout for its last Unlock's release there.
+	// Those still on their way are left for the handle's next call.
 	r.mu.Lock()
 	undoing := r.undoing
 	r.undoing = nil
 	r.mu.Unlock()
-	undoBound := time.Now().Add(r.attemptTimeout())
 	defer func() {
 		if undoing != nil {
-			select {
-			case <-undoing:
-			default:
-				r.addUndoing(undoing)
-			}
+			r.addUndoing(undoing)
 		}
 	}()
 
@@ -629,18 +632,20 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			r.mu.Lock()
 			pending, r.undoing = r.undoing, nil
 			r.mu.Unlock()
-			t := time.NewTimer(max(time.Until(undoBound), 0))
-			select {
-			case <-pending:
+			if pending != nil {
+				t := time.NewTimer(r.attemptTimeout())
+				select {
+				case <-pending:
+				case <-t.C:
+					r.addUndoing(pending) // still on its way: for the next call
+				case <-ctx.Done():
+					t.Stop()
+					r.addUndoing(pending)
+					return false, newWaitError(ctx, last)
+				}
 				t.Stop()
-				continue // try again at once
-			case <-t.C:
-				undoing = pending // left for a later round, or the next call
-			case <-ctx.Done():
-				t.Stop()
-				undoing = pending // left for the handle's next call
-				return false, newWaitError(ctx, last)
 			}
+			continue // try again, once
 		}
 		contended := rd.busy > len(r.nodes)-r.quorum
 		if !block {

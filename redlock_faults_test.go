@@ -891,30 +891,15 @@ func TestRedlockLockAfterUnlockWithFrozenMaster(t *testing.T) {
 // only master 0 is taken by another owner. The retry must wait for the
 // first round's undos too (they come well within the attempt timeout).
 func TestRedlockTryLockRetryNotRefusedByItsFirstRound(t *testing.T) {
-	servers := redlockServers(t, 3)
-	ctx := ctxT(t, 20*time.Second)
-	name := redistest.UniqueName(t)
-	wake := "{" + name + "}:wake"
-	isAttempt := func(cmd redis.Cmder) bool { return scriptOn(name)(cmd) && !scriptWith(wake)(cmd) }
-	isRelease := scriptWith(wake)
-
+	rig := newRedlockRig(t, 20*time.Second)
+	ctx, servers, name := rig.ctx, rig.servers, rig.name
 	// Master 1: the first attempt once armed runs but its reply is lost;
 	// the next release (the undo of that round) is held back.
-	rdb1 := servers[1].Client(t)
-	lost := &lossyHook{match: isAttempt}
-	undoGate := &gateScriptHook{match: isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
-	rdb1.AddHook(lost)
-	rdb1.AddHook(undoGate)
+	lost := &lossyHook{match: rig.isAttempt}
+	undoGate := &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
 	// Master 2: the next release once armed (Unlock's) is held back.
-	rdb2 := servers[2].Client(t)
-	relGate := &gateScriptHook{match: isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
-	rdb2.AddHook(relGate)
-	clients := []*redlatch.Client{
-		newClientOn(t, servers[0].Client(t)), newClientOn(t, rdb1), newClientOn(t, rdb2),
-	}
-	warm := redlatch.NewRedlock(name+"-warm", clients) // scripts loaded
-	require.NoError(t, warm.Lock(ctx))
-	require.NoError(t, warm.Unlock(ctx))
+	relGate := &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	clients := rig.clients(t, nil, []redis.Hook{lost, undoGate}, []redis.Hook{relGate})
 
 	r := redlatch.NewRedlock(name, clients)
 	require.NoError(t, r.Lock(ctx))
@@ -946,4 +931,100 @@ func TestRedlockTryLockRetryNotRefusedByItsFirstRound(t *testing.T) {
 	require.True(t, ok, "refused by its own grant of its first round on master 1")
 	require.NoError(t, r.Unlock(ctx))
 	require.NoError(t, m.Unlock(ctx))
+}
+
+// TestRedlockTryLockRetryNotHeldUpByFrozenMaster: of 3 masters, master 2
+// is frozen, and another owner holds master 0 (a Mutex). The handle's
+// TryLock fails (only master 1 grants it); its undo on master 1 is held
+// back, still on its way when TryLock returns (recorded for the next call).
+// The other owner then releases master 0. The handle's next TryLock sends
+// its first round: master 0 grants it, master 1 refuses it (the handle's own
+// grant of the last call, whose undo lands right after), and master 2 does
+// not answer within the attempt timeout (1s). The retry must go: masters 0
+// and 1 are free, a quorum. It did not: the call waited for every release
+// of the handle on its way, also the undos on the frozen master, which
+// cannot be done within the attempt timeout (the first round alone took
+// it), and TryLock failed with ErrNotObtained, "1 of 3 masters granted the
+// lock", refused by its own grant on master 1.
+func TestRedlockTryLockRetryNotHeldUpByFrozenMaster(t *testing.T) {
+	rig := newRedlockRig(t, 25*time.Second)
+	ctx, servers, name := rig.ctx, rig.servers, rig.name
+	// Master 1: the next release once armed (the undo of the first
+	// TryLock's round) is held back until the attempt after it, once armed,
+	// has been answered.
+	undoGate := &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	nextAttempt := new(atomic.Bool)
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(undoGate.proceed) }) })
+	clients := rig.clients(t, nil, []redis.Hook{undoGate, cancelAfterHook{match: armedOnce(nextAttempt, rig.isAttempt), cancel: func() {
+		once.Do(func() { close(undoGate.proceed) })
+	}}}, nil)
+
+	r := redlatch.NewRedlock(name, clients)
+	m := clients[0].Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	servers[2].Stop(t)
+	var thawOnce sync.Once
+	thaw := func() { thawOnce.Do(func() { servers[2].Cont(t) }) }
+	t.Cleanup(thaw)
+
+	undoGate.armed.Store(true)
+	ok, err := r.TryLock(ctx)
+	t.Logf("first TryLock: %v, %v", ok, err)
+	require.False(t, ok)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	select {
+	case <-undoGate.entered:
+	default:
+		t.Fatal("the undo on master 1 was not sent")
+	}
+	require.NoError(t, m.Unlock(ctx))
+
+	nextAttempt.Store(true)
+	start := time.Now()
+	ok, err = r.TryLock(ctx)
+	t.Logf("second TryLock: %v, %v after %v", ok, err, time.Since(start))
+	require.False(t, nextAttempt.Load(), "the attempt on master 1 was not sent")
+	require.NoError(t, err, "refused by its own grant of the first TryLock on master 1")
+	require.True(t, ok)
+	require.NoError(t, r.Unlock(ctx), "2 of 3 masters released it")
+	thaw()
+}
+
+// redlockRig is 3 masters for a Redlock of name, and the matchers of its
+// attempts and of its releases (and undos) there.
+type redlockRig struct {
+	ctx                  context.Context
+	servers              []*redistest.Server
+	name                 string
+	isAttempt, isRelease func(redis.Cmder) bool
+}
+
+func newRedlockRig(t *testing.T, timeout time.Duration) *redlockRig {
+	t.Helper()
+	rig := &redlockRig{servers: redlockServers(t, 3), ctx: ctxT(t, timeout), name: redistest.UniqueName(t)}
+	wake := "{" + rig.name + "}:wake"
+	rig.isAttempt = func(cmd redis.Cmder) bool { return scriptOn(rig.name)(cmd) && !scriptWith(wake)(cmd) }
+	rig.isRelease = scriptWith(wake)
+	return rig
+}
+
+// clients returns a Client per master, hooks[i] added to master i's Redis
+// client, with the scripts loaded by a Redlock of another name.
+func (rig *redlockRig) clients(t *testing.T, hooks ...[]redis.Hook) []*redlatch.Client {
+	t.Helper()
+	clients := make([]*redlatch.Client, len(rig.servers))
+	for i, s := range rig.servers {
+		rdb := s.Client(t)
+		if i < len(hooks) {
+			for _, h := range hooks[i] {
+				rdb.AddHook(h)
+			}
+		}
+		clients[i] = newClientOn(t, rdb)
+	}
+	warm := redlatch.NewRedlock(rig.name+"-warm", clients)
+	require.NoError(t, warm.Lock(rig.ctx))
+	require.NoError(t, warm.Unlock(rig.ctx))
+	return clients
 }
