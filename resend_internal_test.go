@@ -963,99 +963,117 @@ func rlockReplyHeld(t *testing.T, ctx context.Context, m *RWMutex, gate *scriptG
 	return rlocked, release
 }
 
-// TestLockKeepsWaitingPlaceAfterNoUpgradeRetry: the owner's read hold in
-// Redis is a failed RUnlock's (its resend held back; a fixed lease), and the
-// handle holds no read lock. A Lock of the handle waits for that read hold
-// as for another owner's, and takes its waiting place (new readers queue
-// behind it; the watchdog renews the place). Then a goroutine's RLock of
-// the handle sends an attempt, which fails in Redis (reply held back), and
-// the Lock, woken, tries again: answered 2, it waits for that reply, finds
-// the handle holds no read lock, and tries again as no upgrade. That
-// attempt marked the place as being released (setReleasing) and never
-// unmarked it: the watchdog renewed the place no more, the place ran out
-// after its lease (the watchdog timeout) while the Lock still waited, and
-// readers of other owners got in ahead of the waiting writer.
-func TestLockKeepsWaitingPlaceAfterNoUpgradeRetry(t *testing.T) {
-	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
-		const wdt = 500 * time.Millisecond
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		defer cancel()
-		rdb := b.Client(t)
-		refuse := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: 3 * time.Second}
-		gate := &scriptGate{script: rwRLockScript, after: true, held: make(chan struct{}), proceed: make(chan struct{})}
-		locks := &countScriptHook{script: rwLockScript}
-		rdb.AddHook(refuse)
-		rdb.AddHook(gate)
-		rdb.AddHook(locks)
-		c := New(rdb, WithWatchdogTimeout(wdt))
-		t.Cleanup(func() { _ = c.Close() })
-		name := redistest.UniqueName(t)
-		// A fixed lease: the stale read hold stays in the Lock's way for 4s.
-		m := c.RWMutex(name, WithLease(4*time.Second))
-		require.NoError(t, m.RLock(ctx))
-		refuse.armed.Store(true)
-		require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
-
-		// The Lock waits for the stale read hold, in its waiting place.
-		locked := make(chan error, 1)
-		go func() { locked <- m.Lock(ctx) }()
-		require.Eventually(t, func() bool {
-			c.ps.mu.Lock()
-			ch := c.ps.chans[m.wwake]
-			n := ch != nil && len(ch.waiters) > 0
-			c.ps.mu.Unlock()
-			if !n {
-				return false
-			}
-			ok, err := rdb.HExists(ctx, m.key, "ww:"+m.owner).Result()
-			return err == nil && ok
-		}, 3*time.Second, time.Millisecond)
-		time.Sleep(20 * time.Millisecond) // its attempt after the join replied
-
-		// An RLock attempt of the handle fails in Redis (it may not
-		// re-enter the stale read hold); its reply is held back.
-		rlocked, release := rlockReplyHeld(t, ctx, m, gate)
-
-		// The Lock tries again (answered 2: it waits for that reply).
-		before := locks.done.Load()
-		c.ps.dispatch(m.wwake, wakeAll)
-		require.Eventually(t, func() bool { return locks.done.Load() > before }, 3*time.Second, time.Millisecond)
-		time.Sleep(20 * time.Millisecond)
-		release()
-		// The Lock finds no read lock of the handle, tries again, and
-		// waits for the stale read hold again; so does the RLock.
-		time.Sleep(100 * time.Millisecond)
-
-		// Three place leases later, the writer still waits, in its place.
-		time.Sleep(3 * wdt)
-		stale, err := rdb.HExists(ctx, m.key, "rc:"+m.owner).Result()
-		require.NoError(t, err)
-		require.True(t, stale, "the stale read hold ended already: the test proves nothing")
-		select {
-		case err := <-locked:
-			t.Fatalf("the Lock returned %v while the stale read hold is there", err)
-		default:
+// TestLockKeepsWaitingPlace: the owner's read hold in Redis is a failed
+// RUnlock's (its resend held back; a fixed lease), and the handle holds no
+// read lock. A Lock of the handle waits for that read hold as for another
+// owner's, and takes its waiting place (new readers queue behind it; the
+// watchdog renews the place). Then a goroutine's RLock of the handle sends
+// an attempt, which fails in Redis, its reply slow (held back here: a slow
+// link, a stalled pooled connection, a WAIT for replicas), and the Lock,
+// woken, tries again: answered 2 (a reply that leaves the place as it
+// was), it waits for that reply. The place must stay renewed:
+//   - ReplyHeld: while the Lock waits for that reply, the attempt kept the
+//     place marked as being released (setReleasing) for the whole wait;
+//   - NoUpgradeRetry: once the reply came, the Lock found the handle holds
+//     no read lock and tried again as no upgrade, leaving the place marked
+//     for good.
+//
+// The watchdog renewed it no more, the place ran out after its lease (the
+// watchdog timeout) while the Lock still waited, and readers of other
+// owners got in ahead of the waiting writer.
+func TestLockKeepsWaitingPlace(t *testing.T) {
+	for _, held := range []bool{true, false} {
+		name := "NoUpgradeRetry"
+		if held {
+			name = "ReplyHeld"
 		}
-		// The place's lease (server ms) is still ahead.
-		until, err := rdb.HGet(ctx, m.key, "ww:"+m.owner).Int64()
-		require.NoError(t, err)
-		now, err := rdb.Time(ctx).Result()
-		require.NoError(t, err)
-		place := until >= now.UnixMilli()
-		other := New(b.Client(t))
-		t.Cleanup(func() { _ = other.Close() })
-		r := other.RWMutex(name)
-		in, err := r.TryRLock(ctx)
-		require.NoError(t, err)
-		if in {
-			require.NoError(t, r.RUnlock(ctx))
-		}
-		require.True(t, place, "the waiting writer's place ran out: the watchdog stopped renewing it")
-		require.False(t, in, "another owner's reader got in ahead of the waiting writer")
+		t.Run(name, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				const wdt = 500 * time.Millisecond
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				rdb := b.Client(t)
+				refuse := &refuseScriptHook{script: rwRUnlockScript, fails: 1, delay: 4 * time.Second}
+				gate := &scriptGate{script: rwRLockScript, after: true, held: make(chan struct{}), proceed: make(chan struct{})}
+				locks := &countScriptHook{script: rwLockScript}
+				rdb.AddHook(refuse)
+				rdb.AddHook(gate)
+				rdb.AddHook(locks)
+				c := New(rdb, WithWatchdogTimeout(wdt))
+				t.Cleanup(func() { _ = c.Close() })
+				name := redistest.UniqueName(t)
+				// A fixed lease: the stale read hold stays in the Lock's way.
+				m := c.RWMutex(name, WithLease(6*time.Second))
+				require.NoError(t, m.RLock(ctx))
+				refuse.armed.Store(true)
+				require.Error(t, m.RUnlock(ctx), "the release is refused unsent, and resent later")
 
-		// The Lock gets in once the stale read hold ends; the RLock enters
-		// with it (a downgrade).
-		require.NoError(t, <-locked)
-		requireDowngradedThenFree(t, ctx, m, rlocked)
-	})
+				// The Lock waits for the stale read hold, in its waiting place.
+				locked := make(chan error, 1)
+				go func() { locked <- m.Lock(ctx) }()
+				require.Eventually(t, func() bool {
+					c.ps.mu.Lock()
+					ch := c.ps.chans[m.wwake]
+					n := ch != nil && len(ch.waiters) > 0
+					c.ps.mu.Unlock()
+					if !n {
+						return false
+					}
+					ok, err := rdb.HExists(ctx, m.key, "ww:"+m.owner).Result()
+					return err == nil && ok
+				}, 3*time.Second, time.Millisecond)
+				time.Sleep(20 * time.Millisecond) // its attempt after the join replied
+
+				// An RLock attempt of the handle fails in Redis (it may not
+				// re-enter the stale read hold); its reply is held back.
+				rlocked, release := rlockReplyHeld(t, ctx, m, gate)
+
+				// The Lock tries again: answered 2, it waits for that reply.
+				before := locks.done.Load()
+				c.ps.dispatch(m.wwake, wakeAll)
+				require.Eventually(t, func() bool { return locks.done.Load() > before }, 3*time.Second, time.Millisecond)
+				if !held {
+					time.Sleep(20 * time.Millisecond)
+					release()
+					// The Lock finds no read lock of the handle, tries
+					// again, and waits for the stale read hold again; so
+					// does the RLock.
+					time.Sleep(100 * time.Millisecond)
+				}
+
+				// Three place leases later, the writer still waits, in its place.
+				time.Sleep(3 * wdt)
+				stale, err := rdb.HExists(ctx, m.key, "rc:"+m.owner).Result()
+				require.NoError(t, err)
+				require.True(t, stale, "the stale read hold ended already: the test proves nothing")
+				select {
+				case err := <-locked:
+					t.Fatalf("the Lock returned %v while the stale read hold is there", err)
+				default:
+				}
+				// The place's lease (server ms) is still ahead.
+				until, err := rdb.HGet(ctx, m.key, "ww:"+m.owner).Int64()
+				placeErr := err
+				now, err := rdb.Time(ctx).Result()
+				require.NoError(t, err)
+				other := New(b.Client(t))
+				t.Cleanup(func() { _ = other.Close() })
+				r := other.RWMutex(name)
+				in, err := r.TryRLock(ctx)
+				require.NoError(t, err)
+				if in {
+					require.NoError(t, r.RUnlock(ctx))
+				}
+				release()
+				require.False(t, in, "another owner's reader got in ahead of the waiting writer")
+				require.NoError(t, placeErr, "the waiting writer's place is gone: the watchdog stopped renewing it")
+				require.GreaterOrEqual(t, until, now.UnixMilli(), "the waiting writer's place ran out: the watchdog stopped renewing it")
+
+				// The Lock gets in once the stale read hold ends; the RLock
+				// enters with it (a downgrade).
+				require.NoError(t, <-locked)
+				requireDowngradedThenFree(t, ctx, m, rlocked)
+			})
+		})
+	}
 }

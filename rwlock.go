@@ -314,6 +314,11 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 			token = res[1]
 			return true, 0, nil
 		case 2:
+			// A reply of 2 left the waiting place as it was: the
+			// watchdog renews it again, also while this attempt waits
+			// for the replies of the handle's RLock attempts below
+			// (however slow they are).
+			c.wd.setReleasing(queued, false)
 			if !m.shared {
 				// A read hold of the handle (or an attempt of its RLock
 				// that took one) makes it an upgrade at once. Else an
@@ -338,9 +343,6 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 					if !block {
 						return try(ctx)
 					}
-					// A reply of 2 left the waiting place as it was:
-					// the watchdog renews it again.
-					c.wd.setReleasing(queued, false)
 					return false, time.Millisecond, nil
 				}
 			}
