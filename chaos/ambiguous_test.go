@@ -3,6 +3,7 @@ package chaos_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,37 +45,90 @@ func ambiguousSetup(t *testing.T, maxRetries int, ctxTimeouts bool) (*redlatch.C
 
 // The reply to an acquisition is lost after the server ran it, and the
 // Redis client retries: the retry is recognised, the lock is held once, with
-// the token the server issued. No false failure, no double count.
+// the token the server issued. No false failure, no double count. A Mutex
+// shows the first (an unrecognised retry finds the lock held by its own
+// owner, and fails), a ReentrantMutex the second (it would re-enter, count
+// 2). The server's slow log shows that it ran the very call twice.
 func TestAmbiguousAcquireRetried(t *testing.T) {
-	c, admin, _ := ambiguousSetup(t, 3, false)
-	ctx := ctxT(t, 10*time.Second)
-	m := c.ReentrantMutex("amb", redlatch.WithOwner("me"))
-	chaos.DropBudget.Store(1)
-	ok, err := m.TryLock(ctx)
-	if err != nil || !ok {
-		t.Fatalf("TryLock after a lost reply = %v, %v; want true, nil (the retry is recognised)", ok, err)
+	for _, kind := range []string{"mutex", "reentrant"} {
+		t.Run(kind, func(t *testing.T) {
+			c, admin, _ := ambiguousSetup(t, 3, false)
+			ctx := ctxT(t, 10*time.Second)
+			var m interface {
+				TryLock(context.Context) (bool, error)
+				Unlock(context.Context) error
+				Token() int64
+			}
+			if kind == "mutex" {
+				m = c.Mutex("amb", redlatch.WithOwner("me"))
+			} else {
+				m = c.ReentrantMutex("amb", redlatch.WithOwner("me"))
+			}
+			for _, kv := range [][2]string{{"slowlog-log-slower-than", "0"}, {"slowlog-max-len", "1024"}} {
+				if err := admin.ConfigSet(ctx, kv[0], kv[1]).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_ = admin.SlowLogReset(ctx).Err()
+			chaos.DropBudget.Store(1)
+			ok, err := m.TryLock(ctx)
+			if err != nil || !ok {
+				t.Fatalf("TryLock after a lost reply = %v, %v; want true, nil (the retry is recognised)", ok, err)
+			}
+			if chaos.DropBudget.Load() != 0 {
+				t.Fatal("no reply was dropped")
+			}
+			ranTwice(ctx, t, admin, "2", "the acquisition")
+			v, err := admin.HMGet(ctx, "{amb}:lock", "o", "c", "t").Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v[0] != "me" || v[1] != "1" || v[2] == nil {
+				t.Fatalf("lock hash after a retried acquisition = %v; want owner me, count 1", v)
+			}
+			if tok := v[2].(string); tok != itoa(m.Token()) {
+				t.Errorf("Token() = %d, server issued %s", m.Token(), tok)
+			}
+			// The reply to the release is lost too: the retry does not fail.
+			_ = admin.SlowLogReset(ctx).Err()
+			chaos.DropBudget.Store(1)
+			if err := m.Unlock(ctx); err != nil {
+				t.Errorf("Unlock after a lost reply: %v", err)
+			}
+			if chaos.DropBudget.Load() != 0 {
+				t.Fatal("no reply to the release was dropped")
+			}
+			ranTwice(ctx, t, admin, "3", "the release")
+			if n, _ := admin.Exists(ctx, "{amb}:lock").Result(); n != 0 {
+				t.Error("the lock is still held after Unlock")
+			}
+		})
 	}
-	if chaos.DropBudget.Load() != 0 {
-		t.Fatal("no reply was dropped")
-	}
-	v, err := admin.HMGet(ctx, "{amb}:lock", "o", "c", "t").Result()
+}
+
+// ranTwice checks in the server's slow log (every command logged, see
+// TestAmbiguousAcquireRetried) that the server ran one script call on the
+// lock, with numkeys keys, twice with the same arguments (the same request
+// id): the run whose reply was dropped, and the Redis client's retry.
+func ranTwice(ctx context.Context, t *testing.T, admin *redis.Client, numkeys, what string) {
+	t.Helper()
+	logs, err := admin.SlowLogGet(ctx, -1).Result()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v[0] != "me" || v[1] != "1" || v[2] == nil {
-		t.Fatalf("lock hash after a retried acquisition = %v; want owner me, count 1", v)
+	runs := map[string]int{}
+	for _, l := range logs {
+		if len(l.Args) > 4 && strings.EqualFold(l.Args[0], "evalsha") && l.Args[2] == numkeys && l.Args[3] == "{amb}:lock" {
+			runs[strings.Join(l.Args, " ")]++
+		}
 	}
-	if tok := v[2].(string); tok != itoa(m.Token()) {
-		t.Errorf("Token() = %d, server issued %s", m.Token(), tok)
+	for call, n := range runs {
+		if n == 2 {
+			t.Logf("%s ran twice: %s", what, call)
+			return
+		}
 	}
-	// The reply to the release is lost too: the retry does not fail.
-	chaos.DropBudget.Store(1)
-	if err := m.Unlock(ctx); err != nil {
-		t.Errorf("Unlock after a lost reply: %v", err)
-	}
-	if n, _ := admin.Exists(ctx, "{amb}:lock").Result(); n != 0 {
-		t.Error("the lock is still held after Unlock")
-	}
+	t.Errorf("%s: want one call run twice by the server (lost reply, retry); runs: %v", what, runs)
 }
 
 // The reply to an acquisition is lost and the Redis client does not retry:
@@ -119,9 +173,10 @@ func TestAmbiguousAcquireNotRetried(t *testing.T) {
 }
 
 // The reply never comes (a blackhole on the downstream after the server ran
-// the acquisition), and the undo cannot reach Redis either: Lock fails when
-// its context ends, and the orphaned hold is not renewed: it frees within
-// its lease.
+// the acquisition), nor does the undo's: Lock fails when its context ends,
+// and the lock is free again within its lease (plus the undo's bound). Only
+// replies are blackholed: the undo reaches Redis and runs, so in practice no
+// orphan is left (TestAmbiguousAcquireNotRetried's second case leaves one).
 //
 // The Redis client has ContextTimeoutEnabled (see
 // TestLockHonoursContextOnDefaultOptions for a client without it).

@@ -30,6 +30,7 @@ type Hold struct {
 	WroteAt int64    // after the write's reply
 
 	LostSeen  bool   // Lost() was closed at Rel
+	LostAt    int64  // when the worker saw Lost() close (0: not by Rel); it watches it from Acq
 	Lost      bool   // LostSeen, or Unlock returned ErrNotHeld
 	UnlockErr string // Unlock's error, if any
 

@@ -315,7 +315,8 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 			}
 			h.ReadOK, h.ReadSet = ok, set
 		}
-		sleepCtx(ctx, rnd(cfg.HoldMin, cfg.HoldMax))
+		// The hold's sleep, watching Lost: when it closes is recorded.
+		sleepWatch(ctx, rnd(cfg.HoldMin, cfg.HoldMax), lost, &h.LostAt, false)
 		if ok {
 			if h.WroteOK, err = env.Write(h.Token, append(h.ReadSet, h.ID)); err != nil {
 				return err
@@ -323,14 +324,14 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 			h.WroteAt = Mono()
 		}
 		if cfg.LostGrace > 0 {
-			select {
-			case <-lost:
-			case <-time.After(cfg.LostGrace):
-			}
+			sleepWatch(ctx, cfg.LostGrace, lost, &h.LostAt, true)
 		}
 		select {
 		case <-lost:
 			h.LostSeen = true
+			if h.LostAt == 0 {
+				h.LostAt = Mono()
+			}
 		default:
 		}
 		h.Rel = Mono()
@@ -347,6 +348,34 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, env Env) error {
 		sleepCtx(ctx, rnd(0, cfg.GapMax))
 	}
 	return nil
+}
+
+// sleepWatch sleeps for d, or until ctx ends, watching lost: when it
+// closes and *at is 0, *at is set to Mono() then. With grace set, the sleep
+// ends when lost is closed (a LostGrace waits for nothing else); else it
+// goes on (the hold's sleep).
+func sleepWatch(ctx context.Context, d time.Duration, lost <-chan struct{}, at *int64, grace bool) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		case <-lost:
+			if *at == 0 {
+				*at = Mono()
+			}
+			if grace {
+				return
+			}
+			lost = nil
+		}
+	}
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) {
