@@ -184,9 +184,39 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 	}
 	// WAIT may outlast the read timeout of a pipeline: two round trips on a
 	// pinned connection, WAIT with its own read timeout.
+	ctx = unrouted(ctx)
+	o := node.Options()
+	for attempt := 0; ; attempt++ {
+		cmd, acked, err := runPinned(ctx, node, asking, s, keys, args, n, ms)
+		// READONLY: the connection reached a replica (a demoted master that
+		// a failover client still takes for the master). go-redis drops
+		// such a connection and sends a command again on another one,
+		// re-resolving the master, after a backoff, up to MaxRetries
+		// times; not on a pinned connection, whose retries all fail with
+		// "Conn is in a bad state". The script did not run (a replica
+		// takes no write): it is sent again so, on a new pinned connection.
+		if !redis.IsReadOnlyError(cmd.Err()) || attempt >= o.MaxRetries {
+			return cmd, acked, err
+		}
+		d := o.MinRetryBackoff << attempt
+		if d < o.MinRetryBackoff || d > o.MaxRetryBackoff {
+			d = o.MaxRetryBackoff
+		}
+		t := time.NewTimer(max(d, 0))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return cmd, acked, err
+		}
+	}
+}
+
+// runPinned is the part of runOnWithWait that sends the script and WAIT
+// one after the other on one pinned connection of node.
+func runPinned(ctx context.Context, node *redis.Client, asking bool, s *redis.Script, keys []string, args []any, n int, ms int64) (*redis.Cmd, int64, error) {
 	conn := node.Conn()
 	defer conn.Close()
-	ctx = unrouted(ctx)
 	run := func(sha bool) *redis.Cmd {
 		var on redis.Scripter = conn
 		var pipe redis.Pipeliner

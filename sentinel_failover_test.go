@@ -3,6 +3,7 @@ package redlatch_test
 import (
 	"context"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -134,4 +135,73 @@ func waitSentinelReplica(t *testing.T, ctx context.Context, s *redistest.Sentine
 		}
 		return false
 	}, 30*time.Second, 100*time.Millisecond, "sentinel does not see the replica")
+}
+
+// TestReplicaSyncReadOnlyRidesOut: a sentinel failover client whose view
+// still names a node that is a replica now (a demoted master, a sentinel
+// that has not caught up) gets READONLY for its first script call. go-redis
+// drops that connection and sends the call again on a new one, whose dial
+// resolves the master: a plain Lock, and one under WithReplicaSync whose
+// script and WAIT go pipelined, ride it out. So must one whose WAIT does
+// not fit within the read timeout (2s here), sent on a pinned connection,
+// which go-redis cannot send again: it returned "redis: Conn is in a bad
+// state: READONLY ..." at once.
+func TestReplicaSyncReadOnlyRidesOut(t *testing.T) {
+	master, replica, _ := replicaPair(t)
+	sentinel := redistest.NewSentinel(t, master)
+	ctx := ctxT(t, 60*time.Second)
+	waitSentinelReplica(t, ctx, sentinel, replica)
+
+	for _, tc := range []struct {
+		name string
+		opts []redlatch.Option
+	}{
+		{"plain", nil},
+		{"pipelined", []redlatch.Option{redlatch.WithReplicaSync(1, time.Second)}},
+		{"pinned", []redlatch.Option{redlatch.WithReplicaSync(1, 2*time.Second)}},
+	} {
+		for _, op := range []struct {
+			name    string
+			acquire func(ctx context.Context, c *redlatch.Client, name string) error
+		}{
+			{"Mutex.Lock", func(ctx context.Context, c *redlatch.Client, name string) error {
+				m := c.Mutex(name)
+				if err := m.Lock(ctx); err != nil {
+					return err
+				}
+				return m.Unlock(ctx)
+			}},
+			{"Semaphore.Acquire", func(ctx context.Context, c *redlatch.Client, name string) error {
+				s := c.Semaphore(name, 2)
+				if err := s.Acquire(ctx, 1); err != nil {
+					return err
+				}
+				return s.Release(ctx, 1)
+			}},
+		} {
+			t.Run(tc.name+"/"+op.name, func(t *testing.T) {
+				// The first dial to the master goes to the replica instead.
+				var stale atomic.Int32
+				var d net.Dialer
+				rdb := redis.NewFailoverClient(&redis.FailoverOptions{
+					MasterName: sentinel.MasterName, SentinelAddrs: []string{sentinel.Addr},
+					ContextTimeoutEnabled: true, DialTimeout: time.Second,
+					ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+					Dialer: func(ctx context.Context, network, addr string) (net.Conn, error) {
+						if addr == master.Addr && stale.CompareAndSwap(0, 1) {
+							addr = replica.Addr
+						}
+						return d.DialContext(ctx, network, addr)
+					},
+				})
+				t.Cleanup(func() { _ = rdb.Close() })
+				c := newClientOn(t, rdb, tc.opts...)
+
+				actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				defer cancel()
+				require.NoError(t, op.acquire(actx, c, redistest.UniqueName(t)))
+				require.EqualValues(t, 1, stale.Load(), "the READONLY replica was not reached")
+			})
+		}
+	}
 }
