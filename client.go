@@ -807,11 +807,27 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 	if !c.enterWait() {
 		return
 	}
+	// A caller that waits for its releases to be done (a Redlock's Unlock,
+	// whose handle's next call waits for them, see unlockAll) counts the
+	// resend among them.
+	resends, _ := ctx.Value(resendsKey{}).(*sync.WaitGroup)
+	if resends != nil {
+		resends.Add(1)
+	}
 	go func() {
 		defer c.leaveWait()
+		if resends != nil {
+			defer resends.Done()
+		}
 		detached(ctx, send)
 	}()
 }
+
+// resendsKey carries a *sync.WaitGroup that counts the resends
+// resendRelease starts under a context (see unlockAll). The caller adds
+// the WaitGroup's count for the release itself first: a resend is started
+// before that is done, so Wait never misses it.
+type resendsKey struct{}
 
 // cleanupContext returns a fresh context that keeps ctx's values, not its
 // cancellation, bounded by cleanupTimeout, for a cleanup.

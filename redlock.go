@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -1010,8 +1009,8 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 // unlockAll sends the release of hold h to every master, or with h nil the
 // release of whatever the owner id holds there, and returns how many
 // masters released something and the errors of those that did not answer,
-// and, when some releases are still on their way, a channel closed once
-// they are done.
+// and a channel closed once every release is done, the resends of those
+// that failed on their way included.
 func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error, straggling chan struct{}) {
 	type reply struct {
 		i   int
@@ -1030,6 +1029,11 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 	if dl, ok := ctx.Deadline(); ok && ctx.Value(cleanupKey{}) != nil {
 		gctx, stop = context.WithDeadline(context.WithoutCancel(ctx), dl)
 	}
+	// A release or undo that fails on its way is sent again in the
+	// background (resendRelease): done waits for the resend too, or the
+	// handle's next call would not wait for it and be refused where the
+	// hold is still there.
+	gctx = context.WithValue(gctx, resendsKey{}, &pending)
 	done := make(chan struct{})
 	go func() { pending.Wait(); stop(); close(done) }()
 	for i, e := range r.nodes {
@@ -1113,9 +1117,10 @@ wait:
 			break wait
 		}
 	}
-	if slices.Contains(got, false) {
-		straggling = done
-	}
+	// Releases still on their way: those of the masters that did not
+	// answer, and the resends of those that failed (addUndoing drops done
+	// when nothing is left on its way).
+	straggling = done
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.remove(h.holds[i])

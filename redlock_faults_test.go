@@ -1028,3 +1028,53 @@ func (rig *redlockRig) clients(t *testing.T, hooks ...[]redis.Hook) []*redlatch.
 	require.NoError(t, warm.Unlock(rig.ctx))
 	return clients
 }
+
+// TestRedlockTryLockAfterUnlockResendsRelease: a Redlock's Unlock releases
+// masters 0 and 1; its release to master 2 fails unsent (a network error
+// go-redis's retries did not cure), so it is sent again in the background
+// (resendRelease), and that resend is slow. Unlock returns nil (a quorum
+// released it) with every master answered, so it records nothing for the
+// handle's next call. Another owner then takes master 0. The handle's next
+// TryLock must not be refused by the handle's own last hold on master 2,
+// whose resent release is still on its way: it reported (false, nil),
+// "other owners hold it", while only master 0 is taken by another owner.
+// The same with an Unlock whose ctx ends while that release is held back
+// (its resend is not recorded either), which a seeded stress found.
+func TestRedlockTryLockAfterUnlockResendsRelease(t *testing.T) {
+	rig := newRedlockRig(t, 20*time.Second)
+	ctx, servers, name := rig.ctx, rig.servers, rig.name
+	// Master 2: the next release once armed (Unlock's) fails unsent; the
+	// one after (its resend) is held until the handle's next attempt there
+	// has been answered.
+	refuse := &refuseHook{match: rig.isRelease, nth: 1}
+	resendGate := &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	nextAttempt := new(atomic.Bool)
+	var once sync.Once
+	proceed := func() { once.Do(func() { close(resendGate.proceed) }) }
+	t.Cleanup(proceed)
+	clients := rig.clients(t, nil, nil, []redis.Hook{
+		refuse,
+		resendGate,
+		cancelAfterHook{match: armedOnce(nextAttempt, rig.isAttempt), cancel: proceed},
+	})
+
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	refuse.armed.Store(true)
+	resendGate.armed.Store(true)
+	err := r.Unlock(ctx)
+	t.Logf("Unlock: %v", err)
+	require.NoError(t, err, "2 of 3 masters released it")
+	select {
+	case <-resendGate.entered:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the release to master 2 was not sent again")
+	}
+	require.Equal(t, []bool{false, false, true}, heldOn(t, ctx, servers, name), "the resent release to master 2 is on its way")
+
+	m := clients[0].Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	nextAttempt.Store(true)
+	requireRetakesOwnRound(t, ctx, r, m, "refused by its own last hold on master 2, whose resent release was on its way")
+	require.False(t, nextAttempt.Load(), "the attempt on master 2 was not sent")
+}
