@@ -151,6 +151,13 @@ func (e *excl) lockReq(ctx context.Context, kin *kinship, block, queue bool) (to
 // as an error wrapping ErrNotReplicated. An error that is not a reply from
 // Redis leaves the outcome unknown: undo with unlock(ctx, req).
 func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, pttl int64, err error) {
+	ok, token, pttl, _, err = e.attemptOwn(ctx, req)
+	return ok, token, pttl, err
+}
+
+// attemptOwn is attempt, which also reports whether a refusal was for a
+// hold of the owner itself, which may not re-enter (see lock.lua).
+func (e *excl) attemptOwn(ctx context.Context, req string) (ok bool, token, pttl int64, own bool, err error) {
 	reentrant := "0"
 	if e.reentrant && (e.mayReenter == nil || e.mayReenter()) {
 		reentrant = "1"
@@ -159,16 +166,16 @@ func (e *excl) attempt(ctx context.Context, req string) (ok bool, token, pttl in
 		e.owner, e.lease.Milliseconds(), req, reentrant, fenceRetention(e.lease))
 	res, err := cmd.Int64Slice()
 	if err != nil {
-		return false, 0, 0, err
+		return false, 0, 0, false, err
 	}
 	if res[0] != 1 {
-		return false, 0, res[1], nil
+		return false, 0, res[1], len(res) > 2 && res[2] == 1, nil
 	}
 	undo := func(ctx context.Context) { _, _ = e.unlock(ctx, req, 0, false) }
 	if err := e.c.replicated(ctx, acked, waitErr, undo); err != nil {
-		return false, 0, 0, err
+		return false, 0, 0, false, err
 	}
-	return true, res[1], 0, nil
+	return true, res[1], 0, false, nil
 }
 
 // unlock releases one hold of the owner (or, with undo set, the hold taken

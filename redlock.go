@@ -302,6 +302,11 @@ type round struct {
 	// unreplicated counts the masters that granted the lock but whose
 	// replicas did not acknowledge it (ErrNotReplicated; released again).
 	unreplicated int
+	// own counts the masters that refused the round for a hold of the
+	// handle's own owner id: not another owner's (a handle that does not
+	// share its id holds nothing while it acquires), but a grant of its own
+	// whose release or undo is still on its way (see lock).
+	own int
 }
 
 func (rd *round) count() int {
@@ -325,6 +330,7 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 		ok    bool
 		token int64
 		pttl  int64
+		own   bool
 		err   error
 	}
 	replies := make(chan reply, n) // buffered: a straggler never blocks
@@ -334,8 +340,8 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 		go func() {
 			nctx, cancel := context.WithTimeout(ctx, d)
 			defer cancel()
-			ok, token, pttl, err := e.attempt(nctx, req)
-			replies <- reply{i, ok, token, pttl, err}
+			ok, token, pttl, own, err := e.attemptOwn(nctx, req)
+			replies <- reply{i, ok, token, pttl, own, err}
 		}()
 	}
 	// A Redis client that ignores context deadlines may answer late: count
@@ -363,6 +369,8 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 			case rp.ok:
 				rd.granted[rp.i] = true
 				rd.tokens[rp.i] = rp.token
+			case rp.own && !r.shared:
+				rd.own++
 			default:
 				rd.busy++
 				if rd.minPTTL < 0 || rp.pttl < rd.minPTTL {
@@ -652,6 +660,9 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 				return false, nil
 			}
 			why := fmt.Sprintf("%d of %d masters granted the lock, %d needed", rd.count(), len(r.nodes), r.quorum)
+			if rd.own > 0 {
+				why += fmt.Sprintf(" (%d refused it for the handle's own earlier grant, its release still on its way)", rd.own)
+			}
 			if rd.count() >= r.quorum {
 				why = fmt.Sprintf("the acquisition took %v, longer than the validity allows", time.Since(rd.start))
 			}

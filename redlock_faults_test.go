@@ -1078,3 +1078,60 @@ func TestRedlockTryLockAfterUnlockResendsRelease(t *testing.T) {
 	requireRetakesOwnRound(t, ctx, r, m, "refused by its own last hold on master 2, whose resent release was on its way")
 	require.False(t, nextAttempt.Load(), "the attempt on master 2 was not sent")
 }
+
+// TestRedlockTryLockRetryRefusedByItsOwnSlowUndo: another owner holds
+// master 1 (a Mutex). The handle's TryLock gets master 0; master 2 grants
+// it too but the reply is lost (the outcome unknown): the round fails with
+// ErrNotObtained and is undone, the undo on master 2 slow, still on its way
+// when TryLock returns (recorded for the next call). The handle's next
+// TryLock is refused on master 1 (the other owner) and on master 2 (its own
+// grant of the last call); it waits the attempt timeout for that undo and
+// tries again, once, still refused there. It reported (false, nil), "other
+// owners hold it", while only master 1 was taken by another owner: a hold
+// of the handle's own owner id (a non-shared handle holds nothing while it
+// acquires) is not another owner's. (Reduced from a seeded stress.)
+func TestRedlockTryLockRetryRefusedByItsOwnSlowUndo(t *testing.T) {
+	rig := newRedlockRig(t, 20*time.Second)
+	ctx, servers, name := rig.ctx, rig.servers, rig.name
+	// Master 2: the first attempt once armed runs but its reply is lost;
+	// the next release (the undo of that round) is held back.
+	lost := &lossyHook{match: rig.isAttempt}
+	undoGate := &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	var once sync.Once
+	proceed := func() { once.Do(func() { close(undoGate.proceed) }) }
+	t.Cleanup(proceed)
+	clients := rig.clients(t, nil, nil, []redis.Hook{lost, undoGate})
+
+	m := clients[1].Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	r := redlatch.NewRedlock(name, clients)
+
+	lost.armed.Store(true)
+	undoGate.armed.Store(true)
+	ok, err := r.TryLock(ctx)
+	t.Logf("first TryLock: %v, %v", ok, err)
+	require.False(t, lost.armed.Load(), "the attempt on master 2 was not sent")
+	require.False(t, ok)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained, "only master 0 granted it")
+	select {
+	case <-undoGate.entered:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the undo on master 2 was not sent")
+	}
+	require.Equal(t, []bool{false, true, true}, heldOn(t, ctx, servers, name), "the undo on master 2 is on its way")
+
+	start := time.Now()
+	ok, err = r.TryLock(ctx)
+	t.Logf("second TryLock: %v, %v after %v", ok, err, time.Since(start))
+	proceed()
+	require.False(t, !ok && err == nil, "(false, nil) while only master 1 is held by another owner: refused by its own grant on master 2")
+	if ok {
+		require.NoError(t, r.Unlock(ctx))
+	} else {
+		require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	}
+	require.NoError(t, m.Unlock(ctx))
+	require.Eventually(t, func() bool {
+		return heldOn(t, ctx, servers, name)[2] == false
+	}, 3*time.Second, 20*time.Millisecond, "the undo on master 2 landed")
+}

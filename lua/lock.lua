@@ -15,7 +15,9 @@
 --
 -- Returns {1, token, count} when ARGV[1] holds the lock after the call (count
 -- is its hold count; 1 means this call took the lock), or {0, pttl} when
--- another owner holds it, pttl being that hold's remaining lease in ms.
+-- another owner holds it, pttl being that hold's remaining lease in ms, or
+-- {0, pttl, 1} when ARGV[1] itself holds it and may not re-enter (another
+-- acquisition of the owner's, maybe one whose undo is on its way).
 -- The token and the count may come as decimal strings (see next_token):
 -- the client reads both forms.
 --
@@ -61,4 +63,7 @@ if o == ARGV[1] then
   end
 end
 redis.call('HSETNX', KEYS[1], 'w', '1')
+if o == ARGV[1] then
+  return {0, redis.call('PTTL', KEYS[1]), 1}
+end
 return {0, redis.call('PTTL', KEYS[1])}
