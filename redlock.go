@@ -279,8 +279,9 @@ func (r *Redlock) Lock(ctx context.Context) error {
 // the lock. It returns (false, nil) when other owners hold the lock on so
 // many masters that no quorum was possible, and (false, err) with err
 // wrapping ErrNotObtained when the quorum failed for other reasons
-// (unreachable masters, the validity spent by a slow acquisition); err then
-// also wraps the masters' errors. It returns (false, nil) as well when
+// (unreachable masters, the validity spent by a slow acquisition, masters
+// still holding the handle's own earlier grant, whose release is on its
+// way to them); err then also wraps the masters' errors. It returns (false, nil) as well when
 // another goroutine holds the lock through this same handle.
 func (r *Redlock) TryLock(ctx context.Context) (bool, error) {
 	return r.lock(ctx, false)
