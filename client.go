@@ -795,13 +795,15 @@ func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // reader reading on) kept the others out for good. send sends the same
 // request again, in the background (the call returns with its ctx) with a
 // fresh context bounded by the cleanup timeout; Close waits for it (see
-// Client.waits). A release sent with a cleanup context already is not sent
-// a third time. Nor is a release that names no hold (named false: a
+// Client.waits). A resend that fails is not sent a third time (a release
+// sent with a cleanup context because its caller's ctx had ended already
+// is a first send, and is resent like any other). Nor is a release that
+// names no hold (named false: a
 // WithOwner handle that holds nothing, whose read of its owner's hold
 // failed): landing later, it would release whatever hold the owner has
 // then, maybe a later one (TestBlindUnlockResendSparesLaterHold).
 func (c *Client) resendRelease(ctx context.Context, err error, named bool, send func(context.Context)) {
-	if err == nil || isReplyError(err) || !named || ctx.Value(cleanupKey{}) != nil {
+	if err == nil || isReplyError(err) || !named || ctx.Value(resentKey{}) != nil {
 		return
 	}
 	if !c.enterWait() {
@@ -819,9 +821,12 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 		if resends != nil {
 			defer resends.Done()
 		}
-		detached(ctx, send)
+		detached(context.WithValue(ctx, resentKey{}, true), send)
 	}()
 }
+
+// resentKey marks the context of a resend (see resendRelease).
+type resentKey struct{}
 
 // resendsKey carries a *sync.WaitGroup that counts the resends
 // resendRelease starts under a context (see unlockAll). The caller adds

@@ -1077,3 +1077,63 @@ func TestLockKeepsWaitingPlace(t *testing.T) {
 		})
 	}
 }
+
+// TestEndedCtxUnlockFailureResent: a deferred Unlock(ctx) whose ctx has
+// ended already goes with a fresh cleanup context; when that release fails
+// with no reply from Redis (go-redis's retries failed), it must be sent
+// again in the background, as the Unlock docs promise for any failure with
+// no reply. It was not (the release had been sent with a cleanup context,
+// which resendRelease took for a resend): the lock stayed taken by nobody
+// for its whole lease (30s by default), and a shared-owner ReentrantMutex
+// that kept re-entering kept the leaked count, and every other owner out,
+// for good. (Found by a fault-injection stress.)
+func TestEndedCtxUnlockFailureResent(t *testing.T) {
+	kinds := []struct {
+		name string
+		make func(c *Client, name string) (lock, unlock func(context.Context) error)
+	}{
+		{"Mutex", func(c *Client, n string) (func(context.Context) error, func(context.Context) error) {
+			m := c.Mutex(n)
+			return m.Lock, m.Unlock
+		}},
+		{"ReentrantMutex", func(c *Client, n string) (func(context.Context) error, func(context.Context) error) {
+			m := c.ReentrantMutex(n)
+			return m.Lock, m.Unlock
+		}},
+		{"ReentrantMutexWithOwner", func(c *Client, n string) (func(context.Context) error, func(context.Context) error) {
+			m := c.ReentrantMutex(n, WithOwner("shared-"+n))
+			return m.Lock, m.Unlock
+		}},
+	}
+	for _, k := range kinds {
+		t.Run(k.name, func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				name := redistest.UniqueName(t)
+				rdb := b.Client(t)
+				hook := &refuseScriptHook{script: unlockScript, fails: 1} // the first release fails unsent
+				rdb.AddHook(hook)
+				c := New(rdb) // default watchdog timeout: a 30s lease
+				t.Cleanup(func() { _ = c.Close() })
+				lock, unlock := k.make(c, name)
+				require.NoError(t, lock(ctx))
+
+				hook.armed.Store(true)
+				ended, end := context.WithCancel(ctx)
+				end() // a deferred Unlock after the request's ctx ended
+				require.Error(t, unlock(ended), "the release was refused")
+
+				other := New(b.Client(t))
+				t.Cleanup(func() { _ = other.Close() })
+				m := other.Mutex(name)
+				require.Eventually(t, func() bool {
+					ok, err := m.TryLock(ctx)
+					return err == nil && ok
+				}, 5*time.Second, 20*time.Millisecond,
+					"the failed release was not resent: the lock stays taken by nobody for its lease")
+				require.NoError(t, m.Unlock(ctx))
+			})
+		})
+	}
+}
