@@ -308,6 +308,15 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 			e.c.resendRelease(ctx, err, token0 != 0, func(ctx context.Context) {
 				_, _ = e.unlockReq(ctx, req, owner, "", done, token0, false)
 			})
+		} else {
+			// An undo is resent too: left undone, the count its
+			// acquisition took stays held by nobody (for its lease; for
+			// good while the owner keeps re-entering the hold). It names
+			// its acquisition: one that did arrive undid it, and the resend
+			// finds it gone and undoes nothing twice.
+			e.c.resendRelease(ctx, err, true, func(ctx context.Context) {
+				_, _ = e.unlockReq(ctx, req, owner, undo, "", token0, false)
+			})
 		}
 		return 0, convertErr(err)
 	}

@@ -1137,3 +1137,51 @@ func TestEndedCtxUnlockFailureResent(t *testing.T) {
 		})
 	}
 }
+
+// TestFailedUndoResent: a Lock's attempt runs in Redis (the lock is taken)
+// but its reply comes after the call's ctx ended, so the acquisition is
+// undone; that undo fails with no reply (go-redis's retries failed). It
+// must be sent again in the background, as a release is: it was not, and
+// the lock stayed held by nobody for its whole lease (30s by default; for
+// good while a reentrant owner kept re-entering it). (From a
+// fault-injection stress by a reviewer.)
+func TestFailedUndoResent(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		rdb := b.Client(t)
+		refuse := &refuseScriptHook{script: unlockScript, fails: 1}
+		gate := newReplyHook(lockScript, false)
+		rdb.AddHook(refuse)
+		rdb.AddHook(gate)
+		c := New(rdb) // default watchdog timeout: a 30s lease
+		t.Cleanup(func() { _ = c.Close() })
+		name := redistest.UniqueName(t)
+		m := c.Mutex(name)
+		require.NoError(t, m.Lock(ctx)) // the scripts loaded
+		require.NoError(t, m.Unlock(ctx))
+
+		gate.arm()
+		refuse.armed.Store(true)
+		short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancelShort()
+		locked := make(chan error, 1)
+		go func() { locked <- m.Lock(short) }()
+		<-gate.ran // the attempt took the lock in Redis; its reply is lost
+		<-short.Done()
+		close(gate.proceed)
+		require.Error(t, <-locked, "the Lock's ctx ended before its reply")
+		require.Eventually(t, func() bool { return refuse.seen.Load() >= 1 }, 5*time.Second, time.Millisecond,
+			"the undo was not sent")
+
+		other := New(b.Client(t))
+		t.Cleanup(func() { _ = other.Close() })
+		o := other.Mutex(name)
+		require.Eventually(t, func() bool {
+			ok, err := o.TryLock(ctx)
+			return err == nil && ok
+		}, 5*time.Second, 20*time.Millisecond,
+			"the failed undo was not resent: the lock stays taken by nobody for its lease")
+		require.NoError(t, o.Unlock(ctx))
+	})
+}
