@@ -36,8 +36,11 @@ func (passHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proces
 // (the caller gave up while its attempt was on the way, and undoes it).
 type replyHook struct {
 	passHook
-	script  *redis.Script
-	resend  bool
+	script *redis.Script
+	resend bool
+	// lostErr, when set, is the error the lost reply's call returns
+	// (default: its ctx's).
+	lostErr error
 	mu      sync.Mutex
 	armed   bool
 	ran     chan struct{}
@@ -92,8 +95,12 @@ func (h *replyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 					if h.resend {
 						return next(ctx, cmd)
 					}
-					cmd.SetErr(ctx.Err())
-					return ctx.Err()
+					err := ctx.Err()
+					if h.lostErr != nil {
+						err = h.lostErr
+					}
+					cmd.SetErr(err)
+					return err
 				}
 			}
 		}
@@ -1124,15 +1131,7 @@ func TestEndedCtxUnlockFailureResent(t *testing.T) {
 				end() // a deferred Unlock after the request's ctx ended
 				require.Error(t, unlock(ended), "the release was refused")
 
-				other := New(b.Client(t))
-				t.Cleanup(func() { _ = other.Close() })
-				m := other.Mutex(name)
-				require.Eventually(t, func() bool {
-					ok, err := m.TryLock(ctx)
-					return err == nil && ok
-				}, 5*time.Second, 20*time.Millisecond,
-					"the failed release was not resent: the lock stays taken by nobody for its lease")
-				require.NoError(t, m.Unlock(ctx))
+				requireOtherOwnerGetsIn(t, ctx, b, name, "the failed release was not resent: the lock stays taken by nobody for its lease")
 			})
 		})
 	}
@@ -1152,6 +1151,7 @@ func TestFailedUndoResent(t *testing.T) {
 		rdb := b.Client(t)
 		refuse := &refuseScriptHook{script: unlockScript, fails: 1}
 		gate := newReplyHook(lockScript, false)
+		gate.lostErr = io.ErrUnexpectedEOF // returned once the Lock's ctx has ended
 		rdb.AddHook(refuse)
 		rdb.AddHook(gate)
 		c := New(rdb) // default watchdog timeout: a 30s lease
@@ -1174,14 +1174,21 @@ func TestFailedUndoResent(t *testing.T) {
 		require.Eventually(t, func() bool { return refuse.seen.Load() >= 1 }, 5*time.Second, time.Millisecond,
 			"the undo was not sent")
 
-		other := New(b.Client(t))
-		t.Cleanup(func() { _ = other.Close() })
-		o := other.Mutex(name)
-		require.Eventually(t, func() bool {
-			ok, err := o.TryLock(ctx)
-			return err == nil && ok
-		}, 5*time.Second, 20*time.Millisecond,
-			"the failed undo was not resent: the lock stays taken by nobody for its lease")
-		require.NoError(t, o.Unlock(ctx))
+		requireOtherOwnerGetsIn(t, ctx, b, name, "the failed undo was not resent: the lock stays taken by nobody for its lease")
 	})
+}
+
+// requireOtherOwnerGetsIn requires a Mutex of name on another Client of b
+// to take the lock within 5s (why: what kept it out otherwise), and
+// releases it.
+func requireOtherOwnerGetsIn(t *testing.T, ctx context.Context, b redistest.Backend, name, why string) {
+	t.Helper()
+	other := New(b.Client(t))
+	t.Cleanup(func() { _ = other.Close() })
+	m := other.Mutex(name)
+	require.Eventually(t, func() bool {
+		ok, err := m.TryLock(ctx)
+		return err == nil && ok
+	}, 5*time.Second, 20*time.Millisecond, why)
+	require.NoError(t, m.Unlock(ctx))
 }
