@@ -809,17 +809,17 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 	if !c.enterWait() {
 		return
 	}
-	// A caller that waits for its releases to be done (a Redlock's Unlock,
-	// whose handle's next call waits for them, see unlockAll) counts the
-	// resend among them.
-	resends, _ := ctx.Value(resendsKey{}).(*sync.WaitGroup)
-	if resends != nil {
-		resends.Add(1)
+	// A caller that counts its releases on their way (a Redlock, whose
+	// next round is refused where they are not done, see Redlock.takeOff)
+	// counts the resend among them.
+	f, _ := ctx.Value(flightKey{}).(flight)
+	if f != nil {
+		f.takeOff()
 	}
 	go func() {
 		defer c.leaveWait()
-		if resends != nil {
-			defer resends.Done()
+		if f != nil {
+			defer f.land()
 		}
 		detached(context.WithValue(ctx, resentKey{}, true), send)
 	}()
@@ -828,11 +828,17 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 // resentKey marks the context of a resend (see resendRelease).
 type resentKey struct{}
 
-// resendsKey carries a *sync.WaitGroup that counts the resends
-// resendRelease starts under a context (see unlockAll). The caller adds
-// the WaitGroup's count for the release itself first: a resend is started
-// before that is done, so Wait never misses it.
-type resendsKey struct{}
+// flightKey carries a flight, which counts the releases sent with the
+// context and their resends while they are on their way (see
+// resendRelease, Redlock.takeOff).
+type flightKey struct{}
+
+// flight counts releases on their way: takeOff when one starts, land when
+// it is done.
+type flight interface {
+	takeOff()
+	land()
+}
 
 // cleanupContext returns a fresh context that keeps ctx's values, not its
 // cancellation, bounded by cleanupTimeout, for a cleanup.

@@ -82,11 +82,44 @@ type Redlock struct {
 
 	mu sync.Mutex
 	h  *redlockHold
-	// undoing is closed once the undos of the handle's failed rounds
-	// still on their way when their release returned, and the releases
-	// of its last hold still on their way when Unlock returned, are done
-	// (see release, Unlock); guarded by mu.
-	undoing chan struct{}
+	// flying counts the handle's releases and undos on their way to a
+	// master, their background resends included (see takeOff); landed,
+	// made when it rises from 0, is closed when it falls back. Guarded by
+	// mu.
+	flying int
+	landed chan struct{}
+}
+
+// takeOff counts a release or undo of the handle's own grant on its way
+// to a master, until land: a round of the handle is refused where that
+// grant is still there (see lock). It implements flight (see
+// Client.resendRelease).
+func (r *Redlock) takeOff() {
+	r.mu.Lock()
+	if r.flying == 0 {
+		r.landed = make(chan struct{})
+	}
+	r.flying++
+	r.mu.Unlock()
+}
+
+func (r *Redlock) land() {
+	r.mu.Lock()
+	if r.flying--; r.flying == 0 {
+		close(r.landed)
+	}
+	r.mu.Unlock()
+}
+
+// inFlight returns a channel closed once none of the handle's releases
+// and undos is on its way, or nil when none is now.
+func (r *Redlock) inFlight() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.flying == 0 {
+		return nil
+	}
+	return r.landed
 }
 
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each
@@ -421,15 +454,17 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 		}
 		// Close waits for the undos that outlive the call (see Client.waits).
 		registered := e.c.enterWait()
+		r.takeOff()
 		go func() {
 			if registered {
 				defer e.c.leaveWait()
 			}
+			defer r.land()
 			defer all.Done()
 			if known {
 				defer answered.Done()
 			}
-			detached(ctx, func(ctx context.Context) { _, _ = e.unlock(ctx, rd.req, 0, false) })
+			detached(r.flown(ctx), func(ctx context.Context) { _, _ = e.unlock(ctx, rd.req, 0, false) })
 		}()
 	}
 	done, knownDone := make(chan struct{}), make(chan struct{})
@@ -437,20 +472,6 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	go func() { answered.Wait(); close(knownDone) }()
 	t := time.NewTimer(r.attemptTimeout())
 	defer t.Stop()
-	defer func() {
-		select {
-		case <-done:
-			return
-		default:
-		}
-		// Undos still on their way: the handle's next call waits for them
-		// (see lock), or its round would be refused where this round's
-		// grant is still there. Recorded also when a round follows (it
-		// waits for wake-ups as it is): the Lock may end after it, with
-		// these undos still on their way. Added to those of the call's
-		// earlier rounds still on their way, not in their stead.
-		r.addUndoing(done)
-	}()
 	select {
 	case <-knownDone:
 	case <-t.C:
@@ -466,31 +487,10 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	}
 }
 
-// addUndoing records done, closed once releases of the handle's own
-// grants still on their way are done, for the handle's next call to wait
-// for (see lock), added to those already recorded. Called with r.sem held.
-func (r *Redlock) addUndoing(done chan struct{}) {
-	if done == nil {
-		return
-	}
-	select {
-	case <-done:
-		return // done already
-	default:
-	}
-	pending := done
-	r.mu.Lock()
-	if prev := r.undoing; prev != nil {
-		select {
-		case <-prev:
-		default:
-			both := make(chan struct{})
-			go func() { <-prev; <-done; close(both) }()
-			pending = both
-		}
-	}
-	r.undoing = pending
-	r.mu.Unlock()
+// flown returns ctx carrying the handle as the flight of the releases
+// sent with it (see takeOff).
+func (r *Redlock) flown(ctx context.Context) context.Context {
+	return context.WithValue(ctx, flightKey{}, flight(r))
 }
 
 func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
@@ -549,16 +549,9 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 	// done or not (one on a frozen master never is, and the others may
 	// be): waiting before it made every call of a handle with one master
 	// frozen wait the attempt timeout for its last Unlock's release there.
-	// Those still on their way are left for the handle's next call.
-	r.mu.Lock()
-	undoing := r.undoing
-	r.undoing = nil
-	r.mu.Unlock()
-	defer func() {
-		if undoing != nil {
-			r.addUndoing(undoing)
-		}
-	}()
+	// A call with none on its way when it starts does not wait: its
+	// failed round's own undos are no handle's earlier grant.
+	retry := r.inFlight() != nil
 
 	var ws []*waiter
 	defer func() {
@@ -629,31 +622,24 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		if err := r.check(ctx); err != nil {
 			return false, err
 		}
-		if pending := undoing; pending != nil {
+		if retry {
 			// See above: the round may have been refused by the handle's
-			// own grants whose releases are on their way. The round tried
-			// again waits for this round's own undos still on their way
-			// too (see release; a TryLock's waits for no unknown master's):
-			// it would be refused where this round's grant is still there.
-			undoing = nil
-			r.addUndoing(pending)
-			r.mu.Lock()
-			pending, r.undoing = r.undoing, nil
-			r.mu.Unlock()
-			if pending != nil {
+			// own grants whose releases are on their way, this round's
+			// own undos included (a TryLock's release waits for no
+			// unknown master's): wait for them, then try again, once.
+			retry = false
+			if landed := r.inFlight(); landed != nil {
 				t := time.NewTimer(r.attemptTimeout())
 				select {
-				case <-pending:
+				case <-landed:
 				case <-t.C:
-					r.addUndoing(pending) // still on its way: for the next call
 				case <-ctx.Done():
 					t.Stop()
-					r.addUndoing(pending)
 					return false, newWaitError(ctx, last)
 				}
 				t.Stop()
 			}
-			continue // try again, once
+			continue
 		}
 		contended := rd.busy > len(r.nodes)-r.quorum
 		if !block {
@@ -999,14 +985,7 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 	if h == nil && !r.shared {
 		return ErrNotHeld
 	}
-	released, errs, straggling := r.unlockAll(ctx, h)
-	if h != nil && straggling != nil {
-		// Releases of the hold still on their way (a slow master's, past
-		// the attempt timeout): the handle's next call waits for them as
-		// for a failed round's undos (see release), or its round would be
-		// refused where this hold is still there.
-		r.addUndoing(straggling)
-	}
+	released, errs := r.unlockAll(ctx, h)
 	switch {
 	case !valid:
 		return ErrNotHeld
@@ -1023,7 +1002,7 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 // masters released something and the errors of those that did not answer,
 // and a channel closed once every release is done, the resends of those
 // that failed on their way included.
-func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error, straggling chan struct{}) {
+func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error) {
 	type reply struct {
 		i   int
 		n   int64
@@ -1041,13 +1020,11 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 	if dl, ok := ctx.Deadline(); ok && ctx.Value(cleanupKey{}) != nil {
 		gctx, stop = context.WithDeadline(context.WithoutCancel(ctx), dl)
 	}
-	// A release or undo that fails on its way is sent again in the
-	// background (resendRelease): done waits for the resend too, or the
-	// handle's next call would not wait for it and be refused where the
-	// hold is still there.
-	gctx = context.WithValue(gctx, resendsKey{}, &pending)
-	done := make(chan struct{})
-	go func() { pending.Wait(); stop(); close(done) }()
+	// The releases, and the resends of those that fail on their way,
+	// count as the handle's in flight (see takeOff): its next call's round
+	// is refused where the hold is still there.
+	gctx = r.flown(gctx)
+	go func() { pending.Wait(); stop() }()
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.setReleasing(h.holds[i], true)
@@ -1056,10 +1033,12 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 		// for it (see Client.waits), so that the Redis client may be
 		// closed next. A closed Client's master is released all the same.
 		registered := e.c.enterWait()
+		r.takeOff()
 		go func() {
 			if registered {
 				defer e.c.leaveWait()
 			}
+			defer r.land()
 			defer pending.Done()
 			uctx, cancel := context.WithTimeout(gctx, max(4*r.nodeTimeout(i), 100*time.Millisecond))
 			defer cancel()
@@ -1129,10 +1108,6 @@ wait:
 			break wait
 		}
 	}
-	// Releases still on their way: those of the masters that did not
-	// answer, and the resends of those that failed (addUndoing drops done
-	// when nothing is left on its way).
-	straggling = done
 	for i, e := range r.nodes {
 		if h != nil {
 			e.c.wd.remove(h.holds[i])
@@ -1144,7 +1119,7 @@ wait:
 			released++
 		}
 	}
-	return released, errs, straggling
+	return released, errs
 }
 
 // Lost returns a channel closed when the current hold ends before Unlock:
