@@ -862,3 +862,31 @@ func (c *Client) closedAfter(ctx context.Context, giveBack func(context.Context)
 		detached(ctx, giveBack)
 	}
 }
+
+// inFlight counts calls on their way; its owner's mutex guards it.
+type inFlight struct {
+	n    int
+	none chan struct{} // made when n rises from 0, closed when it falls back
+}
+
+func (f *inFlight) add() {
+	if f.n == 0 {
+		f.none = make(chan struct{})
+	}
+	f.n++
+}
+
+func (f *inFlight) done() {
+	if f.n--; f.n == 0 {
+		close(f.none)
+	}
+}
+
+// landed returns a channel closed once no call is on its way, or nil when
+// none is now.
+func (f *inFlight) landed() <-chan struct{} {
+	if f.n == 0 {
+		return nil
+	}
+	return f.none
+}

@@ -83,11 +83,9 @@ type Redlock struct {
 	mu sync.Mutex
 	h  *redlockHold
 	// flying counts the handle's releases and undos on their way to a
-	// master, their background resends included (see takeOff); landed,
-	// made when it rises from 0, is closed when it falls back. Guarded by
+	// master, their background resends included (see takeOff). Guarded by
 	// mu.
-	flying int
-	landed chan struct{}
+	flying inFlight
 }
 
 // takeOff counts a release or undo of the handle's own grant on its way
@@ -96,18 +94,13 @@ type Redlock struct {
 // Client.resendRelease).
 func (r *Redlock) takeOff() {
 	r.mu.Lock()
-	if r.flying == 0 {
-		r.landed = make(chan struct{})
-	}
-	r.flying++
+	r.flying.add()
 	r.mu.Unlock()
 }
 
 func (r *Redlock) land() {
 	r.mu.Lock()
-	if r.flying--; r.flying == 0 {
-		close(r.landed)
-	}
+	r.flying.done()
 	r.mu.Unlock()
 }
 
@@ -116,10 +109,7 @@ func (r *Redlock) land() {
 func (r *Redlock) inFlight() <-chan struct{} {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.flying == 0 {
-		return nil
-	}
-	return r.landed
+	return r.flying.landed()
 }
 
 // redlockHold is one hold of a Redlock: the per-master holds tracked by each

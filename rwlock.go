@@ -123,10 +123,8 @@ type RWMutex struct {
 	// them in rn: an RLock that waits (its attempts failed) holds nothing
 	// (see acquireW).
 	rtaking int
-	// rflight counts those of rtaking whose reply has not come yet;
-	// rquiet, made when it rises from 0, is closed when it falls back.
-	rflight int
-	rquiet  chan struct{}
+	// rflight counts those of rtaking whose reply has not come yet.
+	rflight inFlight
 }
 
 // RWMutex returns a handle on the readers-writer lock called name. It does
@@ -325,14 +323,14 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 				// attempt of its RLock on its way may have failed in Redis
 				// already: wait for its reply to tell.
 				m.mu.Lock()
-				reads = m.rn > 0 || m.rtaking > m.rflight
+				reads = m.readsLocked()
 				m.mu.Unlock()
 				if !reads {
 					if err := m.awaitReadReplies(ctx); err != nil {
 						return false, 0, err
 					}
 					m.mu.Lock()
-					reads = m.rn > 0 || m.rtaking > m.rflight
+					reads = m.readsLocked()
 					m.mu.Unlock()
 				}
 				if !reads {
@@ -697,17 +695,12 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool, taking *int) (begun 
 		took := false
 		m.mu.Lock()
 		m.rtaking++
-		if m.rflight == 0 {
-			m.rquiet = make(chan struct{})
-		}
-		m.rflight++
+		m.rflight.add()
 		*taking++
 		m.mu.Unlock()
 		defer func() {
 			m.mu.Lock()
-			if m.rflight--; m.rflight == 0 {
-				close(m.rquiet)
-			}
+			m.rflight.done()
 			if !took { // failed: it holds nothing (an unknown outcome is undone)
 				m.rtaking--
 				*taking--
@@ -743,18 +736,24 @@ func (m *RWMutex) acquireR(ctx context.Context, block bool, taking *int) (begun 
 	return begun, sent, req, ok, err
 }
 
+// readsLocked reports whether the handle holds a read lock, or an RLock
+// attempt of it took one whose RLock has not counted it yet: a write
+// attempt answered 2 is then an upgrade. m.mu is held.
+func (m *RWMutex) readsLocked() bool {
+	return m.rn > 0 || m.rtaking > m.rflight.n
+}
+
 // awaitReadReplies waits until no attempt of the handle's RLock is on its
 // way (see acquireW), or ctx ends.
 func (m *RWMutex) awaitReadReplies(ctx context.Context) error {
 	m.mu.Lock()
-	quiet := m.rquiet
-	n := m.rflight
+	landed := m.rflight.landed()
 	m.mu.Unlock()
-	if n == 0 {
+	if landed == nil {
 		return nil
 	}
 	select {
-	case <-quiet:
+	case <-landed:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
