@@ -305,3 +305,26 @@ func TestVersionAtLeast(t *testing.T) {
 		}
 	}
 }
+
+// TestHandoffGapsWriterReadsFirst: in the read-heavy W3 mix the goroutine
+// that releases a write hold calls Lock again at once, for a read hold, and
+// usually gets it first, before the other goroutines' read holds that were
+// waiting for the write. Those waiters were handed the lock by the write
+// (another owner); the writer's own read hold, which they did not wait for,
+// must not hide that handoff.
+func TestHandoffGapsWriterReadsFirst(t *testing.T) {
+	t0 := time.Now()
+	at := func(us int) time.Time { return t0.Add(time.Duration(us) * time.Microsecond) }
+	recs := []holdRec{
+		{g: 1, acq: at(0), rel: at(10), shared: false},    // write by g1
+		{g: 1, acq: at(12), rel: at(15), shared: true},    // g1's next Lock: a read; same owner, no handoff
+		{g: 2, acq: at(40), rel: at(45), shared: true},    // g2 waited for g1's write: handoff, 30µs
+		{g: 3, acq: at(42), rel: at(50), shared: true},    // read after g2's read: not a handoff
+		{g: 4, acq: at(150), rel: at(160), shared: false}, // write after g3's read: 100µs
+	}
+	got := handoffGaps(recs)
+	want := []time.Duration{30 * time.Microsecond, 100 * time.Microsecond}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("handoff gaps = %v, want %v", got, want)
+	}
+}

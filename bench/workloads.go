@@ -470,12 +470,28 @@ type holdRec struct {
 // handoffGaps returns, for each hold of recs (in the order of their
 // releases) that another goroutine's hold passed on to, the time from the
 // previous release to its acquisition. Overlapping holds, and a read hold
-// following a read hold (which did not wait for it), are not handoffs.
+// following a read hold (which did not wait for it), are not handoffs;
+// but the first read hold of another goroutine after a write and the
+// writer's own read holds is a handoff from that write.
 func handoffGaps(recs []holdRec) []time.Duration {
 	var out []time.Duration
 	for i := 1; i < len(recs); i++ {
 		a, b := recs[i-1], recs[i]
-		if gap := b.acq.Sub(a.rel); b.g != a.g && gap >= 0 && !(a.shared && b.shared) {
+		if a.shared && b.shared {
+			// b did not wait for a's read hold. But read holds that the
+			// writer took just after its write hold (b did not wait for
+			// them either) hide the write that b did wait for: look past
+			// them to it.
+			j := i - 1
+			for j >= 0 && recs[j].shared && recs[j].g == a.g {
+				j--
+			}
+			if j < 0 || recs[j].shared || recs[j].g != a.g {
+				continue
+			}
+			a = recs[j]
+		}
+		if gap := b.acq.Sub(a.rel); b.g != a.g && gap >= 0 {
 			out = append(out, gap)
 		}
 	}
