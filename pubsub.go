@@ -618,11 +618,13 @@ func (p *pubsub) nodeLocked(ctx context.Context, channel string, sharded bool) (
 
 // writeDeadlines returns r, or, when r sets no write deadlines at all
 // (WriteTimeout -2, or ReadTimeout -2 with WriteTimeout unset), a clone of
-// r for subscriber connections that sets them, with no timeout of its own
-// (WriteTimeout -1): dropConnection drops a connection by a ping written
-// under a past deadline, which r would never set, and the connection would
-// stay up (a half-open one deaf for good, one to an old master after a
-// failover on it). The clone shares r's pools and dial hooks.
+// r for the plain subscriber connection that sets them, with no timeout of
+// its own (WriteTimeout -1): when a failover client's commands reach a new
+// master, dropConnection drops the subscriber connection to the old one by
+// a ping written under a past deadline, which r would never set, and the
+// connection would stay on the old master (see failoverHook). The clone
+// shares r's pools and dial hooks. (The receive goroutine drops its
+// connection by a read instead, which needs no write deadline.)
 func writeDeadlines(r *redis.Client) *redis.Client {
 	o := r.Options()
 	if o.WriteTimeout >= 0 {
@@ -640,7 +642,7 @@ func (p *pubsub) shardNodeLocked(master *redis.Client) *psNode {
 	if n := p.nodes[addr]; n != nil {
 		return n
 	}
-	return p.newNodeLocked(addr, writeDeadlines(master).SSubscribe(p.c.ctx), true)
+	return p.newNodeLocked(addr, master.SSubscribe(p.c.ctx), true)
 }
 
 // newNodeLocked registers a subscriber connection and starts its goroutines.
@@ -1062,19 +1064,25 @@ func (p *pubsub) receive(n *psNode) {
 	defer p.wg.Done()
 	ctx := p.ctx
 	backoff := 10 * time.Millisecond
-	pinged := false // a ping is unanswered
+	pinged := false   // a ping is unanswered
+	dropping := false // the connection is to be dropped
 	for {
 		var msg any
 		var err error
-		if pinged {
-			// The read that waits for the ping's reply times out by its
-			// ctx's deadline, not a timeout of its own: go-redis then takes
-			// the timeout for a broken connection and drops it itself. A
-			// PubSub of a *redis.ClusterClient whose write deadlines are
-			// off (WriteTimeout -2, or ReadTimeout -2 alone) cannot be
-			// dropped by dropConnection, which needs one (see
-			// writeDeadlines): a half-open connection stayed up.
-			rctx, cancel := context.WithTimeout(ctx, p.healthInterval())
+		if pinged || dropping {
+			// A read that times out by its ctx's deadline, not by a
+			// timeout of its own, makes go-redis take the timeout for a
+			// broken connection, close it and reconnect: this goroutine's
+			// way to drop a connection, whatever the client's timeouts.
+			// The read awaiting the health ping's reply ends a health
+			// interval on; the read of a connection to drop now (its ctx
+			// already past) returns what is buffered first, then fails
+			// without touching the socket.
+			deadline := time.Now().Add(p.healthInterval())
+			if dropping {
+				deadline = time.Now().Add(-time.Second)
+			}
+			rctx, cancel := context.WithDeadline(ctx, deadline)
 			msg, err = n.ps.ReceiveTimeout(rctx, 0)
 			cancel()
 		} else {
@@ -1090,7 +1098,9 @@ func (p *pubsub) receive(n *psNode) {
 			default:
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if errors.As(err, &ne) && ne.Timeout() && dropping {
+				dropping = false // dropped (see above)
+			} else if errors.As(err, &ne) && ne.Timeout() {
 				if !pinged {
 					// The next read sees the reply, or a broken connection.
 					pinged = true
@@ -1112,11 +1122,10 @@ func (p *pubsub) receive(n *psNode) {
 					// No reply to the ping for a whole interval: the
 					// connection is half-open (the server's host died, or a
 					// partition swallowed its close), and TCP may take many
-					// minutes to notice. Drop it: go-redis reconnects,
-					// subscribes again, and the confirmations wake every
-					// waiter to retry.
+					// minutes to notice. The read's timeout dropped it (see
+					// above): go-redis reconnects, subscribes again, and
+					// the confirmations wake every waiter to retry.
 					p.c.opts.logger.Debug("redlatch: subscriber connection unresponsive; reconnecting")
-					dropConnection(ctx, n.ps)
 				}
 			} else if isReplyError(err) {
 				// A reply to a command, not a broken connection: the MOVED
@@ -1168,9 +1177,11 @@ func (p *pubsub) receive(n *psNode) {
 				// server has subscribed is unknown (a refused UNSUBSCRIBE
 				// leaves its channel subscribed; a refused re-subscription
 				// after a reconnection, every channel unsubscribed). Drop
-				// the connection: go-redis subscribes its set again, and
-				// the confirmations wake every waiter to retry.
-				dropConnection(ctx, n.ps)
+				// the connection (see above; the replies buffered behind
+				// the refusal are read first): go-redis subscribes its set
+				// again, and the confirmations wake every waiter to retry.
+				dropping = true
+				continue
 			}
 			pinged = false
 			// The connection broke; go-redis reconnects and subscribes
@@ -1340,11 +1351,13 @@ func refusedCommand(err error) string {
 	return strings.ToLower(cmd)
 }
 
-// dropConnection makes go-redis close ps's connection and reconnect. Its
-// only public trigger is a failed write: a ping written under a deadline
-// already past fails at once, and go-redis then drops the connection (it
-// treats any non-read-timeout failure as a bad connection) and dials a new
-// one, re-subscribing every channel, at the next read at the latest.
+// dropConnection makes go-redis close ps's connection and reconnect, from
+// another goroutine than ps's reader (which drops it by a read, see
+// receive): a ping written under a deadline already past fails at once, and
+// go-redis then drops the connection (it treats any non-read-timeout
+// failure as a bad connection) and dials a new one, re-subscribing every
+// channel, at the next read at the latest. It needs a client that sets
+// write deadlines (see writeDeadlines).
 func dropConnection(ctx context.Context, ps *redis.PubSub) {
 	past, cancel := context.WithDeadline(ctx, time.Now().Add(-time.Second))
 	defer cancel()

@@ -73,32 +73,54 @@ func (h *dialCounter) DialHook(next redis.DialHook) redis.DialHook {
 //     any more while every one of them counted as ready: every wake-up of
 //     every lock was lost, each waiter sleeping until its holder's lease.
 //
+// "cluster-plain" is a cluster of Redis < 7 (plain pub/sub, the subscriber a
+// PubSub of the *redis.ClusterClient) whose write deadlines are off
+// (WriteTimeout -2): the subscriber dropped the connection by a ping written
+// under a past deadline, which such a client never sets, so the refusal left
+// the connection up with its confirmations owed, as above.
+//
 // (Found by a reviewer.)
 func TestWakeAfterSubscriberCommandRefused(t *testing.T) {
 	redistest.Together(t, func(run func(string, func(*testing.T))) {
-		for _, topo := range []string{"redis", "cluster"} {
+		for _, topo := range []string{"redis", "cluster", "cluster-plain"} {
 			for _, tc := range []string{"unsubscribe", "resubscribe"} {
-				run(topo+"/"+tc, func(t *testing.T) { subscriberCommandRefused(t, topo == "cluster", tc) })
+				run(topo+"/"+tc, func(t *testing.T) { subscriberCommandRefused(t, topo, tc) })
 			}
 		}
 	})
 }
 
-func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
+func subscriberCommandRefused(t *testing.T, topo string, tc string) {
 	ctx := ctxT(t, 60*time.Second)
 	name := redistest.UniqueName(t)
 	channel := "{" + name + "}:wake"
-	var srv *redistest.Server
+	var servers []*redistest.Server
 	var newRdb func() redis.UniversalClient
-	if cluster {
-		cl := redistest.NewCluster(t, 3) // private: one master is made busy
-		srv = cl.ServerFor("{" + name + "}")
-		newRdb = func() redis.UniversalClient { return cl.Client(t) }
-	} else {
-		srv = redistest.NewServer(t)
+	switch topo {
+	case "redis":
+		srv := redistest.NewServer(t)
+		servers = []*redistest.Server{srv}
 		newRdb = func() redis.UniversalClient { return srv.Client(t) }
+	case "cluster":
+		cl := redistest.NewCluster(t, 3) // private: one master is made busy
+		servers = []*redistest.Server{cl.ServerFor("{" + name + "}")}
+		newRdb = func() redis.UniversalClient { return cl.Client(t) }
+	case "cluster-plain":
+		cl := redistest.NewCluster(t, 3)
+		servers = cl.Servers // the subscriber's is found below
+		newRdb = func() redis.UniversalClient {
+			opts := cl.Options()
+			opts.WriteTimeout = -2
+			cc := redis.NewClusterClient(opts)
+			t.Cleanup(func() { _ = cc.Close() })
+			cc.OnNewNode(func(n *redis.Client) { n.AddHook(redis6Info{}) })
+			return cc
+		}
 	}
-	adm := srv.Client(t)
+	adms := make([]*redis.Client, len(servers))
+	for i, s := range servers {
+		adms[i] = s.Client(t)
+	}
 	hc := newClientOn(t, newRdb())
 	holder := hc.Mutex(name, redlatch.WithLease(60*time.Second))
 	require.NoError(t, holder.Lock(ctx))
@@ -111,13 +133,25 @@ func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
 	}
 	wc := redlatch.New(wrdb, redlatch.WithWatchdogTimeout(3*time.Second)) // health ping after 1s of silence
 	t.Cleanup(func() { _ = wc.Close() })
-	subscribed := func() bool {
-		if cluster {
-			n, err := adm.Do(ctx, "PUBSUB", "SHARDNUMSUB", channel).Slice()
-			return err == nil && len(n) == 2 && n[1] == int64(1)
+	// subscriber returns the server the channel is subscribed on, or -1.
+	subscriber := func() int {
+		for i, adm := range adms {
+			if topo == "cluster" {
+				n, err := adm.Do(ctx, "PUBSUB", "SHARDNUMSUB", channel).Slice()
+				if err == nil && len(n) == 2 && n[1] == int64(1) {
+					return i
+				}
+			} else if n, err := adm.PubSubNumSub(ctx, channel).Result(); err == nil && n[channel] == 1 {
+				return i
+			}
 		}
-		n, err := adm.PubSubNumSub(ctx, channel).Result()
-		return err == nil && n[channel] == 1
+		return -1
+	}
+	subscribed := func() bool { return subscriber() >= 0 }
+	busy := func() (end func()) {
+		i := subscriber()
+		require.GreaterOrEqual(t, i, 0, "the channel is not subscribed")
+		return busyServer(t, ctx, servers[i], adms[i])
 	}
 
 	waiter := wc.Mutex(name)
@@ -127,7 +161,7 @@ func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
 		gave := make(chan error, 1)
 		go func() { gave <- wc.Mutex(name).Lock(wctx) }()
 		require.Eventually(t, subscribed, 5*time.Second, 10*time.Millisecond, "the first waiter did not subscribe")
-		end := busyServer(t, ctx, srv, adm)
+		end := busy()
 		giveUp() // its UNSUBSCRIBE is refused
 		requireWaitErr(t, <-gave, wctx)
 		time.Sleep(200 * time.Millisecond)
@@ -139,7 +173,7 @@ func subscriberCommandRefused(t *testing.T, cluster bool, tc string) {
 		go func() { got <- waiter.Lock(ctx) }()
 		require.Eventually(t, subscribed, 5*time.Second, 10*time.Millisecond, "the waiter did not subscribe")
 		before := dials.n.Load()
-		end := busyServer(t, ctx, srv, adm)
+		end := busy()
 		// 1s of silence: a ping, refused; 1s more: the connection is
 		// dropped, and its re-subscription refused.
 		require.Eventually(t, func() bool { return dials.n.Load() > before }, 5*time.Second, time.Millisecond,
