@@ -612,11 +612,14 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 		if err := r.check(ctx); err != nil {
 			return false, err
 		}
-		if retry {
+		contended := rd.busy > len(r.nodes)-r.quorum
+		if retry && (block || !contended) {
 			// See above: the round may have been refused by the handle's
 			// own grants whose releases are on their way, this round's
 			// own undos included (a TryLock's release waits for no
-			// unknown master's): wait for them, then try again, once.
+			// unknown master's): wait for them, then try again, once. (Not
+			// a TryLock that other owners' holds refused whatever its own
+			// did: the wait could not help it.)
 			retry = false
 			if landed := r.inFlight(); landed != nil {
 				t := time.NewTimer(r.attemptTimeout())
@@ -631,7 +634,6 @@ func (r *Redlock) lock(ctx context.Context, block bool) (bool, error) {
 			}
 			continue
 		}
-		contended := rd.busy > len(r.nodes)-r.quorum
 		if !block {
 			if contended {
 				return false, nil
@@ -990,8 +992,8 @@ func (r *Redlock) Unlock(ctx context.Context) error {
 // unlockAll sends the release of hold h to every master, or with h nil the
 // release of whatever the owner id holds there, and returns how many
 // masters released something and the errors of those that did not answer,
-// and a channel closed once every release is done, the resends of those
-// that failed on their way included.
+// counting each release on its way, the resends of those that failed
+// included, until it lands (see takeOff).
 func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, errs []error) {
 	type reply struct {
 		i   int

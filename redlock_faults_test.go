@@ -1093,14 +1093,7 @@ func TestRedlockTryLockAfterUnlockResendsRelease(t *testing.T) {
 func TestRedlockTryLockRetryRefusedByItsOwnSlowUndo(t *testing.T) {
 	rig := newRedlockRig(t, 20*time.Second)
 	ctx, servers, name := rig.ctx, rig.servers, rig.name
-	// Master 2: the first attempt once armed runs but its reply is lost;
-	// the next release (the undo of that round) is held back.
-	lost := &lossyHook{match: rig.isAttempt}
-	undoGate := &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
-	var once sync.Once
-	proceed := func() { once.Do(func() { close(undoGate.proceed) }) }
-	t.Cleanup(proceed)
-	clients := rig.clients(t, nil, nil, []redis.Hook{lost, undoGate})
+	clients, lost, undoGate, proceed := rig.lostAttemptSlowUndo(t)
 
 	m := clients[1].Mutex(name)
 	require.NoError(t, m.Lock(ctx))
@@ -1134,4 +1127,57 @@ func TestRedlockTryLockRetryRefusedByItsOwnSlowUndo(t *testing.T) {
 	require.Eventually(t, func() bool {
 		return heldOn(t, ctx, servers, name)[2] == false
 	}, 3*time.Second, 20*time.Millisecond, "the undo on master 2 landed")
+}
+
+// TestRedlockTryLockContendedNoRetryWait: other owners hold masters 0 and 1
+// of 3, and the handle's undo of its last round on master 2 is on its way
+// (held back). TryLock's round is refused on every master: by other owners
+// on two, a majority, and by the handle's own grant on master 2. It waited
+// up to the attempt timeout (1s) for that undo and tried again, although
+// no undo could make a quorum possible: (false, nil) comes at once.
+func TestRedlockTryLockContendedNoRetryWait(t *testing.T) {
+	rig := newRedlockRig(t, 20*time.Second)
+	ctx, name := rig.ctx, rig.name
+	clients, lost, undoGate, proceed := rig.lostAttemptSlowUndo(t)
+	for _, c := range clients[:2] {
+		m := c.Mutex(name)
+		require.NoError(t, m.Lock(ctx))
+		t.Cleanup(func() { _ = m.Unlock(context.Background()) })
+	}
+	r := redlatch.NewRedlock(name, clients)
+
+	lost.armed.Store(true)
+	undoGate.armed.Store(true)
+	ok, err := r.TryLock(ctx)
+	require.NoError(t, err)
+	require.False(t, ok, "other owners hold masters 0 and 1")
+	require.False(t, lost.armed.Load(), "the attempt on master 2 was not sent")
+	select {
+	case <-undoGate.entered:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the undo on master 2 was not sent")
+	}
+
+	start := time.Now()
+	ok, err = r.TryLock(ctx)
+	took := time.Since(start)
+	proceed()
+	require.NoError(t, err)
+	require.False(t, ok, "other owners hold masters 0 and 1")
+	require.Less(t, took, 500*time.Millisecond, "TryLock waited for its own undo on master 2")
+}
+
+// lostAttemptSlowUndo returns the rig's Clients with faults on master 2,
+// each armed by the test: the first attempt runs but its reply is lost, and
+// the next release (the undo of that round) is held back until proceed
+// (called at cleanup at the latest).
+func (rig *redlockRig) lostAttemptSlowUndo(t *testing.T) (clients []*redlatch.Client, lost *lossyHook,
+	undoGate *gateScriptHook, proceed func()) {
+	t.Helper()
+	lost = &lossyHook{match: rig.isAttempt}
+	undoGate = &gateScriptHook{match: rig.isRelease, entered: make(chan struct{}), proceed: make(chan struct{})}
+	var once sync.Once
+	proceed = func() { once.Do(func() { close(undoGate.proceed) }) }
+	t.Cleanup(proceed)
+	return rig.clients(t, nil, nil, []redis.Hook{lost, undoGate}), lost, undoGate, proceed
 }
