@@ -198,13 +198,15 @@ func (l *CountDownLatch) Count(ctx context.Context) (int64, error) {
 	}
 	s := get.Val()
 	n, err := strconv.ParseInt(s, 10, 64)
-	if err == nil && strconv.FormatInt(n, 10) != s {
-		err = strconv.ErrSyntax // "007", "+5": not a count the scripts read (DECR refuses it)
+	if err == nil && (strconv.FormatInt(n, 10) != s || n < 1) {
+		// "007", "+5": not a count the scripts read (DECR refuses it); "0",
+		// "-3": no count redlatch writes (see is_count in latch_common.lua).
+		err = strconv.ErrSyntax
 	}
 	if err != nil {
 		return 0, fmt.Errorf("%w: latch count %q", ErrWrongType, s)
 	}
-	return max(n, 0), nil
+	return n, nil
 }
 
 // Wait blocks until the count is zero, or ctx is done. A failed wait

@@ -674,16 +674,24 @@ func TestLatchCountDownCtxEndsDuringVersionCheck(t *testing.T) {
 // count: TrySetCount reported a count running, CountDown failed with a
 // plain ERR reply, and Delete deleted the other program's data and
 // reported a count running.
+//
+// "0" and negative integers are no count redlatch writes either (a running
+// count is positive; the final CountDown deletes the key), yet Count read
+// them as an open latch (0: Wait returned at once) while TrySetCount
+// reported a count running (false, for good: no round could start),
+// Delete reported a running count and deleted the other program's data,
+// and CountDown "opened" it. (Found by a reviewer.)
 func TestLatchForeignIntegerString(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 5*time.Second)
 		name := redistest.UniqueName(t)
 		rdb := b.Client(t)
 		l := newClient(t, b).CountDownLatch(name)
-		for _, v := range []string{"99999999999999999999", "007"} {
+		for _, v := range []string{"99999999999999999999", "007", "0", "-3"} {
 			require.NoError(t, rdb.Set(ctx, latchKey(name), v, 0).Err())
-			_, err := l.Count(ctx)
-			require.ErrorIs(t, err, redlatch.ErrWrongType, "Count of %q", v)
+			n, err := l.Count(ctx)
+			require.ErrorIs(t, err, redlatch.ErrWrongType, "Count of %q (n=%d)", v, n)
+			require.ErrorIs(t, l.Wait(ctx), redlatch.ErrWrongType, "Wait on %q", v)
 			ok, err := l.TrySetCount(ctx, 2)
 			require.ErrorIs(t, err, redlatch.ErrWrongType, "TrySetCount on %q (ok=%v)", v, ok)
 			require.ErrorIs(t, l.CountDown(ctx), redlatch.ErrWrongType, "CountDown on %q", v)

@@ -21,24 +21,18 @@ end
 -- another type. So no script counts down, reports as running, or deletes
 -- another program's data.
 local wrong_type = 'WRONGTYPE latch count key holds a value redlatch did not write'
--- A count is an integer as Redis's DECR reads it: no leading zeros, no
--- '+', within int64 (a string of digits DECR refuses is not a count).
+-- A count is a positive integer as Redis's DECR reads it: no leading
+-- zeros, no '+', within int64 (a string of digits DECR refuses is not a
+-- count). "0" and negatives are not counts either: TrySetCount sets n >= 1
+-- and the CountDown that reaches 0 deletes the key, so no script of
+-- redlatch leaves one (and Count, which reads them so too, would call the
+-- latch open while TrySetCount called it running).
 local function is_count(v)
-  if v == '0' then
-    return true
-  end
-  local digits = string.match(v, '^%-?([1-9]%d*)$')
+  local digits = string.match(v, '^([1-9]%d*)$')
   if not digits or #digits > 19 then
     return false
   end
-  if #digits < 19 then
-    return true
-  end
-  local limit = '9223372036854775807'
-  if string.sub(v, 1, 1) == '-' then
-    limit = '9223372036854775808'
-  end
-  return digits <= limit
+  return #digits < 19 or digits <= '9223372036854775807'
 end
 local function read_count(key)
   local v = redis.call('GET', key)
