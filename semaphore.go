@@ -390,20 +390,33 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		s.c.wd.remove(r.h)
 	}
 	if shrink != nil {
-		// The kept permits are tracked under their new record from the
-		// deadline renewed meanwhile. Should the script not have run
-		// (err), the first renewal finds the new record missing and loses
-		// it. Kept permits lost during the Release were reported lost
-		// then: Lost must not close again for them, on the channel of a
-		// later acquisition.
-		deadline := s.c.wd.deadlineOf(bridge)
-		onLost := func() { s.permitLost(kept) }
-		if bridge.isLost() {
-			onLost = nil
+		if isReplyError(err) {
+			// Refused (BUSY, say): the script did not run, and the record
+			// has its old name still, with all its permits. The kept ones
+			// are tracked under it; the others come back with it, at the
+			// Release of the kept ones or when its lease runs out.
+			kept.member = oldShrink
 		}
-		kept.h = s.c.wd.addNotify(s.name, s.key, 'p', kept.member, s.lease, s.renew, deadline.Add(-s.lease), onLost)
-		s.c.wd.setReleasing(bridge, true)
-		s.c.wd.remove(bridge)
+		if err != nil && !isReplyError(err) {
+			// The outcome unknown, Redis has the record under either name:
+			// the bridge renews it under whichever (tracked under the new
+			// name only, the first renewal found it missing if the script
+			// had not run, and Lost closed with Redis holding the permits).
+			kept.h = bridge
+		} else {
+			// The kept permits are tracked under their record from the
+			// deadline renewed meanwhile. Kept permits lost during the
+			// Release were reported lost then: Lost must not close again
+			// for them, on the channel of a later acquisition.
+			deadline := s.c.wd.deadlineOf(bridge)
+			onLost := func() { s.permitLost(kept) }
+			if bridge.isLost() {
+				onLost = nil
+			}
+			kept.h = s.c.wd.addNotify(s.name, s.key, 'p', kept.member, s.lease, s.renew, deadline.Add(-s.lease), onLost)
+			s.c.wd.setReleasing(bridge, true)
+			s.c.wd.remove(bridge)
+		}
 		s.mu.Lock()
 		for j, r := range s.recs {
 			if r == shrink {

@@ -655,3 +655,58 @@ func TestSemConcurrentAcquireKeepsLateLostPermit(t *testing.T) {
 		require.Equal(t, int64(2), n, "X's permit, still held in Redis, was not returned by the Release of all the handle held")
 	})
 }
+
+// TestSemaphoreKeptPermitsNotLostOnRefusedRelease: a Release that shrinks a
+// permit record (returns part of an acquisition) and that Redis refuses
+// with a transient reply error (BUSY: another client's script runs past
+// busy-reply-threshold) changed nothing in Redis: the record still holds
+// the permits under its old name, with its lease. The permits the handle
+// keeps were tracked under the record's new name only, so the first
+// renewal after the refusal found them "gone" and Lost closed while Redis
+// still held them, renewed until then; the record was then left to expire.
+// Kept permits must stay renewed, as a partial Unlock's hold does, and
+// releasable: tracked under the record's new name, their Release then
+// returned ErrNotHeld. (Found by a reviewer.)
+func TestSemaphoreKeptPermitsNotLostOnRefusedRelease(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	ctx := ctxT(t, 20*time.Second)
+	const timeout = 1500 * time.Millisecond // renewals every 500ms
+	c := newClientOn(t, srv.Client(t), redlatch.WithWatchdogTimeout(timeout))
+	s := c.Semaphore(redistest.UniqueName(t), 3)
+	require.NoError(t, s.Acquire(ctx, 2))
+	lost := s.Lost()
+
+	// Another client's script keeps Redis busy for 600ms (less than the
+	// part of the lease left after the last renewal before it).
+	busy := make(chan error, 1)
+	go func() {
+		busy <- srv.Client(t).Eval(context.Background(), `
+local s = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > 600000 then return 1 end
+end`, nil).Err()
+	}()
+	probe := srv.Client(t)
+	require.Eventually(t, func() bool {
+		err := probe.Ping(ctx).Err()
+		return err != nil && strings.HasPrefix(err.Error(), "BUSY")
+	}, 2*time.Second, 5*time.Millisecond, "Redis never busy")
+
+	err := s.Release(ctx, 1)
+	require.Error(t, err)
+	require.True(t, strings.HasPrefix(err.Error(), "BUSY"), "%v", err)
+	require.NoError(t, <-busy)
+
+	// Nothing was released: Redis holds the 2 permits, and the handle keeps
+	// renewing them.
+	time.Sleep(timeout + timeout/2) // three renewals after the busy script
+	requireOpen(t, lost, "kept permits reported lost after a refused Release, Redis still holding them")
+	n, err := s.Available(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 1, n)
+	require.NoError(t, s.Release(ctx, 1), "the kept permit")
+	n, err = s.Available(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 3, n, "the permit the refused Release returned comes back with the kept one")
+}
