@@ -425,13 +425,16 @@ func (f *FairMutex) release(ctx context.Context, waiter, member, done string, to
 		// The lock may have gone to a waiter of this Client without a
 		// message: wake them all, and the one granted claims it.
 		f.c.ps.dispatch(channel, wakeAll)
-		if waiter == "" {
-			f.c.resendRelease(ctx, err, token != 0, func(ctx context.Context) {
-				if fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Err() == nil {
-					f.c.ps.dispatch(channel, wakeAll) // a grant to a waiter of this Client: it claims it
-				}
-			})
-		}
+		// A withdrawal is resent too: left undone, the waiter's dead place
+		// stays queued (and is handed the lock) until it expires, a watchdog
+		// timeout, and what it was granted stays held by nobody meanwhile.
+		// It names its waiter: a resend after a first run that did arrive
+		// finds it gone and releases nothing twice.
+		f.c.resendRelease(ctx, err, token != 0 || waiter != "", func(ctx context.Context) {
+			if fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Err() == nil {
+				f.c.ps.dispatch(channel, wakeAll) // a grant to a waiter of this Client: it claims it
+			}
+		})
 		return 0, convertErr(err)
 	}
 	var n int64

@@ -1192,3 +1192,126 @@ func requireOtherOwnerGetsIn(t *testing.T, ctx context.Context, b redistest.Back
 	}, 5*time.Second, 20*time.Millisecond, why)
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// fairWithdrawalRig returns a test's ctx and lock name, and a client of b
+// whose first FairMutex release or withdrawal, once armed, fails unsent.
+func fairWithdrawalRig(t *testing.T, b redistest.Backend) (context.Context, string, redis.UniversalClient, *refuseScriptHook) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	rdb := b.Client(t)
+	refuse := &refuseScriptHook{script: fairUnlockScript, fails: 1}
+	rdb.AddHook(refuse)
+	return ctx, redistest.UniqueName(t), rdb, refuse
+}
+
+// fairQueued waits until n waiters are queued for the fair lock f.
+func fairQueued(t *testing.T, ctx context.Context, b redistest.Backend, f *FairMutex, n int64) {
+	t.Helper()
+	rdb := b.Client(t)
+	require.Eventually(t, func() bool { return rdb.ZCard(ctx, f.queue).Val() == n }, 5*time.Second, time.Millisecond,
+		"%d waiters did not queue", n)
+}
+
+// TestFairFailedWithdrawalResent: FairMutex waiter W1 gives up (its ctx
+// ends) and withdraws its place; the withdrawal fails with no reply (it
+// never reached Redis). It must be sent again in the background, as a
+// failed release or undo is: it was not, so W1's place stayed in the queue,
+// unrenewed, until it expired (the watchdog timeout, 30s by default); the
+// holder's Unlock handed the lock to that dead place, and W2, queued behind
+// W1, waited for the place's expiry.
+func TestFairFailedWithdrawalResent(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, name, rdb, refuse := fairWithdrawalRig(t, b)
+		cw := New(rdb) // default watchdog timeout: 30s queue places
+		t.Cleanup(func() { _ = cw.Close() })
+		ch := New(b.Client(t))
+		t.Cleanup(func() { _ = ch.Close() })
+		c2 := New(b.Client(t))
+		t.Cleanup(func() { _ = c2.Close() })
+
+		w1 := cw.FairMutex(name)
+		require.NoError(t, w1.Lock(ctx)) // the scripts loaded
+		require.NoError(t, w1.Unlock(ctx))
+		holder := ch.FairMutex(name)
+		require.NoError(t, holder.Lock(ctx))
+
+		short, cancelShort := context.WithCancel(ctx)
+		w1Err := make(chan error, 1)
+		go func() { w1Err <- w1.Lock(short) }()
+		fairQueued(t, ctx, b, w1, 1)
+		w2 := c2.FairMutex(name)
+		w2Err := make(chan error, 1)
+		go func() { w2Err <- w2.Lock(ctx) }()
+		fairQueued(t, ctx, b, w1, 2)
+
+		refuse.armed.Store(true)
+		cancelShort() // W1 gives up; its withdrawal fails unsent
+		require.Error(t, <-w1Err)
+		require.GreaterOrEqual(t, refuse.seen.Load(), int32(1), "the withdrawal was not sent")
+
+		require.NoError(t, holder.Unlock(ctx))
+		select {
+		case err := <-w2Err:
+			require.NoError(t, err)
+			require.NoError(t, w2.Unlock(ctx))
+		case <-time.After(5 * time.Second):
+			t.Fatalf("W2 did not get the lock: the failed withdrawal was not resent, W1's dead place (queue %v) holds the lock %v",
+				b.Client(t).ZRange(ctx, w1.queue, 0, -1).Val(), b.Client(t).HGetAll(ctx, w1.key).Val())
+		}
+	})
+}
+
+// TestFairGrantRacingFailedWithdrawal: the lock is handed to WithLease
+// waiter W1 just as its ctx ends: its claiming attempt runs in Redis, but
+// its reply comes after the ctx ended, so W1 withdraws, which must release
+// the grant; that withdrawal fails with no reply. Unless it is resent, the
+// lock stays held by nobody for W1's lease.
+func TestFairGrantRacingFailedWithdrawal(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(map[bool]string{false: "WithdrawalOK", true: "WithdrawalFails"}[fail], func(t *testing.T) {
+			redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+				ctx, name, rdb, refuse := fairWithdrawalRig(t, b)
+				gate := newReplyHook(fairLockScript, false)
+				gate.lostErr = io.ErrUnexpectedEOF
+				rdb.AddHook(gate)
+				cw := New(rdb)
+				t.Cleanup(func() { _ = cw.Close() })
+				ch := New(b.Client(t))
+				t.Cleanup(func() { _ = ch.Close() })
+
+				w1 := cw.FairMutex(name, WithLease(30*time.Second)) // claims a grant with an attempt
+				require.NoError(t, w1.Lock(ctx))                    // the scripts loaded
+				require.NoError(t, w1.Unlock(ctx))
+				holder := ch.FairMutex(name)
+				require.NoError(t, holder.Lock(ctx))
+
+				short, cancelShort := context.WithCancel(ctx)
+				defer cancelShort()
+				w1Err := make(chan error, 1)
+				go func() { w1Err <- w1.Lock(short) }()
+				fairQueued(t, ctx, b, w1, 1)
+
+				gate.arm()
+				refuse.armed.Store(fail)
+				require.NoError(t, holder.Unlock(ctx)) // granted to W1, which claims it
+				<-gate.ran                             // claimed in Redis; the reply is lost
+				cancelShort()
+				close(gate.proceed)
+				require.Error(t, <-w1Err, "W1's ctx ended before its claim's reply")
+				if fail {
+					require.Eventually(t, func() bool { return refuse.seen.Load() >= 1 }, 5*time.Second, time.Millisecond,
+						"the withdrawal was not sent")
+				}
+				other := New(b.Client(t))
+				t.Cleanup(func() { _ = other.Close() })
+				f := other.FairMutex(name)
+				require.Eventually(t, func() bool {
+					ok, err := f.TryLock(ctx)
+					return err == nil && ok
+				}, 5*time.Second, 20*time.Millisecond, "the grant to W1 was leaked: the lock stays held by nobody for W1's lease")
+				require.NoError(t, f.Unlock(ctx))
+			})
+		})
+	}
+}
