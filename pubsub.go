@@ -1098,8 +1098,13 @@ func (p *pubsub) receive(n *psNode) {
 			default:
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() && dropping {
-				dropping = false // dropped (see above)
+			if dropping && !isReplyError(err) {
+				// Dropped (see above). Or no connection was left to drop:
+				// the read dialled under its past deadline, and the dial
+				// failed, with a timeout or whatever error a custom dialer
+				// gives (taken for one, no read would ever dial under a
+				// live ctx again).
+				dropping = false
 			} else if errors.As(err, &ne) && ne.Timeout() {
 				if !pinged {
 					// The next read sees the reply, or a broken connection.
