@@ -27,7 +27,9 @@ var (
 	ErrNotHeld = errors.New("redlatch: not held")
 
 	// ErrClosed is returned by every method of a Client, and of the
-	// primitives it made, after Client.Close, and by a second Close.
+	// primitives it made, after Client.Close, and by a second Close. (A
+	// Redlock's Unlock of a hold still releases it on every master, and
+	// reports the hold lost, ErrNotHeld: see Redlock.Unlock.)
 	ErrClosed = errors.New("redlatch: client closed")
 
 	// ErrInvalidArgument is wrapped by the error returned for bad input: an

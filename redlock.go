@@ -940,7 +940,9 @@ func (h *redlockHold) unwatchAll() {
 // unreachable) once a quorum has confirmed the release and the attempt
 // timeout (see the type's documentation) has passed: that master's release
 // goes on in the background, bounded. Whatever Unlock returns, the handle
-// no longer holds the lock.
+// no longer holds the lock. A hold whose Clients were closed is released
+// all the same (Close leaves their Redis clients open), and Unlock reports
+// it lost (ErrNotHeld: Close closed Lost), not ErrClosed.
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock a quorum of masters holds
