@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -740,4 +741,134 @@ func TestFairUnlockRidesOutSlotMovedDuringRetries(t *testing.T) {
 		t.Fatal("the queued waiter was not granted the lock after the Unlock")
 	}
 	require.NoError(t, waiter.Unlock(ctx))
+}
+
+// cancelOnTryAgain, added to a cluster client after redlatch.New (so that
+// it runs inside tryAgainHook), cancels a script call's ctx, registered
+// under the script's first key, when the cluster client returns TRYAGAIN
+// for it: once go-redis's own retries ran out, before tryAgainHook's next
+// send, as a deadline passing during tryAgainHook's backoff does.
+type cancelOnTryAgain struct {
+	passHook
+	mu   sync.Mutex
+	arms map[string]func() // first key → the call's cancel
+}
+
+func (h *cancelOnTryAgain) arm(key string, cancel func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.arms[key] = cancel
+}
+
+func (h *cancelOnTryAgain) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		args := cmd.Args()
+		if err == nil || !strings.HasPrefix(err.Error(), "TRYAGAIN") ||
+			(cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 {
+			return err
+		}
+		key, _ := args[3].(string)
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if cancel := h.arms[key]; cancel != nil {
+			cancel()
+			delete(h.arms, key)
+		}
+		return err
+	}
+}
+
+// TestReleaseCtxEndsWhileSlotMigrates: while a lock's slot migrates, Redis
+// refuses every release script with TRYAGAIN (each names a wake-up
+// channel, never a key), and tryAgainHook sends it again until its ctx
+// ends. An RUnlock, Unlock or Release whose ctx ends meanwhile is a release
+// whose ctx ended on its way: it returns the context's error and is sent
+// again with a fresh context (see the package doc). When the ctx ended
+// during tryAgainHook's backoff (where such a call spends most of its
+// time; only during go-redis's own retries did it get ctx's error), it
+// returned the raw TRYAGAIN reply instead, taken for a refusal with a
+// known outcome: nothing was sent again, and the read hold, the write hold,
+// the Mutex hold and the permits stayed in Redis for their whole lease
+// (30 s) after the slot had moved, locking out the writers and permit
+// waiters for holds their holders had let go. (Found by a reviewer.)
+func TestReleaseCtxEndsWhileSlotMigrates(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	cc := cl.Client(t)
+	c := newClientOn(t, cc)
+	hook := &cancelOnTryAgain{arms: map[string]func(){}}
+	cc.AddHook(hook)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	wname := nameOn(t, cl, 1, redistest.UniqueName(t)+"-w")
+	tag, wtag := "{"+name+"}", "{"+wname+"}"
+
+	reader := c.RWMutex(name)
+	require.NoError(t, reader.RLock(ctx))
+	sem := c.Semaphore(name, 2)
+	require.NoError(t, sem.Acquire(ctx, 2))
+	writer := c.RWMutex(wname)
+	require.NoError(t, writer.Lock(ctx))
+	mname := nameOn(t, cl, 1, redistest.UniqueName(t)+"-m")
+	mtag := "{" + mname + "}"
+	mutex := c.Mutex(mname)
+	require.NoError(t, mutex.Lock(ctx))
+
+	// The read hold's hash moves, the permit set stays on the old master;
+	// the writer's hash and fence key move.
+	cl.StartMigration(t, 2, tag+":rw")
+	cl.StartMigration(t, 2, wtag+":rw", wtag+":fence")
+	cl.StartMigration(t, 2, mtag+":lock", mtag+":fence")
+	rel := func(key string, f func(context.Context) error) <-chan error {
+		rctx, cancel := context.WithCancel(ctx)
+		hook.arm(key, cancel)
+		got := make(chan error, 1)
+		go func() {
+			defer cancel()
+			got <- f(rctx)
+		}()
+		return got
+	}
+	runlocked := rel(tag+":rw", reader.RUnlock)
+	unlocked := rel(wtag+":rw", writer.Unlock)
+	munlocked := rel(mtag+":lock", mutex.Unlock)
+	released := rel(tag+":sem", func(ctx context.Context) error { return sem.Release(ctx, 2) })
+	time.Sleep(300 * time.Millisecond) // their ctx cancelled, still refused
+	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+	cl.MoveSlot(t, redistest.KeySlot(wtag), 2)
+	cl.MoveSlot(t, redistest.KeySlot(mtag), 2)
+
+	for what, got := range map[string]<-chan error{"RUnlock": runlocked, "Unlock": unlocked, "Mutex.Unlock": munlocked} {
+		select {
+		case err := <-got:
+			require.ErrorIs(t, err, context.Canceled, "%s whose ctx ended during the migration", what)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s did not return", what)
+		}
+	}
+	select {
+	case err := <-released:
+		require.NoError(t, err, "Release whose ctx ended during the migration, sent again")
+	case <-time.After(5 * time.Second):
+		t.Fatal("Release did not return")
+	}
+
+	// The holds are gone from Redis (the releases were sent again), long
+	// before their 30 s lease.
+	other := newClientOn(t, cl.Client(t))
+	require.Eventually(t, func() bool {
+		ok, err := other.RWMutex(name).TryLock(ctx)
+		return err == nil && ok
+	}, 3*time.Second, 50*time.Millisecond, "the read hold stayed in Redis after its RUnlock")
+	require.Eventually(t, func() bool {
+		ok, err := other.RWMutex(wname).TryLock(ctx)
+		return err == nil && ok
+	}, 3*time.Second, 50*time.Millisecond, "the write hold stayed in Redis after its Unlock")
+	require.Eventually(t, func() bool {
+		ok, err := other.Mutex(mname).TryLock(ctx)
+		return err == nil && ok
+	}, 3*time.Second, 50*time.Millisecond, "the Mutex hold stayed in Redis after its Unlock")
+	n, err := other.Semaphore(name, 2).Available(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 2, n, "the permits stayed in Redis after their Release")
 }

@@ -648,7 +648,22 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 			return err
 		}
 		var again tryAgainBackoff
-		for refusedInMigration(err) && again.wait(ctx) {
+		for refusedInMigration(err) {
+			if !again.wait(ctx) {
+				if ctx.Err() != nil {
+					// ctx ended while the slot migrates: the call returns
+					// ctx's error, as go-redis's own retries do when it ends
+					// during their backoff. A release is then one whose ctx
+					// ended on its way, sent again with a fresh context (see
+					// resendRelease), an acquisition one whose outcome is
+					// unknown, undone: the refusal returned as it was, a
+					// reply, said the call was over, and a release was never
+					// sent again, its hold left in Redis for its lease.
+					err = ctx.Err()
+					cmd.SetErr(err)
+				}
+				break
+			}
 			cmd.SetErr(nil)
 			err = next(ctx, cmd)
 		}
