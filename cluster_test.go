@@ -552,6 +552,25 @@ func TestRenewalOfMovedSlotOnFreshMaster(t *testing.T) {
 	require.NoError(t, m.Unlock(ctx))
 }
 
+// coldFrozenCluster returns a Client on a private cluster, through a
+// default-options cluster client with the given ReadTimeout whose slot map
+// is loaded (an IsLocked of the returned name, a MULTI of reads, which
+// needs no policy) but not its command table, and whose masters were then
+// frozen.
+func coldFrozenCluster(t *testing.T, readTimeout time.Duration) (*redlatch.Client, string) {
+	t.Helper()
+	cl := redistest.NewCluster(t, 3) // private: the test freezes its masters
+	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) { o.ReadTimeout = readTimeout }))
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	locked, err := c.Mutex(name).IsLocked(ctxT(t, 5*time.Second))
+	require.NoError(t, err)
+	require.False(t, locked)
+	for _, srv := range cl.Servers {
+		freeze(t, srv)
+	}
+	return c, name
+}
+
 // TestColdCommandTableOnDefaultOptions: a *redis.ClusterClient routes each
 // command by its request policy, from the command table it loads (COMMAND)
 // before the first command it routes so, with context.Background() when
@@ -563,17 +582,8 @@ func TestRenewalOfMovedSlotOnFreshMaster(t *testing.T) {
 // undo's bound. They returned after 6s and 13s (3 ReadTimeouts, and 3 more
 // for the undo's call).
 func TestColdCommandTableOnDefaultOptions(t *testing.T) {
-	cl := redistest.NewCluster(t, 3) // private: the test freezes its masters
-	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) { o.ReadTimeout = 2 * time.Second }))
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	c, name := coldFrozenCluster(t, 2*time.Second)
 	m, s := c.Mutex(name), c.Semaphore(name, 2)
-	locked, err := m.IsLocked(ctxT(t, 5*time.Second))
-	require.NoError(t, err)
-	require.False(t, locked)
-
-	for _, srv := range cl.Servers {
-		freeze(t, srv)
-	}
 	failsWithin(t, "Available", time.Second, func(ctx context.Context) error { _, err := s.Available(ctx); return err })
 	failsWithin(t, "TryLock", 300*time.Millisecond+2*time.Second+700*time.Millisecond, func(ctx context.Context) error {
 		_, err := m.TryLock(ctx)
@@ -588,20 +598,12 @@ func TestColdCommandTableOnDefaultOptions(t *testing.T) {
 // ReadTimeouts): the call must still return by its ctx, not wait for
 // go-redis's own load, unbounded, after the background one failed.
 func TestColdCommandTableLoadFailsBeforeCtx(t *testing.T) {
-	cl := redistest.NewCluster(t, 3)
-	c := newClientOn(t, cl.DefaultOptionsClient(t, func(o *redis.ClusterOptions) { o.ReadTimeout = 500 * time.Millisecond }))
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	c, name := coldFrozenCluster(t, 500*time.Millisecond)
 	s := c.Semaphore(name, 2)
-	locked, err := c.Mutex(name).IsLocked(ctxT(t, 5*time.Second))
-	require.NoError(t, err)
-	require.False(t, locked)
-	for _, srv := range cl.Servers {
-		freeze(t, srv)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	start := time.Now()
-	_, err = s.Available(ctx)
+	_, err := s.Available(ctx)
 	took := time.Since(start)
 	t.Logf("Available: %v after %v", err, took)
 	require.Error(t, err)
@@ -871,4 +873,29 @@ func TestReleaseCtxEndsWhileSlotMigrates(t *testing.T) {
 	n, err := other.Semaphore(name, 2).Available(ctx)
 	require.NoError(t, err)
 	require.EqualValues(t, 2, n, "the permits stayed in Redis after their Release")
+}
+
+// TestColdCommandTableNoDeadline: as TestColdCommandTableLoadFailsBeforeCtx,
+// with a ctx that has no deadline. With no ctx deadline, go-redis bounds a
+// call to a cluster that does not answer by its ReadTimeouts (here 300ms:
+// 3 loads of the command table, and the call's own attempts). redlatch's
+// background load of the table (see cmdInfoLoad) must not start load after
+// load "while ctx lasts": with no deadline, the call never returned while
+// the masters did not answer. (Found by a reviewer.)
+func TestColdCommandTableNoDeadline(t *testing.T) {
+	c, name := coldFrozenCluster(t, 300*time.Millisecond)
+	s := c.Semaphore(name, 2)
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := s.Available(context.Background())
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Logf("Available: %v after %v", err, time.Since(start))
+		require.Error(t, err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("Available with no ctx deadline still waiting after 15s (ReadTimeout 300ms)")
+	}
 }
