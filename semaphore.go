@@ -429,7 +429,15 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	if err != nil {
 		return err
 	}
-	if freed < n {
+	// What the script meant to return, counted from the member names as it
+	// counts (a record kept under its old name after a refused partial
+	// Release names more permits than the handle holds of it): comparing
+	// freed with n took the surplus for a record found gone.
+	meant := semMemberN(oldShrink) - semMemberN(newShrink)
+	for _, m := range members {
+		meant += semMemberN(m)
+	}
+	if freed < meant {
 		// Permits found gone already (the data was lost, or their lease
 		// ran out unannounced): some may be free, and no release said so
 		// when none came back. Wake this Client's waiters.
@@ -437,6 +445,13 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		return ErrNotHeld
 	}
 	return nil
+}
+
+// semMemberN returns the permit count a permit record's member names (its
+// suffix after the last '|'), 0 for "", as sem_n in lua/sem_prelude.lua.
+func semMemberN(member string) int64 {
+	n, _ := strconv.ParseInt(member[strings.LastIndexByte(member, '|')+1:], 10, 64)
+	return n
 }
 
 // releaseRecords runs the release script as request req (prev: the

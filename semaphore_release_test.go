@@ -705,20 +705,7 @@ func TestSemaphoreKeptPermitsNotLostOnRefusedRelease(t *testing.T) {
 
 	// Another client's script keeps Redis busy for 600ms (less than the
 	// part of the lease left after the last renewal before it).
-	busy := make(chan error, 1)
-	go func() {
-		busy <- srv.Client(t).Eval(context.Background(), `
-local s = redis.call('TIME')
-while true do
-  local t = redis.call('TIME')
-  if (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > 600000 then return 1 end
-end`, nil).Err()
-	}()
-	probe := srv.Client(t)
-	require.Eventually(t, func() bool {
-		err := probe.Ping(ctx).Err()
-		return err != nil && strings.HasPrefix(err.Error(), "BUSY")
-	}, 2*time.Second, 5*time.Millisecond, "Redis never busy")
+	busy := busyFor(t, ctx, srv, 600*time.Millisecond)
 
 	err := s.Release(ctx, 1)
 	require.Error(t, err)
@@ -736,4 +723,65 @@ end`, nil).Err()
 	n, err = s.Available(ctx)
 	require.NoError(t, err)
 	require.EqualValues(t, 3, n, "the permit the refused Release returned comes back with the kept one")
+}
+
+// busyFor keeps srv (started with a busy-reply-threshold below d) busy
+// with another client's script for d, and returns once Redis answers BUSY;
+// the channel delivers the script's error when it ends.
+func busyFor(t *testing.T, ctx context.Context, srv *redistest.Server, d time.Duration) <-chan error {
+	t.Helper()
+	busy := make(chan error, 1)
+	go func() {
+		busy <- srv.Client(t).Eval(context.Background(), `
+local s = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > tonumber(ARGV[1]) then return 1 end
+end`, nil, d.Microseconds()).Err()
+	}()
+	probe := srv.Client(t)
+	require.Eventually(t, func() bool {
+		err := probe.Ping(ctx).Err()
+		return err != nil && strings.HasPrefix(err.Error(), "BUSY")
+	}, 2*time.Second, 5*time.Millisecond, "Redis never busy")
+	return busy
+}
+
+// TestSemReleaseAfterRefusedShrinkReportsGone: after a partial Release that
+// Redis refused (BUSY), the kept permits are tracked under the record's old
+// name, whose member names all the record's permits (3), not the 1 kept. A
+// later Release of the kept permit and of a newer permit that Redis no
+// longer has frees 3 permits, at least the 2 asked for, and reported
+// success: it must report ErrNotHeld, as it does for any record found gone.
+// (Found by a reviewer of that fix.)
+func TestSemReleaseAfterRefusedShrinkReportsGone(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	ctx := ctxT(t, 20*time.Second)
+	rdb := srv.Client(t)
+	c := newClientOn(t, srv.Client(t))
+	name := redistest.UniqueName(t)
+	s := c.Semaphore(name, 5)
+	require.NoError(t, s.Acquire(ctx, 3))
+
+	busy := busyFor(t, ctx, srv, 300*time.Millisecond)
+	err := s.Release(ctx, 2)
+	require.Error(t, err)
+	require.True(t, strings.HasPrefix(err.Error(), "BUSY"), "%v", err)
+	require.NoError(t, <-busy)
+
+	old, err := rdb.ZRange(ctx, semKey(name), 0, -1).Result()
+	require.NoError(t, err)
+	require.NoError(t, s.Acquire(ctx, 1))
+	ms, err := rdb.ZRange(ctx, semKey(name), 0, -1).Result()
+	require.NoError(t, err)
+	var fresh string
+	for _, m := range ms {
+		if !strings.Contains(strings.Join(old, "\n"), m) && strings.Contains(m, "|") {
+			fresh = m
+		}
+	}
+	require.NotEmpty(t, fresh, "%v", ms)
+	require.NoError(t, rdb.ZRem(ctx, semKey(name), fresh).Err()) // Redis lost it
+
+	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld, "the newer permit was gone from Redis")
 }
