@@ -274,7 +274,8 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 		err = fmt.Errorf("%w: unlock reply %v", ErrWrongType, res)
 	}
 	if yield {
-		e.c.ps.endYield(e.channel, req, err == nil && res[0] == 0 && len(res) > 2 && res[2] >= 2)
+		released := err == nil && res[0] == 0 && len(res) > 2 // published: res[2] subscribers heard it
+		e.c.ps.endYield(e.channel, req, released && res[2] >= 2, released && res[2] == 0)
 	}
 	if err != nil {
 		e.c.ps.endStreak(e.channel)

@@ -334,8 +334,13 @@ func (p *pubsub) armYield(channel, req string) {
 // Client has taken the lock since: its attempt, failing, sets the hold's w
 // field, so that a release of that hold by another Client (a handle
 // sharing the owner id) publishes too. Otherwise no other Client waits
-// (or nothing was released): the local waiters get the wake-up at once.
-func (p *pubsub) endYield(channel, req string, heard bool) {
+// (or nothing was released): the local waiters get the wake-up at once;
+// with unheard set, the release happened but its wake-up reached no
+// subscriber, not even this Client's (its publish was refused, or went to
+// plain pub/sub while the channel is sharded): no message will come, so one
+// local waiter is woken here. A waiter queued without an attempt of its own
+// has no remaining lease to bound its sleep.
+func (p *pubsub) endYield(channel, req string, heard, unheard bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ch := p.chans[channel]
@@ -348,7 +353,7 @@ func (p *pubsub) endYield(channel, req string, heard bool) {
 	}
 	if !heard {
 		delete(ch.yields, req)
-		if seen {
+		if seen || unheard {
 			signalOne(ch.waiters)
 		}
 		return

@@ -119,7 +119,7 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 		c.ps.armYield(channel, "req1")
 		c.ps.dispatch(channel, "req1")
 		require.False(t, signalled(w), "woken by its own Client's release")
-		c.ps.endYield(channel, "req1", true)
+		c.ps.endYield(channel, "req1", true, false)
 		require.False(t, signalled(w), "woken before the yield delay")
 		c.ps.dispatch(channel, "req-of-another-client")
 		require.True(t, signalled(w), "another Client's release was swallowed")
@@ -128,7 +128,7 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 
 		// The fallback after the delay, with the wake-up after the reply.
 		c.ps.armYield(channel, "req2")
-		c.ps.endYield(channel, "req2", true)
+		c.ps.endYield(channel, "req2", true, false)
 		c.ps.dispatch(channel, "req2")
 		require.False(t, signalled(w), "woken by its own Client's release")
 		awaitSignal(t, w, "no fallback wake-up after the yield")
@@ -136,10 +136,10 @@ func TestYieldKnowsOwnRelease(t *testing.T) {
 		// No other Client heard it: the wake-up is the local waiters'.
 		c.ps.armYield(channel, "req4")
 		c.ps.dispatch(channel, "req4")
-		c.ps.endYield(channel, "req4", false)
+		c.ps.endYield(channel, "req4", false, false)
 		require.True(t, signalled(w), "a release no one else heard woke no one")
 		c.ps.armYield(channel, "req5")
-		c.ps.endYield(channel, "req5", false)
+		c.ps.endYield(channel, "req5", false, false)
 		c.ps.dispatch(channel, "req5")
 		require.True(t, signalled(w), "a release no one else heard woke no one")
 	})
@@ -153,11 +153,11 @@ func TestYieldsTrackedPerRelease(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		c, channel, w := yieldTest(t, b, 10*time.Millisecond)
 
-		c.ps.armYield(channel, "A")        // a public release
-		c.ps.dispatch(channel, "A")        // its wake-up, sat out
-		c.ps.armYield(channel, "B")        // another Unlock, releasing nothing
-		c.ps.endYield(channel, "A", true)  // A's reply: others heard it
-		c.ps.endYield(channel, "B", false) // B's reply: nothing published
+		c.ps.armYield(channel, "A")               // a public release
+		c.ps.dispatch(channel, "A")               // its wake-up, sat out
+		c.ps.armYield(channel, "B")               // another Unlock, releasing nothing
+		c.ps.endYield(channel, "A", true, false)  // A's reply: others heard it
+		c.ps.endYield(channel, "B", false, false) // B's reply: nothing published
 		awaitSignal(t, w, "release A's wake-up was sat out and no fallback came")
 	})
 }

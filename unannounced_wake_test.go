@@ -1,10 +1,12 @@
 package redlatch_test
 
 import (
+	"context"
 	"errors"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -54,6 +56,37 @@ func TestQueuedWaiterWokenAtExpiry(t *testing.T) {
 	})
 }
 
+// thirdQueuedBehind locks first, starts second's Lock (an attempt, then a
+// sleep) and then third's (queued behind second, no attempt of its own),
+// and unlocks first, which transfers the lock to second locally. It
+// returns third's result.
+func thirdQueuedBehind(t *testing.T, ctx context.Context, first, second, third *redlatch.Mutex) <-chan error {
+	t.Helper()
+	require.NoError(t, first.Lock(ctx))
+	got2, got3 := make(chan error, 1), make(chan error, 1)
+	go func() { got2 <- second.Lock(ctx) }()
+	time.Sleep(100 * time.Millisecond) // second attempts, joins, sleeps
+	go func() { got3 <- third.Lock(ctx) }()
+	time.Sleep(100 * time.Millisecond)    // third queues behind second, no attempt
+	require.NoError(t, first.Unlock(ctx)) // local transfer to second
+	require.NoError(t, <-got2)
+	return got3
+}
+
+// requireTakesFreeLock requires the Lock whose result got delivers to take
+// the lock, freed at start, within 500ms.
+func requireTakesFreeLock(t *testing.T, got <-chan error, start time.Time) {
+	t.Helper()
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+		t.Logf("third took the free lock %v after the Unlock", time.Since(start))
+	case <-time.After(500 * time.Millisecond):
+		err := <-got
+		t.Fatalf("third slept on a free lock: took it %v after the Unlock (err %v)", time.Since(start), err)
+	}
+}
+
 // TestUnlockOfGoneHoldWakesQueued: when the holder's Unlock finds its hold
 // already gone in Redis (its lease ran out before the Unlock arrived, an
 // eviction, a failover, a DEL) before the watchdog noticed, the waiter
@@ -70,30 +103,14 @@ func TestUnlockOfGoneHoldWakesQueued(t *testing.T) {
 		rdb.AddHook(refuse)
 		c := redlatch.New(rdb, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
 		t.Cleanup(func() { _ = c.Close() })
-		first := c.Mutex(name, redlatch.WithLease(5*time.Second))
-		require.NoError(t, first.Lock(ctx))
 		second := c.Mutex(name, redlatch.WithLease(5*time.Second))
-		third := c.Mutex(name)
-		got2, got3 := make(chan error, 1), make(chan error, 1)
-		go func() { got2 <- second.Lock(ctx) }()
-		time.Sleep(100 * time.Millisecond) // second attempts, joins, sleeps
-		go func() { got3 <- third.Lock(ctx) }()
-		time.Sleep(100 * time.Millisecond)    // third queues behind second, no attempt
-		require.NoError(t, first.Unlock(ctx)) // local transfer to second
-		require.NoError(t, <-got2)
+		got3 := thirdQueuedBehind(t, ctx, c.Mutex(name, redlatch.WithLease(5*time.Second)), second, c.Mutex(name))
 		// second's hold ends in Redis before its Unlock arrives.
 		require.NoError(t, b.Client(t).Del(ctx, lockKey(name)).Err())
 		start := time.Now()
 		err := second.Unlock(ctx)
 		require.True(t, errors.Is(err, redlatch.ErrNotHeld), "Unlock: %v", err)
-		select {
-		case err := <-got3:
-			require.NoError(t, err)
-			t.Logf("third took the free lock %v after the Unlock", time.Since(start))
-		case <-time.After(500 * time.Millisecond):
-			err := <-got3
-			t.Fatalf("third slept on a free lock: took it %v after the Unlock (err %v)", time.Since(start), err)
-		}
+		requireTakesFreeLock(t, got3, start)
 	})
 }
 
@@ -146,4 +163,34 @@ func TestFailedPublicUnlockWakesQueued(t *testing.T) {
 				time.Since(start), lease, err)
 		}
 	})
+}
+
+// TestQueuedWaiterLostOwnReleaseWakeup: a waiter queued behind a waiter of
+// its own Client (no attempt of its own, so no remaining lease to sleep on)
+// is woken by its own Client's public release of the lock even when the
+// release's wake-up message is lost (here the user may not PUBLISH: the
+// release is done, its wake-up dropped, as README says; a subscriber that
+// misses the message likewise). It slept a third of the watchdog timeout
+// on the free lock, past the released hold's whole lease: a lost wake-up
+// delays a Mutex waiter by at most the holder's remaining lease. (Found by
+// a reviewer.)
+func TestQueuedWaiterLostOwnReleaseWakeup(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 30*time.Second)
+	adm := srv.Client(t)
+	// Subscribes, but its PUBLISH (in the release script's pcall) is refused.
+	require.NoError(t, adm.Do(ctx, "ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-publish", "-spublish").Err())
+	o := srv.Options()
+	o.Username, o.Password = "app", "pw"
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(6*time.Second)) // queued sleep: 2s
+	name := redistest.UniqueName(t)
+
+	second := c.Mutex(name, redlatch.WithLease(600*time.Millisecond))
+	got3 := thirdQueuedBehind(t, ctx, c.Mutex(name, redlatch.WithLease(300*time.Millisecond)), second,
+		c.Mutex(name, redlatch.WithLease(300*time.Millisecond))) // third's lease is shorter: no transfer to it
+	start := time.Now()
+	require.NoError(t, second.Unlock(ctx)) // public release: third's lease is shorter; its wake-up is lost
+	requireTakesFreeLock(t, got3, start)   // within the released hold's 600ms lease
 }
