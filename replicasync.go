@@ -185,18 +185,31 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 	// WAIT may outlast the read timeout of a pipeline: two round trips on a
 	// pinned connection, WAIT with its own read timeout.
 	ctx = unrouted(ctx)
-	o := node.Options()
+	var cmd *redis.Cmd
+	var acked int64
+	var err error
+	resendReadOnly(ctx, node.Options(), func() error {
+		cmd, acked, err = runPinned(ctx, node, asking, s, keys, args, n, ms)
+		return cmd.Err()
+	})
+	return cmd, acked, err
+}
+
+// resendReadOnly calls send, which sends commands on a new pinned
+// connection and returns the error that says whether they ran, and calls it
+// again while that error is READONLY: the connection reached a replica (a
+// demoted master that a failover client still takes for the master).
+// go-redis drops such a connection and sends a command again on another
+// one, re-resolving the master, after a backoff, up to MaxRetries times;
+// not on a pinned connection, whose retries all fail with "Conn is in a bad
+// state". The commands did not run (a replica takes no write): they are
+// sent again so, with go-redis's backoff, each time on a new pinned
+// connection. It is shared by the acquisition's pinned script call (see
+// runOnWithWait) and the watchdog's pinned renewal (see renewSyncedOn).
+func resendReadOnly(ctx context.Context, o *redis.Options, send func() error) {
 	for attempt := 0; ; attempt++ {
-		cmd, acked, err := runPinned(ctx, node, asking, s, keys, args, n, ms)
-		// READONLY: the connection reached a replica (a demoted master that
-		// a failover client still takes for the master). go-redis drops
-		// such a connection and sends a command again on another one,
-		// re-resolving the master, after a backoff, up to MaxRetries
-		// times; not on a pinned connection, whose retries all fail with
-		// "Conn is in a bad state". The script did not run (a replica
-		// takes no write): it is sent again so, on a new pinned connection.
-		if !redis.IsReadOnlyError(cmd.Err()) || attempt >= o.MaxRetries {
-			return cmd, acked, err
+		if !redis.IsReadOnlyError(send()) || attempt >= o.MaxRetries {
+			return
 		}
 		d := o.MinRetryBackoff << attempt
 		if d < o.MinRetryBackoff || d > o.MaxRetryBackoff {
@@ -207,7 +220,7 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return cmd, acked, err
+			return
 		}
 	}
 }
@@ -382,54 +395,69 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	// go on a pinned connection, unrouted (see unrouted).
 	rt := node.Options().ReadTimeout
 	piped := rt <= 0 || w.c.opts.replicaTimeout+waitMargin < rt
-	var conn interface {
+	type scripter interface {
 		redis.Scripter
 		Pipeline() redis.Pipeliner
 		Wait(ctx context.Context, numSlaves int, timeout time.Duration) *redis.IntCmd
-	} = node
-	if !piped {
-		pc := node.Conn()
-		defer pc.Close()
-		conn = pc
-		ctx = unrouted(ctx)
 	}
-	var wait *redis.Cmd
-	send := func(ms int64) []*redis.Cmd {
-		cmds := make([]*redis.Cmd, len(which))
-		pipe := conn.Pipeline()
-		for k, i := range which {
-			keys, argv := renewArgs(batches[i])
-			cmds[k] = renewScript.EvalSha(ctx, pipe, keys, argv...)
-		}
-		if piped {
-			wait = pipe.Do(ctx, "WAIT", w.c.opts.replicas, ms)
-		}
-		_, _ = pipe.Exec(ctx)
-		return cmds
-	}
-	start := time.Now()
-	cmds := send(ms)
-	for _, cmd := range cmds {
-		if isNoScript(cmd.Err()) {
-			if renewScript.Load(ctx, conn).Err() == nil {
-				// A WAIT pipelined behind the refused scripts has waited
-				// already: the next one gets what is left of the timeout
-				// (see runOnWithWait).
-				left := ms
-				if piped {
-					left = max((w.c.opts.replicaTimeout - time.Since(start)).Milliseconds(), 1)
-				}
-				cmds = send(left)
-			}
-			break
-		}
-	}
+	var cmds []*redis.Cmd
 	var acked int64
 	var waitErr error
+	// renew sends the batches and WAIT on conn and returns the READONLY
+	// of a script, if any (see resendReadOnly).
+	renew := func(conn scripter) error {
+		var wait *redis.Cmd
+		send := func(ms int64) []*redis.Cmd {
+			cmds := make([]*redis.Cmd, len(which))
+			pipe := conn.Pipeline()
+			for k, i := range which {
+				keys, argv := renewArgs(batches[i])
+				cmds[k] = renewScript.EvalSha(ctx, pipe, keys, argv...)
+			}
+			if piped {
+				wait = pipe.Do(ctx, "WAIT", w.c.opts.replicas, ms)
+			}
+			_, _ = pipe.Exec(ctx)
+			return cmds
+		}
+		start := time.Now()
+		cmds = send(ms)
+		for _, cmd := range cmds {
+			if isNoScript(cmd.Err()) {
+				if renewScript.Load(ctx, conn).Err() == nil {
+					// A WAIT pipelined behind the refused scripts has waited
+					// already: the next one gets what is left of the timeout
+					// (see runOnWithWait).
+					left := ms
+					if piped {
+						left = max((w.c.opts.replicaTimeout - time.Since(start)).Milliseconds(), 1)
+					}
+					cmds = send(left)
+				}
+				break
+			}
+		}
+		if piped {
+			acked, waitErr = wait.Int64()
+		} else {
+			acked, waitErr = conn.Wait(ctx, w.c.opts.replicas, time.Duration(ms)*time.Millisecond).Result()
+		}
+		for _, cmd := range cmds {
+			if redis.IsReadOnlyError(cmd.Err()) {
+				return cmd.Err()
+			}
+		}
+		return nil
+	}
 	if piped {
-		acked, waitErr = wait.Int64()
+		renew(node)
 	} else {
-		acked, waitErr = conn.Wait(ctx, w.c.opts.replicas, time.Duration(ms)*time.Millisecond).Result()
+		ctx = unrouted(ctx)
+		resendReadOnly(ctx, node.Options(), func() error {
+			pc := node.Conn()
+			defer pc.Close()
+			return renew(pc)
+		})
 	}
 	notSynced := w.c.replicated(ctx, acked, waitErr, nil)
 	if notSynced != nil {

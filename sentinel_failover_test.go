@@ -137,6 +137,45 @@ func waitSentinelReplica(t *testing.T, ctx context.Context, s *redistest.Sentine
 	}, 30*time.Second, 100*time.Millisecond, "sentinel does not see the replica")
 }
 
+// sentinelOfPair starts a master with a replica and a sentinel monitoring
+// them, and returns once the sentinel knows the replica.
+func sentinelOfPair(t *testing.T) (context.Context, *redistest.Sentinel, *redistest.Server, *redistest.Server) {
+	t.Helper()
+	master, replica, _ := replicaPair(t)
+	sentinel := redistest.NewSentinel(t, master)
+	ctx := ctxT(t, 60*time.Second)
+	waitSentinelReplica(t, ctx, sentinel, replica)
+	return ctx, sentinel, master, replica
+}
+
+// staleMasterClient returns a sentinel failover client of master (2s read
+// and write timeouts, ContextTimeoutEnabled; tune changes more) whose dials
+// to the master go to replica instead while the returned count, decremented
+// by each, is above 0: a view of the master that a failover made stale.
+func staleMasterClient(t *testing.T, sentinel *redistest.Sentinel, master, replica *redistest.Server,
+	tune func(*redis.FailoverOptions)) (*redis.Client, *atomic.Int32) {
+	t.Helper()
+	stale := new(atomic.Int32)
+	var d net.Dialer
+	o := &redis.FailoverOptions{
+		MasterName: sentinel.MasterName, SentinelAddrs: []string{sentinel.Addr},
+		ContextTimeoutEnabled: true, DialTimeout: time.Second,
+		ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+		Dialer: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if addr == master.Addr && stale.Load() > 0 && stale.Add(-1) >= 0 {
+				addr = replica.Addr
+			}
+			return d.DialContext(ctx, network, addr)
+		},
+	}
+	if tune != nil {
+		tune(o)
+	}
+	rdb := redis.NewFailoverClient(o)
+	t.Cleanup(func() { _ = rdb.Close() })
+	return rdb, stale
+}
+
 // TestReplicaSyncReadOnlyRidesOut: a sentinel failover client whose view
 // still names a node that is a replica now (a demoted master, a sentinel
 // that has not caught up) gets READONLY for its first script call. go-redis
@@ -147,10 +186,7 @@ func waitSentinelReplica(t *testing.T, ctx context.Context, s *redistest.Sentine
 // which go-redis cannot send again: it returned "redis: Conn is in a bad
 // state: READONLY ..." at once.
 func TestReplicaSyncReadOnlyRidesOut(t *testing.T) {
-	master, replica, _ := replicaPair(t)
-	sentinel := redistest.NewSentinel(t, master)
-	ctx := ctxT(t, 60*time.Second)
-	waitSentinelReplica(t, ctx, sentinel, replica)
+	ctx, sentinel, master, replica := sentinelOfPair(t)
 
 	for _, tc := range []struct {
 		name string
@@ -181,26 +217,70 @@ func TestReplicaSyncReadOnlyRidesOut(t *testing.T) {
 		} {
 			t.Run(tc.name+"/"+op.name, func(t *testing.T) {
 				// The first dial to the master goes to the replica instead.
-				var stale atomic.Int32
-				var d net.Dialer
-				rdb := redis.NewFailoverClient(&redis.FailoverOptions{
-					MasterName: sentinel.MasterName, SentinelAddrs: []string{sentinel.Addr},
-					ContextTimeoutEnabled: true, DialTimeout: time.Second,
-					ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
-					Dialer: func(ctx context.Context, network, addr string) (net.Conn, error) {
-						if addr == master.Addr && stale.CompareAndSwap(0, 1) {
-							addr = replica.Addr
-						}
-						return d.DialContext(ctx, network, addr)
-					},
-				})
-				t.Cleanup(func() { _ = rdb.Close() })
+				rdb, stale := staleMasterClient(t, sentinel, master, replica, nil)
+				stale.Store(1)
 				c := newClientOn(t, rdb, tc.opts...)
 
 				actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 				defer cancel()
 				require.NoError(t, op.acquire(actx, c, redistest.UniqueName(t)))
-				require.EqualValues(t, 1, stale.Load(), "the READONLY replica was not reached")
+				require.LessOrEqual(t, stale.Load(), int32(0), "the READONLY replica was not reached")
+			})
+		}
+	}
+}
+
+// TestReplicaSyncRenewalReadOnlyRidesOut: the watchdog's renewal of a hold
+// taken WithReplicaSync, through a sentinel failover client whose next
+// dials still reach a node that is a replica now (READONLY), as after a
+// failover. A renewal whose scripts and WAIT go pipelined is sent again by
+// go-redis on a new connection; one on a pinned connection (the WAIT does not
+// fit within the 2s read timeout) must be sent again too, as the
+// acquisition's is (see TestReplicaSyncReadOnlyRidesOut): else each period's
+// renewal fails, and the hold is lost when its lease runs out, with the
+// master renewing it at the first try on a connection of its own. A
+// Semaphore's permit (renewed by a ZADD that renew.lua runs with pcall, so
+// that a write refused at maxmemory does not end the batch) must fail with
+// READONLY on the replica too, not as "refused" (-1), which neither go-redis
+// nor redlatch sends again: it was lost on both paths. (Found by a
+// reviewer.)
+func TestReplicaSyncRenewalReadOnlyRidesOut(t *testing.T) {
+	ctx, sentinel, master, replica := sentinelOfPair(t)
+
+	for _, tc := range []struct {
+		name    string
+		timeout time.Duration
+	}{{"pipelined", time.Second}, {"pinned", 2 * time.Second}} {
+		for _, op := range []struct {
+			name string
+			hold func(ctx context.Context, c *redlatch.Client, name string) (lost <-chan struct{}, release func(context.Context) error, err error)
+		}{
+			{"Mutex", func(ctx context.Context, c *redlatch.Client, name string) (<-chan struct{}, func(context.Context) error, error) {
+				m := c.Mutex(name)
+				return m.Lost(), m.Unlock, m.Lock(ctx)
+			}},
+			{"Semaphore", func(ctx context.Context, c *redlatch.Client, name string) (<-chan struct{}, func(context.Context) error, error) {
+				s := c.Semaphore(name, 2)
+				err := s.Acquire(ctx, 1)
+				return s.Lost(), func(ctx context.Context) error { return s.Release(ctx, 1) }, err
+			}},
+		} {
+			t.Run(tc.name+"/"+op.name, func(t *testing.T) {
+				rdb, stale := staleMasterClient(t, sentinel, master, replica, func(o *redis.FailoverOptions) {
+					o.ConnMaxIdleTime = 300 * time.Millisecond // each renewal (every second) dials anew
+				})
+				c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*time.Second),
+					redlatch.WithReplicaSync(1, tc.timeout))
+
+				lost, release, err := op.hold(ctx, c, redistest.UniqueName(t))
+				require.NoError(t, err)
+				// The next three dials (go-redis's MaxRetries) reach the
+				// replica: renewals not sent again fail for three periods.
+				stale.Store(3)
+				time.Sleep(4500 * time.Millisecond) // four renewal periods, past the first lease
+				requireOpen(t, lost, "hold lost: its renewals refused with READONLY were not sent again")
+				require.LessOrEqual(t, stale.Load(), int32(0), "the READONLY replica was not reached")
+				require.NoError(t, release(ctx))
 			})
 		}
 	}

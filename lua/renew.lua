@@ -34,7 +34,8 @@
 -- Returns an array with, for each key, 1 when the hold was renewed, 0 when
 -- it is gone (expired, released, or taken by another owner), or -1 when
 -- Redis refused the write that renews it (ZADD or HSET at maxmemory with
--- noeviction, before the script wrote anything): not renewed, not gone. A
+-- noeviction, before the script wrote anything): not renewed, not gone.
+-- On a replica (READONLY) the script fails with READONLY instead. A
 -- refused write must not raise an error, which would end the script and
 -- leave every other hold of the batch unrenewed, PEXPIRE renewals (which
 -- Redis still allows then) included.
@@ -54,7 +55,15 @@ end
 -- to ms when Redis took it; it returns 1, or -1 when Redis refused the
 -- write (see above).
 local function rewrite(cmd, key, a, b, lease, ms)
-  if type(redis.pcall(cmd, key, a, b)) == 'table' then
+  local r = redis.pcall(cmd, key, a, b)
+  if type(r) == 'table' then
+    -- READONLY: a replica (a demoted master that a failover client still
+    -- takes for the master), which takes no write of the batch: raised
+    -- as the 'h' kinds' PEXPIRE raises it, for the caller to send the
+    -- batch again on the master (go-redis does, and resendReadOnly).
+    if string.sub(r.err, 1, 8) == 'READONLY' then
+      error(r)
+    end
     return -1
   end
   if redis.call('PTTL', key) < lease then
