@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -1313,5 +1314,92 @@ func TestFairGrantRacingFailedWithdrawal(t *testing.T) {
 				require.NoError(t, f.Unlock(ctx))
 			})
 		})
+	}
+}
+
+// replOffset returns the master's replication offset (INFO replication).
+func replOffset(t *testing.T, ctx context.Context, rdb *redis.Client) int64 {
+	t.Helper()
+	info, err := rdb.Info(ctx, "replication").Result()
+	require.NoError(t, err)
+	for _, line := range strings.Split(info, "\r\n") {
+		if v, ok := strings.CutPrefix(line, "master_repl_offset:"); ok {
+			n, err := strconv.ParseInt(v, 10, 64)
+			require.NoError(t, err)
+			return n
+		}
+	}
+	t.Fatal("no master_repl_offset")
+	return 0
+}
+
+// TestAcquisitionRetryIsReplicated: the retry of an acquisition (same
+// request id: its reply was lost) that finds its own hold must still write
+// something that reaches the replicas. Under WithReplicaSync the retry comes
+// on a new connection (go-redis drops the one whose reply was lost), and on
+// Redis 7.2 and later WAIT counts only the writes of its own connection: a
+// retry that writes nothing is followed by a WAIT that returns at once with
+// every replica counted, although the hold (written on the old connection)
+// may have reached none. A write of the retry's own, replicated after the
+// hold's, makes the WAIT cover the hold.
+func TestAcquisitionRetryIsReplicated(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	master := redistest.NewServer(t)
+	host, port, _ := net.SplitHostPort(master.Addr)
+	replica := redistest.NewServer(t, "--replicaof", host, port)
+	rdb := master.Client(t)
+	require.Eventually(t, func() bool {
+		info := replica.Client(t).Info(ctx, "replication").Val()
+		return strings.Contains(info, "master_link_status:up")
+	}, 15*time.Second, 20*time.Millisecond)
+	c := New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	name := redistest.UniqueName(t)
+	s := c.Semaphore(name, 3)
+	e := newExcl(c, name, false, []LockOption{WithLease(time.Minute)})
+	f := c.FairMutex(name+"-fair", WithLease(time.Minute))
+
+	fairRun := func(id string) func() []int64 {
+		return func() []int64 {
+			member := id + "|60000|" + strconv.FormatInt(f.placeMs, 10) + "|" + c.ps.id + "|" + f.owner
+			res, err := fairLockScript.Run(ctx, rdb, f.keys, "PUBLISH", fenceRetention(f.lease), id, member, f.owner,
+				60000, f.placeMs, "1", "w").Slice()
+			require.NoError(t, err)
+			return []int64{res[0].(int64)}
+		}
+	}
+	for _, tc := range []struct {
+		kind string
+		key  string // when set, its TTL is raised past the lease before the retry
+		run  func() []int64
+	}{
+		{"Semaphore", "", func() []int64 {
+			member := s.owner + "|" + "retried-sem" + "|1"
+			res, err := semAcquireScript.Run(ctx, rdb, []string{s.key, s.fence}, member, 1, 3, 60000).Int64Slice()
+			require.NoError(t, err)
+			return res
+		}},
+		{"FairMutex", f.key, fairRun("retried-fair")},
+		{"FairMutex re-entry", f.key, fairRun("retried-fair-reentry")},
+		{"Mutex", e.key, func() []int64 {
+			res, err := lockScript.Run(ctx, rdb, []string{e.key, e.fence}, e.owner, 60000, "retried-lock", "0", 600000).Slice()
+			require.NoError(t, err)
+			return []int64{res[0].(int64)}
+		}},
+	} {
+		res := tc.run()
+		require.EqualValues(t, 1, res[0], "%s: taken", tc.kind)
+		if tc.key != "" {
+			// Another handle of the owner holds it on a longer lease (or
+			// the retry comes within the same millisecond): the retry's
+			// lease does not lengthen it.
+			require.NoError(t, rdb.PExpire(ctx, tc.key, 2*time.Minute).Err())
+		}
+		before := replOffset(t, ctx, rdb)
+		res = tc.run() // the retry
+		require.EqualValues(t, 1, res[0], "%s: taken, by the retry too", tc.kind)
+		require.Greater(t, replOffset(t, ctx, rdb), before,
+			"%s: the retry wrote nothing replicated: a WAIT after it on a new connection does not cover the hold", tc.kind)
 	}
 }

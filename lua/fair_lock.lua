@@ -54,8 +54,14 @@ if v then
   -- what is left is the rest of the waiter's queue place (up to its place
   -- lease), not a lease of this owner's, so the waiter's own lease replaces
   -- it (a WithLease waiter's fixed lease may be the shorter).
-  if (v[3] == id and v[1] == '1') or redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if (v[3] == id and v[1] == '1') or pttl < tonumber(ARGV[6]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  elseif v[3] == id or ids_has(v[4], id) then
+    -- A run of this very call again (its reply lost) writes the TTL
+    -- unchanged: something replicated, for the WAIT that follows it (see
+    -- sem_prelude.lua's sem_store).
+    redis.call('PEXPIRE', KEYS[1], pttl)
   end
   if v[3] == id or ids_has(v[4], id) then
     -- Granted to this waiter by a handoff (or taken by an earlier run of

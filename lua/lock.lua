@@ -56,8 +56,14 @@ if o == ARGV[1] then
     -- The caller's lease runs from this call: restart it, but never
     -- shorten it (another handle of the owner may hold it on a longer
     -- lease, see renew.lua).
-    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+    -- A retry (again) writes the TTL even when unchanged: it must write
+    -- something replicated for the WAIT that follows it (see
+    -- sem_prelude.lua's sem_store).
+    local pttl = redis.call('PTTL', KEYS[1])
+    if pttl < tonumber(ARGV[2]) then
       redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    elseif again then
+      redis.call('PEXPIRE', KEYS[1], pttl)
     end
     return {1, token_reply(v[2]), c}
   end

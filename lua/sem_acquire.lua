@@ -24,7 +24,7 @@ end
 local now = sem_now()
 local used = sem_reclaim(KEYS[1], now)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  sem_store(KEYS[1], used, now)
+  sem_store(KEYS[1], used, now, true)
   return {1, used}
 end
 local n, size, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])

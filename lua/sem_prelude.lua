@@ -57,8 +57,12 @@ end
 
 -- sem_store writes the permits in use and keeps the set alive as long as its
 -- longest live member (record or remembered release), or deletes the set
--- when it has none.
-local function sem_store(key, used, now)
+-- when it has none. With force set it writes the TTL even when unchanged:
+-- a retry that finds its own record must still write something that is
+-- replicated, for the WAIT that follows it (on Redis 7.2 and later WAIT
+-- counts only the writes of its own connection, and a retry comes on a new
+-- one; writes reach the replicas in order, so this one covers the record's).
+local function sem_store(key, used, now, force)
   local last = redis.call('ZREVRANGEBYSCORE', key, '+inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
   if not last[2] then
     redis.call('DEL', key)
@@ -68,7 +72,7 @@ local function sem_store(key, used, now)
   local ttl = math.max(1, tonumber(last[2]) - now)
   -- With no permit in use only remembered releases are left: the set lives
   -- as long as they do, not as long as the leases it held.
-  if used <= 0 or redis.call('PTTL', key) < ttl then
+  if force or used <= 0 or redis.call('PTTL', key) < ttl then
     redis.call('PEXPIRE', key, string.format('%.0f', ttl))
   end
 end
