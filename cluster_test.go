@@ -756,6 +756,20 @@ type cancelOnTryAgain struct {
 	arms map[string]func() // first key → the call's cancel
 }
 
+// cancelOnTryAgainRig returns a test's ctx, a private cluster and a Client
+// on it whose script calls' ctxs can be armed to end in tryAgainHook's
+// backoff.
+func cancelOnTryAgainRig(t *testing.T) (context.Context, *redistest.Cluster, *redlatch.Client, *cancelOnTryAgain) {
+	t.Helper()
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	cc := cl.Client(t)
+	c := newClientOn(t, cc)
+	hook := &cancelOnTryAgain{arms: map[string]func(){}}
+	cc.AddHook(hook) // after New: inside tryAgainHook
+	return ctx, cl, c, hook
+}
+
 func (h *cancelOnTryAgain) arm(key string, cancel func()) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -795,12 +809,7 @@ func (h *cancelOnTryAgain) ProcessHook(next redis.ProcessHook) redis.ProcessHook
 // (30 s) after the slot had moved, locking out the writers and permit
 // waiters for holds their holders had let go. (Found by a reviewer.)
 func TestReleaseCtxEndsWhileSlotMigrates(t *testing.T) {
-	cl := redistest.NewCluster(t, 3)
-	ctx := ctxT(t, 30*time.Second)
-	cc := cl.Client(t)
-	c := newClientOn(t, cc)
-	hook := &cancelOnTryAgain{arms: map[string]func(){}}
-	cc.AddHook(hook)
+	ctx, cl, c, hook := cancelOnTryAgainRig(t)
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
 	wname := nameOn(t, cl, 1, redistest.UniqueName(t)+"-w")
 	tag, wtag := "{"+name+"}", "{"+wname+"}"
@@ -898,4 +907,77 @@ func TestColdCommandTableNoDeadline(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("Available with no ctx deadline still waiting after 15s (ReadTimeout 300ms)")
 	}
+}
+
+// TestAcquireCtxEndsWhileSlotMigrates: while a free lock's slot migrates,
+// Redis refuses every acquisition script (TRYAGAIN), and tryAgainHook sends
+// it again until its ctx ends. A refused script did not run: an acquisition
+// whose ctx ends so took nothing, and its wait ends with its ctx. Since
+// tryAgainHook returns ctx's error there (so that a release is sent
+// again), an acquisition took it for an unknown outcome and undid it, in
+// the call, with a cleanup context: the undo (a release script, which
+// names a wake-up channel) was refused too, for the whole cleanup timeout
+// (2s), and then sent again in the background. A Lock, TryLock, RLock or
+// Acquire whose ctx ended during tryAgainHook's backoff returned 2s after
+// its ctx ended; and a latch's TrySetCount, sent again with a cleanup
+// context to learn its outcome, refused for 2s too. (Found by a reviewer
+// of that change.)
+func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
+	ctx, cl, c, hook := cancelOnTryAgainRig(t)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	tag := "{" + name + "}"
+	// Each primitive once: the slot map is loaded, the fence key exists.
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+	rw := c.RWMutex(name)
+	require.NoError(t, rw.RLock(ctx))
+	require.NoError(t, rw.RUnlock(ctx))
+	s := c.Semaphore(name, 2)
+	require.NoError(t, s.Acquire(ctx, 1))
+	require.NoError(t, s.Release(ctx, 1))
+
+	// The fence key moves, the slot does not: every acquisition of the
+	// free lock is refused (ASK, then TRYAGAIN on the importing master).
+	cl.StartMigration(t, 2, tag+":fence")
+	var late []string
+	for _, tc := range []struct {
+		what, key string
+		call      func(context.Context) error
+		notWait   bool
+	}{
+		{"Mutex.Lock", tag + ":lock", m.Lock, false},
+		{"Mutex.TryLock", tag + ":lock", func(ctx context.Context) error {
+			ok, err := m.TryLock(ctx)
+			require.False(t, ok)
+			return err
+		}, false},
+		{"RWMutex.RLock", tag + ":rw", rw.RLock, false},
+		{"Semaphore.Acquire", tag + ":sem", func(ctx context.Context) error { return s.Acquire(ctx, 1) }, false},
+		{"CountDownLatch.TrySetCount", tag + ":latch", func(ctx context.Context) error {
+			_, err := c.CountDownLatch(name).TrySetCount(ctx, 1)
+			return err
+		}, true},
+	} {
+		wctx, cancel := context.WithCancel(ctx)
+		hook.arm(tc.key, cancel) // ends wctx in tryAgainHook's backoff
+		start := time.Now()
+		err := tc.call(wctx)
+		took := time.Since(start)
+		cancel()
+		if tc.notWait {
+			require.ErrorIs(t, err, context.Canceled, tc.what)
+		} else {
+			requireWaitErr(t, err, wctx)
+		}
+		if took > time.Second {
+			late = append(late, fmt.Sprintf("%s took %v", tc.what, took.Round(time.Millisecond)))
+		}
+	}
+	require.Empty(t, late, "acquisitions refused until their ctx ended returned late")
+	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+	// Nothing was taken.
+	ok, err := newClientOn(t, cl.Client(t)).Mutex(name).TryLock(ctx)
+	require.NoError(t, err)
+	require.True(t, ok)
 }

@@ -662,7 +662,9 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 					// unknown, undone: the refusal returned as it was, a
 					// reply, said the call was over, and a release was never
 					// sent again, its hold left in Redis for its lease.
-					err = ctx.Err()
+					// It is marked refused all the same: an acquisition
+					// that did not run is not undone (see refusedErr).
+					err = refusedErr{ctx.Err()}
 					cmd.SetErr(err)
 				}
 				break
@@ -672,6 +674,25 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		return err
 	}
+}
+
+// refusedErr is the error of a script call that a migrating slot refused
+// until its ctx ended (see tryAgainHook): ctx's error, which it matches
+// (errors.Is), for a call known not to have run. A release so is sent
+// again (see resendRelease: its hold is still there), but an acquisition
+// is not undone: it took nothing, and its undo, a release script, was
+// refused too while the slot migrated, for the whole cleanup timeout,
+// which the call waited for after its ctx had ended.
+type refusedErr struct{ ctxErr error }
+
+func (e refusedErr) Error() string { return e.ctxErr.Error() }
+
+func (e refusedErr) Unwrap() error { return e.ctxErr }
+
+// isRefused reports whether err is a refusedErr: the call did not run.
+func isRefused(err error) bool {
+	var r refusedErr
+	return errors.As(err, &r)
 }
 
 // noTryAgain, as a ctx key, makes tryAgainHook return a TRYAGAIN at once:

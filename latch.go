@@ -173,7 +173,8 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, l.c.rdb, keys, args...)
-	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) {
+	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) || isRefused(err) && !release {
+		// (A call refused until ctx ended did not run: see refusedErr.)
 		return cmd
 	}
 	detached(ctx, func(ctx context.Context) {

@@ -1680,8 +1680,9 @@ func (c *Client) attempt(ctx context.Context, try attemptFunc) (bool, time.Durat
 // failedAttempt undoes an attempt whose outcome is unknown and returns the
 // error the caller sees.
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
-	// An ErrNotReplicated attempt was released already (see replicated).
-	if !isReplyError(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
+	// An ErrNotReplicated attempt was released already (see replicated);
+	// one refused until ctx ended took nothing (see refusedErr).
+	if !isReplyError(err) && !isRefused(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
 		detached(ctx, undo)
 	}
 	if ctxEnded(ctx) {
