@@ -321,11 +321,17 @@ func TestFencingTokens(t *testing.T) {
 		// Holds that end unreleased (their lease runs out, or ForceUnlock),
 		// a local transfer's among them: still higher tokens.
 		lazy, next := c.Mutex(name+"-lazy", redlatch.WithLease(50*time.Millisecond)), c.Mutex(name+"-lazy")
+		// The handing holder's lease must outlast the waiter's arrival.
+		handing := c.Mutex(name+"-lazy", redlatch.WithLease(10*time.Second))
 		var prev int64
 		for i := range 4 {
-			require.NoError(t, lazy.Lock(ctx))
-			require.Greater(t, lazy.Token(), prev, "round %d", i)
-			prev = lazy.Token()
+			holder := lazy
+			if i == 2 {
+				holder = handing
+			}
+			require.NoError(t, holder.Lock(ctx))
+			require.Greater(t, holder.Token(), prev, "round %d", i)
+			prev = holder.Token()
 			switch i {
 			case 0:
 				_, err := next.ForceUnlock(ctx)
@@ -336,7 +342,7 @@ func TestFencingTokens(t *testing.T) {
 				require.Eventually(t, func() bool { return len(channels(t, b, "{"+name+"-lazy}:*")) == 1 },
 					5*time.Second, 10*time.Millisecond, "the waiter never waited")
 				time.Sleep(20 * time.Millisecond)
-				require.NoError(t, lazy.Unlock(ctx)) // hands the lock to next
+				require.NoError(t, handing.Unlock(ctx)) // hands the lock to next
 				requireNoErrWithin(t, got, 5*time.Second, "the handoff")
 				require.Greater(t, next.Token(), prev)
 				prev = next.Token()
