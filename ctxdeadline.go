@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -285,6 +286,13 @@ func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder
 		return next(unrouted(ctx), cmds)
 	}
 	_ = send(ctx, h.clone.Pipeline(), cmds)
+	// A script pipelined with its WAIT (see runOnWithWait and
+	// renewSyncedOn) is not sent again alone: the WAIT's count, answered
+	// already, would be taken for the replicas of a write it came before
+	// (a script refused with TRYAGAIN, then run by the resend once the slot
+	// stopped migrating, was reported replicated). Its caller sends the
+	// script and WAIT again together, or fails the call.
+	synced := slices.ContainsFunc(cmds, func(cmd redis.Cmder) bool { return cmd.Name() == "wait" })
 	var again []redis.Cmder
 	var first error
 	failed, total := 0, 0
@@ -301,7 +309,7 @@ func (h *deadlineHook) routeNodePipeline(ctx context.Context, cmds []redis.Cmder
 		if first == nil {
 			first = err
 		}
-		if isScriptCall(cmd) && (followed(err) || !isReplyError(err) && !ctxEnded(ctx)) {
+		if !synced && isScriptCall(cmd) && (followed(err) || !isReplyError(err) && !ctxEnded(ctx)) {
 			if i > 0 && isAsking(cmds[i-1]) {
 				cmds[i-1].SetErr(nil)
 				again = append(again, cmds[i-1])

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1161,4 +1163,110 @@ func TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds(t *testing.T) {
 	requireOpen(t, other.Lost(), "a hold of another slot of the source master was lost")
 	requireOpen(t, s.Lost(), "the Semaphore permits, renewed on the source master, were lost")
 	requireClosedWithin(t, held[0].Lost(), time.Second, "a lock on the importing master, not replicated, was kept")
+}
+
+// stableAfterTryAgainHook, armed, ends a migrating slot's migration
+// (CLUSTER SETSLOT STABLE on nodes) right after its master refused a
+// script with TRYAGAIN, before the script is sent again: a migration
+// cancelled (or finished) between the two sends. It is given to the
+// master's node client twice: before New (OnNewNode), where it sees the
+// script and its WAIT once redlatch's deadlineHook has sent them, and after
+// New, inside that hook, where it sees what the hook sends on through the
+// node client itself (the routed calls go through a clone that has not
+// got it): a script sent again alone.
+type stableAfterTryAgainHook struct {
+	passHook
+	armed atomic.Bool
+	fired atomic.Bool
+	slot  int
+	nodes []*redis.Client
+}
+
+func (h *stableAfterTryAgainHook) end() {
+	if h.armed.Load() && h.fired.CompareAndSwap(false, true) {
+		for _, n := range h.nodes {
+			_ = n.Do(context.Background(), "CLUSTER", "SETSLOT", h.slot, "STABLE").Err()
+		}
+	}
+}
+
+func (h *stableAfterTryAgainHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if len(cmds) == 1 && cmds[0].Name() == "evalsha" {
+			h.end() // sent again after its refusal
+		}
+		err := next(ctx, cmds)
+		if e := cmds[0].Err(); e != nil && strings.HasPrefix(e.Error(), "TRYAGAIN") {
+			h.end()
+		}
+		return err
+	}
+}
+
+// waitReplicaAcked waits until master's replica has acknowledged every
+// write of master's replication stream.
+func waitReplicaAcked(t *testing.T, master *redistest.Server) {
+	t.Helper()
+	ctx := ctxT(t, 20*time.Second)
+	m := master.Client(t)
+	own := regexp.MustCompile(`master_repl_offset:(\d+)`)
+	acked := regexp.MustCompile(`slave0:.*offset=(\d+)`)
+	require.Eventually(t, func() bool {
+		info, err := m.Info(ctx, "replication").Result()
+		if err != nil {
+			return false
+		}
+		a, b := own.FindStringSubmatch(info), acked.FindStringSubmatch(info)
+		if a == nil || b == nil {
+			return false
+		}
+		x, _ := strconv.ParseInt(a[1], 10, 64)
+		y, _ := strconv.ParseInt(b[1], 10, 64)
+		return x == y
+	}, 15*time.Second, 20*time.Millisecond, "replica never acknowledged the master's writes")
+}
+
+// TestReplicaSyncScriptResentWithoutItsWait: under WithReplicaSync on a
+// *redis.ClusterClient with ContextTimeoutEnabled off, an acquisition's
+// script and WAIT go to the master in one pipeline, routed through a clone
+// of its node client (routeNodePipeline). The master refuses the script
+// with TRYAGAIN (its slot migrates, one of the lock's keys is missing) and
+// answers the WAIT at once, for the connection's earlier writes, all
+// replicated. routeNodePipeline sent the refused script again by itself,
+// without a WAIT: once the slot stopped migrating, it took the lock, and
+// the acquisition reported the stale WAIT's count: the Lock succeeded
+// "replicated" while the only replica was frozen and never got the hold.
+// (Found by a reviewer.)
+func TestReplicaSyncScriptResentWithoutItsWait(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	master, replica := cl.AddReplica(t, lockKey(name))
+
+	cc := cl.DefaultOptionsClient(t)
+	hook := &stableAfterTryAgainHook{slot: redistest.KeySlot(lockKey(name)),
+		nodes: []*redis.Client{cl.Servers[1].Client(t), cl.Servers[2].Client(t)}}
+	cc.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	c := newClientOn(t, cc, redlatch.WithReplicaSync(1, 300*time.Millisecond))
+
+	// The lock's fence key exists, its hash does not.
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+	mc := master.Client(t)
+	require.EqualValues(t, 1, mc.Exists(ctx, "{"+name+"}:fence").Val())
+	node, err := cc.MasterForKey(ctx, lockKey(name))
+	require.NoError(t, err)
+	node.AddHook(hook)
+
+	cl.StartMigration(t, 2, lockKey(name)) // moves nothing: the hash is gone
+	waitReplicaAcked(t, master)
+	replica.Stop(t)
+	defer replica.Cont(t)
+
+	hook.armed.Store(true)
+	err = c.Mutex(name).Lock(ctxT(t, 5*time.Second))
+	require.True(t, hook.fired.Load(), "the slot's migration never ended")
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "a Lock whose only replica is frozen")
+	require.EqualValues(t, 0, mc.Exists(ctx, lockKey(name)).Val(), "nothing left held on the master")
 }
