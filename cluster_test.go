@@ -754,12 +754,31 @@ type cancelOnTryAgain struct {
 	passHook
 	mu   sync.Mutex
 	arms map[string]func() // first key → the call's cancel
+	tags map[string]string // first key → the armed call's ctx tag, if any (see armFor)
+}
+
+// armTag, as a ctx key, tells an armed call (see armFor) from another
+// call on its key: an earlier call's undo, in the background, carries
+// that call's ctx values.
+type armTag struct{}
+
+// armFor arms key for the calls whose ctx carries tag only, and returns
+// ctx with tag.
+func (h *cancelOnTryAgain) armFor(ctx context.Context, key, tag string, cancel func()) context.Context {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.arms[key] = cancel
+	if h.tags == nil {
+		h.tags = map[string]string{}
+	}
+	h.tags[key] = tag
+	return context.WithValue(ctx, armTag{}, tag)
 }
 
 // cancelOnTryAgainRig returns a test's ctx, a private cluster and a Client
 // on it whose script calls' ctxs can be armed to end in tryAgainHook's
 // backoff.
-func cancelOnTryAgainRig(t *testing.T) (context.Context, *redistest.Cluster, *redlatch.Client, *cancelOnTryAgain) {
+func cancelOnTryAgainRig(t *testing.T) (context.Context, *redistest.Cluster, *redis.ClusterClient, *redlatch.Client, *cancelOnTryAgain) {
 	t.Helper()
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 30*time.Second)
@@ -767,7 +786,7 @@ func cancelOnTryAgainRig(t *testing.T) (context.Context, *redistest.Cluster, *re
 	c := newClientOn(t, cc)
 	hook := &cancelOnTryAgain{arms: map[string]func(){}}
 	cc.AddHook(hook) // after New: inside tryAgainHook
-	return ctx, cl, c, hook
+	return ctx, cl, cc, c, hook
 }
 
 func (h *cancelOnTryAgain) arm(key string, cancel func()) {
@@ -787,9 +806,13 @@ func (h *cancelOnTryAgain) ProcessHook(next redis.ProcessHook) redis.ProcessHook
 		key, _ := args[3].(string)
 		h.mu.Lock()
 		defer h.mu.Unlock()
+		if tag, ok := h.tags[key]; ok && ctx.Value(armTag{}) != tag {
+			return err
+		}
 		if cancel := h.arms[key]; cancel != nil {
 			cancel()
 			delete(h.arms, key)
+			delete(h.tags, key)
 		}
 		return err
 	}
@@ -809,7 +832,7 @@ func (h *cancelOnTryAgain) ProcessHook(next redis.ProcessHook) redis.ProcessHook
 // (30 s) after the slot had moved, locking out the writers and permit
 // waiters for holds their holders had let go. (Found by a reviewer.)
 func TestReleaseCtxEndsWhileSlotMigrates(t *testing.T) {
-	ctx, cl, c, hook := cancelOnTryAgainRig(t)
+	ctx, cl, _, c, hook := cancelOnTryAgainRig(t)
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
 	wname := nameOn(t, cl, 1, redistest.UniqueName(t)+"-w")
 	tag, wtag := "{"+name+"}", "{"+wname+"}"
@@ -923,7 +946,7 @@ func TestColdCommandTableNoDeadline(t *testing.T) {
 // context to learn its outcome, refused for 2s too. (Found by a reviewer
 // of that change.)
 func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
-	ctx, cl, c, hook := cancelOnTryAgainRig(t)
+	ctx, cl, _, c, hook := cancelOnTryAgainRig(t)
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
 	tag := "{" + name + "}"
 	// Each primitive once: the slot map is loaded, the fence key exists.
@@ -960,7 +983,9 @@ func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 		}, true},
 	} {
 		wctx, cancel := context.WithCancel(ctx)
-		hook.arm(tc.key, cancel) // ends wctx in tryAgainHook's backoff
+		// Ends wctx in tryAgainHook's backoff; not at the TRYAGAIN of the
+		// undo of an earlier case's call, in the background.
+		wctx = hook.armFor(wctx, tc.key, tc.what, cancel)
 		start := time.Now()
 		err := tc.call(wctx)
 		took := time.Since(start)
@@ -980,4 +1005,81 @@ func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 	ok, err := newClientOn(t, cl.Client(t)).Mutex(name).TryLock(ctx)
 	require.NoError(t, err)
 	require.True(t, ok)
+}
+
+// lostThenRefused, added to a cluster client after cancelOnTryAgainRig's
+// hook (so that it runs inside it), lets the next script call on key run
+// in Redis, then calls migrate and sends the very same command again, as
+// go-redis does after a lost reply (EOF: it retries the node, MaxRetries
+// and MaxRedirects): the keys moved meanwhile, and that send is refused.
+type lostThenRefused struct {
+	passHook
+	mu      sync.Mutex
+	key     string
+	migrate func()
+}
+
+func (h *lostThenRefused) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 {
+			return next(ctx, cmd)
+		}
+		key, _ := args[3].(string)
+		h.mu.Lock()
+		migrate := h.migrate
+		if key != h.key || migrate == nil {
+			h.mu.Unlock()
+			return next(ctx, cmd)
+		}
+		h.migrate = nil
+		h.mu.Unlock()
+		if err := next(ctx, cmd); err != nil {
+			return err // not run: nothing to show
+		}
+		migrate()
+		cmd.SetErr(nil)
+		return next(ctx, cmd)
+	}
+}
+
+// TestAcquireRunThenRefusedUntilCtxEndsIsUndone: an acquisition's script
+// ran (the lock taken) but its reply was lost; go-redis sent it again,
+// and by then a key of the slot had moved: TRYAGAIN, which tryAgainHook
+// sends again until the call's ctx ends, and it returns refusedErr, "known
+// not to have run". It did run, at the first send, which tryAgainHook
+// never sees: the acquisition was not undone, and the lock stayed held by
+// nobody for the hold's whole lease after Lock had failed. (Found by a
+// reviewer of that change.)
+func TestAcquireRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
+	ctx, cl, cc, c, hook := cancelOnTryAgainRig(t)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	tag := "{" + name + "}"
+	m := c.Mutex(name)
+	// The slot map is loaded, the fence key exists.
+	require.NoError(t, m.Lock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+
+	lost := &lostThenRefused{key: tag + ":lock", migrate: func() {
+		// The fence key moves, the lock hash does not: TRYAGAIN.
+		cl.StartMigration(t, 2, tag+":fence")
+	}}
+	cc.AddHook(lost) // inside hook
+
+	wctx, cancel := context.WithCancel(ctx)
+	hook.arm(tag+":lock", cancel) // ends wctx in tryAgainHook's backoff
+	err := m.Lock(wctx)
+	cancel()
+	requireWaitErr(t, err, wctx)
+	require.False(t, strings.HasPrefix(err.Error(), "TRYAGAIN"), err.Error())
+
+	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+	// What the lost first run took was given back: the lock is free well
+	// within its lease (30s).
+	other := newClientOn(t, cl.Client(t)).Mutex(name)
+	require.Eventually(t, func() bool {
+		ok, err := other.TryLock(ctx)
+		return err == nil && ok
+	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
+	require.NoError(t, other.Unlock(ctx))
 }

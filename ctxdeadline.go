@@ -686,18 +686,20 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 // refusedErr is the error of a script call that a migrating slot refused
 // until its ctx ended (see tryAgainHook): ctx's error, which it matches
-// (errors.Is), for a call known not to have run. A release so is sent
-// again (see resendRelease: its hold is still there), but an acquisition
-// is not undone: it took nothing, and its undo, a release script, was
-// refused too while the slot migrated, for the whole cleanup timeout,
-// which the call waited for after its ctx had ended.
+// (errors.Is), for a call whose last send did not run. A release so is
+// sent again (see resendRelease: its hold is still there), and an
+// acquisition is undone in the background (see Client.failedAttempt): an
+// earlier send of it, inside go-redis's retries (a lost reply), may have
+// run, and its undo, a release script, is refused too while the slot
+// migrates, for the whole cleanup timeout, which the call must not wait
+// for after its ctx has ended.
 type refusedErr struct{ ctxErr error }
 
 func (e refusedErr) Error() string { return e.ctxErr.Error() }
 
 func (e refusedErr) Unwrap() error { return e.ctxErr }
 
-// isRefused reports whether err is a refusedErr: the call did not run.
+// isRefused reports whether err is a refusedErr: its last send did not run.
 func isRefused(err error) bool {
 	var r refusedErr
 	return errors.As(err, &r)

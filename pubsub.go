@@ -1680,10 +1680,22 @@ func (c *Client) attempt(ctx context.Context, try attemptFunc) (bool, time.Durat
 // failedAttempt undoes an attempt whose outcome is unknown and returns the
 // error the caller sees.
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
-	// An ErrNotReplicated attempt was released already (see replicated);
-	// one refused until ctx ended took nothing (see refusedErr).
-	if !isReplyError(err) && !isRefused(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
-		detached(ctx, undo)
+	// An ErrNotReplicated attempt was released already (see replicated).
+	if !isReplyError(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
+		if !isRefused(err) || !c.enterWait() {
+			detached(ctx, undo)
+		} else {
+			// Refused until ctx ended (see refusedErr): its last send did
+			// not run, but an earlier one may have, its reply lost, that
+			// go-redis sent again itself, refused then (a key had moved
+			// meanwhile), unseen by tryAgainHook. It is undone, in the
+			// background: its undo, refused too while the slot migrates,
+			// must not hold the call past its ctx (Close waits for it).
+			go func() {
+				defer c.leaveWait()
+				detached(ctx, undo)
+			}()
+		}
 	}
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
