@@ -285,7 +285,9 @@ func (w *watchdog) supersede(h *hold) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for h.renewing && h.releasing == 0 { // see remove
+	// Not for a lost hold's renewal either (see remove): the loss is
+	// decided, and the caller holds its handle's mutex meanwhile.
+	for h.renewing && h.releasing == 0 && !h.isLost() { // see remove
 		w.renewed.Wait()
 	}
 	if h.finalPending() {

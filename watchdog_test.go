@@ -978,3 +978,73 @@ func TestRenewalUnderOOMKeepsMutexHolds(t *testing.T) {
 	require.Positive(t, ttl)
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// stuckRenewals holds every renewal of one lock key (renew.lua, one hold)
+// until its ctx ends, as on a connection that stopped answering: the
+// renewal then ends at its own bound. inFlight counts those held now.
+type stuckRenewals struct {
+	passHook
+	key      string
+	inFlight atomic.Int32
+}
+
+func (h *stuckRenewals) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) != 7 || args[3] != h.key {
+			return next(ctx, cmd)
+		}
+		h.inFlight.Add(1)
+		defer h.inFlight.Add(-1)
+		<-ctx.Done()
+		cmd.SetErr(ctx.Err())
+		return ctx.Err()
+	}
+}
+
+// TestRelockAfterLossNotHeldByStuckRenewal: a reentrant hold lost at its
+// deadline while its renewal is still in flight (the server stopped
+// answering that connection) is decided: the renewal's reply changes
+// nothing, and watchdog.remove does not wait for it. A Lock of the handle
+// that takes the lock again replaced the lost hold through
+// watchdog.supersede, which did wait for it, with the handle's mutex held:
+// the Lock, which had the lock already, returned only when the stuck
+// renewal ended (up to a renewal period later), long after its own ctx's
+// deadline, and Lost, Token and Unlock of the handle blocked meanwhile.
+// (Found by a reviewer.)
+func TestRelockAfterLossNotHeldByStuckRenewal(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		if b.Cluster != nil {
+			t.Skip("one node is enough")
+		}
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		rdb := b.Client(t)
+		hook := &stuckRenewals{key: lockKey(name)}
+		rdb.AddHook(hook)
+		const period = 2 * time.Second
+		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*period))
+		m := c.ReentrantMutex(name)
+		require.NoError(t, m.Lock(ctx))
+		lost := m.Lost()
+		// The first renewal is held to its bound (1.75 periods), the next
+		// one starts right after with a bound of a period, and the
+		// deadline passes during it.
+		requireClosedWithin(t, lost, 4*period, "Lost while renewals are stuck")
+		require.EqualValues(t, 1, hook.inFlight.Load(), "a renewal of the lost hold is in flight")
+
+		lctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		done := make(chan error, 1)
+		start := time.Now()
+		go func() { done <- m.Lock(lctx) }()
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-time.After(period / 2):
+			t.Fatalf("Lock(ctx with a 300ms deadline) still not back after %v: it waits for the lost hold's stuck renewal", time.Since(start))
+		}
+		require.NotZero(t, m.Token())
+		require.NoError(t, m.Unlock(ctx))
+	})
+}
