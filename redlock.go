@@ -427,18 +427,30 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 }
 
 // release undoes the acquisition of round rd on every master (it releases
-// only what that request took) and waits for the replies for at most the
-// node timeout; slower releases go on in the background, bounded. Once ctx
-// has ended, or when no round follows (retry false: a TryLock, a hold
-// given back), it waits only for the masters that answered the round: the
-// others (frozen, unreachable) would hold up a call that is over. (A round
+// only what that request took) and waits for the replies of the masters
+// that granted it or did not answer for at most the node timeout; slower
+// releases go on in the background, bounded. Once ctx has ended, or when
+// no round follows (retry false: a TryLock, a hold given back), it waits
+// only for the masters that granted the round: the others (frozen,
+// unreachable) would hold up a call that is over. (A round
 // that follows is refused where this round's grant, by the same owner id,
 // is still there.)
 func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	var all, answered sync.WaitGroup
 	for i, e := range r.nodes {
-		all.Add(1)
-		known := !rd.unknown[i]
+		// Only a master that granted the round, or may have (no reply),
+		// may still hold the grant that a round that follows would be
+		// refused for: the undos of the others (refused it, or failed with
+		// a reply), sent in case a copy of the attempt comes late, are not
+		// waited for. A migrating slot refuses every release script for
+		// the whole cleanup timeout, also where the attempt ran (the lock
+		// held there, its keys moved), and the call waited the attempt
+		// timeout for an undo that could free nothing of its own.
+		held := rd.granted[i] || rd.unknown[i]
+		known := held && !rd.unknown[i]
+		if held {
+			all.Add(1)
+		}
 		if known {
 			answered.Add(1)
 		}
@@ -450,7 +462,9 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 				defer e.c.leaveWait()
 			}
 			defer r.land()
-			defer all.Done()
+			if held {
+				defer all.Done()
+			}
 			if known {
 				defer answered.Done()
 			}

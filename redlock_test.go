@@ -778,3 +778,47 @@ func TestZeroRedlockInvalid(t *testing.T) {
 	// A zero Mutex, for comparison, reports bad input.
 	require.ErrorIs(t, (&redlatch.Mutex{}).Lock(ctx), redlatch.ErrInvalidArgument)
 }
+
+// TestRedlockFailedRoundNotHeldUpBySlotMigration: a Redlock whose masters
+// are a Redis Cluster and two single servers. Another owner holds the lock
+// on the cluster and on one server, so every round fails. The lock's slot
+// migrates on the cluster (its hash and fence key moved): the round's
+// attempt there runs (after ASK) and is refused for the holder, but every
+// release script there, the round's undo included, is refused with
+// TRYAGAIN until the slot moves (it names the wake-up channel, never a
+// key). That master granted nothing, so nothing waits for its undo: a
+// TryLock returns after its round, and a Lock by its ctx, not an attempt
+// timeout (1s here) later. (Found by a reviewer.)
+func TestRedlockFailedRoundNotHeldUpBySlotMigration(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 30*time.Second)
+	servers := redlockServers(t, 2)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+
+	other := newClientOn(t, cl.Client(t))
+	require.NoError(t, other.Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+	require.NoError(t, newClientOn(t, servers[0].Client(t)).Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+
+	clients := append([]*redlatch.Client{newClientOn(t, cl.Client(t))}, redlockClients(t, servers)...)
+	r := redlatch.NewRedlock(name, clients) // the default lease: an attempt timeout of 1s
+	ok, err := r.TryLock(ctx)               // the cluster client's slot map loaded
+	require.NoError(t, err)
+	require.False(t, ok)
+
+	cl.StartMigration(t, 2, lockKey(name), "{"+name+"}:fence")
+
+	start := time.Now()
+	ok, err = r.TryLock(ctx)
+	took := time.Since(start)
+	require.NoError(t, err)
+	require.False(t, ok, "another owner holds 2 of the 3 masters")
+	require.Less(t, took, 500*time.Millisecond, "TryLock waited for its undo on the migrating master, which granted nothing")
+
+	lctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	err = r.Lock(lctx)
+	took = time.Since(start)
+	requireWaitErr(t, err, lctx)
+	require.Less(t, took, 600*time.Millisecond, "Lock outlasted its ctx (300ms)")
+}
