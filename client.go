@@ -802,8 +802,15 @@ func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // WithOwner handle that holds nothing, whose read of its owner's hold
 // failed): landing later, it would release whatever hold the owner has
 // then, maybe a later one (TestBlindUnlockResendSparesLaterHold).
-func (c *Client) resendRelease(ctx context.Context, err error, named bool, send func(context.Context)) {
-	if err == nil || isReplyError(err) || !named || ctx.Value(resentKey{}) != nil {
+//
+// A release that Redis refused with a transient reply (BUSY: another
+// client's script runs past busy-reply-threshold; LOADING), which did not
+// run, is resent too, after a short backoff; so is a resend that Redis
+// refuses so, again and again within the cleanup timeout. Left unsent, an
+// internal cleanup (an undo, a give-back, a withdrawal), which returns no
+// error to anyone, left the hold taken by nobody for its whole lease.
+func (c *Client) resendRelease(ctx context.Context, err error, named bool, send func(context.Context) error) {
+	if err == nil || (isReplyError(err) && !isRefusal(err)) || !named || ctx.Value(resentKey{}) != nil {
 		return
 	}
 	if !c.enterWait() {
@@ -821,8 +828,35 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 		if f != nil {
 			defer f.land()
 		}
-		detached(context.WithValue(ctx, resentKey{}, true), send)
+		detached(context.WithValue(ctx, resentKey{}, true), func(ctx context.Context) {
+			backoff := 10 * time.Millisecond
+			for refused := isRefusal(err); ; refused = true {
+				if refused {
+					t := time.NewTimer(backoff)
+					select {
+					case <-ctx.Done():
+						t.Stop()
+						return
+					case <-t.C:
+					}
+					backoff = min(2*backoff, 200*time.Millisecond)
+				}
+				if !isRefusal(send(ctx)) {
+					return
+				}
+			}
+		})
 	}()
+}
+
+// isRefusal reports whether err is a transient refusal by Redis (BUSY,
+// LOADING): the command did not run, and may be sent again.
+func isRefusal(err error) bool {
+	if !isReplyError(err) {
+		return false
+	}
+	s := err.Error()
+	return strings.HasPrefix(s, "BUSY ") || strings.HasPrefix(s, "LOADING ")
 }
 
 // resentKey marks the context of a resend (see resendRelease).

@@ -430,10 +430,12 @@ func (f *FairMutex) release(ctx context.Context, waiter, member, done string, to
 		// timeout, and what it was granted stays held by nobody meanwhile.
 		// It names its waiter: a resend after a first run that did arrive
 		// finds it gone and releases nothing twice.
-		f.c.resendRelease(ctx, err, token != 0 || waiter != "", func(ctx context.Context) {
-			if fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Err() == nil {
+		f.c.resendRelease(ctx, err, token != 0 || waiter != "", func(ctx context.Context) error {
+			err := fairUnlockScript.Run(ctx, f.c.rdb, f.keys, args...).Err()
+			if err == nil {
 				f.c.ps.dispatch(channel, wakeAll) // a grant to a waiter of this Client: it claims it
 			}
+			return err
 		})
 		return 0, convertErr(err)
 	}

@@ -306,8 +306,9 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 			// Resent as a public release (no transfer: the waiter retries
 			// now): one that did arrive, a release or a transfer, is known
 			// by its request id and released nothing twice.
-			e.c.resendRelease(ctx, err, token0 != 0, func(ctx context.Context) {
-				_, _ = e.unlockReq(ctx, req, owner, "", done, token0, false)
+			e.c.resendRelease(ctx, err, token0 != 0, func(ctx context.Context) error {
+				_, err := e.unlockReq(ctx, req, owner, "", done, token0, false)
+				return err
 			})
 		} else {
 			// An undo is resent too: left undone, the count its
@@ -315,8 +316,9 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 			// good while the owner keeps re-entering the hold). It names
 			// its acquisition: one that did arrive undid it, and the resend
 			// finds it gone and undoes nothing twice.
-			e.c.resendRelease(ctx, err, true, func(ctx context.Context) {
-				_, _ = e.unlockReq(ctx, req, owner, undo, "", token0, false)
+			e.c.resendRelease(ctx, err, true, func(ctx context.Context) error {
+				_, err := e.unlockReq(ctx, req, owner, undo, "", token0, false)
+				return err
 			})
 		}
 		return 0, convertErr(err)
@@ -588,10 +590,12 @@ func (m *Mutex) lock(ctx context.Context, block bool) (bool, error) {
 // expires after its lease. A ctx that has ended already does not keep the
 // release from being sent: it goes with a fresh context bounded by 2s, so
 // that a deferred Unlock(ctx) releases the lock (see the package doc).
-// Nor does a ctx that ends while the release is in flight, or a failure
-// with no reply from Redis (go-redis's retries failed): Unlock returns then
-// with that error, and the same release (applied once by Redis) is sent
-// again in the background with a fresh context bounded by 2s.
+// Nor does a ctx that ends while the release is in flight, a failure
+// with no reply from Redis (go-redis's retries failed), or a refusal by a
+// busy or loading Redis (BUSY, LOADING: the script did not run): Unlock
+// returns then with that error, and the same release (applied once by
+// Redis) is sent again in the background with a fresh context bounded by
+// 2s (after a short backoff, again while Redis refuses it so).
 //
 // Ownership is the handle, or its WithOwner id: a handle with a WithOwner
 // id that holds nothing itself releases the lock when another handle of the

@@ -1068,7 +1068,7 @@ func (r *Redlock) unlockAll(ctx context.Context, h *redlockHold) (released int, 
 				// granted: sent again in the background, as a release is
 				// (see unlockReq), or that master stays locked by nobody
 				// for the whole lease.
-				e.c.resendRelease(uctx, err, true, func(ctx context.Context) { _, _ = e.unlock(ctx, undo, token, false) })
+				e.c.resendRelease(uctx, err, true, func(ctx context.Context) error { _, err := e.unlock(ctx, undo, token, false); return err })
 			}
 			ch <- reply{i, n, err}
 		}()

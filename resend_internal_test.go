@@ -1132,7 +1132,7 @@ func TestEndedCtxUnlockFailureResent(t *testing.T) {
 				end() // a deferred Unlock after the request's ctx ended
 				require.Error(t, unlock(ended), "the release was refused")
 
-				requireOtherOwnerGetsIn(t, ctx, b, name, "the failed release was not resent: the lock stays taken by nobody for its lease")
+				requireOtherOwnerGetsIn(t, ctx, b.Client(t), name, "the failed release was not resent: the lock stays taken by nobody for its lease")
 			})
 		})
 	}
@@ -1155,12 +1155,7 @@ func TestFailedUndoResent(t *testing.T) {
 		gate.lostErr = io.ErrUnexpectedEOF // returned once the Lock's ctx has ended
 		rdb.AddHook(refuse)
 		rdb.AddHook(gate)
-		c := New(rdb) // default watchdog timeout: a 30s lease
-		t.Cleanup(func() { _ = c.Close() })
-		name := redistest.UniqueName(t)
-		m := c.Mutex(name)
-		require.NoError(t, m.Lock(ctx)) // the scripts loaded
-		require.NoError(t, m.Unlock(ctx))
+		name, m := warmMutex(t, ctx, rdb)
 
 		gate.arm()
 		refuse.armed.Store(true)
@@ -1175,16 +1170,30 @@ func TestFailedUndoResent(t *testing.T) {
 		require.Eventually(t, func() bool { return refuse.seen.Load() >= 1 }, 5*time.Second, time.Millisecond,
 			"the undo was not sent")
 
-		requireOtherOwnerGetsIn(t, ctx, b, name, "the failed undo was not resent: the lock stays taken by nobody for its lease")
+		requireOtherOwnerGetsIn(t, ctx, b.Client(t), name, "the failed undo was not resent: the lock stays taken by nobody for its lease")
 	})
 }
 
-// requireOtherOwnerGetsIn requires a Mutex of name on another Client of b
-// to take the lock within 5s (why: what kept it out otherwise), and
-// releases it.
-func requireOtherOwnerGetsIn(t *testing.T, ctx context.Context, b redistest.Backend, name, why string) {
+// warmMutex returns a lock name and a Mutex of it on a new Client on rdb
+// (default watchdog timeout: a 30s lease), locked and unlocked once: the
+// scripts are loaded.
+func warmMutex(t *testing.T, ctx context.Context, rdb redis.UniversalClient) (string, *Mutex) {
 	t.Helper()
-	other := New(b.Client(t))
+	c := New(rdb)
+	t.Cleanup(func() { _ = c.Close() })
+	name := redistest.UniqueName(t)
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+	return name, m
+}
+
+// requireOtherOwnerGetsIn requires a Mutex of name on another Client, on
+// rdb, to take the lock within 5s (why: what kept it out otherwise), and
+// releases it.
+func requireOtherOwnerGetsIn(t *testing.T, ctx context.Context, rdb redis.UniversalClient, name, why string) {
+	t.Helper()
+	other := New(rdb)
 	t.Cleanup(func() { _ = other.Close() })
 	m := other.Mutex(name)
 	require.Eventually(t, func() bool {
@@ -1402,4 +1411,37 @@ func TestAcquisitionRetryIsReplicated(t *testing.T) {
 		require.Greater(t, replOffset(t, ctx, rdb), before,
 			"%s: the retry wrote nothing replicated: a WAIT after it on a new connection does not cover the hold", tc.kind)
 	}
+}
+
+// TestBusyRefusedUndoResent: a Lock's attempt runs in Redis (the lock is
+// taken) but its reply comes after the call's ctx ended, so the acquisition
+// is undone; Redis refuses that undo with BUSY (another client's script runs
+// past busy-reply-threshold). BUSY means the script did not run, but
+// resendRelease resent only releases that got no reply: the undo was
+// dropped, and the lock stayed held by nobody for its whole lease (30s by
+// default). A refused cleanup must be sent again, with a short backoff,
+// within the cleanup timeout. (Found by a reviewer.)
+func TestBusyRefusedUndoResent(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rdb := srv.Client(t)
+	gate := newReplyHook(lockScript, false)
+	rdb.AddHook(gate)
+	name, m := warmMutex(t, ctx, rdb)
+
+	gate.arm()
+	short, cancelShort := context.WithCancel(ctx)
+	defer cancelShort()
+	locked := make(chan error, 1)
+	go func() { locked <- m.Lock(short) }()
+	<-gate.ran // the attempt took the lock in Redis; its reply is lost
+
+	busy := srv.BusyFor(t, 400*time.Millisecond) // the undo is refused
+	cancelShort()
+	close(gate.proceed)
+	require.Error(t, <-locked, "the Lock's ctx ended before its reply")
+	require.NoError(t, <-busy)
+
+	requireOtherOwnerGetsIn(t, ctx, srv.Client(t), name, "the BUSY-refused undo was not resent: the lock stays taken by nobody for its lease")
 }

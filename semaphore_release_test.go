@@ -705,7 +705,7 @@ func TestSemaphoreKeptPermitsNotLostOnRefusedRelease(t *testing.T) {
 
 	// Another client's script keeps Redis busy for 600ms (less than the
 	// part of the lease left after the last renewal before it).
-	busy := busyFor(t, ctx, srv, 600*time.Millisecond)
+	busy := srv.BusyFor(t, 600*time.Millisecond)
 
 	err := s.Release(ctx, 1)
 	require.Error(t, err)
@@ -725,28 +725,6 @@ func TestSemaphoreKeptPermitsNotLostOnRefusedRelease(t *testing.T) {
 	require.EqualValues(t, 3, n, "the permit the refused Release returned comes back with the kept one")
 }
 
-// busyFor keeps srv (started with a busy-reply-threshold below d) busy
-// with another client's script for d, and returns once Redis answers BUSY;
-// the channel delivers the script's error when it ends.
-func busyFor(t *testing.T, ctx context.Context, srv *redistest.Server, d time.Duration) <-chan error {
-	t.Helper()
-	busy := make(chan error, 1)
-	go func() {
-		busy <- srv.Client(t).Eval(context.Background(), `
-local s = redis.call('TIME')
-while true do
-  local t = redis.call('TIME')
-  if (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > tonumber(ARGV[1]) then return 1 end
-end`, nil, d.Microseconds()).Err()
-	}()
-	probe := srv.Client(t)
-	require.Eventually(t, func() bool {
-		err := probe.Ping(ctx).Err()
-		return err != nil && strings.HasPrefix(err.Error(), "BUSY")
-	}, 2*time.Second, 5*time.Millisecond, "Redis never busy")
-	return busy
-}
-
 // TestSemReleaseAfterRefusedShrinkReportsGone: after a partial Release that
 // Redis refused (BUSY), the kept permits are tracked under the record's old
 // name, whose member names all the record's permits (3), not the 1 kept. A
@@ -763,7 +741,7 @@ func TestSemReleaseAfterRefusedShrinkReportsGone(t *testing.T) {
 	s := c.Semaphore(name, 5)
 	require.NoError(t, s.Acquire(ctx, 3))
 
-	busy := busyFor(t, ctx, srv, 300*time.Millisecond)
+	busy := srv.BusyFor(t, 300*time.Millisecond)
 	err := s.Release(ctx, 2)
 	require.Error(t, err)
 	require.True(t, strings.HasPrefix(err.Error(), "BUSY"), "%v", err)

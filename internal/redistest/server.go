@@ -2,6 +2,7 @@ package redistest
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -349,6 +350,37 @@ func (s *Server) Client(t testing.TB) *redis.Client {
 	rdb := redis.NewClient(s.Options())
 	t.Cleanup(func() { _ = rdb.Close() })
 	return rdb
+}
+
+// BusyFor keeps the server busy with another client's Lua script for d,
+// and returns once the server answers BUSY (start it with a
+// busy-reply-threshold below d, e.g. "--busy-reply-threshold", "50"): every
+// command but a few is refused meanwhile. The channel delivers the
+// script's error when it ends.
+func (s *Server) BusyFor(t testing.TB, d time.Duration) <-chan error {
+	t.Helper()
+	busy := make(chan error, 1)
+	rdb := s.Client(t)
+	go func() {
+		busy <- rdb.Eval(context.Background(), `
+local s = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > tonumber(ARGV[1]) then return 1 end
+end`, nil, d.Microseconds()).Err()
+	}()
+	probe := s.Client(t)
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		err := probe.Ping(context.Background()).Err()
+		if err != nil && strings.HasPrefix(err.Error(), "BUSY") {
+			return busy
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redistest: server %s never busy (last ping: %v)", s.Addr, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // PID returns the process id of the running server, or 0 when it is not
