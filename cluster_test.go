@@ -959,6 +959,9 @@ func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 	s := c.Semaphore(name, 2)
 	require.NoError(t, s.Acquire(ctx, 1))
 	require.NoError(t, s.Release(ctx, 1))
+	f := c.FairMutex(name)
+	require.NoError(t, f.Lock(ctx))
+	require.NoError(t, f.Unlock(ctx))
 
 	// The fence key moves, the slot does not: every acquisition of the
 	// free lock is refused (ASK, then TRYAGAIN on the importing master).
@@ -976,6 +979,13 @@ func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 			return err
 		}, false},
 		{"RWMutex.RLock", tag + ":rw", rw.RLock, false},
+		// Its withdrawal, a release script, was left in the call.
+		{"FairMutex.Lock", tag + ":fair", f.Lock, false},
+		{"FairMutex.TryLock", tag + ":fair", func(ctx context.Context) error {
+			ok, err := f.TryLock(ctx)
+			require.False(t, ok)
+			return err
+		}, false},
 		{"Semaphore.Acquire", tag + ":sem", func(ctx context.Context) error { return s.Acquire(ctx, 1) }, false},
 		{"CountDownLatch.TrySetCount", tag + ":latch", func(ctx context.Context) error {
 			_, err := c.CountDownLatch(name).TrySetCount(ctx, 1)
@@ -1082,4 +1092,46 @@ func TestAcquireRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
 		return err == nil && ok
 	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
 	require.NoError(t, other.Unlock(ctx))
+}
+
+// TestQueuedWriterCtxEndsWhileSlotMigrates: an RWMutex Lock queued behind
+// another Client's reader (it has a waiting place), whose ctx ends while a
+// migrating slot refuses its attempt (refusedErr). Its place is left with
+// a script refused too while the slot migrates: left in the call, with a
+// cleanup context, Lock returned the whole cleanup timeout (2s) after its
+// ctx ended. (Found by a reviewer.)
+func TestQueuedWriterCtxEndsWhileSlotMigrates(t *testing.T) {
+	ctx, cl, _, c, hook := cancelOnTryAgainRig(t)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	tag := "{" + name + "}"
+	w := c.RWMutex(name)
+	// The slot map is loaded, the fence key exists.
+	require.NoError(t, w.Lock(ctx))
+	require.NoError(t, w.Unlock(ctx))
+	// A reader on a fixed lease: the writer's next attempt comes when it
+	// runs out.
+	reader := newClientOn(t, cl.Client(t)).RWMutex(name, redlatch.WithLease(time.Second))
+	require.NoError(t, reader.RLock(ctx))
+
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var cancelled atomic.Int64
+	wctx = hook.armFor(wctx, tag+":rw", "queued writer", func() {
+		cancelled.Store(time.Now().UnixNano())
+		cancel()
+	})
+	got := make(chan error, 1)
+	go func() { got <- w.Lock(wctx) }()
+	time.Sleep(300 * time.Millisecond) // queued behind the reader
+	// The fence key moves, the lock hash does not: every script is refused.
+	cl.StartMigration(t, 2, tag+":fence")
+	select {
+	case err := <-got:
+		requireWaitErr(t, err, wctx)
+		require.NotZero(t, cancelled.Load())
+		late := time.Since(time.Unix(0, cancelled.Load()))
+		require.Less(t, late, time.Second, "Lock returned %v after its ctx ended", late)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Lock did not return")
+	}
 }

@@ -254,6 +254,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	// whose wait ended while they slept would push out the one that
 	// matters.
 	unsettled := false
+	refused := false // the last attempt was refused until its ctx ended (see refusedErr)
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		tried, unsettled = true, true
 		s := time.Now()
@@ -265,6 +266,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 			f.lease.Milliseconds(), f.placeMs, reenter, mode)
 		res, err := cmd.Int64Slice()
 		unsettled = err != nil && !isReplyError(err)
+		refused = isRefused(err)
 		if err != nil {
 			return false, 0, err
 		}
@@ -327,7 +329,8 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
 		tomb := unsettled
-		detached(ctx, func(ctx context.Context) { _, _ = f.withdraw(ctx, id, member, tomb) })
+		// In the background after an attempt refused until ctx ended.
+		f.c.cleanupAfter(ctx, refused, func(ctx context.Context) { _, _ = f.withdraw(ctx, id, member, tomb) })
 	}
 	return token, sent, id, ok, err
 }

@@ -1682,20 +1682,12 @@ func (c *Client) attempt(ctx context.Context, try attemptFunc) (bool, time.Durat
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
 	// An ErrNotReplicated attempt was released already (see replicated).
 	if !isReplyError(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
-		if !isRefused(err) || !c.enterWait() {
-			detached(ctx, undo)
-		} else {
-			// Refused until ctx ended (see refusedErr): its last send did
-			// not run, but an earlier one may have, its reply lost, that
-			// go-redis sent again itself, refused then (a key had moved
-			// meanwhile), unseen by tryAgainHook. It is undone, in the
-			// background: its undo, refused too while the slot migrates,
-			// must not hold the call past its ctx (Close waits for it).
-			go func() {
-				defer c.leaveWait()
-				detached(ctx, undo)
-			}()
-		}
+		// Refused until ctx ended (see refusedErr): its last send did not
+		// run, but an earlier one may have, its reply lost, that go-redis
+		// sent again itself, refused then (a key had moved meanwhile),
+		// unseen by tryAgainHook. It is undone, in the background (see
+		// cleanupAfter).
+		c.cleanupAfter(ctx, isRefused(err), undo)
 	}
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
@@ -1704,6 +1696,23 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 		return ErrClosed
 	}
 	return convertErr(err)
+}
+
+// cleanupAfter runs cleanup (an undo, a withdrawal, leaving a queue) of an
+// acquisition whose call fails, with a fresh bounded context: in the call,
+// or in the background when refused is set (the call's attempt was refused
+// until its ctx ended, see refusedErr): the cleanup, a release script, is
+// refused too while the slot migrates, for the whole cleanup timeout,
+// which must not hold the call past its ctx. Close waits for it.
+func (c *Client) cleanupAfter(ctx context.Context, refused bool, cleanup func(context.Context)) {
+	if !refused || !c.enterWait() {
+		detached(ctx, cleanup)
+		return
+	}
+	go func() {
+		defer c.leaveWait()
+		detached(ctx, cleanup)
+	}()
 }
 
 // ctxEnded reports whether ctx has ended. A read that failed at ctx's
