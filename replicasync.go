@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +16,22 @@ import (
 // WAIT timeout must be for the script and WAIT to share one pipelined round
 // trip; else they are sent one after the other on one pinned connection.
 const waitMargin = 100 * time.Millisecond
+
+// waitFits reports whether a WAIT of timeout fits within the read timeout
+// rt of a pipeline (see waitMargin). Written as timeout < rt − waitMargin:
+// timeout + waitMargin overflows for a timeout near math.MaxInt64, which
+// then seemed to fit.
+func waitFits(timeout, rt time.Duration) bool {
+	return rt <= 0 || timeout < rt-waitMargin
+}
+
+// waitTimeout is the timeout of a WAIT of ms milliseconds sent on its own
+// (Cmdable.Wait): go-redis reads its reply for the timeout plus 10s, which
+// must not overflow to a negative Duration (then no read deadline is set,
+// and the WAIT outlives its ctx: Lock hung past it).
+func waitTimeout(ms int64) time.Duration {
+	return time.Duration(min(ms, int64((math.MaxInt64-10*time.Second)/time.Millisecond))) * time.Millisecond
+}
 
 // runSynced runs script s with keys and args on the master holding keys[0]
 // and, when the Client was made WithReplicaSync(replicas, timeout), follows
@@ -148,7 +165,7 @@ func (c *Client) runOnWithWait(ctx context.Context, node *redis.Client, asking b
 	ms := max(timeout.Milliseconds(), 1) // WAIT n 0 would block for good
 	// go-redis stores "no read timeout" (ReadTimeout -1, or -2: no
 	// deadline set at all) as 0 or -1: any WAIT fits then.
-	if rt := node.Options().ReadTimeout; rt <= 0 || timeout+waitMargin < rt {
+	if rt := node.Options().ReadTimeout; waitFits(timeout, rt) {
 		// One round trip: EVALSHA and WAIT pipelined.
 		send := func(sha bool, ms int64) (*redis.Cmd, *redis.Cmd) {
 			pipe := node.Pipeline()
@@ -261,7 +278,7 @@ func runPinned(ctx context.Context, node *redis.Client, asking bool, s *redis.Sc
 	if cmd.Err() != nil {
 		return cmd, 0, nil
 	}
-	acked, err := conn.Wait(ctx, n, time.Duration(ms)*time.Millisecond).Result()
+	acked, err := conn.Wait(ctx, n, waitTimeout(ms)).Result()
 	return cmd, acked, err
 }
 
@@ -394,7 +411,7 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 	// (see deadlineHook) like any other renewal. Else the scripts and WAIT
 	// go on a pinned connection, unrouted (see unrouted).
 	rt := node.Options().ReadTimeout
-	piped := rt <= 0 || w.c.opts.replicaTimeout+waitMargin < rt
+	piped := waitFits(w.c.opts.replicaTimeout, rt)
 	type scripter interface {
 		redis.Scripter
 		Pipeline() redis.Pipeliner
@@ -440,7 +457,7 @@ func (w *watchdog) renewSyncedOn(ctx context.Context, node *redis.Client, batche
 		if piped {
 			acked, waitErr = wait.Int64()
 		} else {
-			acked, waitErr = conn.Wait(ctx, w.c.opts.replicas, time.Duration(ms)*time.Millisecond).Result()
+			acked, waitErr = conn.Wait(ctx, w.c.opts.replicas, waitTimeout(ms)).Result()
 		}
 		for _, cmd := range cmds {
 			if redis.IsReadOnlyError(cmd.Err()) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"regexp"
 	"strconv"
@@ -1269,4 +1270,36 @@ func TestReplicaSyncScriptResentWithoutItsWait(t *testing.T) {
 	require.True(t, hook.fired.Load(), "the slot's migration never ended")
 	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "a Lock whose only replica is frozen")
 	require.EqualValues(t, 0, mc.Exists(ctx, lockKey(name)).Val(), "nothing left held on the master")
+}
+
+// TestReplicaSyncHugeTimeoutWaitsForCtx: WithReplicaSync(1, math.MaxInt64)
+// ("wait for the replica, however long") is accepted, and a WAIT timeout
+// above the client's ReadTimeout goes on a pinned connection with its own
+// read deadline: with no replica to acknowledge, Lock waits until its ctx
+// ends and fails as a wait (ErrNotObtained and ctx.Err()), as it does with
+// a timeout of an hour. timeout+waitMargin overflowed to a negative
+// Duration, which chose the pipelined path, and go-redis's WAIT read
+// deadline (its timeout + 10s) overflowed too: Lock returned a bare
+// "i/o timeout" at the ReadTimeout, long before its ctx ended. (Found by a
+// reviewer.)
+func TestReplicaSyncHugeTimeoutWaitsForCtx(t *testing.T) {
+	master := redistest.NewServer(t) // no replica: WAIT 1 never succeeds
+	for _, timeout := range []time.Duration{time.Hour, math.MaxInt64} {
+		opt := master.Options()
+		opt.ReadTimeout = 200 * time.Millisecond
+		opt.MaxRetries = -1 // a read that times out fails at once
+		rdb := redis.NewClient(opt)
+		t.Cleanup(func() { _ = rdb.Close() })
+		c := newClientOn(t, rdb, redlatch.WithReplicaSync(1, timeout))
+		name := redistest.UniqueName(t)
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		start := time.Now()
+		err := c.Mutex(name).Lock(ctx)
+		cancel()
+		require.ErrorIs(t, err, redlatch.ErrNotObtained, "timeout %v, after %v", timeout, time.Since(start))
+		require.ErrorIs(t, err, context.DeadlineExceeded, "timeout %v", timeout)
+		locked, err := c.Mutex(name).IsLocked(t.Context())
+		require.NoError(t, err)
+		require.False(t, locked, "timeout %v: nothing left held", timeout)
+	}
 }
