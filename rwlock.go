@@ -268,7 +268,6 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 	var (
 		upgrade bool
 		queued  *hold // the waiting place, tracked while waiting
-		refused bool  // the last attempt was refused until its ctx ended (see refusedErr)
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, "", "")
@@ -302,7 +301,6 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
-		refused = isRefused(err)
 		if err != nil {
 			return false, 0, err
 		}
@@ -394,9 +392,8 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		c.wd.setReleasing(queued, true)
 		c.wd.remove(queued)
 		if !ok || upgrade {
-			// Gave up: leave the queue, letting the readers behind in
-			// (in the background after an attempt refused until ctx ended).
-			c.cleanupAfter(ctx, refused, m.unqueue)
+			// Gave up: leave the queue, letting the readers behind in.
+			detached(ctx, m.unqueue)
 		}
 	}
 	if upgrade {
