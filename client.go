@@ -795,7 +795,8 @@ func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // reader reading on) kept the others out for good. send sends the same
 // request again, in the background (the call returns with its ctx) with a
 // fresh context bounded by the cleanup timeout; Close waits for it (see
-// Client.waits). A resend that fails is not sent a third time (a release
+// Client.waits). A resend that fails is not sent a third time, unless
+// Redis refused it as busy or loading (see below) (a release
 // sent with a cleanup context because its caller's ctx had ended already
 // is a first send, and is resent like any other). Nor is a release that
 // names no hold (named false: a

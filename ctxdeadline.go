@@ -670,8 +670,8 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 					// unknown, undone: the refusal returned as it was, a
 					// reply, said the call was over, and a release was never
 					// sent again, its hold left in Redis for its lease.
-					// It is marked refused all the same: an acquisition
-					// that did not run is not undone (see refusedErr).
+					// It is marked refused all the same: an acquisition so
+					// is undone in the background (see refusedErr).
 					err = refusedErr{ctx.Err()}
 					cmd.SetErr(err)
 				}

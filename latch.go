@@ -174,7 +174,9 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 	}
 	cmd := s.Run(ctx, l.c.rdb, keys, args...)
 	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) || isRefused(err) && !release {
-		// (A call refused until ctx ended did not run: see refusedErr.)
+		// (A call refused until ctx ended is not sent again: its resend,
+		// refused too while the slot migrates, would hold the call the
+		// cleanup timeout past its ctx; see refusedErr.)
 		return cmd
 	}
 	detached(ctx, func(ctx context.Context) {

@@ -1698,7 +1698,7 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 	return convertErr(err)
 }
 
-// cleanupAfter runs cleanup (an undo, a withdrawal, leaving a queue) of an
+// cleanupAfter runs cleanup (an undo, a FairMutex withdrawal) of an
 // acquisition whose call fails, with a fresh bounded context: in the call,
 // or in the background when refused is set (the call's attempt was refused
 // until its ctx ended, see refusedErr): the cleanup, a release script, is

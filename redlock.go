@@ -447,7 +447,7 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 		// held there, its keys moved), and the call waited the attempt
 		// timeout for an undo that could free nothing of its own.
 		held := rd.granted[i] || rd.unknown[i]
-		known := held && !rd.unknown[i]
+		known := rd.granted[i]
 		if held {
 			all.Add(1)
 		}

@@ -1445,3 +1445,83 @@ func TestBusyRefusedUndoResent(t *testing.T) {
 
 	requireOtherOwnerGetsIn(t, ctx, srv.Client(t), name, "the BUSY-refused undo was not resent: the lock stays taken by nobody for its lease")
 }
+
+// TestBusyRefusedUndoResentRWAndSem: as TestBusyRefusedUndoResent, for an
+// RWMutex write or read acquisition's undo and a Semaphore acquisition's
+// undo, which a busy Redis refuses (BUSY: it did not run). They were not
+// resent at all, after no reply either. (Found by a reviewer.)
+func TestBusyRefusedUndoResentRWAndSem(t *testing.T) {
+	rwFree := func(ctx context.Context, c *Client, name string) (bool, error) {
+		m := c.RWMutex(name)
+		ok, err := m.TryLock(ctx)
+		if ok {
+			require.NoError(t, m.Unlock(ctx))
+		}
+		return ok, err
+	}
+	kinds := []struct {
+		kind   string
+		script *redis.Script
+		take   func(c *Client, name string) func(context.Context) error
+		free   func(ctx context.Context, c *Client, name string) (bool, error)
+	}{
+		{"rw-write", rwLockScript,
+			func(c *Client, name string) func(context.Context) error { return c.RWMutex(name).Lock },
+			rwFree},
+		{"rw-read", rwRLockScript,
+			func(c *Client, name string) func(context.Context) error { return c.RWMutex(name).RLock },
+			rwFree},
+		{"semaphore", semAcquireScript,
+			func(c *Client, name string) func(context.Context) error {
+				s := c.Semaphore(name, 1)
+				return func(ctx context.Context) error { return s.Acquire(ctx, 1) }
+			},
+			func(ctx context.Context, c *Client, name string) (bool, error) {
+				s := c.Semaphore(name, 1)
+				ok, err := s.TryAcquire(ctx, 1)
+				if ok {
+					require.NoError(t, s.Release(ctx, 1))
+				}
+				return ok, err
+			}},
+	}
+	for _, k := range kinds {
+		t.Run(k.kind, func(t *testing.T) {
+			srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			rdb := srv.Client(t)
+			gate := newReplyHook(k.script, false)
+			rdb.AddHook(gate)
+			c := New(rdb)
+			t.Cleanup(func() { _ = c.Close() })
+			name := redistest.UniqueName(t)
+			// The script loaded: the gated EVALSHA runs it.
+			require.NoError(t, k.script.Load(ctx, rdb).Err())
+			take := k.take(c, name)
+			other := New(srv.Client(t))
+			t.Cleanup(func() { _ = other.Close() })
+			ok, err := k.free(ctx, other, name)
+			require.NoError(t, err)
+			require.True(t, ok)
+
+			gate.arm()
+			short, cancelShort := context.WithCancel(ctx)
+			defer cancelShort()
+			locked := make(chan error, 1)
+			go func() { locked <- take(short) }()
+			<-gate.ran // the attempt took it in Redis; its reply is lost
+
+			busy := srv.BusyFor(t, 400*time.Millisecond) // the undo is refused
+			cancelShort()
+			close(gate.proceed)
+			require.Error(t, <-locked, "the call's ctx ended before its reply")
+			require.NoError(t, <-busy)
+
+			require.Eventually(t, func() bool {
+				ok, err := k.free(ctx, other, name)
+				return err == nil && ok
+			}, 5*time.Second, 20*time.Millisecond, "the BUSY-refused undo was not resent: the hold stays taken by nobody for its lease")
+		})
+	}
+}

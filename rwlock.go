@@ -421,9 +421,8 @@ func (m *RWMutex) unlockW(ctx context.Context, undo, token, done string) (int64,
 	}
 	keys := []string{m.key, m.fence, m.rwake, m.wwake}
 	n, err := rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
-	if undo == "" {
-		m.c.resendRelease(ctx, err, token != "" && token != "0", func(ctx context.Context) error { return rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
-	}
+	// An undo is resent too (it names its acquisition, see unlockReq).
+	m.c.resendRelease(ctx, err, undo != "" || token != "" && token != "0", func(ctx context.Context) error { return rwUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err() })
 	return n, convertErr(err)
 }
 
@@ -446,16 +445,15 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 	}
 	keys := []string{m.key, m.fence, m.wwake}
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
-	if undo == "" {
-		m.c.resendRelease(ctx, err, begun != "", func(ctx context.Context) error {
-			err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err()
-			// An RLock of the handle may wait for this very read hold to
-			// end (it may not re-enter it, see mayReenter), and the
-			// release publishes to writers only.
-			m.c.ps.wakeKin(m.rwake, m.owner)
-			return err
-		})
-	}
+	// An undo is resent too (it names its acquisition, see unlockReq).
+	m.c.resendRelease(ctx, err, undo != "" || begun != "", func(ctx context.Context) error {
+		err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err()
+		// An RLock of the handle may wait for this very read hold to
+		// end (it may not re-enter it, see mayReenter), and the
+		// release publishes to writers only.
+		m.c.ps.wakeKin(m.rwake, m.owner)
+		return err
+	})
 	return n, convertErr(err)
 }
 

@@ -203,7 +203,14 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 	var sent time.Time
 	var used int64 // permits in use in Redis after the acquisition, its own included
 	undo := func(ctx context.Context) {
-		_, _ = s.releaseRecords(ctx, newID(), "", []string{member}, "", "", true)
+		// Resent as a release is (see Client.resendRelease): the same
+		// request, which Redis applies once.
+		req := newID()
+		_, err := s.releaseRecords(ctx, req, "", []string{member}, "", "", true)
+		s.c.resendRelease(ctx, err, true, func(ctx context.Context) error {
+			_, err := s.releaseRecords(ctx, req, "", []string{member}, "", "", true)
+			return err
+		})
 	}
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		sent = time.Now()
