@@ -3,6 +3,7 @@ package redlatch
 import (
 	"context"
 	_ "embed"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -268,12 +269,15 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 	var (
 		upgrade bool
 		queued  *hold // the waiting place, tracked while waiting
+		// unsettled: an attempt's outcome is unknown, so it may have
+		// queued the writer (a Lock's): the queue is left below, in the
+		// call, not by the undo, which may run in the background (see
+		// Client.cleanupAfter), where it would remove the place of the
+		// handle's next Lock (rw_unqueue names only the owner).
+		unsettled bool
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, "", "")
-		if block {
-			m.unqueue(ctx)
-		}
 	}
 	var try attemptFunc
 	try = func(ctx context.Context) (bool, time.Duration, error) {
@@ -302,6 +306,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
 		if err != nil {
+			unsettled = unsettled || !isReplyError(err) && !errors.Is(err, ErrNotReplicated)
 			return false, 0, err
 		}
 		switch res[0] {
@@ -391,10 +396,10 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		// only a place that still exists, and its reply is ignored.
 		c.wd.setReleasing(queued, true)
 		c.wd.remove(queued)
-		if !ok || upgrade {
-			// Gave up: leave the queue, letting the readers behind in.
-			detached(ctx, m.unqueue)
-		}
+	}
+	if (queued != nil || block && unsettled) && (!ok || upgrade) {
+		// Gave up: leave the queue, letting the readers behind in.
+		detached(ctx, m.unqueue)
 	}
 	if upgrade {
 		return 0, sent, req, false, ErrUpgrade
