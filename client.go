@@ -830,21 +830,12 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 			defer f.land()
 		}
 		detached(context.WithValue(ctx, resentKey{}, true), func(ctx context.Context) {
-			backoff := 10 * time.Millisecond
-			for refused := isRefusal(err); ; refused = true {
-				if refused {
-					t := time.NewTimer(backoff)
-					select {
-					case <-ctx.Done():
-						t.Stop()
-						return
-					case <-t.C:
-					}
-					backoff = min(2*backoff, 200*time.Millisecond)
-				}
-				if !isRefusal(send(ctx)) {
-					return
-				}
+			// Paced as tryAgainHook paces a refused script, within ctx.
+			var again tryAgainBackoff
+			if isRefusal(err) && !again.wait(ctx) {
+				return
+			}
+			for isRefusal(send(ctx)) && again.wait(ctx) {
 			}
 		})
 	}()
@@ -856,8 +847,8 @@ func isRefusal(err error) bool {
 	if !isReplyError(err) {
 		return false
 	}
-	s := err.Error()
-	return strings.HasPrefix(s, "BUSY ") || strings.HasPrefix(s, "LOADING ")
+	code := replyCode(err)
+	return code == "BUSY" || code == "LOADING"
 }
 
 // resentKey marks the context of a resend (see resendRelease).

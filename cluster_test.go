@@ -789,6 +789,18 @@ func cancelOnTryAgainRig(t *testing.T) (context.Context, *redistest.Cluster, *re
 	return ctx, cl, cc, c, hook
 }
 
+// warmMutexOn returns a lock name on master 1 of cl, its hash tag, and a
+// Mutex of it on c, locked and unlocked once: the slot map is loaded, the
+// fence key exists.
+func warmMutexOn(t *testing.T, ctx context.Context, cl *redistest.Cluster, c *redlatch.Client) (string, string, *redlatch.Mutex) {
+	t.Helper()
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx))
+	require.NoError(t, m.Unlock(ctx))
+	return name, "{" + name + "}", m
+}
+
 func (h *cancelOnTryAgain) arm(key string, cancel func()) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -947,12 +959,8 @@ func TestColdCommandTableNoDeadline(t *testing.T) {
 // of that change.)
 func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 	ctx, cl, _, c, hook := cancelOnTryAgainRig(t)
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
-	tag := "{" + name + "}"
-	// Each primitive once: the slot map is loaded, the fence key exists.
-	m := c.Mutex(name)
-	require.NoError(t, m.Lock(ctx))
-	require.NoError(t, m.Unlock(ctx))
+	name, tag, m := warmMutexOn(t, ctx, cl, c)
+	// Each other primitive once too.
 	rw := c.RWMutex(name)
 	require.NoError(t, rw.RLock(ctx))
 	require.NoError(t, rw.RUnlock(ctx))
@@ -1063,12 +1071,7 @@ func (h *lostThenRefused) ProcessHook(next redis.ProcessHook) redis.ProcessHook 
 // reviewer of that change.)
 func TestAcquireRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
 	ctx, cl, cc, c, hook := cancelOnTryAgainRig(t)
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
-	tag := "{" + name + "}"
-	m := c.Mutex(name)
-	// The slot map is loaded, the fence key exists.
-	require.NoError(t, m.Lock(ctx))
-	require.NoError(t, m.Unlock(ctx))
+	name, tag, m := warmMutexOn(t, ctx, cl, c)
 
 	lost := &lostThenRefused{key: tag + ":lock", migrate: func() {
 		// The fence key moves, the lock hash does not: TRYAGAIN.

@@ -711,7 +711,8 @@ func isRefused(err error) bool {
 type noTryAgain struct{}
 
 // tryAgainBackoff paces the sends of a script call refused with TRYAGAIN
-// (see tryAgainHook): 10 ms before the first, doubling up to 200 ms, for
+// (see tryAgainHook), and the resends of a release refused by a busy or
+// loading Redis (see resendRelease): 10 ms before the first, doubling up to 200 ms, for
 // up to tryAgainWait from the first refusal. Its zero value is ready.
 type tryAgainBackoff struct {
 	end   time.Time
