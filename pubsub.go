@@ -1680,8 +1680,7 @@ func (c *Client) attempt(ctx context.Context, try attemptFunc) (bool, time.Durat
 // failedAttempt undoes an attempt whose outcome is unknown and returns the
 // error the caller sees.
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
-	// An ErrNotReplicated attempt was released already (see replicated).
-	if !isReplyError(err) && !errors.Is(err, ErrNotReplicated) && undo != nil {
+	if outcomeUnknown(err) && undo != nil {
 		// Refused until ctx ended (see refusedErr): its last send did not
 		// run, but an earlier one may have, its reply lost, that go-redis
 		// sent again itself, refused then (a key had moved meanwhile),
@@ -1696,6 +1695,13 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 		return ErrClosed
 	}
 	return convertErr(err)
+}
+
+// outcomeUnknown reports whether an attempt that failed with err may have
+// taken what it asked for, unknown to its caller: not a reply from Redis,
+// nor an ErrNotReplicated attempt, released already (see replicated).
+func outcomeUnknown(err error) bool {
+	return !isReplyError(err) && !errors.Is(err, ErrNotReplicated)
 }
 
 // cleanupAfter runs cleanup (an undo, a FairMutex withdrawal) of an

@@ -3,7 +3,6 @@ package redlatch
 import (
 	"context"
 	_ "embed"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -306,7 +305,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
 		if err != nil {
-			unsettled = unsettled || !isReplyError(err) && !errors.Is(err, ErrNotReplicated)
+			unsettled = unsettled || outcomeUnknown(err)
 			return false, 0, err
 		}
 		switch res[0] {
