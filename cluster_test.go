@@ -987,6 +987,10 @@ func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 			return err
 		}, false},
 		{"RWMutex.RLock", tag + ":rw", rw.RLock, false},
+		// Its leaving of the writers' queue, a script too, was left in
+		// the call: it named only the owner, and in the background it
+		// could remove the place of the handle's next Lock.
+		{"RWMutex.Lock", tag + ":rw", rw.Lock, false},
 		// Its withdrawal, a release script, was left in the call.
 		{"FairMutex.Lock", tag + ":fair", f.Lock, false},
 		{"FairMutex.TryLock", tag + ":fair", func(ctx context.Context) error {

@@ -562,6 +562,35 @@ func TestUnlockOfForceUnlockedHoldReservingItsTaker(t *testing.T) {
 	})
 }
 
+// TestRWLateUnqueueKeepsNextPlace: a writer's Lock that gave up leaves the
+// writers' queue late (in the background after an attempt refused until
+// its ctx ended, see Client.cleanupAfter), after the same handle's next
+// Lock has queued. The late unqueue named only the owner: it removed the
+// waiting place of that next Lock, and another owner's reader got in ahead
+// of the waiting writer.
+func TestRWLateUnqueueKeepsNextPlace(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx, c, rdb := plainClient(t, b)
+		name := redistest.UniqueName(t)
+		holder := c.RWMutex(name, WithOwner("holder"))
+		require.NoError(t, holder.RLock(ctx))
+		writer := c.RWMutex(name, WithOwner("writer"))
+		locked := make(chan error, 1)
+		go func() { locked <- writer.Lock(ctx) }()
+		require.Eventually(t, func() bool {
+			return rdb.HExists(ctx, writer.key, "ww:writer").Val()
+		}, 5*time.Second, time.Millisecond, "the writer queues")
+
+		writer.unqueue(ctx, newID()) // the late unqueue of an earlier Lock
+		ok, err := c.RWMutex(name, WithOwner("reader")).TryRLock(ctx)
+		require.NoError(t, err)
+		require.False(t, ok, "a reader got in ahead of the waiting writer")
+		require.NoError(t, holder.RUnlock(ctx))
+		require.NoError(t, <-locked)
+		require.NoError(t, writer.Unlock(ctx))
+	})
+}
+
 // TestRWReleaseResentAfterUnqueue: reader a's RUnlock runs in Redis
 // while a writer waits (its place keeps the hash, which remembers a's
 // release in rr); the reply is lost and go-redis resends it. Meanwhile the
@@ -588,7 +617,7 @@ func TestRWReleaseResentAfterUnqueue(t *testing.T) {
 		done := make(chan error, 1)
 		go func() { done <- a.RUnlock(ctx) }()
 		<-hook.ran
-		writer.unqueue(ctx) // the writer gives up: the hash goes
+		writer.unqueue(ctx, "") // the writer gives up: the hash goes
 		n, err := rdb.Exists(ctx, a.key).Result()
 		require.NoError(t, err)
 		require.Zero(t, n)

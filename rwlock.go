@@ -269,11 +269,9 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		upgrade bool
 		queued  *hold // the waiting place, tracked while waiting
 		// unsettled: an attempt's outcome is unknown, so it may have
-		// queued the writer (a Lock's): the queue is left below, in the
-		// call, not by the undo, which may run in the background (see
-		// Client.cleanupAfter), where it would remove the place of the
-		// handle's next Lock (rw_unqueue names only the owner).
+		// queued the writer (a Lock's): the queue is left below.
 		unsettled bool
+		refused   bool // the last attempt was refused until its ctx ended (see refusedErr)
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, "", "")
@@ -304,6 +302,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
+		refused = isRefused(err)
 		if err != nil {
 			unsettled = unsettled || outcomeUnknown(err)
 			return false, 0, err
@@ -397,8 +396,11 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		c.wd.remove(queued)
 	}
 	if (queued != nil || block && unsettled) && (!ok || upgrade) {
-		// Gave up: leave the queue, letting the readers behind in.
-		detached(ctx, m.unqueue)
+		// Gave up: leave the queue, letting the readers behind in; in the
+		// background after an attempt refused until ctx ended, as an undo
+		// (see Client.cleanupAfter). The unqueue names this call: late, it
+		// leaves alone the place of the handle's next Lock.
+		c.cleanupAfter(ctx, refused, func(ctx context.Context) { m.unqueue(ctx, req) })
 	}
 	if upgrade {
 		return 0, sent, req, false, ErrUpgrade
@@ -461,11 +463,12 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 	return n, convertErr(err)
 }
 
-// unqueue removes the owner's waiting place, waking the readers queued
-// behind it when it was the last.
-func (m *RWMutex) unqueue(ctx context.Context) {
+// unqueue removes the owner's waiting place when the Lock call with the
+// request id req was the last to queue it (see rw_unqueue.lua), waking the
+// readers queued behind it when it was the last.
+func (m *RWMutex) unqueue(ctx context.Context, req string) {
 	err := rwUnqueueScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.fence}, m.owner, m.c.publishCommand(ctx),
-		fenceRetention(m.lease)).Err()
+		fenceRetention(m.lease), req).Err()
 	if err = convertErr(err); err != nil {
 		// The place expires after its lease (the watchdog timeout).
 		m.c.opts.logger.Warn("redlatch: leaving the writers' queue failed", "name", m.name, "error", err)

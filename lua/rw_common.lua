@@ -15,6 +15,9 @@
 --            (its count went from 0 to 1): tells one read hold from the next
 --   ww:<o>   writer o is waiting, until this server ms: while a writer waits,
 --            new readers queue behind it
+--   wr:<o>   request id of the Lock call that last queued writer o or
+--            refreshed its place: a call that gave up removes the place only
+--            while it is still its own (see rw_unqueue.lua)
 --   rr       request ids of the last few full releases, space-separated;
 --            each joined by ',' to the partial releases of the hold it
 --            ended, if any (see rw_released)
@@ -56,6 +59,12 @@ local function rw_drop_writer(s)
   end
 end
 
+-- rw_unwait removes writer o's waiting place.
+local function rw_unwait(s, o)
+  rw_del(s, 'ww:' .. o)
+  rw_del(s, 'wr:' .. o)
+end
+
 local function rw_drop_reader(s, o)
   for _, p in ipairs({'rc:', 're:', 'rq:', 'ru:', 'rg:'}) do
     rw_del(s, p .. o)
@@ -85,7 +94,9 @@ local function rw_load(key)
   for _, k in ipairs(gone) do
     local p, o = string.sub(k, 1, 3), string.sub(k, 4)
     rw_del(s, k)
-    if p == 're:' then
+    if p == 'ww:' then
+      rw_unwait(s, o)
+    elseif p == 're:' then
       rw_drop_reader(s, o)
     elseif p == 'we:' and s.f.w == o then
       rw_drop_writer(s)

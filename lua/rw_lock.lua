@@ -34,7 +34,7 @@ if f.w == o and (ARGV[6] ~= '0' or ids_has(f.wq, req)) then
   rw_set(s, 'wc', tostring(c))
   rw_set(s, 'wq', ids_add(f.wq, req))
   rw_set(s, 'we:' .. o, rw_ms(math.max(exp, tonumber(f['we:' .. o]))))
-  rw_del(s, 'ww:' .. o)
+  rw_unwait(s, o)
   rw_commit(s)
   return {1, tonumber(f.t), c}
 end
@@ -50,13 +50,16 @@ if not f.w and readers == 0 then
   rw_set(s, 't', token)
   rw_set(s, 'wq', req)
   rw_set(s, 'we:' .. o, rw_ms(exp))
-  rw_del(s, 'ww:' .. o)
+  rw_unwait(s, o)
   rw_commit(s)
   return {1, token, 1}
 end
 if ARGV[5] ~= '0' then
   local w = s.now + tonumber(ARGV[5])
   rw_set(s, 'ww:' .. o, rw_ms(math.max(w, tonumber(f['ww:' .. o]) or 0)))
+  if f['wr:' .. o] ~= req then
+    rw_set(s, 'wr:' .. o, req)
+  end
 end
 local until_ = rmin
 if f.w then

@@ -9,17 +9,23 @@
 -- ARGV[1]  owner id
 -- ARGV[2]  publish command: PUBLISH, or SPUBLISH on a Redis Cluster
 -- ARGV[3]  fence retention, ms
+-- ARGV[4]  request id of the Lock call that gave up
 --
--- Returns 1 when the owner's waiting place was removed, else 0. When it was
+-- Returns 1 when the owner's waiting place was removed, else 0. The place
+-- is removed only when that call was the last to queue the owner or to
+-- refresh its place (see rw_lock.lua): an unqueue that comes late (run in
+-- the background, or resent) leaves alone the place of the owner's next
+-- Lock, or that of another Lock of the owner still waiting. When it was
 -- the last waiting writer and no writer holds the lock, the readers queued
 -- behind it are woken ("a" on KEYS[2]).
 local s = rw_load(KEYS[1])
-local k = 'ww:' .. ARGV[1]
-if not s.f[k] then
+local o = ARGV[1]
+local by = s.f['wr:' .. o]
+if not s.f['ww:' .. o] or (by and by ~= ARGV[4]) then
   rw_commit_fenced(s, KEYS[3], ARGV[3])
   return 0
 end
-rw_del(s, k)
+rw_unwait(s, o)
 local _, waiting = rw_scan(s)
 rw_commit_fenced(s, KEYS[3], ARGV[3])
 if waiting == 0 and not s.f.w then
