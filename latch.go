@@ -162,6 +162,10 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 // could not safely call again: a new call is a new request (a CountDown
 // counted twice, a TrySetCount reporting its own count as another's).
 //
+// A call refused by a transient reply (BUSY, LOADING) is sent again so too,
+// paced, within that timeout: go-redis resends a call whose reply was lost,
+// and the refusal of that resend says nothing of the first run.
+//
 // A call whose ctx ended before it was sent is not sent (its error), but
 // for a release (CountDown, Delete), which is sent with a fresh context as
 // above. Its caller replaced an ended ctx (releaseContext), but ctx may
@@ -173,15 +177,29 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, l.c.rdb, keys, args...)
-	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) || isRefused(err) && !release {
+	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isRefusal(err) || isRefused(err) && !release {
 		// (A call refused until ctx ended is not sent again: its resend,
 		// refused too while the slot migrates, would hold the call the
 		// cleanup timeout past its ctx; see refusedErr.)
 		return cmd
 	}
+	// A transient refusal (BUSY, LOADING) is no answer either: it may be
+	// go-redis's resend of a call whose first run took effect, its reply
+	// lost. It is sent again, paced, until Redis answers.
 	detached(ctx, func(ctx context.Context) {
-		if again := s.Run(ctx, l.c.rdb, keys, args...); again.Err() == nil || isReplyError(again.Err()) {
-			cmd = again
+		var again tryAgainBackoff
+		if isRefusal(cmd.Err()) && !again.wait(ctx) {
+			return
+		}
+		for {
+			next := s.Run(ctx, l.c.rdb, keys, args...)
+			if err := next.Err(); err == nil || isReplyError(err) && !isRefusal(err) {
+				cmd = next
+				return
+			}
+			if !isRefusal(next.Err()) || !again.wait(ctx) {
+				return
+			}
 		}
 	})
 	return cmd

@@ -509,14 +509,7 @@ func TestLatchReplyLost(t *testing.T) {
 	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
 		ctx := ctxT(t, 10*time.Second)
 		name := redistest.UniqueName(t)
-		c, hook := lossyClient(t, b, scriptWith(latchKey(name)), false)
-		l := c.CountDownLatch(name)
-		// Load the scripts: a NOSCRIPT reply would disarm the hook.
-		require.NoError(t, l.CountDown(ctx))
-		_, err := l.TrySetCount(ctx, 1)
-		require.NoError(t, err)
-		_, err = l.Delete(ctx)
-		require.NoError(t, err)
+		l, hook := lossyLatch(t, ctx, b, name, false)
 
 		hook.armed.Store(true) // runs on the server, the reply is lost
 		ok, err := l.TrySetCount(ctx, 3)
@@ -701,4 +694,62 @@ func TestLatchForeignIntegerString(t *testing.T) {
 			require.NoError(t, rdb.Del(ctx, latchKey(name)).Err())
 		}
 	})
+}
+
+// TestLatchLostReplyRetryRefusedBusy: a latch call runs in Redis, its reply
+// is lost, and go-redis's resend of it is refused with BUSY (another
+// client's script runs past busy-reply-threshold; go-redis does not retry
+// BUSY). The call took effect at its first run, yet it returned the BUSY
+// reply, which says the command did not run: a caller that calls again
+// counts down twice (the latch opens before the work it waits for is
+// done), and a TrySetCount that set the count reports that it did not.
+// The godoc promises such a call "reports what it did rather than an error
+// after which calling again would act twice": a call refused so must be
+// sent again (same request id: Redis applies it once) until Redis answers.
+// (Found by a reviewer.)
+func TestLatchLostReplyRetryRefusedBusy(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	l, hook := lossyLatch(t, ctx, serverBackend(srv), name, true)
+
+	var busy <-chan error
+	hook.between = func() { busy = srv.BusyFor(t, 300*time.Millisecond) }
+
+	hook.armed.Store(true) // the set runs; go-redis's resend is refused
+	ok, err := l.TrySetCount(ctx, 3)
+	require.NoError(t, <-busy)
+	require.NoError(t, err, "a TrySetCount that set the count reported an error")
+	require.True(t, ok)
+	requireCount(t, ctx, l, 3)
+
+	hook.armed.Store(true) // the CountDown runs; go-redis's resend is refused
+	err = l.CountDown(ctx)
+	require.NoError(t, <-busy)
+	require.NoError(t, err, "a CountDown that counted down reported an error: calling it again counts twice")
+	requireCount(t, ctx, l, 2)
+
+	hook.armed.Store(true) // the Delete runs; go-redis's resend is refused
+	deleted, err := l.Delete(ctx)
+	require.NoError(t, <-busy)
+	require.NoError(t, err, "a Delete that deleted the count reported an error")
+	require.True(t, deleted)
+	requireCount(t, ctx, l, 0)
+	require.NoError(t, l.Wait(ctx))
+}
+
+// lossyLatch returns the latch name on a Client of b whose script calls on
+// the latch lossyClient's hook loses the replies of (retry: go-redis sends
+// them again), with its scripts loaded: a NOSCRIPT reply would disarm the
+// hook.
+func lossyLatch(t *testing.T, ctx context.Context, b redistest.Backend, name string, retry bool) (*redlatch.CountDownLatch, *lossyHook) {
+	t.Helper()
+	c, hook := lossyClient(t, b, scriptWith(latchKey(name)), retry)
+	l := c.CountDownLatch(name)
+	require.NoError(t, l.CountDown(ctx))
+	_, err := l.TrySetCount(ctx, 1)
+	require.NoError(t, err)
+	_, err = l.Delete(ctx)
+	require.NoError(t, err)
+	return l, hook
 }
