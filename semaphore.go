@@ -285,9 +285,13 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 // (not sent, or its reply lost) is sent once more with a fresh context
 // bounded by a cleanup timeout, even after ctx ended: Redis applies it once.
 // If Redis still cannot be reached, the permits come back when their lease
-// runs out. Permits the handle lost (see Lost) are removed from Redis on the
-// next Release too, in case Redis kept them (renewals whose replies were
-// lost): they are not counted as returned.
+// runs out. A Release refused by a busy or loading Redis (BUSY, LOADING:
+// the script did not run) returns that error, and the permits it returns
+// whole are released again in the background, as Mutex.Unlock's release
+// is (a permit record it shrinks stays whole, the handle's). Permits the
+// handle lost (see Lost) are removed from Redis on the next Release too, in
+// case Redis kept them (renewals whose replies were lost): they are not
+// counted as returned.
 func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	if err := s.check(ctx); err != nil {
 		return err
@@ -391,6 +395,19 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 			freed, err = f, nil
 		}
 		cancel()
+	}
+	if isRefusal(err) && len(members) > 0 {
+		// Refused (BUSY, LOADING): the script did not run, and Redis still
+		// has the records returned whole, which the handle no longer
+		// renews: sent again in the background, as Unlock's release is
+		// (see Client.resendRelease), or they stayed taken by nobody for
+		// their whole lease. The record shrunk, if any, is not named: the
+		// handle keeps it under its old name (below).
+		prev := s.lastRel
+		s.c.resendRelease(ctx, err, true, func(ctx context.Context) error {
+			_, err := s.releaseRecords(ctx, req, prev, members, "", "", false)
+			return err
+		})
 	}
 	s.lastRel = req
 	for _, r := range whole {

@@ -763,3 +763,34 @@ func TestSemReleaseAfterRefusedShrinkReportsGone(t *testing.T) {
 
 	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld, "the newer permit was gone from Redis")
 }
+
+// again, as Mutex.Unlock and the semaphore's own undo do (see
+// Client.resendRelease), they stay taken by nobody for their whole lease
+// (30s here), and every other holder waits that long. (Found by a
+// reviewer.)
+func TestSemaphoreRefusedReleaseResent(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	c := newClientOn(t, srv.Client(t)) // default watchdog timeout: 30s leases
+	s := c.Semaphore(name, 2)
+	require.NoError(t, s.Acquire(ctx, 2))
+
+	// Busy until the script is killed: the Release is refused for sure.
+	end := busyServer(t, ctx, srv, srv.Client(t))
+	err := s.Release(ctx, 2)
+	require.Error(t, err)
+	require.True(t, strings.HasPrefix(err.Error(), "BUSY"), "%v", err)
+	end()
+
+	// The handle no longer holds the permits (a second Release says so).
+	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
+
+	// Another Client gets them well before the 30s lease runs out.
+	other := newClientOn(t, srv.Client(t)).Semaphore(name, 2)
+	actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	require.NoError(t, other.Acquire(actx, 2),
+		"the BUSY-refused Release was not resent: the permits stay taken by nobody for their lease")
+	require.NoError(t, other.Release(ctx, 2))
+}
