@@ -873,8 +873,8 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 }
 
 // closedAfter is called by a reentrant handle whose acquisition succeeded,
-// once it has ended the hold it tracked before (supersede, which may wait
-// for a renewal in flight: a round trip, during which Close may begin).
+// once it has ended the hold it tracked before (see watchdog.supersede):
+// Close may have begun since the attempt.
 // When the Client was closed meanwhile, the call was in progress at Close
 // (see Client.acquire): closedAfter returns a cleanup that runs giveBack
 // (which releases what the acquisition took) with a fresh bounded context,

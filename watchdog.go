@@ -285,11 +285,15 @@ func (w *watchdog) supersede(h *hold) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	// Not for a lost hold's renewal either (see remove): the loss is
-	// decided, and the caller holds its handle's mutex meanwhile.
-	for h.renewing && h.releasing == 0 && !h.isLost() { // see remove
-		w.renewed.Wait()
-	}
+	// No wait for a renewal in flight (as remove makes for a hold with no
+	// release in flight): its reply cannot change the outcome, decided
+	// below (without a release in flight, h is lost), and is ignored once
+	// h is done; it names h (its token, its read guard), not the new hold,
+	// which it cannot extend. The caller holds its handle's mutex: a
+	// renewal stuck on a connection that stopped answering held the Lock,
+	// which had the lock already, up to its bound past its ctx
+	// (TestRelockAfterLossNotHeldByStuckRenewal,
+	// TestRelockAfterForceUnlockNotHeldByStuckRenewal).
 	if h.finalPending() {
 		delete(w.holds, h)
 		h.done = true

@@ -1017,34 +1017,96 @@ func TestRelockAfterLossNotHeldByStuckRenewal(t *testing.T) {
 		if b.Cluster != nil {
 			t.Skip("one node is enough")
 		}
-		ctx := ctxT(t, 30*time.Second)
-		name := redistest.UniqueName(t)
-		rdb := b.Client(t)
-		hook := &stuckRenewals{key: lockKey(name)}
-		rdb.AddHook(hook)
-		const period = 2 * time.Second
-		c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*period))
-		m := c.ReentrantMutex(name)
-		require.NoError(t, m.Lock(ctx))
+		ctx, _, _, m, hook := stuckRenewalRig(t, b)
 		lost := m.Lost()
 		// The first renewal is held to its bound (1.75 periods), the next
 		// one starts right after with a bound of a period, and the
 		// deadline passes during it.
-		requireClosedWithin(t, lost, 4*period, "Lost while renewals are stuck")
+		requireClosedWithin(t, lost, 4*stuckRenewalPeriod, "Lost while renewals are stuck")
 		require.EqualValues(t, 1, hook.inFlight.Load(), "a renewal of the lost hold is in flight")
 
-		lctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-		defer cancel()
-		done := make(chan error, 1)
-		start := time.Now()
-		go func() { done <- m.Lock(lctx) }()
-		select {
-		case err := <-done:
-			require.NoError(t, err)
-		case <-time.After(period / 2):
-			t.Fatalf("Lock(ctx with a 300ms deadline) still not back after %v: it waits for the lost hold's stuck renewal", time.Since(start))
-		}
+		requireRelockPrompt(t, ctx, m, "the lost hold's")
 		require.NotZero(t, m.Token())
 		require.NoError(t, m.Unlock(ctx))
 	})
+}
+
+// TestRelockAfterForceUnlockNotHeldByStuckRenewal: as
+// TestRelockAfterLossNotHeldByStuckRenewal, but the handle's hold is not
+// lost yet when its goroutines lock again: an operator's ForceUnlock ended
+// it in Redis while its renewal was stuck on a connection that stopped
+// answering, before that renewal (or the hold's deadline) could tell. The
+// re-entry attempt takes a new hold (a new token), and the handle replaces
+// the old one, which is lost then whatever the renewal's reply says (that
+// renewal names the old token and cannot touch the new hold). supersede
+// waited for the stuck renewal with the handle's mutex held: the Lock,
+// which had the lock already, returned only when the renewal ended, seconds
+// after its ctx's deadline, and Token, Lost and Unlock blocked meanwhile.
+// (Found by a reviewer.)
+func TestRelockAfterForceUnlockNotHeldByStuckRenewal(t *testing.T) {
+	ctx, c, name, m, hook := stuckRenewalRig(t, serverBackend(redistest.NewServer(t)))
+	old := m.Token()
+	lost := m.Lost()
+	// The first renewal comes after a period and is held to its bound (1.75
+	// periods), before the hold's deadline (3 periods).
+	for hook.inFlight.Load() == 0 {
+		select {
+		case <-lost:
+			t.Fatal("lost before its first renewal")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	held, err := c.ReentrantMutex(name).ForceUnlock(ctx)
+	require.NoError(t, err)
+	require.True(t, held)
+
+	requireRelockPrompt(t, ctx, m, "the replaced hold's") // another goroutine of the holder
+	require.EqualValues(t, 1, hook.inFlight.Load(), "the old hold's renewal is still in flight")
+	requireClosedWithin(t, lost, time.Second, "the force-unlocked hold's Lost")
+	require.Greater(t, m.Token(), old, "a new hold, a new token")
+	n, err := m.HoldCount(ctx)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.NoError(t, m.Unlock(ctx))
+	// The goroutine that held the force-unlocked hold unlocks too: its hold
+	// is gone, and the new one was released already.
+	require.ErrorIs(t, m.Unlock(ctx), redlatch.ErrNotHeld)
+}
+
+// stuckRenewalPeriod is the watchdog period of stuckRenewalRig's Client.
+const stuckRenewalPeriod = 2 * time.Second
+
+// stuckRenewalRig returns a 30s context, a Client on a Redis client of b
+// whose renewals of the lock stuckRenewals holds (each to its bound), with
+// a watchdog period of stuckRenewalPeriod, the lock name, and a
+// ReentrantMutex of it that holds the lock.
+func stuckRenewalRig(t *testing.T, b redistest.Backend) (context.Context, *redlatch.Client, string, *redlatch.ReentrantMutex, *stuckRenewals) {
+	t.Helper()
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	rdb := b.Client(t)
+	hook := &stuckRenewals{key: lockKey(name)}
+	rdb.AddHook(hook)
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(3*stuckRenewalPeriod))
+	m := c.ReentrantMutex(name)
+	require.NoError(t, m.Lock(ctx))
+	return ctx, c, name, m, hook
+}
+
+// requireRelockPrompt requires a Lock of m with a 300ms deadline, from
+// another goroutine, to take the lock well before a renewal stuck in
+// stuckRenewalRig's hook ends: it must not wait for whose renewal.
+func requireRelockPrompt(t *testing.T, ctx context.Context, m *redlatch.ReentrantMutex, whose string) {
+	t.Helper()
+	lctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- m.Lock(lctx) }()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(stuckRenewalPeriod / 2):
+		t.Fatalf("Lock(ctx with a 300ms deadline) still not back after %v: it waits for %s stuck renewal", time.Since(start), whose)
+	}
 }
