@@ -184,6 +184,22 @@ func (c *Client) enterWait() bool {
 	return true
 }
 
+// enterResend registers a release resent in the background (see
+// resendRelease). Unlike enterWait, it also registers once Close has begun
+// while calls are still registered: the cleanup of a wait that Close ended
+// (an undo, a give-back, a withdrawal) may fail with no reply, and its
+// resend is what frees the hold; Close waits for it as for that wait (up
+// to cleanupTimeout). It returns false once no registered call is left.
+func (c *Client) enterResend() bool {
+	c.waitMu.Lock()
+	defer c.waitMu.Unlock()
+	if c.closed.Load() && c.waits == 0 {
+		return false
+	}
+	c.waits++
+	return true
+}
+
 // leaveWait ends a call registered by enterWait.
 func (c *Client) leaveWait() {
 	c.waitMu.Lock()
@@ -814,7 +830,7 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 	if err == nil || (isReplyError(err) && !isRefusal(err)) || !named || ctx.Value(resentKey{}) != nil {
 		return
 	}
-	if !c.enterWait() {
+	if !c.enterResend() {
 		return
 	}
 	// A caller that counts its releases on their way (a Redlock, whose

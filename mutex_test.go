@@ -1724,6 +1724,92 @@ func TestOlderTokenFromLiveHold(t *testing.T) {
 	})
 }
 
+// TestCloseGiveBackResent: an acquisition's attempt took the lock in Redis,
+// its reply on the way, when Close begins: the call returns ErrClosed and
+// gives what it took back (TestCloseWithAttemptInFlight). When that
+// give-back fails with no reply from Redis, it is resent in the background,
+// as every undo whose outcome is unknown is, and Close waits for it. It
+// was not: the resend was refused because the Client was closing, and the
+// lock stayed taken by nobody for its whole lease. (Found by a reviewer.)
+func TestCloseGiveBackResent(t *testing.T) {
+	type kind struct {
+		name, key string
+		try       func(c *redlatch.Client, n string) func(context.Context) (bool, error)
+		take      func(c *redlatch.Client, n string) func(context.Context) error
+	}
+	kinds := []kind{
+		{"Mutex", "lock",
+			func(c *redlatch.Client, n string) func(context.Context) (bool, error) { return c.Mutex(n).TryLock },
+			func(c *redlatch.Client, n string) func(context.Context) error { return c.Mutex(n).Lock }},
+		{"RWMutex", "rw",
+			func(c *redlatch.Client, n string) func(context.Context) (bool, error) { return c.RWMutex(n).TryLock },
+			func(c *redlatch.Client, n string) func(context.Context) error { return c.RWMutex(n).Lock }},
+		{"RWMutex reader", "rw",
+			func(c *redlatch.Client, n string) func(context.Context) (bool, error) { return c.RWMutex(n).TryRLock },
+			func(c *redlatch.Client, n string) func(context.Context) error { return c.RWMutex(n).Lock }},
+		{"Semaphore", "sem",
+			func(c *redlatch.Client, n string) func(context.Context) (bool, error) {
+				s := c.Semaphore(n, 1)
+				return func(ctx context.Context) (bool, error) { return s.TryAcquire(ctx, 1) }
+			},
+			func(c *redlatch.Client, n string) func(context.Context) error {
+				s := c.Semaphore(n, 1)
+				return func(ctx context.Context) error { return s.Acquire(ctx, 1) }
+			}},
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range kinds {
+			t.Run(k.name, func(t *testing.T) {
+				ctx := ctxT(t, 20*time.Second)
+				name := redistest.UniqueName(t)
+				other := newClient(t, b)
+				// The scripts loaded: a NOSCRIPT reply would not reach the hooks' match.
+				_, err := k.try(other, name+"warm")(ctx)
+				require.NoError(t, err)
+				rdb := b.Client(t)
+				match := scriptWith("{" + name + "}:" + k.key)
+				gate := &gateScriptHook{match: match, after: true, entered: make(chan struct{}), proceed: make(chan struct{})}
+				fail := &refuseHook{match: match, nth: 1}
+				rdb.AddHook(gate)
+				rdb.AddHook(fail)
+				c := redlatch.New(rdb)
+				got := make(chan error, 1)
+				try := k.try(c, name)
+				gate.armed.Store(true)
+				go func() {
+					ok, err := try(ctx)
+					if ok {
+						err = errors.New("took it")
+					}
+					got <- err
+				}()
+				select {
+				case <-gate.entered: // the attempt took it in Redis; its reply is held
+				case <-time.After(5 * time.Second):
+					t.Fatal("no attempt")
+				}
+				closed := make(chan error, 1)
+				go func() { closed <- c.Close() }()
+				// Close has begun (it waits for the call): the give-back's
+				// first send fails with no reply.
+				require.Eventually(t, func() bool {
+					_, err := c.Mutex("x").TryLock(ctx)
+					return errors.Is(err, redlatch.ErrClosed)
+				}, 5*time.Second, time.Millisecond)
+				fail.armed.Store(true)
+				close(gate.proceed)
+				require.ErrorIs(t, <-got, redlatch.ErrClosed)
+				require.Eventually(t, func() bool { return fail.seen.Load() > 0 }, 5*time.Second, time.Millisecond, "no give-back")
+				require.NoError(t, <-closed)
+				// The lock is free at once, not after the closed Client's lease.
+				tctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+				defer cancel()
+				require.NoError(t, k.take(other, name)(tctx), "the closed Client's give-back was not resent: the lock stays taken by nobody")
+			})
+		}
+	})
+}
+
 // refuseHook fails the nth script call that matches after it is armed,
 // without sending it, as a connection lost before the write would.
 type refuseHook struct {
