@@ -188,16 +188,30 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 	// lost. It is sent again, paced, until Redis answers.
 	detached(ctx, func(ctx context.Context) {
 		var again tryAgainBackoff
-		if isRefusal(cmd.Err()) && !again.wait(ctx) {
+		lost := !isRefusal(cmd.Err()) // the first send's outcome is unknown
+		if !lost && !again.wait(ctx) {
 			return
 		}
 		for {
 			next := s.Run(ctx, l.c.rdb, keys, args...)
-			if err := next.Err(); err == nil || isReplyError(err) && !isRefusal(err) {
+			err := next.Err()
+			if err == nil || isReplyError(err) && !isRefusal(err) {
 				cmd = next
 				return
 			}
-			if !isRefusal(next.Err()) || !again.wait(ctx) {
+			if !isRefusal(err) {
+				// No reply: this send may have run. The refusal of an
+				// earlier one must not be returned (it says nothing ran:
+				// a caller calling again would act twice). Sent once
+				// more after a lost reply, as a first send is.
+				cmd = next
+				if lost {
+					return
+				}
+				lost = true
+				continue
+			}
+			if !again.wait(ctx) {
 				return
 			}
 		}

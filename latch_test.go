@@ -3,6 +3,8 @@ package redlatch_test
 import (
 	"context"
 	"fmt"
+	"io"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -746,10 +748,100 @@ func lossyLatch(t *testing.T, ctx context.Context, b redistest.Backend, name str
 	t.Helper()
 	c, hook := lossyClient(t, b, scriptWith(latchKey(name)), retry)
 	l := c.CountDownLatch(name)
+	warmLatch(t, ctx, l)
+	return l, hook
+}
+
+// warmLatch loads the scripts of l's calls that change the count, and
+// leaves l deleted.
+func warmLatch(t *testing.T, ctx context.Context, l *redlatch.CountDownLatch) {
+	t.Helper()
 	require.NoError(t, l.CountDown(ctx))
 	_, err := l.TrySetCount(ctx, 1)
 	require.NoError(t, err)
 	_, err = l.Delete(ctx)
 	require.NoError(t, err)
-	return l, hook
+}
+
+// busyReply is a BUSY reply from Redis (the script did not run).
+type busyReply string
+
+func (e busyReply) Error() string { return string(e) }
+func (busyReply) RedisError()     {}
+
+// refusedThenLostHook makes the next matching script call, once armed, be
+// refused with BUSY without reaching Redis, and the call after it run on
+// the server with its reply lost (go-redis's retries failed): the outcome
+// of that second send is unknown to the client.
+type refusedThenLostHook struct {
+	passHook
+	match func(redis.Cmder) bool
+	mu    sync.Mutex
+	step  int // 0: disarmed; 1: refuse next; 2: lose next reply
+}
+
+func (h *refusedThenLostHook) arm() {
+	h.mu.Lock()
+	h.step = 1
+	h.mu.Unlock()
+}
+
+func (h *refusedThenLostHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !h.match(cmd) {
+			return next(ctx, cmd)
+		}
+		h.mu.Lock()
+		step := h.step
+		if step > 0 {
+			h.step = (step + 1) % 3
+		}
+		h.mu.Unlock()
+		switch step {
+		case 1:
+			err := busyReply("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.")
+			cmd.SetErr(err)
+			return err
+		case 2:
+			if err := next(ctx, cmd); err != nil {
+				return err
+			}
+			cmd.SetErr(io.ErrUnexpectedEOF)
+			return io.ErrUnexpectedEOF
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestLatchRefusedThenLostReplyNotReportedRefused: a latch call is refused
+// with BUSY (the script did not run), so it is sent again (a6642ef); that
+// resend runs on the server, but its reply is lost. The call returned the
+// first BUSY reply, which says that nothing ran, although the resend had
+// counted down (or set the count): a caller that calls again on BUSY counts
+// down twice, and a TrySetCount called again reports its own count as
+// another's. The call must report an unknown outcome (a network error), as
+// a call whose resend after a lost reply failed does. (Found by a reviewer
+// of a6642ef.)
+func TestLatchRefusedThenLostReplyNotReportedRefused(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	rdb := serverBackend(srv).Client(t)
+	hook := &refusedThenLostHook{match: scriptWith(latchKey(name))}
+	rdb.AddHook(hook)
+	c := newClientOn(t, rdb)
+	l := c.CountDownLatch(name)
+	warmLatch(t, ctx, l)
+
+	refused := func(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "BUSY") }
+
+	hook.arm() // refused, then set with its reply lost
+	_, err := l.TrySetCount(ctx, 2)
+	requireCount(t, ctx, l, 2)
+	require.False(t, refused(err), "a TrySetCount that set the count reported BUSY (did not run): %v", err)
+
+	hook.arm() // refused, then counted down with its reply lost
+	err = l.CountDown(ctx)
+	requireCount(t, ctx, l, 1)
+	require.False(t, refused(err), "a CountDown that counted down reported BUSY (did not run): calling again counts twice: %v", err)
 }
