@@ -467,10 +467,18 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 // request id req was the last to queue it (see rw_unqueue.lua), waking the
 // readers queued behind it when it was the last.
 func (m *RWMutex) unqueue(ctx context.Context, req string) {
-	err := rwUnqueueScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.fence}, m.owner, m.c.publishCommand(ctx),
-		fenceRetention(m.lease), req).Err()
+	keys := []string{m.key, m.rwake, m.fence}
+	args := []any{m.owner, m.c.publishCommand(ctx), fenceRetention(m.lease), req}
+	err := rwUnqueueScript.Run(ctx, m.c.rdb, keys, args...).Err()
+	// Sent again when it failed with no reply or Redis refused it (BUSY,
+	// LOADING), as a FairMutex's withdrawal: left undone, the place of a
+	// writer that no longer waits kept every new reader out for its lease
+	// (the watchdog timeout). It names this call: a resend that lands late
+	// leaves the place of the owner's next Lock alone.
+	m.c.resendRelease(ctx, err, true, func(ctx context.Context) error {
+		return rwUnqueueScript.Run(ctx, m.c.rdb, keys, args...).Err()
+	})
 	if err = convertErr(err); err != nil {
-		// The place expires after its lease (the watchdog timeout).
 		m.c.opts.logger.Warn("redlatch: leaving the writers' queue failed", "name", m.name, "error", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -989,4 +990,135 @@ func TestRWFailedRUnlockThenReentry(t *testing.T) {
 				return lockFns{m.Lock, m.TryLock, m.Unlock}
 			})
 	})
+}
+
+// TestAcquireRunThenRefusedBusyIsUndone: an acquisition attempt runs in
+// Redis, its reply is lost, and go-redis's resend of it is refused with
+// BUSY (another client's script runs past busy-reply-threshold; go-redis
+// does not retry BUSY). The refusal is a reply from Redis, so the attempt
+// counted as one that did not run: it was neither undone nor did its Lock
+// leave the writers' queue. A Mutex.Lock returned BUSY while its first run
+// had taken the lock, held by nobody, unrenewed, for its whole lease; an
+// RWMutex.Lock returned BUSY while its first run had queued the writer,
+// whose place kept every new reader out for its whole lease (the watchdog
+// timeout). As TestLatchLostReplyRetryRefusedBusy for the latch. (Found by
+// a reviewer.)
+func TestAcquireRunThenRefusedBusyIsUndone(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	b := serverBackend(srv)
+	ctx := ctxT(t, 20*time.Second)
+
+	t.Run("Mutex", func(t *testing.T) {
+		name := redistest.UniqueName(t)
+		c, hook := lossyClient(t, b, scriptWith(lockKey(name)), true)
+		m := c.Mutex(name)
+		require.NoError(t, m.Lock(ctx)) // loads the scripts
+		require.NoError(t, m.Unlock(ctx))
+
+		var busy <-chan error
+		hook.between = func() { busy = srv.BusyFor(t, 300*time.Millisecond) }
+		hook.armed.Store(true) // the attempt runs; go-redis's resend is refused
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		err := m.Lock(lctx)
+		require.NoError(t, <-busy)
+		require.Error(t, err)
+		other := newClient(t, b).Mutex(name)
+		require.Eventually(t, func() bool {
+			ok, err := other.TryLock(ctx)
+			return err == nil && ok
+		}, 3*time.Second, 20*time.Millisecond, "the lock the refused Lock took is held by nobody")
+		require.NoError(t, other.Unlock(ctx))
+	})
+
+	t.Run("RWMutex", func(t *testing.T) {
+		name := redistest.UniqueName(t)
+		rwKey := "{" + name + "}:rw"
+		c, hook := lossyClient(t, b, scriptWith(rwKey), true)
+		writer := c.RWMutex(name, redlatch.WithOwner("writer"))
+		require.NoError(t, writer.Lock(ctx)) // loads the scripts
+		require.NoError(t, writer.Unlock(ctx))
+		other := newClient(t, b)
+		holder := other.RWMutex(name, redlatch.WithOwner("holder"))
+		require.NoError(t, holder.RLock(ctx))
+
+		var busy <-chan error
+		hook.between = func() { busy = srv.BusyFor(t, 300*time.Millisecond) }
+		hook.armed.Store(true) // the attempt queues the writer; the resend is refused
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		err := writer.Lock(lctx)
+		require.NoError(t, <-busy)
+		require.Error(t, err)
+		reader := other.RWMutex(name, redlatch.WithOwner("reader"))
+		require.Eventually(t, func() bool {
+			ok, err := reader.TryRLock(ctx)
+			return err == nil && ok
+		}, 3*time.Second, 20*time.Millisecond, "the waiting place of the refused Lock keeps the readers out")
+		require.NoError(t, reader.RUnlock(ctx))
+		require.NoError(t, holder.RUnlock(ctx))
+	})
+}
+
+// busyBeforeHook makes the server busy (another client's script running
+// past busy-reply-threshold) just before the first matching call it sees
+// once armed is sent: Redis refuses that call with BUSY, which go-redis does
+// not retry. busy delivers the busy script's end.
+type busyBeforeHook struct {
+	passHook
+	srv   *redistest.Server
+	t     testing.TB
+	match func(redis.Cmder) bool
+	armed atomic.Bool
+	busy  chan (<-chan error)
+}
+
+func (h *busyBeforeHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.match(cmd) && h.armed.CompareAndSwap(true, false) {
+			h.busy <- h.srv.BusyFor(h.t, 300*time.Millisecond)
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestRWUnqueueRefusedBusyResent: a writer's Lock gives up (its ctx ends
+// while it waits behind a reader) and leaves the writers' queue; Redis
+// refuses that unqueue with BUSY (another client's script runs past
+// busy-reply-threshold): the script did not run. The unqueue was not sent
+// again (only logged): the dead writer's place stayed until its lease ran
+// out (the watchdog timeout, 30s by default), keeping every new reader
+// out meanwhile, though no writer waited. A FairMutex's withdrawal is
+// resent so (resendRelease), and since rw_unqueue names the Lock call that
+// gave up, a late resend leaves the owner's next Lock's place alone.
+// (Found by a reviewer.)
+func TestRWUnqueueRefusedBusyResent(t *testing.T) {
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	b := serverBackend(srv)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+
+	rdb := b.Client(t)
+	hook := &busyBeforeHook{srv: srv, t: t, busy: make(chan (<-chan error), 1),
+		match: scriptWith("{" + name + "}:rwake")} // rw_unqueue (and rw_unlock)
+	rdb.AddHook(hook)
+	c := newClientOn(t, rdb)
+	writer := c.RWMutex(name, redlatch.WithOwner("writer"))
+	other := newClient(t, b)
+	holder := other.RWMutex(name, redlatch.WithOwner("holder"))
+	require.NoError(t, holder.RLock(ctx))
+
+	hook.armed.Store(true)
+	lctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, writer.Lock(lctx), redlatch.ErrNotObtained)
+	require.NoError(t, <-<-hook.busy, "the unqueue was refused")
+
+	reader := other.RWMutex(name, redlatch.WithOwner("reader"))
+	require.Eventually(t, func() bool {
+		ok, err := reader.TryRLock(ctx)
+		return err == nil && ok
+	}, 3*time.Second, 20*time.Millisecond, "the place of a writer that gave up keeps the readers out")
+	require.NoError(t, reader.RUnlock(ctx))
+	require.NoError(t, holder.RUnlock(ctx))
 }
