@@ -429,12 +429,13 @@ func (r *Redlock) fanOut(ctx context.Context, req string) *round {
 // release undoes the acquisition of round rd on every master (it releases
 // only what that request took) and waits for the replies of the masters
 // that granted it or did not answer for at most the node timeout; slower
-// releases go on in the background, bounded. Once ctx has ended, or when
-// no round follows (retry false: a TryLock, a hold given back), it waits
-// only for the masters that granted the round: the others (frozen,
-// unreachable) would hold up a call that is over. (A round
-// that follows is refused where this round's grant, by the same owner id,
-// is still there.)
+// releases go on in the background, bounded. When no round follows (retry
+// false: a TryLock, a hold given back), it waits only for the masters that
+// granted the round: the others (frozen, unreachable) would hold up a call
+// that is over. Once ctx has ended it waits for none: a granting master
+// slow to take its undo held Lock and TryLock up to the attempt timeout
+// past their ctx. (A round that follows is refused where this round's
+// grant, by the same owner id, is still there.)
 func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	var all, answered sync.WaitGroup
 	for i, e := range r.nodes {
@@ -479,6 +480,11 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 	select {
 	case <-knownDone:
 	case <-t.C:
+		return
+	case <-ctx.Done():
+		// The call is over: its undos go on in the background, counted in
+		// flight (the handle's next call waits for them where its round is
+		// refused, see lock) and waited for by Close (see Client.waits).
 		return
 	}
 	if !retry {

@@ -178,11 +178,7 @@ func TestMutexUnlockWithFrozenRedis(t *testing.T) {
 	servers[0].Stop(t)
 	t.Cleanup(func() { servers[0].Cont(t) })
 	time.Sleep(3200 * time.Millisecond)
-	uctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-	defer cancel()
-	start := time.Now()
-	err := m.Unlock(uctx)
-	took := time.Since(start)
+	took, err := callTimed(ctx, 300*time.Millisecond, m.Unlock)
 	t.Logf("Unlock returned %v after %v", err, took)
 	require.Less(t, took, time.Second, "Unlock outlived its 300ms ctx by far")
 }
@@ -1183,4 +1179,59 @@ func (rig *redlockRig) lostAttemptSlowUndo(t *testing.T) (clients []*redlatch.Cl
 	proceed = func() { once.Do(func() { close(undoGate.proceed) }) }
 	t.Cleanup(proceed)
 	return rig.clients(t, nil, nil, []redis.Hook{lost, undoGate}), lost, undoGate, proceed
+}
+
+// and 2; master 1 grants the Redlock's round, and the undo of that grant
+// is slow on its way there (1.5s: a slow link, a master paused just after
+// it answered). Lock's ctx (200ms) ends while the failed round is being
+// undone: Lock must return then, the undo going on in the background (the
+// handle counts it in flight, and Close waits for it), as a Mutex's Lock
+// does and as the masters that did not answer the round are undone. It
+// waited for the undo up to the attempt timeout (1s at the default lease)
+// past its ctx. (Found by a reviewer.)
+func TestRedlockLockReturnsByCtxWithSlowUndo(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	others := redlockClients(t, servers)
+	for _, i := range []int{0, 2} {
+		require.NoError(t, others[i].Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+	}
+	armed := new(atomic.Bool)
+	clients := make([]*redlatch.Client, len(servers))
+	for i, s := range servers {
+		rdb := s.Client(t)
+		if i == 1 {
+			slow := scriptWith("{" + name + "}:wake") // an unlock script: the round's undo
+			rdb.AddHook(delayHook{match: func(cmd redis.Cmder) bool { return armed.Load() && slow(cmd) },
+				d: 1500 * time.Millisecond})
+		}
+		clients[i] = newClientOn(t, rdb)
+	}
+	// Load the scripts on master 1: a NOSCRIPT resend is not delayed twice.
+	warm := clients[1].Mutex(name + "-warm")
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+	r := redlatch.NewRedlock(name, clients)
+	armed.Store(true)
+
+	took, err := callTimed(ctx, 200*time.Millisecond, r.Lock)
+	t.Logf("Lock: %v after %v", err, took)
+	require.ErrorIs(t, err, redlatch.ErrNotObtained)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.Less(t, took, 800*time.Millisecond, "Lock returned long after its ctx, waiting for a slow undo")
+
+	// The undo still lands: master 1 is free again, not held by nobody.
+	require.Eventually(t, func() bool { return !heldOn(t, ctx, servers, name)[1] },
+		5*time.Second, 20*time.Millisecond, "the round's grant on master 1 was never undone")
+}
+
+// callTimed calls f with a context of ctx that ends after d, and returns
+// how long the call took and its error.
+func callTimed(ctx context.Context, d time.Duration, f func(context.Context) error) (time.Duration, error) {
+	fctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	start := time.Now()
+	err := f(fctx)
+	return time.Since(start), err
 }
