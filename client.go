@@ -185,11 +185,12 @@ func (c *Client) enterWait() bool {
 }
 
 // enterResend registers a release resent in the background (see
-// resendRelease). Unlike enterWait, it also registers once Close has begun
-// while calls are still registered: the cleanup of a wait that Close ended
-// (an undo, a give-back, a withdrawal) may fail with no reply, and its
-// resend is what frees the hold; Close waits for it as for that wait (up
-// to cleanupTimeout). It returns false once no registered call is left.
+// resendRelease), or a Redlock's undo that outlives its call (see
+// Redlock.release). Unlike enterWait, it also registers once Close has
+// begun while calls are still registered: the cleanup of a wait that Close
+// ended (an undo, a give-back, a withdrawal) may fail with no reply, and
+// its resend is what frees the hold; Close waits for it as for that wait
+// (up to cleanupTimeout). It returns false once no registered call is left.
 func (c *Client) enterResend() bool {
 	c.waitMu.Lock()
 	defer c.waitMu.Unlock()

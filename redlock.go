@@ -455,8 +455,13 @@ func (r *Redlock) release(ctx context.Context, rd *round, retry bool) {
 		if known {
 			answered.Add(1)
 		}
-		// Close waits for the undos that outlive the call (see Client.waits).
-		registered := e.c.enterWait()
+		// Close waits for the undos that outlive the call (see Client.waits),
+		// also once it has begun: the call is registered (see lock), and
+		// with its ctx ended it does not wait for them (enterWait failed
+		// then, and Close returned with an undo still on its way, which
+		// failed once the Redis client was closed, the grant left held by
+		// nobody for its lease: TestRedlockCloseWaitsForUndoAfterCtx).
+		registered := e.c.enterResend()
 		r.takeOff()
 		go func() {
 			if registered {

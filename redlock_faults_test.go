@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -1224,6 +1225,80 @@ func TestRedlockLockReturnsByCtxWithSlowUndo(t *testing.T) {
 	// The undo still lands: master 1 is free again, not held by nobody.
 	require.Eventually(t, func() bool { return !heldOn(t, ctx, servers, name)[1] },
 		5*time.Second, 20*time.Millisecond, "the round's grant on master 1 was never undone")
+}
+
+// TestRedlockCloseWaitsForUndoAfterCtx: a Redlock's Lock is on its way
+// when the Client of master 1 is closed, and its ctx ends while its round
+// (granted by master 1, refused by master 2, unanswered by master 0) is
+// undone. Since 7536249 the round's release returns at once when ctx has
+// ended, leaving the undos to the background, "waited for by Close"; but
+// an undo registers with enterWait, which fails once Close has begun: Close
+// returned as soon as Lock did, with master 1's undo still on its way. The
+// caller then closes its Redis client (as documented, after Close), the
+// undo fails, and master 1 stays locked by nobody for the whole lease.
+// (Found by a reviewer of 7536249.)
+func TestRedlockCloseWaitsForUndoAfterCtx(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	others := redlockClients(t, servers)
+	require.NoError(t, others[2].Mutex(name, redlatch.WithLease(20*time.Second)).Lock(ctx))
+
+	armed := new(atomic.Bool)
+	wake := scriptWith("{" + name + "}:wake") // an unlock script (an undo)
+	isLock := func(cmd redis.Cmder) bool { return scriptWith(lockKey(name))(cmd) && !wake(cmd) }
+	hold := delayHook{match: func(cmd redis.Cmder) bool { return armed.Load() && isLock(cmd) },
+		once: new(sync.Once), entered: make(chan struct{})} // until its ctx ends
+	undoGate := &gateScriptHook{match: wake, entered: make(chan struct{}), proceed: make(chan struct{})}
+	var once sync.Once
+	openGate := func() { once.Do(func() { close(undoGate.proceed) }) }
+	t.Cleanup(openGate)
+	clients := make([]*redlatch.Client, len(servers))
+	rdbs := make([]*redis.Client, len(servers))
+	for i, s := range servers {
+		rdbs[i] = s.Client(t)
+		switch i {
+		case 0:
+			rdbs[i].AddHook(hold)
+		case 1:
+			rdbs[i].AddHook(undoGate)
+		}
+		clients[i] = newClientOn(t, rdbs[i])
+		warm := clients[i].Mutex(name + "-warm") // loads the scripts
+		require.NoError(t, warm.Lock(ctx))
+		require.NoError(t, warm.Unlock(ctx))
+	}
+	r := redlatch.NewRedlock(name, clients)
+	armed.Store(true)
+	undoGate.armed.Store(true)
+
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	lockErr := make(chan error, 1)
+	go func() { lockErr <- r.Lock(lctx) }()
+	<-hold.entered // the round is on its way: master 0 does not answer
+	require.Eventually(t, func() bool { return heldOn(t, ctx, servers, name)[1] },
+		2*time.Second, time.Millisecond, "master 1 did not grant the round")
+
+	closed := make(chan error, 1)
+	go func() { closed <- clients[1].Close() }()
+	require.Eventually(t, func() bool {
+		_, err := clients[1].Mutex(name + "-probe").TryLock(ctx)
+		return errors.Is(err, redlatch.ErrClosed)
+	}, 2*time.Second, time.Millisecond, "Close did not begin")
+	cancel() // Lock's ctx ends while its round is on its way
+
+	require.ErrorIs(t, <-lockErr, redlatch.ErrNotObtained)
+	<-undoGate.entered // master 1's undo is on its way
+	// Let the undo through in a while, unless Close returned first.
+	time.AfterFunc(500*time.Millisecond, openGate)
+	require.NoError(t, <-closed)
+	undone := !heldOn(t, ctx, servers, name)[1]
+	// The Redis client is closed after Close, as documented: an undo
+	// still on its way fails, and master 1 stays locked by nobody.
+	require.NoError(t, rdbs[1].Close())
+	openGate()
+	require.True(t, undone, "Close returned before the undo of the Redlock's round on master 1 landed")
 }
 
 // callTimed calls f with a context of ctx that ends after d, and returns
