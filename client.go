@@ -190,7 +190,9 @@ func (c *Client) enterWait() bool {
 // begun while calls are still registered: the cleanup of a wait that Close
 // ended (an undo, a give-back, a withdrawal) may fail with no reply, and
 // its resend is what frees the hold; Close waits for it as for that wait
-// (up to cleanupTimeout). It returns false once no registered call is left.
+// (up to cleanupTimeout). It returns false once no registered call is left
+// (Close's wait is over, or about to be): the release is resent
+// unregistered then.
 func (c *Client) enterResend() bool {
 	c.waitMu.Lock()
 	defer c.waitMu.Unlock()
@@ -831,9 +833,13 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 	if err == nil || (isReplyError(err) && !isRefusal(err)) || !named || ctx.Value(resentKey{}) != nil {
 		return
 	}
-	if !c.enterResend() {
-		return
-	}
+	// Close waits for the resend when it can still register (see
+	// enterResend). Once Close is over it is sent all the same, as a
+	// Redlock's release to a closed Client's master is (see
+	// Redlock.unlockAll; Close leaves the Redis client open): dropped, it
+	// left that master locked by nobody for the hold's lease
+	// (TestRedlockUnlockAfterCloseResent).
+	registered := c.enterResend()
 	// A caller that counts its releases on their way (a Redlock, whose
 	// next round is refused where they are not done, see Redlock.takeOff)
 	// counts the resend among them.
@@ -842,7 +848,9 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 		f.takeOff()
 	}
 	go func() {
-		defer c.leaveWait()
+		if registered {
+			defer c.leaveWait()
+		}
 		if f != nil {
 			defer f.land()
 		}

@@ -1310,3 +1310,35 @@ func callTimed(ctx context.Context, d time.Duration, f func(context.Context) err
 	err := f(fctx)
 	return time.Since(start), err
 }
+
+// TestRedlockUnlockAfterCloseResent: a held Redlock is released on every
+// master by Unlock even once one of its Clients is closed (Close leaves the
+// Redis client open; TestRedlockUnlockWithAClientClosed). When that
+// master's release fails with no reply (it may never have reached Redis),
+// it is resent in the background, as every release is. It was not: the
+// resend registers with enterResend, which refuses once Close has begun
+// and no call is registered, and the resend was dropped: master 0 stayed
+// locked by nobody for the hold's whole lease.
+// (Found by a reviewer of 37a3466.)
+func TestRedlockUnlockAfterCloseResent(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	rdb0 := servers[0].Client(t)
+	fail := &refuseHook{match: scriptWith("{" + name + "}:wake"), nth: 1} // the release, unsent
+	rdb0.AddHook(fail)
+	clients := []*redlatch.Client{newClientOn(t, rdb0)}
+	clients = append(clients, redlockClients(t, servers[1:])...)
+	r := redlatch.NewRedlock(name, clients)
+	require.NoError(t, r.Lock(ctx))
+	require.Equal(t, []bool{true, true, true}, heldOn(t, ctx, servers, name))
+
+	require.NoError(t, clients[0].Close()) // nothing in flight: returns at once
+	fail.armed.Store(true)
+	err := r.Unlock(ctx)
+	t.Logf("Unlock: %v", err)
+	require.GreaterOrEqual(t, fail.seen.Load(), int32(1), "the release to master 0 was not sent")
+	require.Eventually(t, func() bool { return !heldOn(t, ctx, servers, name)[0] },
+		3*time.Second, 20*time.Millisecond,
+		"master 0's failed release was not resent: it stays locked by nobody for the lease")
+}
