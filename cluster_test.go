@@ -1100,3 +1100,120 @@ func TestAcquireRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
 	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
 	require.NoError(t, other.Unlock(ctx))
 }
+
+// readUndoGate, added innermost to a cluster client, holds the read
+// releases (rw_runlock.lua: three keys, the first the lock hash) of one
+// lock until open is closed, and counts the read attempts (rw_rlock.lua:
+// two keys) that Redis answered with a refusal ({0, retry}), closing
+// refused2 at the second.
+type readUndoGate struct {
+	passHook
+	key      string
+	armed    atomic.Bool
+	held     chan struct{} // closed when a release reached the gate
+	heldOnce sync.Once
+	open     chan struct{}
+	refused  atomic.Int32
+	refused2 chan struct{}
+}
+
+func (h *readUndoGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if !h.armed.Load() || (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 {
+			return next(ctx, cmd)
+		}
+		if key, _ := args[3].(string); key != h.key {
+			return next(ctx, cmd)
+		}
+		numkeys, _ := args[2].(int)
+		switch numkeys {
+		case 3: // rw_runlock.lua
+			h.heldOnce.Do(func() { close(h.held) })
+			<-h.open
+			return next(ctx, cmd)
+		case 2: // rw_rlock.lua
+			err := next(ctx, cmd)
+			if c, ok := cmd.(*redis.Cmd); ok && err == nil {
+				if res, _ := c.Slice(); len(res) >= 2 {
+					if s, _ := res[0].(int64); s == 0 && h.refused.Add(1) == 2 {
+						close(h.refused2)
+					}
+				}
+			}
+			return err
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestRWRLockWokenByBackgroundUndoOfOwnReadHold: an RLock whose attempt
+// took the read lock but lost its reply, then was refused by a migrating
+// slot until its ctx ended, is undone in the background (see refusedErr).
+// Until that undo lands, the owner's read hold is in Redis while the
+// handle counts none: the handle's next RLock may not re-enter it (see
+// mayReenter) and waits for it to end. The undo ends it, but a read
+// release publishes to writers only, and only a resent release woke the
+// handle's own readers: the RLock slept for the read hold's whole lease
+// (the watchdog timeout, 30s) although the lock was free. (Found by a
+// reviewer.)
+func TestRWRLockWokenByBackgroundUndoOfOwnReadHold(t *testing.T) {
+	ctx, cl, cc, c, hook := cancelOnTryAgainRig(t)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	tag := "{" + name + "}"
+	m := c.RWMutex(name)
+	require.NoError(t, m.RLock(ctx)) // the slot map is loaded, the fence key exists
+	require.NoError(t, m.RUnlock(ctx))
+
+	lost := &lostThenRefused{key: tag + ":rw", migrate: func() {
+		// The fence key moves, the lock hash does not: TRYAGAIN.
+		cl.StartMigration(t, 2, tag+":fence")
+	}}
+	cc.AddHook(lost) // inside hook
+	gate := &readUndoGate{key: tag + ":rw", held: make(chan struct{}), open: make(chan struct{}), refused2: make(chan struct{})}
+	cc.AddHook(gate) // innermost
+	var openOnce sync.Once
+	openGate := func() { openOnce.Do(func() { close(gate.open) }) }
+	t.Cleanup(openGate)
+	gate.armed.Store(true)
+
+	wctx, cancel := context.WithCancel(ctx)
+	hook.arm(tag+":rw", cancel) // ends wctx in tryAgainHook's backoff
+	err := m.RLock(wctx)
+	cancel()
+	requireWaitErr(t, err, wctx)
+
+	// The undo of that RLock is on its way, in the background: held.
+	select {
+	case <-gate.held:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no undo of the failed RLock")
+	}
+	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+
+	// The handle's next RLock finds the owner's read hold (the undo's) and
+	// waits for it: refused at its first attempt and at the one after it
+	// joined the readers' channel.
+	got := make(chan error, 1)
+	rctx, rcancel := context.WithTimeout(ctx, 15*time.Second)
+	defer rcancel()
+	go func() { got <- m.RLock(rctx) }()
+	select {
+	case <-gate.refused2:
+	case err := <-got:
+		t.Fatalf("RLock returned before waiting: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the RLock did not wait for the owner's read hold")
+	}
+	// The undo lands: the lock is free, and the waiting RLock should take it.
+	openGate()
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+	case <-time.After(3 * time.Second):
+		held, err := m.IsLocked(ctx)
+		require.NoError(t, err)
+		t.Fatalf("the RLock waiting for its owner's undone read hold was not woken (lock held: %v)", held)
+	}
+	require.NoError(t, m.RUnlock(ctx))
+}

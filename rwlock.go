@@ -451,6 +451,13 @@ func (m *RWMutex) unlockR(ctx context.Context, undo, begun, done string) (int64,
 	}
 	keys := []string{m.key, m.fence, m.wwake}
 	n, err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Int64()
+	if err == nil && n == 0 {
+		// The owner's read hold ended (or had ended): an RLock of the
+		// handle may wait for it (it may not re-enter it, see mayReenter:
+		// an undo in the background, see refusedErr), and the release
+		// publishes to writers only. As the resend below does.
+		m.c.ps.wakeKin(m.rwake, m.owner)
+	}
 	// An undo is resent too (it names its acquisition, see unlockReq).
 	m.c.resendRelease(ctx, err, undo != "" || begun != "", func(ctx context.Context) error {
 		err := rwRUnlockScript.Run(ctx, m.c.rdb, keys, args...).Err()
