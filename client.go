@@ -830,7 +830,7 @@ func releaseContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // internal cleanup (an undo, a give-back, a withdrawal), which returns no
 // error to anyone, left the hold taken by nobody for its whole lease.
 func (c *Client) resendRelease(ctx context.Context, err error, named bool, send func(context.Context) error) {
-	if err == nil || (isReplyError(err) && !isRefusal(err)) || !named || ctx.Value(resentKey{}) != nil {
+	if err == nil || (isReplyError(err) && !isBusyOrLoading(err)) || !named || ctx.Value(resentKey{}) != nil {
 		return
 	}
 	// Close waits for the resend when it can still register (see
@@ -857,18 +857,18 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 		detached(context.WithValue(ctx, resentKey{}, true), func(ctx context.Context) {
 			// Paced as tryAgainHook paces a refused script, within ctx.
 			var again tryAgainBackoff
-			if isRefusal(err) && !again.wait(ctx) {
+			if isBusyOrLoading(err) && !again.wait(ctx) {
 				return
 			}
-			for isRefusal(send(ctx)) && again.wait(ctx) {
+			for isBusyOrLoading(send(ctx)) && again.wait(ctx) {
 			}
 		})
 	}()
 }
 
-// isRefusal reports whether err is a transient refusal by Redis (BUSY,
+// isBusyOrLoading reports whether err is a transient refusal by Redis (BUSY,
 // LOADING): the command did not run, and may be sent again.
-func isRefusal(err error) bool {
+func isBusyOrLoading(err error) bool {
 	if !isReplyError(err) {
 		return false
 	}

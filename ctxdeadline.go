@@ -699,8 +699,9 @@ func (e refusedErr) Error() string { return e.ctxErr.Error() }
 
 func (e refusedErr) Unwrap() error { return e.ctxErr }
 
-// isRefused reports whether err is a refusedErr: its last send did not run.
-func isRefused(err error) bool {
+// refusedUntilCtxEnded reports whether err is a refusedErr (a script call
+// refused until its ctx ended, see tryAgainHook): its last send did not run.
+func refusedUntilCtxEnded(err error) bool {
 	var r refusedErr
 	return errors.As(err, &r)
 }

@@ -266,7 +266,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 			f.lease.Milliseconds(), f.placeMs, reenter, mode)
 		res, err := cmd.Int64Slice()
 		unsettled = err != nil && !isReplyError(err)
-		refused = isRefused(err)
+		refused = refusedUntilCtxEnded(err)
 		if err != nil {
 			return false, 0, err
 		}

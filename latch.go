@@ -177,7 +177,7 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, l.c.rdb, keys, args...)
-	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isRefusal(err) || isRefused(err) && !release {
+	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isBusyOrLoading(err) || refusedUntilCtxEnded(err) && !release {
 		// (A call refused until ctx ended is not sent again: its resend,
 		// refused too while the slot migrates, would hold the call the
 		// cleanup timeout past its ctx; see refusedErr.)
@@ -188,18 +188,18 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 	// lost. It is sent again, paced, until Redis answers.
 	detached(ctx, func(ctx context.Context) {
 		var again tryAgainBackoff
-		lost := !isRefusal(cmd.Err()) // the first send's outcome is unknown
+		lost := !isBusyOrLoading(cmd.Err()) // the first send's outcome is unknown
 		if !lost && !again.wait(ctx) {
 			return
 		}
 		for {
 			next := s.Run(ctx, l.c.rdb, keys, args...)
 			err := next.Err()
-			if err == nil || isReplyError(err) && !isRefusal(err) {
+			if err == nil || isReplyError(err) && !isBusyOrLoading(err) {
 				cmd = next
 				return
 			}
-			if !isRefusal(err) {
+			if !isBusyOrLoading(err) {
 				// No reply: this send may have run. The refusal of an
 				// earlier one must not be returned (it says nothing ran:
 				// a caller calling again would act twice). Sent once

@@ -1686,7 +1686,7 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 		// sent again itself, refused then (a key had moved meanwhile),
 		// unseen by tryAgainHook. It is undone, in the background (see
 		// cleanupAfter).
-		c.cleanupAfter(ctx, isRefused(err), undo)
+		c.cleanupAfter(ctx, refusedUntilCtxEnded(err), undo)
 	}
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
@@ -1700,12 +1700,12 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 // outcomeUnknown reports whether an attempt that failed with err may have
 // taken what it asked for, unknown to its caller: not a reply from Redis,
 // nor an ErrNotReplicated attempt, released already (see replicated). A
-// transient refusal (BUSY, LOADING: see isRefusal) is a reply, but maybe to
+// transient refusal (BUSY, LOADING: see isBusyOrLoading) is a reply, but maybe to
 // go-redis's resend of an attempt whose first run took the lock (or queued
 // the writer) and whose reply was lost: go-redis does not retry BUSY
 // (TestAcquireRunThenRefusedBusyIsUndone).
 func outcomeUnknown(err error) bool {
-	return (!isReplyError(err) || isRefusal(err)) && !errors.Is(err, ErrNotReplicated)
+	return (!isReplyError(err) || isBusyOrLoading(err)) && !errors.Is(err, ErrNotReplicated)
 }
 
 // cleanupAfter runs cleanup (an undo, a FairMutex withdrawal) of an

@@ -302,7 +302,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
-		refused = isRefused(err)
+		refused = refusedUntilCtxEnded(err)
 		if err != nil {
 			unsettled = unsettled || outcomeUnknown(err)
 			return false, 0, err

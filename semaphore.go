@@ -396,7 +396,7 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		}
 		cancel()
 	}
-	if isRefusal(err) && len(members) > 0 {
+	if isBusyOrLoading(err) && len(members) > 0 {
 		// Refused (BUSY, LOADING): the script did not run, and Redis still
 		// has the records returned whole, which the handle no longer
 		// renews: sent again in the background, as Unlock's release is
