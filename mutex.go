@@ -380,7 +380,8 @@ func (e *excl) unlockReq(ctx context.Context, req, owner, undo, done string, tok
 	return n, nil
 }
 
-// noHold is a fencing token no hold has (tokens stay below 2^53, see
+// noHold is a fencing token no hold has (tokens, the server clock in
+// microseconds or a little past the last one, stay far below 2^62, see
 // lua/fence.lua): an undo naming it releases nothing and leaves only its
 // tombstone; a release naming it releases nothing either.
 const noHold = 1 << 62

@@ -1484,6 +1484,53 @@ var sharedOwnerKinds = []tokenKind{
 	{"RWMutex", func(c *redlatch.Client, n string) tokenHandle { return c.RWMutex(n, redlatch.WithOwner("shared")) }},
 }
 
+// TestTokensBeyond2p53: a fence key whose last token is beyond 2^53
+// (issued by a server whose clock was far ahead: a failover to a replica
+// with a misset clock, or the clock then stepped back). Tokens keep rising
+// from the fence key while the clock is behind it; the increment went
+// through a Lua number, which holds no odd integer beyond 2^53, so the
+// next token came out lower than the last (from 2^53 on, the same token
+// again and again: successive holders passed equal tokens). An RWMutex
+// writer's re-entry also replied its token as a Lua number, so it came
+// back changed: the handle tracked it as a new hold. (Found by a reviewer.)
+func TestTokensBeyond2p53(t *testing.T) {
+	type tokenLock interface {
+		Lock(context.Context) error
+		Unlock(context.Context) error
+		Token() int64
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for kind, mk := range map[string]func(*redlatch.Client, string) tokenLock{
+			"Mutex":          func(c *redlatch.Client, n string) tokenLock { return c.Mutex(n) },
+			"ReentrantMutex": func(c *redlatch.Client, n string) tokenLock { return c.ReentrantMutex(n) },
+			"FairMutex":      func(c *redlatch.Client, n string) tokenLock { return c.FairMutex(n) },
+			"RWMutex":        func(c *redlatch.Client, n string) tokenLock { return c.RWMutex(n) },
+		} {
+			t.Run(kind, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				c := newClient(t, b)
+				const high = int64(1)<<53 + 2 // the next token, 2^53 + 3, is odd
+				require.NoError(t, b.Client(t).Set(ctx, "{"+name+"}:fence",
+					strconv.FormatInt(high, 10), time.Minute).Err())
+				last := high
+				for i := range 3 {
+					m := mk(c, name)
+					require.NoError(t, m.Lock(ctx))
+					require.Greater(t, m.Token(), last, "hold %d", i)
+					last = m.Token()
+					if kind != "Mutex" {
+						require.NoError(t, m.Lock(ctx))
+						require.Equal(t, last, m.Token(), "re-entry of hold %d", i)
+						require.NoError(t, m.Unlock(ctx))
+					}
+					require.NoError(t, m.Unlock(ctx))
+				}
+			})
+		}
+	})
+}
+
 // TestReentryAfterLossTakesNewToken: a reentrant handle whose hold was lost
 // and which then re-enters a hold that another handle of the same owner id
 // took meanwhile adopts that hold's fencing token, so its Unlock (which

@@ -47,26 +47,52 @@
 -- issuing one takes a script run of more than a microsecond. Only a server
 -- clock stepped back could repeat a token.
 --
--- Tokens stay below 2^53, so Lua numbers hold them exactly. They are
--- handled as strings all the same: converting a 16-digit string to a number
--- or back costs a script about as much as a short Redis command. Every token is written
--- as plain digits (the clock's, or string.format's), so two tokens of the
--- same length compare as strings.
+-- Tokens are handled as strings: converting a 16-digit string to a number
+-- or back costs a script about as much as a short Redis command. Every
+-- token is written as plain digits (the clock's, or token_after's), so two
+-- tokens of the same length compare as strings. Tokens from the clock stay
+-- below 2^53 (until 2255), but a server whose clock was far ahead may have
+-- issued higher ones, which Lua numbers do not hold exactly: token_after
+-- raises such a token as digits.
 
 -- token_after returns the token that follows the last token p (a string,
 -- "" when unknown) as a string, when p is not behind the clock's digits s;
--- else nil.
+-- else nil. A token of plain digits is raised digit by digit: a Lua number
+-- holds no odd integer beyond 2^53, so tonumber(p) + 1 would give p back,
+-- or less, for a token issued by a server whose clock was far ahead. (A
+-- token of the clock's length behind it, the common case, is judged by one
+-- string comparison.)
 local function token_after(p, s)
-  local ahead
+  local digits
   if #p == #s then
-    ahead = p >= s
+    if p < s then
+      return nil
+    end
+    digits = string.find(p, '^%d+$') ~= nil
   else
-    local n = tonumber(p)
-    ahead = n ~= nil and n >= tonumber(s)
+    digits = string.find(p, '^%d+$') ~= nil
+    if digits then
+      if #p < #s then
+        return nil
+      end
+    else
+      local n = tonumber(p)
+      if n == nil or n < tonumber(s) then
+        return nil
+      end
+    end
   end
-  if ahead then
+  if not digits then
     return string.format('%.0f', tonumber(p) + 1)
   end
+  local i = #p
+  while i > 0 and string.byte(p, i) == 57 do -- '9'
+    i = i - 1
+  end
+  if i == 0 then
+    return '1' .. string.rep('0', #p)
+  end
+  return string.sub(p, 1, i - 1) .. string.char(string.byte(p, i) + 1) .. string.rep('0', #p - i)
 end
 
 local function next_token(fence, retention, suffix, last, now, held)

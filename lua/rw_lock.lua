@@ -28,7 +28,7 @@ local exp = s.now + tonumber(ARGV[2])
 if f.w == o and (ARGV[6] ~= '0' or ids_has(f.wq, req)) then
   if ids_has(f.wq, req) then
     rw_commit(s)
-    return {1, tonumber(f.t), tonumber(f.wc)}
+    return {1, token_reply(f.t), tonumber(f.wc)}
   end
   local c = tonumber(f.wc) + 1
   rw_set(s, 'wc', tostring(c))
@@ -36,7 +36,7 @@ if f.w == o and (ARGV[6] ~= '0' or ids_has(f.wq, req)) then
   rw_set(s, 'we:' .. o, rw_ms(math.max(exp, tonumber(f['we:' .. o]))))
   rw_unwait(s, o)
   rw_commit(s)
-  return {1, tonumber(f.t), c}
+  return {1, token_reply(f.t), c}
 end
 if f['rc:' .. o] and ARGV[7] ~= '0' then
   rw_commit(s)
