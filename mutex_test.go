@@ -1510,10 +1510,7 @@ func TestTokensBeyond2p53(t *testing.T) {
 				ctx := ctxT(t, 10*time.Second)
 				name := redistest.UniqueName(t)
 				c := newClient(t, b)
-				const high = int64(1)<<53 + 2 // the next token, 2^53 + 3, is odd
-				require.NoError(t, b.Client(t).Set(ctx, "{"+name+"}:fence",
-					strconv.FormatInt(high, 10), time.Minute).Err())
-				last := high
+				last := fenceBeyond2p53(t, ctx, b, name)
 				for i := range 3 {
 					m := mk(c, name)
 					require.NoError(t, m.Lock(ctx))
@@ -1529,6 +1526,70 @@ func TestTokensBeyond2p53(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestStaleUnlockBeyond2p53: tokens beyond 2^53 (a fence key raised by a
+// server whose clock was far ahead, see TestTokensBeyond2p53) are distinct
+// digits, but the release scripts also compared them as Lua numbers, which
+// hold no odd integer beyond 2^53: 2^53+3 and 2^53+4 compared equal. A
+// handle whose hold was lost (force-unlocked) then released, with its
+// Unlock naming its old token, the new hold another handle of the same
+// owner id took: the lock was free while that handle still held it. The
+// watchdog's renewals compared them so too. (Found by a reviewer of
+// 44875a8.)
+func TestStaleUnlockBeyond2p53(t *testing.T) {
+	type tokenLock interface {
+		Lock(context.Context) error
+		Unlock(context.Context) error
+		Token() int64
+		IsLocked(context.Context) (bool, error)
+		ForceUnlock(context.Context) (bool, error)
+	}
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, k := range []struct {
+			kind string
+			mk   func(*redlatch.Client, string, ...redlatch.LockOption) tokenLock
+		}{
+			{"Mutex", func(c *redlatch.Client, n string, o ...redlatch.LockOption) tokenLock { return c.Mutex(n, o...) }},
+			{"ReentrantMutex", func(c *redlatch.Client, n string, o ...redlatch.LockOption) tokenLock {
+				return c.ReentrantMutex(n, o...)
+			}},
+			{"FairMutex", func(c *redlatch.Client, n string, o ...redlatch.LockOption) tokenLock { return c.FairMutex(n, o...) }},
+			{"RWMutex", func(c *redlatch.Client, n string, o ...redlatch.LockOption) tokenLock { return c.RWMutex(n, o...) }},
+		} {
+			t.Run(k.kind, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				c := newClient(t, b)
+				high := fenceBeyond2p53(t, ctx, b, name)
+				opts := []redlatch.LockOption{redlatch.WithOwner("shared"), redlatch.WithLease(time.Minute)}
+				first, second := k.mk(c, name, opts...), k.mk(c, name, opts...)
+				require.NoError(t, first.Lock(ctx))
+				require.Equal(t, high+1, first.Token())
+				// first's hold is lost.
+				forced, err := k.mk(c, name, redlatch.WithOwner("admin")).ForceUnlock(ctx)
+				require.NoError(t, err)
+				require.True(t, forced)
+				require.NoError(t, second.Lock(ctx))
+				require.Equal(t, high+2, second.Token())
+				// first's Unlock names its own token: not second's hold.
+				require.ErrorIs(t, first.Unlock(ctx), redlatch.ErrNotHeld)
+				locked, err := second.IsLocked(ctx)
+				require.NoError(t, err)
+				require.True(t, locked, "a stale Unlock released another handle's hold")
+				require.NoError(t, second.Unlock(ctx))
+			})
+		}
+	})
+}
+
+// fenceBeyond2p53 sets the last token of the lock name to 2^53 + 2 (the
+// next one, 2^53 + 3, is odd: no Lua number holds it) and returns it.
+func fenceBeyond2p53(t *testing.T, ctx context.Context, b redistest.Backend, name string) int64 {
+	t.Helper()
+	const high = int64(1)<<53 + 2
+	require.NoError(t, b.Client(t).Set(ctx, "{"+name+"}:fence", strconv.FormatInt(high, 10), time.Minute).Err())
+	return high
 }
 
 // TestReentryAfterLossTakesNewToken: a reentrant handle whose hold was lost

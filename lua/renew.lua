@@ -39,6 +39,24 @@
 -- refused write must not raise an error, which would end the script and
 -- leave every other hold of the batch unrenewed, PEXPIRE renewals (which
 -- Redis still allows then) included.
+
+-- same_token reports whether a hold's token a (a string, or false/nil) is
+-- the token b the renewal names (a string): the same digits, or, when one
+-- of them is in a form an older version wrote (not plain digits, see
+-- token_reply in fence_acquire.lua), the same number. Plain digits compare
+-- as digits only: beyond 2^53 (see fence.lua) distinct tokens are the same
+-- Lua number. (unlock.lua, fair_unlock.lua and rw_unlock.lua compare
+-- inline: a function costs each call of a script.)
+local function same_token(a, b)
+  if a == b then
+    return true
+  end
+  if not a or (string.find(a, '^%d+$') and string.find(b, '^%d+$')) then
+    return false
+  end
+  return tonumber(a) == tonumber(b)
+end
+
 -- never_shorten sets key's TTL to ms (lease, as a number) unless it has
 -- more left: the hold a hash stands for is shared by every handle of its
 -- owner id, and another of them may hold it on a longer lease (WithLease,
@@ -89,7 +107,7 @@ for i, key in ipairs(KEYS) do
   elseif kind == 't' then
     local token, o = string.match(owner, '^(%d+):(.*)$')
     local v = redis.pcall('HMGET', key, 'o', 't')
-    if v[1] == o and (v[2] == token or tonumber(v[2]) == tonumber(token)) then
+    if v[1] == o and same_token(v[2], token) then
       never_shorten(key, lease, ms)
       ok = 1
     end
@@ -141,7 +159,7 @@ for i, key in ipairs(KEYS) do
         if reader then
           held = v[2] == guard
         else
-          held = v[2] and tonumber(guard) ~= nil and tonumber(v[2]) == tonumber(guard)
+          held = type(v[2]) == 'string' and tonumber(guard) ~= nil and same_token(v[2], guard)
         end
       end
     else

@@ -75,6 +75,15 @@ else
   v = redis.call('HMGET', KEYS[1], 'o', 'c', 't', 'u', 'w')
 end
 undo = undo or ''
+-- named: the caller names no token, or the hold's: the same digits, or,
+-- when one of them is in a form an older version wrote (not plain digits,
+-- see token_reply), the same number. Plain digits compare as digits only:
+-- beyond 2^53 (see fence.lua) distinct tokens are the same Lua number.
+-- (Inline, not a function: every function a script defines costs each of
+-- its calls about as much as a short command.)
+local named = ARGV[5] == '' or v[3] == ARGV[5] or (v[3] ~= false and v[3] ~= nil
+  and not (string.find(v[3], '^%d+$') and string.find(ARGV[5], '^%d+$'))
+  and tonumber(v[3]) == tonumber(ARGV[5]))
 if undo ~= '' then
   -- An undo ends its acquisition call: leave a tombstone so that a copy
   -- of its attempt still on the way (a slow link, a client resend) takes
@@ -84,7 +93,7 @@ if undo ~= '' then
   -- that hold only: the acquisition request may have taken another hold
   -- since, with an attempt of its own (the transferred one was
   -- force-unlocked meanwhile), which is its caller's.
-  local q = v[1] == ARGV[1] and (ARGV[5] == '' or v[3] == ARGV[5] or tonumber(v[3]) == tonumber(ARGV[5]))
+  local q = v[1] == ARGV[1] and named
     and redis.call('HGET', KEYS[1], 'q')
   if not q or not ids_has(q, undo) then
     return {-1, 0} -- it holds nothing: it failed, or it has not arrived
@@ -93,9 +102,7 @@ if undo ~= '' then
   -- hold to the others).
   redis.call('HSET', KEYS[1], 'q', ids_drop(q, undo))
 end
--- Tokens compare as strings first: both are the same digits but for a
--- token written by an older version of this script.
-if v[1] ~= ARGV[1] or (ARGV[5] ~= '' and v[3] ~= ARGV[5] and tonumber(v[3]) ~= tonumber(ARGV[5])) then
+if v[1] ~= ARGV[1] or not named then
   -- A resent release whose hold was released since (by this call, or,
   -- when this call was a partial release of it, by another one): the
   -- fence key names the final release and the hold's partial releases.
