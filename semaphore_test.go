@@ -610,3 +610,99 @@ func TestSemaphoreSizeExactInRedis(t *testing.T) {
 		requireSemIdle(t, ctx, b, name)
 	})
 }
+
+// captureHook lets every command through and keeps the arguments of the
+// first one match accepts once armed.
+type captureHook struct {
+	passHook
+	match func(redis.Cmder) bool
+	mu    sync.Mutex
+	armed bool
+	args  []any
+	got   chan struct{}
+}
+
+func (h *captureHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.match(cmd) {
+			h.mu.Lock()
+			if h.armed {
+				h.armed = false
+				h.args = append([]any(nil), cmd.Args()...)
+				close(h.got)
+			}
+			h.mu.Unlock()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestSemAcquireFoundRecordRestartsLease: an Acquire's attempts share one
+// request id, so a later attempt finds the record that a late copy of an
+// earlier one took (its first copy stuck in a slow link while go-redis's
+// resend was answered "no permit free"), and reports success. The caller
+// counts its lease from the send of that later attempt, but the script left
+// the record's expiry where the late copy had put it, up to a whole sleep
+// earlier: Redis freed the permit while the holder's Lost was still open
+// and its local deadline ahead, and another handle took it, two holders on
+// a semaphore of size 1. (A Mutex's retry restarts its lease, see
+// lock.lua.) Here the permit set is lost (a flush) while the waiter sleeps
+// to its bound, and the late copy then lands on the free semaphore. (Found
+// by a reviewer.)
+func TestSemAcquireFoundRecordRestartsLease(t *testing.T) {
+	srv := redistest.NewServer(t)
+	b := serverBackend(srv)
+	ctx := ctxT(t, 30*time.Second)
+	name := redistest.UniqueName(t)
+	const lease = 4 * time.Second
+
+	rdb := b.Client(t)
+	hook := &captureHook{match: scriptWith(semKey(name)), got: make(chan struct{})}
+	rdb.AddHook(hook)
+	w := newClientOn(t, rdb).Semaphore(name, 1, redlatch.WithLease(lease))
+	require.NoError(t, w.Acquire(ctx, 1)) // scripts loaded: EVALSHA from now on
+	require.NoError(t, w.Release(ctx, 1))
+
+	holder := newClient(t, b, redlatch.WithWatchdogTimeout(3*time.Second)).Semaphore(name, 1)
+	require.NoError(t, holder.Acquire(ctx, 1))
+
+	hook.mu.Lock()
+	hook.armed = true
+	hook.mu.Unlock()
+	got := make(chan error, 1)
+	go func() { got <- w.Acquire(ctx, 1) }()
+	<-hook.got                         // the first attempt (its resend, answered "no permit")
+	time.Sleep(200 * time.Millisecond) // the waiter sleeps to the holder's lease bound (~3s)
+
+	raw := b.Client(t)
+	require.NoError(t, raw.Del(ctx, semKey(name)).Err()) // the permit set is lost
+	res, err := raw.Do(ctx, hook.args...).Int64Slice()   // the late first copy lands
+	require.NoError(t, err)
+	require.Equal(t, int64(1), res[0], "the late copy took the permit")
+	landed := time.Now()
+
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiter never returned")
+	}
+	lost := w.Lost()
+	require.NotNil(t, lost)
+	t.Logf("the waiter got the permit %v after the late copy landed", time.Since(landed))
+
+	// Past the lease from the late copy's run: Redis no longer counts the
+	// waiter's permit unless the attempt that found it restarted its lease.
+	time.Sleep(time.Until(landed.Add(lease + 500*time.Millisecond)))
+	other := newClient(t, b).Semaphore(name, 1)
+	ok, err := other.TryAcquire(ctx, 1)
+	require.NoError(t, err)
+	if ok {
+		select {
+		case <-lost:
+		default:
+			t.Fatal("another handle took the permit while the waiter still held it (Lost open): two holders on a semaphore of size 1")
+		}
+		require.NoError(t, other.Release(ctx, 1))
+	}
+}

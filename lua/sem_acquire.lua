@@ -17,17 +17,26 @@
 -- when there is none).
 --
 -- A record seen again means the reply to an earlier run of this very call was
--- lost (the client retried): its permits are reported again, not taken twice.
+-- lost (the client retried), or a late copy of an earlier attempt of the call
+-- took it: its permits are reported again, not taken twice, and its lease
+-- restarts from this run (the caller counts it from this attempt's send).
 if fence_undone(redis.call('GET', KEYS[2]), sem_req(ARGV[1])) then
   return {0, 1}
 end
 local now = sem_now()
 local used = sem_reclaim(KEYS[1], now)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+local n, size, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local found = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if found then
+  -- The caller's lease runs from this run, which may be a later attempt of
+  -- the call finding what a late copy of an earlier one took: restart it,
+  -- never shorten it (as lock.lua does for a retry).
+  if tonumber(found) < now + lease then
+    redis.call('ZADD', KEYS[1], string.format('%.0f', now + lease), ARGV[1])
+  end
   sem_store(KEYS[1], used, now, true)
   return {1, used}
 end
-local n, size, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if used + n <= size then
   used = used + n
   redis.call('ZADD', KEYS[1], string.format('%.0f', now + lease), ARGV[1])
