@@ -1034,6 +1034,8 @@ func TestAcquireCtxEndsWhileSlotMigrates(t *testing.T) {
 // in Redis, then calls migrate and sends the very same command again, as
 // go-redis does after a lost reply (EOF: it retries the node, MaxRetries
 // and MaxRedirects): the keys moved meanwhile, and that send is refused.
+// On a master's node client it does the same to the next pipeline whose
+// first command is such a script call (runSynced's script and WAIT).
 type lostThenRefused struct {
 	passHook
 	mu      sync.Mutex
@@ -1041,27 +1043,55 @@ type lostThenRefused struct {
 	migrate func()
 }
 
+// take returns migrate, once, when cmd is a script call on key; else nil.
+func (h *lostThenRefused) take(cmd redis.Cmder) func() {
+	args := cmd.Args()
+	if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 {
+		return nil
+	}
+	key, _ := args[3].(string)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	migrate := h.migrate
+	if key != h.key {
+		return nil
+	}
+	h.migrate = nil
+	return migrate
+}
+
 func (h *lostThenRefused) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		args := cmd.Args()
-		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 {
+		migrate := h.take(cmd)
+		if migrate == nil {
 			return next(ctx, cmd)
 		}
-		key, _ := args[3].(string)
-		h.mu.Lock()
-		migrate := h.migrate
-		if key != h.key || migrate == nil {
-			h.mu.Unlock()
-			return next(ctx, cmd)
-		}
-		h.migrate = nil
-		h.mu.Unlock()
 		if err := next(ctx, cmd); err != nil {
 			return err // not run: nothing to show
 		}
 		migrate()
 		cmd.SetErr(nil)
 		return next(ctx, cmd)
+	}
+}
+
+func (h *lostThenRefused) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		var migrate func()
+		if len(cmds) > 0 {
+			migrate = h.take(cmds[0])
+		}
+		if migrate == nil {
+			return next(ctx, cmds)
+		}
+		if _ = next(ctx, cmds); cmds[0].Err() != nil {
+			return cmds[0].Err() // not run: nothing to show
+		}
+		migrate()
+		for _, cmd := range cmds {
+			cmd.SetErr(nil)
+		}
+		return next(ctx, cmds)
 	}
 }
 
@@ -1077,28 +1107,13 @@ func TestAcquireRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
 	ctx, cl, cc, c, hook := cancelOnTryAgainRig(t)
 	name, tag, m := warmMutexOn(t, ctx, cl, c)
 
-	lost := &lostThenRefused{key: tag + ":lock", migrate: func() {
-		// The fence key moves, the lock hash does not: TRYAGAIN.
-		cl.StartMigration(t, 2, tag+":fence")
-	}}
-	cc.AddHook(lost) // inside hook
+	cc.AddHook(fenceMovesAfterRun(t, cl, name)) // inside hook
 
 	wctx, cancel := context.WithCancel(ctx)
 	hook.arm(tag+":lock", cancel) // ends wctx in tryAgainHook's backoff
 	err := m.Lock(wctx)
 	cancel()
-	requireWaitErr(t, err, wctx)
-	require.False(t, strings.HasPrefix(err.Error(), "TRYAGAIN"), err.Error())
-
-	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
-	// What the lost first run took was given back: the lock is free well
-	// within its lease (30s).
-	other := newClientOn(t, cl.Client(t)).Mutex(name)
-	require.Eventually(t, func() bool {
-		ok, err := other.TryLock(ctx)
-		return err == nil && ok
-	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
-	require.NoError(t, other.Unlock(ctx))
+	requireRunThenRefusedUndone(t, ctx, cl, name, wctx, err)
 }
 
 // readUndoGate, added innermost to a cluster client, holds the read
@@ -1216,4 +1231,63 @@ func TestRWRLockWokenByBackgroundUndoOfOwnReadHold(t *testing.T) {
 		t.Fatalf("the RLock waiting for its owner's undone read hold was not woken (lock held: %v)", held)
 	}
 	require.NoError(t, m.RUnlock(ctx))
+}
+
+// TestReplicaSyncRunThenRefusedUntilCtxEndsIsUndone is
+// TestAcquireRunThenRefusedUntilCtxEndsIsUndone under WithReplicaSync: the
+// script and WAIT go to the master in one pipeline, sent by runSynced; the
+// script ran (the lock taken), its reply was lost, and go-redis's resend
+// was refused with TRYAGAIN (a key of the slot had moved). runSynced sends
+// it again until the call's ctx ends and returned the TRYAGAIN reply, "known
+// not to have run": the acquisition was not undone, and the lock stayed
+// held by nobody for its whole lease after Lock had failed. (Found by a
+// reviewer.)
+func TestReplicaSyncRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	cl.AddReplica(t, lockKey(name))
+
+	cc := cl.Client(t)
+	c := newClientOn(t, cc, redlatch.WithReplicaSync(1, 300*time.Millisecond))
+	m := c.Mutex(name)
+	require.NoError(t, m.Lock(ctx)) // the slot map is loaded, the fence key exists
+	require.NoError(t, m.Unlock(ctx))
+
+	node, err := cc.MasterForKey(ctx, lockKey(name))
+	require.NoError(t, err)
+	node.AddHook(fenceMovesAfterRun(t, cl, name))
+
+	wctx, cancel := context.WithTimeout(ctx, time.Second)
+	err = m.Lock(wctx)
+	cancel()
+	requireRunThenRefusedUndone(t, ctx, cl, name, wctx, err)
+}
+
+// fenceMovesAfterRun returns a lostThenRefused for the next script call on
+// the lock hash of the Mutex name: after it ran, the fence key starts
+// moving to master 2 and the lock hash does not, so its resend is refused
+// (TRYAGAIN).
+func fenceMovesAfterRun(t *testing.T, cl *redistest.Cluster, name string) *lostThenRefused {
+	return &lostThenRefused{key: lockKey(name), migrate: func() {
+		cl.StartMigration(t, 2, "{"+name+"}:fence")
+	}}
+}
+
+// requireRunThenRefusedUndone checks that the Lock of the Mutex name, whose
+// run a lostThenRefused lost (see fenceMovesAfterRun), failed with a wait
+// error of wctx, not the TRYAGAIN, and, once the slot moved to master 2,
+// that what that run took was given back: the lock is free well within its
+// lease (30s).
+func requireRunThenRefusedUndone(t *testing.T, ctx context.Context, cl *redistest.Cluster, name string, wctx context.Context, err error) {
+	t.Helper()
+	requireWaitErr(t, err, wctx)
+	require.False(t, strings.HasPrefix(err.Error(), "TRYAGAIN"), err.Error())
+	cl.MoveSlot(t, redistest.KeySlot("{"+name+"}"), 2)
+	other := newClientOn(t, cl.Client(t)).Mutex(name)
+	require.Eventually(t, func() bool {
+		ok, err := other.TryLock(ctx)
+		return err == nil && ok
+	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
+	require.NoError(t, other.Unlock(ctx))
 }

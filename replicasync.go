@@ -107,6 +107,14 @@ func (c *Client) runSynced(ctx context.Context, s *redis.Script, keys []string, 
 			asked = ""
 			continue
 		}
+		if c.cluster != nil && isTryAgain(cmd.Err()) && ctx.Err() != nil {
+			// Refused until ctx ended, as tryAgainHook reports it: an
+			// earlier send inside go-redis's retries (a lost reply) may
+			// have run, so the acquisition is undone, in the background
+			// (see refusedErr).
+			cmd.SetErr(refusedErr{ctx.Err()})
+			return cmd, acked, waitErr
+		}
 		if c.cluster == nil || attempt == redirectAttempts || !isRedirect(cmd.Err()) {
 			return cmd, acked, waitErr
 		}
