@@ -1243,23 +1243,9 @@ func TestRWRLockWokenByBackgroundUndoOfOwnReadHold(t *testing.T) {
 // held by nobody for its whole lease after Lock had failed. (Found by a
 // reviewer.)
 func TestReplicaSyncRunThenRefusedUntilCtxEndsIsUndone(t *testing.T) {
-	cl := redistest.NewCluster(t, 3)
-	ctx := ctxT(t, 60*time.Second)
-	name := nameOn(t, cl, 1, redistest.UniqueName(t))
-	cl.AddReplica(t, lockKey(name))
-
-	cc := cl.Client(t)
-	c := newClientOn(t, cc, redlatch.WithReplicaSync(1, 300*time.Millisecond))
-	m := c.Mutex(name)
-	require.NoError(t, m.Lock(ctx)) // the slot map is loaded, the fence key exists
-	require.NoError(t, m.Unlock(ctx))
-
-	node, err := cc.MasterForKey(ctx, lockKey(name))
-	require.NoError(t, err)
-	node.AddHook(fenceMovesAfterRun(t, cl, name))
-
+	ctx, cl, name, m := lostRunClusterMutex(t, true)
 	wctx, cancel := context.WithTimeout(ctx, time.Second)
-	err = m.Lock(wctx)
+	err := m.Lock(wctx)
 	cancel()
 	requireRunThenRefusedUndone(t, ctx, cl, name, wctx, err)
 }
@@ -1283,6 +1269,14 @@ func requireRunThenRefusedUndone(t *testing.T, ctx context.Context, cl *redistes
 	t.Helper()
 	requireWaitErr(t, err, wctx)
 	require.False(t, strings.HasPrefix(err.Error(), "TRYAGAIN"), err.Error())
+	requireFreeAfterMove(t, ctx, cl, name)
+}
+
+// requireFreeAfterMove moves the slot of the lock name to master 2 and
+// requires the lock to be free well within its lease (30s): what a lost
+// run took was given back.
+func requireFreeAfterMove(t *testing.T, ctx context.Context, cl *redistest.Cluster, name string) {
+	t.Helper()
 	cl.MoveSlot(t, redistest.KeySlot("{"+name+"}"), 2)
 	other := newClientOn(t, cl.Client(t)).Mutex(name)
 	require.Eventually(t, func() bool {
@@ -1290,4 +1284,58 @@ func requireRunThenRefusedUndone(t *testing.T, ctx context.Context, cl *redistes
 		return err == nil && ok
 	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
 	require.NoError(t, other.Unlock(ctx))
+}
+
+// lostRunClusterMutex returns a 60s context, a 3-master cluster, a lock
+// name on master 1 and a Mutex of it on a Client of the cluster (with a
+// replica and WithReplicaSync when synced) whose next acquisition runs in
+// Redis, its reply lost, and is refused from then on (fenceMovesAfterRun:
+// on the master's node client when synced, where runSynced sends it, else
+// inside tryAgainHook).
+func lostRunClusterMutex(t *testing.T, synced bool) (context.Context, *redistest.Cluster, string, *redlatch.Mutex) {
+	t.Helper()
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	var opts []redlatch.Option
+	if synced {
+		cl.AddReplica(t, lockKey(name))
+		opts = append(opts, redlatch.WithReplicaSync(1, 300*time.Millisecond))
+	}
+	cc := cl.Client(t)
+	m := newClientOn(t, cc, opts...).Mutex(name)
+	require.NoError(t, m.Lock(ctx)) // the slot map is loaded, the fence key exists
+	require.NoError(t, m.Unlock(ctx))
+	if synced {
+		node, err := cc.MasterForKey(ctx, lockKey(name))
+		require.NoError(t, err)
+		node.AddHook(fenceMovesAfterRun(t, cl, name))
+	} else {
+		cc.AddHook(fenceMovesAfterRun(t, cl, name)) // inside tryAgainHook
+	}
+	return ctx, cl, name, m
+}
+
+// TestAcquireRunThenRefusedPastTryAgainWaitIsUndone:
+// TestAcquireRunThenRefusedUntilCtxEndsIsUndone and
+// TestReplicaSyncRunThenRefusedUntilCtxEndsIsUndone with a ctx that
+// outlives the 5s for which tryAgainHook (or runSynced) sends a refused
+// script again: the script ran (the lock taken), its reply was lost, and
+// go-redis's resend and every later one were refused with TRYAGAIN. After
+// tryAgainWait the call returned the raw TRYAGAIN reply, which counted as
+// "did not run": the acquisition was not undone, and the lock stayed held
+// by nobody for its whole lease (30s) after Lock had failed. (Found by a
+// reviewer of 5b50459.)
+func TestAcquireRunThenRefusedPastTryAgainWaitIsUndone(t *testing.T) {
+	for _, synced := range []bool{false, true} {
+		t.Run(fmt.Sprintf("synced=%v", synced), func(t *testing.T) {
+			ctx, cl, name, m := lostRunClusterMutex(t, synced)
+			wctx, cancel := context.WithTimeout(ctx, 20*time.Second) // outlives tryAgainWait (5s)
+			err := m.Lock(wctx)
+			require.Error(t, err)
+			require.NoError(t, wctx.Err(), "Lock returned at the 5s bound, not at its ctx's end")
+			cancel()
+			requireFreeAfterMove(t, ctx, cl, name)
+		})
+	}
 }

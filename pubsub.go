@@ -1686,7 +1686,10 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 		// sent again itself, refused then (a key had moved meanwhile),
 		// unseen by tryAgainHook. It is undone, in the background (see
 		// cleanupAfter).
-		c.cleanupAfter(ctx, refusedUntilCtxEnded(err), undo)
+		// So is one still refused by a migrating slot after tryAgainWait
+		// (a TRYAGAIN reply, ctx alive): its undo is refused too while the
+		// slot migrates.
+		c.cleanupAfter(ctx, refusedUntilCtxEnded(err) || refusedInMigration(err), undo)
 	}
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
@@ -1703,9 +1706,12 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 // transient refusal (BUSY, LOADING: see isBusyOrLoading) is a reply, but maybe to
 // go-redis's resend of an attempt whose first run took the lock (or queued
 // the writer) and whose reply was lost: go-redis does not retry BUSY
-// (TestAcquireRunThenRefusedBusyIsUndone).
+// (TestAcquireRunThenRefusedBusyIsUndone). So is a refusal by a migrating
+// slot (TRYAGAIN, or a MOVED or ASK go-redis did not follow) that lasted
+// past tryAgainWait with ctx alive: an earlier send, inside go-redis's
+// retries, may have run (TestReplicaSyncRunThenRefusedPastTryAgainWaitIsUndone).
 func outcomeUnknown(err error) bool {
-	return (!isReplyError(err) || isBusyOrLoading(err)) && !errors.Is(err, ErrNotReplicated)
+	return (!isReplyError(err) || isBusyOrLoading(err) || refusedInMigration(err)) && !errors.Is(err, ErrNotReplicated)
 }
 
 // cleanupAfter runs cleanup (an undo, a FairMutex withdrawal) of an
