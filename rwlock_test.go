@@ -1002,34 +1002,44 @@ func TestRWFailedRUnlockThenReentry(t *testing.T) {
 // RWMutex.Lock returned BUSY while its first run had queued the writer,
 // whose place kept every new reader out for its whole lease (the watchdog
 // timeout). As TestLatchLostReplyRetryRefusedBusy for the latch. (Found by
-// a reviewer.)
+// a reviewer. A FairMutex's withdrawal, which names its waiter id, gave
+// the lock back already: its case guards it.)
 func TestAcquireRunThenRefusedBusyIsUndone(t *testing.T) {
 	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
 	b := serverBackend(srv)
 	ctx := ctxT(t, 20*time.Second)
 
-	t.Run("Mutex", func(t *testing.T) {
-		name := redistest.UniqueName(t)
-		c, hook := lossyClient(t, b, scriptWith(lockKey(name)), true)
-		m := c.Mutex(name)
-		require.NoError(t, m.Lock(ctx)) // loads the scripts
-		require.NoError(t, m.Unlock(ctx))
+	// An exclusive lock's attempt took the lock: it is given back.
+	for _, k := range []struct {
+		kind, key string
+		make      func(*redlatch.Client, string) tryLocker
+	}{
+		{"Mutex", "lock", func(c *redlatch.Client, n string) tryLocker { return c.Mutex(n) }},
+		{"FairMutex", "fair", func(c *redlatch.Client, n string) tryLocker { return c.FairMutex(n) }},
+	} {
+		t.Run(k.kind, func(t *testing.T) {
+			name := redistest.UniqueName(t)
+			c, hook := lossyClient(t, b, scriptWith("{"+name+"}:"+k.key), true)
+			m := k.make(c, name)
+			require.NoError(t, m.Lock(ctx)) // loads the scripts
+			require.NoError(t, m.Unlock(ctx))
 
-		var busy <-chan error
-		hook.between = func() { busy = srv.BusyFor(t, 300*time.Millisecond) }
-		hook.armed.Store(true) // the attempt runs; go-redis's resend is refused
-		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		err := m.Lock(lctx)
-		require.NoError(t, <-busy)
-		require.Error(t, err)
-		other := newClient(t, b).Mutex(name)
-		require.Eventually(t, func() bool {
-			ok, err := other.TryLock(ctx)
-			return err == nil && ok
-		}, 3*time.Second, 20*time.Millisecond, "the lock the refused Lock took is held by nobody")
-		require.NoError(t, other.Unlock(ctx))
-	})
+			var busy <-chan error
+			hook.between = func() { busy = srv.BusyFor(t, 300*time.Millisecond) }
+			hook.armed.Store(true) // the attempt runs; go-redis's resend is refused
+			lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			err := m.Lock(lctx)
+			require.NoError(t, <-busy)
+			require.Error(t, err)
+			other := k.make(newClient(t, b), name)
+			require.Eventually(t, func() bool {
+				ok, err := other.TryLock(ctx)
+				return err == nil && ok
+			}, 3*time.Second, 20*time.Millisecond, "the lock the refused Lock took is held by nobody")
+			require.NoError(t, other.Unlock(ctx))
+		})
+	}
 
 	t.Run("RWMutex", func(t *testing.T) {
 		name := redistest.UniqueName(t)
@@ -1121,4 +1131,11 @@ func TestRWUnqueueRefusedBusyResent(t *testing.T) {
 	}, 3*time.Second, 20*time.Millisecond, "the place of a writer that gave up keeps the readers out")
 	require.NoError(t, reader.RUnlock(ctx))
 	require.NoError(t, holder.RUnlock(ctx))
+}
+
+// tryLocker is an exclusive lock a test takes, tries and releases.
+type tryLocker interface {
+	Lock(context.Context) error
+	TryLock(context.Context) (bool, error)
+	Unlock(context.Context) error
 }
