@@ -1339,3 +1339,52 @@ func TestAcquireRunThenRefusedPastTryAgainWaitIsUndone(t *testing.T) {
 		})
 	}
 }
+
+// TestWriterRefusedPastTryAgainWaitReturnsWithCtx: while a free lock's
+// fence key migrates (the slot does not), every attempt of an RWMutex's
+// Lock or a FairMutex's Lock is refused (ASK, then TRYAGAIN). tryAgainHook
+// gives up after tryAgainWait (5s) with ctx alive, and the TRYAGAIN reply
+// now counts as an unknown outcome (2136889): RWMutex.Lock then left the
+// writers' queue, and FairMutex.Lock withdrew, in the call, with a cleanup
+// context, refused too for the whole cleanup timeout (2s). A Lock whose
+// ctx ends 5.5s after it began returned about 1.5s after its ctx. (Found
+// by a reviewer of 2136889.)
+func TestWriterRefusedPastTryAgainWaitReturnsWithCtx(t *testing.T) {
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	c := newClientOn(t, cl.Client(t))
+	name, tag, _ := warmMutexOn(t, ctx, cl, c)
+	rw := c.RWMutex(name)
+	require.NoError(t, rw.Lock(ctx))
+	require.NoError(t, rw.Unlock(ctx))
+	f := c.FairMutex(name)
+	require.NoError(t, f.Lock(ctx))
+	require.NoError(t, f.Unlock(ctx))
+
+	cl.StartMigration(t, 2, tag+":fence")
+	for _, tc := range []struct {
+		what string
+		call func(context.Context) error
+	}{
+		{"RWMutex.Lock", rw.Lock},
+		{"FairMutex.Lock", f.Lock},
+	} {
+		wctx, cancel := context.WithTimeout(ctx, 5500*time.Millisecond) // outlives tryAgainWait (5s)
+		deadline, _ := wctx.Deadline()
+		err := tc.call(wctx)
+		late := time.Since(deadline)
+		cancel()
+		require.Error(t, err, tc.what)
+		require.Less(t, late, 500*time.Millisecond, "%s returned %v after its ctx ended (%v)", tc.what, late.Round(time.Millisecond), err)
+	}
+	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+	// Nothing was left taken or queued.
+	c2 := newClientOn(t, cl.Client(t))
+	require.Eventually(t, func() bool {
+		ok, err := c2.RWMutex(name).TryLock(ctx)
+		return err == nil && ok
+	}, 5*time.Second, 50*time.Millisecond)
+	ok, err := c2.FairMutex(name).TryLock(ctx)
+	require.NoError(t, err)
+	require.True(t, ok)
+}

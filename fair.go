@@ -266,7 +266,10 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 			f.lease.Milliseconds(), f.placeMs, reenter, mode)
 		res, err := cmd.Int64Slice()
 		unsettled = err != nil && !isReplyError(err)
-		refused = refusedUntilCtxEnded(err)
+		// Refused until ctx ended, or past tryAgainWait (see
+		// Client.failedAttempt): the withdrawal is refused too while the
+		// slot migrates.
+		refused = refusedUntilCtxEnded(err) || refusedInMigration(err)
 		if err != nil {
 			return false, 0, err
 		}

@@ -271,7 +271,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		// unsettled: an attempt's outcome is unknown, so it may have
 		// queued the writer (a Lock's): the queue is left below.
 		unsettled bool
-		refused   bool // the last attempt was refused until its ctx ended (see refusedErr)
+		refused   bool // the last attempt was refused until its ctx ended (see refusedErr) or by a migrating slot
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, "", "")
@@ -302,7 +302,10 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
-		refused = refusedUntilCtxEnded(err)
+		// Refused until ctx ended, or past tryAgainWait (see
+		// Client.failedAttempt): leaving the queue is refused too while
+		// the slot migrates.
+		refused = refusedUntilCtxEnded(err) || refusedInMigration(err)
 		if err != nil {
 			unsettled = unsettled || outcomeUnknown(err)
 			return false, 0, err
