@@ -477,7 +477,12 @@ func (w *watchdog) renewAll() {
 			return
 		}
 		if res[j] == 1 {
-			h.deadline = sent.Add(h.lease)
+			// Never back: a re-entry sent after this renewal (see extend)
+			// restarted the lease in Redis from its own send, and no
+			// renewal shortens a lease there.
+			if d := sent.Add(h.lease); d.After(h.deadline) {
+				h.deadline = d
+			}
 		} else if res[j] == 0 {
 			w.loseLocked(h, "renewal found the hold gone or replaced by another")
 		}

@@ -2,10 +2,13 @@ package redlatch
 
 import (
 	"context"
+	"errors"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
@@ -275,5 +278,117 @@ func TestRenewalPipelineOnFrozenClusterMaster(t *testing.T) {
 		took := time.Since(start)
 		cancel()
 		require.Less(t, took, time.Second, "a renewal pipeline to a frozen master outlasted its ctx")
+	}
+}
+
+// renewGate is a go-redis hook on the watchdog's renewals: once armed, it
+// holds the reply of the next renewal (which ran in Redis) until released;
+// once failing, it fails every renewal without sending it (Redis
+// unreachable).
+type renewGate struct {
+	mu      sync.Mutex
+	armed   bool
+	failing bool
+	replied chan struct{}
+	release chan struct{}
+}
+
+func isRenewal(cmd redis.Cmder) bool {
+	args := cmd.Args()
+	if len(args) < 2 {
+		return false
+	}
+	s, _ := args[1].(string)
+	return s == renewScript.Hash() || s == renewLua
+}
+
+func (g *renewGate) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (g *renewGate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (g *renewGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !isRenewal(cmd) {
+			return next(ctx, cmd)
+		}
+		g.mu.Lock()
+		armed, failing := g.armed, g.failing
+		g.armed = false
+		g.mu.Unlock()
+		if failing {
+			err := errors.New("renewal not sent: Redis unreachable")
+			cmd.SetErr(err)
+			return err
+		}
+		err := next(ctx, cmd)
+		if armed {
+			close(g.replied)
+			<-g.release
+		}
+		return err
+	}
+}
+
+// TestRenewalReplyAfterReentryKeepsItsLease: a renewal whose reply is
+// applied after a re-entry of the hold (sent after the renewal, and which
+// restarted the lease in Redis) must not move the hold's local deadline
+// back to the renewal's send time plus the lease: Lost would then close,
+// when Redis stops answering, while Redis still holds the lock for the
+// re-entry's lease (the Unlock then reports ErrNotHeld). (Found by a
+// reviewer.)
+func TestRenewalReplyAfterReentryKeepsItsLease(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = rdb.Close() })
+	g := &renewGate{replied: make(chan struct{}), release: make(chan struct{})}
+	rdb.AddHook(g)
+	const lease = 900 * time.Millisecond // renewal period 300ms
+	c := New(rdb, WithWatchdogTimeout(lease))
+	t.Cleanup(func() { _ = c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	require.NoError(t, renewScript.Load(ctx, rdb).Err()) // the gated renewal is the one that runs
+	m := c.ReentrantMutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx))
+	m.mu.Lock()
+	h := m.h
+	m.mu.Unlock()
+
+	g.mu.Lock()
+	g.armed = true
+	g.mu.Unlock()
+	select {
+	case <-g.replied: // the next renewal ran in Redis; its reply is held
+	case <-ctx.Done():
+		t.Fatal("no renewal")
+	}
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	require.NoError(t, m.Lock(ctx)) // re-entry: Redis restarts the lease from now
+	reentryEnd := start.Add(lease)
+	require.False(t, c.wd.deadlineOf(h).Before(reentryEnd), "re-entry did not extend the deadline")
+
+	g.mu.Lock()
+	g.failing = true // from now on Redis does not answer renewals
+	g.mu.Unlock()
+	close(g.release)
+	require.Eventually(t, func() bool {
+		c.wd.mu.Lock()
+		defer c.wd.mu.Unlock()
+		return !h.renewing
+	}, 5*time.Second, time.Millisecond, "renewal reply not applied")
+	require.False(t, c.wd.deadlineOf(h).Before(reentryEnd),
+		"the renewal's reply moved the deadline %v before the re-entry's lease end",
+		reentryEnd.Sub(c.wd.deadlineOf(h)))
+
+	select {
+	case <-m.Lost():
+		require.False(t, time.Now().Before(reentryEnd),
+			"Lost closed %v before the lease Redis gave the re-entry ran out", reentryEnd.Sub(time.Now()))
+	case <-ctx.Done():
+		t.Fatal("Lost never closed")
 	}
 }
