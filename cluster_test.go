@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redlatch/redlatch"
@@ -1329,6 +1330,7 @@ func lostRunClusterMutex(t *testing.T, synced bool) (context.Context, *redistest
 func TestAcquireRunThenRefusedPastTryAgainWaitIsUndone(t *testing.T) {
 	for _, synced := range []bool{false, true} {
 		t.Run(fmt.Sprintf("synced=%v", synced), func(t *testing.T) {
+			t.Parallel() // each on a cluster of its own; most of it is waiting
 			ctx, cl, name, m := lostRunClusterMutex(t, synced)
 			wctx, cancel := context.WithTimeout(ctx, 20*time.Second) // outlives tryAgainWait (5s)
 			err := m.Lock(wctx)
@@ -1362,6 +1364,8 @@ func TestWriterRefusedPastTryAgainWaitReturnsWithCtx(t *testing.T) {
 	require.NoError(t, f.Unlock(ctx))
 
 	cl.StartMigration(t, 2, tag+":fence")
+	// Both at once: most of each is waiting.
+	var wg sync.WaitGroup
 	for _, tc := range []struct {
 		what string
 		call func(context.Context) error
@@ -1369,14 +1373,20 @@ func TestWriterRefusedPastTryAgainWaitReturnsWithCtx(t *testing.T) {
 		{"RWMutex.Lock", rw.Lock},
 		{"FairMutex.Lock", f.Lock},
 	} {
-		wctx, cancel := context.WithTimeout(ctx, 5500*time.Millisecond) // outlives tryAgainWait (5s)
-		deadline, _ := wctx.Deadline()
-		err := tc.call(wctx)
-		late := time.Since(deadline)
-		cancel()
-		require.Error(t, err, tc.what)
-		require.Less(t, late, 500*time.Millisecond, "%s returned %v after its ctx ended (%v)", tc.what, late.Round(time.Millisecond), err)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wctx, cancel := context.WithTimeout(ctx, 5500*time.Millisecond) // outlives tryAgainWait (5s)
+			defer cancel()
+			deadline, _ := wctx.Deadline()
+			err := tc.call(wctx)
+			late := time.Since(deadline)
+			assert.Error(t, err, tc.what)
+			assert.Less(t, late, 500*time.Millisecond, "%s returned %v after its ctx ended (%v)", tc.what, late.Round(time.Millisecond), err)
+		}()
 	}
+	wg.Wait()
+	require.False(t, t.Failed())
 	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
 	// Nothing was left taken or queued.
 	c2 := newClientOn(t, cl.Client(t))
