@@ -42,6 +42,9 @@ type replyHook struct {
 	// lostErr, when set, is the error the lost reply's call returns
 	// (default: its ctx's).
 	lostErr error
+	// only, when set, picks the call whose reply is lost: a call of script
+	// it refuses after its run gets its reply, and the hook stays armed.
+	only    func(cmd redis.Cmder) bool
 	mu      sync.Mutex
 	armed   bool
 	ran     chan struct{}
@@ -90,13 +93,17 @@ func (h *replyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 				h.armed = false
 				h.mu.Unlock()
 				if gate {
-					_ = next(context.WithoutCancel(ctx), cmd) // it runs; its reply is lost
+					err := next(context.WithoutCancel(ctx), cmd) // it runs; its reply is lost
+					if h.only != nil && !h.only(cmd) {
+						h.arm()
+						return err
+					}
 					close(h.ran)
 					<-h.proceed
 					if h.resend {
 						return next(ctx, cmd)
 					}
-					err := ctx.Err()
+					err = ctx.Err()
 					if h.lostErr != nil {
 						err = h.lostErr
 					}
@@ -1313,6 +1320,10 @@ func TestFairGrantRacingFailedWithdrawal(t *testing.T) {
 				ctx, name, rdb, refuse := fairWithdrawalRig(t, b)
 				gate := newReplyHook(fairLockScript, false)
 				gate.lostErr = io.ErrUnexpectedEOF
+				gate.only = func(cmd redis.Cmder) bool { // the attempt that claims the grant
+					res, err := cmd.(*redis.Cmd).Int64Slice()
+					return err == nil && len(res) > 0 && res[0] == 1
+				}
 				rdb.AddHook(gate)
 				cw := New(rdb)
 				t.Cleanup(func() { _ = cw.Close() })
@@ -1328,13 +1339,19 @@ func TestFairGrantRacingFailedWithdrawal(t *testing.T) {
 				short, cancelShort := context.WithCancel(ctx)
 				defer cancelShort()
 				w1Err := make(chan error, 1)
+				gate.arm() // W1's attempts before the grant find the lock taken
 				go func() { w1Err <- w1.Lock(short) }()
 				fairQueued(t, ctx, b, w1, 1)
 
-				gate.arm()
 				refuse.armed.Store(fail)
 				require.NoError(t, holder.Unlock(ctx)) // granted to W1, which claims it
-				<-gate.ran                             // claimed in Redis; the reply is lost
+				select {
+				case <-gate.ran: // claimed in Redis; the reply is lost
+				case err := <-w1Err:
+					t.Fatalf("W1's Lock returned %v before its claim", err)
+				case <-ctx.Done():
+					t.Fatal("W1 did not claim its grant")
+				}
 				cancelShort()
 				close(gate.proceed)
 				require.Error(t, <-w1Err, "W1's ctx ended before its claim's reply")
