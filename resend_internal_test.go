@@ -78,6 +78,17 @@ func plainClient(t *testing.T, b redistest.Backend) (context.Context, *Client, r
 	return ctx, c, rdb
 }
 
+// awaitRan waits for a hook's ran channel to close, failing the test after
+// 10s: a test whose gated call took another way fails instead of hanging.
+func awaitRan(t *testing.T, ran <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-ran:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the gated call did not run")
+	}
+}
+
 func (h *replyHook) arm() {
 	h.mu.Lock()
 	h.armed = true
@@ -195,7 +206,7 @@ func TestPartialUnlockResentAfterInterleave(t *testing.T) {
 				hook.arm()
 				done := make(chan error, 1)
 				go func() { done <- h.unlock(ctx) }() // goroutine 1
-				<-hook.ran
+				awaitRan(t, hook.ran)
 				require.NoError(t, h.unlock(ctx)) // goroutine 2
 				close(hook.proceed)
 				require.NoError(t, <-done)
@@ -250,7 +261,7 @@ func TestUndoAfterConcurrentReentry(t *testing.T) {
 					gctx, gcancel := context.WithCancel(ctx)
 					done := make(chan error, 1)
 					go func() { done <- h.lock(gctx) }() // goroutine 1
-					<-hook.ran
+					awaitRan(t, hook.ran)
 					if many { // goroutine 2
 						for i := 0; i <= idsKept; i++ {
 							require.NoError(t, h.lock(ctx))
@@ -311,7 +322,7 @@ func TestUnlockResentAfterRelock(t *testing.T) {
 					hook.arm()
 					done := make(chan error, 1)
 					go func() { done <- bh.unlock(ctx) }() // count 0 (or 1)
-					<-hook.ran
+					awaitRan(t, hook.ran)
 					if mode == "partial" {
 						require.NoError(t, a.unlock(ctx)) // count 0: released
 					}
@@ -379,7 +390,7 @@ func testTransferReplyLost(t *testing.T, resend bool) {
 		uctx, ucancel := context.WithCancel(ctx)
 		defer ucancel()
 		go func() {
-			<-hook.ran
+			awaitRan(t, hook.ran)
 			time.Sleep(500 * time.Millisecond)
 			if !resend {
 				ucancel()
@@ -447,7 +458,7 @@ func TestFullUnlockResentAfterOtherOwnerCycle(t *testing.T) {
 		hook.arm()
 		done := make(chan error, 1)
 		go func() { done <- bh.Unlock(ctx) }() // releases a's hold
-		<-hook.ran
+		awaitRan(t, hook.ran)
 		_ = a.Unlock(ctx) // ErrNotHeld: b released a's hold
 		require.NoError(t, other.Lock(ctx))
 		require.NoError(t, other.Unlock(ctx))
@@ -509,7 +520,7 @@ func TestPartialUnlockResentAfterFinalUnlock(t *testing.T) {
 					hook.arm()
 					done := make(chan error, 1)
 					go func() { done <- h.unlock(ctx) }() // goroutine 1: count 1
-					<-hook.ran
+					awaitRan(t, hook.ran)
 					require.NoError(t, h.unlock(ctx)) // goroutine 2: count 0, released
 					close(hook.proceed)
 					require.NoError(t, <-done, "goroutine 1's Unlock ran as a partial release")
@@ -623,7 +634,7 @@ func TestRWReleaseResentAfterUnqueue(t *testing.T) {
 		hook.arm()
 		done := make(chan error, 1)
 		go func() { done <- a.RUnlock(ctx) }()
-		<-hook.ran
+		awaitRan(t, hook.ran)
 		writer.unqueue(ctx, "") // the writer gives up: the hash goes
 		n, err := rdb.Exists(ctx, a.key).Result()
 		require.NoError(t, err)
@@ -1199,7 +1210,7 @@ func TestFailedUndoResent(t *testing.T) {
 		defer cancelShort()
 		locked := make(chan error, 1)
 		go func() { locked <- m.Lock(short) }()
-		<-gate.ran // the attempt took the lock in Redis; its reply is lost
+		awaitRan(t, gate.ran) // the attempt took the lock in Redis; its reply is lost
 		<-short.Done()
 		close(gate.proceed)
 		require.Error(t, <-locked, "the Lock's ctx ended before its reply")
@@ -1481,7 +1492,7 @@ func TestBusyRefusedUndoResent(t *testing.T) {
 	defer cancelShort()
 	locked := make(chan error, 1)
 	go func() { locked <- m.Lock(short) }()
-	<-gate.ran // the attempt took the lock in Redis; its reply is lost
+	awaitRan(t, gate.ran) // the attempt took the lock in Redis; its reply is lost
 
 	busy := srv.BusyFor(t, 400*time.Millisecond) // the undo is refused
 	cancelShort()
@@ -1556,7 +1567,7 @@ func TestBusyRefusedUndoResentRWAndSem(t *testing.T) {
 			defer cancelShort()
 			locked := make(chan error, 1)
 			go func() { locked <- take(short) }()
-			<-gate.ran // the attempt took it in Redis; its reply is lost
+			awaitRan(t, gate.ran) // the attempt took it in Redis; its reply is lost
 
 			busy := srv.BusyFor(t, 400*time.Millisecond) // the undo is refused
 			cancelShort()

@@ -66,7 +66,7 @@ func TestTransferLostReplyToGoneWaiter(t *testing.T) {
 		defer ucancel()
 		unlocked := make(chan error, 1)
 		go func() { unlocked <- holder.Unlock(uctx) }()
-		<-hook.ran // transferred in Redis; the reply is held back
+		awaitRan(t, hook.ran) // transferred in Redis; the reply is held back
 		require.Equal(t, "1", rdb.HGet(ctx, holder.e.key, "c").Val())
 		require.NotEqual(t, holder.e.owner, rdb.HGet(ctx, holder.e.key, "o").Val(), "the lock was handed on")
 		wcancel()
@@ -124,7 +124,7 @@ func TestTransferLostReplyWaiterCancelledAfterWake(t *testing.T) {
 			uctx, ucancel := context.WithCancel(ctx)
 			unlocked := make(chan error, 1)
 			go func() { unlocked <- holder.Unlock(uctx) }()
-			<-uhook.ran
+			awaitRan(t, uhook.ran)
 			require.Equal(t, waiter.e.owner, rdb.HGet(ctx, holder.e.key, "o").Val(), "transferred")
 			ucancel()
 			close(uhook.proceed)
@@ -365,7 +365,7 @@ func TestLateTransferAfterGiveBack(t *testing.T) {
 					require.Error(t, <-got) // it gives back what may have been transferred
 				}
 				close(gate.run)
-				<-gate.ran // the stuck script runs now
+				awaitRan(t, gate.ran) // the stuck script runs now
 				t.Logf("after the late script: %v (pttl %v)", rdb.HGetAll(ctx, holder.e.key).Val(),
 					rdb.PTTL(ctx, holder.e.key).Val())
 
@@ -429,7 +429,7 @@ func TestLateTransferToWaiterThatReentered(t *testing.T) {
 					require.NoError(t, <-g2) // its cleanup finds the owner's hold has its token
 				}
 				close(gate.run)
-				<-gate.ran // the stuck script runs: count 0, handed to h2's acquisition
+				awaitRan(t, gate.ran) // the stuck script runs: count 0, handed to h2's acquisition
 				t.Logf("after the late script: %v (pttl %v)", rdb.HGetAll(ctx, h1.e.key).Val(),
 					rdb.PTTL(ctx, h1.e.key).Val())
 
