@@ -903,18 +903,9 @@ func TestReleaseCtxEndsWhileSlotMigrates(t *testing.T) {
 	// The holds are gone from Redis (the releases were sent again), long
 	// before their 30 s lease.
 	other := newClientOn(t, cl.Client(t))
-	require.Eventually(t, func() bool {
-		ok, err := other.RWMutex(name).TryLock(ctx)
-		return err == nil && ok
-	}, 3*time.Second, 50*time.Millisecond, "the read hold stayed in Redis after its RUnlock")
-	require.Eventually(t, func() bool {
-		ok, err := other.RWMutex(wname).TryLock(ctx)
-		return err == nil && ok
-	}, 3*time.Second, 50*time.Millisecond, "the write hold stayed in Redis after its Unlock")
-	require.Eventually(t, func() bool {
-		ok, err := other.Mutex(mname).TryLock(ctx)
-		return err == nil && ok
-	}, 3*time.Second, 50*time.Millisecond, "the Mutex hold stayed in Redis after its Unlock")
+	requireTakes(t, ctx, other.RWMutex(name), 3*time.Second, "the read hold stayed in Redis after its RUnlock")
+	requireTakes(t, ctx, other.RWMutex(wname), 3*time.Second, "the write hold stayed in Redis after its Unlock")
+	requireTakes(t, ctx, other.Mutex(mname), 3*time.Second, "the Mutex hold stayed in Redis after its Unlock")
 	n, err := other.Semaphore(name, 2).Available(ctx)
 	require.NoError(t, err)
 	require.EqualValues(t, 2, n, "the permits stayed in Redis after their Release")
@@ -1279,12 +1270,7 @@ func requireRunThenRefusedUndone(t *testing.T, ctx context.Context, cl *redistes
 func requireFreeAfterMove(t *testing.T, ctx context.Context, cl *redistest.Cluster, name string) {
 	t.Helper()
 	cl.MoveSlot(t, redistest.KeySlot("{"+name+"}"), 2)
-	other := newClientOn(t, cl.Client(t)).Mutex(name)
-	require.Eventually(t, func() bool {
-		ok, err := other.TryLock(ctx)
-		return err == nil && ok
-	}, 5*time.Second, 50*time.Millisecond, "the hold of a Lock that failed is still in Redis")
-	require.NoError(t, other.Unlock(ctx))
+	requireTakes(t, ctx, newClientOn(t, cl.Client(t)).Mutex(name), 5*time.Second, "the hold of a Lock that failed is still in Redis")
 }
 
 // lostRunClusterMutex returns a 60s context, a 3-master cluster, a lock

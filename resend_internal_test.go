@@ -1242,12 +1242,22 @@ func requireOtherOwnerGetsIn(t *testing.T, ctx context.Context, rdb redis.Univer
 	t.Helper()
 	other := New(rdb)
 	t.Cleanup(func() { _ = other.Close() })
-	m := other.Mutex(name)
+	requireTakesSoon(t, ctx, other.Mutex(name), 5*time.Second, why)
+}
+
+// requireTakesSoon requires l to take its lock within d (its TryLock
+// polled), then releases it: what a failed or given-up call left behind is
+// not held by nobody for a lease.
+func requireTakesSoon(t *testing.T, ctx context.Context, l interface {
+	TryLock(context.Context) (bool, error)
+	Unlock(context.Context) error
+}, d time.Duration, msgAndArgs ...any) {
+	t.Helper()
 	require.Eventually(t, func() bool {
-		ok, err := m.TryLock(ctx)
+		ok, err := l.TryLock(ctx)
 		return err == nil && ok
-	}, 5*time.Second, 20*time.Millisecond, why)
-	require.NoError(t, m.Unlock(ctx))
+	}, d, 20*time.Millisecond, msgAndArgs...)
+	require.NoError(t, l.Unlock(ctx))
 }
 
 // fairWithdrawalRig returns a test's ctx and lock name, and a client of b
@@ -1372,12 +1382,8 @@ func TestFairGrantRacingFailedWithdrawal(t *testing.T) {
 				}
 				other := New(b.Client(t))
 				t.Cleanup(func() { _ = other.Close() })
-				f := other.FairMutex(name)
-				require.Eventually(t, func() bool {
-					ok, err := f.TryLock(ctx)
-					return err == nil && ok
-				}, 5*time.Second, 20*time.Millisecond, "the grant to W1 was leaked: the lock stays held by nobody for W1's lease")
-				require.NoError(t, f.Unlock(ctx))
+				requireTakesSoon(t, ctx, other.FairMutex(name), 5*time.Second,
+					"the grant to W1 was leaked: the lock stays held by nobody for W1's lease")
 			})
 		})
 	}

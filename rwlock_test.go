@@ -1032,12 +1032,7 @@ func TestAcquireRunThenRefusedBusyIsUndone(t *testing.T) {
 			err := m.Lock(lctx)
 			require.NoError(t, <-busy)
 			require.Error(t, err)
-			other := k.make(newClient(t, b), name)
-			require.Eventually(t, func() bool {
-				ok, err := other.TryLock(ctx)
-				return err == nil && ok
-			}, 3*time.Second, 20*time.Millisecond, "the lock the refused Lock took is held by nobody")
-			require.NoError(t, other.Unlock(ctx))
+			requireTakes(t, ctx, k.make(newClient(t, b), name), 3*time.Second, "the lock the refused Lock took is held by nobody")
 		})
 	}
 
@@ -1060,12 +1055,8 @@ func TestAcquireRunThenRefusedBusyIsUndone(t *testing.T) {
 		err := writer.Lock(lctx)
 		require.NoError(t, <-busy)
 		require.Error(t, err)
-		reader := other.RWMutex(name, redlatch.WithOwner("reader"))
-		require.Eventually(t, func() bool {
-			ok, err := reader.TryRLock(ctx)
-			return err == nil && ok
-		}, 3*time.Second, 20*time.Millisecond, "the waiting place of the refused Lock keeps the readers out")
-		require.NoError(t, reader.RUnlock(ctx))
+		requireTakes(t, ctx, readLocker{other.RWMutex(name, redlatch.WithOwner("reader"))}, 3*time.Second,
+			"the waiting place of the refused Lock keeps the readers out")
 		require.NoError(t, holder.RUnlock(ctx))
 	})
 }
@@ -1124,12 +1115,8 @@ func TestRWUnqueueRefusedBusyResent(t *testing.T) {
 	require.ErrorIs(t, writer.Lock(lctx), redlatch.ErrNotObtained)
 	require.NoError(t, <-<-hook.busy, "the unqueue was refused")
 
-	reader := other.RWMutex(name, redlatch.WithOwner("reader"))
-	require.Eventually(t, func() bool {
-		ok, err := reader.TryRLock(ctx)
-		return err == nil && ok
-	}, 3*time.Second, 20*time.Millisecond, "the place of a writer that gave up keeps the readers out")
-	require.NoError(t, reader.RUnlock(ctx))
+	requireTakes(t, ctx, readLocker{other.RWMutex(name, redlatch.WithOwner("reader"))}, 3*time.Second,
+		"the place of a writer that gave up keeps the readers out")
 	require.NoError(t, holder.RUnlock(ctx))
 }
 
@@ -1138,4 +1125,23 @@ type tryLocker interface {
 	Lock(context.Context) error
 	TryLock(context.Context) (bool, error)
 	Unlock(context.Context) error
+}
+
+// readLocker is an RWMutex's read side as a tryLocker.
+type readLocker struct{ *redlatch.RWMutex }
+
+func (r readLocker) Lock(ctx context.Context) error            { return r.RLock(ctx) }
+func (r readLocker) TryLock(ctx context.Context) (bool, error) { return r.TryRLock(ctx) }
+func (r readLocker) Unlock(ctx context.Context) error          { return r.RUnlock(ctx) }
+
+// requireTakes requires l to take its lock within d (its TryLock polled),
+// then releases it: what a failed or given-up call left behind is not held
+// by nobody for a lease.
+func requireTakes(t *testing.T, ctx context.Context, l tryLocker, d time.Duration, why string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		ok, err := l.TryLock(ctx)
+		return err == nil && ok
+	}, d, 20*time.Millisecond, why)
+	require.NoError(t, l.Unlock(ctx))
 }
