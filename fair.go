@@ -248,13 +248,13 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 	// old place may still come: grants are then claimed with an attempt.
 	requeued := false
 	tried := false // an attempt was sent, or may have been
-	// unsettled: the last attempt's outcome is unknown (no reply: a copy
-	// may still reach Redis). Only then does the withdrawal leave a
-	// tombstone: a name keeps the last 32, and the withdrawals of waiters
-	// whose wait ended while they slept would push out the one that
-	// matters.
+	// unsettled: the last attempt's outcome is unknown (see
+	// outcomeUnknown: a copy may still reach Redis). Only then does the
+	// withdrawal leave a tombstone: a name keeps the last 32, and the
+	// withdrawals of waiters whose wait ended while they slept would push
+	// out the one that matters.
 	unsettled := false
-	refused := false // the last attempt was refused until its ctx ended (see refusedErr)
+	var lastErr error // the last attempt's (see Client.cleanupAfter)
 	try := func(ctx context.Context) (bool, time.Duration, error) {
 		tried, unsettled = true, true
 		s := time.Now()
@@ -265,11 +265,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 		cmd, acked, waitErr := f.c.runSynced(ctx, fairLockScript, f.keys, pub, retention, id, member, f.owner,
 			f.lease.Milliseconds(), f.placeMs, reenter, mode)
 		res, err := cmd.Int64Slice()
-		unsettled = err != nil && !isReplyError(err)
-		// Refused until ctx ended, or past tryAgainWait (see
-		// Client.failedAttempt): the withdrawal is refused too while the
-		// slot migrates.
-		refused = refusedUntilCtxEnded(err) || refusedInMigration(err)
+		unsettled, lastErr = err != nil && outcomeUnknown(err), err
 		if err != nil {
 			return false, 0, err
 		}
@@ -332,8 +328,7 @@ func (f *FairMutex) acquire(ctx context.Context, block bool) (token int64, sent 
 		// The wait ended (ctx, Close) or an attempt's outcome is unknown:
 		// leave the queue at once, and release a handoff granted meanwhile.
 		tomb := unsettled
-		// In the background after an attempt refused until ctx ended.
-		f.c.cleanupAfter(ctx, refused, func(ctx context.Context) { _, _ = f.withdraw(ctx, id, member, tomb) })
+		f.c.cleanupAfter(ctx, lastErr, func(ctx context.Context) { _, _ = f.withdraw(ctx, id, member, tomb) })
 	}
 	return token, sent, id, ok, err
 }

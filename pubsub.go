@@ -1681,15 +1681,7 @@ func (c *Client) attempt(ctx context.Context, try attemptFunc) (bool, time.Durat
 // error the caller sees.
 func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context.Context)) error {
 	if outcomeUnknown(err) && undo != nil {
-		// Refused until ctx ended (see refusedErr): its last send did not
-		// run, but an earlier one may have, its reply lost, that go-redis
-		// sent again itself, refused then (a key had moved meanwhile),
-		// unseen by tryAgainHook. It is undone, in the background (see
-		// cleanupAfter).
-		// So is one still refused by a migrating slot after tryAgainWait
-		// (a TRYAGAIN reply, ctx alive): its undo is refused too while the
-		// slot migrates.
-		c.cleanupAfter(ctx, refusedUntilCtxEnded(err) || refusedInMigration(err), undo)
+		c.cleanupAfter(ctx, err, undo)
 	}
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
@@ -1714,14 +1706,18 @@ func outcomeUnknown(err error) bool {
 	return (!isReplyError(err) || isBusyOrLoading(err) || refusedInMigration(err)) && !errors.Is(err, ErrNotReplicated)
 }
 
-// cleanupAfter runs cleanup (an undo, a FairMutex withdrawal) of an
-// acquisition whose call fails, with a fresh bounded context: in the call,
-// or in the background when refused is set (the call's attempt was refused
-// until its ctx ended, see refusedErr): the cleanup, a release script, is
-// refused too while the slot migrates, for the whole cleanup timeout,
-// which must not hold the call past its ctx. Close waits for it.
-func (c *Client) cleanupAfter(ctx context.Context, refused bool, cleanup func(context.Context)) {
-	if !refused || !c.enterWait() {
+// cleanupAfter runs cleanup (an undo, a FairMutex withdrawal, an RWMutex
+// writer leaving the queue) of an acquisition whose call fails, its last
+// attempt with err, with a fresh bounded context: in the call, or in the
+// background when a migrating slot refused that attempt: until the call's
+// ctx ended (see refusedErr; its last send did not run, but an earlier one
+// may have, its reply lost, that go-redis sent again itself, refused then,
+// unseen by tryAgainHook), or past tryAgainWait with ctx alive (a TRYAGAIN,
+// MOVED or ASK reply). The cleanup, a release script, is refused too while
+// the slot migrates, for the whole cleanup timeout, which must not hold the
+// call past its ctx. Close waits for it.
+func (c *Client) cleanupAfter(ctx context.Context, err error, cleanup func(context.Context)) {
+	if !(refusedUntilCtxEnded(err) || refusedInMigration(err)) || !c.enterWait() {
 		detached(ctx, cleanup)
 		return
 	}

@@ -271,7 +271,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		// unsettled: an attempt's outcome is unknown, so it may have
 		// queued the writer (a Lock's): the queue is left below.
 		unsettled bool
-		refused   bool // the last attempt was refused until its ctx ended (see refusedErr) or by a migrating slot
+		lastErr   error // the last attempt's (see Client.cleanupAfter)
 	)
 	undo := func(ctx context.Context) {
 		_, _ = m.unlockW(ctx, req, "", "")
@@ -302,10 +302,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		}
 		cmd, acked, waitErr := c.runSynced(ctx, rwLockScript, keys, args...)
 		res, err := cmd.Int64Slice()
-		// Refused until ctx ended, or past tryAgainWait (see
-		// Client.failedAttempt): leaving the queue is refused too while
-		// the slot migrates.
-		refused = refusedUntilCtxEnded(err) || refusedInMigration(err)
+		lastErr = err
 		if err != nil {
 			unsettled = unsettled || outcomeUnknown(err)
 			return false, 0, err
@@ -403,7 +400,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 		// background after an attempt refused until ctx ended, as an undo
 		// (see Client.cleanupAfter). The unqueue names this call: late, it
 		// leaves alone the place of the handle's next Lock.
-		c.cleanupAfter(ctx, refused, func(ctx context.Context) { m.unqueue(ctx, req) })
+		c.cleanupAfter(ctx, lastErr, func(ctx context.Context) { m.unqueue(ctx, req) })
 	}
 	if upgrade {
 		return 0, sent, req, false, ErrUpgrade
