@@ -313,7 +313,12 @@ func isNil(rdb redis.UniversalClient) bool {
 // leave their queues and give back what they took, for the releases
 // resent in the background (see the package doc), and for a Redlock's
 // releases and undos still on their way to a slow master after its call
-// returned, so that the Redis client may be closed next.
+// returned, so that the Redis client may be closed next. A release called
+// after Close (an Unlock of a hold taken before it, or a Redlock's Unlock
+// on a closed Client) whose send fails with no reply or is refused as busy
+// is resent in the background unwaited-for, within the same 2s: closing
+// the Redis client at once cuts that resend short, and the hold then
+// expires with its lease.
 //
 // Locks and permits held before Close are no longer renewed: they expire
 // after their lease. Close does not close the Redis client given to New. A
