@@ -282,8 +282,9 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 // out); it also returns ErrNotHeld when Redis no longer had some of them
 // (those are gone, the others are returned). Released permits are no longer
 // the handle's whatever Release returns. A call whose outcome is unknown
-// (not sent, or its reply lost) is sent once more with a fresh context
-// bounded by a cleanup timeout, even after ctx ended: Redis applies it once.
+// (not sent, or its reply lost) is sent again with a fresh context bounded
+// by a cleanup timeout, even after ctx ended, paced, until it gets a reply
+// other than a busy or loading Redis's refusal: Redis applies it once.
 // If Redis still cannot be reached, the permits come back when their lease
 // runs out. A Release refused by a busy or loading Redis (BUSY, LOADING:
 // the script did not run) returns that error, and the permits it returns
@@ -390,9 +391,22 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// request again, which Redis applies once (it is remembered), so
 		// the released permits come back now and the kept ones exist
 		// under their new record.
+		// A resend that failed with no reply too, or that a busy or
+		// loading Redis refused (it did not run; the first send may have,
+		// or not), is sent again, paced, within the cleanup timeout: the
+		// handle no longer renews the records returned whole, which
+		// otherwise stayed taken by nobody for their lease.
 		cctx, cancel := cleanupContext(ctx)
-		if f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink, false); rerr == nil {
-			freed, err = f, nil
+		var again tryAgainBackoff
+		for {
+			f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink, false)
+			if rerr == nil {
+				freed, err = f, nil
+				break
+			}
+			if isReplyError(rerr) && !isBusyOrLoading(rerr) || !again.wait(cctx) {
+				break
+			}
 		}
 		cancel()
 	}
