@@ -777,15 +777,20 @@ func TestSemaphoreRefusedReleaseResent(t *testing.T) {
 	require.True(t, strings.HasPrefix(err.Error(), "BUSY"), "%v", err)
 	end()
 
-	// The handle no longer holds the permits (a second Release says so).
-	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
+	requireReleasedPermits(t, ctx, srv, s, name,
+		"the BUSY-refused Release was not resent: the permits stay taken by nobody for their lease")
+}
 
-	// Another Client gets them well before the 30s lease runs out.
+// requireReleasedPermits requires s, whose 2 permits were just released,
+// to hold none any more (a second Release says so), and another Client to
+// get the 2 permits of name well before their 30s lease runs out.
+func requireReleasedPermits(t *testing.T, ctx context.Context, srv *redistest.Server, s *redlatch.Semaphore, name, why string) {
+	t.Helper()
+	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
 	other := newClientOn(t, srv.Client(t)).Semaphore(name, 2)
 	actx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	require.NoError(t, other.Acquire(actx, 2),
-		"the BUSY-refused Release was not resent: the permits stay taken by nobody for their lease")
+	require.NoError(t, other.Acquire(actx, 2), why)
 	require.NoError(t, other.Release(ctx, 2))
 }
 
@@ -853,17 +858,7 @@ func TestSemReleaseResendRefusedBusyResent(t *testing.T) {
 	if hook.ended.CompareAndSwap(false, true) {
 		end()
 	}
-	t.Logf("Release: %v", relErr)
-
-	// The handle no longer holds the permits.
-	require.ErrorIs(t, s.Release(ctx, 2), redlatch.ErrNotHeld)
-
-	// Another Client gets them well before the 30s lease runs out.
-	other := newClientOn(t, srv.Client(t)).Semaphore(name, 2)
-	actx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	require.NoError(t, other.Acquire(actx, 2),
+	requireReleasedPermits(t, ctx, srv, s, name,
 		"the Release refused BUSY on its resend was dropped: the permits stay taken by nobody for their lease")
-	require.NoError(t, other.Release(ctx, 2))
 	require.NoError(t, relErr, "the permits were returned")
 }
