@@ -30,6 +30,7 @@ import (
 // new one was lost, and the waiter slept until the holder's lease bound).
 // (Found by a reviewer.)
 func TestWakeAfterSlotMovedStaleMap(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 60*time.Second)
 	name := redistest.UniqueName(t)
@@ -594,6 +595,7 @@ func TestWakeAfterSlotCameBack(t *testing.T) {
 // health ping) follow stopped checking the slot map: the channel stayed on
 // the old master and the waiter slept until the holder's lease bound.
 func TestWakeAfterSlotMovedWhileSubscriberDown(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 60*time.Second)
 	name := redistest.UniqueName(t)

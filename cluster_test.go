@@ -1338,6 +1338,7 @@ func TestAcquireRunThenRefusedPastTryAgainWaitIsUndone(t *testing.T) {
 // ctx ends 5.5s after it began returned about 1.5s after its ctx. (Found
 // by a reviewer of 2136889.)
 func TestWriterRefusedPastTryAgainWaitReturnsWithCtx(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 60*time.Second)
 	c := newClientOn(t, cl.Client(t))

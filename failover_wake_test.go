@@ -24,6 +24,7 @@ import (
 // release published there, instead of sleeping until the holder's lease
 // bound.
 func TestWakeAfterClusterFailover(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 100*time.Second)
 	name := redistest.UniqueName(t)
@@ -180,6 +181,7 @@ func failoverTo(t *testing.T, ctx context.Context, s *redistest.Sentinel, replic
 //     every waiter gets in within the documented bounds, and the fencing
 //     tokens after the failover are higher than before.
 func TestSentinelFailoverWaiters(t *testing.T) {
+	t.Parallel() // see TestMain
 	for _, tc := range []struct {
 		name       string
 		replicated bool
@@ -374,6 +376,7 @@ func failoverScenario(t *testing.T, ctx context.Context, c1, c2 *redlatch.Client
 // replica's link was refused from before anything was taken: the master's
 // default user may not PSYNC).
 func TestClusterFailoverWaiters(t *testing.T) {
+	t.Parallel() // see TestMain
 	for _, tc := range []struct {
 		name       string
 		replicated bool

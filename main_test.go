@@ -14,6 +14,13 @@ import (
 
 // TestMain stops the shared Redis servers and fails the run when a
 // goroutine outlives the tests.
+//
+// The tests that call t.Parallel (the longest, mostly waiting on servers of
+// their own: failovers, slot migrations) run after all the others, beside
+// each other (go test's -parallel, GOMAXPROCS by default). Such a test
+// must touch no shared server, count no goroutines of the process and set
+// no package-level state; its time bounds must allow for its neighbours'
+// load.
 func TestMain(m *testing.M) { redistest.Main(m) }
 
 // newClient returns a redlatch Client on a fresh Redis client of b, closed

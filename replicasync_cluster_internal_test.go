@@ -78,6 +78,7 @@ func TestSyncedRenewalAfterSlotMoved(t *testing.T) {
 // ErrNotReplicated; one that did not reach it reports nil, or a network
 // error.)
 func TestSyncedAfterFailover(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

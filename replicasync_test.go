@@ -493,6 +493,7 @@ func TestReplicaSyncNoScriptWaitBound(t *testing.T) {
 // its error (as it did, after 5 retries over 750ms, however long the
 // migration lasts).
 func TestReplicaSyncDuringSlotMigration(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 30*time.Second)
 	name := nameOn(t, cl, 1, redistest.UniqueName(t))
@@ -1008,6 +1009,7 @@ func TestReplicaSyncAskHonoursContextOnDefaultOptions(t *testing.T) {
 // without replica sync waits for the slot to move and the holder to
 // release.
 func TestReplicaSyncRidesOutSlotMigration(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 60*time.Second)
 	// A replica of master 2, where the lock's slot moves to.
@@ -1058,6 +1060,7 @@ func TestReplicaSyncRidesOutSlotMigration(t *testing.T) {
 // with -MOVED back to the old master; after redirectAttempts of them the
 // Lock failed with the raw MOVED reply.
 func TestReplicaSyncRidesOutFreeLockMigration(t *testing.T) {
+	t.Parallel() // see TestMain
 	for _, tc := range []struct {
 		name    string
 		timeout time.Duration
@@ -1104,6 +1107,7 @@ func TestReplicaSyncRidesOutFreeLockMigration(t *testing.T) {
 // the importing master after ASKING, followed by WAIT there (its own
 // replica acknowledging).
 func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 60*time.Second)
 	// A replica of master 1, where the slot is, and of master 2, where the
@@ -1131,6 +1135,7 @@ func TestReplicaSyncRenewalBatchSplitByMigration(t *testing.T) {
 // another slot of it, both renewed there and acknowledged by its replica,
 // waited for all of them, past their deadlines, and were reported lost.
 func TestReplicaSyncKeyByKeyWaitsDoNotStarveSourceHolds(t *testing.T) {
+	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
 	ctx := ctxT(t, 30*time.Second)
 	cl.AddReplica(t, lockKey(nameOn(t, cl, 1, redistest.UniqueName(t)+"-r")))

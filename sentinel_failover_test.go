@@ -28,6 +28,7 @@ import (
 //     fails loudly: the first renewal on the new master finds it gone, Lost
 //     closes, Unlock returns ErrNotHeld, and another client can take it.
 func TestSentinelFailoverLock(t *testing.T) {
+	t.Parallel() // see TestMain
 	for _, tc := range []struct {
 		name       string
 		replicated bool
@@ -245,6 +246,7 @@ func TestReplicaSyncReadOnlyRidesOut(t *testing.T) {
 // nor redlatch sends again: it was lost on both paths. (Found by a
 // reviewer.)
 func TestReplicaSyncRenewalReadOnlyRidesOut(t *testing.T) {
+	t.Parallel() // see TestMain
 	ctx, sentinel, master, replica := sentinelOfPair(t)
 
 	for _, tc := range []struct {
