@@ -150,7 +150,7 @@ func convertErr(err error) error {
 		return nil
 	}
 	if isReplyError(err) && strings.Contains(err.Error(), "WRONGTYPE") {
-		return fmt.Errorf("%w: %v", ErrWrongType, err)
+		return fmt.Errorf("%w: %w", ErrWrongType, err) // still a reply (isReplyError)
 	}
 	return err
 }

@@ -862,3 +862,29 @@ func TestSemReleaseResendRefusedBusyResent(t *testing.T) {
 		"the Release refused BUSY on its resend was dropped: the permits stay taken by nobody for their lease")
 	require.NoError(t, relErr, "the permits were returned")
 }
+
+// TestSemReleaseWrongTypeNotResentUntilCleanupTimeout: a Release whose
+// permit set was replaced by another program's value (WRONGTYPE, a reply:
+// the script's outcome is known) returns ErrWrongType with its ctx. The
+// resend loop took the ErrWrongType (which wraps the reply's text, not the
+// reply) for an unknown outcome and resent it, paced, until the cleanup
+// timeout: Release returned ~2s after a 300ms ctx. ErrWrongType wraps the
+// reply now, as convertErr's other errors do. (Found by a reviewer.)
+func TestSemReleaseWrongTypeNotResentUntilCleanupTimeout(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		ctx := ctxT(t, 20*time.Second)
+		name := redistest.UniqueName(t)
+		c := newClient(t, b)
+		s := c.Semaphore(name, 3)
+		require.NoError(t, s.Acquire(ctx, 1))
+		require.NoError(t, b.Client(t).Set(ctx, semKey(name), "foreign", time.Minute).Err())
+
+		rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		err := s.Release(rctx, 1)
+		took := time.Since(start)
+		require.ErrorIs(t, err, redlatch.ErrWrongType)
+		require.Less(t, took, time.Second, "Release returned %v after a 300ms ctx", took)
+	})
+}
