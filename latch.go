@@ -177,7 +177,11 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, l.c.rdb, keys, args...)
-	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isBusyOrLoading(err) || refusedUntilCtxEnded(err) && !release {
+	// A migrating slot's refusal past tryAgainWait, with ctx alive, is no
+	// answer either: an earlier send, inside go-redis's retries (a lost
+	// reply), may have run (see outcomeUnknown).
+	migrating := refusedInMigration(cmd.Err())
+	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isBusyOrLoading(err) && !migrating || refusedUntilCtxEnded(err) && !release {
 		// (A call refused until ctx ended is not sent again: its resend,
 		// refused too while the slot migrates, would hold the call the
 		// cleanup timeout past its ctx; see refusedErr.)
@@ -186,7 +190,17 @@ func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script,
 	// A transient refusal (BUSY, LOADING) is no answer either: it may be
 	// go-redis's resend of a call whose first run took effect, its reply
 	// lost. It is sent again, paced, until Redis answers.
-	detached(ctx, func(ctx context.Context) {
+	detached(ctx, func(cctx context.Context) {
+		if migrating && !release {
+			// Its resend, refused too while the slot migrates, ends with
+			// the caller's ctx as well (an unknown outcome, ctx's error):
+			// not the cleanup timeout past it.
+			var cancel context.CancelFunc
+			cctx, cancel = context.WithCancel(cctx)
+			defer cancel()
+			defer context.AfterFunc(ctx, cancel)()
+		}
+		ctx := cctx
 		var again tryAgainBackoff
 		lost := !isBusyOrLoading(cmd.Err()) // the first send's outcome is unknown
 		if !lost && !again.wait(ctx) {

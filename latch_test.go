@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -844,4 +845,65 @@ func TestLatchRefusedThenLostReplyNotReportedRefused(t *testing.T) {
 	err = l.CountDown(ctx)
 	requireCount(t, ctx, l, 1)
 	require.False(t, refused(err), "a CountDown that counted down reported BUSY (did not run): calling again counts twice: %v", err)
+}
+
+// TestLatchRunThenRefusedPastTryAgainWaitNotReportedRefused: on a Redis
+// Cluster, a latch call runs in Redis, its reply is lost, and go-redis's
+// resend is refused because the latch's slot has started migrating (ASK,
+// then TRYAGAIN: the wake-up channel, a KEYS entry, never exists where it
+// lands). tryAgainHook sends it again for tryAgainWait (5s) and then
+// returns the TRYAGAIN reply; the latch took that refusal for Redis's
+// answer ("did not run") and returned it, though the call had counted down
+// (set the count, deleted it). A caller that calls again on a refusal counts
+// down twice, and a TrySetCount called again reports its own count as
+// another's. Acquisitions count such a refusal as an unknown outcome
+// (outcomeUnknown, TestAcquireRunThenRefusedPastTryAgainWaitIsUndone); the
+// latch must not report it as a refusal either (README: "never reports a
+// refusal after a send that may have run"). (Found by a reviewer.)
+func TestLatchRunThenRefusedPastTryAgainWaitNotReportedRefused(t *testing.T) {
+	t.Parallel() // see TestMain
+	cl := redistest.NewCluster(t, 3)
+	ctx := ctxT(t, 60*time.Second)
+	cases := []struct {
+		what  string
+		setup int64 // the count before the call
+		call  func(context.Context, *redlatch.CountDownLatch) error
+		want  int64 // the count after its single run
+	}{
+		{"CountDown", 3, func(ctx context.Context, l *redlatch.CountDownLatch) error { return l.CountDown(ctx) }, 2},
+		{"TrySetCount", 0, func(ctx context.Context, l *redlatch.CountDownLatch) error {
+			_, err := l.TrySetCount(ctx, 4)
+			return err
+		}, 4},
+		{"Delete", 2, func(ctx context.Context, l *redlatch.CountDownLatch) error {
+			_, err := l.Delete(ctx)
+			return err
+		}, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.what, func(t *testing.T) {
+			t.Parallel() // each on a slot of its own
+			name := nameOn(t, cl, 1, redistest.UniqueName(t))
+			tag := "{" + name + "}"
+			cc := cl.Client(t)
+			l := newClientOn(t, cc).CountDownLatch(name)
+			warmLatch(t, ctx, l) // the slot map is loaded, the scripts too
+			if tc.setup > 0 {
+				ok, err := l.TrySetCount(ctx, tc.setup)
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+			// Inside tryAgainHook: the call runs, then its slot starts
+			// migrating and go-redis's resend is refused from then on.
+			cc.AddHook(&lostThenRefused{key: latchKey(name), migrate: func() {
+				cl.StartMigration(t, 2, tag+":latch:done")
+			}})
+			err := tc.call(ctx, l)
+			var reply redis.Error
+			refused := errors.As(err, &reply)
+			cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+			requireCount(t, ctx, newClientOn(t, cl.Client(t)).CountDownLatch(name), tc.want)
+			require.False(t, refused, "a %s that ran reported a refusal (did not run): calling again acts twice: %v", tc.what, err)
+		})
+	}
 }
