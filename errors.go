@@ -149,6 +149,9 @@ func convertErr(err error) error {
 	if err == nil || errors.Is(err, redis.Nil) {
 		return nil
 	}
+	if errors.Is(err, ErrWrongType) {
+		return err // converted already (a latch's Count, in its Wait)
+	}
 	if isReplyError(err) && strings.Contains(err.Error(), "WRONGTYPE") {
 		return fmt.Errorf("%w: %w", ErrWrongType, err) // still a reply (isReplyError)
 	}

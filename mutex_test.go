@@ -2690,3 +2690,81 @@ func TestZeroClientInvalid(t *testing.T) {
 	require.ErrorIs(t, redlatch.NewRedlock("a", []*redlatch.Client{c}).Lock(ctx), redlatch.ErrInvalidArgument)
 	require.ErrorIs(t, c.Close(), redlatch.ErrInvalidArgument)
 }
+
+// cancelOnWrongTypeHook cancels the context of the call under test right
+// after an acquisition script matching match got its WRONGTYPE reply: the
+// reply is in, and the caller's ctx has ended by the time the library
+// looks at it (a request aborted as the reply came).
+type cancelOnWrongTypeHook struct {
+	passHook
+	match  func(redis.Cmder) bool
+	cancel atomic.Pointer[context.CancelFunc]
+	seen   atomic.Int32
+}
+
+func (h *cancelOnWrongTypeHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if err != nil && strings.Contains(err.Error(), "WRONGTYPE") && h.match(cmd) {
+			if c := h.cancel.Load(); c != nil {
+				h.seen.Add(1)
+				(*c)()
+			}
+		}
+		return err
+	}
+}
+
+// TestWrongTypeReplyAsCtxEndsWrapsErrWrongType: an acquisition whose
+// attempt got a WRONGTYPE reply (another program's value under the key)
+// while its ctx ended returns a failed wait (ErrNotObtained and ctx.Err())
+// that still wraps ErrWrongType, as the errors' doc promises for a key
+// holding a value redlatch did not write. failedAttempt wrapped the raw
+// reply in the wait error, unconverted: errors.Is(err, ErrWrongType) was
+// false, while the same reply a moment earlier gave ErrWrongType (and a
+// Redlock's wait error converts its masters' replies). (Found by a
+// reviewer.)
+func TestWrongTypeReplyAsCtxEndsWrapsErrWrongType(t *testing.T) {
+	redistest.ForEach(t, func(t *testing.T, b redistest.Backend) {
+		for _, tc := range []struct {
+			name    string
+			key     func(name string) string
+			acquire func(c *redlatch.Client, name string, ctx context.Context) error
+		}{
+			{"Mutex", lockKey, func(c *redlatch.Client, n string, ctx context.Context) error {
+				return c.Mutex(n).Lock(ctx)
+			}},
+			{"FairMutex", func(n string) string { return "{" + n + "}:fair" }, func(c *redlatch.Client, n string, ctx context.Context) error {
+				return c.FairMutex(n).Lock(ctx)
+			}},
+			{"RWMutex", func(n string) string { return "{" + n + "}:rw" }, func(c *redlatch.Client, n string, ctx context.Context) error {
+				return c.RWMutex(n).RLock(ctx)
+			}},
+			{"Semaphore", semKey, func(c *redlatch.Client, n string, ctx context.Context) error {
+				return c.Semaphore(n, 2).Acquire(ctx, 1)
+			}},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				ctx := ctxT(t, 10*time.Second)
+				name := redistest.UniqueName(t)
+				require.NoError(t, b.Client(t).Set(ctx, tc.key(name), "foreign", time.Minute).Err())
+				rdb := b.Client(t)
+				hook := &cancelOnWrongTypeHook{match: scriptWith(tc.key(name))}
+				rdb.AddHook(hook)
+				c := newClientOn(t, rdb)
+
+				// Without the ctx ending: ErrWrongType.
+				require.ErrorIs(t, tc.acquire(c, name, ctx), redlatch.ErrWrongType)
+
+				actx, cancel := context.WithCancel(ctx)
+				defer cancel()
+				hook.cancel.Store(&cancel)
+				err := tc.acquire(c, name, actx)
+				require.NotZero(t, hook.seen.Load(), "the attempt got no WRONGTYPE")
+				requireWaitErr(t, err, actx)
+				require.ErrorIs(t, err, redlatch.ErrWrongType,
+					"the WRONGTYPE reply of the attempt is not reported as ErrWrongType: %v", err)
+			})
+		}
+	})
+}

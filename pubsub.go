@@ -1683,13 +1683,16 @@ func (c *Client) failedAttempt(ctx context.Context, err error, undo func(context
 	if outcomeUnknown(err) && undo != nil {
 		c.cleanupAfter(ctx, err, undo)
 	}
+	// Converted in the wait error too: a WRONGTYPE reply that came as ctx
+	// ended still matches ErrWrongType.
+	err = convertErr(err)
 	if ctxEnded(ctx) {
 		return newWaitError(ctx, err)
 	}
 	if c.closed.Load() {
 		return ErrClosed
 	}
-	return convertErr(err)
+	return err
 }
 
 // outcomeUnknown reports whether an attempt that failed with err may have
