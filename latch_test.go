@@ -863,7 +863,6 @@ func TestLatchRefusedThenLostReplyNotReportedRefused(t *testing.T) {
 func TestLatchRunThenRefusedPastTryAgainWaitNotReportedRefused(t *testing.T) {
 	t.Parallel() // see TestMain
 	cl := redistest.NewCluster(t, 3)
-	ctx := ctxT(t, 60*time.Second)
 	cases := []struct {
 		what  string
 		setup int64 // the count before the call
@@ -883,6 +882,9 @@ func TestLatchRunThenRefusedPastTryAgainWaitNotReportedRefused(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.what, func(t *testing.T) {
 			t.Parallel() // each on a slot of its own
+			// Its own: a parallel subtest starts once its parent has
+			// returned, and once -parallel lets it, maybe long after.
+			ctx := ctxT(t, 60*time.Second)
 			name := nameOn(t, cl, 1, redistest.UniqueName(t))
 			tag := "{" + name + "}"
 			cc := cl.Client(t)

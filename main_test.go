@@ -20,7 +20,8 @@ import (
 // each other (go test's -parallel, GOMAXPROCS by default). Such a test
 // must touch no shared server, count no goroutines of the process and set
 // no package-level state; its time bounds must allow for its neighbours'
-// load.
+// load. Its parallel subtests start only once it has returned and
+// -parallel lets them, maybe a minute later: each makes its own ctx.
 func TestMain(m *testing.M) { redistest.Main(m) }
 
 // newClient returns a redlatch Client on a fresh Redis client of b, closed
