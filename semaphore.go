@@ -3,10 +3,13 @@ package redlatch
 import (
 	"context"
 	_ "embed"
+	"errors"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 var (
@@ -386,7 +389,12 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	}
 	req := newID()
 	freed, err := s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink, false)
-	if err != nil && !isReplyError(err) {
+	// A migrating slot's refusal past tryAgainWait, with ctx alive, is no
+	// answer either: an earlier send, inside go-redis's retries (a lost
+	// reply), may have run (see outcomeUnknown). Sent again as below; if
+	// that gets no answer, the outcome stays unknown (not "refused").
+	migrating := refusedInMigration(err)
+	if err != nil && (!isReplyError(err) || migrating) {
 		// Unknown outcome (not sent, or the reply lost): send the same
 		// request again, which Redis applies once (it is remembered), so
 		// the released permits come back now and the kept ones exist
@@ -405,6 +413,9 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 				break
 			}
 			if isReplyError(rerr) && !isBusyOrLoading(rerr) || !again.wait(cctx) {
+				if migrating && !isReplyError(rerr) {
+					err = rerr // unknown, not the refusal
+				}
 				break
 			}
 		}
@@ -427,15 +438,27 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	for _, r := range whole {
 		s.c.wd.remove(r.h)
 	}
+	unknown := err != nil && (!isReplyError(err) || migrating)
 	if shrink != nil {
-		if isReplyError(err) {
+		if unknown && migrating {
+			// Most likely refused all along (the slot migrates past
+			// tryAgainWait), maybe run (a lost reply): the record's name
+			// in Redis tells, one key, which a migrating slot serves (or
+			// answers with ASK, followed). Named wrong, the Release of
+			// the kept permits returned nothing and left them (all, or
+			// the record's) taken by nobody for their lease.
+			if ran, rerr := s.recordExists(ctx, newShrink); rerr == nil && !ran {
+				kept.member = oldShrink
+			}
+		}
+		if isReplyError(err) && !unknown {
 			// Refused (BUSY, say): the script did not run, and the record
 			// has its old name still, with all its permits. The kept ones
 			// are tracked under it; the others come back with it, at the
 			// Release of the kept ones or when its lease runs out.
 			kept.member = oldShrink
 		}
-		if err != nil && !isReplyError(err) {
+		if unknown {
 			// The outcome unknown, Redis has the record under either name:
 			// the bridge renews it under whichever (tracked under the new
 			// name only, the first renewal found it missing if the script
@@ -512,6 +535,19 @@ func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole 
 	}
 	n, err := semReleaseScript.Run(ctx, s.c.rdb, []string{s.key, s.channel, s.fence}, args...).Int64()
 	return n, convertErr(err)
+}
+
+// recordExists reports whether the permit record member is in the permit
+// set, read on its master with a cleanup context (ctx may have ended).
+func (s *Semaphore) recordExists(ctx context.Context, member string) (bool, error) {
+	ctx, cancel := cleanupContext(ctx)
+	defer cancel()
+	var cmd *redis.FloatCmd
+	err := s.c.onMaster(ctx, func(p redis.Pipeliner) { cmd = p.ZScore(ctx, s.key, member) })
+	if errors.Is(err, redis.Nil) {
+		return false, nil
+	}
+	return err == nil && cmd.Err() == nil, err
 }
 
 // Lost returns a channel closed when permits this handle holds are lost

@@ -2,6 +2,8 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"sync"
@@ -887,4 +889,61 @@ func TestSemReleaseWrongTypeNotResentUntilCleanupTimeout(t *testing.T) {
 		require.ErrorIs(t, err, redlatch.ErrWrongType)
 		require.Less(t, took, time.Second, "Release returned %v after a 300ms ctx", took)
 	})
+}
+
+// TestSemPartialReleaseRunThenRefusedPastTryAgainWait: on a Redis Cluster,
+// a partial Semaphore Release (3 permits held in one record, 1 released:
+// the record is renamed to one of 2 permits) runs in Redis, its reply is
+// lost, and go-redis's resend is refused because the slot has started
+// migrating (TRYAGAIN: the wake-up channel, a KEYS entry, never exists
+// where it lands). tryAgainHook sends it again for tryAgainWait (5s) and
+// returns the TRYAGAIN reply, which Release took for "did not run": the
+// handle tracked the kept permits under the record's old name, which is
+// gone (Lost closed at the next renewal), while the new record, renewed by
+// nobody, kept 2 permits taken for its whole lease. The Release of those 2
+// permits then reported ErrNotHeld and returned nothing. (lost=false: the
+// same Release refused all along, which did not run, still works.) (Found
+// by a reviewer.)
+func TestSemPartialReleaseRunThenRefusedPastTryAgainWait(t *testing.T) {
+	t.Parallel() // see TestMain
+	for _, lost := range []bool{true, false} {
+		t.Run(fmt.Sprintf("lost=%v", lost), func(t *testing.T) {
+			t.Parallel() // each on a cluster of its own; most of it is waiting
+			cl := redistest.NewCluster(t, 3)
+			ctx := ctxT(t, 60*time.Second)
+			name := nameOn(t, cl, 1, redistest.UniqueName(t))
+			tag := "{" + name + "}"
+			cc := cl.Client(t)
+			s := newClientOn(t, cc).Semaphore(name, 5)
+			// The slot map is loaded, the scripts too.
+			require.NoError(t, s.Acquire(ctx, 2))
+			require.NoError(t, s.Release(ctx, 1))
+			require.NoError(t, s.Release(ctx, 1))
+
+			require.NoError(t, s.Acquire(ctx, 3))
+			migrate := func() { cl.StartMigration(t, 2, tag+":fence") }
+			if lost {
+				// Inside tryAgainHook: the Release runs, then its slot
+				// starts migrating and go-redis's resend is refused from
+				// then on.
+				cc.AddHook(&lostThenRefused{key: semKey(name), migrate: migrate})
+			} else {
+				migrate()
+			}
+			err := s.Release(ctx, 1)
+			require.Error(t, err)
+			var reply redis.Error
+			refused := errors.As(err, &reply)
+			cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+
+			// The handle holds 2 permits: their Release gives them back.
+			require.NoError(t, s.Release(ctx, 2), "the kept permits of a partial Release were not tracked by their name")
+			avail, err := newClientOn(t, cl.Client(t)).Semaphore(name, 5).Available(ctx)
+			require.NoError(t, err)
+			require.Equal(t, int64(5), avail, "permits left taken by nobody")
+			if lost {
+				require.False(t, refused, "a Release that ran reported a refusal (did not run): %v", err)
+			}
+		})
+	}
 }
