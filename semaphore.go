@@ -440,10 +440,11 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 	}
 	unknown := err != nil && (!isReplyError(err) || migrating)
 	if shrink != nil {
-		if unknown && migrating {
+		if unknown && (migrating || refusedUntilCtxEnded(err)) {
 			// Most likely refused all along (the slot migrates past
-			// tryAgainWait), maybe run (a lost reply): the record's name
-			// in Redis tells, one key, which a migrating slot serves (or
+			// tryAgainWait, or until ctx ended: a refusedErr, whose
+			// resend was refused so too), maybe run (a lost reply): the
+			// record's name in Redis tells, one key, which a migrating slot serves (or
 			// answers with ASK, followed). Named wrong, the Release of
 			// the kept permits returned nothing and left them (all, or
 			// the record's) taken by nobody for their lease.

@@ -947,3 +947,41 @@ func TestSemPartialReleaseRunThenRefusedPastTryAgainWait(t *testing.T) {
 		})
 	}
 }
+
+// TestSemPartialReleaseRefusedUntilCtxEndsKeptName: on a Redis Cluster, a
+// partial Semaphore Release (3 permits held in one record, 1 released) is
+// refused by a migrating slot until its ctx ends (ended in tryAgainHook's
+// backoff: a refusedErr, ctx's error), and its resend within the cleanup
+// timeout is refused too: the script never ran, and Redis has the record
+// under its old name, with 3 permits, which the bridge hold renews. The
+// handle tracked the 2 kept permits under the record's new name (only a
+// refusal past tryAgainWait had the name read with recordExists): once the
+// slot moved, their Release named a record Redis never had, returned
+// ErrNotHeld and returned nothing, and the 3 permits stayed taken by
+// nobody for their lease. (Found by a reviewer of 0754c73.)
+func TestSemPartialReleaseRefusedUntilCtxEndsKeptName(t *testing.T) {
+	t.Parallel() // see TestMain
+	ctx, cl, _, c, hook := cancelOnTryAgainRig(t)
+	name := nameOn(t, cl, 1, redistest.UniqueName(t))
+	tag := "{" + name + "}"
+	s := c.Semaphore(name, 5)
+	// The slot map is loaded, the scripts too.
+	require.NoError(t, s.Acquire(ctx, 2))
+	require.NoError(t, s.Release(ctx, 1))
+	require.NoError(t, s.Release(ctx, 1))
+
+	require.NoError(t, s.Acquire(ctx, 3))
+	cl.StartMigration(t, 2, tag+":fence")
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	hook.arm(semKey(name), cancel) // rctx ends at the first TRYAGAIN
+	err := s.Release(rctx, 1)
+	require.ErrorIs(t, err, context.Canceled, "refused until its ctx ended, then resent and refused again")
+	cl.MoveSlot(t, redistest.KeySlot(tag), 2)
+
+	// The handle holds 2 permits: their Release gives them back.
+	require.NoError(t, s.Release(ctx, 2), "the kept permits were tracked under a name Redis never had")
+	avail, err := newClientOn(t, cl.Client(t)).Semaphore(name, 5).Available(ctx)
+	require.NoError(t, err)
+	require.Equal(t, int64(5), avail, "permits left taken by nobody")
+}
