@@ -444,10 +444,11 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 			// Most likely refused all along (the slot migrates past
 			// tryAgainWait, or until ctx ended: a refusedErr, whose
 			// resend was refused so too), maybe run (a lost reply): the
-			// record's name in Redis tells, one key, which a migrating slot serves (or
-			// answers with ASK, followed). Named wrong, the Release of
-			// the kept permits returned nothing and left them (all, or
-			// the record's) taken by nobody for their lease.
+			// record's name in Redis tells, one key, which a migrating
+			// slot serves (or answers with ASK, followed). Named wrong,
+			// the Release of the kept permits returned nothing and left
+			// them (all, or the record's) taken by nobody for their
+			// lease.
 			if ran, rerr := s.recordExists(ctx, newShrink); rerr == nil && !ran {
 				kept.member = oldShrink
 			}
