@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	_ "embed"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -869,6 +870,90 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 			}
 		})
 	}()
+}
+
+// runOnce runs a script whose args carry a request id, which Redis
+// remembers with what the run did (a latch's calls; ForceUnlock, see
+// fence_force.lua), so that a resend is applied once and answered with the
+// first run's result. When the call's outcome is unknown (sent, but no
+// reply came: lost, or ctx ended on the way), it is sent once more with a
+// fresh context bounded by a cleanup timeout, and the caller learns what
+// it did. Without it the caller could not tell, and could not safely call
+// again: a new call is a new request (a CountDown counted twice, a
+// TrySetCount reporting its own count as another's, a ForceUnlock
+// releasing whoever took the lock since).
+//
+// A call refused by a transient reply (BUSY, LOADING) is sent again so too,
+// paced, within that timeout: go-redis resends a call whose reply was lost,
+// and the refusal of that resend says nothing of the first run. So is one
+// refused by a migrating slot past tryAgainWait (ctx alive), its resend
+// ending with ctx too unless it is a release.
+//
+// A call whose ctx ended before it was sent is not sent (its error), but
+// for a release (a latch's CountDown, Delete), which is sent with a fresh
+// context as above. Its caller replaced an ended ctx (releaseContext), but
+// ctx may end before the send all the same: during the check of a
+// cluster's versions (publishCommand), say. A deferred CountDown of a task
+// cancelled then was lost, and the count never expires.
+func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, keys []string, args ...any) *redis.Cmd {
+	if ctx.Err() != nil && !release {
+		return s.Run(ctx, c.rdb, keys, args...) // not sent: its error
+	}
+	cmd := s.Run(ctx, c.rdb, keys, args...)
+	// A migrating slot's refusal past tryAgainWait, with ctx alive, is no
+	// answer either: an earlier send, inside go-redis's retries (a lost
+	// reply), may have run (see outcomeUnknown).
+	migrating := refusedInMigration(cmd.Err())
+	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isBusyOrLoading(err) && !migrating || refusedUntilCtxEnded(err) && !release {
+		// (A call refused until ctx ended is not sent again: its resend,
+		// refused too while the slot migrates, would hold the call the
+		// cleanup timeout past its ctx; see refusedErr.)
+		return cmd
+	}
+	// A transient refusal (BUSY, LOADING) is no answer either: it may be
+	// go-redis's resend of a call whose first run took effect, its reply
+	// lost. It is sent again, paced, until Redis answers.
+	detached(ctx, func(cctx context.Context) {
+		if migrating && !release {
+			// Its resend, refused too while the slot migrates, ends with
+			// the caller's ctx as well (an unknown outcome, ctx's error):
+			// not the cleanup timeout past it.
+			var cancel context.CancelFunc
+			cctx, cancel = context.WithCancel(cctx)
+			defer cancel()
+			defer context.AfterFunc(ctx, cancel)()
+		}
+		ctx := cctx
+		var again tryAgainBackoff
+		lost := !isBusyOrLoading(cmd.Err()) // the first send's outcome is unknown
+		if !lost && !again.wait(ctx) {
+			return
+		}
+		for {
+			next := s.Run(ctx, c.rdb, keys, args...)
+			err := next.Err()
+			if err == nil || isReplyError(err) && !isBusyOrLoading(err) {
+				cmd = next
+				return
+			}
+			if !isBusyOrLoading(err) {
+				// No reply: this send may have run. The refusal of an
+				// earlier one must not be returned (it says nothing ran:
+				// a caller calling again would act twice). Sent once
+				// more after a lost reply, as a first send is.
+				cmd = next
+				if lost {
+					return
+				}
+				lost = true
+				continue
+			}
+			if !again.wait(ctx) {
+				return
+			}
+		}
+	})
+	return cmd
 }
 
 // isBusyOrLoading reports whether err is a transient refusal by Redis (BUSY,

@@ -2,6 +2,7 @@ package redlatch_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -1384,4 +1385,119 @@ func TestWriterRefusedPastTryAgainWaitReturnsWithCtx(t *testing.T) {
 	ok, err := c2.FairMutex(name).TryLock(ctx)
 	require.NoError(t, err)
 	require.True(t, ok)
+}
+
+// resendMovesSlot, added to a cluster client before New (outside
+// tryAgainHook), calls move before the second script call on key that
+// reaches it once armed: the caller's own resend of a call that
+// tryAgainHook gave up on, sent with the same request id.
+type resendMovesSlot struct {
+	passHook
+	mu    sync.Mutex
+	key   string
+	armed bool
+	seen  int
+	move  func()
+}
+
+func (h *resendMovesSlot) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && len(args) >= 4 {
+			if key, _ := args[3].(string); key == h.key {
+				h.mu.Lock()
+				var move func()
+				if h.armed {
+					if h.seen++; h.seen == 2 {
+						move = h.move
+					}
+				}
+				h.mu.Unlock()
+				if move != nil {
+					move()
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestForceUnlockRunThenRefusedPastTryAgainWait: a ForceUnlock runs in
+// Redis (the holder's hold released), its reply is lost, and go-redis's
+// resend is refused because a key of the lock's slot has started migrating
+// (TRYAGAIN). tryAgainHook sends it again for tryAgainWait (5s), then
+// returns the TRYAGAIN reply, and ForceUnlock returned (false, TRYAGAIN):
+// "nothing was held" and "refused, did not run", though it had released a
+// hold. An operator who calls again on that refusal force-unlocks whoever
+// took the lock since. The script carries a request id and Redis remembers
+// what its first run did (see fence_force.lua): sent again, as the latch
+// and Semaphore.Release now do after such a refusal (Client.runOnce), it
+// answers true. (Found by a reviewer.)
+func TestForceUnlockRunThenRefusedPastTryAgainWait(t *testing.T) {
+	t.Parallel() // see TestMain
+	type forcer interface {
+		ForceUnlock(context.Context) (bool, error)
+	}
+	cases := []struct {
+		what string
+		key  func(tag string) string
+		make func(c *redlatch.Client, name string) (forcer, func(context.Context) error)
+	}{
+		{"Mutex", func(tag string) string { return tag + ":lock" }, func(c *redlatch.Client, name string) (forcer, func(context.Context) error) {
+			m := c.Mutex(name)
+			return m, m.Lock
+		}},
+		{"ReentrantMutex", func(tag string) string { return tag + ":lock" }, func(c *redlatch.Client, name string) (forcer, func(context.Context) error) {
+			m := c.ReentrantMutex(name)
+			return m, m.Lock
+		}},
+		{"RWMutex", func(tag string) string { return tag + ":rw" }, func(c *redlatch.Client, name string) (forcer, func(context.Context) error) {
+			m := c.RWMutex(name)
+			return m, m.RLock
+		}},
+		{"FairMutex", func(tag string) string { return tag + ":fair" }, func(c *redlatch.Client, name string) (forcer, func(context.Context) error) {
+			m := c.FairMutex(name)
+			return m, m.Lock
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.what, func(t *testing.T) {
+			t.Parallel() // each on a cluster of its own; most of it is waiting
+			cl := redistest.NewCluster(t, 3)
+			ctx := ctxT(t, 60*time.Second)
+			name := nameOn(t, cl, 1, redistest.UniqueName(t))
+			tag := "{" + name + "}"
+			key := tc.key(tag)
+
+			// The holder, on a cluster client of its own.
+			_, lock := tc.make(newClientOn(t, cl.Client(t)), name)
+			require.NoError(t, lock(ctx)) // the fence key exists
+
+			cc := cl.Client(t)
+			outer := &resendMovesSlot{key: key, move: func() { cl.MoveSlot(t, redistest.KeySlot(tag), 2) }}
+			cc.AddHook(outer) // before New: outside tryAgainHook
+			f, _ := tc.make(newClientOn(t, cc), name)
+			// The slot map is loaded, the script too: the probe finds the
+			// lock held, and a ForceUnlock of another name loads the script.
+			_, err := f.(interface {
+				IsLocked(context.Context) (bool, error)
+			}).IsLocked(ctx)
+			require.NoError(t, err)
+			other, _ := tc.make(newClientOn(t, cc), nameOn(t, cl, 1, redistest.UniqueName(t)+"-other"))
+			_, err = other.ForceUnlock(ctx)
+			require.NoError(t, err)
+
+			// Inside tryAgainHook: the ForceUnlock runs, then the fence key
+			// starts moving and go-redis's resend is refused from then on.
+			cc.AddHook(&lostThenRefused{key: key, migrate: func() { cl.StartMigration(t, 2, tag+":fence") }})
+			outer.mu.Lock()
+			outer.armed = true
+			outer.mu.Unlock()
+			ok, err := f.ForceUnlock(ctx)
+			var reply redis.Error
+			require.False(t, errors.As(err, &reply), "a ForceUnlock that ran reported a refusal (did not run): calling again releases the next holder: %v", err)
+			require.NoError(t, err)
+			require.True(t, ok, "a ForceUnlock that released a hold reported none")
+		})
+	}
 }

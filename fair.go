@@ -600,7 +600,7 @@ func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := f.check(ctx); err != nil {
 		return false, err
 	}
-	n, err := fairForceUnlockScript.Run(ctx, f.c.rdb, f.keys, f.c.publishCommand(ctx),
+	n, err := f.c.runOnce(ctx, false, fairForceUnlockScript, f.keys, f.c.publishCommand(ctx),
 		fenceRetention(f.lease), newID()).Int64()
 	return n == 1, convertErr(err)
 }

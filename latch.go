@@ -3,7 +3,6 @@ package redlatch
 import (
 	"context"
 	_ "embed"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -112,7 +111,7 @@ func (l *CountDownLatch) TrySetCount(ctx context.Context, n int64) (bool, error)
 	if n < 1 {
 		return false, invalidArg("n", "must be at least 1")
 	}
-	set, err := l.run(ctx, false, latchSetScript, []string{l.key, l.done}, n, newID()).Int64()
+	set, err := l.c.runOnce(ctx, false, latchSetScript, []string{l.key, l.done}, n, newID()).Int64()
 	return set == 1, convertErr(err)
 }
 
@@ -129,7 +128,7 @@ func (l *CountDownLatch) CountDown(ctx context.Context) error {
 	}
 	ctx, cancel := releaseContext(ctx)
 	defer cancel()
-	err := l.run(ctx, true, latchCountDownScript, []string{l.key, l.channel, l.done},
+	err := l.c.runOnce(ctx, true, latchCountDownScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Err()
 	return convertErr(err)
 }
@@ -149,88 +148,9 @@ func (l *CountDownLatch) Delete(ctx context.Context) (bool, error) {
 	}
 	ctx, cancel := releaseContext(ctx)
 	defer cancel()
-	n, err := l.run(ctx, true, latchDeleteScript, []string{l.key, l.channel, l.done},
+	n, err := l.c.runOnce(ctx, true, latchDeleteScript, []string{l.key, l.channel, l.done},
 		l.c.publishCommand(ctx), newID()).Int64()
 	return n == 1, convertErr(err)
-}
-
-// run runs a latch script whose args carry a request id. When the call's
-// outcome is unknown (sent, but no reply came: lost, or ctx ended on the
-// way), it is sent once more with a fresh context bounded by a cleanup
-// timeout: Redis applies the request once (its id is remembered), and the
-// caller learns what it did. Without it the caller could not tell, and
-// could not safely call again: a new call is a new request (a CountDown
-// counted twice, a TrySetCount reporting its own count as another's).
-//
-// A call refused by a transient reply (BUSY, LOADING) is sent again so too,
-// paced, within that timeout: go-redis resends a call whose reply was lost,
-// and the refusal of that resend says nothing of the first run.
-//
-// A call whose ctx ended before it was sent is not sent (its error), but
-// for a release (CountDown, Delete), which is sent with a fresh context as
-// above. Its caller replaced an ended ctx (releaseContext), but ctx may
-// end before the send all the same: during the check of a cluster's
-// versions (publishCommand), say. A deferred CountDown of a task cancelled
-// then was lost, and the count never expires.
-func (l *CountDownLatch) run(ctx context.Context, release bool, s *redis.Script, keys []string, args ...any) *redis.Cmd {
-	if ctx.Err() != nil && !release {
-		return s.Run(ctx, l.c.rdb, keys, args...) // not sent: its error
-	}
-	cmd := s.Run(ctx, l.c.rdb, keys, args...)
-	// A migrating slot's refusal past tryAgainWait, with ctx alive, is no
-	// answer either: an earlier send, inside go-redis's retries (a lost
-	// reply), may have run (see outcomeUnknown).
-	migrating := refusedInMigration(cmd.Err())
-	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isBusyOrLoading(err) && !migrating || refusedUntilCtxEnded(err) && !release {
-		// (A call refused until ctx ended is not sent again: its resend,
-		// refused too while the slot migrates, would hold the call the
-		// cleanup timeout past its ctx; see refusedErr.)
-		return cmd
-	}
-	// A transient refusal (BUSY, LOADING) is no answer either: it may be
-	// go-redis's resend of a call whose first run took effect, its reply
-	// lost. It is sent again, paced, until Redis answers.
-	detached(ctx, func(cctx context.Context) {
-		if migrating && !release {
-			// Its resend, refused too while the slot migrates, ends with
-			// the caller's ctx as well (an unknown outcome, ctx's error):
-			// not the cleanup timeout past it.
-			var cancel context.CancelFunc
-			cctx, cancel = context.WithCancel(cctx)
-			defer cancel()
-			defer context.AfterFunc(ctx, cancel)()
-		}
-		ctx := cctx
-		var again tryAgainBackoff
-		lost := !isBusyOrLoading(cmd.Err()) // the first send's outcome is unknown
-		if !lost && !again.wait(ctx) {
-			return
-		}
-		for {
-			next := s.Run(ctx, l.c.rdb, keys, args...)
-			err := next.Err()
-			if err == nil || isReplyError(err) && !isBusyOrLoading(err) {
-				cmd = next
-				return
-			}
-			if !isBusyOrLoading(err) {
-				// No reply: this send may have run. The refusal of an
-				// earlier one must not be returned (it says nothing ran:
-				// a caller calling again would act twice). Sent once
-				// more after a lost reply, as a first send is.
-				cmd = next
-				if lost {
-					return
-				}
-				lost = true
-				continue
-			}
-			if !again.wait(ctx) {
-				return
-			}
-		}
-	})
-	return cmd
 }
 
 // Count returns the current count: 0 for a finished or unset latch. It

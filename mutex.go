@@ -468,7 +468,7 @@ func (e *excl) forceUnlock(ctx context.Context) (bool, error) {
 	if err := e.check(ctx); err != nil {
 		return false, err
 	}
-	n, err := forceUnlockScript.Run(ctx, e.c.rdb, []string{e.key, e.channel, e.fence},
+	n, err := e.c.runOnce(ctx, false, forceUnlockScript, []string{e.key, e.channel, e.fence},
 		e.c.publishCommand(ctx), wakeOne, newID(), fenceRetention(e.lease)).Int64()
 	return n == 1, convertErr(err)
 }

@@ -890,7 +890,7 @@ func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := m.check(ctx); err != nil {
 		return false, err
 	}
-	n, err := rwForceUnlockScript.Run(ctx, m.c.rdb, []string{m.key, m.rwake, m.wwake, m.fence},
+	n, err := m.c.runOnce(ctx, false, rwForceUnlockScript, []string{m.key, m.rwake, m.wwake, m.fence},
 		m.c.publishCommand(ctx), newID(), fenceRetention(m.lease)).Int64()
 	return n == 1, convertErr(err)
 }
