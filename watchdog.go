@@ -137,19 +137,41 @@ func (w *watchdog) run() {
 	defer close(w.done)
 	t := time.NewTicker(w.period)
 	defer t.Stop()
+	retrying := false
 	for {
 		select {
 		case <-w.c.ctx.Done():
 			return
 		case <-t.C:
 		}
+		tick := time.Now()
 		w.inRenewal.Store(true)
 		if w.c.ctx.Err() != nil {
 			return
 		}
-		w.renewAll()
+		failed := w.renewAll()
 		w.inRenewal.Store(false)
+		// A renewal that failed (BUSY, LOADING, a lost reply, a refused
+		// write, too few replicas) is sent again after a quarter period,
+		// not a whole one: a hold whose renewals Redis refused for a
+		// period or so still has most of a period left when Redis answers
+		// again, and the next tick would come at its deadline. Never
+		// later than that tick (a renewal held up to its bound by a
+		// frozen master has the next one due at once).
+		switch {
+		case failed:
+			t.Reset(max(min(w.retryDelay(), time.Until(tick.Add(w.period))), time.Millisecond))
+			retrying = true
+		case retrying:
+			t.Reset(w.period)
+			retrying = false
+		}
 	}
+}
+
+// retryDelay is the wait before a failed renewal is sent again.
+func (w *watchdog) retryDelay() time.Duration {
+	return max(w.period/4, time.Millisecond)
 }
 
 // add starts tracking a hold acquired by a request sent at sent.
@@ -417,8 +439,10 @@ func (w *watchdog) expire() {
 
 // renewAll renews every renewable hold: grouped into batches of at most
 // renewBatch keys of one cluster slot, all batches sent in one pipeline
-// (on a cluster, one per master, all at once).
-func (w *watchdog) renewAll() {
+// (on a cluster, one per master, all at once). It reports whether a hold
+// still tracked was not renewed for want of an answer or by a refusal
+// (see runBatches): not gone, to be renewed again soon.
+func (w *watchdog) renewAll() (failed bool) {
 	w.mu.Lock()
 	groups := make(map[int][]*hold)
 	var earliest time.Time // the earliest deadline among the holds renewed
@@ -438,7 +462,7 @@ func (w *watchdog) renewAll() {
 	}
 	w.mu.Unlock()
 	if len(groups) == 0 {
-		return
+		return false
 	}
 	var batches [][]*hold
 	for _, hs := range groups {
@@ -466,14 +490,18 @@ func (w *watchdog) renewAll() {
 	applied := make([]bool, len(batches)) // guarded by w.mu
 	// applyHold applies r, h's result, once: h.renewing says it is not
 	// applied yet (a batch renewed key by key has its holds applied key by
-	// key, see renewSyncedKeyByKey). res nil is a transient error: retried
-	// next period, the deadline still guards.
+	// key, see renewSyncedKeyByKey). res nil is a transient error: sent
+	// again soon (see run), the deadline still guards.
 	applyHold := func(h *hold, res []int64, j int) {
 		if !h.renewing {
 			return
 		}
 		h.renewing = false
-		if res == nil || h.done || h.finalPending() {
+		if h.done || h.finalPending() {
+			return
+		}
+		if res == nil || res[j] == -1 {
+			failed = true
 			return
 		}
 		if res[j] == 1 {
@@ -515,6 +543,9 @@ func (w *watchdog) renewAll() {
 		all[i] = i
 	}
 	apply(all, results)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return failed
 }
 
 // runBatches sends one renewal script call per batch, pipelined, and returns

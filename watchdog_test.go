@@ -1110,3 +1110,111 @@ func requireRelockPrompt(t *testing.T, ctx context.Context, m *redlatch.Reentran
 		t.Fatalf("Lock(ctx with a 300ms deadline) still not back after %v: it waits for %s stuck renewal", time.Since(start), whose)
 	}
 }
+
+// busyWindowHook, once armed, lets the first renewal of a Mutex hold (its
+// lease leaseMs) through and records when its reply came; it then refuses
+// with BUSY every renewal sent within busy of that reply (another client's
+// script running past busy-reply-threshold), and lets the later ones
+// through after a delay of latency each (a link a few ms slower than
+// loopback). ok records when the first renewal after the window succeeded.
+type busyWindowHook struct {
+	passHook
+	leaseMs int64
+	busy    time.Duration
+	latency time.Duration
+
+	mu      sync.Mutex
+	armed   bool
+	first   time.Time // reply of the first renewal after arming
+	refused int
+	ok      time.Time // first renewal renewed after the window
+}
+
+func (h *busyWindowHook) arm() {
+	h.mu.Lock()
+	h.armed = true
+	h.mu.Unlock()
+}
+
+func (h *busyWindowHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) != 7 || args[6] != h.leaseMs || (args[4] != "t" && args[4] != "h") {
+			return next(ctx, cmd)
+		}
+		h.mu.Lock()
+		armed, first := h.armed, h.first
+		h.mu.Unlock()
+		switch {
+		case !armed:
+			return next(ctx, cmd)
+		case first.IsZero():
+			err := next(ctx, cmd)
+			if err == nil {
+				h.mu.Lock()
+				h.first = time.Now()
+				h.mu.Unlock()
+			}
+			return err
+		case time.Since(first) < h.busy:
+			h.mu.Lock()
+			h.refused++
+			h.mu.Unlock()
+			err := busyReply("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.")
+			cmd.SetErr(err)
+			return err
+		}
+		time.Sleep(h.latency)
+		err := next(ctx, cmd)
+		if err == nil {
+			h.mu.Lock()
+			if h.ok.IsZero() {
+				h.ok = time.Now()
+			}
+			h.mu.Unlock()
+		}
+		return err
+	}
+}
+
+// TestRenewalRefusedBusyRetriedBeforeDeadline: Redis refuses a hold's
+// renewals with BUSY for 2.4 renewal periods after one succeeded, and
+// answers again with most of a period left before the lease (renewed then)
+// runs out. The watchdog sent a failed renewal again only at its next
+// period's tick, at the very deadline: the hold was lost (Lost closed, and
+// Redis let the key expire) although Redis could have renewed it for most
+// of a period. A failed renewal is now sent again a quarter period later.
+// (Found by a reviewer.)
+func TestRenewalRefusedBusyRetriedBeforeDeadline(t *testing.T) {
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 20*time.Second)
+	timeout := 3 * time.Second // a period of 1s: margins of a quarter period
+	period := timeout / 3
+	rdb := srv.Client(t)
+	hook := &busyWindowHook{leaseMs: timeout.Milliseconds(), busy: period * 12 / 5, latency: 20 * time.Millisecond}
+	rdb.AddHook(hook)
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
+	m := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx))
+	hook.arm()
+
+	var first time.Time
+	require.Eventually(t, func() bool {
+		hook.mu.Lock()
+		defer hook.mu.Unlock()
+		first = hook.first
+		return !first.IsZero()
+	}, 2*period, 5*time.Millisecond, "first renewal")
+	// The lease renewed by the first renewal ends by first+timeout; wait
+	// well past it (but less than another period).
+	time.Sleep(time.Until(first.Add(timeout + period/2)))
+
+	hook.mu.Lock()
+	refused, ok := hook.refused, hook.ok
+	hook.mu.Unlock()
+	require.GreaterOrEqual(t, refused, 2, "renewals refused with BUSY")
+	requireOpen(t, m.Lost(), "hold lost although Redis answered again most of a period before its lease ran out")
+	require.False(t, ok.IsZero(), "no renewal after Redis answered again")
+	require.True(t, ok.Before(first.Add(timeout)), "renewed only at %v after the first renewal, past its lease %v", ok.Sub(first), timeout)
+	require.NoError(t, m.Unlock(ctx))
+}
