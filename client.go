@@ -68,8 +68,10 @@ func WithKeyPrefix(prefix string) Option {
 }
 
 // WithWatchdogTimeout sets the lease of holds taken without WithLease.
-// The Client's watchdog renews such holds every d/3 while they are held, so a
-// crashed holder's lock frees at most d after its last renewal. Default: 30s
+// The Client's watchdog renews such holds every d/3 while they are held (a
+// renewal that fails, e.g. refused by a busy Redis, is sent again d/12
+// later), so a crashed holder's lock frees at most d after its last
+// renewal. Default: 30s
 // (DefaultWatchdogTimeout). A d under 3ms makes every method return an error
 // wrapping ErrInvalidArgument; a fraction of a millisecond is dropped.
 func WithWatchdogTimeout(d time.Duration) Option {
