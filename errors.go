@@ -127,11 +127,56 @@ func newWaitError(ctx context.Context, last error) error {
 		(we.cause == nil) == (cause == nil) && (cause == nil || errors.Is(we.cause, cause)) {
 		return last // this very wait's error already (errors.Is: a cause may not be comparable)
 	}
-	if last != nil && (errors.Is(last, context.Canceled) || errors.Is(last, context.DeadlineExceeded)) {
-		last = nil
+	if last != nil && isCtxErr(last) {
+		last = withoutCtxErrs(last)
 	}
 	return &waitError{ctxErr: ctxErr, cause: cause, last: last}
 }
+
+func isCtxErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// withoutCtxErrs returns last, which matches a context error, for a wait
+// error: nil when it says no more than that (a last attempt cut by ctx,
+// or only masters that did not answer in time), but a Redlock round's
+// joined errors with the others kept, the context errors among them hidden
+// from errors.Is (see ctxHidden): one master cut by its timeout or by ctx
+// dropped every other master's error, ErrNotReplicated among them
+// (TestRedlockNotReplicatedWithFrozenMasterAfterCtx).
+func withoutCtxErrs(last error) error {
+	j, ok := last.(interface{ Unwrap() []error })
+	if !ok {
+		return nil
+	}
+	var kept []error
+	other := false
+	for _, e := range j.Unwrap() {
+		if !isCtxErr(e) {
+			kept, other = append(kept, e), true
+			continue
+		}
+		if errors.Is(e, ErrNotObtained) { // ErrNotReplicated, its WAIT cut by a deadline
+			other = true
+		}
+		kept = append(kept, ctxHidden{e})
+	}
+	if !other {
+		return nil
+	}
+	return errors.Join(kept...)
+}
+
+// ctxHidden is an error that matches what it wraps but context errors: a
+// wait error matches its own ctx's error only, not one that cut a
+// master's attempt on its own timeout.
+type ctxHidden struct{ error }
+
+func (e ctxHidden) Is(target error) bool {
+	return target != context.Canceled && target != context.DeadlineExceeded && errors.Is(e.error, target)
+}
+
+func (e ctxHidden) As(target any) bool { return errors.As(e.error, target) }
 
 // isReplyError reports whether err is an error reply from Redis (the server
 // answered, so the command's effect is known), as opposed to a network or

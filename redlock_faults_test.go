@@ -1342,3 +1342,57 @@ func TestRedlockUnlockAfterCloseResent(t *testing.T) {
 		3*time.Second, 20*time.Millisecond,
 		"master 0's failed release was not resent: it stays locked by nobody for the lease")
 }
+
+// TestRedlockNotReplicatedWithFrozenMasterAfterCtx: of three masters, two
+// grant the lock but have no replica to acknowledge it (WithReplicaSync:
+// ErrNotReplicated, released again) and the third is frozen (SIGSTOP).
+// Too many masters' replication is broken for a quorum, so Lock fails; its
+// ctx ends while the frozen master's attempt is still unanswered. The
+// error must match ErrNotObtained and ctx.Err(), and still carry the
+// masters' errors: ErrNotReplicated (what tells broken replication from a
+// busy lock, see the README's WithReplicaSync example). It did not:
+// newWaitError dropped the whole joined error of the round because one
+// member, the frozen master's, is a context error, so the caller saw
+// "context deadline exceeded" alone, as for a lock merely held by others.
+// (Found by a reviewer.)
+func TestRedlockNotReplicatedWithFrozenMasterAfterCtx(t *testing.T) {
+	servers := redlockServers(t, 3)
+	ctx := ctxT(t, 20*time.Second)
+	// Load the scripts on every master first.
+	warm := redlatch.NewRedlock(redistest.UniqueName(t)+"-warm", redlockClients(t, servers))
+	require.NoError(t, warm.Lock(ctx))
+	require.NoError(t, warm.Unlock(ctx))
+
+	plain := redlockClients(t, servers[:1])
+	synced := redlockClients(t, servers[1:], redlatch.WithReplicaSync(1, 20*time.Millisecond))
+	clients := []*redlatch.Client{plain[0], synced[0], synced[1]}
+	name := redistest.UniqueName(t)
+	// A 20s lease: master 0's attempt timeout is 1s, past Lock's ctx.
+	r := redlatch.NewRedlock(name, clients, redlatch.WithLease(20*time.Second))
+
+	servers[0].Stop(t)
+	thawed := false
+	thaw := func() {
+		if !thawed {
+			thawed = true
+			servers[0].Cont(t)
+		}
+	}
+	t.Cleanup(thaw)
+
+	lctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	err := r.Lock(lctx)
+	t.Logf("Lock: %v", err)
+	thaw()
+	require.Error(t, lctx.Err(), "the ctx had not ended")
+	requireWaitErr(t, err, lctx)
+	require.ErrorIs(t, err, redlatch.ErrNotReplicated, "the masters' errors were dropped")
+	require.Contains(t, err.Error(), "redlock master 1", "the masters' errors were dropped")
+
+	// Nothing is left held once the frozen master has taken its undo.
+	require.Eventually(t, func() bool {
+		h := heldOn(t, ctx, servers, name)
+		return !h[0] && !h[1] && !h[2]
+	}, 5*time.Second, 20*time.Millisecond, "a master was left locked by nobody")
+}
