@@ -934,11 +934,14 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 		for {
 			next := s.Run(ctx, c.rdb, keys, args...)
 			err := next.Err()
-			if err == nil || isReplyError(err) && !isBusyOrLoading(err) {
+			if err == nil || isReplyError(err) && !isBusyOrLoading(err) && !refusedInMigration(err) {
 				cmd = next
 				return
 			}
-			if !isBusyOrLoading(err) {
+			// A migrating slot's refusal did not run, like a busy
+			// Redis's: sent again, paced (a refusal past tryAgainWait
+			// comes only after the cleanup timeout: see tryAgainHook).
+			if !isBusyOrLoading(err) && !refusedInMigration(err) {
 				// No reply: this send may have run. The refusal of an
 				// earlier one must not be returned (it says nothing ran:
 				// a caller calling again would act twice). Sent once
@@ -951,6 +954,11 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 				continue
 			}
 			if !again.wait(ctx) {
+				if lost && isReplyError(cmd.Err()) {
+					// The first send's refusal, after a send that may
+					// have run: the outcome is unknown, not "did not run".
+					cmd.SetErr(refusedErr{context.DeadlineExceeded})
+				}
 				return
 			}
 		}

@@ -1430,9 +1430,8 @@ func (h *resendMovesSlot) ProcessHook(next redis.ProcessHook) redis.ProcessHook 
 // "nothing was held" and "refused, did not run", though it had released a
 // hold. An operator who calls again on that refusal force-unlocks whoever
 // took the lock since. The script carries a request id and Redis remembers
-// what its first run did (see fence_force.lua): sent again, as the latch
-// and Semaphore.Release now do after such a refusal (Client.runOnce), it
-// answers true. (Found by a reviewer.)
+// what its first run did (see fence_force.lua): sent again (Client.runOnce,
+// as the latch's calls are), it answers true. (Found by a reviewer.)
 func TestForceUnlockRunThenRefusedPastTryAgainWait(t *testing.T) {
 	t.Parallel() // see TestMain
 	type forcer interface {

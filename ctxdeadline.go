@@ -688,7 +688,7 @@ func (tryAgainHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // until its ctx ended (see tryAgainHook): ctx's error, which it matches
 // (errors.Is), for a call whose last send did not run. A release so is
 // sent again (see resendRelease: its hold is still there), and an
-// acquisition is undone in the background (see Client.failedAttempt): an
+// acquisition is undone in the background (see Client.cleanupAfter): an
 // earlier send of it, inside go-redis's retries (a lost reply), may have
 // run, and its undo, a release script, is refused too while the slot
 // migrates, for the whole cleanup timeout, which the call must not wait

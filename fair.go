@@ -593,9 +593,9 @@ func (f *FairMutex) IsLocked(ctx context.Context) (bool, error) {
 // hands it to the waiter at the head of the queue. It reports whether the
 // lock was held. The former holder's Lost closes at its next renewal (a
 // WithLease hold's when its lease runs out on the holder's clock). A call
-// resent by the Redis client after a lost reply is applied once: it leaves
-// alone a hold taken after its first run (within the limit Mutex.ForceUnlock
-// states).
+// resent after a lost reply (by the Redis client, or by ForceUnlock itself,
+// as Mutex.ForceUnlock states) is applied once: it leaves alone a hold
+// taken after its first run (within the limit Mutex.ForceUnlock states).
 func (f *FairMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := f.check(ctx); err != nil {
 		return false, err

@@ -685,8 +685,11 @@ func (m *Mutex) IsLocked(ctx context.Context) (bool, error) { return m.ex().isLo
 // ForceUnlock releases the lock whoever holds it and wakes a waiter. It
 // reports whether the lock was held. The former holder's Lost closes at its
 // next renewal (a WithLease hold, which is not renewed, when its lease runs
-// out on the holder's clock). A call resent by the Redis client after a
-// lost reply is applied once: it leaves alone a hold taken after its first
-// run (its record is one of the name's last 32 tombstones, see the README's
-// design notes). Meant for operators and tests, not for normal release.
+// out on the holder's clock). A call resent after a lost reply (by the
+// Redis client, or by ForceUnlock itself, which sends it again within a
+// cleanup timeout when no reply came, or when a busy Redis or a migrating
+// slot refused go-redis's resend) is applied once and answered with its
+// first run's result: it leaves alone a hold taken after that run (its
+// record is one of the name's last 32 tombstones, see the README's design
+// notes). Meant for operators and tests, not for normal release.
 func (m *Mutex) ForceUnlock(ctx context.Context) (bool, error) { return m.ex().forceUnlock(ctx) }

@@ -334,7 +334,8 @@ func (m *ReentrantMutex) TTL(ctx context.Context) (time.Duration, error) { retur
 func (m *ReentrantMutex) IsLocked(ctx context.Context) (bool, error) { return m.ex().isLocked(ctx) }
 
 // ForceUnlock releases the lock whoever holds it, however many times, and
-// wakes a waiter. It reports whether the lock was held.
+// wakes a waiter. It reports whether the lock was held. Resends are applied
+// once, as Mutex.ForceUnlock states.
 func (m *ReentrantMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	return m.ex().forceUnlock(ctx)
 }

@@ -397,7 +397,7 @@ func (m *RWMutex) acquireW(ctx context.Context, block bool) (token int64, sent t
 	}
 	if (queued != nil || block && unsettled) && (!ok || upgrade) {
 		// Gave up: leave the queue, letting the readers behind in; in the
-		// background after an attempt refused until ctx ended, as an undo
+		// background after an attempt a migrating slot refused, as an undo
 		// (see Client.cleanupAfter). The unqueue names this call: late, it
 		// leaves alone the place of the handle's next Lock.
 		c.cleanupAfter(ctx, lastErr, func(ctx context.Context) { m.unqueue(ctx, req) })
@@ -882,10 +882,11 @@ func (m *RWMutex) IsLocked(ctx context.Context) (bool, error) {
 // ForceUnlock releases every hold of the lock, the writer's and all the
 // readers', and wakes the waiters. It reports whether anything was held.
 // Former holders see Lost (or RLost) close at their next renewal (WithLease
-// holds when their lease runs out on the holder's clock). A call resent by
-// the Redis client after a lost reply is applied once: it leaves alone the
-// holds taken after its first run (within the limit Mutex.ForceUnlock
-// states). Meant for operators and tests.
+// holds when their lease runs out on the holder's clock). A call resent
+// after a lost reply (by the Redis client, or by ForceUnlock itself, as
+// Mutex.ForceUnlock states) is applied once: it leaves alone the holds
+// taken after its first run (within the limit Mutex.ForceUnlock states).
+// Meant for operators and tests.
 func (m *RWMutex) ForceUnlock(ctx context.Context) (bool, error) {
 	if err := m.check(ctx); err != nil {
 		return false, err

@@ -1186,9 +1186,10 @@ func (h *busyWindowHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // of a period. A failed renewal is now sent again a quarter period later.
 // (Found by a reviewer.)
 func TestRenewalRefusedBusyRetriedBeforeDeadline(t *testing.T) {
+	t.Parallel() // see TestMain
 	srv := redistest.NewServer(t)
 	ctx := ctxT(t, 20*time.Second)
-	timeout := 3 * time.Second // a period of 1s: margins of a quarter period
+	timeout := 6 * time.Second // a period of 2s: margins of half a period and more under load
 	period := timeout / 3
 	rdb := srv.Client(t)
 	hook := &busyWindowHook{leaseMs: timeout.Milliseconds(), busy: period * 12 / 5, latency: 20 * time.Millisecond}
