@@ -135,9 +135,8 @@ func (w *watchdog) stop() {
 // renews nothing after it.
 func (w *watchdog) run() {
 	defer close(w.done)
-	t := time.NewTicker(w.period)
+	t := time.NewTimer(w.period)
 	defer t.Stop()
-	retrying := false
 	for {
 		select {
 		case <-w.c.ctx.Done():
@@ -151,6 +150,13 @@ func (w *watchdog) run() {
 		}
 		failed := w.renewAll()
 		w.inRenewal.Store(false)
+		// The next renewal is due a period after this one was sent (at
+		// once if this one took longer), as a ticker's: not a period
+		// after its answer, which after a renewal Redis was slow to
+		// answer (a retry stuck behind a slow command) left the next one
+		// well under two periods before the deadline it set
+		// (TestRenewalAfterSlowRetryDueOnTime).
+		//
 		// A renewal that failed (BUSY, LOADING, a lost reply, a refused
 		// write, too few replicas) is sent again after a quarter period,
 		// not a whole one: a hold whose renewals Redis refused for a
@@ -158,14 +164,11 @@ func (w *watchdog) run() {
 		// again, and the next tick would come at its deadline. Never
 		// later than that tick (a renewal held up to its bound by a
 		// frozen master has the next one due at once).
-		switch {
-		case failed:
-			t.Reset(max(min(w.retryDelay(), time.Until(tick.Add(w.period))), time.Millisecond))
-			retrying = true
-		case retrying:
-			t.Reset(w.period)
-			retrying = false
+		next := time.Until(tick.Add(w.period))
+		if failed {
+			next = min(w.retryDelay(), next)
 		}
+		t.Reset(max(next, time.Millisecond))
 	}
 }
 

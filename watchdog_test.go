@@ -1219,3 +1219,116 @@ func TestRenewalRefusedBusyRetriedBeforeDeadline(t *testing.T) {
 	require.True(t, ok.Before(first.Add(timeout)), "renewed only at %v after the first renewal, past its lease %v", ok.Sub(first), timeout)
 	require.NoError(t, m.Unlock(ctx))
 }
+
+// slowRetryHook, once armed, acts on the renewals of a Mutex hold (its
+// lease leaseMs), by when each reaches Redis relative to the first one
+// after arming (at T, refused with BUSY): those before T+refuse are
+// refused with BUSY; those before T+stallEnd wait until then (Redis stuck
+// in a slow command: they are answered when it ends); those in
+// [T+busyFrom, T+busyTo) are refused with BUSY (a script running past
+// busy-reply-threshold); the others go through.
+type slowRetryHook struct {
+	passHook
+	leaseMs                            int64
+	refuse, stallEnd, busyFrom, busyTo time.Duration
+
+	mu      sync.Mutex
+	armed   bool
+	first   time.Time
+	refused int
+	passed  []time.Duration // when each renewal that went through was answered
+}
+
+func (h *slowRetryHook) arm() {
+	h.mu.Lock()
+	h.armed = true
+	h.mu.Unlock()
+}
+
+func (h *slowRetryHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) != 7 || args[6] != h.leaseMs || (args[4] != "t" && args[4] != "h") {
+			return next(ctx, cmd)
+		}
+		h.mu.Lock()
+		if !h.armed {
+			h.mu.Unlock()
+			return next(ctx, cmd)
+		}
+		now := time.Now()
+		if h.first.IsZero() {
+			h.first = now
+		}
+		first := h.first
+		el := now.Sub(first)
+		refuse := el < h.refuse || el >= h.busyFrom && el < h.busyTo
+		if refuse {
+			h.refused++
+		}
+		h.mu.Unlock()
+		if refuse {
+			err := busyReply("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.")
+			cmd.SetErr(err)
+			return err
+		}
+		if el < h.stallEnd {
+			time.Sleep(time.Until(first.Add(h.stallEnd)))
+		}
+		err := next(ctx, cmd)
+		if err == nil {
+			h.mu.Lock()
+			h.passed = append(h.passed, time.Since(first))
+			h.mu.Unlock()
+		}
+		return err
+	}
+}
+
+// TestRenewalAfterSlowRetryDueOnTime: a renewal refused with BUSY at T is
+// sent again at T+p/4, but Redis is stuck in a slow command until T+1.4p and
+// answers it then (renewed: the lease now ends at T+3.25p, from its send).
+// The watchdog then restarted its ticker a whole period after that answer
+// (T+2.4p), not a period after the retry was sent: the next renewal had
+// 0.85p before the deadline instead of two periods, and a BUSY spell of
+// 1.2p from T+2.2p lost the hold (Lost closed at T+3.25p) although Redis
+// answered again with a period left, and although before the quarter-period
+// retry (ticks at T+p, T+2p, T+3p, T+4p) the hold outlived both faults.
+// (Found by a reviewer of 098282f.)
+func TestRenewalAfterSlowRetryDueOnTime(t *testing.T) {
+	t.Parallel() // see TestMain
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 40*time.Second)
+	timeout := 6 * time.Second // a period of 2s: margins of 0.4s and more under load
+	p := timeout / 3
+	rdb := srv.Client(t)
+	hook := &slowRetryHook{
+		leaseMs:  timeout.Milliseconds(),
+		refuse:   p / 10,
+		stallEnd: p * 14 / 10,
+		busyFrom: p * 22 / 10,
+		busyTo:   p * 34 / 10,
+	}
+	rdb.AddHook(hook)
+	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
+	m := c.Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx))
+	hook.arm()
+
+	var first time.Time
+	require.Eventually(t, func() bool {
+		hook.mu.Lock()
+		defer hook.mu.Unlock()
+		first = hook.first
+		return !first.IsZero()
+	}, 2*p, 5*time.Millisecond, "first renewal")
+	time.Sleep(time.Until(first.Add(p * 49 / 10)))
+
+	hook.mu.Lock()
+	refused, passed := hook.refused, append([]time.Duration(nil), hook.passed...)
+	hook.mu.Unlock()
+	t.Logf("refused %d, answered at %v", refused, passed)
+	require.GreaterOrEqual(t, refused, 2, "renewals refused with BUSY")
+	requireOpen(t, m.Lost(), "hold lost although Redis answered every renewal outside two spells shorter than a lease")
+	require.NoError(t, m.Unlock(ctx))
+}
