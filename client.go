@@ -929,6 +929,7 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 		var again tryAgainBackoff
 		lost := !isBusyOrLoading(cmd.Err()) // the first send's outcome is unknown
 		if !lost && !again.wait(ctx) {
+			cmd.SetErr(refusedErr{context.DeadlineExceeded}) // see below
 			return
 		}
 		for {
@@ -954,9 +955,16 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 				continue
 			}
 			if !again.wait(ctx) {
-				if lost && isReplyError(cmd.Err()) {
+				if isReplyError(cmd.Err()) {
 					// The first send's refusal, after a send that may
 					// have run: the outcome is unknown, not "did not run".
+					// A first refusal by a busy or loading Redis too (lost
+					// false): it may be go-redis's resend of a send that
+					// ran, its reply lost (see above). Returned as it was,
+					// a ForceUnlock that released a hold, refused past the
+					// cleanup timeout, said it did not run, and an
+					// operator calling again released whoever took the
+					// lock since.
 					cmd.SetErr(refusedErr{context.DeadlineExceeded})
 				}
 				return

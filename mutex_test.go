@@ -2768,3 +2768,96 @@ func TestWrongTypeReplyAsCtxEndsWrapsErrWrongType(t *testing.T) {
 		}
 	})
 }
+
+// TestForceUnlockRunThenBusyPastCleanupNotReportedRefused: a ForceUnlock
+// runs in Redis (the holder's hold released, a waiter woken), its reply is
+// lost, and go-redis's resend is refused with BUSY: another client's script
+// runs past busy-reply-threshold, for longer than the cleanup timeout
+// (2s). Client.runOnce sends it again, paced, until that timeout ends,
+// every send refused, and then returned the last BUSY reply: ForceUnlock
+// reported (false, BUSY), "nothing held" and "refused, did not run",
+// though it had released a hold. An operator who calls again on that
+// refusal force-unlocks the woken waiter, which took the lock once Redis
+// answered again (the case runOnce was brought in for, with TRYAGAIN:
+// TestForceUnlockRunThenRefusedPastTryAgainWait). A call whose every
+// resend was refused after a send that may have run has an unknown
+// outcome, not a refusal (README: "never reports a refusal after a send
+// that may have run"); a latch CountDown likewise. (Found by a reviewer of
+// 0b990a1.)
+func TestForceUnlockRunThenBusyPastCleanupNotReportedRefused(t *testing.T) {
+	t.Parallel() // see TestMain
+	type forcer interface {
+		Lock(context.Context) error
+		Unlock(context.Context) error
+		IsLocked(context.Context) (bool, error)
+		ForceUnlock(context.Context) (bool, error)
+	}
+	kinds := []struct {
+		name string
+		key  func(name string) string
+		make func(c *redlatch.Client, name string) forcer
+	}{
+		{"Mutex", lockKey, func(c *redlatch.Client, n string) forcer { return c.Mutex(n) }},
+		{"RWMutex", writersWakeKey, func(c *redlatch.Client, n string) forcer { return c.RWMutex(n) }},
+		{"FairMutex", fairKey, func(c *redlatch.Client, n string) forcer { return c.FairMutex(n) }},
+	}
+	srv := redistest.NewServer(t, "--busy-reply-threshold", "50")
+	b := serverBackend(srv)
+	for _, k := range kinds {
+		t.Run(k.name, func(t *testing.T) {
+			ctx := ctxT(t, 30*time.Second)
+			name := redistest.UniqueName(t)
+			cf, hook := lossyClient(t, b, scriptWith(k.key(name)), true)
+			f := k.make(cf, name)
+			_, err := f.ForceUnlock(ctx) // loads the script
+			require.NoError(t, err)
+
+			holder := k.make(newClient(t, b), name)
+			require.NoError(t, holder.Lock(ctx))
+			var busy <-chan error
+			// Busy past the cleanup timeout (2s).
+			hook.between = func() { busy = srv.BusyFor(t, 2800*time.Millisecond) }
+			hook.armed.Store(true) // it runs; go-redis's resend is refused
+			ok, err := f.ForceUnlock(ctx)
+			waitNotBusy(t, srv, busy)
+			require.False(t, hook.armed.Load())
+			locked, lerr := holder.IsLocked(ctx)
+			require.NoError(t, lerr)
+			require.False(t, locked, "the ForceUnlock did not run")
+			var reply redis.Error
+			require.False(t, errors.As(err, &reply),
+				"a ForceUnlock that released a hold reported a refusal (did not run): calling again releases the next holder: ok=%v err=%v", ok, err)
+		})
+	}
+
+	t.Run("LatchCountDown", func(t *testing.T) {
+		ctx := ctxT(t, 30*time.Second)
+		name := redistest.UniqueName(t)
+		l, hook := lossyLatch(t, ctx, b, name, true)
+		ok, err := l.TrySetCount(ctx, 3)
+		require.NoError(t, err)
+		require.True(t, ok)
+		var busy <-chan error
+		// Busy past the cleanup timeout (2s), under go-redis's ReadTimeout (3s).
+		hook.between = func() { busy = srv.BusyFor(t, 2800*time.Millisecond) }
+		hook.armed.Store(true) // it counts down; go-redis's resend is refused
+		err = l.CountDown(ctx)
+		waitNotBusy(t, srv, busy)
+		requireCount(t, ctx, l, 2)
+		var reply redis.Error
+		require.False(t, errors.As(err, &reply),
+			"a CountDown that counted down reported a refusal (did not run): calling again counts twice: %v", err)
+	})
+}
+
+// waitNotBusy waits for the script BusyFor started to end: its own call
+// may return before (go-redis resends it at its ReadTimeout, and that
+// resend is refused BUSY).
+func waitNotBusy(t *testing.T, srv *redistest.Server, busy <-chan error) {
+	t.Helper()
+	<-busy
+	probe := srv.Client(t)
+	require.Eventually(t, func() bool {
+		return probe.Ping(context.Background()).Err() == nil
+	}, 5*time.Second, 10*time.Millisecond, "the server stayed busy")
+}
