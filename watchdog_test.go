@@ -1177,6 +1177,47 @@ func (h *busyWindowHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 }
 
+// renewalHook is a test hook on a hold's renewals: armed, it notes when
+// the first renewal after arming was answered (firstRenewal).
+type renewalHook interface {
+	redis.Hook
+	arm()
+	firstRenewal() time.Time
+}
+
+func (h *busyWindowHook) firstRenewal() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.first
+}
+
+func (h *slowRetryHook) firstRenewal() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.first
+}
+
+// lockedUnderRenewalHook locks a Mutex on a server of its own, through a
+// Client with the watchdog timeout timeout whose renewals go through hook,
+// arms the hook and waits for its first renewal. It returns the test's
+// ctx, the Mutex and when that renewal was answered.
+func lockedUnderRenewalHook(t *testing.T, timeout time.Duration, hook renewalHook) (context.Context, *redlatch.Mutex, time.Time) {
+	t.Helper()
+	srv := redistest.NewServer(t)
+	ctx := ctxT(t, 40*time.Second)
+	rdb := srv.Client(t)
+	rdb.AddHook(hook)
+	m := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout)).Mutex(redistest.UniqueName(t))
+	require.NoError(t, m.Lock(ctx))
+	hook.arm()
+	var first time.Time
+	require.Eventually(t, func() bool {
+		first = hook.firstRenewal()
+		return !first.IsZero()
+	}, timeout*2/3, 5*time.Millisecond, "first renewal")
+	return ctx, m, first
+}
+
 // TestRenewalRefusedBusyRetriedBeforeDeadline: Redis refuses a hold's
 // renewals with BUSY for 2.4 renewal periods after one succeeded, and
 // answers again with most of a period left before the lease (renewed then)
@@ -1187,25 +1228,11 @@ func (h *busyWindowHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // (Found by a reviewer.)
 func TestRenewalRefusedBusyRetriedBeforeDeadline(t *testing.T) {
 	t.Parallel() // see TestMain
-	srv := redistest.NewServer(t)
-	ctx := ctxT(t, 20*time.Second)
+
 	timeout := 6 * time.Second // a period of 2s: margins of half a period and more under load
 	period := timeout / 3
-	rdb := srv.Client(t)
 	hook := &busyWindowHook{leaseMs: timeout.Milliseconds(), busy: period * 12 / 5, latency: 20 * time.Millisecond}
-	rdb.AddHook(hook)
-	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
-	m := c.Mutex(redistest.UniqueName(t))
-	require.NoError(t, m.Lock(ctx))
-	hook.arm()
-
-	var first time.Time
-	require.Eventually(t, func() bool {
-		hook.mu.Lock()
-		defer hook.mu.Unlock()
-		first = hook.first
-		return !first.IsZero()
-	}, 2*period, 5*time.Millisecond, "first renewal")
+	ctx, m, first := lockedUnderRenewalHook(t, timeout, hook)
 	// The lease renewed by the first renewal ends by first+timeout; wait
 	// well past it (but less than another period).
 	time.Sleep(time.Until(first.Add(timeout + period/2)))
@@ -1297,11 +1324,9 @@ func (h *slowRetryHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // (Found by a reviewer of 098282f.)
 func TestRenewalAfterSlowRetryDueOnTime(t *testing.T) {
 	t.Parallel() // see TestMain
-	srv := redistest.NewServer(t)
-	ctx := ctxT(t, 40*time.Second)
+
 	timeout := 6 * time.Second // a period of 2s: margins of 0.4s and more under load
 	p := timeout / 3
-	rdb := srv.Client(t)
 	hook := &slowRetryHook{
 		leaseMs:  timeout.Milliseconds(),
 		refuse:   p / 10,
@@ -1309,19 +1334,7 @@ func TestRenewalAfterSlowRetryDueOnTime(t *testing.T) {
 		busyFrom: p * 22 / 10,
 		busyTo:   p * 34 / 10,
 	}
-	rdb.AddHook(hook)
-	c := newClientOn(t, rdb, redlatch.WithWatchdogTimeout(timeout))
-	m := c.Mutex(redistest.UniqueName(t))
-	require.NoError(t, m.Lock(ctx))
-	hook.arm()
-
-	var first time.Time
-	require.Eventually(t, func() bool {
-		hook.mu.Lock()
-		defer hook.mu.Unlock()
-		first = hook.first
-		return !first.IsZero()
-	}, 2*p, 5*time.Millisecond, "first renewal")
+	ctx, m, first := lockedUnderRenewalHook(t, timeout, hook)
 	time.Sleep(time.Until(first.Add(p * 49 / 10)))
 
 	hook.mu.Lock()
