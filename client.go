@@ -863,15 +863,45 @@ func (c *Client) resendRelease(ctx context.Context, err error, named bool, send 
 			defer f.land()
 		}
 		detached(context.WithValue(ctx, resentKey{}, true), func(ctx context.Context) {
-			// Paced as tryAgainHook paces a refused script, within ctx.
-			var again tryAgainBackoff
-			if isBusyOrLoading(err) && !again.wait(ctx) {
-				return
-			}
-			for isBusyOrLoading(send(ctx)) && again.wait(ctx) {
-			}
+			_ = sendAgain(ctx, err, 1, send)
 		})
 	}()
+}
+
+// sendAgain sends again, with ctx, a request Redis applies once (its
+// request id is remembered) whose last send failed with err, until Redis
+// answers it (see answered): after a send that got no reply (it may have
+// run), at once, at most lost more times (a negative lost: paced, as long
+// as ctx lasts); while Redis refuses it as busy or loading, or a migrating
+// slot refuses it (it did not run), paced as tryAgainHook paces a refused
+// script. It returns the last send's error.
+func sendAgain(ctx context.Context, err error, lost int, send func(context.Context) error) error {
+	var again tryAgainBackoff
+	for {
+		switch {
+		case answered(err):
+			return err
+		case isBusyOrLoading(err) || refusedInMigration(err):
+			if !again.wait(ctx) {
+				return err
+			}
+		case lost == 0 || ctx.Err() != nil:
+			return err
+		case lost > 0:
+			lost--
+		case !again.wait(ctx):
+			return err
+		}
+		err = send(ctx)
+	}
+}
+
+// answered reports whether err (nil included) is Redis's answer to a
+// request: not a lost reply, nor a refusal by a busy or loading Redis or
+// by a migrating slot, after which the request did not run.
+func answered(err error) bool {
+	return err == nil || errors.Is(err, redis.Nil) ||
+		isReplyError(err) && !isBusyOrLoading(err) && !refusedInMigration(err)
 }
 
 // runOnce runs a script whose args carry a request id, which Redis
@@ -902,21 +932,15 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 		return s.Run(ctx, c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, c.rdb, keys, args...)
-	// A migrating slot's refusal past tryAgainWait, with ctx alive, is no
-	// answer either: an earlier send, inside go-redis's retries (a lost
-	// reply), may have run (see outcomeUnknown).
-	migrating := refusedInMigration(cmd.Err())
-	if err := cmd.Err(); err == nil || errors.Is(err, redis.Nil) || isReplyError(err) && !isBusyOrLoading(err) && !migrating || refusedUntilCtxEnded(err) && !release {
+	err := cmd.Err()
+	if answered(err) || refusedUntilCtxEnded(err) && !release {
 		// (A call refused until ctx ended is not sent again: its resend,
 		// refused too while the slot migrates, would hold the call the
 		// cleanup timeout past its ctx; see refusedErr.)
 		return cmd
 	}
-	// A transient refusal (BUSY, LOADING) is no answer either: it may be
-	// go-redis's resend of a call whose first run took effect, its reply
-	// lost. It is sent again, paced, until Redis answers.
 	detached(ctx, func(cctx context.Context) {
-		if migrating && !release {
+		if refusedInMigration(err) && !release {
 			// Its resend, refused too while the slot migrates, ends with
 			// the caller's ctx as well (an unknown outcome, ctx's error):
 			// not the cleanup timeout past it.
@@ -925,52 +949,23 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 			defer cancel()
 			defer context.AfterFunc(ctx, cancel)()
 		}
-		ctx := cctx
-		var again tryAgainBackoff
-		lost := !isBusyOrLoading(cmd.Err()) // the first send's outcome is unknown
-		if !lost && !again.wait(ctx) {
-			cmd.SetErr(refusedErr{context.DeadlineExceeded}) // see below
-			return
-		}
-		for {
+		_ = sendAgain(cctx, err, 1, func(ctx context.Context) error {
 			next := s.Run(ctx, c.rdb, keys, args...)
-			err := next.Err()
-			if err == nil || isReplyError(err) && !isBusyOrLoading(err) && !refusedInMigration(err) {
-				cmd = next
-				return
+			if err := next.Err(); !isBusyOrLoading(err) && !refusedInMigration(err) {
+				cmd = next // an answer, or none: this send may have run
 			}
-			// A migrating slot's refusal did not run, like a busy
-			// Redis's: sent again, paced (a refusal past tryAgainWait
-			// comes only after the cleanup timeout: see tryAgainHook).
-			if !isBusyOrLoading(err) && !refusedInMigration(err) {
-				// No reply: this send may have run. The refusal of an
-				// earlier one must not be returned (it says nothing ran:
-				// a caller calling again would act twice). Sent once
-				// more after a lost reply, as a first send is.
-				cmd = next
-				if lost {
-					return
-				}
-				lost = true
-				continue
-			}
-			if !again.wait(ctx) {
-				if isReplyError(cmd.Err()) {
-					// The first send's refusal, after a send that may
-					// have run: the outcome is unknown, not "did not run".
-					// A first refusal by a busy or loading Redis too (lost
-					// false): it may be go-redis's resend of a send that
-					// ran, its reply lost (see above). Returned as it was,
-					// a ForceUnlock that released a hold, refused past the
-					// cleanup timeout, said it did not run, and an
-					// operator calling again released whoever took the
-					// lock since.
-					cmd.SetErr(refusedErr{context.DeadlineExceeded})
-				}
-				return
-			}
-		}
+			return next.Err()
+		})
 	})
+	if err := cmd.Err(); isReplyError(err) && !answered(err) {
+		// Still a refusal (busy, loading, a migrating slot's), after a
+		// send that may have run: the first send, its reply lost, whose
+		// go-redis resend the refusal answered. Returned as it is, a
+		// ForceUnlock that released a hold said it did not run, and an
+		// operator calling again released whoever took the lock since;
+		// a CountDown so counted twice. The outcome is unknown.
+		cmd.SetErr(refusedErr{context.DeadlineExceeded})
+	}
 	return cmd
 }
 

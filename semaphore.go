@@ -405,21 +405,18 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 		// handle no longer renews the records returned whole, which
 		// otherwise stayed taken by nobody for their lease.
 		cctx, cancel := cleanupContext(ctx)
-		var again tryAgainBackoff
-		for {
-			f, rerr := s.releaseRecords(cctx, req, s.lastRel, members, oldShrink, newShrink, false)
-			if rerr == nil {
-				freed, err = f, nil
-				break
-			}
-			if isReplyError(rerr) && !isBusyOrLoading(rerr) || !again.wait(cctx) {
-				if migrating && !isReplyError(rerr) {
-					err = rerr // unknown, not the refusal
-				}
-				break
-			}
-		}
+		var f int64
+		rerr := sendAgain(cctx, err, -1, func(ctx context.Context) (err error) {
+			f, err = s.releaseRecords(ctx, req, s.lastRel, members, oldShrink, newShrink, false)
+			return err
+		})
 		cancel()
+		switch {
+		case rerr == nil:
+			freed, err = f, nil
+		case migrating && !isReplyError(rerr):
+			err = rerr // unknown, not the refusal
+		}
 	}
 	if isBusyOrLoading(err) && len(members) > 0 {
 		// Refused (BUSY, LOADING): the script did not run, and Redis still
