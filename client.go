@@ -932,15 +932,18 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 		return s.Run(ctx, c.rdb, keys, args...) // not sent: its error
 	}
 	cmd := s.Run(ctx, c.rdb, keys, args...)
-	err := cmd.Err()
-	if answered(err) || refusedUntilCtxEnded(err) && !release {
+	first := cmd.Err()
+	// A call a migrating slot refused has its resend bounded by ctx too,
+	// unless it is a release (below).
+	bounded := refusedInMigration(first) && !release
+	if answered(first) || refusedUntilCtxEnded(first) && !release {
 		// (A call refused until ctx ended is not sent again: its resend,
 		// refused too while the slot migrates, would hold the call the
 		// cleanup timeout past its ctx; see refusedErr.)
 		return cmd
 	}
 	detached(ctx, func(cctx context.Context) {
-		if refusedInMigration(err) && !release {
+		if bounded {
 			// Its resend, refused too while the slot migrates, ends with
 			// the caller's ctx as well (an unknown outcome, ctx's error):
 			// not the cleanup timeout past it.
@@ -949,7 +952,7 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 			defer cancel()
 			defer context.AfterFunc(ctx, cancel)()
 		}
-		_ = sendAgain(cctx, err, 1, func(ctx context.Context) error {
+		_ = sendAgain(cctx, first, 1, func(ctx context.Context) error {
 			next := s.Run(ctx, c.rdb, keys, args...)
 			if err := next.Err(); !isBusyOrLoading(err) && !refusedInMigration(err) {
 				cmd = next // an answer, or none: this send may have run
@@ -963,8 +966,14 @@ func (c *Client) runOnce(ctx context.Context, release bool, s *redis.Script, key
 		// go-redis resend the refusal answered. Returned as it is, a
 		// ForceUnlock that released a hold said it did not run, and an
 		// operator calling again released whoever took the lock since;
-		// a CountDown so counted twice. The outcome is unknown.
-		cmd.SetErr(refusedErr{context.DeadlineExceeded})
+		// a CountDown so counted twice. The outcome is unknown; a resend
+		// bounded by the caller's ctx (above) that ctx ended has its
+		// error (a cancelled ctx reported DeadlineExceeded).
+		end := context.DeadlineExceeded
+		if bounded && ctx.Err() != nil {
+			end = ctx.Err()
+		}
+		cmd.SetErr(refusedErr{end})
 	}
 	return cmd
 }

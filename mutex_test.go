@@ -2861,3 +2861,64 @@ func waitNotBusy(t *testing.T, srv *redistest.Server, busy <-chan error) {
 		return probe.Ping(context.Background()).Err() == nil
 	}, 5*time.Second, 10*time.Millisecond, "the server stayed busy")
 }
+
+// migratingThenBusyHook refuses a ForceUnlock of key: its first send as a
+// migrating slot past tryAgainWait does (TRYAGAIN, with ctx alive), every
+// later send with BUSY; the second send cancels the caller's ctx.
+type migratingThenBusyHook struct {
+	passHook
+	key    string
+	cancel context.CancelFunc
+
+	mu    sync.Mutex
+	calls int
+}
+
+func (h *migratingThenBusyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if (cmd.Name() != "evalsha" && cmd.Name() != "eval") || len(args) < 4 || args[3] != h.key {
+			return next(ctx, cmd)
+		}
+		h.mu.Lock()
+		h.calls++
+		n := h.calls
+		h.mu.Unlock()
+		var err error
+		switch n {
+		case 1:
+			err = busyReply("TRYAGAIN Multiple keys request during rehashing of slot")
+		case 2:
+			h.cancel()
+			fallthrough
+		default:
+			err = busyReply("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.")
+		}
+		cmd.SetErr(err)
+		return err
+	}
+}
+
+// TestForceUnlockMigratingThenBusyCtxCancelledReturnsCtxErr: a ForceUnlock
+// refused by a migrating slot (past tryAgainWait, ctx alive) is sent again
+// with a context that ends with the caller's; Redis refuses that resend
+// with BUSY, and the caller cancels its ctx during the backoff. The call
+// must return its ctx's error (README: "A call whose ctx ends while it is
+// refused so returns the ctx's error"): runOnce returned
+// context.DeadlineExceeded for a cancelled ctx. (Found by a reviewer.)
+func TestForceUnlockMigratingThenBusyCtxCancelledReturnsCtxErr(t *testing.T) {
+	srv := redistest.NewServer(t)
+	rdb := srv.Client(t)
+	name := redistest.UniqueName(t)
+	ctx, cancel := context.WithCancel(ctxT(t, 30*time.Second))
+	defer cancel()
+	hook := &migratingThenBusyHook{key: lockKey(name), cancel: cancel}
+	rdb.AddHook(hook)
+	c := newClientOn(t, rdb)
+	start := time.Now()
+	_, err := c.Mutex(name).ForceUnlock(ctx)
+	require.Error(t, err)
+	require.Less(t, time.Since(start), time.Second, "returned long after its ctx")
+	require.ErrorIs(t, err, context.Canceled, "the ctx was cancelled, not past its deadline: %v", err)
+	require.False(t, errors.Is(err, context.DeadlineExceeded), "%v", err)
+}
