@@ -292,7 +292,10 @@ func (s *Semaphore) acquire(ctx context.Context, n int64, block bool) (bool, err
 // runs out. A Release refused by a busy or loading Redis (BUSY, LOADING:
 // the script did not run) returns that error, and the permits it returns
 // whole are released again in the background, as Mutex.Unlock's release
-// is (a permit record it shrinks stays whole, the handle's). Permits the
+// is (a permit record it shrinks stays whole, the handle's, unless that
+// refusal answered go-redis's resend of a first send that ran, its reply
+// lost: the record's name is read, once Redis answers, within the cleanup
+// timeout). Permits the
 // handle lost (see Lost) are removed from Redis on the next Release too, in
 // case Redis kept them (renewals whose replies were lost): they are not
 // counted as returned.
@@ -456,6 +459,15 @@ func (s *Semaphore) Release(ctx context.Context, n int64) error {
 			// are tracked under it; the others come back with it, at the
 			// Release of the kept ones or when its lease runs out.
 			kept.member = oldShrink
+			if isBusyOrLoading(err) && s.recordRenamed(ctx, newShrink) {
+				// Unless the refusal answered go-redis's resend of a
+				// first send that ran, its reply lost: the record has its
+				// new name then (tracked under the old one, the kept
+				// permits' Release returned ErrNotHeld and nothing, and
+				// the record stayed taken by nobody for its lease:
+				// TestSemPartialReleaseRunThenBusyKeptName).
+				kept.member = newShrink
+			}
 		}
 		if unknown {
 			// The outcome unknown, Redis has the record under either name:
@@ -534,6 +546,25 @@ func (s *Semaphore) releaseRecords(ctx context.Context, req, prev string, whole 
 	}
 	n, err := semReleaseScript.Run(ctx, s.c.rdb, []string{s.key, s.channel, s.fence}, args...).Int64()
 	return n, convertErr(err)
+}
+
+// recordRenamed reports whether the permit record member, the name a
+// partial Release refused by a busy or loading Redis gives the record it
+// shrinks, is in the permit set: read once Redis answers, paced as a
+// refused release is resent, within the cleanup timeout (false when it
+// never does: most likely that Release was refused all along).
+func (s *Semaphore) recordRenamed(ctx context.Context, member string) bool {
+	cctx, cancel := cleanupContext(ctx)
+	defer cancel()
+	var again tryAgainBackoff
+	for again.wait(cctx) {
+		// (Refused, the read's MULTI ends in an EXECABORT: any error is
+		// read again.)
+		if ran, err := s.recordExists(cctx, member); err == nil {
+			return ran
+		}
+	}
+	return false
 }
 
 // recordExists reports whether the permit record member is in the permit
