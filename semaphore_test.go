@@ -706,3 +706,45 @@ func TestSemAcquireFoundRecordRestartsLease(t *testing.T) {
 		require.NoError(t, other.Release(ctx, 1))
 	}
 }
+
+// TestSemAcquireResendRefusedOOMKeepsNoStrayPermits: an Acquire whose
+// script ran (taking the permits) but whose reply was lost is resent by
+// go-redis. Meanwhile Redis reached maxmemory (noeviction; the
+// acquisition's own record may be what pushed it there). The resend finds
+// its record and restarts its lease with ZADD: at maxmemory Redis refuses
+// a ZADD that is a script's first write, so the resend failed with OOM, a
+// reply error: Acquire returned it and undid nothing, and the permits the
+// first run took stayed taken by nobody for their whole lease. The resend
+// must report the permits it finds (or the caller must give them back).
+// (Found by a reviewer.)
+func TestSemAcquireResendRefusedOOMKeepsNoStrayPermits(t *testing.T) {
+	srv := redistest.NewServer(t)
+	b := serverBackend(srv)
+	ctx := ctxT(t, 20*time.Second)
+	name := redistest.UniqueName(t)
+	admin := srv.Client(t)
+	c, hook := lossyClient(t, b, scriptWith(semKey(name)), true)
+	s := c.Semaphore(name, 3, redlatch.WithLease(time.Minute))
+	other := newClient(t, b).Semaphore(name, 3)
+	require.NoError(t, s.Acquire(ctx, 1)) // loads the scripts
+	require.NoError(t, s.Release(ctx, 1))
+	requireAvailable(t, ctx, other, 3)
+
+	require.NoError(t, admin.ConfigSet(ctx, "maxmemory-policy", "noeviction").Err())
+	t.Cleanup(func() { _ = admin.ConfigSet(ctx, "maxmemory", "0").Err() })
+	hook.between = func() {
+		// The first run took the permits; Redis is at maxmemory by the resend.
+		require.NoError(t, admin.ConfigSet(ctx, "maxmemory", "1").Err())
+	}
+	hook.armed.Store(true)
+	err := s.Acquire(ctx, 2)
+	require.NoError(t, admin.ConfigSet(ctx, "maxmemory", "0").Err())
+	if err != nil {
+		requireAvailable(t, ctx, other, 3) // nothing held by the failed Acquire
+	} else {
+		requireAvailable(t, ctx, other, 1)
+		require.NoError(t, s.Release(ctx, 2))
+		requireAvailable(t, ctx, other, 3)
+	}
+	require.NoError(t, err, "the resend found the permits its first run took")
+}

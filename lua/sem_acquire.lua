@@ -28,6 +28,13 @@ local used = sem_reclaim(KEYS[1], now)
 local n, size, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local found = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if found then
+  -- At maxmemory (noeviction) Redis refuses a script's first write that
+  -- may add memory (ZADD), but not PEXPIRE, nor any write after one: the
+  -- set's TTL is raised first (sem_store sets it exactly below), or this
+  -- resend, after a lost reply, failed with OOM while the first run had
+  -- taken the permits, and the caller, told of an error, left them taken
+  -- by nobody for their lease.
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.max(redis.call('PTTL', KEYS[1]), lease, 1)))
   -- The caller's lease runs from this run, which may be a later attempt of
   -- the call finding what a late copy of an earlier one took: restart it,
   -- never shorten it (as lock.lua does for a retry).
